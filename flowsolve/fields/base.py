@@ -1,0 +1,188 @@
+"""The Field protocol: particles follow dx/dt = field(x, t) (the paper's ∇h_ρ, Eq. 1).
+
+A field knows its time domain (t_start → t_end), its prior π and its default grid;
+it may carry a stochastic form for SDE solvers (`sde`, Eq. 21).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .. import grids
+
+__all__ = ["Field", "Function", "Sum", "Scale", "batch_time", "as_column"]
+
+
+def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """t as a (batch,) tensor on x's device and dtype."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t: expected a scalar or shape ({x.shape[0]},), got shape {tuple(t.shape)}")
+    return t
+
+
+def as_column(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (batch,) tensor reshaped to broadcast against x of shape (batch, *data_shape)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class Field:
+    """Base class: subclasses implement `__call__(x, t) -> dx/dt`.
+
+    Attributes: t_start, t_end (time runs from one to the other, in either direction),
+    data_shape (or None when unknown), prior_std (π = N(0, prior_std² I)), default_grid
+    kind and default_nfe, time_is_sigma (t is the noise level σ of an EDM-type ODE, so
+    x − t·field(x, t) is a data prediction), finite_at_end (False when the field cannot
+    be evaluated at t_end, e.g. σ = 0).
+    """
+
+    t_start: float = 0.0
+    t_end: float = 1.0
+    data_shape: tuple[int, ...] | None = None
+    prior_std: float = 1.0
+    default_grid: str = "uniform"
+    default_nfe: int = 32
+    time_is_sigma: bool = False
+    finite_at_end: bool = True
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """(drift, g2): the SDE dx = drift dt + sqrt(g2 |dt|) ε with the same marginals as the ODE
+        for alpha ∈ [0, 1] (Eq. 21). g2 is a float or a (batch,) tensor."""
+        raise TypeError(f"{type(self).__name__} has no stochastic form: use an ODE solver, "
+                        f"or a field with a diffusion coefficient (e.g. fields.EDM)")
+
+    def diffusion(self, t: torch.Tensor, alpha: float = 1.0) -> torch.Tensor | float:
+        """g(t)²: the variance of the Brownian term per unit |dt| at interpolation alpha."""
+        raise TypeError(f"{type(self).__name__} has no diffusion coefficient")
+
+    # -- prior and grid ------------------------------------------------------------------
+    def from_normal(self, z: torch.Tensor) -> torch.Tensor:
+        """Map standard normal draws to the prior π (the paper's Eq. 1 start)."""
+        return z * self.prior_std if self.prior_std != 1.0 else z
+
+    def prior(self, n: int, shape: Sequence[int] | None = None, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """n draws from π with an explicit generator (None: a fresh, OS-seeded one)."""
+        shape = tuple(shape) if shape is not None else self.data_shape
+        if shape is None:
+            raise ValueError("shape: this field does not know its data shape; pass shape=")
+        if generator is None:
+            from ..noise import fresh_seed
+            generator = torch.Generator(device=device or "cpu").manual_seed(fresh_seed())
+        z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
+        return self.from_normal(z)
+
+    def grid(self, steps: int, kind: str | None = None, **kw) -> torch.Tensor:
+        """The default grid of this field with `steps` intervals (float64)."""
+        kind = kind or self.default_grid
+        if kind == "uniform":
+            return grids.uniform(steps, kw.pop("t_start", self.t_start), kw.pop("t_end", self.t_end), **kw)
+        return grids.make(kind, steps, **kw)
+
+    # -- algebra -------------------------------------------------------------------------
+    def __add__(self, other: "Field") -> "Field":
+        return Sum([self, other])
+
+    def __mul__(self, c: float) -> "Field":
+        return Scale(self, c)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Field":
+        return Scale(self, -1.0)
+
+    def _copy_domain(self, other: "Field") -> None:
+        for a in ("t_start", "t_end", "data_shape", "prior_std", "default_grid", "default_nfe",
+                  "time_is_sigma", "finite_at_end"):
+            setattr(self, a, getattr(other, a))
+
+
+class Function(Field):
+    """Any callable fn(x, t) -> dx/dt as a field, with an optional diffusion g²(t) for SDE
+    solvers (drift fn, noise variance alpha·g²(t) per unit |dt|)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t_start: float = 0.0,
+                 t_end: float = 1.0, shape: Sequence[int] | None = None, prior_std: float = 1.0,
+                 diffusion: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
+                 default_nfe: int = 32) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable fn(x, t), got {type(fn).__name__}")
+        if t_start == t_end:
+            raise ValueError(f"t_start, t_end: expected different times, got {t_start} twice")
+        self.fn, self.t_start, self.t_end = fn, float(t_start), float(t_end)
+        self.data_shape = tuple(shape) if shape is not None else None
+        self.prior_std, self._g2, self.default_nfe = float(prior_std), diffusion, default_nfe
+
+    def __call__(self, x, t):
+        return self.fn(x, t)
+
+    def diffusion(self, t, alpha=1.0):
+        if self._g2 is None:
+            return super().diffusion(t, alpha)
+        return alpha * self._g2(t)
+
+    def sde(self, x, t, alpha):
+        return self.fn(x, t), self.diffusion(t, alpha)
+
+
+class Sum(Field):
+    """Σ_k field_k: the sum of flows (e.g. Eq. 19 as data-score field + generated-score field)."""
+
+    def __init__(self, fields: Sequence[Field]) -> None:
+        flat: list[Field] = []
+        for f in fields:
+            if not isinstance(f, Field):
+                raise TypeError(f"fields: expected Field objects, got {type(f).__name__}")
+            flat.extend(f.fields if isinstance(f, Sum) else [f])
+        if not flat:
+            raise ValueError("fields: expected at least one field")
+        for f in flat[1:]:
+            if (f.t_start, f.t_end) != (flat[0].t_start, flat[0].t_end):
+                raise ValueError(f"fields: time domains differ: [{flat[0].t_start}, {flat[0].t_end}] "
+                                 f"and [{f.t_start}, {f.t_end}]")
+        self.fields = flat
+        self._copy_domain(flat[0])
+        self.time_is_sigma = all(f.time_is_sigma for f in flat)
+        self.finite_at_end = all(f.finite_at_end for f in flat)
+
+    def __call__(self, x, t):
+        out = self.fields[0](x, t)
+        for f in self.fields[1:]:
+            out = out + f(x, t)
+        return out
+
+    def sde(self, x, t, alpha):
+        drift, g2 = self.fields[0].sde(x, t, alpha)
+        for f in self.fields[1:]:
+            d, g = f.sde(x, t, alpha)
+            drift, g2 = drift + d, g2 + g
+        return drift, g2
+
+
+class Scale(Field):
+    """c · field. For SDEs, c > 0 rescales time: drift and g² both scale by c."""
+
+    def __init__(self, field: Field, c: float) -> None:
+        if not isinstance(field, Field):
+            raise TypeError(f"field: expected a Field, got {type(field).__name__}")
+        c = float(c)
+        if c != c or c in (float("inf"), float("-inf")):
+            raise ValueError(f"c: expected a finite number, got {c}")
+        self.field, self.c = field, c
+        self._copy_domain(field)
+        self.time_is_sigma = field.time_is_sigma and c == 1.0
+
+    def __call__(self, x, t):
+        return self.c * self.field(x, t)
+
+    def sde(self, x, t, alpha):
+        if self.c <= 0:
+            raise ValueError(f"c: a stochastic form needs c > 0, got {self.c}")
+        drift, g2 = self.field.sde(x, t, alpha)
+        return self.c * drift, self.c * g2

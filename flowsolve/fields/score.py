@@ -1,0 +1,257 @@
+"""Score fields: diffusion models as particle models (paper Section 2.2, Eq. 6–9, 19, 21, 26).
+
+All take denoisers D(x, σ) (σ a (batch,) tensor) or scores s(x, σ) = ∇log[p ⋆ k_σ](x);
+they are related by Tweedie's formula s = (D − x)/σ².
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .base import Field, as_column, batch_time
+
+__all__ = ["ScoreDifference", "EDM", "Langevin"]
+
+Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_KINDS = ("denoiser", "score")
+
+
+def _own_shape(obj) -> tuple[int, ...] | None:
+    shape = getattr(obj, "data_shape", None)
+    if shape is not None and not callable(shape):
+        return tuple(shape)
+    cfg = getattr(obj, "config", None)  # diffusers models: (in_channels, sample_size, sample_size)
+    c, size = getattr(cfg, "in_channels", None), getattr(cfg, "sample_size", None)
+    if isinstance(c, int) and size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (c, *size)
+    return None
+
+
+def _shape_of(fn) -> tuple[int, ...] | None:
+    """The data shape of a denoiser, from itself or the objects it wraps or refers to
+    (bound method owner, functools.partial, __wrapped__, closure cells, referenced globals)."""
+    seen, found, todo = set(), set(), [(fn, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > 2:
+            continue
+        seen.add(id(obj))
+        shape = _own_shape(obj)
+        if shape is not None:
+            found.add(shape)
+            continue
+        for attr in ("__self__", "func", "__wrapped__", "model", "net"):
+            sub = getattr(obj, attr, None)
+            if sub is not None and not isinstance(sub, type):
+                todo.append((sub, depth + 1))
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    todo.append((cell.cell_contents, depth + 1))
+                except ValueError:
+                    pass
+            glob = getattr(obj, "__globals__", {})
+            todo.extend((glob[k], depth + 1) for k in code.co_names if k in glob)
+    return found.pop() if len(found) == 1 else None
+
+
+def _attr(fn, name):
+    for obj in (fn, getattr(fn, "__self__", None)):
+        v = getattr(obj, name, None)
+        if v is not None:
+            return float(v)
+    return None
+
+
+class ScoreDifference(Field):
+    """h = μ_data log[p_data ⋆ k_σ] − μ_ρ log[ρ ⋆ k_σ] (Eq. 19, 26) in EDM time σ(t) = t.
+
+    The particle flow is dx/dσ = −σ ∇h (Eq. 9 right for μ = (2, 1), NCSN-like for (1, 1)),
+    integrated from σ_max down to 0. `rho=None` assumes ρ_σ = p_data ⋆ k_σ (the usual
+    diffusion-model assumption), so ∇log ρ is the data score itself.
+
+    Stochastic form (Eq. 21, with the roles of α written so that α = 0 is the ODE and α = 1
+    the reverse SDE of Eq. 7): the share α of the −μ_ρ ∇log ρ term is traded for Brownian
+    noise of variance 2 α μ_ρ σ |dσ| (Fokker–Planck), which leaves every marginal unchanged.
+    """
+
+    time_is_sigma = True
+    finite_at_end = False
+    default_grid = "karras"
+    default_nfe = 32
+
+    def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
+                 sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,
+                 kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+        if not callable(data):
+            raise TypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
+        if rho is not None and not callable(rho):
+            raise TypeError(f"rho: expected a callable D(x, sigma) or None, got {type(rho).__name__}")
+        if kind not in _KINDS:
+            raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+        lo_model, hi_model = _attr(data, "sigma_min"), _attr(data, "sigma_max")
+        lo = 0.002 if sigma_min is None else float(sigma_min)
+        hi = 80.0 if sigma_max is None else float(sigma_max)
+        if sigma_min is None and lo_model is not None:  # clamp the default grid to the model's range
+            lo = max(lo, lo_model)
+        if sigma_max is None and hi_model is not None:
+            hi = min(hi, hi_model)
+        if not 0 < lo < hi < float("inf"):
+            raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
+        self.data, self.rho, self.kind = data, rho, kind
+        self.mu_data, self.mu_rho = float(mu_data), float(mu_rho)
+        self.sigma_min, self.sigma_max, self.rho_grid = lo, hi, float(rho_grid)
+        self.t_start, self.t_end, self.prior_std = hi, 0.0, hi
+        self.data_shape = tuple(shape) if shape is not None else _shape_of(data)
+
+    # -- pieces --------------------------------------------------------------------------
+    def _denoise(self, fn: Fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.kind == "denoiser":
+            return fn(x, sigma)
+        return x + as_column(sigma, x) ** 2 * fn(x, sigma)
+
+    def _residuals(self, x, t):
+        """(x − D_data, x − D_ρ or None, σ as a column)."""
+        sigma = batch_time(t, x)
+        r_data = x - self._denoise(self.data, x, sigma)
+        r_rho = None if self.rho is None else x - self._denoise(self.rho, x, sigma)
+        return r_data, r_rho, as_column(sigma, x)
+
+    def grad_h(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """∇h = μ_data ∇log[p ⋆ k_σ] − μ_ρ ∇log[ρ ⋆ k_σ] (Eq. 19, 26) at noise level σ."""
+        r_data, r_rho, s = self._residuals(x, sigma)
+        if r_rho is None:
+            return -(self.mu_data - self.mu_rho) * r_data / s ** 2
+        return -(self.mu_data * r_data - self.mu_rho * r_rho) / s ** 2
+
+    # -- the flow ------------------------------------------------------------------------
+    def _velocity(self, r_data, r_rho, s, rho_share: float):
+        if r_rho is None:
+            c = self.mu_data - rho_share * self.mu_rho
+            return r_data / s if c == 1.0 else c * r_data / s
+        return (self.mu_data * r_data - rho_share * self.mu_rho * r_rho) / s
+
+    def __call__(self, x, t):
+        """dx/dσ = −σ ∇h = (μ_data (x − D_data) − μ_ρ (x − D_ρ)) / σ (Eq. 8, 9)."""
+        r_data, r_rho, s = self._residuals(x, t)
+        return self._velocity(r_data, r_rho, s, 1.0)
+
+    def sde(self, x, t, alpha):
+        r_data, r_rho, s = self._residuals(x, t)
+        return self._velocity(r_data, r_rho, s, 1.0 - alpha), self.diffusion(batch_time(t, x), alpha)
+
+    def diffusion(self, t, alpha=1.0):
+        return 2.0 * alpha * self.mu_rho * t
+
+    def sde_coefficients(self, alpha: float) -> tuple[float, float]:
+        """(c, κ) with drift_α = c (x − D_α)/σ and noise rate 2κσ: c = μ_data − (1 − α) μ_ρ, κ = α μ_ρ."""
+        c = self.mu_data - (1.0 - alpha) * self.mu_rho
+        if c <= 0:
+            raise ValueError(f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "
+                             f"mu_rho={self.mu_rho}, alpha={alpha}; use method='em'")
+        return c, alpha * self.mu_rho
+
+    def grid(self, steps, kind=None, **kw):
+        kind = kind or self.default_grid
+        kw.setdefault("sigma_min", self.sigma_min)
+        kw.setdefault("sigma_max", self.sigma_max)
+        if kind == "karras":
+            kw.setdefault("rho", self.rho_grid)
+        if kind == "uniform":
+            return super().grid(steps, kind, t_start=kw["sigma_max"], t_end=0.0)
+        return super().grid(steps, kind, **kw)
+
+
+class EDM(ScoreDifference):
+    """The probability-flow ODE of EDM (Eq. 8 with σ(t) = t): dx/dσ = (x − D(x; σ))/σ,
+    from σ_max to 0, prior N(0, σ_max² I), default grid Karras ρ = 7.
+
+    It is `ScoreDifference` with μ = (2, 1) and ρ assumed equal to p ⋆ k_σ; its stochastic
+    form at alpha = 1 is the reverse SDE of Eq. 7.
+    """
+
+    def __init__(self, denoiser: Fn, sigma_min: float | None = None, sigma_max: float | None = None,
+                 rho: float = 7.0, *, kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+        super().__init__(denoiser, None, mu_data=2.0, mu_rho=1.0, sigma_min=sigma_min, sigma_max=sigma_max,
+                         rho_grid=rho, kind=kind, shape=shape)
+
+    @property
+    def denoiser(self) -> Fn:
+        return self.data
+
+    def __call__(self, x, t):
+        sigma = batch_time(t, x)
+        s = as_column(sigma, x)
+        if self.kind == "denoiser":
+            return (x - self.data(x, sigma)) / s
+        return -s * self.data(x, sigma)
+
+
+class Langevin(Field):
+    """Langevin / NCSN dynamics (Eq. 6 and 9 left) in training-free time t ∈ [0, T]:
+    dx = λ(t) μ_data ∇log[p ⋆ k_σ(t)] dt + sqrt(2 λ(t)) dW, with step scale λ(t) = σ(t)²
+    (NCSN's annealing). With a generated-distribution score `rho` it also has the
+    deterministic equivalent dx/dt = λ ∇log[(p ⋆ k_σ)/ρ] (Eq. 9 left) and every alpha of Eq. 21;
+    without one, only alpha = 1 (plain Langevin) is defined.
+
+    sigma: a float (fixed σ, Eq. 6) or a callable t ↦ σ(t) on (batch,) tensors (annealing).
+    """
+
+    default_grid = "uniform"
+    default_nfe = 100
+
+    def __init__(self, data: Fn, sigma: float | Callable[[torch.Tensor], torch.Tensor], T: float = 1.0, *,
+                 rho: Fn | None = None, mu_data: float = 1.0, mu_rho: float = 1.0, scale_by_sigma2: bool = True,
+                 prior_std: float | None = None, kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+        if not callable(data):
+            raise TypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
+        if kind not in _KINDS:
+            raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+        if not callable(sigma):
+            if not float(sigma) > 0:
+                raise ValueError(f"sigma: expected a positive number or a callable, got {sigma}")
+        if not T > 0:
+            raise ValueError(f"T: expected a positive duration, got {T}")
+        self.data, self.rho, self.kind, self.sigma = data, rho, kind, sigma
+        self.mu_data, self.mu_rho, self.scale_by_sigma2 = float(mu_data), float(mu_rho), scale_by_sigma2
+        self.t_start, self.t_end = 0.0, float(T)
+        if prior_std is None:
+            prior_std = float(sigma(torch.zeros(1, dtype=torch.float64))[0]) if callable(sigma) else float(sigma)
+        self.prior_std = float(prior_std)
+        self.data_shape = tuple(shape) if shape is not None else _shape_of(data)
+
+    def _sigma(self, t, x):
+        t = batch_time(t, x)
+        return self.sigma(t).to(x.dtype) if callable(self.sigma) else torch.full_like(t, float(self.sigma))
+
+    def _score(self, fn, x, sigma):
+        if self.kind == "score":
+            return fn(x, sigma)
+        return (fn(x, sigma) - x) / as_column(sigma, x) ** 2
+
+    def _drift(self, x, t, rho_share):
+        sigma = self._sigma(t, x)
+        lam = as_column(sigma, x) ** 2 if self.scale_by_sigma2 else 1.0
+        out = self.mu_data * self._score(self.data, x, sigma)
+        if rho_share:
+            if self.rho is None:
+                raise ValueError("alpha: Langevin without a generated-distribution score `rho` is only "
+                                 "defined for alpha = 1 (Eq. 6); pass rho= for the deterministic Eq. 9 (left)")
+            out = out - rho_share * self.mu_rho * self._score(self.rho, x, sigma)
+        return lam * out, sigma
+
+    def __call__(self, x, t):
+        return self._drift(x, t, 1.0)[0]
+
+    def sde(self, x, t, alpha):
+        drift, sigma = self._drift(x, t, 1.0 - alpha)
+        lam = sigma ** 2 if self.scale_by_sigma2 else 1.0
+        return drift, 2.0 * alpha * self.mu_rho * lam
+
+    def diffusion(self, t, alpha=1.0):
+        t = torch.as_tensor(t)
+        lam = (self.sigma(t) ** 2 if callable(self.sigma) else float(self.sigma) ** 2) if self.scale_by_sigma2 else 1.0
+        return 2.0 * alpha * self.mu_rho * lam

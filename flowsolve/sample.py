@@ -1,0 +1,183 @@
+"""`sample()`: the one entry point for particle models (Definition 1): draw x_0 ~ π, follow the field."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field as dc_field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import grids, solvers
+from .fields.base import Field
+from .noise import SampleNoise, fresh_seed
+
+__all__ = ["sample", "SampleInfo", "resolve_grid"]
+
+
+@dataclass
+class SampleInfo:
+    """What a sampling run did. nfe: field evaluations per sample, counted; grid: the times used."""
+
+    nfe: int
+    grid: torch.Tensor
+    seconds: float
+    solver: str
+    steps: int
+    seed: int
+    nfe_budget: int | None = None
+    trajectory: torch.Tensor | None = None
+    trajectory_times: list[float] = dc_field(default_factory=list)
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+    return v
+
+
+def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> tuple[torch.Tensor, int | None]:
+    """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only)."""
+    singular = not field.finite_at_end
+    if nfe is not None:
+        if isinstance(nfe, float) and nfe.is_integer():
+            raise TypeError(f"nfe: expected an integer, got float {nfe!r}")
+        _check_int("nfe", nfe, 1)
+        if nfe < spec.min_nfe:
+            raise ValueError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}")
+    if spec.adaptive:
+        if grid is not None and not isinstance(grid, str):
+            g = grids.check(grid)
+            return torch.stack([g[0], g[-1]]), nfe if nfe is not None else 10 * field.default_nfe
+        return (torch.tensor([field.t_start, field.t_end], dtype=torch.float64),
+                nfe if nfe is not None else 10 * field.default_nfe)
+    if grid is None or isinstance(grid, str):
+        budget = field.default_nfe if nfe is None else nfe
+        steps = spec.steps_for(budget, singular)
+        if steps < spec.min_steps:
+            raise ValueError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
+        return field.grid(steps, grid), budget
+    g = grids.check(grid)
+    direction = 1.0 if field.t_end > field.t_start else -1.0
+    if float(g[1] - g[0]) * direction < 0:
+        raise ValueError(f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
+                         f"got a grid from {g[0].item():g} to {g[-1].item():g}")
+    if spec.needs_sigma and float(g[-1]) < 0:
+        raise ValueError(f"grid: solver {spec.name!r} needs noise levels σ >= 0, got a last time of {g[-1].item():g}")
+    steps = len(g) - 1
+    if steps < spec.min_steps:
+        raise ValueError(f"grid: solver {spec.name!r} needs at least {spec.min_steps + 1} times, got {len(g)}")
+    if nfe is not None:
+        need = spec.evals(steps, singular and float(g[-1]) == field.t_end)
+        if need > nfe:
+            raise ValueError(f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
+                             f"more than the budget nfe={nfe}")
+    return g, nfe
+
+
+@torch.no_grad()
+def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None,
+           shape: Sequence[int] | None = None, x_init: torch.Tensor | None = None,
+           grid: torch.Tensor | Sequence[float] | str | None = None, seed: int | None = None,
+           batch_size: int | None = None, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None, return_info: bool = False, trajectory_every: int = 0,
+           callback: Callable[[int, float, torch.Tensor], Any] | None = None, progress: bool = False,
+           **options: Any):
+    """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
+
+    field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`.
+    nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
+        (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
+    grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
+        ('karras', 'loglinear', 'uniform') sized by nfe.
+    n / shape or x_init: how many particles of which shape, or given starting particles.
+    seed: per-sample noise, so sample i is identical for any n and batch_size (None: OS entropy).
+    batch_size: integrate at most this many particles at a time (bounded memory).
+    device, dtype: default to x_init's, else CPU float32.
+    return_info: also return a SampleInfo (nfe counted, grid, seconds, trajectory).
+    trajectory_every: keep x every k steps (and the last) in info.trajectory.
+    callback: called as callback(step, t, x) after every step. progress: a tqdm bar.
+    options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(field, Field):
+        raise TypeError(f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), "
+                        f"got {type(field).__name__}")
+    spec = solvers.get(solver)
+    spec.check_options(options)
+    if spec.needs_sigma and not field.time_is_sigma:
+        raise ValueError(f"solver: {spec.name!r} needs a field whose time is the noise level σ "
+                         f"(fields.EDM, ScoreDifference), got {type(field).__name__}")
+    g64, budget = resolve_grid(field, spec, nfe, grid)
+    _check_int("trajectory_every", trajectory_every, 0)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+
+    # -- particles ------------------------------------------------------------------------
+    if x_init is not None:
+        if not isinstance(x_init, torch.Tensor):
+            raise TypeError(f"x_init: expected a tensor of shape (n, *data_shape), got {type(x_init).__name__}")
+        if x_init.dim() < 2:
+            raise ValueError(f"x_init: expected shape (n, *data_shape) with at least 2 dimensions, "
+                             f"got {tuple(x_init.shape)}")
+        if not x_init.is_floating_point():
+            raise TypeError(f"x_init: expected a floating-point tensor, got dtype {x_init.dtype}")
+        if not torch.isfinite(x_init).all():
+            bad = int((~torch.isfinite(x_init)).reshape(len(x_init), -1).any(1).nonzero()[0])
+            raise ValueError(f"x_init: expected finite values, but row {bad} holds NaN or inf")
+        if n is not None and n != x_init.shape[0]:
+            raise ValueError(f"n: x_init holds {x_init.shape[0]} particles but n={n}")
+        if shape is not None and tuple(shape) != tuple(x_init.shape[1:]):
+            raise ValueError(f"shape: x_init has data shape {tuple(x_init.shape[1:])} but shape={tuple(shape)}")
+        n, shape = x_init.shape[0], tuple(x_init.shape[1:])
+        device = x_init.device if device is None else torch.device(device)
+        dtype = x_init.dtype if dtype is None else dtype
+    else:
+        if n is None:
+            raise ValueError("n: expected the number of particles (or pass x_init=)")
+        _check_int("n", n, 1)
+        shape = tuple(shape) if shape is not None else field.data_shape
+        if shape is None:
+            raise ValueError("shape: this field does not know its data shape; pass shape=(...) or x_init=")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+            raise ValueError(f"shape: expected positive integers, got {shape}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if seed is None:
+        seed = fresh_seed()
+    _check_int("seed", seed, 0)
+    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1)
+
+    # -- chunks -----------------------------------------------------------------------------
+    outs, frames, nfe_used, frame_times = [], [], 0, []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        if x_init is None:
+            z = SampleNoise(seed, start, count, shape, dtype, device, stream=0)()
+            x = field.from_normal(z)
+        else:
+            x = x_init[start:start + count].to(device=device, dtype=dtype)
+        noise = SampleNoise(seed, start, count, shape, dtype, device, stream=1) if spec.stochastic else None
+        run = solvers.Run(field, g64, x, solver=spec.name, noise=noise, callback=callback,
+                          trajectory_every=trajectory_every, progress=progress,
+                          budget=budget if spec.adaptive else None)
+        x = spec.fn(run, x, **options)
+        run.finish()
+        nfe_used = max(nfe_used, run.nfe)
+        outs.append(x)
+        if trajectory_every:
+            frames.append(torch.stack(run.frames))
+            frame_times = run.frame_times
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if not return_info:
+        return out
+    if budget is not None and nfe_used > budget:  # a solver that broke its own accounting is a bug
+        raise RuntimeError(f"solver {spec.name!r} used {nfe_used} evaluations, over the budget {budget}")
+    info = SampleInfo(nfe=nfe_used, grid=g64, seconds=time.perf_counter() - t0, solver=spec.name,
+                      steps=len(g64) - 1, seed=seed, nfe_budget=budget,
+                      trajectory=(frames[0] if len(frames) == 1 else torch.cat(frames, 1)) if frames else None,
+                      trajectory_times=frame_times)
+    return out, info

@@ -1,0 +1,111 @@
+"""Solver registry: every solver has the signature fn(run, x, **options) -> x.
+
+`available()` lists the names accepted by `flowsolve.sample(solver=...)`; `get(name)` returns the
+registered `Solver` (its options, NFE accounting and requirements); `register` adds one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
+from . import backends, fixed, multistep, stochastic
+
+__all__ = ["available", "get", "register", "Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "describe"]
+
+_REGISTRY: dict[str, Solver] = {}
+
+
+def register(solver: Solver, replace: bool = False) -> Solver:
+    """Add a solver to the registry (name clashes raise unless replace=True)."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver: expected a flowsolve.solvers.Solver, got {type(solver).__name__}")
+    if solver.name in _REGISTRY and not replace:
+        raise ValueError(f"solver: the name {solver.name!r} is already registered")
+    _REGISTRY[solver.name] = solver
+    return solver
+
+
+def available() -> list[str]:
+    """Names accepted by sample(solver=...)."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Solver:
+    if not isinstance(name, str):
+        raise TypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; "
+                         f"valid names are: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def describe() -> str:
+    """One line per solver: name, NFE for 10 steps (last step to σ = 0), options, description."""
+    rows = []
+    for name in available():
+        s = _REGISTRY[name]
+        opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items())
+        rows.append(f"{name:28s} {s.description}" + (f"  [options: {opts}]" if opts else ""))
+    return "\n".join(rows)
+
+
+def _one_per_step(steps: int, singular_end: bool) -> int:
+    return steps
+
+
+def _heun_evals(steps: int, singular_end: bool) -> int:
+    return 2 * steps - (1 if singular_end else 0)
+
+
+register(Solver("euler", fixed.euler, _one_per_step, "first-order Euler (DDIM on the σ-ODE)"))
+register(Solver("heun", fixed.heun, _heun_evals, "EDM's 2nd-order Heun (Karras et al. Alg. 1), Euler last step"))
+register(Solver("edm", fixed.edm, _heun_evals, "EDM's stochastic sampler with S_churn/S_min/S_max/S_noise (Alg. 2)",
+                needs_sigma=True, stochastic=True))
+register(Solver("sde", stochastic.sde, _one_per_step,
+                "Eq. 21: alpha ∈ [0, 1] interpolates the PF-ODE (0) and the reverse SDE (1)", stochastic=True))
+register(Solver("dpmpp_2m", multistep.dpmpp_2m, _one_per_step, "DPM-Solver++(2M), exact exponential weights",
+                needs_sigma=True))
+register(Solver("dpmpp_3m", multistep.dpmpp_3m, _one_per_step, "DPM-Solver++(3M), exact exponential weights",
+                needs_sigma=True))
+register(Solver("dpmpp_2m_pc", multistep.dpmpp_2m_pc, _one_per_step,
+                "DPM-Solver++(2M) + UniC-style corrector (3rd order, no extra NFE)", needs_sigma=True))
+register(Solver("dpmpp_3m_pc", multistep.dpmpp_3m_pc, _one_per_step,
+                "DPM-Solver++(3M) + UniC-style corrector (4th order, no extra NFE)", needs_sigma=True))
+register(Solver("ipndm", multistep.ipndm, _one_per_step, "improved PNDM (Adams–Bashforth, uniform coefficients)"))
+register(Solver("adams", multistep.adams, _one_per_step, "variable-step Adams–Bashforth on any grid"))
+
+
+def _measured(backend: str, method: str) -> Callable[[int, bool], int]:
+    def evals(steps: int, singular_end: bool) -> int:
+        a, b = backends.measured_evals(backend, method)
+        return a + b * steps
+    return evals
+
+
+def _register_backends() -> None:
+    try:
+        methods = backends.torchdiffeq_methods()
+    except ImportError:  # pragma: no cover - torchdiffeq is a dependency
+        methods = {}
+    for m, adaptive in methods.items():
+        def fn(run, x, *, rtol=1e-5, atol=1e-5, options=None, _m=m):
+            return backends.torchdiffeq_solve(run, x, _m, rtol=rtol, atol=atol, options=options)
+        evals = (lambda steps, singular_end: 2) if adaptive else _measured("torchdiffeq", m)
+        register(Solver(f"torchdiffeq:{m}", fn, evals,
+                        f"torchdiffeq {'adaptive' if adaptive else 'fixed-grid'} method {m!r}",
+                        adaptive=adaptive, options={"rtol": 1e-5, "atol": 1e-5, "options": None}
+                        if adaptive else {"options": None}))
+    try:
+        sde_methods = backends.torchsde_methods()
+    except ImportError:  # pragma: no cover
+        sde_methods = []
+    for m in sde_methods:
+        def sfn(run, x, *, alpha=1.0, _m=m):
+            stochastic._check_alpha(alpha)
+            return backends.torchsde_solve(run, x, _m, alpha=alpha)
+        register(Solver(f"torchsde:{m}", sfn, _measured("torchsde", m), f"torchsde method {m!r} on Eq. 21",
+                        stochastic=True, options={"alpha": 1.0}))
+
+
+_register_backends()

@@ -1,0 +1,206 @@
+"""What every solver shares: the registry entry (`Solver`) and the per-run context (`Run`).
+
+A solver is a short function `fn(run, x, **options) -> x` (k-diffusion style) that walks
+`run.times` and asks `run.f(x, i)` for the field at grid point i. `Run` counts every field
+evaluation (info.nfe is measured, never computed), flags non-finite outputs, draws the
+per-sample noise, and serves trajectories, callbacks and progress.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, field as dc_field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..fields.base import Field
+
+__all__ = ["Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "nearest"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The field returned NaN or inf; the message names the step and time."""
+
+
+class NFEBudgetExceeded(RuntimeError):
+    """An adaptive solver needed more field evaluations than the `nfe` budget."""
+
+
+def nearest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class Solver:
+    """A registered solver: the step function and how its NFE grows with the number of steps.
+
+    evals(steps, singular_end) is the number of field evaluations per sample for a grid with
+    `steps` intervals, singular_end telling whether the field cannot be evaluated at the last
+    time (EDM's σ = 0). It maps an NFE budget to steps; the count reported is measured.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    evals: Callable[[int, bool], int]
+    description: str = ""
+    needs_sigma: bool = False       # needs a field whose time is σ (data prediction x − σ·v)
+    stochastic: bool = False        # draws noise
+    adaptive: bool = False          # chooses its own steps between start and end
+    min_steps: int = 1
+    options: dict[str, Any] = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.options:
+            sig = inspect.signature(self.fn)
+            self.options = {p.name: p.default for p in sig.parameters.values()
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @property
+    def min_nfe(self) -> int:
+        return max(1, self.evals(self.min_steps, True))
+
+    def steps_for(self, nfe: int, singular_end: bool) -> int:
+        """The most steps whose NFE fits the budget."""
+        steps = 0
+        while self.evals(steps + 1, singular_end) <= nfe:
+            steps += 1
+            if steps > 10_000_000:
+                break
+        return steps
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        for k in options:
+            if k not in self.options:
+                valid = ", ".join(sorted(self.options)) or "none"
+                raise TypeError(f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
+                                f"its options are: {valid}")
+        return options
+
+
+class Run:
+    """The state of one solve over one chunk of particles."""
+
+    def __init__(self, field: Field, grid: torch.Tensor, x: torch.Tensor, solver: str = "",
+                 noise: Callable[[], torch.Tensor] | None = None,
+                 callback: Callable[[int, float, torch.Tensor], Any] | None = None,
+                 trajectory_every: int = 0, progress: bool = False, budget: int | None = None) -> None:
+        self.field, self.solver = field, solver
+        self.grid = grid
+        self.times: list[float] = grid.tolist()
+        tt = grid.to(dtype=x.dtype, device=x.device)
+        self.tt: list[torch.Tensor] = list(tt.unbind(0))
+        self.t_end = float(field.t_end)
+        n = len(self.times)
+        # can the field be evaluated at grid point j? (EDM cannot at σ = 0)
+        self.evaluable = [field.finite_at_end or self.times[j] != self.t_end for j in range(n)]
+        self.noise_source = noise
+        self.callback, self.every, self.progress = callback, int(trajectory_every), progress
+        self.budget = budget
+        self.nfe = 0
+        self.step = 0
+        self._checks: list[tuple[int, float, torch.Tensor]] = []
+        self.frames: list[torch.Tensor] = [x] if self.every else []
+        self.frame_times: list[float] = [self.times[0]] if self.every else []
+        self._hooks = bool(callback) or bool(self.every)
+
+    # -- field evaluations ---------------------------------------------------------------
+    def _count(self, out: torch.Tensor, t: float) -> torch.Tensor:
+        self.nfe += 1
+        # one cheap reduction per evaluation, checked at the end (no host sync in the loop)
+        self._checks.append((self.step, t, out.detach().sum()))
+        return out
+
+    def _budget(self) -> None:
+        if self.budget is not None and self.nfe >= self.budget:
+            raise NFEBudgetExceeded(f"solver {self.solver!r} needed more than nfe={self.budget} field evaluations "
+                                    f"per sample; raise nfe, or loosen its rtol/atol")
+
+    def f(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The field at grid point i."""
+        return self._count(self.field(x, self.tt[i]), self.times[i])
+
+    def f_at(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """The field at any time t (off-grid stages); velocity 0 where the field is singular at t_end
+        (its limit for smooth densities: −σ ∇log p → 0), without counting an evaluation."""
+        tf = float(t)
+        if tf == self.t_end and not self.field.finite_at_end:
+            return torch.zeros_like(x)
+        self._budget()
+        tt = t if isinstance(t, torch.Tensor) else torch.tensor(tf, dtype=x.dtype, device=x.device)
+        return self._count(self.field(x, tt.to(x.dtype)), tf)
+
+    def sde(self, x: torch.Tensor, i: int, alpha: float):
+        """(drift, g2) of the field's stochastic form at grid point i."""
+        drift, g2 = self.field.sde(x, self.tt[i], alpha)
+        return self._count(drift, self.times[i]), g2
+
+    def sde_at(self, x: torch.Tensor, t: float, alpha: float):
+        tt = torch.tensor(float(t), dtype=x.dtype, device=x.device)
+        drift, g2 = self.field.sde(x, tt, alpha)
+        return self._count(drift, float(t)), g2
+
+    def noise(self) -> torch.Tensor:
+        if self.noise_source is None:
+            raise RuntimeError(f"solver {self.solver!r} asked for noise but was registered as deterministic")
+        return self.noise_source()
+
+    # -- loop helpers --------------------------------------------------------------------
+    def steps(self) -> Iterator[int]:
+        it = range(len(self.times) - 1)
+        if self.progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=self.solver, leave=False)
+        for i in it:
+            self.step = i
+            yield i
+
+    def tick(self, i: int, x: torch.Tensor) -> None:
+        """Call after step i, x being the state at times[i + 1]."""
+        if not self._hooks:
+            return
+        if self.every and ((i + 1) % self.every == 0 or i + 2 == len(self.times)):
+            self.frames.append(x)
+            self.frame_times.append(self.times[i + 1])
+        if self.callback is not None:
+            self.callback(i, self.times[i + 1], x)
+
+    def finish(self) -> None:
+        """Raise NonFiniteError naming the first step whose field output was not finite."""
+        if not self._checks:
+            return
+        ok = torch.isfinite(torch.stack([c[2] for c in self._checks]).float())
+        if bool(ok.all()):
+            return
+        k = int((~ok).nonzero()[0])
+        step, t = self._checks[k][0], self._checks[k][1]
+        raise NonFiniteError(f"the field returned non-finite values (NaN or inf) at step {step} (t={t:.6g}), "
+                             f"evaluation {k + 1}, under solver {self.solver!r}")
+
+
+def lagrange_weights(nodes: list[float], a: float, b: float, exp_kernel: bool) -> list[float]:
+    """W_j = ∫_a^b w(u) ℓ_j(u) du for the Lagrange basis ℓ_j on `nodes`, with w(u) = e^{u − b}
+    (exponential integrators in λ = −log σ) or 1 (Adams methods). Gauss–Legendre, exact to
+    float64 round-off for the step sizes that occur."""
+    import numpy as np
+
+    xs, ws = np.polynomial.legendre.leggauss(16)
+    u = 0.5 * (b - a) * xs + 0.5 * (b + a)
+    w = ws * 0.5 * (b - a)
+    if exp_kernel:
+        w = w * np.exp(u - b)
+    out = []
+    for j, nj in enumerate(nodes):
+        lj = np.ones_like(u)
+        for m, nm in enumerate(nodes):
+            if m != j:
+                lj = lj * (u - nm) / (nj - nm)
+        out.append(float((w * lj).sum()))
+    return out
+
+
+def sigma_lambda(sigma: float) -> float:
+    """λ = −log σ (log signal-to-noise ratio / 2 for VE), +inf at σ = 0."""
+    return math.inf if sigma == 0 else -math.log(sigma)

@@ -1,0 +1,61 @@
+"""One-step deterministic and churned solvers: Euler, Heun (EDM Alg. 1), EDM's stochastic sampler (Alg. 2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Run
+
+
+def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """x_{i+1} = x_i + (t_{i+1} − t_i) v(x_i, t_i): first order, one evaluation per step."""
+    t = run.times
+    for i in run.steps():
+        x = x + (t[i + 1] - t[i]) * run.f(x, i)
+        run.tick(i, x)
+    return x
+
+
+def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """EDM's second-order step (Karras et al. 2022, Alg. 1): Euler predictor, trapezoidal
+    corrector; plain Euler on a last step to a time where the field is singular (σ = 0)."""
+    t, ok = run.times, run.evaluable
+    for i in run.steps():
+        h = t[i + 1] - t[i]
+        d = run.f(x, i)
+        x_next = x + h * d
+        if ok[i + 1]:
+            x_next = x + (0.5 * h) * (d + run.f(x_next, i + 1))
+        x = x_next
+        run.tick(i, x)
+    return x
+
+
+def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
+        S_noise: float = 1.0) -> torch.Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): raise σ_i to σ̂ = (1 + γ_i) σ_i by adding
+    fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}."""
+    for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
+        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    if not S_max >= S_min:
+        raise ValueError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
+    t, ok = run.times, run.evaluable
+    N = len(t) - 1
+    gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
+    for i in run.steps():
+        gamma = gamma_max if S_min <= t[i] <= S_max else 0.0
+        t_hat = t[i] + gamma * t[i]
+        if gamma > 0:
+            x = x + (math.sqrt(t_hat ** 2 - t[i] ** 2) * S_noise) * run.noise()
+            d = run.f_at(x, t_hat)
+        else:
+            d = run.f(x, i)
+        h = t[i + 1] - t_hat
+        x_next = x + h * d
+        if ok[i + 1]:
+            x_next = x + (0.5 * h) * (d + run.f(x_next, i + 1))
+        x = x_next
+        run.tick(i, x)
+    return x
