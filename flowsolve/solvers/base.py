@@ -126,6 +126,8 @@ class Run:
         """The field at any time t (off-grid stages); velocity 0 where the field is singular at t_end
         (its limit for smooth densities: −σ ∇log p → 0), without counting an evaluation."""
         tf = float(t)
+        if (tf - self.t_end) * (self.t_end - self.times[0]) > 0:   # stages past the end (adaptive
+            tf, t = self.t_end, self.t_end                          # step selection): clamp to it
         if tf == self.t_end and not self.field.finite_at_end:
             return torch.zeros_like(x)
         self._budget()
