@@ -124,7 +124,7 @@ class Function(Field):
 
     def diffusion(self, t, alpha=1.0):
         if self._g2 is None:
-            return super().diffusion(t, alpha)
+            raise TypeError("Function has no stochastic form: pass diffusion=g2(t) to use SDE solvers")
         return alpha * self._g2(t)
 
     def sde(self, x, t, alpha):

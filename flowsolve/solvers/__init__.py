@@ -77,6 +77,10 @@ register(Solver("adams", multistep.adams, _one_per_step, "variable-step Adams–
 
 
 def _measured(backend: str, method: str) -> Callable[[int, bool], int]:
+    if backend == "torchdiffeq" and method in ("implicit_adams", "fixed_adams"):
+        # functional iteration: a data-dependent count, at most an RK4 start plus 1 + max_iters (4) a step
+        return lambda steps, singular_end: 4 + 5 * steps
+
     def evals(steps: int, singular_end: bool) -> int:
         a, b = backends.measured_evals(backend, method)
         return a + b * steps

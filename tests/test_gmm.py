@@ -1,0 +1,75 @@
+"""GaussianMixture against independent computations: scipy densities, autograd, Tweedie, moments."""
+import math
+
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+import flowsolve as fs
+
+
+def test_paper_mixture_layout(gmm):
+    assert gmm.dim == 2 and len(gmm.weights) == 5
+    assert torch.allclose(gmm.means.norm(dim=1), torch.full((5,), 5.0, dtype=torch.float64))
+    assert torch.allclose(gmm.std, torch.full((5,), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 2.0])
+def test_log_prob_matches_scipy(sigma):
+    g = fs.data.GaussianMixture([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]], std=[0.5, 1.5], weights=[0.3, 0.7])
+    x = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = [math.log(sum(w * multivariate_normal(m.numpy(), (s ** 2 + sigma ** 2) * torch.eye(3).numpy()).pdf(xi.numpy())
+                         for w, m, s in zip([0.3, 0.7], g.means, [0.5, 1.5]))) for xi in x]
+    assert torch.allclose(g.log_prob(x, sigma), torch.tensor(want, dtype=torch.float64), atol=1e-10)
+
+
+def test_score_is_gradient_of_log_prob_and_tweedie(gmm):
+    x = (3 * torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    sigma = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+    grad, = torch.autograd.grad(gmm.log_prob(x, sigma).sum(), x)
+    assert torch.allclose(gmm.score(x, sigma), grad, atol=1e-10)
+    x = x.detach()
+    tweedie = x + sigma[:, None] ** 2 * gmm.score(x, sigma)
+    assert torch.allclose(gmm.denoiser(x, sigma), tweedie, atol=1e-10)
+
+
+def test_denoiser_is_posterior_mean_by_monte_carlo(gmm):
+    g = torch.Generator().manual_seed(4)
+    x0 = gmm.sample(400_000, generator=g, dtype=torch.float64)
+    sigma = 1.0
+    y = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    # E[x0 | y in a small box around a point] ≈ D(point)
+    p = torch.tensor([[4.5, 0.5]], dtype=torch.float64)
+    near = ((y - p).abs() < 0.15).all(1)
+    assert near.sum() > 500
+    assert torch.allclose(x0[near].mean(0), gmm.denoiser(p, sigma)[0], atol=0.05)
+
+
+def test_sample_moments(gmm):
+    x, k = gmm.sample(200_000, generator=torch.Generator().manual_seed(5), dtype=torch.float64, return_modes=True)
+    assert torch.allclose(x.mean(0), gmm.means.mean(0), atol=0.03)
+    assert torch.allclose(torch.bincount(k, minlength=5).double() / len(k), gmm.weights, atol=0.01)
+    assert (gmm.assign(x) == k).double().mean() > 0.99
+
+
+def test_follows_input_dtype(gmm):
+    x = torch.zeros(3, 2)
+    assert gmm.denoiser(x, 1.0).dtype == torch.float32
+    assert gmm.score(x.double(), 1.0).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(means=[1.0, 2.0]), "means"),
+    (dict(means=[[0.0, 0.0]], std=-1.0), "std"),
+    (dict(means=[[0.0], [1.0]], weights=[1.0]), "weights"),
+])
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fs.data.GaussianMixture(**kwargs)
+
+
+def test_bad_inputs(gmm):
+    with pytest.raises(ValueError, match="x: expected a tensor of shape"):
+        gmm.denoiser(torch.zeros(3, 5), 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        gmm.denoiser(torch.zeros(3, 2), torch.ones(4))
