@@ -8,6 +8,7 @@ per-sample noise, and serves trajectories, callbacks and progress.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field as dc_field
@@ -182,10 +183,9 @@ class Run:
                              f"evaluation {k + 1}, under solver {self.solver!r}")
 
 
-def lagrange_weights(nodes: list[float], a: float, b: float, exp_kernel: bool) -> list[float]:
-    """W_j = ∫_a^b w(u) ℓ_j(u) du for the Lagrange basis ℓ_j on `nodes`, with w(u) = e^{u − b}
-    (exponential integrators in λ = −log σ) or 1 (Adams methods). Gauss–Legendre, exact to
-    float64 round-off for the step sizes that occur."""
+@functools.lru_cache(maxsize=4096)
+def _lagrange_weights(nodes: tuple[float, ...], a: float, b: float, exp_kernel: bool) -> tuple[float, ...]:
+    """Gauss–Legendre (16 nodes): exact to float64 round-off for the step sizes that occur."""
     import numpy as np
 
     xs, ws = np.polynomial.legendre.leggauss(16)
@@ -200,7 +200,14 @@ def lagrange_weights(nodes: list[float], a: float, b: float, exp_kernel: bool) -
             if m != j:
                 lj = lj * (u - nm) / (nj - nm)
         out.append(float((w * lj).sum()))
-    return out
+    return tuple(out)
+
+
+def lagrange_weights(nodes, a: float, b: float, exp_kernel: bool) -> tuple[float, ...]:
+    """W_j = ∫_a^b w(u) ℓ_j(u) du for the Lagrange basis ℓ_j on `nodes`, with w(u) = e^{u − b}
+    (exponential integrators in λ = −log σ) or 1 (Adams methods); cached, since they depend
+    on the grid only."""
+    return _lagrange_weights(tuple(nodes), float(a), float(b), bool(exp_kernel))
 
 
 def sigma_lambda(sigma: float) -> float:
