@@ -16,7 +16,8 @@ __all__ = ["Field", "Function", "Sum", "Scale", "batch_time", "as_column"]
 
 def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """t as a (batch,) tensor on x's device and dtype."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if not (isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         return t.expand(x.shape[0])
     if t.shape != (x.shape[0],):

@@ -184,7 +184,7 @@ class EDM(ScoreDifference):
 
     def __call__(self, x, t):
         sigma = batch_time(t, x)
-        s = as_column(sigma, x)
+        s = t if (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == x.dtype) else as_column(sigma, x)
         if self.kind == "denoiser":
             return (x - self.data(x, sigma)) / s
         return -s * self.data(x, sigma)
