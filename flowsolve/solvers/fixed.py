@@ -17,17 +17,20 @@ def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _heun_step(run: Run, x: torch.Tensor, d: torch.Tensor, h: float, i_next: int) -> torch.Tensor:
+    """Euler predictor, trapezoidal corrector at grid point i_next; plain Euler when the field is
+    singular there (σ = 0)."""
+    x_next = x + h * d
+    if run.evaluable[i_next]:
+        x_next = x + (0.5 * h) * (d + run.f(x_next, i_next))
+    return x_next
+
+
 def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """EDM's second-order step (Karras et al. 2022, Alg. 1): Euler predictor, trapezoidal
-    corrector; plain Euler on a last step to a time where the field is singular (σ = 0)."""
-    t, ok = run.times, run.evaluable
+    """EDM's second-order step (Karras et al. 2022, Alg. 1), Euler on a last step to σ = 0."""
+    t = run.times
     for i in run.steps():
-        h = t[i + 1] - t[i]
-        d = run.f(x, i)
-        x_next = x + h * d
-        if ok[i + 1]:
-            x_next = x + (0.5 * h) * (d + run.f(x_next, i + 1))
-        x = x_next
+        x = _heun_step(run, x, run.f(x, i), t[i + 1] - t[i], i + 1)
         run.tick(i, x)
     return x
 
@@ -41,7 +44,7 @@ def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, 
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     if not S_max >= S_min:
         raise ValueError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
-    t, ok = run.times, run.evaluable
+    t = run.times
     N = len(t) - 1
     gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
     for i in run.steps():
@@ -52,10 +55,6 @@ def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, 
             d = run.f_at(x, t_hat)
         else:
             d = run.f(x, i)
-        h = t[i + 1] - t_hat
-        x_next = x + h * d
-        if ok[i + 1]:
-            x_next = x + (0.5 * h) * (d + run.f(x_next, i + 1))
-        x = x_next
+        x = _heun_step(run, x, d, t[i + 1] - t_hat, i + 1)
         run.tick(i, x)
     return x
