@@ -8,11 +8,6 @@ import torch
 import flowsolve as fs
 
 
-def energy_distance(x, y):
-    x, y = x.double(), y.double()
-    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
-
-
 def main():
     gmm = fs.data.GaussianMixture.paper()
     field = fs.fields.EDM(gmm.denoiser)
@@ -27,9 +22,9 @@ def main():
         near = ((x.double() - gmm.means[k]).norm(dim=1) < 3 * 0.5).double().mean()
         nll = -gmm.log_prob(x.double()).mean()
         print(f"{solver:12s} {info.nfe:4d} {' '.join(f'{s:.2f}' for s in share.tolist()):>20s} "
-              f"{near:6.3f} {nll:6.3f} {energy_distance(x, truth):7.4f}  {opts or ''}")
+              f"{near:6.3f} {nll:6.3f} {fs.metrics.energy_distance(x, truth):7.4f}  {opts or ''}")
     print(f"{'true samples':12s} {'':4s} {'':20s} {'':6s} {-gmm.log_prob(truth.double()).mean():6.3f} "
-          f"{energy_distance(gmm.sample(3000, generator=torch.Generator().manual_seed(2)), truth):7.4f}")
+          f"{fs.metrics.energy_distance(gmm.sample(3000, generator=torch.Generator().manual_seed(2)), truth):7.4f}")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,17 @@ def test_bad_inputs(gmm):
         gmm.denoiser(torch.zeros(3, 5), 1.0)
     with pytest.raises(ValueError, match="sigma"):
         gmm.denoiser(torch.zeros(3, 2), torch.ones(4))
+
+
+def test_energy_distance_closed_form():
+    """1-D N(0, 1) vs N(m, 1): 2 E|Z_m| − 2 E|Z_0| with Z_m ~ N(m, 2), E|N(m, s²)| = s√(2/π) e^{−m²/2s²} + m(1 − 2Φ(−m/s))."""
+    from scipy.stats import norm
+    m, s = 1.0, 2 ** 0.5
+    e_abs = lambda mu: s * math.sqrt(2 / math.pi) * math.exp(-mu ** 2 / (2 * s ** 2)) + mu * (1 - 2 * norm.cdf(-mu / s))
+    exact = 2 * e_abs(m) - 2 * e_abs(0.0)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4000, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(4000, 1, generator=g, dtype=torch.float64) + m
+    assert fs.metrics.energy_distance(x, y) == pytest.approx(exact, abs=0.02)
+    with pytest.raises(ValueError, match="y: expected dimension 1"):
+        fs.metrics.energy_distance(x, torch.zeros(3, 2))
