@@ -6,4 +6,19 @@ from .fields import Field
 from .sample import SampleInfo, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "__version__"]
+__all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "models", "from_pretrained",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    """`models` (and so diffusers, ~4 s to import) loads on first use."""
+    if name == "models":
+        import importlib
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'flowsolve' has no attribute {name!r}")
+
+
+def from_pretrained(path, *, device=None):
+    """Load a model folder (see `flowsolve.models.from_pretrained`)."""
+    from .models import from_pretrained as load
+    return load(path, device=device)

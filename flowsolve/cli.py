@@ -1,6 +1,9 @@
-"""Command line: `flowsolve sample | solvers`.
+"""Command line: `flowsolve sample | train | eval | solvers`.
 
+    flowsolve sample --model pretrained/digits-edm --solver heun --nfe 32 --n 64 --out digits.png
     flowsolve sample --model gmm2d --solver heun --nfe 32 --n 2000 --out samples.png
+    flowsolve train edm --data digits --out runs/digits-edm [--steps N] [--config cfg.json] [--seed S] [--resume]
+    flowsolve eval --model pretrained/digits-edm --features pretrained/digits-features
     flowsolve solvers
 """
 from __future__ import annotations
@@ -26,13 +29,21 @@ class UserError(Exception):
 
 
 def load_model(name: str):
-    """A field from a built-in name (returns (field, reference data or None))."""
+    """A field from a built-in name or a model folder / Hub id (returns (field, reference data or None))."""
     from . import data, fields
 
     if name == "gmm2d":
         gmm = data.GaussianMixture.paper()
         return fields.EDM(gmm.denoiser), gmm
-    raise UserError(f"--model: unknown model {name!r}; built-in models are: {', '.join(BUILTIN_MODELS)}")
+    if not Path(name).exists() and "/" not in name:
+        raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id or a built-in model "
+                        f"({', '.join(BUILTIN_MODELS)})")
+    from .models import Denoiser, from_pretrained
+    model = from_pretrained(name)
+    if not isinstance(model, Denoiser):
+        raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
+    ref = data.GaussianMixture.paper() if model.metadata.get("data") == "gmm2d" else None
+    return fields.EDM(model), ref
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -78,6 +89,42 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from . import train
+    from .train.loop import load_config_file
+
+    config = load_config_file(args.config) if args.config else None
+    command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    t0 = time.perf_counter()
+    if args.objective == "edm":
+        model = train.edm(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
+                          command=command, **overrides)
+    elif args.objective == "ddpm":
+        model = train.ddpm(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
+                           command=command, **overrides)
+    else:
+        if args.data != "digits":
+            raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
+        model = train.digits_features(out=args.out, config=config, progress=not args.quiet, command=command,
+                                      **overrides)
+    print(f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
+          f"{model.metadata.get('held_out_accuracy', '')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_digits
+
+    field, _ = load_model(args.model)
+    report = evaluate_digits(field, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
+                             progress=not args.quiet)
+    print(report.markdown())
+    if args.json:
+        Path(args.json).write_text(report.json())
+    return 0
+
+
 def cmd_solvers(args) -> int:
     print(solvers.describe())
     return 0
@@ -87,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsolve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="draw samples from a model with any solver")
-    s.add_argument("--model", default="gmm2d", help=f"built-in model ({', '.join(BUILTIN_MODELS)})")
+    s.add_argument("--model", default="gmm2d",
+                   help=f"a model folder (e.g. pretrained/digits-edm), a Hub id, or a built-in model "
+                        f"({', '.join(BUILTIN_MODELS)})")
     s.add_argument("--solver", default="heun", help="a name from `flowsolve solvers`")
     s.add_argument("--nfe", type=int, default=None, help="field-evaluation budget per sample")
     s.add_argument("--n", type=int, default=1000, help="number of samples")
@@ -98,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+    t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; features: the digits FD network)")
+    t.add_argument("objective", choices=["edm", "ddpm", "features"])
+    t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
+    t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="Fréchet distance and class coverage of a digits model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--features", default="pretrained/digits-features")
+    e.add_argument("--solver", default="heun")
+    e.add_argument("--nfe", type=int, default=32)
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="also write the report as JSON here")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.set_defaults(func=cmd_solvers)
     return p
@@ -110,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"flowsolve: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("flowsolve: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"flowsolve: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,245 @@
+"""diffusers models as denoisers D(x; σ): the pretrained data score of the paper (s_ψ, Eq. 8).
+
+A discrete variance-preserving model (DDPM, DDIM, PNDM, Euler-discrete, DPM-Solver, ... schedulers)
+sees x_t = √ᾱ x_0 + √(1 − ᾱ) ε. In EDM's variance-exploding variable x = x_t/√ᾱ = x_0 + σ ε with
+σ = √((1 − ᾱ)/ᾱ), so the network gets c_in x with c_in = 1/√(1 + σ²), and a continuous σ maps to a
+fractional timestep by interpolating log σ between the schedule's knots. DDIM (η = 0) is then
+exactly Euler on dx/dσ = (x − D)/σ. EDM-style schedulers (EDMEulerScheduler, ...) carry their own
+preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .precond import Denoiser
+
+__all__ = ["DiffusersDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def _config(obj) -> dict:
+    cfg = getattr(obj, "config", None)
+    return dict(cfg) if cfg is not None else {}
+
+
+class DiffusersDenoiser(Denoiser):
+    """D(x; σ) from a diffusers UNet2DModel / UNet2DConditionModel and its scheduler.
+
+    `model_kwargs` are passed to every model call (e.g. `encoder_hidden_states=` for a
+    UNet2DConditionModel; tensors with batch 1 are broadcast to the batch). Where the scheduler's
+    `prediction_type` is wrong for the weights, pass `prediction_type=`.
+    """
+
+    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None,
+                 clip_sample: bool | None = None, **model_kwargs) -> None:
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model: expected a diffusers model, got {type(model).__name__}")
+        if scheduler is None:
+            raise ValueError("scheduler: a diffusers scheduler (or its config) is needed to know the noise schedule "
+                             "of the model; got None")
+        self.model = model
+        self.model_kwargs = model_kwargs
+        cfg = _config(scheduler)
+        self.prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        self.scheduler_class = type(scheduler).__name__
+        # DDPM/DDIM schedulers clip the predicted x_0 to [−range, range] when `clip_sample` is set;
+        # Euler with the clipped D is then still exactly their η = 0 update
+        self.clip_sample = bool(cfg.get("clip_sample", False)) if clip_sample is None else bool(clip_sample)
+        self.clip_range = float(cfg.get("clip_sample_range", 1.0))
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
+            self.kind = "discrete"
+            a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0 ** -24)   # zero-SNR schedules end at ᾱ = 0
+            self.log_sigmas = ((1 - a) / a).sqrt().log()                                # increasing in t
+            self.sigma_min = float(self.log_sigmas[0].exp())
+            self.sigma_max = float(self.log_sigmas[-1].exp())
+        elif "sigma_data" in cfg:
+            self.kind = "edm"
+            self.sigma_data = float(cfg["sigma_data"])
+            self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
+        else:
+            raise ValueError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
+                             f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps")
+        mcfg = _config(model)
+        c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
+        if isinstance(c, int) and size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            self.data_shape = (c, *size)
+        self.channels = c
+
+    # -- schedule ----------------------------------------------------------------------------
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
+        knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
+        if self.kind == "edm":
+            return 0.25 * sigma.log()
+        ls = self.log_sigmas.to(sigma.device)
+        q = sigma.double().log().clamp(ls[0], ls[-1])
+        hi = torch.searchsorted(ls, q).clamp(1, len(ls) - 1)
+        lo = hi - 1
+        t = lo + (q - ls[lo]) / (ls[hi] - ls[lo])
+        near = (t - t.round()).abs() < 1e-4
+        return torch.where(near, t.round(), t).to(sigma.dtype)
+
+    def sigma(self, timesteps) -> torch.Tensor:
+        """σ at (integer or fractional) timesteps of a discrete schedule (float64)."""
+        if self.kind != "discrete":
+            raise ValueError("timesteps: only discrete DDPM-style schedules have timesteps; this model is EDM-style")
+        t = torch.as_tensor(timesteps, dtype=torch.float64).clamp(0, len(self.log_sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        w = t - lo
+        return (self.log_sigmas[lo] * (1 - w) + self.log_sigmas[lo + 1] * w).exp()
+
+    def ddim_grid(self, timesteps, final_sigma: float = 0.0) -> torch.Tensor:
+        """The σ-grid that reproduces a DDIM/DDPM-style scheduler's `timesteps` (then `final_sigma`,
+        0 when the scheduler's final ᾱ is 1)."""
+        return torch.cat([self.sigma(timesteps), torch.tensor([float(final_sigma)], dtype=torch.float64)])
+
+    # -- D(x; σ) -----------------------------------------------------------------------------
+    def _kwargs(self, batch: int) -> dict:
+        out = {}
+        for k, v in self.model_kwargs.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1 and batch != 1:
+                v = v.expand(batch, *v.shape[1:])
+            out[k] = v
+        return out
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        d = self._denoise(x, sigma)
+        return d.clamp(-self.clip_range, self.clip_range) if self.clip_sample else d
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        if self.kind == "discrete":
+            c_in = (1 + col ** 2).rsqrt()
+        else:
+            c_in = (col ** 2 + self.sigma_data ** 2).rsqrt()
+        mdtype = getattr(self.model, "dtype", x.dtype)
+        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype), **self._kwargs(len(x)))
+        out = getattr(out, "sample", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.to(x.dtype)
+        if out.shape[1] != x.shape[1]:   # learned-variance models output 2C channels: the mean part comes first
+            out = out[:, : x.shape[1]]
+        p = self.prediction_type
+        if p == "sample":
+            return out
+        if self.kind == "discrete":
+            if p == "epsilon":
+                return x - col * out
+            return c_in ** 2 * x - col * c_in * out                              # v = √ᾱ ε − √(1−ᾱ) x_0
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (col ** 2 + sd ** 2)
+        c_out = col * sd * (col ** 2 + sd ** 2).rsqrt()
+        return c_skip * x + (c_out if p == "epsilon" else -c_out) * out
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
+                f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _is_local(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and Path(path).exists()
+
+
+def load_diffusers_component(path, subfolder: str | None, kind: str):
+    """Load a diffusers model or scheduler from a local folder (never the network) or a Hub id
+    (diffusers' normal loading). Only diffusers' own classes are instantiated: no remote code."""
+    import diffusers
+
+    local = _is_local(path)
+    if local:
+        folder = Path(path) / (subfolder or "")
+        name = "scheduler_config.json" if kind == "scheduler" else "config.json"
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{kind}: {str(folder / name)!r} does not exist")
+        try:
+            cfg = json.loads((folder / name).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{kind}: {str(folder / name)!r} is not valid JSON ({e})") from None
+        cls_name = cfg.get("_class_name")
+    else:
+        reader = diffusers.DDPMScheduler if kind == "scheduler" else diffusers.UNet2DModel   # picks the file name
+        cfg = reader.load_config(path, subfolder=subfolder)
+        cls_name = cfg.get("_class_name")
+    if kind == "scheduler":
+        ok = isinstance(cls_name, str) and cls_name.endswith("Scheduler") and hasattr(diffusers, cls_name)
+    else:
+        ok = cls_name in _MODEL_CLASSES
+    if not ok:
+        raise ValueError(f"{kind}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
+                         f"(expected {'a diffusers scheduler' if kind == 'scheduler' else ' or '.join(_MODEL_CLASSES)})")
+    cls = getattr(diffusers, cls_name)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if kind == "scheduler":
+        return cls.from_pretrained(path, **kwargs)
+    if local:
+        _check_weights(Path(path) / (subfolder or ""))
+        kwargs["local_files_only"] = True
+    return cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
+
+
+def _check_weights(folder: Path) -> None:
+    """A clear error for a missing or corrupt safetensors file (no pickle is ever loaded)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"weights: no .safetensors file in {str(folder)!r} (flowsolve loads only safetensors)")
+    from safetensors import safe_open
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    h.get_slice(k)
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise ValueError(f"weights: {str(f)!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type: str | None = None,
+                   clip_sample: bool | None = None, subfolder: str | None = None, **model_kwargs) -> DiffusersDenoiser:
+    """A diffusers eps / v / sample model as D(x; σ).
+
+    Accepts a model (with `scheduler=`), a pipeline (its `.unet` and `.scheduler`), or a local folder /
+    Hub id laid out as a pipeline (model_index.json, unet/, scheduler/) or as a single model folder
+    (then `scheduler=` may be a scheduler object or a folder). A local folder never touches the network.
+    `clip_sample` (default: the scheduler's own setting) clamps D to the scheduler's clip range, as
+    DDPM/DDIM do to their predicted x_0.
+    """
+    obj = model_or_pipeline_or_path
+    if isinstance(obj, (str, os.PathLike)):
+        path = obj
+        local = _is_local(path)
+        index = Path(path) / "model_index.json" if local else None
+        if local and not Path(path).is_dir():
+            raise ValueError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")
+        is_pipeline = index.is_file() if local else subfolder is None
+        if is_pipeline and subfolder is None:
+            model = load_diffusers_component(path, "unet", "model")
+            if scheduler is None:
+                scheduler = load_diffusers_component(path, "scheduler", "scheduler")
+        else:
+            model = load_diffusers_component(path, subfolder, "model")
+            if scheduler is None and local:
+                for cand in (Path(path) / (subfolder or "") / "scheduler_config.json", Path(path) / "scheduler"):
+                    if cand.exists():
+                        scheduler = load_diffusers_component(cand.parent if cand.is_file() else cand, None, "scheduler")
+                        break
+        model.eval()
+    elif hasattr(obj, "unet") and hasattr(obj, "scheduler"):
+        model, scheduler = obj.unet, scheduler or obj.scheduler
+    else:
+        model = obj
+    if isinstance(scheduler, (str, os.PathLike)):
+        scheduler = load_diffusers_component(scheduler, None, "scheduler")
+    return DiffusersDenoiser(model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)

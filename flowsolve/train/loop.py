@@ -1,0 +1,211 @@
+"""The one training loop: Adam, learning-rate warm-up, EMA, atomic checkpoints, resume, progress.
+
+Objectives give a loss from a torch.Generator (all randomness of a step flows through it, so a
+seeded run is reproducible and a resumed run continues the same random stream).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["LoopConfig", "EMA", "fit", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
+           "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (missing, truncated, corrupt or from another model)."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100             # linear learning-rate warm-up steps
+    ema_decay: float = 0.999      # EMA of the weights, with the usual (1 + k)/(10 + k) ramp
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    seed: int = 0
+
+
+def check_keys(given: dict, cls, what: str = "config") -> None:
+    """Reject unknown keys, naming the nearest valid one."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for k in given:
+        if k not in valid:
+            near = difflib.get_close_matches(k, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"{what}: unknown key {k!r}{hint} (valid keys: {', '.join(valid)})")
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config: {str(p)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config: {str(p)!r} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config: {str(p)!r} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay: expected a value in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name("previous.pt"))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, extra: dict) -> None:
+    """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                  "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                  "extra": json.dumps(extra)}, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint with torch.load(weights_only=True): tensors and plain containers only."""
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file
+        raise CheckpointError(f"resume: checkpoint {str(path)!r} is corrupt or truncated "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for key in ("step", "model", "ema", "optimizer", "generator"):
+        if key not in ck:
+            raise CheckpointError(f"resume: checkpoint {str(path)!r} lacks {key!r}")
+    return ck
+
+
+def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor], cfg: LoopConfig, *,
+        out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+        extra: dict | None = None) -> tuple[nn.Module, dict]:
+    """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
+
+    With `out`, checkpoints go to out/checkpoints/last.pt every cfg.checkpoint_every steps and on
+    SIGINT/SIGTERM, and `resume=True` continues from the last one (model, EMA, optimizer, step, RNG).
+    """
+    from tqdm.auto import tqdm
+
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    ema = EMA(model, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
+    step, history = 0, {"loss": [], "step": [], "seconds": 0.0}
+    if resume:
+        if ck_path is None:
+            raise ValueError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
+        ck = load_checkpoint(ck_path)
+        try:
+            model.load_state_dict(ck["model"])
+            ema.model.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        gen.set_state(ck["generator"])
+        step = int(ck["step"])
+        history = json.loads(ck["extra"]).get("history", history)
+    meta = dict(extra or {})
+
+    def checkpoint() -> None:
+        if ck_path is not None:
+            save_checkpoint(ck_path, step, model, ema, opt, gen, {**meta, "history": history})
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, on_signal)
+        except ValueError:   # not the main thread
+            pass
+    t0, running = time.perf_counter(), None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            loss = loss_fn(model, gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training: the loss became {loss.item()} at step {step}; the last good "
+                                         f"checkpoint is kept" + (f" at {str(ck_path)!r}" if ck_path else ""))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model, step)
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history["loss"].append(running)
+                history["step"].append(step)
+                bar.set_postfix(loss=f"{running:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                history["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint()
+            if stop["signal"] is not None:
+                history["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint()
+                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} at step {step}; checkpoint written"
+                                        + (f" to {str(ck_path)!r}; continue with resume" if ck_path else ""))
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    history["seconds"] += time.perf_counter() - t0
+    model.eval()
+    return ema.model, history

@@ -1,0 +1,118 @@
+"""Datasets, the training loop (resume exactness, config checks, corrupt checkpoints) and metrics."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.train.loop import CheckpointError
+
+TINY = dict(width=32, depth=2, emb_size=16, log_every=5, checkpoint_every=5, warmup=3)
+
+
+def test_digits_splits():
+    tr, te, al = fs.data.digits("train"), fs.data.digits("test"), fs.data.digits("all")
+    assert len(tr) == 1397 and len(te) == fs.data.DIGITS_HELD_OUT == 400 and len(al) == 1797
+    assert tr.data_shape == (1, 8, 8) and tr.x.min() == -1 and tr.x.max() == 1
+    flat = {tuple(r) for r in tr.x.reshape(len(tr), -1).tolist()}
+    overlap = sum(tuple(r) in flat for r in te.x.reshape(len(te), -1).tolist())
+    assert overlap <= 2          # the raw dataset holds a couple of exact duplicate images
+    assert set(te.labels.tolist()) == set(range(10))
+    up = fs.data.digits("test", size=16)
+    assert up.data_shape == (1, 16, 16) and up.x.abs().max() <= 1
+    with pytest.raises(ValueError, match="split"):
+        fs.data.digits("val")
+
+
+def test_moons_and_sources():
+    x = fs.data.Moons(noise=0.0).sample(2000, torch.Generator().manual_seed(0))
+    on_up = ((x.norm(dim=1) - 1).abs() < 1e-5) & (x[:, 1] >= -1e-6)
+    on_lo = (((x - torch.tensor([1.0, 0.5])).norm(dim=1) - 1).abs() < 1e-5) & (x[:, 1] <= 0.5 + 1e-6)
+    assert bool((on_up | on_lo).all())
+    assert 0.45 < on_up.float().mean() < 0.55
+    assert isinstance(fs.data.load("gmm2d"), fs.data.GaussianMixture)
+    with pytest.raises(ValueError, match="expected one of"):
+        fs.data.load("imagenet")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        fs.data.load("mnist", root="/nonexistent-flowsolve")
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    d = fs.data.image_folder(tmp_path, size=8)
+    assert d.data_shape == (1, 8, 8) and len(d) == 6 and d.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert d.x.min() >= -1 and d.x.max() <= 1
+    (tmp_path / "a" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        fs.data.image_folder(tmp_path)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    full = fs.train.edm("gmm2d", out=tmp_path / "a", steps=20, progress=False, **TINY)
+    fs.train.edm("gmm2d", out=tmp_path / "b", steps=10, progress=False, **TINY)
+    resumed = fs.train.edm("gmm2d", out=tmp_path / "b", steps=20, resume=True, progress=False, **TINY)
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loaded = fs.from_pretrained(tmp_path / "b")
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 0.5), full(x, 0.5))
+    meta = json.loads((tmp_path / "b" / "flowsolve.json").read_text())
+    assert meta["training"]["config"]["steps"] == 20 and meta["data"] == "gmm2d"
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    fs.train.edm("gmm2d", out=tmp_path / "c", steps=5, progress=False, **TINY)
+    ck = tmp_path / "c" / "checkpoints" / "last.pt"
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="last.pt.*corrupt"):
+        fs.train.edm("gmm2d", out=tmp_path / "c", steps=10, resume=True, progress=False, **TINY)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fs.train.edm("gmm2d", out=tmp_path / "none", steps=10, resume=True, progress=False, **TINY)
+
+
+def test_unknown_config_keys_name_the_nearest():
+    with pytest.raises(ValueError, match="unknown key 'stpes'.*'steps'"):
+        fs.train.edm("gmm2d", config={"stpes": 3}, progress=False)
+    with pytest.raises(ValueError, match="network"):
+        fs.train.edm("gmm2d", steps=1, network="transformer", progress=False)
+
+
+def test_gaussian_frechet_closed_form():
+    mu1, mu2 = torch.tensor([0.0, 1.0]), torch.tensor([2.0, -1.0])
+    c1, c2 = torch.diag(torch.tensor([1.0, 4.0])), torch.diag(torch.tensor([9.0, 0.25]))
+    # diagonal covariances: ‖μ1 − μ2‖² + Σ (s1 − s2)²
+    want = 8.0 + (1 - 3) ** 2 + (2 - 0.5) ** 2
+    assert fs.metrics.gaussian_frechet(mu1, c1, mu2, c2) == pytest.approx(want, abs=1e-9)
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 4, generator=g) @ torch.randn(4, 4, generator=g)
+    b = torch.randn(500, 4, generator=g) * 2 + 1
+    A, B = a.double().numpy(), b.double().numpy()
+    c1, c2 = np.cov(A.T), np.cov(B.T)
+    ref = ((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy_linalg.sqrtm(c1 @ c2).real)
+    assert fs.metrics.frechet_distance_features(a, b) == pytest.approx(ref, rel=1e-8)
+
+
+def test_torchmetrics_frechet_matches_closed_form():
+    class Flat(torch.nn.Module):
+        num_features = 64
+
+        def forward(self, x):
+            return x.reshape(len(x), -1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 1, 8, 8, generator=g) * 2 - 1
+    y = (torch.rand(300, 1, 8, 8, generator=g) * 1.5 - 1).clamp(-1, 1)
+    tm = fs.metrics.frechet_distance(x, y, Flat())
+    cf = fs.metrics.frechet_distance_features(x.reshape(300, -1), y.reshape(300, -1))
+    assert tm == pytest.approx(cf, rel=1e-4)

@@ -1,0 +1,255 @@
+"""Pretrained data scores: diffusers adapters against diffusers' own schedulers, EDM preconditioning,
+model folders (round trips through diffusers' from_pretrained), safe loading."""
+import json
+import socket
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, EDMEulerScheduler, EulerDiscreteScheduler,
+                       UNet2DConditionModel, UNet2DModel)
+
+import flowsolve as fs
+
+
+def tiny_unet(seed=0, channels=1, size=8, out_channels=None):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=out_channels or channels,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any network connection fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("flowsolve tried to open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def ddim_loop(unet, sched, z, **step_kw):
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, eta=0.0, **step_kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_is_euler_on_the_sigma_ode(unet, prediction, spacing):
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction,
+                          timestep_spacing=spacing)
+    sched.set_timesteps(10)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = ddim_loop(unet, sched, z)
+    den = fs.models.from_diffusers(unet, sched)
+    grid = den.ddim_grid(sched.timesteps, 0.0)
+    x, info = fs.sample(fs.fields.EDM(den), "euler", grid=grid, x_init=z * (1 + grid[0] ** 2).sqrt().float(),
+                        return_info=True)
+    assert info.nfe == 10
+    scale = ref.abs().max().item()
+    assert (x - ref).abs().max().item() <= 2e-6 * max(1.0, scale)
+
+
+def test_ddim_with_clipping_matches_clipped_model_output(unet):
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=True)
+    sched.set_timesteps(8)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ref = ddim_loop(unet, sched, z, use_clipped_model_output=True)
+    den = fs.models.from_diffusers(unet, sched)
+    assert den.clip_sample     # follows the scheduler's config
+    grid = den.ddim_grid(sched.timesteps)
+    x = fs.sample(fs.fields.EDM(den), "euler", grid=grid, x_init=z * (1 + grid[0] ** 2).sqrt().float())
+    assert (x - ref).abs().max().item() < 1e-5
+    assert x.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_euler_discrete_scheduler_equivalence(unet, prediction):
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, prediction_type=prediction, timestep_spacing="trailing")
+    sched.set_timesteps(12)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = z * sched.init_noise_sigma
+    x0 = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    den = fs.models.from_diffusers(unet, sched)
+    y = fs.sample(fs.fields.EDM(den), "euler", grid=sched.sigmas.double(), x_init=x0)
+    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, x.abs().max().item())
+
+
+def test_edm_scheduler_equivalence(unet):
+    sched = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    sched.set_timesteps(10)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    x = z * sched.init_noise_sigma
+    x0 = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    den = fs.models.from_diffusers(unet, sched)
+    assert den.kind == "edm" and den.sigma_max == 80.0
+    y = fs.sample(fs.fields.EDM(den), "euler", grid=sched.sigmas.double(), x_init=x0)
+    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, x.abs().max().item())
+
+
+def test_log_sigma_interpolation_of_timesteps(unet):
+    den = fs.models.from_diffusers(unet, DDPMScheduler(num_train_timesteps=1000))
+    t = torch.tensor([0.0, 1.0, 17.0, 500.0, 999.0], dtype=torch.float64)
+    assert torch.equal(den.timestep(den.sigma(t)), t)
+    frac = torch.tensor([10.25, 640.5], dtype=torch.float64)
+    assert torch.allclose(den.timestep(den.sigma(frac)), frac, atol=1e-6)
+    # between knots, log σ is linear in t
+    s = den.sigma(torch.tensor([10.0, 11.0, 10.25])).log()
+    assert abs(float(s[2] - (0.75 * s[0] + 0.25 * s[1]))) < 1e-12
+    a = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
+    assert den.sigma_min == pytest.approx(float(((1 - a[0]) / a[0]).sqrt()))
+    assert den.sigma_max == pytest.approx(float(((1 - a[-1]) / a[-1]).sqrt()))
+    # out-of-range σ clamp to the ends of the schedule
+    assert den.timestep(torch.tensor([1e-6, 1e6], dtype=torch.float64)).tolist() == [0.0, 999.0]
+
+
+def test_field_clamps_default_grid_to_model_range(unet):
+    den = fs.models.from_diffusers(unet, DDPMScheduler(num_train_timesteps=1000))
+    field = fs.fields.EDM(den)
+    assert den.sigma_min > 0.002 and den.sigma_max > 80.0
+    assert field.sigma_min == pytest.approx(den.sigma_min) and field.sigma_max == 80.0   # within the model's range
+    assert field.data_shape == (1, 8, 8)
+
+
+def test_conditional_unet_kwargs_pass_through():
+    torch.manual_seed(0)
+    m = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                             norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4).eval()
+    cond = torch.randn(1, 3, 8)
+    den = fs.models.from_diffusers(m, DDPMScheduler(num_train_timesteps=1000, clip_sample=False),
+                                   encoder_hidden_states=cond)
+    x = torch.randn(3, 1, 8, 8)
+    sigma = torch.tensor([0.5, 2.0, 9.0])
+    t = den.timestep(sigma)
+    with torch.no_grad():
+        eps = m(x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), t, encoder_hidden_states=cond.expand(3, -1, -1)).sample
+        d = den(x, sigma)
+    assert torch.allclose(d, x - sigma.view(-1, 1, 1, 1) * eps, atol=1e-5)
+
+
+def test_learned_variance_outputs_use_the_mean_channels():
+    m = tiny_unet(channels=1, out_channels=2)
+    den = fs.models.from_diffusers(m, DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range",
+                                                       clip_sample=False))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        out = m(x / (1 + 4.0) ** 0.5, den.timestep(torch.tensor([2.0, 2.0]))).sample
+        assert torch.allclose(den(x, 2.0), x - 2.0 * out[:, :1], atol=1e-5)
+
+
+def test_edm_preconditioning_coefficients():
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.ones_like(x)
+    pre = fs.models.EDMPrecond(Zero(), sigma_data=0.5)
+    x = torch.randn(4, 2)
+    sigma = torch.tensor([0.01, 0.5, 3.0, 40.0])
+    s = sigma.view(-1, 1)
+    want = 0.25 / (s ** 2 + 0.25) * x + s * 0.5 / (s ** 2 + 0.25).sqrt()
+    assert torch.allclose(pre(x, sigma), want, atol=1e-6)
+    c_skip, c_out, c_in, c_noise = pre.coefficients(sigma)
+    assert torch.allclose(c_noise, sigma.log() / 4)
+    # λ(σ) c_out² = 1: the effective training target of F has unit weight (Karras et al. 2022, Eq. 8)
+    assert torch.allclose(pre.loss_weight(sigma) * c_out ** 2, torch.ones(4), atol=1e-6)
+
+
+def test_denoiser_score_is_tweedie(gmm):
+    class Exact(fs.models.Denoiser):
+        def denoise(self, x, sigma):
+            return gmm.denoiser(x, sigma)
+    x = torch.randn(16, 2, dtype=torch.float64) * 4
+    assert torch.allclose(Exact().score(x, 1.3), gmm.score(x, 1.3), atol=1e-9)
+
+
+def test_mlp_round_trip_through_diffusers(tmp_path):
+    net = fs.models.MLP(dim=2, width=32, depth=2)
+    den = fs.models.EDMPrecond(net, sigma_data=0.5, sigma_min=0.002, sigma_max=40.0, data_shape=(2,))
+    fs.models.save_pretrained(den, tmp_path / "m", data="gmm2d")
+    again = fs.models.MLP.from_pretrained(str(tmp_path / "m"))          # diffusers' own loader
+    for (k, a), (_, b) in zip(net.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    loaded = fs.from_pretrained(tmp_path / "m")
+    x, s = torch.randn(5, 2), torch.full((5,), 0.7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, s), den(x, s))
+    assert loaded.sigma_max == 40.0 and loaded.data_shape == (2,)
+    assert fs.fields.EDM(loaded).sigma_max == 40.0
+
+
+def test_unet_round_trip_through_diffusers(tmp_path, offline):
+    net = fs.models.unet((1, 8, 8), "tiny")
+    den = fs.models.EDMPrecond(net, noise_scale=250.0, data_shape=(1, 8, 8))
+    fs.models.save_pretrained(den, tmp_path / "u", data="digits")
+    again = UNet2DModel.from_pretrained(str(tmp_path / "u"))
+    loaded = fs.from_pretrained(tmp_path / "u")
+    x, s = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 5.0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, s), den(x, s))
+        assert torch.equal(again(x, s).sample, net(x, s).sample)
+
+
+def test_pipeline_folder_loads_offline(tmp_path, offline, unet):
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(tmp_path / "p"))
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    for den in (fs.models.from_diffusers(str(tmp_path / "p")), fs.from_pretrained(tmp_path / "p"),
+                fs.models.from_diffusers(UNet2DModel.from_pretrained(str(tmp_path / "p"), subfolder="unet"),
+                                         DDPMScheduler.from_pretrained(str(tmp_path / "p"), subfolder="scheduler"))):
+        ref = fs.models.from_diffusers(unet, sched)
+        x, s = torch.randn(2, 1, 8, 8), torch.tensor([0.1, 20.0])
+        with torch.no_grad():
+            assert torch.allclose(den(x, s), ref(x, s), atol=1e-6)
+
+
+def test_corrupt_and_missing_weights_are_named(tmp_path):
+    den = fs.models.EDMPrecond(fs.models.MLP(dim=2, width=8, depth=1), data_shape=(2,))
+    fs.models.save_pretrained(den, tmp_path / "m")
+    w = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors.*corrupt"):
+        fs.from_pretrained(tmp_path / "m")
+    w.unlink()
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        fs.from_pretrained(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        fs.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fs.from_pretrained(tmp_path / "nope")
+    (tmp_path / "m" / "flowsolve.json").write_text("{not json")
+    with pytest.raises(ValueError, match="flowsolve.json.*not valid JSON"):
+        fs.from_pretrained(tmp_path / "m")
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    unet = tiny_unet()
+    unet.save_pretrained(str(tmp_path / "u"), safe_serialization=False)      # a .bin pickle only
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        fs.models.from_diffusers(str(tmp_path / "u"), DDPMScheduler())
+
+
+def test_adapter_errors(unet):
+    with pytest.raises(ValueError, match="scheduler"):
+        fs.models.from_diffusers(unet, None)
+    with pytest.raises(ValueError, match="prediction_type"):
+        fs.models.from_diffusers(unet, DDPMScheduler(), prediction_type="x0")
+    den = fs.models.from_diffusers(unet, DDPMScheduler())
+    with pytest.raises(ValueError, match=r"x: expected samples of shape \(1, 8, 8\)"):
+        den(torch.randn(2, 3, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        den(torch.randn(2, 1, 8, 8), torch.ones(3))
