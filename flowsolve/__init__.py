@@ -1,20 +1,20 @@
 """flowsolve: generative models as particles following a vector field ∇h_ρ
 (Franceschi et al., "Unifying GANs and Score-Based Diffusion as Generative Particle Models", NeurIPS 2023).
 """
-from . import data, fields, grids, metrics, solvers
+from . import data, fields, grids, metrics, solvers, viz
 from .fields import Field
 from .sample import SampleInfo, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "models", "from_pretrained",
+__all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "models", "viz", "train", "from_pretrained",
            "__version__"]
 
 
 def __getattr__(name: str):
-    """`models` (and so diffusers, ~4 s to import) loads on first use."""
-    if name == "models":
+    """`models`, `train` and `evaluate` (and so diffusers, ~4 s to import) load on first use."""
+    if name in ("models", "train", "evaluate"):
         import importlib
-        return importlib.import_module(".models", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'flowsolve' has no attribute {name!r}")
 
 

@@ -37,9 +37,11 @@ class DigitsReport:
     def markdown(self) -> str:
         shares = " ".join(f"{i}:{s:.0%}" for i, s in enumerate(self.class_share))
         how = f"{self.solver}, {self.nfe} NFE, " if self.solver else ""
-        return (f"| FD (n={self.n}) | real floor | ratio | classes | per-class share |\n|---:|---:|---:|---:|---|\n"
-                f"| {self.fd:.3f} | {self.floor:.3f} | {self.ratio:.2f} | {self.classes_present}/10 | {shares} |\n"
-                f"({how}{self.seconds:.1f} s sampling)" if self.seconds is not None else "")
+        table = (f"| FD (n={self.n}) | real floor | ratio | classes | per-class share |\n|---:|---:|---:|---:|---|\n"
+                 f"| {self.fd:.2f} | {self.floor:.2f} | {self.ratio:.2f} | {self.classes_present}/10 | {shares} |\n")
+        if self.seconds is not None:
+            table += f"({how}{self.seconds:.1f} s sampling)\n"
+        return table
 
     def json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "ratio": self.ratio}, indent=2) + "\n"

@@ -30,6 +30,8 @@ def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | Non
     if x.dim() == 4:
         from torchvision.utils import make_grid, save_image
         nrow = max(1, int(len(x) ** 0.5))
+        if x.shape[-1] < 32:   # tiny images (8×8 digits): enlarge with nearest neighbours to be viewable
+            x = torch.nn.functional.interpolate(x, scale_factor=-(-32 // x.shape[-1]), mode="nearest")
         save_image(make_grid((x.clamp(-1, 1) + 1) / 2, nrow=nrow), str(path))
         return
     raise ValueError(f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "

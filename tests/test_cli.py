@@ -41,3 +41,46 @@ def test_solvers_listing(capsys):
     assert main(["solvers"]) == 0
     out = capsys.readouterr().out
     assert "heun" in out and "torchsde:srk" in out
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_sample_a_model_folder(tmp_path):
+    out = tmp_path / "digits.png"
+    assert main(["sample", "--model", str(ROOT / "pretrained" / "digits-edm"), "--solver", "heun", "--nfe", "8",
+                 "--n", "16", "--out", str(out), "--quiet"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["sample", "--model", str(ROOT / "pretrained" / "digits-edm"), "--nfe", "4", "--n", "5",
+                 "--out", str(tmp_path / "x.npy"), "--quiet"]) == 0
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (5, 1, 8, 8) and np.isfinite(x).all()
+
+
+def test_train_then_sample_then_resume(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"width": 16, "depth": 1, "emb_size": 8, "checkpoint_every": 3}')
+    run = tmp_path / "run"
+    assert main(["train", "edm", "--data", "moons", "--out", str(run), "--steps", "6", "--seed", "1",
+                 "--config", str(cfg), "--quiet"]) == 0
+    assert (run / "config.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert main(["sample", "--model", str(run), "--n", "7", "--nfe", "4", "--out", str(tmp_path / "m.npy"),
+                 "--quiet"]) == 0
+    assert np.load(tmp_path / "m.npy").shape == (7, 2)
+    assert main(["train", "edm", "--data", "moons", "--out", str(run), "--steps", "9", "--seed", "1",
+                 "--config", str(cfg), "--resume", "--quiet"]) == 0
+
+
+def test_train_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"widht": 16}')
+    assert main(["train", "edm", "--data", "gmm2d", "--out", str(tmp_path / "r"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'widht'" in err and "'width'" in err
+    assert main(["train", "edm", "--data", "no-such-data", "--out", str(tmp_path / "r")]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path / "x.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sample", "--model", str(ROOT / "pretrained" / "digits-features"), "--out",
+                 str(tmp_path / "x.npy")]) == 2
+    assert "not a model that generates" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_ddim_is_euler_on_the_sigma_ode(unet, prediction, spacing):
                         return_info=True)
     assert info.nfe == 10
     scale = ref.abs().max().item()
-    assert (x - ref).abs().max().item() <= 2e-6 * max(1.0, scale)
+    assert (x - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
 
 
 def test_ddim_with_clipping_matches_clipped_model_output(unet):
@@ -82,7 +82,7 @@ def test_euler_discrete_scheduler_equivalence(unet, prediction):
             x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
     den = fs.models.from_diffusers(unet, sched)
     y = fs.sample(fs.fields.EDM(den), "euler", grid=sched.sigmas.double(), x_init=x0)
-    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, x.abs().max().item())
+    assert (x - y).abs().max().item() <= 1e-5 * max(1.0, x.abs().max().item())
 
 
 def test_edm_scheduler_equivalence(unet):
@@ -97,7 +97,7 @@ def test_edm_scheduler_equivalence(unet):
     den = fs.models.from_diffusers(unet, sched)
     assert den.kind == "edm" and den.sigma_max == 80.0
     y = fs.sample(fs.fields.EDM(den), "euler", grid=sched.sigmas.double(), x_init=x0)
-    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, x.abs().max().item())
+    assert (x - y).abs().max().item() <= 1e-5 * max(1.0, x.abs().max().item())
 
 
 def test_log_sigma_interpolation_of_timesteps(unet):
@@ -193,7 +193,7 @@ def test_mlp_round_trip_through_diffusers(tmp_path):
 
 def test_unet_round_trip_through_diffusers(tmp_path, offline):
     net = fs.models.unet((1, 8, 8), "tiny")
-    den = fs.models.EDMPrecond(net, noise_scale=250.0, data_shape=(1, 8, 8))
+    den = fs.models.EDMPrecond(net, noise_scale=250.0, data_shape=(1, 8, 8)).eval()
     fs.models.save_pretrained(den, tmp_path / "u", data="digits")
     again = UNet2DModel.from_pretrained(str(tmp_path / "u"))
     loaded = fs.from_pretrained(tmp_path / "u")
@@ -253,3 +253,13 @@ def test_adapter_errors(unet):
         den(torch.randn(2, 3, 8, 8), 1.0)
     with pytest.raises(ValueError, match="sigma"):
         den(torch.randn(2, 1, 8, 8), torch.ones(3))
+
+
+def test_stale_clip_sample_key_is_ignored():
+    """A DDPM config converted to EulerDiscreteScheduler keeps `clip_sample` as a stale key that
+    EulerDiscreteScheduler never applies; the adapter must not apply it either."""
+    ddpm = DDPMScheduler(clip_sample=True)
+    eul = EulerDiscreteScheduler.from_config(ddpm.config)
+    assert dict(eul.config).get("clip_sample") is True
+    assert not fs.models.from_diffusers(tiny_unet(), eul).clip_sample
+    assert fs.models.from_diffusers(tiny_unet(), ddpm).clip_sample

@@ -9,6 +9,7 @@ preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -54,7 +55,10 @@ class DiffusersDenoiser(Denoiser):
         self.scheduler_class = type(scheduler).__name__
         # DDPM/DDIM schedulers clip the predicted x_0 to [−range, range] when `clip_sample` is set;
         # Euler with the clipped D is then still exactly their η = 0 update
-        self.clip_sample = bool(cfg.get("clip_sample", False)) if clip_sample is None else bool(clip_sample)
+        # (only schedulers that take the option honour it: configs carry stale keys across classes)
+        uses_clip = "clip_sample" in inspect.signature(type(scheduler).__init__).parameters
+        own = bool(cfg.get("clip_sample", False)) and uses_clip
+        self.clip_sample = own if clip_sample is None else bool(clip_sample)
         self.clip_range = float(cfg.get("clip_sample_range", 1.0))
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):

@@ -1,0 +1,75 @@
+"""The shipped models in pretrained/: they load offline, in the issue's own way, and keep the quality
+their model cards report."""
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.evaluate import digits_quality
+
+PRE = Path(__file__).resolve().parents[1] / "pretrained"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("loading a shipped model tried to open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def features():
+    return fs.from_pretrained(PRE / "digits-features")
+
+
+def test_folder_is_small_and_safetensors_only():
+    files = [p for p in PRE.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert sum(p.stat().st_size for p in files) < 20 * 2 ** 20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    for d in ("gmm2d-edm", "digits-edm", "digits-ddpm", "digits-features"):
+        card = (PRE / d / "MODEL_CARD.md").read_text()
+        assert "flowsolve train" in card and "seed" in card.lower()
+
+
+def test_features_classify_held_out_digits(features):
+    test = fs.data.digits("test")
+    with torch.no_grad():
+        acc = (features(test.x).argmax(1) == test.labels).float().mean().item()
+    assert acc > 0.95
+
+
+def test_digits_edm_quality(features):
+    den = fs.from_pretrained(PRE / "digits-edm")
+    assert isinstance(den, fs.models.EDMPrecond) and den.data_shape == (1, 8, 8)
+    x = fs.sample(fs.fields.EDM(den), solver="heun", nfe=32, n=1000, seed=0)
+    r = digits_quality(x, features)
+    assert r.classes_present == 10 and min(r.class_share) > 0.03
+    assert r.fd <= 2 * r.floor, r.markdown()
+
+
+def test_digits_ddpm_through_the_issue_code(features):
+    from diffusers import DDPMScheduler, UNet2DModel
+    root = str(PRE / "digits-ddpm")
+    assert json.loads((PRE / "digits-ddpm" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    unet = UNet2DModel.from_pretrained(root, subfolder="unet")
+    den = fs.models.from_diffusers(unet, DDPMScheduler.from_pretrained(root, subfolder="scheduler"))
+    assert den.prediction_type == "epsilon" and den.kind == "discrete"
+    x = fs.sample(fs.fields.EDM(den), solver="heun", nfe=32, n=1000, seed=0)
+    r = digits_quality(x, features)
+    assert r.classes_present == 10
+    assert r.fd <= 2 * r.floor, r.markdown()
+
+
+def test_gmm2d_edm_fits_the_exact_mixture(gmm):
+    den = fs.from_pretrained(PRE / "gmm2d-edm")
+    x = fs.sample(fs.fields.EDM(den), solver="heun", nfe=32, n=3000, seed=0)
+    true = gmm.sample(3000, torch.Generator().manual_seed(1))
+    share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
+    assert share.min() > 0.15
+    near = ((x[:, None] - gmm.means[None].float()).norm(dim=-1).min(1).values < 3 * 0.5).float().mean()
+    assert near > 0.9
+    assert fs.metrics.energy_distance(x, true) < 0.02
