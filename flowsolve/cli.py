@@ -28,6 +28,21 @@ class UserError(Exception):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
+def _generator_model(name: str):
+    p = Path(name) / "flowsolve.json"
+    if not p.is_file():
+        return None
+    import json
+    try:
+        kind = json.loads(p.read_text()).get("type")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--model: {str(p)!r} is not valid JSON ({e})") from None
+    if kind != "generator":
+        return None
+    from .models import from_pretrained
+    return from_pretrained(name)
+
+
 def load_model(name: str):
     """A field from a built-in name or a model folder / Hub id (returns (field, reference data or None))."""
     from . import data, fields
@@ -40,6 +55,9 @@ def load_model(name: str):
                         f"({', '.join(BUILTIN_MODELS)})")
     from .models import Denoiser, from_pretrained
     model = from_pretrained(name)
+    if hasattr(model, "field") and not isinstance(model, Denoiser):     # a Discriminator Flow
+        ref = data.GaussianMixture.paper() if model.metadata.get("data") == "gmm2d" else None
+        return model.field(), ref
     if not isinstance(model, Denoiser):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
     ref = data.GaussianMixture.paper() if model.metadata.get("data") == "gmm2d" else None
@@ -76,6 +94,16 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
 
 
 def cmd_sample(args) -> int:
+    gen = _generator_model(args.model)
+    if gen is not None:                      # a generator: one network evaluation, solver/nfe unused
+        t0 = time.perf_counter()
+        x = gen.sample(args.n, seed=args.seed)
+        from . import data
+        ref = data.GaussianMixture.paper() if gen.metadata.get("data") == "gmm2d" else None
+        save_samples(x, Path(args.out), reference=ref)
+        print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation), "
+              f"{time.perf_counter() - t0:.2f} s")
+        return 0
     field, ref = load_model(args.model)
     options = _parse_options(args.option)
     if args.alpha is not None:
@@ -87,6 +115,22 @@ def cmd_sample(args) -> int:
     print(f"wrote {args.out}: {tuple(x.shape)} samples, solver {info.solver}, {info.steps} steps, "
           f"nfe {info.nfe}, {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def _teacher(args):
+    """The data score of a Score GAN: --teacher DIR (any model folder or Hub id), or the exact mixture
+    denoiser for --data gmm2d."""
+    from . import data
+    if args.teacher:
+        from .models import Denoiser, from_pretrained
+        t = from_pretrained(args.teacher)
+        if not isinstance(t, Denoiser):
+            raise UserError(f"--teacher: {args.teacher!r} holds a {type(t).__name__}, not a denoiser")
+        return t, t.data_shape
+    if args.data == "gmm2d":
+        return data.GaussianMixture.paper().denoiser, (2,)
+    raise UserError("--teacher: a Score GAN needs a pretrained data score (a model folder); only --data gmm2d "
+                    "has a built-in exact one")
 
 
 def cmd_train(args) -> int:
@@ -103,6 +147,19 @@ def cmd_train(args) -> int:
     elif args.objective == "ddpm":
         model = train.ddpm(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
                            command=command, **overrides)
+    elif args.objective == "discriminator-flow":
+        model = train.discriminator_flow(args.data, out=args.out, config=config, resume=args.resume,
+                                         progress=not args.quiet, command=command, **overrides)
+    elif args.objective == "gan":
+        model = train.gan(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
+                          command=command, **overrides)
+    elif args.objective == "mmd-flow":
+        model = train.mmd_generator(args.data, out=args.out, config=config, resume=args.resume,
+                                    progress=not args.quiet, command=command, **overrides)
+    elif args.objective == "score-gan":
+        teacher, shape = _teacher(args)
+        model = train.score_gan(teacher, shape, out=args.out, config=config, resume=args.resume,
+                                progress=not args.quiet, command=command, data_name=args.data, **overrides)
     else:
         if args.data != "digits":
             raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
@@ -147,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
-    t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; features: the digits FD network)")
-    t.add_argument("objective", choices=["edm", "ddpm", "features"])
+    t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
+                                     "mmd-flow: the paper's models; features: the digits FD network)")
+    t.add_argument("objective", choices=["edm", "ddpm", "features", "discriminator-flow", "gan", "score-gan",
+                                         "mmd-flow"])
     t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
+    t.add_argument("--teacher", default=None, help="score-gan: the pretrained data score (model folder or Hub id)")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)

@@ -27,11 +27,13 @@ FORMAT_VERSION = 1
 
 def _networks() -> dict:
     from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from .gan import Discriminator, Generator
     return {"MLP": MLP, "DigitsFeatures": DigitsFeatures, "UNet2DModel": UNet2DModel,
-            "UNet2DConditionModel": UNet2DConditionModel}
+            "UNet2DConditionModel": UNet2DConditionModel, "Discriminator": Discriminator, "Generator": Generator}
 
 
-NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel")
+NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel", "Discriminator", "Generator")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -95,6 +97,12 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
             model = EDMPrecond(net, sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
                                sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"],
                                data_shape=tuple(shape) if shape else None)
+        elif kind == "discriminator-flow":
+            from ..train.paper import DiscriminatorFlowModel
+            flow = meta.get("flow") or {}
+            shape = meta.get("data_shape")
+            model = DiscriminatorFlowModel(net, flow.get("eta", 20.0), flow.get("loss", "vanilla"),
+                                           flow.get("steps", 56), tuple(shape) if shape else None)
         else:
             model = net
         model.metadata = meta

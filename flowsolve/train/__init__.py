@@ -1,7 +1,10 @@
-"""Trainers on one loop (`loop.fit`): EDM/DDPM data scores (Table 5) and the digits feature network."""
+"""Trainers on one loop (`loop.fit`): EDM/DDPM data scores (Table 5), the digits feature network, and the\npaper's models: Discriminator Flows (Alg. 3), GANs, Score GANs (Alg. 1), MMD generators."""
 from .edm import EDMConfig, ddpm, edm
 from .features import FeaturesConfig, digits_features
 from .loop import EMA, CheckpointError, LoopConfig, fit
+from .paper import (DFConfig, DiscriminatorFlowModel, GANConfig, MMDConfig, ScoreGANConfig, discriminator_flow, gan,
+                    int_pm_loss, mmd_generator, p_sigma, score_gan)
 
-__all__ = ["edm", "ddpm", "digits_features", "EDMConfig", "FeaturesConfig", "LoopConfig", "EMA", "fit",
+__all__ = ["edm", "ddpm", "digits_features", "discriminator_flow", "gan", "score_gan", "mmd_generator", "int_pm_loss",
+           "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig", "DiscriminatorFlowModel", "EDMConfig", "FeaturesConfig", "LoopConfig", "EMA", "fit",
            "CheckpointError"]

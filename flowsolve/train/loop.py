@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import signal
 import time
@@ -92,12 +93,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opts: dict[str, torch.optim.Optimizer],
                     gen: torch.Generator, extra: dict) -> None:
     """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                  "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                  "optimizer": {k: o.state_dict() for k, o in opts.items()}, "generator": gen.get_state(),
                   "extra": json.dumps(extra)}, path)
 
 
@@ -116,13 +117,16 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
-def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor], cfg: LoopConfig, *,
+def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None, cfg: LoopConfig, *,
         out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-        extra: dict | None = None) -> tuple[nn.Module, dict]:
+        extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
-    With `out`, checkpoints go to out/checkpoints/last.pt every cfg.checkpoint_every steps and on
-    SIGINT/SIGTERM, and `resume=True` continues from the last one (model, EMA, optimizer, step, RNG).
+    Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
+    that updates them and returns the loss to log. With `out`, checkpoints go to
+    out/checkpoints/last.pt every cfg.checkpoint_every steps and on SIGINT/SIGTERM, and
+    `resume=True` continues from the last one (model, EMA, optimizers, step, RNG).
     """
     from tqdm.auto import tqdm
 
@@ -133,7 +137,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     if not cfg.lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
+    base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
@@ -145,7 +150,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         try:
             model.load_state_dict(ck["model"])
             ema.model.load_state_dict(ck["ema"])
-            opt.load_state_dict(ck["optimizer"])
+            for k, o in opts.items():
+                o.load_state_dict(ck["optimizer"][k])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
                                   f"({str(e).splitlines()[0][:200]})") from None
@@ -156,7 +162,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
 
     def checkpoint() -> None:
         if ck_path is not None:
-            save_checkpoint(ck_path, step, model, ema, opt, gen, {**meta, "history": history})
+            save_checkpoint(ck_path, step, model, ema, opts, gen, {**meta, "history": history})
 
     stop = {"signal": None}
 
@@ -173,20 +179,28 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     try:
         while step < cfg.steps:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            loss = loss_fn(model, gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training: the loss became {loss.item()} at step {step}; the last good "
+            ramp = min(1.0, (step + 1) / max(1, cfg.warmup))
+            for k, o in opts.items():
+                for g, lr in zip(o.param_groups, base_lr[k]):
+                    g["lr"] = lr * ramp
+            if step_fn is not None:
+                value = float(step_fn(model, gen, step))
+            else:
+                loss = loss_fn(model, gen)
+                value = loss.item()
+                if math.isfinite(value):
+                    opt = opts["model"]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training: the loss became {value} at step {step}; the last good "
                                          f"checkpoint is kept" + (f" at {str(ck_path)!r}" if ck_path else ""))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
             ema.update(model, step)
             step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            running = value if running is None else 0.98 * running + 0.02 * value
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history["loss"].append(running)

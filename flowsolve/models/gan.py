@@ -1,0 +1,195 @@
+"""Discriminators, generators and the GAN loss functions a, b, c of Eq. 15–16 (Tables 4, 6, 7).
+
+L_d(f; ρ, p_data) = E_ρ[a∘f] − E_data[b∘f] + R(f) is maximised by the discriminator (Eq. 15);
+the generated particles (or the generator, Eq. 16) minimise c∘f, i.e. follow ∇h = −∇(c∘f) (Eq. 20).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+from .nets import FourierEmbedding
+
+__all__ = ["GANLoss", "LOSSES", "Discriminator", "Generator", "gradient_penalty"]
+
+
+class GANLoss:
+    """The (a, b, c) triple of Eq. 15–16 by name.
+
+    - "vanilla": a = log(1 − sigmoid), b = −log sigmoid, c = −log sigmoid (non-saturating; Table 4,
+      Gaussians); f is high on data.
+    - "saturating": as vanilla with c = log(1 − sigmoid).
+    - "ipm": a = b = c = id (WGAN; Table 4, MNIST): f is high on generated samples, particles descend f.
+    - "hinge": a = −relu(1 + f), b = relu(1 − f), c = −f (Lim & Ye 2017).
+    """
+
+    NAMES = ("vanilla", "saturating", "ipm", "hinge")
+
+    def __init__(self, name: str = "vanilla") -> None:
+        if name not in self.NAMES:
+            raise ValueError(f"loss: expected one of {self.NAMES}, got {name!r}")
+        self.name = name
+
+    def a(self, f: torch.Tensor) -> torch.Tensor:
+        if self.name in ("vanilla", "saturating"):
+            return -F.softplus(f)                       # log(1 − sigmoid f)
+        if self.name == "ipm":
+            return f
+        return -F.relu(1 + f)
+
+    def b(self, f: torch.Tensor) -> torch.Tensor:
+        if self.name in ("vanilla", "saturating"):
+            return F.softplus(-f)                       # −log sigmoid f
+        if self.name == "ipm":
+            return f
+        return F.relu(1 - f)
+
+    def c(self, f: torch.Tensor) -> torch.Tensor:
+        if self.name == "vanilla":
+            return F.softplus(-f)                       # −log sigmoid f
+        if self.name == "saturating":
+            return -F.softplus(f)                       # log(1 − sigmoid f)
+        if self.name == "ipm":
+            return f
+        return -f
+
+    def discriminator_objective(self, f_fake: torch.Tensor, f_real: torch.Tensor) -> torch.Tensor:
+        """L_d without R (Eq. 15), to be maximised."""
+        return self.a(f_fake).mean() - self.b(f_real).mean()
+
+
+LOSSES = GANLoss.NAMES
+
+
+def gradient_penalty(f, fake: torch.Tensor, real: torch.Tensor, t: torch.Tensor | None, center: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """E[(‖∇f(x̂)‖ − center)²] at random interpolates x̂ of fake and real (Gulrajani et al. 2017;
+    Table 4: center 0)."""
+    u = torch.rand(len(fake), *([1] * (fake.dim() - 1)), generator=generator)
+    xh = (u * fake.detach() + (1 - u) * real).requires_grad_(True)
+    out = f(xh) if t is None else f(xh, t)
+    (grad,) = torch.autograd.grad(out.sum(), xh, create_graph=True)
+    return (grad.reshape(len(xh), -1).norm(dim=1) - center).square().mean()
+
+
+def _init_normal(module: nn.Module, gain: float) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, gain)
+            nn.init.zeros_(m.bias)
+
+
+class Discriminator(ModelMixin, ConfigMixin):
+    """f(x[, t]) → (batch,): an MLP (Table 4/6: width 512, depth 4, leaky ReLU 0.2, normal init with
+    std 0.02); with `time_conditioned`, a Fourier embedding of t (size 128, scale 16) is concatenated
+    to the input (Discriminator Flows, Table 4)."""
+
+    @register_to_config
+    def __init__(self, dim: int = 2, width: int = 512, depth: int = 4, time_conditioned: bool = True,
+                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
+        d_in = dim + (emb_size if time_conditioned else 0)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.LeakyReLU(0.2)]
+            d_in = width
+        layers.append(nn.Linear(d_in, 1))
+        self.net = nn.Sequential(*layers)
+        if init_gain:
+            _init_normal(self.net, init_gain)
+
+    def _first_bias(self, t, flat: torch.Tensor):
+        """The first layer's contribution of the time embedding: one row when t is the same for the
+        whole batch (the particle flow), one per sample otherwise."""
+        lin = self.net[0]
+        dim = self.config.dim
+        tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).reshape(-1)
+        if tt.numel() > 1 and bool((tt == tt[0]).all()):
+            tt = tt[:1]
+        return self.embed(tt).to(flat.dtype) @ lin.weight[:, dim:].T + lin.bias
+
+    def value_and_input_grad(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x, t), ∇_x f(x, t)) by a hand-written backward pass through the leaky-ReLU MLP: the
+        inner loop of Discriminator Flows (Alg. 3) without autograd bookkeeping; no parameter grads."""
+        flat = x.reshape(len(x), -1)
+        lins = [m for m in self.net if isinstance(m, nn.Linear)]
+        slopes = []
+        with torch.no_grad():
+            first = lins[0]
+            if self.embed is not None:
+                z = flat @ first.weight[:, : self.config.dim].T + self._first_bias(t, flat)
+            else:
+                z = flat @ first.weight.T + first.bias
+            for lin in lins[1:]:
+                slope = torch.where(z > 0, 1.0, 0.2).to(z.dtype)
+                slopes.append(slope)
+                z = (z * slope) @ lin.weight.T + lin.bias
+            value = z.squeeze(1)
+            g = lins[-1].weight.expand(len(x), -1)
+            for lin, slope in zip(reversed(lins[1:-1]), reversed(slopes[1:])):
+                g = (g * slope) @ lin.weight
+            g = (g * slopes[0]) @ lins[0].weight[:, : flat.shape[1]]
+        return value, g.reshape(x.shape)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
+        flat = x.reshape(len(x), -1)
+        if self.embed is not None:
+            if t is None:
+                raise ValueError("t: this discriminator is time-conditioned; pass t")
+            t = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).reshape(-1).expand(len(x))
+            flat = torch.cat([flat, self.embed(t).to(flat.dtype)], dim=1)
+        return self.net(flat).squeeze(1)
+
+
+class Generator(ModelMixin, ConfigMixin):
+    """g_θ(z): an MLP from a latent z ~ N(0, I_latent) to data (Tables 6, 7: latent 128, width 512,
+    depth 4), with an optional final tanh for data in [−1, 1]."""
+
+    @register_to_config
+    def __init__(self, data_shape: tuple[int, ...] = (2,), latent: int = 128, width: int = 512, depth: int = 4,
+                 activation: str = "relu", tanh: bool = False, init_gain: float | None = None) -> None:
+        super().__init__()
+        acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
+        if activation not in acts:
+            raise ValueError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
+        dim = int(torch.tensor(list(data_shape)).prod())
+        layers: list[nn.Module] = []
+        d_in = latent
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), acts[activation]()]
+            d_in = width
+        layers.append(nn.Linear(d_in, dim))
+        if tanh:
+            layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+        if init_gain:
+            _init_normal(self.net, init_gain)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.data_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).reshape(len(z), *self.data_shape)
+
+    def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None:
+            from ..noise import fresh_seed
+            generator = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
+        return torch.randn(n, self.config.latent, generator=generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """n samples with one network evaluation (z from `seed`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive integer, got {n!r}")
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = self(self.latents(n, seed).to(p.device, p.dtype))
+        self.train(was)
+        return x

@@ -1,0 +1,172 @@
+"""The paper's models: the Int-PM generator step (Eq. 11–13, 25, 27), GAN losses (Eq. 15–16),
+Discriminator Flows (Eq. 20, Alg. 3), Score GANs (Alg. 1), kernel flows (Table 2, Eq. 17)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flowsolve as fs
+from flowsolve.cli import main
+from flowsolve.models.gan import Discriminator, GANLoss
+from flowsolve.train import int_pm_loss, p_sigma
+
+SMALL_DF = dict(width=64, depth=2, emb_size=16, N=8, log_every=10, checkpoint_every=1000)
+
+
+def test_free_particles_reproduce_the_pm_step(gmm):
+    """Finding 4: with an identity NTK (the particles are the parameters), one SGD step of the
+    Int-PM loss is one Euler step of the PM dx/dt = ∇h."""
+    x0 = gmm.sample(64, torch.Generator().manual_seed(0)) * 1.3
+    x = torch.nn.Parameter(x0.clone())
+    v = gmm.score(x.detach())
+    eta = 0.05
+    opt = torch.optim.SGD([x], lr=eta * len(x0))     # the loss averages over the batch
+    int_pm_loss(x, v).backward()
+    opt.step()
+    field = fs.fields.Function(lambda y, t: gmm.score(y), t_start=0.0, t_end=eta, shape=(2,))
+    pm = fs.sample(field, "euler", grid=torch.tensor([0.0, eta], dtype=torch.float64), x_init=x0)
+    assert torch.allclose(x.detach(), pm, atol=1e-6)
+
+
+def test_linear_generator_moves_particles_through_its_ntk():
+    """Eq. 12: for g(z) = W z the NTK is k(z, z') = (z·z') I, so one SGD step moves g(z) by
+    lr/B Σ_b (z·z_b) v_b exactly."""
+    torch.manual_seed(0)
+    g = torch.nn.Linear(5, 3, bias=False)
+    z = torch.randn(16, 5)
+    v = torch.randn(16, 3)
+    z_test = torch.randn(4, 5)
+    before = g(z_test).detach()
+    lr = 0.1
+    opt = torch.optim.SGD(g.parameters(), lr=lr)
+    int_pm_loss(g(z), v).backward()
+    opt.step()
+    want = before + lr / len(z) * (z_test @ z.T) @ v
+    assert torch.allclose(g(z_test).detach(), want, atol=1e-6)
+
+
+def test_int_pm_normalisation():
+    x = torch.randn(3, 2, requires_grad=True)
+    v = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 1.0]])
+    (g,) = torch.autograd.grad(int_pm_loss(x, v, normalize=True), x)
+    rms = (-g * 3).square().mean(1).sqrt()
+    assert torch.allclose(rms, torch.ones(3))
+
+
+def test_gan_losses_are_eq_15_16():
+    f = torch.linspace(-3, 3, 7)
+    van = GANLoss("vanilla")
+    assert torch.allclose(van.a(f), torch.log(1 - torch.sigmoid(f)), atol=1e-6)
+    assert torch.allclose(van.b(f), -torch.log(torch.sigmoid(f)), atol=1e-6)
+    assert torch.allclose(van.c(f), -torch.log(torch.sigmoid(f)), atol=1e-6)
+    ipm = GANLoss("ipm")
+    assert torch.equal(ipm.a(f), f) and torch.equal(ipm.c(f), f)
+    hinge = GANLoss("hinge")
+    assert torch.allclose(hinge.a(f), -F.relu(1 + f)) and torch.allclose(hinge.b(f), F.relu(1 - f))
+    with pytest.raises(ValueError, match="loss"):
+        GANLoss("wasserstein")
+
+
+def test_p_sigma_is_eq_28():
+    g = torch.Generator().manual_seed(0)
+    s = p_sigma(20000, 0.1, 10.0, 3.0, g)
+    assert s.min() >= 0.1 - 1e-6 and s.max() <= 10.0 + 1e-6
+    median = (10 ** (1 / 3) + 0.5 * (0.1 ** (1 / 3) - 10 ** (1 / 3))) ** 3
+    assert abs(float(s.median()) - median) < 0.05
+
+
+def test_discriminator_fast_gradient_matches_autograd():
+    d = Discriminator(3, width=32, depth=3, init_gain=None)
+    x = torch.randn(10, 3)
+    field = fs.fields.DiscriminatorFlow(d, eta=2.0, loss="vanilla", shape=(3,))
+    with torch.no_grad():
+        fast = field(x, torch.tensor(0.4))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.softplus(-d(xg, torch.full((10,), 0.4))).sum(), xg)
+    assert torch.allclose(fast, -2.0 * grad, atol=1e-6)
+
+
+def test_discriminator_flow_ipm_moves_mass_to_the_data(tmp_path):
+    """Alg. 3 with the IPM loss and a gradient penalty on one Gaussian: particles from N(0, I)
+    end up near the data mean (3, 0) and the saved model reloads with the same flow."""
+    data = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)) * 0.5 + torch.tensor([3.0, 0.0])
+    model = fs.train.discriminator_flow(data, out=tmp_path / "df", steps=300, loss="ipm", gp=1.0, eta=1.0,
+                                        lr=1e-3, progress=False, **SMALL_DF)
+    x = fs.sample(model.field(), "euler", nfe=8, n=500, seed=0)
+    prior = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    target = data[:500]
+    assert (x.mean(0) - torch.tensor([3.0, 0.0])).norm() < 2.0            # the prior mean was 3 away
+    assert fs.metrics.energy_distance(x, target) < 0.6 * fs.metrics.energy_distance(prior, target)
+    again = fs.from_pretrained(tmp_path / "df")
+    assert torch.allclose(fs.sample(again.field(), "euler", nfe=8, n=50, seed=1),
+                          fs.sample(model.field(), "euler", nfe=8, n=50, seed=1), atol=1e-6)
+    early = fs.sample(model.field(t_end=0.5), "euler", nfe=4, n=50, seed=1, return_info=True)[1]
+    assert early.grid[-1] == pytest.approx(0.5)
+
+
+def test_score_gan_with_the_exact_score_covers_the_modes(gmm):
+    """Alg. 1 with the exact data denoiser and a learned generated score, small networks, per-sample
+    gradient normalisation (without it, this short run stays on 1–4 modes)."""
+    gen = fs.train.score_gan(gmm.denoiser, (2,), steps=1500, K=3, width=128, depth=3, score_width=128,
+                             score_depth=3, latent=16, lr=1e-3, score_lr=2e-3, batch_size=256, normalize=True,
+                             progress=False)
+    x = gen.sample(2000, seed=0)
+    share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
+    assert share.min() > 0.08, share
+
+
+def test_kernel_flows_match_closed_forms():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    bw = (0.7, 2.0)
+    k, g = fs.fields.rbf_kernel_grad(x, y, bw)
+    xx = x.clone().requires_grad_(True)
+    kk = sum(torch.exp(-(xx[:, None] - y[None]).square().sum(-1) / (2 * s * s)) for s in bw)
+    assert torch.allclose(k, kk.detach())
+    for i in range(6):
+        for j in range(9):
+            (gi,) = torch.autograd.grad(kk[i, j], xx, retain_graph=True)
+            assert torch.allclose(g[i, j], gi[i])
+    # MMD flow: ∇h at each particle with h(x) = mean_y k(x, y) − mean_x' k(x, x') (ρ = the particles)
+    flow = fs.fields.MMDFlow(y, bandwidths=bw)
+    xx = x.clone().requires_grad_(True)
+    h = lambda p: sum(torch.exp(-(p[None] - y).square().sum(-1) / (2 * s * s)).mean() -  # noqa: E731
+                      torch.exp(-(p[None] - x).square().sum(-1) / (2 * s * s)).mean() for s in bw)
+    want = torch.stack([torch.autograd.functional.jacobian(h, x[i]) for i in range(6)])
+    assert torch.allclose(flow.grad_h(x), want)
+    # SVGD (Eq. 17) on a standard normal target: φ(x_i) = mean_j k(x_j, x_i)(−x_j) + ∇_{x_j} k(x_j, x_i)
+    svgd = fs.fields.SVGD(lambda p: -p, bandwidths=(1.0,))
+    phi = torch.zeros_like(x)
+    for i in range(6):
+        for j in range(6):
+            kij = torch.exp(-(x[j] - x[i]).square().sum() / 2)
+            phi[i] += kij * (-x[j]) - (x[j] - x[i]) * kij
+    assert torch.allclose(svgd(x, 0.0), phi / 6)
+
+
+def test_mmd_flow_pm_reaches_the_mixture(gmm):
+    """The interacting MMD gradient flow (Table 2) from N(0, I) to the paper's mixture."""
+    data = gmm.sample(500, torch.Generator().manual_seed(0))
+    x = fs.sample(fs.fields.MMDFlow(data, eta=100.0), "euler", nfe=200, n=500, seed=0)
+    share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
+    assert share.min() > 0.15
+    assert fs.metrics.energy_distance(x, gmm.sample(500, torch.Generator().manual_seed(1))) < 0.03
+
+
+def test_cli_train_then_sample_generators(tmp_path):
+    cfg = tmp_path / "small.json"
+    cfg.write_text('{"width": 32, "depth": 2, "latent": 8}')
+    for kind in ("gan", "mmd-flow", "score-gan"):
+        out = tmp_path / kind
+        assert main(["train", kind, "--data", "gmm2d", "--out", str(out), "--steps", "3", "--config", str(cfg),
+                     "--quiet"]) == 0
+        assert main(["sample", "--model", str(out), "--n", "10", "--seed", "0", "--out", str(tmp_path / f"{kind}.npy"),
+                     "--quiet"]) == 0
+        assert np.load(tmp_path / f"{kind}.npy").shape == (10, 2)
+    df_cfg = tmp_path / "df.json"
+    df_cfg.write_text('{"width": 32, "depth": 2, "emb_size": 8, "N": 6}')
+    assert main(["train", "discriminator-flow", "--data", "gmm2d", "--out", str(tmp_path / "df"), "--steps", "2",
+                 "--config", str(df_cfg), "--quiet"]) == 0
+    assert main(["sample", "--model", str(tmp_path / "df"), "--solver", "heun", "--nfe", "6", "--n", "7",
+                 "--out", str(tmp_path / "df.npy"), "--quiet"]) == 0
+    assert np.load(tmp_path / "df.npy").shape == (7, 2)
