@@ -170,3 +170,10 @@ def test_cli_train_then_sample_generators(tmp_path):
     assert main(["sample", "--model", str(tmp_path / "df"), "--solver", "heun", "--nfe", "6", "--n", "7",
                  "--out", str(tmp_path / "df.npy"), "--quiet"]) == 0
     assert np.load(tmp_path / "df.npy").shape == (7, 2)
+
+
+def test_svgd_reaches_the_mixture(gmm):
+    x = fs.sample(fs.fields.SVGD(gmm.score, shape=(2,), eta=20.0), "euler", nfe=200, n=400, seed=0)
+    share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
+    assert share.min() > 0.12
+    assert fs.metrics.energy_distance(x, gmm.sample(400, torch.Generator().manual_seed(1))) < 0.06   # prior: > 2

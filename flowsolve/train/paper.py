@@ -282,6 +282,7 @@ class ScoreGANConfig(LoopConfig):
     score_width: int = 512
     score_depth: int = 4
     sigma_data: float = 0.5
+    gamma: float = 0.0                # Eq. 22: Brownian share γ added to the particle direction (noisy Int-PM)
     init_from_teacher: bool = False   # start the generated score from the teacher's weights
     normalize: bool = False           # per-sample gradient normalisation
     data_size: int | None = None
@@ -338,6 +339,8 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
             d_data, d_rho = teacher(xt, sigma), m.aux(xt, sigma)
             s = col(sigma, x)
             direction = s * (cfg.mu_data * (d_data - xt) - cfg.mu_rho * (d_rho - xt)) / s ** 2   # σ · ∇h
+            if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), per step
+                direction = direction + cfg.gamma * torch.randn(x.shape, generator=g)
         opt_g.zero_grad(set_to_none=True)
         int_pm_loss(x, direction, cfg.normalize).backward()
         opt_g.step()
