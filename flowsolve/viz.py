@@ -36,3 +36,55 @@ def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | Non
         return
     raise ValueError(f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "
                      f"write .npy or .pt instead")
+
+
+def flow_panels(field, path: str | Path, n: int = 128, nfe: int | None = None, solver: str = "euler",
+                panels: int = 6, seed: int = 0, reference=None, heat=None, title: str | None = None,
+                grid=None) -> None:
+    """The paper's Figures 8–12: particles of a 2-D field at `panels` times of the generation, with
+    the field's vectors (∇h up to the time scale) as arrows, the reference mixture's samples as
+    diamonds, and, for discriminator models, `heat(x, t)` (e.g. c∘f) as a background heat-map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .sample import sample
+
+    x, info = sample(field, solver, nfe=nfe, n=n, seed=seed, grid=grid, return_info=True, trajectory_every=1)
+    traj, times = info.trajectory, info.trajectory_times
+    if traj.shape[-1] != 2 or traj.dim() != 3:
+        raise ValueError(f"field: flow_panels draws 2-D particles, got samples of shape {tuple(traj.shape[1:])}")
+    picks = sorted({round(i * (len(times) - 1) / (panels - 1)) for i in range(panels)})
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.8), dpi=70)
+    ref = reference.sample(n, __import__("torch").Generator().manual_seed(seed + 1)) if reference is not None else None
+    lim = float(max(8.0, traj[-1].abs().max() * 1.1))
+    for ax, k in zip(axes, picks):
+        xk, tk = traj[k], times[k]
+        if heat is not None:
+            g = torch.linspace(-lim, lim, 120)
+            gx, gy = torch.meshgrid(g, g, indexing="xy")
+            pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+            with torch.no_grad():
+                hv = heat(pts, torch.full((len(pts),), float(tk))).reshape(120, 120)
+            ax.imshow(hv.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="viridis", alpha=0.6)
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], marker="D", s=6, c="k", alpha=0.4)
+        ax.scatter(xk[:, 0], xk[:, 1], s=6, c="tab:red")
+        if k < len(times) - 1 or field.finite_at_end:
+            with torch.no_grad():
+                v = field(xk, torch.tensor(float(tk)))
+            dt = times[min(k + 1, len(times) - 1)] - tk if k < len(times) - 1 else times[k] - times[k - 1]
+            step = v * dt
+            ax.quiver(xk[:, 0], xk[:, 1], step[:, 0], step[:, 1], angles="xy", scale_units="xy", scale=1,
+                      width=0.004, color="tab:blue", alpha=0.7)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"step {k}, t = {tk:.3g}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

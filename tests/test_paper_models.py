@@ -177,3 +177,16 @@ def test_svgd_reaches_the_mixture(gmm):
     share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
     assert share.min() > 0.12
     assert fs.metrics.energy_distance(x, gmm.sample(400, torch.Generator().manual_seed(1))) < 0.06   # prior: > 2
+
+
+def test_flow_panels_figure(tmp_path, gmm):
+    field = fs.fields.EDM(gmm.denoiser)
+    fs.viz.flow_panels(field, tmp_path / "f.png", solver="heun", nfe=13, n=32, reference=gmm, panels=4)
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    d = Discriminator(2, width=16, depth=1, emb_size=8)
+    flow = fs.fields.DiscriminatorFlow(d, eta=1.0, steps=4, shape=(2,))
+    fs.viz.flow_panels(flow, tmp_path / "d.png", nfe=4, n=16, panels=3, heat=lambda p, t: d(p, t))
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="2-D"):
+        fs.viz.flow_panels(fs.fields.EDM(fs.data.GaussianMixture.random(3, 2, 0.5).denoiser), tmp_path / "x.png",
+                           nfe=4, n=8)
