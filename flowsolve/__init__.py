@@ -7,7 +7,7 @@ from .sample import SampleInfo, sample
 
 __version__ = "0.1.0"
 __all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "models", "viz", "train", "from_pretrained",
-           "__version__"]
+           "compare", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,12 @@ def __getattr__(name: str):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'flowsolve' has no attribute {name!r}")
+
+
+def compare(*args, **kwargs):
+    """Solver × NFE comparison table (see `flowsolve.comparison.compare`)."""
+    from .comparison import compare as run
+    return run(*args, **kwargs)
 
 
 def from_pretrained(path, *, device=None):

@@ -1,9 +1,11 @@
-"""Command line: `flowsolve sample | train | eval | solvers`.
+"""Command line: `flowsolve sample | train | eval | compare | animate | solvers`.
 
     flowsolve sample --model pretrained/digits-edm --solver heun --nfe 32 --n 64 --out digits.png
     flowsolve sample --model gmm2d --solver heun --nfe 32 --n 2000 --out samples.png
     flowsolve train edm --data digits --out runs/digits-edm [--steps N] [--config cfg.json] [--seed S] [--resume]
     flowsolve eval --model pretrained/digits-edm --features pretrained/digits-features
+    flowsolve compare --model gmm2d --solvers euler,heun,dpmpp_2m --nfe 4,8,16,32 --metric energy --out results/
+    flowsolve animate --model pretrained/digits-edm --solver heun --nfe 32 --n 16 --out generation.gif
     flowsolve solvers
 """
 from __future__ import annotations
@@ -182,6 +184,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not out:
+        raise UserError(f"{flag}: expected at least one value")
+    return out
+
+
+def cmd_compare(args) -> int:
+    from .comparison import compare
+
+    field, ref = load_model(args.model)
+    features = None
+    if args.metric == "fd":
+        features = args.features
+    elif args.metric in ("energy", "mmd", "sliced") and ref is None:
+        shape = getattr(field, "data_shape", None)
+        if shape == (1, 8, 8):
+            from .data import digits
+            ref = digits("test").x
+        else:
+            raise UserError(f"--metric: {args.metric!r} needs reference samples; this model has none "
+                            f"(use --metric rmse, or gmm2d / a digits model)")
+    table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
+                    args.metric, n=args.n, seeds=args.seeds, reference=ref, features=features,
+                    model_name=args.model, progress=not args.quiet)
+    files = table.save(args.out)
+    print(table.to_markdown())
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
+def cmd_animate(args) -> int:
+    from .viz import animate
+
+    field, ref = load_model(args.model)
+    frames = animate(field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
+                     every=args.every, reference=ref)
+    print(f"wrote {args.out}: {frames} frames")
+    return 0
+
+
 def cmd_solvers(args) -> int:
     print(solvers.describe())
     return 0
@@ -230,6 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="solver × NFE table (CSV, Markdown, PNG) for a model")
+    c.add_argument("--model", default="gmm2d")
+    c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
+    c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
+    c.add_argument("--metric", default="energy", help="energy | rmse | nll | fd | mmd | sliced")
+    c.add_argument("--n", type=int, default=2000)
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--features", default="pretrained/digits-features", help="feature network for --metric fd")
+    c.add_argument("--out", required=True, help="output folder for compare.csv, compare.md, compare.png")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
+    a = sub.add_parser("animate", help="the generation process as an animated GIF (paper Figure 1)")
+    a.add_argument("--model", default="gmm2d")
+    a.add_argument("--solver", default="heun")
+    a.add_argument("--nfe", type=int, default=None)
+    a.add_argument("--n", type=int, default=16)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--every", type=int, default=1, help="one frame every k solver steps")
+    a.add_argument("--out", required=True, help="output .gif or .png")
+    a.set_defaults(func=cmd_animate)
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.set_defaults(func=cmd_solvers)
     return p

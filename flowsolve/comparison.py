@@ -1,0 +1,155 @@
+"""Which solver, how many NFE: every (solver, NFE budget, seed) cell sampled and measured
+(the paper's Figure 7(b) as a command), written as CSV, Markdown and a log-log plot."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import metrics as M
+from .sample import sample
+
+__all__ = ["CompareTable", "compare", "METRICS"]
+
+METRICS = ("energy", "rmse", "nll", "fd", "mmd", "sliced")
+
+
+@dataclasses.dataclass
+class CompareTable:
+    """One row per (solver, NFE budget): measured NFE, metric mean and std over seeds, wall time."""
+    metric: str
+    model: str
+    rows: list[dict]
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        cols = ["solver", "nfe_budget", "nfe_used", "metric", "value", "std", "seconds", "seeds"]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({c: r[c] for c in cols})
+
+    def to_markdown(self) -> str:
+        lines = [f"{self.metric} on {self.model} (mean ± std over seeds; lower is better)", "",
+                 "| solver | NFE budget | NFE used | " + self.metric + " | std | seconds |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r['solver']} | {r['nfe_budget']} | {r['nfe_used']} | {r['value']:.4g} | "
+                         f"{r['std']:.2g} | {r['seconds']:.3f} |")
+        return "\n".join(lines) + "\n"
+
+    def best(self) -> dict:
+        return min(self.rows, key=lambda r: r["value"])
+
+    def plot(self, path: str | os.PathLike) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 4), dpi=90)
+        positive = all(r["value"] > 0 for r in self.rows)
+        for solver in dict.fromkeys(r["solver"] for r in self.rows):
+            rs = [r for r in self.rows if r["solver"] == solver]
+            ax.errorbar([r["nfe_used"] for r in rs], [r["value"] for r in rs], yerr=[r["std"] for r in rs],
+                        marker="o", ms=3, capsize=2, label=solver)
+        ax.set_xscale("log")
+        ticks = sorted({r["nfe_used"] for r in self.rows})
+        ax.set_xticks(ticks)
+        ax.set_xticks([], minor=True)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": 1e-3}))
+        ax.set_xlabel("NFE (measured)")
+        ax.set_ylabel(self.metric)
+        ax.set_title(f"{self.metric} against NFE — {self.model}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    def save(self, out: str | os.PathLike) -> dict[str, Path]:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
+        self.to_csv(files["csv"])
+        files["md"].write_text(self.to_markdown())
+        self.plot(files["png"])
+        return files
+
+
+def _scorer(metric: str, field, reference, n: int, features):
+    """metric(x, x0) → float; x0 is the start (for rmse)."""
+    if metric == "rmse":
+        def rmse(x, x0):
+            grid = torch.tensor([field.t_start, field.t_end], dtype=torch.float64)
+            ref = sample(field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10 ** 7, rtol=1e-7, atol=1e-7)
+            return float((x.double() - ref).reshape(len(x), -1).square().sum(1).mean().sqrt())
+        return rmse
+    if metric == "nll":
+        if reference is None or not hasattr(reference, "log_prob"):
+            raise ValueError("metric: 'nll' needs an exact density (the gmm2d model)")
+        return lambda x, x0: M.nll(x, reference)
+    if metric == "fd":
+        from .data import digits
+        from .models import from_pretrained
+        feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
+        if feats is None:
+            raise ValueError("metric: 'fd' needs a feature network (features=)")
+        held = digits("test").x
+        return lambda x, x0: M.frechet_distance(x, held, feats)
+    if reference is None:
+        raise ValueError(f"metric: {metric!r} needs reference samples (reference=)")
+    ref = reference.sample(n, torch.Generator().manual_seed(10 ** 6)) if hasattr(reference, "sample") else reference
+    fn = {"energy": M.energy_distance, "mmd": M.mmd, "sliced": M.sliced_wasserstein}[metric]
+    return lambda x, x0: fn(x.reshape(len(x), -1), ref.reshape(len(ref), -1).to(x.dtype))
+
+
+def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 64), metric: str = "energy", *,
+            n: int = 2000, seeds: int = 3, reference=None, features=None, model_name: str = "model",
+            progress: bool = False, **options) -> CompareTable:
+    """Sample every (solver, NFE budget) cell with `seeds` seeds and measure it. `reference`: exact
+    samples or a sampler (energy, mmd, sliced) or the exact density (nll); rmse compares endpoints with
+    a dopri5 solve at 1e-7 from the same start; fd uses `features` against the held-out digits."""
+    from . import solvers as registry
+
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: expected a positive integer, got {seeds!r}")
+    for s in solvers:
+        registry.get(s)        # unknown names fail here, listing the valid ones
+    score = _scorer(metric, field, reference, n, features)
+    rows = []
+    for solver in solvers:
+        for budget in nfe:
+            values, secs, used = [], [], None
+            for seed in range(seeds):
+                x0 = field.prior(n, generator=torch.Generator().manual_seed(seed))
+                t0 = time.perf_counter()
+                try:
+                    x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, **options)
+                except ValueError as e:            # budget below the solver's minimum: skip the cell
+                    if "nfe" in str(e):
+                        break
+                    raise
+                secs.append(time.perf_counter() - t0)
+                used = info.nfe
+                values.append(score(x, x0))
+            if not values:
+                continue
+            rows.append({"solver": solver, "nfe_budget": budget, "nfe_used": used, "metric": metric,
+                         "value": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "seconds": statistics.fmean(secs), "seeds": len(values)})
+            if progress:
+                r = rows[-1]
+                print(f"{solver:>22} nfe {budget:>4} ({used}): {r['value']:.4g} ± {r['std']:.2g}  {r['seconds']:.2f} s")
+    if not rows:
+        raise ValueError("nfe: no (solver, NFE) cell could run; budgets are below every solver's minimum")
+    return CompareTable(metric, model_name, rows)
+
