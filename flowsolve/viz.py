@@ -152,3 +152,39 @@ def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = Non
     durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 8]      # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return len(frames)
+
+
+def interpolation_grid(generator, path: str | Path, method: str = "spherical_cauchy_linear", rows: int = 4,
+                       steps: int = 8, seed: int = 0) -> torch.Tensor:
+    """Latent interpolations of a generator model (App. C.3, Figure 5): `rows` pairs of latents, each
+    row `steps` outputs along the chosen interpolation; images as a grid, 2-D outputs as paths."""
+    from .latent import interpolate
+
+    g = torch.Generator().manual_seed(seed)
+    latent = generator.config.latent
+    a, b = torch.randn(rows, latent, generator=g), torch.randn(rows, latent, generator=g)
+    z = interpolate(a, b, steps, method).transpose(0, 1).reshape(rows * steps, latent)
+    p = next(generator.parameters())
+    with torch.no_grad():
+        x = generator(z.to(p.device, p.dtype)).cpu()
+    if x.dim() == 4:
+        from torchvision.utils import make_grid, save_image
+        big = x
+        if x.shape[-1] < 32:
+            big = torch.nn.functional.interpolate(x, scale_factor=-(-32 // x.shape[-1]), mode="nearest")
+        save_image(make_grid((big.clamp(-1, 1) + 1) / 2, nrow=steps), str(path))
+    elif x.dim() == 2 and x.shape[1] == 2:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+        for r in x.reshape(rows, steps, 2):
+            ax.plot(r[:, 0], r[:, 1], "-o", ms=3)
+        ax.set_aspect("equal")
+        ax.set_title(f"{method} interpolations", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+    else:
+        raise ValueError(f"generator: interpolation grids need images or 2-D outputs, got {tuple(x.shape[1:])}")
+    return x

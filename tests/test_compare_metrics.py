@@ -114,3 +114,28 @@ def test_cli_compare(tmp_path):
                  "--n", "200", "--seeds", "2", "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "compare.csv").is_file() and (tmp_path / "compare.png").is_file()
     assert main(["compare", "--model", "gmm2d", "--nfe", "4,x", "--out", str(tmp_path)]) == 2
+
+
+def test_latent_interpolations_keep_the_prior():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20000, 8, generator=g, dtype=torch.float64), torch.randn(20000, 8, generator=g, dtype=torch.float64)
+    mid = {m: fs.latent.interpolate(a, b, 3, m)[1] for m in fs.latent.METHODS}
+    assert mid["linear"].var().item() == pytest.approx(0.5, abs=0.02)        # linear shrinks: var (1/2)² · 2
+    assert mid["cauchy_linear"].var().item() == pytest.approx(1.0, abs=0.03)  # distribution-preserving
+    r = mid["spherical_cauchy_linear"].norm(dim=1).square().mean().item()
+    assert r == pytest.approx(8.0, rel=0.03)                                  # E‖z‖² = d
+    for m in fs.latent.METHODS:
+        path = fs.latent.interpolate(a[:3], b[:3], 5, m)
+        assert path.shape == (5, 3, 8)
+        assert torch.allclose(path[0], a[:3], atol=1e-5) and torch.allclose(path[-1], b[:3], atol=1e-5)
+    with pytest.raises(ValueError, match="method"):
+        fs.latent.interpolate(a[0], b[0], 4, "bezier")
+
+
+def test_interpolation_grid(tmp_path):
+    from flowsolve.models.gan import Generator
+    g = Generator((2,), latent=8, width=16, depth=1)
+    x = fs.viz.interpolation_grid(g, tmp_path / "i.png", rows=3, steps=5)
+    assert x.shape == (15, 2) and (tmp_path / "i.png").read_bytes()[:4] == b"\x89PNG"
+    gi = Generator((1, 8, 8), latent=8, width=16, depth=1, tanh=True)
+    assert fs.viz.interpolation_grid(gi, tmp_path / "j.png", method="linear", rows=2, steps=4).shape == (8, 1, 8, 8)
