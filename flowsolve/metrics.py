@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["energy_distance", "gaussian_frechet", "frechet_distance_features", "frechet_distance", "mmd",
-           "median_bandwidth", "sliced_wasserstein", "mode_coverage", "nll", "pf_ode_log_likelihood"]
+           "median_bandwidth", "inception_features", "sliced_wasserstein", "mode_coverage", "nll", "pf_ode_log_likelihood"]
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -59,7 +59,20 @@ class _Unit2Signed(torch.nn.Module):
         return f(x.float() * 2 - 1).double()
 
 
-def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module, batch_size: int = 500) -> float:
+def inception_features(dims: int = 2048) -> int:
+    """The standard FID feature extractor (torchmetrics' Inception, `feature=dims`) when torch-fidelity
+    and its weights are available locally; a clear error otherwise (nothing is downloaded here)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    try:
+        FrechetInceptionDistance(feature=dims)
+    except (ModuleNotFoundError, RuntimeError, OSError, ValueError) as e:
+        raise RuntimeError(f"features: Inception features are not available offline ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]}); pass a feature network instead, e.g. "
+                           f"fs.from_pretrained('pretrained/digits-features')") from None
+    return dims
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module | str, batch_size: int = 500) -> float:
     """Fréchet distance of images x, y (n, C, H, W) in [−1, 1] on a pluggable feature network, through
     torchmetrics' FrechetInceptionDistance (its `feature=` module). `features` needs `num_features` and
     either `.features(x)` or a forward returning (n, num_features)."""
@@ -69,9 +82,14 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
-    if not hasattr(features, "num_features"):
-        raise ValueError("features: expected a module with a `num_features` attribute")
-    fid = FrechetInceptionDistance(feature=_Unit2Signed(features).eval(), normalize=True)
+    if features == "inception":               # the standard FID: 3-channel images, resized by torchmetrics
+        fid = FrechetInceptionDistance(feature=inception_features(), normalize=True)
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+    elif not hasattr(features, "num_features"):
+        raise ValueError("features: expected 'inception' or a module with a `num_features` attribute")
+    else:
+        fid = FrechetInceptionDistance(feature=_Unit2Signed(features).eval(), normalize=True)
     with torch.no_grad():
         for imgs, real in ((y, True), (x, False)):
             for chunk in imgs.split(batch_size):

@@ -139,3 +139,15 @@ def test_interpolation_grid(tmp_path):
     assert x.shape == (15, 2) and (tmp_path / "i.png").read_bytes()[:4] == b"\x89PNG"
     gi = Generator((1, 8, 8), latent=8, width=16, depth=1, tanh=True)
     assert fs.viz.interpolation_grid(gi, tmp_path / "j.png", method="linear", rows=2, steps=4).shape == (8, 1, 8, 8)
+
+
+def test_inception_unavailable_offline_is_a_clear_error():
+    try:
+        import torch_fidelity  # noqa: F401
+        pytest.skip("torch-fidelity is installed; the Inception weights may be cached")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="Inception features are not available offline"):
+        fs.metrics.frechet_distance(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), "inception")
+    with pytest.raises(ValueError, match="num_features"):
+        fs.metrics.frechet_distance(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.nn.Identity())
