@@ -111,6 +111,20 @@ def cmd_sample(args) -> int:
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
+    from .distributed import is_launched
+    if is_launched():              # accelerate launch / torchrun: each process draws its share
+        from .distributed import sample_sharded, world
+        x = sample_sharded(field, args.solver, args.nfe, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                           **options)
+        rank, size = world()
+        if rank == 0:
+            save_samples(x, Path(args.out), reference=ref)
+            print(f"wrote {args.out}: {tuple(x.shape)} samples from {size} processes, "
+                  f"{time.perf_counter() - t0:.2f} s")
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     x, info = sample(field, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                      batch_size=args.batch_size, return_info=True, progress=not args.quiet, **options)
     save_samples(x, Path(args.out), reference=ref)
@@ -242,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(BUILTIN_MODELS)})")
     s.add_argument("--solver", default="heun", help="a name from `flowsolve solvers`")
     s.add_argument("--nfe", type=int, default=None, help="field-evaluation budget per sample")
-    s.add_argument("--n", type=int, default=1000, help="number of samples")
+    s.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                   help="number of samples (--num-samples under torchrun, whose parser claims --n)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")

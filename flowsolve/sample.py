@@ -82,6 +82,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
            grid: torch.Tensor | Sequence[float] | str | None = None, seed: int | None = None,
            batch_size: int | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None, return_info: bool = False, trajectory_every: int = 0,
+           index_offset: int = 0,
            callback: Callable[[int, float, torch.Tensor], Any] | None = None, progress: bool = False,
            **options: Any):
     """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
@@ -98,6 +99,8 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     return_info: also return a SampleInfo (nfe counted, grid, seconds, trajectory).
     trajectory_every: keep x every k steps (and the last) in info.trajectory.
     callback: called as callback(step, t, x) after every step. progress: a tqdm bar.
+    index_offset: the global index of the first sample (sharded sampling: rank r draws samples
+    index_offset .. index_offset + n − 1 exactly as one process drawing all of them would).
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -150,17 +153,19 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         seed = fresh_seed()
     _check_int("seed", seed, 0)
     batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1)
+    _check_int("index_offset", index_offset, 0)
 
     # -- chunks -----------------------------------------------------------------------------
     outs, frames, nfe_used, frame_times = [], [], 0, []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         if x_init is None:
-            z = SampleNoise(seed, start, count, shape, dtype, device, stream=0)()
+            z = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
             x = field.from_normal(z)
         else:
             x = x_init[start:start + count].to(device=device, dtype=dtype)
-        noise = SampleNoise(seed, start, count, shape, dtype, device, stream=1) if spec.stochastic else None
+        noise = (SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1)
+                 if spec.stochastic else None)
         run = solvers.Run(field, g64, x, solver=spec.name, noise=noise, callback=callback,
                           trajectory_every=trajectory_every, progress=progress,
                           budget=budget if spec.adaptive else None)
