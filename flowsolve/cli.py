@@ -181,6 +181,15 @@ def cmd_train(args) -> int:
             raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
         model = train.digits_features(out=args.out, config=config, progress=not args.quiet, command=command,
                                       **overrides)
+    from .distributed import is_launched
+    if is_launched():
+        import torch.distributed as dist
+        from .train.loop import is_main_process
+        main_process = is_main_process()
+        dist.barrier()
+        dist.destroy_process_group()
+        if not main_process:
+            return 0
     print(f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
           f"{model.metadata.get('held_out_accuracy', '')}")
     return 0

@@ -178,3 +178,26 @@ def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-1500:]
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == ck["step"] + 5
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    """Data-parallel EDM training: 2 processes on halves of the same global batch, gradients averaged,
+    give the weights of 1 process on the whole batch (to float round-off)."""
+    flowsolve_cli = Path(sys.executable).parent / "flowsolve"
+    if not flowsolve_cli.exists():
+        pytest.skip("the flowsolve console script is not installed next to this interpreter")
+    cfg = tmp_path / "small.json"
+    cfg.write_text('{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}')
+    args = ["train", "edm", "--data", "gmm2d", "--steps", "5", "--config", str(cfg), "--quiet"]
+    r1 = subprocess.run([str(flowsolve_cli)] + args + ["--out", str(tmp_path / "one")], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-1500:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         str(flowsolve_cli)] + args + ["--out", str(tmp_path / "two")], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = fs.from_pretrained(tmp_path / "one"), fs.from_pretrained(tmp_path / "two")
+    diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    assert diff < 1e-5
+    ck = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["step"] == 5

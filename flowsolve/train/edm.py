@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import data as fsdata
-from .loop import LoopConfig, check_keys, fit
+from .loop import LoopConfig, check_keys, fit, is_main_process, shard
 
 __all__ = ["EDMConfig", "edm", "ddpm", "defaults_for"]
 
@@ -106,6 +106,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
         x = fsdata.batches(source, cfg.batch_size, g)
         sigma = (cfg.p_mean + cfg.p_std * torch.randn(len(x), generator=g)).exp()
         noise = torch.randn(x.shape, generator=g)
+        x, sigma, noise = shard(x), shard(sigma), shard(noise)      # this process's rows of the global batch
         d = m(x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise, sigma)
         per = (d - x).square().reshape(len(x), -1).mean(1)
         return (m.loss_weight(sigma) * per).mean()
@@ -113,7 +114,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, progress=progress,
                        extra={"objective": "edm", "data": data_name})
     ema.metadata = _training_info(cfg, data_name, "edm", history, command)
-    if out is not None:
+    if out is not None and is_main_process():
         save_pretrained(ema, out, data=data_name, **ema.metadata)
     return ema
 
@@ -146,6 +147,7 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
         t = torch.randint(len(sig), (len(x),), generator=g)
         sigma = sig[t]
         noise = torch.randn(x.shape, generator=g)
+        x, sigma, noise = shard(x), shard(sigma), shard(noise)
         col = sigma.view(-1, 1, 1, 1)
         d = m(x + col * noise, sigma)
         return ((d - x) / col).square().mean()        # = ‖ε̂ − ε‖² (Ho et al. 2020, Eq. 14)
@@ -154,7 +156,7 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
                        extra={"objective": "ddpm", "data": data_name})
     ema.metadata = _training_info(cfg, data_name, "ddpm", history, command)
     ema.clip_sample = True    # sample like the scheduler: clip the predicted x_0
-    if out is not None:
+    if out is not None and is_main_process():
         pipe = DDPMPipeline(unet=ema.model, scheduler=scheduler)
         pipe.save_pretrained(str(out), safe_serialization=True)
         import json

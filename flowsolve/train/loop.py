@@ -19,8 +19,28 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
            "CheckpointError"]
+
+
+_WORLD = {"rank": 0, "size": 1}
+
+
+def shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a global batch (data-parallel training under torchrun / accelerate
+    launch): every process draws the same global batch from the shared seed and keeps its rows, so
+    the averaged gradient equals the one-process gradient of the whole batch."""
+    size = _WORLD["size"]
+    if size == 1:
+        return t
+    if len(t) % size:
+        raise ValueError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
+    k = len(t) // size
+    return t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
+
+
+def is_main_process() -> bool:
+    return _WORLD["rank"] == 0
 
 
 class CheckpointError(ValueError):
@@ -136,12 +156,19 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     if not cfg.lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    from ..distributed import is_launched, world
+    rank, size = world() if is_launched() else (0, 1)
+    if size > 1 and step_fn is not None:
+        raise ValueError("training: this objective runs in one process only (data-parallel training covers "
+                         "the EDM/DDPM/feature trainers)")
+    _WORLD.update(rank=rank, size=size)
     model.train()
     opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
     base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
+    save_here = ck_path if rank == 0 else None
     step, history = 0, {"loss": [], "step": [], "seconds": 0.0}
     if resume:
         if ck_path is None:
@@ -161,7 +188,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     meta = dict(extra or {})
 
     def checkpoint() -> None:
-        if ck_path is not None:
+        if save_here is not None:
             save_checkpoint(ck_path, step, model, ema, opts, gen, {**meta, "history": history})
 
     stop = {"signal": None}
@@ -176,7 +203,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         except ValueError:   # not the main thread
             pass
     t0, running = time.perf_counter(), None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
     try:
         while step < cfg.steps:
             ramp = min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -192,6 +219,15 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                     opt = opts["model"]
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if size > 1:                          # data parallel: average the gradients
+                        import torch.distributed as dist
+                        for p in model.parameters():
+                            if p.grad is not None:
+                                dist.all_reduce(p.grad)
+                                p.grad /= size
+                        t_loss = torch.tensor([value])
+                        dist.all_reduce(t_loss)
+                        value = float(t_loss) / size
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     opt.step()
