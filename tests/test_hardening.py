@@ -180,15 +180,20 @@ def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == ck["step"] + 5
 
 
-def test_two_process_training_matches_one_process(tmp_path):
-    """Data-parallel EDM training: 2 processes on halves of the same global batch, gradients averaged,
-    give the weights of 1 process on the whole batch (to float round-off)."""
+@pytest.mark.parametrize("objective,config", [
+    ("edm", '{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}'),
+    ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}'),
+])
+def test_two_process_training_matches_one_process(tmp_path, objective, config):
+    """Data-parallel training: 2 processes on halves of the same global batch (for a Discriminator Flow
+    also half of the simulated particles), gradients averaged, give the weights of 1 process on the
+    whole batch (to float round-off)."""
     flowsolve_cli = Path(sys.executable).parent / "flowsolve"
     if not flowsolve_cli.exists():
         pytest.skip("the flowsolve console script is not installed next to this interpreter")
     cfg = tmp_path / "small.json"
-    cfg.write_text('{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}')
-    args = ["train", "edm", "--data", "gmm2d", "--steps", "5", "--config", str(cfg), "--quiet"]
+    cfg.write_text(config)
+    args = ["train", objective, "--data", "gmm2d", "--steps", "5", "--config", str(cfg), "--quiet"]
     r1 = subprocess.run([str(flowsolve_cli)] + args + ["--out", str(tmp_path / "one")], env=_env(),
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-1500:]

@@ -65,10 +65,12 @@ LOSSES = GANLoss.NAMES
 
 
 def gradient_penalty(f, fake: torch.Tensor, real: torch.Tensor, t: torch.Tensor | None, center: float,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """E[(‖∇f(x̂)‖ − center)²] at random interpolates x̂ of fake and real (Gulrajani et al. 2017;
     Table 4: center 0)."""
-    u = torch.rand(len(fake), *([1] * (fake.dim() - 1)), generator=generator)
+    if u is None:
+        u = torch.rand(len(fake), generator=generator)
+    u = u.view(-1, *([1] * (fake.dim() - 1))).to(fake.dtype)
     xh = (u * fake.detach() + (1 - u) * real).requires_grad_(True)
     out = f(xh) if t is None else f(xh, t)
     (grad,) = torch.autograd.grad(out.sum(), xh, create_graph=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "sync_gradients", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
            "CheckpointError"]
 
 
@@ -41,6 +41,18 @@ def shard(t: torch.Tensor) -> torch.Tensor:
 
 def is_main_process() -> bool:
     return _WORLD["rank"] == 0
+
+
+def sync_gradients(params) -> None:
+    """Average gradients over the processes (no-op in one process); call between backward and step."""
+    size = _WORLD["size"]
+    if size == 1:
+        return
+    import torch.distributed as dist
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= size
 
 
 class CheckpointError(ValueError):
@@ -140,7 +152,8 @@ def load_checkpoint(path: Path) -> dict:
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None, cfg: LoopConfig, *,
         out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
-        step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None) -> tuple[nn.Module, dict]:
+        step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
+        parallel: bool = True) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
     Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
@@ -158,9 +171,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
     from ..distributed import is_launched, world
     rank, size = world() if is_launched() else (0, 1)
-    if size > 1 and step_fn is not None:
-        raise ValueError("training: this objective runs in one process only (data-parallel training covers "
-                         "the EDM/DDPM/feature trainers)")
+    if size > 1 and not parallel:
+        raise ValueError("training: this objective runs in one process only (its particle field couples the "
+                         "whole batch); launch it without torchrun")
     _WORLD.update(rank=rank, size=size)
     model.train()
     opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
@@ -221,10 +234,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                     loss.backward()
                     if size > 1:                          # data parallel: average the gradients
                         import torch.distributed as dist
-                        for p in model.parameters():
-                            if p.grad is not None:
-                                dist.all_reduce(p.grad)
-                                p.grad /= size
+                        sync_gradients(model.parameters())
                         t_loss = torch.tensor([value])
                         dist.all_reduce(t_loss)
                         value = float(t_loss) / size

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import data as fsdata
-from .loop import LoopConfig, check_keys, fit
+from .loop import LoopConfig, check_keys, fit, is_main_process, shard, sync_gradients
 
 __all__ = ["int_pm_loss", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig",
            "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
@@ -156,24 +156,28 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
         return fake
 
     def step_fn(m: DiscriminatorFlowModel, g: torch.Generator, _step: int) -> float:
+        # every draw is global-sized (the random stream stays in step across processes), then sharded
         x0 = torch.randn(cfg.batch_size, *shape, generator=g)
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape)
         i = torch.randint(cfg.N, (cfg.batch_size,), generator=g)
+        real = fsdata.batches(src, cfg.batch_size, g)
+        u = torch.rand(cfg.batch_size, generator=g)
+        x0, i, real, u = shard(x0), shard(i), shard(real), shard(u)
         fake = partial_trajectories(field, x0, i)
         t = i.to(fake.dtype) / cfg.N
-        real = fsdata.batches(src, cfg.batch_size, g)
         objective = loss.discriminator_objective(m.f(fake, t), m.f(real, t))
         if cfg.gp:
-            objective = objective - cfg.gp * gradient_penalty(m.f, fake, real, t, cfg.gp_center, g)
+            objective = objective - cfg.gp * gradient_penalty(m.f, fake, real, t, cfg.gp_center, u=u)
         opt.zero_grad(set_to_none=True)
         (-objective).backward()
+        sync_gradients(m.parameters())
         opt.step()
         return -objective.item()
 
     ema, history = fit(model, None, cfg, out=out, resume=resume, progress=progress, optimizers={"d": opt},
                        step_fn=step_fn, extra={"objective": "discriminator-flow", "data": name})
     ema.metadata = _record(cfg, name, "discriminator-flow", history, command)
-    if out is not None:
+    if out is not None and is_main_process():
         from ..models import save_pretrained
         save_pretrained(ema.f, out, type="discriminator-flow", data=name, data_shape=list(shape),
                         flow={"eta": cfg.eta, "loss": cfg.loss, "steps": cfg.N}, **ema.metadata)
@@ -190,6 +194,8 @@ class _GenPair(nn.Module):
 
 
 def _save_generator(gen, out, objective: str, name: str, metadata: dict) -> None:
+    if not is_main_process():
+        return
     from ..models import save_pretrained
     save_pretrained(gen, out, type="generator", objective=objective, data=name, **metadata)
 
@@ -233,19 +239,24 @@ def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
 
     def step_fn(m: _GenPair, g: torch.Generator, _step: int) -> float:
         for _ in range(cfg.d_steps):
-            fake = m.g(torch.randn(cfg.batch_size, cfg.latent, generator=g)).detach()
+            z = torch.randn(cfg.batch_size, cfg.latent, generator=g)
             real = fsdata.batches(src, cfg.batch_size, g)
+            u = torch.rand(cfg.batch_size, generator=g)
+            z, real, u = shard(z), shard(real), shard(u)
+            fake = m.g(z).detach()
             obj = loss.discriminator_objective(m.aux(fake), m.aux(real))
             if cfg.gp:
-                obj = obj - cfg.gp * gradient_penalty(m.aux, fake, real, None, cfg.gp_center, g)
+                obj = obj - cfg.gp * gradient_penalty(m.aux, fake, real, None, cfg.gp_center, u=u)
             opt_d.zero_grad(set_to_none=True)
             (-obj).backward()
+            sync_gradients(m.aux.parameters())
             opt_d.step()
-        x = m.g(torch.randn(cfg.batch_size, cfg.latent, generator=g))
+        x = m.g(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))
         xd = x.detach().requires_grad_(True)
         (grad_c,) = torch.autograd.grad(loss.c(m.aux(xd)).sum(), xd)
         opt_g.zero_grad(set_to_none=True)
         int_pm_loss(x, -grad_c, cfg.normalize).backward()               # ∇h = −∇(c∘f)
+        sync_gradients(m.g.parameters())
         opt_g.step()
         return -obj.item()
 
@@ -322,27 +333,36 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
 
     def step_fn(m: _GenPair, g: torch.Generator, _step: int) -> float:
         for _ in range(cfg.K):                                  # Alg. 1, lines 1–3 (Eq. 23)
-            with torch.no_grad():
-                x = m.g(torch.randn(cfg.batch_size, cfg.latent, generator=g))
+            z = torch.randn(cfg.batch_size, cfg.latent, generator=g)
             sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho, g)
-            xs = x + col(sigma, x) * torch.randn(x.shape, generator=g)
+            eps = torch.randn(cfg.batch_size, *shape, generator=g)
+            z, sigma, eps = shard(z), shard(sigma), shard(eps)
+            with torch.no_grad():
+                x = m.g(z)
+            xs = x + col(sigma, x) * eps
             per = (m.aux(xs, sigma) - x).square().reshape(len(x), -1).mean(1)
             weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma ** 2
             s_loss = (weight * per).mean()
             opt_s.zero_grad(set_to_none=True)
             s_loss.backward()
+            sync_gradients(m.aux.parameters())
             opt_s.step()
-        x = m.g(torch.randn(cfg.batch_size, cfg.latent, generator=g))   # Alg. 1, lines 4–5 (Eq. 27)
+        z = torch.randn(cfg.batch_size, cfg.latent, generator=g)        # Alg. 1, lines 4–5 (Eq. 27)
         sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho, g)
-        xt = x.detach() + col(sigma, x) * torch.randn(x.shape, generator=g)
+        eps = torch.randn(cfg.batch_size, *shape, generator=g)
+        gam = torch.randn(cfg.batch_size, *shape, generator=g) if cfg.gamma else None
+        z, sigma, eps = shard(z), shard(sigma), shard(eps)
+        x = m.g(z)
+        xt = x.detach() + col(sigma, x) * eps
         with torch.no_grad():
             d_data, d_rho = teacher(xt, sigma), m.aux(xt, sigma)
             s = col(sigma, x)
             direction = s * (cfg.mu_data * (d_data - xt) - cfg.mu_rho * (d_rho - xt)) / s ** 2   # σ · ∇h
             if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), per step
-                direction = direction + cfg.gamma * torch.randn(x.shape, generator=g)
+                direction = direction + cfg.gamma * shard(gam)
         opt_g.zero_grad(set_to_none=True)
         int_pm_loss(x, direction, cfg.normalize).backward()
+        sync_gradients(m.g.parameters())
         opt_g.step()
         return s_loss.item()
 
@@ -401,7 +421,7 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
         return float(direction.square().sum(-1).mean().sqrt())
 
     ema, history = fit(gen, None, cfg, out=out, resume=resume, progress=progress, optimizers={"g": opt},
-                       step_fn=step_fn, extra={"objective": "mmd", "data": name})
+                       step_fn=step_fn, extra={"objective": "mmd", "data": name}, parallel=False)
     ema.metadata = _record(cfg, name, "mmd", history, command)
     if out is not None:
         _save_generator(ema, out, "mmd", name, ema.metadata)
