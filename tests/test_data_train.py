@@ -72,11 +72,16 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
-    fs.train.edm("gmm2d", out=tmp_path / "c", steps=5, progress=False, **TINY)
+    fs.train.edm("gmm2d", out=tmp_path / "c", steps=10, progress=False, **TINY)     # checkpoints at 5 and 10
     ck = tmp_path / "c" / "checkpoints" / "last.pt"
+    prev = ck.with_name("previous.pt")
+    assert torch.load(prev, weights_only=True)["step"] == 5
     ck.write_bytes(ck.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="last.pt.*corrupt"):
-        fs.train.edm("gmm2d", out=tmp_path / "c", steps=10, resume=True, progress=False, **TINY)
+    with pytest.raises(CheckpointError, match="last.pt.*corrupt.*previous.pt"):
+        fs.train.edm("gmm2d", out=tmp_path / "c", steps=12, resume=True, progress=False, **TINY)
+    prev.replace(ck)                                   # the kept checkpoint resumes
+    fs.train.edm("gmm2d", out=tmp_path / "c", steps=12, resume=True, progress=False, **TINY)
+    assert torch.load(ck, weights_only=True)["step"] == 12
     with pytest.raises(CheckpointError, match="does not exist"):
         fs.train.edm("gmm2d", out=tmp_path / "none", steps=10, resume=True, progress=False, **TINY)
 
@@ -152,3 +157,19 @@ def test_edm_trainer_fits_the_exact_mixture(tmp_path, gmm):
     assert fs.metrics.energy_distance(x, true) < 0.02
     share = torch.bincount(gmm.assign(x), minlength=5).float() / len(x)
     assert share.min() > 0.15
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    from flowsolve.train.loop import LoopConfig, fit
+    model = torch.nn.Linear(2, 1)
+    calls = {"n": 0}
+
+    def loss_fn(m, g):
+        calls["n"] += 1
+        out = m(torch.randn(4, 2, generator=g)).square().mean()
+        return out * float("nan") if calls["n"] == 4 else out
+
+    cfg = LoopConfig(steps=10, checkpoint_every=2, log_every=1, warmup=1)
+    with pytest.raises(FloatingPointError, match="at step 3.*last good checkpoint"):
+        fit(model, loss_fn, cfg, out=tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 2

@@ -141,8 +141,11 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the file
+        prev = path.with_name("previous.pt")
+        hint = (f"; the checkpoint before it is kept at {str(prev)!r}: move it to {path.name!r} to resume from it"
+                if prev.is_file() else "")
         raise CheckpointError(f"resume: checkpoint {str(path)!r} is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}){hint}") from None
     for key in ("step", "model", "ema", "optimizer", "generator"):
         if key not in ck:
             raise CheckpointError(f"resume: checkpoint {str(path)!r} lacks {key!r}")
