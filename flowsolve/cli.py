@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except (UserError, ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as e:
         print(f"flowsolve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -84,3 +84,10 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert main(["sample", "--model", str(ROOT / "pretrained" / "digits-features"), "--out",
                  str(tmp_path / "x.npy")]) == 2
     assert "not a model that generates" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["sample", "--model", "nobody/no-such-model", "--n", "2", "--out", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub" in err and "Traceback" not in err

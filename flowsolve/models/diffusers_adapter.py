@@ -176,7 +176,12 @@ def load_diffusers_component(path, subfolder: str | None, kind: str):
         cls_name = cfg.get("_class_name")
     else:
         reader = diffusers.DDPMScheduler if kind == "scheduler" else diffusers.UNet2DModel   # picks the file name
-        cfg = reader.load_config(path, subfolder=subfolder)
+        try:
+            cfg = reader.load_config(path, subfolder=subfolder)
+        except OSError as e:
+            raise OSError(f"{kind}: could not load {str(path)!r}{'/' + subfolder if subfolder else ''} from the "
+                          f"Hugging Face Hub (no such repository, or no network: flowsolve never downloads "
+                          f"offline; use a local folder). {str(e).splitlines()[0][:200]}") from None
         cls_name = cfg.get("_class_name")
     if kind == "scheduler":
         ok = isinstance(cls_name, str) and cls_name.endswith("Scheduler") and hasattr(diffusers, cls_name)
