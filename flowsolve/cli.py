@@ -235,6 +235,14 @@ def cmd_compare(args) -> int:
     table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
                     args.metric, n=args.n, seeds=args.seeds, reference=ref, features=features,
                     model_name=args.model, progress=not args.quiet)
+    from .distributed import is_launched
+    if is_launched():
+        import torch.distributed as dist
+        main_process = dist.get_rank() == 0
+        dist.barrier()
+        dist.destroy_process_group()
+        if not main_process:
+            return 0
     files = table.save(args.out)
     print(table.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files.values()))
@@ -305,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
     c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
     c.add_argument("--metric", default="energy", help="energy | rmse | nll | fd | mmd | sliced")
-    c.add_argument("--n", type=int, default=2000)
+    c.add_argument("--n", "--num-samples", dest="n", type=int, default=2000)
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--features", default="pretrained/digits-features", help="feature network for --metric fd")
     c.add_argument("--out", required=True, help="output folder for compare.csv, compare.md, compare.png")

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from . import metrics as M
+from .distributed import is_launched, sample_sharded
 from .sample import sample
 
 __all__ = ["CompareTable", "compare", "METRICS"]
@@ -131,15 +132,21 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
             values, secs, used = [], [], None
             for seed in range(seeds):
                 x0 = field.prior(n, generator=torch.Generator().manual_seed(seed))
-                t0 = time.perf_counter()
                 try:
-                    x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, **options)
+                    if is_launched():           # torchrun / accelerate launch: split the particles, gather
+                        used = sample(field, solver, nfe=budget, x_init=x0[:1], seed=seed, return_info=True,
+                                      **options)[1].nfe
+                        t0 = time.perf_counter()
+                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, **options)
+                    else:
+                        t0 = time.perf_counter()
+                        x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, **options)
+                        used = info.nfe
                 except ValueError as e:            # budget below the solver's minimum: skip the cell
                     if "nfe" in str(e):
                         break
                     raise
                 secs.append(time.perf_counter() - t0)
-                used = info.nfe
                 values.append(score(x, x0))
             if not values:
                 continue

@@ -33,24 +33,31 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def sample_sharded(field, solver: str = "heun", nfe: int | None = None, *, n: int, seed: int,
-                   **kwargs) -> torch.Tensor:
-    """`flowsolve.sample` split over the launched processes; every process returns all n samples."""
+def sample_sharded(field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None, seed: int,
+                   x_init: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """`flowsolve.sample` split over the launched processes; every process returns all n samples
+    (with `x_init`, each process integrates its rows of it)."""
     import torch.distributed as dist
 
     from .sample import sample
 
     if seed is None:
         raise ValueError("seed: sharded sampling needs an explicit seed shared by every process")
+    if x_init is not None:
+        n = len(x_init)
     rank, size = world()
     if size == 1:
-        return sample(field, solver, nfe, n=n, seed=seed, **kwargs)
+        return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
     start, end = shard_range(n, rank, size)
     if end > start:
-        part = sample(field, solver, nfe, n=end - start, seed=seed, index_offset=start, **kwargs)
+        if x_init is not None:
+            part = sample(field, solver, nfe, x_init=x_init[start:end], seed=seed, index_offset=start, **kwargs)
+        else:
+            part = sample(field, solver, nfe, n=end - start, seed=seed, index_offset=start, **kwargs)
     else:
         part = None
-    shape = tuple(part.shape[1:]) if part is not None else tuple(kwargs.get("shape") or field.data_shape)
+    shape = (tuple(part.shape[1:]) if part is not None else
+             tuple(x_init.shape[1:]) if x_init is not None else tuple(kwargs.get("shape") or field.data_shape))
     width = -(-n // size)
     buf = torch.zeros((width, *shape), dtype=part.dtype if part is not None else torch.float32)
     if part is not None:

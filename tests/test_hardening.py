@@ -206,3 +206,23 @@ def test_two_process_training_matches_one_process(tmp_path, objective, config):
     assert diff < 1e-5
     ck = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 5
+
+
+def test_two_process_compare_matches_one_process(tmp_path):
+    flowsolve_cli = Path(sys.executable).parent / "flowsolve"
+    if not flowsolve_cli.exists():
+        pytest.skip("the flowsolve console script is not installed next to this interpreter")
+    args = ["compare", "--model", "gmm2d", "--solvers", "euler,sde", "--nfe", "4,8", "--metric", "energy",
+            "--num-samples", "151", "--seeds", "2", "--quiet"]
+    r1 = subprocess.run([str(flowsolve_cli)] + args + ["--out", str(tmp_path / "one")], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-1500:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         str(flowsolve_cli)] + args + ["--out", str(tmp_path / "two")], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    import csv
+    one = list(csv.DictReader(open(tmp_path / "one" / "compare.csv")))
+    two = list(csv.DictReader(open(tmp_path / "two" / "compare.csv")))
+    assert [(r["solver"], r["nfe_used"]) for r in one] == [(r["solver"], r["nfe_used"]) for r in two]
+    assert all(abs(float(a["value"]) - float(b["value"])) < 1e-9 for a, b in zip(one, two))
