@@ -121,9 +121,7 @@ def cmd_sample(args) -> int:
             save_samples(x, Path(args.out), reference=ref)
             print(f"wrote {args.out}: {tuple(x.shape)} samples from {size} processes, "
                   f"{time.perf_counter() - t0:.2f} s")
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_processes()
         return 0
     x, info = sample(field, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                      batch_size=args.batch_size, return_info=True, progress=not args.quiet, **options)
@@ -157,39 +155,20 @@ def cmd_train(args) -> int:
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     t0 = time.perf_counter()
-    if args.objective == "edm":
-        model = train.edm(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
-                          command=command, **overrides)
-    elif args.objective == "ddpm":
-        model = train.ddpm(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
-                           command=command, **overrides)
-    elif args.objective == "discriminator-flow":
-        model = train.discriminator_flow(args.data, out=args.out, config=config, resume=args.resume,
-                                         progress=not args.quiet, command=command, **overrides)
-    elif args.objective == "gan":
-        model = train.gan(args.data, out=args.out, config=config, resume=args.resume, progress=not args.quiet,
-                          command=command, **overrides)
-    elif args.objective == "mmd-flow":
-        model = train.mmd_generator(args.data, out=args.out, config=config, resume=args.resume,
-                                    progress=not args.quiet, command=command, **overrides)
-    elif args.objective == "score-gan":
-        teacher, shape = _teacher(args)
-        model = train.score_gan(teacher, shape, out=args.out, config=config, resume=args.resume,
-                                progress=not args.quiet, command=command, data_name=args.data, **overrides)
-    else:
+    common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
+    if args.objective == "features":
         if args.data != "digits":
             raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
-        model = train.digits_features(out=args.out, config=config, progress=not args.quiet, command=command,
-                                      **overrides)
-    from .distributed import is_launched
-    if is_launched():
-        import torch.distributed as dist
-        from .train.loop import is_main_process
-        main_process = is_main_process()
-        dist.barrier()
-        dist.destroy_process_group()
-        if not main_process:
-            return 0
+        model = train.digits_features(**common)
+    elif args.objective == "score-gan":
+        teacher, shape = _teacher(args)
+        model = train.score_gan(teacher, shape, resume=args.resume, data_name=args.data, **common)
+    else:
+        trainer = {"edm": train.edm, "ddpm": train.ddpm, "discriminator-flow": train.discriminator_flow,
+                   "gan": train.gan, "mmd-flow": train.mmd_generator}[args.objective]
+        model = trainer(args.data, resume=args.resume, **common)
+    if not finish_processes():
+        return 0
     print(f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
           f"{model.metadata.get('held_out_accuracy', '')}")
     return 0
@@ -205,6 +184,19 @@ def cmd_eval(args) -> int:
     if args.json:
         Path(args.json).write_text(report.json())
     return 0
+
+
+def finish_processes() -> bool:
+    """Under a distributed launcher: wait for every process, close the group, and say whether this is
+    the main process (the one that prints and writes). Always True in one process."""
+    from .distributed import is_launched
+    if not is_launched():
+        return True
+    import torch.distributed as dist
+    main_process = dist.get_rank() == 0
+    dist.barrier()
+    dist.destroy_process_group()
+    return main_process
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -235,14 +227,8 @@ def cmd_compare(args) -> int:
     table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
                     args.metric, n=args.n, seeds=args.seeds, reference=ref, features=features,
                     model_name=args.model, progress=not args.quiet)
-    from .distributed import is_launched
-    if is_launched():
-        import torch.distributed as dist
-        main_process = dist.get_rank() == 0
-        dist.barrier()
-        dist.destroy_process_group()
-        if not main_process:
-            return 0
+    if not finish_processes():
+        return 0
     files = table.save(args.out)
     print(table.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files.values()))

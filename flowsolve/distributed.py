@@ -64,5 +64,5 @@ def sample_sharded(field, solver: str = "heun", nfe: int | None = None, *, n: in
         buf[: len(part)] = part.cpu()
     bufs = [torch.empty_like(buf) for _ in range(size)]
     dist.all_gather(bufs, buf)
-    pieces = [bufs[r][: shard_range(n, r, size)[1] - shard_range(n, r, size)[0]] for r in range(size)]
-    return torch.cat(pieces)
+    sizes = [end - start for start, end in (shard_range(n, r, size) for r in range(size))]
+    return torch.cat([b[:k] for b, k in zip(bufs, sizes)])

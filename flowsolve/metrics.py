@@ -8,16 +8,25 @@ __all__ = ["energy_distance", "gaussian_frechet", "frechet_distance_features", "
            "median_bandwidth", "inception_features", "sliced_wasserstein", "mode_coverage", "nll", "pf_ode_log_likelihood"]
 
 
+def _pairs(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str = "y", flat: bool = True):
+    """Two sample sets as float64 (n, d) matrices: at least 2 rows each and equal d; `flat` accepts
+    (n, *shape) and flattens, otherwise (n, d) is required."""
+    for name, v in ((name_x, x), (name_y, y)):
+        ok = isinstance(v, torch.Tensor) and v.dim() >= 2 and (flat or v.dim() == 2) and v.shape[0] >= 2
+        if not ok:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            want = "(n >= 2, ...)" if flat else "(n >= 2, d)"
+            raise ValueError(f"{name}: expected samples of shape {want}, got {got}")
+    x, y = x.double().reshape(len(x), -1), y.double().reshape(len(y), -1)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{name_y}: expected dimension {x.shape[1]} like {name_x}, got {y.shape[1]}")
+    return x, y
+
+
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Energy distance 2 E|X − Y| − E|X − X'| − E|Y − Y'| (Székely), with the unbiased estimator
     (self-pairs excluded from the within-set terms). x: (n, d), y: (m, d), n, m >= 2."""
-    for name, v in (("x", x), ("y", y)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[0] < 2:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name}: expected a tensor of shape (n >= 2, d), got {got}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"y: expected dimension {x.shape[1]} like x, got {y.shape[1]}")
-    x, y = x.double().reshape(len(x), -1), y.double().reshape(len(y), -1)
+    x, y = _pairs(x, y, flat=False)
     xy = torch.cdist(x, y).mean()
     xx = torch.cdist(x, x).sum() / (len(x) * (len(x) - 1))
     yy = torch.cdist(y, y).sum() / (len(y) * (len(y) - 1))
@@ -36,13 +45,7 @@ def gaussian_frechet(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
 def frechet_distance_features(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fréchet distance between the Gaussian fits (mean, unbiased covariance) of two feature sets (n, d)."""
-    for name, v in (("a", a), ("b", b)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[0] < 2:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name}: expected features of shape (n >= 2, d), got {got}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"b: expected {a.shape[1]} features like a, got {b.shape[1]}")
-    a, b = a.double(), b.double()
+    a, b = _pairs(a, b, "a", "b", flat=False)
     return gaussian_frechet(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
@@ -95,17 +98,6 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
             for chunk in imgs.split(batch_size):
                 fid.update(((chunk.float().clamp(-1, 1) + 1) / 2), real=real)
         return float(fid.compute())
-
-
-def _pairs(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str = "y"):
-    for name, v in ((name_x, x), (name_y, y)):
-        if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[0] < 2:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name}: expected samples of shape (n >= 2, ...), got {got}")
-    x, y = x.double().reshape(len(x), -1), y.double().reshape(len(y), -1)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"{name_y}: expected dimension {x.shape[1]} like {name_x}, got {y.shape[1]}")
-    return x, y
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -143,19 +143,25 @@ def _env():
     return env
 
 
+def _one_and_two_processes(args, out_one, out_two):
+    """Run the flowsolve CLI once plainly and once under torchrun with 2 processes; return (r1, r2)."""
+    cli = Path(sys.executable).parent / "flowsolve"        # the console script
+    if not cli.exists():
+        pytest.skip("the flowsolve console script is not installed next to this interpreter")
+    r1 = subprocess.run([str(cli)] + args + ["--out", str(out_one)], env=_env(), capture_output=True, text=True,
+                        timeout=300)
+    assert r1.returncode == 0, r1.stderr[-1500:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         str(cli)] + args + ["--out", str(out_two)], env=_env(), capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    return r1, r2
+
+
 def test_two_process_sampling_matches_one_process(tmp_path):
-    cli = [sys.executable, "-m", "flowsolve"]
     args = ["sample", "--model", "gmm2d", "--solver", "sde", "--nfe", "16", "--num-samples", "77", "--seed", "4",
             "--quiet"]
-    r1 = subprocess.run(cli + args + ["--out", str(tmp_path / "one.npy")], env=_env(), capture_output=True, text=True)
-    assert r1.returncode == 0, r1.stderr
-    flowsolve_main = str(Path(sys.executable).parent / "flowsolve")        # the console script
-    if not Path(flowsolve_main).exists():
-        pytest.skip("the flowsolve console script is not installed next to this interpreter")
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         flowsolve_main] + args + ["--out", str(tmp_path / "two.npy")], env=_env(),
-                        capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy")
     assert "from 2 processes" in r2.stdout
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
 
@@ -188,19 +194,10 @@ def test_two_process_training_matches_one_process(tmp_path, objective, config):
     """Data-parallel training: 2 processes on halves of the same global batch (for a Discriminator Flow
     also half of the simulated particles), gradients averaged, give the weights of 1 process on the
     whole batch (to float round-off)."""
-    flowsolve_cli = Path(sys.executable).parent / "flowsolve"
-    if not flowsolve_cli.exists():
-        pytest.skip("the flowsolve console script is not installed next to this interpreter")
     cfg = tmp_path / "small.json"
     cfg.write_text(config)
     args = ["train", objective, "--data", "gmm2d", "--steps", "5", "--config", str(cfg), "--quiet"]
-    r1 = subprocess.run([str(flowsolve_cli)] + args + ["--out", str(tmp_path / "one")], env=_env(),
-                        capture_output=True, text=True, timeout=300)
-    assert r1.returncode == 0, r1.stderr[-1500:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         str(flowsolve_cli)] + args + ["--out", str(tmp_path / "two")], env=_env(),
-                        capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    _one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     a, b = fs.from_pretrained(tmp_path / "one"), fs.from_pretrained(tmp_path / "two")
     diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     assert diff < 1e-5
@@ -209,18 +206,9 @@ def test_two_process_training_matches_one_process(tmp_path, objective, config):
 
 
 def test_two_process_compare_matches_one_process(tmp_path):
-    flowsolve_cli = Path(sys.executable).parent / "flowsolve"
-    if not flowsolve_cli.exists():
-        pytest.skip("the flowsolve console script is not installed next to this interpreter")
     args = ["compare", "--model", "gmm2d", "--solvers", "euler,sde", "--nfe", "4,8", "--metric", "energy",
             "--num-samples", "151", "--seeds", "2", "--quiet"]
-    r1 = subprocess.run([str(flowsolve_cli)] + args + ["--out", str(tmp_path / "one")], env=_env(),
-                        capture_output=True, text=True, timeout=300)
-    assert r1.returncode == 0, r1.stderr[-1500:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         str(flowsolve_cli)] + args + ["--out", str(tmp_path / "two")], env=_env(),
-                        capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    _one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     import csv
     one = list(csv.DictReader(open(tmp_path / "one" / "compare.csv")))
     two = list(csv.DictReader(open(tmp_path / "two" / "compare.csv")))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import data as fsdata
-from .loop import LoopConfig, check_keys, fit, is_main_process, shard
+from .loop import LoopConfig, fit, is_main_process, merge_config, seeded, shard, training_record
 
 __all__ = ["EDMConfig", "edm", "ddpm", "defaults_for"]
 
@@ -43,26 +43,12 @@ def defaults_for(data_name: str, objective: str = "edm") -> dict:
     """Per-dataset defaults: Table 5 for the 2-D data, CPU-sized settings for digits."""
     if data_name in ("gmm2d", "moons"):
         return dict(steps=10_000, batch_size=128, lr=2e-4, betas=(0.9, 0.999))
-    if objective == "ddpm":
-        return dict(steps=8000, batch_size=128, lr=1e-3, warmup=200, checkpoint_every=500)
-    return dict(steps=8000, batch_size=128, lr=1e-3, warmup=200, checkpoint_every=500)
-
-
-def _config(data_name: str, objective: str, config: dict | None, overrides: dict) -> EDMConfig:
-    merged = defaults_for(data_name, objective)
-    for src in (config or {}, {k: v for k, v in overrides.items() if v is not None}):
-        check_keys(src, EDMConfig)
-        merged.update(src)
-    if "betas" in merged:
-        merged["betas"] = tuple(merged["betas"])
-    return EDMConfig(**merged)
+    return dict(steps=8000, batch_size=128, lr=1e-3, warmup=200, checkpoint_every=500)   # EDM and DDPM alike
 
 
 def _network(cfg: EDMConfig, shape: tuple[int, ...]):
     """The network and its c_noise scale, initialised from cfg.seed (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return _build_network(cfg, shape)
+    return seeded(cfg.seed, lambda: _build_network(cfg, shape))
 
 
 def _build_network(cfg: EDMConfig, shape: tuple[int, ...]):
@@ -81,12 +67,6 @@ def _build_network(cfg: EDMConfig, shape: tuple[int, ...]):
     raise ValueError(f"network: expected 'auto', 'mlp' or 'unet', got {cfg.network!r}")
 
 
-def _training_info(cfg: EDMConfig, data_name: str, objective: str, history: dict, command: str | None) -> dict:
-    return {"training": {"objective": objective, "data": data_name, "config": dataclasses.asdict(cfg),
-                         "seconds": round(history["seconds"], 1), "final_loss": history["loss"][-1] if history["loss"] else None,
-                         "command": command, "torch": torch.__version__, "threads": torch.get_num_threads()}}
-
-
 def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
         progress: bool = True, command: str | None = None, **overrides):
     """Train an EDM denoiser on `data` (a name from `fs.data.BUILTIN`, an image folder, a tensor or a
@@ -95,7 +75,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     from ..models import EDMPrecond, save_pretrained
 
     data_name = data if isinstance(data, str) else "custom"
-    cfg = _config(data_name, "edm", config, overrides)
+    cfg = merge_config(EDMConfig, defaults_for(data_name, "edm"), config, overrides)
     source = fsdata.load(data, size=cfg.data_size) if isinstance(data, str) else fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     net, default_scale = _network(cfg, shape)
@@ -113,7 +93,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
 
     ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, progress=progress,
                        extra={"objective": "edm", "data": data_name})
-    ema.metadata = _training_info(cfg, data_name, "edm", history, command)
+    ema.metadata = training_record(cfg, data_name, "edm", history, command)
     if out is not None and is_main_process():
         save_pretrained(ema, out, data=data_name, **ema.metadata)
     return ema
@@ -129,14 +109,12 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
     from ..models import DiffusersDenoiser, unet
 
     data_name = data if isinstance(data, str) else "custom"
-    cfg = _config(data_name, "ddpm", config, overrides)
+    cfg = merge_config(EDMConfig, defaults_for(data_name, "ddpm"), config, overrides)
     source = fsdata.load(data, size=cfg.data_size) if isinstance(data, str) else fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 3:
         raise ValueError(f"data: DDPM training needs image data (C, H, W), got shape {shape}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = unet(shape, cfg.unet_preset)
+    net = seeded(cfg.seed, lambda: unet(shape, cfg.unet_preset))
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                               prediction_type="epsilon", clip_sample=True)
     model = DiffusersDenoiser(net, scheduler, clip_sample=False)   # never clip while training
@@ -154,7 +132,7 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
 
     ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, progress=progress,
                        extra={"objective": "ddpm", "data": data_name})
-    ema.metadata = _training_info(cfg, data_name, "ddpm", history, command)
+    ema.metadata = training_record(cfg, data_name, "ddpm", history, command)
     ema.clip_sample = True    # sample like the scheduler: clip the predicted x_0
     if out is not None and is_main_process():
         pipe = DDPMPipeline(unet=ema.model, scheduler=scheduler)

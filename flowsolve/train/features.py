@@ -8,7 +8,7 @@ import os
 import torch
 
 from .. import data as fsdata
-from .loop import LoopConfig, check_keys, fit
+from .loop import LoopConfig, fit, merge_config, seeded, training_record
 
 __all__ = ["FeaturesConfig", "digits_features"]
 
@@ -37,15 +37,9 @@ def digits_features(*, out: str | os.PathLike | None = None, config: dict | None
     in `.metadata`."""
     from ..models import DigitsFeatures, save_pretrained
 
-    merged = {}
-    for src in (config or {}, {k: v for k, v in overrides.items() if v is not None}):
-        check_keys(src, FeaturesConfig)
-        merged.update(src)
-    cfg = FeaturesConfig(**merged)
+    cfg = merge_config(FeaturesConfig, {}, config, overrides)
     train, test = fsdata.digits("train"), fsdata.digits("test")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = DigitsFeatures(width=cfg.width, features=cfg.features)
+    net = seeded(cfg.seed, lambda: DigitsFeatures(width=cfg.width, features=cfg.features))
 
     def loss_fn(m, g):
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
@@ -54,8 +48,7 @@ def digits_features(*, out: str | os.PathLike | None = None, config: dict | None
     ema, history = fit(net, loss_fn, cfg, out=out, progress=progress, extra={"objective": "features"})
     with torch.no_grad():
         acc = (ema(test.x).argmax(1) == test.labels).float().mean().item()
-    ema.metadata = {"training": {"objective": "classifier", "data": "digits-train", "config": dataclasses.asdict(cfg),
-                                 "seconds": round(history["seconds"], 1), "command": command},
+    ema.metadata = {**training_record(cfg, "digits-train", "classifier", history, command),
                     "held_out_accuracy": round(acc, 4)}
     if out is not None:
         save_pretrained(ema, out, **ema.metadata)

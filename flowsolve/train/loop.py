@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "sync_gradients", "check_keys", "load_config_file", "save_checkpoint", "load_checkpoint",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint", "load_checkpoint",
            "CheckpointError"]
 
 
@@ -81,6 +81,34 @@ def check_keys(given: dict, cls, what: str = "config") -> None:
             near = difflib.get_close_matches(k, valid, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"{what}: unknown key {k!r}{hint} (valid keys: {', '.join(valid)})")
+
+
+def merge_config(cls, defaults: dict, config: dict | None, overrides: dict):
+    """cls(**defaults ← config file ← non-None overrides), rejecting unknown keys at each layer."""
+    merged = dict(defaults)
+    for src in (config or {}, {k: v for k, v in overrides.items() if v is not None}):
+        check_keys(src, cls)
+        merged.update(src)
+    if "betas" in merged:
+        merged["betas"] = tuple(merged["betas"])
+    return cls(**merged)
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """build() with the global RNG seeded (network initialisation), leaving the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def training_record(cfg, data: str, objective: str, history: dict, command: str | None, **extra) -> dict:
+    """The `training` block saved in flowsolve.json: settings, wall time, speed, final loss, command."""
+    seconds = history["seconds"]
+    return {"training": {"objective": objective, "data": data, "config": dataclasses.asdict(cfg),
+                         "seconds": round(seconds, 1),
+                         "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
+                         "final_loss": history["loss"][-1] if history["loss"] else None, "command": command,
+                         "torch": torch.__version__, "threads": torch.get_num_threads(), **extra}}
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

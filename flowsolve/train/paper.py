@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import data as fsdata
-from .loop import LoopConfig, check_keys, fit, is_main_process, shard, sync_gradients
+from .loop import LoopConfig, fit, is_main_process, merge_config, seeded, shard, sync_gradients, training_record
 
 __all__ = ["int_pm_loss", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig",
            "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
@@ -38,34 +37,10 @@ def p_sigma(n: int, sigma_min: float, sigma_max: float, rho: float, generator: t
     return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def _merge(cls, defaults: dict, config: dict | None, overrides: dict):
-    merged = dict(defaults)
-    for src in (config or {}, {k: v for k, v in overrides.items() if v is not None}):
-        check_keys(src, cls)
-        merged.update(src)
-    if "betas" in merged:
-        merged["betas"] = tuple(merged["betas"])
-    return cls(**merged)
-
-
 def _source(data, size=None):
     name = data if isinstance(data, str) else "custom"
     src = fsdata.load(data, size=size) if isinstance(data, str) else fsdata.as_source(data)
     return src, name, fsdata.shape_of(src)
-
-
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def _record(cfg, name: str, objective: str, history: dict, command: str | None) -> dict:
-    return {"training": {"objective": objective, "data": name, "config": dataclasses.asdict(cfg),
-                         "seconds": round(history["seconds"], 1),
-                         "iterations_per_second": round(cfg.steps / max(history["seconds"], 1e-9), 2),
-                         "final_loss": history["loss"][-1] if history["loss"] else None, "command": command,
-                         "torch": torch.__version__, "threads": torch.get_num_threads()}}
 
 
 # -- Discriminator Flow (Alg. 3, Table 4) ---------------------------------------------------------
@@ -123,13 +98,13 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
     from ..models.gan import Discriminator, GANLoss, gradient_penalty
     from ..sample import sample
 
-    cfg = _merge(DFConfig, {}, config, overrides)
+    cfg = merge_config(DFConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
     if len(shape) != 1:
         raise ValueError(f"data: the MLP discriminator needs vector data, got shape {shape} (image discriminators "
                          f"are not implemented yet)")
     loss = GANLoss(cfg.loss)
-    disc = _seeded(cfg.seed, lambda: Discriminator(dim=shape[0], width=cfg.width, depth=cfg.depth,
+    disc = seeded(cfg.seed, lambda: Discriminator(dim=shape[0], width=cfg.width, depth=cfg.depth,
                                                    emb_size=cfg.emb_size, emb_scale=cfg.emb_scale,
                                                    init_gain=cfg.init_gain, seed=cfg.seed))
     model = DiscriminatorFlowModel(disc, cfg.eta, cfg.loss, cfg.N, shape)
@@ -176,7 +151,7 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
 
     ema, history = fit(model, None, cfg, out=out, resume=resume, progress=progress, optimizers={"d": opt},
                        step_fn=step_fn, extra={"objective": "discriminator-flow", "data": name})
-    ema.metadata = _record(cfg, name, "discriminator-flow", history, command)
+    ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
     if out is not None and is_main_process():
         from ..models import save_pretrained
         save_pretrained(ema.f, out, type="discriminator-flow", data=name, data_shape=list(shape),
@@ -227,11 +202,11 @@ def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     """A GAN as an Int-PM (Finding 5): h = −c∘f, pushed through the generator by `int_pm_loss`."""
     from ..models.gan import Discriminator, GANLoss, Generator, gradient_penalty
 
-    cfg = _merge(GANConfig, {}, config, overrides)
+    cfg = merge_config(GANConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
     loss = GANLoss(cfg.loss)
     dim = int(torch.tensor(shape).prod())
-    pair = _seeded(cfg.seed, lambda: _GenPair(
+    pair = seeded(cfg.seed, lambda: _GenPair(
         Generator(shape, cfg.latent, cfg.width, cfg.depth, "leaky_relu", tanh=len(shape) == 3, init_gain=cfg.init_gain),
         Discriminator(dim, cfg.width, cfg.depth, time_conditioned=False, init_gain=cfg.init_gain)))
     opt_g = torch.optim.Adam(pair.g.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -263,7 +238,7 @@ def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     ema, history = fit(pair, None, cfg, out=out, resume=resume, progress=progress,
                        optimizers={"g": opt_g, "d": opt_d}, step_fn=step_fn, extra={"objective": "gan", "data": name})
     gen = ema.g
-    gen.metadata = _record(cfg, name, "gan", history, command)
+    gen.metadata = training_record(cfg, name, "gan", history, command)
     if out is not None:
         _save_generator(gen, out, "gan", name, gen.metadata)
     return gen
@@ -311,7 +286,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
     from ..models import EDMPrecond, MLP
     from ..models.gan import Generator
 
-    cfg = _merge(ScoreGANConfig, {}, config, overrides)
+    cfg = merge_config(ScoreGANConfig, {}, config, overrides)
     shape = tuple(data_shape or getattr(teacher, "data_shape", None) or ())
     if not shape:
         raise ValueError("data_shape: the teacher does not say its data shape; pass data_shape=")
@@ -319,9 +294,9 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
     if cfg.init_from_teacher and isinstance(teacher, EDMPrecond):
         score = copy.deepcopy(teacher).train().requires_grad_(True)
     else:
-        score = _seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
+        score = seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
                                                          cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
-    gen = _seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
+    gen = seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
     pair = _GenPair(gen, score)
     if isinstance(teacher, nn.Module):
         teacher.eval().requires_grad_(False)
@@ -370,7 +345,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
                        optimizers={"g": opt_g, "s": opt_s}, step_fn=step_fn,
                        extra={"objective": "score-gan", "data": data_name})
     g_out = ema.g
-    g_out.metadata = _record(cfg, data_name, "score-gan", history, command)
+    g_out.metadata = training_record(cfg, data_name, "score-gan", history, command)
     object.__setattr__(g_out, "generated_score", ema.aux)   # kept for inspection, not saved with the generator
     if out is not None:
         _save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
@@ -403,9 +378,9 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     from ..fields.particles import rbf_kernel_grad
     from ..models.gan import Generator
 
-    cfg = _merge(MMDConfig, {}, config, overrides)
+    cfg = merge_config(MMDConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
-    gen = _seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
+    gen = seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     def step_fn(m, g, _step):
@@ -422,7 +397,7 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
 
     ema, history = fit(gen, None, cfg, out=out, resume=resume, progress=progress, optimizers={"g": opt},
                        step_fn=step_fn, extra={"objective": "mmd", "data": name}, parallel=False)
-    ema.metadata = _record(cfg, name, "mmd", history, command)
+    ema.metadata = training_record(cfg, name, "mmd", history, command)
     if out is not None:
         _save_generator(ema, out, "mmd", name, ema.metadata)
     return ema
