@@ -42,7 +42,7 @@ class DiscriminatorFlow(Field):
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """∇h = −∇_x (c∘f)(x, t) (Finding 9)."""
         fast = getattr(self.f, "value_and_input_grad", None)
-        if fast is not None and not torch.is_grad_enabled() and len(self.f.net) % 2 == 1:
+        if fast is not None and not torch.is_grad_enabled():   # models.Discriminator: hand-written backward
             value, grad_f = fast(x, t)                      # ∇(c∘f) = c'(f) ∇f
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
