@@ -177,7 +177,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_digits
 
-    field, _ = load_model(args.model)
+    gen = _generator_model(args.model)
+    field = gen if gen is not None else load_model(args.model)[0]
     report = evaluate_digits(field, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                              progress=not args.quiet)
     print(report.markdown())

@@ -65,16 +65,21 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
 def evaluate_digits(model, features: str | os.PathLike | torch.nn.Module = "pretrained/digits-features", *,
                     solver: str = "heun", nfe: int = 32, n: int = 1000, seed: int = 0,
                     progress: bool = False) -> DigitsReport:
-    """Sample n digits from `model` (a field or a denoiser) and report their quality."""
+    """Sample n digits from `model` (a field, a denoiser, or a generator, which draws with one
+    evaluation and ignores solver/nfe) and report their quality."""
     from .fields import EDM, Field
     from .models import from_pretrained
     from .sample import sample
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
-    field = model if isinstance(model, Field) else EDM(model)
     t0 = time.perf_counter()
-    x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
+    if hasattr(model, "latents") and hasattr(model, "sample"):          # a generator (Int-PM), one NFE
+        x, solver, used = model.sample(n, seed=seed), "generator", 1
+    else:
+        field = model if isinstance(model, Field) else EDM(model)
+        x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
+        used = info.nfe
     seconds = time.perf_counter() - t0
     report = digits_quality(x, feats, seed=seed)
-    report.solver, report.nfe, report.seconds = solver, info.nfe, round(seconds, 1)
+    report.solver, report.nfe, report.seconds = solver, used, round(seconds, 1)
     return report

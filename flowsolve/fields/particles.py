@@ -36,8 +36,10 @@ class DiscriminatorFlow(Field):
         self.t_start, self.t_end, self.prior_std = 0.0, float(t_end), 1.0
         self.default_nfe = max(1, round(int(steps) * t_end))
         self.train_steps = int(steps)
-        dim = getattr(getattr(discriminator, "config", None), "dim", None)
-        self.data_shape = tuple(shape) if shape is not None else ((dim,) if isinstance(dim, int) else None)
+        config = getattr(discriminator, "config", None)
+        dim, known = getattr(config, "dim", None), getattr(config, "data_shape", None)
+        self.data_shape = (tuple(shape) if shape is not None else tuple(known) if known is not None
+                           else (dim,) if isinstance(dim, int) else None)
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """∇h = −∇_x (c∘f)(x, t) (Finding 9)."""

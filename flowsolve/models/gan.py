@@ -13,7 +13,8 @@ from torch import nn
 
 from .nets import FourierEmbedding
 
-__all__ = ["GANLoss", "LOSSES", "Discriminator", "Generator", "gradient_penalty"]
+__all__ = ["GANLoss", "LOSSES", "Discriminator", "ConvDiscriminator", "Generator", "DCGANGenerator",
+           "gradient_penalty"]
 
 
 class GANLoss:
@@ -78,10 +79,32 @@ def gradient_penalty(f, fake: torch.Tensor, real: torch.Tensor, t: torch.Tensor 
 
 
 def _init_normal(module: nn.Module, gain: float) -> None:
+    """DCGAN initialisation (Tables 4, 6, 7: normal, gain 0.02): weights N(0, gain²), biases 0;
+    batch-norm scales N(1, gain²)."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, gain)
             nn.init.zeros_(m.bias)
+
+
+def _image_shape(data_shape, who: str) -> tuple[int, int, int]:
+    shape = tuple(int(v) for v in data_shape)
+    if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
+        raise ValueError(f"data_shape: {who} needs images (C, H, W) with H, W ≥ 4, got {shape}")
+    return shape
+
+
+def _resolutions(size: int) -> list[int]:
+    """Sizes from the base resolution up to `size` by doubling: the base is `size` halved while it
+    stays even and above 4 (8 → [4, 8], 32 → [4, 8, 16, 32], 28 → [7, 14, 28])."""
+    sizes = [size]
+    while sizes[0] % 2 == 0 and sizes[0] > 4:
+        sizes.insert(0, sizes[0] // 2)
+    return sizes
 
 
 class Discriminator(ModelMixin, ConfigMixin):
@@ -147,7 +170,78 @@ class Discriminator(ModelMixin, ConfigMixin):
         return self.net(flat).squeeze(1)
 
 
-class Generator(ModelMixin, ConfigMixin):
+class ConvDiscriminator(ModelMixin, ConfigMixin):
+    """f(x[, t]) → (batch,) for images (C, H, W): DCGAN-style stride-2 convolutions with leaky ReLU
+    0.2 down to the base resolution, then a linear head (Tables 4, 6: DCGAN discriminator, width 64).
+    With `time_conditioned` (Discriminator Flows, Table 4), a Fourier embedding of t modulates every
+    block by FiLM, h ← h·(1 + γ(t)) + β(t) (Perez et al. 2018). No normalisation layer, so the
+    gradient penalty and the input gradient of Eq. 20 are per sample."""
+
+    @register_to_config
+    def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), width: int = 64, time_conditioned: bool = True,
+                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        c, h, w = _image_shape(data_shape, "ConvDiscriminator")
+        sizes = _resolutions(min(h, w))
+        chans = [width * 2 ** k for k in range(len(sizes))]
+        self.stem = nn.Conv2d(c, chans[0], 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 4, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
+        self.film = nn.ModuleList(nn.Linear(emb_size, 2 * ch) for ch in chans) if time_conditioned else None
+        self.act = nn.LeakyReLU(0.2)
+        self.head = nn.Linear(chans[-1] * (h >> (len(sizes) - 1)) * (w >> (len(sizes) - 1)), 1)
+        if init_gain:
+            _init_normal(self, init_gain)
+            if self.film is not None:
+                for lin in self.film:                   # start as the identity modulation
+                    nn.init.zeros_(lin.weight)
+
+    def _modulate(self, hid: torch.Tensor, k: int, emb: torch.Tensor | None) -> torch.Tensor:
+        if emb is not None:
+            scale, shift = self.film[k](emb).chunk(2, dim=1)
+            hid = hid * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.act(hid)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
+        emb = None
+        if self.embed is not None:
+            if t is None:
+                raise ValueError("t: this discriminator is time-conditioned; pass t")
+            tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+            emb = self.embed(tt).to(x.dtype)
+        hid = self._modulate(self.stem(x), 0, emb)
+        for k, conv in enumerate(self.blocks, start=1):
+            hid = self._modulate(conv(hid), k, emb)
+        return self.head(hid.flatten(1)).squeeze(1)
+
+
+class _Sampling:
+    """One-evaluation sampling shared by the generators: z ~ N(0, I_latent) from a seed, then g(z)."""
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.data_shape)
+
+    def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None:
+            from ..noise import fresh_seed
+            generator = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
+        return torch.randn(n, self.config.latent, generator=generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """n samples with one network evaluation (z from `seed`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive integer, got {n!r}")
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = self(self.latents(n, seed).to(p.device, p.dtype))
+        self.train(was)
+        return x
+
+
+class Generator(_Sampling, ModelMixin, ConfigMixin):
     """g_θ(z): an MLP from a latent z ~ N(0, I_latent) to data (Tables 6, 7: latent 128, width 512,
     depth 4), with an optional final tanh for data in [−1, 1]."""
 
@@ -171,27 +265,35 @@ class Generator(ModelMixin, ConfigMixin):
         if init_gain:
             _init_normal(self.net, init_gain)
 
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return tuple(self.config.data_shape)
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).reshape(len(z), *self.data_shape)
 
-    def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        if generator is None:
-            from ..noise import fresh_seed
-            generator = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
-        return torch.randn(n, self.config.latent, generator=generator)
 
-    @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """n samples with one network evaluation (z from `seed`)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive integer, got {n!r}")
-        was = self.training
-        self.eval()
-        p = next(self.parameters())
-        x = self(self.latents(n, seed).to(p.device, p.dtype))
-        self.train(was)
-        return x
+class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
+    """g_θ(z) for images (Table 7, MNIST: DCGAN, width 64, ReLU, batch norm, normal init with gain
+    0.02): a linear map of z to the base resolution, then nearest-neighbour ×2 upsampling with 3×3
+    convolutions (batch norm, ReLU) up to (H, W), and a 3×3 convolution with tanh to C channels."""
+
+    @register_to_config
+    def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), latent: int = 128, width: int = 64,
+                 init_gain: float | None = 0.02) -> None:
+        super().__init__()
+        c, h, w = _image_shape(data_shape, "DCGANGenerator")
+        sizes = _resolutions(min(h, w))
+        up = len(sizes) - 1
+        chans = [width * 2 ** (up - k) for k in range(len(sizes))]
+        self.base = (chans[0], h >> up, w >> up)
+        self.project = nn.Sequential(nn.Linear(latent, chans[0] * self.base[1] * self.base[2]))
+        self.norm0 = nn.BatchNorm2d(chans[0])
+        layers: list[nn.Module] = [nn.Conv2d(chans[0], chans[0], 3, padding=1), nn.BatchNorm2d(chans[0]), nn.ReLU()]
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1),
+                       nn.BatchNorm2d(b), nn.ReLU()]
+        layers += [nn.Conv2d(chans[-1], c, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        if init_gain:
+            _init_normal(self, init_gain)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        hid = torch.relu(self.norm0(self.project(z).view(len(z), *self.base)))
+        return self.body(hid)

@@ -28,12 +28,14 @@ FORMAT_VERSION = 1
 def _networks() -> dict:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from .gan import Discriminator, Generator
+    from .gan import ConvDiscriminator, DCGANGenerator, Discriminator, Generator
     return {"MLP": MLP, "DigitsFeatures": DigitsFeatures, "UNet2DModel": UNet2DModel,
-            "UNet2DConditionModel": UNet2DConditionModel, "Discriminator": Discriminator, "Generator": Generator}
+            "UNet2DConditionModel": UNet2DConditionModel, "Discriminator": Discriminator, "Generator": Generator,
+            "ConvDiscriminator": ConvDiscriminator, "DCGANGenerator": DCGANGenerator}
 
 
-NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel", "Discriminator", "Generator")
+NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel", "Discriminator", "Generator",
+            "ConvDiscriminator", "DCGANGenerator")
 
 
 def _write_json(path: Path, obj: dict) -> None:

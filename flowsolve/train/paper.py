@@ -37,6 +37,28 @@ def p_sigma(n: int, sigma_min: float, sigma_max: float, rho: float, generator: t
     return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def _generator(shape: tuple[int, ...], cfg, activation: str = "relu", init_gain: float | None = None) -> nn.Module:
+    """The generator of Tables 6–7: an MLP for vectors, DCGAN (batch norm, tanh, normal init 0.02)
+    for images (C, H, W)."""
+    from ..models.gan import DCGANGenerator, Generator
+    if len(shape) == 3:
+        return DCGANGenerator(shape, cfg.latent, cfg.conv_width, init_gain=0.02)
+    return Generator(shape, cfg.latent, cfg.width, cfg.depth, activation, init_gain=init_gain)
+
+
+def _discriminator(shape: tuple[int, ...], cfg, time_conditioned: bool) -> nn.Module:
+    """The discriminator of Tables 4, 6: an MLP for vectors, a DCGAN-style conv net (FiLM time
+    modulation when time-conditioned) for images."""
+    from ..models.gan import ConvDiscriminator, Discriminator
+    emb = dict(emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0))
+    if len(shape) == 3:
+        return ConvDiscriminator(shape, cfg.conv_width, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, **emb)
+    if len(shape) != 1:
+        raise ValueError(f"data: expected vectors (d,) or images (C, H, W), got samples of shape {shape}")
+    return Discriminator(shape[0], cfg.width, cfg.depth, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed,
+                         **emb)
+
+
 def _source(data, size=None):
     name = data if isinstance(data, str) else "custom"
     src = fsdata.load(data, size=size) if isinstance(data, str) else fsdata.as_source(data)
@@ -59,8 +81,9 @@ class DFConfig(LoopConfig):
     loss: str = "vanilla"            # a, b, c of Eq. 15–16 (models.gan.LOSSES)
     gp: float = 0.0                  # gradient-penalty strength R (Table 4: 0 for Gaussians, 0.04 MNIST)
     gp_center: float = 0.0
-    width: int = 512
+    width: int = 512                 # MLP discriminator (vectors)
     depth: int = 4
+    conv_width: int = 64             # conv discriminator with FiLM (images; Table 4, MNIST: DCGAN width 64)
     emb_size: int = 128
     emb_scale: float = 16.0
     init_gain: float = 0.02
@@ -95,18 +118,13 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
     uniform N-step grid with the library's solver, picks a random step i_b per sample and trains
     f(·, i_b/N) to separate those particles from data (Eq. 15)."""
     from ..fields import DiscriminatorFlow
-    from ..models.gan import Discriminator, GANLoss, gradient_penalty
+    from ..models.gan import GANLoss, gradient_penalty
     from ..sample import sample
 
     cfg = merge_config(DFConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
-    if len(shape) != 1:
-        raise ValueError(f"data: the MLP discriminator needs vector data, got shape {shape} (image discriminators "
-                         f"are not implemented yet)")
     loss = GANLoss(cfg.loss)
-    disc = seeded(cfg.seed, lambda: Discriminator(dim=shape[0], width=cfg.width, depth=cfg.depth,
-                                                   emb_size=cfg.emb_size, emb_scale=cfg.emb_scale,
-                                                   init_gain=cfg.init_gain, seed=cfg.seed))
+    disc = seeded(cfg.seed, lambda: _discriminator(shape, cfg, time_conditioned=True))
     model = DiscriminatorFlowModel(disc, cfg.eta, cfg.loss, cfg.N, shape)
     opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     grid = torch.linspace(0, 1, cfg.N + 1, dtype=torch.float64)
@@ -192,6 +210,7 @@ class GANConfig(LoopConfig):
     latent: int = 128
     width: int = 512
     depth: int = 4
+    conv_width: int = 64              # DCGAN generator and discriminator for images (Table 6)
     init_gain: float = 0.02
     normalize: bool = False
     data_size: int | None = None
@@ -200,15 +219,13 @@ class GANConfig(LoopConfig):
 def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
         progress: bool = True, command: str | None = None, **overrides):
     """A GAN as an Int-PM (Finding 5): h = −c∘f, pushed through the generator by `int_pm_loss`."""
-    from ..models.gan import Discriminator, GANLoss, Generator, gradient_penalty
+    from ..models.gan import GANLoss, gradient_penalty
 
     cfg = merge_config(GANConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
     loss = GANLoss(cfg.loss)
-    dim = int(torch.tensor(shape).prod())
-    pair = seeded(cfg.seed, lambda: _GenPair(
-        Generator(shape, cfg.latent, cfg.width, cfg.depth, "leaky_relu", tanh=len(shape) == 3, init_gain=cfg.init_gain),
-        Discriminator(dim, cfg.width, cfg.depth, time_conditioned=False, init_gain=cfg.init_gain)))
+    pair = seeded(cfg.seed, lambda: _GenPair(_generator(shape, cfg, "leaky_relu", cfg.init_gain),
+                                             _discriminator(shape, cfg, time_conditioned=False)))
     opt_g = torch.optim.Adam(pair.g.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(pair.aux.parameters(), lr=cfg.lr, betas=cfg.betas)
 
@@ -265,8 +282,10 @@ class ScoreGANConfig(LoopConfig):
     latent: int = 128
     width: int = 512
     depth: int = 4
+    conv_width: int = 64              # DCGAN generator for images (Table 7, MNIST: width 64, batch norm)
     score_width: int = 512
     score_depth: int = 4
+    score_preset: str = "tiny"        # UNet preset of a fresh generated score for images
     sigma_data: float = 0.5
     gamma: float = 0.0                # Eq. 22: Brownian share γ added to the particle direction (noisy Int-PM)
     init_from_teacher: bool = False   # start the generated score from the teacher's weights
@@ -283,20 +302,25 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
     generator step), and the generator step of Eq. 27."""
     import copy
 
-    from ..models import EDMPrecond, MLP
-    from ..models.gan import Generator
+    from ..models import MLP, EDMPrecond, unet
 
     cfg = merge_config(ScoreGANConfig, {}, config, overrides)
     shape = tuple(data_shape or getattr(teacher, "data_shape", None) or ())
     if not shape:
         raise ValueError("data_shape: the teacher does not say its data shape; pass data_shape=")
     dim = int(torch.tensor(shape).prod())
-    if cfg.init_from_teacher and isinstance(teacher, EDMPrecond):
+    if cfg.init_from_teacher:
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got "
+                             f"{type(teacher).__name__}")
         score = copy.deepcopy(teacher).train().requires_grad_(True)
+    elif len(shape) == 3:
+        score = seeded(cfg.seed + 1, lambda: EDMPrecond(unet(shape, cfg.score_preset), cfg.sigma_data, cfg.sigma_min,
+                                                         cfg.sigma_max, 250.0, shape))
     else:
         score = seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
                                                          cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
-    gen = seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
+    gen = seeded(cfg.seed, lambda: _generator(shape, cfg))
     pair = _GenPair(gen, score)
     if isinstance(teacher, nn.Module):
         teacher.eval().requires_grad_(False)
@@ -366,6 +390,7 @@ class MMDConfig(LoopConfig):
     latent: int = 128
     width: int = 512
     depth: int = 4
+    conv_width: int = 64              # DCGAN generator for images
     normalize: bool = False
     data_size: int | None = None
 
@@ -376,11 +401,10 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
     generator, no discriminator)."""
     from ..fields.particles import rbf_kernel_grad
-    from ..models.gan import Generator
 
     cfg = merge_config(MMDConfig, {}, config, overrides)
     src, name, shape = _source(data, cfg.data_size)
-    gen = seeded(cfg.seed, lambda: Generator(shape, cfg.latent, cfg.width, cfg.depth, "relu", tanh=len(shape) == 3))
+    gen = seeded(cfg.seed, lambda: _generator(shape, cfg))
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     def step_fn(m, g, _step):
