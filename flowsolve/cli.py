@@ -96,32 +96,36 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
 
 
 def cmd_sample(args) -> int:
+    from .distributed import is_launched
     gen = _generator_model(args.model)
     if gen is not None:                      # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
-        x = gen.sample(args.n, seed=args.seed)
+        if is_launched():
+            from .distributed import generate_sharded
+            x = generate_sharded(gen, args.n, seed=args.seed)
+        else:
+            x = gen.sample(args.n, seed=args.seed)
         from . import data
         ref = data.GaussianMixture.paper() if gen.metadata.get("data") == "gmm2d" else None
-        save_samples(x, Path(args.out), reference=ref)
-        print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation), "
-              f"{time.perf_counter() - t0:.2f} s")
+        procs = f" on {_processes()}" if is_launched() else ""
+        if finish_processes():
+            save_samples(x, Path(args.out), reference=ref)
+            print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
+                  f"{time.perf_counter() - t0:.2f} s")
         return 0
     field, ref = load_model(args.model)
     options = _parse_options(args.option)
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
-    from .distributed import is_launched
     if is_launched():              # accelerate launch / torchrun: each process draws its share
-        from .distributed import sample_sharded, world
+        from .distributed import sample_sharded
         x = sample_sharded(field, args.solver, args.nfe, n=args.n, seed=args.seed, batch_size=args.batch_size,
                            **options)
-        rank, size = world()
-        if rank == 0:
+        procs = _processes()
+        if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
-            print(f"wrote {args.out}: {tuple(x.shape)} samples from {size} processes, "
-                  f"{time.perf_counter() - t0:.2f} s")
-        finish_processes()
+            print(f"wrote {args.out}: {tuple(x.shape)} samples from {procs}, {time.perf_counter() - t0:.2f} s")
         return 0
     x, info = sample(field, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                      batch_size=args.batch_size, return_info=True, progress=not args.quiet, **options)
@@ -187,17 +191,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _processes() -> str:
+    from .distributed import engine, world
+    return f"{world()[1]} processes ({engine()})"
+
+
 def finish_processes() -> bool:
-    """Under a distributed launcher: wait for every process, close the group, and say whether this is
-    the main process (the one that prints and writes). Always True in one process."""
-    from .distributed import is_launched
-    if not is_launched():
-        return True
-    import torch.distributed as dist
-    main_process = dist.get_rank() == 0
-    dist.barrier()
-    dist.destroy_process_group()
-    return main_process
+    """Under a distributed launcher: wait for every process, close the engine, and say whether this
+    is the main process (the one that prints and writes). Always True in one process."""
+    from .distributed import finish
+    return finish()
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -143,26 +143,42 @@ def _env():
     return env
 
 
-def _one_and_two_processes(args, out_one, out_two):
-    """Run the flowsolve CLI once plainly and once under torchrun with 2 processes; return (r1, r2)."""
-    cli = Path(sys.executable).parent / "flowsolve"        # the console script
-    if not cli.exists():
-        pytest.skip("the flowsolve console script is not installed next to this interpreter")
-    r1 = subprocess.run([str(cli)] + args + ["--out", str(out_one)], env=_env(), capture_output=True, text=True,
-                        timeout=300)
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher(kind: str) -> list[str]:
+    """2 CPU processes with gloo: torchrun, or `accelerate launch` (its --multi_gpu launcher runs on
+    CPU-only machines too; its --cpu flag would start a single process without MPI)."""
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    pytest.importorskip("accelerate")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m"]
+
+
+def _one_and_two_processes(args, out_one, out_two, launcher: str = "torchrun"):
+    """Run the flowsolve CLI once plainly and once with 2 processes; return (r1, r2)."""
+    r1 = subprocess.run([sys.executable, "-m", "flowsolve"] + args + ["--out", str(out_one)], env=_env(),
+                        capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-1500:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         str(cli)] + args + ["--out", str(out_two)], env=_env(), capture_output=True, text=True,
-                        timeout=300)
+    r2 = subprocess.run(_launcher(launcher) + ["flowsolve"] + args + ["--out", str(out_two)], env=_env(),
+                        capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     return r1, r2
 
 
-def test_two_process_sampling_matches_one_process(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_sampling_matches_one_process(tmp_path, launcher):
     args = ["sample", "--model", "gmm2d", "--solver", "sde", "--nfe", "16", "--num-samples", "77", "--seed", "4",
             "--quiet"]
-    _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy")
-    assert "from 2 processes" in r2.stdout
+    _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy", launcher)
+    engine = "accelerate" if launcher == "accelerate" else "torch"
+    assert f"from 2 processes ({engine})" in r2.stdout
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
 
 
@@ -186,18 +202,20 @@ def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == ck["step"] + 5
 
 
-@pytest.mark.parametrize("objective,config", [
-    ("edm", '{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}'),
-    ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}'),
+@pytest.mark.parametrize("objective,config,launcher", [
+    ("edm", '{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}', "torchrun"),
+    ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}', "torchrun"),
+    ("edm", '{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}', "accelerate"),
+    ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}', "accelerate"),
 ])
-def test_two_process_training_matches_one_process(tmp_path, objective, config):
+def test_two_process_training_matches_one_process(tmp_path, objective, config, launcher):
     """Data-parallel training: 2 processes on halves of the same global batch (for a Discriminator Flow
     also half of the simulated particles), gradients averaged, give the weights of 1 process on the
     whole batch (to float round-off)."""
     cfg = tmp_path / "small.json"
     cfg.write_text(config)
     args = ["train", objective, "--data", "gmm2d", "--steps", "5", "--config", str(cfg), "--quiet"]
-    _one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
+    _one_and_two_processes(args, tmp_path / "one", tmp_path / "two", launcher)
     a, b = fs.from_pretrained(tmp_path / "one"), fs.from_pretrained(tmp_path / "two")
     diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     assert diff < 1e-5
@@ -214,3 +232,19 @@ def test_two_process_compare_matches_one_process(tmp_path):
     two = list(csv.DictReader(open(tmp_path / "two" / "compare.csv")))
     assert [(r["solver"], r["nfe_used"]) for r in one] == [(r["solver"], r["nfe_used"]) for r in two]
     assert all(abs(float(a["value"]) - float(b["value"])) < 1e-9 for a, b in zip(one, two))
+
+
+def test_two_process_generator_sampling_and_score_gan_training(tmp_path):
+    """`accelerate launch -m flowsolve train score-gan` with 2 processes gives the weights of one
+    process on the same global batch, and sampling its generator with 2 processes gives the
+    same samples as one."""
+    cfg = tmp_path / "small.json"
+    cfg.write_text('{"width": 32, "depth": 2, "latent": 8, "score_width": 32, "score_depth": 2, "K": 2}')
+    args = ["train", "score-gan", "--data", "gmm2d", "--steps", "3", "--config", str(cfg), "--quiet"]
+    _one_and_two_processes(args, tmp_path / "one", tmp_path / "two", "accelerate")
+    a, b = fs.from_pretrained(tmp_path / "one"), fs.from_pretrained(tmp_path / "two")
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
+    args = ["sample", "--model", str(tmp_path / "one"), "--num-samples", "33", "--seed", "2", "--quiet"]
+    _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy", "accelerate")
+    assert "on 2 processes (accelerate)" in r2.stdout
+    assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))

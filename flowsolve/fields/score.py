@@ -76,6 +76,10 @@ class ScoreDifference(Field):
     Stochastic form (Eq. 21, with the roles of α written so that α = 0 is the ODE and α = 1
     the reverse SDE of Eq. 7): the share α of the −μ_ρ ∇log ρ term is traded for Brownian
     noise of variance 2 α μ_ρ σ |dσ| (Fokker–Planck), which leaves every marginal unchanged.
+
+    `mu_data` and `mu_rho` may also be functions of σ (tensor in, tensor out): the DiffFlow family
+    of weighted real/generated scores, e.g. a learned-ρ correction only below some σ. Such fields
+    integrate their SDE by Euler–Maruyama (`method="em"`).
     """
 
     time_is_sigma = True
@@ -102,7 +106,12 @@ class ScoreDifference(Field):
         if not 0 < lo < hi < float("inf"):
             raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
         self.data, self.rho, self.kind = data, rho, kind
-        self.mu_data, self.mu_rho = float(mu_data), float(mu_rho)
+        for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
+            if not callable(mu) and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
+                raise TypeError(f"{name}: expected a number or a function of sigma, got {type(mu).__name__}")
+        self.weighted = callable(mu_data) or callable(mu_rho)
+        self.mu_data = mu_data if callable(mu_data) else float(mu_data)
+        self.mu_rho = mu_rho if callable(mu_rho) else float(mu_rho)
         self.sigma_min, self.sigma_max, self.rho_grid = lo, hi, float(rho_grid)
         self.t_start, self.t_end, self.prior_std = hi, 0.0, hi
         self.data_shape = tuple(shape) if shape is not None else _shape_of(data)
@@ -120,19 +129,31 @@ class ScoreDifference(Field):
         r_rho = None if self.rho is None else x - self._denoise(self.rho, x, sigma)
         return r_data, r_rho, as_column(sigma, x)
 
+    def _weights(self, s: torch.Tensor):
+        """(μ_data, μ_ρ) as numbers, or as columns when they are functions of σ."""
+        if not self.weighted:
+            return self.mu_data, self.mu_rho
+        flat = s.reshape(-1)
+
+        def at(mu):
+            return (mu(flat).to(s.dtype).reshape(s.shape) if callable(mu) else mu)
+        return at(self.mu_data), at(self.mu_rho)
+
     def grad_h(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """∇h = μ_data ∇log[p ⋆ k_σ] − μ_ρ ∇log[ρ ⋆ k_σ] (Eq. 19, 26) at noise level σ."""
         r_data, r_rho, s = self._residuals(x, sigma)
+        mu_d, mu_r = self._weights(s)
         if r_rho is None:
-            return -(self.mu_data - self.mu_rho) * r_data / s ** 2
-        return -(self.mu_data * r_data - self.mu_rho * r_rho) / s ** 2
+            return -(mu_d - mu_r) * r_data / s ** 2
+        return -(mu_d * r_data - mu_r * r_rho) / s ** 2
 
     # -- the flow ------------------------------------------------------------------------
     def _velocity(self, r_data, r_rho, s, rho_share: float):
+        mu_d, mu_r = self._weights(s)
         if r_rho is None:
-            c = self.mu_data - rho_share * self.mu_rho
-            return r_data / s if c == 1.0 else c * r_data / s
-        return (self.mu_data * r_data - rho_share * self.mu_rho * r_rho) / s
+            c = mu_d - rho_share * mu_r
+            return r_data / s if (isinstance(c, float) and c == 1.0) else c * r_data / s
+        return (mu_d * r_data - rho_share * mu_r * r_rho) / s
 
     def __call__(self, x, t):
         """dx/dσ = −σ ∇h = (μ_data (x − D_data) − μ_ρ (x − D_ρ)) / σ (Eq. 8, 9)."""
@@ -144,10 +165,15 @@ class ScoreDifference(Field):
         return self._velocity(r_data, r_rho, s, 1.0 - alpha), self.diffusion(batch_time(t, x), alpha)
 
     def diffusion(self, t, alpha=1.0):
-        return 2.0 * alpha * self.mu_rho * t
+        mu_r = self.mu_rho(torch.as_tensor(t).reshape(-1)).reshape(torch.as_tensor(t).shape) \
+            if callable(self.mu_rho) else self.mu_rho
+        return 2.0 * alpha * mu_r * t
 
     def sde_coefficients(self, alpha: float) -> tuple[float, float]:
         """(c, κ) with drift_α = c (x − D_α)/σ and noise rate 2κσ: c = μ_data − (1 − α) μ_ρ, κ = α μ_ρ."""
+        if self.weighted:
+            raise ValueError("method: 'exp' needs constant mu_data and mu_rho; this field weights them by σ, "
+                             "use method='em'")
         c = self.mu_data - (1.0 - alpha) * self.mu_rho
         if c <= 0:
             raise ValueError(f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "

@@ -28,7 +28,8 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
     field = run.field
     coeffs = getattr(field, "sde_coefficients", None)
     if method == "auto":
-        method = "exp" if (field.time_is_sigma and coeffs is not None) else "em"
+        method = "exp" if (field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)) \
+            else "em"
     if method not in ("exp", "em"):
         raise ValueError(f"method: expected 'auto', 'exp' or 'em', got {method!r}")
     if method == "exp" and (not field.time_is_sigma or coeffs is None):

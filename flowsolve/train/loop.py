@@ -45,14 +45,10 @@ def is_main_process() -> bool:
 
 def sync_gradients(params) -> None:
     """Average gradients over the processes (no-op in one process); call between backward and step."""
-    size = _WORLD["size"]
-    if size == 1:
+    if _WORLD["size"] == 1:
         return
-    import torch.distributed as dist
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= size
+    from ..distributed import reduce_mean
+    reduce_mean([p.grad for p in params if p.grad is not None])
 
 
 class CheckpointError(ValueError):
@@ -264,11 +260,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if size > 1:                          # data parallel: average the gradients
-                        import torch.distributed as dist
+                        from ..distributed import reduce_mean
                         sync_gradients(model.parameters())
                         t_loss = torch.tensor([value])
-                        dist.all_reduce(t_loss)
-                        value = float(t_loss) / size
+                        reduce_mean([t_loss])
+                        value = float(t_loss)
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     opt.step()
