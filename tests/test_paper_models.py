@@ -86,6 +86,37 @@ def test_discriminator_fast_gradient_matches_autograd():
     assert torch.allclose(fast, -2.0 * grad, atol=1e-6)
 
 
+def test_low_precision_simulation_is_close_and_tracks_the_weights():
+    """compute_dtype='bfloat16' (DFConfig.sim_dtype): the field stays within bf16 round-off of the
+    float32 one (for the fast MLP pass and the autocast path of conv discriminators), comes back in
+    float32, and the cached low-precision weights follow optimizer steps."""
+    from flowsolve.models import ConvDiscriminator
+    torch.manual_seed(0)
+    d = Discriminator(2, width=256, depth=4, init_gain=None)
+    x = torch.randn(200, 2) * 3
+    exact = fs.fields.DiscriminatorFlow(d, eta=20.0)
+    low = fs.fields.DiscriminatorFlow(d, eta=20.0, compute_dtype="bfloat16")
+    with torch.no_grad():
+        a, b = exact(x, 0.3), low(x, 0.3)
+    assert b.dtype == torch.float32                  # bf16 keeps 8 mantissa bits: ~5% here, ~1% once trained
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.1
+    opt = torch.optim.SGD(d.parameters(), lr=0.5)
+    d(x, 0.3).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        a2, b2 = exact(x, 0.3), low(x, 0.3)
+    assert ((a2 - b2).norm() / a2.norm()).item() < 0.1 and not torch.allclose(a2, a)
+    c = ConvDiscriminator((1, 8, 8), width=8)
+    for lin in c.film:
+        torch.nn.init.normal_(lin.weight, std=0.3)
+    xi = torch.randn(6, 1, 8, 8)
+    ga = fs.fields.DiscriminatorFlow(c, eta=1.0)(xi, 0.5)
+    gb = fs.fields.DiscriminatorFlow(c, eta=1.0, compute_dtype=torch.bfloat16)(xi, 0.5)
+    assert gb.dtype == torch.float32 and 0 < ((ga - gb).norm() / ga.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="compute_dtype"):
+        fs.fields.DiscriminatorFlow(d, compute_dtype="int8")
+
+
 def test_discriminator_flow_ipm_moves_mass_to_the_data(tmp_path):
     """Alg. 3 with the IPM loss and a gradient penalty on one Gaussian: particles from N(0, I)
     end up near the data mean (3, 0) and the saved model reloads with the same flow."""

@@ -24,7 +24,8 @@ class DiscriminatorFlow(Field):
     finite_at_end = True
 
     def __init__(self, discriminator: Callable, eta: float = 20.0, loss: str = "vanilla", steps: int = 56,
-                 t_end: float = 1.0, shape: Sequence[int] | None = None) -> None:
+                 t_end: float = 1.0, shape: Sequence[int] | None = None,
+                 compute_dtype: torch.dtype | str | None = None) -> None:
         from ..models.gan import GANLoss
         if not callable(discriminator):
             raise TypeError(f"discriminator: expected a callable f(x, t), got {type(discriminator).__name__}")
@@ -33,6 +34,7 @@ class DiscriminatorFlow(Field):
         if not 0 < t_end <= 1:
             raise ValueError(f"t_end: expected a time in (0, 1], got {t_end!r}")
         self.f, self.eta, self.loss = discriminator, float(eta), GANLoss(loss)
+        self.compute_dtype = _low_precision(compute_dtype)
         self.t_start, self.t_end, self.prior_std = 0.0, float(t_end), 1.0
         self.default_nfe = max(1, round(int(steps) * t_end))
         self.train_steps = int(steps)
@@ -45,7 +47,7 @@ class DiscriminatorFlow(Field):
         """∇h = −∇_x (c∘f)(x, t) (Finding 9)."""
         fast = getattr(self.f, "value_and_input_grad", None)
         if fast is not None and not torch.is_grad_enabled():   # models.Discriminator: hand-written backward
-            value, grad_f = fast(x, t)                      # ∇(c∘f) = c'(f) ∇f
+            value, grad_f = fast(x, t, self.compute_dtype) if self.compute_dtype else fast(x, t)   # ∇(c∘f) = c'(f) ∇f
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
                 (dc,) = torch.autograd.grad(self.loss.c(v).sum(), v)
@@ -53,12 +55,29 @@ class DiscriminatorFlow(Field):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
-            out = self.loss.c(self.f(xg, tt)).sum()
+            if self.compute_dtype is None:
+                out = self.loss.c(self.f(xg, tt)).sum()
+            else:                                           # mixed precision for networks without a fast pass
+                with torch.autocast(x.device.type, dtype=self.compute_dtype):
+                    f = self.f(xg, tt)
+                out = self.loss.c(f.to(x.dtype)).sum()
             (g,) = torch.autograd.grad(out, xg)
-        return -g
+        return -g.to(x.dtype)
 
     def __call__(self, x, t):
         return self.eta * self.grad_h(x, t)
+
+
+def _low_precision(dtype) -> torch.dtype | None:
+    """None, or a torch float dtype given as itself or by name ('bfloat16', 'float16')."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        ok = dtype is None or dtype.is_floating_point
+    else:
+        dtype = getattr(torch, str(dtype), None)
+        ok = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    if not ok:
+        raise ValueError(f"compute_dtype: expected None or a float dtype such as 'bfloat16', got {dtype!r}")
+    return dtype
 
 
 def rbf_kernel_grad(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]):

@@ -137,27 +137,46 @@ class Discriminator(ModelMixin, ConfigMixin):
             tt = tt[:1]
         return self.embed(tt).to(flat.dtype) @ lin.weight[:, dim:].T + lin.bias
 
-    def value_and_input_grad(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f(x, t), ∇_x f(x, t)) by a hand-written backward pass through the leaky-ReLU MLP: the
-        inner loop of Discriminator Flows (Alg. 3) without autograd bookkeeping; no parameter grads."""
-        flat = x.reshape(len(x), -1)
+    def _layers(self, dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of every Linear layer, detached; in `dtype` through a copy that is refreshed
+        only when the parameters change (their version counters), i.e. once per optimizer step."""
         lins = [m for m in self.net if isinstance(m, nn.Linear)]
-        slopes = []
+        if dtype is None or dtype == lins[0].weight.dtype:
+            return [(m.weight.detach(), m.bias.detach()) for m in lins]
+        key = (dtype, tuple((id(p), p._version) for m in lins for p in (m.weight, m.bias)))
+        cache = self.__dict__.get("_low_precision")
+        if cache is None or cache[0] != key:
+            cache = (key, [(m.weight.detach().to(dtype), m.bias.detach().to(dtype)) for m in lins])
+            self.__dict__["_low_precision"] = cache
+        return cache[1]
+
+    def value_and_input_grad(self, x: torch.Tensor, t, dtype: torch.dtype | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x, t), ∇_x f(x, t)) by a hand-written backward pass through the leaky-ReLU MLP: the
+        inner loop of Discriminator Flows (Alg. 3) without autograd bookkeeping; no parameter grads.
+        With `dtype` (e.g. torch.bfloat16) the 512-wide layers run in that precision; the time
+        embedding, the first layer's input and the results stay in x's dtype."""
+        flat = x.reshape(len(x), -1)
+        dim = flat.shape[1]
+        layers = self._layers(dtype)
+        low = layers[0][0].dtype
         with torch.no_grad():
-            first = lins[0]
+            w1 = self.net[0].weight
             if self.embed is not None:
-                z = flat @ first.weight[:, : self.config.dim].T + self._first_bias(t, flat)
+                z = flat @ w1[:, :dim].T + self._first_bias(t, flat)
             else:
-                z = flat @ first.weight.T + first.bias
-            for lin in lins[1:]:
-                slope = torch.where(z > 0, 1.0, 0.2).to(z.dtype)
-                slopes.append(slope)
-                z = (z * slope) @ lin.weight.T + lin.bias
-            value = z.squeeze(1)
-            g = lins[-1].weight.expand(len(x), -1)
-            for lin, slope in zip(reversed(lins[1:-1]), reversed(slopes[1:])):
-                g = (g * slope) @ lin.weight
-            g = (g * slopes[0]) @ lins[0].weight[:, : flat.shape[1]]
+                z = flat @ w1.T + self.net[0].bias
+            z = z.to(low)
+            masks = []
+            for w, b in layers[1:]:
+                mask = z > 0
+                masks.append(mask)
+                z = torch.where(mask, z, 0.2 * z) @ w.T + b
+            value = z.squeeze(1).to(x.dtype)
+            g = layers[-1][0].expand(len(x), -1)
+            for (w, _), mask in zip(reversed(layers[1:-1]), reversed(masks[1:])):
+                g = torch.where(mask, g, 0.2 * g) @ w
+            g = torch.where(masks[0], g, 0.2 * g).to(flat.dtype) @ w1[:, :dim]
         return value, g.reshape(x.shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:

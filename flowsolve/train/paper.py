@@ -89,6 +89,7 @@ class DFConfig(LoopConfig):
     init_gain: float = 0.02
     solver: str = "euler"            # the library solver that simulates the partial trajectories
     segments: int = 8                # trajectory pieces: particles stop once past their training step
+    sim_dtype: str | None = None     # e.g. "bfloat16": simulate the particles with a low-precision copy of f
     data_size: int | None = None
 
 
@@ -103,9 +104,10 @@ class DiscriminatorFlowModel(nn.Module):
         self.data_shape = data_shape
         self.metadata: dict = {}
 
-    def field(self, t_end: float = 1.0):
+    def field(self, t_end: float = 1.0, compute_dtype: torch.dtype | str | None = None):
         from ..fields import DiscriminatorFlow
-        return DiscriminatorFlow(self.f, self.eta, self.loss, self.steps, t_end=t_end, shape=self.data_shape)
+        return DiscriminatorFlow(self.f, self.eta, self.loss, self.steps, t_end=t_end, shape=self.data_shape,
+                                 compute_dtype=compute_dtype)
 
     def forward(self, x, t):
         return self.f(x, t)
@@ -151,7 +153,7 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
     def step_fn(m: DiscriminatorFlowModel, g: torch.Generator, _step: int) -> float:
         # every draw is global-sized (the random stream stays in step across processes), then sharded
         x0 = torch.randn(cfg.batch_size, *shape, generator=g)
-        field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape)
+        field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.sim_dtype)
         i = torch.randint(cfg.N, (cfg.batch_size,), generator=g)
         real = fsdata.batches(src, cfg.batch_size, g)
         u = torch.rand(cfg.batch_size, generator=g)
