@@ -60,7 +60,13 @@ MALFORMED = [
     ("train-lr", lambda: fs.train.edm("gmm2d", steps=1, lr=-1.0, progress=False), ValueError, "lr"),
     ("train-data", lambda: fs.train.edm("no-such-dataset"), ValueError, "data"),
     ("df-loss", lambda: fs.train.discriminator_flow("gmm2d", loss="wgan", steps=1, progress=False), ValueError, "loss"),
-    ("df-images", lambda: fs.train.discriminator_flow("digits", steps=1, progress=False), ValueError, "data"),
+    ("df-matrices", lambda: fs.train.discriminator_flow(torch.zeros(8, 2, 3), steps=1, progress=False), ValueError,
+     "data"),
+    ("train-device", lambda: fs.train.edm("gmm2d", steps=1, device="tpu", progress=False), ValueError, "device"),
+    ("df-dtype", lambda: fs.fields.DiscriminatorFlow(lambda x, t: x.sum(1), compute_dtype="int8"), ValueError,
+     "compute_dtype"),
+    ("score-weights", lambda: fs.fields.ScoreDifference(GMM.denoiser, mu_data="2"), TypeError, "mu_data"),
+    ("dcgan-shape", lambda: fs.models.DCGANGenerator((1, 2, 2)), ValueError, "data_shape"),
     ("scoregan-shape", lambda: fs.train.score_gan(GMM.denoiser, None, steps=1, progress=False), ValueError,
      "data_shape"),
     ("digits-split", lambda: fs.data.digits("validation"), ValueError, "split"),
@@ -185,17 +191,22 @@ def test_two_process_sampling_matches_one_process(tmp_path, launcher):
 def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.json"
-    cfg.write_text('{"width": 32, "depth": 2, "emb_size": 8, "checkpoint_every": 100000}')
+    cfg.write_text('{"width": 32, "depth": 2, "emb_size": 8, "checkpoint_every": 40}')
     cmd = [sys.executable, "-m", "flowsolve", "train", "edm", "--data", "gmm2d", "--out", str(out), "--steps",
            "1000000", "--config", str(cfg), "--quiet"]
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(12)                                  # imports, then training steps
+    first = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)                             # training is running once the step-40 checkpoint exists
+    assert first.exists(), "no checkpoint appeared"
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err[-1500:]
     assert "checkpoint written" in err
     ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["step"] > 0
+    assert ck["step"] >= 40
     r = subprocess.run(cmd[:-4] + [str(ck["step"] + 5), "--config", str(cfg), "--resume", "--quiet"], env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-1500:]

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .. import data as fsdata
-from .loop import LoopConfig, fit, merge_config, seeded, training_record
+from .loop import LoopConfig, device, fit, merge_config, seeded, shard, training_record
 
 __all__ = ["FeaturesConfig", "digits_features"]
 
@@ -43,11 +43,12 @@ def digits_features(*, out: str | os.PathLike | None = None, config: dict | None
 
     def loss_fn(m, g):
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        return torch.nn.functional.cross_entropy(m(_shift(train.x[idx], g)), train.labels[idx])
+        x, y = shard(_shift(train.x[idx], g)), shard(train.labels[idx])          # this process's rows
+        return torch.nn.functional.cross_entropy(m(x), y)
 
     ema, history = fit(net, loss_fn, cfg, out=out, progress=progress, extra={"objective": "features"})
     with torch.no_grad():
-        acc = (ema(test.x).argmax(1) == test.labels).float().mean().item()
+        acc = (ema(test.x.to(device())).argmax(1).cpu() == test.labels).float().mean().item()
     ema.metadata = {**training_record(cfg, "digits-train", "classifier", history, command),
                     "held_out_accuracy": round(acc, 4)}
     if out is not None:

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "is_main_process", "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint", "load_checkpoint",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "device", "resolve_device", "is_main_process", "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint", "load_checkpoint",
            "CheckpointError"]
 
 
-_WORLD = {"rank": 0, "size": 1}
+_WORLD = {"rank": 0, "size": 1, "device": torch.device("cpu")}
 
 
 def shard(t: torch.Tensor) -> torch.Tensor:
@@ -31,12 +31,38 @@ def shard(t: torch.Tensor) -> torch.Tensor:
     launch): every process draws the same global batch from the shared seed and keeps its rows, so
     the averaged gradient equals the one-process gradient of the whole batch."""
     size = _WORLD["size"]
+    t = t.to(_WORLD["device"])
     if size == 1:
         return t
     if len(t) % size:
         raise ValueError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
     k = len(t) // size
     return t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
+
+
+def resolve_device(cfg) -> torch.device:
+    """The training device: cfg.device, or for "auto" Accelerate's device under `accelerate launch`,
+    else cuda:LOCAL_RANK (cuda when alone) when CUDA is available, else the CPU."""
+    want = getattr(cfg, "device", "auto") or "auto"
+    if want == "auto":
+        from ..distributed import accelerator, engine, is_launched
+        if is_launched() and engine() == "accelerate":
+            return torch.device(accelerator().device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_launched() else 0)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {want!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {want!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def device() -> torch.device:
+    """The device of the running training loop (where `shard` puts the batch)."""
+    return _WORLD["device"]
 
 
 def is_main_process() -> bool:
@@ -67,6 +93,7 @@ class LoopConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     seed: int = 0
+    device: str = "auto"          # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
 
 
 def check_keys(given: dict, cls, what: str = "config") -> None:
@@ -201,7 +228,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     if size > 1 and not parallel:
         raise ValueError("training: this objective runs in one process only (its particle field couples the "
                          "whole batch); launch it without torchrun")
-    _WORLD.update(rank=rank, size=size)
+    _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
+    model.to(_WORLD["device"])
     model.train()
     opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
     base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .. import data as fsdata
-from .loop import LoopConfig, fit, is_main_process, merge_config, seeded, shard, sync_gradients, training_record
+from .loop import (LoopConfig, fit, is_main_process, merge_config, resolve_device, seeded, shard, sync_gradients,
+                   training_record)
 
 __all__ = ["int_pm_loss", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig",
            "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
@@ -325,7 +326,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
     gen = seeded(cfg.seed, lambda: _generator(shape, cfg))
     pair = _GenPair(gen, score)
     if isinstance(teacher, nn.Module):
-        teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False).to(resolve_device(cfg))
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_s = torch.optim.Adam(score.parameters(), lr=cfg.score_lr, betas=cfg.score_betas)
 
@@ -410,8 +411,8 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     def step_fn(m, g, _step):
-        x = m(torch.randn(cfg.batch_size, cfg.latent, generator=g))
-        real = fsdata.batches(src, cfg.batch_size, g).reshape(cfg.batch_size, -1)
+        x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))      # one process: only the device
+        real = shard(fsdata.batches(src, cfg.batch_size, g)).reshape(cfg.batch_size, -1)
         xf = x.detach().reshape(len(x), -1)
         _, g_data = rbf_kernel_grad(xf, real, cfg.bandwidths)
         _, g_self = rbf_kernel_grad(xf, xf, cfg.bandwidths)
