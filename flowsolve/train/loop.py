@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "device", "resolve_device", "is_main_process", "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint", "load_checkpoint",
-           "CheckpointError"]
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "device", "resolve_device", "is_main_process", "sync_gradients",
+           "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
+           "load_checkpoint", "CheckpointError"]
 
 
 _WORLD = {"rank": 0, "size": 1, "device": torch.device("cpu")}
