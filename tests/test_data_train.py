@@ -173,3 +173,27 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match="at step 3.*last good checkpoint"):
         fit(model, loss_fn, cfg, out=tmp_path, progress=False)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedule_is_applied_after_warmup(schedule):
+    """The learning rate the optimizer sees at each step: warm-up ramp × 1, ½(1 + cos πu) or 1 − u."""
+    import math
+
+    from flowsolve.train.loop import LoopConfig, fit
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = []
+
+    def step_fn(m, g, step):
+        seen.append(opt.param_groups[0]["lr"])
+        return 0.0
+    cfg = LoopConfig(steps=10, warmup=2, lr=0.1, lr_schedule=schedule, ema_decay=0.0, checkpoint_every=100,
+                     log_every=5)
+    fit(net, None, cfg, optimizers={"m": opt}, step_fn=step_fn, progress=False)
+    decay = {"constant": lambda u: 1.0, "cosine": lambda u: 0.5 * (1 + math.cos(math.pi * u)),
+             "linear": lambda u: 1 - u}[schedule]
+    want = [0.1 * min(1.0, (k + 1) / 2) * decay(k / 10) for k in range(10)]
+    assert seen == pytest.approx(want)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(net, None, LoopConfig(steps=1, lr_schedule="step"), optimizers={"m": opt}, step_fn=step_fn, progress=False)

@@ -41,6 +41,19 @@ def shard(t: torch.Tensor) -> torch.Tensor:
     return t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning-rate multiplier at `step` of `steps`: 1, ½(1 + cos πu) or 1 − u with u = step/steps."""
+    u = min(1.0, step / max(1, steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * u))
+    if schedule == "linear":
+        return 1.0 - u
+    return 1.0
+
+
 def resolve_device(cfg) -> torch.device:
     """The training device: cfg.device, or for "auto" Accelerate's device under `accelerate launch`,
     else cuda:LOCAL_RANK (cuda when alone) when CUDA is available, else the CPU."""
@@ -89,6 +102,7 @@ class LoopConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 100             # linear learning-rate warm-up steps
+    lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 at `steps`
     ema_decay: float = 0.999      # EMA of the weights, with the usual (1 + k)/(10 + k) ramp
     grad_clip: float | None = 1.0
     checkpoint_every: int = 1000
@@ -224,6 +238,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     if not cfg.lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    schedule = getattr(cfg, "lr_schedule", "constant")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
     from ..distributed import is_launched, world
     rank, size = world() if is_launched() else (0, 1)
     if size > 1 and not parallel:
@@ -275,7 +292,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
     try:
         while step < cfg.steps:
-            ramp = min(1.0, (step + 1) / max(1, cfg.warmup))
+            ramp = min(1.0, (step + 1) / max(1, cfg.warmup)) * lr_factor(schedule, step, cfg.steps)
             for k, o in opts.items():
                 for g, lr in zip(o.param_groups, base_lr[k]):
                     g["lr"] = lr * ramp
