@@ -7,9 +7,10 @@ the mean NLL under the exact mixture and the training time:
 - EDM (pretrained/gmm2d-edm, Table 5) with Heun at 13 and 55 NFE,
 - Discriminator Flow (Alg. 3, Table 4: N = 56, η = 20) at 14 (early grid) and 56 NFE,
 - GAN (Table 6), Score GAN (Alg. 1, Table 7, teacher = pretrained/gmm2d-edm), both one evaluation,
-- MMD gradient flow (PM, η = 100, 200 Euler steps) and its generator twin (Int-PM).
+- MMD gradient flow (PM, η = 200, 200 Euler steps) and its generator twin (Int-PM).
 
     python examples/paper_gaussians.py [--runs runs/paper-gaussians] [--retrain] [--out results/]
+        [--ema 0.999] [--mmd-steps 400]     # EMA of the generators' weights; a longer MMD flow
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--out", default=None, help="folder for results.json and a scatter PNG per model")
     ap.add_argument("--figures", default=None, help="folder for the paper-style flow figures (Figures 8–12)")
+    ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the generators' weights (0: Tables 6–7)")
+    ap.add_argument("--mmd-steps", type=int, default=200, help="Euler steps of the MMD flow PM")
+    ap.add_argument("--mmd-eta", type=float, default=200.0, help="gradient strength of the MMD flow PM (time span)")
     args = ap.parse_args()
     runs = Path(args.runs)
     gmm = fs.data.GaussianMixture.paper()
@@ -71,17 +75,19 @@ def main() -> None:
     add("Discriminator Flow 14 (coarse grid)", fs.sample(df.field(), "euler", nfe=14, n=args.n, seed=0), 14, s)
     add("Discriminator Flow 14 (early stop T'=0.25)", fs.sample(df.field(t_end=0.25), "euler", nfe=14, n=args.n, seed=0),
         14, s)
-    g, s = train_or_load("gan", runs, args.retrain, lambda out: fs.train.gan("gmm2d", out=out))
+    g, s = train_or_load("gan", runs, args.retrain, lambda out: fs.train.gan("gmm2d", out=out, ema_decay=args.ema))
     add("GAN", g.sample(args.n, seed=0), 1, s)
     g, s = train_or_load("score-gan", runs, args.retrain,
-                         lambda out: fs.train.score_gan(teacher, (2,), out=out, data_name="gmm2d"))
+                         lambda out: fs.train.score_gan(teacher, (2,), out=out, data_name="gmm2d",
+                                                        ema_decay=args.ema))
     add("Score GAN", g.sample(args.n, seed=0), 1, s)
-    g, s = train_or_load("mmd-generator", runs, args.retrain, lambda out: fs.train.mmd_generator("gmm2d", out=out))
+    g, s = train_or_load("mmd-generator", runs, args.retrain,
+                         lambda out: fs.train.mmd_generator("gmm2d", out=out, ema_decay=args.ema))
     add("MMD generator (Int-PM)", g.sample(args.n, seed=0), 1, s)
     data = gmm.sample(args.n, torch.Generator().manual_seed(2))
     t0 = time.perf_counter()
-    add("MMD flow (PM)", fs.sample(fs.fields.MMDFlow(data, eta=100.0), "euler", nfe=200, n=args.n, seed=0), 200,
-        round(time.perf_counter() - t0, 1))
+    add("MMD flow (PM)", fs.sample(fs.fields.MMDFlow(data, eta=args.mmd_eta), "euler", nfe=args.mmd_steps, n=args.n,
+                                   seed=0), args.mmd_steps, round(time.perf_counter() - t0, 1))
     if args.figures:
         figs = Path(args.figures)
         figs.mkdir(parents=True, exist_ok=True)
@@ -90,8 +96,9 @@ def main() -> None:
         fs.viz.flow_panels(df.field(), figs / "discriminator_flow.png", nfe=56, reference=gmm,
                            heat=lambda p, t: df.field().loss.c(df.f(p, t)),
                            title="Discriminator Flow (Table 4), euler 56 NFE, background c∘f")
-        fs.viz.flow_panels(fs.fields.MMDFlow(data[:500], eta=100.0), figs / "mmd_flow.png", nfe=200, reference=gmm,
-                           title="MMD gradient flow (Table 2), euler 200 NFE")
+        fs.viz.flow_panels(fs.fields.MMDFlow(data[:500], eta=args.mmd_eta), figs / "mmd_flow.png", nfe=args.mmd_steps,
+                           reference=gmm, title=f"MMD gradient flow (Table 2), η = {args.mmd_eta:g}, euler "
+                                                f"{args.mmd_steps} NFE")
     rows.append({"model": "true samples", "nfe": None, "train_s": None, **measure(data, gmm, true)})
     print(f"n = {args.n} samples (seed 0) against {args.n} exact mixture samples (seed 1)\n")
     print("| model | NFE | modes (share per mode) | within 3 std | energy distance | mean NLL | training s |")
