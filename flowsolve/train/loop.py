@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "device", "resolve_device", "is_main_process", "sync_gradients",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "shard_all", "device", "resolve_device", "is_main_process", "sync_gradients",
            "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
            "load_checkpoint", "CheckpointError"]
 
@@ -77,6 +77,11 @@ def resolve_device(cfg) -> torch.device:
 def device() -> torch.device:
     """The device of the running training loop (where `shard` puts the batch)."""
     return _WORLD["device"]
+
+
+def shard_all(t: torch.Tensor) -> torch.Tensor:
+    """The whole global batch on this process's device (for terms every process needs in full)."""
+    return t.to(_WORLD["device"])
 
 
 def is_main_process() -> bool:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .. import data as fsdata
-from .loop import (LoopConfig, fit, is_main_process, merge_config, resolve_device, seeded, shard, sync_gradients,
-                   training_record)
+from .loop import (LoopConfig, fit, is_main_process, merge_config, resolve_device, seeded, shard, shard_all,
+                   sync_gradients, training_record)
 
 __all__ = ["int_pm_loss", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS",
            "MMDConfig", "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
@@ -418,7 +418,9 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
                   resume: bool = False, progress: bool = True, command: str | None = None, **overrides):
     """The Int-PM twin of the MMD gradient flow (Table 2): the generator follows
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
-    generator, no discriminator)."""
+    generator, no discriminator). On several processes each generates its rows of the global batch
+    and gathers everyone's, so ρ is the same global batch as in one process."""
+    from ..distributed import gather_rows, is_launched
     from ..fields.particles import rbf_kernel_grad
 
     cfg = merge_config(MMDConfig, {}, config, overrides)
@@ -427,19 +429,21 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     def step_fn(m, g, _step):
-        x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))      # one process: only the device
-        real = shard(fsdata.batches(src, cfg.batch_size, g)).reshape(cfg.batch_size, -1)
+        x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))     # this process's generated rows
+        real = shard_all(fsdata.batches(src, cfg.batch_size, g)).reshape(cfg.batch_size, -1)
         xf = x.detach().reshape(len(x), -1)
+        everyone = torch.cat(gather_rows(xf)) if is_launched() else xf   # ρ is the whole generated batch
         _, g_data = rbf_kernel_grad(xf, real, cfg.bandwidths)
-        _, g_self = rbf_kernel_grad(xf, xf, cfg.bandwidths)
+        _, g_self = rbf_kernel_grad(xf, everyone, cfg.bandwidths)
         direction = (g_data.mean(1) - g_self.mean(1)).reshape(x.shape)
         opt.zero_grad(set_to_none=True)
         int_pm_loss(x, direction, cfg.normalize).backward()
+        sync_gradients(m.parameters())
         opt.step()
         return float(direction.square().sum(-1).mean().sqrt())
 
     ema, history = fit(gen, None, cfg, out=out, resume=resume, progress=progress, optimizers={"g": opt},
-                       step_fn=step_fn, extra={"objective": "mmd", "data": name}, parallel=False)
+                       step_fn=step_fn, extra={"objective": "mmd", "data": name})
     ema.metadata = training_record(cfg, name, "mmd", history, command)
     if out is not None:
         _save_generator(ema, out, "mmd", name, ema.metadata)
