@@ -134,6 +134,9 @@ def sample_sharded(field, solver: str = "heun", nfe: int | None = None, *, n: in
     rank, size = world()
     if size == 1:
         return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
+    if getattr(field, "interacting", False):
+        raise ValueError(f"field: {type(field).__name__} couples all particles, so splitting them over processes "
+                         f"would change the flow; sample it in one process")
     start, end = shard_range(n, rank, size)
     if end > start:
         if x_init is not None:

@@ -101,6 +101,8 @@ class MMDFlow(Field):
     default_grid = "uniform"
     time_is_sigma = False
 
+    interacting = True      # the field at one particle depends on all of them
+
     def __init__(self, data: torch.Tensor, bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
                  eta: float = 1.0, t_end: float = 1.0, steps: int = 100) -> None:
         if not isinstance(data, torch.Tensor) or data.dim() != 2:
@@ -125,6 +127,8 @@ class SVGD(Field):
 
     default_grid = "uniform"
     time_is_sigma = False
+
+    interacting = True      # the field at one particle depends on all of them
 
     def __init__(self, score: Callable[[torch.Tensor], torch.Tensor], bandwidths: Sequence[float] = (1.0,),
                  eta: float = 1.0, t_end: float = 1.0, steps: int = 200, shape: Sequence[int] | None = None) -> None:

@@ -397,12 +397,14 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
 
 @dataclasses.dataclass
 class MMDConfig(LoopConfig):
-    steps: int = 2000
+    # not in the paper's tables (Table 2 gives the flow only): measured on the mixture, 2000 steps
+    # without EMA leave 10% of the mass between modes, 4000 steps with EMA 0.999 leave 6%
+    steps: int = 4000
     batch_size: int = 256
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.999
     grad_clip: float | None = None
     checkpoint_every: int = 500
     bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
