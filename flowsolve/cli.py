@@ -160,6 +160,14 @@ def cmd_train(args) -> int:
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
+    if args.select_every is not None:
+        if args.objective not in ("gan", "score-gan", "mmd-flow") or args.data != "digits":
+            raise UserError(f"--select-every: model selection by validation FD is for gan, score-gan and mmd-flow "
+                            f"on --data digits, got {args.objective} on {args.data!r}")
+        if args.select_every < 1:
+            raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
+        from .evaluate import validation_fd
+        common.update(select=validation_fd(), select_every=args.select_every)
     if args.objective == "features":
         if args.data != "digits":
             raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
@@ -285,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--select-every", type=int, default=None, metavar="N",
+                   help="gan/score-gan/mmd-flow on digits: keep the generator with the best validation FD "
+                        "(against the training digits), scored every N steps (Table 7's model selection)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)

@@ -28,6 +28,23 @@ def test_free_particles_reproduce_the_pm_step(gmm):
     assert torch.allclose(x.detach(), pm, atol=1e-6)
 
 
+def test_noisy_int_pm_step_is_euler_maruyama(gmm):
+    """Eq. 22 with an identity NTK: one SGD step on the noisy direction moves free particles by
+    ∇h dt + γ √dt ξ (Euler–Maruyama of dx = ∇h dt + γ dW), for dt = lr / batch size."""
+    from flowsolve.train import noisy_direction
+    x0 = gmm.sample(64, torch.Generator().manual_seed(0))
+    x = torch.nn.Parameter(x0.clone())
+    xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    dt, gamma = 0.04, 0.7
+    v = gmm.score(x0)
+    opt = torch.optim.SGD([x], lr=dt * len(x0))
+    int_pm_loss(x, noisy_direction(v, gamma, dt, xi)).backward()
+    opt.step()
+    assert torch.allclose(x.detach(), x0 + dt * v + gamma * dt ** 0.5 * xi, atol=1e-5)
+    with pytest.raises(ValueError, match="dt"):
+        noisy_direction(v, gamma, 0.0, xi)
+
+
 def test_linear_generator_moves_particles_through_its_ntk():
     """Eq. 12: for g(z) = W z the NTK is k(z, z') = (z·z') I, so one SGD step moves g(z) by
     lr/B Σ_b (z·z_b) v_b exactly."""
@@ -278,3 +295,25 @@ def test_image_trainers_and_cli_on_digits(tmp_path):
     assert type(gen).__name__ == "DCGANGenerator"
     report = fs.evaluate.evaluate_digits(gen, n=50)
     assert report.nfe == 1 and report.solver == "generator" and report.fd > 0
+
+
+def test_cli_select_every_keeps_the_best_validation_fd(tmp_path):
+    """`flowsolve train score-gan --select-every N` scores the generator every N steps against the
+    training digits and saves the best one, recording which; it refuses data without the score."""
+    cfg = tmp_path / "small.json"
+    cfg.write_text('{"conv_width": 8, "latent": 8, "batch_size": 16, "checkpoint_every": 2}')
+    out = tmp_path / "sg"
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--out", str(out),
+                 "--steps", "4", "--config", str(cfg), "--select-every", "2", "--quiet"]) == 0
+    meta = fs.from_pretrained(out).metadata["training"]
+    scores = {2: None, 4: None}
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    import json
+    for step, value in json.loads(ck["extra"])["history"]["selection"]:
+        scores[step] = value
+    assert meta["selected"]["step"] == min(scores, key=scores.get)
+    assert meta["selected"]["value"] == pytest.approx(min(scores.values()))
+    from flowsolve.evaluate import validation_fd
+    assert validation_fd()(fs.from_pretrained(out)) == pytest.approx(meta["selected"]["value"], rel=1e-4)
+    assert main(["train", "gan", "--data", "gmm2d", "--out", str(tmp_path / "g"), "--select-every", "2",
+                 "--quiet"]) == 2

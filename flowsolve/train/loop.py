@@ -151,7 +151,8 @@ def training_record(cfg, data: str, objective: str, history: dict, command: str 
                          "seconds": round(seconds, 1),
                          "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
                          "final_loss": history["loss"][-1] if history["loss"] else None, "command": command,
-                         "torch": torch.__version__, "threads": torch.get_num_threads(), **extra}}
+                         "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         **({"selected": history["selected"]} if "selected" in history else {}), **extra}}
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -197,12 +198,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opts: dict[str, torch.optim.Optimizer],
-                    gen: torch.Generator, extra: dict) -> None:
-    """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt."""
+                    gen: torch.Generator, extra: dict, best: dict | None = None) -> None:
+    """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt.
+    `best` (model selection) holds the selected weights with their step and score."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                  "optimizer": {k: o.state_dict() for k, o in opts.items()}, "generator": gen.get_state(),
-                  "extra": json.dumps(extra)}, path)
+    ck = {"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+          "optimizer": {k: o.state_dict() for k, o in opts.items()}, "generator": gen.get_state(),
+          "extra": json.dumps(extra)}
+    if best is not None:
+        ck["best"] = best
+    _atomic_save(ck, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -227,13 +232,19 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
         step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
-        parallel: bool = True) -> tuple[nn.Module, dict]:
+        parallel: bool = True, select: Callable[[nn.Module], float] | None = None,
+        select_every: int | None = None) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
     Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
     that updates them and returns the loss to log. With `out`, checkpoints go to
     out/checkpoints/last.pt every cfg.checkpoint_every steps and on SIGINT/SIGTERM, and
     `resume=True` continues from the last one (model, EMA, optimizers, step, RNG).
+
+    Model selection (Table 7: "best validation FID"): with `select`, the EMA model is scored every
+    `select_every` steps (default: cfg.checkpoint_every) and at the end, lower is better; the best
+    weights are returned (and kept in the checkpoints, so a resumed run selects the same way).
+    `select` must not touch the training RNG (use its own seeds).
     """
     from tqdm.auto import tqdm
 
@@ -261,6 +272,10 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
     save_here = ck_path if rank == 0 else None
     step, history = 0, {"loss": [], "step": [], "seconds": 0.0}
+    best: dict | None = None
+    every = select_every or cfg.checkpoint_every
+    if select is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"select_every: expected a positive integer, got {select_every!r}")
     if resume:
         if ck_path is None:
             raise ValueError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
@@ -275,12 +290,22 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                                   f"({str(e).splitlines()[0][:200]})") from None
         gen.set_state(ck["generator"])
         step = int(ck["step"])
+        best = ck.get("best") if select is not None else None
         history = json.loads(ck["extra"]).get("history", history)
     meta = dict(extra or {})
 
     def checkpoint() -> None:
         if save_here is not None:
-            save_checkpoint(ck_path, step, model, ema, opts, gen, {**meta, "history": history})
+            save_checkpoint(ck_path, step, model, ema, opts, gen, {**meta, "history": history}, best)
+
+    def score() -> None:
+        nonlocal best
+        with torch.no_grad():
+            value = float(select(ema.model))
+        history.setdefault("selection", []).append([step, value])
+        if best is None or value < best["value"]:
+            best = {"step": step, "value": value,
+                    "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()}}
 
     stop = {"signal": None}
 
@@ -330,6 +355,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                 history["loss"].append(running)
                 history["step"].append(step)
                 bar.set_postfix(loss=f"{running:.4f}")
+            if select is not None and (step % every == 0 or step == cfg.steps):
+                score()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 history["seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -346,4 +373,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
             signal.signal(s, h)
     history["seconds"] += time.perf_counter() - t0
     model.eval()
+    if best is not None:
+        ema.model.load_state_dict(best["state"])
+        history["selected"] = {"step": best["step"], "value": best["value"]}
     return ema.model, history

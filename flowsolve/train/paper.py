@@ -17,7 +17,7 @@ from .. import data as fsdata
 from .loop import (LoopConfig, fit, is_main_process, merge_config, resolve_device, seeded, shard, shard_all,
                    sync_gradients, training_record)
 
-__all__ = ["int_pm_loss", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS",
+__all__ = ["int_pm_loss", "noisy_direction", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS",
            "MMDConfig", "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
 
 
@@ -30,6 +30,15 @@ def int_pm_loss(x: torch.Tensor, direction: torch.Tensor, normalize: bool = Fals
     if normalize:
         v = v / v.reshape(len(v), -1).square().mean(1).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
     return -(x * v).reshape(len(x), -1).sum(1).mean()
+
+
+def noisy_direction(direction: torch.Tensor, gamma: float, dt: float, noise: torch.Tensor) -> torch.Tensor:
+    """The particle direction of the noisy Int-PM (Eq. 22), dg = A(∇h dt + γ dW): ∇h + γ ξ/√dt with
+    ξ ~ N(0, I), so that a generator step of size dt moves free particles by ∇h dt + γ √dt ξ, the
+    Euler–Maruyama step. For the mean loss of `int_pm_loss` under SGD, dt = lr / batch size."""
+    if not dt > 0:
+        raise ValueError(f"dt: expected a positive step, got {dt!r}")
+    return direction + gamma * noise / dt ** 0.5
 
 
 def p_sigma(n: int, sigma_min: float, sigma_max: float, rho: float, generator: torch.Generator) -> torch.Tensor:
@@ -197,6 +206,14 @@ class _GenPair(nn.Module):
         self.g, self.aux = g, aux
 
 
+def _selection(select, every, pair: bool = True) -> dict:
+    """fit's model selection (Table 7: best validation FID) for a generator model: `select(generator)`
+    is scored on the EMA generator (lower is better)."""
+    if select is None:
+        return {}
+    return {"select": (lambda m: select(m.g)) if pair else select, "select_every": every}
+
+
 def _save_generator(gen, out, objective: str, name: str, metadata: dict) -> None:
     if not is_main_process():
         return
@@ -228,7 +245,8 @@ class GANConfig(LoopConfig):
 
 
 def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
-        progress: bool = True, command: str | None = None, **overrides):
+        progress: bool = True, command: str | None = None, select=None, select_every: int | None = None,
+        **overrides):
     """A GAN as an Int-PM (Finding 5): h = −c∘f, pushed through the generator by `int_pm_loss`."""
     from ..models.gan import GANLoss, gradient_penalty
 
@@ -264,7 +282,8 @@ def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
         return -obj.item()
 
     ema, history = fit(pair, None, cfg, out=out, resume=resume, progress=progress,
-                       optimizers={"g": opt_g, "d": opt_d}, step_fn=step_fn, extra={"objective": "gan", "data": name})
+                       optimizers={"g": opt_g, "d": opt_d}, step_fn=step_fn, extra={"objective": "gan", "data": name},
+                       **_selection(select, select_every))
     gen = ema.g
     gen.metadata = training_record(cfg, name, "gan", history, command)
     if out is not None:
@@ -314,7 +333,7 @@ SCORE_GAN_IMAGE_DEFAULTS = dict(
 
 def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | os.PathLike | None = None,
               config: dict | None = None, resume: bool = False, progress: bool = True, command: str | None = None,
-              data_name: str = "teacher", **overrides):
+              data_name: str = "teacher", select=None, select_every: int | None = None, **overrides):
     """A Score GAN (Alg. 1, App. B.1): a generator distilled from a data denoiser `teacher`
     (D(x, σ), e.g. `fs.from_pretrained(...)`, `from_diffusers(...)` or an exact mixture denoiser),
     with the generated-distribution score learned online by denoising score matching (K steps per
@@ -376,8 +395,8 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
             d_data, d_rho = teacher(xt, sigma), m.aux(xt, sigma)
             s = col(sigma, x)
             direction = s * (cfg.mu_data * (d_data - xt) - cfg.mu_rho * (d_rho - xt)) / s ** 2   # σ · ∇h
-            if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), per step
-                direction = direction + cfg.gamma * shard(gam)
+            if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), dt = lr / B
+                direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
         opt_g.zero_grad(set_to_none=True)
         int_pm_loss(x, direction, cfg.normalize).backward()
         sync_gradients(m.g.parameters())
@@ -386,7 +405,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
 
     ema, history = fit(pair, None, cfg, out=out, resume=resume, progress=progress,
                        optimizers={"g": opt_g, "s": opt_s}, step_fn=step_fn,
-                       extra={"objective": "score-gan", "data": data_name})
+                       extra={"objective": "score-gan", "data": data_name}, **_selection(select, select_every))
     g_out = ema.g
     g_out.metadata = training_record(cfg, data_name, "score-gan", history, command)
     object.__setattr__(g_out, "generated_score", ema.aux)   # kept for inspection, not saved with the generator
@@ -417,7 +436,8 @@ class MMDConfig(LoopConfig):
 
 
 def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                  resume: bool = False, progress: bool = True, command: str | None = None, **overrides):
+                  resume: bool = False, progress: bool = True, command: str | None = None, select=None,
+                  select_every: int | None = None, **overrides):
     """The Int-PM twin of the MMD gradient flow (Table 2): the generator follows
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
     generator, no discriminator). On several processes each generates its rows of the global batch
@@ -445,7 +465,8 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
         return float(direction.square().sum(-1).mean().sqrt())
 
     ema, history = fit(gen, None, cfg, out=out, resume=resume, progress=progress, optimizers={"g": opt},
-                       step_fn=step_fn, extra={"objective": "mmd", "data": name})
+                       step_fn=step_fn, extra={"objective": "mmd", "data": name},
+                       **_selection(select, select_every, pair=False))
     ema.metadata = training_record(cfg, name, "mmd", history, command)
     if out is not None:
         _save_generator(ema, out, "mmd", name, ema.metadata)
