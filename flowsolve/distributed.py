@@ -79,7 +79,9 @@ def reduce_mean(tensors: list[torch.Tensor]) -> None:
 
 
 def gather_rows(part: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's equally shaped `part`, in rank order."""
+    """Every process's equally shaped `part`, in rank order ([part] in one process)."""
+    if not is_launched():
+        return [part]
     if engine() == "accelerate":
         size = world()[1]
         return list(accelerator().gather(part.contiguous()).chunk(size))
@@ -172,11 +174,6 @@ def generate_sharded(generator, n: int, *, seed: int) -> torch.Tensor:
     rank, size = world()
     if size == 1:
         return generator.sample(n, seed=seed)
-    z = generator.latents(n, seed)
     start, end = shard_range(n, rank, size)
-    was = generator.training
-    generator.eval()
-    p = next(generator.parameters())
-    part = generator(z[start:end].to(p.device, p.dtype)) if end > start else None
-    generator.train(was)
+    part = generator.generate(generator.latents(n, seed)[start:end]) if end > start else None
     return _gather_ranges(part, n, tuple(generator.data_shape))

@@ -47,7 +47,7 @@ class DiscriminatorFlow(Field):
         """∇h = −∇_x (c∘f)(x, t) (Finding 9)."""
         fast = getattr(self.f, "value_and_input_grad", None)
         if fast is not None and not torch.is_grad_enabled():   # models.Discriminator: hand-written backward
-            value, grad_f = fast(x, t, self.compute_dtype) if self.compute_dtype else fast(x, t)   # ∇(c∘f) = c'(f) ∇f
+            value, grad_f = fast(x, t, self.compute_dtype)            # ∇(c∘f) = c'(f) ∇f
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
                 (dc,) = torch.autograd.grad(self.loss.c(v).sum(), v)

@@ -165,8 +165,7 @@ class ScoreDifference(Field):
         return self._velocity(r_data, r_rho, s, 1.0 - alpha), self.diffusion(batch_time(t, x), alpha)
 
     def diffusion(self, t, alpha=1.0):
-        mu_r = self.mu_rho(torch.as_tensor(t).reshape(-1)).reshape(torch.as_tensor(t).shape) \
-            if callable(self.mu_rho) else self.mu_rho
+        _, mu_r = self._weights(torch.as_tensor(t))
         return 2.0 * alpha * mu_r * t
 
     def sde_coefficients(self, alpha: float) -> tuple[float, float]:

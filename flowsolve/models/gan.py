@@ -248,16 +248,20 @@ class _Sampling:
         return torch.randn(n, self.config.latent, generator=generator)
 
     @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """g(z) in inference mode (batch norm on its running statistics), on the generator's device."""
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = self(z.to(p.device, p.dtype))
+        self.train(was)
+        return x
+
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """n samples with one network evaluation (z from `seed`)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive integer, got {n!r}")
-        was = self.training
-        self.eval()
-        p = next(self.parameters())
-        x = self(self.latents(n, seed).to(p.device, p.dtype))
-        self.train(was)
-        return x
+        return self.generate(self.latents(n, seed))
 
 
 class Generator(_Sampling, ModelMixin, ConfigMixin):

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "shard_all", "device", "resolve_device", "is_main_process", "sync_gradients",
-           "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
+__all__ = ["LoopConfig", "EMA", "fit", "shard", "shard_all", "device", "resolve_device", "is_main_process",
+           "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
            "load_checkpoint", "CheckpointError"]
 
 
@@ -32,13 +32,12 @@ def shard(t: torch.Tensor) -> torch.Tensor:
     launch): every process draws the same global batch from the shared seed and keeps its rows, so
     the averaged gradient equals the one-process gradient of the whole batch."""
     size = _WORLD["size"]
-    t = t.to(_WORLD["device"])
-    if size == 1:
-        return t
-    if len(t) % size:
-        raise ValueError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
-    k = len(t) // size
-    return t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
+    if size > 1:
+        if len(t) % size:
+            raise ValueError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
+        k = len(t) // size
+        t = t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
+    return t.to(_WORLD["device"])
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -232,7 +231,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
         step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
-        parallel: bool = True, select: Callable[[nn.Module], float] | None = None,
+        select: Callable[[nn.Module], float] | None = None,
         select_every: int | None = None) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
@@ -259,9 +258,6 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
     from ..distributed import is_launched, world
     rank, size = world() if is_launched() else (0, 1)
-    if size > 1 and not parallel:
-        raise ValueError("training: this objective runs in one process only (its particle field couples the "
-                         "whole batch); launch it without torchrun")
     _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
     model.to(_WORLD["device"])
     model.train()

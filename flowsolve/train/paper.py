@@ -442,7 +442,7 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
     generator, no discriminator). On several processes each generates its rows of the global batch
     and gathers everyone's, so ρ is the same global batch as in one process."""
-    from ..distributed import gather_rows, is_launched
+    from ..distributed import gather_rows
     from ..fields.particles import rbf_kernel_grad
 
     cfg = merge_config(MMDConfig, {}, config, overrides)
@@ -454,7 +454,7 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
         x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))     # this process's generated rows
         real = shard_all(fsdata.batches(src, cfg.batch_size, g)).reshape(cfg.batch_size, -1)
         xf = x.detach().reshape(len(x), -1)
-        everyone = torch.cat(gather_rows(xf)) if is_launched() else xf   # ρ is the whole generated batch
+        everyone = torch.cat(gather_rows(xf))                # ρ is the whole generated batch, on every process
         _, g_data = rbf_kernel_grad(xf, real, cfg.bandwidths)
         _, g_self = rbf_kernel_grad(xf, everyone, cfg.bandwidths)
         direction = (g_data.mean(1) - g_self.mean(1)).reshape(x.shape)
