@@ -161,13 +161,15 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
-        if args.objective not in ("gan", "score-gan", "mmd-flow") or args.data != "digits":
-            raise UserError(f"--select-every: model selection by validation FD is for gan, score-gan and mmd-flow "
-                            f"on --data digits, got {args.objective} on {args.data!r}")
+        if args.objective not in ("gan", "score-gan", "mmd-flow") or args.data not in ("digits", "gmm2d", "moons"):
+            raise UserError(f"--select-every: model selection (validation FD on digits, validation energy distance "
+                            f"on gmm2d and moons) is for gan, score-gan and mmd-flow, got {args.objective} on "
+                            f"{args.data!r}")
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
-        from .evaluate import validation_fd
-        common.update(select=validation_fd(), select_every=args.select_every)
+        from .evaluate import validation_energy, validation_fd
+        select = validation_fd() if args.data == "digits" else validation_energy(args.data)
+        common.update(select=select, select_every=args.select_every)
     if args.objective == "features":
         if args.data != "digits":
             raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
@@ -294,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--select-every", type=int, default=None, metavar="N",
-                   help="gan/score-gan/mmd-flow on digits: keep the generator with the best validation FD "
-                        "(against the training digits), scored every N steps (Table 7's model selection)")
+                   help="gan/score-gan/mmd-flow: keep the generator with the best validation score, computed "
+                        "every N steps (Table 7's model selection): FD against the training digits on digits, "
+                        "energy distance to fresh validation samples on gmm2d and moons")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
