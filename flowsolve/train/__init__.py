@@ -5,6 +5,6 @@ from .loop import EMA, CheckpointError, LoopConfig, fit
 from .paper import (DFConfig, DiscriminatorFlowModel, GANConfig, MMDConfig, ScoreGANConfig, discriminator_flow, gan,
                     int_pm_loss, mmd_generator, noisy_direction, p_sigma, score_gan)
 
-__all__ = ["edm", "ddpm", "digits_features", "discriminator_flow", "gan", "score_gan", "mmd_generator", "int_pm_loss", "noisy_direction",
-           "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig", "DiscriminatorFlowModel", "EDMConfig", "FeaturesConfig", "LoopConfig", "EMA", "fit",
-           "CheckpointError"]
+__all__ = ["edm", "ddpm", "digits_features", "discriminator_flow", "gan", "score_gan", "mmd_generator", "int_pm_loss",
+           "noisy_direction", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "MMDConfig",
+           "DiscriminatorFlowModel", "EDMConfig", "FeaturesConfig", "LoopConfig", "EMA", "fit", "CheckpointError"]

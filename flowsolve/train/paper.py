@@ -17,8 +17,8 @@ from .. import data as fsdata
 from .loop import (LoopConfig, fit, is_main_process, merge_config, resolve_device, seeded, shard, shard_all,
                    sync_gradients, training_record)
 
-__all__ = ["int_pm_loss", "noisy_direction", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS",
-           "MMDConfig", "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
+__all__ = ["int_pm_loss", "noisy_direction", "p_sigma", "DFConfig", "GANConfig", "ScoreGANConfig",
+           "SCORE_GAN_IMAGE_DEFAULTS", "MMDConfig", "DiscriminatorFlowModel", "discriminator_flow", "gan", "score_gan", "mmd_generator"]
 
 
 # -- the Int-PM generator step ------------------------------------------------------------------
