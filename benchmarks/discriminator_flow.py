@@ -1,6 +1,6 @@
 """Discriminator Flow training speed with Table 4's mixture settings (MLP 512×4, batch 128,
 N = 56, η = 20): flowsolve's trainer (float32, and with the particles simulated by a bfloat16 copy
-of the discriminator, `sim_dtype="bfloat16"`) against a plain implementation of Alg. 3 (every
+of the discriminator, `compute_dtype="bfloat16"`) against a plain implementation of Alg. 3 (every
 particle simulated over all N steps with autograd, as the paper's code does), and against the paper's
 own implementation's figure measured on this machine (4.4 it/s on 2 CPU cores, from the issue).
 
@@ -48,9 +48,9 @@ def plain_alg3(iters: int, N: int = 56, eta: float = 20.0, batch: int = 128) -> 
     return iters / (time.perf_counter() - t0)
 
 
-def flowsolve_df(iters: int, sim_dtype: str | None = None) -> float:
+def flowsolve_df(iters: int, compute_dtype: str | None = None) -> float:
     t0 = time.perf_counter()
-    fs.train.discriminator_flow("gmm2d", steps=iters, progress=False, sim_dtype=sim_dtype)
+    fs.train.discriminator_flow("gmm2d", steps=iters, progress=False, compute_dtype=compute_dtype)
     return iters / (time.perf_counter() - t0)
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     print("| implementation | it/s | vs plain Alg. 3 | vs paper's code (4.4 it/s) |")
     print("|---|---:|---:|---:|")
     print(f"| flowsolve `train.discriminator_flow` (float32) | {o:.2f} | {o / p:.2f} | {o / PAPER_CODE_IT_S:.2f} |")
-    print(f"| flowsolve, `sim_dtype=\"bfloat16\"` (particles simulated in bf16) | {b:.2f} | {b / p:.2f} | "
+    print(f"| flowsolve, `compute_dtype=\"bfloat16\"` (particles simulated in bf16) | {b:.2f} | {b / p:.2f} | "
           f"{b / PAPER_CODE_IT_S:.2f} |")
     print(f"| plain Alg. 3 (full trajectories, autograd) | {p:.2f} | 1.00 | {p / PAPER_CODE_IT_S:.2f} |")
 

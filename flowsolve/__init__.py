@@ -1,13 +1,14 @@
 """flowsolve: generative models as particles following a vector field ∇h_ρ
 (Franceschi et al., "Unifying GANs and Score-Based Diffusion as Generative Particle Models", NeurIPS 2023).
 """
-from . import data, fields, grids, latent, metrics, solvers, viz
+from . import data, errors, fields, grids, latent, metrics, solvers, viz
+from .errors import FlowsolveError
 from .fields import Field
-from .sample import SampleInfo, sample
+from .sample import SampleInfo, sample, sample_sharded
 
 __version__ = "0.1.0"
-__all__ = ["sample", "SampleInfo", "Field", "fields", "solvers", "grids", "data", "metrics", "models", "viz", "latent", "train", "from_pretrained",
-           "compare", "__version__"]
+__all__ = ["sample", "sample_sharded", "SampleInfo", "Field", "FlowsolveError", "errors", "fields", "solvers", "grids",
+           "data", "metrics", "models", "viz", "latent", "train", "from_pretrained", "compare", "__version__"]
 
 
 def __getattr__(name: str):

@@ -19,34 +19,22 @@ from pathlib import Path
 import torch
 
 from . import solvers
-from .sample import sample
+from .errors import ArgumentError, FlowsolveError
+from .fields import Field
+from .sample import sample, sample_sharded
 
 BUILTIN_MODELS = {
     "gmm2d": "the exact paper mixture (App. D.1: 5 modes on a circle of radius 5, std 0.5) as an EDM field",
 }
 
 
-class UserError(Exception):
+class UserError(ArgumentError):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
-def _generator_model(name: str):
-    p = Path(name) / "flowsolve.json"
-    if not p.is_file():
-        return None
-    import json
-    try:
-        kind = json.loads(p.read_text()).get("type")
-    except json.JSONDecodeError as e:
-        raise UserError(f"--model: {str(p)!r} is not valid JSON ({e})") from None
-    if kind != "generator":
-        return None
-    from .models import from_pretrained
-    return from_pretrained(name)
-
-
-def load_model(name: str):
-    """A field from a built-in name or a model folder / Hub id (returns (field, reference data or None))."""
+def load_any(name: str):
+    """A built-in name or a model folder / Hub id → (model, reference data or None), where the model is
+    a Field (built-ins), a ParticleModel or a GeneratorModel: what it is, it says by its type."""
     from . import data, fields
 
     if name == "gmm2d":
@@ -55,15 +43,22 @@ def load_model(name: str):
     if not Path(name).exists() and "/" not in name:
         raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id or a built-in model "
                         f"({', '.join(BUILTIN_MODELS)})")
-    from .models import Denoiser, from_pretrained
+    from .models import GeneratorModel, ParticleModel, from_pretrained
     model = from_pretrained(name)
-    if hasattr(model, "field") and not isinstance(model, Denoiser):     # a Discriminator Flow
-        ref = data.GaussianMixture.paper() if model.metadata.get("data") == "gmm2d" else None
-        return model.field(), ref
-    if not isinstance(model, Denoiser):
+    if not isinstance(model, (ParticleModel, GeneratorModel)):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
-    ref = data.GaussianMixture.paper() if model.metadata.get("data") == "gmm2d" else None
-    return fields.EDM(model), ref
+    ref = data.GaussianMixture.paper() if getattr(model, "metadata", {}).get("data") == "gmm2d" else None
+    return model, ref
+
+
+def load_model(name: str):
+    """The field of a particle model (returns (field, reference data or None)); generators are refused."""
+    from .models import GeneratorModel
+    model, ref = load_any(name)
+    if isinstance(model, GeneratorModel):
+        raise UserError(f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
+                        f"use `flowsolve sample` or `flowsolve eval`")
+    return (model if isinstance(model, Field) else model.field()), ref
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -97,29 +92,23 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
 
 def cmd_sample(args) -> int:
     from .distributed import is_launched
-    gen = _generator_model(args.model)
-    if gen is not None:                      # a generator: one network evaluation, solver/nfe unused
+    from .models import GeneratorModel, generate_sharded
+    model, ref = load_any(args.model)
+    if isinstance(model, GeneratorModel):      # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
-        if is_launched():
-            from .distributed import generate_sharded
-            x = generate_sharded(gen, args.n, seed=args.seed)
-        else:
-            x = gen.sample(args.n, seed=args.seed)
-        from . import data
-        ref = data.GaussianMixture.paper() if gen.metadata.get("data") == "gmm2d" else None
+        x = generate_sharded(model, args.n, seed=args.seed) if is_launched() else model.sample(args.n, seed=args.seed)
         procs = f" on {_processes()}" if is_launched() else ""
         if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
             print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
                   f"{time.perf_counter() - t0:.2f} s")
         return 0
-    field, ref = load_model(args.model)
+    field = model if isinstance(model, Field) else model.field()
     options = _parse_options(args.option)
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
     if is_launched():              # accelerate launch / torchrun: each process draws its share
-        from .distributed import sample_sharded
         x = sample_sharded(field, args.solver, args.nfe, n=args.n, seed=args.seed, batch_size=args.batch_size,
                            **options)
         procs = _processes()
@@ -142,7 +131,7 @@ def _teacher(args):
     if args.teacher:
         from .models import Denoiser, from_pretrained
         t = from_pretrained(args.teacher)
-        if not isinstance(t, Denoiser):
+        if not isinstance(t, Denoiser):     # a Score GAN's teacher is a data denoiser D(x, σ)
             raise UserError(f"--teacher: {args.teacher!r} holds a {type(t).__name__}, not a denoiser")
         return t, t.data_shape
     if args.data == "gmm2d":
@@ -155,14 +144,19 @@ def cmd_train(args) -> int:
     from . import train
     from .train.loop import load_config_file
 
+    if args.objective == "mmd-flow":           # the name before 0.2: it trains the MMD *generator*
+        print("flowsolve: warning: 'train mmd-flow' is renamed 'train mmd-generator'; the old name goes in the "
+              "next release", file=sys.stderr)
+        args.objective = "mmd-generator"
+
     config = load_config_file(args.config) if args.config else None
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
-        if args.objective not in ("gan", "score-gan", "mmd-flow"):
-            raise UserError(f"--select-every: model selection is for the generators gan, score-gan and mmd-flow, "
+        if args.objective not in ("gan", "score-gan", "mmd-generator"):
+            raise UserError(f"--select-every: model selection is for the generators gan, score-gan and mmd-generator, "
                             f"got {args.objective}")
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
@@ -179,7 +173,7 @@ def cmd_train(args) -> int:
         model = train.score_gan(teacher, shape, resume=args.resume, data_name=args.data, **common)
     else:
         trainer = {"edm": train.edm, "ddpm": train.ddpm, "discriminator-flow": train.discriminator_flow,
-                   "gan": train.gan, "mmd-flow": train.mmd_generator}[args.objective]
+                   "gan": train.gan, "mmd-generator": train.mmd_generator}[args.objective]
         model = trainer(args.data, resume=args.resume, **common)
     if not finish_processes():
         return 0
@@ -191,9 +185,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_digits
 
-    gen = _generator_model(args.model)
-    field = gen if gen is not None else load_model(args.model)[0]
-    report = evaluate_digits(field, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
+    from .models import GeneratorModel
+    model, _ = load_any(args.model)
+    target = model if isinstance(model, (GeneratorModel, Field)) else model.field()
+    report = evaluate_digits(target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                              progress=not args.quiet)
     print(report.markdown())
     if args.json:
@@ -283,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
     t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
-                                     "mmd-flow: the paper's models; features: the digits FD network)")
+                                     "mmd-generator: the paper's models; features: the digits FD network)")
     t.add_argument("objective", choices=["edm", "ddpm", "features", "discriminator-flow", "gan", "score-gan",
-                                         "mmd-flow"])
+                                         "mmd-generator", "mmd-flow"],
+                   help="mmd-flow is the old name of mmd-generator (accepted for one release)")
     t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
     t.add_argument("--teacher", default=None, help="score-gan: the pretrained data score (model folder or Hub id)")
@@ -296,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--select-every", type=int, default=None, metavar="N",
-                   help="gan/score-gan/mmd-flow: keep the generator with the best validation score, computed "
+                   help="gan/score-gan/mmd-generator: keep the generator with the best validation score, computed "
                         "every N steps (Table 7's model selection): FD against the training digits on digits, "
                         "energy distance to fresh validation samples on gmm2d and moons")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -341,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as e:
+    except FlowsolveError as e:              # the library's own errors: one line; genuine bugs keep their traceback
+        print(f"flowsolve: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                     # the machine said no (permissions, disk full, ...)
         print(f"flowsolve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 
 from . import metrics as M
-from .distributed import is_launched, sample_sharded
-from .sample import sample
+from .distributed import is_launched
+from .sample import initial_noise, sample, sample_sharded
+from .errors import ArgumentError
 
 __all__ = ["CompareTable", "compare", "METRICS"]
 
@@ -94,18 +95,18 @@ def _scorer(metric: str, field, reference, n: int, features):
         return rmse
     if metric == "nll":
         if reference is None or not hasattr(reference, "log_prob"):
-            raise ValueError("metric: 'nll' needs an exact density (the gmm2d model)")
+            raise ArgumentError("metric: 'nll' needs an exact density (the gmm2d model)")
         return lambda x, x0: M.nll(x, reference)
     if metric == "fd":
         from .data import digits
         from .models import from_pretrained
         feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
         if feats is None:
-            raise ValueError("metric: 'fd' needs a feature network (features=)")
+            raise ArgumentError("metric: 'fd' needs a feature network (features=)")
         held = digits("test").x
         return lambda x, x0: M.frechet_distance(x, held, feats)
     if reference is None:
-        raise ValueError(f"metric: {metric!r} needs reference samples (reference=)")
+        raise ArgumentError(f"metric: {metric!r} needs reference samples (reference=)")
     ref = reference.sample(n, torch.Generator().manual_seed(10 ** 6)) if hasattr(reference, "sample") else reference
     fn = {"energy": M.energy_distance, "mmd": M.mmd, "sliced": M.sliced_wasserstein}[metric]
     return lambda x, x0: fn(x.reshape(len(x), -1), ref.reshape(len(ref), -1).to(x.dtype))
@@ -120,18 +121,21 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
     from . import solvers as registry
 
     if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+        raise ArgumentError(f"metric: expected one of {METRICS}, got {metric!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds: expected a positive integer, got {seeds!r}")
+        raise ArgumentError(f"seeds: expected a positive integer, got {seeds!r}")
     for s in solvers:
         registry.get(s)        # unknown names fail here, listing the valid ones
     score = _scorer(metric, field, reference, n, features)
+    shape = field.data_shape
+    if shape is None:
+        raise ArgumentError(f"field: {type(field).__name__} does not know its data shape; make it with shape=(...)")
     rows = []
     for solver in solvers:
         for budget in nfe:
             values, secs, used = [], [], None
             for seed in range(seeds):
-                x0 = field.prior(n, generator=torch.Generator().manual_seed(seed))
+                x0 = initial_noise(field, seed, 0, n, shape)    # sample i of seed s: as in sample(seed=s)
                 try:
                     if is_launched():           # torchrun / accelerate launch: split the particles, gather
                         used = sample(field, solver, nfe=budget, x_init=x0[:1], seed=seed, return_info=True,
@@ -157,6 +161,6 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
                 r = rows[-1]
                 print(f"{solver:>22} nfe {budget:>4} ({used}): {r['value']:.4g} ± {r['std']:.2g}  {r['seconds']:.2f} s")
     if not rows:
-        raise ValueError("nfe: no (solver, NFE) cell could run; budgets are below every solver's minimum")
+        raise ArgumentError("nfe: no (solver, NFE) cell could run; budgets are below every solver's minimum")
     return CompareTable(metric, model_name, rows)
 

@@ -3,17 +3,18 @@ by `accelerate launch` (or FLOWSOLVE_ENGINE=accelerate), torch.distributed other
 Both launchers set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 
 The rest of flowsolve uses only the collectives below (`world`, `reduce_mean`, `gather_rows`,
-`barrier`, `finish`), so training (gradient averaging over the global batch), sharded sampling
-(per-sample seeds make the gathered result identical to one process) and `compare` run unchanged
-on either engine."""
+`gather_ranges`, `barrier`, `finish`), so training (gradient averaging over the global batch),
+sharded sampling (`fs.sample_sharded`: per-sample seeds make the gathered result identical to one
+process) and `compare` run unchanged on either engine. This module knows nothing of sampling."""
 from __future__ import annotations
 
 import os
 
 import torch
+from .errors import ArgumentError, MissingDependency
 
 __all__ = ["world", "is_launched", "engine", "accelerator", "reduce_mean", "gather_rows", "barrier", "finish",
-           "sample_sharded", "generate_sharded", "shard_range"]
+           "shard_range", "gather_ranges"]
 
 _STATE: dict = {"accelerator": None}
 ENGINES = ("torch", "accelerate")
@@ -29,7 +30,7 @@ def engine() -> str:
     FLOWSOLVE_ENGINE=accelerate; 'torch' otherwise (or with FLOWSOLVE_ENGINE=torch)."""
     chosen = os.environ.get("FLOWSOLVE_ENGINE", "").strip().lower()
     if chosen and chosen not in ENGINES:
-        raise ValueError(f"FLOWSOLVE_ENGINE: expected one of {ENGINES}, got {chosen!r}")
+        raise ArgumentError(f"FLOWSOLVE_ENGINE: expected one of {ENGINES}, got {chosen!r}")
     if not chosen:
         chosen = "accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else "torch"
     return chosen
@@ -41,7 +42,7 @@ def accelerator():
         try:
             from accelerate import Accelerator
         except ImportError:
-            raise ImportError("engine: 'accelerate' needs Hugging Face Accelerate; pip install 'flowsolve[distributed]' "
+            raise MissingDependency("engine: 'accelerate' needs Hugging Face Accelerate; pip install 'flowsolve[distributed]' "
                               "or launch with torchrun") from None
         _STATE["accelerator"] = Accelerator(cpu=not torch.cuda.is_available())
     return _STATE["accelerator"]
@@ -123,36 +124,7 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def sample_sharded(field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None, seed: int,
-                   x_init: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """`flowsolve.sample` split over the launched processes; every process returns all n samples
-    (with `x_init`, each process integrates its rows of it)."""
-    from .sample import sample
-
-    if seed is None:
-        raise ValueError("seed: sharded sampling needs an explicit seed shared by every process")
-    if x_init is not None:
-        n = len(x_init)
-    rank, size = world()
-    if size == 1:
-        return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
-    if getattr(field, "interacting", False):
-        raise ValueError(f"field: {type(field).__name__} couples all particles, so splitting them over processes "
-                         f"would change the flow; sample it in one process")
-    start, end = shard_range(n, rank, size)
-    if end > start:
-        if x_init is not None:
-            part = sample(field, solver, nfe, x_init=x_init[start:end], seed=seed, index_offset=start, **kwargs)
-        else:
-            part = sample(field, solver, nfe, n=end - start, seed=seed, index_offset=start, **kwargs)
-    else:
-        part = None
-    shape = (tuple(part.shape[1:]) if part is not None else
-             tuple(x_init.shape[1:]) if x_init is not None else tuple(kwargs.get("shape") or field.data_shape))
-    return _gather_ranges(part, n, shape)
-
-
-def _gather_ranges(part: torch.Tensor | None, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+def gather_ranges(part: torch.Tensor | None, n: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Concatenate every process's rows `shard_range(n, rank, size)` in order (padded to one size
     for the collective, trimmed after)."""
     rank, size = world()
@@ -163,17 +135,3 @@ def _gather_ranges(part: torch.Tensor | None, n: int, shape: tuple[int, ...]) ->
     bufs = gather_rows(buf)
     sizes = [end - start for start, end in (shard_range(n, r, size) for r in range(size))]
     return torch.cat([b[:k] for b, k in zip(bufs, sizes)])
-
-
-@torch.no_grad()
-def generate_sharded(generator, n: int, *, seed: int) -> torch.Tensor:
-    """`generator.sample(n, seed)` split over the launched processes: the latents are drawn once from
-    `seed` (so the result equals one process's), each process evaluates its rows, all gather."""
-    if seed is None:
-        raise ValueError("seed: sharded sampling needs an explicit seed shared by every process")
-    rank, size = world()
-    if size == 1:
-        return generator.sample(n, seed=seed)
-    start, end = shard_range(n, rank, size)
-    part = generator.generate(generator.latents(n, seed)[start:end]) if end > start else None
-    return _gather_ranges(part, n, tuple(generator.data_shape))

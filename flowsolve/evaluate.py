@@ -12,6 +12,7 @@ import torch
 
 from . import data as fsdata
 from .metrics import frechet_distance
+from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["DigitsReport", "evaluate_digits", "digits_quality", "validation_fd", "validation_energy"]
 
@@ -50,7 +51,7 @@ class DigitsReport:
 def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int = 0) -> DigitsReport:
     """FD of `samples` (n, 1, 8, 8) in [−1, 1] against the held-out digits, its floor, class shares."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"samples: expected digits of shape (n, 1, 8, 8), got {tuple(samples.shape)}")
+        raise ArgumentError(f"samples: expected digits of shape (n, 1, 8, 8), got {tuple(samples.shape)}")
     test, train = fsdata.digits("test"), fsdata.digits("train")
     n = len(samples)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
@@ -67,16 +68,19 @@ def evaluate_digits(model, features: str | os.PathLike | torch.nn.Module = "pret
                     progress: bool = False) -> DigitsReport:
     """Sample n digits from `model` (a field, a denoiser, or a generator, which draws with one
     evaluation and ignores solver/nfe) and report their quality."""
-    from .fields import EDM, Field
-    from .models import from_pretrained
+    from .fields import Field
+    from .models import GeneratorModel, ParticleModel, from_pretrained
     from .sample import sample
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
     t0 = time.perf_counter()
-    if hasattr(model, "latents") and hasattr(model, "sample"):          # a generator (Int-PM), one NFE
+    if isinstance(model, GeneratorModel):                               # a generator (Int-PM), one NFE
         x, solver, used = model.sample(n, seed=seed), "generator", 1
     else:
-        field = model if isinstance(model, Field) else EDM(model)
+        if not isinstance(model, (Field, ParticleModel)):
+            raise ArgumentTypeError(f"model: expected a Field, a ParticleModel (a denoiser, a Discriminator Flow) or a "
+                                    f"GeneratorModel, got {type(model).__name__}")
+        field = model if isinstance(model, Field) else model.field()
         x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
         used = info.nfe
     seconds = time.perf_counter() - t0
@@ -110,11 +114,11 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
     from .metrics import energy_distance
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n: expected at least 2 validation samples, got {n!r}")
+        raise ArgumentError(f"n: expected at least 2 validation samples, got {n!r}")
     source = fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 1:
-        raise ValueError(f"data: validation by energy distance is for vectors (d,), got samples of shape {shape}; "
+        raise ArgumentError(f"data: validation by energy distance is for vectors (d,), got samples of shape {shape}; "
                          f"use validation_fd for digits")
     reference = source.sample(n, generator=torch.Generator().manual_seed(seed)).float()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .errors import ArgumentError
 
 __all__ = ["interpolate", "METHODS"]
 
@@ -46,12 +47,12 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int = 8, method: str = 
     """Points from latent a to latent b ((d,) or (n, d)) at `steps` evenly spaced t ∈ [0, 1]:
     returns (steps, d) or (steps, n, d)."""
     if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        raise ArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
-        raise ValueError(f"a, b: expected two latents of the same shape, got {getattr(a, 'shape', a)} and "
+        raise ArgumentError(f"a, b: expected two latents of the same shape, got {getattr(a, 'shape', a)} and "
                          f"{getattr(b, 'shape', b)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps: expected an integer >= 2, got {steps!r}")
+        raise ArgumentError(f"steps: expected an integer >= 2, got {steps!r}")
     a64, b64 = a.double(), b.double()
     t = torch.linspace(0, 1, steps, dtype=torch.float64).view(-1, *([1] * a.dim()))
     if method == "linear":

@@ -3,6 +3,7 @@ on any feature network, through torchmetrics)."""
 from __future__ import annotations
 
 import torch
+from .errors import ArgumentError, MissingDependency
 
 __all__ = ["energy_distance", "gaussian_frechet", "frechet_distance_features", "frechet_distance", "mmd",
            "median_bandwidth", "inception_features", "sliced_wasserstein", "mode_coverage", "nll", "pf_ode_log_likelihood"]
@@ -16,10 +17,10 @@ def _pairs(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str = "y
         if not ok:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             want = "(n >= 2, ...)" if flat else "(n >= 2, d)"
-            raise ValueError(f"{name}: expected samples of shape {want}, got {got}")
+            raise ArgumentError(f"{name}: expected samples of shape {want}, got {got}")
     x, y = x.double().reshape(len(x), -1), y.double().reshape(len(y), -1)
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"{name_y}: expected dimension {x.shape[1]} like {name_x}, got {y.shape[1]}")
+        raise ArgumentError(f"{name_y}: expected dimension {x.shape[1]} like {name_x}, got {y.shape[1]}")
     return x, y
 
 
@@ -69,7 +70,7 @@ def inception_features(dims: int = 2048) -> int:
     try:
         FrechetInceptionDistance(feature=dims)
     except (ModuleNotFoundError, RuntimeError, OSError, ValueError) as e:
-        raise RuntimeError(f"features: Inception features are not available offline ({type(e).__name__}: "
+        raise MissingDependency(f"features: Inception features are not available offline ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); pass a feature network instead, e.g. "
                            f"fs.from_pretrained('pretrained/digits-features')") from None
     return dims
@@ -84,13 +85,13 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
     for name, v in (("x", x), ("y", y)):
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
+            raise ArgumentError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
     if features == "inception":               # the standard FID: 3-channel images, resized by torchmetrics
         fid = FrechetInceptionDistance(feature=inception_features(), normalize=True)
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
     elif not hasattr(features, "num_features"):
-        raise ValueError("features: expected 'inception' or a module with a `num_features` attribute")
+        raise ArgumentError("features: expected 'inception' or a module with a `num_features` attribute")
     else:
         fid = FrechetInceptionDistance(feature=_Unit2Signed(features).eval(), normalize=True)
     with torch.no_grad():
@@ -112,7 +113,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> flo
     x, y = _pairs(x, y)
     h = median_bandwidth(x, y) if bandwidth is None else float(bandwidth)
     if not h > 0:
-        raise ValueError(f"bandwidth: expected a positive bandwidth, got {h}")
+        raise ArgumentError(f"bandwidth: expected a positive bandwidth, got {h}")
     k = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * h * h))  # noqa: E731
     n, m = len(x), len(y)
     kxx = (k(x, x).sum() - n) / (n * (n - 1))
@@ -165,9 +166,9 @@ def pf_ode_log_likelihood(model, x: torch.Tensor, *, hutchinson: bool | None = N
 
     field = model if isinstance(model, Field) else EDM(model)
     if not getattr(field, "time_is_sigma", False):
-        raise ValueError("model: expected an EDM-type field (time = σ) or a denoiser")
+        raise ArgumentError("model: expected an EDM-type field (time = σ) or a denoiser")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not torch.isfinite(x).all():
-        raise ValueError("x: expected finite samples of shape (n, *data_shape)")
+        raise ArgumentError("x: expected finite samples of shape (n, *data_shape)")
     shape = tuple(x.shape[1:])
     d = int(torch.tensor(shape).prod())
     use_h = d > 8 if hutchinson is None else hutchinson

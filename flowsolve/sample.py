@@ -10,8 +10,11 @@ import torch
 from . import grids, solvers
 from .fields.base import Field
 from .noise import SampleNoise, fresh_seed
+from ._checks import check_int
+from .distributed import gather_ranges, shard_range, world
+from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["sample", "SampleInfo", "resolve_grid"]
+__all__ = ["sample", "sample_sharded", "initial_noise", "SampleInfo", "resolve_grid"]
 
 
 @dataclass
@@ -29,12 +32,50 @@ class SampleInfo:
     trajectory_times: list[float] = dc_field(default_factory=list)
 
 
-def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an integer, got {type(v).__name__} {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
-    return v
+def initial_noise(field: Field, seed: int, start: int, count: int, shape: Sequence[int],
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The starting particles x_0 ~ π of samples start .. start + count − 1 for `seed`: the draws
+    `sample(seed=)` makes (stream 0 of the per-sample noise), so that sample i is the same wherever
+    it is drawn (`sample`, `compare`, sharded sampling, chunks)."""
+    z = SampleNoise(seed, start, count, tuple(shape), dtype, device, stream=0)()
+    return field.from_normal(z)
+
+
+def _particles(field: Field, n, shape, x_init, device, dtype):
+    """(n, shape, device, dtype) from x_init or from n / shape, each checked and named."""
+    if x_init is not None:
+        if not isinstance(x_init, torch.Tensor):
+            raise ArgumentTypeError(f"x_init: expected a tensor of shape (n, *data_shape), got {type(x_init).__name__}")
+        if x_init.dim() < 2:
+            raise ArgumentError(f"x_init: expected shape (n, *data_shape) with at least 2 dimensions, "
+                                f"got {tuple(x_init.shape)}")
+        if not x_init.is_floating_point():
+            raise ArgumentTypeError(f"x_init: expected a floating-point tensor, got dtype {x_init.dtype}")
+        if not torch.isfinite(x_init).all():
+            bad = int((~torch.isfinite(x_init)).reshape(len(x_init), -1).any(1).nonzero()[0])
+            raise ArgumentError(f"x_init: expected finite values, but row {bad} holds NaN or inf")
+        if n is not None and n != x_init.shape[0]:
+            raise ArgumentError(f"n: x_init holds {x_init.shape[0]} particles but n={n}")
+        if shape is not None and tuple(shape) != tuple(x_init.shape[1:]):
+            raise ArgumentError(f"shape: x_init has data shape {tuple(x_init.shape[1:])} but shape={tuple(shape)}")
+        n, shape = x_init.shape[0], tuple(x_init.shape[1:])
+        device = x_init.device if device is None else torch.device(device)
+        dtype = x_init.dtype if dtype is None else dtype
+    else:
+        if n is None:
+            raise ArgumentError("n: expected the number of particles (or pass x_init=)")
+        check_int("n", n, 1)
+        shape = tuple(shape) if shape is not None else field.data_shape
+        if shape is None:
+            raise ArgumentError(f"shape: {type(field).__name__} does not know its data shape; say it once where the "
+                                f"field is made (e.g. fields.EDM(fn, shape=(2,))), or pass shape=(...) or x_init= here")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+            raise ArgumentError(f"shape: expected positive integers, got {shape}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ArgumentTypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return n, shape, device, dtype
 
 
 def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> tuple[torch.Tensor, int | None]:
@@ -42,10 +83,10 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
     singular = not field.finite_at_end
     if nfe is not None:
         if isinstance(nfe, float) and nfe.is_integer():
-            raise TypeError(f"nfe: expected an integer, got float {nfe!r}")
-        _check_int("nfe", nfe, 1)
+            raise ArgumentTypeError(f"nfe: expected an integer, got float {nfe!r}")
+        check_int("nfe", nfe, 1)
         if nfe < spec.min_nfe:
-            raise ValueError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}")
+            raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}")
     if spec.adaptive:
         if grid is not None and not isinstance(grid, str):
             g = grids.check(grid)
@@ -55,23 +96,26 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
     if grid is None or isinstance(grid, str):
         budget = field.default_nfe if nfe is None else nfe
         steps = spec.steps_for(budget, singular)
+        if steps > grids.MAX_STEPS:
+            raise ArgumentError(f"nfe: {budget} evaluations would need a grid of {steps} steps under {spec.name!r}; "
+                                f"at most {grids.MAX_STEPS} steps are supported")
         if steps < spec.min_steps:
-            raise ValueError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
+            raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
         return field.grid(steps, grid), budget
     g = grids.check(grid)
     direction = 1.0 if field.t_end > field.t_start else -1.0
     if float(g[1] - g[0]) * direction < 0:
-        raise ValueError(f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
+        raise ArgumentError(f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
                          f"got a grid from {g[0].item():g} to {g[-1].item():g}")
     if spec.needs_sigma and float(g[-1]) < 0:
-        raise ValueError(f"grid: solver {spec.name!r} needs noise levels σ >= 0, got a last time of {g[-1].item():g}")
+        raise ArgumentError(f"grid: solver {spec.name!r} needs noise levels σ >= 0, got a last time of {g[-1].item():g}")
     steps = len(g) - 1
     if steps < spec.min_steps:
-        raise ValueError(f"grid: solver {spec.name!r} needs at least {spec.min_steps + 1} times, got {len(g)}")
+        raise ArgumentError(f"grid: solver {spec.name!r} needs at least {spec.min_steps + 1} times, got {len(g)}")
     if nfe is not None:
         need = spec.evals(steps, singular and float(g[-1]) == field.t_end)
         if need > nfe:
-            raise ValueError(f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
+            raise ArgumentError(f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
                              f"more than the budget nfe={nfe}")
     return g, nfe
 
@@ -105,63 +149,31 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     """
     t0 = time.perf_counter()
     if not isinstance(field, Field):
-        raise TypeError(f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), "
+        raise ArgumentTypeError(f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), "
                         f"got {type(field).__name__}")
     spec = solvers.get(solver)
     spec.check_options(options)
     if spec.needs_sigma and not field.time_is_sigma:
-        raise ValueError(f"solver: {spec.name!r} needs a field whose time is the noise level σ "
+        raise ArgumentError(f"solver: {spec.name!r} needs a field whose time is the noise level σ "
                          f"(fields.EDM, ScoreDifference), got {type(field).__name__}")
     g64, budget = resolve_grid(field, spec, nfe, grid)
-    _check_int("trajectory_every", trajectory_every, 0)
+    check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+        raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
 
-    # -- particles ------------------------------------------------------------------------
-    if x_init is not None:
-        if not isinstance(x_init, torch.Tensor):
-            raise TypeError(f"x_init: expected a tensor of shape (n, *data_shape), got {type(x_init).__name__}")
-        if x_init.dim() < 2:
-            raise ValueError(f"x_init: expected shape (n, *data_shape) with at least 2 dimensions, "
-                             f"got {tuple(x_init.shape)}")
-        if not x_init.is_floating_point():
-            raise TypeError(f"x_init: expected a floating-point tensor, got dtype {x_init.dtype}")
-        if not torch.isfinite(x_init).all():
-            bad = int((~torch.isfinite(x_init)).reshape(len(x_init), -1).any(1).nonzero()[0])
-            raise ValueError(f"x_init: expected finite values, but row {bad} holds NaN or inf")
-        if n is not None and n != x_init.shape[0]:
-            raise ValueError(f"n: x_init holds {x_init.shape[0]} particles but n={n}")
-        if shape is not None and tuple(shape) != tuple(x_init.shape[1:]):
-            raise ValueError(f"shape: x_init has data shape {tuple(x_init.shape[1:])} but shape={tuple(shape)}")
-        n, shape = x_init.shape[0], tuple(x_init.shape[1:])
-        device = x_init.device if device is None else torch.device(device)
-        dtype = x_init.dtype if dtype is None else dtype
-    else:
-        if n is None:
-            raise ValueError("n: expected the number of particles (or pass x_init=)")
-        _check_int("n", n, 1)
-        shape = tuple(shape) if shape is not None else field.data_shape
-        if shape is None:
-            raise ValueError("shape: this field does not know its data shape; pass shape=(...) or x_init=")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-            raise ValueError(f"shape: expected positive integers, got {shape}")
-        device = torch.device("cpu") if device is None else torch.device(device)
-        dtype = torch.float32 if dtype is None else dtype
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    n, shape, device, dtype = _particles(field, n, shape, x_init, device, dtype)
     if seed is None:
         seed = fresh_seed()
-    _check_int("seed", seed, 0)
-    batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1)
-    _check_int("index_offset", index_offset, 0)
+    check_int("seed", seed, 0, 2 ** 63 - 1)
+    batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1)
+    check_int("index_offset", index_offset, 0)
 
     # -- chunks -----------------------------------------------------------------------------
     outs, frames, nfe_used, frame_times = [], [], 0, []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         if x_init is None:
-            z = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
-            x = field.from_normal(z)
+            x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device)
         else:
             x = x_init[start:start + count].to(device=device, dtype=dtype)
         noise = (SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1)
@@ -186,3 +198,27 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
                       trajectory=(frames[0] if len(frames) == 1 else torch.cat(frames, 1)) if frames else None,
                       trajectory_times=frame_times)
     return out, info
+
+
+def sample_sharded(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None,
+                   seed: int, x_init: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """`sample` split over the launched processes (torchrun / accelerate launch); every process
+    returns all n samples, identical to one process's (with `x_init`, each integrates its rows)."""
+    if seed is None:
+        raise ArgumentError("seed: sharded sampling needs an explicit seed shared by every process")
+    if x_init is not None:
+        n = len(x_init)
+    rank, size = world()
+    if size == 1:
+        return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
+    if getattr(field, "interacting", False):
+        raise ArgumentError(f"field: {type(field).__name__} couples all particles, so splitting them over processes "
+                            f"would change the flow; sample it in one process")
+    start, end = shard_range(n, rank, size)
+    part = None
+    if end > start:
+        rows = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
+        part = sample(field, solver, nfe, seed=seed, index_offset=start, **rows, **kwargs)
+    shape = (tuple(part.shape[1:]) if part is not None else
+             tuple(x_init.shape[1:]) if x_init is not None else tuple(kwargs.get("shape") or field.data_shape))
+    return gather_ranges(part, n, shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from .errors import ArgumentError
 
 
 def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | None = None) -> None:
@@ -34,7 +35,7 @@ def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | Non
             x = torch.nn.functional.interpolate(x, scale_factor=-(-32 // x.shape[-1]), mode="nearest")
         save_image(make_grid((x.clamp(-1, 1) + 1) / 2, nrow=nrow), str(path))
         return
-    raise ValueError(f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "
+    raise ArgumentError(f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "
                      f"write .npy or .pt instead")
 
 
@@ -53,7 +54,7 @@ def flow_panels(field, path: str | Path, n: int = 128, nfe: int | None = None, s
     x, info = sample(field, solver, nfe=nfe, n=n, seed=seed, grid=grid, return_info=True, trajectory_every=1)
     traj, times = info.trajectory, info.trajectory_times
     if traj.shape[-1] != 2 or traj.dim() != 3:
-        raise ValueError(f"field: flow_panels draws 2-D particles, got samples of shape {tuple(traj.shape[1:])}")
+        raise ArgumentError(f"field: flow_panels draws 2-D particles, got samples of shape {tuple(traj.shape[1:])}")
     picks = sorted({round(i * (len(times) - 1) / (panels - 1)) for i in range(panels)})
     fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.8), dpi=70)
     ref = reference.sample(n, __import__("torch").Generator().manual_seed(seed + 1)) if reference is not None else None
@@ -137,7 +138,7 @@ def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = Non
 
     path = Path(path)
     if path.suffix.lower() not in (".gif", ".png", ".apng"):
-        raise ValueError(f"path: expected a .gif or .png (animated) file, got {path.name!r}")
+        raise ArgumentError(f"path: expected a .gif or .png (animated) file, got {path.name!r}")
     x, info = sample(field, solver, nfe=nfe, n=n, seed=seed, return_info=True, trajectory_every=every, **options)
     traj, times = info.trajectory.detach().cpu().float(), info.trajectory_times
     if traj.dim() == 3 and traj.shape[-1] == 2:
@@ -147,7 +148,7 @@ def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = Non
     elif traj.dim() == 5:
         frames = [_frame_images(traj[k], f"t = {times[k]:.3g}") for k in range(len(traj))]
     else:
-        raise ValueError(f"field: animations need 2-D particles or images, got samples of shape {tuple(traj.shape[2:])}")
+        raise ArgumentError(f"field: animations need 2-D particles or images, got samples of shape {tuple(traj.shape[2:])}")
     path.parent.mkdir(parents=True, exist_ok=True)
     durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 8]      # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -186,5 +187,5 @@ def interpolation_grid(generator, path: str | Path, method: str = "spherical_cau
         fig.savefig(path)
         plt.close(fig)
     else:
-        raise ValueError(f"generator: interpolation grids need images or 2-D outputs, got {tuple(x.shape[1:])}")
+        raise ArgumentError(f"generator: interpolation grids need images or 2-D outputs, got {tuple(x.shape[1:])}")
     return x

@@ -48,7 +48,7 @@ def test_bad_grids(field, grid, match):
 
 
 def test_unknown_grid_kind(field):
-    with pytest.raises(ValueError, match="unknown kind 'karas'"):
+    with pytest.raises(ValueError, match="unknown spacing 'karas'"):
         fs.sample(field, "euler", grid="karas", nfe=8, n=2)
 
 
@@ -73,7 +73,7 @@ def test_x_init_disagrees_with_n_or_shape(field):
 def test_missing_n_or_shape(gmm):
     with pytest.raises(ValueError, match="n: expected the number of particles"):
         fs.sample(fs.fields.EDM(gmm.denoiser), "euler", nfe=4)
-    with pytest.raises(ValueError, match="shape: this field does not know its data shape"):
+    with pytest.raises(ValueError, match="shape: EDM does not know its data shape; say it once"):
         fs.sample(fs.fields.EDM(lambda x, s: x), "euler", nfe=4, n=3)
     with pytest.raises(ValueError, match="n: expected an integer >= 1, got 0"):
         fs.sample(fs.fields.EDM(gmm.denoiser), "euler", nfe=4, n=0)
@@ -119,8 +119,8 @@ def test_bad_field_construction(gmm):
         fs.fields.EDM(gmm.denoiser, sigma_min=5.0, sigma_max=1.0)
     with pytest.raises(TypeError, match="data: expected a callable"):
         fs.fields.EDM(3.0)
-    with pytest.raises(ValueError, match="kind"):
-        fs.fields.EDM(gmm.denoiser, kind="eps")
+    with pytest.raises(ValueError, match="prediction"):
+        fs.fields.EDM(gmm.denoiser, prediction="eps")
 
 
 def test_bad_edm_churn_options(field):

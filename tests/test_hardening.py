@@ -218,7 +218,7 @@ def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
     ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}', "torchrun"),
     ("edm", '{"width": 32, "depth": 2, "emb_size": 8, "warmup": 1}', "accelerate"),
     ("discriminator-flow", '{"width": 32, "depth": 2, "emb_size": 8, "N": 6, "gp": 0.1}', "accelerate"),
-    ("mmd-flow", '{"width": 32, "depth": 2, "latent": 8, "batch_size": 64}', "accelerate"),
+    ("mmd-generator", '{"width": 32, "depth": 2, "latent": 8, "batch_size": 64}', "accelerate"),
 ])
 def test_two_process_training_matches_one_process(tmp_path, objective, config, launcher):
     """Data-parallel training: 2 processes on halves of the same global batch (for a Discriminator Flow

@@ -95,7 +95,7 @@ def test_edm_scheduler_equivalence(unet):
         for t in sched.timesteps:
             x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
     den = fs.models.from_diffusers(unet, sched)
-    assert den.kind == "edm" and den.sigma_max == 80.0
+    assert den.schedule == "edm" and den.sigma_max == 80.0
     y = fs.sample(fs.fields.EDM(den), "euler", grid=sched.sigmas.double(), x_init=x0)
     assert (x - y).abs().max().item() <= 1e-5 * max(1.0, x.abs().max().item())
 

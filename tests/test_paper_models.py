@@ -104,7 +104,7 @@ def test_discriminator_fast_gradient_matches_autograd():
 
 
 def test_low_precision_simulation_is_close_and_tracks_the_weights():
-    """compute_dtype='bfloat16' (DFConfig.sim_dtype): the field stays within bf16 round-off of the
+    """compute_dtype='bfloat16' (DFConfig.compute_dtype): the field stays within bf16 round-off of the
     float32 one (for the fast MLP pass and the autocast path of conv discriminators), comes back in
     float32, and the cached low-precision weights follow optimizer steps."""
     from flowsolve.models import ConvDiscriminator
@@ -204,7 +204,7 @@ def test_mmd_flow_pm_reaches_the_mixture(gmm):
 def test_cli_train_then_sample_generators(tmp_path):
     cfg = tmp_path / "small.json"
     cfg.write_text('{"width": 32, "depth": 2, "latent": 8}')
-    for kind in ("gan", "mmd-flow", "score-gan"):
+    for kind in ("gan", "mmd-generator", "score-gan"):
         out = tmp_path / kind
         assert main(["train", kind, "--data", "gmm2d", "--out", str(out), "--steps", "3", "--config", str(cfg),
                      "--quiet"]) == 0
@@ -232,7 +232,7 @@ def test_flow_panels_figure(tmp_path, gmm):
     fs.viz.flow_panels(field, tmp_path / "f.png", solver="heun", nfe=13, n=32, reference=gmm, panels=4)
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     d = Discriminator(2, width=16, depth=1, emb_size=8)
-    flow = fs.fields.DiscriminatorFlow(d, eta=1.0, steps=4, shape=(2,))
+    flow = fs.fields.DiscriminatorFlow(d, eta=1.0, N=4, shape=(2,))
     fs.viz.flow_panels(flow, tmp_path / "d.png", nfe=4, n=16, panels=3, heat=lambda p, t: d(p, t))
     assert (tmp_path / "d.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="2-D"):

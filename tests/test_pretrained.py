@@ -75,7 +75,7 @@ def test_digits_ddpm_through_the_issue_code(features):
     assert json.loads((PRE / "digits-ddpm" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     unet = UNet2DModel.from_pretrained(root, subfolder="unet")
     den = fs.models.from_diffusers(unet, DDPMScheduler.from_pretrained(root, subfolder="scheduler"))
-    assert den.prediction_type == "epsilon" and den.kind == "discrete"
+    assert den.prediction_type == "epsilon" and den.schedule == "discrete"
     x = fs.sample(fs.fields.EDM(den), solver="heun", nfe=32, n=1000, seed=0)
     r = digits_quality(x, features)
     assert r.classes_present == 10

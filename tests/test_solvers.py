@@ -126,8 +126,8 @@ def test_score_difference_with_true_rho_is_edm(gmm, edm_field, start):
     x = start[:20]
     t = torch.tensor(3.0, dtype=torch.float64)
     assert torch.allclose(sd(x, t), edm_field(x, t), atol=1e-10)
-    # as scores (kind="score") and through the algebra of fields
-    sc = fs.fields.ScoreDifference(gmm.score, gmm.score, mu_data=2.0, mu_rho=1.0, kind="score")
+    # as scores (prediction="score") and through the algebra of fields
+    sc = fs.fields.ScoreDifference(gmm.score, gmm.score, mu_data=2.0, mu_rho=1.0, prediction="score")
     assert torch.allclose(sc(x, t), edm_field(x, t), atol=1e-10)
     half = 0.5 * edm_field + 0.5 * edm_field
     assert torch.allclose(half(x, t), edm_field(x, t), atol=1e-12)
@@ -241,3 +241,25 @@ def test_linear_field_matches_exponential(solver, order):
     exact = z @ torch.linalg.matrix_exp(A).T
     errs = [float((fs.sample(field, solver, grid=fs.grids.uniform(n), x_init=z) - exact).norm()) for n in (40, 80)]
     assert errs[0] / errs[1] == pytest.approx(2 ** order, rel=0.25)
+
+
+def test_dpmpp_2m_weights_equal_the_closed_form():
+    """The numeric Lagrange weights of the exponential multistep solver are DPM-Solver++(2M)'s closed
+    form: W_i = −φ₁ + φ₂/r, W_{i−1} = −φ₂/r, with φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h, r = h_{i−1}/h;
+    and the first step is DDIM's −φ₁."""
+    import math
+
+    from flowsolve.solvers.base import lagrange_weights, sigma_lambda
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        s = torch.sort(torch.rand(3, generator=gen, dtype=torch.float64) * 80 + 1e-3, descending=True).values
+        lam_prev, lam_i, lam_next = (sigma_lambda(float(v)) for v in s)
+        h, h_prev = lam_next - lam_i, lam_i - lam_prev
+        r = h_prev / h
+        phi1 = math.expm1(-h)
+        phi2 = (phi1 + h) / h
+        w = lagrange_weights([lam_i, lam_prev], lam_i, lam_next, exp_kernel=True)
+        assert w[0] == pytest.approx(-phi1 + phi2 / r, rel=1e-10, abs=1e-12)
+        assert w[1] == pytest.approx(-phi2 / r, rel=1e-10, abs=1e-12)
+        (w1,) = lagrange_weights([lam_i], lam_i, lam_next, exp_kernel=True)
+        assert w1 == pytest.approx(-phi1, rel=1e-12)

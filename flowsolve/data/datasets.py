@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .gmm import GaussianMixture
+from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["TensorData", "Moons", "digits", "moons", "image_folder", "torchvision_dataset", "load",
            "BUILTIN", "DIGITS_HELD_OUT"]
@@ -41,11 +42,11 @@ class TensorData:
     def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None, name: str = "tensor") -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a non-empty tensor of shape (N, *data_shape), got {got}")
+            raise ArgumentError(f"x: expected a non-empty tensor of shape (N, *data_shape), got {got}")
         if not torch.isfinite(x).all():
-            raise ValueError(f"x: dataset {name!r} contains non-finite values")
+            raise ArgumentError(f"x: dataset {name!r} contains non-finite values")
         if labels is not None and len(labels) != len(x):
-            raise ValueError(f"labels: expected {len(x)} labels, got {len(labels)}")
+            raise ArgumentError(f"labels: expected {len(x)} labels, got {len(labels)}")
         self.x, self.labels, self.name = x.float(), labels, name
         self.data_shape = tuple(x.shape[1:])
 
@@ -92,7 +93,7 @@ def digits(split: str = "train", size: int | None = None) -> TensorData:
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
+        raise ArgumentError(f"split: expected 'train', 'test' or 'all', got {split!r}")
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
     y = torch.as_tensor(d.target, dtype=torch.long)
@@ -104,7 +105,7 @@ def digits(split: str = "train", size: int | None = None) -> TensorData:
     x, y = x[perm], y[perm]
     if size is not None and size != 8:
         if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size: expected an integer >= 8, got {size!r}")
+            raise ArgumentError(f"size: expected an integer >= 8, got {size!r}")
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
     return TensorData(x, y, name=f"digits-{split}")
 
@@ -119,10 +120,10 @@ def image_folder(path: str | os.PathLike, size: int | None = None, channels: int
 
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"data: image folder {str(root)!r} does not exist")
+        raise PathError(f"data: image folder {str(root)!r} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"data: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {str(root)!r}")
+        raise ArgumentError(f"data: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {str(root)!r}")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files})
     xs, ys = [], []
     for p in files:
@@ -130,7 +131,7 @@ def image_folder(path: str | os.PathLike, size: int | None = None, channels: int
             img = Image.open(p)
             img.load()
         except Exception as e:  # noqa: BLE001 - name the bad file
-            raise ValueError(f"data: cannot read image {str(p)!r}: {e}") from None
+            raise ArgumentError(f"data: cannot read image {str(p)!r}: {e}") from None
         if channels is None:
             channels = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
         img = img.convert("L" if channels == 1 else "RGB")
@@ -162,11 +163,11 @@ def torchvision_dataset(name: str, root: str | os.PathLike | None = None, train:
                                                       transform=T.Compose([T.CenterCrop(178), T.Resize(64), to_pm1])),
     }
     if name not in makers:
-        raise ValueError(f"name: expected one of {sorted(makers)}, got {name!r}")
+        raise ArgumentError(f"name: expected one of {sorted(makers)}, got {name!r}")
     try:
         ds = makers[name]()
     except RuntimeError as e:
-        raise FileNotFoundError(f"data: {name} is not available under {str(root)!r} (flowsolve never downloads; "
+        raise PathError(f"data: {name} is not available under {str(root)!r} (flowsolve never downloads; "
                                 f"put a torchvision copy there or set FLOWSOLVE_DATA): {e}") from None
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = zip(*(ds[i] for i in range(n)))
@@ -187,7 +188,7 @@ def load(name: str | os.PathLike, split: str = "train", *, size: int | None = No
         return torchvision_dataset(name, root=root, train=split != "test")
     if Path(name).is_dir():
         return image_folder(name, size=size)
-    raise ValueError(f"data: expected one of {sorted(BUILTIN)} or an image folder, got {str(name)!r}")
+    raise ArgumentError(f"data: expected one of {sorted(BUILTIN)} or an image folder, got {str(name)!r}")
 
 
 def shape_of(source) -> tuple[int, ...]:
@@ -195,7 +196,7 @@ def shape_of(source) -> tuple[int, ...]:
     if shape is None and isinstance(source, GaussianMixture):
         shape = (source.dim,)
     if shape is None:
-        raise ValueError(f"data: cannot tell the data shape of {source!r}")
+        raise ArgumentError(f"data: cannot tell the data shape of {source!r}")
     return tuple(shape)
 
 
@@ -207,7 +208,7 @@ def as_source(data) -> object:
         return load(data)
     if hasattr(data, "sample"):
         return data
-    raise TypeError(f"data: expected a dataset name, a folder, a tensor or an object with .sample(n, generator), "
+    raise ArgumentTypeError(f"data: expected a dataset name, a folder, a tensor or an object with .sample(n, generator), "
                     f"got {type(data).__name__}")
 
 

@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+from ..errors import ArgumentError
 
 __all__ = ["GaussianMixture"]
 
@@ -19,9 +20,9 @@ def _as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     if s.dim() == 0:
         s = s.expand(x.shape[0])
     if s.shape != (x.shape[0],):
-        raise ValueError(f"sigma: expected a scalar or shape ({x.shape[0]},), got shape {tuple(s.shape)}")
+        raise ArgumentError(f"sigma: expected a scalar or shape ({x.shape[0]},), got shape {tuple(s.shape)}")
     if (s < 0).any():
-        raise ValueError("sigma: expected non-negative noise levels")
+        raise ArgumentError("sigma: expected non-negative noise levels")
     return s
 
 
@@ -33,16 +34,16 @@ class GaussianMixture:
                  weights: Sequence[float] | torch.Tensor | None = None) -> None:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2 or means.shape[0] < 1:
-            raise ValueError(f"means: expected shape (modes, dim), got {tuple(means.shape)}")
+            raise ArgumentError(f"means: expected shape (modes, dim), got {tuple(means.shape)}")
         K = means.shape[0]
         std = torch.as_tensor(std, dtype=torch.float64)
         std = std.expand(K).clone() if std.dim() == 0 else std
         if std.shape != (K,) or not (std > 0).all():
-            raise ValueError(f"std: expected a positive number or {K} positive numbers, got {std.tolist()}")
+            raise ArgumentError(f"std: expected a positive number or {K} positive numbers, got {std.tolist()}")
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None \
             else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (K,) or (w < 0).any() or not w.sum() > 0:
-            raise ValueError(f"weights: expected {K} non-negative numbers with a positive sum, got {w.tolist()}")
+            raise ArgumentError(f"weights: expected {K} non-negative numbers with a positive sum, got {w.tolist()}")
         self.means, self.std, self.weights = means, std, w / w.sum()
         self.dim = means.shape[1]
         self.data_shape = (self.dim,)
@@ -77,7 +78,7 @@ class GaussianMixture:
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a tensor of shape (batch, {self.dim}), got {got}")
+            raise ArgumentError(f"x: expected a tensor of shape (batch, {self.dim}), got {got}")
         return x
 
     def _posterior(self, x, sigma):
@@ -116,7 +117,7 @@ class GaussianMixture:
                device: torch.device | str | None = None, return_modes: bool = False):
         """n exact samples (and their mode indices if return_modes)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+            raise ArgumentError(f"n: expected a non-negative integer, got {n!r}")
         if generator is None:
             from ..noise import fresh_seed
             generator = torch.Generator().manual_seed(fresh_seed())

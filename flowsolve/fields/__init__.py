@@ -1,7 +1,11 @@
-"""Fields: particles follow dx/dt = field(x, t) (the paper's ∇h_ρ, Eq. 1)."""
-from .base import Field, Function, Scale, Sum, as_column, batch_time
-from .particles import SVGD, DiscriminatorFlow, MMDFlow, rbf_kernel_grad
+"""Fields: particles follow dx/dt = field(x, t) (the paper's ∇h_ρ, Eq. 1). Every field exposes its
+direction through one method, `grad_h(x, t)`; the PM integrates the field, an Int-PM pushes the same
+`grad_h` through a generator (Eq. 11–13)."""
+from .._checks import as_column, batch_time
+from .base import Field, Function, Scale, Sum
+from .discriminator import LOSSES, DiscriminatorFlow, GANLoss, gradient_penalty
+from .kernels import SVGD, MMDFlow, rbf_kernel_grad
 from .score import EDM, Langevin, ScoreDifference
 
 __all__ = ["Field", "Function", "Sum", "Scale", "EDM", "ScoreDifference", "Langevin", "DiscriminatorFlow", "MMDFlow",
-           "SVGD", "rbf_kernel_grad", "batch_time", "as_column"]
+           "SVGD", "GANLoss", "LOSSES", "gradient_penalty", "rbf_kernel_grad", "batch_time", "as_column"]

@@ -10,24 +10,10 @@ from typing import Callable, Sequence
 import torch
 
 from .. import grids
+from .._checks import as_column, batch_time  # noqa: F401  (re-exported)
+from ..errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["Field", "Function", "Sum", "Scale", "batch_time", "as_column"]
-
-
-def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """t as a (batch,) tensor on x's device and dtype."""
-    if not (isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device):
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"t: expected a scalar or shape ({x.shape[0]},), got shape {tuple(t.shape)}")
-    return t
-
-
-def as_column(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (batch,) tensor reshaped to broadcast against x of shape (batch, *data_shape)."""
-    return t.reshape(-1, *([1] * (x.dim() - 1)))
+__all__ = ["Field", "Function", "Sum", "Scale"]
 
 
 class Field:
@@ -52,15 +38,21 @@ class Field:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def grad_h(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """∇h_ρ(x) at time t: the direction of the paper's Eq. 1, the one method every field answers
+        with. A PM integrates the field (∇h times the field's time scale: η for Discriminator Flows,
+        −σ for σ-time score fields); an Int-PM pushes ∇h through a generator (Eq. 11–13)."""
+        raise ArgumentTypeError(f"{type(self).__name__} has no ∇h of its own; it is a velocity dx/dt only")
+
     def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(drift, g2): the SDE dx = drift dt + sqrt(g2 |dt|) ε with the same marginals as the ODE
         for alpha ∈ [0, 1] (Eq. 21). g2 is a float or a (batch,) tensor."""
-        raise TypeError(f"{type(self).__name__} has no stochastic form: use an ODE solver, "
+        raise ArgumentTypeError(f"{type(self).__name__} has no stochastic form: use an ODE solver, "
                         f"or a field with a diffusion coefficient (e.g. fields.EDM)")
 
     def diffusion(self, t: torch.Tensor, alpha: float = 1.0) -> torch.Tensor | float:
         """g(t)²: the variance of the Brownian term per unit |dt| at interpolation alpha."""
-        raise TypeError(f"{type(self).__name__} has no diffusion coefficient")
+        raise ArgumentTypeError(f"{type(self).__name__} has no diffusion coefficient")
 
     # -- prior and grid ------------------------------------------------------------------
     def from_normal(self, z: torch.Tensor) -> torch.Tensor:
@@ -72,19 +64,20 @@ class Field:
         """n draws from π with an explicit generator (None: a fresh, OS-seeded one)."""
         shape = tuple(shape) if shape is not None else self.data_shape
         if shape is None:
-            raise ValueError("shape: this field does not know its data shape; pass shape=")
+            raise ArgumentError("shape: this field does not know its data shape; pass shape=")
         if generator is None:
             from ..noise import fresh_seed
             generator = torch.Generator(device=device or "cpu").manual_seed(fresh_seed())
         z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
         return self.from_normal(z)
 
-    def grid(self, steps: int, kind: str | None = None, **kw) -> torch.Tensor:
-        """The default grid of this field with `steps` intervals (float64)."""
-        kind = kind or self.default_grid
-        if kind == "uniform":
+    def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
+        """A grid of this field with `steps` intervals (float64): `spacing` 'uniform', 'karras' or
+        'loglinear' (default: the field's `default_grid`)."""
+        spacing = spacing or self.default_grid
+        if spacing == "uniform":
             return grids.uniform(steps, kw.pop("t_start", self.t_start), kw.pop("t_end", self.t_end), **kw)
-        return grids.make(kind, steps, **kw)
+        return grids.make(spacing, steps, **kw)
 
     # -- algebra -------------------------------------------------------------------------
     def __add__(self, other: "Field") -> "Field":
@@ -113,9 +106,9 @@ class Function(Field):
                  diffusion: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
                  default_nfe: int = 32) -> None:
         if not callable(fn):
-            raise TypeError(f"fn: expected a callable fn(x, t), got {type(fn).__name__}")
+            raise ArgumentTypeError(f"fn: expected a callable fn(x, t), got {type(fn).__name__}")
         if t_start == t_end:
-            raise ValueError(f"t_start, t_end: expected different times, got {t_start} twice")
+            raise ArgumentError(f"t_start, t_end: expected different times, got {t_start} twice")
         self.fn, self.t_start, self.t_end = fn, float(t_start), float(t_end)
         self.data_shape = tuple(shape) if shape is not None else None
         self.prior_std, self._g2, self.default_nfe = float(prior_std), diffusion, default_nfe
@@ -125,7 +118,7 @@ class Function(Field):
 
     def diffusion(self, t, alpha=1.0):
         if self._g2 is None:
-            raise TypeError("Function has no stochastic form: pass diffusion=g2(t) to use SDE solvers")
+            raise ArgumentTypeError("Function has no stochastic form: pass diffusion=g2(t) to use SDE solvers")
         return alpha * self._g2(t)
 
     def sde(self, x, t, alpha):
@@ -139,13 +132,13 @@ class Sum(Field):
         flat: list[Field] = []
         for f in fields:
             if not isinstance(f, Field):
-                raise TypeError(f"fields: expected Field objects, got {type(f).__name__}")
+                raise ArgumentTypeError(f"fields: expected Field objects, got {type(f).__name__}")
             flat.extend(f.fields if isinstance(f, Sum) else [f])
         if not flat:
-            raise ValueError("fields: expected at least one field")
+            raise ArgumentError("fields: expected at least one field")
         for f in flat[1:]:
             if (f.t_start, f.t_end) != (flat[0].t_start, flat[0].t_end):
-                raise ValueError(f"fields: time domains differ: [{flat[0].t_start}, {flat[0].t_end}] "
+                raise ArgumentError(f"fields: time domains differ: [{flat[0].t_start}, {flat[0].t_end}] "
                                  f"and [{f.t_start}, {f.t_end}]")
         self.fields = flat
         self._copy_domain(flat[0])
@@ -171,10 +164,10 @@ class Scale(Field):
 
     def __init__(self, field: Field, c: float) -> None:
         if not isinstance(field, Field):
-            raise TypeError(f"field: expected a Field, got {type(field).__name__}")
+            raise ArgumentTypeError(f"field: expected a Field, got {type(field).__name__}")
         c = float(c)
         if c != c or c in (float("inf"), float("-inf")):
-            raise ValueError(f"c: expected a finite number, got {c}")
+            raise ArgumentError(f"c: expected a finite number, got {c}")
         self.field, self.c = field, c
         self._copy_domain(field)
         self.time_is_sigma = field.time_is_sigma and c == 1.0
@@ -184,6 +177,6 @@ class Scale(Field):
 
     def sde(self, x, t, alpha):
         if self.c <= 0:
-            raise ValueError(f"c: a stochastic form needs c > 0, got {self.c}")
+            raise ArgumentError(f"c: a stochastic form needs c > 0, got {self.c}")
         drift, g2 = self.field.sde(x, t, alpha)
         return self.c * drift, self.c * g2

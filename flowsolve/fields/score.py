@@ -9,53 +9,37 @@ from typing import Callable, Sequence
 
 import torch
 
-from .base import Field, as_column, batch_time
+from .._checks import as_column, batch_time, check_choice, deprecated
+from .base import Field
+from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["ScoreDifference", "EDM", "Langevin"]
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_KINDS = ("denoiser", "score")
+_PREDICTIONS = ("denoiser", "score")   # what the callable returns: D(x; σ) or ∇log p_σ
 
 
-def _own_shape(obj) -> tuple[int, ...] | None:
-    shape = getattr(obj, "data_shape", None)
-    if shape is not None and not callable(shape):
+def declared_shape(fn, shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The data shape, said once and explicitly: `shape=`, else the `data_shape` the model declares
+    (a `Denoiser`, or the object a bound method belongs to, e.g. `GaussianMixture.denoiser`).
+    Nothing is searched for; a plain callable without `shape=` has None, and sampling it without
+    x_init= then asks for shape=."""
+    if shape is not None:
+        if isinstance(shape, int) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+            raise ArgumentError(f"shape: expected a tuple of positive integers such as (2,) or (3, 32, 32), got {shape!r}")
         return tuple(shape)
-    cfg = getattr(obj, "config", None)  # diffusers models: (in_channels, sample_size, sample_size)
-    c, size = getattr(cfg, "in_channels", None), getattr(cfg, "sample_size", None)
-    if isinstance(c, int) and size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (c, *size)
+    for obj in (fn, getattr(fn, "__self__", None)):
+        known = getattr(obj, "data_shape", None)
+        if known is not None and not callable(known):
+            return tuple(known)
     return None
 
 
-def _shape_of(fn) -> tuple[int, ...] | None:
-    """The data shape of a denoiser, from itself or the objects it wraps or refers to
-    (bound method owner, functools.partial, __wrapped__, closure cells, referenced globals)."""
-    seen, found, todo = set(), set(), [(fn, 0)]
-    while todo:
-        obj, depth = todo.pop()
-        if id(obj) in seen or depth > 2:
-            continue
-        seen.add(id(obj))
-        shape = _own_shape(obj)
-        if shape is not None:
-            found.add(shape)
-            continue
-        for attr in ("__self__", "func", "__wrapped__", "model", "net"):
-            sub = getattr(obj, attr, None)
-            if sub is not None and not isinstance(sub, type):
-                todo.append((sub, depth + 1))
-        code = getattr(obj, "__code__", None)
-        if code is not None:
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    todo.append((cell.cell_contents, depth + 1))
-                except ValueError:
-                    pass
-            glob = getattr(obj, "__globals__", {})
-            todo.extend((glob[k], depth + 1) for k in code.co_names if k in glob)
-    return found.pop() if len(found) == 1 else None
+def _prediction(prediction: str, kind: str | None, where: str) -> str:
+    if kind is not None:                          # the name before 0.2
+        deprecated("kind", "prediction", where)
+        prediction = kind
+    return check_choice("prediction", prediction, _PREDICTIONS)
 
 
 def _attr(fn, name):
@@ -89,13 +73,12 @@ class ScoreDifference(Field):
 
     def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
                  sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,
-                 kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+                 prediction: str = "denoiser", shape: Sequence[int] | None = None, kind: str | None = None) -> None:
         if not callable(data):
-            raise TypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
+            raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
         if rho is not None and not callable(rho):
-            raise TypeError(f"rho: expected a callable D(x, sigma) or None, got {type(rho).__name__}")
-        if kind not in _KINDS:
-            raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+            raise ArgumentTypeError(f"rho: expected a callable D(x, sigma) or None, got {type(rho).__name__}")
+        prediction = _prediction(prediction, kind, type(self).__name__)
         lo_model, hi_model = _attr(data, "sigma_min"), _attr(data, "sigma_max")
         lo = 0.002 if sigma_min is None else float(sigma_min)
         hi = 80.0 if sigma_max is None else float(sigma_max)
@@ -104,21 +87,21 @@ class ScoreDifference(Field):
         if sigma_max is None and hi_model is not None:
             hi = min(hi, hi_model)
         if not 0 < lo < hi < float("inf"):
-            raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
-        self.data, self.rho, self.kind = data, rho, kind
+            raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
+        self.data, self.rho, self.prediction = data, rho, prediction
         for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
             if not callable(mu) and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
-                raise TypeError(f"{name}: expected a number or a function of sigma, got {type(mu).__name__}")
+                raise ArgumentTypeError(f"{name}: expected a number or a function of sigma, got {type(mu).__name__}")
         self.weighted = callable(mu_data) or callable(mu_rho)
         self.mu_data = mu_data if callable(mu_data) else float(mu_data)
         self.mu_rho = mu_rho if callable(mu_rho) else float(mu_rho)
         self.sigma_min, self.sigma_max, self.rho_grid = lo, hi, float(rho_grid)
         self.t_start, self.t_end, self.prior_std = hi, 0.0, hi
-        self.data_shape = tuple(shape) if shape is not None else _shape_of(data)
+        self.data_shape = declared_shape(data, shape)
 
     # -- pieces --------------------------------------------------------------------------
     def _denoise(self, fn: Fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.kind == "denoiser":
+        if self.prediction == "denoiser":
             return fn(x, sigma)
         return x + as_column(sigma, x) ** 2 * fn(x, sigma)
 
@@ -171,23 +154,27 @@ class ScoreDifference(Field):
     def sde_coefficients(self, alpha: float) -> tuple[float, float]:
         """(c, κ) with drift_α = c (x − D_α)/σ and noise rate 2κσ: c = μ_data − (1 − α) μ_ρ, κ = α μ_ρ."""
         if self.weighted:
-            raise ValueError("method: 'exp' needs constant mu_data and mu_rho; this field weights them by σ, "
+            raise ArgumentError("method: 'exp' needs constant mu_data and mu_rho; this field weights them by σ, "
                              "use method='em'")
         c = self.mu_data - (1.0 - alpha) * self.mu_rho
         if c <= 0:
-            raise ValueError(f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "
+            raise ArgumentError(f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "
                              f"mu_rho={self.mu_rho}, alpha={alpha}; use method='em'")
         return c, alpha * self.mu_rho
 
-    def grid(self, steps, kind=None, **kw):
-        kind = kind or self.default_grid
+    def grid(self, steps, spacing=None, **kw):
+        spacing = spacing or self.default_grid
         kw.setdefault("sigma_min", self.sigma_min)
         kw.setdefault("sigma_max", self.sigma_max)
-        if kind == "karras":
-            kw.setdefault("rho", self.rho_grid)
-        if kind == "uniform":
-            return super().grid(steps, kind, t_start=kw["sigma_max"], t_end=0.0)
-        return super().grid(steps, kind, **kw)
+        if spacing == "karras":
+            kw.setdefault("rho_grid", self.rho_grid)
+        if spacing == "uniform":
+            return super().grid(steps, spacing, t_start=kw["sigma_max"], t_end=0.0)
+        return super().grid(steps, spacing, **kw)
+
+    @property
+    def kind(self) -> str:   # the name before 0.2
+        return self.prediction
 
 
 class EDM(ScoreDifference):
@@ -198,10 +185,14 @@ class EDM(ScoreDifference):
     form at alpha = 1 is the reverse SDE of Eq. 7.
     """
 
-    def __init__(self, denoiser: Fn, sigma_min: float | None = None, sigma_max: float | None = None,
-                 rho: float = 7.0, *, kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+    def __init__(self, denoiser: Fn, sigma_min: float | None = None, sigma_max: float | None = None, *,
+                 rho_grid: float = 7.0, prediction: str = "denoiser", shape: Sequence[int] | None = None,
+                 rho: float | None = None, kind: str | None = None) -> None:
+        if rho is not None:                       # the name before 0.2 (ρ is the generated distribution)
+            deprecated("rho", "rho_grid", "EDM")
+            rho_grid = rho
         super().__init__(denoiser, None, mu_data=2.0, mu_rho=1.0, sigma_min=sigma_min, sigma_max=sigma_max,
-                         rho_grid=rho, kind=kind, shape=shape)
+                         rho_grid=rho_grid, prediction=prediction, shape=shape, kind=kind)
 
     @property
     def denoiser(self) -> Fn:
@@ -210,7 +201,7 @@ class EDM(ScoreDifference):
     def __call__(self, x, t):
         sigma = batch_time(t, x)
         s = t if (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == x.dtype) else as_column(sigma, x)
-        if self.kind == "denoiser":
+        if self.prediction == "denoiser":
             return (x - self.data(x, sigma)) / s
         return -s * self.data(x, sigma)
 
@@ -230,30 +221,30 @@ class Langevin(Field):
 
     def __init__(self, data: Fn, sigma: float | Callable[[torch.Tensor], torch.Tensor], T: float = 1.0, *,
                  rho: Fn | None = None, mu_data: float = 1.0, mu_rho: float = 1.0, scale_by_sigma2: bool = True,
-                 prior_std: float | None = None, kind: str = "denoiser", shape: Sequence[int] | None = None) -> None:
+                 prior_std: float | None = None, prediction: str = "denoiser", shape: Sequence[int] | None = None,
+                 kind: str | None = None) -> None:
         if not callable(data):
-            raise TypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
-        if kind not in _KINDS:
-            raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+            raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
+        prediction = _prediction(prediction, kind, "Langevin")
         if not callable(sigma):
             if not float(sigma) > 0:
-                raise ValueError(f"sigma: expected a positive number or a callable, got {sigma}")
+                raise ArgumentError(f"sigma: expected a positive number or a callable, got {sigma}")
         if not T > 0:
-            raise ValueError(f"T: expected a positive duration, got {T}")
-        self.data, self.rho, self.kind, self.sigma = data, rho, kind, sigma
+            raise ArgumentError(f"T: expected a positive duration, got {T}")
+        self.data, self.rho, self.prediction, self.sigma = data, rho, prediction, sigma
         self.mu_data, self.mu_rho, self.scale_by_sigma2 = float(mu_data), float(mu_rho), scale_by_sigma2
         self.t_start, self.t_end = 0.0, float(T)
         if prior_std is None:
             prior_std = float(sigma(torch.zeros(1, dtype=torch.float64))[0]) if callable(sigma) else float(sigma)
         self.prior_std = float(prior_std)
-        self.data_shape = tuple(shape) if shape is not None else _shape_of(data)
+        self.data_shape = declared_shape(data, shape)
 
     def _sigma(self, t, x):
         t = batch_time(t, x)
         return self.sigma(t).to(x.dtype) if callable(self.sigma) else torch.full_like(t, float(self.sigma))
 
     def _score(self, fn, x, sigma):
-        if self.kind == "score":
+        if self.prediction == "score":
             return fn(x, sigma)
         return (fn(x, sigma) - x) / as_column(sigma, x) ** 2
 
@@ -263,10 +254,16 @@ class Langevin(Field):
         out = self.mu_data * self._score(self.data, x, sigma)
         if rho_share:
             if self.rho is None:
-                raise ValueError("alpha: Langevin without a generated-distribution score `rho` is only "
+                raise ArgumentError("alpha: Langevin without a generated-distribution score `rho` is only "
                                  "defined for alpha = 1 (Eq. 6); pass rho= for the deterministic Eq. 9 (left)")
             out = out - rho_share * self.mu_rho * self._score(self.rho, x, sigma)
         return lam * out, sigma
+
+    def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
+        """∇h = μ_data ∇log[p ⋆ k_σ(t)] − μ_ρ ∇log ρ (Eq. 9 left; the second term only with `rho`)."""
+        sigma = self._sigma(t, x)
+        out = self.mu_data * self._score(self.data, x, sigma)
+        return out if self.rho is None else out - self.mu_rho * self._score(self.rho, x, sigma)
 
     def __call__(self, x, t):
         return self._drift(x, t, 1.0)[0]

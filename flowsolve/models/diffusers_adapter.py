@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .precond import Denoiser
+from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["DiffusersDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
 
@@ -42,16 +43,16 @@ class DiffusersDenoiser(Denoiser):
                  clip_sample: bool | None = None, **model_kwargs) -> None:
         super().__init__()
         if not callable(model):
-            raise TypeError(f"model: expected a diffusers model, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model: expected a diffusers model, got {type(model).__name__}")
         if scheduler is None:
-            raise ValueError("scheduler: a diffusers scheduler (or its config) is needed to know the noise schedule "
+            raise ArgumentError("scheduler: a diffusers scheduler (or its config) is needed to know the noise schedule "
                              "of the model; got None")
         self.model = model
         self.model_kwargs = model_kwargs
         cfg = _config(scheduler)
         self.prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise ArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         self.scheduler_class = type(scheduler).__name__
         # DDPM/DDIM schedulers clip the predicted x_0 to [−range, range] when `clip_sample` is set;
         # Euler with the clipped D is then still exactly their η = 0 update
@@ -62,17 +63,17 @@ class DiffusersDenoiser(Denoiser):
         self.clip_range = float(cfg.get("clip_sample_range", 1.0))
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
-            self.kind = "discrete"
+            self.schedule = "discrete"
             a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0 ** -24)   # zero-SNR schedules end at ᾱ = 0
             self.log_sigmas = ((1 - a) / a).sqrt().log()                                # increasing in t
             self.sigma_min = float(self.log_sigmas[0].exp())
             self.sigma_max = float(self.log_sigmas[-1].exp())
         elif "sigma_data" in cfg:
-            self.kind = "edm"
+            self.schedule = "edm"
             self.sigma_data = float(cfg["sigma_data"])
             self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
         else:
-            raise ValueError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
+            raise ArgumentError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
                              f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps")
         mcfg = _config(model)
         c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
@@ -85,7 +86,7 @@ class DiffusersDenoiser(Denoiser):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
-        if self.kind == "edm":
+        if self.schedule == "edm":
             return 0.25 * sigma.log()
         ls = self.log_sigmas.to(sigma.device)
         q = sigma.double().log().clamp(ls[0], ls[-1])
@@ -97,8 +98,8 @@ class DiffusersDenoiser(Denoiser):
 
     def sigma(self, timesteps) -> torch.Tensor:
         """σ at (integer or fractional) timesteps of a discrete schedule (float64)."""
-        if self.kind != "discrete":
-            raise ValueError("timesteps: only discrete DDPM-style schedules have timesteps; this model is EDM-style")
+        if self.schedule != "discrete":
+            raise ArgumentError("timesteps: only discrete DDPM-style schedules have timesteps; this model is EDM-style")
         t = torch.as_tensor(timesteps, dtype=torch.float64).clamp(0, len(self.log_sigmas) - 1)
         lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
         w = t - lo
@@ -124,7 +125,7 @@ class DiffusersDenoiser(Denoiser):
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        if self.kind == "discrete":
+        if self.schedule == "discrete":
             c_in = (1 + col ** 2).rsqrt()
         else:
             c_in = (col ** 2 + self.sigma_data ** 2).rsqrt()
@@ -139,7 +140,7 @@ class DiffusersDenoiser(Denoiser):
         p = self.prediction_type
         if p == "sample":
             return out
-        if self.kind == "discrete":
+        if self.schedule == "discrete":
             if p == "epsilon":
                 return x - col * out
             return c_in ** 2 * x - col * c_in * out                              # v = √ᾱ ε − √(1−ᾱ) x_0
@@ -148,8 +149,12 @@ class DiffusersDenoiser(Denoiser):
         c_out = col * sd * (col ** 2 + sd ** 2).rsqrt()
         return c_skip * x + (c_out if p == "epsilon" else -c_out) * out
 
+    @property
+    def kind(self) -> str:   # the name before 0.2
+        return self.schedule
+
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
+        return (f"schedule={self.schedule}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
                 f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
 
 
@@ -158,7 +163,7 @@ def _is_local(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).exists()
 
 
-def load_diffusers_component(path, subfolder: str | None, kind: str):
+def load_diffusers_component(path, subfolder: str | None, role: str):
     """Load a diffusers model or scheduler from a local folder (never the network) or a Hub id
     (diffusers' normal loading). Only diffusers' own classes are instantiated: no remote code."""
     import diffusers
@@ -166,33 +171,33 @@ def load_diffusers_component(path, subfolder: str | None, kind: str):
     local = _is_local(path)
     if local:
         folder = Path(path) / (subfolder or "")
-        name = "scheduler_config.json" if kind == "scheduler" else "config.json"
+        name = "scheduler_config.json" if role == "scheduler" else "config.json"
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{kind}: {str(folder / name)!r} does not exist")
+            raise PathError(f"{role}: {str(folder / name)!r} does not exist")
         try:
             cfg = json.loads((folder / name).read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{kind}: {str(folder / name)!r} is not valid JSON ({e})") from None
+            raise ArgumentError(f"{role}: {str(folder / name)!r} is not valid JSON ({e})") from None
         cls_name = cfg.get("_class_name")
     else:
-        reader = diffusers.DDPMScheduler if kind == "scheduler" else diffusers.UNet2DModel   # picks the file name
+        reader = diffusers.DDPMScheduler if role == "scheduler" else diffusers.UNet2DModel   # picks the file name
         try:
             cfg = reader.load_config(path, subfolder=subfolder)
         except OSError as e:
-            raise OSError(f"{kind}: could not load {str(path)!r}{'/' + subfolder if subfolder else ''} from the "
+            raise PathError(f"{role}: could not load {str(path)!r}{'/' + subfolder if subfolder else ''} from the "
                           f"Hugging Face Hub (no such repository, or no network: flowsolve never downloads "
                           f"offline; use a local folder). {str(e).splitlines()[0][:200]}") from None
         cls_name = cfg.get("_class_name")
-    if kind == "scheduler":
+    if role == "scheduler":
         ok = isinstance(cls_name, str) and cls_name.endswith("Scheduler") and hasattr(diffusers, cls_name)
     else:
         ok = cls_name in _MODEL_CLASSES
     if not ok:
-        raise ValueError(f"{kind}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
-                         f"(expected {'a diffusers scheduler' if kind == 'scheduler' else ' or '.join(_MODEL_CLASSES)})")
+        raise ArgumentError(f"{role}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
+                         f"(expected {'a diffusers scheduler' if role == 'scheduler' else ' or '.join(_MODEL_CLASSES)})")
     cls = getattr(diffusers, cls_name)
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    if kind == "scheduler":
+    if role == "scheduler":
         return cls.from_pretrained(path, **kwargs)
     if local:
         _check_weights(Path(path) / (subfolder or ""))
@@ -204,7 +209,7 @@ def _check_weights(folder: Path) -> None:
     """A clear error for a missing or corrupt safetensors file (no pickle is ever loaded)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"weights: no .safetensors file in {str(folder)!r} (flowsolve loads only safetensors)")
+        raise PathError(f"weights: no .safetensors file in {str(folder)!r} (flowsolve loads only safetensors)")
     from safetensors import safe_open
     for f in files:
         try:
@@ -212,7 +217,7 @@ def _check_weights(folder: Path) -> None:
                 for k in h.keys():
                     h.get_slice(k)
         except Exception as e:  # noqa: BLE001 - name the file
-            raise ValueError(f"weights: {str(f)!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
+            raise ArgumentError(f"weights: {str(f)!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type: str | None = None,
@@ -231,7 +236,7 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
         local = _is_local(path)
         index = Path(path) / "model_index.json" if local else None
         if local and not Path(path).is_dir():
-            raise ValueError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")
+            raise ArgumentError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")
         is_pipeline = index.is_file() if local else subfolder is None
         if is_pipeline and subfolder is None:
             model = load_diffusers_component(path, "unet", "model")

@@ -1,8 +1,5 @@
-"""Discriminators, generators and the GAN loss functions a, b, c of Eq. 15–16 (Tables 4, 6, 7).
-
-L_d(f; ρ, p_data) = E_ρ[a∘f] − E_data[b∘f] + R(f) is maximised by the discriminator (Eq. 15);
-the generated particles (or the generator, Eq. 16) minimise c∘f, i.e. follow ∇h = −∇(c∘f) (Eq. 20).
-"""
+"""Discriminator and generator networks (Tables 4, 6, 7). The GAN losses a, b, c of Eq. 15–16 live
+with the discriminator field (`fields.discriminator`) and are re-exported here."""
 from __future__ import annotations
 
 import torch
@@ -11,71 +8,14 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from ..fields.discriminator import LOSSES, GANLoss, gradient_penalty
+from .._checks import seeded_generator
 from .nets import FourierEmbedding
+from .protocol import GeneratorModel
+from ..errors import ArgumentError
 
 __all__ = ["GANLoss", "LOSSES", "Discriminator", "ConvDiscriminator", "Generator", "DCGANGenerator",
            "gradient_penalty"]
-
-
-class GANLoss:
-    """The (a, b, c) triple of Eq. 15–16 by name.
-
-    - "vanilla": a = log(1 − sigmoid), b = −log sigmoid, c = −log sigmoid (non-saturating; Table 4,
-      Gaussians); f is high on data.
-    - "saturating": as vanilla with c = log(1 − sigmoid).
-    - "ipm": a = b = c = id (WGAN; Table 4, MNIST): f is high on generated samples, particles descend f.
-    - "hinge": a = −relu(1 + f), b = relu(1 − f), c = −f (Lim & Ye 2017).
-    """
-
-    NAMES = ("vanilla", "saturating", "ipm", "hinge")
-
-    def __init__(self, name: str = "vanilla") -> None:
-        if name not in self.NAMES:
-            raise ValueError(f"loss: expected one of {self.NAMES}, got {name!r}")
-        self.name = name
-
-    def a(self, f: torch.Tensor) -> torch.Tensor:
-        if self.name in ("vanilla", "saturating"):
-            return -F.softplus(f)                       # log(1 − sigmoid f)
-        if self.name == "ipm":
-            return f
-        return -F.relu(1 + f)
-
-    def b(self, f: torch.Tensor) -> torch.Tensor:
-        if self.name in ("vanilla", "saturating"):
-            return F.softplus(-f)                       # −log sigmoid f
-        if self.name == "ipm":
-            return f
-        return F.relu(1 - f)
-
-    def c(self, f: torch.Tensor) -> torch.Tensor:
-        if self.name == "vanilla":
-            return F.softplus(-f)                       # −log sigmoid f
-        if self.name == "saturating":
-            return -F.softplus(f)                       # log(1 − sigmoid f)
-        if self.name == "ipm":
-            return f
-        return -f
-
-    def discriminator_objective(self, f_fake: torch.Tensor, f_real: torch.Tensor) -> torch.Tensor:
-        """L_d without R (Eq. 15), to be maximised."""
-        return self.a(f_fake).mean() - self.b(f_real).mean()
-
-
-LOSSES = GANLoss.NAMES
-
-
-def gradient_penalty(f, fake: torch.Tensor, real: torch.Tensor, t: torch.Tensor | None, center: float,
-                     generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
-    """E[(‖∇f(x̂)‖ − center)²] at random interpolates x̂ of fake and real (Gulrajani et al. 2017;
-    Table 4: center 0)."""
-    if u is None:
-        u = torch.rand(len(fake), generator=generator)
-    u = u.view(-1, *([1] * (fake.dim() - 1))).to(fake.dtype)
-    xh = (u * fake.detach() + (1 - u) * real).requires_grad_(True)
-    out = f(xh) if t is None else f(xh, t)
-    (grad,) = torch.autograd.grad(out.sum(), xh, create_graph=True)
-    return (grad.reshape(len(xh), -1).norm(dim=1) - center).square().mean()
 
 
 def _init_normal(module: nn.Module, gain: float) -> None:
@@ -94,7 +34,7 @@ def _init_normal(module: nn.Module, gain: float) -> None:
 def _image_shape(data_shape, who: str) -> tuple[int, int, int]:
     shape = tuple(int(v) for v in data_shape)
     if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
-        raise ValueError(f"data_shape: {who} needs images (C, H, W) with H, W ≥ 4, got {shape}")
+        raise ArgumentError(f"data_shape: {who} needs images (C, H, W) with H, W ≥ 4, got {shape}")
     return shape
 
 
@@ -126,6 +66,10 @@ class Discriminator(ModelMixin, ConfigMixin):
         self.net = nn.Sequential(*layers)
         if init_gain:
             _init_normal(self.net, init_gain)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (int(self.config.dim),)
 
     def _first_bias(self, t, flat: torch.Tensor):
         """The first layer's contribution of the time embedding: one row when t is the same for the
@@ -183,7 +127,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         flat = x.reshape(len(x), -1)
         if self.embed is not None:
             if t is None:
-                raise ValueError("t: this discriminator is time-conditioned; pass t")
+                raise ArgumentError("t: this discriminator is time-conditioned; pass t")
             t = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).reshape(-1).expand(len(x))
             flat = torch.cat([flat, self.embed(t).to(flat.dtype)], dim=1)
         return self.net(flat).squeeze(1)
@@ -215,6 +159,10 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
                 for lin in self.film:                   # start as the identity modulation
                     nn.init.zeros_(lin.weight)
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.data_shape)
+
     def _modulate(self, hid: torch.Tensor, k: int, emb: torch.Tensor | None) -> torch.Tensor:
         if emb is not None:
             scale, shift = self.film[k](emb).chunk(2, dim=1)
@@ -225,7 +173,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         emb = None
         if self.embed is not None:
             if t is None:
-                raise ValueError("t: this discriminator is time-conditioned; pass t")
+                raise ArgumentError("t: this discriminator is time-conditioned; pass t")
             tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
             emb = self.embed(tt).to(x.dtype)
         hid = self._modulate(self.stem(x), 0, emb)
@@ -234,7 +182,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         return self.head(hid.flatten(1)).squeeze(1)
 
 
-class _Sampling:
+class _Sampling(GeneratorModel):
     """One-evaluation sampling shared by the generators: z ~ N(0, I_latent) from a seed, then g(z)."""
 
     @property
@@ -242,10 +190,7 @@ class _Sampling:
         return tuple(self.config.data_shape)
 
     def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        if generator is None:
-            from ..noise import fresh_seed
-            generator = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
-        return torch.randn(n, self.config.latent, generator=generator)
+        return torch.randn(n, self.config.latent, generator=generator or seeded_generator(seed))
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -256,12 +201,6 @@ class _Sampling:
         x = self(z.to(p.device, p.dtype))
         self.train(was)
         return x
-
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """n samples with one network evaluation (z from `seed`)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive integer, got {n!r}")
-        return self.generate(self.latents(n, seed))
 
 
 class Generator(_Sampling, ModelMixin, ConfigMixin):
@@ -274,7 +213,7 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
         super().__init__()
         acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
         if activation not in acts:
-            raise ValueError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
+            raise ArgumentError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
         dim = int(torch.tensor(list(data_shape)).prod())
         layers: list[nn.Module] = []
         d_in = latent

@@ -15,11 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import atomic_write_text, nearest, read_json
 from .diffusers_adapter import _check_weights, from_diffusers
+from .flows import DiscriminatorFlowModel
 from .nets import MLP, DigitsFeatures
 from .precond import EDMPrecond
+from .protocol import GeneratorModel
+from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["save_pretrained", "from_pretrained", "read_metadata", "NETWORKS", "FORMAT_FILE"]
+__all__ = ["save_pretrained", "from_pretrained", "read_metadata", "write_metadata", "register_model_type", "MODEL_TYPES",
+           "NETWORKS", "FORMAT_FILE"]
 
 FORMAT_FILE = "flowsolve.json"
 FORMAT_VERSION = 1
@@ -38,12 +43,6 @@ NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel", "Dis
             "ConvDiscriminator", "DCGANGenerator")
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     """Write `model` (an `EDMPrecond` denoiser or a bare network such as `DigitsFeatures`) to `path`
     in diffusers format plus flowsolve.json with `metadata` (training settings, data, measured quality)."""
@@ -52,7 +51,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     net = model.net if isinstance(model, EDMPrecond) else model
     name = type(net).__name__
     if name not in NETWORKS:
-        raise TypeError(f"model: cannot save a {name}; expected a network among {NETWORKS} or an EDMPrecond of one")
+        raise ArgumentTypeError(f"model: cannot save a {name}; expected a network among {NETWORKS} or an EDMPrecond of one")
     net.save_pretrained(str(out), safe_serialization=True)
     info: dict = {"format": "flowsolve", "version": FORMAT_VERSION, "network": name}
     if isinstance(model, EDMPrecond):
@@ -63,58 +62,136 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     else:
         info["type"] = "features" if isinstance(model, DigitsFeatures) else "network"
     info.update(metadata)
-    _write_json(out / FORMAT_FILE, info)
+    write_metadata(out, info)
     return out
 
 
+def write_metadata(folder: str | os.PathLike, info: dict) -> Path:
+    """Write flowsolve.json into `folder` atomically."""
+    return atomic_write_text(Path(folder) / FORMAT_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
+    """The flowsolve.json of a model folder, checked against the schema of its type (errors name the
+    file and the key)."""
     f = Path(path) / FORMAT_FILE
-    try:
-        return json.loads(f.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"path: {str(f)!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"path: {str(f)!r} is not valid JSON ({e})") from None
+    meta = read_json(f, "path")
+    kind = meta.get("type")
+    if kind not in MODEL_TYPES:
+        raise ArgumentError(f"path: {str(f)!r} has type {kind!r}; expected one of {sorted(MODEL_TYPES)}"
+                            f"{nearest(str(kind), MODEL_TYPES)}")
+    for key, want in MODEL_TYPES[kind].schema.items():
+        if key not in meta:
+            raise ArgumentError(f"path: {str(f)!r} lacks the key {key!r} that a {kind!r} folder needs")
+        if not isinstance(meta[key], want):
+            raise ArgumentError(f"path: {str(f)!r} key {key!r}: expected {_type_names(want)}, got "
+                                f"{type(meta[key]).__name__} {meta[key]!r}")
+    return meta
+
+
+def _type_names(want) -> str:
+    return " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+
+
+# -- one registry: flowsolve.json "type" -> how to build the model -------------------------------
+class ModelType:
+    """How a folder of one `type` loads: `schema` (key -> expected JSON type) and `build(folder, meta)`."""
+
+    def __init__(self, name: str, schema: dict, build) -> None:
+        self.name, self.schema, self.build = name, schema, build
+
+
+MODEL_TYPES: dict[str, ModelType] = {}
+
+
+def register_model_type(name: str, schema: dict):
+    """Decorator: register `build(folder, meta) -> model` for flowsolve.json files of type `name`."""
+    def wrap(build):
+        MODEL_TYPES[name] = ModelType(name, {"network": str, **schema} if name != "pipeline" else schema, build)
+        return build
+    return wrap
+
+
+def _network(folder: Path, meta: dict) -> nn.Module:
+    name = meta["network"]
+    nets = _networks()
+    if name not in nets:
+        raise ArgumentError(f"path: {str(folder / FORMAT_FILE)!r} names network {name!r}; expected one of {NETWORKS}")
+    _check_weights(folder)
+    return nets[name].from_pretrained(str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+
+
+def _shape(meta: dict):
+    shape = meta.get("data_shape")
+    return tuple(shape) if shape else None
+
+
+@register_model_type("denoiser", {"preconditioning": dict})
+def _denoiser(folder: Path, meta: dict) -> EDMPrecond:
+    pre = meta["preconditioning"]
+    where = f"path: {str(folder / FORMAT_FILE)!r} key 'preconditioning'"
+    if pre.get("kind") != "edm":
+        raise ArgumentError(f"{where}: unknown preconditioning {pre.get('kind')!r}; expected 'edm'")
+    missing = [k for k in ("sigma_data", "sigma_min", "sigma_max", "noise_scale") if k not in pre]
+    if missing:
+        raise ArgumentError(f"{where}: lacks {', '.join(map(repr, missing))}")
+    return EDMPrecond(_network(folder, meta), sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
+                      sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"], data_shape=_shape(meta))
+
+
+@register_model_type("discriminator-flow", {"flow": dict})
+def _discriminator_flow(folder: Path, meta: dict) -> DiscriminatorFlowModel:
+    flow = meta["flow"]
+    return DiscriminatorFlowModel(_network(folder, meta), flow.get("eta", 20.0), flow.get("loss", "vanilla"),
+                                  flow.get("N", flow.get("steps", 56)), _shape(meta))
+
+
+@register_model_type("generator", {})
+def _generator(folder: Path, meta: dict) -> nn.Module:
+    net = _network(folder, meta)
+    if not isinstance(net, GeneratorModel):
+        raise ArgumentError(f"path: {str(folder / FORMAT_FILE)!r} is a 'generator' folder but holds a "
+                            f"{type(net).__name__}")
+    return net
+
+
+@register_model_type("features", {})
+def _features(folder: Path, meta: dict) -> nn.Module:
+    return _network(folder, meta)
+
+
+@register_model_type("network", {})
+def _plain_network(folder: Path, meta: dict) -> nn.Module:
+    return _network(folder, meta)
+
+
+@register_model_type("pipeline", {})
+def _pipeline(folder: Path, meta: dict) -> nn.Module:
+    """A diffusers pipeline folder (model_index.json, unet/, scheduler/) that flowsolve trained (DDPM)."""
+    return from_diffusers(folder)
 
 
 def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
-    """Load a model folder: a flowsolve-trained model (flowsolve.json) → a `Denoiser` (or the
-    feature network), a diffusers pipeline folder or Hub id → `from_diffusers(...)`. Returned in eval mode."""
+    """Load a model folder. A flowsolve folder (flowsolve.json) becomes the class its `type` names in
+    `MODEL_TYPES`: a `ParticleModel` (`.field()`: denoisers, Discriminator Flows, flowsolve-trained
+    pipelines) or a `GeneratorModel` (`.sample(n, seed=)`), or a feature network. A diffusers pipeline
+    folder or Hub id goes through `from_diffusers`. Returned in eval mode, with `.metadata`."""
     p = Path(path)
-    if p.is_dir() and (p / FORMAT_FILE).is_file():
-        meta = read_metadata(p)
-        name = meta.get("network")
-        nets = _networks()
-        if name not in nets:
-            raise ValueError(f"path: {str(p / FORMAT_FILE)!r} names network {name!r}; expected one of {NETWORKS}")
-        _check_weights(p)
-        net = nets[name].from_pretrained(str(p), use_safetensors=True, local_files_only=True,
-                                       low_cpu_mem_usage=False)
-        kind = meta.get("type")
-        if kind == "denoiser":
-            pre = meta.get("preconditioning") or {}
-            if pre.get("kind") != "edm":
-                raise ValueError(f"path: unknown preconditioning {pre.get('kind')!r} in {str(p / FORMAT_FILE)!r}")
-            shape = meta.get("data_shape")
-            model = EDMPrecond(net, sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
-                               sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"],
-                               data_shape=tuple(shape) if shape else None)
-        elif kind == "discriminator-flow":
-            from ..train.paper import DiscriminatorFlowModel
-            flow = meta.get("flow") or {}
-            shape = meta.get("data_shape")
-            model = DiscriminatorFlowModel(net, flow.get("eta", 20.0), flow.get("loss", "vanilla"),
-                                           flow.get("steps", 56), tuple(shape) if shape else None)
+    legacy = p / "training.json"                  # DDPM folders written before 0.2
+    if p.is_dir() and ((p / FORMAT_FILE).is_file() or legacy.is_file()):
+        if (p / FORMAT_FILE).is_file():
+            meta = read_metadata(p)
         else:
-            model = net
+            meta = {"format": "flowsolve", "type": "pipeline", **read_json(legacy, "path")}
+        model = MODEL_TYPES[meta["type"]].build(p, meta)
         model.metadata = meta
     elif p.is_dir() and not (p / "model_index.json").is_file() and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"path: {str(p)!r} holds neither {FORMAT_FILE} (a flowsolve model), model_index.json "
-                                f"(a diffusers pipeline) nor config.json (a diffusers model)")
+        raise PathError(f"path: {str(p)!r} holds neither {FORMAT_FILE} (a flowsolve model), model_index.json "
+                        f"(a diffusers pipeline) nor config.json (a diffusers model)")
     elif p.exists() and not p.is_dir():
-        raise ValueError(f"path: expected a model folder, got the file {str(p)!r}")
+        raise ArgumentError(f"path: expected a model folder, got the file {str(p)!r}")
     elif not p.exists() and (os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1):
-        raise FileNotFoundError(f"path: {str(path)!r} does not exist (and is not a Hub id of the form owner/name)")
+        raise PathError(f"path: {str(path)!r} does not exist (and is not a Hub id of the form owner/name)")
     else:
         model = from_diffusers(path)
     if device is not None:

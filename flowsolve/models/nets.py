@@ -12,6 +12,7 @@ import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
+from ..errors import ArgumentError
 
 __all__ = ["FourierEmbedding", "MLP", "unet", "UNET_PRESETS", "DigitsFeatures"]
 
@@ -26,7 +27,7 @@ class FourierEmbedding(nn.Module):
     def __init__(self, size: int = 128, scale: float = 16.0, seed: int = 0) -> None:
         super().__init__()
         if size % 2:
-            raise ValueError(f"size: expected an even embedding size, got {size}")
+            raise ArgumentError(f"size: expected an even embedding size, got {size}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("freqs", torch.randn(size // 2, generator=g) * scale)
 
@@ -45,7 +46,7 @@ class MLP(ModelMixin, ConfigMixin):
                  activation: str = "leaky_relu", seed: int = 0) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ArgumentError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.embed = FourierEmbedding(emb_size, emb_scale, seed)
         layers: list[nn.Module] = []
         d_in = dim + emb_size
@@ -74,9 +75,9 @@ UNET_PRESETS = {
 def unet(data_shape: tuple[int, int, int], preset: str = "tiny", **overrides) -> UNet2DModel:
     """A diffusers UNet2DModel for images of `data_shape` = (C, H, W), from a preset plus overrides."""
     if preset not in UNET_PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(UNET_PRESETS)}, got {preset!r}")
+        raise ArgumentError(f"preset: expected one of {sorted(UNET_PRESETS)}, got {preset!r}")
     if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-        raise ValueError(f"data_shape: expected square images (C, H, W), got {tuple(data_shape)}")
+        raise ArgumentError(f"data_shape: expected square images (C, H, W), got {tuple(data_shape)}")
     cfg = dict(UNET_PRESETS[preset], sample_size=data_shape[1], in_channels=data_shape[0],
                out_channels=data_shape[0])
     cfg.update(overrides)

@@ -6,24 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import as_column as _col
+from .._checks import sigma_column
+from ..fields import EDM
+from .protocol import ParticleModel
+from ..errors import ArgumentError
+
 __all__ = ["Denoiser", "EDMPrecond", "sigma_column"]
 
 
-def sigma_column(sigma, x: torch.Tensor) -> torch.Tensor:
-    """σ as a (batch,) tensor of x's dtype/device, from a float, a 0-d or a (batch,)-like tensor."""
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
-    if s.numel() == 1:
-        s = s.expand(len(x))
-    if s.numel() != len(x):
-        raise ValueError(f"sigma: expected a scalar or {len(x)} values (one per sample), got {s.numel()}")
-    return s
 
 
-def _col(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return s.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-class Denoiser(nn.Module):
+class Denoiser(ParticleModel, nn.Module):
     """Base class: `D(x, sigma) -> E[x_0 | x]`, σ a float or a (batch,) tensor, with the noise
     range it was trained on (`sigma_min`, `sigma_max`: EDM fields clamp their default grid to
     it) and its `data_shape`. `metadata` holds what `flowsolve.json` stored with it."""
@@ -41,10 +35,10 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError(f"x: expected a tensor of shape (batch, *data_shape), got "
+            raise ArgumentError(f"x: expected a tensor of shape (batch, *data_shape), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if self.data_shape is not None and tuple(x.shape[1:]) != tuple(self.data_shape):
-            raise ValueError(f"x: expected samples of shape {tuple(self.data_shape)}, got {tuple(x.shape[1:])}")
+            raise ArgumentError(f"x: expected samples of shape {tuple(self.data_shape)}, got {tuple(x.shape[1:])}")
         return self.denoise(x, sigma_column(sigma, x))
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -53,8 +47,7 @@ class Denoiser(nn.Module):
         return (self(x, s) - x) / _col(s, x) ** 2
 
     def field(self, **kw):
-        """The probability-flow ODE of this denoiser as a `fields.EDM`."""
-        from ..fields import EDM
+        """The probability-flow ODE of this denoiser as a `fields.EDM` (keywords go to it)."""
         return EDM(self, **kw)
 
 
@@ -73,7 +66,7 @@ class EDMPrecond(Denoiser):
                  noise_scale: float = 0.25, data_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if not (sigma_data > 0 and 0 < sigma_min < sigma_max):
-            raise ValueError(f"sigma_data, sigma_min, sigma_max: expected positive values with sigma_min < sigma_max, "
+            raise ArgumentError(f"sigma_data, sigma_min, sigma_max: expected positive values with sigma_min < sigma_max, "
                              f"got {sigma_data}, {sigma_min}, {sigma_max}")
         self.net = net
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
 from . import backends, fixed, multistep, stochastic
+from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["available", "get", "register", "Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "describe"]
 
@@ -19,9 +20,9 @@ _REGISTRY: dict[str, Solver] = {}
 def register(solver: Solver, replace: bool = False) -> Solver:
     """Add a solver to the registry (name clashes raise unless replace=True)."""
     if not isinstance(solver, Solver):
-        raise TypeError(f"solver: expected a flowsolve.solvers.Solver, got {type(solver).__name__}")
+        raise ArgumentTypeError(f"solver: expected a flowsolve.solvers.Solver, got {type(solver).__name__}")
     if solver.name in _REGISTRY and not replace:
-        raise ValueError(f"solver: the name {solver.name!r} is already registered")
+        raise ArgumentError(f"solver: the name {solver.name!r} is already registered")
     _REGISTRY[solver.name] = solver
     return solver
 
@@ -33,9 +34,9 @@ def available() -> list[str]:
 
 def get(name: str) -> Solver:
     if not isinstance(name, str):
-        raise TypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
+        raise ArgumentTypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
     if name not in _REGISTRY:
-        raise ValueError(f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; "
+        raise ArgumentError(f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; "
                          f"valid names are: {', '.join(available())}")
     return _REGISTRY[name]
 

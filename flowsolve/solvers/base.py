@@ -7,7 +7,6 @@ per-sample noise, and serves trajectories, callbacks and progress.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import math
@@ -17,21 +16,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..fields.base import Field
+from .._checks import nearest
+from ..errors import ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
 
 __all__ = ["Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "nearest"]
-
-
-class NonFiniteError(FloatingPointError):
-    """The field returned NaN or inf; the message names the step and time."""
-
-
-class NFEBudgetExceeded(RuntimeError):
-    """An adaptive solver needed more field evaluations than the `nfe` budget."""
-
-
-def nearest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -64,19 +52,22 @@ class Solver:
         return max(1, self.evals(self.min_steps, True))
 
     def steps_for(self, nfe: int, singular_end: bool) -> int:
-        """The most steps whose NFE fits the budget."""
-        steps = 0
-        while self.evals(steps + 1, singular_end) <= nfe:
-            steps += 1
-            if steps > 10_000_000:
-                break
-        return steps
+        """The most steps whose NFE fits the budget (evals grows with steps: doubling, then bisection)."""
+        if self.evals(1, singular_end) > nfe:
+            return 0
+        lo, hi = 1, 2
+        while self.evals(hi, singular_end) <= nfe:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:                              # evals(lo) <= nfe < evals(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.evals(mid, singular_end) <= nfe else (lo, mid)
+        return lo
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         for k in options:
             if k not in self.options:
                 valid = ", ".join(sorted(self.options)) or "none"
-                raise TypeError(f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
+                raise ArgumentTypeError(f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
                                 f"its options are: {valid}")
         return options
 

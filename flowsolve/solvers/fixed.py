@@ -6,6 +6,7 @@ import math
 import torch
 
 from .base import Run
+from ..errors import ArgumentError
 
 
 def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -41,9 +42,9 @@ def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, 
     fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}."""
     for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+            raise ArgumentError(f"{name}: expected a finite number >= 0, got {v!r}")
     if not S_max >= S_min:
-        raise ValueError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
+        raise ArgumentError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
     t = run.times
     N = len(t) - 1
     gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)

@@ -18,11 +18,12 @@ from collections import deque
 import torch
 
 from .base import Run, lagrange_weights, sigma_lambda
+from ..errors import ArgumentError
 
 
 def _order(order, lo: int = 1, hi: int = 4) -> int:
     if isinstance(order, bool) or not isinstance(order, int) or not lo <= order <= hi:
-        raise ValueError(f"order: expected an integer in [{lo}, {hi}], got {order!r}")
+        raise ArgumentError(f"order: expected an integer in [{lo}, {hi}], got {order!r}")
     return order
 
 
@@ -34,12 +35,28 @@ def _combine(weights: list[float], values) -> torch.Tensor:
 
 
 def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool) -> torch.Tensor:
+    """The exponential Adams family on σ-time fields, in λ = −log σ with data predictions D = x − σ v.
+
+    One step from σ_i to σ_{i+1} (h = λ_{i+1} − λ_i) integrates dx/dλ = D − x exactly for D held at the
+    Lagrange polynomial P through the last k data predictions:
+
+        x_{i+1} = (σ_{i+1}/σ_i) x_i + Σ_j W_j D_j,   W_j = ∫_{λ_i}^{λ_{i+1}} e^{λ − λ_{i+1}} ℓ_j(λ) dλ.
+
+    For k = 2 (DPM-Solver++(2M), Lu et al. 2022, Eq. 18 / Alg. 2) with r = h_{i−1}/h,
+    φ₁ = expm1(−h) and φ₂ = (φ₁ + h)/h, the weights are in closed form
+
+        x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r) (D_i − D_{i−1}),
+
+    i.e. W_i = −φ₁ + φ₂/r, W_{i−1} = −φ₂/r (diffusers' `solver_type="heun"`; Lu et al.'s
+    midpoint form replaces φ₂ by −φ₁/2). The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
+    `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
+    """
     sig = run.times
     lam = [sigma_lambda(s) for s in sig]
     hist: deque = deque(maxlen=order + 1)         # (λ_j, D_j), newest last
     x_prev = None                                 # x_i before the step, for the corrector
     for i in run.steps():
-        d = run.f(x, i)
+        d = run.f(x, i)                           # the field v = dx/dσ at (x_i, σ_i)
         den = x - sig[i] * d                      # data prediction D_i = x − σ v
         if corrector and x_prev is not None and len(hist) >= 1:
             # UniC-style: redo step i−1 → i with D_i included (order min(k+1, history))
@@ -52,16 +69,18 @@ def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool
             x_next = den                          # λ = ∞: the exponential integrator lands on D
         else:
             k = min(order, len(hist))
-            recent = list(hist)[-k:][::-1]        # newest first
-            w = lagrange_weights([h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True)
-            x_next = (sig[i + 1] / sig[i]) * x + _combine(w, [h[1] for h in recent])
+            recent = list(hist)[-k:][::-1]        # newest first: D_i, D_{i−1}, ...
+            w = lagrange_weights([h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True)   # W_j (closed form above)
+            x_next = (sig[i + 1] / sig[i]) * x + _combine(w, [h[1] for h in recent])        # x_{i+1}
         x_prev, x = x, x_next
         run.tick(i, x)
     return x
 
 
 def dpmpp_2m(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M) on the data prediction, exact exponential weights on any σ-grid."""
+    """DPM-Solver++(2M) on the data prediction, exact exponential weights on any σ-grid:
+    x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r)(D_i − D_{i−1}), h = λ_{i+1} − λ_i, r = h_{i−1}/h,
+    φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h (see `exponential_multistep`)."""
     return exponential_multistep(run, x, 2, False)
 
 

@@ -6,11 +6,12 @@ import math
 import torch
 
 from .base import Run
+from ..errors import ArgumentError
 
 
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1] (0 = probability-flow ODE, 1 = reverse SDE), "
+        raise ArgumentError(f"alpha: expected a number in [0, 1] (0 = probability-flow ODE, 1 = reverse SDE), "
                          f"got {alpha!r}")
     return float(alpha)
 
@@ -31,9 +32,9 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
         method = "exp" if (field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)) \
             else "em"
     if method not in ("exp", "em"):
-        raise ValueError(f"method: expected 'auto', 'exp' or 'em', got {method!r}")
+        raise ArgumentError(f"method: expected 'auto', 'exp' or 'em', got {method!r}")
     if method == "exp" and (not field.time_is_sigma or coeffs is None):
-        raise ValueError(f"method: 'exp' needs a σ-time score field (fields.EDM / ScoreDifference), "
+        raise ArgumentError(f"method: 'exp' needs a σ-time score field (fields.EDM / ScoreDifference), "
                          f"got {type(field).__name__}; use method='em'")
     t = run.times
     if method == "exp":

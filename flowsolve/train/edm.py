@@ -16,6 +16,7 @@ import torch
 
 from .. import data as fsdata
 from .loop import LoopConfig, fit, is_main_process, merge_config, seeded, shard, training_record
+from ..errors import ArgumentError
 
 __all__ = ["EDMConfig", "edm", "ddpm", "defaults_for"]
 
@@ -62,9 +63,9 @@ def _build_network(cfg: EDMConfig, shape: tuple[int, ...]):
                    seed=cfg.seed), 0.25
     if kind == "unet":
         if len(shape) != 3:
-            raise ValueError(f"network: 'unet' needs image data (C, H, W), got data of shape {shape}")
+            raise ArgumentError(f"network: 'unet' needs image data (C, H, W), got data of shape {shape}")
         return unet(shape, cfg.unet_preset), 250.0
-    raise ValueError(f"network: expected 'auto', 'mlp' or 'unet', got {cfg.network!r}")
+    raise ArgumentError(f"network: expected 'auto', 'mlp' or 'unet', got {cfg.network!r}")
 
 
 def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
@@ -107,13 +108,14 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from ..models import DiffusersDenoiser, unet
+    from ..models.io import FORMAT_VERSION, write_metadata
 
     data_name = data if isinstance(data, str) else "custom"
     cfg = merge_config(EDMConfig, defaults_for(data_name, "ddpm"), config, overrides)
     source = fsdata.load(data, size=cfg.data_size) if isinstance(data, str) else fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 3:
-        raise ValueError(f"data: DDPM training needs image data (C, H, W), got shape {shape}")
+        raise ArgumentError(f"data: DDPM training needs image data (C, H, W), got shape {shape}")
     net = seeded(cfg.seed, lambda: unet(shape, cfg.unet_preset))
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                               prediction_type="epsilon", clip_sample=True)
@@ -137,7 +139,7 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
     if out is not None and is_main_process():
         pipe = DDPMPipeline(unet=ema.model, scheduler=scheduler)
         pipe.save_pretrained(str(out), safe_serialization=True)
-        import json
-        (Path(out) / "training.json").write_text(json.dumps(ema.metadata, indent=2, sort_keys=True) + "\n")
+        write_metadata(out, {"format": "flowsolve", "version": FORMAT_VERSION, "type": "pipeline", "data": data_name,
+                             **ema.metadata})
     return ema
 

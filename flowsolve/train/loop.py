@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -18,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from .._checks import atomic_save, check_choice, check_int, nearest, read_json, renamed
+from ..errors import ArgumentError, CheckpointError, NonFiniteError, PathError
 
 __all__ = ["LoopConfig", "EMA", "fit", "shard", "shard_all", "device", "resolve_device", "is_main_process",
            "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
@@ -34,7 +35,7 @@ def shard(t: torch.Tensor) -> torch.Tensor:
     size = _WORLD["size"]
     if size > 1:
         if len(t) % size:
-            raise ValueError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
+            raise ArgumentError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
         k = len(t) // size
         t = t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
     return t.to(_WORLD["device"])
@@ -67,9 +68,9 @@ def resolve_device(cfg) -> torch.device:
     try:
         dev = torch.device(want)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {want!r}") from None
+        raise ArgumentError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {want!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {want!r} asked for, but CUDA is not available here")
+        raise ArgumentError(f"device: {want!r} asked for, but CUDA is not available here")
     return dev
 
 
@@ -95,10 +96,6 @@ def sync_gradients(params) -> None:
     reduce_mean([p.grad for p in params if p.grad is not None])
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read (missing, truncated, corrupt or from another model)."""
-
-
 @dataclasses.dataclass
 class LoopConfig:
     steps: int = 10_000
@@ -120,15 +117,18 @@ def check_keys(given: dict, cls, what: str = "config") -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
     for k in given:
         if k not in valid:
-            near = difflib.get_close_matches(k, valid, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"{what}: unknown key {k!r}{hint} (valid keys: {', '.join(valid)})")
+            hint = nearest(k, valid).replace(" (did you mean", "; did you mean").rstrip(")")
+            raise ArgumentError(f"{what}: unknown key {k!r}{hint} (valid keys: {', '.join(valid)})")
 
 
 def merge_config(cls, defaults: dict, config: dict | None, overrides: dict):
-    """cls(**defaults ← config file ← non-None overrides), rejecting unknown keys at each layer."""
+    """cls(**defaults ← config file ← non-None overrides), rejecting unknown keys at each layer;
+    old key names in `cls.RENAMED` are accepted for one release with a DeprecationWarning."""
     merged = dict(defaults)
     for src in (config or {}, {k: v for k, v in overrides.items() if v is not None}):
+        src = dict(src)
+        for old, new in getattr(cls, "RENAMED", {}).items():
+            renamed(src, old, new, f"{cls.__name__}")
         check_keys(src, cls)
         merged.update(src)
     if "betas" in merged:
@@ -155,16 +155,7 @@ def training_record(cfg, data: str, objective: str, history: dict, command: str 
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config: {str(p)!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config: {str(p)!r} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config: {str(p)!r} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json(path, "config")
 
 
 class EMA:
@@ -172,7 +163,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay: expected a value in [0, 1), got {decay}")
+            raise ArgumentError(f"ema_decay: expected a value in [0, 1), got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -185,17 +176,6 @@ class EMA:
             e.copy_(b)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name("previous.pt"))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opts: dict[str, torch.optim.Optimizer],
                     gen: torch.Generator, extra: dict, best: dict | None = None) -> None:
     """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt.
@@ -206,7 +186,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opts: dic
           "extra": json.dumps(extra)}
     if best is not None:
         ck["best"] = best
-    _atomic_save(ck, path)
+    atomic_save(ck, path, keep_previous="previous.pt")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -225,6 +205,100 @@ def load_checkpoint(path: Path) -> dict:
         if key not in ck:
             raise CheckpointError(f"resume: checkpoint {str(path)!r} lacks {key!r}")
     return ck
+
+
+def _check_loop_config(cfg: LoopConfig) -> str:
+    """Validate the settings every loop uses before any work starts; returns the lr schedule."""
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        check_int(name, getattr(cfg, name), 1)
+    if not cfg.lr > 0:
+        raise ArgumentError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    return check_choice("lr_schedule", getattr(cfg, "lr_schedule", "constant"), LR_SCHEDULES)
+
+
+@dataclasses.dataclass
+class _State:
+    """What a checkpoint holds besides the weights: the step, the logged history, the selected best."""
+    step: int = 0
+    history: dict = dataclasses.field(default_factory=lambda: {"loss": [], "step": [], "seconds": 0.0})
+    best: dict | None = None
+
+
+def _restore(ck_path: Path | None, model: nn.Module, ema: EMA, opts: dict, gen: torch.Generator,
+             keep_best: bool) -> _State:
+    """Load model, EMA, optimizers, RNG, step, history (and the selection) from the last checkpoint."""
+    if ck_path is None:
+        raise ArgumentError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
+    ck = load_checkpoint(ck_path)
+    try:
+        model.load_state_dict(ck["model"])
+        ema.model.load_state_dict(ck["ema"])
+        for k, o in opts.items():
+            o.load_state_dict(ck["optimizer"][k])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    gen.set_state(ck["generator"])
+    history = json.loads(ck["extra"]).get("history") or _State().history
+    return _State(int(ck["step"]), history, ck.get("best") if keep_best else None)
+
+
+def _set_lr(opts: dict, base_lr: dict, cfg: LoopConfig, schedule: str, step: int) -> None:
+    """Linear warm-up, then the schedule's factor, applied to every optimizer's base rates."""
+    ramp = min(1.0, (step + 1) / max(1, cfg.warmup)) * lr_factor(schedule, step, cfg.steps)
+    for k, o in opts.items():
+        for g, lr in zip(o.param_groups, base_lr[k]):
+            g["lr"] = lr * ramp
+
+
+def _loss_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: LoopConfig) -> float:
+    """One step of a plain objective: backward, gradients averaged over the processes, clip, update."""
+    loss = loss_fn(model, gen)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if _WORLD["size"] > 1:                       # data parallel: average the gradients and the logged loss
+        from ..distributed import reduce_mean
+        sync_gradients(model.parameters())
+        t_loss = torch.tensor([value])
+        reduce_mean([t_loss])
+        value = float(t_loss)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return value
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag (the loop checkpoints and stops); the old handlers come back on exit."""
+
+    def __enter__(self) -> "_Signals":
+        self.received, self._old = None, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._on)
+            except ValueError:   # not the main thread
+                pass
+        return self
+
+    def _on(self, signum, _frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _select(state: _State, select, ema: EMA) -> None:
+    """Score the EMA model (lower is better) and keep its weights when it is the best so far."""
+    with torch.no_grad():
+        value = float(select(ema.model))
+    state.history.setdefault("selection", []).append([state.step, value])
+    if state.best is None or value < state.best["value"]:
+        state.best = {"step": state.step, "value": value,
+                      "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()}}
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None, cfg: LoopConfig, *,
@@ -247,129 +321,59 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     """
     from tqdm.auto import tqdm
 
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
-    schedule = getattr(cfg, "lr_schedule", "constant")
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
     from ..distributed import is_launched, world
+
+    schedule = _check_loop_config(cfg)
+    every = check_int("select_every", select_every or cfg.checkpoint_every, 1)
     rank, size = world() if is_launched() else (0, 1)
     _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
-    model.to(_WORLD["device"])
-    model.train()
+    model.to(_WORLD["device"]).train()
     opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
     base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
-    save_here = ck_path if rank == 0 else None
-    step, history = 0, {"loss": [], "step": [], "seconds": 0.0}
-    best: dict | None = None
-    every = select_every or cfg.checkpoint_every
-    if select is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"select_every: expected a positive integer, got {select_every!r}")
-    if resume:
-        if ck_path is None:
-            raise ValueError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
-        ck = load_checkpoint(ck_path)
-        try:
-            model.load_state_dict(ck["model"])
-            ema.model.load_state_dict(ck["ema"])
-            for k, o in opts.items():
-                o.load_state_dict(ck["optimizer"][k])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
-                                  f"({str(e).splitlines()[0][:200]})") from None
-        gen.set_state(ck["generator"])
-        step = int(ck["step"])
-        best = ck.get("best") if select is not None else None
-        history = json.loads(ck["extra"]).get("history", history)
+    state = _restore(ck_path, model, ema, opts, gen, select is not None) if resume else _State()
     meta = dict(extra or {})
+    t0, running = time.perf_counter(), None
 
     def checkpoint() -> None:
-        if save_here is not None:
-            save_checkpoint(ck_path, step, model, ema, opts, gen, {**meta, "history": history}, best)
+        nonlocal t0
+        state.history["seconds"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if ck_path is not None and rank == 0:
+            save_checkpoint(ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best)
 
-    def score() -> None:
-        nonlocal best
-        with torch.no_grad():
-            value = float(select(ema.model))
-        history.setdefault("selection", []).append([step, value])
-        if best is None or value < best["value"]:
-            best = {"step": step, "value": value,
-                    "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()}}
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    with _Signals() as signals:
         try:
-            old[s] = signal.signal(s, on_signal)
-        except ValueError:   # not the main thread
-            pass
-    t0, running = time.perf_counter(), None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
-    try:
-        while step < cfg.steps:
-            ramp = min(1.0, (step + 1) / max(1, cfg.warmup)) * lr_factor(schedule, step, cfg.steps)
-            for k, o in opts.items():
-                for g, lr in zip(o.param_groups, base_lr[k]):
-                    g["lr"] = lr * ramp
-            if step_fn is not None:
-                value = float(step_fn(model, gen, step))
-            else:
-                loss = loss_fn(model, gen)
-                value = loss.item()
-                if math.isfinite(value):
-                    opt = opts["model"]
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if size > 1:                          # data parallel: average the gradients
-                        from ..distributed import reduce_mean
-                        sync_gradients(model.parameters())
-                        t_loss = torch.tensor([value])
-                        reduce_mean([t_loss])
-                        value = float(t_loss)
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training: the loss became {value} at step {step}; the last good "
+            while state.step < cfg.steps:
+                _set_lr(opts, base_lr, cfg, schedule, state.step)
+                value = (float(step_fn(model, gen, state.step)) if step_fn is not None
+                         else _loss_step(model, loss_fn, opts["model"], gen, cfg))
+                if not math.isfinite(value):
+                    raise NonFiniteError(f"training: the loss became {value} at step {state.step}; the last good "
                                          f"checkpoint is kept" + (f" at {str(ck_path)!r}" if ck_path else ""))
-            ema.update(model, step)
-            step += 1
-            running = value if running is None else 0.98 * running + 0.02 * value
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                history["loss"].append(running)
-                history["step"].append(step)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if select is not None and (step % every == 0 or step == cfg.steps):
-                score()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                history["seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                checkpoint()
-            if stop["signal"] is not None:
-                history["seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                checkpoint()
-                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} at step {step}; checkpoint written"
-                                        + (f" to {str(ck_path)!r}; continue with resume" if ck_path else ""))
-    finally:
-        bar.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-    history["seconds"] += time.perf_counter() - t0
+                ema.update(model, state.step)
+                state.step += 1
+                running = value if running is None else 0.98 * running + 0.02 * value
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                    state.history["loss"].append(running)
+                    state.history["step"].append(state.step)
+                    bar.set_postfix(loss=f"{running:.4f}")
+                if select is not None and (state.step % every == 0 or state.step == cfg.steps):
+                    _select(state, select, ema)
+                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or signals.received:
+                    checkpoint()
+                if signals.received is not None:
+                    raise KeyboardInterrupt(f"stopped by signal {signals.received} at step {state.step}; checkpoint "
+                                            f"written" + (f" to {str(ck_path)!r}; continue with resume" if ck_path else ""))
+        finally:
+            bar.close()
+    state.history["seconds"] += time.perf_counter() - t0
     model.eval()
-    if best is not None:
-        ema.model.load_state_dict(best["state"])
-        history["selected"] = {"step": best["step"], "value": best["value"]}
-    return ema.model, history
+    if state.best is not None:
+        ema.model.load_state_dict(state.best["state"])
+        state.history["selected"] = {"step": state.best["step"], "value": state.best["value"]}
+    return ema.model, state.history

@@ -1,0 +1,59 @@
+"""The model protocol: a loaded model says what it is by its type (DESIGN.md, Definitions 1–2).
+
+- `ParticleModel` (PM, Definition 1): particles follow a field; `model.field(**kw)` is that
+  `Field`, for `fs.sample` with any solver. Denoisers (EDM, diffusers) and Discriminator Flows.
+- `GeneratorModel` (Int-PM, Definition 2): a generator trained along a field; `model.sample(n,
+  seed=)` draws n samples with one network evaluation each.
+
+Every model carries `data_shape` and the `metadata` its folder's flowsolve.json holds.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed import gather_ranges, shard_range, world
+from ..errors import ArgumentError
+
+__all__ = ["ParticleModel", "GeneratorModel", "generate_sharded"]
+
+
+class ParticleModel:
+    """A PM: `field(**kw)` returns the model's `flowsolve.fields.Field`."""
+
+    data_shape: tuple[int, ...] | None = None
+
+    def field(self, **kw):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GeneratorModel:
+    """An Int-PM generator: `sample(n, seed=)` draws n samples, one evaluation each. Subclasses
+    provide `latents(n, seed)` and `generate(z)`."""
+
+    data_shape: tuple[int, ...] | None = None
+
+    def latents(self, n: int, seed: int | None = None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """n samples with one network evaluation (latents from `seed`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ArgumentError(f"n: expected a positive integer, got {n!r}")
+        return self.generate(self.latents(n, seed))
+
+
+@torch.no_grad()
+def generate_sharded(generator: GeneratorModel, n: int, *, seed: int) -> torch.Tensor:
+    """`generator.sample(n, seed)` split over the launched processes: the latents are drawn once from
+    `seed` (so the result equals one process's), each process evaluates its rows, all gather."""
+    if seed is None:
+        raise ArgumentError("seed: sharded sampling needs an explicit seed shared by every process")
+    rank, size = world()
+    if size == 1:
+        return generator.sample(n, seed=seed)
+    start, end = shard_range(n, rank, size)
+    part = generator.generate(generator.latents(n, seed)[start:end]) if end > start else None
+    return gather_ranges(part, n, tuple(generator.data_shape))
