@@ -15,6 +15,7 @@ import torch
 from . import metrics as M
 from .distributed import is_launched
 from .sample import initial_noise, sample, sample_sharded
+from ._checks import check_int
 from .errors import ArgumentError
 
 __all__ = ["CompareTable", "compare", "METRICS"]
@@ -122,8 +123,7 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
 
     if metric not in METRICS:
         raise ArgumentError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ArgumentError(f"seeds: expected a positive integer, got {seeds!r}")
+    check_int("seeds", seeds, 1)
     for s in solvers:
         registry.get(s)        # unknown names fail here, listing the valid ones
     score = _scorer(metric, field, reference, n, features)

@@ -12,6 +12,7 @@ import torch
 
 from . import data as fsdata
 from .metrics import frechet_distance
+from ._checks import check_int
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["DigitsReport", "evaluate_digits", "digits_quality", "validation_fd", "validation_energy"]
@@ -113,8 +114,7 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
     generator ↦ energy distance (lower is better)."""
     from .metrics import energy_distance
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ArgumentError(f"n: expected at least 2 validation samples, got {n!r}")
+    check_int("n", n, 2)
     source = fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ._checks import check_int
 from .errors import ArgumentError
 
 __all__ = ["interpolate", "METHODS"]
@@ -51,8 +52,7 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int = 8, method: str = 
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
         raise ArgumentError(f"a, b: expected two latents of the same shape, got {getattr(a, 'shape', a)} and "
                          f"{getattr(b, 'shape', b)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ArgumentError(f"steps: expected an integer >= 2, got {steps!r}")
+    check_int("steps", steps, 2)
     a64, b64 = a.double(), b.double()
     t = torch.linspace(0, 1, steps, dtype=torch.float64).view(-1, *([1] * a.dim()))
     if method == "linear":

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .gmm import GaussianMixture
+from .._checks import seeded_generator
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["TensorData", "Moons", "digits", "moons", "image_folder", "torchvision_dataset", "load",
@@ -31,8 +32,7 @@ BUILTIN = {
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
-        from ..noise import fresh_seed
-        generator = torch.Generator().manual_seed(fresh_seed())
+        generator = seeded_generator(None)
     return generator
 
 

@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+from .._checks import check_int, seeded_generator
 from ..errors import ArgumentError
 
 __all__ = ["GaussianMixture"]
@@ -116,11 +117,9 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None, return_modes: bool = False):
         """n exact samples (and their mode indices if return_modes)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ArgumentError(f"n: expected a non-negative integer, got {n!r}")
+        check_int("n", n, 0)
         if generator is None:
-            from ..noise import fresh_seed
-            generator = torch.Generator().manual_seed(fresh_seed())
+            generator = seeded_generator(None)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x = (self.means[k] + self.std[k, None] * z).to(dtype=dtype, device=device)

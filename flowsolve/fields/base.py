@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import grids
-from .._checks import as_column, batch_time  # noqa: F401  (re-exported)
+from .._checks import as_column, batch_time, seeded_generator  # noqa: F401  (as_column, batch_time re-exported)
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["Field", "Function", "Sum", "Scale"]
@@ -66,8 +66,7 @@ class Field:
         if shape is None:
             raise ArgumentError("shape: this field does not know its data shape; pass shape=")
         if generator is None:
-            from ..noise import fresh_seed
-            generator = torch.Generator(device=device or "cpu").manual_seed(fresh_seed())
+            generator = seeded_generator(None, device or "cpu")
         z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
         return self.from_normal(z)
 

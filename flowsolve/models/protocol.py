@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import gather_ranges, shard_range, world
+from .._checks import check_int
 from ..errors import ArgumentError
 
 __all__ = ["ParticleModel", "GeneratorModel", "generate_sharded"]
@@ -40,8 +41,7 @@ class GeneratorModel:
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """n samples with one network evaluation (latents from `seed`)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ArgumentError(f"n: expected a positive integer, got {n!r}")
+        check_int("n", n, 1)
         return self.generate(self.latents(n, seed))
 
 

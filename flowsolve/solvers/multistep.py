@@ -18,13 +18,12 @@ from collections import deque
 import torch
 
 from .base import Run, lagrange_weights, sigma_lambda
+from .._checks import check_int
 from ..errors import ArgumentError
 
 
 def _order(order, lo: int = 1, hi: int = 4) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or not lo <= order <= hi:
-        raise ArgumentError(f"order: expected an integer in [{lo}, {hi}], got {order!r}")
-    return order
+    return check_int("order", order, lo, hi)
 
 
 def _combine(weights: list[float], values) -> torch.Tensor:

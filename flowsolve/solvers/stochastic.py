@@ -12,7 +12,7 @@ from ..errors import ArgumentError
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ArgumentError(f"alpha: expected a number in [0, 1] (0 = probability-flow ODE, 1 = reverse SDE), "
-                         f"got {alpha!r}")
+                            f"got {alpha!r}")
     return float(alpha)
 
 

@@ -61,6 +61,22 @@ SCORE_GAN_IMAGE_DEFAULTS = dict(
     betas=(0.0, 0.999), score_betas=(0.0, 0.999), checkpoint_every=500)
 
 
+def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn.Module:
+    """The generated distribution's denoiser (Alg. 1's s_ρ): a copy of the teacher (Table 7), or a
+    fresh EDM-preconditioned UNet (images) / MLP (vectors) seeded from cfg.seed + 1."""
+    if cfg.init_from_teacher:
+        if not isinstance(teacher, nn.Module):
+            raise ArgumentError(f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got "
+                                f"{type(teacher).__name__}")
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+    if len(shape) == 3:
+        return seeded(cfg.seed + 1, lambda: EDMPrecond(unet(shape, cfg.score_preset), cfg.sigma_data, cfg.sigma_min,
+                                                        cfg.sigma_max, 250.0, shape))
+    dim = int(torch.tensor(shape).prod())
+    return seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
+                                                    cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
+
+
 def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | os.PathLike | None = None,
               config: dict | None = None, resume: bool = False, progress: bool = True, command: str | None = None,
               data_name: str = "teacher", select=None, select_every: int | None = None, **overrides):
@@ -77,18 +93,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
     if not shape:
         raise ArgumentError("data_shape: the teacher does not say its data shape; pass data_shape=")
     cfg = merge_config(ScoreGANConfig, SCORE_GAN_IMAGE_DEFAULTS if len(shape) == 3 else {}, config, overrides)
-    dim = int(torch.tensor(shape).prod())
-    if cfg.init_from_teacher:
-        if not isinstance(teacher, nn.Module):
-            raise ArgumentError(f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got "
-                             f"{type(teacher).__name__}")
-        score = copy.deepcopy(teacher).train().requires_grad_(True)
-    elif len(shape) == 3:
-        score = seeded(cfg.seed + 1, lambda: EDMPrecond(unet(shape, cfg.score_preset), cfg.sigma_data, cfg.sigma_min,
-                                                         cfg.sigma_max, 250.0, shape))
-    else:
-        score = seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
-                                                         cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
+    score = _generated_score(teacher, shape, cfg)
     gen = seeded(cfg.seed, lambda: generator_network(shape, cfg))
     pair = GeneratorPair(gen, score)
     field = ScoreDifference(teacher, score, mu_data=cfg.mu_data, mu_rho=cfg.mu_rho, sigma_min=cfg.sigma_min,
