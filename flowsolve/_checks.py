@@ -16,7 +16,9 @@ import torch
 from .errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["check_int", "check_number", "check_choice", "nearest", "batch_time", "as_column", "sigma_column",
-           "seeded_generator", "atomic_write_text", "atomic_save", "read_json", "renamed", "deprecated"]
+           "seeded_generator", "atomic_write_text", "atomic_save", "read_json", "renamed", "deprecated", "check_output",
+           "available_memory", "check_memory", "check_disk",
+           "write_folder_atomically"]
 
 
 # -- numbers -------------------------------------------------------------------------------------
@@ -127,6 +129,28 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: str | None = N
     return path
 
 
+def write_folder_atomically(folder: str | os.PathLike, write: Any) -> Path:
+    """Call write(tmp) to fill a temporary folder beside `folder`, then move each file into `folder`
+    with an atomic rename: a kill at any moment leaves every file whole (old or new), never half-written."""
+    import shutil
+    import tempfile
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=folder))
+    try:
+        write(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                target = folder / f.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(f, "rb") as h:
+                    os.fsync(h.fileno())
+                os.replace(f, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def read_json(path: str | os.PathLike, what: str = "path") -> dict:
     """A JSON object from `path`, with errors that name `what` and the file."""
     p = Path(path)
@@ -139,6 +163,61 @@ def read_json(path: str | os.PathLike, what: str = "path") -> dict:
     if not isinstance(obj, dict):
         raise ArgumentError(f"{what}: {str(p)!r} must hold a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def check_output(path: str | os.PathLike, suffixes: Iterable[str] | None, what: str = "out") -> Path:
+    """Check an output path before any work: its suffix is one of `suffixes` (None: a folder), and its
+    folder exists (it is made here if needed) and takes a file."""
+    p = Path(path)
+    if suffixes is not None:
+        suffixes = tuple(suffixes)
+        if p.suffix.lower() not in suffixes:
+            raise ArgumentError(f"{what}: expected a file ending in {' or '.join(suffixes)}, got {str(p)!r}")
+        if p.is_dir():
+            raise ArgumentError(f"{what}: {str(p)!r} is a folder; expected a file name")
+    elif p.exists() and not p.is_dir():
+        raise ArgumentError(f"{what}: {str(p)!r} is a file; expected a folder")
+    folder = p.parent if suffixes is not None else p
+    try:                                           # make the folder now and prove it takes a file
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".flowsolve-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ArgumentError(f"{what}: cannot write into {str(folder)!r} ({e.strerror or e})") from None
+    return p
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine has available now (MemAvailable), or its physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_disk(name: str, folder: str | os.PathLike, nbytes: int) -> None:
+    """Refuse, before any work, an output that the disk under `folder` cannot hold."""
+    import shutil
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ArgumentError(f"{name}: the output needs about {nbytes / 2 ** 30:.1f} GiB, more than the "
+                            f"{free / 2 ** 30:.1f} GiB free under {str(folder)!r}")
+
+
+def check_memory(name: str, nbytes: int, hint: str, share: float = 0.8) -> None:
+    """Refuse, before any work, a request whose tensors would not fit in memory (naming `name`)."""
+    have = available_memory()
+    if nbytes > share * have:
+        raise ArgumentError(f"{name}: needs about {nbytes / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB "
+                            f"this machine has available; {hint}")
 
 
 # -- renames -------------------------------------------------------------------------------------

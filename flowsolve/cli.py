@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import solvers
+from ._checks import check_disk, check_int, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
 from .sample import sample, sample_sharded
@@ -90,9 +91,42 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
         raise UserError(f"--out: expected a .png, .npy or .pt file, got {out.name!r}")
 
 
+SAMPLE_SUFFIXES = (".png", ".npy", ".pt")
+STREAM_BYTES = 256 * 2 ** 20    # a .npy output larger than this is written chunk by chunk (bounded memory)
+
+
+def _stream_npy(field, args, options) -> tuple[int, int]:
+    """Sample n particles chunk by chunk into a memory-mapped .npy file: sample i is the one
+    `fs.sample(seed=)` gives (index_offset), so the file equals the one-piece result. Returns (nfe, chunk)."""
+    import numpy as np
+
+    from .sample import sample as draw
+    shape = tuple(field.data_shape)
+    per = int(np.prod(shape)) * 4
+    chunk = args.batch_size
+    out = Path(args.out)
+    check_disk("--n", out.parent, args.n * per)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.n, *shape))
+    nfe = 0
+    for start in range(0, args.n, chunk):
+        count = min(chunk, args.n - start)
+        x, info = draw(field, solver=args.solver, nfe=args.nfe, n=count, seed=args.seed, index_offset=start,
+                       return_info=True, **options)
+        arr[start:start + count] = x.numpy()
+        nfe = info.nfe
+    arr.flush()
+    del arr
+    import os
+    os.replace(tmp, out)
+    return nfe, chunk
+
+
 def cmd_sample(args) -> int:
     from .distributed import is_launched
     from .models import GeneratorModel, generate_sharded
+    check_output(args.out, SAMPLE_SUFFIXES, "--out")
+    check_int("--n", args.n, 1)
     model, ref = load_any(args.model)
     if isinstance(model, GeneratorModel):      # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
@@ -116,6 +150,18 @@ def cmd_sample(args) -> int:
             save_samples(x, Path(args.out), reference=ref)
             print(f"wrote {args.out}: {tuple(x.shape)} samples from {procs}, {time.perf_counter() - t0:.2f} s")
         return 0
+    shape = tuple(field.data_shape or ())
+    per = int(torch.tensor(shape).prod()) * 4
+    if args.batch_size is None:                  # bound the solver's working set: ~STREAM_BYTES per chunk
+        args.batch_size = max(1, min(65536, STREAM_BYTES // (12 * per)))
+    if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy":
+        nfe, chunk = _stream_npy(field, args, options)
+        print(f"wrote {args.out}: {(args.n, *shape)} samples streamed in chunks of {chunk}, solver {args.solver}, "
+              f"nfe {nfe}, {time.perf_counter() - t0:.2f} s")
+        return 0
+    if args.n * per > 4 * STREAM_BYTES:
+        raise UserError(f"--out: {args.n} samples of shape {shape} are more than {4 * STREAM_BYTES // 2 ** 20} MiB "
+                        f"to hold at once; write them to a .npy file, which is streamed to disk")
     x, info = sample(field, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                      batch_size=args.batch_size, return_info=True, progress=not args.quiet, **options)
     save_samples(x, Path(args.out), reference=ref)
@@ -144,6 +190,11 @@ def cmd_train(args) -> int:
     from . import train
     from .train.loop import load_config_file
 
+    check_output(args.out, None, "--out")
+    if args.allow_changes and not args.resume:
+        raise UserError("--allow-changes: only with --resume (it accepts settings that differ from the checkpoint's)")
+    if args.objective == "features" and args.resume:
+        raise UserError("--resume: the feature network trains in one go (no resume); drop --resume")
     if args.objective == "mmd-flow":           # the name before 0.2: it trains the MMD *generator*
         print("flowsolve: warning: 'train mmd-flow' is renamed 'train mmd-generator'; the old name goes in the "
               "next release", file=sys.stderr)
@@ -170,11 +221,12 @@ def cmd_train(args) -> int:
         model = train.digits_features(**common)
     elif args.objective == "score-gan":
         teacher, shape = _teacher(args)
-        model = train.score_gan(teacher, shape, resume=args.resume, data_name=args.data, **common)
+        model = train.score_gan(teacher, shape, resume=args.resume, allow_changes=args.allow_changes,
+                                data_name=args.data, **common)
     else:
         trainer = {"edm": train.edm, "ddpm": train.ddpm, "discriminator-flow": train.discriminator_flow,
                    "gan": train.gan, "mmd-generator": train.mmd_generator}[args.objective]
-        model = trainer(args.data, resume=args.resume, **common)
+        model = trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
     if not finish_processes():
         return 0
     print(f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
@@ -186,6 +238,8 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_digits
 
     from .models import GeneratorModel
+    if args.json:
+        check_output(args.json, (".json",), "--json")
     model, _ = load_any(args.model)
     target = model if isinstance(model, (GeneratorModel, Field)) else model.field()
     report = evaluate_digits(target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
@@ -221,6 +275,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def cmd_compare(args) -> int:
     from .comparison import compare
 
+    check_output(args.out, None, "--out")
     field, ref = load_model(args.model)
     features = None
     if args.metric == "fd":
@@ -247,6 +302,8 @@ def cmd_compare(args) -> int:
 def cmd_animate(args) -> int:
     from .viz import animate
 
+    check_output(args.out, (".gif", ".png", ".apng"), "--out")
+    check_int("--every", args.every, 1)
     field, ref = load_model(args.model)
     frames = animate(field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
                      every=args.every, reference=ref)
@@ -290,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt (the same settings, "
+                                                          "or an error listing the differences; --steps may grow)")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept settings that differ from the checkpoint's (recorded in the training "
+                        "history of the saved model)")
     t.add_argument("--select-every", type=int, default=None, metavar="N",
                    help="gan/score-gan/mmd-generator: keep the generator with the best validation score, computed "
                         "every N steps (Table 7's model selection): FD against the training digits on digits, "

@@ -1,6 +1,7 @@
 """`sample()`: the one entry point for particle models (Definition 1): draw x_0 ~ π, follow the field."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable, Sequence
@@ -8,9 +9,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import grids, solvers
-from .fields.base import Field
+from .fields.base import DOMAIN_TOLERANCE, Field
 from .noise import SampleNoise, fresh_seed
-from ._checks import check_int
+from ._checks import check_int, check_memory
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -103,6 +104,12 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
         return field.grid(steps, grid), budget
     g = grids.check(grid)
+    lo, hi = field.domain()
+    slack = DOMAIN_TOLERANCE * max(1.0, abs(lo), abs(hi) if math.isfinite(hi) else 1.0)
+    if float(g.min()) < lo - slack or float(g.max()) > hi + slack:
+        raise ArgumentError(f"grid: times from {float(g.min()):g} to {float(g.max()):g} leave the domain "
+                            f"[{lo:g}, {hi:g}] of {type(field).__name__}"
+                            + (" (σ above the range its denoiser was trained on)" if field.time_is_sigma else ""))
     direction = 1.0 if field.t_end > field.t_start else -1.0
     if float(g[1] - g[0]) * direction < 0:
         raise ArgumentError(f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
@@ -166,6 +173,10 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         seed = fresh_seed()
     check_int("seed", seed, 0, 2 ** 63 - 1)
     batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1)
+    per = math.prod(shape) * torch.finfo(dtype).bits // 8          # bytes of one particle
+    check_memory("n", n * per + min(batch_size, n) * per * 12,     # the result + a chunk's solver state
+                 "draw fewer samples at a time (index_offset= continues sample i exactly), or let the CLI "
+                 "stream them to a .npy file")
     check_int("index_offset", index_offset, 0)
 
     # -- chunks -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from ._checks import check_int, check_output
 from .errors import ArgumentError
 
 
@@ -137,8 +138,8 @@ def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = Non
     from .sample import sample
 
     path = Path(path)
-    if path.suffix.lower() not in (".gif", ".png", ".apng"):
-        raise ArgumentError(f"path: expected a .gif or .png (animated) file, got {path.name!r}")
+    check_output(path, (".gif", ".png", ".apng"), "path")
+    check_int("every", every, 1)
     x, info = sample(field, solver, nfe=nfe, n=n, seed=seed, return_info=True, trajectory_every=every, **options)
     traj, times = info.trajectory.detach().cpu().float(), info.trajectory_times
     if traj.dim() == 3 and traj.shape[-1] == 2:

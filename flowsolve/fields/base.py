@@ -13,7 +13,10 @@ from .. import grids
 from .._checks import as_column, batch_time, seeded_generator  # noqa: F401  (as_column, batch_time re-exported)
 from ..errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["Field", "Function", "Sum", "Scale"]
+__all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE"]
+
+
+DOMAIN_TOLERANCE = 1e-3   # relative slack for grids at the ends of a field's domain (float rounding)
 
 
 class Field:
@@ -54,7 +57,25 @@ class Field:
         """g(t)²: the variance of the Brownian term per unit |dt| at interpolation alpha."""
         raise ArgumentTypeError(f"{type(self).__name__} has no diffusion coefficient")
 
-    # -- prior and grid ------------------------------------------------------------------
+    # -- time domain, prior and grid ------------------------------------------------------
+    def domain(self) -> tuple[float, float]:
+        """The times at which the field may be evaluated, (low, high); a user grid must lie inside,
+        up to `DOMAIN_TOLERANCE` (relative). Default: between t_start and t_end."""
+        return min(self.t_start, self.t_end), max(self.t_start, self.t_end)
+
+    def check_output(self, out, x: torch.Tensor, who: str = "field") -> torch.Tensor:
+        """A model's output must have x's shape and dtype (a wrong shape would broadcast silently)."""
+        if not isinstance(out, torch.Tensor):
+            raise ArgumentTypeError(f"{who}: returned a {type(out).__name__}; expected a tensor shaped like x "
+                                    f"{tuple(x.shape)}")
+        if out.shape != x.shape:
+            raise ArgumentError(f"{who}: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; it must "
+                                f"return one value per coordinate of x (same shape)")
+        if out.dtype != x.dtype:
+            raise ArgumentTypeError(f"{who}: returned dtype {out.dtype} for x of dtype {x.dtype}; cast inside the "
+                                    f"model or sample with dtype={out.dtype}")
+        return out
+
     def from_normal(self, z: torch.Tensor) -> torch.Tensor:
         """Map standard normal draws to the prior π (the paper's Eq. 1 start)."""
         return z * self.prior_std if self.prior_std != 1.0 else z

@@ -144,6 +144,10 @@ class DiscriminatorFlow(Field):
     def __call__(self, x, t):
         return self.eta * self.grad_h(x, t)
 
+    def domain(self) -> tuple[float, float]:
+        """t ∈ [0, 1] (Alg. 3), whatever `t_end` the sampler stops at."""
+        return 0.0, 1.0
+
     @property
     def train_steps(self) -> int:   # the name before 0.2
         return self.N

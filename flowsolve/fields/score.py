@@ -101,9 +101,16 @@ class ScoreDifference(Field):
 
     # -- pieces --------------------------------------------------------------------------
     def _denoise(self, fn: Fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = self.check_output(fn(x, sigma), x, "denoiser" if self.prediction == "denoiser" else "score")
         if self.prediction == "denoiser":
-            return fn(x, sigma)
-        return x + as_column(sigma, x) ** 2 * fn(x, sigma)
+            return out
+        return x + as_column(sigma, x) ** 2 * out
+
+    def domain(self) -> tuple[float, float]:
+        """σ ∈ [0, σ_max of the denoiser] when the denoiser declares the range it was trained on
+        (a `Denoiser`'s sigma_max), else [0, ∞)."""
+        declared = _attr(self.data, "sigma_max")
+        return 0.0, declared if declared is not None else float("inf")
 
     def _residuals(self, x, t):
         """(x − D_data, x − D_ρ or None, σ as a column)."""
@@ -201,9 +208,10 @@ class EDM(ScoreDifference):
     def __call__(self, x, t):
         sigma = batch_time(t, x)
         s = t if (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == x.dtype) else as_column(sigma, x)
+        out = self.check_output(self.data(x, sigma), x, "denoiser" if self.prediction == "denoiser" else "score")
         if self.prediction == "denoiser":
-            return (x - self.data(x, sigma)) / s
-        return -s * self.data(x, sigma)
+            return (x - out) / s
+        return -s * out
 
 
 class Langevin(Field):
@@ -244,9 +252,10 @@ class Langevin(Field):
         return self.sigma(t).to(x.dtype) if callable(self.sigma) else torch.full_like(t, float(self.sigma))
 
     def _score(self, fn, x, sigma):
+        out = self.check_output(fn(x, sigma), x, "score" if self.prediction == "score" else "denoiser")
         if self.prediction == "score":
-            return fn(x, sigma)
-        return (fn(x, sigma) - x) / as_column(sigma, x) ** 2
+            return out
+        return (out - x) / as_column(sigma, x) ** 2
 
     def _drift(self, x, t, rho_share):
         sigma = self._sigma(t, x)

@@ -10,6 +10,7 @@ preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
 from __future__ import annotations
 
 import inspect
+import re
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .precond import Denoiser
+from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["DiffusersDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
@@ -163,12 +165,60 @@ def _is_local(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).exists()
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _hub_disabled() -> str | None:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    import socket
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(path, what: str = "path") -> str:
+    """'local' for an existing file or folder, 'hub' for a Hugging Face Hub id, or a clear error now.
+
+    Offline by default for paths: a string that names nothing here is a Hub id only when it has the
+    exact owner/name form, its owner is not a local folder (then it is a mistyped local path), and
+    the Hub is neither disabled (HF_HUB_OFFLINE=1) nor unreachable (a 2 s connection probe)."""
+    p = Path(path)
+    if p.exists():
+        return "local"
+    text = str(path)
+    near = ""
+    if p.parent.is_dir():
+        near = nearest(p.name, [c.name for c in p.parent.iterdir()])
+    local_form = (not _HUB_ID.match(text) or text.startswith(".") or os.path.isabs(text)
+                  or Path(text.split("/")[0]).is_dir())
+    if local_form:
+        raise PathError(f"{what}: the local path {text!r} does not exist{near}")
+    disabled = _hub_disabled()
+    if disabled:
+        raise PathError(f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
+                        f"fetched: the Hub is disabled ({disabled})")
+    if not _hub_reachable():
+        raise PathError(f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
+                        f"fetched: the Hub is unreachable (no network)")
+    return "hub"
+
+
 def load_diffusers_component(path, subfolder: str | None, role: str):
     """Load a diffusers model or scheduler from a local folder (never the network) or a Hub id
     (diffusers' normal loading). Only diffusers' own classes are instantiated: no remote code."""
     import diffusers
 
-    local = _is_local(path)
+    local = resolve_source(path, role) == "local"
     if local:
         folder = Path(path) / (subfolder or "")
         name = "scheduler_config.json" if role == "scheduler" else "config.json"
@@ -233,7 +283,7 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
     obj = model_or_pipeline_or_path
     if isinstance(obj, (str, os.PathLike)):
         path = obj
-        local = _is_local(path)
+        local = resolve_source(path, "model_or_pipeline_or_path") == "local"
         index = Path(path) / "model_index.json" if local else None
         if local and not Path(path).is_dir():
             raise ArgumentError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import atomic_write_text, nearest, read_json
-from .diffusers_adapter import _check_weights, from_diffusers
+from .._checks import atomic_write_text, nearest, read_json, write_folder_atomically
+from .diffusers_adapter import _check_weights, from_diffusers, resolve_source
 from .flows import DiscriminatorFlowModel
 from .nets import MLP, DigitsFeatures
 from .precond import EDMPrecond
@@ -52,7 +52,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     name = type(net).__name__
     if name not in NETWORKS:
         raise ArgumentTypeError(f"model: cannot save a {name}; expected a network among {NETWORKS} or an EDMPrecond of one")
-    net.save_pretrained(str(out), safe_serialization=True)
+    write_folder_atomically(out, lambda tmp: net.save_pretrained(str(tmp), safe_serialization=True))
     info: dict = {"format": "flowsolve", "version": FORMAT_VERSION, "network": name}
     if isinstance(model, EDMPrecond):
         info["type"] = "denoiser"
@@ -190,9 +190,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
                         f"(a diffusers pipeline) nor config.json (a diffusers model)")
     elif p.exists() and not p.is_dir():
         raise ArgumentError(f"path: expected a model folder, got the file {str(p)!r}")
-    elif not p.exists() and (os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1):
-        raise PathError(f"path: {str(path)!r} does not exist (and is not a Hub id of the form owner/name)")
     else:
+        resolve_source(path, "path")                 # a mistyped local path or an unreachable Hub: fail now
         model = from_diffusers(path)
     if device is not None:
         model = model.to(device)

@@ -111,8 +111,11 @@ class Run:
                                     f"per sample; raise nfe, or loosen its rtol/atol")
 
     def f(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The field at grid point i."""
-        return self._count(self.field(x, self.tt[i]), self.times[i])
+        """The field at grid point i (its first output is checked against x's shape and dtype)."""
+        out = self.field(x, self.tt[i])
+        if self.nfe == 0:
+            self.field.check_output(out, x, type(self.field).__name__)
+        return self._count(out, self.times[i])
 
     def f_at(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """The field at any time t (off-grid stages); velocity 0 where the field is singular at t_end

@@ -54,7 +54,7 @@ DF_IMAGE_DEFAULTS = dict(
 
 
 def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                       resume: bool = False, progress: bool = True, command: str | None = None,
+                       resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None,
                        **overrides) -> DiscriminatorFlowModel:
     """Train a Discriminator Flow (Alg. 3): each iteration draws x_0 ~ π, simulates Eq. 20 over the
     uniform N-step grid with the library's solver, picks a random step i_b per sample and trains
@@ -107,7 +107,7 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
         opt.step()
         return -objective.item()
 
-    ema, history = fit(model, None, cfg, out=out, resume=resume, progress=progress, optimizers={"d": opt},
+    ema, history = fit(model, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress, optimizers={"d": opt},
                        step_fn=step_fn, extra={"objective": "discriminator-flow", "data": name})
     ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
     if out is not None and is_main_process():

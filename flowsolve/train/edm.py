@@ -68,7 +68,7 @@ def _build_network(cfg: EDMConfig, shape: tuple[int, ...]):
     raise ArgumentError(f"network: expected 'auto', 'mlp' or 'unet', got {cfg.network!r}")
 
 
-def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
+def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False, allow_changes: bool = False,
         progress: bool = True, command: str | None = None, **overrides):
     """Train an EDM denoiser on `data` (a name from `fs.data.BUILTIN`, an image folder, a tensor or a
     sampler) and return it (an `EDMPrecond`, EMA weights, eval mode). With `out`, the model is saved
@@ -92,7 +92,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
         per = (d - x).square().reshape(len(x), -1).mean(1)
         return (m.loss_weight(sigma) * per).mean()
 
-    ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, progress=progress,
+    ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
                        extra={"objective": "edm", "data": data_name})
     ema.metadata = training_record(cfg, data_name, "edm", history, command)
     if out is not None and is_main_process():
@@ -100,7 +100,7 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     return ema
 
 
-def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
+def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False, allow_changes: bool = False,
          progress: bool = True, command: str | None = None, **overrides):
     """Train an ε-prediction UNet2DModel with a DDPM schedule (Ho et al. 2020) and save it laid out
     exactly as a Hub pipeline repository (model_index.json, unet/, scheduler/). Returns the
@@ -108,6 +108,7 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from ..models import DiffusersDenoiser, unet
+    from .._checks import write_folder_atomically
     from ..models.io import FORMAT_VERSION, write_metadata
 
     data_name = data if isinstance(data, str) else "custom"
@@ -132,13 +133,13 @@ def ddpm(data="digits", *, out: str | os.PathLike | None = None, config: dict | 
         d = m(x + col * noise, sigma)
         return ((d - x) / col).square().mean()        # = ‖ε̂ − ε‖² (Ho et al. 2020, Eq. 14)
 
-    ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, progress=progress,
+    ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
                        extra={"objective": "ddpm", "data": data_name})
     ema.metadata = training_record(cfg, data_name, "ddpm", history, command)
     ema.clip_sample = True    # sample like the scheduler: clip the predicted x_0
     if out is not None and is_main_process():
         pipe = DDPMPipeline(unet=ema.model, scheduler=scheduler)
-        pipe.save_pretrained(str(out), safe_serialization=True)
+        write_folder_atomically(out, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
         write_metadata(out, {"format": "flowsolve", "version": FORMAT_VERSION, "type": "pipeline", "data": data_name,
                              **ema.metadata})
     return ema

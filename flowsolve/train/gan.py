@@ -38,7 +38,7 @@ class GANConfig(LoopConfig):
     data_size: int | None = None
 
 
-def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
+def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False, allow_changes: bool = False,
         progress: bool = True, command: str | None = None, select=None, select_every: int | None = None,
         **overrides):
     """A GAN as an Int-PM (Finding 5): the discriminator's field ∇h = −∇(c∘f) (Eq. 20, the field a
@@ -73,7 +73,7 @@ def gan(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
         opt_g.step()
         return -obj.item()
 
-    ema, history = fit(pair, None, cfg, out=out, resume=resume, progress=progress,
+    ema, history = fit(pair, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
                        optimizers={"g": opt_g, "d": opt_d}, step_fn=step_fn, extra={"objective": "gan", "data": name},
                        **selection(select, select_every))
     gen = ema.g

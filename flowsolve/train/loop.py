@@ -121,6 +121,35 @@ def check_keys(given: dict, cls, what: str = "config") -> None:
             raise ArgumentError(f"{what}: unknown key {k!r}{hint} (valid keys: {', '.join(valid)})")
 
 
+def _fits(value, annotation: str) -> bool:
+    """Whether a config value matches its dataclass annotation ('int', 'float | None', 'tuple[float, float]', ...)."""
+    for part in (a.strip() for a in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("tuple[") and isinstance(value, (list, tuple)):
+            inner = [a.strip() for a in part[6:-1].split(",")]
+            if inner[-1] == "...":
+                return all(_fits(v, inner[0]) for v in value)
+            return len(value) == len(inner) and all(_fits(v, a) for v, a in zip(value, inner))
+    return False
+
+
+def check_types(values: dict, cls, what: str = "config") -> None:
+    """Reject values of the wrong type, naming the key and the expected type."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for k, v in values.items():
+        if k in types and not _fits(v, types[k]):
+            raise ArgumentError(f"{what}: key {k!r} expects {types[k]}, got {type(v).__name__} {v!r}")
+
+
 def merge_config(cls, defaults: dict, config: dict | None, overrides: dict):
     """cls(**defaults ← config file ← non-None overrides), rejecting unknown keys at each layer;
     old key names in `cls.RENAMED` are accepted for one release with a DeprecationWarning."""
@@ -130,6 +159,7 @@ def merge_config(cls, defaults: dict, config: dict | None, overrides: dict):
         for old, new in getattr(cls, "RENAMED", {}).items():
             renamed(src, old, new, f"{cls.__name__}")
         check_keys(src, cls)
+        check_types(src, cls)
         merged.update(src)
     if "betas" in merged:
         merged["betas"] = tuple(merged["betas"])
@@ -151,7 +181,8 @@ def training_record(cfg, data: str, objective: str, history: dict, command: str 
                          "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
                          "final_loss": history["loss"][-1] if history["loss"] else None, "command": command,
                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         **({"selected": history["selected"]} if "selected" in history else {}), **extra}}
+                         **({"selected": history["selected"]} if "selected" in history else {}),
+                         **({"changes": history["changes"]} if history.get("changes") else {}), **extra}}
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -224,12 +255,54 @@ class _State:
     best: dict | None = None
 
 
+# settings that do not change the weights a run produces (steps may grow: an extended run is the same run)
+_NEUTRAL_KEYS = ("steps", "checkpoint_every", "log_every")
+
+
+def _differences(stored: dict, current: dict) -> dict:
+    """{key: [checkpoint's value, this run's value]} for the settings that change the result."""
+    out = {}
+    for k in sorted(set(stored) | set(current)):
+        if k in _NEUTRAL_KEYS:
+            continue
+        a, b = stored.get(k, "<absent>"), current.get(k, "<absent>")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out[k] = [a, b]
+    return out
+
+
+def _check_same_run(ck_path: Path, stored: dict, meta: dict, cfg: LoopConfig, step: int, allow_changes: bool) -> dict:
+    """A resumed run is the same run or an error (issue 17): the checkpoint's objective, data and
+    resolved settings must equal this run's, unless `allow_changes`; `steps` may only grow.
+    Returns the differences accepted."""
+    if cfg.steps < step:
+        raise CheckpointError(f"steps: the checkpoint {str(ck_path)!r} has already done {step} steps; ask for "
+                              f"steps >= {step} to continue it (got {cfg.steps})")
+    current = {**{k: meta[k] for k in ("objective", "data") if k in meta},
+               **json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    before = {**{k: stored[k] for k in ("objective", "data") if k in stored}, **(stored.get("config") or {})}
+    if "config" not in stored:                       # checkpoints written before 0.2 recorded no settings
+        return {}
+    diff = _differences(before, current)
+    if diff and not allow_changes:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+        raise CheckpointError(f"resume: this run differs from the checkpoint {str(ck_path)!r} in {listed}. Resume "
+                              f"with the same settings, or pass allow_changes=True (CLI: --allow-changes) to change "
+                              f"them on purpose (recorded in the training history)")
+    return diff
+
+
 def _restore(ck_path: Path | None, model: nn.Module, ema: EMA, opts: dict, gen: torch.Generator,
-             keep_best: bool) -> _State:
-    """Load model, EMA, optimizers, RNG, step, history (and the selection) from the last checkpoint."""
+             keep_best: bool, meta: dict, cfg: LoopConfig, allow_changes: bool) -> _State:
+    """Load model, EMA, optimizers, RNG, step, history (and the selection) from the last checkpoint,
+    after checking that this run is the checkpoint's run."""
     if ck_path is None:
         raise ArgumentError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
+    for stale in ck_path.parent.glob("*.tmp"):      # a write cut short by a kill: never read, removed
+        stale.unlink()
     ck = load_checkpoint(ck_path)
+    stored = json.loads(ck["extra"])
+    diff = _check_same_run(ck_path, stored, meta, cfg, int(ck["step"]), allow_changes)
     try:
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
@@ -239,7 +312,9 @@ def _restore(ck_path: Path | None, model: nn.Module, ema: EMA, opts: dict, gen: 
         raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
                               f"({str(e).splitlines()[0][:200]})") from None
     gen.set_state(ck["generator"])
-    history = json.loads(ck["extra"]).get("history") or _State().history
+    history = stored.get("history") or _State().history
+    if diff:
+        history.setdefault("changes", []).append({"step": int(ck["step"]), "changed": diff})
     return _State(int(ck["step"]), history, ck.get("best") if keep_best else None)
 
 
@@ -306,13 +381,15 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
         step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
         select: Callable[[nn.Module], float] | None = None,
-        select_every: int | None = None) -> tuple[nn.Module, dict]:
+        select_every: int | None = None, allow_changes: bool = False) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
     Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
     that updates them and returns the loss to log. With `out`, checkpoints go to
     out/checkpoints/last.pt every cfg.checkpoint_every steps and on SIGINT/SIGTERM, and
-    `resume=True` continues from the last one (model, EMA, optimizers, step, RNG).
+    `resume=True` continues from the last one (model, EMA, optimizers, step, RNG), and only if this
+    run's objective, data and resolved settings equal the checkpoint's (`steps` may grow); with
+    `allow_changes=True` the differences are accepted and recorded in history["changes"].
 
     Model selection (Table 7: "best validation FID"): with `select`, the EMA model is scored every
     `select_every` steps (default: cfg.checkpoint_every) and at the end, lower is better; the best
@@ -333,8 +410,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
-    state = _restore(ck_path, model, ema, opts, gen, select is not None) if resume else _State()
-    meta = dict(extra or {})
+    meta = {**(extra or {}), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    state = (_restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume
+             else _State())
     t0, running = time.perf_counter(), None
 
     def checkpoint() -> None:

@@ -37,7 +37,7 @@ class MMDConfig(LoopConfig):
 
 
 def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                  resume: bool = False, progress: bool = True, command: str | None = None, select=None,
+                  resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None, select=None,
                   select_every: int | None = None, **overrides):
     """The Int-PM twin of the MMD gradient flow (Table 2): the generator follows
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
@@ -62,7 +62,7 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
         opt.step()
         return float(direction.square().sum(-1).mean().sqrt())
 
-    ema, history = fit(gen, None, cfg, out=out, resume=resume, progress=progress, optimizers={"g": opt},
+    ema, history = fit(gen, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress, optimizers={"g": opt},
                        step_fn=step_fn, extra={"objective": "mmd-generator", "data": name},
                        **selection(select, select_every, pair=False))
     ema.metadata = training_record(cfg, name, "mmd-generator", history, command)

@@ -78,7 +78,7 @@ def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn
 
 
 def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | os.PathLike | None = None,
-              config: dict | None = None, resume: bool = False, progress: bool = True, command: str | None = None,
+              config: dict | None = None, resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None,
               data_name: str = "teacher", select=None, select_every: int | None = None, **overrides):
     """A Score GAN (Alg. 1, App. B.1): a generator distilled from a data denoiser `teacher`
     (D(x, σ), e.g. `fs.from_pretrained(...)`, `from_diffusers(...)` or an exact mixture denoiser),
@@ -136,7 +136,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
         opt_g.step()
         return s_loss.item()
 
-    ema, history = fit(pair, None, cfg, out=out, resume=resume, progress=progress,
+    ema, history = fit(pair, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
                        optimizers={"g": opt_g, "s": opt_s}, step_fn=step_fn,
                        extra={"objective": "score-gan", "data": data_name}, **selection(select, select_every))
     g_out = ema.g
