@@ -203,6 +203,10 @@ def cmd_train(args) -> int:
     config = load_config_file(args.config) if args.config else None
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    if args.conditional or args.cond_dropout is not None:
+        if args.objective not in ("edm",):
+            raise UserError(f"--conditional: class-conditional training is for edm, got {args.objective}")
+        overrides.update(conditional=True, cond_dropout=args.cond_dropout)
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
@@ -347,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
+    t.add_argument("--conditional", action="store_true", default=None,
+                   help="edm: class-conditional on the data's labels (digits, image folders), for guidance")
+    t.add_argument("--cond-dropout", type=float, default=None,
+                   help="edm --conditional: share of labels dropped to the null label (classifier-free guidance)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt (the same settings, "
                                                           "or an error listing the differences; --steps may grow)")
     t.add_argument("--allow-changes", action="store_true",

@@ -15,7 +15,7 @@ from ._checks import check_int, check_memory
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["sample", "sample_sharded", "initial_noise", "SampleInfo", "resolve_grid"]
+__all__ = ["sample", "sample_sharded", "initial_noise", "check_cond", "cond_rows", "SampleInfo", "resolve_grid"]
 
 
 @dataclass
@@ -31,6 +31,7 @@ class SampleInfo:
     nfe_budget: int | None = None
     trajectory: torch.Tensor | None = None
     trajectory_times: list[float] = dc_field(default_factory=list)
+    network_passes: int | None = None   # model forward passes per sample (guided CFG: one batched pass per NFE)
 
 
 def initial_noise(field: Field, seed: int, start: int, count: int, shape: Sequence[int],
@@ -40,6 +41,39 @@ def initial_noise(field: Field, seed: int, start: int, count: int, shape: Sequen
     it is drawn (`sample`, `compare`, sharded sampling, chunks)."""
     z = SampleNoise(seed, start, count, tuple(shape), dtype, device, stream=0)()
     return field.from_normal(z)
+
+
+def check_cond(cond, n: int) -> dict:
+    """Per-sample conditioning: a dict of tensors (or numbers), each with leading size n or 1 (or a
+    number, broadcast), checked before any work and named by key."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise ArgumentTypeError(f"cond: expected a dict such as {{'class_labels': labels}}, got {type(cond).__name__}")
+    out = {}
+    for k, v in cond.items():
+        if not isinstance(k, str):
+            raise ArgumentTypeError(f"cond: keys must be names (str), got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            try:
+                v = torch.as_tensor(v)
+            except (TypeError, ValueError, RuntimeError):
+                raise ArgumentTypeError(f"cond: key {k!r} must be a tensor, got {type(v).__name__}") from None
+        if v.dim() == 0:
+            v = v.reshape(1)
+        if v.shape[0] not in (1, n):
+            raise ArgumentError(f"cond: key {k!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
+                                f"or 1 (the same for all)")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ArgumentError(f"cond: key {k!r} holds NaN or inf")
+        out[k] = v
+    return out
+
+
+def cond_rows(cond: dict, start: int, count: int, n: int) -> dict:
+    """The rows start .. start + count − 1 of every conditioning tensor (size-1 ones expanded)."""
+    return {k: (v[start:start + count] if v.shape[0] == n and n != 1 else v.expand(count, *v.shape[1:]))
+            for k, v in cond.items()}
 
 
 def _particles(field: Field, n, shape, x_init, device, dtype):
@@ -133,7 +167,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
            grid: torch.Tensor | Sequence[float] | str | None = None, seed: int | None = None,
            batch_size: int | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None, return_info: bool = False, trajectory_every: int = 0,
-           index_offset: int = 0,
+           index_offset: int = 0, cond: dict | None = None,
            callback: Callable[[int, float, torch.Tensor], Any] | None = None, progress: bool = False,
            **options: Any):
     """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
@@ -152,6 +186,8 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     callback: called as callback(step, t, x) after every step. progress: a tqdm bar.
     index_offset: the global index of the first sample (sharded sampling: rank r draws samples
     index_offset .. index_offset + n − 1 exactly as one process drawing all of them would).
+    cond: per-sample conditioning, a dict of tensors with leading size n (or 1: the same for all),
+        e.g. {"class_labels": y}; every chunk hands its own rows to the model (`Field.bind`).
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -169,6 +205,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
 
     n, shape, device, dtype = _particles(field, n, shape, x_init, device, dtype)
+    cond = check_cond(cond, n)
     if seed is None:
         seed = fresh_seed()
     check_int("seed", seed, 0, 2 ** 63 - 1)
@@ -180,7 +217,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     check_int("index_offset", index_offset, 0)
 
     # -- chunks -----------------------------------------------------------------------------
-    outs, frames, nfe_used, frame_times = [], [], 0, []
+    outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         if x_init is None:
@@ -189,12 +226,15 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
             x = x_init[start:start + count].to(device=device, dtype=dtype)
         noise = (SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1)
                  if spec.stochastic else None)
-        run = solvers.Run(field, g64, x, solver=spec.name, noise=noise, callback=callback,
+        bound = field.bind({k: v.to(device) for k, v in cond_rows(cond, start, count, n).items()})
+        run = solvers.Run(bound, g64, x, solver=spec.name, noise=noise, callback=callback,
                           trajectory_every=trajectory_every, progress=progress,
                           budget=budget if spec.adaptive else None)
         x = spec.fn(run, x, **options)
         run.finish()
         nfe_used = max(nfe_used, run.nfe)
+        if hasattr(bound, "network_passes") and bound is not field:
+            passes = max(passes or 0, bound.network_passes)
         outs.append(x)
         if trajectory_every:
             frames.append(torch.stack(run.frames))
@@ -207,7 +247,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     info = SampleInfo(nfe=nfe_used, grid=g64, seconds=time.perf_counter() - t0, solver=spec.name,
                       steps=len(g64) - 1, seed=seed, nfe_budget=budget,
                       trajectory=(frames[0] if len(frames) == 1 else torch.cat(frames, 1)) if frames else None,
-                      trajectory_times=frame_times)
+                      trajectory_times=frame_times, network_passes=passes if passes is not None else nfe_used)
     return out, info
 
 
@@ -226,10 +266,12 @@ def sample_sharded(field: Field, solver: str = "heun", nfe: int | None = None, *
         raise ArgumentError(f"field: {type(field).__name__} couples all particles, so splitting them over processes "
                             f"would change the flow; sample it in one process")
     start, end = shard_range(n, rank, size)
+    cond = check_cond(kwargs.pop("cond", None), n)
     part = None
     if end > start:
         rows = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
-        part = sample(field, solver, nfe, seed=seed, index_offset=start, **rows, **kwargs)
+        part = sample(field, solver, nfe, seed=seed, index_offset=start, cond=cond_rows(cond, start, end - start, n),
+                      **rows, **kwargs)
     shape = (tuple(part.shape[1:]) if part is not None else
              tuple(x_init.shape[1:]) if x_init is not None else tuple(kwargs.get("shape") or field.data_shape))
     return gather_ranges(part, n, shape)

@@ -17,7 +17,7 @@ from .._checks import seeded_generator
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["TensorData", "Moons", "digits", "moons", "image_folder", "torchvision_dataset", "load",
-           "BUILTIN", "DIGITS_HELD_OUT"]
+           "BUILTIN", "DIGITS_HELD_OUT", "labelled_batches", "num_classes", "batches"]
 
 DIGITS_HELD_OUT = 400   # digits rows kept out of training (fixed permutation, seed 0): the FD reference set
 BUILTIN = {
@@ -216,4 +216,24 @@ def batches(source, batch_size: int, generator: torch.Generator) -> torch.Tensor
     """One training batch (float32)."""
     x = source.sample(batch_size, generator=generator)
     return x.float()
+
+
+def labelled_batches(source, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch with its integer labels, (x float32, labels long): the same rows `batches`
+    draws from the same generator state."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise ArgumentError(f"data: {getattr(source, 'name', type(source).__name__)!r} has no labels; conditional "
+                            f"training needs labelled data (digits, image folders with one subfolder per class, "
+                            f"torchvision datasets)")
+    idx = torch.randint(len(source.x), (batch_size,), generator=generator)
+    return source.x[idx].float(), torch.as_tensor(labels)[idx].long()
+
+
+def num_classes(source) -> int:
+    """The number of classes of a labelled source (labels 0 .. K − 1)."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise ArgumentError("data: conditional training needs labelled data")
+    return int(torch.as_tensor(labels).max()) + 1
 

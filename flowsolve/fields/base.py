@@ -47,6 +47,14 @@ class Field:
         −σ for σ-time score fields); an Int-PM pushes ∇h through a generator (Eq. 11–13)."""
         raise ArgumentTypeError(f"{type(self).__name__} has no ∇h of its own; it is a velocity dx/dt only")
 
+    def bind(self, cond: dict) -> "Field":
+        """This field with per-sample conditioning `cond` (a dict of tensors with one row per particle
+        of the chunk being solved), handed to its model as keyword arguments. `fs.sample` binds each
+        chunk to its own rows. A field that takes no conditioning refuses a non-empty dict."""
+        if cond:
+            raise ArgumentError(f"cond: {type(self).__name__} takes no conditioning; got keys {sorted(cond)}")
+        return self
+
     def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(drift, g2): the SDE dx = drift dt + sqrt(g2 |dt|) ε with the same marginals as the ODE
         for alpha ∈ [0, 1] (Eq. 21). g2 is a float or a (batch,) tensor."""
@@ -165,6 +173,9 @@ class Sum(Field):
         self.time_is_sigma = all(f.time_is_sigma for f in flat)
         self.finite_at_end = all(f.finite_at_end for f in flat)
 
+    def bind(self, cond):
+        return Sum([f.bind(cond) for f in self.fields])
+
     def __call__(self, x, t):
         out = self.fields[0](x, t)
         for f in self.fields[1:]:
@@ -189,8 +200,10 @@ class Scale(Field):
         if c != c or c in (float("inf"), float("-inf")):
             raise ArgumentError(f"c: expected a finite number, got {c}")
         self.field, self.c = field, c
-        self._copy_domain(field)
-        self.time_is_sigma = field.time_is_sigma and c == 1.0
+        self._copy_domain(field)     # c · (a σ-time field) is still σ-time: x − σ c v is its data prediction
+
+    def bind(self, cond):
+        return Scale(self.field.bind(cond), self.c)
 
     def __call__(self, x, t):
         return self.c * self.field(x, t)

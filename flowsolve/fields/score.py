@@ -5,12 +5,14 @@ they are related by Tweedie's formula s = (D − x)/σ².
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
 
 from .._checks import as_column, batch_time, check_choice, deprecated
 from .base import Field
+from .guidance import GuidedDenoiser
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["ScoreDifference", "EDM", "Langevin"]
@@ -73,7 +75,10 @@ class ScoreDifference(Field):
 
     def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
                  sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,
-                 prediction: str = "denoiser", shape: Sequence[int] | None = None, kind: str | None = None) -> None:
+                 prediction: str = "denoiser", shape: Sequence[int] | None = None, kind: str | None = None,
+                 guidance: float | None = None, uncond: dict | None = None, guide: Fn | None = None,
+                 rescale: float = 0.0, interval: tuple[float, float] | None = None,
+                 apg: dict | bool | None = None) -> None:
         if not callable(data):
             raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
         if rho is not None and not callable(rho):
@@ -88,7 +93,17 @@ class ScoreDifference(Field):
             hi = min(hi, hi_model)
         if not 0 < lo < hi < float("inf"):
             raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
+        self.data_shape = declared_shape(data, shape)
+        self._domain_hi = hi_model
+        if guidance is not None:                    # Eq. 26 with μ_data = w, μ_ρ = w − 1 (fields.guidance)
+            if prediction != "denoiser":
+                raise ArgumentError("guidance: needs a denoiser (prediction='denoiser')")
+            data = GuidedDenoiser(data, guidance, uncond, guide, rescale, interval, apg)
+        elif any(v not in (None, 0.0) for v in (uncond, guide, rescale, interval, apg)):
+            raise ArgumentError("guidance: uncond=, guide=, rescale=, interval= and apg= need guidance=<scale>")
         self.data, self.rho, self.prediction = data, rho, prediction
+        self.cond: dict = {}
+        self.network_passes = 0
         for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
             if not callable(mu) and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
                 raise ArgumentTypeError(f"{name}: expected a number or a function of sigma, got {type(mu).__name__}")
@@ -97,11 +112,21 @@ class ScoreDifference(Field):
         self.mu_rho = mu_rho if callable(mu_rho) else float(mu_rho)
         self.sigma_min, self.sigma_max, self.rho_grid = lo, hi, float(rho_grid)
         self.t_start, self.t_end, self.prior_std = hi, 0.0, hi
-        self.data_shape = declared_shape(data, shape)
 
     # -- pieces --------------------------------------------------------------------------
+    def bind(self, cond: dict) -> "ScoreDifference":
+        """A copy that hands `cond` to the denoisers and counts its own network passes (and, when
+        guided, keeps its own APG momentum)."""
+        bound = copy.copy(self)
+        bound.cond, bound.network_passes = dict(cond), 0
+        if isinstance(self.data, GuidedDenoiser):
+            bound.data = self.data.fresh()
+        return bound
+
     def _denoise(self, fn: Fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = self.check_output(fn(x, sigma), x, "denoiser" if self.prediction == "denoiser" else "score")
+        out = fn(x, sigma, **self.cond) if self.cond else fn(x, sigma)
+        self.network_passes += getattr(fn, "last_passes", 1)
+        out = self.check_output(out, x, "denoiser" if self.prediction == "denoiser" else "score")
         if self.prediction == "denoiser":
             return out
         return x + as_column(sigma, x) ** 2 * out
@@ -109,7 +134,7 @@ class ScoreDifference(Field):
     def domain(self) -> tuple[float, float]:
         """σ ∈ [0, σ_max of the denoiser] when the denoiser declares the range it was trained on
         (a `Denoiser`'s sigma_max), else [0, ∞)."""
-        declared = _attr(self.data, "sigma_max")
+        declared = self._domain_hi
         return 0.0, declared if declared is not None else float("inf")
 
     def _residuals(self, x, t):
@@ -190,16 +215,24 @@ class EDM(ScoreDifference):
 
     It is `ScoreDifference` with μ = (2, 1) and ρ assumed equal to p ⋆ k_σ; its stochastic
     form at alpha = 1 is the reverse SDE of Eq. 7.
+
+    Guidance (`fields.guidance`): guidance=w with uncond= (classifier-free, one batched network call),
+    or guide= (autoguidance with a weaker model); rescale=φ, interval=(σ_lo, σ_hi), apg=True or a
+    dict. The guided field is still σ-time, so every solver runs on it. Conditioning comes per
+    sample through `fs.sample(cond=)`.
     """
 
     def __init__(self, denoiser: Fn, sigma_min: float | None = None, sigma_max: float | None = None, *,
                  rho_grid: float = 7.0, prediction: str = "denoiser", shape: Sequence[int] | None = None,
-                 rho: float | None = None, kind: str | None = None) -> None:
+                 rho: float | None = None, kind: str | None = None, guidance: float | None = None,
+                 uncond: dict | None = None, guide: Fn | None = None, rescale: float = 0.0,
+                 interval: tuple[float, float] | None = None, apg: dict | bool | None = None) -> None:
         if rho is not None:                       # the name before 0.2 (ρ is the generated distribution)
             deprecated("rho", "rho_grid", "EDM")
             rho_grid = rho
         super().__init__(denoiser, None, mu_data=2.0, mu_rho=1.0, sigma_min=sigma_min, sigma_max=sigma_max,
-                         rho_grid=rho_grid, prediction=prediction, shape=shape, kind=kind)
+                         rho_grid=rho_grid, prediction=prediction, shape=shape, kind=kind, guidance=guidance,
+                         uncond=uncond, guide=guide, rescale=rescale, interval=interval, apg=apg)
 
     @property
     def denoiser(self) -> Fn:
@@ -208,7 +241,9 @@ class EDM(ScoreDifference):
     def __call__(self, x, t):
         sigma = batch_time(t, x)
         s = t if (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == x.dtype) else as_column(sigma, x)
-        out = self.check_output(self.data(x, sigma), x, "denoiser" if self.prediction == "denoiser" else "score")
+        out = self.data(x, sigma, **self.cond) if self.cond else self.data(x, sigma)
+        self.network_passes += getattr(self.data, "last_passes", 1)
+        out = self.check_output(out, x, "denoiser" if self.prediction == "denoiser" else "score")
         if self.prediction == "denoiser":
             return (x - out) / s
         return -s * out

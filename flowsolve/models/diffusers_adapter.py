@@ -113,26 +113,49 @@ class DiffusersDenoiser(Denoiser):
         return torch.cat([self.sigma(timesteps), torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
     # -- D(x; σ) -----------------------------------------------------------------------------
-    def _kwargs(self, batch: int) -> dict:
+    def accepted_inputs(self) -> set[str] | None:
+        """The keyword inputs the model's forward takes (None: any, it takes **kwargs)."""
+        params = inspect.signature(self.model.forward).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        return set(list(params)[2:])              # after (sample, timestep)
+
+    def _kwargs(self, batch: int, cond: dict) -> dict:
+        """model_kwargs and per-sample `cond`, checked by key: known to the model, batch rows, dtype kind."""
+        merged = {**self.model_kwargs, **cond}
+        known = self.accepted_inputs() if cond else None
+        mdtype = getattr(self.model, "dtype", None)
         out = {}
-        for k, v in self.model_kwargs.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1 and batch != 1:
-                v = v.expand(batch, *v.shape[1:])
+        for k, v in merged.items():
+            if known is not None and k not in known:
+                raise ArgumentError(f"cond: {type(self.model).__name__}.forward takes no input {k!r}"
+                                    f"{nearest(k, known)}; it takes {', '.join(sorted(known))}")
+            if isinstance(v, torch.Tensor):
+                if k == "class_labels" and v.is_floating_point():
+                    raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
+                if k == "encoder_hidden_states" and not v.is_floating_point():
+                    raise ArgumentTypeError(f"cond: key 'encoder_hidden_states' must be floating point, got {v.dtype}")
+                if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
+                    v = v.expand(batch, *v.shape[1:])
+                elif v.dim() > 0 and v.shape[0] != batch:
+                    raise ArgumentError(f"cond: key {k!r} has {v.shape[0]} rows for a batch of {batch}")
+                if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
+                    v = v.to(mdtype)
             out[k] = v
         return out
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        d = self._denoise(x, sigma)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        d = self._denoise(x, sigma, cond)
         return d.clamp(-self.clip_range, self.clip_range) if self.clip_sample else d
 
-    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         if self.schedule == "discrete":
             c_in = (1 + col ** 2).rsqrt()
         else:
             c_in = (col ** 2 + self.sigma_data ** 2).rsqrt()
         mdtype = getattr(self.model, "dtype", x.dtype)
-        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype), **self._kwargs(len(x)))
+        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype), **self._kwargs(len(x), cond or {}))
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]

@@ -135,8 +135,11 @@ def _denoiser(folder: Path, meta: dict) -> EDMPrecond:
     missing = [k for k in ("sigma_data", "sigma_min", "sigma_max", "noise_scale") if k not in pre]
     if missing:
         raise ArgumentError(f"{where}: lacks {', '.join(map(repr, missing))}")
-    return EDMPrecond(_network(folder, meta), sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
-                      sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"], data_shape=_shape(meta))
+    model = EDMPrecond(_network(folder, meta), sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
+                       sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"], data_shape=_shape(meta))
+    if isinstance(meta.get("conditioning"), dict):
+        model.conditioning = meta["conditioning"]
+    return model
 
 
 @register_model_type("discriminator-flow", {"flow": dict})

@@ -25,30 +25,44 @@ class Denoiser(ParticleModel, nn.Module):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     data_shape: tuple[int, ...] | None = None
+    # conditioning keys this denoiser takes, e.g. {"class_labels": {"classes": 10, "null": 10}}: the
+    # value of "null" is the unconditional input of classifier-free guidance (label dropout)
+    conditioning: dict = {}
 
     def __init__(self) -> None:
         super().__init__()
         self.metadata: dict = {}
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def default_uncond(self) -> dict:
+        """The unconditional input of each conditioning key (its "null" value), for CFG."""
+        return {k: v["null"] for k, v in self.conditioning.items() if isinstance(v, dict) and "null" in v}
+
+    def field(self, **kw):
+        """The probability-flow ODE of this denoiser as a `fields.EDM` (keywords go to it: sigma_min,
+        guidance=, uncond=, guide=, rescale=, interval=, apg=, ...). With guidance and no `uncond`,
+        the null inputs the model was trained with are used."""
+        if kw.get("guidance") is not None and kw.get("uncond") is None and kw.get("guide") is None:
+            null = self.default_uncond()
+            if null:
+                kw["uncond"] = null
+        return EDM(self, **kw)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ArgumentError(f"x: expected a tensor of shape (batch, *data_shape), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if self.data_shape is not None and tuple(x.shape[1:]) != tuple(self.data_shape):
             raise ArgumentError(f"x: expected samples of shape {tuple(self.data_shape)}, got {tuple(x.shape[1:])}")
-        return self.denoise(x, sigma_column(sigma, x))
+        return self.denoise(x, sigma_column(sigma, x), **cond)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """∇log[p ⋆ k_σ](x) by Tweedie's formula, (D − x)/σ²."""
         s = sigma_column(sigma, x)
         return (self(x, s) - x) / _col(s, x) ** 2
 
-    def field(self, **kw):
-        """The probability-flow ODE of this denoiser as a `fields.EDM` (keywords go to it)."""
-        return EDM(self, **kw)
 
 
 def _net_output(out):
@@ -79,9 +93,9 @@ class EDMPrecond(Denoiser):
         norm = (sigma ** 2 + sd2).rsqrt()
         return sd2 * norm ** 2, sigma * self.sigma_data * norm, norm, self.noise_scale * sigma.log()
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = _net_output(self.net(_col(c_in, x) * x, c_noise))
+        f = _net_output(self.net(_col(c_in, x) * x, c_noise, **cond))
         return _col(c_skip, x) * x + _col(c_out, x) * f.to(x.dtype)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:

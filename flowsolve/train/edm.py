@@ -38,6 +38,8 @@ class EDMConfig(LoopConfig):
     num_train_timesteps: int = 1000  # DDPM only
     beta_schedule: str = "linear"    # DDPM only: diffusers beta_schedule
     data_size: int | None = None     # image side for upsampled digits / image folders
+    conditional: bool = False        # class-conditional (labels as `class_labels`; images: UNet class embedding)
+    cond_dropout: float = 0.1        # share of labels replaced by the null label (classifier-free guidance)
 
 
 def defaults_for(data_name: str, objective: str = "edm") -> dict:
@@ -47,24 +49,28 @@ def defaults_for(data_name: str, objective: str = "edm") -> dict:
     return dict(steps=8000, batch_size=128, lr=1e-3, warmup=200, checkpoint_every=500)   # EDM and DDPM alike
 
 
-def _network(cfg: EDMConfig, shape: tuple[int, ...]):
+def _network(cfg: EDMConfig, shape: tuple[int, ...], classes: int = 0):
     """The network and its c_noise scale, initialised from cfg.seed (the global RNG is left untouched)."""
-    return seeded(cfg.seed, lambda: _build_network(cfg, shape))
+    return seeded(cfg.seed, lambda: _build_network(cfg, shape, classes))
 
 
-def _build_network(cfg: EDMConfig, shape: tuple[int, ...]):
+def _build_network(cfg: EDMConfig, shape: tuple[int, ...], classes: int = 0):
     from ..models import MLP, unet
     kind = cfg.network
     if kind == "auto":
         kind = "unet" if len(shape) == 3 else "mlp"
     if kind == "mlp":
+        if classes:
+            raise ArgumentError("conditional: class-conditional training is for images (the UNet's class embedding); "
+                                "got vector data")
         dim = int(torch.tensor(shape).prod())
         return MLP(dim=dim, width=cfg.width, depth=cfg.depth, emb_size=cfg.emb_size, emb_scale=cfg.emb_scale,
                    seed=cfg.seed), 0.25
     if kind == "unet":
         if len(shape) != 3:
             raise ArgumentError(f"network: 'unet' needs image data (C, H, W), got data of shape {shape}")
-        return unet(shape, cfg.unet_preset), 250.0
+        extra = {"num_class_embeds": classes + 1} if classes else {}          # + 1: the null label of CFG
+        return unet(shape, cfg.unet_preset, **extra), 250.0
     raise ArgumentError(f"network: expected 'auto', 'mlp' or 'unet', got {cfg.network!r}")
 
 
@@ -79,22 +85,35 @@ def edm(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | No
     cfg = merge_config(EDMConfig, defaults_for(data_name, "edm"), config, overrides)
     source = fsdata.load(data, size=cfg.data_size) if isinstance(data, str) else fsdata.as_source(data)
     shape = fsdata.shape_of(source)
-    net, default_scale = _network(cfg, shape)
+    if not 0.0 <= cfg.cond_dropout < 1.0:
+        raise ArgumentError(f"cond_dropout: expected a share in [0, 1), got {cfg.cond_dropout!r}")
+    classes = fsdata.num_classes(source) if cfg.conditional else 0
+    net, default_scale = _network(cfg, shape, classes)
     model = EDMPrecond(net, cfg.sigma_data, cfg.sigma_min, cfg.sigma_max,
                        cfg.noise_scale if cfg.noise_scale is not None else default_scale, data_shape=shape)
+    if classes:
+        model.conditioning = {"class_labels": {"classes": classes, "null": classes}}
 
     def loss_fn(m: EDMPrecond, g: torch.Generator) -> torch.Tensor:
-        x = fsdata.batches(source, cfg.batch_size, g)
+        cond = {}
+        if classes:                                  # labels, a share dropped to the null label (CFG training)
+            x, y = fsdata.labelled_batches(source, cfg.batch_size, g)
+            drop = torch.rand(len(y), generator=g) < cfg.cond_dropout
+            cond = {"class_labels": shard(torch.where(drop, torch.full_like(y, classes), y))}
+        else:
+            x = fsdata.batches(source, cfg.batch_size, g)
         sigma = (cfg.p_mean + cfg.p_std * torch.randn(len(x), generator=g)).exp()
         noise = torch.randn(x.shape, generator=g)
         x, sigma, noise = shard(x), shard(sigma), shard(noise)      # this process's rows of the global batch
-        d = m(x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise, sigma)
+        d = m(x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise, sigma, **cond)
         per = (d - x).square().reshape(len(x), -1).mean(1)
         return (m.loss_weight(sigma) * per).mean()
 
     ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
                        extra={"objective": "edm", "data": data_name})
     ema.metadata = training_record(cfg, data_name, "edm", history, command)
+    if classes:
+        ema.metadata["conditioning"] = model.conditioning
     if out is not None and is_main_process():
         save_pretrained(ema, out, data=data_name, **ema.metadata)
     return ema

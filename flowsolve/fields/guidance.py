@@ -1,0 +1,166 @@
+"""Guidance: a weighting of scores (Eq. 26), so a guided field is still a σ-time field.
+
+In the paper's terms classifier-free guidance is h = μ_data log p(x | c) − μ_ρ log p(x) with
+μ_data = w, μ_ρ = w − 1 (Eq. 26): the ScoreDifference of a conditional and an unconditional score.
+In denoiser form, with the guidance scale w of diffusers' pipelines (w = 1: the conditional model,
+w = 0: the unconditional one),
+
+    D_w(x; σ, c) = D(x; σ, ∅) + w (D(x; σ, c) − D(x; σ, ∅)),
+
+and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last years change D_w only:
+
+- rescale φ (Lin et al. 2023, §3.4): the guided noise prediction is rescaled to the conditional one's
+  standard deviation per sample, mixed with weight φ;
+- interval (Kynkäänniemi et al. 2024): guidance only for σ in (low, high], the conditional model elsewhere;
+- autoguidance (Karras et al. 2024): the unconditional branch is a weaker model `guide` given the same
+  condition;
+- APG (Sadat et al. 2024): the update D_c − D_u, with momentum and a norm threshold, split into the
+  components parallel and orthogonal to D_c; the parallel one is weighted by η (0 by default).
+
+The conditional and unconditional branches go through the network as one batch of 2n when they use
+the same network (CFG); `last_passes` says how many network passes the last call made.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+
+from .._checks import as_column, check_number
+from ..errors import ArgumentError, ArgumentTypeError
+
+__all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
+
+APG_DEFAULTS = {"eta": 0.0, "norm_threshold": None, "momentum": 0.0}
+
+
+def _rows(value: Any, n: int, key: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A conditioning value with n rows: numbers are filled, leading size 1 is expanded."""
+    if not isinstance(value, torch.Tensor):
+        if like is not None and not like.is_floating_point():
+            value = torch.full((n,), int(value), dtype=like.dtype, device=like.device)
+        else:
+            value = torch.as_tensor(value, device=like.device if like is not None else None)
+    if value.dim() == 0:
+        value = value.expand(n)
+    if value.shape[0] == 1 and n != 1:
+        value = value.expand(n, *value.shape[1:])
+    if value.shape[0] != n:
+        raise ArgumentError(f"uncond: key {key!r} has leading size {value.shape[0]}; expected {n} or 1")
+    return value
+
+
+def _takes(fn: Callable, key: str) -> bool:
+    """Whether fn accepts the keyword `key` (an unconditional guide takes no conditioning)."""
+    import inspect
+    try:
+        params = inspect.signature(fn.forward if hasattr(fn, "forward") else fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class GuidedDenoiser:
+    """D_w(x, σ, **cond) from a denoiser D(x, σ, **cond): CFG, rescale, interval, autoguidance, APG."""
+
+    def __init__(self, denoiser: Callable, scale: float, uncond: dict | None = None, guide: Callable | None = None,
+                 rescale: float = 0.0, interval: tuple[float, float] | None = None,
+                 apg: dict | bool | None = None) -> None:
+        self.denoiser, self.guide = denoiser, guide
+        self.scale = check_number("guidance", scale)
+        if uncond is not None and not isinstance(uncond, dict):
+            raise ArgumentTypeError(f"uncond: expected a dict of unconditional inputs such as "
+                                    f"{{'class_labels': 10}}, got {type(uncond).__name__}")
+        if guide is not None and not callable(guide):
+            raise ArgumentTypeError(f"guide: expected a denoiser D(x, sigma, **cond), got {type(guide).__name__}")
+        if guide is None and uncond is None:
+            raise ArgumentError("uncond: guidance needs the unconditional inputs (e.g. uncond={'class_labels': 10} "
+                                "for a model trained with label dropout) or a weaker model guide=")
+        self.uncond = dict(uncond or {})
+        self.rescale = check_number("rescale", rescale, 0.0, 1.0)
+        if interval is not None:
+            if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
+                raise ArgumentError(f"interval: expected (sigma_low, sigma_high), got {interval!r}")
+            lo, hi = (check_number("interval", v, 0.0) for v in interval)
+            if not lo < hi:
+                raise ArgumentError(f"interval: expected sigma_low < sigma_high, got {interval!r}")
+            interval = (lo, hi)
+        self.interval = interval
+        if apg is True:
+            apg = dict(APG_DEFAULTS)
+        if apg is not None and apg is not False:
+            if not isinstance(apg, dict) or set(apg) - set(APG_DEFAULTS):
+                raise ArgumentError(f"apg: expected True or a dict with keys {sorted(APG_DEFAULTS)}, got {apg!r}")
+            apg = {**APG_DEFAULTS, **apg}
+        self.apg = apg or None
+        self._momentum: torch.Tensor | None = None
+        self.last_passes = 0
+        for name in ("sigma_min", "sigma_max", "data_shape"):     # the model's declarations pass through
+            if hasattr(denoiser, name):
+                setattr(self, name, getattr(denoiser, name))
+
+    def fresh(self) -> "GuidedDenoiser":
+        """A copy with its own APG momentum (one per solve)."""
+        other = copy.copy(self)
+        other._momentum = None
+        return other
+
+    # -- the two branches ---------------------------------------------------------------------
+    def _uncond_inputs(self, cond: dict, n: int) -> dict:
+        out = dict(cond)
+        for k, v in self.uncond.items():
+            out[k] = _rows(v, n, k, cond.get(k))
+        return out
+
+    def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(x)
+        if self.guide is not None:                  # autoguidance: a weaker model, the same condition
+            d_c = self.denoiser(x, sigma, **cond)
+            g_cond = self._uncond_inputs(cond, n) if self.uncond else cond
+            d_u = self.guide(x, sigma, **{k: v for k, v in g_cond.items() if _takes(self.guide, k)})
+            self.last_passes = 2
+            return d_c, d_u
+        unc = self._uncond_inputs(cond, n)
+        both = {}
+        for k in unc:                               # one batch of 2n: [conditional rows; unconditional rows]
+            c = _rows(cond[k], n, k) if k in cond else unc[k]
+            both[k] = torch.cat([c, unc[k].to(c.dtype)])
+        d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+        self.last_passes = 1
+        return d[:n], d[n:]
+
+    # -- the guided prediction ----------------------------------------------------------------
+    def _apg_update(self, d_c: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+        p = self.apg
+        if p["momentum"]:
+            self._momentum = diff if self._momentum is None else diff + p["momentum"] * self._momentum
+            diff = self._momentum
+        flat = diff.reshape(len(diff), -1)
+        if p["norm_threshold"] is not None:
+            norm = flat.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            flat = flat * (p["norm_threshold"] / norm).clamp(max=1.0)
+        unit = d_c.reshape(len(d_c), -1)
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        parallel = (flat * unit).sum(1, keepdim=True) * unit
+        return ((flat - parallel) + p["eta"] * parallel).reshape(diff.shape)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        if self.interval is not None:
+            lo, hi = self.interval
+            inside = (sigma > lo) & (sigma <= hi)
+            if not bool(inside.any()):              # outside the interval: the conditional model alone
+                self.last_passes = 1
+                return self.denoiser(x, sigma, **cond)
+        d_c, d_u = self._branches(x, sigma, cond)
+        if self.apg is not None:
+            d = d_c + (self.scale - 1.0) * self._apg_update(d_c, d_c - d_u)
+        else:
+            d = d_u + self.scale * (d_c - d_u)
+        if self.rescale:                            # Lin et al. 2023 on ε = (x − D)/σ: std ratio per sample
+            r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
+            ratio = r_c.std(1) / r_g.std(1).clamp(min=1e-12)
+            d = x - (x - d) * as_column(self.rescale * ratio + (1.0 - self.rescale), x)
+        if self.interval is not None:
+            d = torch.where(as_column(inside, x), d, d_c)
+        return d
