@@ -22,6 +22,7 @@ from . import solvers
 from ._checks import check_disk, check_int, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
+from .models.protocol import GeneratorModel
 from .sample import sample, sample_sharded
 
 BUILTIN_MODELS = {
@@ -60,6 +61,64 @@ def load_model(name: str):
         raise UserError(f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
                         f"use `flowsolve sample` or `flowsolve eval`")
     return (model if isinstance(model, Field) else model.field()), ref
+
+
+def _parse_cond(items: list[str] | None, flag: str = "--cond") -> dict:
+    """KEY=VALUE pairs: an integer or a comma list of integers (labels), or of numbers."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"{flag}: expected KEY=VALUE such as class_labels=3, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            vals = [ast.literal_eval(t) for t in v.split(",") if t.strip()]
+        except (ValueError, SyntaxError):
+            raise UserError(f"{flag}: {k}: expected numbers, got {v!r}") from None
+        if not vals or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in vals):
+            raise UserError(f"{flag}: {k}: expected numbers, got {v!r}")
+        dtype = torch.long if all(isinstance(t, int) for t in vals) else torch.float32
+        out[k] = torch.tensor(vals, dtype=dtype)
+    return out
+
+
+def _guidance_kw(args, guidance: float | None) -> dict:
+    """Keywords for `model.field(...)`: guidance and its variants from the command line."""
+    if guidance is None:
+        return {}
+    kw = {"guidance": guidance}
+    uncond = _parse_cond(getattr(args, "uncond", None), "--uncond")
+    if uncond:
+        kw["uncond"] = {k: v[:1] for k, v in uncond.items()}
+    if getattr(args, "guidance_rescale", None):
+        kw["rescale"] = args.guidance_rescale
+    if getattr(args, "guidance_interval", None):
+        lo, _, hi = args.guidance_interval.partition(",")
+        try:
+            kw["interval"] = (float(lo), float(hi))
+        except ValueError:
+            raise UserError(f"--guidance-interval: expected LOW,HIGH noise levels, got {args.guidance_interval!r}") \
+                from None
+    return kw
+
+
+def _field_of(model, args, guidance: float | None):
+    """The field of a loaded model, guided when asked (built-in fields and Discriminator Flows take no guidance)."""
+    if isinstance(model, Field):
+        if guidance is not None:
+            raise UserError("--guidance: this built-in model has no conditional score to guide")
+        return model
+    kw = _guidance_kw(args, guidance)
+    if kw and not hasattr(model, "default_uncond"):
+        raise UserError(f"--guidance: a {type(model).__name__} takes no guidance (a denoiser does)")
+    return model.field(**kw)
+
+
+def _balanced_labels(model, n: int) -> dict:
+    """class_labels i mod K for a class-conditional model (none for others)."""
+    classes = (getattr(model, "conditioning", {}) or {}).get("class_labels", {})
+    if isinstance(classes, dict) and classes.get("classes"):
+        return {"class_labels": torch.arange(n) % int(classes["classes"])}
+    return {}
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -111,8 +170,12 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     nfe = 0
     for start in range(0, args.n, chunk):
         count = min(chunk, args.n - start)
+        opts = dict(options)
+        if "cond" in opts:
+            from .sample import check_cond, cond_rows
+            opts["cond"] = cond_rows(check_cond(opts["cond"], args.n), start, count, args.n)
         x, info = draw(field, solver=args.solver, nfe=args.nfe, n=count, seed=args.seed, index_offset=start,
-                       return_info=True, **options)
+                       return_info=True, **opts)
         arr[start:start + count] = x.numpy()
         nfe = info.nfe
     arr.flush()
@@ -123,6 +186,7 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
 
 
 def cmd_sample(args) -> int:
+    options: dict = {}
     from .distributed import is_launched
     from .models import GeneratorModel, generate_sharded
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
@@ -137,8 +201,11 @@ def cmd_sample(args) -> int:
             print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
                   f"{time.perf_counter() - t0:.2f} s")
         return 0
-    field = model if isinstance(model, Field) else model.field()
-    options = _parse_options(args.option)
+    field = _field_of(model, args, args.guidance)
+    cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
+    if cond:
+        options["cond"] = cond
+    options = {**_parse_options(args.option), **options}
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
@@ -277,30 +344,51 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def cmd_compare(args) -> int:
-    from .comparison import compare
+    from .comparison import METRICS, CompareTable, compare
 
     check_output(args.out, None, "--out")
-    field, ref = load_model(args.model)
-    features = None
-    if args.metric == "fd":
-        features = args.features
-    elif args.metric in ("energy", "mmd", "sliced") and ref is None:
-        shape = getattr(field, "data_shape", None)
-        if shape == (1, 8, 8):
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+    for m in metrics:
+        if m not in METRICS:
+            raise UserError(f"--metric: expected some of {', '.join(METRICS)}, got {m!r}")
+    guidances = [None] if args.guidance is None else [float(g) for g in _floats(args.guidance, "--guidance")]
+    model, ref = load_any(args.model)
+    if isinstance(model, GeneratorModel):
+        raise UserError(f"--model: {args.model!r} is a generator; compare solvers on a particle model")
+    base = model if isinstance(model, Field) else model.field()
+    features = args.features if any(m in ("fd", "accuracy") for m in metrics) else None
+    if any(m in ("energy", "mmd", "sliced") for m in metrics) and ref is None:
+        if getattr(base, "data_shape", None) == (1, 8, 8):
             from .data import digits
             ref = digits("test").x
         else:
-            raise UserError(f"--metric: {args.metric!r} needs reference samples; this model has none "
-                            f"(use --metric rmse, or gmm2d / a digits model)")
-    table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
-                    args.metric, n=args.n, seeds=args.seeds, reference=ref, features=features,
-                    model_name=args.model, progress=not args.quiet)
+            raise UserError("--metric: energy, mmd and sliced need reference samples; this model has none "
+                            "(use --metric rmse, or gmm2d / a digits model)")
+    cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
+    rows = []
+    for g in guidances:
+        field = base if g is None else _field_of(model, args, g)
+        table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
+                        metrics, n=args.n, seeds=args.seeds, reference=ref, features=features, cond=cond or None,
+                        model_name=args.model, progress=not args.quiet, label="" if g is None else f"g={g:g}")
+        rows += table.rows
     if not finish_processes():
         return 0
+    table = CompareTable(",".join(metrics), args.model, rows)
     files = table.save(args.out)
     print(table.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files.values()))
     return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise UserError(f"{flag}: expected at least one value")
+    return out
 
 
 def cmd_animate(args) -> int:
@@ -320,6 +408,20 @@ def cmd_solvers(args) -> int:
     return 0
 
 
+def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
+    p.add_argument("--cond", action="append", metavar="KEY=VALUE",
+                   help="per-sample conditioning, e.g. class_labels=3 or class_labels=0,1,2 (default for a "
+                        "class-conditional model: labels i mod K)")
+    p.add_argument("--guidance", type=str if several else float, default=None,
+                   help="classifier-free guidance scale w (1: the conditional model, 0: the unconditional one)"
+                        + ("; comma-separated to compare several" if several else ""))
+    p.add_argument("--uncond", action="append", metavar="KEY=VALUE",
+                   help="the unconditional inputs (default: the null label the model was trained with)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale φ (Lin et al. 2023)")
+    p.add_argument("--guidance-interval", default=None, metavar="LOW,HIGH",
+                   help="guide only for σ in (LOW, HIGH] (Kynkäänniemi et al. 2024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsolve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -335,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")
     s.add_argument("--option", action="append", help="extra solver option KEY=VALUE (repeatable)")
+    _guidance_flags(s, several=False)
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
@@ -381,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="gmm2d")
     c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
     c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
-    c.add_argument("--metric", default="energy", help="energy | rmse | nll | fd | mmd | sliced")
+    c.add_argument("--metric", default="energy",
+                   help="comma-separated: energy, rmse, nll, fd, mmd, sliced, accuracy (class accuracy of the samples "
+                        "by the --features classifier)")
+    _guidance_flags(c, several=True)
     c.add_argument("--n", "--num-samples", dest="n", type=int, default=2000)
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--features", default="pretrained/digits-features", help="feature network for --metric fd")

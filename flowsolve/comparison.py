@@ -14,21 +14,25 @@ import torch
 
 from . import metrics as M
 from .distributed import is_launched
-from .sample import initial_noise, sample, sample_sharded
-from ._checks import check_int
+from .sample import check_cond, cond_rows, initial_noise, sample, sample_sharded
+from ._checks import check_choice, check_int
 from .errors import ArgumentError
 
 __all__ = ["CompareTable", "compare", "METRICS"]
 
-METRICS = ("energy", "rmse", "nll", "fd", "mmd", "sliced")
+METRICS = ("energy", "rmse", "nll", "fd", "mmd", "sliced", "accuracy")
+HIGHER_IS_BETTER = ("accuracy",)
 
 
 @dataclasses.dataclass
 class CompareTable:
-    """One row per (solver, NFE budget): measured NFE, metric mean and std over seeds, wall time."""
+    """One row per (solver, NFE budget, metric): measured NFE, metric mean and std over seeds, wall time."""
     metric: str
     model: str
     rows: list[dict]
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(r["metric"] for r in self.rows))
 
     def to_csv(self, path: str | os.PathLike) -> None:
         cols = ["solver", "nfe_budget", "nfe_used", "metric", "value", "std", "seconds", "seeds"]
@@ -39,39 +43,46 @@ class CompareTable:
                 w.writerow({c: r[c] for c in cols})
 
     def to_markdown(self) -> str:
-        lines = [f"{self.metric} on {self.model} (mean ± std over seeds; lower is better)", "",
-                 "| solver | NFE budget | NFE used | " + self.metric + " | std | seconds |",
-                 "|---|---:|---:|---:|---:|---:|"]
+        better = ", ".join(f"{m}: {'higher' if m in HIGHER_IS_BETTER else 'lower'} is better" for m in self.metrics())
+        lines = [f"{self.metric} on {self.model} (mean ± std over seeds; {better})", "",
+                 "| solver | NFE budget | NFE used | metric | value | std | seconds |",
+                 "|---|---:|---:|---|---:|---:|---:|"]
         for r in self.rows:
-            lines.append(f"| {r['solver']} | {r['nfe_budget']} | {r['nfe_used']} | {r['value']:.4g} | "
+            lines.append(f"| {r['solver']} | {r['nfe_budget']} | {r['nfe_used']} | {r['metric']} | {r['value']:.4g} | "
                          f"{r['std']:.2g} | {r['seconds']:.3f} |")
         return "\n".join(lines) + "\n"
 
-    def best(self) -> dict:
-        return min(self.rows, key=lambda r: r["value"])
+    def best(self, metric: str | None = None) -> dict:
+        metric = metric or self.metrics()[0]
+        rows = [r for r in self.rows if r["metric"] == metric]
+        return (max if metric in HIGHER_IS_BETTER else min)(rows, key=lambda r: r["value"])
 
     def plot(self, path: str | os.PathLike) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5.5, 4), dpi=90)
-        positive = all(r["value"] > 0 for r in self.rows)
-        for solver in dict.fromkeys(r["solver"] for r in self.rows):
-            rs = [r for r in self.rows if r["solver"] == solver]
-            ax.errorbar([r["nfe_used"] for r in rs], [r["value"] for r in rs], yerr=[r["std"] for r in rs],
-                        marker="o", ms=3, capsize=2, label=solver)
-        ax.set_xscale("log")
-        ticks = sorted({r["nfe_used"] for r in self.rows})
-        ax.set_xticks(ticks)
-        ax.set_xticks([], minor=True)
-        ax.set_xticklabels([str(t) for t in ticks])
-        ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": 1e-3}))
-        ax.set_xlabel("NFE (measured)")
-        ax.set_ylabel(self.metric)
-        ax.set_title(f"{self.metric} against NFE — {self.model}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        metrics = self.metrics()
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=90, squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            rows = [r for r in self.rows if r["metric"] == metric]
+            positive = all(r["value"] > 0 for r in rows)
+            for solver in dict.fromkeys(r["solver"] for r in rows):
+                rs = [r for r in rows if r["solver"] == solver]
+                ax.errorbar([r["nfe_used"] for r in rs], [r["value"] for r in rs], yerr=[r["std"] for r in rs],
+                            marker="o", ms=3, capsize=2, label=solver)
+            ax.set_xscale("log")
+            ticks = sorted({r["nfe_used"] for r in rows})
+            ax.set_xticks(ticks)
+            ax.set_xticks([], minor=True)
+            ax.set_xticklabels([str(t) for t in ticks])
+            if metric not in HIGHER_IS_BETTER:
+                ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": 1e-3}))
+            ax.set_xlabel("NFE (measured)")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{metric} against NFE — {self.model}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
@@ -86,26 +97,37 @@ class CompareTable:
         return files
 
 
-def _scorer(metric: str, field, reference, n: int, features):
+def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
     """metric(x, x0) → float; x0 is the start (for rmse)."""
     if metric == "rmse":
         def rmse(x, x0):
             grid = torch.tensor([field.t_start, field.t_end], dtype=torch.float64)
-            ref = sample(field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10 ** 7, rtol=1e-7, atol=1e-7)
+            ref = sample(field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10 ** 7, rtol=1e-7, atol=1e-7,
+                         cond=cond)
             return float((x.double() - ref).reshape(len(x), -1).square().sum(1).mean().sqrt())
         return rmse
     if metric == "nll":
         if reference is None or not hasattr(reference, "log_prob"):
             raise ArgumentError("metric: 'nll' needs an exact density (the gmm2d model)")
         return lambda x, x0: M.nll(x, reference)
-    if metric == "fd":
+    if metric in ("fd", "accuracy"):
         from .data import digits
         from .models import from_pretrained
         feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
         if feats is None:
-            raise ArgumentError("metric: 'fd' needs a feature network (features=)")
-        held = digits("test").x
-        return lambda x, x0: M.frechet_distance(x, held, feats)
+            raise ArgumentError(f"metric: {metric!r} needs a feature network (features=)")
+        if metric == "fd":
+            held = digits("test").x
+            return lambda x, x0: M.frechet_distance(x, held, feats)
+        labels = (cond or {}).get("class_labels")
+        if labels is None:
+            raise ArgumentError("metric: 'accuracy' needs the labels the samples were drawn for (cond={'class_labels': y})")
+
+        def accuracy(x, x0):                   # the share of samples the classifier puts in their own class
+            with torch.no_grad():
+                pred = feats(x.float().clamp(-1, 1)).argmax(1)
+            return float((pred.cpu() == labels.reshape(-1).expand(len(x)).cpu()).float().mean())
+        return accuracy
     if reference is None:
         raise ArgumentError(f"metric: {metric!r} needs reference samples (reference=)")
     ref = reference.sample(n, torch.Generator().manual_seed(10 ** 6)) if hasattr(reference, "sample") else reference
@@ -113,54 +135,65 @@ def _scorer(metric: str, field, reference, n: int, features):
     return lambda x, x0: fn(x.reshape(len(x), -1), ref.reshape(len(ref), -1).to(x.dtype))
 
 
-def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 64), metric: str = "energy", *,
-            n: int = 2000, seeds: int = 3, reference=None, features=None, model_name: str = "model",
-            progress: bool = False, **options) -> CompareTable:
-    """Sample every (solver, NFE budget) cell with `seeds` seeds and measure it. `reference`: exact
-    samples or a sampler (energy, mmd, sliced) or the exact density (nll); rmse compares endpoints with
-    a dopri5 solve at 1e-7 from the same start; fd uses `features` against the held-out digits."""
+def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 64),
+            metric: str | Sequence[str] = "energy", *, n: int = 2000, seeds: int = 3, reference=None, features=None,
+            model_name: str = "model", progress: bool = False, cond: dict | None = None, label: str = "",
+            **options) -> CompareTable:
+    """Sample every (solver, NFE budget) cell with `seeds` seeds and measure it with each metric.
+    `reference`: exact samples or a sampler (energy, mmd, sliced) or the exact density (nll); rmse
+    compares endpoints with a dopri5 solve at 1e-7 from the same start; fd uses `features` against the
+    held-out digits; accuracy is the share of samples that `features` classifies as their label
+    (`cond["class_labels"]`). Seed s draws the starting noise of `fs.sample(seed=s)`. `label` is
+    appended to the solver names (e.g. "g=2")."""
     from . import solvers as registry
 
-    if metric not in METRICS:
-        raise ArgumentError(f"metric: expected one of {METRICS}, got {metric!r}")
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    for m in metrics:
+        check_choice("metric", m, METRICS)
     check_int("seeds", seeds, 1)
     for s in solvers:
         registry.get(s)        # unknown names fail here, listing the valid ones
-    score = _scorer(metric, field, reference, n, features)
+    cond = check_cond(cond, n)
+    scores = {m: _scorer(m, field, reference, n, features, cond) for m in metrics}
     shape = field.data_shape
     if shape is None:
         raise ArgumentError(f"field: {type(field).__name__} does not know its data shape; make it with shape=(...)")
     rows = []
     for solver in solvers:
         for budget in nfe:
-            values, secs, used = [], [], None
+            values, secs, used = {m: [] for m in metrics}, [], None
             for seed in range(seeds):
                 x0 = initial_noise(field, seed, 0, n, shape)    # sample i of seed s: as in sample(seed=s)
                 try:
                     if is_launched():           # torchrun / accelerate launch: split the particles, gather
                         used = sample(field, solver, nfe=budget, x_init=x0[:1], seed=seed, return_info=True,
-                                      **options)[1].nfe
+                                      cond=cond_rows(cond, 0, 1, n), **options)[1].nfe
                         t0 = time.perf_counter()
-                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, **options)
+                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, cond=cond, **options)
                     else:
                         t0 = time.perf_counter()
-                        x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, **options)
+                        x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True,
+                                         cond=cond, **options)
                         used = info.nfe
-                except ValueError as e:            # budget below the solver's minimum: skip the cell
-                    if "nfe" in str(e):
+                except ArgumentError as e:            # budget below the solver's minimum: skip the cell
+                    if str(e).startswith("nfe"):
                         break
                     raise
                 secs.append(time.perf_counter() - t0)
-                values.append(score(x, x0))
-            if not values:
+                for m in metrics:
+                    values[m].append(scores[m](x, x0))
+            if not secs:
                 continue
-            rows.append({"solver": solver, "nfe_budget": budget, "nfe_used": used, "metric": metric,
-                         "value": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                         "seconds": statistics.fmean(secs), "seeds": len(values)})
-            if progress:
-                r = rows[-1]
-                print(f"{solver:>22} nfe {budget:>4} ({used}): {r['value']:.4g} ± {r['std']:.2g}  {r['seconds']:.2f} s")
+            name = f"{solver} {label}".strip()
+            for m in metrics:
+                rows.append({"solver": name, "nfe_budget": budget, "nfe_used": used, "metric": m,
+                             "value": statistics.fmean(values[m]),
+                             "std": statistics.stdev(values[m]) if len(values[m]) > 1 else 0.0,
+                             "seconds": statistics.fmean(secs), "seeds": len(values[m])})
+                if progress:
+                    r = rows[-1]
+                    print(f"{name:>26} nfe {budget:>4} ({used}) {m}: {r['value']:.4g} ± {r['std']:.2g}  "
+                          f"{r['seconds']:.2f} s")
     if not rows:
         raise ArgumentError("nfe: no (solver, NFE) cell could run; budgets are below every solver's minimum")
-    return CompareTable(metric, model_name, rows)
-
+    return CompareTable(",".join(metrics), model_name, rows)

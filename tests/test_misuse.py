@@ -175,7 +175,7 @@ def test_cli_resume_lists_the_differences(tmp_path, capsys):
 
 # -- kills at random points lose nothing ----------------------------------------------------------
 def _train_cmd(out: Path, cfg: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "flowsolve", "train", "edm", "--data", "gmm2d", "--out", str(out), "--steps", "150",
+    return [sys.executable, "-m", "flowsolve", "train", "edm", "--data", "gmm2d", "--out", str(out), "--steps", "400",
             "--config", str(cfg), "--quiet"] + (["--resume"] if resume else [])
 
 
@@ -215,7 +215,7 @@ def test_kill_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_path
             if ck.exists() and ck.stat().st_mtime > start:
                 break
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is None:
             proc.send_signal(sig)
         codes.append(proc.wait(timeout=120))

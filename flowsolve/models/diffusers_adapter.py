@@ -78,6 +78,9 @@ class DiffusersDenoiser(Denoiser):
             raise ArgumentError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
                              f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps")
         mcfg = _config(model)
+        if type(model).__name__.startswith("DiT") and isinstance(mcfg.get("num_embeds_ada_norm"), int):
+            k = mcfg["num_embeds_ada_norm"]          # DiT's label table has a null row at index K (DiTPipeline)
+            self.conditioning = {"class_labels": {"classes": k, "null": k}}
         c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
         if isinstance(c, int) and size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)

@@ -11,23 +11,17 @@ import torch
 from ..fields import DiscriminatorFlow, GANLoss, gradient_penalty
 from ..models import DiscriminatorFlowModel, save_pretrained
 from ..sample import sample
-from .int_pm import data_source, discriminator_network
-from .loop import LoopConfig, fit, is_main_process, merge_config, seeded, shard, sync_gradients, training_record
+from .int_pm import PaperLoopConfig, data_source, discriminator_network
+from .loop import fit, is_main_process, merge_config, seeded, shard, sync_gradients, training_record
 from .. import data as fsdata
 
 __all__ = ["DFConfig", "DF_IMAGE_DEFAULTS", "discriminator_flow"]
 
 
 @dataclasses.dataclass
-class DFConfig(LoopConfig):
+class DFConfig(PaperLoopConfig):
     steps: int = 4000
-    batch_size: int = 128
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
-    warmup: int = 0
-    ema_decay: float = 0.0           # the flow must use the discriminator it was trained with
-    grad_clip: float | None = None
-    checkpoint_every: int = 500
     N: int = 56                      # generation steps (Alg. 3)
     eta: float = 20.0                # gradient strength η
     loss: str = "vanilla"            # a, b, c of Eq. 15–16 (models.gan.LOSSES)

@@ -8,23 +8,17 @@ import torch
 
 from .. import data as fsdata
 from ..fields import DiscriminatorFlow, GANLoss, gradient_penalty
-from .int_pm import (GeneratorPair, data_source, discriminator_network, generator_network, int_pm_loss,
+from .int_pm import (PaperLoopConfig, GeneratorPair, data_source, discriminator_network, generator_network, int_pm_loss,
                      save_generator, selection)
-from .loop import LoopConfig, fit, merge_config, seeded, shard, sync_gradients, training_record
+from .loop import fit, merge_config, seeded, shard, sync_gradients, training_record
 
 __all__ = ["GANConfig", "gan"]
 
 
 @dataclasses.dataclass
-class GANConfig(LoopConfig):
+class GANConfig(PaperLoopConfig):
     steps: int = 1900                 # Table 6, Gaussians
-    batch_size: int = 128
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
-    warmup: int = 0
-    ema_decay: float = 0.0
-    grad_clip: float | None = None
-    checkpoint_every: int = 500
     loss: str = "vanilla"
     d_steps: int = 1
     gp: float = 0.0

@@ -7,16 +7,30 @@ for Score GANs, the discriminator field for GANs, MMDFlow for the MMD generator.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .. import data as fsdata
 from ..errors import ArgumentError
 from ..models import ConvDiscriminator, DCGANGenerator, Discriminator, Generator, save_pretrained
-from .loop import is_main_process
+from .loop import LoopConfig, is_main_process
 
-__all__ = ["int_pm_loss", "noisy_direction", "p_sigma", "GeneratorPair", "generator_network",
+__all__ = ["PaperLoopConfig", "int_pm_loss", "noisy_direction", "p_sigma", "GeneratorPair", "generator_network",
            "discriminator_network", "data_source", "selection", "save_generator"]
+
+
+@dataclasses.dataclass
+class PaperLoopConfig(LoopConfig):
+    """The loop settings the paper's Tables 4, 6, 7 share: batch 128, lr 2e-4, no warm-up, no EMA
+    (the flow uses the networks it was trained with), no gradient clipping, a checkpoint every 500."""
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 0
+    ema_decay: float = 0.0
+    grad_clip: float | None = None
+    checkpoint_every: int = 500
 
 
 def int_pm_loss(x: torch.Tensor, direction: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -13,24 +13,19 @@ from .._checks import as_column
 from ..errors import ArgumentError
 from ..fields import ScoreDifference
 from ..models import MLP, EDMPrecond, unet
-from .int_pm import GeneratorPair, generator_network, int_pm_loss, noisy_direction, p_sigma, save_generator, selection
-from .loop import LoopConfig, fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
+from .int_pm import PaperLoopConfig, GeneratorPair, generator_network, int_pm_loss, noisy_direction, p_sigma, save_generator, selection
+from .loop import fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
 
 __all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "score_gan"]
 
 
 @dataclasses.dataclass
-class ScoreGANConfig(LoopConfig):
+class ScoreGANConfig(PaperLoopConfig):
     steps: int = 3150                 # generator steps (Table 7, Gaussians)
-    batch_size: int = 128
     lr: float = 2e-4                  # generator learning rate
     betas: tuple[float, float] = (0.9, 0.999)
     score_lr: float = 2e-4
     score_betas: tuple[float, float] = (0.9, 0.999)
-    warmup: int = 0
-    ema_decay: float = 0.0
-    grad_clip: float | None = None
-    checkpoint_every: int = 500
     K: int = 10                       # score steps per generator step (Alg. 1)
     sigma_min: float = 0.1            # p_σ of Eq. 28
     sigma_max: float = 10.0
