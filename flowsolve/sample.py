@@ -196,9 +196,9 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
                         f"got {type(field).__name__}")
     spec = solvers.get(solver)
     spec.check_options(options)
-    if spec.needs_sigma and not field.time_is_sigma:
-        raise ArgumentError(f"solver: {spec.name!r} needs a field whose time is the noise level σ "
-                         f"(fields.EDM, ScoreDifference), got {type(field).__name__}")
+    if spec.needs_sigma and field.path is None:
+        raise ArgumentError(f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
+                            f"FlowMatching: its time is a noise level), got {type(field).__name__}")
     g64, budget = resolve_grid(field, spec, nfe, grid)
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):

@@ -4,8 +4,10 @@ direction through one method, `grad_h(x, t)`; the PM integrates the field, an In
 from .._checks import as_column, batch_time
 from .base import Field, Function, Scale, Sum
 from .discriminator import LOSSES, DiscriminatorFlow, GANLoss, gradient_penalty
+from .flow import FlowMatching
+from .paths import FLOW, TRIG, VE, GaussianPath
 from .kernels import SVGD, MMDFlow, rbf_kernel_grad
 from .score import EDM, Langevin, ScoreDifference
 
 __all__ = ["Field", "Function", "Sum", "Scale", "EDM", "ScoreDifference", "Langevin", "DiscriminatorFlow", "MMDFlow",
-           "SVGD", "GANLoss", "LOSSES", "gradient_penalty", "rbf_kernel_grad", "batch_time", "as_column"]
+           "SVGD", "FlowMatching", "GaussianPath", "VE", "FLOW", "TRIG", "GANLoss", "LOSSES", "gradient_penalty", "rbf_kernel_grad", "batch_time", "as_column"]

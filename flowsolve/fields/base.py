@@ -37,6 +37,7 @@ class Field:
     default_nfe: int = 32
     time_is_sigma: bool = False
     finite_at_end: bool = True
+    path = None     # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -121,7 +122,7 @@ class Field:
 
     def _copy_domain(self, other: "Field") -> None:
         for a in ("t_start", "t_end", "data_shape", "prior_std", "default_grid", "default_nfe",
-                  "time_is_sigma", "finite_at_end"):
+                  "time_is_sigma", "finite_at_end", "path"):
             setattr(self, a, getattr(other, a))
 
 
@@ -172,6 +173,7 @@ class Sum(Field):
         self._copy_domain(flat[0])
         self.time_is_sigma = all(f.time_is_sigma for f in flat)
         self.finite_at_end = all(f.finite_at_end for f in flat)
+        self.path = flat[0].path if all(f.path is flat[0].path for f in flat) else None
 
     def bind(self, cond):
         return Sum([f.bind(cond) for f in self.fields])

@@ -13,6 +13,7 @@ import torch
 from .._checks import as_column, batch_time, check_choice, deprecated
 from .base import Field
 from .guidance import GuidedDenoiser
+from .paths import VE
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["ScoreDifference", "EDM", "Langevin"]
@@ -72,6 +73,7 @@ class ScoreDifference(Field):
     finite_at_end = False
     default_grid = "karras"
     default_nfe = 32
+    path = VE
 
     def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
                  sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,

@@ -19,18 +19,107 @@ import torch
 from torch import nn
 
 from .precond import Denoiser
+from .protocol import ParticleModel
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["DiffusersDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
+__all__ = ["DiffusersDenoiser", "DiffusersFlow", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel", "SD3Transformer2DModel")
 
 
 def _config(obj) -> dict:
     cfg = getattr(obj, "config", None)
     return dict(cfg) if cfg is not None else {}
+
+
+def accepted_inputs(model) -> set[str] | None:
+    """The keyword inputs a diffusers model's forward takes (None: any, it takes **kwargs)."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(list(params)[2:])                  # after (sample, timestep)
+
+
+def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
+    """The model's keyword inputs: fixed `model_kwargs` and per-sample `cond`, checked by key (known to the
+    model, one row per sample or one for all, integer labels, float embeddings cast to the model's dtype)."""
+    merged = {**fixed, **cond}
+    known = accepted_inputs(model) if cond else None
+    mdtype = getattr(model, "dtype", None)
+    out = {}
+    for k, v in merged.items():
+        if known is not None and k not in known:
+            raise ArgumentError(f"cond: {type(model).__name__}.forward takes no input {k!r}{nearest(k, known)}; "
+                                f"it takes {', '.join(sorted(known))}")
+        if isinstance(v, torch.Tensor):
+            if k == "class_labels" and v.is_floating_point():
+                raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
+            if k == "encoder_hidden_states" and not v.is_floating_point():
+                raise ArgumentTypeError(f"cond: key 'encoder_hidden_states' must be floating point, got {v.dtype}")
+            if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
+                v = v.expand(batch, *v.shape[1:])
+            elif v.dim() > 0 and v.shape[0] != batch:
+                raise ArgumentError(f"cond: key {k!r} has {v.shape[0]} rows for a batch of {batch}")
+            if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
+                v = v.to(mdtype)
+        out[k] = v
+    return out
+
+
+def _data_shape(model) -> tuple[int, ...] | None:
+    mcfg = _config(model)
+    c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
+    if isinstance(c, int) and size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (c, *size)
+    return None
+
+
+class DiffusersFlow(ParticleModel, nn.Module):
+    """A diffusers flow-matching model (UNet or transformer predicting the velocity v = ε − x_0 of
+    x_t = (1 − t) x_0 + t ε, timestep t · num_train_timesteps) with its FlowMatch scheduler.
+    `field()` is a `fields.FlowMatching` whose default grid is the scheduler's own schedule for the
+    number of steps the NFE budget allows (shift, and dynamic shifting with `mu=`), so `fs.sample(m.field(),
+    "euler", nfe=N)` is the scheduler's loop with N steps and every other solver runs on the same field."""
+
+    def __init__(self, model: nn.Module, scheduler, mu: float | None = None, **model_kwargs) -> None:
+        super().__init__()
+        self.model, self.scheduler, self.mu, self.model_kwargs = model, scheduler, mu, model_kwargs
+        cfg = _config(scheduler)
+        self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
+        if cfg.get("use_dynamic_shifting") and mu is None:
+            raise ArgumentError(f"mu: {type(scheduler).__name__} uses dynamic shifting; pass mu= (the shift the "
+                                f"pipeline computes from the image size)")
+        self.data_shape = _data_shape(model)
+        self.metadata: dict = {}
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        mdtype = getattr(self.model, "dtype", x.dtype)
+        ts = (t * self.num_train_timesteps).to(mdtype)
+        out = self.model(x.to(mdtype), ts, **model_inputs(self.model, self.model_kwargs, len(x), cond))
+        out = getattr(out, "sample", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:, : x.shape[1]].to(x.dtype)    # learned-σ outputs keep their mean half
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
+        import copy
+        sched = copy.deepcopy(self.scheduler)
+        kw = {"mu": self.mu} if self.mu is not None else {}
+        sched.set_timesteps(steps, **kw)
+        return torch.unique_consecutive(sched.sigmas.double())      # Heun schedulers repeat their knots
+
+    def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
+        from ..fields import FlowMatching
+        from ..fields.guidance import GuidedDenoiser
+        v = self.velocity if guidance is None else GuidedDenoiser(self.velocity, guidance, uncond, **kw)
+        return FlowMatching(v, self.data_shape, self.schedule)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.velocity(x, t, **cond)
 
 
 class DiffusersDenoiser(Denoiser):
@@ -78,14 +167,11 @@ class DiffusersDenoiser(Denoiser):
             raise ArgumentError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
                              f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps")
         mcfg = _config(model)
+        self.data_shape = _data_shape(model)
         if type(model).__name__.startswith("DiT") and isinstance(mcfg.get("num_embeds_ada_norm"), int):
             k = mcfg["num_embeds_ada_norm"]          # DiT's label table has a null row at index K (DiTPipeline)
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
-        c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
-        if isinstance(c, int) and size is not None:
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            self.data_shape = (c, *size)
-        self.channels = c
+        self.channels = mcfg.get("in_channels")
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -116,36 +202,8 @@ class DiffusersDenoiser(Denoiser):
         return torch.cat([self.sigma(timesteps), torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
     # -- D(x; σ) -----------------------------------------------------------------------------
-    def accepted_inputs(self) -> set[str] | None:
-        """The keyword inputs the model's forward takes (None: any, it takes **kwargs)."""
-        params = inspect.signature(self.model.forward).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return None
-        return set(list(params)[2:])              # after (sample, timestep)
-
     def _kwargs(self, batch: int, cond: dict) -> dict:
-        """model_kwargs and per-sample `cond`, checked by key: known to the model, batch rows, dtype kind."""
-        merged = {**self.model_kwargs, **cond}
-        known = self.accepted_inputs() if cond else None
-        mdtype = getattr(self.model, "dtype", None)
-        out = {}
-        for k, v in merged.items():
-            if known is not None and k not in known:
-                raise ArgumentError(f"cond: {type(self.model).__name__}.forward takes no input {k!r}"
-                                    f"{nearest(k, known)}; it takes {', '.join(sorted(known))}")
-            if isinstance(v, torch.Tensor):
-                if k == "class_labels" and v.is_floating_point():
-                    raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
-                if k == "encoder_hidden_states" and not v.is_floating_point():
-                    raise ArgumentTypeError(f"cond: key 'encoder_hidden_states' must be floating point, got {v.dtype}")
-                if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
-                    v = v.expand(batch, *v.shape[1:])
-                elif v.dim() > 0 and v.shape[0] != batch:
-                    raise ArgumentError(f"cond: key {k!r} has {v.shape[0]} rows for a batch of {batch}")
-                if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
-                    v = v.to(mdtype)
-            out[k] = v
-        return out
+        return model_inputs(self.model, self.model_kwargs, batch, cond)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         d = self._denoise(x, sigma, cond)
@@ -332,4 +390,6 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
         model = obj
     if isinstance(scheduler, (str, os.PathLike)):
         scheduler = load_diffusers_component(scheduler, None, "scheduler")
+    if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
+        return DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     return DiffusersDenoiser(model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)

@@ -67,6 +67,9 @@ register(Solver("sde", stochastic.sde, _one_per_step,
                 "Eq. 21: alpha ∈ [0, 1] interpolates the PF-ODE (0) and the reverse SDE (1)", stochastic=True))
 register(Solver("dpmpp_2m", multistep.dpmpp_2m, _one_per_step, "DPM-Solver++(2M), exact exponential weights",
                 needs_sigma=True))
+register(Solver("dpmpp_2m_midpoint", multistep.dpmpp_2m_midpoint, _one_per_step,
+                "DPM-Solver++(2M), Lu et al.'s midpoint form (diffusers' default solver_type, k-diffusion's)",
+                needs_sigma=True))
 register(Solver("dpmpp_3m", multistep.dpmpp_3m, _one_per_step, "DPM-Solver++(3M), exact exponential weights",
                 needs_sigma=True))
 register(Solver("dpmpp_2m_pc", multistep.dpmpp_2m_pc, _one_per_step,

@@ -43,6 +43,9 @@ def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, 
     for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
             raise ArgumentError(f"{name}: expected a finite number >= 0, got {v!r}")
+    if not run.field.time_is_sigma:
+        raise ArgumentError(f"solver: 'edm' churns the noise level σ of an EDM-time field; "
+                            f"{type(run.field).__name__} is not one (use heun, or sde)")
     if not S_max >= S_min:
         raise ArgumentError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
     t = run.times

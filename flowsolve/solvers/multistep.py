@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -33,13 +34,17 @@ def _combine(weights: list[float], values) -> torch.Tensor:
     return out
 
 
-def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool) -> torch.Tensor:
+def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False) -> torch.Tensor:
     """The exponential Adams family on σ-time fields, in λ = −log σ with data predictions D = x − σ v.
 
     One step from σ_i to σ_{i+1} (h = λ_{i+1} − λ_i) integrates dx/dλ = D − x exactly for D held at the
     Lagrange polynomial P through the last k data predictions:
 
-        x_{i+1} = (σ_{i+1}/σ_i) x_i + Σ_j W_j D_j,   W_j = ∫_{λ_i}^{λ_{i+1}} e^{λ − λ_{i+1}} ℓ_j(λ) dλ.
+        x_{i+1} = (σ_{i+1}/σ_i) x_i + α_{i+1} Σ_j W_j D_j,   W_j = ∫_{λ_i}^{λ_{i+1}} e^{λ − λ_{i+1}} ℓ_j(λ) dλ,
+
+    on any Gaussian path x_t = α_t x_0 + σ_t ε of the field (`fields.paths`: α = 1, σ = t for EDM,
+    α = 1 − t, σ = t for flow matching), with λ = log(α/σ). A step from pure noise (λ_i = −∞, a
+    flow's t = 1) is the exact first-order step x_{i+1} = σ_{i+1} x_i + α_{i+1} D_i.
 
     For k = 2 (DPM-Solver++(2M), Lu et al. 2022, Eq. 18 / Alg. 2) with r = h_{i−1}/h,
     φ₁ = expm1(−h) and φ₂ = (φ₁ + h)/h, the weights are in closed form
@@ -50,27 +55,37 @@ def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool
     midpoint form replaces φ₂ by −φ₁/2). The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
     """
-    sig = run.times
-    lam = [sigma_lambda(s) for s in sig]
-    hist: deque = deque(maxlen=order + 1)         # (λ_j, D_j), newest last
+    path = run.field.path                         # VE for EDM fields: α = 1, σ = t, λ = −log σ
+    t = run.times
+    alpha, sig = [path.alpha(v) for v in t], [path.sigma(v) for v in t]
+    lam = [path.lam(v) for v in t]
+    hist: deque = deque(maxlen=order + 1)         # (λ_j, D_j), newest last; finite λ only
     x_prev = None                                 # x_i before the step, for the corrector
     for i in run.steps():
-        d = run.f(x, i)                           # the field v = dx/dσ at (x_i, σ_i)
-        den = x - sig[i] * d                      # data prediction D_i = x − σ v
-        if corrector and x_prev is not None and len(hist) >= 1:
+        d = run.f(x, i)                           # the field v = dx/dt at (x_i, t_i)
+        den = path.data_prediction(x, d, t[i])    # data prediction D_i (x − σ v on the VE path)
+        if corrector and x_prev is not None and len(hist) >= 1 and lam[i - 1] > -math.inf:
             # UniC-style: redo step i−1 → i with D_i included (order min(k+1, history))
             nodes = [lam[i]] + [h[0] for h in reversed(hist)][:order]
             w = lagrange_weights(nodes, lam[i - 1], lam[i], exp_kernel=True)
             vals = [den] + [h[1] for h in reversed(hist)][:order]
-            x = (sig[i] / sig[i - 1]) * x_prev + _combine(w, vals)
-        hist.append((lam[i], den))
+            x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * _combine(w, vals)
+        if lam[i] > -math.inf:
+            hist.append((lam[i], den))
         if sig[i + 1] == 0:
-            x_next = den                          # λ = ∞: the exponential integrator lands on D
+            x_next = alpha[i + 1] * den           # λ = ∞: the exponential integrator lands on α D
+        elif lam[i] == -math.inf:
+            x_next = sig[i + 1] * x + alpha[i + 1] * den      # from pure noise (α = 0, σ = 1): exact, h = ∞
         else:
             k = min(order, len(hist))
             recent = list(hist)[-k:][::-1]        # newest first: D_i, D_{i−1}, ...
-            w = lagrange_weights([h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True)   # W_j (closed form above)
-            x_next = (sig[i + 1] / sig[i]) * x + _combine(w, [h[1] for h in recent])        # x_{i+1}
+            if midpoint and k == 2:               # Lu et al.'s form: φ₂ ≈ −φ₁/2
+                h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])
+                e = -math.expm1(-h)
+                w = (e * (1 + 0.5 / r), -e * 0.5 / r)
+            else:
+                w = lagrange_weights([h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True)   # W_j (closed form above)
+            x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * _combine(w, [h[1] for h in recent])   # x_{i+1}
         x_prev, x = x, x_next
         run.tick(i, x)
     return x
@@ -81,6 +96,13 @@ def dpmpp_2m(run: Run, x: torch.Tensor) -> torch.Tensor:
     x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r)(D_i − D_{i−1}), h = λ_{i+1} − λ_i, r = h_{i−1}/h,
     φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h (see `exponential_multistep`)."""
     return exponential_multistep(run, x, 2, False)
+
+
+def dpmpp_2m_midpoint(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) in Lu et al.'s original form (their Alg. 2; diffusers' default
+    `solver_type="midpoint"`, k-diffusion's `sample_dpmpp_2m`): φ₂ replaced by −φ₁/2,
+    x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} φ₁ (D_i + (D_i − D_{i−1})/(2r))."""
+    return exponential_multistep(run, x, 2, False, midpoint=True)
 
 
 def dpmpp_3m(run: Run, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""Gaussian paths x_t = α_t x_0 + σ_t ε: EDM (α = 1, σ = t), flow matching / rectified flow
+(α = 1 − t, σ = t), VP and TrigFlow alike. Up to the scaling x/α_t and the time change σ_t/α_t they
+share one probability-flow ODE, so one mechanism carries the exponential solvers to all of them:
+the data prediction D = (σ'_t x − σ_t v)/(σ'_t α_t − σ_t α'_t) of a velocity v = dx/dt, and the
+half log-SNR λ_t = log(α_t/σ_t), −∞ at pure noise (a flow's t = 1) and +∞ at the data (σ_t = 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+__all__ = ["GaussianPath", "VE", "FLOW", "TRIG"]
+
+
+class GaussianPath:
+    """x_t = α(t) x_0 + σ(t) ε, with the derivatives α'(t), σ'(t) (all on Python floats)."""
+
+    def __init__(self, name: str, alpha: Callable[[float], float], sigma: Callable[[float], float],
+                 d_alpha: Callable[[float], float], d_sigma: Callable[[float], float]) -> None:
+        self.name, self.alpha, self.sigma, self.d_alpha, self.d_sigma = name, alpha, sigma, d_alpha, d_sigma
+
+    def __repr__(self) -> str:
+        return f"GaussianPath({self.name!r})"
+
+    def lam(self, t: float) -> float:
+        """λ = log(α/σ): −∞ where α = 0, +∞ where σ = 0."""
+        a, s = self.alpha(t), self.sigma(t)
+        if s == 0:
+            return math.inf
+        if a == 0:
+            return -math.inf
+        return -math.log(s) if a == 1.0 else math.log(a / s)
+
+    def data_prediction(self, x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
+        """D = E[x_0 | x_t] from the velocity v = dx/dt of the probability-flow ODE."""
+        a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
+        den = ds * a - s * da
+        return (ds * x - s * v) / den if (ds, den) != (1.0, 1.0) else x - s * v
+
+
+VE = GaussianPath("ve", lambda t: 1.0, lambda t: t, lambda t: 0.0, lambda t: 1.0)
+FLOW = GaussianPath("flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0)
+TRIG = GaussianPath("trigflow", lambda t: math.cos(t), lambda t: math.sin(t), lambda t: -math.sin(t),
+                    lambda t: math.cos(t))
