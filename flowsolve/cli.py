@@ -295,7 +295,8 @@ def cmd_train(args) -> int:
         model = train.score_gan(teacher, shape, resume=args.resume, allow_changes=args.allow_changes,
                                 data_name=args.data, **common)
     else:
-        trainer = {"edm": train.edm, "ddpm": train.ddpm, "discriminator-flow": train.discriminator_flow,
+        trainer = {"edm": train.edm, "ddpm": train.ddpm, "flow-matching": train.flow_matching,
+                   "discriminator-flow": train.discriminator_flow,
                    "gan": train.gan, "mmd-generator": train.mmd_generator}[args.objective]
         model = trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
     if not finish_processes():
@@ -443,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
     t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
                                      "mmd-generator: the paper's models; features: the digits FD network)")
-    t.add_argument("objective", choices=["edm", "ddpm", "features", "discriminator-flow", "gan", "score-gan",
-                                         "mmd-generator", "mmd-flow"],
+    t.add_argument("objective", choices=["edm", "ddpm", "flow-matching", "features", "discriminator-flow", "gan",
+                                         "score-gan", "mmd-generator", "mmd-flow"],
                    help="mmd-flow is the old name of mmd-generator (accepted for one release)")
     t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")

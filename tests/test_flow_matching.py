@@ -120,3 +120,68 @@ def test_flow_fields_refuse_what_they_cannot_do():
         fs.sample(flow, "edm", nfe=5, n=2)
     with pytest.raises(ValueError, match="domain"):
         fs.sample(flow, "euler", grid=torch.tensor([1.5, 0.5, 0.0]), n=2)
+
+
+# -- latent pipelines, folders, refusals -----------------------------------------------------------
+def _latent_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2,
+                        norm_num_groups=8).eval()
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8).eval()
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
+    pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_latent_pipeline_samples_latents_and_decodes_as_the_pipeline(tmp_path):
+    """Latents to float32 round-off of the pipeline's own DDIM loop; decoding as the pipeline does
+    (the VAE amplifies latent round-off, so the two checks are separate)."""
+    from diffusers import DDIMScheduler
+    pipe = _latent_pipeline()
+    ref = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, eta=0.0,
+               output_type="np").images
+    z = torch.randn((2, 2, 8, 8), generator=torch.Generator().manual_seed(3))      # the pipeline's latents
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(5)        # N divides 1000: DDIM's prev = t − 1000 // N is the next knot
+    hand = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:                                               # the pipeline's loop
+            hand = sched.step(pipe.unet(hand, t).sample, t, hand, eta=0.0).prev_sample
+    m = fs.models.from_diffusers(pipe)
+    grid = m.ddim_grid(sched.timesteps, 0.0)
+    lat = fs.sample(m.field(), "euler", grid=grid, x_init=z * (1 + grid[0] ** 2).sqrt().float())
+    assert _close(lat, hand)
+    img = (m.decode(hand) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(img - ref).max() <= 1e-6
+    pipe.save_pretrained(str(tmp_path / "ldm"))
+    loaded = fs.from_pretrained(tmp_path / "ldm")                               # folder: UNet + scheduler + VAE
+    assert isinstance(loaded, fs.models.DiffusersDenoiser) and loaded.data_shape == (2, 8, 8)
+    assert torch.allclose(loaded.decode(hand), m.decode(hand))
+
+
+def test_a_vae_is_refused_up_front():
+    from diffusers import AutoencoderKL, DDIMScheduler
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, norm_num_groups=8)
+    with pytest.raises(TypeError, match="AutoencoderKL is a VAE"):
+        fs.models.from_diffusers(vae, DDIMScheduler())
+    with pytest.raises(ValueError, match="no VAE"):
+        fs.models.from_diffusers(UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+                                             block_out_channels=(16, 32), norm_num_groups=8,
+                                             down_block_types=("DownBlock2D", "DownBlock2D"),
+                                             up_block_types=("UpBlock2D", "UpBlock2D")),
+                                 DDIMScheduler()).decode(torch.zeros(1, 1, 8, 8))
+
+
+def test_ddim_leading_grid_without_alpha_one_has_no_repeated_sigma(unet):
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=False, timestep_spacing="leading",
+                          clip_sample=False)
+    sched.set_timesteps(10)
+    den = fs.models.from_diffusers(unet, sched)
+    grid = den.ddim_grid(sched.timesteps, float(den.sigma(0)))
+    assert (grid[1:] < grid[:-1]).all()
+    assert fs.sample(den.field(), "euler", grid=grid, n=2, seed=0).shape == (2, 1, 8, 8)

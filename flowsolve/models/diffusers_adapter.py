@@ -26,12 +26,29 @@ from ..errors import ArgumentError, ArgumentTypeError, PathError
 __all__ = ["DiffusersDenoiser", "DiffusersFlow", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel", "SD3Transformer2DModel")
+_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                  "SD3Transformer2DModel", "AutoencoderKL", "VQModel")
 
 
 def _config(obj) -> dict:
     cfg = getattr(obj, "config", None)
     return dict(cfg) if cfg is not None else {}
+
+
+class LatentDecoding:
+    """`decode(latents)` for models of latent pipelines: latents / scaling_factor through the VAE's
+    decoder, as the pipelines do (images in the VAE's range, about [−1, 1])."""
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise ArgumentError("decode: this model has no VAE (it samples in data space); load the whole latent "
+                                "pipeline, or pass vae= to from_diffusers")
+        scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        p = next(vae.parameters())
+        out = vae.decode((latents / scale).to(p.device, p.dtype))
+        return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
 
 
 def accepted_inputs(model) -> set[str] | None:
@@ -77,7 +94,7 @@ def _data_shape(model) -> tuple[int, ...] | None:
     return None
 
 
-class DiffusersFlow(ParticleModel, nn.Module):
+class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
     """A diffusers flow-matching model (UNet or transformer predicting the velocity v = ε − x_0 of
     x_t = (1 − t) x_0 + t ε, timestep t · num_train_timesteps) with its FlowMatch scheduler.
     `field()` is a `fields.FlowMatching` whose default grid is the scheduler's own schedule for the
@@ -122,7 +139,7 @@ class DiffusersFlow(ParticleModel, nn.Module):
         return self.velocity(x, t, **cond)
 
 
-class DiffusersDenoiser(Denoiser):
+class DiffusersDenoiser(LatentDecoding, Denoiser):
     """D(x; σ) from a diffusers UNet2DModel / UNet2DConditionModel and its scheduler.
 
     `model_kwargs` are passed to every model call (e.g. `encoder_hidden_states=` for a
@@ -198,8 +215,12 @@ class DiffusersDenoiser(Denoiser):
 
     def ddim_grid(self, timesteps, final_sigma: float = 0.0) -> torch.Tensor:
         """The σ-grid that reproduces a DDIM/DDPM-style scheduler's `timesteps` (then `final_sigma`,
-        0 when the scheduler's final ᾱ is 1)."""
-        return torch.cat([self.sigma(timesteps), torch.tensor([float(final_sigma)], dtype=torch.float64)])
+        0 when the scheduler's final ᾱ is 1). A final σ equal to the last knot (DDIM with
+        set_alpha_to_one=False and "leading" spacing, whose last step is the identity) is not repeated."""
+        knots = self.sigma(timesteps)
+        if abs(float(final_sigma) - float(knots[-1])) <= 1e-9 * max(1.0, float(knots[-1])):
+            return knots
+        return torch.cat([knots, torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
     # -- D(x; σ) -----------------------------------------------------------------------------
     def _kwargs(self, batch: int, cond: dict) -> dict:
@@ -354,15 +375,37 @@ def _check_weights(folder: Path) -> None:
             raise ArgumentError(f"weights: {str(f)!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
-def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type: str | None = None,
-                   clip_sample: bool | None = None, subfolder: str | None = None, **model_kwargs) -> DiffusersDenoiser:
-    """A diffusers eps / v / sample model as D(x; σ).
+_DENOISER_PARTS = ("unet", "transformer")
+_VAE_PARTS = ("vae", "vqvae")
 
-    Accepts a model (with `scheduler=`), a pipeline (its `.unet` and `.scheduler`), or a local folder /
-    Hub id laid out as a pipeline (model_index.json, unet/, scheduler/) or as a single model folder
-    (then `scheduler=` may be a scheduler object or a folder). A local folder never touches the network.
+
+def _check_denoiser(model) -> None:
+    """Refuse up front what is not a denoiser (a VAE, a text encoder), saying what to pass instead."""
+    name = type(model).__name__
+    if not isinstance(model, nn.Module) or not callable(model):
+        raise ArgumentTypeError(f"model: expected a diffusers UNet or transformer, got {name}")
+    params = list(inspect.signature(model.forward).parameters)
+    if len(params) < 2 or not any("timestep" in p or p == "t" for p in params[:3]):
+        kind = ("a VAE" if hasattr(model, "decode") and hasattr(model, "encode") else
+                "a text encoder" if "input_ids" in params else "not a denoiser")
+        raise ArgumentTypeError(f"model: {name} is {kind} (its forward takes no timestep); pass the UNet or "
+                                f"transformer with its scheduler, or the whole pipeline (its VAE then decodes "
+                                f"the latents: model.decode(latents))")
+
+
+def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type: str | None = None,
+                   clip_sample: bool | None = None, subfolder: str | None = None, vae=None, **model_kwargs):
+    """A diffusers model as a flowsolve particle model: `DiffusersDenoiser` (D(x; σ), for DDPM/DDIM/
+    Euler/DPM/EDM-style schedulers: eps, v or sample prediction) or `DiffusersFlow` (a velocity, for
+    FlowMatch schedulers).
+
+    Accepts a model (with `scheduler=`), a pipeline (its `.unet` or `.transformer`, `.scheduler`, and
+    `.vae` / `.vqvae` for latent pipelines), or a local folder / Hub id laid out as a pipeline
+    (model_index.json, unet/ or transformer/, scheduler/, vae/) or as a single model folder (then
+    `scheduler=` may be a scheduler object or a folder). A local folder never touches the network.
+    With a VAE, `model.decode(latents)` turns samples into images as the pipeline does.
     `clip_sample` (default: the scheduler's own setting) clamps D to the scheduler's clip range, as
-    DDPM/DDIM do to their predicted x_0.
+    DDPM/DDIM do to their predicted x_0. A VAE or text encoder passed as the model is refused at once.
     """
     obj = model_or_pipeline_or_path
     if isinstance(obj, (str, os.PathLike)):
@@ -373,9 +416,14 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
             raise ArgumentError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")
         is_pipeline = index.is_file() if local else subfolder is None
         if is_pipeline and subfolder is None:
-            model = load_diffusers_component(path, "unet", "model")
+            parts = json.loads(index.read_text()) if local else {}
+            part = next((k for k in _DENOISER_PARTS if k in parts), "unet")
+            model = load_diffusers_component(path, part, "model")
             if scheduler is None:
                 scheduler = load_diffusers_component(path, "scheduler", "scheduler")
+            vae_part = next((k for k in _VAE_PARTS if k in parts), None)
+            if vae is None and vae_part is not None:
+                vae = load_diffusers_component(path, vae_part, "model").eval()
         else:
             model = load_diffusers_component(path, subfolder, "model")
             if scheduler is None and local:
@@ -384,12 +432,20 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
                         scheduler = load_diffusers_component(cand.parent if cand.is_file() else cand, None, "scheduler")
                         break
         model.eval()
-    elif hasattr(obj, "unet") and hasattr(obj, "scheduler"):
-        model, scheduler = obj.unet, scheduler or obj.scheduler
+    elif hasattr(obj, "scheduler") and any(getattr(obj, k, None) is not None for k in _DENOISER_PARTS):
+        model = next(getattr(obj, k) for k in _DENOISER_PARTS if getattr(obj, k, None) is not None)
+        scheduler = scheduler or obj.scheduler
+        vae = vae or next((getattr(obj, k) for k in _VAE_PARTS if getattr(obj, k, None) is not None), None)
     else:
         model = obj
+    _check_denoiser(model)
     if isinstance(scheduler, (str, os.PathLike)):
         scheduler = load_diffusers_component(scheduler, None, "scheduler")
     if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
-        return DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
-    return DiffusersDenoiser(model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)
+        out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
+    else:
+        out = DiffusersDenoiser(model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample,
+                                **model_kwargs)
+    if vae is not None:
+        out.vae = vae
+    return out
