@@ -35,12 +35,13 @@ class SampleInfo:
 
 
 def initial_noise(field: Field, seed: int, start: int, count: int, shape: Sequence[int],
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  t_start: float | None = None) -> torch.Tensor:
     """The starting particles x_0 ~ π of samples start .. start + count − 1 for `seed`: the draws
     `sample(seed=)` makes (stream 0 of the per-sample noise), so that sample i is the same wherever
     it is drawn (`sample`, `compare`, sharded sampling, chunks)."""
     z = SampleNoise(seed, start, count, tuple(shape), dtype, device, stream=0)()
-    return field.from_normal(z)
+    return field.from_normal(z, t_start)
 
 
 def check_cond(cond, n: int) -> dict:
@@ -221,7 +222,7 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         if x_init is None:
-            x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device)
+            x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
             x = x_init[start:start + count].to(device=device, dtype=dtype)
         noise = (SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1)

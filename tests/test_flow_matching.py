@@ -185,3 +185,26 @@ def test_ddim_leading_grid_without_alpha_one_has_no_repeated_sigma(unet):
     grid = den.ddim_grid(sched.timesteps, float(den.sigma(0)))
     assert (grid[1:] < grid[:-1]).all()
     assert fs.sample(den.field(), "euler", grid=grid, n=2, seed=0).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name,spacing", [("DDIMScheduler", "leading"), ("DDIMScheduler", "trailing"),
+                                          ("EulerDiscreteScheduler", "trailing"), ("EulerDiscreteScheduler", "leading")])
+def test_a_diffusers_models_default_grid_is_its_schedulers_loop(unet, name, spacing):
+    """fs.sample(m.field(), "euler", nfe=N) is the scheduler's own loop with N steps, from its own
+    starting noise (N(0, I) for VP schedulers, init_noise_sigma for VE ones)."""
+    import diffusers
+    cls = getattr(diffusers, name)
+    kw = {"clip_sample": False} if name == "DDIMScheduler" else {}
+    sched = cls(num_train_timesteps=1000, timestep_spacing=spacing, **kw)
+    sched.set_timesteps(10)
+    z = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    ref = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            ref = sched.step(unet(sched.scale_model_input(ref, t), t).sample, t, ref).prev_sample
+    m = fs.models.from_diffusers(unet, cls.from_config(sched.config))
+    field = m.field()
+    x0 = field.from_normal(z, float(field.grid(10)[0]))      # what fs.sample(seed=) draws from z
+    x, info = fs.sample(field, "euler", nfe=10, x_init=x0, return_info=True)
+    assert info.nfe == 10 and _close(x, ref)
+    assert fs.sample(field, "euler", nfe=10, n=3, seed=0).shape == (3, 1, 8, 8)

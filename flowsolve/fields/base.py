@@ -85,8 +85,9 @@ class Field:
                                     f"model or sample with dtype={out.dtype}")
         return out
 
-    def from_normal(self, z: torch.Tensor) -> torch.Tensor:
-        """Map standard normal draws to the prior π (the paper's Eq. 1 start)."""
+    def from_normal(self, z: torch.Tensor, t_start: float | None = None) -> torch.Tensor:
+        """Map standard normal draws to the prior π (the paper's Eq. 1 start) at the grid's first time
+        `t_start` (default: the field's own)."""
         return z * self.prior_std if self.prior_std != 1.0 else z
 
     def prior(self, n: int, shape: Sequence[int] | None = None, generator: torch.Generator | None = None,

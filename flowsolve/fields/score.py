@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._checks import as_column, batch_time, check_choice, deprecated
+from .. import grids
 from .base import Field
 from .guidance import GuidedDenoiser
 from .paths import VE
@@ -80,7 +81,7 @@ class ScoreDifference(Field):
                  prediction: str = "denoiser", shape: Sequence[int] | None = None, kind: str | None = None,
                  guidance: float | None = None, uncond: dict | None = None, guide: Fn | None = None,
                  rescale: float = 0.0, interval: tuple[float, float] | None = None,
-                 apg: dict | bool | None = None) -> None:
+                 apg: dict | bool | None = None, schedule: Callable[[int], torch.Tensor] | None = None) -> None:
         if not callable(data):
             raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
         if rho is not None and not callable(rho):
@@ -104,6 +105,9 @@ class ScoreDifference(Field):
         elif any(v not in (None, 0.0) for v in (uncond, guide, rescale, interval, apg)):
             raise ArgumentError("guidance: uncond=, guide=, rescale=, interval= and apg= need guidance=<scale>")
         self.data, self.rho, self.prediction = data, rho, prediction
+        self.schedule = schedule                    # steps ↦ σ-grid (a diffusers scheduler's own), the default
+        if schedule is not None:
+            self.default_grid = "schedule"
         self.cond: dict = {}
         self.network_passes = 0
         for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
@@ -114,6 +118,14 @@ class ScoreDifference(Field):
         self.mu_rho = mu_rho if callable(mu_rho) else float(mu_rho)
         self.sigma_min, self.sigma_max, self.rho_grid = lo, hi, float(rho_grid)
         self.t_start, self.t_end, self.prior_std = hi, 0.0, hi
+
+    def from_normal(self, z: torch.Tensor, t_start: float | None = None) -> torch.Tensor:
+        """x ~ N(0, s²) at the first noise level σ_0 of the grid: s = σ_0, or what the denoiser says its
+        noise is there (`prior_std_at(σ)`: √(1 + σ²) for a discrete VP model, as its scheduler starts)."""
+        sigma0 = self.prior_std if t_start is None else float(t_start)
+        at = getattr(self.data, "prior_std_at", None) or getattr(getattr(self.data, "denoiser", None),
+                                                                 "prior_std_at", None)
+        return z * (at(sigma0) if at is not None else sigma0)
 
     # -- pieces --------------------------------------------------------------------------
     def bind(self, cond: dict) -> "ScoreDifference":
@@ -198,6 +210,10 @@ class ScoreDifference(Field):
 
     def grid(self, steps, spacing=None, **kw):
         spacing = spacing or self.default_grid
+        if spacing == "schedule":
+            if self.schedule is None:
+                raise ArgumentError("grid: 'schedule' needs a field made with schedule= (a diffusers model's field)")
+            return grids.check(self.schedule(steps))
         kw.setdefault("sigma_min", self.sigma_min)
         kw.setdefault("sigma_max", self.sigma_max)
         if spacing == "karras":
@@ -228,13 +244,14 @@ class EDM(ScoreDifference):
                  rho_grid: float = 7.0, prediction: str = "denoiser", shape: Sequence[int] | None = None,
                  rho: float | None = None, kind: str | None = None, guidance: float | None = None,
                  uncond: dict | None = None, guide: Fn | None = None, rescale: float = 0.0,
-                 interval: tuple[float, float] | None = None, apg: dict | bool | None = None) -> None:
+                 interval: tuple[float, float] | None = None, apg: dict | bool | None = None,
+                 schedule: Callable[[int], torch.Tensor] | None = None) -> None:
         if rho is not None:                       # the name before 0.2 (ρ is the generated distribution)
             deprecated("rho", "rho_grid", "EDM")
             rho_grid = rho
         super().__init__(denoiser, None, mu_data=2.0, mu_rho=1.0, sigma_min=sigma_min, sigma_max=sigma_max,
                          rho_grid=rho_grid, prediction=prediction, shape=shape, kind=kind, guidance=guidance,
-                         uncond=uncond, guide=guide, rescale=rescale, interval=interval, apg=apg)
+                         uncond=uncond, guide=guide, rescale=rescale, interval=interval, apg=apg, schedule=schedule)
 
     @property
     def denoiser(self) -> Fn:

@@ -162,6 +162,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         self.scheduler_class = type(scheduler).__name__
+        self.scheduler = scheduler
         # DDPM/DDIM schedulers clip the predicted x_0 to [−range, range] when `clip_sample` is set;
         # Euler with the clipped D is then still exactly their η = 0 update
         # (only schedulers that take the option honour it: configs carry stale keys across classes)
@@ -203,6 +204,36 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         t = lo + (q - ls[lo]) / (ls[hi] - ls[lo])
         near = (t - t.round()).abs() < 1e-4
         return torch.where(near, t.round(), t).to(sigma.dtype)
+
+    def prior_std_at(self, sigma: float) -> float:
+        """The spread of x = x_t/√ᾱ where the scheduler starts: x_T ~ N(0, I) gives √(1 + σ²) (VP
+        schedulers: DDIM, DDPM, DPM-Solver); VE-type schedulers (Euler, Heun, ...) start from their
+        init_noise_sigma: σ for "linspace" / "trailing" spacing, √(σ² + 1) otherwise."""
+        sigma = float(sigma)
+        vp = (1.0 + sigma ** 2) ** 0.5
+        if float(getattr(self.scheduler, "init_noise_sigma", 1.0)) <= 1.0 + 1e-6:
+            return vp
+        spacing = _config(self.scheduler).get("timestep_spacing", "linspace")
+        return sigma if spacing in ("linspace", "trailing") else vp
+
+    def scheduler_grid(self, steps: int) -> torch.Tensor:
+        """The scheduler's own σ-grid for `steps` steps: its `sigmas` (Euler, Heun, DPM, EDM-style
+        schedulers, ending in 0) or its `timesteps` mapped to σ (DDIM, DDPM, PNDM), then the final σ."""
+        import copy
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(steps)
+        sig = getattr(sched, "sigmas", None)
+        if sig is not None and len(sig) == len(sched.timesteps) + 1:
+            return torch.as_tensor(sig, dtype=torch.float64)
+        final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
+        return self.ddim_grid(sched.timesteps, ((1 - final) / final) ** 0.5 if final < 1 else 0.0)
+
+    def field(self, **kw):
+        """`fields.EDM` on this denoiser whose default grid is the scheduler's own schedule, so
+        `fs.sample(m.field(), "euler", nfe=N)` is the scheduler's DDIM/Euler loop with N steps."""
+        kw.setdefault("schedule", self.scheduler_grid)
+        kw.setdefault("sigma_max", self.sigma_max)
+        return super().field(**kw)
 
     def sigma(self, timesteps) -> torch.Tensor:
         """σ at (integer or fractional) timesteps of a discrete schedule (float64)."""
