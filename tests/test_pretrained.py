@@ -91,3 +91,18 @@ def test_gmm2d_edm_fits_the_exact_mixture(gmm):
     near = ((x[:, None] - gmm.means[None].float()).norm(dim=-1).min(1).values < 3 * 0.5).float().mean()
     assert near > 0.9
     assert fs.metrics.energy_distance(x, true) < 0.02
+
+
+def test_digits_cond_edm_guidance_raises_class_accuracy(features):
+    """The shipped class-conditional model: conditional samples land in their class, and guidance
+    raises the class accuracy further (model card: 0.992 at w = 1, 1.000 at w = 2)."""
+    m = fs.from_pretrained(PRE / "digits-cond-edm")
+    assert isinstance(m, fs.models.ParticleModel) and m.default_uncond() == {"class_labels": 10}
+    y = torch.arange(300) % 10
+    acc = {}
+    for w in (0.0, 1.0, 2.0):
+        f = m.field() if w == 1.0 else m.field(guidance=w)
+        x = fs.sample(f, "dpmpp_2m", nfe=16, n=300, seed=0, cond={"class_labels": y})
+        with torch.no_grad():
+            acc[w] = float((features(x.clamp(-1, 1)).argmax(1) == y).float().mean())
+    assert acc[0.0] < 0.3 < 0.9 < acc[1.0] <= acc[2.0]

@@ -469,9 +469,12 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
         vae = vae or next((getattr(obj, k) for k in _VAE_PARTS if getattr(obj, k, None) is not None), None)
     else:
         model = obj
-    _check_denoiser(model)
     if isinstance(scheduler, (str, os.PathLike)):
         scheduler = load_diffusers_component(scheduler, None, "scheduler")
+    if scheduler is None:
+        raise ArgumentError("scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise "
+                            "schedule; got None")
+    _check_denoiser(model)
     if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     else:
