@@ -208,3 +208,17 @@ def test_a_diffusers_models_default_grid_is_its_schedulers_loop(unet, name, spac
     x, info = fs.sample(field, "euler", nfe=10, x_init=x0, return_info=True)
     assert info.nfe == 10 and _close(x, ref)
     assert fs.sample(field, "euler", nfe=10, n=3, seed=0).shape == (3, 1, 8, 8)
+
+
+def test_a_flow_model_is_a_denoiser_for_the_paper_trainers(unet):
+    """The flow's velocity as an EDM denoiser: its EDM field follows the same ODE (equal endpoints
+    from the same noise under the exponential solver), and a Score GAN distils it (trains, samples)."""
+    m = fs.models.from_diffusers(unet, FlowMatchEulerDiscreteScheduler())
+    den = m.as_denoiser()
+    flow, edm = m.field(), fs.fields.EDM(den, sigma_min=1e-3, sigma_max=1e3)
+    eps = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = fs.sample(flow, "dpmpp_2m", grid=flow.grid(10, "karras", sigma_min=1e-3, sigma_max=1e3), x_init=eps)
+    b = fs.sample(edm, "dpmpp_2m", grid=fs.grids.karras(10, 1e-3, 1e3), x_init=eps * 1e3)
+    assert (a - b).abs().max() <= 5e-3 * max(1.0, b.abs().max().item())     # EDM starts at σ = 1e3, the flow at ∞
+    gen = fs.train.score_gan(den, steps=2, batch_size=8, K=1, conv_width=8, latent=8, progress=False)
+    assert gen.sample(4, seed=0).shape == (4, 1, 8, 8)

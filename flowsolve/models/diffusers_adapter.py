@@ -23,7 +23,7 @@ from .protocol import ParticleModel
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["DiffusersDenoiser", "DiffusersFlow", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
+__all__ = ["DiffusersDenoiser", "DiffusersFlow", "FlowDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
@@ -137,6 +137,27 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.velocity(x, t, **cond)
+
+    def as_denoiser(self) -> "FlowDenoiser":
+        """The same model as an EDM denoiser D(x̃; σ̃) (x̃ = x_t/(1 − t), σ̃ = t/(1 − t)): a teacher for
+        Score GANs and learned-ρ sampling, which take data scores (the flow is one PF-ODE, Eq. 8)."""
+        return FlowDenoiser(self)
+
+
+class FlowDenoiser(Denoiser):
+    """D(x̃; σ̃) of a flow-matching model: x_t = x̃/(1 + σ̃) at t = σ̃/(1 + σ̃), D = x_t − t v(x_t, t)."""
+
+    def __init__(self, flow: DiffusersFlow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.data_shape = flow.data_shape
+        self.sigma_min, self.sigma_max = 1e-3, 1e3
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        t = sigma / (1 + sigma)
+        xt = x / (1 + col)
+        return xt - t.reshape(col.shape) * self.flow.velocity(xt, t, **cond)
 
 
 class DiffusersDenoiser(LatentDecoding, Denoiser):
