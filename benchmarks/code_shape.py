@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"errors", "_checks", "noise", "grids", "latent", "distributed"},
     {"fields"},
     {"solvers"},
-    {"sample"},
+    {"sample", "calibrate"},
     {"data", "metrics"},
     {"models"},
     {"train", "evaluate", "comparison", "viz"},

@@ -5,6 +5,9 @@ from . import data, errors, fields, grids, latent, metrics, solvers, viz
 from .errors import FlowsolveError
 from .fields import Field
 from .sample import SampleInfo, sample, sample_sharded
+from .calibrate import Calibration, calibrate as _calibrate
+
+grids.calibrate = _calibrate        # fs.grids.calibrate: grids sits below sample, so the function lives in calibrate.py
 
 __version__ = "0.1.0"
 __all__ = ["sample", "sample_sharded", "SampleInfo", "Field", "FlowsolveError", "errors", "fields", "solvers", "grids",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import solvers
-from ._checks import check_disk, check_int, check_output
+from ._checks import check_disk, check_int, check_number, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
 from .models.protocol import GeneratorModel
@@ -206,6 +206,8 @@ def cmd_sample(args) -> int:
     if cond:
         options["cond"] = cond
     options = {**_parse_options(args.option), **options}
+    if args.grid is not None:
+        options["grid"] = args.grid
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
@@ -392,6 +394,34 @@ def _floats(text: str, flag: str) -> list[float]:
     return out
 
 
+def cmd_calibrate(args) -> int:
+    """Fit grids for each NFE and store them in the model folder (calibration.json)."""
+    from .calibrate import calibrate, endpoint_error
+    from .models.io import save_calibration
+    from .sample import initial_noise
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"--model: calibrated grids are stored with the model; expected a model folder, got {args.model!r}")
+    check_number("--seconds", args.seconds, 0.0, lo_open=True)
+    model, _ = load_any(args.model)
+    if isinstance(model, GeneratorModel):
+        raise UserError(f"--model: {args.model!r} is a generator (one evaluation); there is no grid to calibrate")
+    field = model.field()
+    for nfe in _ints(args.nfe, "--nfe"):
+        r = calibrate(field, args.solver, nfe, n=args.n, seed=args.seed, seconds=args.seconds, return_result=True)
+        save_calibration(args.model, r.solver, nfe, r.grid)
+        # measured on fresh starting points (seed + 1000), never on the ones it was fitted on
+        z = initial_noise(field, args.seed + 1000, 0, args.n, field.data_shape, t_start=float(r.grid[0]))
+        from .calibrate import _reference
+        ref = _reference(field, z, None)
+        fresh = {name: endpoint_error(sample(field, args.solver, nfe=nfe, grid=g, x_init=z), ref)
+                 for name, g in (("default", None), ("calibrated", r.grid))}
+        print(f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
+              f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s")
+    print(f"wrote {Path(args.model) / 'calibration.json'}")
+    return 0
+
+
 def cmd_animate(args) -> int:
     from .viz import animate
 
@@ -438,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")
     s.add_argument("--option", action="append", help="extra solver option KEY=VALUE (repeatable)")
+    s.add_argument("--grid", default=None, help="karras | loglinear | uniform | schedule | calibrated (the model "
+                                                   "folder's calibrated grid for this solver and NFE)")
     _guidance_flags(s, several=False)
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -504,6 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--every", type=int, default=1, help="one frame every k solver steps")
     a.add_argument("--out", required=True, help="output .gif or .png")
     a.set_defaults(func=cmd_animate)
+    k = sub.add_parser("calibrate", help="fit low-NFE grids to a converged solve and store them in the model folder")
+    k.add_argument("--model", required=True, help="a model folder (the grids go to its calibration.json)")
+    k.add_argument("--solver", default="ipndm")
+    k.add_argument("--nfe", default="5", help="comma-separated NFE budgets")
+    k.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget per NFE")
+    k.add_argument("--n", type=int, default=256, help="starting points to fit on")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(func=cmd_calibrate)
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.set_defaults(func=cmd_solvers)
     return p

@@ -129,7 +129,15 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             return torch.stack([g[0], g[-1]]), nfe if nfe is not None else 10 * field.default_nfe
         return (torch.tensor([field.t_start, field.t_end], dtype=torch.float64),
                 nfe if nfe is not None else 10 * field.default_nfe)
-    if grid is None or isinstance(grid, str):
+    if grid == "calibrated":
+        budget = field.default_nfe if nfe is None else nfe
+        key = f"{spec.name}:{budget}"
+        if key not in field.calibrated:
+            have = ", ".join(sorted(field.calibrated)) or "none"
+            raise ArgumentError(f"grid: no calibrated grid for solver {spec.name!r} at nfe={budget}; calibrated: {have} "
+                                f"(make one with fs.grids.calibrate or `flowsolve calibrate`)")
+        grid, nfe = torch.tensor(field.calibrated[key], dtype=torch.float64), budget
+    elif grid is None or isinstance(grid, str):
         budget = field.default_nfe if nfe is None else nfe
         steps = spec.steps_for(budget, singular)
         if steps > grids.MAX_STEPS:

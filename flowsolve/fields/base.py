@@ -38,6 +38,7 @@ class Field:
     time_is_sigma: bool = False
     finite_at_end: bool = True
     path = None     # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
+    calibrated: dict = {}   # "solver:nfe" -> calibrated grid (a model folder's calibration.json), grid="calibrated"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -123,7 +124,7 @@ class Field:
 
     def _copy_domain(self, other: "Field") -> None:
         for a in ("t_start", "t_end", "data_shape", "prior_std", "default_grid", "default_nfe",
-                  "time_is_sigma", "finite_at_end", "path"):
+                  "time_is_sigma", "finite_at_end", "path", "calibrated"):
             setattr(self, a, getattr(other, a))
 
 

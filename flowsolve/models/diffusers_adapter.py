@@ -133,7 +133,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         from ..fields import FlowMatching
         from ..fields.guidance import GuidedDenoiser
         v = self.velocity if guidance is None else GuidedDenoiser(self.velocity, guidance, uncond, **kw)
-        return FlowMatching(v, self.data_shape, self.schedule)
+        return self._calibrated(FlowMatching(v, self.data_shape, self.schedule))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.velocity(x, t, **cond)

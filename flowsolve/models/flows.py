@@ -27,8 +27,8 @@ class DiscriminatorFlowModel(ParticleModel, nn.Module):
         return self.N
 
     def field(self, t_end: float = 1.0, compute_dtype: torch.dtype | str | None = None) -> DiscriminatorFlow:
-        return DiscriminatorFlow(self.f, self.eta, self.loss, self.N, t_end=t_end, shape=self.data_shape,
-                                 compute_dtype=compute_dtype)
+        return self._calibrated(DiscriminatorFlow(self.f, self.eta, self.loss, self.N, t_end=t_end,
+                                                  shape=self.data_shape, compute_dtype=compute_dtype))
 
     def forward(self, x, t):
         return self.f(x, t)

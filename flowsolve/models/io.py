@@ -24,6 +24,7 @@ from .protocol import GeneratorModel
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["save_pretrained", "from_pretrained", "read_metadata", "write_metadata", "register_model_type", "MODEL_TYPES",
+           "read_calibration", "save_calibration", "CALIBRATION_FILE",
            "NETWORKS", "FORMAT_FILE"]
 
 FORMAT_FILE = "flowsolve.json"
@@ -64,6 +65,28 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     info.update(metadata)
     write_metadata(out, info)
     return out
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def read_calibration(folder: str | os.PathLike) -> dict:
+    """{"solver:nfe": [times...]} from a model folder's calibration.json ({} when absent)."""
+    f = Path(folder) / CALIBRATION_FILE
+    if not f.is_file():
+        return {}
+    data = read_json(f, "path")
+    for k, v in data.items():
+        if ":" not in k or not isinstance(v, list) or not all(isinstance(t, (int, float)) for t in v):
+            raise ArgumentError(f"path: {str(f)!r} key {k!r}: expected 'solver:nfe' with a list of times")
+    return data
+
+
+def save_calibration(folder: str | os.PathLike, solver: str, nfe: int, grid) -> Path:
+    """Store a calibrated grid in the model folder (calibration.json, keyed "solver:nfe", atomic)."""
+    data = read_calibration(folder)
+    data[f"{solver}:{nfe}"] = [float(t) for t in grid]
+    return atomic_write_text(Path(folder) / CALIBRATION_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_metadata(folder: str | os.PathLike, info: dict) -> Path:
@@ -188,6 +211,9 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
             meta = {"format": "flowsolve", "type": "pipeline", **read_json(legacy, "path")}
         model = MODEL_TYPES[meta["type"]].build(p, meta)
         model.metadata = meta
+        calibrated = read_calibration(p)
+        if calibrated:
+            model.calibrated = calibrated
     elif p.is_dir() and not (p / "model_index.json").is_file() and not (p / "config.json").is_file():
         raise PathError(f"path: {str(p)!r} holds neither {FORMAT_FILE} (a flowsolve model), model_index.json "
                         f"(a diffusers pipeline) nor config.json (a diffusers model)")

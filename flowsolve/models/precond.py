@@ -48,7 +48,7 @@ class Denoiser(ParticleModel, nn.Module):
             null = self.default_uncond()
             if null:
                 kw["uncond"] = null
-        return EDM(self, **kw)
+        return self._calibrated(EDM(self, **kw))
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:

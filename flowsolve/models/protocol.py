@@ -22,9 +22,16 @@ class ParticleModel:
     """A PM: `field(**kw)` returns the model's `flowsolve.fields.Field`."""
 
     data_shape: tuple[int, ...] | None = None
+    calibrated: dict = {}     # "solver:nfe" -> grid, from the folder's calibration.json
 
     def field(self, **kw):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _calibrated(self, field):
+        """Hand the model's calibrated grids to its field (`fs.sample(..., grid="calibrated")`)."""
+        if self.calibrated:
+            field.calibrated = dict(self.calibrated)
+        return field
 
 
 class GeneratorModel:

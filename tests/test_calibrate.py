@@ -1,0 +1,65 @@
+"""Grid calibration (issue 15, first part): a grid fitted to a converged solve of the field itself
+lowers the endpoint error at low NFE on fresh starting points the calibration never saw; grids are
+stored with the model and picked by grid="calibrated"."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.calibrate import _reference, endpoint_error
+from flowsolve.cli import main
+from flowsolve.sample import initial_noise
+
+GMM = fs.data.GaussianMixture.paper()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("solver", ["euler", "ipndm", "dpmpp_2m"])
+def test_calibrated_grid_generalises_to_fresh_seeds(solver):
+    field = fs.fields.EDM(GMM.denoiser)
+    r = fs.grids.calibrate(field, solver, 5, n=256, seed=0, seconds=20, return_result=True)
+    g = r.grid
+    assert g.dtype == torch.float64 and g.dim() == 1 and float(g[0]) == pytest.approx(80.0) and float(g[-1]) == 0.0
+    assert (g[1:] < g[:-1]).all()
+    z = initial_noise(field, 123, 0, 1000, (2,), t_start=80.0)               # seeds the fit never saw
+    ref = _reference(field, z, None)
+    default = endpoint_error(fs.sample(field, solver, nfe=5, x_init=z), ref)
+    calibrated, info = fs.sample(field, solver, nfe=5, grid=g, x_init=z, return_info=True)
+    assert info.nfe <= 5
+    assert endpoint_error(calibrated, ref) < 0.6 * default, (solver, default, endpoint_error(calibrated, ref))
+
+
+def test_calibration_works_on_any_field_in_its_own_time():
+    flow = fs.fields.FlowMatching(lambda x, t: x - GMM.denoiser(x / (1 - t.clamp(max=1 - 1e-6)).unsqueeze(1) *
+                                                               torch.ones_like(x), t / (1 - t.clamp(max=1 - 1e-6)))
+                                  / t.clamp(min=1e-6).unsqueeze(1), shape=(2,))
+    g = fs.grids.calibrate(flow, "euler", 4, n=64, seconds=3)
+    assert float(g[0]) == 1.0 and float(g[-1]) == 0.0 and (g[1:] < g[:-1]).all()
+
+
+def test_calibrated_grids_are_stored_with_the_model(tmp_path, capsys):
+    folder = tmp_path / "gmm2d-edm"
+    shutil.copytree(ROOT / "pretrained" / "gmm2d-edm", folder)
+    assert main(["calibrate", "--model", str(folder), "--solver", "ipndm", "--nfe", "4,5", "--seconds", "3",
+                 "--n", "64"]) == 0
+    assert "on fresh points" in capsys.readouterr().out
+    stored = json.loads((folder / "calibration.json").read_text())
+    assert sorted(stored) == ["ipndm:4", "ipndm:5"]
+    m = fs.from_pretrained(folder)
+    x, info = fs.sample(m.field(), "ipndm", nfe=5, grid="calibrated", n=8, seed=1, return_info=True)
+    assert torch.equal(info.grid, torch.tensor(stored["ipndm:5"], dtype=torch.float64))
+    with pytest.raises(ValueError, match="no calibrated grid for solver 'heun'.*ipndm:4, ipndm:5"):
+        fs.sample(m.field(), "heun", nfe=5, grid="calibrated", n=2)
+    assert main(["sample", "--model", str(folder), "--solver", "ipndm", "--nfe", "4", "--grid", "calibrated",
+                 "--n", "5", "--out", str(tmp_path / "x.npy"), "--quiet"]) == 0
+
+
+def test_calibration_refuses_what_it_cannot_fit():
+    field = fs.fields.EDM(GMM.denoiser)
+    with pytest.raises(ValueError, match="stochastic"):
+        fs.grids.calibrate(field, "sde", 5)
+    with pytest.raises(ValueError, match="seconds"):
+        fs.grids.calibrate(field, "euler", 5, seconds=0)
