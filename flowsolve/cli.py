@@ -416,6 +416,7 @@ def cmd_calibrate(args) -> int:
         ref = _reference(field, z, None)
         fresh = {name: endpoint_error(sample(field, args.solver, nfe=nfe, grid=g, x_init=z), ref)
                  for name, g in (("default", None), ("calibrated", r.grid))}
+        print(flush=True, end="")
         print(f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
               f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s")
     print(f"wrote {Path(args.model) / 'calibration.json'}")
