@@ -116,7 +116,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: str | None = None) -> Path:
     """torch.save through a temporary file and a rename; the file it replaces is kept under the
-    name `keep_previous` (in the same folder) when given."""
+    name `keep_previous` (in the same folder) when given. `path` exists at every instant once it has
+    been written: the previous version is hard-linked (or copied) aside before the new one is renamed
+    over it, so a kill at any moment leaves a whole `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -124,7 +126,14 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: str | None = N
         f.flush()
         os.fsync(f.fileno())
     if keep_previous and path.exists():
-        os.replace(path, path.with_name(keep_previous))
+        aside = path.with_name(keep_previous + ".tmp")
+        aside.unlink(missing_ok=True)
+        try:
+            os.link(path, aside)
+        except OSError:                             # no hard links here: copy
+            import shutil
+            shutil.copy2(path, aside)
+        os.replace(aside, path.with_name(keep_previous))
     os.replace(tmp, path)
     return path
 

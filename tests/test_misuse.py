@@ -225,3 +225,23 @@ def test_kill_at_random_points_then_resume_equals_the_uninterrupted_run(tmp_path
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_path_exists_at_every_instant(tmp_path, monkeypatch):
+    """A kill between the two renames of a checkpoint write must leave last.pt whole (found by the
+    fault-injection test in CI: the old code moved last.pt aside before renaming the new one in)."""
+    from flowsolve import _checks
+    path = tmp_path / "last.pt"
+    _checks.atomic_save({"step": 1}, path, keep_previous="previous.pt")
+    real = os.replace
+
+    def killed_before_the_last_rename(src, dst):
+        if str(dst) == str(path):
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+    monkeypatch.setattr(_checks.os, "replace", killed_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _checks.atomic_save({"step": 2}, path, keep_previous="previous.pt")
+    monkeypatch.setattr(_checks.os, "replace", real)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert torch.load(tmp_path / "previous.pt", weights_only=True) == {"step": 1}
