@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 import flowsolve as fs
-from flowsolve.calibrate import _reference, endpoint_error
+from flowsolve.calibrate import endpoint_error, reference_solve
 from flowsolve.evaluate import digits_quality
 from flowsolve.sample import initial_noise
 
@@ -26,7 +26,7 @@ def main() -> None:
     feats = fs.from_pretrained(ROOT / "pretrained" / "digits-features")
     field = m.field()
     z = initial_noise(field, args.seed, 0, args.n, field.data_shape, t_start=field.sigma_max)
-    ref = _reference(field, z, None)
+    ref = reference_solve(field, z)
     print(f"digits-edm, n = {args.n}, seed {args.seed} (the calibration used seed 0); FD on the shipped features "
           f"against the 400 held-out digits; endpoint error against Heun at 127 NFE from the same noise\n")
     print("| solver | NFE | grid | FD | endpoint error |")

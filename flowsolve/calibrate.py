@@ -27,7 +27,7 @@ from ._checks import check_int, check_number
 from .errors import ArgumentError
 from .fields.base import Field
 
-__all__ = ["calibrate", "Calibration", "endpoint_error"]
+__all__ = ["calibrate", "Calibration", "endpoint_error", "reference_solve"]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Calibration:
     seconds: float
 
 
-def _reference(field: Field, x0: torch.Tensor, cond: dict | None, steps: int = 64) -> torch.Tensor:
+def reference_solve(field: Field, x0: torch.Tensor, cond: dict | None = None, steps: int = 64) -> torch.Tensor:
     """A converged solve from x0: Heun on the field's default grid with `steps` steps (127 NFE; its
     error is far below the NFE-5 errors being fitted)."""
     from .sample import sample
@@ -97,7 +97,7 @@ def calibrate(field: Field, solver: str, nfe: int, *, n: int = 256, seed: int = 
     if len(default) < 3:
         raise ArgumentError(f"nfe: {nfe} evaluations give {len(default) - 1} step under {solver!r}; nothing to calibrate")
     x0 = initial_noise(field, seed, 0, n, field.data_shape, t_start=float(default[0]))
-    ref = _reference(field, x0, cond)
+    ref = reference_solve(field, x0, cond)
     par = _Parametrization(field, default)
 
     def loss(theta: torch.Tensor) -> float:

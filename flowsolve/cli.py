@@ -22,8 +22,8 @@ from . import solvers
 from ._checks import check_disk, check_int, check_number, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
-from .models.protocol import GeneratorModel
-from .sample import sample, sample_sharded
+from .models.protocol import GeneratorModel, ParticleModel
+from .sample import check_cond, cond_rows, sample, sample_sharded
 
 BUILTIN_MODELS = {
     "gmm2d": "the exact paper mixture (App. D.1: 5 modes on a circle of radius 5, std 0.5) as an EDM field",
@@ -45,7 +45,7 @@ def load_any(name: str):
     if not Path(name).exists() and "/" not in name:
         raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id or a built-in model "
                         f"({', '.join(BUILTIN_MODELS)})")
-    from .models import GeneratorModel, ParticleModel, from_pretrained
+    from .models import from_pretrained
     model = from_pretrained(name)
     if not isinstance(model, (ParticleModel, GeneratorModel)):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
@@ -55,7 +55,6 @@ def load_any(name: str):
 
 def load_model(name: str):
     """The field of a particle model (returns (field, reference data or None)); generators are refused."""
-    from .models import GeneratorModel
     model, ref = load_any(name)
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
@@ -108,7 +107,7 @@ def _field_of(model, args, guidance: float | None):
             raise UserError("--guidance: this built-in model has no conditional score to guide")
         return model
     kw = _guidance_kw(args, guidance)
-    if kw and not hasattr(model, "default_uncond"):
+    if kw and not model.guidable:
         raise UserError(f"--guidance: a {type(model).__name__} takes no guidance (a denoiser does)")
     return model.field(**kw)
 
@@ -157,9 +156,10 @@ STREAM_BYTES = 256 * 2 ** 20    # a .npy output larger than this is written chun
 def _stream_npy(field, args, options) -> tuple[int, int]:
     """Sample n particles chunk by chunk into a memory-mapped .npy file: sample i is the one
     `fs.sample(seed=)` gives (index_offset), so the file equals the one-piece result. Returns (nfe, chunk)."""
+    import os
+
     import numpy as np
 
-    from .sample import sample as draw
     shape = tuple(field.data_shape)
     per = int(np.prod(shape)) * 4
     chunk = args.batch_size
@@ -167,28 +167,26 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     check_disk("--n", out.parent, args.n * per)
     tmp = out.with_name(out.name + ".tmp.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.n, *shape))
+    options = dict(options)
+    cond = check_cond(options.pop("cond", None), args.n)
     nfe = 0
     for start in range(0, args.n, chunk):
         count = min(chunk, args.n - start)
-        opts = dict(options)
-        if "cond" in opts:
-            from .sample import check_cond, cond_rows
-            opts["cond"] = cond_rows(check_cond(opts["cond"], args.n), start, count, args.n)
-        x, info = draw(field, solver=args.solver, nfe=args.nfe, n=count, seed=args.seed, index_offset=start,
-                       return_info=True, **opts)
+        x, info = sample(field, solver=args.solver, nfe=args.nfe, n=count, seed=args.seed, index_offset=start,
+                         cond=cond_rows(cond, start, count, args.n), return_info=True, **options)
         arr[start:start + count] = x.numpy()
         nfe = info.nfe
     arr.flush()
     del arr
-    import os
     os.replace(tmp, out)
     return nfe, chunk
 
 
 def cmd_sample(args) -> int:
-    options: dict = {}
     from .distributed import is_launched
-    from .models import GeneratorModel, generate_sharded
+    from .models import generate_sharded
+
+    options: dict = {}
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
     check_int("--n", args.n, 1)
     model, ref = load_any(args.model)
@@ -311,7 +309,6 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_digits
 
-    from .models import GeneratorModel
     if args.json:
         check_output(args.json, (".json",), "--json")
     model, _ = load_any(args.model)
@@ -336,11 +333,13 @@ def finish_processes() -> bool:
     return finish()
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _values(text: str, flag: str, kind: type = int) -> list:
+    """A comma-separated list of `kind` (int or float) from a flag, or a one-line error naming it."""
     try:
-        out = [int(v) for v in text.split(",") if v.strip()]
+        out = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise UserError(f"{flag}: expected comma-separated {noun}, got {text!r}") from None
     if not out:
         raise UserError(f"{flag}: expected at least one value")
     return out
@@ -354,7 +353,7 @@ def cmd_compare(args) -> int:
     for m in metrics:
         if m not in METRICS:
             raise UserError(f"--metric: expected some of {', '.join(METRICS)}, got {m!r}")
-    guidances = [None] if args.guidance is None else [float(g) for g in _floats(args.guidance, "--guidance")]
+    guidances = [None] if args.guidance is None else _values(args.guidance, "--guidance", float)
     model, ref = load_any(args.model)
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {args.model!r} is a generator; compare solvers on a particle model")
@@ -371,7 +370,7 @@ def cmd_compare(args) -> int:
     rows = []
     for g in guidances:
         field = base if g is None else _field_of(model, args, g)
-        table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _ints(args.nfe, "--nfe"),
+        table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _values(args.nfe, "--nfe"),
                         metrics, n=args.n, seeds=args.seeds, reference=ref, features=features, cond=cond or None,
                         model_name=args.model, progress=not args.quiet, label="" if g is None else f"g={g:g}")
         rows += table.rows
@@ -384,19 +383,9 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not out:
-        raise UserError(f"{flag}: expected at least one value")
-    return out
-
-
 def cmd_calibrate(args) -> int:
     """Fit grids for each NFE and store them in the model folder (calibration.json)."""
-    from .calibrate import calibrate, endpoint_error
+    from .calibrate import calibrate, endpoint_error, reference_solve
     from .models.io import save_calibration
     from .sample import initial_noise
 
@@ -407,18 +396,17 @@ def cmd_calibrate(args) -> int:
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {args.model!r} is a generator (one evaluation); there is no grid to calibrate")
     field = model.field()
-    for nfe in _ints(args.nfe, "--nfe"):
+    for nfe in _values(args.nfe, "--nfe"):
         r = calibrate(field, args.solver, nfe, n=args.n, seed=args.seed, seconds=args.seconds, return_result=True)
         save_calibration(args.model, r.solver, nfe, r.grid)
         # measured on fresh starting points (seed + 1000), never on the ones it was fitted on
         z = initial_noise(field, args.seed + 1000, 0, args.n, field.data_shape, t_start=float(r.grid[0]))
-        from .calibrate import _reference
-        ref = _reference(field, z, None)
+        ref = reference_solve(field, z)
         fresh = {name: endpoint_error(sample(field, args.solver, nfe=nfe, grid=g, x_init=z), ref)
                  for name, g in (("default", None), ("calibrated", r.grid))}
-        print(flush=True, end="")
         print(f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
-              f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s")
+              f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s",
+              flush=True)
     print(f"wrote {Path(args.model) / 'calibration.json'}")
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 from . import metrics as M
 from .distributed import is_launched
-from .sample import check_cond, cond_rows, initial_noise, sample, sample_sharded
+from .sample import check_cond, cond_rows, initial_noise, resolve_grid, sample, sample_sharded
 from ._checks import check_choice, check_int
 from .errors import ArgumentError
 
@@ -163,8 +163,10 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
         for budget in nfe:
             values, secs, used = {m: [] for m in metrics}, [], None
             for seed in range(seeds):
-                x0 = initial_noise(field, seed, 0, n, shape)    # sample i of seed s: as in sample(seed=s)
                 try:
+                    # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
+                    start = float(resolve_grid(field, registry.get(solver), budget, None)[0][0])
+                    x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
                     if is_launched():           # torchrun / accelerate launch: split the particles, gather
                         used = sample(field, solver, nfe=budget, x_init=x0[:1], seed=seed, return_info=True,
                                       cond=cond_rows(cond, 0, 1, n), **options)[1].nfe

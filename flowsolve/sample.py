@@ -242,8 +242,9 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         x = spec.fn(run, x, **options)
         run.finish()
         nfe_used = max(nfe_used, run.nfe)
-        if hasattr(bound, "network_passes") and bound is not field:
-            passes = max(passes or 0, bound.network_passes)
+        counted = bound.passes()
+        if counted is not None:                   # a field whose model counts its passes
+            passes = max(passes or 0, counted)
         outs.append(x)
         if trajectory_every:
             frames.append(torch.stack(run.frames))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.calibrate import _reference, endpoint_error
+from flowsolve.calibrate import endpoint_error, reference_solve
 from flowsolve.cli import main
 from flowsolve.sample import initial_noise
 
@@ -25,7 +25,7 @@ def test_calibrated_grid_generalises_to_fresh_seeds(solver):
     assert g.dtype == torch.float64 and g.dim() == 1 and float(g[0]) == pytest.approx(80.0) and float(g[-1]) == 0.0
     assert (g[1:] < g[:-1]).all()
     z = initial_noise(field, 123, 0, 1000, (2,), t_start=80.0)               # seeds the fit never saw
-    ref = _reference(field, z, None)
+    ref = reference_solve(field, z)
     default = endpoint_error(fs.sample(field, solver, nfe=5, x_init=z), ref)
     calibrated, info = fs.sample(field, solver, nfe=5, grid=g, x_init=z, return_info=True)
     assert info.nfe <= 5

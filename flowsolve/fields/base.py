@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import copy
+
 import torch
 
 from .. import grids
@@ -37,6 +39,9 @@ class Field:
     default_nfe: int = 32
     time_is_sigma: bool = False
     finite_at_end: bool = True
+    takes_cond: bool = False    # its model takes per-sample conditioning (`bind`, `call_model`)
+    cond: dict = {}             # the conditioning bound to this copy (never mutated, only replaced)
+    network_passes: int = 0     # model forward passes counted by `call_model`
     path = None     # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
     calibrated: dict = {}   # "solver:nfe" -> calibrated grid (a model folder's calibration.json), grid="calibrated"
 
@@ -52,10 +57,26 @@ class Field:
     def bind(self, cond: dict) -> "Field":
         """This field with per-sample conditioning `cond` (a dict of tensors with one row per particle
         of the chunk being solved), handed to its model as keyword arguments. `fs.sample` binds each
-        chunk to its own rows. A field that takes no conditioning refuses a non-empty dict."""
-        if cond:
-            raise ArgumentError(f"cond: {type(self).__name__} takes no conditioning; got keys {sorted(cond)}")
-        return self
+        chunk to its own rows. A field whose model takes conditioning (`takes_cond`) returns a copy with
+        its own `cond` and `network_passes`; any other refuses a non-empty dict."""
+        if not self.takes_cond:
+            if cond:
+                raise ArgumentError(f"cond: {type(self).__name__} takes no conditioning; got keys {sorted(cond)}")
+            return self
+        bound = copy.copy(self)
+        bound.cond, bound.network_passes = dict(cond), 0
+        return bound
+
+    def passes(self) -> int | None:
+        """Model forward passes since `bind` (None for a field that does not count them)."""
+        return self.network_passes if self.takes_cond else None
+
+    def call_model(self, fn: Callable, x: torch.Tensor, t: torch.Tensor, who: str) -> torch.Tensor:
+        """fn(x, t, **cond): the field's model with the bound conditioning, counted in `network_passes`
+        (a guided model reports its own passes as `last_passes`) and checked against x."""
+        out = fn(x, t, **self.cond) if self.cond else fn(x, t)
+        self.network_passes += getattr(fn, "last_passes", 1)
+        return self.check_output(out, x, who)
 
     def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(drift, g2): the SDE dx = drift dt + sqrt(g2 |dt|) ε with the same marginals as the ODE
@@ -180,6 +201,10 @@ class Sum(Field):
     def bind(self, cond):
         return Sum([f.bind(cond) for f in self.fields])
 
+    def passes(self) -> int | None:
+        counts = [f.passes() for f in self.fields]
+        return None if None in counts else sum(counts)
+
     def __call__(self, x, t):
         out = self.fields[0](x, t)
         for f in self.fields[1:]:
@@ -208,6 +233,9 @@ class Scale(Field):
 
     def bind(self, cond):
         return Scale(self.field.bind(cond), self.c)
+
+    def passes(self) -> int | None:
+        return self.field.passes()
 
     def __call__(self, x, t):
         return self.c * self.field(x, t)

@@ -6,7 +6,6 @@ gives every exponential solver its data prediction D = x − t v and λ = log((1
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +30,7 @@ class FlowMatching(Field):
     """
 
     path = FLOW
+    takes_cond = True
     time_is_sigma = False
     finite_at_end = False
     default_grid = "schedule"
@@ -43,8 +43,6 @@ class FlowMatching(Field):
         self.velocity, self.schedule = velocity, schedule
         self.t_start, self.t_end, self.prior_std, self.default_nfe = 1.0, 0.0, 1.0, default_nfe
         self.data_shape = declared_shape(velocity, shape)
-        self.cond: dict = {}
-        self.network_passes = 0
 
     def domain(self) -> tuple[float, float]:
         return 0.0, 1.0
@@ -61,16 +59,9 @@ class FlowMatching(Field):
             return torch.cat([torch.ones(1, dtype=torch.float64), s[1:] / (1 + s[1:])])
         return super().grid(steps, spacing, **kw)
 
-    def bind(self, cond: dict) -> "FlowMatching":
-        bound = copy.copy(self)
-        bound.cond, bound.network_passes = dict(cond), 0
-        return bound
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
-        out = self.velocity(x, tt, **self.cond) if self.cond else self.velocity(x, tt)
-        self.network_passes += getattr(self.velocity, "last_passes", 1)
-        return self.check_output(out, x, "velocity")
+        return self.call_model(self.velocity, x, tt, "velocity")
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """The direction particles move towards the data, −v (time runs from 1 down to 0)."""

@@ -51,14 +51,17 @@ def _rows(value: Any, n: int, key: str, like: torch.Tensor | None = None) -> tor
     return value
 
 
-def _takes(fn: Callable, key: str) -> bool:
-    """Whether fn accepts the keyword `key` (an unconditional guide takes no conditioning)."""
+def _keywords(fn: Callable) -> set[str] | None:
+    """The keyword names fn accepts (None: any, it takes **kwargs), read once: an unconditional guide
+    is given none of the conditioning."""
     import inspect
     try:
         params = inspect.signature(fn.forward if hasattr(fn, "forward") else fn).parameters
     except (TypeError, ValueError):
-        return True
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
 
 
 class GuidedDenoiser:
@@ -78,6 +81,7 @@ class GuidedDenoiser:
             raise ArgumentError("uncond: guidance needs the unconditional inputs (e.g. uncond={'class_labels': 10} "
                                 "for a model trained with label dropout) or a weaker model guide=")
         self.uncond = dict(uncond or {})
+        self._guide_keys = _keywords(guide) if guide is not None else None
         self.rescale = check_number("rescale", rescale, 0.0, 1.0)
         if interval is not None:
             if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
@@ -96,7 +100,7 @@ class GuidedDenoiser:
         self.apg = apg or None
         self._momentum: torch.Tensor | None = None
         self.last_passes = 0
-        for name in ("sigma_min", "sigma_max", "data_shape"):     # the model's declarations pass through
+        for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):   # the model's declarations pass through
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
 
@@ -118,7 +122,8 @@ class GuidedDenoiser:
         if self.guide is not None:                  # autoguidance: a weaker model, the same condition
             d_c = self.denoiser(x, sigma, **cond)
             g_cond = self._uncond_inputs(cond, n) if self.uncond else cond
-            d_u = self.guide(x, sigma, **{k: v for k, v in g_cond.items() if _takes(self.guide, k)})
+            keys = self._guide_keys
+            d_u = self.guide(x, sigma, **{k: v for k, v in g_cond.items() if keys is None or k in keys})
             self.last_passes = 2
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)

@@ -5,7 +5,6 @@ they are related by Tweedie's formula s = (D − x)/σ².
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Sequence
 
 import torch
@@ -75,6 +74,7 @@ class ScoreDifference(Field):
     default_grid = "karras"
     default_nfe = 32
     path = VE
+    takes_cond = True
 
     def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
                  sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,
@@ -108,8 +108,6 @@ class ScoreDifference(Field):
         self.schedule = schedule                    # steps ↦ σ-grid (a diffusers scheduler's own), the default
         if schedule is not None:
             self.default_grid = "schedule"
-        self.cond: dict = {}
-        self.network_passes = 0
         for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
             if not callable(mu) and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
                 raise ArgumentTypeError(f"{name}: expected a number or a function of sigma, got {type(mu).__name__}")
@@ -123,24 +121,19 @@ class ScoreDifference(Field):
         """x ~ N(0, s²) at the first noise level σ_0 of the grid: s = σ_0, or what the denoiser says its
         noise is there (`prior_std_at(σ)`: √(1 + σ²) for a discrete VP model, as its scheduler starts)."""
         sigma0 = self.prior_std if t_start is None else float(t_start)
-        at = getattr(self.data, "prior_std_at", None) or getattr(getattr(self.data, "denoiser", None),
-                                                                 "prior_std_at", None)
+        at = getattr(self.data, "prior_std_at", None)
         return z * (at(sigma0) if at is not None else sigma0)
 
     # -- pieces --------------------------------------------------------------------------
     def bind(self, cond: dict) -> "ScoreDifference":
-        """A copy that hands `cond` to the denoisers and counts its own network passes (and, when
-        guided, keeps its own APG momentum)."""
-        bound = copy.copy(self)
-        bound.cond, bound.network_passes = dict(cond), 0
+        """`Field.bind`; a guided copy also keeps its own APG momentum."""
+        bound = super().bind(cond)
         if isinstance(self.data, GuidedDenoiser):
             bound.data = self.data.fresh()
         return bound
 
     def _denoise(self, fn: Fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = fn(x, sigma, **self.cond) if self.cond else fn(x, sigma)
-        self.network_passes += getattr(fn, "last_passes", 1)
-        out = self.check_output(out, x, "denoiser" if self.prediction == "denoiser" else "score")
+        out = self.call_model(fn, x, sigma, self.prediction)
         if self.prediction == "denoiser":
             return out
         return x + as_column(sigma, x) ** 2 * out
@@ -260,9 +253,7 @@ class EDM(ScoreDifference):
     def __call__(self, x, t):
         sigma = batch_time(t, x)
         s = t if (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == x.dtype) else as_column(sigma, x)
-        out = self.data(x, sigma, **self.cond) if self.cond else self.data(x, sigma)
-        self.network_passes += getattr(self.data, "last_passes", 1)
-        out = self.check_output(out, x, "denoiser" if self.prediction == "denoiser" else "score")
+        out = self.call_model(self.data, x, sigma, self.prediction)
         if self.prediction == "denoiser":
             return (x - out) / s
         return -s * out

@@ -9,6 +9,7 @@ preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import json
@@ -51,12 +52,18 @@ class LatentDecoding:
         return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
 
 
-def accepted_inputs(model) -> set[str] | None:
-    """The keyword inputs a diffusers model's forward takes (None: any, it takes **kwargs)."""
-    params = inspect.signature(model.forward).parameters
+def accepted_inputs(model) -> frozenset[str] | None:
+    """The keyword inputs a diffusers model's forward takes (None: any, it takes **kwargs); read once
+    per model class, not on every network call."""
+    return _forward_inputs(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_inputs(cls) -> frozenset[str] | None:
+    params = inspect.signature(cls.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return set(list(params)[2:])                  # after (sample, timestep)
+    return frozenset(list(params)[3:])            # after (self, sample, timestep)
 
 
 def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
@@ -100,6 +107,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
     `field()` is a `fields.FlowMatching` whose default grid is the scheduler's own schedule for the
     number of steps the NFE budget allows (shift, and dynamic shifting with `mu=`), so `fs.sample(m.field(),
     "euler", nfe=N)` is the scheduler's loop with N steps and every other solver runs on the same field."""
+
+    guidable = True
 
     def __init__(self, model: nn.Module, scheduler, mu: float | None = None, **model_kwargs) -> None:
         super().__init__()
@@ -275,9 +284,6 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         return torch.cat([knots, torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
     # -- D(x; σ) -----------------------------------------------------------------------------
-    def _kwargs(self, batch: int, cond: dict) -> dict:
-        return model_inputs(self.model, self.model_kwargs, batch, cond)
-
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         d = self._denoise(x, sigma, cond)
         return d.clamp(-self.clip_range, self.clip_range) if self.clip_sample else d
@@ -289,7 +295,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         else:
             c_in = (col ** 2 + self.sigma_data ** 2).rsqrt()
         mdtype = getattr(self.model, "dtype", x.dtype)
-        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype), **self._kwargs(len(x), cond or {}))
+        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype),
+                         **model_inputs(self.model, self.model_kwargs, len(x), cond or {}))
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]

@@ -28,6 +28,7 @@ class Denoiser(ParticleModel, nn.Module):
     # conditioning keys this denoiser takes, e.g. {"class_labels": {"classes": 10, "null": 10}}: the
     # value of "null" is the unconditional input of classifier-free guidance (label dropout)
     conditioning: dict = {}
+    guidable = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ class ParticleModel:
 
     data_shape: tuple[int, ...] | None = None
     calibrated: dict = {}     # "solver:nfe" -> grid, from the folder's calibration.json
+    guidable: bool = False    # field(guidance=w, uncond=...) is supported (denoisers, flow models)
 
     def field(self, **kw):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -278,12 +278,12 @@ def _check_same_run(ck_path: Path, stored: dict, meta: dict, cfg: LoopConfig, st
     if cfg.steps < step:
         raise CheckpointError(f"steps: the checkpoint {str(ck_path)!r} has already done {step} steps; ask for "
                               f"steps >= {step} to continue it (got {cfg.steps})")
-    current = {**{k: meta[k] for k in ("objective", "data") if k in meta},
-               **json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
-    before = {**{k: stored[k] for k in ("objective", "data") if k in stored}, **(stored.get("config") or {})}
     if "config" not in stored:                       # checkpoints written before 0.2 recorded no settings
         return {}
-    diff = _differences(before, current)
+
+    def settings(record: dict) -> dict:              # the checkpoint's record and this run's have one form
+        return {**{k: record[k] for k in ("objective", "data") if k in record}, **record["config"]}
+    diff = _differences(settings(stored), settings(meta))
     if diff and not allow_changes:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
         raise CheckpointError(f"resume: this run differs from the checkpoint {str(ck_path)!r} in {listed}. Resume "
