@@ -243,9 +243,10 @@ def _teacher(args):
     from . import data
     if args.teacher:
         from .models import Denoiser, from_pretrained
-        t = from_pretrained(args.teacher)
+        from .models.student import teacher_denoiser
+        t = teacher_denoiser(from_pretrained(args.teacher))     # flow models through as_denoiser()
         if not isinstance(t, Denoiser):     # a Score GAN's teacher is a data denoiser D(x, σ)
-            raise UserError(f"--teacher: {args.teacher!r} holds a {type(t).__name__}, not a denoiser")
+            raise UserError(f"--teacher: {args.teacher!r} holds a {type(t).__name__}, not a denoiser or flow model")
         return t, t.data_shape
     if args.data == "gmm2d":
         return data.GaussianMixture.paper().denoiser, (2,)
@@ -271,9 +272,19 @@ def cmd_train(args) -> int:
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     if args.conditional or args.cond_dropout is not None:
-        if args.objective not in ("edm",):
-            raise UserError(f"--conditional: class-conditional training is for edm, got {args.objective}")
-        overrides.update(conditional=True, cond_dropout=args.cond_dropout)
+        if args.objective not in ("edm", "discriminator-flow"):
+            raise UserError(f"--conditional: class-conditional training is for edm and discriminator-flow (a "
+                            f"score-gan is conditional when its teacher is), got {args.objective}")
+        if args.cond_dropout is not None and args.objective != "edm":
+            raise UserError("--cond-dropout: label dropout is for edm --conditional")
+        overrides.update(conditional=True)
+        if args.cond_dropout is not None:
+            overrides.update(cond_dropout=args.cond_dropout)
+    distil = dict(recipe=args.recipe, init=args.init, gan_weight=args.gan_weight, student_steps=args.student_steps,
+                  guidance=args.guidance)
+    used = [k for k, v in distil.items() if v is not None]
+    if used and args.objective != "score-gan":
+        raise UserError(f"--{used[0].replace('_', '-')}: a distillation option of score-gan, got {args.objective}")
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
@@ -292,8 +303,9 @@ def cmd_train(args) -> int:
         model = train.digits_features(**common)
     elif args.objective == "score-gan":
         teacher, shape = _teacher(args)
-        model = train.score_gan(teacher, shape, resume=args.resume, allow_changes=args.allow_changes,
-                                data_name=args.data, **common)
+        extra = {k: v for k, v in distil.items() if v is not None and k != "recipe"}
+        model = train.score_gan(teacher, shape, data=args.data, recipe=args.recipe or "paper", resume=args.resume,
+                                allow_changes=args.allow_changes, data_name=args.data, **extra, **common)
     else:
         trainer = {"edm": train.edm, "ddpm": train.ddpm, "flow-matching": train.flow_matching,
                    "discriminator-flow": train.discriminator_flow,
@@ -477,9 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
     t.add_argument("--conditional", action="store_true", default=None,
-                   help="edm: class-conditional on the data's labels (digits, image folders), for guidance")
+                   help="edm, discriminator-flow: class-conditional on the data's labels (digits, image folders); "
+                        "edm with label dropout, for guidance")
     t.add_argument("--cond-dropout", type=float, default=None,
                    help="edm --conditional: share of labels dropped to the null label (classifier-free guidance)")
+    t.add_argument("--recipe", default=None, choices=["paper", "beyond-teacher"],
+                   help="score-gan: paper (Alg. 1, Table 7; the default) or beyond-teacher (teacher-initialised "
+                        "student, two time scales, GAN on real data)")
+    t.add_argument("--init", default=None, choices=["paper", "teacher"],
+                   help="score-gan: a fresh generator (paper) or the teacher's own network (teacher)")
+    t.add_argument("--gan-weight", type=float, default=None,
+                   help="score-gan: weight of the real-data GAN direction (discriminator head on the generated score)")
+    t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
+    t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt (the same settings, "
                                                           "or an error listing the differences; --steps may grow)")
     t.add_argument("--allow-changes", action="store_true",

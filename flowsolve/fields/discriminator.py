@@ -92,6 +92,7 @@ class DiscriminatorFlow(Field):
     default_grid = "uniform"
     time_is_sigma = False
     finite_at_end = True
+    takes_cond = True           # a class-conditional discriminator f(x, t, class_labels=y)
 
     def __init__(self, discriminator: Callable, eta: float = 20.0, loss: str = "vanilla", N: int = 56,
                  t_end: float = 1.0, shape: Sequence[int] | None = None,
@@ -116,16 +117,18 @@ class DiscriminatorFlow(Field):
         self.data_shape = tuple(shape) if shape is not None else tuple(known) if known is not None else None
 
     def _f(self, x: torch.Tensor, t) -> torch.Tensor:
+        self.network_passes += 1
         if not self.time_conditioned:
-            return self.f(x)
+            return self.f(x, **self.cond)
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
-        return self.f(x, tt)
+        return self.f(x, tt, **self.cond)
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
-        """∇h = −∇_x (c∘f)(x, t) (Eq. 20, Finding 9)."""
+        """∇h = −∇_x (c∘f)(x, t) (Eq. 20, Finding 9); a conditional f gets the bound `cond`."""
         fast = getattr(self.f, "value_and_input_grad", None)
         if fast is not None and self.time_conditioned and not torch.is_grad_enabled():
-            value, grad_f = fast(x, t, self.compute_dtype)      # a hand-written backward: ∇(c∘f) = c'(f) ∇f
+            self.network_passes += 1
+            value, grad_f = fast(x, t, self.compute_dtype, **self.cond)   # hand-written backward: c'(f) ∇f
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
                 (dc,) = torch.autograd.grad(self.loss.c(v).sum(), v)

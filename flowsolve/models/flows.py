@@ -21,6 +21,7 @@ class DiscriminatorFlowModel(ParticleModel, nn.Module):
         self.f, self.eta, self.loss, self.N = discriminator, float(eta), loss, int(N)
         self.data_shape = data_shape
         self.metadata: dict = {}
+        self.conditioning: dict = {}   # {"class_labels": {"classes": K}} for a class-conditional flow
 
     @property
     def steps(self) -> int:   # the name before 0.2
@@ -30,5 +31,5 @@ class DiscriminatorFlowModel(ParticleModel, nn.Module):
         return self._calibrated(DiscriminatorFlow(self.f, self.eta, self.loss, self.N, t_end=t_end,
                                                   shape=self.data_shape, compute_dtype=compute_dtype))
 
-    def forward(self, x, t):
-        return self.f(x, t)
+    def forward(self, x, t, **cond):
+        return self.f(x, t, **cond)

@@ -47,6 +47,32 @@ def _resolutions(size: int) -> list[int]:
     return sizes
 
 
+def _projection(num_classes: int, width: int) -> nn.Embedding | None:
+    """The class embedding of a projection discriminator (Miyato & Koyama 2018), f(x, y) = ψ(h) +
+    ⟨E[y], h⟩ on the last hidden features h; zero at init (the conditional term starts at 0)."""
+    if not num_classes:
+        return None
+    emb = nn.Embedding(int(num_classes), width)
+    nn.init.zeros_(emb.weight)
+    return emb
+
+
+def _labels_row(proj: nn.Embedding | None, class_labels, n: int) -> torch.Tensor | None:
+    if proj is None:
+        if class_labels is not None:
+            raise ArgumentError("class_labels: this discriminator is unconditional (num_classes=0)")
+        return None
+    if class_labels is None:
+        raise ArgumentError("class_labels: this discriminator is class-conditional; pass class_labels=")
+    y = torch.as_tensor(class_labels, device=proj.weight.device).long().reshape(-1).expand(n)
+    return proj(y)
+
+
+def _project(value: torch.Tensor, h: torch.Tensor, proj: nn.Embedding | None, class_labels) -> torch.Tensor:
+    e = _labels_row(proj, class_labels, len(h))
+    return value if e is None else value + (h * e.to(h.dtype)).sum(1)
+
+
 class Discriminator(ModelMixin, ConfigMixin):
     """f(x[, t]) → (batch,): an MLP (Table 4/6: width 512, depth 4, leaky ReLU 0.2, normal init with
     std 0.02); with `time_conditioned`, a Fourier embedding of t (size 128, scale 16) is concatenated
@@ -54,9 +80,11 @@ class Discriminator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, dim: int = 2, width: int = 512, depth: int = 4, time_conditioned: bool = True,
-                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0) -> None:
+                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0,
+                 num_classes: int = 0) -> None:
         super().__init__()
         self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
+        self.label_proj = _projection(num_classes, width)
         d_in = dim + (emb_size if time_conditioned else 0)
         layers: list[nn.Module] = []
         for _ in range(depth):
@@ -94,8 +122,8 @@ class Discriminator(ModelMixin, ConfigMixin):
             self.__dict__["_low_precision"] = cache
         return cache[1]
 
-    def value_and_input_grad(self, x: torch.Tensor, t, dtype: torch.dtype | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_input_grad(self, x: torch.Tensor, t, dtype: torch.dtype | None = None,
+                             class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x, t), ∇_x f(x, t)) by a hand-written backward pass through the leaky-ReLU MLP: the
         inner loop of Discriminator Flows (Alg. 3) without autograd bookkeeping; no parameter grads.
         With `dtype` (e.g. torch.bfloat16) the 512-wide layers run in that precision; the time
@@ -112,25 +140,33 @@ class Discriminator(ModelMixin, ConfigMixin):
                 z = flat @ w1.T + self.net[0].bias
             z = z.to(low)
             masks = []
+            proj = _labels_row(self.label_proj, class_labels, len(x))
             for w, b in layers[1:]:
                 mask = z > 0
                 masks.append(mask)
-                z = torch.where(mask, z, 0.2 * z) @ w.T + b
+                h = torch.where(mask, z, 0.2 * z)
+                z = h @ w.T + b
+            if proj is not None:                  # projection term ⟨E[y], h⟩: its input gradient adds E[y]
+                z = z + (h * proj.to(h.dtype)).sum(1, keepdim=True)
             value = z.squeeze(1).to(x.dtype)
             g = layers[-1][0].expand(len(x), -1)
+            if proj is not None:
+                g = g + proj.to(g.dtype)
             for (w, _), mask in zip(reversed(layers[1:-1]), reversed(masks[1:])):
                 g = torch.where(mask, g, 0.2 * g) @ w
             g = torch.where(masks[0], g, 0.2 * g).to(flat.dtype) @ w1[:, :dim]
         return value, g.reshape(x.shape)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(len(x), -1)
         if self.embed is not None:
             if t is None:
                 raise ArgumentError("t: this discriminator is time-conditioned; pass t")
             t = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).reshape(-1).expand(len(x))
             flat = torch.cat([flat, self.embed(t).to(flat.dtype)], dim=1)
-        return self.net(flat).squeeze(1)
+        h = self.net[:-1](flat)
+        return _project(self.net[-1](h).squeeze(1), h, self.label_proj, class_labels)
 
 
 class ConvDiscriminator(ModelMixin, ConfigMixin):
@@ -142,7 +178,8 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), width: int = 64, time_conditioned: bool = True,
-                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0) -> None:
+                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0,
+                 num_classes: int = 0) -> None:
         super().__init__()
         c, h, w = _image_shape(data_shape, "ConvDiscriminator")
         sizes = _resolutions(min(h, w))
@@ -153,6 +190,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         self.film = nn.ModuleList(nn.Linear(emb_size, 2 * ch) for ch in chans) if time_conditioned else None
         self.act = nn.LeakyReLU(0.2)
         self.head = nn.Linear(chans[-1] * (h >> (len(sizes) - 1)) * (w >> (len(sizes) - 1)), 1)
+        self.label_proj = _projection(num_classes, self.head.in_features)
         if init_gain:
             _init_normal(self, init_gain)
             if self.film is not None:
@@ -169,7 +207,8 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
             hid = hid * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         return self.act(hid)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = None
         if self.embed is not None:
             if t is None:
@@ -179,7 +218,8 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         hid = self._modulate(self.stem(x), 0, emb)
         for k, conv in enumerate(self.blocks, start=1):
             hid = self._modulate(conv(hid), k, emb)
-        return self.head(hid.flatten(1)).squeeze(1)
+        h = hid.flatten(1)
+        return _project(self.head(h).squeeze(1), h, self.label_proj, class_labels)
 
 
 class _Sampling(GeneratorModel):
@@ -192,15 +232,37 @@ class _Sampling(GeneratorModel):
     def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.config.latent, generator=generator or seeded_generator(seed))
 
+    @property
+    def conditioning(self) -> dict:
+        k = getattr(self.config, "num_classes", 0)
+        return {"class_labels": {"classes": k}} if k else {}
+
+    def default_cond(self, n: int) -> dict:
+        """Class-balanced labels i mod classes for a class-conditional generator, else {}."""
+        k = getattr(self.config, "num_classes", 0)
+        return {"class_labels": torch.arange(n) % k} if k else {}
+
     @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
+    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
         """g(z) in inference mode (batch norm on its running statistics), on the generator's device."""
         was = self.training
         self.eval()
         p = next(self.parameters())
-        x = self(z.to(p.device, p.dtype))
+        cond = {k: v.to(p.device) for k, v in (cond or self.default_cond(len(z))).items()}
+        x = self(z.to(p.device, p.dtype), **cond)
         self.train(was)
         return x
+
+    def _label_embedding(self, z: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """z plus the embedding of its class (a class-conditional generator), else z."""
+        if self.label_embed is None:
+            if class_labels is not None:
+                raise ArgumentError("class_labels: this generator is unconditional (num_classes=0)")
+            return z
+        if class_labels is None:
+            raise ArgumentError("class_labels: this generator is class-conditional; pass class_labels=")
+        labels = torch.as_tensor(class_labels, device=z.device).long().reshape(-1).expand(len(z))
+        return z + self.label_embed(labels)
 
 
 class Generator(_Sampling, ModelMixin, ConfigMixin):
@@ -209,8 +271,10 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, data_shape: tuple[int, ...] = (2,), latent: int = 128, width: int = 512, depth: int = 4,
-                 activation: str = "relu", tanh: bool = False, init_gain: float | None = None) -> None:
+                 activation: str = "relu", tanh: bool = False, init_gain: float | None = None,
+                 num_classes: int = 0) -> None:
         super().__init__()
+        self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
         acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
         if activation not in acts:
             raise ArgumentError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
@@ -227,8 +291,8 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
         if init_gain:
             _init_normal(self.net, init_gain)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).reshape(len(z), *self.data_shape)
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self._label_embedding(z, class_labels)).reshape(len(z), *self.data_shape)
 
 
 class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
@@ -238,8 +302,9 @@ class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), latent: int = 128, width: int = 64,
-                 init_gain: float | None = 0.02) -> None:
+                 init_gain: float | None = 0.02, num_classes: int = 0) -> None:
         super().__init__()
+        self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
         c, h, w = _image_shape(data_shape, "DCGANGenerator")
         sizes = _resolutions(min(h, w))
         up = len(sizes) - 1
@@ -256,6 +321,7 @@ class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
         if init_gain:
             _init_normal(self, init_gain)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        z = self._label_embedding(z, class_labels)
         hid = torch.relu(self.norm0(self.project(z).view(len(z), *self.base)))
         return self.body(hid)

@@ -168,8 +168,11 @@ def _denoiser(folder: Path, meta: dict) -> EDMPrecond:
 @register_model_type("discriminator-flow", {"flow": dict})
 def _discriminator_flow(folder: Path, meta: dict) -> DiscriminatorFlowModel:
     flow = meta["flow"]
-    return DiscriminatorFlowModel(_network(folder, meta), flow.get("eta", 20.0), flow.get("loss", "vanilla"),
-                                  flow.get("N", flow.get("steps", 56)), _shape(meta))
+    model = DiscriminatorFlowModel(_network(folder, meta), flow.get("eta", 20.0), flow.get("loss", "vanilla"),
+                                   flow.get("N", flow.get("steps", 56)), _shape(meta))
+    if isinstance(meta.get("conditioning"), dict):
+        model.conditioning = meta["conditioning"]
+    return model
 
 
 @register_model_type("generator", {})
@@ -179,6 +182,30 @@ def _generator(folder: Path, meta: dict) -> nn.Module:
         raise ArgumentError(f"path: {str(folder / FORMAT_FILE)!r} is a 'generator' folder but holds a "
                             f"{type(net).__name__}")
     return net
+
+
+@register_model_type("student", {"student": dict})
+def _student(folder: Path, meta: dict) -> nn.Module:
+    """A distilled student (`models.student`): the denoiser it was trained as, at its σ chain."""
+    from .student import STUDENT_FILE, DenoiserGenerator, teacher_denoiser
+    info = meta["student"]
+    if "preconditioning" in meta:
+        net = _denoiser(folder, meta)
+    else:
+        src = info.get("teacher")
+        where = f"path: {str(folder / FORMAT_FILE)!r} key 'student'"
+        if not isinstance(src, str):
+            raise ArgumentError(f"{where}: lacks 'teacher', the folder its architecture loads from")
+        candidates = [Path(src), folder.parent / src, folder / src]
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            raise PathError(f"{where}: the teacher folder {src!r} is not found (looked in the working directory "
+                            f"and beside {str(folder)!r})")
+        net = teacher_denoiser(from_pretrained(found))
+        from safetensors.torch import load_file
+        net.load_state_dict(load_file(str(folder / STUDENT_FILE)))
+    cond = meta.get("conditioning") if isinstance(meta.get("conditioning"), dict) else None
+    return DenoiserGenerator(net, info["sigmas"], _shape(meta) or net.data_shape, cond)
 
 
 @register_model_type("features", {})
@@ -211,6 +238,7 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
             meta = {"format": "flowsolve", "type": "pipeline", **read_json(legacy, "path")}
         model = MODEL_TYPES[meta["type"]].build(p, meta)
         model.metadata = meta
+        model.metadata.setdefault("source", str(path))
         calibrated = read_calibration(p)
         if calibrated:
             model.calibrated = calibrated
@@ -222,6 +250,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
     else:
         resolve_source(path, "path")                 # a mistyped local path or an unreachable Hub: fail now
         model = from_diffusers(path)
+        if isinstance(getattr(model, "metadata", None), dict):
+            model.metadata.setdefault("source", str(path))
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -44,24 +44,41 @@ class GeneratorModel:
     def latents(self, n: int, seed: int | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def generate(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """n samples with one network evaluation (latents from `seed`)."""
+    def sample(self, n: int, seed: int | None = None, cond: dict | None = None) -> torch.Tensor:
+        """n samples with one network evaluation each (a k-step student: k), latents from `seed`.
+        A conditional generator takes `cond` (e.g. {"class_labels": y}, leading size n or 1);
+        without it, class-balanced labels i mod classes."""
         check_int("n", n, 1)
-        return self.generate(self.latents(n, seed))
+        return self.generate(self.latents(n, seed), **_rows(cond, n))
+
+
+def _rows(cond: dict | None, n: int) -> dict:
+    """`cond` with every value a tensor of leading size n (size-1 and scalars broadcast)."""
+    out = {}
+    for k, v in (cond or {}).items():
+        t = torch.as_tensor(v)
+        t = t.reshape(1) if t.dim() == 0 else t
+        if len(t) not in (1, n):
+            raise ArgumentError(f"cond: key {k!r} has leading size {len(t)}; expected {n} (one per sample) or 1")
+        out[k] = t.expand(n, *t.shape[1:]) if len(t) == 1 else t
+    return out
 
 
 @torch.no_grad()
-def generate_sharded(generator: GeneratorModel, n: int, *, seed: int) -> torch.Tensor:
-    """`generator.sample(n, seed)` split over the launched processes: the latents are drawn once from
-    `seed` (so the result equals one process's), each process evaluates its rows, all gather."""
+def generate_sharded(generator: GeneratorModel, n: int, *, seed: int, cond: dict | None = None) -> torch.Tensor:
+    """`generator.sample(n, seed, cond)` split over the launched processes: the latents (and the
+    default class-balanced labels) are drawn once for all n (so the result equals one process's),
+    each process evaluates its rows, all gather."""
     if seed is None:
         raise ArgumentError("seed: sharded sampling needs an explicit seed shared by every process")
     rank, size = world()
     if size == 1:
-        return generator.sample(n, seed=seed)
+        return generator.sample(n, seed=seed, cond=cond)
     start, end = shard_range(n, rank, size)
-    part = generator.generate(generator.latents(n, seed)[start:end]) if end > start else None
+    rows = _rows(cond, n) or getattr(generator, "default_cond", lambda _n: {})(n)
+    part = (generator.generate(generator.latents(n, seed)[start:end], **{k: v[start:end] for k, v in rows.items()})
+            if end > start else None)
     return gather_ranges(part, n, tuple(generator.data_shape))

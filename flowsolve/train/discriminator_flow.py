@@ -37,6 +37,7 @@ class DFConfig(PaperLoopConfig):
     segments: int = 8                # trajectory pieces: particles stop once past their training step
     compute_dtype: str | None = None  # e.g. "bfloat16": simulate the particles with a low-precision copy of f
     data_size: int | None = None
+    conditional: bool = False        # class-conditional f(x, t, y) (projection discriminator), labelled data
 
     RENAMED = {"sim_dtype": "compute_dtype"}   # old config keys, accepted for one release
 
@@ -58,14 +59,17 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
     if len(shape) == 3:                                  # Table 4, MNIST column
         cfg = merge_config(DFConfig, DF_IMAGE_DEFAULTS, config, overrides)
     loss = GANLoss(cfg.loss)
-    disc = seeded(cfg.seed, lambda: discriminator_network(shape, cfg, time_conditioned=True))
+    classes = fsdata.num_classes(src) if cfg.conditional else 0
+    disc = seeded(cfg.seed, lambda: discriminator_network(shape, cfg, time_conditioned=True, num_classes=classes))
     model = DiscriminatorFlowModel(disc, cfg.eta, cfg.loss, cfg.N, shape)
+    if classes:
+        model.conditioning = {"class_labels": {"classes": classes}}
     opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     grid = torch.linspace(0, 1, cfg.N + 1, dtype=torch.float64)
 
     bounds = sorted({round(cfg.N * k / cfg.segments) for k in range(cfg.segments + 1)})
 
-    def partial_trajectories(field, x0: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    def partial_trajectories(field, x0: torch.Tensor, i: torch.Tensor, cond: dict) -> torch.Tensor:
         """x_{i_b/N} for every sample b (Alg. 3, lines 3–5), simulating each particle only as far as
         its own i_b needs, in `segments` pieces of the uniform grid: about half the evaluations of
         running every particle to t = 1, with the same result."""
@@ -75,7 +79,7 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
             if len(sim) == 0:
                 break
             _, info = sample(field, cfg.solver, grid=grid[a:e + 1], x_init=state[sim], return_info=True,
-                             trajectory_every=1, nfe=10 ** 6)
+                             trajectory_every=1, nfe=10 ** 6, cond={k: v[sim] for k, v in cond.items()})
             traj = info.trajectory                                     # (e − a + 1, |sim|, d)
             inside = i[sim] < e
             fake[sim[inside]] = traj[i[sim[inside]] - a, inside.nonzero().squeeze(1)]
@@ -87,14 +91,19 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
         x0 = torch.randn(cfg.batch_size, *shape, generator=g)
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.compute_dtype)
         i = torch.randint(cfg.N, (cfg.batch_size,), generator=g)
-        real = fsdata.batches(src, cfg.batch_size, g)
+        if classes:                      # particles carry the labels of the real batch they are compared with
+            real, y = fsdata.labelled_batches(src, cfg.batch_size, g)
+            cond = {"class_labels": shard(y)}
+        else:
+            real, cond = fsdata.batches(src, cfg.batch_size, g), {}
         u = torch.rand(cfg.batch_size, generator=g)
         x0, i, real, u = shard(x0), shard(i), shard(real), shard(u)
-        fake = partial_trajectories(field, x0, i)
+        fake = partial_trajectories(field, x0, i, cond)
         t = i.to(fake.dtype) / cfg.N
-        objective = loss.discriminator_objective(m.f(fake, t), m.f(real, t))
+        objective = loss.discriminator_objective(m.f(fake, t, **cond), m.f(real, t, **cond))
         if cfg.gp:
-            objective = objective - cfg.gp * gradient_penalty(m.f, fake, real, t, cfg.gp_center, u=u)
+            f = (lambda x, tt: m.f(x, tt, **cond)) if cond else m.f
+            objective = objective - cfg.gp * gradient_penalty(f, fake, real, t, cfg.gp_center, u=u)
         opt.zero_grad(set_to_none=True)
         (-objective).backward()
         sync_gradients(m.parameters())
@@ -106,5 +115,6 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
     ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
     if out is not None and is_main_process():
         save_pretrained(ema.f, out, type="discriminator-flow", data=name, data_shape=list(shape),
-                        flow={"eta": cfg.eta, "loss": cfg.loss, "N": cfg.N}, **ema.metadata)
+                        flow={"eta": cfg.eta, "loss": cfg.loss, "N": cfg.N},
+                        **({"conditioning": model.conditioning} if classes else {}), **ema.metadata)
     return ema

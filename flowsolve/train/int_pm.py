@@ -59,18 +59,20 @@ def p_sigma(n: int, sigma_min: float, sigma_max: float, rho_grid: float, generat
     return (sigma_max ** (1 / r) + u * (sigma_min ** (1 / r) - sigma_max ** (1 / r))) ** r
 
 
-def generator_network(shape: tuple[int, ...], cfg, activation: str = "relu", init_gain: float | None = None) -> nn.Module:
+def generator_network(shape: tuple[int, ...], cfg, activation: str = "relu", init_gain: float | None = None,
+                      num_classes: int = 0) -> nn.Module:
     """The generator of Tables 6–7: an MLP for vectors, DCGAN (batch norm, tanh, normal init 0.02)
-    for images (C, H, W)."""
+    for images (C, H, W); with `num_classes`, a class embedding added to z."""
     if len(shape) == 3:
-        return DCGANGenerator(shape, cfg.latent, cfg.conv_width, init_gain=0.02)
-    return Generator(shape, cfg.latent, cfg.width, cfg.depth, activation, init_gain=init_gain)
+        return DCGANGenerator(shape, cfg.latent, cfg.conv_width, init_gain=0.02, num_classes=num_classes)
+    return Generator(shape, cfg.latent, cfg.width, cfg.depth, activation, init_gain=init_gain, num_classes=num_classes)
 
 
-def discriminator_network(shape: tuple[int, ...], cfg, time_conditioned: bool) -> nn.Module:
+def discriminator_network(shape: tuple[int, ...], cfg, time_conditioned: bool, num_classes: int = 0) -> nn.Module:
     """The discriminator of Tables 4, 6: an MLP for vectors, a DCGAN-style conv net (FiLM time
-    modulation when time-conditioned) for images."""
-    emb = dict(emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0))
+    modulation when time-conditioned) for images; with `num_classes`, a projection discriminator."""
+    emb = dict(emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0),
+               num_classes=num_classes)
     if len(shape) == 3:
         return ConvDiscriminator(shape, cfg.conv_width, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, **emb)
     if len(shape) != 1:
@@ -87,11 +89,12 @@ def data_source(data, size=None):
 
 # -- generator models (Int-PM) --------------------------------------------------------------------------
 class GeneratorPair(nn.Module):
-    """Generator plus its auxiliary network (discriminator or generated-distribution score)."""
+    """Generator plus its auxiliary network (discriminator or generated-distribution score), and
+    an optional discriminator head on the auxiliary network's features (`head`)."""
 
-    def __init__(self, g: nn.Module, aux: nn.Module | None) -> None:
+    def __init__(self, g: nn.Module, aux: nn.Module | None, head: nn.Module | None = None) -> None:
         super().__init__()
-        self.g, self.aux = g, aux
+        self.g, self.aux, self.head = g, aux, head
 
 
 def selection(select, every, pair: bool = True) -> dict:

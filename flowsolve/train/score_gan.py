@@ -1,5 +1,21 @@
 """Score GANs (Alg. 1, App. B.1, Table 7): a generator distilled from a pretrained data score, with the
-generated distribution's score learned online; the generator follows ScoreDifference's ∇h (Eq. 27)."""
+generated distribution's score learned online; the generator follows ScoreDifference's ∇h (Eq. 27).
+
+Alg. 1 with Table 7's settings is the default (`recipe="paper"`). The distillation options of the
+methods that now let one-step students pass their teachers sit behind the same step:
+
+- `init="teacher"`: the generator is the teacher's own denoiser evaluated at σ_init (SiD: G(σ_init z,
+  σ_init)); `student_steps=k` chains it over k noise levels (DMD2's multi-step generator, trained
+  by backward simulation: a random step of the student's own chain gets the gradient);
+- two time-scale updates: `K` generated-score steps per generator step, at `score_lr`;
+- `gan_weight`: a GAN on real data whose discriminator is a head on the generated score's features
+  (SiDA, DMD2), trained with the a/b/c losses of Eq. 15–16 (`gan_loss`); the generator's Int-PM
+  direction becomes σ∇h_score − gan_weight ∇(c∘f) (Eq. 20 added to Eq. 27);
+- conditional teachers (class labels): the generator, the generated score and the teacher all see
+  the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
+
+`recipe="beyond-teacher"` bundles the settings measured to work (RECIPES).
+"""
 from __future__ import annotations
 
 import copy
@@ -11,12 +27,15 @@ from torch import nn
 
 from .._checks import as_column
 from ..errors import ArgumentError
-from ..fields import ScoreDifference
+from ..fields import GANLoss, ScoreDifference
 from ..models import MLP, EDMPrecond, unet
-from .int_pm import PaperLoopConfig, GeneratorPair, generator_network, int_pm_loss, noisy_direction, p_sigma, save_generator, selection
+from ..models.student import DenoiserGenerator, teacher_denoiser
+from .. import data as fsdata
+from .int_pm import (PaperLoopConfig, GeneratorPair, data_source, generator_network, int_pm_loss, noisy_direction,
+                     p_sigma, save_generator, selection)
 from .loop import fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
 
-__all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "score_gan"]
+__all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "RECIPES", "score_gan"]
 
 
 @dataclasses.dataclass
@@ -44,6 +63,16 @@ class ScoreGANConfig(PaperLoopConfig):
     init_from_teacher: bool = False   # start the generated score from the teacher's weights
     normalize: bool = False           # per-sample gradient normalisation
     data_size: int | None = None
+    # -- distillation options (module docstring); the defaults are Alg. 1 -------------------------
+    init: str = "paper"               # "paper": a fresh generator (Table 7); "teacher": the teacher's denoiser
+    init_sigma: float = 2.5           # σ_init of a teacher-initialised generator (SiD: 2.5)
+    student_steps: int = 1            # evaluations of a teacher-initialised student (1, 2, 4, ...)
+    student_sigma_min: float = 0.5    # last σ of a multi-step student's chain (Karras ρ = 7 from init_sigma)
+    gan_weight: float = 0.0           # weight of the real-data GAN direction in the generator step
+    gan_loss: str = "vanilla"         # a, b, c of Eq. 15–16
+    gan_features: str | None = None   # module of the generated score read by the head (default: mid_block)
+    gan_d_weight: float = 1.0         # weight of the discriminator objective in the generated score's loss
+    guidance: float | None = None     # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
 
     RENAMED = {"rho": "rho_grid"}   # old config keys, accepted for one release
 
@@ -54,6 +83,17 @@ SCORE_GAN_IMAGE_DEFAULTS = dict(
     # digits, FD 348 against 469 with β1 = 0.9). Batch 128 instead of 256 (CPU).
     steps=8000, sigma_min=0.32, sigma_max=40.0, K=1, score_lr=1e-3, init_from_teacher=True,
     betas=(0.0, 0.999), score_betas=(0.0, 0.999), checkpoint_every=500)
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    # SiD/DMD2/SiDA on the library's terms: the teacher's network as the student, the generated score
+    # trained faster (two time scales), a GAN on real data read off the generated score's features,
+    # β1 = 0, an EMA of the student. Measured on digits (pretrained/digits-scoregan's card).
+    "beyond-teacher": dict(init="teacher", init_from_teacher=True, init_sigma=2.5, K=2, lr=5e-5, score_lr=2e-4,
+                           betas=(0.0, 0.999), score_betas=(0.0, 0.999), gan_weight=0.01, gan_loss="vanilla",
+                           sigma_min=0.02, sigma_max=40.0, rho_grid=7.0, ema_decay=0.99, steps=3000,
+                           checkpoint_every=250),
+}
 
 
 def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn.Module:
@@ -72,59 +112,188 @@ def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn
                                                     cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
 
 
-def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | os.PathLike | None = None,
-              config: dict | None = None, resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None,
-              data_name: str = "teacher", select=None, select_every: int | None = None, **overrides):
+def _student_sigmas(cfg: ScoreGANConfig) -> list[float]:
+    """σ_init alone (one step), or k levels from σ_init down to student_sigma_min (Karras ρ = 7)."""
+    k = cfg.student_steps
+    if k == 1:
+        return [cfg.init_sigma]
+    if not 0 < cfg.student_sigma_min < cfg.init_sigma:
+        raise ArgumentError(f"student_sigma_min: expected 0 < student_sigma_min < init_sigma ({cfg.init_sigma}), "
+                            f"got {cfg.student_sigma_min}")
+    hi, lo = cfg.init_sigma ** (1 / 7), cfg.student_sigma_min ** (1 / 7)
+    return [(hi + j / (k - 1) * (lo - hi)) ** 7 for j in range(k)]
+
+
+def _feature_module(net: nn.Module, name: str | None) -> nn.Module:
+    """The module whose output the discriminator head reads: `name` (a suffix of a module path), or
+    by default a UNet's mid_block, else the last hidden activation of an MLP."""
+    mods = dict(net.named_modules())
+    if name:
+        hits = [k for k in mods if k == name or k.endswith("." + name)]
+        if not hits:
+            raise ArgumentError(f"gan_features: no module named {name!r} in the generated score; some are "
+                                f"{[k for k in mods if k][-8:]}")
+        return mods[hits[0]]
+    hits = [k for k in mods if k.endswith("mid_block")]
+    if hits:
+        return mods[hits[0]]
+    seqs = [m for m in mods.values() if isinstance(m, nn.Sequential) and len(m) >= 2]
+    if seqs:
+        return seqs[-1][-2]
+    raise ArgumentError("gan_features: the generated score has no mid_block; name the module to read (gan_features=)")
+
+
+class FeatureDiscriminator:
+    """f(x, σ) = head(features of the generated score at (x, σ)) (SiDA, DMD2): the discriminator of
+    Eq. 15 shares the generated score's network; one forward pass gives both D_ρ(x, σ) and f."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, score: nn.Module, head: nn.Module, x, sigma, cond: dict):
+        feats: list[torch.Tensor] = []
+        hook = self.module.register_forward_hook(lambda _m, _i, o: feats.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            den = score(x, sigma, **cond)
+        finally:
+            hook.remove()
+        if not feats:
+            raise ArgumentError("gan_features: the chosen module did not run in the generated score's forward pass")
+        return head(feats[-1].float()).reshape(len(x)), den
+
+
+def _head(score: nn.Module, feature: FeatureDiscriminator, shape, cond: dict, seed: int) -> nn.Module:
+    """A linear head on the (flattened) features, its size read from one dry forward pass."""
+    p = next(score.parameters())
+    out: list[torch.Tensor] = []
+    hook = feature.module.register_forward_hook(lambda _m, _i, o: out.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            score(torch.zeros(2, *shape, device=p.device), torch.ones(2, device=p.device), **cond)
+    finally:
+        hook.remove()
+    size = out[-1][0].numel()
+    return seeded(seed, lambda: nn.Sequential(nn.SiLU(), nn.Flatten(), nn.Linear(size, 1)))
+
+
+def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, recipe: str = "paper",
+              out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
+              allow_changes: bool = False, progress: bool = True, command: str | None = None,
+              data_name: str | None = None, select=None, select_every: int | None = None, **overrides):
     """A Score GAN (Alg. 1, App. B.1): a generator distilled from a data denoiser `teacher`
-    (D(x, σ), e.g. `fs.from_pretrained(...)`, `from_diffusers(...)` or an exact mixture denoiser),
-    with the generated-distribution score learned online by denoising score matching (K steps per
-    generator step), and the generator step of Eq. 27.
+    (D(x, σ, **cond): `fs.from_pretrained(...)` or a folder path, `from_diffusers(...)`, a flow model,
+    an exact mixture denoiser), with the generated-distribution score learned online by denoising
+    score matching (K steps per generator step), and the generator step of Eq. 27.
 
     The generator is pushed along the field of Eq. 19/26, `ScoreDifference(teacher, generated score)`,
     asked for its `grad_h`; the trained generator keeps that field as `score_field` (a learned-ρ PM
-    for `fs.sample`, Eq. 19).
+    for `fs.sample`, Eq. 19). `recipe` picks defaults (RECIPES: "paper" is Alg. 1 with Table 7,
+    "beyond-teacher" the distillation options of the module docstring); keywords override them.
+    `data` (a name such as "digits" or a source) is needed by the GAN option (`gan_weight`).
     """
+    if isinstance(teacher, (str, os.PathLike)):
+        from ..models import from_pretrained
+        teacher = from_pretrained(teacher)
+    teacher = teacher_denoiser(teacher)
     shape = tuple(data_shape or getattr(teacher, "data_shape", None) or ())
     if not shape:
         raise ArgumentError("data_shape: the teacher does not say its data shape; pass data_shape=")
-    cfg = merge_config(ScoreGANConfig, SCORE_GAN_IMAGE_DEFAULTS if len(shape) == 3 else {}, config, overrides)
+    if recipe not in RECIPES:
+        raise ArgumentError(f"recipe: expected one of {sorted(RECIPES)}, got {recipe!r}")
+    base = {**(SCORE_GAN_IMAGE_DEFAULTS if len(shape) == 3 else {}), **RECIPES[recipe]}
+    cfg = merge_config(ScoreGANConfig, base, config, overrides)
+    _check(cfg, teacher, data, out)
+    classes = _classes(teacher)
+    null = _null(teacher)
+    if cfg.gan_weight:
+        src, name, dshape = data_source(data, cfg.data_size)
+        if tuple(dshape) != shape:
+            raise ArgumentError(f"data: samples of shape {tuple(dshape)}, but the teacher's are {shape}")
+        if classes:
+            fsdata.num_classes(src)                 # labelled, or a clear error now
+    else:
+        src, name = None, (data if isinstance(data, str) else "custom" if data is not None else "teacher")
+    data_name = data_name or name
     score = _generated_score(teacher, shape, cfg)
-    gen = seeded(cfg.seed, lambda: generator_network(shape, cfg))
-    pair = GeneratorPair(gen, score)
+    if cfg.init == "teacher":
+        if not isinstance(teacher, nn.Module):
+            raise ArgumentError(f"init: 'teacher' needs a network teacher (an nn.Module denoiser), got "
+                                f"{type(teacher).__name__}")
+        gen = DenoiserGenerator(copy.deepcopy(teacher).train().requires_grad_(True), _student_sigmas(cfg), shape,
+                                getattr(teacher, "conditioning", None))
+    else:
+        gen = seeded(cfg.seed, lambda: generator_network(shape, cfg, num_classes=classes))
+    feature = FeatureDiscriminator(_feature_module(score, cfg.gan_features)) if cfg.gan_weight else None
+    cond_probe = {"class_labels": torch.zeros(2, dtype=torch.long)} if classes else {}
+    head = _head(score, feature, shape, cond_probe, cfg.seed + 2) if feature is not None else None
+    pair = GeneratorPair(gen, score, head)
+    guided = dict(guidance=cfg.guidance, uncond=null) if cfg.guidance is not None else {}
     field = ScoreDifference(teacher, score, mu_data=cfg.mu_data, mu_rho=cfg.mu_rho, sigma_min=cfg.sigma_min,
-                            sigma_max=cfg.sigma_max, rho_grid=cfg.rho_grid, shape=shape)   # ∇h of Eq. 19, 26
+                            sigma_max=cfg.sigma_max, rho_grid=cfg.rho_grid, shape=shape, **guided)  # Eq. 19, 26
     if isinstance(teacher, nn.Module):
         teacher.eval().requires_grad_(False).to(resolve_device(cfg))
+    gan = GANLoss(cfg.gan_loss)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_s = torch.optim.Adam(score.parameters(), lr=cfg.score_lr, betas=cfg.score_betas)
+    s_params = list(score.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt_s = torch.optim.Adam(s_params, lr=cfg.score_lr, betas=cfg.score_betas)
+    multi = isinstance(gen, DenoiserGenerator)
+    latent = (gen.steps, *shape) if multi else (cfg.latent,)
+
+    def labels(g: torch.Generator) -> dict:
+        return {"class_labels": shard(torch.randint(classes, (cfg.batch_size,), generator=g))} if classes else {}
+
+    def generate(m: GeneratorPair, z: torch.Tensor, cond: dict, upto: int | None) -> torch.Tensor:
+        return m.g.chain(z, upto=upto, **cond) if multi else m.g(z, **cond)
 
     def step_fn(m: GeneratorPair, g: torch.Generator, _step: int) -> float:
         for _ in range(cfg.K):                                  # Alg. 1, lines 1–3 (Eq. 23)
-            z = torch.randn(cfg.batch_size, cfg.latent, generator=g)
+            z = torch.randn(cfg.batch_size, *latent, generator=g)
             sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
             eps = torch.randn(cfg.batch_size, *shape, generator=g)
+            upto = int(torch.randint(gen.steps, (1,), generator=g)) + 1 if multi else None
+            cond = labels(g)
             z, sigma, eps = shard(z), shard(sigma), shard(eps)
             with torch.no_grad():
-                x = m.g(z)
+                x = generate(m, z, cond, upto)
             xs = x + as_column(sigma, x) * eps
-            per = (m.aux(xs, sigma) - x).square().reshape(len(x), -1).mean(1)
+            if feature is not None:
+                f_fake, pred = feature(m.aux, m.head, xs, sigma, cond)
+            else:
+                pred = m.aux(xs, sigma, **cond)
+            per = (pred - x).square().reshape(len(x), -1).mean(1)
             weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma ** 2
             s_loss = (weight * per).mean()
+            if feature is not None:                               # Eq. 15 on real data, noised alike
+                real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
+                sig_r = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
+                eps_r = torch.randn(cfg.batch_size, *shape, generator=g)
+                real, sig_r, eps_r = shard(real), shard(sig_r), shard(eps_r)
+                real_cond = {k: shard(v) for k, v in real_cond.items()}
+                f_real, _ = feature(m.aux, m.head, real + as_column(sig_r, real) * eps_r, sig_r, real_cond)
+                s_loss = s_loss - cfg.gan_d_weight * gan.discriminator_objective(f_fake, f_real)
             opt_s.zero_grad(set_to_none=True)
             s_loss.backward()
-            sync_gradients(m.aux.parameters())
+            sync_gradients(s_params)
             opt_s.step()
-        z = torch.randn(cfg.batch_size, cfg.latent, generator=g)        # Alg. 1, lines 4–5 (Eq. 27)
+        z = torch.randn(cfg.batch_size, *latent, generator=g)        # Alg. 1, lines 4–5 (Eq. 27)
         sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
         eps = torch.randn(cfg.batch_size, *shape, generator=g)
         gam = torch.randn(cfg.batch_size, *shape, generator=g) if cfg.gamma else None
+        upto = int(torch.randint(gen.steps, (1,), generator=g)) + 1 if multi else None
+        cond = labels(g)
         z, sigma, eps = shard(z), shard(sigma), shard(eps)
-        x = m.g(z)
+        x = generate(m, z, cond, upto)
         xt = x.detach() + as_column(sigma, x) * eps
         with torch.no_grad():
-            direction = as_column(sigma, x) * field.grad_h(xt, sigma)    # σ ∇h (Eq. 27), asked of the field
+            direction = as_column(sigma, x) * field.bind(cond).grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
             if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
+        if feature is not None:                                 # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
+            with torch.enable_grad():
+                xg = xt.detach().requires_grad_(True)
+                f, _ = feature(m.aux, m.head, xg, sigma, cond)
+                (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
+            direction = direction - cfg.gan_weight * dc.detach()
         opt_g.zero_grad(set_to_none=True)
         int_pm_loss(x, direction, cfg.normalize).backward()
         sync_gradients(m.g.parameters())
@@ -136,10 +305,66 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, out: str | 
                        extra={"objective": "score-gan", "data": data_name}, **selection(select, select_every))
     g_out = ema.g
     g_out.metadata = training_record(cfg, data_name, "score-gan", history, command)
+    g_out.metadata["recipe"] = recipe
     object.__setattr__(g_out, "generated_score", ema.aux)   # kept for inspection, not saved with the generator
     object.__setattr__(g_out, "score_field", ScoreDifference(teacher, ema.aux, mu_data=cfg.mu_data, mu_rho=cfg.mu_rho,
                                                              sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                                                             rho_grid=cfg.rho_grid, shape=shape))
+                                                             rho_grid=cfg.rho_grid, shape=shape, **guided))
     if out is not None:
-        save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
+        from .loop import is_main_process
+        if isinstance(g_out, DenoiserGenerator):
+            if is_main_process():
+                g_out.save(out, teacher_source=_source(teacher), objective="score-gan", data=data_name,
+                           **g_out.metadata)
+        else:
+            save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
     return g_out
+
+
+def _classes(teacher) -> int:
+    spec = (getattr(teacher, "conditioning", None) or {}).get("class_labels")
+    return int(spec["classes"]) if isinstance(spec, dict) and spec.get("classes") else 0
+
+
+def _null(teacher) -> dict | None:
+    fn = getattr(teacher, "default_uncond", None)
+    return fn() if callable(fn) else None
+
+
+def _source(teacher) -> str | None:
+    for obj in (teacher, getattr(teacher, "flow", None)):
+        src = (getattr(obj, "metadata", None) or {}).get("source") if obj is not None else None
+        if src:
+            return src
+    return None
+
+
+def _real_batch(src, n: int, g: torch.Generator, classes: int) -> tuple[torch.Tensor, dict]:
+    if classes:
+        x, y = fsdata.labelled_batches(src, n, g)
+        return x, {"class_labels": y}
+    return fsdata.batches(src, n, g), {}
+
+
+def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
+    """Refuse bad distillation settings before any work."""
+    if cfg.init not in ("paper", "teacher"):
+        raise ArgumentError(f"init: expected 'paper' (a fresh generator, Alg. 1) or 'teacher' (the teacher's "
+                            f"network), got {cfg.init!r}")
+    if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
+        raise ArgumentError(f"student_steps: expected a positive number of evaluations, got {cfg.student_steps!r}")
+    if cfg.student_steps > 1 and cfg.init != "teacher":
+        raise ArgumentError("student_steps: a multi-step student is the teacher's network; use init='teacher'")
+    if not cfg.init_sigma > 0:
+        raise ArgumentError(f"init_sigma: expected a positive noise level, got {cfg.init_sigma!r}")
+    if cfg.gan_weight < 0:
+        raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
+    if cfg.gan_weight and data is None:
+        raise ArgumentError("data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass "
+                            "data= (e.g. 'digits')")
+    GANLoss(cfg.gan_loss)
+    if cfg.guidance is not None and not _classes(teacher) and _null(teacher) is None:
+        raise ArgumentError("guidance: the teacher is not conditional (it declares no conditioning with a null input)")
+    if out is not None and cfg.init == "teacher" and not isinstance(teacher, EDMPrecond) and _source(teacher) is None:
+        raise ArgumentError("out: a student of this teacher is saved as weights beside a reference to the teacher's "
+                            "folder; load the teacher with fs.from_pretrained(path) so that its folder is known")

@@ -1,0 +1,114 @@
+"""Students: generators that are their teacher's own denoiser network evaluated at a few fixed σ
+(SiD, Zhou et al. 2024; DMD2, Yin et al. 2024), the Int-PM generator (Definition 2) that distils best.
+
+A k-step student draws x = σ_1 z_1 and applies x_0 = G(x, σ_1), then for each further σ_j re-noises
+x = x_0 + σ_j z_j and applies x_0 = G(x, σ_j) (DMD2's multi-step generator). One step is SiD's
+G(σ_init z, σ_init). `G` starts as a copy of the teacher D(x, σ, **cond), so conditioning (class
+labels, text embeddings) passes through unchanged.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._checks import seeded_generator
+from ..errors import ArgumentError
+from .protocol import GeneratorModel
+
+__all__ = ["DenoiserGenerator", "STUDENT_FILE"]
+
+STUDENT_FILE = "student.safetensors"
+
+
+class DenoiserGenerator(GeneratorModel, nn.Module):
+    """g_θ(z) = the chain of `sigmas` through the denoiser `net` (see the module docstring). Latents
+    are (n, k, *data_shape): one Gaussian draw per step. `conditioning` is the teacher's (e.g.
+    {"class_labels": {"classes": 10, ...}}); a conditional student samples class-balanced labels
+    (i mod classes) when `sample` is given no `cond`."""
+
+    def __init__(self, net: nn.Module, sigmas, data_shape, conditioning: dict | None = None) -> None:
+        super().__init__()
+        sig = [float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])]
+        if not sig or any(not s > 0 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
+            raise ArgumentError(f"sigmas: expected positive, strictly decreasing noise levels, got {sig}")
+        self.net, self.sigmas = net, tuple(sig)
+        self.data_shape = tuple(data_shape)
+        self.conditioning = dict(conditioning or getattr(net, "conditioning", {}) or {})
+        self.metadata: dict = {}
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
+
+    def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.steps, *self.data_shape, generator=generator or seeded_generator(seed))
+
+    def default_cond(self, n: int) -> dict:
+        """Class-balanced labels i mod classes for a class-conditional student, else {}."""
+        labels = self.conditioning.get("class_labels")
+        if isinstance(labels, dict) and labels.get("classes"):
+            return {"class_labels": torch.arange(n) % int(labels["classes"])}
+        return {}
+
+    def chain(self, z: torch.Tensor, upto: int | None = None, **cond) -> torch.Tensor:
+        """x_0 after steps 1..upto (default: all) of the chain; gradients flow only through the last."""
+        k = self.steps if upto is None else upto
+        x0 = None
+        for j in range(k):
+            s = self.sigmas[j]
+            x = s * z[:, j] if x0 is None else x0 + s * z[:, j]
+            sig = torch.full((len(z),), s, dtype=z.dtype, device=z.device)
+            if j < k - 1:
+                with torch.no_grad():
+                    x0 = self.net(x, sig, **cond)
+            else:
+                x0 = self.net(x, sig, **cond)
+        return x0
+
+    def forward(self, z: torch.Tensor, **cond) -> torch.Tensor:
+        return self.chain(z, **cond)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        cond = cond or self.default_cond(len(z))
+        cond = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        x = self(z.to(p.device, p.dtype), **cond)
+        self.train(was)
+        return x
+
+    # -- folders -----------------------------------------------------------------------------
+    def save(self, out: str | os.PathLike, teacher_source: str | None = None, **metadata) -> Path:
+        """A student folder: self-contained for flowsolve denoisers (EDMPrecond); for other teachers
+        (diffusers pipelines, flow models) the trained weights in student.safetensors plus the
+        teacher's folder it loads its architecture from (`teacher_source`)."""
+        from .io import save_pretrained, write_metadata
+        from .precond import EDMPrecond
+
+        info = {"student": {"sigmas": list(self.sigmas), "teacher": teacher_source},
+                "data_shape": list(self.data_shape), "conditioning": self.conditioning, **metadata}
+        if isinstance(self.net, EDMPrecond):
+            return save_pretrained(self.net, out, **{**info, "type": "student"})
+        if teacher_source is None:
+            raise ArgumentError("out: this student's teacher is not a flowsolve denoiser folder, so its folder must "
+                                "name the teacher's folder it loads the architecture from; the teacher has no "
+                                "metadata['source'] (load it with fs.from_pretrained(path))")
+        from safetensors.torch import save_file
+        p = Path(out)
+        p.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        save_file(state, str(p / STUDENT_FILE))
+        write_metadata(p, {"format": "flowsolve", "version": 1, "type": "student", "network": "teacher", **info})
+        return p
+
+
+def teacher_denoiser(teacher) -> nn.Module:
+    """D(x, σ, **cond) of any model the library loads: a denoiser as itself, a flow model through
+    `as_denoiser()` (the same PF-ODE, Eq. 8)."""
+    to_den = getattr(teacher, "as_denoiser", None)
+    return to_den() if callable(to_den) else teacher

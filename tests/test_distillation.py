@@ -1,0 +1,229 @@
+"""Distillation options of the Score GAN (teacher-initialised students, multi-step chains, the GAN
+on the generated score's features, conditional teachers with guidance) and conditional Discriminator
+Flows, checked against closed forms, autograd and spies on what the networks receive."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import flowsolve as fs
+from flowsolve.models.gan import ConvDiscriminator, DCGANGenerator, Discriminator
+from flowsolve.models.student import DenoiserGenerator
+from flowsolve.train.score_gan import FeatureDiscriminator, _feature_module, _student_sigmas, ScoreGANConfig
+
+
+class MixtureNet(fs.models.Denoiser):
+    """The exact mixture denoiser as an nn.Module with one trainable scale (1 at init: exact)."""
+
+    def __init__(self, gmm):
+        super().__init__()
+        self.gmm, self.scale = gmm, nn.Parameter(torch.ones(()))
+        self.data_shape = (gmm.dim,)
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+
+    def denoise(self, x, sigma, **cond):
+        return self.scale * self.gmm.denoiser(x, sigma)
+
+
+class LabelSpy(fs.models.Denoiser):
+    """A tiny class-conditional denoiser that records the labels it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.emb = nn.Embedding(4, 2)
+        self.data_shape = (2,)
+        self.conditioning = {"class_labels": {"classes": 3, "null": 3}}
+        self.seen: list[torch.Tensor] = []
+
+    def denoise(self, x, sigma, class_labels=None):
+        self.seen.append(class_labels.clone())
+        return self.lin(x) + self.emb(class_labels)
+
+
+def test_one_step_student_is_the_teacher_at_sigma_init(gmm):
+    den = MixtureNet(gmm)
+    student = DenoiserGenerator(den, [2.5], (2,))
+    z = student.latents(64, seed=3)
+    want = gmm.denoiser(2.5 * z[:, 0], torch.full((64,), 2.5))
+    torch.testing.assert_close(student.sample(64, seed=3), want)
+
+
+def test_multi_step_student_is_dmd2s_chain(gmm):
+    den = MixtureNet(gmm)
+    sig = _student_sigmas(ScoreGANConfig(init="teacher", student_steps=4, init_sigma=2.5, student_sigma_min=0.5))
+    assert len(sig) == 4 and sig[0] == pytest.approx(2.5) and sig[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(sig, sig[1:]))
+    student = DenoiserGenerator(den, sig, (2,))
+    z = student.latents(32, seed=0)
+    x0 = gmm.denoiser(sig[0] * z[:, 0], torch.full((32,), sig[0]))
+    for j in range(1, 4):            # re-noise the estimate to σ_j, denoise again
+        x0 = gmm.denoiser(x0 + sig[j] * z[:, j], torch.full((32,), sig[j]))
+    torch.testing.assert_close(student.sample(32, seed=0), x0)
+    with pytest.raises(fs.errors.ArgumentError, match="sigmas"):
+        DenoiserGenerator(den, [1.0, 2.0], (2,))
+
+
+def test_backward_simulation_grads_only_the_last_step(gmm):
+    den = MixtureNet(gmm)
+    student = DenoiserGenerator(den, [2.0, 1.0, 0.5], (2,))
+    z = student.latents(8, seed=0)
+    out = student.chain(z, upto=2)
+    out.sum().backward()
+    g2 = den.scale.grad.clone()
+    # only the last step carries the graph: d/dscale of scale * D(x_1) with x_1 fixed = D(x_1)
+    with torch.no_grad():
+        x0 = den(2.0 * z[:, 0], torch.full((8,), 2.0))
+        want = gmm.denoiser(x0 + 1.0 * z[:, 1], torch.full((8,), 1.0)).sum()
+    torch.testing.assert_close(g2, want)
+
+
+def test_feature_discriminator_reads_the_generated_score_and_its_gradient_is_autograd():
+    score = fs.models.EDMPrecond(fs.models.MLP(2, 16, 2), data_shape=(2,))
+    mod = _feature_module(score, None)
+    assert isinstance(mod, nn.Module) and mod is score.net.net[-2]      # the MLP's last hidden activation
+    feat = FeatureDiscriminator(mod)
+    head = nn.Sequential(nn.SiLU(), nn.Flatten(), nn.Linear(16, 1))
+    x, s = torch.randn(5, 2), torch.rand(5) + 0.5
+    f, den = feat(score, head, x, s, {})
+    torch.testing.assert_close(den, score(x, s))                       # the same forward pass gives D_ρ
+    c_skip, c_out, c_in, c_noise = score.coefficients(s)        # EDM Table 1: what the MLP receives
+    h = score.net.net[:-1](torch.cat([c_in[:, None] * x, score.net.embed(c_noise)], 1))
+    torch.testing.assert_close(f, head(h).reshape(5))
+    with pytest.raises(fs.errors.ArgumentError, match="gan_features"):
+        _feature_module(score, "no_such_module")
+
+
+def test_score_gan_gan_option_adds_minus_grad_c_of_f(gmm, monkeypatch):
+    """The generator's direction with gan_weight w is σ∇h − w ∇(c∘f) (Eq. 27 plus Eq. 20): affine in
+    w, with slope −∇(c∘f) computed here by autograd on the discriminator's own inputs."""
+    import importlib
+    sg = importlib.import_module("flowsolve.train.score_gan")
+    seen = {}
+    real_loss, real_call = sg.int_pm_loss, sg.FeatureDiscriminator.__call__
+
+    def spy_loss(x, direction, normalize=False):
+        seen["direction"] = direction.clone()
+        return real_loss(x, direction, normalize)
+
+    def spy_call(self, score, head, x, sigma, cond):
+        if x.requires_grad:                       # the generator phase asks f at the noised particles
+            seen["args"] = (self, score, head, x.detach().clone(), sigma.clone())
+        return real_call(self, score, head, x, sigma, cond)
+    monkeypatch.setattr(sg, "int_pm_loss", spy_loss)
+    monkeypatch.setattr(sg.FeatureDiscriminator, "__call__", spy_call)
+    data = fs.data.TensorData(gmm.sample(512, generator=torch.Generator().manual_seed(0)))
+    common = dict(steps=1, batch_size=32, K=1, width=16, depth=1, latent=4, score_width=16, score_depth=1,
+                  progress=False, seed=0, data=data)   # the direction is read before the step
+    dirs = []
+    for w in (0.5, 1.0, 1.5):
+        sg.score_gan(gmm.denoiser, (2,), gan_weight=w, **common)
+        dirs.append(seen["direction"])
+    torch.testing.assert_close(dirs[2] - dirs[1], dirs[1] - dirs[0])     # affine in w
+    feat, score, head, xt, sigma = seen["args"]
+    xg = xt.requires_grad_(True)
+    f, _ = real_call(feat, score, head, xg, sigma, {})
+    (dc,) = torch.autograd.grad(fs.fields.GANLoss("vanilla").c(f).sum(), xg)
+    torch.testing.assert_close(dirs[1] - dirs[0], -0.5 * dc)
+
+
+def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_score():
+    teacher = LabelSpy()
+    gen = fs.train.score_gan(teacher, (2,), steps=2, batch_size=8, K=1, width=8, depth=1, latent=4,
+                             init_from_teacher=True, guidance=2.0, progress=False)
+    assert gen.config.num_classes == 3                        # a class-conditional generator
+    seen = teacher.seen
+    assert seen and all(((s >= 0) & (s <= 3)).all() for s in seen)
+    # guided teacher calls carry the batch's labels followed by the null label (one batched call)
+    guided = [s for s in seen if len(s) == 16]
+    assert guided and all((s[8:] == 3).all() and (s[:8] < 3).all() for s in guided)
+    x = gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1, 2, 0, 1, 2])})
+    assert x.shape == (6, 2)
+    with pytest.raises(fs.errors.ArgumentError, match="class_labels"):
+        gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1])})
+
+
+def test_distillation_options_refuse_bad_input(gmm):
+    with pytest.raises(fs.errors.ArgumentError, match="data"):
+        fs.train.score_gan(gmm.denoiser, (2,), gan_weight=0.1, steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="init"):
+        fs.train.score_gan(gmm.denoiser, (2,), init="teacher", steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="student_steps"):
+        fs.train.score_gan(gmm.denoiser, (2,), student_steps=2, steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="recipe"):
+        fs.train.score_gan(gmm.denoiser, (2,), recipe="magic", steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="guidance"):
+        fs.train.score_gan(gmm.denoiser, (2,), guidance=2.0, steps=1, progress=False)
+
+
+def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
+    teacher = fs.from_pretrained("pretrained/digits-edm")
+    out = tmp_path / "student"
+    gen = fs.train.score_gan(teacher, data="digits", recipe="beyond-teacher", steps=2, batch_size=8,
+                             student_steps=2, out=out, progress=False)
+    meta = json.loads((out / "flowsolve.json").read_text())
+    assert meta["type"] == "student" and meta["recipe"] == "beyond-teacher" and len(meta["student"]["sigmas"]) == 2
+    back = fs.from_pretrained(out)
+    assert isinstance(back, DenoiserGenerator) and isinstance(back, fs.models.GeneratorModel)
+    torch.testing.assert_close(back.sample(4, seed=1), gen.sample(4, seed=1))
+
+
+def test_student_of_a_diffusers_pipeline_folder_saves_beside_its_teacher(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "ddpm")
+    teacher = fs.from_pretrained(tmp_path / "ddpm")
+    gen = fs.train.score_gan(teacher, data="digits", init="teacher", init_from_teacher=True, gan_weight=0.01,
+                             steps=1, batch_size=4, out=tmp_path / "st", progress=False)
+    back = fs.from_pretrained(tmp_path / "st")
+    torch.testing.assert_close(back.sample(3, seed=0), gen.sample(3, seed=0))
+
+
+def test_projection_discriminators_fast_gradient_and_labels():
+    torch.manual_seed(0)
+    d = Discriminator(dim=3, width=16, depth=2, num_classes=4)
+    with torch.no_grad():
+        d.label_proj.weight.normal_()
+    x, t, y = torch.randn(6, 3), torch.rand(6), torch.tensor([0, 1, 2, 3, 0, 1])
+    xg = x.clone().requires_grad_(True)
+    f = d(xg, t, class_labels=y)
+    (g,) = torch.autograd.grad(f.sum(), xg)
+    v, g_fast = d.value_and_input_grad(x, t, class_labels=y)
+    torch.testing.assert_close(v, f.detach())
+    torch.testing.assert_close(g_fast, g)
+    # the projection term is ⟨E[y], h⟩: labels change f, and the zero-initialised table starts at f(x)
+    assert not torch.allclose(d(x, t, class_labels=y), d(x, t, class_labels=(y + 1) % 4))
+    fresh = ConvDiscriminator((1, 8, 8), width=8, num_classes=10)
+    img = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(fresh(img, torch.rand(4).mul(0) + 0.5, class_labels=torch.arange(4)),
+                               fresh(img, torch.full((4,), 0.5), class_labels=torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(fs.errors.ArgumentError, match="class_labels"):
+        fresh(img, torch.rand(4))
+
+
+def test_conditional_dcgan_generator_uses_its_labels():
+    g = DCGANGenerator((1, 8, 8), latent=8, width=8, num_classes=10)
+    z = torch.randn(4, 8)
+    a = g(z, class_labels=torch.tensor([0, 0, 0, 0]))
+    b = g(z, class_labels=torch.tensor([1, 1, 1, 1]))
+    assert not torch.allclose(a, b)
+    assert g.sample(20, seed=0).shape == (20, 1, 8, 8)       # default labels: i mod 10
+
+
+def test_conditional_discriminator_flow_puts_each_class_where_its_data_is():
+    """Two labelled clusters: a class-conditional Discriminator Flow (Alg. 3 with f(x, t, y)) sends
+    label 0 to the left cluster and label 1 to the right one."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2000) % 2
+    x = torch.randn(2000, 2, generator=g) * 0.3 + torch.stack([(2.0 * y - 1) * 2, torch.zeros(2000)], 1)
+    data = fs.data.TensorData(x, labels=y)
+    m = fs.train.discriminator_flow(data, conditional=True, steps=120, N=8, width=64, depth=2, eta=4.0,
+                                    loss="ipm", gp=0.1, progress=False, seed=0)
+    assert m.conditioning == {"class_labels": {"classes": 2}}
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    out = fs.sample(m.field(), "euler", nfe=8, n=400, seed=1, cond={"class_labels": labels}, batch_size=128)
+    left, right = out[:200, 0].mean(), out[200:, 0].mean()
+    assert left < -1.0 and right > 1.0, (left, right)
