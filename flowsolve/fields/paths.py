@@ -18,8 +18,16 @@ class GaussianPath:
     """x_t = α(t) x_0 + σ(t) ε, with the derivatives α'(t), σ'(t) (all on Python floats)."""
 
     def __init__(self, name: str, alpha: Callable[[float], float], sigma: Callable[[float], float],
-                 d_alpha: Callable[[float], float], d_sigma: Callable[[float], float]) -> None:
+                 d_alpha: Callable[[float], float], d_sigma: Callable[[float], float],
+                 time_at: Callable[[float], float] | None = None) -> None:
         self.name, self.alpha, self.sigma, self.d_alpha, self.d_sigma = name, alpha, sigma, d_alpha, d_sigma
+        self._time_at = time_at
+
+    def time_at(self, lam: float) -> float:
+        """The time t with λ_t = lam (the inverse of `lam`; single-step solvers evaluate between knots)."""
+        if self._time_at is None:
+            raise NotImplementedError(f"{self!r} has no inverse of λ")
+        return self._time_at(lam)
 
     def __repr__(self) -> str:
         return f"GaussianPath({self.name!r})"
@@ -40,7 +48,8 @@ class GaussianPath:
         return (ds * x - s * v) / den if (ds, den) != (1.0, 1.0) else x - s * v
 
 
-VE = GaussianPath("ve", lambda t: 1.0, lambda t: t, lambda t: 0.0, lambda t: 1.0)
-FLOW = GaussianPath("flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0)
+VE = GaussianPath("ve", lambda t: 1.0, lambda t: t, lambda t: 0.0, lambda t: 1.0, lambda lam: math.exp(-lam))
+FLOW = GaussianPath("flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0,
+                    lambda lam: 1.0 / (1.0 + math.exp(lam)))
 TRIG = GaussianPath("trigflow", lambda t: math.cos(t), lambda t: math.sin(t), lambda t: -math.sin(t),
-                    lambda t: math.cos(t))
+                    lambda t: math.cos(t), lambda lam: math.atan(math.exp(-lam)))

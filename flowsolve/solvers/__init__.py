@@ -9,7 +9,7 @@ import functools
 from typing import Callable
 
 from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
-from . import backends, fixed, multistep, stochastic
+from . import backends, fixed, multistep, peers, stochastic
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["available", "get", "register", "Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "describe"]
@@ -78,6 +78,23 @@ register(Solver("dpmpp_3m_pc", multistep.dpmpp_3m_pc, _one_per_step,
                 "DPM-Solver++(3M) + UniC-style corrector (4th order, no extra NFE)", needs_sigma=True))
 register(Solver("ipndm", multistep.ipndm, _one_per_step, "improved PNDM (Adams–Bashforth, uniform coefficients)"))
 register(Solver("adams", multistep.adams, _one_per_step, "variable-step Adams–Bashforth on any grid"))
+register(Solver("ipndm_v", multistep.ipndm_v, _one_per_step,
+                "iPNDM with variable steps: Adams–Bashforth-4 weights for the grid's own spacing"))
+register(Solver("unipc", peers.unipc, _one_per_step, "UniPC (bh2) predictor-corrector, orders 1-3, no extra NFE",
+                needs_sigma=True))
+register(Solver("unipc_bh1", peers.unipc_bh1, _one_per_step, "UniPC with B(h) = h (bh1)", needs_sigma=True))
+register(Solver("deis", peers.deis, _one_per_step, "DEIS tAB in log ρ, orders 1-3 (diffusers' DEIS)",
+                needs_sigma=True))
+register(Solver("dpm_2", peers.dpm_2, _heun_evals, "DPM-Solver-2 (k-diffusion's sample_dpm_2), 2 NFE a step",
+                needs_sigma=True))
+register(Solver("dpmpp_2s", peers.dpmpp_2s, _heun_evals, "DPM-Solver++(2S); eta > 0: k-diffusion's ancestral form",
+                needs_sigma=True, stochastic=True))
+register(Solver("euler_ancestral", peers.euler_ancestral, _one_per_step,
+                "Euler ancestral (k-diffusion), per-sample noise", needs_sigma=True, stochastic=True))
+register(Solver("dpmpp_2m_sde", peers.dpmpp_2m_sde, _one_per_step, "DPM-Solver++(2M) SDE (k-diffusion, midpoint)",
+                needs_sigma=True, stochastic=True))
+register(Solver("dpmpp_3m_sde", peers.dpmpp_3m_sde, _one_per_step, "DPM-Solver++(3M) SDE (k-diffusion)",
+                needs_sigma=True, stochastic=True))
 
 
 def _measured(backend: str, method: str) -> Callable[[int, bool], int]:

@@ -10,6 +10,8 @@
 * `ipndm`: improved PNDM (Zhang & Chen 2023), fixed-coefficient Adams–Bashforth up to order 4 on
   the velocity itself; any field.
 * `adams`: variable-step Adams–Bashforth of order k on the velocity; any field, any grid.
+* `ipndm_v`: iPNDM with variable steps (Zhang & Chen 2023; zju-pi/diff-sampler's `ipndm_v`): the
+  order-4 ramp of `ipndm` with the Adams–Bashforth weights of the grid's actual spacing.
 """
 from __future__ import annotations
 
@@ -147,3 +149,10 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
         x = x + _combine(w, [h[1] for h in hist])
         run.tick(i, x)
     return x
+
+
+def ipndm_v(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
+    """iPNDM with variable steps: order ramping up to `order` like `ipndm`, each step's weights the
+    exact integral of the Lagrange polynomial through the last velocities at their own times
+    (on a uniform grid it is `ipndm`)."""
+    return adams(run, x, order=order)

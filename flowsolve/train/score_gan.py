@@ -289,13 +289,15 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
             if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
         if feature is not None:                                 # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
+            if cfg.normalize:                                   # the score part at unit RMS, then the GAN term
+                direction = _unit_rms(direction)
             with torch.enable_grad():
                 xg = xt.detach().requires_grad_(True)
                 f, _ = feature(m.aux, m.head, xg, sigma, cond)
                 (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
             direction = direction - cfg.gan_weight * dc.detach()
         opt_g.zero_grad(set_to_none=True)
-        int_pm_loss(x, direction, cfg.normalize).backward()
+        int_pm_loss(x, direction, cfg.normalize and feature is None).backward()
         sync_gradients(m.g.parameters())
         opt_g.step()
         return s_loss.item()
@@ -319,6 +321,10 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
         else:
             save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
     return g_out
+
+
+def _unit_rms(v: torch.Tensor) -> torch.Tensor:
+    return v / v.reshape(len(v), -1).square().mean(1).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
 def _classes(teacher) -> int:

@@ -1,0 +1,317 @@
+"""The solvers users compare against, each on any Gaussian-path field (`fields.paths`: EDM's σ-time,
+flow matching, TrigFlow), written in the half log-SNR λ = log(α/σ) and the data prediction D.
+
+Notation for a step from t_i to t_j: α, σ, λ at each end, h = λ_j − λ_i, ρ = σ/α (the VE noise
+level of the same path, x/α = x_0 + ρ ε), and the first-order (DDIM) step
+
+    x_j = (σ_j/σ_i) x_i − α_j expm1(−h) D_i,
+
+which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. From pure noise
+(λ_i = −∞, a flow's t = 1) it is x_j = σ_j x_i + α_j D_i; to the data (σ_j = 0) it is α_j D_i.
+
+* `unipc`, `unipc_bh1`: UniPC (Zhao et al. 2023), predictor UniP-p and corrector UniC-p with B(h) = e^h − 1
+  (bh2) or h (bh1), orders 1–3, diffusers' `UniPCMultistepScheduler` (predict_x0).
+* `deis`: DEIS tAB (Zhang & Chen 2023, "ρAB"): Adams–Bashforth on dx̃/dρ = ε with ε interpolated by a
+  Lagrange polynomial in log ρ and integrated exactly in ρ; diffusers' `DEISMultistepScheduler`.
+* `dpm_2`: DPM-Solver-2 as k-diffusion runs it (midpoint in log ρ, Euler stages on the VE ODE).
+* `dpmpp_2s`: DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2); `eta` > 0 is k-diffusion's
+  ancestral variant.
+* `euler_ancestral`, `dpmpp_2m_sde`, `dpmpp_3m_sde`: the stochastic samplers of k-diffusion with
+  per-sample noise (`fs.sample(seed=)`), on any Gaussian path.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from .base import Run, lagrange_weights
+from .._checks import check_int
+from ..errors import ArgumentError
+
+
+class _Path:
+    """α, σ, λ at every knot of the run's grid, and the data prediction D at (x, t_i)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.path, t = run, run.field.path, run.times
+        self.t = t
+        self.a = [self.path.alpha(v) for v in t]
+        self.s = [self.path.sigma(v) for v in t]
+        self.lam = [self.path.lam(v) for v in t]
+
+    def denoise(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.path.data_prediction(x, self.run.f(x, i), self.t[i])
+
+    def denoise_at(self, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, float, float]:
+        """D at the time where λ = lam (between knots), with α and σ there."""
+        t = self.path.time_at(lam)
+        return self.path.data_prediction(x, self.run.f_at(x, t), t), self.path.alpha(t), self.path.sigma(t)
+
+    def rho(self, i: int) -> float:
+        return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
+
+
+def _ddim(x: torch.Tensor, den: torch.Tensor, s_i: float, s_j: float, a_j: float, h: float) -> torch.Tensor:
+    """x_j = (σ_j/σ_i) x − α_j expm1(−h) D (see the module docstring)."""
+    return (s_j / s_i) * x - (a_j * math.expm1(-h)) * den
+
+
+def _ancestral(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
+    """(ρ_down, ρ_up) of an ancestral step from ρ to ρ_next (k-diffusion's get_ancestral_step):
+    ρ_up = min(ρ_next, η ρ_next √(1 − ρ_next²/ρ²)), ρ_down = √(ρ_next² − ρ_up²)."""
+    if not eta or rho_next == 0:
+        return rho_next, 0.0
+    ratio = 0.0 if math.isinf(rho) else (rho_next / rho) ** 2
+    up = min(rho_next, eta * rho_next * math.sqrt(max(1.0 - ratio, 0.0)))
+    return math.sqrt(max(rho_next ** 2 - up ** 2, 0.0)), up
+
+
+def _check_eta(eta) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+        raise ArgumentError(f"eta: expected a non-negative noise share (0: deterministic), got {eta!r}")
+    return float(eta)
+
+
+# -- UniPC ---------------------------------------------------------------------------------------
+def _unipc_coeffs(rks: list[float], h: float, order: int, variant: str, predictor: bool) -> tuple[float, list[float]]:
+    """(B(h), ρ-coefficients) of UniP/UniC (Zhao et al. 2023, Alg. 2–3 with B(h) of §3.3): with
+    hh = −h, φ_k the k-th exponential remainder, solve R ρ = b with R_kj = r_j^{k−1},
+    b_k = k! φ_{k+1}(hh)/B(h); UniP-2 uses ρ = 1/2 and UniC-1 ρ = 1/2."""
+    import numpy as np
+
+    hh = -h
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    phi = math.expm1(hh) / hh - 1.0                # h φ₂-type remainder, then recursively
+    fact, b = 1, []
+    for k in range(1, order + 1):
+        b.append(phi * fact / b_h)
+        fact *= k + 1
+        phi = phi / hh - 1.0 / fact
+    r = rks + [1.0]
+    if predictor:
+        if order == 2:
+            return b_h, [0.5]
+        mat = np.array([[rj ** k for rj in r[:-1]] for k in range(order - 1)])
+        return b_h, list(np.linalg.solve(mat, np.array(b[:order - 1])))
+    if order == 1:
+        return b_h, [0.5]
+    mat = np.array([[rj ** k for rj in r] for k in range(order)])
+    return b_h, list(np.linalg.solve(mat, np.array(b[:order])))
+
+
+def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", corrector: bool = True,
+          lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023) on the data prediction, any Gaussian path.
+
+    Predictor UniP-p from t_i (h = λ_{i+1} − λ_i, r_k = (λ_{i−k} − λ_i)/h, D1_k = (D_{i−k} − D_i)/r_k):
+        x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} (e^{−h} − 1) D_i − α_{i+1} B(h) Σ_k ρ^p_k D1_k.
+    Corrector UniC-p, once D_{i+1} is evaluated at the predicted x_{i+1} (no extra evaluation):
+        x_{i+1} ← the same from x_i with Σ_k ρ^c_k D1_k + ρ^c_p (D_{i+1} − D_i),
+    and the next step starts from the corrected x_{i+1} while reusing D_{i+1}. The order ramps up
+    from 1 and, with `lower_order_final`, is at most the number of steps left (diffusers' rule).
+    """
+    order = check_int("order", order, 1, 3)
+    if variant not in ("bh1", "bh2"):
+        raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
+    p = _Path(run)
+    n = len(p.t) - 1
+    hist: deque = deque(maxlen=order)          # (λ_j, D_j) of finite λ, newest last
+    x_prev, prev_order = None, 0
+    for i in run.steps():
+        den = p.denoise(x, i)
+        if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf:
+            h = p.lam[i] - p.lam[i - 1]
+            older = list(hist)[:-1][::-1][:prev_order - 1]          # D_{i−2}, D_{i−3}, ...
+            m0 = hist[-1][1]
+            rks = [(lj - p.lam[i - 1]) / h for lj, _ in older]
+            b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False)
+            res = rho[-1] * (den - m0)
+            for rk, (_, dj), c in zip(rks, older, rho[:-1]):
+                res = res + (c / rk) * (dj - m0)
+            x = _ddim(x_prev, m0, p.s[i - 1], p.s[i], p.a[i], h) - (p.a[i] * b_h) * res
+        x_prev = x
+        if p.lam[i] > -math.inf:
+            hist.append((p.lam[i], den))
+        if p.s[i + 1] == 0 or p.lam[i] == -math.inf or not hist:
+            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+            prev_order = 1 if p.lam[i] > -math.inf else 0
+        else:
+            k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
+            h = p.lam[i + 1] - p.lam[i]
+            older = list(hist)[:-1][::-1][:k - 1]
+            rks = [(lj - p.lam[i]) / h for lj, _ in older]
+            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
+            if k > 1:
+                b_h, rho = _unipc_coeffs(rks, h, k, variant, predictor=True)
+                res = None
+                for rk, (_, dj), c in zip(rks, older, rho):
+                    term = (c / rk) * (dj - den)
+                    res = term if res is None else res + term
+                x = x - (p.a[i + 1] * b_h) * res
+            prev_order = k
+        run.tick(i, x)
+    return x
+
+
+def unipc_bh1(run: Run, x: torch.Tensor, *, order: int = 2, corrector: bool = True,
+              lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC with B(h) = h (`unipc` with variant='bh1'; Zhao et al. recommend it for unconditional models)."""
+    return unipc(run, x, order=order, variant="bh1", corrector=corrector, lower_order_final=lower_order_final)
+
+
+# -- DEIS ----------------------------------------------------------------------------------------
+def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool = True) -> torch.Tensor:
+    """DEIS tAB-k in ρ (Zhang & Chen 2023; diffusers' "logrho" DEIS): with x̃ = x/α, ρ = σ/α and the
+    noise prediction ε_j = (x_j − α_j D_j)/σ_j,
+
+        x̃_{i+1} = x̃_i + Σ_j c_j ε_j,   c_j = ∫_{ρ_i}^{ρ_{i+1}} ℓ_j(log ρ) dρ,
+
+    ℓ_j the Lagrange basis in log ρ on the last k knots (k ramps up to `order`). With
+    `lower_order_final` and fewer than 15 steps, the last two steps drop to orders 1 and 2
+    (diffusers' rule)."""
+    order = check_int("order", order, 1, 3)
+    p = _Path(run)
+    n = len(p.t) - 1
+    hist: deque = deque(maxlen=order)           # (log ρ_j, ε_j) of finite ρ, newest last
+    for i in run.steps():
+        den = p.denoise(x, i)
+        if p.s[i + 1] == 0 or p.a[i] == 0:      # to the data, or from pure noise: the exact first-order step
+            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        else:
+            hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))       # (log ρ_i, ε_i)
+            k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
+            recent = list(hist)[-k:][::-1]
+            u_i, u_j = math.log(p.rho(i)), math.log(p.rho(i + 1))
+            w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)   # ∫ e^{u − u_j} ℓ_j du
+            step = None
+            for c, (_, e) in zip(w, recent):
+                term = (c * p.rho(i + 1)) * e                                        # c_j = ρ_{i+1} W_j
+                step = term if step is None else step + term
+            x = (p.a[i + 1] / p.a[i]) * x + p.a[i + 1] * step
+        run.tick(i, x)
+    return x
+
+
+# -- single-step second order ----------------------------------------------------------------------
+def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver-2 as k-diffusion's `sample_dpm_2`: an Euler half step on the VE ODE to the log-ρ
+    midpoint ρ_m = √(ρ_i ρ_{i+1}), then the full step with the midpoint's slope,
+    x̃_{i+1} = x̃_i + (ρ_{i+1} − ρ_i)(x̃_m − D_m)/ρ_m; Euler on the last step (to the data) and DDIM from
+    pure noise. Two evaluations per step."""
+    p = _Path(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        if p.s[i + 1] == 0 or p.a[i] == 0:
+            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        else:
+            lam_m = 0.5 * (p.lam[i] + p.lam[i + 1])
+            rho_i, rho_j, rho_m = p.rho(i), p.rho(i + 1), math.exp(-lam_m)
+            xt = x / p.a[i]                                              # x̃ = x/α (VE coordinates)
+            t_m = p.path.time_at(lam_m)
+            a_m = p.path.alpha(t_m)
+            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)              # Euler half step
+            den_m, _, _ = p.denoise_at(a_m * xt_m, lam_m)
+            x = p.a[i + 1] * (xt + (rho_j - rho_i) / rho_m * (xt_m - den_m))
+        run.tick(i, x)
+    return x
+
+
+def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = 1/2) as k-diffusion's `sample_dpmpp_2s_ancestral`:
+    in VE coordinates to ρ_down (ancestral split of ρ_{i+1} by `eta`), h = log(ρ_i/ρ_down),
+        x̃_m = (ρ_m/ρ_i) x̃_i − expm1(−h/2) D_i,   x̃' = (ρ_down/ρ_i) x̃_i − expm1(−h) D(x_m),
+    then x̃_{i+1} = x̃' + ρ_up ε. eta = 0 (default) is the deterministic solver."""
+    eta = _check_eta(eta)
+    p = _Path(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i, rho_next = p.rho(i), p.rho(i + 1)
+        down, up = _ancestral(rho_i, rho_next, eta)
+        xs = x / p.s[i]                                        # x̃/ρ_i = x/σ_i (finite from pure noise)
+        if down == 0 or math.isinf(rho_i):
+            xt_new = down * xs + (1.0 if math.isinf(rho_i) else 1.0 - down / rho_i) * den
+        else:
+            h = math.log(rho_i / down)
+            lam_m = -math.log(rho_i) + 0.5 * h
+            rho_m = math.exp(-lam_m)
+            t_m = p.path.time_at(lam_m)
+            xt_m = rho_m * xs - math.expm1(-0.5 * h) * den
+            den_m, _, _ = p.denoise_at(p.path.alpha(t_m) * xt_m, lam_m)
+            xt_new = down * xs - math.expm1(-h) * den_m
+        if up > 0 and p.s[i + 1] > 0:
+            xt_new = xt_new + up * run.noise()
+        x = p.a[i + 1] * xt_new
+        run.tick(i, x)
+    return x
+
+
+# -- stochastic multistep and ancestral -----------------------------------------------------------
+def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's `sample_euler_ancestral`): an Euler step on the VE ODE to ρ_down,
+    then noise ρ_up ε (per sample), x̃_{i+1} = (ρ_down/ρ_i) x̃_i + (1 − ρ_down/ρ_i) D_i + ρ_up ε."""
+    eta = _check_eta(eta)
+    p = _Path(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i = p.rho(i)
+        down, up = _ancestral(rho_i, p.rho(i + 1), eta)
+        ratio = 0.0 if math.isinf(rho_i) else down / rho_i
+        xt = down * (x / p.s[i]) + (1.0 - ratio) * den
+        if up > 0 and p.s[i + 1] > 0:
+            xt = xt + (s_noise * up) * run.noise()
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: float) -> torch.Tensor:
+    """DPM-Solver++(2M/3M) SDE on any path (k-diffusion's forms; Lu et al. 2022b, §5 SDE variant):
+    x_{i+1} = (σ_{i+1}/σ_i) e^{−ηh} x_i + α_{i+1}(1 − e^{−(1+η)h}) D_i + α_{i+1} (multistep corrections)
+              + σ_{i+1} √(1 − e^{−2ηh}) ε."""
+    eta = _check_eta(eta)
+    p = _Path(run)
+    hist: deque = deque(maxlen=2)              # (h, D) of earlier finite steps, newest last
+    for i in run.steps():
+        den = p.denoise(x, i)
+        if p.s[i + 1] == 0:
+            x = p.a[i + 1] * den
+            run.tick(i, x)
+            continue
+        h = p.lam[i + 1] - p.lam[i]
+        he = h * (eta + 1.0)
+        x = (p.s[i + 1] / p.s[i]) * math.exp(-eta * h) * x - (p.a[i + 1] * math.expm1(-he)) * den
+        if math.isfinite(h):
+            if order == 3 and len(hist) == 2:
+                (h2, d2), (h1, d1) = hist
+                r0, r1 = h1 / h, h2 / h
+                d1_0, d1_1 = (den - d1) / r0, (d1 - d2) / r1
+                dd1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                dd2 = (d1_0 - d1_1) / (r0 + r1)
+                phi2 = math.expm1(-he) / he + 1.0
+                phi3 = phi2 / he - 0.5
+                x = x + p.a[i + 1] * (phi2 * dd1 - phi3 * dd2)
+            elif len(hist) >= 1:
+                h1, d1 = hist[-1]
+                r = h1 / h
+                if order == 3:
+                    x = x + p.a[i + 1] * ((math.expm1(-he) / he + 1.0) / r) * (den - d1)
+                else:                           # k-diffusion's midpoint form of 2M SDE
+                    x = x + p.a[i + 1] * (-0.5 * math.expm1(-he) / r) * (den - d1)
+        if eta:
+            x = x + (p.s[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise) * run.noise()
+        if math.isfinite(h):
+            hist.append((h, den))
+        run.tick(i, x)
+    return x
+
+
+def dpmpp_2m_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`, midpoint form): see `_sde_multistep`."""
+    return _sde_multistep(run, x, 2, eta, s_noise)
+
+
+def dpmpp_3m_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`): see `_sde_multistep`."""
+    return _sde_multistep(run, x, 3, eta, s_noise)

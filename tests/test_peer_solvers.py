@@ -1,0 +1,170 @@
+"""The solvers users compare against (UniPC, DEIS, DPM-Solver-2, DPM-Solver++(2S), the SDE samplers,
+ipndm_v): each against its reference implementation on the same denoiser, grid and noise
+(k-diffusion's samplers, diffusers' schedulers), for its convergence order on the exact mixture,
+and on flow-matching fields against the same solver in VE coordinates."""
+import math
+
+import pytest
+import torch
+from diffusers import DEISMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
+
+import flowsolve as fs
+from flowsolve.noise import SampleNoise
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4).eval().double()
+
+
+def _diffusers_loop(unet, sched, z):
+    x = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name,cls,kw", [
+    ("unipc", UniPCMultistepScheduler, dict(solver_type="bh2")),
+    ("unipc_bh1", UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min")),
+    ("deis", DEISMultistepScheduler, {}),
+])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [6, 20])
+def test_multistep_solvers_equal_diffusers_schedulers(unet64, name, cls, kw, order, steps):
+    """Same UNet, same schedule (the scheduler's own, the field's default grid), same start: equal in
+    float64 to round-off. diffusers returns x_VP = α x at a last σ_min > 0 (x here is the VE x/α)."""
+    sched = cls(num_train_timesteps=1000, solver_order=order, **kw)
+    sched.set_timesteps(steps)
+    sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, solver_order=order, **kw))
+    field = m.field()
+    grid = field.grid(steps, "schedule")
+    x, info = fs.sample(field, name, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), order=order,
+                        dtype=torch.float64, return_info=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert info.nfe == steps
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
+def test_unipc_equals_diffusers_in_float32(unet64):
+    unet = UNet2DModel.from_config(unet64.config)
+    unet.load_state_dict({k: v.float() for k, v in unet64.state_dict().items()})
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=3)
+    sched.set_timesteps(8)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = _diffusers_loop(unet.eval(), sched, z)
+    m = fs.models.from_diffusers(unet.eval(), UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=3))
+    x = fs.sample(m.field(), "unipc", nfe=8, x_init=z * m.prior_std_at(float(m.field().grid(8)[0])), order=3)
+    assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("name,kname,opts", [
+    ("dpm_2", "sample_dpm_2", {}),
+    ("dpmpp_2s", "sample_dpmpp_2s_ancestral", {"eta": 0.0}),
+    ("dpmpp_2s", "sample_dpmpp_2s_ancestral", {"eta": 1.0}),
+    ("euler_ancestral", "sample_euler_ancestral", {"eta": 1.0}),
+    ("euler_ancestral", "sample_euler_ancestral", {"eta": 0.5}),
+    ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", {"eta": 1.0}),
+    ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 1.0}),
+    ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.5}),
+])
+def test_k_diffusion_samplers_with_the_same_noise(gmm64, name, kname, opts):
+    """flowsolve's per-sample noise stream (seed, stream 1) handed to k-diffusion's noise_sampler:
+    the samples agree to float64 round-off."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    sig = K.get_sigmas_karras(10, 0.002, 80.0).double()
+    z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
+    src = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1)
+
+    def model(x, s, **kw):
+        return gmm64.denoiser(x, s)
+    extra = {} if name == "dpm_2" else {"noise_sampler": lambda a, b: src()}
+    ref = getattr(K, kname)(model, z.clone(), sig, disable=True, **opts, **extra)
+    got = fs.sample(fs.fields.EDM(gmm64.denoiser), name, grid=sig, x_init=z, seed=5, **opts)
+    assert (got - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+def _endpoint_errors(gmm, name, opts, ns):
+    field = fs.fields.EDM(gmm.denoiser)
+    x0 = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    ref = fs.sample(field, "torchdiffeq:dopri5", grid=torch.tensor([10.0, 0.5], dtype=torch.float64), x_init=x0,
+                    nfe=10 ** 6, rtol=1e-11, atol=1e-11)
+    errs = []
+    for n in ns:
+        grid = torch.linspace(math.log(10.0), math.log(0.5), n + 1, dtype=torch.float64).exp()
+        errs.append(float((fs.sample(field, name, grid=grid, x_init=x0, **opts) - ref).norm(dim=1).mean()))
+    return [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+
+
+@pytest.mark.parametrize("name,opts,order", [
+    ("unipc", dict(order=1, lower_order_final=False), 2),       # UniPC-p is of order p + 1
+    ("unipc", dict(order=2, lower_order_final=False), 3),
+    ("unipc", dict(order=3, lower_order_final=False), 3.5),
+    ("unipc_bh1", dict(order=3, lower_order_final=False), 3.5),
+    ("deis", dict(order=1), 1),
+    ("deis", dict(order=2, lower_order_final=False), 1.8),      # the order-1 start costs the last digits
+    ("deis", dict(order=3, lower_order_final=False), 2.2),
+    ("dpm_2", {}, 1.9),
+    ("dpmpp_2s", {}, 1.8),
+    ("ipndm_v", {}, 2.2),                                        # AB4 after an order-1 start
+])
+def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
+    orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
+    assert min(orders[1:]) >= order - 0.2, orders
+
+
+def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
+    field = fs.fields.EDM(gmm.denoiser)
+    grid = torch.linspace(10.0, 0.5, 13, dtype=torch.float64)
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10
+    torch.testing.assert_close(fs.sample(field, "ipndm_v", grid=grid, x_init=x0),
+                               fs.sample(field, "ipndm", grid=grid, x_init=x0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("unipc_bh1", {}), ("deis", {"order": 3}),
+                                       ("dpm_2", {}), ("dpmpp_2s", {"eta": 1.0}), ("euler_ancestral", {}),
+                                       ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {})])
+def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
+    """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
+    noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
+    rho = fs.grids.karras(10, 0.002, 80.0).double()
+    t = rho / (1 + rho)
+
+    def velocity(x, tt):
+        tc = tt.reshape(-1, 1).double()
+        d = gmm.denoiser(x / (1 - tc), (tc / (1 - tc)).reshape(-1))
+        return (x - d) / tc
+    flow = fs.fields.FlowMatching(velocity, (2,))
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80
+    a = fs.sample(fs.fields.EDM(gmm.denoiser), name, grid=rho, x_init=z, seed=9, **opts)
+    b = fs.sample(flow, name, grid=t, x_init=z / (1 + rho[0]), seed=9, **opts)
+    assert (a - b).abs().max().item() < 1e-8
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s"])
+def test_stochastic_samplers_reach_the_mixture(gmm, name):
+    n = 2000
+    opts = {"eta": 1.0} if name == "dpmpp_2s" else {}
+    x = fs.sample(fs.fields.EDM(gmm.denoiser), name, nfe=128, n=n, seed=4, dtype=torch.float64, **opts)
+    g = torch.Generator().manual_seed(5)
+    floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),
+                                        gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
+    d = fs.metrics.energy_distance(x, gmm.sample(n, generator=g, dtype=torch.float64))
+    assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
+
+
+def test_bad_solver_options_are_refused(gmm):
+    field = fs.fields.EDM(gmm.denoiser)
+    with pytest.raises(ValueError, match="order"):
+        fs.sample(field, "unipc", nfe=5, n=2, order=5)
+    with pytest.raises(ValueError, match="variant"):
+        fs.sample(field, "unipc", nfe=5, n=2, variant="bh3")
+    with pytest.raises(ValueError, match="eta"):
+        fs.sample(field, "euler_ancestral", nfe=5, n=2, eta=-1.0)
