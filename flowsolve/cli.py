@@ -42,9 +42,10 @@ def load_any(name: str):
     if name == "gmm2d":
         gmm = data.GaussianMixture.paper()
         return fields.EDM(gmm.denoiser), gmm
-    if not Path(name).exists() and "/" not in name:
-        raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id or a built-in model "
-                        f"({', '.join(BUILTIN_MODELS)})")
+    from .models.io import resolve_shipped, shipped_models
+    if not Path(resolve_shipped(name)).exists() and "/" not in name:
+        raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id, a built-in model "
+                        f"({', '.join(BUILTIN_MODELS)}) or a shipped one ({', '.join(shipped_models())})")
     from .models import from_pretrained
     model = from_pretrained(name)
     if not isinstance(model, (ParticleModel, GeneratorModel)):
@@ -423,6 +424,18 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .train.loop import read_log
+    from .viz import training_curves
+
+    out = args.out or str(Path(args.run) / "curves.png")
+    records = read_log(args.run)
+    training_curves(records, out, title=str(args.run))
+    last = [r for r in records if "loss" in r][-1:] or [{}]
+    print(f"wrote {out}: {len(records)} records, last step {last[0].get('step', '-')}, loss {last[0].get('loss', '-')}")
+    return 0
+
+
 def cmd_animate(args) -> int:
     from .viz import animate
 
@@ -547,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--every", type=int, default=1, help="one frame every k solver steps")
     a.add_argument("--out", required=True, help="output .gif or .png")
     a.set_defaults(func=cmd_animate)
+    pl = sub.add_parser("plot", help="loss and selection curves of a training run (RUN/log.jsonl) as PNG")
+    pl.add_argument("run", help="the run folder (the --out of flowsolve train)")
+    pl.add_argument("--out", default=None, help="output .png (default: RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
     k = sub.add_parser("calibrate", help="fit low-NFE grids to a converged solve and store them in the model folder")
     k.add_argument("--model", required=True, help="a model folder (the grids go to its calibration.json)")
     k.add_argument("--solver", default="ipndm")

@@ -145,6 +145,8 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
                                 f"at most {grids.MAX_STEPS} steps are supported")
         if steps < spec.min_steps:
             raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
+        if grid is None and spec.default_grid and getattr(field, "default_grid", None) == "karras":
+            grid = spec.default_grid             # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
     g = grids.check(grid)
     lo, hi = field.domain()

@@ -190,3 +190,35 @@ def interpolation_grid(generator, path: str | Path, method: str = "spherical_cau
     else:
         raise ArgumentError(f"generator: interpolation grids need images or 2-D outputs, got {tuple(x.shape[1:])}")
     return x
+
+
+def training_curves(records: list[dict], path: str | Path, title: str | None = None) -> None:
+    """Loss (smoothed and last) and model-selection scores of a run's log.jsonl against the step, as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_output(path, (".png",), "out")
+    losses = [r for r in records if "loss" in r]
+    scores = [r for r in records if "select" in r]
+    if not losses and not scores:
+        raise ArgumentError("run: its log.jsonl holds no loss or selection records yet")
+    panels = 2 if scores else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    ax = axes[0][0]
+    if losses:
+        ax.plot([r["step"] for r in losses], [r["last_loss"] for r in losses], lw=0.6, alpha=0.4, label="loss")
+        ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], lw=1.2, label="smoothed")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    if scores:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in scores], [r["select"] for r in scores], marker="o", ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("selection score (lower is better)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

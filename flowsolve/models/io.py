@@ -24,7 +24,7 @@ from .protocol import GeneratorModel
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = ["save_pretrained", "from_pretrained", "read_metadata", "write_metadata", "register_model_type", "MODEL_TYPES",
-           "read_calibration", "save_calibration", "CALIBRATION_FILE",
+           "read_calibration", "save_calibration", "CALIBRATION_FILE", "shipped_models", "resolve_shipped",
            "NETWORKS", "FORMAT_FILE"]
 
 FORMAT_FILE = "flowsolve.json"
@@ -224,11 +224,34 @@ def _pipeline(folder: Path, meta: dict) -> nn.Module:
     return from_diffusers(folder)
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def shipped_models() -> list[str]:
+    """Names of the models shipped inside the package (flowsolve/pretrained), e.g. 'digits-edm'."""
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / FORMAT_FILE).is_file()) if SHIPPED.is_dir() else []
+
+
+def resolve_shipped(path: str | os.PathLike) -> str | os.PathLike:
+    """`path` itself when it exists; else a shipped model named by it ('digits-edm', or the checkout
+    form 'pretrained/digits-edm' from anywhere an installed wheel runs); else `path` unchanged."""
+    p = Path(path)
+    if p.exists():
+        return path
+    parts = p.parts
+    name = parts[-1] if len(parts) == 1 or (len(parts) == 2 and parts[0] == "pretrained") else None
+    if name is not None and (SHIPPED / name / FORMAT_FILE).is_file():
+        return SHIPPED / name
+    return path
+
+
 def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
     """Load a model folder. A flowsolve folder (flowsolve.json) becomes the class its `type` names in
     `MODEL_TYPES`: a `ParticleModel` (`.field()`: denoisers, Discriminator Flows, flowsolve-trained
     pipelines) or a `GeneratorModel` (`.sample(n, seed=)`), or a feature network. A diffusers pipeline
-    folder or Hub id goes through `from_diffusers`. Returned in eval mode, with `.metadata`."""
+    folder or Hub id goes through `from_diffusers`. A shipped model is found by its name
+    ('digits-edm', see `shipped_models()`). Returned in eval mode, with `.metadata`."""
+    path = resolve_shipped(path)
     p = Path(path)
     legacy = p / "training.json"                  # DDPM folders written before 0.2
     if p.is_dir() and ((p / FORMAT_FILE).is_file() or legacy.is_file()):

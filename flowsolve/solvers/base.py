@@ -40,6 +40,9 @@ class Solver:
     adaptive: bool = False          # chooses its own steps between start and end
     min_steps: int = 1
     options: dict[str, Any] = dc_field(default_factory=dict)
+    # the spacing this solver walks by default on σ-time fields whose own default is the generic
+    # Karras grid (measured best uncalibrated choice, benchmarks/low_nfe.py); None: the field's
+    default_grid: str | None = None
 
     def __post_init__(self) -> None:
         if not self.options:

@@ -376,6 +376,38 @@ def _select(state: _State, select, ema: EMA) -> None:
                       "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()}}
 
 
+LOG_FILE = "log.jsonl"
+
+
+class TrainingLog:
+    """One JSON line per logged step in the run folder (`log.jsonl`: step, smoothed and last loss,
+    seconds, learning rate; `select` for model-selection scores), for `flowsolve plot RUN`. A resumed
+    run first drops the lines past its checkpoint's step, so the log is the one run's."""
+
+    def __init__(self, path: Path | None, resumed_step: int) -> None:
+        self.path = path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step] if resumed_step else []
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def read_log(run: str | os.PathLike) -> list[dict]:
+    """The records of a run folder's log.jsonl."""
+    p = Path(run) / LOG_FILE
+    if not p.is_file():
+        raise ArgumentError(f"run: {str(p)!r} not found; training runs with an output folder write it")
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None, cfg: LoopConfig, *,
         out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
@@ -413,11 +445,13 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     meta = {**(extra or {}), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     state = (_restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume
              else _State())
-    t0, running = time.perf_counter(), None
+    log = TrainingLog(Path(out) / LOG_FILE if out is not None and rank == 0 else None, state.step)
+    t0, running = time.perf_counter(), state.history.get("running")     # the smoothed loss, kept across resume
 
     def checkpoint() -> None:
         nonlocal t0
         state.history["seconds"] += time.perf_counter() - t0
+        state.history["running"] = running
         t0 = time.perf_counter()
         if ck_path is not None and rank == 0:
             save_checkpoint(ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best)
@@ -440,8 +474,12 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                     state.history["loss"].append(running)
                     state.history["step"].append(state.step)
                     bar.set_postfix(loss=f"{running:.4f}")
+                    log.write(step=state.step, loss=running, last_loss=value,
+                              seconds=state.history["seconds"] + time.perf_counter() - t0,
+                              lr=[g["lr"] for o in opts.values() for g in o.param_groups][0])
                 if select is not None and (state.step % every == 0 or state.step == cfg.steps):
                     _select(state, select, ema)
+                    log.write(step=state.step, select=state.history["selection"][-1][1])
                 if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or signals.received:
                     checkpoint()
                 if signals.received is not None:

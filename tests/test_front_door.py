@@ -1,0 +1,69 @@
+"""What a new user meets first: shipped models by name from anywhere, the training log and its plot,
+the per-solver default grids, and that `import flowsolve` stays light."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.cli import main
+from flowsolve.models.io import SHIPPED, resolve_shipped, shipped_models
+
+
+def test_shipped_models_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # no pretrained/ here: only the package's own copy
+    names = shipped_models()
+    assert {"digits-edm", "digits-features", "digits-scoregan"} <= set(names)
+    m = fs.from_pretrained("digits-edm")
+    assert isinstance(m, fs.models.Denoiser) and m.data_shape == (1, 8, 8)
+    assert resolve_shipped("pretrained/digits-features") == SHIPPED / "digits-features"
+    assert str(resolve_shipped("no-such-model")) == "no-such-model"
+    assert main(["sample", "--model", "digits-edm", "--solver", "euler", "--nfe", "4", "--n", "4",
+                 "--out", str(tmp_path / "x.png"), "--quiet"]) == 0
+
+
+def test_training_log_is_one_run_across_resume_and_plots(tmp_path):
+    """log.jsonl after an interrupted-and-resumed run equals the uninterrupted run's (the lines past
+    the checkpoint are dropped on resume), and `flowsolve plot` draws it."""
+    cfg = {"log_every": 10, "checkpoint_every": 20, "width": 32, "depth": 2, "batch_size": 64}
+    fs.train.edm("gmm2d", steps=60, out=tmp_path / "one", progress=False, config=cfg)
+    fs.train.edm("gmm2d", steps=40, out=tmp_path / "two", progress=False, config=cfg)
+    log = tmp_path / "two" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines + [json.dumps({"step": 50, "loss": 1e9, "last_loss": 1e9})]) + "\n")  # a crash
+    fs.train.edm("gmm2d", steps=60, out=tmp_path / "two", progress=False, config=cfg, resume=True)
+    strip = [{k: v for k, v in json.loads(ln).items() if k != "seconds"}
+             for ln in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    again = [{k: v for k, v in json.loads(ln).items() if k != "seconds"}
+             for ln in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [10, 20, 30, 40, 50, 60]
+    assert again == strip
+    assert main(["plot", str(tmp_path / "two")]) == 0
+    assert (tmp_path / "two" / "curves.png").stat().st_size > 1000
+
+
+def test_plot_refuses_a_folder_without_a_log(tmp_path):
+    assert main(["plot", str(tmp_path)]) != 0
+
+
+def test_solvers_with_a_measured_default_grid_use_it_on_karras_fields(gmm):
+    field = fs.fields.EDM(gmm.denoiser)
+    z = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name in fs.solvers.available():
+        spec = fs.solvers.get(name)
+        if spec.default_grid is None or spec.adaptive:
+            continue
+        steps = spec.steps_for(8, True)
+        want = field.grid(steps, spec.default_grid)
+        _, info = fs.sample(field, name, nfe=8, x_init=z * float(want[0]), return_info=True, seed=0)
+        assert torch.allclose(info.grid, want), name
+
+
+def test_import_is_light():
+    """`import flowsolve` does not import diffusers, torchvision or the trainers (they load on use)."""
+    code = ("import sys, flowsolve; bad = [m for m in ('diffusers', 'flowsolve.train', 'flowsolve.models') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
