@@ -1,6 +1,7 @@
 """The small checks and helpers that every layer shares, written once: integers and numbers by
 name, σ / t broadcasting, generators from seeds, atomic writes, JSON reads, did-you-mean, and
 deprecated spellings of renamed arguments."""
+
 from __future__ import annotations
 
 import difflib
@@ -15,10 +16,26 @@ import torch
 
 from .errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["check_int", "check_number", "check_choice", "nearest", "batch_time", "as_column", "sigma_column",
-           "seeded_generator", "atomic_write_text", "atomic_save", "read_json", "renamed", "deprecated", "check_output",
-           "available_memory", "check_memory", "check_disk",
-           "write_folder_atomically"]
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_choice",
+    "nearest",
+    "batch_time",
+    "as_column",
+    "sigma_column",
+    "seeded_generator",
+    "atomic_write_text",
+    "atomic_save",
+    "read_json",
+    "renamed",
+    "deprecated",
+    "check_output",
+    "available_memory",
+    "check_memory",
+    "check_disk",
+    "write_folder_atomically",
+]
 
 
 # -- numbers -------------------------------------------------------------------------------------
@@ -33,8 +50,15 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     return value
 
 
-def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
-                 lo_open: bool = False, hi_open: bool = False) -> float:
+def check_number(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """`value` as a finite float within [lo, hi] (open ends on request), naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
@@ -58,8 +82,10 @@ def check_choice(name: str, value: Any, valid: Iterable[str]) -> str:
     """`value` if it is one of `valid`, else an error listing them with a did-you-mean."""
     valid = tuple(valid)
     if value not in valid:
-        raise ArgumentError(f"{name}: expected one of {', '.join(map(repr, valid))}, got {value!r}"
-                            f"{nearest(value, valid) if isinstance(value, str) else ''}")
+        raise ArgumentError(
+            f"{name}: expected one of {', '.join(map(repr, valid))}, got {value!r}"
+            f"{nearest(value, valid) if isinstance(value, str) else ''}"
+        )
     return value
 
 
@@ -95,8 +121,9 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
     """A torch.Generator seeded with `seed` (None: fresh OS entropy); the global RNG is never used."""
     if seed is None:
         from .noise import fresh_seed
+
         seed = fresh_seed()
-    check_int("seed", seed, 0, 2 ** 63 - 1)
+    check_int("seed", seed, 0, 2**63 - 1)
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -130,8 +157,9 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: str | None = N
         aside.unlink(missing_ok=True)
         try:
             os.link(path, aside)
-        except OSError:                             # no hard links here: copy
+        except OSError:  # no hard links here: copy
             import shutil
+
             shutil.copy2(path, aside)
         os.replace(aside, path.with_name(keep_previous))
     os.replace(tmp, path)
@@ -143,6 +171,7 @@ def write_folder_atomically(folder: str | os.PathLike, write: Any) -> Path:
     with an atomic rename: a kill at any moment leaves every file whole (old or new), never half-written."""
     import shutil
     import tempfile
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=folder))
@@ -187,7 +216,7 @@ def check_output(path: str | os.PathLike, suffixes: Iterable[str] | None, what: 
     elif p.exists() and not p.is_dir():
         raise ArgumentError(f"{what}: {str(p)!r} is a file; expected a folder")
     folder = p.parent if suffixes is not None else p
-    try:                                           # make the folder now and prove it takes a file
+    try:  # make the folder now and prove it takes a file
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".flowsolve-write-test-{os.getpid()}"
         probe.write_bytes(b"")
@@ -215,25 +244,31 @@ def available_memory() -> int:
 def check_disk(name: str, folder: str | os.PathLike, nbytes: int) -> None:
     """Refuse, before any work, an output that the disk under `folder` cannot hold."""
     import shutil
+
     free = shutil.disk_usage(folder).free
     if nbytes > free:
-        raise ArgumentError(f"{name}: the output needs about {nbytes / 2 ** 30:.1f} GiB, more than the "
-                            f"{free / 2 ** 30:.1f} GiB free under {str(folder)!r}")
+        raise ArgumentError(
+            f"{name}: the output needs about {nbytes / 2**30:.1f} GiB, more than the "
+            f"{free / 2**30:.1f} GiB free under {str(folder)!r}"
+        )
 
 
 def check_memory(name: str, nbytes: int, hint: str, share: float = 0.8) -> None:
     """Refuse, before any work, a request whose tensors would not fit in memory (naming `name`)."""
     have = available_memory()
     if nbytes > share * have:
-        raise ArgumentError(f"{name}: needs about {nbytes / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB "
-                            f"this machine has available; {hint}")
+        raise ArgumentError(
+            f"{name}: needs about {nbytes / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
+            f"this machine has available; {hint}"
+        )
 
 
 # -- renames -------------------------------------------------------------------------------------
 def deprecated(old: str, new: str, where: str) -> None:
     """Warn that the keyword `old` of `where` is now spelt `new` (accepted for one release)."""
-    warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name goes in the next release",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{where}: {old!r} is renamed {new!r}; the old name goes in the next release", DeprecationWarning, stacklevel=3
+    )
 
 
 def renamed(kwargs: dict, old: str, new: str, where: str) -> dict:
@@ -242,7 +277,10 @@ def renamed(kwargs: dict, old: str, new: str, where: str) -> dict:
     if old in kwargs:
         if new in kwargs:
             raise ArgumentTypeError(f"{where}: got both {old!r} and its new name {new!r}; pass {new!r} only")
-        warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name goes in the next release",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: {old!r} is renamed {new!r}; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         kwargs[new] = kwargs.pop(old)
     return kwargs

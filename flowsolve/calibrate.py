@@ -15,6 +15,7 @@ The fit is measured on fresh seeds the calibration never saw (`validate`).
 
 The search runs in log σ for σ-time fields (σ_max … σ_min, then 0) and in t otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ __all__ = ["calibrate", "Calibration", "endpoint_error", "reference_solve"]
 class Calibration:
     """The result of `calibrate`: the grid, its endpoint error on the fitting points and on fresh
     ones, the default grid's errors, the number of candidate grids tried and the seconds spent."""
+
     grid: torch.Tensor
     solver: str
     nfe: int
@@ -47,6 +49,7 @@ def reference_solve(field: Field, x0: torch.Tensor, cond: dict | None = None, st
     """A converged solve from x0: Heun on the field's default grid with `steps` steps (127 NFE; its
     error is far below the NFE-5 errors being fitted)."""
     from .sample import sample
+
     return sample(field, "heun", grid=field.grid(steps), x_init=x0, cond=cond)
 
 
@@ -75,8 +78,19 @@ class _Parametrization:
         return u
 
 
-def calibrate(field: Field, solver: str, nfe: int, *, n: int = 256, seed: int = 0, seconds: float = 60.0,
-              cond: dict | None = None, max_trials: int = 400, return_result: bool = False, **options):
+def calibrate(
+    field: Field,
+    solver: str,
+    nfe: int,
+    *,
+    n: int = 256,
+    seed: int = 0,
+    seconds: float = 60.0,
+    cond: dict | None = None,
+    max_trials: int = 400,
+    return_result: bool = False,
+    **options,
+):
     """A 1-D grid for `fs.sample(field, solver, nfe=nfe, grid=...)` fitted to a converged solve of
     `field` from n starting points of its prior (seed `seed`), within `seconds` of wall time (the
     reference solve included). Returns the grid (float64), or a `Calibration` with `return_result=True`."""
@@ -89,13 +103,17 @@ def calibrate(field: Field, solver: str, nfe: int, *, n: int = 256, seed: int = 
     check_int("n", n, 2)
     check_number("seconds", seconds, 0.0, lo_open=True)
     if spec.adaptive or spec.stochastic:
-        raise ArgumentError(f"solver: calibration fits deterministic fixed-grid solvers; {solver!r} is "
-                            f"{'adaptive' if spec.adaptive else 'stochastic'}")
+        raise ArgumentError(
+            f"solver: calibration fits deterministic fixed-grid solvers; {solver!r} is "
+            f"{'adaptive' if spec.adaptive else 'stochastic'}"
+        )
     if field.data_shape is None:
         raise ArgumentError("field: calibration needs the field's data shape (make it with shape=)")
     default, _ = resolve_grid(field, spec, nfe, None)
     if len(default) < 3:
-        raise ArgumentError(f"nfe: {nfe} evaluations give {len(default) - 1} step under {solver!r}; nothing to calibrate")
+        raise ArgumentError(
+            f"nfe: {nfe} evaluations give {len(default) - 1} step under {solver!r}; nothing to calibrate"
+        )
     x0 = initial_noise(field, seed, 0, n, field.data_shape, t_start=float(default[0]))
     ref = reference_solve(field, x0, cond)
     par = _Parametrization(field, default)
@@ -115,7 +133,7 @@ def calibrate(field: Field, solver: str, nfe: int, *, n: int = 256, seed: int = 
     rng = torch.Generator().manual_seed(seed + 1)
     while time.perf_counter() - t0 < seconds and trials < max_trials and step > 1e-3:
         improved = False
-        for k in torch.randperm(len(theta), generator=rng).tolist():        # coordinate search, both ways
+        for k in torch.randperm(len(theta), generator=rng).tolist():  # coordinate search, both ways
             for sign in (1.0, -1.0):
                 cand = theta.clone()
                 cand[k] += sign * step
@@ -129,7 +147,7 @@ def calibrate(field: Field, solver: str, nfe: int, *, n: int = 256, seed: int = 
         if not improved:
             step *= 0.5
     grid = par.grid(theta)
-    if not best < default_err:              # never worse than the default on the fitting points
+    if not best < default_err:  # never worse than the default on the fitting points
         grid, best = default, default_err
     if not return_result:
         return grid

@@ -1,13 +1,14 @@
 """Command line: `flowsolve sample | train | eval | compare | animate | solvers`.
 
-    flowsolve sample --model pretrained/digits-edm --solver heun --nfe 32 --n 64 --out digits.png
-    flowsolve sample --model gmm2d --solver heun --nfe 32 --n 2000 --out samples.png
-    flowsolve train edm --data digits --out runs/digits-edm [--steps N] [--config cfg.json] [--seed S] [--resume]
-    flowsolve eval --model pretrained/digits-edm --features pretrained/digits-features
-    flowsolve compare --model gmm2d --solvers euler,heun,dpmpp_2m --nfe 4,8,16,32 --metric energy --out results/
-    flowsolve animate --model pretrained/digits-edm --solver heun --nfe 32 --n 16 --out generation.gif
-    flowsolve solvers
+flowsolve sample --model pretrained/digits-edm --solver heun --nfe 32 --n 64 --out digits.png
+flowsolve sample --model gmm2d --solver heun --nfe 32 --n 2000 --out samples.png
+flowsolve train edm --data digits --out runs/digits-edm [--steps N] [--config cfg.json] [--seed S] [--resume]
+flowsolve eval --model pretrained/digits-edm --features pretrained/digits-features
+flowsolve compare --model gmm2d --solvers euler,heun,dpmpp_2m --nfe 4,8,16,32 --metric energy --out results/
+flowsolve animate --model pretrained/digits-edm --solver heun --nfe 32 --n 16 --out generation.gif
+flowsolve solvers
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,14 @@ def load_any(name: str):
         gmm = data.GaussianMixture.paper()
         return fields.EDM(gmm.denoiser), gmm
     from .models.io import resolve_shipped, shipped_models
+
     if not Path(resolve_shipped(name)).exists() and "/" not in name:
-        raise UserError(f"--model: unknown model {name!r}; expected a model folder, a Hub id, a built-in model "
-                        f"({', '.join(BUILTIN_MODELS)}) or a shipped one ({', '.join(shipped_models())})")
+        raise UserError(
+            f"--model: unknown model {name!r}; expected a model folder, a Hub id, a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}) or a shipped one ({', '.join(shipped_models())})"
+        )
     from .models import from_pretrained
+
     model = from_pretrained(name)
     if not isinstance(model, (ParticleModel, GeneratorModel)):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
@@ -58,8 +63,10 @@ def load_model(name: str):
     """The field of a particle model (returns (field, reference data or None)); generators are refused."""
     model, ref = load_any(name)
     if isinstance(model, GeneratorModel):
-        raise UserError(f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
-                        f"use `flowsolve sample` or `flowsolve eval`")
+        raise UserError(
+            f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
+            f"use `flowsolve sample` or `flowsolve eval`"
+        )
     return (model if isinstance(model, Field) else model.field()), ref
 
 
@@ -96,8 +103,9 @@ def _guidance_kw(args, guidance: float | None) -> dict:
         try:
             kw["interval"] = (float(lo), float(hi))
         except ValueError:
-            raise UserError(f"--guidance-interval: expected LOW,HIGH noise levels, got {args.guidance_interval!r}") \
-                from None
+            raise UserError(
+                f"--guidance-interval: expected LOW,HIGH noise levels, got {args.guidance_interval!r}"
+            ) from None
     return kw
 
 
@@ -142,16 +150,18 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
         torch.save(x.cpu(), out)
     elif suffix == ".npy":
         import numpy as np
+
         np.save(out, x.cpu().numpy())
     elif suffix == ".png":
         from .viz import save_png
+
         save_png(x, out, reference=reference)
     else:
         raise UserError(f"--out: expected a .png, .npy or .pt file, got {out.name!r}")
 
 
 SAMPLE_SUFFIXES = (".png", ".npy", ".pt")
-STREAM_BYTES = 256 * 2 ** 20    # a .npy output larger than this is written chunk by chunk (bounded memory)
+STREAM_BYTES = 256 * 2**20  # a .npy output larger than this is written chunk by chunk (bounded memory)
 
 
 def _stream_npy(field, args, options) -> tuple[int, int]:
@@ -173,9 +183,18 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     nfe = 0
     for start in range(0, args.n, chunk):
         count = min(chunk, args.n - start)
-        x, info = sample(field, solver=args.solver, nfe=args.nfe, n=count, seed=args.seed, index_offset=start,
-                         cond=cond_rows(cond, start, count, args.n), return_info=True, **options)
-        arr[start:start + count] = x.numpy()
+        x, info = sample(
+            field,
+            solver=args.solver,
+            nfe=args.nfe,
+            n=count,
+            seed=args.seed,
+            index_offset=start,
+            cond=cond_rows(cond, start, count, args.n),
+            return_info=True,
+            **options,
+        )
+        arr[start : start + count] = x.numpy()
         nfe = info.nfe
     arr.flush()
     del arr
@@ -191,14 +210,16 @@ def cmd_sample(args) -> int:
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
     check_int("--n", args.n, 1)
     model, ref = load_any(args.model)
-    if isinstance(model, GeneratorModel):      # a generator: one network evaluation, solver/nfe unused
+    if isinstance(model, GeneratorModel):  # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
         x = generate_sharded(model, args.n, seed=args.seed) if is_launched() else model.sample(args.n, seed=args.seed)
         procs = f" on {_processes()}" if is_launched() else ""
         if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
-            print(f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
-                  f"{time.perf_counter() - t0:.2f} s")
+            print(
+                f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
+                f"{time.perf_counter() - t0:.2f} s"
+            )
         return 0
     field = _field_of(model, args, args.guidance)
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
@@ -210,9 +231,10 @@ def cmd_sample(args) -> int:
     if args.alpha is not None:
         options["alpha"] = args.alpha
     t0 = time.perf_counter()
-    if is_launched():              # accelerate launch / torchrun: each process draws its share
-        x = sample_sharded(field, args.solver, args.nfe, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                           **options)
+    if is_launched():  # accelerate launch / torchrun: each process draws its share
+        x = sample_sharded(
+            field, args.solver, args.nfe, n=args.n, seed=args.seed, batch_size=args.batch_size, **options
+        )
         procs = _processes()
         if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
@@ -220,21 +242,36 @@ def cmd_sample(args) -> int:
         return 0
     shape = tuple(field.data_shape or ())
     per = int(torch.tensor(shape).prod()) * 4
-    if args.batch_size is None:                  # bound the solver's working set: ~STREAM_BYTES per chunk
+    if args.batch_size is None:  # bound the solver's working set: ~STREAM_BYTES per chunk
         args.batch_size = max(1, min(65536, STREAM_BYTES // (12 * per)))
     if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy":
         nfe, chunk = _stream_npy(field, args, options)
-        print(f"wrote {args.out}: {(args.n, *shape)} samples streamed in chunks of {chunk}, solver {args.solver}, "
-              f"nfe {nfe}, {time.perf_counter() - t0:.2f} s")
+        print(
+            f"wrote {args.out}: {(args.n, *shape)} samples streamed in chunks of {chunk}, solver {args.solver}, "
+            f"nfe {nfe}, {time.perf_counter() - t0:.2f} s"
+        )
         return 0
     if args.n * per > 4 * STREAM_BYTES:
-        raise UserError(f"--out: {args.n} samples of shape {shape} are more than {4 * STREAM_BYTES // 2 ** 20} MiB "
-                        f"to hold at once; write them to a .npy file, which is streamed to disk")
-    x, info = sample(field, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
-                     batch_size=args.batch_size, return_info=True, progress=not args.quiet, **options)
+        raise UserError(
+            f"--out: {args.n} samples of shape {shape} are more than {4 * STREAM_BYTES // 2**20} MiB "
+            f"to hold at once; write them to a .npy file, which is streamed to disk"
+        )
+    x, info = sample(
+        field,
+        solver=args.solver,
+        nfe=args.nfe,
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        return_info=True,
+        progress=not args.quiet,
+        **options,
+    )
     save_samples(x, Path(args.out), reference=ref)
-    print(f"wrote {args.out}: {tuple(x.shape)} samples, solver {info.solver}, {info.steps} steps, "
-          f"nfe {info.nfe}, {time.perf_counter() - t0:.2f} s")
+    print(
+        f"wrote {args.out}: {tuple(x.shape)} samples, solver {info.solver}, {info.steps} steps, "
+        f"nfe {info.nfe}, {time.perf_counter() - t0:.2f} s"
+    )
     return 0
 
 
@@ -242,17 +279,21 @@ def _teacher(args):
     """The data score of a Score GAN: --teacher DIR (any model folder or Hub id), or the exact mixture
     denoiser for --data gmm2d."""
     from . import data
+
     if args.teacher:
         from .models import Denoiser, from_pretrained
         from .models.student import teacher_denoiser
-        t = teacher_denoiser(from_pretrained(args.teacher))     # flow models through as_denoiser()
-        if not isinstance(t, Denoiser):     # a Score GAN's teacher is a data denoiser D(x, σ)
+
+        t = teacher_denoiser(from_pretrained(args.teacher))  # flow models through as_denoiser()
+        if not isinstance(t, Denoiser):  # a Score GAN's teacher is a data denoiser D(x, σ)
             raise UserError(f"--teacher: {args.teacher!r} holds a {type(t).__name__}, not a denoiser or flow model")
         return t, t.data_shape
     if args.data == "gmm2d":
         return data.GaussianMixture.paper().denoiser, (2,)
-    raise UserError("--teacher: a Score GAN needs a pretrained data score (a model folder); only --data gmm2d "
-                    "has a built-in exact one")
+    raise UserError(
+        "--teacher: a Score GAN needs a pretrained data score (a model folder); only --data gmm2d "
+        "has a built-in exact one"
+    )
 
 
 def cmd_train(args) -> int:
@@ -264,9 +305,12 @@ def cmd_train(args) -> int:
         raise UserError("--allow-changes: only with --resume (it accepts settings that differ from the checkpoint's)")
     if args.objective == "features" and args.resume:
         raise UserError("--resume: the feature network trains in one go (no resume); drop --resume")
-    if args.objective == "mmd-flow":           # the name before 0.2: it trains the MMD *generator*
-        print("flowsolve: warning: 'train mmd-flow' is renamed 'train mmd-generator'; the old name goes in the "
-              "next release", file=sys.stderr)
+    if args.objective == "mmd-flow":  # the name before 0.2: it trains the MMD *generator*
+        print(
+            "flowsolve: warning: 'train mmd-flow' is renamed 'train mmd-generator'; the old name goes in the "
+            "next release",
+            file=sys.stderr,
+        )
         args.objective = "mmd-generator"
 
     config = load_config_file(args.config) if args.config else None
@@ -274,15 +318,22 @@ def cmd_train(args) -> int:
     overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     if args.conditional or args.cond_dropout is not None:
         if args.objective not in ("edm", "discriminator-flow"):
-            raise UserError(f"--conditional: class-conditional training is for edm and discriminator-flow (a "
-                            f"score-gan is conditional when its teacher is), got {args.objective}")
+            raise UserError(
+                f"--conditional: class-conditional training is for edm and discriminator-flow (a "
+                f"score-gan is conditional when its teacher is), got {args.objective}"
+            )
         if args.cond_dropout is not None and args.objective != "edm":
             raise UserError("--cond-dropout: label dropout is for edm --conditional")
         overrides.update(conditional=True)
         if args.cond_dropout is not None:
             overrides.update(cond_dropout=args.cond_dropout)
-    distil = dict(recipe=args.recipe, init=args.init, gan_weight=args.gan_weight, student_steps=args.student_steps,
-                  guidance=args.guidance)
+    distil = dict(
+        recipe=args.recipe,
+        init=args.init,
+        gan_weight=args.gan_weight,
+        student_steps=args.student_steps,
+        guidance=args.guidance,
+    )
     used = [k for k, v in distil.items() if v is not None]
     if used and args.objective != "score-gan":
         raise UserError(f"--{used[0].replace('_', '-')}: a distillation option of score-gan, got {args.objective}")
@@ -290,11 +341,14 @@ def cmd_train(args) -> int:
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
         if args.objective not in ("gan", "score-gan", "mmd-generator"):
-            raise UserError(f"--select-every: model selection is for the generators gan, score-gan and mmd-generator, "
-                            f"got {args.objective}")
+            raise UserError(
+                f"--select-every: model selection is for the generators gan, score-gan and mmd-generator, "
+                f"got {args.objective}"
+            )
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
         from .evaluate import validation_energy, validation_fd
+
         # validation FD on digits; energy distance on vector data (validation_energy refuses images)
         select = validation_fd() if args.data == "digits" else validation_energy(args.data)
         common.update(select=select, select_every=args.select_every)
@@ -305,17 +359,33 @@ def cmd_train(args) -> int:
     elif args.objective == "score-gan":
         teacher, shape = _teacher(args)
         extra = {k: v for k, v in distil.items() if v is not None and k != "recipe"}
-        model = train.score_gan(teacher, shape, data=args.data, recipe=args.recipe or "paper", resume=args.resume,
-                                allow_changes=args.allow_changes, data_name=args.data, **extra, **common)
+        model = train.score_gan(
+            teacher,
+            shape,
+            data=args.data,
+            recipe=args.recipe or "paper",
+            resume=args.resume,
+            allow_changes=args.allow_changes,
+            data_name=args.data,
+            **extra,
+            **common,
+        )
     else:
-        trainer = {"edm": train.edm, "ddpm": train.ddpm, "flow-matching": train.flow_matching,
-                   "discriminator-flow": train.discriminator_flow,
-                   "gan": train.gan, "mmd-generator": train.mmd_generator}[args.objective]
+        trainer = {
+            "edm": train.edm,
+            "ddpm": train.ddpm,
+            "flow-matching": train.flow_matching,
+            "discriminator-flow": train.discriminator_flow,
+            "gan": train.gan,
+            "mmd-generator": train.mmd_generator,
+        }[args.objective]
         model = trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
     if not finish_processes():
         return 0
-    print(f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
-          f"{model.metadata.get('held_out_accuracy', '')}")
+    print(
+        f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
+        f"{model.metadata.get('held_out_accuracy', '')}"
+    )
     return 0
 
 
@@ -326,8 +396,9 @@ def cmd_eval(args) -> int:
         check_output(args.json, (".json",), "--json")
     model, _ = load_any(args.model)
     target = model if isinstance(model, (GeneratorModel, Field)) else model.field()
-    report = evaluate_digits(target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
-                             progress=not args.quiet)
+    report = evaluate_digits(
+        target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, progress=not args.quiet
+    )
     print(report.markdown())
     if args.json:
         Path(args.json).write_text(report.json())
@@ -336,6 +407,7 @@ def cmd_eval(args) -> int:
 
 def _processes() -> str:
     from .distributed import engine, world
+
     return f"{world()[1]} processes ({engine()})"
 
 
@@ -343,6 +415,7 @@ def finish_processes() -> bool:
     """Under a distributed launcher: wait for every process, close the engine, and say whether this
     is the main process (the one that prints and writes). Always True in one process."""
     from .distributed import finish
+
     return finish()
 
 
@@ -375,17 +448,31 @@ def cmd_compare(args) -> int:
     if any(m in ("energy", "mmd", "sliced") for m in metrics) and ref is None:
         if getattr(base, "data_shape", None) == (1, 8, 8):
             from .data import digits
+
             ref = digits("test").x
         else:
-            raise UserError("--metric: energy, mmd and sliced need reference samples; this model has none "
-                            "(use --metric rmse, or gmm2d / a digits model)")
+            raise UserError(
+                "--metric: energy, mmd and sliced need reference samples; this model has none "
+                "(use --metric rmse, or gmm2d / a digits model)"
+            )
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     rows = []
     for g in guidances:
         field = base if g is None else _field_of(model, args, g)
-        table = compare(field, [s.strip() for s in args.solvers.split(",") if s.strip()], _values(args.nfe, "--nfe"),
-                        metrics, n=args.n, seeds=args.seeds, reference=ref, features=features, cond=cond or None,
-                        model_name=args.model, progress=not args.quiet, label="" if g is None else f"g={g:g}")
+        table = compare(
+            field,
+            [s.strip() for s in args.solvers.split(",") if s.strip()],
+            _values(args.nfe, "--nfe"),
+            metrics,
+            n=args.n,
+            seeds=args.seeds,
+            reference=ref,
+            features=features,
+            cond=cond or None,
+            model_name=args.model,
+            progress=not args.quiet,
+            label="" if g is None else f"g={g:g}",
+        )
         rows += table.rows
     if not finish_processes():
         return 0
@@ -403,7 +490,9 @@ def cmd_calibrate(args) -> int:
     from .sample import initial_noise
 
     if not Path(args.model).is_dir():
-        raise UserError(f"--model: calibrated grids are stored with the model; expected a model folder, got {args.model!r}")
+        raise UserError(
+            f"--model: calibrated grids are stored with the model; expected a model folder, got {args.model!r}"
+        )
     check_number("--seconds", args.seconds, 0.0, lo_open=True)
     model, _ = load_any(args.model)
     if isinstance(model, GeneratorModel):
@@ -415,11 +504,15 @@ def cmd_calibrate(args) -> int:
         # measured on fresh starting points (seed + 1000), never on the ones it was fitted on
         z = initial_noise(field, args.seed + 1000, 0, args.n, field.data_shape, t_start=float(r.grid[0]))
         ref = reference_solve(field, z)
-        fresh = {name: endpoint_error(sample(field, args.solver, nfe=nfe, grid=g, x_init=z), ref)
-                 for name, g in (("default", None), ("calibrated", r.grid))}
-        print(f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
-              f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s",
-              flush=True)
+        fresh = {
+            name: endpoint_error(sample(field, args.solver, nfe=nfe, grid=g, x_init=z), ref)
+            for name, g in (("default", None), ("calibrated", r.grid))
+        }
+        print(
+            f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
+            f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s",
+            flush=True,
+        )
     print(f"wrote {Path(args.model) / 'calibration.json'}")
     return 0
 
@@ -442,8 +535,9 @@ def cmd_animate(args) -> int:
     check_output(args.out, (".gif", ".png", ".apng"), "--out")
     check_int("--every", args.every, 1)
     field, ref = load_model(args.model)
-    frames = animate(field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed,
-                     every=args.every, reference=ref)
+    frames = animate(
+        field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, every=args.every, reference=ref
+    )
     print(f"wrote {args.out}: {frames} frames")
     return 0
 
@@ -454,45 +548,89 @@ def cmd_solvers(args) -> int:
 
 
 def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
-    p.add_argument("--cond", action="append", metavar="KEY=VALUE",
-                   help="per-sample conditioning, e.g. class_labels=3 or class_labels=0,1,2 (default for a "
-                        "class-conditional model: labels i mod K)")
-    p.add_argument("--guidance", type=str if several else float, default=None,
-                   help="classifier-free guidance scale w (1: the conditional model, 0: the unconditional one)"
-                        + ("; comma-separated to compare several" if several else ""))
-    p.add_argument("--uncond", action="append", metavar="KEY=VALUE",
-                   help="the unconditional inputs (default: the null label the model was trained with)")
+    p.add_argument(
+        "--cond",
+        action="append",
+        metavar="KEY=VALUE",
+        help="per-sample conditioning, e.g. class_labels=3 or class_labels=0,1,2 (default for a "
+        "class-conditional model: labels i mod K)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=str if several else float,
+        default=None,
+        help="classifier-free guidance scale w (1: the conditional model, 0: the unconditional one)"
+        + ("; comma-separated to compare several" if several else ""),
+    )
+    p.add_argument(
+        "--uncond",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the unconditional inputs (default: the null label the model was trained with)",
+    )
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale φ (Lin et al. 2023)")
-    p.add_argument("--guidance-interval", default=None, metavar="LOW,HIGH",
-                   help="guide only for σ in (LOW, HIGH] (Kynkäänniemi et al. 2024)")
+    p.add_argument(
+        "--guidance-interval",
+        default=None,
+        metavar="LOW,HIGH",
+        help="guide only for σ in (LOW, HIGH] (Kynkäänniemi et al. 2024)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsolve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="draw samples from a model with any solver")
-    s.add_argument("--model", default="gmm2d",
-                   help=f"a model folder (e.g. pretrained/digits-edm), a Hub id, or a built-in model "
-                        f"({', '.join(BUILTIN_MODELS)})")
+    s.add_argument(
+        "--model",
+        default="gmm2d",
+        help=f"a model folder (e.g. pretrained/digits-edm), a Hub id, or a built-in model "
+        f"({', '.join(BUILTIN_MODELS)})",
+    )
     s.add_argument("--solver", default="heun", help="a name from `flowsolve solvers`")
     s.add_argument("--nfe", type=int, default=None, help="field-evaluation budget per sample")
-    s.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
-                   help="number of samples (--num-samples under torchrun, whose parser claims --n)")
+    s.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of samples (--num-samples under torchrun, whose parser claims --n)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")
     s.add_argument("--option", action="append", help="extra solver option KEY=VALUE (repeatable)")
-    s.add_argument("--grid", default=None, help="karras | loglinear | uniform | schedule | calibrated (the model "
-                                                   "folder's calibrated grid for this solver and NFE)")
+    s.add_argument(
+        "--grid",
+        default=None,
+        help="karras | loglinear | uniform | schedule | calibrated (the model "
+        "folder's calibrated grid for this solver and NFE)",
+    )
     _guidance_flags(s, several=False)
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
-    t = sub.add_parser("train", help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
-                                     "mmd-generator: the paper's models; features: the digits FD network)")
-    t.add_argument("objective", choices=["edm", "ddpm", "flow-matching", "features", "discriminator-flow", "gan",
-                                         "score-gan", "mmd-generator", "mmd-flow"],
-                   help="mmd-flow is the old name of mmd-generator (accepted for one release)")
+    t = sub.add_parser(
+        "train",
+        help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
+        "mmd-generator: the paper's models; features: the digits FD network)",
+    )
+    t.add_argument(
+        "objective",
+        choices=[
+            "edm",
+            "ddpm",
+            "flow-matching",
+            "features",
+            "discriminator-flow",
+            "gan",
+            "score-gan",
+            "mmd-generator",
+            "mmd-flow",
+        ],
+        help="mmd-flow is the old name of mmd-generator (accepted for one release)",
+    )
     t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
     t.add_argument("--teacher", default=None, help="score-gan: the pretrained data score (model folder or Hub id)")
@@ -501,29 +639,61 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--config", default=None, help="JSON file of training settings (unknown keys are rejected)")
-    t.add_argument("--conditional", action="store_true", default=None,
-                   help="edm, discriminator-flow: class-conditional on the data's labels (digits, image folders); "
-                        "edm with label dropout, for guidance")
-    t.add_argument("--cond-dropout", type=float, default=None,
-                   help="edm --conditional: share of labels dropped to the null label (classifier-free guidance)")
-    t.add_argument("--recipe", default=None, choices=["paper", "beyond-teacher"],
-                   help="score-gan: paper (Alg. 1, Table 7; the default) or beyond-teacher (teacher-initialised "
-                        "student, two time scales, GAN on real data)")
-    t.add_argument("--init", default=None, choices=["paper", "teacher"],
-                   help="score-gan: a fresh generator (paper) or the teacher's own network (teacher)")
-    t.add_argument("--gan-weight", type=float, default=None,
-                   help="score-gan: weight of the real-data GAN direction (discriminator head on the generated score)")
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        default=None,
+        help="edm, discriminator-flow: class-conditional on the data's labels (digits, image folders); "
+        "edm with label dropout, for guidance",
+    )
+    t.add_argument(
+        "--cond-dropout",
+        type=float,
+        default=None,
+        help="edm --conditional: share of labels dropped to the null label (classifier-free guidance)",
+    )
+    t.add_argument(
+        "--recipe",
+        default=None,
+        choices=["paper", "beyond-teacher"],
+        help="score-gan: paper (Alg. 1, Table 7; the default) or beyond-teacher (teacher-initialised "
+        "student, two time scales, GAN on real data)",
+    )
+    t.add_argument(
+        "--init",
+        default=None,
+        choices=["paper", "teacher"],
+        help="score-gan: a fresh generator (paper) or the teacher's own network (teacher)",
+    )
+    t.add_argument(
+        "--gan-weight",
+        type=float,
+        default=None,
+        help="score-gan: weight of the real-data GAN direction (discriminator head on the generated score)",
+    )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt (the same settings, "
-                                                          "or an error listing the differences; --steps may grow)")
-    t.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: accept settings that differ from the checkpoint's (recorded in the training "
-                        "history of the saved model)")
-    t.add_argument("--select-every", type=int, default=None, metavar="N",
-                   help="gan/score-gan/mmd-generator: keep the generator with the best validation score, computed "
-                        "every N steps (Table 7's model selection): FD against the training digits on digits, "
-                        "energy distance to fresh validation samples on gmm2d and moons")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/last.pt (the same settings, "
+        "or an error listing the differences; --steps may grow)",
+    )
+    t.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: accept settings that differ from the checkpoint's (recorded in the training "
+        "history of the saved model)",
+    )
+    t.add_argument(
+        "--select-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="gan/score-gan/mmd-generator: keep the generator with the best validation score, computed "
+        "every N steps (Table 7's model selection): FD against the training digits on digits, "
+        "energy distance to fresh validation samples on gmm2d and moons",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
@@ -541,9 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="gmm2d")
     c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
     c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
-    c.add_argument("--metric", default="energy",
-                   help="comma-separated: energy, rmse, nll, fd, mmd, sliced, accuracy (class accuracy of the samples "
-                        "by the --features classifier)")
+    c.add_argument(
+        "--metric",
+        default="energy",
+        help="comma-separated: energy, rmse, nll, fd, mmd, sliced, accuracy (class accuracy of the samples "
+        "by the --features classifier)",
+    )
     _guidance_flags(c, several=True)
     c.add_argument("--n", "--num-samples", dest="n", type=int, default=2000)
     c.add_argument("--seeds", type=int, default=3)
@@ -581,10 +754,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except FlowsolveError as e:              # the library's own errors: one line; genuine bugs keep their traceback
+    except FlowsolveError as e:  # the library's own errors: one line; genuine bugs keep their traceback
         print(f"flowsolve: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:                     # the machine said no (permissions, disk full, ...)
+    except OSError as e:  # the machine said no (permissions, disk full, ...)
         print(f"flowsolve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -1,5 +1,6 @@
 """Which solver, how many NFE: every (solver, NFE budget, seed) cell sampled and measured
 (the paper's Figure 7(b) as a command), written as CSV, Markdown and a log-log plot."""
+
 from __future__ import annotations
 
 import csv
@@ -27,6 +28,7 @@ HIGHER_IS_BETTER = ("accuracy",)
 @dataclasses.dataclass
 class CompareTable:
     """One row per (solver, NFE budget, metric): measured NFE, metric mean and std over seeds, wall time."""
+
     metric: str
     model: str
     rows: list[dict]
@@ -44,12 +46,17 @@ class CompareTable:
 
     def to_markdown(self) -> str:
         better = ", ".join(f"{m}: {'higher' if m in HIGHER_IS_BETTER else 'lower'} is better" for m in self.metrics())
-        lines = [f"{self.metric} on {self.model} (mean ± std over seeds; {better})", "",
-                 "| solver | NFE budget | NFE used | metric | value | std | seconds |",
-                 "|---|---:|---:|---|---:|---:|---:|"]
+        lines = [
+            f"{self.metric} on {self.model} (mean ± std over seeds; {better})",
+            "",
+            "| solver | NFE budget | NFE used | metric | value | std | seconds |",
+            "|---|---:|---:|---|---:|---:|---:|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r['solver']} | {r['nfe_budget']} | {r['nfe_used']} | {r['metric']} | {r['value']:.4g} | "
-                         f"{r['std']:.2g} | {r['seconds']:.3f} |")
+            lines.append(
+                f"| {r['solver']} | {r['nfe_budget']} | {r['nfe_used']} | {r['metric']} | {r['value']:.4g} | "
+                f"{r['std']:.2g} | {r['seconds']:.3f} |"
+            )
         return "\n".join(lines) + "\n"
 
     def best(self, metric: str | None = None) -> dict:
@@ -59,6 +66,7 @@ class CompareTable:
 
     def plot(self, path: str | os.PathLike) -> None:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -69,8 +77,15 @@ class CompareTable:
             positive = all(r["value"] > 0 for r in rows)
             for solver in dict.fromkeys(r["solver"] for r in rows):
                 rs = [r for r in rows if r["solver"] == solver]
-                ax.errorbar([r["nfe_used"] for r in rs], [r["value"] for r in rs], yerr=[r["std"] for r in rs],
-                            marker="o", ms=3, capsize=2, label=solver)
+                ax.errorbar(
+                    [r["nfe_used"] for r in rs],
+                    [r["value"] for r in rs],
+                    yerr=[r["std"] for r in rs],
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=solver,
+                )
             ax.set_xscale("log")
             ticks = sorted({r["nfe_used"] for r in rows})
             ax.set_xticks(ticks)
@@ -100,11 +115,14 @@ class CompareTable:
 def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
     """metric(x, x0) → float; x0 is the start (for rmse)."""
     if metric == "rmse":
+
         def rmse(x, x0):
             grid = torch.tensor([field.t_start, field.t_end], dtype=torch.float64)
-            ref = sample(field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10 ** 7, rtol=1e-7, atol=1e-7,
-                         cond=cond)
+            ref = sample(
+                field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10**7, rtol=1e-7, atol=1e-7, cond=cond
+            )
             return float((x.double() - ref).reshape(len(x), -1).square().sum(1).mean().sqrt())
+
         return rmse
     if metric == "nll":
         if reference is None or not hasattr(reference, "log_prob"):
@@ -113,6 +131,7 @@ def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
     if metric in ("fd", "accuracy"):
         from .data import digits
         from .models import from_pretrained
+
         feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
         if feats is None:
             raise ArgumentError(f"metric: {metric!r} needs a feature network (features=)")
@@ -121,24 +140,39 @@ def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
             return lambda x, x0: M.frechet_distance(x, held, feats)
         labels = (cond or {}).get("class_labels")
         if labels is None:
-            raise ArgumentError("metric: 'accuracy' needs the labels the samples were drawn for (cond={'class_labels': y})")
+            raise ArgumentError(
+                "metric: 'accuracy' needs the labels the samples were drawn for (cond={'class_labels': y})"
+            )
 
-        def accuracy(x, x0):                   # the share of samples the classifier puts in their own class
+        def accuracy(x, x0):  # the share of samples the classifier puts in their own class
             with torch.no_grad():
                 pred = feats(x.float().clamp(-1, 1)).argmax(1)
             return float((pred.cpu() == labels.reshape(-1).expand(len(x)).cpu()).float().mean())
+
         return accuracy
     if reference is None:
         raise ArgumentError(f"metric: {metric!r} needs reference samples (reference=)")
-    ref = reference.sample(n, torch.Generator().manual_seed(10 ** 6)) if hasattr(reference, "sample") else reference
+    ref = reference.sample(n, torch.Generator().manual_seed(10**6)) if hasattr(reference, "sample") else reference
     fn = {"energy": M.energy_distance, "mmd": M.mmd, "sliced": M.sliced_wasserstein}[metric]
     return lambda x, x0: fn(x.reshape(len(x), -1), ref.reshape(len(ref), -1).to(x.dtype))
 
 
-def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 64),
-            metric: str | Sequence[str] = "energy", *, n: int = 2000, seeds: int = 3, reference=None, features=None,
-            model_name: str = "model", progress: bool = False, cond: dict | None = None, label: str = "",
-            **options) -> CompareTable:
+def compare(
+    field,
+    solvers: Sequence[str],
+    nfe: Sequence[int] = (4, 8, 16, 32, 64),
+    metric: str | Sequence[str] = "energy",
+    *,
+    n: int = 2000,
+    seeds: int = 3,
+    reference=None,
+    features=None,
+    model_name: str = "model",
+    progress: bool = False,
+    cond: dict | None = None,
+    label: str = "",
+    **options,
+) -> CompareTable:
     """Sample every (solver, NFE budget) cell with `seeds` seeds and measure it with each metric.
     `reference`: exact samples or a sampler (energy, mmd, sliced) or the exact density (nll); rmse
     compares endpoints with a dopri5 solve at 1e-7 from the same start; fd uses `features` against the
@@ -152,7 +186,7 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
         check_choice("metric", m, METRICS)
     check_int("seeds", seeds, 1)
     for s in solvers:
-        registry.get(s)        # unknown names fail here, listing the valid ones
+        registry.get(s)  # unknown names fail here, listing the valid ones
     cond = check_cond(cond, n)
     scores = {m: _scorer(m, field, reference, n, features, cond) for m in metrics}
     shape = field.data_shape
@@ -167,17 +201,26 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
                     start = float(resolve_grid(field, registry.get(solver), budget, None)[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
-                    if is_launched():           # torchrun / accelerate launch: split the particles, gather
-                        used = sample(field, solver, nfe=budget, x_init=x0[:1], seed=seed, return_info=True,
-                                      cond=cond_rows(cond, 0, 1, n), **options)[1].nfe
+                    if is_launched():  # torchrun / accelerate launch: split the particles, gather
+                        used = sample(
+                            field,
+                            solver,
+                            nfe=budget,
+                            x_init=x0[:1],
+                            seed=seed,
+                            return_info=True,
+                            cond=cond_rows(cond, 0, 1, n),
+                            **options,
+                        )[1].nfe
                         t0 = time.perf_counter()
                         x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, cond=cond, **options)
                     else:
                         t0 = time.perf_counter()
-                        x, info = sample(field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True,
-                                         cond=cond, **options)
+                        x, info = sample(
+                            field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, cond=cond, **options
+                        )
                         used = info.nfe
-                except ArgumentError as e:            # budget below the solver's minimum: skip the cell
+                except ArgumentError as e:  # budget below the solver's minimum: skip the cell
                     if str(e).startswith("nfe"):
                         break
                     raise
@@ -188,14 +231,24 @@ def compare(field, solvers: Sequence[str], nfe: Sequence[int] = (4, 8, 16, 32, 6
                 continue
             name = f"{solver} {label}".strip()
             for m in metrics:
-                rows.append({"solver": name, "nfe_budget": budget, "nfe_used": used, "metric": m,
-                             "value": statistics.fmean(values[m]),
-                             "std": statistics.stdev(values[m]) if len(values[m]) > 1 else 0.0,
-                             "seconds": statistics.fmean(secs), "seeds": len(values[m])})
+                rows.append(
+                    {
+                        "solver": name,
+                        "nfe_budget": budget,
+                        "nfe_used": used,
+                        "metric": m,
+                        "value": statistics.fmean(values[m]),
+                        "std": statistics.stdev(values[m]) if len(values[m]) > 1 else 0.0,
+                        "seconds": statistics.fmean(secs),
+                        "seeds": len(values[m]),
+                    }
+                )
                 if progress:
                     r = rows[-1]
-                    print(f"{name:>26} nfe {budget:>4} ({used}) {m}: {r['value']:.4g} ± {r['std']:.2g}  "
-                          f"{r['seconds']:.2f} s")
+                    print(
+                        f"{name:>26} nfe {budget:>4} ({used}) {m}: {r['value']:.4g} ± {r['std']:.2g}  "
+                        f"{r['seconds']:.2f} s"
+                    )
     if not rows:
         raise ArgumentError("nfe: no (solver, NFE) cell could run; budgets are below every solver's minimum")
     return CompareTable(",".join(metrics), model_name, rows)

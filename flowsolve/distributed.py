@@ -6,6 +6,7 @@ The rest of flowsolve uses only the collectives below (`world`, `reduce_mean`, `
 `gather_ranges`, `barrier`, `finish`), so training (gradient averaging over the global batch),
 sharded sampling (`fs.sample_sharded`: per-sample seeds make the gathered result identical to one
 process) and `compare` run unchanged on either engine. This module knows nothing of sampling."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ import os
 import torch
 from .errors import ArgumentError, MissingDependency
 
-__all__ = ["world", "is_launched", "engine", "accelerator", "reduce_mean", "gather_rows", "barrier", "finish",
-           "shard_range", "gather_ranges"]
+__all__ = [
+    "world",
+    "is_launched",
+    "engine",
+    "accelerator",
+    "reduce_mean",
+    "gather_rows",
+    "barrier",
+    "finish",
+    "shard_range",
+    "gather_ranges",
+]
 
 _STATE: dict = {"accelerator": None}
 ENGINES = ("torch", "accelerate")
@@ -42,8 +53,10 @@ def accelerator():
         try:
             from accelerate import Accelerator
         except ImportError:
-            raise MissingDependency("engine: 'accelerate' needs Hugging Face Accelerate; pip install 'flowsolve[distributed]' "
-                              "or launch with torchrun") from None
+            raise MissingDependency(
+                "engine: 'accelerate' needs Hugging Face Accelerate; pip install 'flowsolve[distributed]' "
+                "or launch with torchrun"
+            ) from None
         _STATE["accelerator"] = Accelerator(cpu=not torch.cuda.is_available())
     return _STATE["accelerator"]
 
@@ -52,6 +65,7 @@ def world() -> tuple[int, int]:
     """(rank, world size), initialising the engine from the launcher's environment when needed
     (Accelerate's state, or a torch.distributed group: gloo on CPU, nccl on GPU)."""
     import torch.distributed as dist
+
     if not is_launched():
         return 0, 1
     if engine() == "accelerate":
@@ -71,11 +85,12 @@ def reduce_mean(tensors: list[torch.Tensor]) -> None:
         flat = accelerator().reduce(flat, reduction="mean")
     else:
         import torch.distributed as dist
+
         dist.all_reduce(flat)
         flat /= world()[1]
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -87,6 +102,7 @@ def gather_rows(part: torch.Tensor) -> list[torch.Tensor]:
         size = world()[1]
         return list(accelerator().gather(part.contiguous()).chunk(size))
     import torch.distributed as dist
+
     bufs = [torch.empty_like(part) for _ in range(world()[1])]
     dist.all_gather(bufs, part.contiguous())
     return bufs
@@ -99,6 +115,7 @@ def barrier() -> None:
         accelerator().wait_for_everyone()
     else:
         import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -109,6 +126,7 @@ def finish() -> bool:
     rank = world()[0]
     barrier()
     import torch.distributed as dist
+
     if engine() == "accelerate":
         accelerator().end_training()
         _STATE["accelerator"] = None

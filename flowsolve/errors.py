@@ -2,10 +2,19 @@
 `FlowsolveError`, so a caller (and the CLI) can tell a user mistake or a detected failure
 from a genuine bug. Each also derives from the builtin it used to be (ValueError, TypeError,
 ...), so `except ValueError` keeps working."""
+
 from __future__ import annotations
 
-__all__ = ["FlowsolveError", "ArgumentError", "ArgumentTypeError", "PathError", "NonFiniteError",
-           "NFEBudgetExceeded", "CheckpointError", "MissingDependency"]
+__all__ = [
+    "FlowsolveError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "PathError",
+    "NonFiniteError",
+    "NFEBudgetExceeded",
+    "CheckpointError",
+    "MissingDependency",
+]
 
 
 class FlowsolveError(Exception):

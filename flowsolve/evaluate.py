@@ -1,6 +1,7 @@
 """Quality of a digits model: Fréchet distance on the shipped digits features against the 400
 held-out digits, beside the real-vs-real floor (training digits against the same held-out set),
 and per-class coverage from the feature network's classifier head."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ __all__ = ["DigitsReport", "evaluate_digits", "digits_quality", "validation_fd",
 
 @dataclasses.dataclass
 class DigitsReport:
-    fd: float                 # generated vs held-out
-    floor: float              # training digits vs held-out, same n
+    fd: float  # generated vs held-out
+    floor: float  # training digits vs held-out, same n
     n: int
     class_share: list[float]  # share of samples per predicted class 0..9
     solver: str | None = None
@@ -39,8 +40,10 @@ class DigitsReport:
     def markdown(self) -> str:
         shares = " ".join(f"{i}:{s:.0%}" for i, s in enumerate(self.class_share))
         how = f"{self.solver}, {self.nfe} NFE, " if self.solver else ""
-        table = (f"| FD (n={self.n}) | real floor | ratio | classes | per-class share |\n|---:|---:|---:|---:|---|\n"
-                 f"| {self.fd:.2f} | {self.floor:.2f} | {self.ratio:.2f} | {self.classes_present}/10 | {shares} |\n")
+        table = (
+            f"| FD (n={self.n}) | real floor | ratio | classes | per-class share |\n|---:|---:|---:|---:|---|\n"
+            f"| {self.fd:.2f} | {self.floor:.2f} | {self.ratio:.2f} | {self.classes_present}/10 | {shares} |\n"
+        )
         if self.seconds is not None:
             table += f"({how}{self.seconds:.1f} s sampling)\n"
         return table
@@ -64,9 +67,16 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     return DigitsReport(fd=fd, floor=floor, n=n, class_share=[round(float(s), 4) for s in share])
 
 
-def evaluate_digits(model, features: str | os.PathLike | torch.nn.Module = "pretrained/digits-features", *,
-                    solver: str = "heun", nfe: int = 32, n: int = 1000, seed: int = 0,
-                    progress: bool = False) -> DigitsReport:
+def evaluate_digits(
+    model,
+    features: str | os.PathLike | torch.nn.Module = "pretrained/digits-features",
+    *,
+    solver: str = "heun",
+    nfe: int = 32,
+    n: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> DigitsReport:
     """Sample n digits from `model` (a field, a denoiser, or a generator, which draws with one
     evaluation and ignores solver/nfe) and report their quality."""
     from .fields import Field
@@ -75,12 +85,14 @@ def evaluate_digits(model, features: str | os.PathLike | torch.nn.Module = "pret
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
     t0 = time.perf_counter()
-    if isinstance(model, GeneratorModel):                               # a generator (Int-PM), one NFE
+    if isinstance(model, GeneratorModel):  # a generator (Int-PM), one NFE
         x, solver, used = model.sample(n, seed=seed), "generator", 1
     else:
         if not isinstance(model, (Field, ParticleModel)):
-            raise ArgumentTypeError(f"model: expected a Field, a ParticleModel (a denoiser, a Discriminator Flow) or a "
-                                    f"GeneratorModel, got {type(model).__name__}")
+            raise ArgumentTypeError(
+                f"model: expected a Field, a ParticleModel (a denoiser, a Discriminator Flow) or a "
+                f"GeneratorModel, got {type(model).__name__}"
+            )
         field = model if isinstance(model, Field) else model.field()
         x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
         used = info.nfe
@@ -90,8 +102,9 @@ def evaluate_digits(model, features: str | os.PathLike | torch.nn.Module = "pret
     return report
 
 
-def validation_fd(features: str | os.PathLike | torch.nn.Module = "pretrained/digits-features", *, n: int = 1000,
-                  seed: int = 1):
+def validation_fd(
+    features: str | os.PathLike | torch.nn.Module = "pretrained/digits-features", *, n: int = 1000, seed: int = 1
+):
     """A model-selection score for digits generators (Table 7, "best validation FID"): the FD of n
     samples (latents from `seed`) against the 1397 *training* digits, so the 400 held-out digits of
     `evaluate_digits` stay unseen by the selection. Returns a callable generator ↦ FD."""
@@ -102,6 +115,7 @@ def validation_fd(features: str | os.PathLike | torch.nn.Module = "pretrained/di
 
     def score(generator) -> float:
         return frechet_distance(generator.sample(n, seed=seed).cpu(), train, feats)
+
     return score
 
 
@@ -118,10 +132,13 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
     source = fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 1:
-        raise ArgumentError(f"data: validation by energy distance is for vectors (d,), got samples of shape {shape}; "
-                         f"use validation_fd for digits")
+        raise ArgumentError(
+            f"data: validation by energy distance is for vectors (d,), got samples of shape {shape}; "
+            f"use validation_fd for digits"
+        )
     reference = source.sample(n, generator=torch.Generator().manual_seed(seed)).float()
 
     def score(generator) -> float:
         return energy_distance(generator.sample(n, seed=sample_seed).float().cpu(), reference)
+
     return score

@@ -2,6 +2,7 @@
 Cauchy-linear and spherical Cauchy-linear. The Cauchy variants keep every intermediate point
 distributed as the N(0, I) prior: a standard Cauchy variable stays standard Cauchy under
 c(t) = (1 − t) c₁ + t c₂, so coordinates (or radii) are mapped to Cauchy, interpolated, mapped back."""
+
 from __future__ import annotations
 
 import math
@@ -37,21 +38,24 @@ def _chi_cdf(r: torch.Tensor, d: int) -> torch.Tensor:
 
 def _chi_icdf(u: torch.Tensor, d: int, iters: int = 60) -> torch.Tensor:
     lo, hi = torch.zeros_like(u), torch.full_like(u, math.sqrt(d) + 20.0)
-    for _ in range(iters):                        # bisection on the χ_d CDF
+    for _ in range(iters):  # bisection on the χ_d CDF
         mid = (lo + hi) / 2
         below = _chi_cdf(mid, d) < u
         lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
     return (lo + hi) / 2
 
 
-def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int = 8, method: str = "spherical_cauchy_linear") -> torch.Tensor:
+def interpolate(
+    a: torch.Tensor, b: torch.Tensor, steps: int = 8, method: str = "spherical_cauchy_linear"
+) -> torch.Tensor:
     """Points from latent a to latent b ((d,) or (n, d)) at `steps` evenly spaced t ∈ [0, 1]:
     returns (steps, d) or (steps, n, d)."""
     if method not in METHODS:
         raise ArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
-        raise ArgumentError(f"a, b: expected two latents of the same shape, got {getattr(a, 'shape', a)} and "
-                         f"{getattr(b, 'shape', b)}")
+        raise ArgumentError(
+            f"a, b: expected two latents of the same shape, got {getattr(a, 'shape', a)} and {getattr(b, 'shape', b)}"
+        )
     check_int("steps", steps, 2)
     a64, b64 = a.double(), b.double()
     t = torch.linspace(0, 1, steps, dtype=torch.float64).view(-1, *([1] * a.dim()))

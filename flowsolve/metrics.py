@@ -1,12 +1,24 @@
 """Sample-quality metrics: energy distance (low-dimensional data) and Fréchet distance (images,
 on any feature network, through torchmetrics)."""
+
 from __future__ import annotations
 
 import torch
 from .errors import ArgumentError, MissingDependency
 
-__all__ = ["energy_distance", "gaussian_frechet", "frechet_distance_features", "frechet_distance", "mmd",
-           "median_bandwidth", "inception_features", "sliced_wasserstein", "mode_coverage", "nll", "pf_ode_log_likelihood"]
+__all__ = [
+    "energy_distance",
+    "gaussian_frechet",
+    "frechet_distance_features",
+    "frechet_distance",
+    "mmd",
+    "median_bandwidth",
+    "inception_features",
+    "sliced_wasserstein",
+    "mode_coverage",
+    "nll",
+    "pf_ode_log_likelihood",
+]
 
 
 def _pairs(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str = "y", flat: bool = True):
@@ -56,7 +68,7 @@ class _Unit2Signed(torch.nn.Module):
     def __init__(self, features: torch.nn.Module) -> None:
         super().__init__()
         self.features = features
-        self.num_features = int(getattr(features, "num_features"))
+        self.num_features = int(features.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = getattr(self.features, "features", self.features)
@@ -67,12 +79,15 @@ def inception_features(dims: int = 2048) -> int:
     """The standard FID feature extractor (torchmetrics' Inception, `feature=dims`) when torch-fidelity
     and its weights are available locally; a clear error otherwise (nothing is downloaded here)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
+
     try:
         FrechetInceptionDistance(feature=dims)
     except (ModuleNotFoundError, RuntimeError, OSError, ValueError) as e:
-        raise MissingDependency(f"features: Inception features are not available offline ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:160]}); pass a feature network instead, e.g. "
-                           f"fs.from_pretrained('pretrained/digits-features')") from None
+        raise MissingDependency(
+            f"features: Inception features are not available offline ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); pass a feature network instead, e.g. "
+            f"fs.from_pretrained('pretrained/digits-features')"
+        ) from None
     return dims
 
 
@@ -86,7 +101,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ArgumentError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
-    if features == "inception":               # the standard FID: 3-channel images, resized by torchmetrics
+    if features == "inception":  # the standard FID: 3-channel images, resized by torchmetrics
         fid = FrechetInceptionDistance(feature=inception_features(), normalize=True)
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
@@ -145,8 +160,12 @@ def mode_coverage(x: torch.Tensor, mixture, radius_std: float = 3.0) -> dict:
     modes = len(mixture.means)
     count = torch.bincount(k, minlength=modes).double()
     good = torch.bincount(k[near], minlength=modes).double()
-    return {"share": (count / len(x)).tolist(), "within": float(near.double().mean()),
-            "precision": (good / count.clamp(min=1)).tolist(), "modes_covered": int((count > 0).sum())}
+    return {
+        "share": (count / len(x)).tolist(),
+        "within": float(near.double().mean()),
+        "precision": (good / count.clamp(min=1)).tolist(),
+        "modes_covered": int((count > 0).sum()),
+    }
 
 
 def nll(x: torch.Tensor, mixture) -> float:
@@ -154,8 +173,16 @@ def nll(x: torch.Tensor, mixture) -> float:
     return float(-mixture.log_prob(x.reshape(len(x), -1).double()).mean())
 
 
-def pf_ode_log_likelihood(model, x: torch.Tensor, *, hutchinson: bool | None = None, seed: int = 0,
-                          rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5") -> torch.Tensor:
+def pf_ode_log_likelihood(
+    model,
+    x: torch.Tensor,
+    *,
+    hutchinson: bool | None = None,
+    seed: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+) -> torch.Tensor:
     """log p(x) under the probability-flow ODE of an EDM field or denoiser (Song et al. 2021):
     integrate dx/dσ = v(x, σ) from σ_min up to σ_max with d/dσ ℓ = ∇·v, then
     log p(x) = log N(x_σmax; 0, σ_max² I) + ℓ. The divergence is exact (d autograd passes) for
@@ -195,6 +222,7 @@ def pf_ode_log_likelihood(model, x: torch.Tensor, *, hutchinson: bool | None = N
     out = odeint(rhs, state, span, rtol=rtol, atol=atol, method=method)[-1]
     xT, delta = out[:, :d], out[:, d]
     s = field.sigma_max
-    log_prior = -0.5 * (xT.square().sum(1) / s ** 2) - d * (torch.log(torch.tensor(s, dtype=x.dtype)) +
-                                                              0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype)))
+    log_prior = -0.5 * (xT.square().sum(1) / s**2) - d * (
+        torch.log(torch.tensor(s, dtype=x.dtype)) + 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
+    )
     return log_prior + delta

@@ -5,6 +5,7 @@ it falls in or on the global RNG (EDM's per-sample generators). To keep the cost
 of a draw low, samples are grouped in fixed blocks of BLOCK rows, each block with
 its own generator; a chunk that cuts a block draws the whole block and keeps its rows.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -41,19 +42,31 @@ class SampleNoise:
     Every call returns the next draw of each sample's stream.
     """
 
-    def __init__(self, seed: int, start: int, count: int, shape: tuple[int, ...],
-                 dtype: torch.dtype, device: torch.device | str, stream: int = 0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        start: int,
+        count: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        stream: int = 0,
+    ) -> None:
         self.shape = tuple(shape)
         self.dtype, self.device = dtype, torch.device(device)
         self._draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         first, last = start // BLOCK, (start + count - 1) // BLOCK
-        self._gens = [torch.Generator(device=self.device).manual_seed(derive_seed(seed, b, stream))
-                      for b in range(first, last + 1)]
+        self._gens = [
+            torch.Generator(device=self.device).manual_seed(derive_seed(seed, b, stream))
+            for b in range(first, last + 1)
+        ]
         self._lo = start - first * BLOCK
         self._hi = self._lo + count
 
     def __call__(self) -> torch.Tensor:
-        z = [torch.randn((BLOCK, *self.shape), generator=g, dtype=self._draw_dtype, device=self.device)
-             for g in self._gens]
-        z = (z[0] if len(z) == 1 else torch.cat(z))[self._lo:self._hi]
+        z = [
+            torch.randn((BLOCK, *self.shape), generator=g, dtype=self._draw_dtype, device=self.device)
+            for g in self._gens
+        ]
+        z = (z[0] if len(z) == 1 else torch.cat(z))[self._lo : self._hi]
         return z if z.dtype == self.dtype else z.to(self.dtype)

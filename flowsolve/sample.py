@@ -1,4 +1,5 @@
 """`sample()`: the one entry point for particle models (Definition 1): draw x_0 ~ π, follow the field."""
+
 from __future__ import annotations
 
 import math
@@ -31,12 +32,19 @@ class SampleInfo:
     nfe_budget: int | None = None
     trajectory: torch.Tensor | None = None
     trajectory_times: list[float] = dc_field(default_factory=list)
-    network_passes: int | None = None   # model forward passes per sample (guided CFG: one batched pass per NFE)
+    network_passes: int | None = None  # model forward passes per sample (guided CFG: one batched pass per NFE)
 
 
-def initial_noise(field: Field, seed: int, start: int, count: int, shape: Sequence[int],
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  t_start: float | None = None) -> torch.Tensor:
+def initial_noise(
+    field: Field,
+    seed: int,
+    start: int,
+    count: int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    t_start: float | None = None,
+) -> torch.Tensor:
     """The starting particles x_0 ~ π of samples start .. start + count − 1 for `seed`: the draws
     `sample(seed=)` makes (stream 0 of the per-sample noise), so that sample i is the same wherever
     it is drawn (`sample`, `compare`, sharded sampling, chunks)."""
@@ -63,8 +71,10 @@ def check_cond(cond, n: int) -> dict:
         if v.dim() == 0:
             v = v.reshape(1)
         if v.shape[0] not in (1, n):
-            raise ArgumentError(f"cond: key {k!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
-                                f"or 1 (the same for all)")
+            raise ArgumentError(
+                f"cond: key {k!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
+                f"or 1 (the same for all)"
+            )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ArgumentError(f"cond: key {k!r} holds NaN or inf")
         out[k] = v
@@ -73,8 +83,10 @@ def check_cond(cond, n: int) -> dict:
 
 def cond_rows(cond: dict, start: int, count: int, n: int) -> dict:
     """The rows start .. start + count − 1 of every conditioning tensor (size-1 ones expanded)."""
-    return {k: (v[start:start + count] if v.shape[0] == n and n != 1 else v.expand(count, *v.shape[1:]))
-            for k, v in cond.items()}
+    return {
+        k: (v[start : start + count] if v.shape[0] == n and n != 1 else v.expand(count, *v.shape[1:]))
+        for k, v in cond.items()
+    }
 
 
 def _particles(field: Field, n, shape, x_init, device, dtype):
@@ -83,8 +95,9 @@ def _particles(field: Field, n, shape, x_init, device, dtype):
         if not isinstance(x_init, torch.Tensor):
             raise ArgumentTypeError(f"x_init: expected a tensor of shape (n, *data_shape), got {type(x_init).__name__}")
         if x_init.dim() < 2:
-            raise ArgumentError(f"x_init: expected shape (n, *data_shape) with at least 2 dimensions, "
-                                f"got {tuple(x_init.shape)}")
+            raise ArgumentError(
+                f"x_init: expected shape (n, *data_shape) with at least 2 dimensions, got {tuple(x_init.shape)}"
+            )
         if not x_init.is_floating_point():
             raise ArgumentTypeError(f"x_init: expected a floating-point tensor, got dtype {x_init.dtype}")
         if not torch.isfinite(x_init).all():
@@ -103,8 +116,10 @@ def _particles(field: Field, n, shape, x_init, device, dtype):
         check_int("n", n, 1)
         shape = tuple(shape) if shape is not None else field.data_shape
         if shape is None:
-            raise ArgumentError(f"shape: {type(field).__name__} does not know its data shape; say it once where the "
-                                f"field is made (e.g. fields.EDM(fn, shape=(2,))), or pass shape=(...) or x_init= here")
+            raise ArgumentError(
+                f"shape: {type(field).__name__} does not know its data shape; say it once where the "
+                f"field is made (e.g. fields.EDM(fn, shape=(2,))), or pass shape=(...) or x_init= here"
+            )
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
             raise ArgumentError(f"shape: expected positive integers, got {shape}")
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -122,65 +137,96 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             raise ArgumentTypeError(f"nfe: expected an integer, got float {nfe!r}")
         check_int("nfe", nfe, 1)
         if nfe < spec.min_nfe:
-            raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}")
+            raise ArgumentError(
+                f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}"
+            )
     if spec.adaptive:
         if grid is not None and not isinstance(grid, str):
             g = grids.check(grid)
             return torch.stack([g[0], g[-1]]), nfe if nfe is not None else 10 * field.default_nfe
-        return (torch.tensor([field.t_start, field.t_end], dtype=torch.float64),
-                nfe if nfe is not None else 10 * field.default_nfe)
+        return (
+            torch.tensor([field.t_start, field.t_end], dtype=torch.float64),
+            nfe if nfe is not None else 10 * field.default_nfe,
+        )
     if grid == "calibrated":
         budget = field.default_nfe if nfe is None else nfe
         key = f"{spec.name}:{budget}"
         if key not in field.calibrated:
             have = ", ".join(sorted(field.calibrated)) or "none"
-            raise ArgumentError(f"grid: no calibrated grid for solver {spec.name!r} at nfe={budget}; calibrated: {have} "
-                                f"(make one with fs.grids.calibrate or `flowsolve calibrate`)")
+            raise ArgumentError(
+                f"grid: no calibrated grid for solver {spec.name!r} at nfe={budget}; calibrated: {have} "
+                f"(make one with fs.grids.calibrate or `flowsolve calibrate`)"
+            )
         grid, nfe = torch.tensor(field.calibrated[key], dtype=torch.float64), budget
     elif grid is None or isinstance(grid, str):
         budget = field.default_nfe if nfe is None else nfe
         steps = spec.steps_for(budget, singular)
         if steps > grids.MAX_STEPS:
-            raise ArgumentError(f"nfe: {budget} evaluations would need a grid of {steps} steps under {spec.name!r}; "
-                                f"at most {grids.MAX_STEPS} steps are supported")
+            raise ArgumentError(
+                f"nfe: {budget} evaluations would need a grid of {steps} steps under {spec.name!r}; "
+                f"at most {grids.MAX_STEPS} steps are supported"
+            )
         if steps < spec.min_steps:
-            raise ArgumentError(f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}")
+            raise ArgumentError(
+                f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}"
+            )
         if grid is None and spec.default_grid and getattr(field, "default_grid", None) == "karras":
-            grid = spec.default_grid             # the solver's measured best uncalibrated spacing
+            grid = spec.default_grid  # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
     g = grids.check(grid)
     lo, hi = field.domain()
     slack = DOMAIN_TOLERANCE * max(1.0, abs(lo), abs(hi) if math.isfinite(hi) else 1.0)
     if float(g.min()) < lo - slack or float(g.max()) > hi + slack:
-        raise ArgumentError(f"grid: times from {float(g.min()):g} to {float(g.max()):g} leave the domain "
-                            f"[{lo:g}, {hi:g}] of {type(field).__name__}"
-                            + (" (σ above the range its denoiser was trained on)" if field.time_is_sigma else ""))
+        raise ArgumentError(
+            f"grid: times from {float(g.min()):g} to {float(g.max()):g} leave the domain "
+            f"[{lo:g}, {hi:g}] of {type(field).__name__}"
+            + (" (σ above the range its denoiser was trained on)" if field.time_is_sigma else "")
+        )
     direction = 1.0 if field.t_end > field.t_start else -1.0
     if float(g[1] - g[0]) * direction < 0:
-        raise ArgumentError(f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
-                         f"got a grid from {g[0].item():g} to {g[-1].item():g}")
+        raise ArgumentError(
+            f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
+            f"got a grid from {g[0].item():g} to {g[-1].item():g}"
+        )
     if spec.needs_sigma and float(g[-1]) < 0:
-        raise ArgumentError(f"grid: solver {spec.name!r} needs noise levels σ >= 0, got a last time of {g[-1].item():g}")
+        raise ArgumentError(
+            f"grid: solver {spec.name!r} needs noise levels σ >= 0, got a last time of {g[-1].item():g}"
+        )
     steps = len(g) - 1
     if steps < spec.min_steps:
         raise ArgumentError(f"grid: solver {spec.name!r} needs at least {spec.min_steps + 1} times, got {len(g)}")
     if nfe is not None:
         need = spec.evals(steps, singular and float(g[-1]) == field.t_end)
         if need > nfe:
-            raise ArgumentError(f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
-                             f"more than the budget nfe={nfe}")
+            raise ArgumentError(
+                f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
+                f"more than the budget nfe={nfe}"
+            )
     return g, nfe
 
 
 @torch.no_grad()
-def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None,
-           shape: Sequence[int] | None = None, x_init: torch.Tensor | None = None,
-           grid: torch.Tensor | Sequence[float] | str | None = None, seed: int | None = None,
-           batch_size: int | None = None, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None, return_info: bool = False, trajectory_every: int = 0,
-           index_offset: int = 0, cond: dict | None = None,
-           callback: Callable[[int, float, torch.Tensor], Any] | None = None, progress: bool = False,
-           **options: Any):
+def sample(
+    field: Field,
+    solver: str = "heun",
+    nfe: int | None = None,
+    *,
+    n: int | None = None,
+    shape: Sequence[int] | None = None,
+    x_init: torch.Tensor | None = None,
+    grid: torch.Tensor | Sequence[float] | str | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    return_info: bool = False,
+    trajectory_every: int = 0,
+    index_offset: int = 0,
+    cond: dict | None = None,
+    callback: Callable[[int, float, torch.Tensor], Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+):
     """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
 
     field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`.
@@ -203,13 +249,16 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     """
     t0 = time.perf_counter()
     if not isinstance(field, Field):
-        raise ArgumentTypeError(f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), "
-                        f"got {type(field).__name__}")
+        raise ArgumentTypeError(
+            f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), got {type(field).__name__}"
+        )
     spec = solvers.get(solver)
     spec.check_options(options)
     if spec.needs_sigma and field.path is None:
-        raise ArgumentError(f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
-                            f"FlowMatching: its time is a noise level), got {type(field).__name__}")
+        raise ArgumentError(
+            f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
+            f"FlowMatching: its time is a noise level), got {type(field).__name__}"
+        )
     g64, budget = resolve_grid(field, spec, nfe, grid)
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
@@ -219,12 +268,15 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
     cond = check_cond(cond, n)
     if seed is None:
         seed = fresh_seed()
-    check_int("seed", seed, 0, 2 ** 63 - 1)
+    check_int("seed", seed, 0, 2**63 - 1)
     batch_size = n if batch_size is None else check_int("batch_size", batch_size, 1)
-    per = math.prod(shape) * torch.finfo(dtype).bits // 8          # bytes of one particle
-    check_memory("n", n * per + min(batch_size, n) * per * 12,     # the result + a chunk's solver state
-                 "draw fewer samples at a time (index_offset= continues sample i exactly), or let the CLI "
-                 "stream them to a .npy file")
+    per = math.prod(shape) * torch.finfo(dtype).bits // 8  # bytes of one particle
+    check_memory(
+        "n",
+        n * per + min(batch_size, n) * per * 12,  # the result + a chunk's solver state
+        "draw fewer samples at a time (index_offset= continues sample i exactly), or let the CLI "
+        "stream them to a .npy file",
+    )
     check_int("index_offset", index_offset, 0)
 
     # -- chunks -----------------------------------------------------------------------------
@@ -234,18 +286,27 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         if x_init is None:
             x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
-            x = x_init[start:start + count].to(device=device, dtype=dtype)
-        noise = (SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1)
-                 if spec.stochastic else None)
+            x = x_init[start : start + count].to(device=device, dtype=dtype)
+        noise = (
+            SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1) if spec.stochastic else None
+        )
         bound = field.bind({k: v.to(device) for k, v in cond_rows(cond, start, count, n).items()})
-        run = solvers.Run(bound, g64, x, solver=spec.name, noise=noise, callback=callback,
-                          trajectory_every=trajectory_every, progress=progress,
-                          budget=budget if spec.adaptive else None)
+        run = solvers.Run(
+            bound,
+            g64,
+            x,
+            solver=spec.name,
+            noise=noise,
+            callback=callback,
+            trajectory_every=trajectory_every,
+            progress=progress,
+            budget=budget if spec.adaptive else None,
+        )
         x = spec.fn(run, x, **options)
         run.finish()
         nfe_used = max(nfe_used, run.nfe)
         counted = bound.passes()
-        if counted is not None:                   # a field whose model counts its passes
+        if counted is not None:  # a field whose model counts its passes
             passes = max(passes or 0, counted)
         outs.append(x)
         if trajectory_every:
@@ -256,15 +317,31 @@ def sample(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int
         return out
     if budget is not None and nfe_used > budget:  # a solver that broke its own accounting is a bug
         raise RuntimeError(f"solver {spec.name!r} used {nfe_used} evaluations, over the budget {budget}")
-    info = SampleInfo(nfe=nfe_used, grid=g64, seconds=time.perf_counter() - t0, solver=spec.name,
-                      steps=len(g64) - 1, seed=seed, nfe_budget=budget,
-                      trajectory=(frames[0] if len(frames) == 1 else torch.cat(frames, 1)) if frames else None,
-                      trajectory_times=frame_times, network_passes=passes if passes is not None else nfe_used)
+    info = SampleInfo(
+        nfe=nfe_used,
+        grid=g64,
+        seconds=time.perf_counter() - t0,
+        solver=spec.name,
+        steps=len(g64) - 1,
+        seed=seed,
+        nfe_budget=budget,
+        trajectory=(frames[0] if len(frames) == 1 else torch.cat(frames, 1)) if frames else None,
+        trajectory_times=frame_times,
+        network_passes=passes if passes is not None else nfe_used,
+    )
     return out, info
 
 
-def sample_sharded(field: Field, solver: str = "heun", nfe: int | None = None, *, n: int | None = None,
-                   seed: int, x_init: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+def sample_sharded(
+    field: Field,
+    solver: str = "heun",
+    nfe: int | None = None,
+    *,
+    n: int | None = None,
+    seed: int,
+    x_init: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """`sample` split over the launched processes (torchrun / accelerate launch); every process
     returns all n samples, identical to one process's (with `x_init`, each integrates its rows)."""
     if seed is None:
@@ -275,15 +352,30 @@ def sample_sharded(field: Field, solver: str = "heun", nfe: int | None = None, *
     if size == 1:
         return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
     if getattr(field, "interacting", False):
-        raise ArgumentError(f"field: {type(field).__name__} couples all particles, so splitting them over processes "
-                            f"would change the flow; sample it in one process")
+        raise ArgumentError(
+            f"field: {type(field).__name__} couples all particles, so splitting them over processes "
+            f"would change the flow; sample it in one process"
+        )
     start, end = shard_range(n, rank, size)
     cond = check_cond(kwargs.pop("cond", None), n)
     part = None
     if end > start:
         rows = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
-        part = sample(field, solver, nfe, seed=seed, index_offset=start, cond=cond_rows(cond, start, end - start, n),
-                      **rows, **kwargs)
-    shape = (tuple(part.shape[1:]) if part is not None else
-             tuple(x_init.shape[1:]) if x_init is not None else tuple(kwargs.get("shape") or field.data_shape))
+        part = sample(
+            field,
+            solver,
+            nfe,
+            seed=seed,
+            index_offset=start,
+            cond=cond_rows(cond, start, end - start, n),
+            **rows,
+            **kwargs,
+        )
+    shape = (
+        tuple(part.shape[1:])
+        if part is not None
+        else tuple(x_init.shape[1:])
+        if x_init is not None
+        else tuple(kwargs.get("shape") or field.data_shape)
+    )
     return gather_ranges(part, n, shape)

@@ -1,4 +1,5 @@
 """Figures: 2-D particle scatter plots and image grids, written as PNG (matplotlib, Agg)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | Non
     """2-D particles: a scatter plot (with the reference mixture's means when given);
     images (n, C, H, W) in [−1, 1]: a square grid."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -31,22 +33,36 @@ def save_png(x: torch.Tensor, path: str | Path, reference=None, title: str | Non
         return
     if x.dim() == 4:
         from torchvision.utils import make_grid, save_image
+
         nrow = max(1, int(len(x) ** 0.5))
-        if x.shape[-1] < 32:   # tiny images (8×8 digits): enlarge with nearest neighbours to be viewable
+        if x.shape[-1] < 32:  # tiny images (8×8 digits): enlarge with nearest neighbours to be viewable
             x = torch.nn.functional.interpolate(x, scale_factor=-(-32 // x.shape[-1]), mode="nearest")
         save_image(make_grid((x.clamp(-1, 1) + 1) / 2, nrow=nrow), str(path))
         return
-    raise ArgumentError(f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "
-                     f"write .npy or .pt instead")
+    raise ArgumentError(
+        f"x: a PNG needs 2-D particles (n, 2) or images (n, C, H, W), got shape {tuple(x.shape)}; "
+        f"write .npy or .pt instead"
+    )
 
 
-def flow_panels(field, path: str | Path, n: int = 128, nfe: int | None = None, solver: str = "euler",
-                panels: int = 6, seed: int = 0, reference=None, heat=None, title: str | None = None,
-                grid=None) -> None:
+def flow_panels(
+    field,
+    path: str | Path,
+    n: int = 128,
+    nfe: int | None = None,
+    solver: str = "euler",
+    panels: int = 6,
+    seed: int = 0,
+    reference=None,
+    heat=None,
+    title: str | None = None,
+    grid=None,
+) -> None:
     """The paper's Figures 8–12: particles of a 2-D field at `panels` times of the generation, with
     the field's vectors (∇h up to the time scale) as arrows, the reference mixture's samples as
     diamonds, and, for discriminator models, `heat(x, t)` (e.g. c∘f) as a background heat-map."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -77,8 +93,18 @@ def flow_panels(field, path: str | Path, n: int = 128, nfe: int | None = None, s
                 v = field(xk, torch.tensor(float(tk)))
             dt = times[min(k + 1, len(times) - 1)] - tk if k < len(times) - 1 else times[k] - times[k - 1]
             step = v * dt
-            ax.quiver(xk[:, 0], xk[:, 1], step[:, 0], step[:, 1], angles="xy", scale_units="xy", scale=1,
-                      width=0.004, color="tab:blue", alpha=0.7)
+            ax.quiver(
+                xk[:, 0],
+                xk[:, 1],
+                step[:, 0],
+                step[:, 1],
+                angles="xy",
+                scale_units="xy",
+                scale=1,
+                width=0.004,
+                color="tab:blue",
+                alpha=0.7,
+            )
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -96,6 +122,7 @@ def _frame_2d(x: torch.Tensor, lim: float, title: str, reference=None):
     import io
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
@@ -130,8 +157,18 @@ def _frame_images(x: torch.Tensor, title: str):
     return Image.fromarray(arr)
 
 
-def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = None, n: int = 16, seed: int = 0,
-            every: int = 1, duration_ms: int = 120, reference=None, **options) -> int:
+def animate(
+    field,
+    path: str | Path,
+    solver: str = "heun",
+    nfe: int | None = None,
+    n: int = 16,
+    seed: int = 0,
+    every: int = 1,
+    duration_ms: int = 120,
+    reference=None,
+    **options,
+) -> int:
     """The generation process of any field (the paper's Figure 1) as an animated GIF or PNG: one
     frame per `every` solver steps plus the last, an image grid for images or a scatter plot for
     2-D particles. Returns the number of frames."""
@@ -149,15 +186,18 @@ def animate(field, path: str | Path, solver: str = "heun", nfe: int | None = Non
     elif traj.dim() == 5:
         frames = [_frame_images(traj[k], f"t = {times[k]:.3g}") for k in range(len(traj))]
     else:
-        raise ArgumentError(f"field: animations need 2-D particles or images, got samples of shape {tuple(traj.shape[2:])}")
+        raise ArgumentError(
+            f"field: animations need 2-D particles or images, got samples of shape {tuple(traj.shape[2:])}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 8]      # hold the last frame
+    durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 8]  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return len(frames)
 
 
-def interpolation_grid(generator, path: str | Path, method: str = "spherical_cauchy_linear", rows: int = 4,
-                       steps: int = 8, seed: int = 0) -> torch.Tensor:
+def interpolation_grid(
+    generator, path: str | Path, method: str = "spherical_cauchy_linear", rows: int = 4, steps: int = 8, seed: int = 0
+) -> torch.Tensor:
     """Latent interpolations of a generator model (App. C.3, Figure 5): `rows` pairs of latents, each
     row `steps` outputs along the chosen interpolation; images as a grid, 2-D outputs as paths."""
     from .latent import interpolate
@@ -171,14 +211,17 @@ def interpolation_grid(generator, path: str | Path, method: str = "spherical_cau
         x = generator(z.to(p.device, p.dtype)).cpu()
     if x.dim() == 4:
         from torchvision.utils import make_grid, save_image
+
         big = x
         if x.shape[-1] < 32:
             big = torch.nn.functional.interpolate(x, scale_factor=-(-32 // x.shape[-1]), mode="nearest")
         save_image(make_grid((big.clamp(-1, 1) + 1) / 2, nrow=steps), str(path))
     elif x.dim() == 2 and x.shape[1] == 2:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         for r in x.reshape(rows, steps, 2):
             ax.plot(r[:, 0], r[:, 1], "-o", ms=3)
@@ -195,6 +238,7 @@ def interpolation_grid(generator, path: str | Path, method: str = "spherical_cau
 def training_curves(records: list[dict], path: str | Path, title: str | None = None) -> None:
     """Loss (smoothed and last) and model-selection scores of a run's log.jsonl against the step, as PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -5,6 +5,7 @@ Every source has `data_shape` and `sample(n, generator)`; finite ones also have 
 Nothing is downloaded: scikit-learn's digits ship with scikit-learn, image folders and
 torchvision datasets are read from disk.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,22 @@ from .gmm import GaussianMixture
 from .._checks import seeded_generator
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["TensorData", "Moons", "digits", "moons", "image_folder", "torchvision_dataset", "load",
-           "BUILTIN", "DIGITS_HELD_OUT", "labelled_batches", "num_classes", "batches"]
+__all__ = [
+    "TensorData",
+    "Moons",
+    "digits",
+    "moons",
+    "image_folder",
+    "torchvision_dataset",
+    "load",
+    "BUILTIN",
+    "DIGITS_HELD_OUT",
+    "labelled_batches",
+    "num_classes",
+    "batches",
+]
 
-DIGITS_HELD_OUT = 400   # digits rows kept out of training (fixed permutation, seed 0): the FD reference set
+DIGITS_HELD_OUT = 400  # digits rows kept out of training (fixed permutation, seed 0): the FD reference set
 BUILTIN = {
     "gmm2d": "the exact paper mixture (App. D.1): 5 modes on a circle of radius 5, std 0.5",
     "moons": "two interleaved half circles with Gaussian noise 0.1 (exact sampler)",
@@ -146,8 +159,9 @@ def image_folder(path: str | os.PathLike, size: int | None = None, channels: int
     return TensorData(torch.stack(xs), torch.tensor(ys), name=str(root))
 
 
-def torchvision_dataset(name: str, root: str | os.PathLike | None = None, train: bool = True,
-                        limit: int | None = None) -> TensorData:
+def torchvision_dataset(
+    name: str, root: str | os.PathLike | None = None, train: bool = True, limit: int | None = None
+) -> TensorData:
     """MNIST (padded to 32×32, App. D.1), CIFAR-10 or CelebA (center crop, 64×64) from a local copy;
     never downloads. `root` defaults to $FLOWSOLVE_DATA or ~/.cache/flowsolve/data."""
     import torchvision
@@ -156,27 +170,38 @@ def torchvision_dataset(name: str, root: str | os.PathLike | None = None, train:
     root = Path(root or os.environ.get("FLOWSOLVE_DATA", Path.home() / ".cache" / "flowsolve" / "data"))
     to_pm1 = T.Compose([T.ToTensor(), T.Normalize(0.5, 0.5)])
     makers = {
-        "mnist": lambda: torchvision.datasets.MNIST(root, train=train, download=False,
-                                                    transform=T.Compose([T.Pad(2), to_pm1])),
+        "mnist": lambda: torchvision.datasets.MNIST(
+            root, train=train, download=False, transform=T.Compose([T.Pad(2), to_pm1])
+        ),
         "cifar10": lambda: torchvision.datasets.CIFAR10(root, train=train, download=False, transform=to_pm1),
-        "celeba": lambda: torchvision.datasets.CelebA(root, split="train" if train else "test", download=False,
-                                                      transform=T.Compose([T.CenterCrop(178), T.Resize(64), to_pm1])),
+        "celeba": lambda: torchvision.datasets.CelebA(
+            root,
+            split="train" if train else "test",
+            download=False,
+            transform=T.Compose([T.CenterCrop(178), T.Resize(64), to_pm1]),
+        ),
     }
     if name not in makers:
         raise ArgumentError(f"name: expected one of {sorted(makers)}, got {name!r}")
     try:
         ds = makers[name]()
     except RuntimeError as e:
-        raise PathError(f"data: {name} is not available under {str(root)!r} (flowsolve never downloads; "
-                                f"put a torchvision copy there or set FLOWSOLVE_DATA): {e}") from None
+        raise PathError(
+            f"data: {name} is not available under {str(root)!r} (flowsolve never downloads; "
+            f"put a torchvision copy there or set FLOWSOLVE_DATA): {e}"
+        ) from None
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = zip(*(ds[i] for i in range(n)))
-    return TensorData(torch.stack(xs), torch.as_tensor([int(y) if not torch.is_tensor(y) else int(y.flatten()[0])
-                                                        for y in ys]), name=name)
+    return TensorData(
+        torch.stack(xs),
+        torch.as_tensor([int(y) if not torch.is_tensor(y) else int(y.flatten()[0]) for y in ys]),
+        name=name,
+    )
 
 
-def load(name: str | os.PathLike, split: str = "train", *, size: int | None = None,
-         root: str | os.PathLike | None = None):
+def load(
+    name: str | os.PathLike, split: str = "train", *, size: int | None = None, root: str | os.PathLike | None = None
+):
     """A data source by name (see `BUILTIN`) or an image-folder path."""
     if isinstance(name, str) and name in BUILTIN:
         if name == "gmm2d":
@@ -208,8 +233,10 @@ def as_source(data) -> object:
         return load(data)
     if hasattr(data, "sample"):
         return data
-    raise ArgumentTypeError(f"data: expected a dataset name, a folder, a tensor or an object with .sample(n, generator), "
-                    f"got {type(data).__name__}")
+    raise ArgumentTypeError(
+        f"data: expected a dataset name, a folder, a tensor or an object with .sample(n, generator), "
+        f"got {type(data).__name__}"
+    )
 
 
 def batches(source, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -223,9 +250,11 @@ def labelled_batches(source, batch_size: int, generator: torch.Generator) -> tup
     draws from the same generator state."""
     labels = getattr(source, "labels", None)
     if labels is None:
-        raise ArgumentError(f"data: {getattr(source, 'name', type(source).__name__)!r} has no labels; conditional "
-                            f"training needs labelled data (digits, image folders with one subfolder per class, "
-                            f"torchvision datasets)")
+        raise ArgumentError(
+            f"data: {getattr(source, 'name', type(source).__name__)!r} has no labels; conditional "
+            f"training needs labelled data (digits, image folders with one subfolder per class, "
+            f"torchvision datasets)"
+        )
     idx = torch.randint(len(source.x), (batch_size,), generator=generator)
     return source.x[idx].float(), torch.as_tensor(labels)[idx].long()
 
@@ -236,4 +265,3 @@ def num_classes(source) -> int:
     if labels is None:
         raise ArgumentError("data: conditional training needs labelled data")
     return int(torch.as_tensor(labels).max()) + 1
-

@@ -4,6 +4,7 @@ p ⋆ k_σ of an isotropic mixture Σ_k w_k N(μ_k, s_k² I) is the mixture Σ_k
 so ∇log[p ⋆ k_σ] and the optimal denoiser D(x; σ) = E[x_0 | x_0 + σε = x] are closed-form.
 These are the exact fields every solver is checked against (DESIGN.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,12 @@ class GaussianMixture:
     """Σ_k w_k N(μ_k, std_k² I) in dimension `dim` with exact log_prob, sample, score and denoiser
     of the σ-noised mixture. All methods follow the dtype and device of their input."""
 
-    def __init__(self, means: torch.Tensor | Sequence[Sequence[float]], std: float | Sequence[float] = 0.5,
-                 weights: Sequence[float] | torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        means: torch.Tensor | Sequence[Sequence[float]],
+        std: float | Sequence[float] = 0.5,
+        weights: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2 or means.shape[0] < 1:
             raise ArgumentError(f"means: expected shape (modes, dim), got {tuple(means.shape)}")
@@ -41,8 +46,11 @@ class GaussianMixture:
         std = std.expand(K).clone() if std.dim() == 0 else std
         if std.shape != (K,) or not (std > 0).all():
             raise ArgumentError(f"std: expected a positive number or {K} positive numbers, got {std.tolist()}")
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None \
+        w = (
+            torch.full((K,), 1.0 / K, dtype=torch.float64)
+            if weights is None
             else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (K,) or (w < 0).any() or not w.sum() > 0:
             raise ArgumentError(f"weights: expected {K} non-negative numbers with a positive sum, got {w.tolist()}")
         self.means, self.std, self.weights = means, std, w / w.sum()
@@ -85,8 +93,8 @@ class GaussianMixture:
     def _posterior(self, x, sigma):
         """log responsibilities r_k(x) under the σ-noised mixture, and the noised variances."""
         mu, var0, logw = self._params(x)
-        var = var0[None, :] + sigma[:, None] ** 2                      # (n, K)
-        d2 = ((x[:, None, :] - mu[None]) ** 2).sum(-1)                  # (n, K)
+        var = var0[None, :] + sigma[:, None] ** 2  # (n, K)
+        d2 = ((x[:, None, :] - mu[None]) ** 2).sum(-1)  # (n, K)
         logp = logw - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
         return logp, var
 
@@ -111,11 +119,17 @@ class GaussianMixture:
         mu, var0, _ = self._params(x)
         logp, var = self._posterior(x, _as_sigma(sigma, x))
         r = torch.softmax(logp, dim=1)
-        shrink = r * (var0[None, :] / var)                               # Σ_k r_k s_k²/(s_k²+σ²)
+        shrink = r * (var0[None, :] / var)  # Σ_k r_k s_k²/(s_k²+σ²)
         return (r - shrink) @ mu + shrink.sum(1, keepdim=True) * x
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None, return_modes: bool = False):
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        return_modes: bool = False,
+    ):
         """n exact samples (and their mode indices if return_modes)."""
         check_int("n", n, 0)
         if generator is None:

@@ -1,6 +1,7 @@
 """Fields: particles follow dx/dt = field(x, t) (the paper's ∇h_ρ, Eq. 1). Every field exposes its
 direction through one method, `grad_h(x, t)`; the PM integrates the field, an Int-PM pushes the same
 `grad_h` through a generator (Eq. 11–13)."""
+
 from .._checks import as_column, batch_time
 from .base import Field, Function, Scale, Sum
 from .discriminator import LOSSES, DiscriminatorFlow, GANLoss, gradient_penalty
@@ -9,5 +10,26 @@ from .paths import FLOW, TRIG, VE, GaussianPath
 from .kernels import SVGD, MMDFlow, rbf_kernel_grad
 from .score import EDM, Langevin, ScoreDifference
 
-__all__ = ["Field", "Function", "Sum", "Scale", "EDM", "ScoreDifference", "Langevin", "DiscriminatorFlow", "MMDFlow",
-           "SVGD", "FlowMatching", "GaussianPath", "VE", "FLOW", "TRIG", "GANLoss", "LOSSES", "gradient_penalty", "rbf_kernel_grad", "batch_time", "as_column"]
+__all__ = [
+    "Field",
+    "Function",
+    "Sum",
+    "Scale",
+    "EDM",
+    "ScoreDifference",
+    "Langevin",
+    "DiscriminatorFlow",
+    "MMDFlow",
+    "SVGD",
+    "FlowMatching",
+    "GaussianPath",
+    "VE",
+    "FLOW",
+    "TRIG",
+    "GANLoss",
+    "LOSSES",
+    "gradient_penalty",
+    "rbf_kernel_grad",
+    "batch_time",
+    "as_column",
+]

@@ -3,6 +3,7 @@
 A field knows its time domain (t_start → t_end), its prior π and its default grid;
 it may carry a stochastic form for SDE solvers (`sde`, Eq. 21).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -18,7 +19,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 __all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE"]
 
 
-DOMAIN_TOLERANCE = 1e-3   # relative slack for grids at the ends of a field's domain (float rounding)
+DOMAIN_TOLERANCE = 1e-3  # relative slack for grids at the ends of a field's domain (float rounding)
 
 
 class Field:
@@ -39,11 +40,11 @@ class Field:
     default_nfe: int = 32
     time_is_sigma: bool = False
     finite_at_end: bool = True
-    takes_cond: bool = False    # its model takes per-sample conditioning (`bind`, `call_model`)
-    cond: dict = {}             # the conditioning bound to this copy (never mutated, only replaced)
-    network_passes: int = 0     # model forward passes counted by `call_model`
-    path = None     # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
-    calibrated: dict = {}   # "solver:nfe" -> calibrated grid (a model folder's calibration.json), grid="calibrated"
+    takes_cond: bool = False  # its model takes per-sample conditioning (`bind`, `call_model`)
+    cond: dict = {}  # the conditioning bound to this copy (never mutated, only replaced)
+    network_passes: int = 0  # model forward passes counted by `call_model`
+    path = None  # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
+    calibrated: dict = {}  # "solver:nfe" -> calibrated grid (a model folder's calibration.json), grid="calibrated"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,8 +82,10 @@ class Field:
     def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(drift, g2): the SDE dx = drift dt + sqrt(g2 |dt|) ε with the same marginals as the ODE
         for alpha ∈ [0, 1] (Eq. 21). g2 is a float or a (batch,) tensor."""
-        raise ArgumentTypeError(f"{type(self).__name__} has no stochastic form: use an ODE solver, "
-                        f"or a field with a diffusion coefficient (e.g. fields.EDM)")
+        raise ArgumentTypeError(
+            f"{type(self).__name__} has no stochastic form: use an ODE solver, "
+            f"or a field with a diffusion coefficient (e.g. fields.EDM)"
+        )
 
     def diffusion(self, t: torch.Tensor, alpha: float = 1.0) -> torch.Tensor | float:
         """g(t)²: the variance of the Brownian term per unit |dt| at interpolation alpha."""
@@ -97,14 +100,19 @@ class Field:
     def check_output(self, out, x: torch.Tensor, who: str = "field") -> torch.Tensor:
         """A model's output must have x's shape and dtype (a wrong shape would broadcast silently)."""
         if not isinstance(out, torch.Tensor):
-            raise ArgumentTypeError(f"{who}: returned a {type(out).__name__}; expected a tensor shaped like x "
-                                    f"{tuple(x.shape)}")
+            raise ArgumentTypeError(
+                f"{who}: returned a {type(out).__name__}; expected a tensor shaped like x {tuple(x.shape)}"
+            )
         if out.shape != x.shape:
-            raise ArgumentError(f"{who}: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; it must "
-                                f"return one value per coordinate of x (same shape)")
+            raise ArgumentError(
+                f"{who}: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; it must "
+                f"return one value per coordinate of x (same shape)"
+            )
         if out.dtype != x.dtype:
-            raise ArgumentTypeError(f"{who}: returned dtype {out.dtype} for x of dtype {x.dtype}; cast inside the "
-                                    f"model or sample with dtype={out.dtype}")
+            raise ArgumentTypeError(
+                f"{who}: returned dtype {out.dtype} for x of dtype {x.dtype}; cast inside the "
+                f"model or sample with dtype={out.dtype}"
+            )
         return out
 
     def from_normal(self, z: torch.Tensor, t_start: float | None = None) -> torch.Tensor:
@@ -112,8 +120,14 @@ class Field:
         `t_start` (default: the field's own)."""
         return z * self.prior_std if self.prior_std != 1.0 else z
 
-    def prior(self, n: int, shape: Sequence[int] | None = None, generator: torch.Generator | None = None,
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    def prior(
+        self,
+        n: int,
+        shape: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """n draws from π with an explicit generator (None: a fresh, OS-seeded one)."""
         shape = tuple(shape) if shape is not None else self.data_shape
         if shape is None:
@@ -144,8 +158,18 @@ class Field:
         return Scale(self, -1.0)
 
     def _copy_domain(self, other: "Field") -> None:
-        for a in ("t_start", "t_end", "data_shape", "prior_std", "default_grid", "default_nfe",
-                  "time_is_sigma", "finite_at_end", "path", "calibrated"):
+        for a in (
+            "t_start",
+            "t_end",
+            "data_shape",
+            "prior_std",
+            "default_grid",
+            "default_nfe",
+            "time_is_sigma",
+            "finite_at_end",
+            "path",
+            "calibrated",
+        ):
             setattr(self, a, getattr(other, a))
 
 
@@ -153,10 +177,16 @@ class Function(Field):
     """Any callable fn(x, t) -> dx/dt as a field, with an optional diffusion g²(t) for SDE
     solvers (drift fn, noise variance alpha·g²(t) per unit |dt|)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t_start: float = 0.0,
-                 t_end: float = 1.0, shape: Sequence[int] | None = None, prior_std: float = 1.0,
-                 diffusion: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
-                 default_nfe: int = 32) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        t_start: float = 0.0,
+        t_end: float = 1.0,
+        shape: Sequence[int] | None = None,
+        prior_std: float = 1.0,
+        diffusion: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
+        default_nfe: int = 32,
+    ) -> None:
         if not callable(fn):
             raise ArgumentTypeError(f"fn: expected a callable fn(x, t), got {type(fn).__name__}")
         if t_start == t_end:
@@ -190,8 +220,9 @@ class Sum(Field):
             raise ArgumentError("fields: expected at least one field")
         for f in flat[1:]:
             if (f.t_start, f.t_end) != (flat[0].t_start, flat[0].t_end):
-                raise ArgumentError(f"fields: time domains differ: [{flat[0].t_start}, {flat[0].t_end}] "
-                                 f"and [{f.t_start}, {f.t_end}]")
+                raise ArgumentError(
+                    f"fields: time domains differ: [{flat[0].t_start}, {flat[0].t_end}] and [{f.t_start}, {f.t_end}]"
+                )
         self.fields = flat
         self._copy_domain(flat[0])
         self.time_is_sigma = all(f.time_is_sigma for f in flat)
@@ -229,7 +260,7 @@ class Scale(Field):
         if c != c or c in (float("inf"), float("-inf")):
             raise ArgumentError(f"c: expected a finite number, got {c}")
         self.field, self.c = field, c
-        self._copy_domain(field)     # c · (a σ-time field) is still σ-time: x − σ c v is its data prediction
+        self._copy_domain(field)  # c · (a σ-time field) is still σ-time: x − σ c v is its data prediction
 
     def bind(self, cond):
         return Scale(self.field.bind(cond), self.c)

@@ -5,6 +5,7 @@ generated particles (or a generator, Eq. 16) minimise c∘f, i.e. follow ∇h = 
 same `DiscriminatorFlow` object is the PM (no generator: `fs.sample`) and, through `grad_h`, the
 direction a GAN's generator is pushed along (Int-PM, Finding 5).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -37,23 +38,23 @@ class GANLoss:
 
     def a(self, f: torch.Tensor) -> torch.Tensor:
         if self.name in ("vanilla", "saturating"):
-            return -F.softplus(f)                       # log(1 − sigmoid f)
+            return -F.softplus(f)  # log(1 − sigmoid f)
         if self.name == "ipm":
             return f
         return -F.relu(1 + f)
 
     def b(self, f: torch.Tensor) -> torch.Tensor:
         if self.name in ("vanilla", "saturating"):
-            return F.softplus(-f)                       # −log sigmoid f
+            return F.softplus(-f)  # −log sigmoid f
         if self.name == "ipm":
             return f
         return F.relu(1 - f)
 
     def c(self, f: torch.Tensor) -> torch.Tensor:
         if self.name == "vanilla":
-            return F.softplus(-f)                       # −log sigmoid f
+            return F.softplus(-f)  # −log sigmoid f
         if self.name == "saturating":
-            return -F.softplus(f)                       # log(1 − sigmoid f)
+            return -F.softplus(f)  # log(1 − sigmoid f)
         if self.name == "ipm":
             return f
         return -f
@@ -66,8 +67,15 @@ class GANLoss:
 LOSSES = GANLoss.NAMES
 
 
-def gradient_penalty(f, fake: torch.Tensor, real: torch.Tensor, t: torch.Tensor | None, center: float,
-                     generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_penalty(
+    f,
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    t: torch.Tensor | None,
+    center: float,
+    generator: torch.Generator | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """E[(‖∇f(x̂)‖ − center)²] at random interpolates x̂ of fake and real (Gulrajani et al. 2017;
     Table 4: center 0)."""
     if u is None:
@@ -92,13 +100,22 @@ class DiscriminatorFlow(Field):
     default_grid = "uniform"
     time_is_sigma = False
     finite_at_end = True
-    takes_cond = True           # a class-conditional discriminator f(x, t, class_labels=y)
+    takes_cond = True  # a class-conditional discriminator f(x, t, class_labels=y)
 
-    def __init__(self, discriminator: Callable, eta: float = 20.0, loss: str = "vanilla", N: int = 56,
-                 t_end: float = 1.0, shape: Sequence[int] | None = None,
-                 compute_dtype: torch.dtype | str | None = None, *, time_conditioned: bool = True,
-                 steps: int | None = None) -> None:
-        if steps is not None:                      # the name before 0.2
+    def __init__(
+        self,
+        discriminator: Callable,
+        eta: float = 20.0,
+        loss: str = "vanilla",
+        N: int = 56,
+        t_end: float = 1.0,
+        shape: Sequence[int] | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+        *,
+        time_conditioned: bool = True,
+        steps: int | None = None,
+    ) -> None:
+        if steps is not None:  # the name before 0.2
             deprecated("steps", "N", "DiscriminatorFlow")
             N = steps
         if not callable(discriminator):
@@ -128,7 +145,7 @@ class DiscriminatorFlow(Field):
         fast = getattr(self.f, "value_and_input_grad", None)
         if fast is not None and self.time_conditioned and not torch.is_grad_enabled():
             self.network_passes += 1
-            value, grad_f = fast(x, t, self.compute_dtype, **self.cond)   # hand-written backward: c'(f) ∇f
+            value, grad_f = fast(x, t, self.compute_dtype, **self.cond)  # hand-written backward: c'(f) ∇f
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
                 (dc,) = torch.autograd.grad(self.loss.c(v).sum(), v)
@@ -137,7 +154,7 @@ class DiscriminatorFlow(Field):
             xg = x.detach().requires_grad_(True)
             if self.compute_dtype is None:
                 out = self.loss.c(self._f(xg, t)).sum()
-            else:                                               # mixed precision for networks without a fast pass
+            else:  # mixed precision for networks without a fast pass
                 with torch.autocast(x.device.type, dtype=self.compute_dtype):
                     f = self._f(xg, t)
                 out = self.loss.c(f.to(x.dtype)).sum()
@@ -152,7 +169,7 @@ class DiscriminatorFlow(Field):
         return 0.0, 1.0
 
     @property
-    def train_steps(self) -> int:   # the name before 0.2
+    def train_steps(self) -> int:  # the name before 0.2
         return self.N
 
 

@@ -4,6 +4,7 @@ velocity dx/dt = v(x, t) from pure noise at t = 1 to the data at t = 0 along x_t
 gives every exponential solver its data prediction D = x − t v and λ = log((1 − t)/t); t = 1
 (λ = −∞) is handled exactly by the first step, not by clipping.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -36,8 +37,14 @@ class FlowMatching(Field):
     default_grid = "schedule"
     default_nfe = 28
 
-    def __init__(self, velocity: Callable, shape: Sequence[int] | None = None,
-                 schedule: Callable[[int], torch.Tensor] | None = None, *, default_nfe: int = 28) -> None:
+    def __init__(
+        self,
+        velocity: Callable,
+        shape: Sequence[int] | None = None,
+        schedule: Callable[[int], torch.Tensor] | None = None,
+        *,
+        default_nfe: int = 28,
+    ) -> None:
         if not callable(velocity):
             raise ArgumentTypeError(f"velocity: expected a callable v(x, t), got {type(velocity).__name__}")
         self.velocity, self.schedule = velocity, schedule
@@ -53,9 +60,10 @@ class FlowMatching(Field):
             if self.schedule is None:
                 return grids.uniform(steps, 1.0, 0.0)
             return grids.check(self.schedule(steps))
-        if spacing in ("karras", "loglinear"):        # spaced in σ/α = t/(1 − t), mapped back to t
-            s = grids.make(spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0),
-                           **kw)
+        if spacing in ("karras", "loglinear"):  # spaced in σ/α = t/(1 − t), mapped back to t
+            s = grids.make(
+                spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
+            )
             return torch.cat([torch.ones(1, dtype=torch.float64), s[1:] / (1 + s[1:])])
         return super().grid(steps, spacing, **kw)
 

@@ -20,6 +20,7 @@ and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last ye
 The conditional and unconditional branches go through the network as one batch of 2n when they use
 the same network (CFG); `last_passes` says how many network passes the last call made.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,6 +56,7 @@ def _keywords(fn: Callable) -> set[str] | None:
     """The keyword names fn accepts (None: any, it takes **kwargs), read once: an unconditional guide
     is given none of the conditioning."""
     import inspect
+
     try:
         params = inspect.signature(fn.forward if hasattr(fn, "forward") else fn).parameters
     except (TypeError, ValueError):
@@ -67,19 +69,30 @@ def _keywords(fn: Callable) -> set[str] | None:
 class GuidedDenoiser:
     """D_w(x, σ, **cond) from a denoiser D(x, σ, **cond): CFG, rescale, interval, autoguidance, APG."""
 
-    def __init__(self, denoiser: Callable, scale: float, uncond: dict | None = None, guide: Callable | None = None,
-                 rescale: float = 0.0, interval: tuple[float, float] | None = None,
-                 apg: dict | bool | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: Callable,
+        scale: float,
+        uncond: dict | None = None,
+        guide: Callable | None = None,
+        rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
+        apg: dict | bool | None = None,
+    ) -> None:
         self.denoiser, self.guide = denoiser, guide
         self.scale = check_number("guidance", scale)
         if uncond is not None and not isinstance(uncond, dict):
-            raise ArgumentTypeError(f"uncond: expected a dict of unconditional inputs such as "
-                                    f"{{'class_labels': 10}}, got {type(uncond).__name__}")
+            raise ArgumentTypeError(
+                f"uncond: expected a dict of unconditional inputs such as "
+                f"{{'class_labels': 10}}, got {type(uncond).__name__}"
+            )
         if guide is not None and not callable(guide):
             raise ArgumentTypeError(f"guide: expected a denoiser D(x, sigma, **cond), got {type(guide).__name__}")
         if guide is None and uncond is None:
-            raise ArgumentError("uncond: guidance needs the unconditional inputs (e.g. uncond={'class_labels': 10} "
-                                "for a model trained with label dropout) or a weaker model guide=")
+            raise ArgumentError(
+                "uncond: guidance needs the unconditional inputs (e.g. uncond={'class_labels': 10} "
+                "for a model trained with label dropout) or a weaker model guide="
+            )
         self.uncond = dict(uncond or {})
         self._guide_keys = _keywords(guide) if guide is not None else None
         self.rescale = check_number("rescale", rescale, 0.0, 1.0)
@@ -100,7 +113,7 @@ class GuidedDenoiser:
         self.apg = apg or None
         self._momentum: torch.Tensor | None = None
         self.last_passes = 0
-        for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):   # the model's declarations pass through
+        for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):  # the model's declarations pass through
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
 
@@ -119,7 +132,7 @@ class GuidedDenoiser:
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
-        if self.guide is not None:                  # autoguidance: a weaker model, the same condition
+        if self.guide is not None:  # autoguidance: a weaker model, the same condition
             d_c = self.denoiser(x, sigma, **cond)
             g_cond = self._uncond_inputs(cond, n) if self.uncond else cond
             keys = self._guide_keys
@@ -128,7 +141,7 @@ class GuidedDenoiser:
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)
         both = {}
-        for k in unc:                               # one batch of 2n: [conditional rows; unconditional rows]
+        for k in unc:  # one batch of 2n: [conditional rows; unconditional rows]
             c = _rows(cond[k], n, k) if k in cond else unc[k]
             both[k] = torch.cat([c, unc[k].to(c.dtype)])
         d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
@@ -154,7 +167,7 @@ class GuidedDenoiser:
         if self.interval is not None:
             lo, hi = self.interval
             inside = (sigma > lo) & (sigma <= hi)
-            if not bool(inside.any()):              # outside the interval: the conditional model alone
+            if not bool(inside.any()):  # outside the interval: the conditional model alone
                 self.last_passes = 1
                 return self.denoiser(x, sigma, **cond)
         d_c, d_u = self._branches(x, sigma, cond)
@@ -162,7 +175,7 @@ class GuidedDenoiser:
             d = d_c + (self.scale - 1.0) * self._apg_update(d_c, d_c - d_u)
         else:
             d = d_u + self.scale * (d_c - d_u)
-        if self.rescale:                            # Lin et al. 2023 on ε = (x − D)/σ: std ratio per sample
+        if self.rescale:  # Lin et al. 2023 on ε = (x − D)/σ: std ratio per sample
             r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
             ratio = r_c.std(1) / r_g.std(1).clamp(min=1e-12)
             d = x - (x - d) * as_column(self.rescale * ratio + (1.0 - self.rescale), x)

@@ -3,6 +3,7 @@
 Kernel flows are *interacting*: ∇h_ρ depends on the current particle batch, so sample them in one
 chunk (`batch_size` ≥ n, the default).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ def rbf_kernel_grad(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float
         e = torch.exp(-d2 / (2 * s * s))
         k = k + e
         coef = coef + e / (s * s)
-    return k, -(coef[..., None] * diff)           # ∇_x k(x, y) = −(x − y)/s² k
+    return k, -(coef[..., None] * diff)  # ∇_x k(x, y) = −(x − y)/s² k
 
 
 class MMDFlow(Field):
@@ -42,18 +43,28 @@ class MMDFlow(Field):
     default_grid = "uniform"
     time_is_sigma = False
 
-    interacting = True      # the field at one particle depends on all of them
+    interacting = True  # the field at one particle depends on all of them
 
-    def __init__(self, data: torch.Tensor, bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
-                 eta: float = 1.0, t_end: float = 1.0, nfe: int = 100, *, rho: torch.Tensor | None = None,
-                 steps: int | None = None) -> None:
-        if steps is not None:                      # the name before 0.2
+    def __init__(
+        self,
+        data: torch.Tensor,
+        bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
+        eta: float = 1.0,
+        t_end: float = 1.0,
+        nfe: int = 100,
+        *,
+        rho: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> None:
+        if steps is not None:  # the name before 0.2
             deprecated("steps", "nfe", "MMDFlow")
             nfe = steps
         for name, v in (("data", data), ("rho", rho)):
             if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 2):
-                raise ArgumentError(f"{name}: expected a tensor of samples (m, d), got "
-                                    f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+                raise ArgumentError(
+                    f"{name}: expected a tensor of samples (m, d), got "
+                    f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                )
         self.data, self.rho, self.bandwidths, self.eta = data, rho, tuple(float(b) for b in bandwidths), float(eta)
         self.t_start, self.t_end, self.default_nfe = 0.0, float(t_end), check_int("nfe", nfe, 1)
         self.data_shape = (data.shape[1],)
@@ -76,12 +87,20 @@ class SVGD(Field):
     default_grid = "uniform"
     time_is_sigma = False
 
-    interacting = True      # the field at one particle depends on all of them
+    interacting = True  # the field at one particle depends on all of them
 
-    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor], bandwidths: Sequence[float] = (1.0,),
-                 eta: float = 1.0, t_end: float = 1.0, nfe: int = 200, shape: Sequence[int] | None = None, *,
-                 steps: int | None = None) -> None:
-        if steps is not None:                      # the name before 0.2
+    def __init__(
+        self,
+        score: Callable[[torch.Tensor], torch.Tensor],
+        bandwidths: Sequence[float] = (1.0,),
+        eta: float = 1.0,
+        t_end: float = 1.0,
+        nfe: int = 200,
+        shape: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+    ) -> None:
+        if steps is not None:  # the name before 0.2
             deprecated("steps", "nfe", "SVGD")
             nfe = steps
         if not callable(score):
@@ -92,7 +111,7 @@ class SVGD(Field):
 
     def grad_h(self, x: torch.Tensor, t=None) -> torch.Tensor:
         """The Stein direction φ(x) (Eq. 17): the kernel-smoothed ∇log(p_data/ρ)."""
-        k, gk = rbf_kernel_grad(x, x, self.bandwidths)      # gk[i, j] = ∇_{x_i} k(x_i, x_j)
+        k, gk = rbf_kernel_grad(x, x, self.bandwidths)  # gk[i, j] = ∇_{x_i} k(x_i, x_j)
         return (k @ self.score(x) + gk.sum(0)) / len(x)
 
     def __call__(self, x, t):

@@ -4,6 +4,7 @@ share one probability-flow ODE, so one mechanism carries the exponential solvers
 the data prediction D = (σ'_t x − σ_t v)/(σ'_t α_t − σ_t α'_t) of a velocity v = dx/dt, and the
 half log-SNR λ_t = log(α_t/σ_t), −∞ at pure noise (a flow's t = 1) and +∞ at the data (σ_t = 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,15 @@ __all__ = ["GaussianPath", "VE", "FLOW", "TRIG"]
 class GaussianPath:
     """x_t = α(t) x_0 + σ(t) ε, with the derivatives α'(t), σ'(t) (all on Python floats)."""
 
-    def __init__(self, name: str, alpha: Callable[[float], float], sigma: Callable[[float], float],
-                 d_alpha: Callable[[float], float], d_sigma: Callable[[float], float],
-                 time_at: Callable[[float], float] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        alpha: Callable[[float], float],
+        sigma: Callable[[float], float],
+        d_alpha: Callable[[float], float],
+        d_sigma: Callable[[float], float],
+        time_at: Callable[[float], float] | None = None,
+    ) -> None:
         self.name, self.alpha, self.sigma, self.d_alpha, self.d_sigma = name, alpha, sigma, d_alpha, d_sigma
         self._time_at = time_at
 
@@ -49,7 +56,14 @@ class GaussianPath:
 
 
 VE = GaussianPath("ve", lambda t: 1.0, lambda t: t, lambda t: 0.0, lambda t: 1.0, lambda lam: math.exp(-lam))
-FLOW = GaussianPath("flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0,
-                    lambda lam: 1.0 / (1.0 + math.exp(lam)))
-TRIG = GaussianPath("trigflow", lambda t: math.cos(t), lambda t: math.sin(t), lambda t: -math.sin(t),
-                    lambda t: math.cos(t), lambda lam: math.atan(math.exp(-lam)))
+FLOW = GaussianPath(
+    "flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0, lambda lam: 1.0 / (1.0 + math.exp(lam))
+)
+TRIG = GaussianPath(
+    "trigflow",
+    lambda t: math.cos(t),
+    lambda t: math.sin(t),
+    lambda t: -math.sin(t),
+    lambda t: math.cos(t),
+    lambda lam: math.atan(math.exp(-lam)),
+)

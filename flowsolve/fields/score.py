@@ -3,6 +3,7 @@
 All take denoisers D(x, σ) (σ a (batch,) tensor) or scores s(x, σ) = ∇log[p ⋆ k_σ](x);
 they are related by Tweedie's formula s = (D − x)/σ².
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -19,7 +20,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 __all__ = ["ScoreDifference", "EDM", "Langevin"]
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_PREDICTIONS = ("denoiser", "score")   # what the callable returns: D(x; σ) or ∇log p_σ
+_PREDICTIONS = ("denoiser", "score")  # what the callable returns: D(x; σ) or ∇log p_σ
 
 
 def declared_shape(fn, shape: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -29,7 +30,9 @@ def declared_shape(fn, shape: Sequence[int] | None) -> tuple[int, ...] | None:
     x_init= then asks for shape=."""
     if shape is not None:
         if isinstance(shape, int) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
-            raise ArgumentError(f"shape: expected a tuple of positive integers such as (2,) or (3, 32, 32), got {shape!r}")
+            raise ArgumentError(
+                f"shape: expected a tuple of positive integers such as (2,) or (3, 32, 32), got {shape!r}"
+            )
         return tuple(shape)
     for obj in (fn, getattr(fn, "__self__", None)):
         known = getattr(obj, "data_shape", None)
@@ -39,7 +42,7 @@ def declared_shape(fn, shape: Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 def _prediction(prediction: str, kind: str | None, where: str) -> str:
-    if kind is not None:                          # the name before 0.2
+    if kind is not None:  # the name before 0.2
         deprecated("kind", "prediction", where)
         prediction = kind
     return check_choice("prediction", prediction, _PREDICTIONS)
@@ -76,12 +79,27 @@ class ScoreDifference(Field):
     path = VE
     takes_cond = True
 
-    def __init__(self, data: Fn, rho: Fn | None = None, *, mu_data: float = 1.0, mu_rho: float = 1.0,
-                 sigma_min: float | None = None, sigma_max: float | None = None, rho_grid: float = 7.0,
-                 prediction: str = "denoiser", shape: Sequence[int] | None = None, kind: str | None = None,
-                 guidance: float | None = None, uncond: dict | None = None, guide: Fn | None = None,
-                 rescale: float = 0.0, interval: tuple[float, float] | None = None,
-                 apg: dict | bool | None = None, schedule: Callable[[int], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        data: Fn,
+        rho: Fn | None = None,
+        *,
+        mu_data: float = 1.0,
+        mu_rho: float = 1.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        rho_grid: float = 7.0,
+        prediction: str = "denoiser",
+        shape: Sequence[int] | None = None,
+        kind: str | None = None,
+        guidance: float | None = None,
+        uncond: dict | None = None,
+        guide: Fn | None = None,
+        rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
+        apg: dict | bool | None = None,
+        schedule: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
         if not callable(data):
             raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
         if rho is not None and not callable(rho):
@@ -98,14 +116,14 @@ class ScoreDifference(Field):
             raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {lo}, {hi}")
         self.data_shape = declared_shape(data, shape)
         self._domain_hi = hi_model
-        if guidance is not None:                    # Eq. 26 with μ_data = w, μ_ρ = w − 1 (fields.guidance)
+        if guidance is not None:  # Eq. 26 with μ_data = w, μ_ρ = w − 1 (fields.guidance)
             if prediction != "denoiser":
                 raise ArgumentError("guidance: needs a denoiser (prediction='denoiser')")
             data = GuidedDenoiser(data, guidance, uncond, guide, rescale, interval, apg)
         elif any(v not in (None, 0.0) for v in (uncond, guide, rescale, interval, apg)):
             raise ArgumentError("guidance: uncond=, guide=, rescale=, interval= and apg= need guidance=<scale>")
         self.data, self.rho, self.prediction = data, rho, prediction
-        self.schedule = schedule                    # steps ↦ σ-grid (a diffusers scheduler's own), the default
+        self.schedule = schedule  # steps ↦ σ-grid (a diffusers scheduler's own), the default
         if schedule is not None:
             self.default_grid = "schedule"
         for name, mu in (("mu_data", mu_data), ("mu_rho", mu_rho)):
@@ -158,7 +176,8 @@ class ScoreDifference(Field):
         flat = s.reshape(-1)
 
         def at(mu):
-            return (mu(flat).to(s.dtype).reshape(s.shape) if callable(mu) else mu)
+            return mu(flat).to(s.dtype).reshape(s.shape) if callable(mu) else mu
+
         return at(self.mu_data), at(self.mu_rho)
 
     def grad_h(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -166,8 +185,8 @@ class ScoreDifference(Field):
         r_data, r_rho, s = self._residuals(x, sigma)
         mu_d, mu_r = self._weights(s)
         if r_rho is None:
-            return -(mu_d - mu_r) * r_data / s ** 2
-        return -(mu_d * r_data - mu_r * r_rho) / s ** 2
+            return -(mu_d - mu_r) * r_data / s**2
+        return -(mu_d * r_data - mu_r * r_rho) / s**2
 
     # -- the flow ------------------------------------------------------------------------
     def _velocity(self, r_data, r_rho, s, rho_share: float):
@@ -193,12 +212,15 @@ class ScoreDifference(Field):
     def sde_coefficients(self, alpha: float) -> tuple[float, float]:
         """(c, κ) with drift_α = c (x − D_α)/σ and noise rate 2κσ: c = μ_data − (1 − α) μ_ρ, κ = α μ_ρ."""
         if self.weighted:
-            raise ArgumentError("method: 'exp' needs constant mu_data and mu_rho; this field weights them by σ, "
-                             "use method='em'")
+            raise ArgumentError(
+                "method: 'exp' needs constant mu_data and mu_rho; this field weights them by σ, use method='em'"
+            )
         c = self.mu_data - (1.0 - alpha) * self.mu_rho
         if c <= 0:
-            raise ArgumentError(f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "
-                             f"mu_rho={self.mu_rho}, alpha={alpha}; use method='em'")
+            raise ArgumentError(
+                f"alpha: the drift of Eq. 21 vanishes or reverses for mu_data={self.mu_data}, "
+                f"mu_rho={self.mu_rho}, alpha={alpha}; use method='em'"
+            )
         return c, alpha * self.mu_rho
 
     def grid(self, steps, spacing=None, **kw):
@@ -216,7 +238,7 @@ class ScoreDifference(Field):
         return super().grid(steps, spacing, **kw)
 
     @property
-    def kind(self) -> str:   # the name before 0.2
+    def kind(self) -> str:  # the name before 0.2
         return self.prediction
 
 
@@ -233,18 +255,47 @@ class EDM(ScoreDifference):
     sample through `fs.sample(cond=)`.
     """
 
-    def __init__(self, denoiser: Fn, sigma_min: float | None = None, sigma_max: float | None = None, *,
-                 rho_grid: float = 7.0, prediction: str = "denoiser", shape: Sequence[int] | None = None,
-                 rho: float | None = None, kind: str | None = None, guidance: float | None = None,
-                 uncond: dict | None = None, guide: Fn | None = None, rescale: float = 0.0,
-                 interval: tuple[float, float] | None = None, apg: dict | bool | None = None,
-                 schedule: Callable[[int], torch.Tensor] | None = None) -> None:
-        if rho is not None:                       # the name before 0.2 (ρ is the generated distribution)
+    def __init__(
+        self,
+        denoiser: Fn,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        *,
+        rho_grid: float = 7.0,
+        prediction: str = "denoiser",
+        shape: Sequence[int] | None = None,
+        rho: float | None = None,
+        kind: str | None = None,
+        guidance: float | None = None,
+        uncond: dict | None = None,
+        guide: Fn | None = None,
+        rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
+        apg: dict | bool | None = None,
+        schedule: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
+        if rho is not None:  # the name before 0.2 (ρ is the generated distribution)
             deprecated("rho", "rho_grid", "EDM")
             rho_grid = rho
-        super().__init__(denoiser, None, mu_data=2.0, mu_rho=1.0, sigma_min=sigma_min, sigma_max=sigma_max,
-                         rho_grid=rho_grid, prediction=prediction, shape=shape, kind=kind, guidance=guidance,
-                         uncond=uncond, guide=guide, rescale=rescale, interval=interval, apg=apg, schedule=schedule)
+        super().__init__(
+            denoiser,
+            None,
+            mu_data=2.0,
+            mu_rho=1.0,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho_grid=rho_grid,
+            prediction=prediction,
+            shape=shape,
+            kind=kind,
+            guidance=guidance,
+            uncond=uncond,
+            guide=guide,
+            rescale=rescale,
+            interval=interval,
+            apg=apg,
+            schedule=schedule,
+        )
 
     @property
     def denoiser(self) -> Fn:
@@ -272,10 +323,21 @@ class Langevin(Field):
     default_grid = "uniform"
     default_nfe = 100
 
-    def __init__(self, data: Fn, sigma: float | Callable[[torch.Tensor], torch.Tensor], T: float = 1.0, *,
-                 rho: Fn | None = None, mu_data: float = 1.0, mu_rho: float = 1.0, scale_by_sigma2: bool = True,
-                 prior_std: float | None = None, prediction: str = "denoiser", shape: Sequence[int] | None = None,
-                 kind: str | None = None) -> None:
+    def __init__(
+        self,
+        data: Fn,
+        sigma: float | Callable[[torch.Tensor], torch.Tensor],
+        T: float = 1.0,
+        *,
+        rho: Fn | None = None,
+        mu_data: float = 1.0,
+        mu_rho: float = 1.0,
+        scale_by_sigma2: bool = True,
+        prior_std: float | None = None,
+        prediction: str = "denoiser",
+        shape: Sequence[int] | None = None,
+        kind: str | None = None,
+    ) -> None:
         if not callable(data):
             raise ArgumentTypeError(f"data: expected a callable D(x, sigma), got {type(data).__name__}")
         prediction = _prediction(prediction, kind, "Langevin")
@@ -308,8 +370,10 @@ class Langevin(Field):
         out = self.mu_data * self._score(self.data, x, sigma)
         if rho_share:
             if self.rho is None:
-                raise ArgumentError("alpha: Langevin without a generated-distribution score `rho` is only "
-                                 "defined for alpha = 1 (Eq. 6); pass rho= for the deterministic Eq. 9 (left)")
+                raise ArgumentError(
+                    "alpha: Langevin without a generated-distribution score `rho` is only "
+                    "defined for alpha = 1 (Eq. 6); pass rho= for the deterministic Eq. 9 (left)"
+                )
             out = out - rho_share * self.mu_rho * self._score(self.rho, x, sigma)
         return lam * out, sigma
 
@@ -324,7 +388,7 @@ class Langevin(Field):
 
     def sde(self, x, t, alpha):
         drift, sigma = self._drift(x, t, 1.0 - alpha)
-        lam = sigma ** 2 if self.scale_by_sigma2 else 1.0
+        lam = sigma**2 if self.scale_by_sigma2 else 1.0
         return drift, 2.0 * alpha * self.mu_rho * lam
 
     def diffusion(self, t, alpha=1.0):

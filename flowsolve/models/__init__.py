@@ -3,6 +3,7 @@
 A loaded model says what it is by its type: `ParticleModel` (`.field()`) or `GeneratorModel`
 (`.sample(n, seed=)`); `from_pretrained` maps a folder's flowsolve.json to its class (`MODEL_TYPES`).
 """
+
 from .diffusers_adapter import PREDICTION_TYPES, DiffusersDenoiser, DiffusersFlow, from_diffusers
 from .flows import DiscriminatorFlowModel
 from .gan import LOSSES, ConvDiscriminator, DCGANGenerator, Discriminator, GANLoss, Generator, gradient_penalty
@@ -11,8 +12,32 @@ from .nets import MLP, UNET_PRESETS, DigitsFeatures, FourierEmbedding, unet
 from .precond import Denoiser, EDMPrecond
 from .protocol import GeneratorModel, ParticleModel, generate_sharded
 
-__all__ = ["ParticleModel", "GeneratorModel", "generate_sharded", "Denoiser", "EDMPrecond", "DiffusersDenoiser", "DiffusersFlow",
-           "from_diffusers", "PREDICTION_TYPES", "DiscriminatorFlowModel", "MLP", "FourierEmbedding", "unet",
-           "UNET_PRESETS", "DigitsFeatures", "save_pretrained", "from_pretrained", "read_metadata",
-           "register_model_type", "MODEL_TYPES", "Discriminator", "ConvDiscriminator", "Generator", "DCGANGenerator",
-           "GANLoss", "LOSSES", "gradient_penalty"]
+__all__ = [
+    "ParticleModel",
+    "GeneratorModel",
+    "generate_sharded",
+    "Denoiser",
+    "EDMPrecond",
+    "DiffusersDenoiser",
+    "DiffusersFlow",
+    "from_diffusers",
+    "PREDICTION_TYPES",
+    "DiscriminatorFlowModel",
+    "MLP",
+    "FourierEmbedding",
+    "unet",
+    "UNET_PRESETS",
+    "DigitsFeatures",
+    "save_pretrained",
+    "from_pretrained",
+    "read_metadata",
+    "register_model_type",
+    "MODEL_TYPES",
+    "Discriminator",
+    "ConvDiscriminator",
+    "Generator",
+    "DCGANGenerator",
+    "GANLoss",
+    "LOSSES",
+    "gradient_penalty",
+]

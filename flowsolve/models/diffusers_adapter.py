@@ -7,6 +7,7 @@ fractional timestep by interpolating log σ between the schedule's knots. DDIM (
 exactly Euler on dx/dσ = (x − D)/σ. EDM-style schedulers (EDMEulerScheduler, ...) carry their own
 preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,11 +25,25 @@ from .protocol import ParticleModel
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["DiffusersDenoiser", "DiffusersFlow", "FlowDenoiser", "from_diffusers", "PREDICTION_TYPES", "load_diffusers_component"]
+__all__ = [
+    "DiffusersDenoiser",
+    "DiffusersFlow",
+    "FlowDenoiser",
+    "from_diffusers",
+    "PREDICTION_TYPES",
+    "load_diffusers_component",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
-                  "SD3Transformer2DModel", "AutoencoderKL", "VQModel")
+_MODEL_CLASSES = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "Transformer2DModel",
+    "SD3Transformer2DModel",
+    "AutoencoderKL",
+    "VQModel",
+)
 
 
 def _config(obj) -> dict:
@@ -44,8 +59,10 @@ class LatentDecoding:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = getattr(self, "vae", None)
         if vae is None:
-            raise ArgumentError("decode: this model has no VAE (it samples in data space); load the whole latent "
-                                "pipeline, or pass vae= to from_diffusers")
+            raise ArgumentError(
+                "decode: this model has no VAE (it samples in data space); load the whole latent "
+                "pipeline, or pass vae= to from_diffusers"
+            )
         scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         p = next(vae.parameters())
         out = vae.decode((latents / scale).to(p.device, p.dtype))
@@ -63,7 +80,7 @@ def _forward_inputs(cls) -> frozenset[str] | None:
     params = inspect.signature(cls.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return frozenset(list(params)[3:])            # after (self, sample, timestep)
+    return frozenset(list(params)[3:])  # after (self, sample, timestep)
 
 
 def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
@@ -75,8 +92,10 @@ def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     out = {}
     for k, v in merged.items():
         if known is not None and k not in known:
-            raise ArgumentError(f"cond: {type(model).__name__}.forward takes no input {k!r}{nearest(k, known)}; "
-                                f"it takes {', '.join(sorted(known))}")
+            raise ArgumentError(
+                f"cond: {type(model).__name__}.forward takes no input {k!r}{nearest(k, known)}; "
+                f"it takes {', '.join(sorted(known))}"
+            )
         if isinstance(v, torch.Tensor):
             if k == "class_labels" and v.is_floating_point():
                 raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
@@ -116,8 +135,10 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         cfg = _config(scheduler)
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("use_dynamic_shifting") and mu is None:
-            raise ArgumentError(f"mu: {type(scheduler).__name__} uses dynamic shifting; pass mu= (the shift the "
-                                f"pipeline computes from the image size)")
+            raise ArgumentError(
+                f"mu: {type(scheduler).__name__} uses dynamic shifting; pass mu= (the shift the "
+                f"pipeline computes from the image size)"
+            )
         self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
@@ -128,19 +149,21 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return out[:, : x.shape[1]].to(x.dtype)    # learned-σ outputs keep their mean half
+        return out[:, : x.shape[1]].to(x.dtype)  # learned-σ outputs keep their mean half
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
         import copy
+
         sched = copy.deepcopy(self.scheduler)
         kw = {"mu": self.mu} if self.mu is not None else {}
         sched.set_timesteps(steps, **kw)
-        return torch.unique_consecutive(sched.sigmas.double())      # Heun schedulers repeat their knots
+        return torch.unique_consecutive(sched.sigmas.double())  # Heun schedulers repeat their knots
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import FlowMatching
         from ..fields.guidance import GuidedDenoiser
+
         v = self.velocity if guidance is None else GuidedDenoiser(self.velocity, guidance, uncond, **kw)
         return self._calibrated(FlowMatching(v, self.data_shape, self.schedule))
 
@@ -177,14 +200,22 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     `prediction_type` is wrong for the weights, pass `prediction_type=`.
     """
 
-    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None,
-                 clip_sample: bool | None = None, **model_kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler,
+        prediction_type: str | None = None,
+        clip_sample: bool | None = None,
+        **model_kwargs,
+    ) -> None:
         super().__init__()
         if not callable(model):
             raise ArgumentTypeError(f"model: expected a diffusers model, got {type(model).__name__}")
         if scheduler is None:
-            raise ArgumentError("scheduler: a diffusers scheduler (or its config) is needed to know the noise schedule "
-                             "of the model; got None")
+            raise ArgumentError(
+                "scheduler: a diffusers scheduler (or its config) is needed to know the noise schedule "
+                "of the model; got None"
+            )
         self.model = model
         self.model_kwargs = model_kwargs
         cfg = _config(scheduler)
@@ -203,8 +234,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
-            a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0 ** -24)   # zero-SNR schedules end at ᾱ = 0
-            self.log_sigmas = ((1 - a) / a).sqrt().log()                                # increasing in t
+            a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0**-24)  # zero-SNR schedules end at ᾱ = 0
+            self.log_sigmas = ((1 - a) / a).sqrt().log()  # increasing in t
             self.sigma_min = float(self.log_sigmas[0].exp())
             self.sigma_max = float(self.log_sigmas[-1].exp())
         elif "sigma_data" in cfg:
@@ -212,12 +243,14 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.sigma_data = float(cfg["sigma_data"])
             self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
         else:
-            raise ArgumentError(f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
-                             f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps")
+            raise ArgumentError(
+                f"scheduler: {type(scheduler).__name__} has neither `alphas_cumprod` (a discrete "
+                f"DDPM-style schedule) nor `sigma_data` (an EDM-style one); cannot map σ to its timesteps"
+            )
         mcfg = _config(model)
         self.data_shape = _data_shape(model)
         if type(model).__name__.startswith("DiT") and isinstance(mcfg.get("num_embeds_ada_norm"), int):
-            k = mcfg["num_embeds_ada_norm"]          # DiT's label table has a null row at index K (DiTPipeline)
+            k = mcfg["num_embeds_ada_norm"]  # DiT's label table has a null row at index K (DiTPipeline)
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
         self.channels = mcfg.get("in_channels")
 
@@ -240,7 +273,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         schedulers: DDIM, DDPM, DPM-Solver); VE-type schedulers (Euler, Heun, ...) start from their
         init_noise_sigma: σ for "linspace" / "trailing" spacing, √(σ² + 1) otherwise."""
         sigma = float(sigma)
-        vp = (1.0 + sigma ** 2) ** 0.5
+        vp = (1.0 + sigma**2) ** 0.5
         if float(getattr(self.scheduler, "init_noise_sigma", 1.0)) <= 1.0 + 1e-6:
             return vp
         spacing = _config(self.scheduler).get("timestep_spacing", "linspace")
@@ -250,6 +283,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         """The scheduler's own σ-grid for `steps` steps: its `sigmas` (Euler, Heun, DPM, EDM-style
         schedulers, ending in 0) or its `timesteps` mapped to σ (DDIM, DDPM, PNDM), then the final σ."""
         import copy
+
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)
         sig = getattr(sched, "sigmas", None)
@@ -291,17 +325,20 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         if self.schedule == "discrete":
-            c_in = (1 + col ** 2).rsqrt()
+            c_in = (1 + col**2).rsqrt()
         else:
-            c_in = (col ** 2 + self.sigma_data ** 2).rsqrt()
+            c_in = (col**2 + self.sigma_data**2).rsqrt()
         mdtype = getattr(self.model, "dtype", x.dtype)
-        out = self.model((c_in * x).to(mdtype), self.timestep(sigma).to(mdtype),
-                         **model_inputs(self.model, self.model_kwargs, len(x), cond or {}))
+        out = self.model(
+            (c_in * x).to(mdtype),
+            self.timestep(sigma).to(mdtype),
+            **model_inputs(self.model, self.model_kwargs, len(x), cond or {}),
+        )
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]
         out = out.to(x.dtype)
-        if out.shape[1] != x.shape[1]:   # learned-variance models output 2C channels: the mean part comes first
+        if out.shape[1] != x.shape[1]:  # learned-variance models output 2C channels: the mean part comes first
             out = out[:, : x.shape[1]]
         p = self.prediction_type
         if p == "sample":
@@ -309,19 +346,21 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.schedule == "discrete":
             if p == "epsilon":
                 return x - col * out
-            return c_in ** 2 * x - col * c_in * out                              # v = √ᾱ ε − √(1−ᾱ) x_0
+            return c_in**2 * x - col * c_in * out  # v = √ᾱ ε − √(1−ᾱ) x_0
         sd = self.sigma_data
-        c_skip = sd ** 2 / (col ** 2 + sd ** 2)
-        c_out = col * sd * (col ** 2 + sd ** 2).rsqrt()
+        c_skip = sd**2 / (col**2 + sd**2)
+        c_out = col * sd * (col**2 + sd**2).rsqrt()
         return c_skip * x + (c_out if p == "epsilon" else -c_out) * out
 
     @property
-    def kind(self) -> str:   # the name before 0.2
+    def kind(self) -> str:  # the name before 0.2
         return self.schedule
 
     def extra_repr(self) -> str:
-        return (f"schedule={self.schedule}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
-                f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
+        return (
+            f"schedule={self.schedule}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
+            f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}"
+        )
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -341,6 +380,7 @@ def _hub_disabled() -> str | None:
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
     import socket
+
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     host, _, port = endpoint.partition(":")
     try:
@@ -363,17 +403,22 @@ def resolve_source(path, what: str = "path") -> str:
     near = ""
     if p.parent.is_dir():
         near = nearest(p.name, [c.name for c in p.parent.iterdir()])
-    local_form = (not _HUB_ID.match(text) or text.startswith(".") or os.path.isabs(text)
-                  or Path(text.split("/")[0]).is_dir())
+    local_form = (
+        not _HUB_ID.match(text) or text.startswith(".") or os.path.isabs(text) or Path(text.split("/")[0]).is_dir()
+    )
     if local_form:
         raise PathError(f"{what}: the local path {text!r} does not exist{near}")
     disabled = _hub_disabled()
     if disabled:
-        raise PathError(f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
-                        f"fetched: the Hub is disabled ({disabled})")
+        raise PathError(
+            f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
+            f"fetched: the Hub is disabled ({disabled})"
+        )
     if not _hub_reachable():
-        raise PathError(f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
-                        f"fetched: the Hub is unreachable (no network)")
+        raise PathError(
+            f"{what}: {text!r} is not a local folder{near}, and as a Hugging Face Hub id it cannot be "
+            f"fetched: the Hub is unreachable (no network)"
+        )
     return "hub"
 
 
@@ -394,21 +439,25 @@ def load_diffusers_component(path, subfolder: str | None, role: str):
             raise ArgumentError(f"{role}: {str(folder / name)!r} is not valid JSON ({e})") from None
         cls_name = cfg.get("_class_name")
     else:
-        reader = diffusers.DDPMScheduler if role == "scheduler" else diffusers.UNet2DModel   # picks the file name
+        reader = diffusers.DDPMScheduler if role == "scheduler" else diffusers.UNet2DModel  # picks the file name
         try:
             cfg = reader.load_config(path, subfolder=subfolder)
         except OSError as e:
-            raise PathError(f"{role}: could not load {str(path)!r}{'/' + subfolder if subfolder else ''} from the "
-                          f"Hugging Face Hub (no such repository, or no network: flowsolve never downloads "
-                          f"offline; use a local folder). {str(e).splitlines()[0][:200]}") from None
+            raise PathError(
+                f"{role}: could not load {str(path)!r}{'/' + subfolder if subfolder else ''} from the "
+                f"Hugging Face Hub (no such repository, or no network: flowsolve never downloads "
+                f"offline; use a local folder). {str(e).splitlines()[0][:200]}"
+            ) from None
         cls_name = cfg.get("_class_name")
     if role == "scheduler":
         ok = isinstance(cls_name, str) and cls_name.endswith("Scheduler") and hasattr(diffusers, cls_name)
     else:
         ok = cls_name in _MODEL_CLASSES
     if not ok:
-        raise ArgumentError(f"{role}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
-                         f"(expected {'a diffusers scheduler' if role == 'scheduler' else ' or '.join(_MODEL_CLASSES)})")
+        raise ArgumentError(
+            f"{role}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
+            f"(expected {'a diffusers scheduler' if role == 'scheduler' else ' or '.join(_MODEL_CLASSES)})"
+        )
     cls = getattr(diffusers, cls_name)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if role == "scheduler":
@@ -425,6 +474,7 @@ def _check_weights(folder: Path) -> None:
     if not files:
         raise PathError(f"weights: no .safetensors file in {str(folder)!r} (flowsolve loads only safetensors)")
     from safetensors import safe_open
+
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
@@ -445,15 +495,30 @@ def _check_denoiser(model) -> None:
         raise ArgumentTypeError(f"model: expected a diffusers UNet or transformer, got {name}")
     params = list(inspect.signature(model.forward).parameters)
     if len(params) < 2 or not any("timestep" in p or p == "t" for p in params[:3]):
-        kind = ("a VAE" if hasattr(model, "decode") and hasattr(model, "encode") else
-                "a text encoder" if "input_ids" in params else "not a denoiser")
-        raise ArgumentTypeError(f"model: {name} is {kind} (its forward takes no timestep); pass the UNet or "
-                                f"transformer with its scheduler, or the whole pipeline (its VAE then decodes "
-                                f"the latents: model.decode(latents))")
+        kind = (
+            "a VAE"
+            if hasattr(model, "decode") and hasattr(model, "encode")
+            else "a text encoder"
+            if "input_ids" in params
+            else "not a denoiser"
+        )
+        raise ArgumentTypeError(
+            f"model: {name} is {kind} (its forward takes no timestep); pass the UNet or "
+            f"transformer with its scheduler, or the whole pipeline (its VAE then decodes "
+            f"the latents: model.decode(latents))"
+        )
 
 
-def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type: str | None = None,
-                   clip_sample: bool | None = None, subfolder: str | None = None, vae=None, **model_kwargs):
+def from_diffusers(
+    model_or_pipeline_or_path,
+    scheduler=None,
+    *,
+    prediction_type: str | None = None,
+    clip_sample: bool | None = None,
+    subfolder: str | None = None,
+    vae=None,
+    **model_kwargs,
+):
     """A diffusers model as a flowsolve particle model: `DiffusersDenoiser` (D(x; σ), for DDPM/DDIM/
     Euler/DPM/EDM-style schedulers: eps, v or sample prediction) or `DiffusersFlow` (a velocity, for
     FlowMatch schedulers).
@@ -500,14 +565,16 @@ def from_diffusers(model_or_pipeline_or_path, scheduler=None, *, prediction_type
     if isinstance(scheduler, (str, os.PathLike)):
         scheduler = load_diffusers_component(scheduler, None, "scheduler")
     if scheduler is None:
-        raise ArgumentError("scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise "
-                            "schedule; got None")
+        raise ArgumentError(
+            "scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise schedule; got None"
+        )
     _check_denoiser(model)
     if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     else:
-        out = DiffusersDenoiser(model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample,
-                                **model_kwargs)
+        out = DiffusersDenoiser(
+            model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs
+        )
     if vae is not None:
         out.vae = vae
     return out

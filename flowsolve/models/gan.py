@@ -1,9 +1,9 @@
 """Discriminator and generator networks (Tables 4, 6, 7). The GAN losses a, b, c of Eq. 15–16 live
 with the discriminator field (`fields.discriminator`) and are re-exported here."""
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
@@ -14,8 +14,7 @@ from .nets import FourierEmbedding
 from .protocol import GeneratorModel
 from ..errors import ArgumentError
 
-__all__ = ["GANLoss", "LOSSES", "Discriminator", "ConvDiscriminator", "Generator", "DCGANGenerator",
-           "gradient_penalty"]
+__all__ = ["GANLoss", "LOSSES", "Discriminator", "ConvDiscriminator", "Generator", "DCGANGenerator", "gradient_penalty"]
 
 
 def _init_normal(module: nn.Module, gain: float) -> None:
@@ -79,9 +78,18 @@ class Discriminator(ModelMixin, ConfigMixin):
     to the input (Discriminator Flows, Table 4)."""
 
     @register_to_config
-    def __init__(self, dim: int = 2, width: int = 512, depth: int = 4, time_conditioned: bool = True,
-                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        width: int = 512,
+        depth: int = 4,
+        time_conditioned: bool = True,
+        emb_size: int = 128,
+        emb_scale: float = 16.0,
+        init_gain: float | None = 0.02,
+        seed: int = 0,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
         self.label_proj = _projection(num_classes, width)
@@ -122,8 +130,9 @@ class Discriminator(ModelMixin, ConfigMixin):
             self.__dict__["_low_precision"] = cache
         return cache[1]
 
-    def value_and_input_grad(self, x: torch.Tensor, t, dtype: torch.dtype | None = None,
-                             class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_input_grad(
+        self, x: torch.Tensor, t, dtype: torch.dtype | None = None, class_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x, t), ∇_x f(x, t)) by a hand-written backward pass through the leaky-ReLU MLP: the
         inner loop of Discriminator Flows (Alg. 3) without autograd bookkeeping; no parameter grads.
         With `dtype` (e.g. torch.bfloat16) the 512-wide layers run in that precision; the time
@@ -146,7 +155,7 @@ class Discriminator(ModelMixin, ConfigMixin):
                 masks.append(mask)
                 h = torch.where(mask, z, 0.2 * z)
                 z = h @ w.T + b
-            if proj is not None:                  # projection term ⟨E[y], h⟩: its input gradient adds E[y]
+            if proj is not None:  # projection term ⟨E[y], h⟩: its input gradient adds E[y]
                 z = z + (h * proj.to(h.dtype)).sum(1, keepdim=True)
             value = z.squeeze(1).to(x.dtype)
             g = layers[-1][0].expand(len(x), -1)
@@ -157,8 +166,9 @@ class Discriminator(ModelMixin, ConfigMixin):
             g = torch.where(masks[0], g, 0.2 * g).to(flat.dtype) @ w1[:, :dim]
         return value, g.reshape(x.shape)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float | None = None, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         flat = x.reshape(len(x), -1)
         if self.embed is not None:
             if t is None:
@@ -177,13 +187,21 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
     gradient penalty and the input gradient of Eq. 20 are per sample."""
 
     @register_to_config
-    def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), width: int = 64, time_conditioned: bool = True,
-                 emb_size: int = 128, emb_scale: float = 16.0, init_gain: float | None = 0.02, seed: int = 0,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        data_shape: tuple[int, int, int] = (1, 8, 8),
+        width: int = 64,
+        time_conditioned: bool = True,
+        emb_size: int = 128,
+        emb_scale: float = 16.0,
+        init_gain: float | None = 0.02,
+        seed: int = 0,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         c, h, w = _image_shape(data_shape, "ConvDiscriminator")
         sizes = _resolutions(min(h, w))
-        chans = [width * 2 ** k for k in range(len(sizes))]
+        chans = [width * 2**k for k in range(len(sizes))]
         self.stem = nn.Conv2d(c, chans[0], 3, padding=1)
         self.blocks = nn.ModuleList(nn.Conv2d(a, b, 4, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:]))
         self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
@@ -194,7 +212,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         if init_gain:
             _init_normal(self, init_gain)
             if self.film is not None:
-                for lin in self.film:                   # start as the identity modulation
+                for lin in self.film:  # start as the identity modulation
                     nn.init.zeros_(lin.weight)
 
     @property
@@ -207,8 +225,9 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
             hid = hid * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         return self.act(hid)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float | None = None, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = None
         if self.embed is not None:
             if t is None:
@@ -270,9 +289,17 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
     depth 4), with an optional final tanh for data in [−1, 1]."""
 
     @register_to_config
-    def __init__(self, data_shape: tuple[int, ...] = (2,), latent: int = 128, width: int = 512, depth: int = 4,
-                 activation: str = "relu", tanh: bool = False, init_gain: float | None = None,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        data_shape: tuple[int, ...] = (2,),
+        latent: int = 128,
+        width: int = 512,
+        depth: int = 4,
+        activation: str = "relu",
+        tanh: bool = False,
+        init_gain: float | None = None,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
         acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
@@ -301,8 +328,14 @@ class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
     convolutions (batch norm, ReLU) up to (H, W), and a 3×3 convolution with tanh to C channels."""
 
     @register_to_config
-    def __init__(self, data_shape: tuple[int, int, int] = (1, 8, 8), latent: int = 128, width: int = 64,
-                 init_gain: float | None = 0.02, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        data_shape: tuple[int, int, int] = (1, 8, 8),
+        latent: int = 128,
+        width: int = 64,
+        init_gain: float | None = 0.02,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
         c, h, w = _image_shape(data_shape, "DCGANGenerator")
@@ -314,8 +347,12 @@ class DCGANGenerator(_Sampling, ModelMixin, ConfigMixin):
         self.norm0 = nn.BatchNorm2d(chans[0])
         layers: list[nn.Module] = [nn.Conv2d(chans[0], chans[0], 3, padding=1), nn.BatchNorm2d(chans[0]), nn.ReLU()]
         for a, b in zip(chans[:-1], chans[1:]):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1),
-                       nn.BatchNorm2d(b), nn.ReLU()]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(a, b, 3, padding=1),
+                nn.BatchNorm2d(b),
+                nn.ReLU(),
+            ]
         layers += [nn.Conv2d(chans[-1], c, 3, padding=1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
         if init_gain:

@@ -6,6 +6,7 @@ network is for (a preconditioned denoiser, a feature network, ...) and how it wa
 A folder laid out as a diffusers pipeline (model_index.json, unet/, scheduler/) loads through
 `from_diffusers`. Weights are read only from safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,21 @@ from .precond import EDMPrecond
 from .protocol import GeneratorModel
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
-__all__ = ["save_pretrained", "from_pretrained", "read_metadata", "write_metadata", "register_model_type", "MODEL_TYPES",
-           "read_calibration", "save_calibration", "CALIBRATION_FILE", "shipped_models", "resolve_shipped",
-           "NETWORKS", "FORMAT_FILE"]
+__all__ = [
+    "save_pretrained",
+    "from_pretrained",
+    "read_metadata",
+    "write_metadata",
+    "register_model_type",
+    "MODEL_TYPES",
+    "read_calibration",
+    "save_calibration",
+    "CALIBRATION_FILE",
+    "shipped_models",
+    "resolve_shipped",
+    "NETWORKS",
+    "FORMAT_FILE",
+]
 
 FORMAT_FILE = "flowsolve.json"
 FORMAT_VERSION = 1
@@ -35,13 +48,29 @@ def _networks() -> dict:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     from .gan import ConvDiscriminator, DCGANGenerator, Discriminator, Generator
-    return {"MLP": MLP, "DigitsFeatures": DigitsFeatures, "UNet2DModel": UNet2DModel,
-            "UNet2DConditionModel": UNet2DConditionModel, "Discriminator": Discriminator, "Generator": Generator,
-            "ConvDiscriminator": ConvDiscriminator, "DCGANGenerator": DCGANGenerator}
+
+    return {
+        "MLP": MLP,
+        "DigitsFeatures": DigitsFeatures,
+        "UNet2DModel": UNet2DModel,
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "Discriminator": Discriminator,
+        "Generator": Generator,
+        "ConvDiscriminator": ConvDiscriminator,
+        "DCGANGenerator": DCGANGenerator,
+    }
 
 
-NETWORKS = ("MLP", "DigitsFeatures", "UNet2DModel", "UNet2DConditionModel", "Discriminator", "Generator",
-            "ConvDiscriminator", "DCGANGenerator")
+NETWORKS = (
+    "MLP",
+    "DigitsFeatures",
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "Discriminator",
+    "Generator",
+    "ConvDiscriminator",
+    "DCGANGenerator",
+)
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
@@ -52,13 +81,20 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     net = model.net if isinstance(model, EDMPrecond) else model
     name = type(net).__name__
     if name not in NETWORKS:
-        raise ArgumentTypeError(f"model: cannot save a {name}; expected a network among {NETWORKS} or an EDMPrecond of one")
+        raise ArgumentTypeError(
+            f"model: cannot save a {name}; expected a network among {NETWORKS} or an EDMPrecond of one"
+        )
     write_folder_atomically(out, lambda tmp: net.save_pretrained(str(tmp), safe_serialization=True))
     info: dict = {"format": "flowsolve", "version": FORMAT_VERSION, "network": name}
     if isinstance(model, EDMPrecond):
         info["type"] = "denoiser"
-        info["preconditioning"] = {"kind": "edm", "sigma_data": model.sigma_data, "sigma_min": model.sigma_min,
-                                   "sigma_max": model.sigma_max, "noise_scale": model.noise_scale}
+        info["preconditioning"] = {
+            "kind": "edm",
+            "sigma_data": model.sigma_data,
+            "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max,
+            "noise_scale": model.noise_scale,
+        }
         info["data_shape"] = list(model.data_shape) if model.data_shape is not None else None
     else:
         info["type"] = "features" if isinstance(model, DigitsFeatures) else "network"
@@ -101,14 +137,18 @@ def read_metadata(path: str | os.PathLike) -> dict:
     meta = read_json(f, "path")
     kind = meta.get("type")
     if kind not in MODEL_TYPES:
-        raise ArgumentError(f"path: {str(f)!r} has type {kind!r}; expected one of {sorted(MODEL_TYPES)}"
-                            f"{nearest(str(kind), MODEL_TYPES)}")
+        raise ArgumentError(
+            f"path: {str(f)!r} has type {kind!r}; expected one of {sorted(MODEL_TYPES)}"
+            f"{nearest(str(kind), MODEL_TYPES)}"
+        )
     for key, want in MODEL_TYPES[kind].schema.items():
         if key not in meta:
             raise ArgumentError(f"path: {str(f)!r} lacks the key {key!r} that a {kind!r} folder needs")
         if not isinstance(meta[key], want):
-            raise ArgumentError(f"path: {str(f)!r} key {key!r}: expected {_type_names(want)}, got "
-                                f"{type(meta[key]).__name__} {meta[key]!r}")
+            raise ArgumentError(
+                f"path: {str(f)!r} key {key!r}: expected {_type_names(want)}, got "
+                f"{type(meta[key]).__name__} {meta[key]!r}"
+            )
     return meta
 
 
@@ -129,9 +169,11 @@ MODEL_TYPES: dict[str, ModelType] = {}
 
 def register_model_type(name: str, schema: dict):
     """Decorator: register `build(folder, meta) -> model` for flowsolve.json files of type `name`."""
+
     def wrap(build):
         MODEL_TYPES[name] = ModelType(name, {"network": str, **schema} if name != "pipeline" else schema, build)
         return build
+
     return wrap
 
 
@@ -158,8 +200,14 @@ def _denoiser(folder: Path, meta: dict) -> EDMPrecond:
     missing = [k for k in ("sigma_data", "sigma_min", "sigma_max", "noise_scale") if k not in pre]
     if missing:
         raise ArgumentError(f"{where}: lacks {', '.join(map(repr, missing))}")
-    model = EDMPrecond(_network(folder, meta), sigma_data=pre["sigma_data"], sigma_min=pre["sigma_min"],
-                       sigma_max=pre["sigma_max"], noise_scale=pre["noise_scale"], data_shape=_shape(meta))
+    model = EDMPrecond(
+        _network(folder, meta),
+        sigma_data=pre["sigma_data"],
+        sigma_min=pre["sigma_min"],
+        sigma_max=pre["sigma_max"],
+        noise_scale=pre["noise_scale"],
+        data_shape=_shape(meta),
+    )
     if isinstance(meta.get("conditioning"), dict):
         model.conditioning = meta["conditioning"]
     return model
@@ -168,8 +216,13 @@ def _denoiser(folder: Path, meta: dict) -> EDMPrecond:
 @register_model_type("discriminator-flow", {"flow": dict})
 def _discriminator_flow(folder: Path, meta: dict) -> DiscriminatorFlowModel:
     flow = meta["flow"]
-    model = DiscriminatorFlowModel(_network(folder, meta), flow.get("eta", 20.0), flow.get("loss", "vanilla"),
-                                   flow.get("N", flow.get("steps", 56)), _shape(meta))
+    model = DiscriminatorFlowModel(
+        _network(folder, meta),
+        flow.get("eta", 20.0),
+        flow.get("loss", "vanilla"),
+        flow.get("N", flow.get("steps", 56)),
+        _shape(meta),
+    )
     if isinstance(meta.get("conditioning"), dict):
         model.conditioning = meta["conditioning"]
     return model
@@ -179,8 +232,9 @@ def _discriminator_flow(folder: Path, meta: dict) -> DiscriminatorFlowModel:
 def _generator(folder: Path, meta: dict) -> nn.Module:
     net = _network(folder, meta)
     if not isinstance(net, GeneratorModel):
-        raise ArgumentError(f"path: {str(folder / FORMAT_FILE)!r} is a 'generator' folder but holds a "
-                            f"{type(net).__name__}")
+        raise ArgumentError(
+            f"path: {str(folder / FORMAT_FILE)!r} is a 'generator' folder but holds a {type(net).__name__}"
+        )
     return net
 
 
@@ -188,6 +242,7 @@ def _generator(folder: Path, meta: dict) -> nn.Module:
 def _student(folder: Path, meta: dict) -> nn.Module:
     """A distilled student (`models.student`): the denoiser it was trained as, at its σ chain."""
     from .student import STUDENT_FILE, DenoiserGenerator, teacher_denoiser
+
     info = meta["student"]
     if "preconditioning" in meta:
         net = _denoiser(folder, meta)
@@ -199,10 +254,13 @@ def _student(folder: Path, meta: dict) -> nn.Module:
         candidates = [Path(src), folder.parent / src, folder / src]
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
-            raise PathError(f"{where}: the teacher folder {src!r} is not found (looked in the working directory "
-                            f"and beside {str(folder)!r})")
+            raise PathError(
+                f"{where}: the teacher folder {src!r} is not found (looked in the working directory "
+                f"and beside {str(folder)!r})"
+            )
         net = teacher_denoiser(from_pretrained(found))
         from safetensors.torch import load_file
+
         net.load_state_dict(load_file(str(folder / STUDENT_FILE)))
     cond = meta.get("conditioning") if isinstance(meta.get("conditioning"), dict) else None
     return DenoiserGenerator(net, info["sigmas"], _shape(meta) or net.data_shape, cond)
@@ -253,7 +311,7 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
     ('digits-edm', see `shipped_models()`). Returned in eval mode, with `.metadata`."""
     path = resolve_shipped(path)
     p = Path(path)
-    legacy = p / "training.json"                  # DDPM folders written before 0.2
+    legacy = p / "training.json"  # DDPM folders written before 0.2
     if p.is_dir() and ((p / FORMAT_FILE).is_file() or legacy.is_file()):
         if (p / FORMAT_FILE).is_file():
             meta = read_metadata(p)
@@ -266,12 +324,14 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
         if calibrated:
             model.calibrated = calibrated
     elif p.is_dir() and not (p / "model_index.json").is_file() and not (p / "config.json").is_file():
-        raise PathError(f"path: {str(p)!r} holds neither {FORMAT_FILE} (a flowsolve model), model_index.json "
-                        f"(a diffusers pipeline) nor config.json (a diffusers model)")
+        raise PathError(
+            f"path: {str(p)!r} holds neither {FORMAT_FILE} (a flowsolve model), model_index.json "
+            f"(a diffusers pipeline) nor config.json (a diffusers model)"
+        )
     elif p.exists() and not p.is_dir():
         raise ArgumentError(f"path: expected a model folder, got the file {str(p)!r}")
     else:
-        resolve_source(path, "path")                 # a mistyped local path or an unreachable Hub: fail now
+        resolve_source(path, "path")  # a mistyped local path or an unreachable Hub: fail now
         model = from_diffusers(path)
         if isinstance(getattr(model, "metadata", None), dict):
             model.metadata.setdefault("source", str(path))

@@ -4,6 +4,7 @@ UNet2DModel configurations for small images, and a digits feature network for Fr
 All are diffusers `ModelMixin`/`ConfigMixin` models, so `save_pretrained` writes
 config.json + diffusion_pytorch_model.safetensors and diffusers' own `from_pretrained` reads them.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,16 @@ class MLP(ModelMixin, ConfigMixin):
     Fourier embedding of size 128 and scale 16)."""
 
     @register_to_config
-    def __init__(self, dim: int = 2, width: int = 512, depth: int = 4, emb_size: int = 128, emb_scale: float = 16.0,
-                 activation: str = "leaky_relu", seed: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        width: int = 512,
+        depth: int = 4,
+        emb_size: int = 128,
+        emb_scale: float = 16.0,
+        activation: str = "leaky_relu",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ArgumentError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
@@ -65,10 +74,20 @@ class MLP(ModelMixin, ConfigMixin):
 
 UNET_PRESETS = {
     # 0.7 M parameters; 8×8 digits: 115 ms per batch-128 training step on 2 CPU cores
-    "tiny": dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8),
-    "small": dict(block_out_channels=(64, 128, 128), down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2, norm_num_groups=16),
+    "tiny": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    ),
+    "small": dict(
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        norm_num_groups=16,
+    ),
 }
 
 
@@ -78,8 +97,7 @@ def unet(data_shape: tuple[int, int, int], preset: str = "tiny", **overrides) ->
         raise ArgumentError(f"preset: expected one of {sorted(UNET_PRESETS)}, got {preset!r}")
     if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
         raise ArgumentError(f"data_shape: expected square images (C, H, W), got {tuple(data_shape)}")
-    cfg = dict(UNET_PRESETS[preset], sample_size=data_shape[1], in_channels=data_shape[0],
-               out_channels=data_shape[0])
+    cfg = dict(UNET_PRESETS[preset], sample_size=data_shape[1], in_channels=data_shape[0], out_channels=data_shape[0])
     cfg.update(overrides)
     return UNet2DModel(**cfg)
 
@@ -89,13 +107,21 @@ class DigitsFeatures(ModelMixin, ConfigMixin):
     feeds Fréchet distance, `forward(x)` gives class logits for per-class coverage."""
 
     @register_to_config
-    def __init__(self, channels: int = 1, size: int = 8, width: int = 32, features: int = 64, classes: int = 10) -> None:
+    def __init__(
+        self, channels: int = 1, size: int = 8, width: int = 32, features: int = 64, classes: int = 10
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU(),
-            nn.Flatten(), nn.Linear(2 * width * ((size + 1) // 2) ** 2, features), nn.SiLU())
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+            nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(2 * width * ((size + 1) // 2) ** 2, features),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(features, classes)
 
     @property

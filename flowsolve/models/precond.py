@@ -1,6 +1,7 @@
 """Denoisers D(x; σ) and EDM preconditioning (Karras et al. 2022, Table 1; the data score
 s_ψ(x, σ) = (D(x; σ) − x)/σ² of the paper, Eq. 8, Table 5).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,6 @@ from .protocol import ParticleModel
 from ..errors import ArgumentError
 
 __all__ = ["Denoiser", "EDMPrecond", "sigma_column"]
-
-
 
 
 class Denoiser(ParticleModel, nn.Module):
@@ -53,8 +52,10 @@ class Denoiser(ParticleModel, nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ArgumentError(f"x: expected a tensor of shape (batch, *data_shape), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ArgumentError(
+                f"x: expected a tensor of shape (batch, *data_shape), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         if self.data_shape is not None and tuple(x.shape[1:]) != tuple(self.data_shape):
             raise ArgumentError(f"x: expected samples of shape {tuple(self.data_shape)}, got {tuple(x.shape[1:])}")
         return self.denoise(x, sigma_column(sigma, x), **cond)
@@ -63,7 +64,6 @@ class Denoiser(ParticleModel, nn.Module):
         """∇log[p ⋆ k_σ](x) by Tweedie's formula, (D − x)/σ²."""
         s = sigma_column(sigma, x)
         return (self(x, s) - x) / _col(s, x) ** 2
-
 
 
 def _net_output(out):
@@ -77,12 +77,21 @@ class EDMPrecond(Denoiser):
     embedding, which then sees DDPM-like timestep magnitudes). F is any network F(x, t)
     (diffusers models return `.sample`)."""
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 noise_scale: float = 0.25, data_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        noise_scale: float = 0.25,
+        data_shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         if not (sigma_data > 0 and 0 < sigma_min < sigma_max):
-            raise ArgumentError(f"sigma_data, sigma_min, sigma_max: expected positive values with sigma_min < sigma_max, "
-                             f"got {sigma_data}, {sigma_min}, {sigma_max}")
+            raise ArgumentError(
+                f"sigma_data, sigma_min, sigma_max: expected positive values with sigma_min < sigma_max, "
+                f"got {sigma_data}, {sigma_min}, {sigma_max}"
+            )
         self.net = net
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
         self.noise_scale = float(noise_scale)
@@ -90,9 +99,9 @@ class EDMPrecond(Denoiser):
 
     def coefficients(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in, c_noise) at σ (Karras et al. 2022, Table 1)."""
-        sd2 = self.sigma_data ** 2
-        norm = (sigma ** 2 + sd2).rsqrt()
-        return sd2 * norm ** 2, sigma * self.sigma_data * norm, norm, self.noise_scale * sigma.log()
+        sd2 = self.sigma_data**2
+        norm = (sigma**2 + sd2).rsqrt()
+        return sd2 * norm**2, sigma * self.sigma_data * norm, norm, self.noise_scale * sigma.log()
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
@@ -101,9 +110,10 @@ class EDMPrecond(Denoiser):
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """λ(σ) = (σ² + σ_d²)/(σ σ_d)², which makes the effective target of F unit-variance."""
-        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def extra_repr(self) -> str:
-        return (f"sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
-                f"noise_scale={self.noise_scale}")
-
+        return (
+            f"sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+            f"noise_scale={self.noise_scale}"
+        )

@@ -7,6 +7,7 @@
 
 Every model carries `data_shape` and the `metadata` its folder's flowsolve.json holds.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,8 @@ class ParticleModel:
     """A PM: `field(**kw)` returns the model's `flowsolve.fields.Field`."""
 
     data_shape: tuple[int, ...] | None = None
-    calibrated: dict = {}     # "solver:nfe" -> grid, from the folder's calibration.json
-    guidable: bool = False    # field(guidance=w, uncond=...) is supported (denoisers, flow models)
+    calibrated: dict = {}  # "solver:nfe" -> grid, from the folder's calibration.json
+    guidable: bool = False  # field(guidance=w, uncond=...) is supported (denoisers, flow models)
 
     def field(self, **kw):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -79,6 +80,9 @@ def generate_sharded(generator: GeneratorModel, n: int, *, seed: int, cond: dict
         return generator.sample(n, seed=seed, cond=cond)
     start, end = shard_range(n, rank, size)
     rows = _rows(cond, n) or getattr(generator, "default_cond", lambda _n: {})(n)
-    part = (generator.generate(generator.latents(n, seed)[start:end], **{k: v[start:end] for k, v in rows.items()})
-            if end > start else None)
+    part = (
+        generator.generate(generator.latents(n, seed)[start:end], **{k: v[start:end] for k, v in rows.items()})
+        if end > start
+        else None
+    )
     return gather_ranges(part, n, tuple(generator.data_shape))

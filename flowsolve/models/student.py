@@ -6,6 +6,7 @@ x = x_0 + σ_j z_j and applies x_0 = G(x, σ_j) (DMD2's multi-step generator). O
 G(σ_init z, σ_init). `G` starts as a copy of the teacher D(x, σ, **cond), so conditioning (class
 labels, text embeddings) passes through unchanged.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,15 +91,22 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
         from .io import save_pretrained, write_metadata
         from .precond import EDMPrecond
 
-        info = {"student": {"sigmas": list(self.sigmas), "teacher": teacher_source},
-                "data_shape": list(self.data_shape), "conditioning": self.conditioning, **metadata}
+        info = {
+            "student": {"sigmas": list(self.sigmas), "teacher": teacher_source},
+            "data_shape": list(self.data_shape),
+            "conditioning": self.conditioning,
+            **metadata,
+        }
         if isinstance(self.net, EDMPrecond):
             return save_pretrained(self.net, out, **{**info, "type": "student"})
         if teacher_source is None:
-            raise ArgumentError("out: this student's teacher is not a flowsolve denoiser folder, so its folder must "
-                                "name the teacher's folder it loads the architecture from; the teacher has no "
-                                "metadata['source'] (load it with fs.from_pretrained(path))")
+            raise ArgumentError(
+                "out: this student's teacher is not a flowsolve denoiser folder, so its folder must "
+                "name the teacher's folder it loads the architecture from; the teacher has no "
+                "metadata['source'] (load it with fs.from_pretrained(path))"
+            )
         from safetensors.torch import save_file
+
         p = Path(out)
         p.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}

@@ -3,9 +3,9 @@
 `available()` lists the names accepted by `flowsolve.sample(solver=...)`; `get(name)` returns the
 registered `Solver` (its options, NFE accounting and requirements); `register` adds one.
 """
+
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
@@ -36,8 +36,9 @@ def get(name: str) -> Solver:
     if not isinstance(name, str):
         raise ArgumentTypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
     if name not in _REGISTRY:
-        raise ArgumentError(f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; "
-                         f"valid names are: {', '.join(available())}")
+        raise ArgumentError(
+            f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; valid names are: {', '.join(available())}"
+        )
     return _REGISTRY[name]
 
 
@@ -61,40 +62,128 @@ def _heun_evals(steps: int, singular_end: bool) -> int:
 
 register(Solver("euler", fixed.euler, _one_per_step, "first-order Euler (DDIM on the σ-ODE)"))
 register(Solver("heun", fixed.heun, _heun_evals, "EDM's 2nd-order Heun (Karras et al. Alg. 1), Euler last step"))
-register(Solver("edm", fixed.edm, _heun_evals, "EDM's stochastic sampler with S_churn/S_min/S_max/S_noise (Alg. 2)",
-                needs_sigma=True, stochastic=True))
-register(Solver("sde", stochastic.sde, _one_per_step,
-                "Eq. 21: alpha ∈ [0, 1] interpolates the PF-ODE (0) and the reverse SDE (1)", stochastic=True))
-register(Solver("dpmpp_2m", multistep.dpmpp_2m, _one_per_step, "DPM-Solver++(2M), exact exponential weights",
-                needs_sigma=True))
-register(Solver("dpmpp_2m_midpoint", multistep.dpmpp_2m_midpoint, _one_per_step,
-                "DPM-Solver++(2M), Lu et al.'s midpoint form (diffusers' default solver_type, k-diffusion's)",
-                needs_sigma=True))
-register(Solver("dpmpp_3m", multistep.dpmpp_3m, _one_per_step, "DPM-Solver++(3M), exact exponential weights",
-                needs_sigma=True))
-register(Solver("dpmpp_2m_pc", multistep.dpmpp_2m_pc, _one_per_step,
-                "DPM-Solver++(2M) + UniC-style corrector (3rd order, no extra NFE)", needs_sigma=True))
-register(Solver("dpmpp_3m_pc", multistep.dpmpp_3m_pc, _one_per_step,
-                "DPM-Solver++(3M) + UniC-style corrector (4th order, no extra NFE)", needs_sigma=True))
+register(
+    Solver(
+        "edm",
+        fixed.edm,
+        _heun_evals,
+        "EDM's stochastic sampler with S_churn/S_min/S_max/S_noise (Alg. 2)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "sde",
+        stochastic.sde,
+        _one_per_step,
+        "Eq. 21: alpha ∈ [0, 1] interpolates the PF-ODE (0) and the reverse SDE (1)",
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_2m", multistep.dpmpp_2m, _one_per_step, "DPM-Solver++(2M), exact exponential weights", needs_sigma=True
+    )
+)
+register(
+    Solver(
+        "dpmpp_2m_midpoint",
+        multistep.dpmpp_2m_midpoint,
+        _one_per_step,
+        "DPM-Solver++(2M), Lu et al.'s midpoint form (diffusers' default solver_type, k-diffusion's)",
+        needs_sigma=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_3m", multistep.dpmpp_3m, _one_per_step, "DPM-Solver++(3M), exact exponential weights", needs_sigma=True
+    )
+)
+register(
+    Solver(
+        "dpmpp_2m_pc",
+        multistep.dpmpp_2m_pc,
+        _one_per_step,
+        "DPM-Solver++(2M) + UniC-style corrector (3rd order, no extra NFE)",
+        needs_sigma=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_3m_pc",
+        multistep.dpmpp_3m_pc,
+        _one_per_step,
+        "DPM-Solver++(3M) + UniC-style corrector (4th order, no extra NFE)",
+        needs_sigma=True,
+    )
+)
 register(Solver("ipndm", multistep.ipndm, _one_per_step, "improved PNDM (Adams–Bashforth, uniform coefficients)"))
 register(Solver("adams", multistep.adams, _one_per_step, "variable-step Adams–Bashforth on any grid"))
-register(Solver("ipndm_v", multistep.ipndm_v, _one_per_step,
-                "iPNDM with variable steps: Adams–Bashforth-4 weights for the grid's own spacing"))
-register(Solver("unipc", peers.unipc, _one_per_step, "UniPC (bh2) predictor-corrector, orders 1-3, no extra NFE",
-                needs_sigma=True))
+register(
+    Solver(
+        "ipndm_v",
+        multistep.ipndm_v,
+        _one_per_step,
+        "iPNDM with variable steps: Adams–Bashforth-4 weights for the grid's own spacing",
+    )
+)
+register(
+    Solver(
+        "unipc",
+        peers.unipc,
+        _one_per_step,
+        "UniPC (bh2) predictor-corrector, orders 1-3, no extra NFE",
+        needs_sigma=True,
+    )
+)
 register(Solver("unipc_bh1", peers.unipc_bh1, _one_per_step, "UniPC with B(h) = h (bh1)", needs_sigma=True))
-register(Solver("deis", peers.deis, _one_per_step, "DEIS tAB in log ρ, orders 1-3 (diffusers' DEIS)",
-                needs_sigma=True))
-register(Solver("dpm_2", peers.dpm_2, _heun_evals, "DPM-Solver-2 (k-diffusion's sample_dpm_2), 2 NFE a step",
-                needs_sigma=True))
-register(Solver("dpmpp_2s", peers.dpmpp_2s, _heun_evals, "DPM-Solver++(2S); eta > 0: k-diffusion's ancestral form",
-                needs_sigma=True, stochastic=True))
-register(Solver("euler_ancestral", peers.euler_ancestral, _one_per_step,
-                "Euler ancestral (k-diffusion), per-sample noise", needs_sigma=True, stochastic=True))
-register(Solver("dpmpp_2m_sde", peers.dpmpp_2m_sde, _one_per_step, "DPM-Solver++(2M) SDE (k-diffusion, midpoint)",
-                needs_sigma=True, stochastic=True))
-register(Solver("dpmpp_3m_sde", peers.dpmpp_3m_sde, _one_per_step, "DPM-Solver++(3M) SDE (k-diffusion)",
-                needs_sigma=True, stochastic=True))
+register(Solver("deis", peers.deis, _one_per_step, "DEIS tAB in log ρ, orders 1-3 (diffusers' DEIS)", needs_sigma=True))
+register(
+    Solver(
+        "dpm_2", peers.dpm_2, _heun_evals, "DPM-Solver-2 (k-diffusion's sample_dpm_2), 2 NFE a step", needs_sigma=True
+    )
+)
+register(
+    Solver(
+        "dpmpp_2s",
+        peers.dpmpp_2s,
+        _heun_evals,
+        "DPM-Solver++(2S); eta > 0: k-diffusion's ancestral form",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "euler_ancestral",
+        peers.euler_ancestral,
+        _one_per_step,
+        "Euler ancestral (k-diffusion), per-sample noise",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_2m_sde",
+        peers.dpmpp_2m_sde,
+        _one_per_step,
+        "DPM-Solver++(2M) SDE (k-diffusion, midpoint)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_3m_sde",
+        peers.dpmpp_3m_sde,
+        _one_per_step,
+        "DPM-Solver++(3M) SDE (k-diffusion)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
 
 
 def _measured(backend: str, method: str) -> Callable[[int, bool], int]:
@@ -105,6 +194,7 @@ def _measured(backend: str, method: str) -> Callable[[int, bool], int]:
     def evals(steps: int, singular_end: bool) -> int:
         a, b = backends.measured_evals(backend, method)
         return a + b * steps
+
     return evals
 
 
@@ -114,23 +204,41 @@ def _register_backends() -> None:
     except ImportError:  # pragma: no cover - torchdiffeq is a dependency
         methods = {}
     for m, adaptive in methods.items():
+
         def fn(run, x, *, rtol=1e-5, atol=1e-5, options=None, _m=m):
             return backends.torchdiffeq_solve(run, x, _m, rtol=rtol, atol=atol, options=options)
+
         evals = (lambda steps, singular_end: 2) if adaptive else _measured("torchdiffeq", m)
-        register(Solver(f"torchdiffeq:{m}", fn, evals,
-                        f"torchdiffeq {'adaptive' if adaptive else 'fixed-grid'} method {m!r}",
-                        adaptive=adaptive, options={"rtol": 1e-5, "atol": 1e-5, "options": None}
-                        if adaptive else {"options": None}))
+        register(
+            Solver(
+                f"torchdiffeq:{m}",
+                fn,
+                evals,
+                f"torchdiffeq {'adaptive' if adaptive else 'fixed-grid'} method {m!r}",
+                adaptive=adaptive,
+                options={"rtol": 1e-5, "atol": 1e-5, "options": None} if adaptive else {"options": None},
+            )
+        )
     try:
         sde_methods = backends.torchsde_methods()
     except ImportError:  # pragma: no cover
         sde_methods = []
     for m in sde_methods:
+
         def sfn(run, x, *, alpha=1.0, _m=m):
             stochastic._check_alpha(alpha)
             return backends.torchsde_solve(run, x, _m, alpha=alpha)
-        register(Solver(f"torchsde:{m}", sfn, _measured("torchsde", m), f"torchsde method {m!r} on Eq. 21",
-                        stochastic=True, options={"alpha": 1.0}))
+
+        register(
+            Solver(
+                f"torchsde:{m}",
+                sfn,
+                _measured("torchsde", m),
+                f"torchsde method {m!r} on Eq. 21",
+                stochastic=True,
+                options={"alpha": 1.0},
+            )
+        )
 
 
 _register_backends()

@@ -6,6 +6,7 @@ from start to end and stop with NFEBudgetExceeded once the `nfe` budget is spent
 on a 2-D (batch, features) state, with a per-sample Brownian motion built from flowsolve's
 seeded noise, so sample i is the same for any n and chunking.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,9 @@ def torchdiffeq_methods() -> dict[str, bool]:
     return {m: not issubclass(cls, FixedGridODESolver) for m, cls in SOLVERS.items()}
 
 
-def torchdiffeq_solve(run: Run, x: torch.Tensor, method: str, rtol: float = 1e-5, atol: float = 1e-5,
-                      options: dict | None = None) -> torch.Tensor:
+def torchdiffeq_solve(
+    run: Run, x: torch.Tensor, method: str, rtol: float = 1e-5, atol: float = 1e-5, options: dict | None = None
+) -> torch.Tensor:
     from torchdiffeq import odeint
 
     adaptive = torchdiffeq_methods()[method]
@@ -53,20 +55,24 @@ def measured_evals(backend: str, method: str) -> tuple[int, int]:
     for steps in (4, 8):
         n = [0]
 
-        def fn(x, t):
+        def fn(x, t, n=n):  # bind this iteration's counter
             n[0] += 1
             return -x
+
         from ..fields.base import Function
         from ..grids import uniform
+
         field = Function(fn, 0.0, 1.0, shape=(1,), diffusion=lambda t: 0.01)
         x = torch.ones(1, 1, dtype=torch.float64)
-        run = Run(field, uniform(steps), x, solver=f"{backend}:{method}", noise=lambda: torch.zeros(1, 1, dtype=torch.float64))
+        run = Run(
+            field, uniform(steps), x, solver=f"{backend}:{method}", noise=lambda: torch.zeros(1, 1, dtype=torch.float64)
+        )
         if backend == "torchdiffeq":
             torchdiffeq_solve(run, x, method)
         else:
             torchsde_solve(run, x, method, alpha=1.0)
         counts.append(n[0])
-    b = -(-(counts[1] - counts[0]) // 4)   # per step, rounded up
+    b = -(-(counts[1] - counts[0]) // 4)  # per step, rounded up
     return counts[0] - 4 * b, b
 
 
@@ -87,6 +93,7 @@ def _brownian_class():
     class SampleBrownian(BaseBrownian):
         """Brownian increments over one step from the per-sample noise; space-time Lévy area
         U = h (W/2 + H), H ~ N(0, h/12) independent of W (as in torchsde)."""
+
         __slots__ = ("_noise", "_shape", "_dtype", "_device")
 
         def __init__(self, noise, shape, dtype, device):
@@ -146,7 +153,9 @@ def torchsde_solve(run: Run, x: torch.Tensor, method: str, alpha: float = 1.0) -
         def g(self, tau, y):
             g2 = field.diffusion(torch.tensor(sign * float(tau), dtype=y.dtype, device=y.device), alpha)
             g2 = torch.as_tensor(g2, dtype=y.dtype, device=y.device)
-            return g2.clamp_min(0).sqrt().expand(flat) if g2.dim() == 0 else g2.clamp_min(0).sqrt()[:, None].expand(flat)
+            return (
+                g2.clamp_min(0).sqrt().expand(flat) if g2.dim() == 0 else g2.clamp_min(0).sqrt()[:, None].expand(flat)
+            )
 
     sde = _SDE()
     bm = _brownian_class()(run.noise, flat, x.dtype, x.device)

@@ -5,6 +5,7 @@ A solver is a short function `fn(run, x, **options) -> x` (k-diffusion style) th
 evaluation (info.nfe is measured, never computed), flags non-finite outputs, draws the
 per-sample noise, and serves trajectories, callbacks and progress.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,9 +36,9 @@ class Solver:
     fn: Callable[..., torch.Tensor]
     evals: Callable[[int, bool], int]
     description: str = ""
-    needs_sigma: bool = False       # needs a field whose time is σ (data prediction x − σ·v)
-    stochastic: bool = False        # draws noise
-    adaptive: bool = False          # chooses its own steps between start and end
+    needs_sigma: bool = False  # needs a field whose time is σ (data prediction x − σ·v)
+    stochastic: bool = False  # draws noise
+    adaptive: bool = False  # chooses its own steps between start and end
     min_steps: int = 1
     options: dict[str, Any] = dc_field(default_factory=dict)
     # the spacing this solver walks by default on σ-time fields whose own default is the generic
@@ -47,8 +48,9 @@ class Solver:
     def __post_init__(self) -> None:
         if not self.options:
             sig = inspect.signature(self.fn)
-            self.options = {p.name: p.default for p in sig.parameters.values()
-                            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+            self.options = {
+                p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+            }
 
     @property
     def min_nfe(self) -> int:
@@ -61,7 +63,7 @@ class Solver:
         lo, hi = 1, 2
         while self.evals(hi, singular_end) <= nfe:
             lo, hi = hi, hi * 2
-        while hi - lo > 1:                              # evals(lo) <= nfe < evals(hi)
+        while hi - lo > 1:  # evals(lo) <= nfe < evals(hi)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.evals(mid, singular_end) <= nfe else (lo, mid)
         return lo
@@ -70,18 +72,28 @@ class Solver:
         for k in options:
             if k not in self.options:
                 valid = ", ".join(sorted(self.options)) or "none"
-                raise ArgumentTypeError(f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
-                                f"its options are: {valid}")
+                raise ArgumentTypeError(
+                    f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
+                    f"its options are: {valid}"
+                )
         return options
 
 
 class Run:
     """The state of one solve over one chunk of particles."""
 
-    def __init__(self, field: Field, grid: torch.Tensor, x: torch.Tensor, solver: str = "",
-                 noise: Callable[[], torch.Tensor] | None = None,
-                 callback: Callable[[int, float, torch.Tensor], Any] | None = None,
-                 trajectory_every: int = 0, progress: bool = False, budget: int | None = None) -> None:
+    def __init__(
+        self,
+        field: Field,
+        grid: torch.Tensor,
+        x: torch.Tensor,
+        solver: str = "",
+        noise: Callable[[], torch.Tensor] | None = None,
+        callback: Callable[[int, float, torch.Tensor], Any] | None = None,
+        trajectory_every: int = 0,
+        progress: bool = False,
+        budget: int | None = None,
+    ) -> None:
         self.field, self.solver = field, solver
         self.grid = grid
         self.times: list[float] = grid.tolist()
@@ -110,8 +122,10 @@ class Run:
 
     def _budget(self) -> None:
         if self.budget is not None and self.nfe >= self.budget:
-            raise NFEBudgetExceeded(f"solver {self.solver!r} needed more than nfe={self.budget} field evaluations "
-                                    f"per sample; raise nfe, or loosen its rtol/atol")
+            raise NFEBudgetExceeded(
+                f"solver {self.solver!r} needed more than nfe={self.budget} field evaluations "
+                f"per sample; raise nfe, or loosen its rtol/atol"
+            )
 
     def f(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The field at grid point i (its first output is checked against x's shape and dtype)."""
@@ -124,8 +138,8 @@ class Run:
         """The field at any time t (off-grid stages); velocity 0 where the field is singular at t_end
         (its limit for smooth densities: −σ ∇log p → 0), without counting an evaluation."""
         tf = float(t)
-        if (tf - self.t_end) * (self.t_end - self.times[0]) > 0:   # stages past the end (adaptive
-            tf, t = self.t_end, self.t_end                          # step selection): clamp to it
+        if (tf - self.t_end) * (self.t_end - self.times[0]) > 0:  # stages past the end (adaptive
+            tf, t = self.t_end, self.t_end  # step selection): clamp to it
         if tf == self.t_end and not self.field.finite_at_end:
             return torch.zeros_like(x)
         self._budget()
@@ -152,6 +166,7 @@ class Run:
         it = range(len(self.times) - 1)
         if self.progress:
             from tqdm.auto import tqdm
+
             it = tqdm(it, desc=self.solver, leave=False)
         for i in it:
             self.step = i
@@ -176,8 +191,10 @@ class Run:
             return
         k = int((~ok).nonzero()[0])
         step, t = self._checks[k][0], self._checks[k][1]
-        raise NonFiniteError(f"the field returned non-finite values (NaN or inf) at step {step} (t={t:.6g}), "
-                             f"evaluation {k + 1}, under solver {self.solver!r}")
+        raise NonFiniteError(
+            f"the field returned non-finite values (NaN or inf) at step {step} (t={t:.6g}), "
+            f"evaluation {k + 1}, under solver {self.solver!r}"
+        )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,4 +1,5 @@
 """One-step deterministic and churned solvers: Euler, Heun (EDM Alg. 1), EDM's stochastic sampler (Alg. 2)."""
+
 from __future__ import annotations
 
 import math
@@ -36,16 +37,25 @@ def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
-        S_noise: float = 1.0) -> torch.Tensor:
+def edm(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
+) -> torch.Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): raise σ_i to σ̂ = (1 + γ_i) σ_i by adding
     fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}."""
     for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
             raise ArgumentError(f"{name}: expected a finite number >= 0, got {v!r}")
     if not run.field.time_is_sigma:
-        raise ArgumentError(f"solver: 'edm' churns the noise level σ of an EDM-time field; "
-                            f"{type(run.field).__name__} is not one (use heun, or sde)")
+        raise ArgumentError(
+            f"solver: 'edm' churns the noise level σ of an EDM-time field; "
+            f"{type(run.field).__name__} is not one (use heun, or sde)"
+        )
     if not S_max >= S_min:
         raise ArgumentError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
     t = run.times
@@ -55,7 +65,7 @@ def edm(run: Run, x: torch.Tensor, *, S_churn: float = 0.0, S_min: float = 0.0, 
         gamma = gamma_max if S_min <= t[i] <= S_max else 0.0
         t_hat = t[i] + gamma * t[i]
         if gamma > 0:
-            x = x + (math.sqrt(t_hat ** 2 - t[i] ** 2) * S_noise) * run.noise()
+            x = x + (math.sqrt(t_hat**2 - t[i] ** 2) * S_noise) * run.noise()
             d = run.f_at(x, t_hat)
         else:
             d = run.f(x, i)

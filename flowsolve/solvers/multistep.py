@@ -13,6 +13,7 @@
 * `ipndm_v`: iPNDM with variable steps (Zhang & Chen 2023; zju-pi/diff-sampler's `ipndm_v`): the
   order-4 ramp of `ipndm` with the Adams–Bashforth weights of the grid's actual spacing.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,8 @@ from collections import deque
 
 import torch
 
-from .base import Run, lagrange_weights, sigma_lambda
+from .base import Run, lagrange_weights
 from .._checks import check_int
-from ..errors import ArgumentError
 
 
 def _order(order, lo: int = 1, hi: int = 4) -> int:
@@ -36,7 +36,9 @@ def _combine(weights: list[float], values) -> torch.Tensor:
     return out
 
 
-def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False) -> torch.Tensor:
+def exponential_multistep(
+    run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False
+) -> torch.Tensor:
     """The exponential Adams family on σ-time fields, in λ = −log σ with data predictions D = x − σ v.
 
     One step from σ_i to σ_{i+1} (h = λ_{i+1} − λ_i) integrates dx/dλ = D − x exactly for D held at the
@@ -57,15 +59,15 @@ def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool
     midpoint form replaces φ₂ by −φ₁/2). The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
     """
-    path = run.field.path                         # VE for EDM fields: α = 1, σ = t, λ = −log σ
+    path = run.field.path  # VE for EDM fields: α = 1, σ = t, λ = −log σ
     t = run.times
     alpha, sig = [path.alpha(v) for v in t], [path.sigma(v) for v in t]
     lam = [path.lam(v) for v in t]
-    hist: deque = deque(maxlen=order + 1)         # (λ_j, D_j), newest last; finite λ only
-    x_prev = None                                 # x_i before the step, for the corrector
+    hist: deque = deque(maxlen=order + 1)  # (λ_j, D_j), newest last; finite λ only
+    x_prev = None  # x_i before the step, for the corrector
     for i in run.steps():
-        d = run.f(x, i)                           # the field v = dx/dt at (x_i, t_i)
-        den = path.data_prediction(x, d, t[i])    # data prediction D_i (x − σ v on the VE path)
+        d = run.f(x, i)  # the field v = dx/dt at (x_i, t_i)
+        den = path.data_prediction(x, d, t[i])  # data prediction D_i (x − σ v on the VE path)
         if corrector and x_prev is not None and len(hist) >= 1 and lam[i - 1] > -math.inf:
             # UniC-style: redo step i−1 → i with D_i included (order min(k+1, history))
             nodes = [lam[i]] + [h[0] for h in reversed(hist)][:order]
@@ -75,19 +77,21 @@ def exponential_multistep(run: Run, x: torch.Tensor, order: int, corrector: bool
         if lam[i] > -math.inf:
             hist.append((lam[i], den))
         if sig[i + 1] == 0:
-            x_next = alpha[i + 1] * den           # λ = ∞: the exponential integrator lands on α D
+            x_next = alpha[i + 1] * den  # λ = ∞: the exponential integrator lands on α D
         elif lam[i] == -math.inf:
-            x_next = sig[i + 1] * x + alpha[i + 1] * den      # from pure noise (α = 0, σ = 1): exact, h = ∞
+            x_next = sig[i + 1] * x + alpha[i + 1] * den  # from pure noise (α = 0, σ = 1): exact, h = ∞
         else:
             k = min(order, len(hist))
-            recent = list(hist)[-k:][::-1]        # newest first: D_i, D_{i−1}, ...
-            if midpoint and k == 2:               # Lu et al.'s form: φ₂ ≈ −φ₁/2
+            recent = list(hist)[-k:][::-1]  # newest first: D_i, D_{i−1}, ...
+            if midpoint and k == 2:  # Lu et al.'s form: φ₂ ≈ −φ₁/2
                 h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])
                 e = -math.expm1(-h)
                 w = (e * (1 + 0.5 / r), -e * 0.5 / r)
             else:
-                w = lagrange_weights([h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True)   # W_j (closed form above)
-            x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * _combine(w, [h[1] for h in recent])   # x_{i+1}
+                w = lagrange_weights(
+                    [h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True
+                )  # W_j (closed form above)
+            x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * _combine(w, [h[1] for h in recent])  # x_{i+1}
         x_prev, x = x, x_next
         run.tick(i, x)
     return x

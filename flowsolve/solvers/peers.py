@@ -19,6 +19,7 @@ which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. 
 * `euler_ancestral`, `dpmpp_2m_sde`, `dpmpp_3m_sde`: the stochastic samplers of k-diffusion with
   per-sample noise (`fs.sample(seed=)`), on any Gaussian path.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,7 @@ def _ancestral(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
         return rho_next, 0.0
     ratio = 0.0 if math.isinf(rho) else (rho_next / rho) ** 2
     up = min(rho_next, eta * rho_next * math.sqrt(max(1.0 - ratio, 0.0)))
-    return math.sqrt(max(rho_next ** 2 - up ** 2, 0.0)), up
+    return math.sqrt(max(rho_next**2 - up**2, 0.0)), up
 
 
 def _check_eta(eta) -> float:
@@ -83,7 +84,7 @@ def _unipc_coeffs(rks: list[float], h: float, order: int, variant: str, predicto
 
     hh = -h
     b_h = hh if variant == "bh1" else math.expm1(hh)
-    phi = math.expm1(hh) / hh - 1.0                # h φ₂-type remainder, then recursively
+    phi = math.expm1(hh) / hh - 1.0  # h φ₂-type remainder, then recursively
     fact, b = 1, []
     for k in range(1, order + 1):
         b.append(phi * fact / b_h)
@@ -93,16 +94,23 @@ def _unipc_coeffs(rks: list[float], h: float, order: int, variant: str, predicto
     if predictor:
         if order == 2:
             return b_h, [0.5]
-        mat = np.array([[rj ** k for rj in r[:-1]] for k in range(order - 1)])
-        return b_h, list(np.linalg.solve(mat, np.array(b[:order - 1])))
+        mat = np.array([[rj**k for rj in r[:-1]] for k in range(order - 1)])
+        return b_h, list(np.linalg.solve(mat, np.array(b[: order - 1])))
     if order == 1:
         return b_h, [0.5]
-    mat = np.array([[rj ** k for rj in r] for k in range(order)])
+    mat = np.array([[rj**k for rj in r] for k in range(order)])
     return b_h, list(np.linalg.solve(mat, np.array(b[:order])))
 
 
-def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", corrector: bool = True,
-          lower_order_final: bool = True) -> torch.Tensor:
+def unipc(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    order: int = 2,
+    variant: str = "bh2",
+    corrector: bool = True,
+    lower_order_final: bool = True,
+) -> torch.Tensor:
     """UniPC (Zhao et al. 2023) on the data prediction, any Gaussian path.
 
     Predictor UniP-p from t_i (h = λ_{i+1} − λ_i, r_k = (λ_{i−k} − λ_i)/h, D1_k = (D_{i−k} − D_i)/r_k):
@@ -117,13 +125,13 @@ def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", co
         raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
     p = _Path(run)
     n = len(p.t) - 1
-    hist: deque = deque(maxlen=order)          # (λ_j, D_j) of finite λ, newest last
+    hist: deque = deque(maxlen=order)  # (λ_j, D_j) of finite λ, newest last
     x_prev, prev_order = None, 0
     for i in run.steps():
         den = p.denoise(x, i)
         if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf:
             h = p.lam[i] - p.lam[i - 1]
-            older = list(hist)[:-1][::-1][:prev_order - 1]          # D_{i−2}, D_{i−3}, ...
+            older = list(hist)[:-1][::-1][: prev_order - 1]  # D_{i−2}, D_{i−3}, ...
             m0 = hist[-1][1]
             rks = [(lj - p.lam[i - 1]) / h for lj, _ in older]
             b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False)
@@ -140,7 +148,7 @@ def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", co
         else:
             k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
             h = p.lam[i + 1] - p.lam[i]
-            older = list(hist)[:-1][::-1][:k - 1]
+            older = list(hist)[:-1][::-1][: k - 1]
             rks = [(lj - p.lam[i]) / h for lj, _ in older]
             x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
             if k > 1:
@@ -155,8 +163,9 @@ def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", co
     return x
 
 
-def unipc_bh1(run: Run, x: torch.Tensor, *, order: int = 2, corrector: bool = True,
-              lower_order_final: bool = True) -> torch.Tensor:
+def unipc_bh1(
+    run: Run, x: torch.Tensor, *, order: int = 2, corrector: bool = True, lower_order_final: bool = True
+) -> torch.Tensor:
     """UniPC with B(h) = h (`unipc` with variant='bh1'; Zhao et al. recommend it for unconditional models)."""
     return unipc(run, x, order=order, variant="bh1", corrector=corrector, lower_order_final=lower_order_final)
 
@@ -174,20 +183,20 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
     order = check_int("order", order, 1, 3)
     p = _Path(run)
     n = len(p.t) - 1
-    hist: deque = deque(maxlen=order)           # (log ρ_j, ε_j) of finite ρ, newest last
+    hist: deque = deque(maxlen=order)  # (log ρ_j, ε_j) of finite ρ, newest last
     for i in run.steps():
         den = p.denoise(x, i)
-        if p.s[i + 1] == 0 or p.a[i] == 0:      # to the data, or from pure noise: the exact first-order step
+        if p.s[i + 1] == 0 or p.a[i] == 0:  # to the data, or from pure noise: the exact first-order step
             x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
-            hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))       # (log ρ_i, ε_i)
+            hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))  # (log ρ_i, ε_i)
             k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
             recent = list(hist)[-k:][::-1]
             u_i, u_j = math.log(p.rho(i)), math.log(p.rho(i + 1))
-            w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)   # ∫ e^{u − u_j} ℓ_j du
+            w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)  # ∫ e^{u − u_j} ℓ_j du
             step = None
             for c, (_, e) in zip(w, recent):
-                term = (c * p.rho(i + 1)) * e                                        # c_j = ρ_{i+1} W_j
+                term = (c * p.rho(i + 1)) * e  # c_j = ρ_{i+1} W_j
                 step = term if step is None else step + term
             x = (p.a[i + 1] / p.a[i]) * x + p.a[i + 1] * step
         run.tick(i, x)
@@ -208,10 +217,10 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
         else:
             lam_m = 0.5 * (p.lam[i] + p.lam[i + 1])
             rho_i, rho_j, rho_m = p.rho(i), p.rho(i + 1), math.exp(-lam_m)
-            xt = x / p.a[i]                                              # x̃ = x/α (VE coordinates)
+            xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
             t_m = p.path.time_at(lam_m)
             a_m = p.path.alpha(t_m)
-            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)              # Euler half step
+            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
             den_m, _, _ = p.denoise_at(a_m * xt_m, lam_m)
             x = p.a[i + 1] * (xt + (rho_j - rho_i) / rho_m * (xt_m - den_m))
         run.tick(i, x)
@@ -229,7 +238,7 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
         den = p.denoise(x, i)
         rho_i, rho_next = p.rho(i), p.rho(i + 1)
         down, up = _ancestral(rho_i, rho_next, eta)
-        xs = x / p.s[i]                                        # x̃/ρ_i = x/σ_i (finite from pure noise)
+        xs = x / p.s[i]  # x̃/ρ_i = x/σ_i (finite from pure noise)
         if down == 0 or math.isinf(rho_i):
             xt_new = down * xs + (1.0 if math.isinf(rho_i) else 1.0 - down / rho_i) * den
         else:
@@ -272,7 +281,7 @@ def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: f
               + σ_{i+1} √(1 − e^{−2ηh}) ε."""
     eta = _check_eta(eta)
     p = _Path(run)
-    hist: deque = deque(maxlen=2)              # (h, D) of earlier finite steps, newest last
+    hist: deque = deque(maxlen=2)  # (h, D) of earlier finite steps, newest last
     for i in run.steps():
         den = p.denoise(x, i)
         if p.s[i + 1] == 0:
@@ -297,7 +306,7 @@ def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: f
                 r = h1 / h
                 if order == 3:
                     x = x + p.a[i + 1] * ((math.expm1(-he) / he + 1.0) / r) * (den - d1)
-                else:                           # k-diffusion's midpoint form of 2M SDE
+                else:  # k-diffusion's midpoint form of 2M SDE
                     x = x + p.a[i + 1] * (-0.5 * math.expm1(-he) / r) * (den - d1)
         if eta:
             x = x + (p.s[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise) * run.noise()

@@ -1,4 +1,5 @@
 """The stochastic interpolation of Eq. 21: the same marginals for every alpha ∈ [0, 1]."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ from ..errors import ArgumentError
 
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ArgumentError(f"alpha: expected a number in [0, 1] (0 = probability-flow ODE, 1 = reverse SDE), "
-                            f"got {alpha!r}")
+        raise ArgumentError(
+            f"alpha: expected a number in [0, 1] (0 = probability-flow ODE, 1 = reverse SDE), got {alpha!r}"
+        )
     return float(alpha)
 
 
@@ -29,27 +31,30 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
     field = run.field
     coeffs = getattr(field, "sde_coefficients", None)
     if method == "auto":
-        method = "exp" if (field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)) \
-            else "em"
+        method = (
+            "exp" if (field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)) else "em"
+        )
     if method not in ("exp", "em"):
         raise ArgumentError(f"method: expected 'auto', 'exp' or 'em', got {method!r}")
     if method == "exp" and (not field.time_is_sigma or coeffs is None):
-        raise ArgumentError(f"method: 'exp' needs a σ-time score field (fields.EDM / ScoreDifference), "
-                         f"got {type(field).__name__}; use method='em'")
+        raise ArgumentError(
+            f"method: 'exp' needs a σ-time score field (fields.EDM / ScoreDifference), "
+            f"got {type(field).__name__}; use method='em'"
+        )
     t = run.times
     if method == "exp":
         c, kappa = coeffs(alpha)
         for i in run.steps():
             s, s_next = t[i], t[i + 1]
             drift, _ = run.sde(x, i, alpha)
-            den = x - (s / c) * drift                                   # data prediction of the α-drift
+            den = x - (s / c) * drift  # data prediction of the α-drift
             r = s_next / s
-            x = den + (r ** c) * (x - den)
+            x = den + (r**c) * (x - den)
             if kappa > 0 and s_next > 0:
                 if abs(c - 1.0) < 1e-12:
-                    var = 2.0 * kappa * s_next ** 2 * math.log(s / s_next)
+                    var = 2.0 * kappa * s_next**2 * math.log(s / s_next)
                 else:
-                    var = kappa / (c - 1.0) * s_next ** 2 * (1.0 - r ** (2.0 * c - 2.0))
+                    var = kappa / (c - 1.0) * s_next**2 * (1.0 - r ** (2.0 * c - 2.0))
                 x = x + math.sqrt(max(var, 0.0)) * run.noise()
             run.tick(i, x)
         return x

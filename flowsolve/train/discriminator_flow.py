@@ -1,6 +1,7 @@
 """Discriminator Flows (Alg. 3, Table 4): a GAN without a generator. Each iteration draws x_0 ~ π,
 simulates the discriminator field (Eq. 20) with the library's own solver, and trains f(·, t) to
 separate the particles at t from data (Eq. 15). The trained model's `.field()` is the same field."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,41 +23,54 @@ __all__ = ["DFConfig", "DF_IMAGE_DEFAULTS", "discriminator_flow"]
 class DFConfig(PaperLoopConfig):
     steps: int = 4000
     betas: tuple[float, float] = (0.5, 0.999)
-    N: int = 56                      # generation steps (Alg. 3)
-    eta: float = 20.0                # gradient strength η
-    loss: str = "vanilla"            # a, b, c of Eq. 15–16 (models.gan.LOSSES)
-    gp: float = 0.0                  # gradient-penalty strength R (Table 4: 0 for Gaussians, 0.04 MNIST)
+    N: int = 56  # generation steps (Alg. 3)
+    eta: float = 20.0  # gradient strength η
+    loss: str = "vanilla"  # a, b, c of Eq. 15–16 (models.gan.LOSSES)
+    gp: float = 0.0  # gradient-penalty strength R (Table 4: 0 for Gaussians, 0.04 MNIST)
     gp_center: float = 0.0
-    width: int = 512                 # MLP discriminator (vectors)
+    width: int = 512  # MLP discriminator (vectors)
     depth: int = 4
-    conv_width: int = 64             # conv discriminator with FiLM (images; Table 4, MNIST: DCGAN width 64)
+    conv_width: int = 64  # conv discriminator with FiLM (images; Table 4, MNIST: DCGAN width 64)
     emb_size: int = 128
     emb_scale: float = 16.0
     init_gain: float = 0.02
-    solver: str = "euler"            # the library solver that simulates the partial trajectories
-    segments: int = 8                # trajectory pieces: particles stop once past their training step
+    solver: str = "euler"  # the library solver that simulates the partial trajectories
+    segments: int = 8  # trajectory pieces: particles stop once past their training step
     compute_dtype: str | None = None  # e.g. "bfloat16": simulate the particles with a low-precision copy of f
     data_size: int | None = None
-    conditional: bool = False        # class-conditional f(x, t, y) (projection discriminator), labelled data
+    conditional: bool = False  # class-conditional f(x, t, y) (projection discriminator), labelled data
 
-    RENAMED = {"sim_dtype": "compute_dtype"}   # old config keys, accepted for one release
+    RENAMED = {"sim_dtype": "compute_dtype"}  # old config keys, accepted for one release
 
 
 DF_IMAGE_DEFAULTS = dict(
     # Table 4, MNIST: IPM loss with a gradient penalty of strength 0.04 (center 0), η = 2, N = 64,
     # DCGAN-style discriminator of width 64 (here with FiLM time modulation, normal init).
-    loss="ipm", gp=0.04, gp_center=0.0, eta=2.0, N=64)
+    loss="ipm",
+    gp=0.04,
+    gp_center=0.0,
+    eta=2.0,
+    N=64,
+)
 
 
-def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                       resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None,
-                       **overrides) -> DiscriminatorFlowModel:
+def discriminator_flow(
+    data="gmm2d",
+    *,
+    out: str | os.PathLike | None = None,
+    config: dict | None = None,
+    resume: bool = False,
+    allow_changes: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    **overrides,
+) -> DiscriminatorFlowModel:
     """Train a Discriminator Flow (Alg. 3): each iteration draws x_0 ~ π, simulates Eq. 20 over the
     uniform N-step grid with the library's solver, picks a random step i_b per sample and trains
     f(·, i_b/N) to separate those particles from data (Eq. 15)."""
     cfg = merge_config(DFConfig, {}, config, overrides)
     src, name, shape = data_source(data, cfg.data_size)
-    if len(shape) == 3:                                  # Table 4, MNIST column
+    if len(shape) == 3:  # Table 4, MNIST column
         cfg = merge_config(DFConfig, DF_IMAGE_DEFAULTS, config, overrides)
     loss = GANLoss(cfg.loss)
     classes = fsdata.num_classes(src) if cfg.conditional else 0
@@ -78,9 +92,17 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
             sim = (i > a).nonzero().squeeze(1)
             if len(sim) == 0:
                 break
-            _, info = sample(field, cfg.solver, grid=grid[a:e + 1], x_init=state[sim], return_info=True,
-                             trajectory_every=1, nfe=10 ** 6, cond={k: v[sim] for k, v in cond.items()})
-            traj = info.trajectory                                     # (e − a + 1, |sim|, d)
+            _, info = sample(
+                field,
+                cfg.solver,
+                grid=grid[a : e + 1],
+                x_init=state[sim],
+                return_info=True,
+                trajectory_every=1,
+                nfe=10**6,
+                cond={k: v[sim] for k, v in cond.items()},
+            )
+            traj = info.trajectory  # (e − a + 1, |sim|, d)
             inside = i[sim] < e
             fake[sim[inside]] = traj[i[sim[inside]] - a, inside.nonzero().squeeze(1)]
             state[sim] = traj[-1]
@@ -91,7 +113,7 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
         x0 = torch.randn(cfg.batch_size, *shape, generator=g)
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.compute_dtype)
         i = torch.randint(cfg.N, (cfg.batch_size,), generator=g)
-        if classes:                      # particles carry the labels of the real batch they are compared with
+        if classes:  # particles carry the labels of the real batch they are compared with
             real, y = fsdata.labelled_batches(src, cfg.batch_size, g)
             cond = {"class_labels": shard(y)}
         else:
@@ -110,11 +132,28 @@ def discriminator_flow(data="gmm2d", *, out: str | os.PathLike | None = None, co
         opt.step()
         return -objective.item()
 
-    ema, history = fit(model, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress, optimizers={"d": opt},
-                       step_fn=step_fn, extra={"objective": "discriminator-flow", "data": name})
+    ema, history = fit(
+        model,
+        None,
+        cfg,
+        out=out,
+        resume=resume,
+        allow_changes=allow_changes,
+        progress=progress,
+        optimizers={"d": opt},
+        step_fn=step_fn,
+        extra={"objective": "discriminator-flow", "data": name},
+    )
     ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
     if out is not None and is_main_process():
-        save_pretrained(ema.f, out, type="discriminator-flow", data=name, data_shape=list(shape),
-                        flow={"eta": cfg.eta, "loss": cfg.loss, "N": cfg.N},
-                        **({"conditioning": model.conditioning} if classes else {}), **ema.metadata)
+        save_pretrained(
+            ema.f,
+            out,
+            type="discriminator-flow",
+            data=name,
+            data_shape=list(shape),
+            flow={"eta": cfg.eta, "loss": cfg.loss, "N": cfg.N},
+            **({"conditioning": model.conditioning} if classes else {}),
+            **ema.metadata,
+        )
     return ema

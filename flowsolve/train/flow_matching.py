@@ -6,6 +6,7 @@ The model is saved as a diffusers pipeline folder (model_index.json, unet/, sche
 FlowMatchEulerDiscreteScheduler) plus flowsolve.json, so it loads with diffusers' own classes and,
 in flowsolve, as a `DiffusersFlow` whose field every solver runs on (a PM, Definition 1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,13 +28,21 @@ T_SAMPLING = ("logit_normal", "uniform")
 
 @dataclasses.dataclass
 class FlowMatchingConfig(EDMConfig):
-    t_sampling: str = "logit_normal"     # t = sigmoid(N(0, 1)) (SD3), or "uniform"
-    shift: float = 1.0                   # the saved FlowMatchEulerDiscreteScheduler's shift (sampling only)
+    t_sampling: str = "logit_normal"  # t = sigmoid(N(0, 1)) (SD3), or "uniform"
+    shift: float = 1.0  # the saved FlowMatchEulerDiscreteScheduler's shift (sampling only)
 
 
-def flow_matching(data="digits", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                  resume: bool = False, allow_changes: bool = False, progress: bool = True,
-                  command: str | None = None, **overrides):
+def flow_matching(
+    data="digits",
+    *,
+    out: str | os.PathLike | None = None,
+    config: dict | None = None,
+    resume: bool = False,
+    allow_changes: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    **overrides,
+):
     """Train a flow-matching UNet on image `data` and return it as a `models.DiffusersFlow` (EMA weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -47,6 +56,7 @@ def flow_matching(data="digits", *, out: str | os.PathLike | None = None, config
     shape = fsdata.shape_of(source)
     if len(shape) != 3:
         from ..errors import ArgumentError
+
         raise ArgumentError(f"data: flow-matching training needs image data (C, H, W), got shape {shape}")
     net = seeded(cfg.seed, lambda: unet(shape, cfg.unet_preset))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
@@ -60,19 +70,46 @@ def flow_matching(data="digits", *, out: str | os.PathLike | None = None, config
         x0, t, eps = shard(x0), shard(t), shard(eps)
         tc = t.view(-1, 1, 1, 1)
         v = m.velocity((1 - tc) * x0 + tc * eps, t)
-        return (v - (eps - x0)).square().mean()          # regress the CondOT velocity ε − x_0
+        return (v - (eps - x0)).square().mean()  # regress the CondOT velocity ε − x_0
 
-    ema, history = fit(model, loss_fn, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
-                       extra={"objective": "flow-matching", "data": data_name})
+    ema, history = fit(
+        model,
+        loss_fn,
+        cfg,
+        out=out,
+        resume=resume,
+        allow_changes=allow_changes,
+        progress=progress,
+        extra={"objective": "flow-matching", "data": data_name},
+    )
     ema.metadata = training_record(cfg, data_name, "flow-matching", history, command)
     if out is not None and is_main_process():
+
         def write(tmp: Path) -> None:
             ema.model.save_pretrained(str(tmp / "unet"), safe_serialization=True)
             scheduler.save_pretrained(str(tmp / "scheduler"))
-            (tmp / "model_index.json").write_text(json.dumps({
-                "_class_name": "DiffusionPipeline", "unet": ["diffusers", "UNet2DModel"],
-                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=2) + "\n")
+            (tmp / "model_index.json").write_text(
+                json.dumps(
+                    {
+                        "_class_name": "DiffusionPipeline",
+                        "unet": ["diffusers", "UNet2DModel"],
+                        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+
         write_folder_atomically(out, write)
-        write_metadata(out, {"format": "flowsolve", "version": FORMAT_VERSION, "type": "pipeline", "data": data_name,
-                             "data_shape": list(shape), **ema.metadata})
+        write_metadata(
+            out,
+            {
+                "format": "flowsolve",
+                "version": FORMAT_VERSION,
+                "type": "pipeline",
+                "data": data_name,
+                "data_shape": list(shape),
+                **ema.metadata,
+            },
+        )
     return ema

@@ -5,6 +5,7 @@ Every generator is trained by the same step: minimise −Σ g_θ(z) · stopgrad(
 asked of the field the generated particles would follow as a PM (`Field.grad_h`): ScoreDifference
 for Score GANs, the discriminator field for GANs, MMDFlow for the MMD generator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,14 +18,25 @@ from ..errors import ArgumentError
 from ..models import ConvDiscriminator, DCGANGenerator, Discriminator, Generator, save_pretrained
 from .loop import LoopConfig, is_main_process
 
-__all__ = ["PaperLoopConfig", "int_pm_loss", "noisy_direction", "p_sigma", "GeneratorPair", "generator_network",
-           "discriminator_network", "data_source", "selection", "save_generator"]
+__all__ = [
+    "PaperLoopConfig",
+    "int_pm_loss",
+    "noisy_direction",
+    "p_sigma",
+    "GeneratorPair",
+    "generator_network",
+    "discriminator_network",
+    "data_source",
+    "selection",
+    "save_generator",
+]
 
 
 @dataclasses.dataclass
 class PaperLoopConfig(LoopConfig):
     """The loop settings the paper's Tables 4, 6, 7 share: batch 128, lr 2e-4, no warm-up, no EMA
     (the flow uses the networks it was trained with), no gradient clipping, a checkpoint every 500."""
+
     batch_size: int = 128
     lr: float = 2e-4
     warmup: int = 0
@@ -49,7 +61,7 @@ def noisy_direction(direction: torch.Tensor, gamma: float, dt: float, noise: tor
     Euler–Maruyama step. For the mean loss of `int_pm_loss` under SGD, dt = lr / batch size."""
     if not dt > 0:
         raise ArgumentError(f"dt: expected a positive step, got {dt!r}")
-    return direction + gamma * noise / dt ** 0.5
+    return direction + gamma * noise / dt**0.5
 
 
 def p_sigma(n: int, sigma_min: float, sigma_max: float, rho_grid: float, generator: torch.Generator) -> torch.Tensor:
@@ -59,8 +71,9 @@ def p_sigma(n: int, sigma_min: float, sigma_max: float, rho_grid: float, generat
     return (sigma_max ** (1 / r) + u * (sigma_min ** (1 / r) - sigma_max ** (1 / r))) ** r
 
 
-def generator_network(shape: tuple[int, ...], cfg, activation: str = "relu", init_gain: float | None = None,
-                      num_classes: int = 0) -> nn.Module:
+def generator_network(
+    shape: tuple[int, ...], cfg, activation: str = "relu", init_gain: float | None = None, num_classes: int = 0
+) -> nn.Module:
     """The generator of Tables 6–7: an MLP for vectors, DCGAN (batch norm, tanh, normal init 0.02)
     for images (C, H, W); with `num_classes`, a class embedding added to z."""
     if len(shape) == 3:
@@ -71,14 +84,16 @@ def generator_network(shape: tuple[int, ...], cfg, activation: str = "relu", ini
 def discriminator_network(shape: tuple[int, ...], cfg, time_conditioned: bool, num_classes: int = 0) -> nn.Module:
     """The discriminator of Tables 4, 6: an MLP for vectors, a DCGAN-style conv net (FiLM time
     modulation when time-conditioned) for images; with `num_classes`, a projection discriminator."""
-    emb = dict(emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0),
-               num_classes=num_classes)
+    emb = dict(
+        emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0), num_classes=num_classes
+    )
     if len(shape) == 3:
         return ConvDiscriminator(shape, cfg.conv_width, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, **emb)
     if len(shape) != 1:
         raise ArgumentError(f"data: expected vectors (d,) or images (C, H, W), got samples of shape {shape}")
-    return Discriminator(shape[0], cfg.width, cfg.depth, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed,
-                         **emb)
+    return Discriminator(
+        shape[0], cfg.width, cfg.depth, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, **emb
+    )
 
 
 def data_source(data, size=None):
@@ -109,5 +124,3 @@ def save_generator(gen, out, objective: str, name: str, metadata: dict) -> None:
     if not is_main_process():
         return
     save_pretrained(gen, out, type="generator", objective=objective, data=name, **metadata)
-
-

@@ -3,6 +3,7 @@
 Objectives give a loss from a torch.Generator (all randomness of a step flows through it, so a
 seeded run is reproducible and a resumed run continues the same random stream).
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,16 +14,32 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 from .._checks import atomic_save, check_choice, check_int, nearest, read_json, renamed
-from ..errors import ArgumentError, CheckpointError, NonFiniteError, PathError
+from ..errors import ArgumentError, CheckpointError, NonFiniteError
 
-__all__ = ["LoopConfig", "EMA", "fit", "shard", "shard_all", "device", "resolve_device", "is_main_process",
-           "sync_gradients", "check_keys", "merge_config", "seeded", "training_record", "load_config_file", "save_checkpoint",
-           "load_checkpoint", "CheckpointError"]
+__all__ = [
+    "LoopConfig",
+    "EMA",
+    "fit",
+    "shard",
+    "shard_all",
+    "device",
+    "resolve_device",
+    "is_main_process",
+    "sync_gradients",
+    "check_keys",
+    "merge_config",
+    "seeded",
+    "training_record",
+    "load_config_file",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+]
 
 
 _WORLD = {"rank": 0, "size": 1, "device": torch.device("cpu")}
@@ -37,7 +54,7 @@ def shard(t: torch.Tensor) -> torch.Tensor:
         if len(t) % size:
             raise ArgumentError(f"batch_size: {len(t)} does not split over {size} processes; use a multiple of {size}")
         k = len(t) // size
-        t = t[_WORLD["rank"] * k:(_WORLD["rank"] + 1) * k]
+        t = t[_WORLD["rank"] * k : (_WORLD["rank"] + 1) * k]
     return t.to(_WORLD["device"])
 
 
@@ -60,6 +77,7 @@ def resolve_device(cfg) -> torch.device:
     want = getattr(cfg, "device", "auto") or "auto"
     if want == "auto":
         from ..distributed import accelerator, engine, is_launched
+
         if is_launched() and engine() == "accelerate":
             return torch.device(accelerator().device)
         if torch.cuda.is_available():
@@ -93,6 +111,7 @@ def sync_gradients(params) -> None:
     if _WORLD["size"] == 1:
         return
     from ..distributed import reduce_mean
+
     reduce_mean([p.grad for p in params if p.grad is not None])
 
 
@@ -102,14 +121,14 @@ class LoopConfig:
     batch_size: int = 128
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup: int = 100             # linear learning-rate warm-up steps
+    warmup: int = 100  # linear learning-rate warm-up steps
     lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 at `steps`
-    ema_decay: float = 0.999      # EMA of the weights, with the usual (1 + k)/(10 + k) ramp
+    ema_decay: float = 0.999  # EMA of the weights, with the usual (1 + k)/(10 + k) ramp
     grad_clip: float | None = 1.0
     checkpoint_every: int = 1000
     log_every: int = 100
     seed: int = 0
-    device: str = "auto"          # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
+    device: str = "auto"  # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
 
 
 def check_keys(given: dict, cls, what: str = "config") -> None:
@@ -176,13 +195,22 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 def training_record(cfg, data: str, objective: str, history: dict, command: str | None, **extra) -> dict:
     """The `training` block saved in flowsolve.json: settings, wall time, speed, final loss, command."""
     seconds = history["seconds"]
-    return {"training": {"objective": objective, "data": data, "config": dataclasses.asdict(cfg),
-                         "seconds": round(seconds, 1),
-                         "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
-                         "final_loss": history["loss"][-1] if history["loss"] else None, "command": command,
-                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         **({"selected": history["selected"]} if "selected" in history else {}),
-                         **({"changes": history["changes"]} if history.get("changes") else {}), **extra}}
+    return {
+        "training": {
+            "objective": objective,
+            "data": data,
+            "config": dataclasses.asdict(cfg),
+            "seconds": round(seconds, 1),
+            "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
+            "final_loss": history["loss"][-1] if history["loss"] else None,
+            "command": command,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            **({"selected": history["selected"]} if "selected" in history else {}),
+            **({"changes": history["changes"]} if history.get("changes") else {}),
+            **extra,
+        }
+    }
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -207,14 +235,27 @@ class EMA:
             e.copy_(b)
 
 
-def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opts: dict[str, torch.optim.Optimizer],
-                    gen: torch.Generator, extra: dict, best: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    step: int,
+    model: nn.Module,
+    ema: EMA,
+    opts: dict[str, torch.optim.Optimizer],
+    gen: torch.Generator,
+    extra: dict,
+    best: dict | None = None,
+) -> None:
     """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt.
     `best` (model selection) holds the selected weights with their step and score."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ck = {"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-          "optimizer": {k: o.state_dict() for k, o in opts.items()}, "generator": gen.get_state(),
-          "extra": json.dumps(extra)}
+    ck = {
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.model.state_dict(),
+        "optimizer": {k: o.state_dict() for k, o in opts.items()},
+        "generator": gen.get_state(),
+        "extra": json.dumps(extra),
+    }
     if best is not None:
         ck["best"] = best
     atomic_save(ck, path, keep_previous="previous.pt")
@@ -228,10 +269,15 @@ def load_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the file
         prev = path.with_name("previous.pt")
-        hint = (f"; the checkpoint before it is kept at {str(prev)!r}: move it to {path.name!r} to resume from it"
-                if prev.is_file() else "")
-        raise CheckpointError(f"resume: checkpoint {str(path)!r} is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}){hint}") from None
+        hint = (
+            f"; the checkpoint before it is kept at {str(prev)!r}: move it to {path.name!r} to resume from it"
+            if prev.is_file()
+            else ""
+        )
+        raise CheckpointError(
+            f"resume: checkpoint {str(path)!r} is corrupt or truncated "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}){hint}"
+        ) from None
     for key in ("step", "model", "ema", "optimizer", "generator"):
         if key not in ck:
             raise CheckpointError(f"resume: checkpoint {str(path)!r} lacks {key!r}")
@@ -250,6 +296,7 @@ def _check_loop_config(cfg: LoopConfig) -> str:
 @dataclasses.dataclass
 class _State:
     """What a checkpoint holds besides the weights: the step, the logged history, the selected best."""
+
     step: int = 0
     history: dict = dataclasses.field(default_factory=lambda: {"loss": [], "step": [], "seconds": 0.0})
     best: dict | None = None
@@ -276,29 +323,43 @@ def _check_same_run(ck_path: Path, stored: dict, meta: dict, cfg: LoopConfig, st
     resolved settings must equal this run's, unless `allow_changes`; `steps` may only grow.
     Returns the differences accepted."""
     if cfg.steps < step:
-        raise CheckpointError(f"steps: the checkpoint {str(ck_path)!r} has already done {step} steps; ask for "
-                              f"steps >= {step} to continue it (got {cfg.steps})")
-    if "config" not in stored:                       # checkpoints written before 0.2 recorded no settings
+        raise CheckpointError(
+            f"steps: the checkpoint {str(ck_path)!r} has already done {step} steps; ask for "
+            f"steps >= {step} to continue it (got {cfg.steps})"
+        )
+    if "config" not in stored:  # checkpoints written before 0.2 recorded no settings
         return {}
 
-    def settings(record: dict) -> dict:              # the checkpoint's record and this run's have one form
+    def settings(record: dict) -> dict:  # the checkpoint's record and this run's have one form
         return {**{k: record[k] for k in ("objective", "data") if k in record}, **record["config"]}
+
     diff = _differences(settings(stored), settings(meta))
     if diff and not allow_changes:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
-        raise CheckpointError(f"resume: this run differs from the checkpoint {str(ck_path)!r} in {listed}. Resume "
-                              f"with the same settings, or pass allow_changes=True (CLI: --allow-changes) to change "
-                              f"them on purpose (recorded in the training history)")
+        raise CheckpointError(
+            f"resume: this run differs from the checkpoint {str(ck_path)!r} in {listed}. Resume "
+            f"with the same settings, or pass allow_changes=True (CLI: --allow-changes) to change "
+            f"them on purpose (recorded in the training history)"
+        )
     return diff
 
 
-def _restore(ck_path: Path | None, model: nn.Module, ema: EMA, opts: dict, gen: torch.Generator,
-             keep_best: bool, meta: dict, cfg: LoopConfig, allow_changes: bool) -> _State:
+def _restore(
+    ck_path: Path | None,
+    model: nn.Module,
+    ema: EMA,
+    opts: dict,
+    gen: torch.Generator,
+    keep_best: bool,
+    meta: dict,
+    cfg: LoopConfig,
+    allow_changes: bool,
+) -> _State:
     """Load model, EMA, optimizers, RNG, step, history (and the selection) from the last checkpoint,
     after checking that this run is the checkpoint's run."""
     if ck_path is None:
         raise ArgumentError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
-    for stale in ck_path.parent.glob("*.tmp"):      # a write cut short by a kill: never read, removed
+    for stale in ck_path.parent.glob("*.tmp"):  # a write cut short by a kill: never read, removed
         stale.unlink()
     ck = load_checkpoint(ck_path)
     stored = json.loads(ck["extra"])
@@ -309,8 +370,9 @@ def _restore(ck_path: Path | None, model: nn.Module, ema: EMA, opts: dict, gen: 
         for k, o in opts.items():
             o.load_state_dict(ck["optimizer"][k])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"resume: checkpoint {str(ck_path)!r} does not fit this model "
-                              f"({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"resume: checkpoint {str(ck_path)!r} does not fit this model ({str(e).splitlines()[0][:200]})"
+        ) from None
     gen.set_state(ck["generator"])
     history = stored.get("history") or _State().history
     if diff:
@@ -334,8 +396,9 @@ def _loss_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, gen: torch
         return value
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if _WORLD["size"] > 1:                       # data parallel: average the gradients and the logged loss
+    if _WORLD["size"] > 1:  # data parallel: average the gradients and the logged loss
         from ..distributed import reduce_mean
+
         sync_gradients(model.parameters())
         t_loss = torch.tensor([value])
         reduce_mean([t_loss])
@@ -354,7 +417,7 @@ class _Signals:
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._on)
-            except ValueError:   # not the main thread
+            except ValueError:  # not the main thread
                 pass
         return self
 
@@ -372,8 +435,11 @@ def _select(state: _State, select, ema: EMA) -> None:
         value = float(select(ema.model))
     state.history.setdefault("selection", []).append([state.step, value])
     if state.best is None or value < state.best["value"]:
-        state.best = {"step": state.step, "value": value,
-                      "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()}}
+        state.best = {
+            "step": state.step,
+            "value": value,
+            "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()},
+        }
 
 
 LOG_FILE = "log.jsonl"
@@ -390,8 +456,15 @@ class TrainingLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step] if resumed_step else []
+            keep = (
+                [
+                    ln
+                    for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step
+                ]
+                if resumed_step
+                else []
+            )
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, **record) -> None:
@@ -408,12 +481,21 @@ def read_log(run: str | os.PathLike) -> list[dict]:
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
 
-def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None, cfg: LoopConfig, *,
-        out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-        extra: dict | None = None, optimizers: dict[str, torch.optim.Optimizer] | None = None,
-        step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
-        select: Callable[[nn.Module], float] | None = None,
-        select_every: int | None = None, allow_changes: bool = False) -> tuple[nn.Module, dict]:
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None,
+    cfg: LoopConfig,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    extra: dict | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
+    select: Callable[[nn.Module], float] | None = None,
+    select_every: int | None = None,
+    allow_changes: bool = False,
+) -> tuple[nn.Module, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
     Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
@@ -443,10 +525,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
     gen = torch.Generator().manual_seed(cfg.seed)
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
     meta = {**(extra or {}), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
-    state = (_restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume
-             else _State())
+    state = (
+        _restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume else _State()
+    )
     log = TrainingLog(Path(out) / LOG_FILE if out is not None and rank == 0 else None, state.step)
-    t0, running = time.perf_counter(), state.history.get("running")     # the smoothed loss, kept across resume
+    t0, running = time.perf_counter(), state.history.get("running")  # the smoothed loss, kept across resume
 
     def checkpoint() -> None:
         nonlocal t0
@@ -461,11 +544,16 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
         try:
             while state.step < cfg.steps:
                 _set_lr(opts, base_lr, cfg, schedule, state.step)
-                value = (float(step_fn(model, gen, state.step)) if step_fn is not None
-                         else _loss_step(model, loss_fn, opts["model"], gen, cfg))
+                value = (
+                    float(step_fn(model, gen, state.step))
+                    if step_fn is not None
+                    else _loss_step(model, loss_fn, opts["model"], gen, cfg)
+                )
                 if not math.isfinite(value):
-                    raise NonFiniteError(f"training: the loss became {value} at step {state.step}; the last good "
-                                         f"checkpoint is kept" + (f" at {str(ck_path)!r}" if ck_path else ""))
+                    raise NonFiniteError(
+                        f"training: the loss became {value} at step {state.step}; the last good "
+                        f"checkpoint is kept" + (f" at {str(ck_path)!r}" if ck_path else "")
+                    )
                 ema.update(model, state.step)
                 state.step += 1
                 running = value if running is None else 0.98 * running + 0.02 * value
@@ -474,17 +562,23 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.
                     state.history["loss"].append(running)
                     state.history["step"].append(state.step)
                     bar.set_postfix(loss=f"{running:.4f}")
-                    log.write(step=state.step, loss=running, last_loss=value,
-                              seconds=state.history["seconds"] + time.perf_counter() - t0,
-                              lr=[g["lr"] for o in opts.values() for g in o.param_groups][0])
+                    log.write(
+                        step=state.step,
+                        loss=running,
+                        last_loss=value,
+                        seconds=state.history["seconds"] + time.perf_counter() - t0,
+                        lr=[g["lr"] for o in opts.values() for g in o.param_groups][0],
+                    )
                 if select is not None and (state.step % every == 0 or state.step == cfg.steps):
                     _select(state, select, ema)
                     log.write(step=state.step, select=state.history["selection"][-1][1])
                 if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or signals.received:
                     checkpoint()
                 if signals.received is not None:
-                    raise KeyboardInterrupt(f"stopped by signal {signals.received} at step {state.step}; checkpoint "
-                                            f"written" + (f" to {str(ck_path)!r}; continue with resume" if ck_path else ""))
+                    raise KeyboardInterrupt(
+                        f"stopped by signal {signals.received} at step {state.step}; checkpoint "
+                        f"written" + (f" to {str(ck_path)!r}; continue with resume" if ck_path else "")
+                    )
         finally:
             bar.close()
     state.history["seconds"] += time.perf_counter() - t0

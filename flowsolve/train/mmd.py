@@ -1,4 +1,5 @@
 """The MMD generator: the Int-PM twin of the MMD gradient flow (Table 2), a moment-matching generator."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,14 +28,24 @@ class MMDConfig(PaperLoopConfig):
     latent: int = 128
     width: int = 512
     depth: int = 4
-    conv_width: int = 64              # DCGAN generator for images
+    conv_width: int = 64  # DCGAN generator for images
     normalize: bool = False
     data_size: int | None = None
 
 
-def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config: dict | None = None,
-                  resume: bool = False, allow_changes: bool = False, progress: bool = True, command: str | None = None, select=None,
-                  select_every: int | None = None, **overrides):
+def mmd_generator(
+    data="gmm2d",
+    *,
+    out: str | os.PathLike | None = None,
+    config: dict | None = None,
+    resume: bool = False,
+    allow_changes: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    select=None,
+    select_every: int | None = None,
+    **overrides,
+):
     """The Int-PM twin of the MMD gradient flow (Table 2): the generator follows
     ∇h = ∇(E_data k(x, ·) − E_ρ k(x, ·)) with ρ the current generated batch (a moment-matching
     generator, no discriminator). On several processes each generates its rows of the global batch
@@ -46,10 +57,10 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     def step_fn(m, g, _step):
-        x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))     # this process's generated rows
+        x = m(shard(torch.randn(cfg.batch_size, cfg.latent, generator=g)))  # this process's generated rows
         real = shard_all(fsdata.batches(src, cfg.batch_size, g)).reshape(cfg.batch_size, -1)
         xf = x.detach().reshape(len(x), -1)
-        everyone = torch.cat(gather_rows(xf))                # ρ is the whole generated batch, on every process
+        everyone = torch.cat(gather_rows(xf))  # ρ is the whole generated batch, on every process
         field = MMDFlow(real, cfg.bandwidths, rho=everyone)  # Table 2's flow, ρ held at the generated batch
         direction = field.grad_h(xf, None).reshape(x.shape)
         opt.zero_grad(set_to_none=True)
@@ -58,9 +69,19 @@ def mmd_generator(data="gmm2d", *, out: str | os.PathLike | None = None, config:
         opt.step()
         return float(direction.square().sum(-1).mean().sqrt())
 
-    ema, history = fit(gen, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress, optimizers={"g": opt},
-                       step_fn=step_fn, extra={"objective": "mmd-generator", "data": name},
-                       **selection(select, select_every, pair=False))
+    ema, history = fit(
+        gen,
+        None,
+        cfg,
+        out=out,
+        resume=resume,
+        allow_changes=allow_changes,
+        progress=progress,
+        optimizers={"g": opt},
+        step_fn=step_fn,
+        extra={"objective": "mmd-generator", "data": name},
+        **selection(select, select_every, pair=False),
+    )
     ema.metadata = training_record(cfg, name, "mmd-generator", history, command)
     if out is not None:
         save_generator(ema, out, "mmd-generator", name, ema.metadata)

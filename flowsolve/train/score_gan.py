@@ -16,6 +16,7 @@ methods that now let one-step students pass their teachers sit behind the same s
 
 `recipe="beyond-teacher"` bundles the settings measured to work (RECIPES).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,17 @@ from ..fields import GANLoss, ScoreDifference
 from ..models import MLP, EDMPrecond, unet
 from ..models.student import DenoiserGenerator, teacher_denoiser
 from .. import data as fsdata
-from .int_pm import (PaperLoopConfig, GeneratorPair, data_source, generator_network, int_pm_loss, noisy_direction,
-                     p_sigma, save_generator, selection)
+from .int_pm import (
+    PaperLoopConfig,
+    GeneratorPair,
+    data_source,
+    generator_network,
+    int_pm_loss,
+    noisy_direction,
+    p_sigma,
+    save_generator,
+    selection,
+)
 from .loop import fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
 
 __all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "RECIPES", "score_gan"]
@@ -40,49 +50,57 @@ __all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "RECIPES", "score_gan"]
 
 @dataclasses.dataclass
 class ScoreGANConfig(PaperLoopConfig):
-    steps: int = 3150                 # generator steps (Table 7, Gaussians)
-    lr: float = 2e-4                  # generator learning rate
+    steps: int = 3150  # generator steps (Table 7, Gaussians)
+    lr: float = 2e-4  # generator learning rate
     betas: tuple[float, float] = (0.9, 0.999)
     score_lr: float = 2e-4
     score_betas: tuple[float, float] = (0.9, 0.999)
-    K: int = 10                       # score steps per generator step (Alg. 1)
-    sigma_min: float = 0.1            # p_σ of Eq. 28
+    K: int = 10  # score steps per generator step (Alg. 1)
+    sigma_min: float = 0.1  # p_σ of Eq. 28
     sigma_max: float = 10.0
-    rho_grid: float = 3.0              # the exponent of Eq. 28
-    mu_data: float = 1.0              # Eq. 26–27 (NCSN: 1, 1; EDM: 2, 1)
+    rho_grid: float = 3.0  # the exponent of Eq. 28
+    mu_data: float = 1.0  # Eq. 26–27 (NCSN: 1, 1; EDM: 2, 1)
     mu_rho: float = 1.0
     latent: int = 128
     width: int = 512
     depth: int = 4
-    conv_width: int = 64              # DCGAN generator for images (Table 7, MNIST: width 64, batch norm)
+    conv_width: int = 64  # DCGAN generator for images (Table 7, MNIST: width 64, batch norm)
     score_width: int = 512
     score_depth: int = 4
-    score_preset: str = "tiny"        # UNet preset of a fresh generated score for images
+    score_preset: str = "tiny"  # UNet preset of a fresh generated score for images
     sigma_data: float = 0.5
-    gamma: float = 0.0                # Eq. 22: Brownian share γ added to the particle direction (noisy Int-PM)
-    init_from_teacher: bool = False   # start the generated score from the teacher's weights
-    normalize: bool = False           # per-sample gradient normalisation
+    gamma: float = 0.0  # Eq. 22: Brownian share γ added to the particle direction (noisy Int-PM)
+    init_from_teacher: bool = False  # start the generated score from the teacher's weights
+    normalize: bool = False  # per-sample gradient normalisation
     data_size: int | None = None
     # -- distillation options (module docstring); the defaults are Alg. 1 -------------------------
-    init: str = "paper"               # "paper": a fresh generator (Table 7); "teacher": the teacher's denoiser
-    init_sigma: float = 2.5           # σ_init of a teacher-initialised generator (SiD: 2.5)
-    student_steps: int = 1            # evaluations of a teacher-initialised student (1, 2, 4, ...)
-    student_sigma_min: float = 0.5    # last σ of a multi-step student's chain (Karras ρ = 7 from init_sigma)
-    gan_weight: float = 0.0           # weight of the real-data GAN direction in the generator step
-    gan_loss: str = "vanilla"         # a, b, c of Eq. 15–16
-    gan_features: str | None = None   # module of the generated score read by the head (default: mid_block)
-    gan_d_weight: float = 1.0         # weight of the discriminator objective in the generated score's loss
-    guidance: float | None = None     # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
+    init: str = "paper"  # "paper": a fresh generator (Table 7); "teacher": the teacher's denoiser
+    init_sigma: float = 2.5  # σ_init of a teacher-initialised generator (SiD: 2.5)
+    student_steps: int = 1  # evaluations of a teacher-initialised student (1, 2, 4, ...)
+    student_sigma_min: float = 0.5  # last σ of a multi-step student's chain (Karras ρ = 7 from init_sigma)
+    gan_weight: float = 0.0  # weight of the real-data GAN direction in the generator step
+    gan_loss: str = "vanilla"  # a, b, c of Eq. 15–16
+    gan_features: str | None = None  # module of the generated score read by the head (default: mid_block)
+    gan_d_weight: float = 1.0  # weight of the discriminator objective in the generated score's loss
+    guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
 
-    RENAMED = {"rho": "rho_grid"}   # old config keys, accepted for one release
+    RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
 
 
 SCORE_GAN_IMAGE_DEFAULTS = dict(
     # Table 7, MNIST: σ ∈ [0.32, 40], K = 1, score lr 1e-3 (ratio 5), generated score initialised from
     # the teacher, DCGAN generator; β1 = 0 for both networks (distillation practice: at 1000 steps on
     # digits, FD 348 against 469 with β1 = 0.9). Batch 128 instead of 256 (CPU).
-    steps=8000, sigma_min=0.32, sigma_max=40.0, K=1, score_lr=1e-3, init_from_teacher=True,
-    betas=(0.0, 0.999), score_betas=(0.0, 0.999), checkpoint_every=500)
+    steps=8000,
+    sigma_min=0.32,
+    sigma_max=40.0,
+    K=1,
+    score_lr=1e-3,
+    init_from_teacher=True,
+    betas=(0.0, 0.999),
+    score_betas=(0.0, 0.999),
+    checkpoint_every=500,
+)
 
 RECIPES: dict[str, dict] = {
     "paper": {},
@@ -91,10 +109,25 @@ RECIPES: dict[str, dict] = {
     # β1 = 0, an EMA of the student. Measured on digits (pretrained/digits-scoregan's card).
     # Tuned on digits by validation FD against the training digits only (runs of 600 steps): per-sample
     # normalised directions and Table 7's σ range (FD 49 at step 400, against 98–144 without them).
-    "beyond-teacher": dict(init="teacher", init_from_teacher=True, init_sigma=2.5, K=2, lr=5e-5, score_lr=2e-4,
-                           betas=(0.0, 0.999), score_betas=(0.0, 0.999), gan_weight=0.01, gan_loss="vanilla",
-                           normalize=True, sigma_min=0.32, sigma_max=40.0, rho_grid=3.0, ema_decay=0.99,
-                           steps=3000, checkpoint_every=250),
+    "beyond-teacher": dict(
+        init="teacher",
+        init_from_teacher=True,
+        init_sigma=2.5,
+        K=2,
+        lr=5e-5,
+        score_lr=2e-4,
+        betas=(0.0, 0.999),
+        score_betas=(0.0, 0.999),
+        gan_weight=0.01,
+        gan_loss="vanilla",
+        normalize=True,
+        sigma_min=0.32,
+        sigma_max=40.0,
+        rho_grid=3.0,
+        ema_decay=0.99,
+        steps=3000,
+        checkpoint_every=250,
+    ),
 }
 
 
@@ -103,15 +136,29 @@ def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn
     fresh EDM-preconditioned UNet (images) / MLP (vectors) seeded from cfg.seed + 1."""
     if cfg.init_from_teacher:
         if not isinstance(teacher, nn.Module):
-            raise ArgumentError(f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got "
-                                f"{type(teacher).__name__}")
+            raise ArgumentError(
+                f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got {type(teacher).__name__}"
+            )
         return copy.deepcopy(teacher).train().requires_grad_(True)
     if len(shape) == 3:
-        return seeded(cfg.seed + 1, lambda: EDMPrecond(unet(shape, cfg.score_preset), cfg.sigma_data, cfg.sigma_min,
-                                                        cfg.sigma_max, 250.0, shape))
+        return seeded(
+            cfg.seed + 1,
+            lambda: EDMPrecond(
+                unet(shape, cfg.score_preset), cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 250.0, shape
+            ),
+        )
     dim = int(torch.tensor(shape).prod())
-    return seeded(cfg.seed + 1, lambda: EDMPrecond(MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
-                                                    cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, 0.25, shape))
+    return seeded(
+        cfg.seed + 1,
+        lambda: EDMPrecond(
+            MLP(dim, cfg.score_width, cfg.score_depth, seed=cfg.seed),
+            cfg.sigma_data,
+            cfg.sigma_min,
+            cfg.sigma_max,
+            0.25,
+            shape,
+        ),
+    )
 
 
 def _student_sigmas(cfg: ScoreGANConfig) -> list[float]:
@@ -120,8 +167,10 @@ def _student_sigmas(cfg: ScoreGANConfig) -> list[float]:
     if k == 1:
         return [cfg.init_sigma]
     if not 0 < cfg.student_sigma_min < cfg.init_sigma:
-        raise ArgumentError(f"student_sigma_min: expected 0 < student_sigma_min < init_sigma ({cfg.init_sigma}), "
-                            f"got {cfg.student_sigma_min}")
+        raise ArgumentError(
+            f"student_sigma_min: expected 0 < student_sigma_min < init_sigma ({cfg.init_sigma}), "
+            f"got {cfg.student_sigma_min}"
+        )
     hi, lo = cfg.init_sigma ** (1 / 7), cfg.student_sigma_min ** (1 / 7)
     return [(hi + j / (k - 1) * (lo - hi)) ** 7 for j in range(k)]
 
@@ -133,8 +182,9 @@ def _feature_module(net: nn.Module, name: str | None) -> nn.Module:
     if name:
         hits = [k for k in mods if k == name or k.endswith("." + name)]
         if not hits:
-            raise ArgumentError(f"gan_features: no module named {name!r} in the generated score; some are "
-                                f"{[k for k in mods if k][-8:]}")
+            raise ArgumentError(
+                f"gan_features: no module named {name!r} in the generated score; some are {[k for k in mods if k][-8:]}"
+            )
         return mods[hits[0]]
     hits = [k for k in mods if k.endswith("mid_block")]
     if hits:
@@ -178,10 +228,23 @@ def _head(score: nn.Module, feature: FeatureDiscriminator, shape, cond: dict, se
     return seeded(seed, lambda: nn.Sequential(nn.SiLU(), nn.Flatten(), nn.Linear(size, 1)))
 
 
-def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, recipe: str = "paper",
-              out: str | os.PathLike | None = None, config: dict | None = None, resume: bool = False,
-              allow_changes: bool = False, progress: bool = True, command: str | None = None,
-              data_name: str | None = None, select=None, select_every: int | None = None, **overrides):
+def score_gan(
+    teacher,
+    data_shape: tuple[int, ...] | None = None,
+    *,
+    data=None,
+    recipe: str = "paper",
+    out: str | os.PathLike | None = None,
+    config: dict | None = None,
+    resume: bool = False,
+    allow_changes: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    data_name: str | None = None,
+    select=None,
+    select_every: int | None = None,
+    **overrides,
+):
     """A Score GAN (Alg. 1, App. B.1): a generator distilled from a data denoiser `teacher`
     (D(x, σ, **cond): `fs.from_pretrained(...)` or a folder path, `from_diffusers(...)`, a flow model,
     an exact mixture denoiser), with the generated-distribution score learned online by denoising
@@ -195,6 +258,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
     """
     if isinstance(teacher, (str, os.PathLike)):
         from ..models import from_pretrained
+
         teacher = from_pretrained(teacher)
     teacher = teacher_denoiser(teacher)
     shape = tuple(data_shape or getattr(teacher, "data_shape", None) or ())
@@ -212,17 +276,22 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
         if tuple(dshape) != shape:
             raise ArgumentError(f"data: samples of shape {tuple(dshape)}, but the teacher's are {shape}")
         if classes:
-            fsdata.num_classes(src)                 # labelled, or a clear error now
+            fsdata.num_classes(src)  # labelled, or a clear error now
     else:
         src, name = None, (data if isinstance(data, str) else "custom" if data is not None else "teacher")
     data_name = data_name or name
     score = _generated_score(teacher, shape, cfg)
     if cfg.init == "teacher":
         if not isinstance(teacher, nn.Module):
-            raise ArgumentError(f"init: 'teacher' needs a network teacher (an nn.Module denoiser), got "
-                                f"{type(teacher).__name__}")
-        gen = DenoiserGenerator(copy.deepcopy(teacher).train().requires_grad_(True), _student_sigmas(cfg), shape,
-                                getattr(teacher, "conditioning", None))
+            raise ArgumentError(
+                f"init: 'teacher' needs a network teacher (an nn.Module denoiser), got {type(teacher).__name__}"
+            )
+        gen = DenoiserGenerator(
+            copy.deepcopy(teacher).train().requires_grad_(True),
+            _student_sigmas(cfg),
+            shape,
+            getattr(teacher, "conditioning", None),
+        )
     else:
         gen = seeded(cfg.seed, lambda: generator_network(shape, cfg, num_classes=classes))
     feature = FeatureDiscriminator(_feature_module(score, cfg.gan_features)) if cfg.gan_weight else None
@@ -230,8 +299,17 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
     head = _head(score, feature, shape, cond_probe, cfg.seed + 2) if feature is not None else None
     pair = GeneratorPair(gen, score, head)
     guided = dict(guidance=cfg.guidance, uncond=null) if cfg.guidance is not None else {}
-    field = ScoreDifference(teacher, score, mu_data=cfg.mu_data, mu_rho=cfg.mu_rho, sigma_min=cfg.sigma_min,
-                            sigma_max=cfg.sigma_max, rho_grid=cfg.rho_grid, shape=shape, **guided)  # Eq. 19, 26
+    field = ScoreDifference(
+        teacher,
+        score,
+        mu_data=cfg.mu_data,
+        mu_rho=cfg.mu_rho,
+        sigma_min=cfg.sigma_min,
+        sigma_max=cfg.sigma_max,
+        rho_grid=cfg.rho_grid,
+        shape=shape,
+        **guided,
+    )  # Eq. 19, 26
     if isinstance(teacher, nn.Module):
         teacher.eval().requires_grad_(False).to(resolve_device(cfg))
     gan = GANLoss(cfg.gan_loss)
@@ -248,7 +326,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
         return m.g.chain(z, upto=upto, **cond) if multi else m.g(z, **cond)
 
     def step_fn(m: GeneratorPair, g: torch.Generator, _step: int) -> float:
-        for _ in range(cfg.K):                                  # Alg. 1, lines 1–3 (Eq. 23)
+        for _ in range(cfg.K):  # Alg. 1, lines 1–3 (Eq. 23)
             z = torch.randn(cfg.batch_size, *latent, generator=g)
             sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
             eps = torch.randn(cfg.batch_size, *shape, generator=g)
@@ -263,9 +341,9 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
             else:
                 pred = m.aux(xs, sigma, **cond)
             per = (pred - x).square().reshape(len(x), -1).mean(1)
-            weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma ** 2
+            weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma**2
             s_loss = (weight * per).mean()
-            if feature is not None:                               # Eq. 15 on real data, noised alike
+            if feature is not None:  # Eq. 15 on real data, noised alike
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
                 sig_r = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
                 eps_r = torch.randn(cfg.batch_size, *shape, generator=g)
@@ -277,7 +355,7 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
             s_loss.backward()
             sync_gradients(s_params)
             opt_s.step()
-        z = torch.randn(cfg.batch_size, *latent, generator=g)        # Alg. 1, lines 4–5 (Eq. 27)
+        z = torch.randn(cfg.batch_size, *latent, generator=g)  # Alg. 1, lines 4–5 (Eq. 27)
         sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
         eps = torch.randn(cfg.batch_size, *shape, generator=g)
         gam = torch.randn(cfg.batch_size, *shape, generator=g) if cfg.gamma else None
@@ -288,10 +366,10 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
         xt = x.detach() + as_column(sigma, x) * eps
         with torch.no_grad():
             direction = as_column(sigma, x) * field.bind(cond).grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
-            if cfg.gamma:                                       # Eq. 22: A(∇h dt + γ dW), dt = lr / B
+            if cfg.gamma:  # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
-        if feature is not None:                                 # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
-            if cfg.normalize:                                   # the score part at unit RMS, then the GAN term
+        if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
+            if cfg.normalize:  # the score part at unit RMS, then the GAN term
                 direction = _unit_rms(direction)
             with torch.enable_grad():
                 xg = xt.detach().requires_grad_(True)
@@ -304,22 +382,46 @@ def score_gan(teacher, data_shape: tuple[int, ...] | None = None, *, data=None, 
         opt_g.step()
         return s_loss.item()
 
-    ema, history = fit(pair, None, cfg, out=out, resume=resume, allow_changes=allow_changes, progress=progress,
-                       optimizers={"g": opt_g, "s": opt_s}, step_fn=step_fn,
-                       extra={"objective": "score-gan", "data": data_name}, **selection(select, select_every))
+    ema, history = fit(
+        pair,
+        None,
+        cfg,
+        out=out,
+        resume=resume,
+        allow_changes=allow_changes,
+        progress=progress,
+        optimizers={"g": opt_g, "s": opt_s},
+        step_fn=step_fn,
+        extra={"objective": "score-gan", "data": data_name},
+        **selection(select, select_every),
+    )
     g_out = ema.g
     g_out.metadata = training_record(cfg, data_name, "score-gan", history, command)
     g_out.metadata["recipe"] = recipe
-    object.__setattr__(g_out, "generated_score", ema.aux)   # kept for inspection, not saved with the generator
-    object.__setattr__(g_out, "score_field", ScoreDifference(teacher, ema.aux, mu_data=cfg.mu_data, mu_rho=cfg.mu_rho,
-                                                             sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                                                             rho_grid=cfg.rho_grid, shape=shape, **guided))
+    object.__setattr__(g_out, "generated_score", ema.aux)  # kept for inspection, not saved with the generator
+    object.__setattr__(
+        g_out,
+        "score_field",
+        ScoreDifference(
+            teacher,
+            ema.aux,
+            mu_data=cfg.mu_data,
+            mu_rho=cfg.mu_rho,
+            sigma_min=cfg.sigma_min,
+            sigma_max=cfg.sigma_max,
+            rho_grid=cfg.rho_grid,
+            shape=shape,
+            **guided,
+        ),
+    )
     if out is not None:
         from .loop import is_main_process
+
         if isinstance(g_out, DenoiserGenerator):
             if is_main_process():
-                g_out.save(out, teacher_source=_source(teacher), objective="score-gan", data=data_name,
-                           **g_out.metadata)
+                g_out.save(
+                    out, teacher_source=_source(teacher), objective="score-gan", data=data_name, **g_out.metadata
+                )
         else:
             save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
     return g_out
@@ -357,8 +459,9 @@ def _real_batch(src, n: int, g: torch.Generator, classes: int) -> tuple[torch.Te
 def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
     """Refuse bad distillation settings before any work."""
     if cfg.init not in ("paper", "teacher"):
-        raise ArgumentError(f"init: expected 'paper' (a fresh generator, Alg. 1) or 'teacher' (the teacher's "
-                            f"network), got {cfg.init!r}")
+        raise ArgumentError(
+            f"init: expected 'paper' (a fresh generator, Alg. 1) or 'teacher' (the teacher's network), got {cfg.init!r}"
+        )
     if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
         raise ArgumentError(f"student_steps: expected a positive number of evaluations, got {cfg.student_steps!r}")
     if cfg.student_steps > 1 and cfg.init != "teacher":
@@ -368,11 +471,14 @@ def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
     if cfg.gan_weight < 0:
         raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
     if cfg.gan_weight and data is None:
-        raise ArgumentError("data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass "
-                            "data= (e.g. 'digits')")
+        raise ArgumentError(
+            "data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass data= (e.g. 'digits')"
+        )
     GANLoss(cfg.gan_loss)
     if cfg.guidance is not None and not _classes(teacher) and _null(teacher) is None:
         raise ArgumentError("guidance: the teacher is not conditional (it declares no conditioning with a null input)")
     if out is not None and cfg.init == "teacher" and not isinstance(teacher, EDMPrecond) and _source(teacher) is None:
-        raise ArgumentError("out: a student of this teacher is saved as weights beside a reference to the teacher's "
-                            "folder; load the teacher with fs.from_pretrained(path) so that its folder is known")
+        raise ArgumentError(
+            "out: a student of this teacher is saved as weights beside a reference to the teacher's "
+            "folder; load the teacher with fs.from_pretrained(path) so that its folder is known"
+        )
