@@ -51,10 +51,10 @@ def test_plot_refuses_a_folder_without_a_log(tmp_path):
 def test_solvers_with_a_measured_default_grid_use_it_on_karras_fields(gmm):
     field = fs.fields.EDM(gmm.denoiser)
     z = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for name in fs.solvers.available():
+    chosen = [n for n in fs.solvers.available() if fs.solvers.get(n).default_grid]
+    assert {"unipc", "dpmpp_3m"} <= set(chosen)
+    for name in chosen:
         spec = fs.solvers.get(name)
-        if spec.default_grid is None or spec.adaptive:
-            continue
         steps = spec.steps_for(8, True)
         want = field.grid(steps, spec.default_grid)
         _, info = fs.sample(field, name, nfe=8, x_init=z * float(want[0]), return_info=True, seed=0)
@@ -67,3 +67,15 @@ def test_import_is_light():
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpmpp_3m"])
+def test_measured_default_grid_beats_karras_on_the_mixture(gmm, name):
+    """The reason for the default: at NFE 6 on the exact mixture, the solver's default grid lands
+    closer to a converged solve than Karras ρ = 7 from the same start."""
+    field = fs.fields.EDM(gmm.denoiser)
+    z = torch.randn(400, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 80
+    ref = fs.sample(field, "heun", grid=fs.grids.karras(256, 0.002, 80.0), x_init=z)
+    err = {g: float((fs.sample(field, name, nfe=6, grid=g, x_init=z) - ref).norm(dim=1).mean())
+           for g in (None, "karras")}
+    assert err[None] < err["karras"], err
