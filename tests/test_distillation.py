@@ -227,3 +227,24 @@ def test_conditional_discriminator_flow_puts_each_class_where_its_data_is():
     out = fs.sample(m.field(), "euler", nfe=8, n=400, seed=1, cond={"class_labels": labels}, batch_size=128)
     left, right = out[:200, 0].mean(), out[200:, 0].mean()
     assert left < -1.0 and right > 1.0, (left, right)
+
+
+def test_cli_distillation_and_conditional_flow(tmp_path):
+    from flowsolve.cli import main
+    out = tmp_path / "sg"
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
+                 "beyond-teacher", "--student-steps", "2", "--steps", "2", "--batch-size", "8", "--out", str(out),
+                 "--quiet"]) == 0
+    meta = json.loads((out / "flowsolve.json").read_text())
+    assert meta["type"] == "student" and len(meta["student"]["sigmas"]) == 2
+    assert main(["sample", "--model", str(out), "--n", "4", "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
+    df = tmp_path / "df"
+    assert main(["train", "discriminator-flow", "--data", "digits", "--conditional", "--steps", "2", "--batch-size",
+                 "8", "--out", str(df), "--quiet"]) == 0
+    assert fs.from_pretrained(df).conditioning == {"class_labels": {"classes": 10}}
+    assert main(["sample", "--model", str(df), "--cond", "class_labels=3", "--nfe", "4", "--n", "4", "--solver",
+                 "euler", "--out", str(tmp_path / "d.png"), "--quiet"]) == 0
+    assert main(["train", "edm", "--data", "gmm2d", "--recipe", "beyond-teacher", "--steps", "2",
+                 "--out", str(tmp_path / "bad")]) != 0
+    assert main(["train", "gan", "--data", "gmm2d", "--conditional", "--steps", "2",
+                 "--out", str(tmp_path / "bad2")]) != 0
