@@ -63,7 +63,7 @@ def test_solvers_with_a_measured_default_grid_use_it_on_karras_fields(gmm):
 
 def test_import_is_light():
     """`import flowsolve` does not import diffusers, torchvision or the trainers (they load on use)."""
-    code = ("import sys, flowsolve; bad = [m for m in ('diffusers', 'flowsolve.train', 'flowsolve.models') "
+    code = ("import sys, flowsolve; bad = [m for m in ('diffusers', 'flowsolve.train', 'flowsolve.models', 'torchdiffeq', 'torchsde', 'scipy') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out

@@ -27,14 +27,28 @@ def register(solver: Solver, replace: bool = False) -> Solver:
     return solver
 
 
+_BACKENDS = {"loaded": False}
+
+
+def _ensure_backends() -> None:
+    """Register the torchdiffeq and torchsde methods on first need (importing them, scipy included,
+    costs ~0.4 s that `import flowsolve` should not pay)."""
+    if not _BACKENDS["loaded"]:
+        _BACKENDS["loaded"] = True
+        _register_backends()
+
+
 def available() -> list[str]:
     """Names accepted by sample(solver=...)."""
+    _ensure_backends()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Solver:
     if not isinstance(name, str):
         raise ArgumentTypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
+    if name not in _REGISTRY:
+        _ensure_backends()
     if name not in _REGISTRY:
         raise ArgumentError(
             f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; valid names are: {', '.join(available())}"
@@ -249,4 +263,3 @@ def _register_backends() -> None:
         )
 
 
-_register_backends()
