@@ -261,5 +261,3 @@ def _register_backends() -> None:
                 options={"alpha": 1.0},
             )
         )
-
-
