@@ -472,6 +472,9 @@ def cmd_compare(args) -> int:
             model_name=args.model,
             progress=not args.quiet,
             label="" if g is None else f"g={g:g}",
+            grids=[None if v.strip() == "default" else v.strip() for v in args.grid.split(",")]
+            if args.grid
+            else (None,),
         )
         rows += table.rows
     if not finish_processes():
@@ -711,6 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="gmm2d")
     c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
     c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
+    c.add_argument(
+        "--grid",
+        default=None,
+        help="comma-separated grids to compare: default (each solver's), karras, loglinear, calibrated "
+        "(the model folder's calibrated grids; cells without one are left out)",
+    )
     c.add_argument(
         "--metric",
         default="energy",

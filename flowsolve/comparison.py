@@ -8,6 +8,7 @@ import dataclasses
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -118,9 +119,30 @@ def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
 
         def rmse(x, x0):
             grid = torch.tensor([field.t_start, field.t_end], dtype=torch.float64)
-            ref = sample(
-                field, "torchdiffeq:dopri5", grid=grid, x_init=x0.double(), nfe=10**7, rtol=1e-7, atol=1e-7, cond=cond
-            )
+            try:  # float64 where the field computes in it (exact densities, closed forms)
+                ref = sample(
+                    field,
+                    "torchdiffeq:dopri5",
+                    grid=grid,
+                    x_init=x0.double(),
+                    nfe=10**7,
+                    rtol=1e-7,
+                    atol=1e-7,
+                    cond=cond,
+                )
+            except RuntimeError as e:  # a float32 network: the reference in its own precision
+                if "type" not in str(e) and "dtype" not in str(e):
+                    raise
+                ref = sample(
+                    field,
+                    "torchdiffeq:dopri5",
+                    grid=grid,
+                    x_init=x0.float(),
+                    nfe=10**7,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    cond=cond,
+                ).double()
             return float((x.double() - ref).reshape(len(x), -1).square().sum(1).mean().sqrt())
 
         return rmse
@@ -171,6 +193,7 @@ def compare(
     progress: bool = False,
     cond: dict | None = None,
     label: str = "",
+    grids: Sequence[str | None] = (None,),
     **options,
 ) -> CompareTable:
     """Sample every (solver, NFE budget) cell with `seeds` seeds and measure it with each metric.
@@ -178,7 +201,9 @@ def compare(
     compares endpoints with a dopri5 solve at 1e-7 from the same start; fd uses `features` against the
     held-out digits; accuracy is the share of samples that `features` classifies as their label
     (`cond["class_labels"]`). Seed s draws the starting noise of `fs.sample(seed=s)`. `label` is
-    appended to the solver names (e.g. "g=2")."""
+    appended to the solver names (e.g. "g=2"). `grids`: grid spacings to compare (None: each solver's
+    default; "karras", "loglinear", "calibrated": the model folder's calibrated grid, cells without
+    one are left out with a warning); a named grid is shown after the solver, e.g. "ipndm [calibrated]"."""
     from . import solvers as registry
 
     metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -193,13 +218,13 @@ def compare(
     if shape is None:
         raise ArgumentError(f"field: {type(field).__name__} does not know its data shape; make it with shape=(...)")
     rows = []
-    for solver in solvers:
+    for solver, grid in [(s, g) for s in solvers for g in grids]:
         for budget in nfe:
             values, secs, used = {m: [] for m in metrics}, [], None
             for seed in range(seeds):
                 try:
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
-                    start = float(resolve_grid(field, registry.get(solver), budget, None)[0][0])
+                    start = float(resolve_grid(field, registry.get(solver), budget, grid)[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
                     if is_launched():  # torchrun / accelerate launch: split the particles, gather
                         used = sample(
@@ -210,18 +235,30 @@ def compare(
                             seed=seed,
                             return_info=True,
                             cond=cond_rows(cond, 0, 1, n),
+                            grid=grid,
                             **options,
                         )[1].nfe
                         t0 = time.perf_counter()
-                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, cond=cond, **options)
+                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, cond=cond, grid=grid, **options)
                     else:
                         t0 = time.perf_counter()
                         x, info = sample(
-                            field, solver, nfe=budget, x_init=x0, seed=seed, return_info=True, cond=cond, **options
+                            field,
+                            solver,
+                            nfe=budget,
+                            x_init=x0,
+                            seed=seed,
+                            return_info=True,
+                            cond=cond,
+                            grid=grid,
+                            **options,
                         )
                         used = info.nfe
                 except ArgumentError as e:  # budget below the solver's minimum: skip the cell
                     if str(e).startswith("nfe"):
+                        break
+                    if grid == "calibrated" and str(e).startswith("grid: no calibrated grid"):
+                        warnings.warn(f"compare: {e}; cell left out", stacklevel=2)
                         break
                     raise
                 secs.append(time.perf_counter() - t0)
@@ -229,7 +266,7 @@ def compare(
                     values[m].append(scores[m](x, x0))
             if not secs:
                 continue
-            name = f"{solver} {label}".strip()
+            name = f"{solver}{'' if grid is None else f' [{grid}]'} {label}".strip()
             for m in metrics:
                 rows.append(
                     {

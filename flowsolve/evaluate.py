@@ -71,6 +71,7 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     with torch.no_grad():
         pred = features(samples.float().clamp(-1, 1)).argmax(1)
     share = torch.bincount(pred, minlength=10).float() / n
+
     def pixels(x: torch.Tensor) -> torch.Tensor:
         return x.detach().float().clamp(-1, 1).reshape(len(x), -1).cpu()
 
@@ -78,9 +79,15 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     pixel_floor = frechet_distance_features(pixels(train.x[idx]), pixels(test.x))
     svc = torch.as_tensor(svc_predict(samples))
     svc_share = torch.bincount(svc, minlength=10).float() / n
-    return DigitsReport(fd=fd, floor=floor, n=n, class_share=[round(float(s), 4) for s in share],
-                        pixel_fd=pixel_fd, pixel_floor=pixel_floor,
-                        svc_class_share=[round(float(s), 4) for s in svc_share])
+    return DigitsReport(
+        fd=fd,
+        floor=floor,
+        n=n,
+        class_share=[round(float(s), 4) for s in share],
+        pixel_fd=pixel_fd,
+        pixel_floor=pixel_floor,
+        svc_class_share=[round(float(s), 4) for s in svc_share],
+    )
 
 
 _SVC: list = []

@@ -151,3 +151,19 @@ def test_inception_unavailable_offline_is_a_clear_error():
         fs.metrics.frechet_distance(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), "inception")
     with pytest.raises(ValueError, match="num_features"):
         fs.metrics.frechet_distance(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.nn.Identity())
+
+
+def test_compare_over_grids_names_them_and_leaves_out_missing_calibrations(gmm):
+    from flowsolve.comparison import compare
+    field = fs.fields.EDM(gmm.denoiser)
+    g5 = fs.grids.loglinear(5, 0.002, 80.0)
+    field.calibrated = {"ipndm:5": g5.tolist()}
+    with pytest.warns(UserWarning, match="no calibrated grid"):
+        table = compare(field, ["ipndm"], [5, 8], "rmse", n=40, seeds=1,
+                                      grids=["karras", "calibrated"])
+    names = {(r["solver"], r["nfe_budget"]) for r in table.rows}
+    assert names == {("ipndm [karras]", 5), ("ipndm [karras]", 8), ("ipndm [calibrated]", 5)}
+    # the calibrated cell is exactly the sample on that grid
+    cal = [r for r in table.rows if r["solver"] == "ipndm [calibrated]"][0]["value"]
+    lin = compare(field, ["ipndm"], [5], "rmse", n=40, seeds=1, grids=["loglinear"]).rows[0]["value"]
+    assert cal == pytest.approx(lin, rel=1e-9)
