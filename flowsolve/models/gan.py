@@ -56,15 +56,17 @@ def _projection(num_classes: int, width: int) -> nn.Embedding | None:
     return emb
 
 
-def _labels_row(proj: nn.Embedding | None, class_labels, n: int) -> torch.Tensor | None:
-    if proj is None:
+def _labels_row(table: nn.Embedding | None, class_labels, n: int, who: str = "discriminator") -> torch.Tensor | None:
+    """The class embeddings of `class_labels` (one per row, or one broadcast), None for an
+    unconditional network; a clear error when labels and network disagree."""
+    if table is None:
         if class_labels is not None:
-            raise ArgumentError("class_labels: this discriminator is unconditional (num_classes=0)")
+            raise ArgumentError(f"class_labels: this {who} is unconditional (num_classes=0)")
         return None
     if class_labels is None:
-        raise ArgumentError("class_labels: this discriminator is class-conditional; pass class_labels=")
-    y = torch.as_tensor(class_labels, device=proj.weight.device).long().reshape(-1).expand(n)
-    return proj(y)
+        raise ArgumentError(f"class_labels: this {who} is class-conditional; pass class_labels=")
+    y = torch.as_tensor(class_labels, device=table.weight.device).long().reshape(-1).expand(n)
+    return table(y)
 
 
 def _project(value: torch.Tensor, h: torch.Tensor, proj: nn.Embedding | None, class_labels) -> torch.Tensor:
@@ -256,32 +258,10 @@ class _Sampling(GeneratorModel):
         k = getattr(self.config, "num_classes", 0)
         return {"class_labels": {"classes": k}} if k else {}
 
-    def default_cond(self, n: int) -> dict:
-        """Class-balanced labels i mod classes for a class-conditional generator, else {}."""
-        k = getattr(self.config, "num_classes", 0)
-        return {"class_labels": torch.arange(n) % k} if k else {}
-
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
-        """g(z) in inference mode (batch norm on its running statistics), on the generator's device."""
-        was = self.training
-        self.eval()
-        p = next(self.parameters())
-        cond = {k: v.to(p.device) for k, v in (cond or self.default_cond(len(z))).items()}
-        x = self(z.to(p.device, p.dtype), **cond)
-        self.train(was)
-        return x
-
     def _label_embedding(self, z: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """z plus the embedding of its class (a class-conditional generator), else z."""
-        if self.label_embed is None:
-            if class_labels is not None:
-                raise ArgumentError("class_labels: this generator is unconditional (num_classes=0)")
-            return z
-        if class_labels is None:
-            raise ArgumentError("class_labels: this generator is class-conditional; pass class_labels=")
-        labels = torch.as_tensor(class_labels, device=z.device).long().reshape(-1).expand(len(z))
-        return z + self.label_embed(labels)
+        e = _labels_row(self.label_embed, class_labels, len(z), "generator")
+        return z if e is None else z + e
 
 
 class Generator(_Sampling, ModelMixin, ConfigMixin):

@@ -14,6 +14,7 @@ import torch
 
 from ..distributed import gather_ranges, shard_range, world
 from .._checks import check_int
+from ..sample import check_cond, cond_rows
 from ..errors import ArgumentError
 
 __all__ = ["ParticleModel", "GeneratorModel", "generate_sharded"]
@@ -38,34 +39,39 @@ class ParticleModel:
 
 class GeneratorModel:
     """An Int-PM generator: `sample(n, seed=)` draws n samples, one evaluation each. Subclasses
-    provide `latents(n, seed)` and `generate(z)`."""
+    provide `latents(n, seed)`, and either are networks (`nn.Module`s whose forward is g(z, **cond),
+    with `conditioning` such as {"class_labels": {"classes": K}}) or override `generate(z)`."""
 
     data_shape: tuple[int, ...] | None = None
+    conditioning: dict = {}
 
     def latents(self, n: int, seed: int | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def default_cond(self, n: int) -> dict:
+        """Class-balanced labels i mod K for a class-conditional generator, else {}."""
+        spec = self.conditioning.get("class_labels")
+        k = spec.get("classes") if isinstance(spec, dict) else None
+        return {"class_labels": torch.arange(n) % int(k)} if k else {}
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
+        """g(z, **cond) in inference mode (batch norm on its running statistics), on the network's
+        device; without `cond`, `default_cond`."""
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        cond = {k: v.to(p.device) for k, v in (cond or self.default_cond(len(z))).items()}
+        x = self(z.to(p.device, p.dtype), **cond)
+        self.train(was)
+        return x
 
     def sample(self, n: int, seed: int | None = None, cond: dict | None = None) -> torch.Tensor:
         """n samples with one network evaluation each (a k-step student: k), latents from `seed`.
         A conditional generator takes `cond` (e.g. {"class_labels": y}, leading size n or 1);
         without it, class-balanced labels i mod classes."""
         check_int("n", n, 1)
-        return self.generate(self.latents(n, seed), **_rows(cond, n))
-
-
-def _rows(cond: dict | None, n: int) -> dict:
-    """`cond` with every value a tensor of leading size n (size-1 and scalars broadcast)."""
-    out = {}
-    for k, v in (cond or {}).items():
-        t = torch.as_tensor(v)
-        t = t.reshape(1) if t.dim() == 0 else t
-        if len(t) not in (1, n):
-            raise ArgumentError(f"cond: key {k!r} has leading size {len(t)}; expected {n} (one per sample) or 1")
-        out[k] = t.expand(n, *t.shape[1:]) if len(t) == 1 else t
-    return out
+        return self.generate(self.latents(n, seed), **cond_rows(check_cond(cond, n), 0, n, n))
 
 
 @torch.no_grad()
@@ -79,9 +85,9 @@ def generate_sharded(generator: GeneratorModel, n: int, *, seed: int, cond: dict
     if size == 1:
         return generator.sample(n, seed=seed, cond=cond)
     start, end = shard_range(n, rank, size)
-    rows = _rows(cond, n) or getattr(generator, "default_cond", lambda _n: {})(n)
+    rows = check_cond(cond, n) or generator.default_cond(n)
     part = (
-        generator.generate(generator.latents(n, seed)[start:end], **{k: v[start:end] for k, v in rows.items()})
+        generator.generate(generator.latents(n, seed)[start:end], **cond_rows(rows, start, end - start, n))
         if end > start
         else None
     )

@@ -47,13 +47,6 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
     def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.steps, *self.data_shape, generator=generator or seeded_generator(seed))
 
-    def default_cond(self, n: int) -> dict:
-        """Class-balanced labels i mod classes for a class-conditional student, else {}."""
-        labels = self.conditioning.get("class_labels")
-        if isinstance(labels, dict) and labels.get("classes"):
-            return {"class_labels": torch.arange(n) % int(labels["classes"])}
-        return {}
-
     def chain(self, z: torch.Tensor, upto: int | None = None, **cond) -> torch.Tensor:
         """x_0 after steps 1..upto (default: all) of the chain; gradients flow only through the last."""
         k = self.steps if upto is None else upto
@@ -71,17 +64,6 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
 
     def forward(self, z: torch.Tensor, **cond) -> torch.Tensor:
         return self.chain(z, **cond)
-
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
-        was = self.training
-        self.eval()
-        p = next(self.parameters())
-        cond = cond or self.default_cond(len(z))
-        cond = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        x = self(z.to(p.device, p.dtype), **cond)
-        self.train(was)
-        return x
 
     # -- folders -----------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, teacher_source: str | None = None, **metadata) -> Path:
