@@ -224,6 +224,39 @@ def lagrange_weights(nodes, a: float, b: float, exp_kernel: bool) -> tuple[float
     return _lagrange_weights(tuple(nodes), float(a), float(b), bool(exp_kernel))
 
 
+class PathGrid:
+    """The Gaussian-path coordinates of a run's grid (`fields.paths`): α, σ and λ = log(α/σ) at every
+    knot, and the data prediction D = E[x_0 | x_t] from the field's velocity, at a knot or between
+    knots (single-step solvers evaluate at a λ-midpoint)."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run, self.path, self.t = run, run.field.path, run.times
+        self.a = [self.path.alpha(v) for v in self.t]
+        self.s = [self.path.sigma(v) for v in self.t]
+        self.lam = [self.path.lam(v) for v in self.t]
+
+    def denoise(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """D at (x, t_i), from one field evaluation."""
+        return self.path.data_prediction(x, self.run.f(x, i), self.t[i])
+
+    def denoise_ve(self, xt: torch.Tensor, lam: float) -> torch.Tensor:
+        """D where λ = lam, for a point given in VE coordinates x̃ = x/α."""
+        t = self.path.time_at(lam)
+        x = self.path.alpha(t) * xt
+        return self.path.data_prediction(x, self.run.f_at(x, t), t)
+
+    def rho(self, i: int) -> float:
+        """The VE noise level σ/α at knot i (∞ at pure noise)."""
+        return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
+
+
+def ddim_step(x: torch.Tensor, den: torch.Tensor, s_i: float, s_j: float, a_j: float, h: float) -> torch.Tensor:
+    """The first-order exponential (DDIM) step x_j = (σ_j/σ_i) x − α_j expm1(−h) D, h = λ_j − λ_i:
+    exact for a constant D; from pure noise (λ_i = −∞, σ_i = 1) it is σ_j x + α_j D, to the data
+    (σ_j = 0) α_j D."""
+    return (s_j / s_i) * x - (a_j * math.expm1(-h)) * den
+
+
 def sigma_lambda(sigma: float) -> float:
     """λ = −log σ (log signal-to-noise ratio / 2 for VE), +inf at σ = 0."""
     return math.inf if sigma == 0 else -math.log(sigma)

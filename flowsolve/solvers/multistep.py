@@ -21,7 +21,7 @@ from collections import deque
 
 import torch
 
-from .base import Run, lagrange_weights
+from .base import PathGrid, Run, ddim_step, lagrange_weights
 from .._checks import check_int
 
 
@@ -59,15 +59,12 @@ def exponential_multistep(
     midpoint form replaces φ₂ by −φ₁/2). The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
     """
-    path = run.field.path  # VE for EDM fields: α = 1, σ = t, λ = −log σ
-    t = run.times
-    alpha, sig = [path.alpha(v) for v in t], [path.sigma(v) for v in t]
-    lam = [path.lam(v) for v in t]
+    p = PathGrid(run)  # VE for EDM fields: α = 1, σ = t, λ = −log σ
+    alpha, sig, lam = p.a, p.s, p.lam
     hist: deque = deque(maxlen=order + 1)  # (λ_j, D_j), newest last; finite λ only
     x_prev = None  # x_i before the step, for the corrector
     for i in run.steps():
-        d = run.f(x, i)  # the field v = dx/dt at (x_i, t_i)
-        den = path.data_prediction(x, d, t[i])  # data prediction D_i (x − σ v on the VE path)
+        den = p.denoise(x, i)  # data prediction D_i (x − σ v on the VE path) from the field at (x_i, t_i)
         if corrector and x_prev is not None and len(hist) >= 1 and lam[i - 1] > -math.inf:
             # UniC-style: redo step i−1 → i with D_i included (order min(k+1, history))
             nodes = [lam[i]] + [h[0] for h in reversed(hist)][:order]
@@ -76,10 +73,8 @@ def exponential_multistep(
             x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * _combine(w, vals)
         if lam[i] > -math.inf:
             hist.append((lam[i], den))
-        if sig[i + 1] == 0:
-            x_next = alpha[i + 1] * den  # λ = ∞: the exponential integrator lands on α D
-        elif lam[i] == -math.inf:
-            x_next = sig[i + 1] * x + alpha[i + 1] * den  # from pure noise (α = 0, σ = 1): exact, h = ∞
+        if sig[i + 1] == 0 or lam[i] == -math.inf:  # to the data (lands on α D) or from pure noise: exact
+            x_next = ddim_step(x, den, sig[i], sig[i + 1], alpha[i + 1], lam[i + 1] - lam[i])
         else:
             k = min(order, len(hist))
             recent = list(hist)[-k:][::-1]  # newest first: D_i, D_{i−1}, ...

@@ -22,41 +22,15 @@ which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 
 import torch
 
-from .base import Run, lagrange_weights
+from .base import PathGrid, Run, ddim_step, lagrange_weights
 from .._checks import check_int
 from ..errors import ArgumentError
-
-
-class _Path:
-    """α, σ, λ at every knot of the run's grid, and the data prediction D at (x, t_i)."""
-
-    def __init__(self, run: Run) -> None:
-        self.run, self.path, t = run, run.field.path, run.times
-        self.t = t
-        self.a = [self.path.alpha(v) for v in t]
-        self.s = [self.path.sigma(v) for v in t]
-        self.lam = [self.path.lam(v) for v in t]
-
-    def denoise(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.path.data_prediction(x, self.run.f(x, i), self.t[i])
-
-    def denoise_at(self, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, float, float]:
-        """D at the time where λ = lam (between knots), with α and σ there."""
-        t = self.path.time_at(lam)
-        return self.path.data_prediction(x, self.run.f_at(x, t), t), self.path.alpha(t), self.path.sigma(t)
-
-    def rho(self, i: int) -> float:
-        return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
-
-
-def _ddim(x: torch.Tensor, den: torch.Tensor, s_i: float, s_j: float, a_j: float, h: float) -> torch.Tensor:
-    """x_j = (σ_j/σ_i) x − α_j expm1(−h) D (see the module docstring)."""
-    return (s_j / s_i) * x - (a_j * math.expm1(-h)) * den
 
 
 def _ancestral(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
@@ -76,7 +50,10 @@ def _check_eta(eta) -> float:
 
 
 # -- UniPC ---------------------------------------------------------------------------------------
-def _unipc_coeffs(rks: list[float], h: float, order: int, variant: str, predictor: bool) -> tuple[float, list[float]]:
+@functools.lru_cache(maxsize=1024)
+def _unipc_coeffs(
+    rks: tuple[float, ...], h: float, order: int, variant: str, predictor: bool
+) -> tuple[float, tuple[float, ...]]:
     """(B(h), ρ-coefficients) of UniP/UniC (Zhao et al. 2023, Alg. 2–3 with B(h) of §3.3): with
     hh = −h, φ_k the k-th exponential remainder, solve R ρ = b with R_kj = r_j^{k−1},
     b_k = k! φ_{k+1}(hh)/B(h); UniP-2 uses ρ = 1/2 and UniC-1 ρ = 1/2."""
@@ -90,16 +67,16 @@ def _unipc_coeffs(rks: list[float], h: float, order: int, variant: str, predicto
         b.append(phi * fact / b_h)
         fact *= k + 1
         phi = phi / hh - 1.0 / fact
-    r = rks + [1.0]
+    r = rks + (1.0,)
     if predictor:
         if order == 2:
-            return b_h, [0.5]
+            return b_h, (0.5,)
         mat = np.array([[rj**k for rj in r[:-1]] for k in range(order - 1)])
-        return b_h, list(np.linalg.solve(mat, np.array(b[: order - 1])))
+        return b_h, tuple(float(c) for c in np.linalg.solve(mat, np.array(b[: order - 1])))
     if order == 1:
-        return b_h, [0.5]
+        return b_h, (0.5,)
     mat = np.array([[rj**k for rj in r] for k in range(order)])
-    return b_h, list(np.linalg.solve(mat, np.array(b[:order])))
+    return b_h, tuple(float(c) for c in np.linalg.solve(mat, np.array(b[:order])))
 
 
 def unipc(
@@ -123,7 +100,7 @@ def unipc(
     order = check_int("order", order, 1, 3)
     if variant not in ("bh1", "bh2"):
         raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
-    p = _Path(run)
+    p = PathGrid(run)
     n = len(p.t) - 1
     hist: deque = deque(maxlen=order)  # (λ_j, D_j) of finite λ, newest last
     x_prev, prev_order = None, 0
@@ -133,24 +110,24 @@ def unipc(
             h = p.lam[i] - p.lam[i - 1]
             older = list(hist)[:-1][::-1][: prev_order - 1]  # D_{i−2}, D_{i−3}, ...
             m0 = hist[-1][1]
-            rks = [(lj - p.lam[i - 1]) / h for lj, _ in older]
+            rks = tuple((lj - p.lam[i - 1]) / h for lj, _ in older)
             b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False)
             res = rho[-1] * (den - m0)
             for rk, (_, dj), c in zip(rks, older, rho[:-1]):
                 res = res + (c / rk) * (dj - m0)
-            x = _ddim(x_prev, m0, p.s[i - 1], p.s[i], p.a[i], h) - (p.a[i] * b_h) * res
+            x = ddim_step(x_prev, m0, p.s[i - 1], p.s[i], p.a[i], h) - (p.a[i] * b_h) * res
         x_prev = x
         if p.lam[i] > -math.inf:
             hist.append((p.lam[i], den))
         if p.s[i + 1] == 0 or p.lam[i] == -math.inf or not hist:
-            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
             prev_order = 1 if p.lam[i] > -math.inf else 0
         else:
             k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
             h = p.lam[i + 1] - p.lam[i]
             older = list(hist)[:-1][::-1][: k - 1]
-            rks = [(lj - p.lam[i]) / h for lj, _ in older]
-            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
+            rks = tuple((lj - p.lam[i]) / h for lj, _ in older)
+            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
             if k > 1:
                 b_h, rho = _unipc_coeffs(rks, h, k, variant, predictor=True)
                 res = None
@@ -181,13 +158,13 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
     `lower_order_final` and fewer than 15 steps, the last two steps drop to orders 1 and 2
     (diffusers' rule)."""
     order = check_int("order", order, 1, 3)
-    p = _Path(run)
+    p = PathGrid(run)
     n = len(p.t) - 1
     hist: deque = deque(maxlen=order)  # (log ρ_j, ε_j) of finite ρ, newest last
     for i in run.steps():
         den = p.denoise(x, i)
         if p.s[i + 1] == 0 or p.a[i] == 0:  # to the data, or from pure noise: the exact first-order step
-            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))  # (log ρ_i, ε_i)
             k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
@@ -209,19 +186,17 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
     midpoint ρ_m = √(ρ_i ρ_{i+1}), then the full step with the midpoint's slope,
     x̃_{i+1} = x̃_i + (ρ_{i+1} − ρ_i)(x̃_m − D_m)/ρ_m; Euler on the last step (to the data) and DDIM from
     pure noise. Two evaluations per step."""
-    p = _Path(run)
+    p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
         if p.s[i + 1] == 0 or p.a[i] == 0:
-            x = _ddim(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             lam_m = 0.5 * (p.lam[i] + p.lam[i + 1])
             rho_i, rho_j, rho_m = p.rho(i), p.rho(i + 1), math.exp(-lam_m)
             xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
-            t_m = p.path.time_at(lam_m)
-            a_m = p.path.alpha(t_m)
             xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
-            den_m, _, _ = p.denoise_at(a_m * xt_m, lam_m)
+            den_m = p.denoise_ve(xt_m, lam_m)
             x = p.a[i + 1] * (xt + (rho_j - rho_i) / rho_m * (xt_m - den_m))
         run.tick(i, x)
     return x
@@ -233,7 +208,7 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
         x̃_m = (ρ_m/ρ_i) x̃_i − expm1(−h/2) D_i,   x̃' = (ρ_down/ρ_i) x̃_i − expm1(−h) D(x_m),
     then x̃_{i+1} = x̃' + ρ_up ε. eta = 0 (default) is the deterministic solver."""
     eta = _check_eta(eta)
-    p = _Path(run)
+    p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
         rho_i, rho_next = p.rho(i), p.rho(i + 1)
@@ -244,10 +219,8 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
         else:
             h = math.log(rho_i / down)
             lam_m = -math.log(rho_i) + 0.5 * h
-            rho_m = math.exp(-lam_m)
-            t_m = p.path.time_at(lam_m)
-            xt_m = rho_m * xs - math.expm1(-0.5 * h) * den
-            den_m, _, _ = p.denoise_at(p.path.alpha(t_m) * xt_m, lam_m)
+            xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den  # ρ_m x̃/ρ_i − expm1(−h/2) D
+            den_m = p.denoise_ve(xt_m, lam_m)
             xt_new = down * xs - math.expm1(-h) * den_m
         if up > 0 and p.s[i + 1] > 0:
             xt_new = xt_new + up * run.noise()
@@ -261,7 +234,7 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
     """Euler ancestral (k-diffusion's `sample_euler_ancestral`): an Euler step on the VE ODE to ρ_down,
     then noise ρ_up ε (per sample), x̃_{i+1} = (ρ_down/ρ_i) x̃_i + (1 − ρ_down/ρ_i) D_i + ρ_up ε."""
     eta = _check_eta(eta)
-    p = _Path(run)
+    p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
         rho_i = p.rho(i)
@@ -280,7 +253,7 @@ def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: f
     x_{i+1} = (σ_{i+1}/σ_i) e^{−ηh} x_i + α_{i+1}(1 − e^{−(1+η)h}) D_i + α_{i+1} (multistep corrections)
               + σ_{i+1} √(1 − e^{−2ηh}) ε."""
     eta = _check_eta(eta)
-    p = _Path(run)
+    p = PathGrid(run)
     hist: deque = deque(maxlen=2)  # (h, D) of earlier finite steps, newest last
     for i in run.steps():
         den = p.denoise(x, i)
