@@ -21,6 +21,7 @@ from .loop import LoopConfig, is_main_process
 __all__ = [
     "PaperLoopConfig",
     "int_pm_loss",
+    "unit_rms",
     "noisy_direction",
     "p_sigma",
     "GeneratorPair",
@@ -49,10 +50,13 @@ def int_pm_loss(x: torch.Tensor, direction: torch.Tensor, normalize: bool = Fals
     """−mean_b g_θ(z_b) · stopgrad(v_b) (Eq. 25, 27): its θ-gradient is −E[∇_θ g^T v], so a gradient
     step moves every generated particle along v through the generator's NTK (Eq. 12–13).
     `normalize` rescales each v_b to unit RMS (per-sample gradient normalisation)."""
-    v = direction.detach()
-    if normalize:
-        v = v / v.reshape(len(v), -1).square().mean(1).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
+    v = unit_rms(direction.detach()) if normalize else direction.detach()
     return -(x * v).reshape(len(x), -1).sum(1).mean()
+
+
+def unit_rms(v: torch.Tensor) -> torch.Tensor:
+    """Each sample's direction v_b rescaled to unit RMS (per-sample gradient normalisation)."""
+    return v / v.reshape(len(v), -1).square().mean(1).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
 def noisy_direction(direction: torch.Tensor, gamma: float, dt: float, noise: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from .int_pm import (
     p_sigma,
     save_generator,
     selection,
+    unit_rms,
 )
 from .loop import fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
 
@@ -368,16 +369,16 @@ def score_gan(
             direction = as_column(sigma, x) * field.bind(cond).grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
             if cfg.gamma:  # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
+        if cfg.normalize:  # the score part at unit RMS, before any GAN term
+            direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
-            if cfg.normalize:  # the score part at unit RMS, then the GAN term
-                direction = _unit_rms(direction)
             with torch.enable_grad():
                 xg = xt.detach().requires_grad_(True)
                 f, _ = feature(m.aux, m.head, xg, sigma, cond)
                 (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
             direction = direction - cfg.gan_weight * dc.detach()
         opt_g.zero_grad(set_to_none=True)
-        int_pm_loss(x, direction, cfg.normalize and feature is None).backward()
+        int_pm_loss(x, direction).backward()
         sync_gradients(m.g.parameters())
         opt_g.step()
         return s_loss.item()
@@ -425,10 +426,6 @@ def score_gan(
         else:
             save_generator(g_out, out, "score-gan", data_name, g_out.metadata)
     return g_out
-
-
-def _unit_rms(v: torch.Tensor) -> torch.Tensor:
-    return v / v.reshape(len(v), -1).square().mean(1).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
 def _classes(teacher) -> int:
