@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flowsolve as fs  # noqa: E402
 from peers import k_diffusion_sampling  # noqa: E402
+from flowsolve.sample import resolve_grid  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10)
 FLOWSOLVE = {"ipndm": {}, "ipndm_v": {}, "unipc": {"order": 3}, "deis": {"order": 3}, "dpmpp_3m": {},
@@ -160,11 +161,9 @@ def flowsolve_runs(w: Workload, z: torch.Tensor, nfe: int, calibrated: dict):
         if (solver, nfe) in calibrated:
             grids["calibrated"] = calibrated[(solver, nfe)]
         for label, grid in grids.items():
-            if isinstance(grid, str):
-                grid = w.field.grid(fs.solvers.get(solver).steps_for(nfe, not w.field.finite_at_end), grid)
-            x0 = w.field.from_normal(z) if grid is None else w.field.from_normal(z, float(grid[0]))
-            start = float(grid[0]) if grid is not None else float(w.field.grid(
-                fs.solvers.get(solver).steps_for(nfe, not w.field.finite_at_end))[0])
+            grid, _ = resolve_grid(w.field, fs.solvers.get(solver), nfe, grid)   # the grid fs.sample walks
+            start = float(grid[0])
+            x0 = w.field.from_normal(z, start)
             with torch.no_grad():
                 x = fs.sample(w.field, solver, nfe=nfe, grid=grid, x_init=x0, **opts)
             runs[f"flowsolve {solver} ({label})"] = (x, x0, start)

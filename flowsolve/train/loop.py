@@ -567,7 +567,7 @@ def fit(
                         loss=running,
                         last_loss=value,
                         seconds=state.history["seconds"] + time.perf_counter() - t0,
-                        lr=[g["lr"] for o in opts.values() for g in o.param_groups][0],
+                        lr=next(iter(opts.values())).param_groups[0]["lr"],
                     )
                 if select is not None and (state.step % every == 0 or state.step == cfg.steps):
                     _select(state, select, ema)
