@@ -1,8 +1,11 @@
-"""flowsolve's diffusers adapter against diffusers' own DDIM and Euler-discrete loops on the
-shipped Hub-layout model (pretrained/digits-ddpm): the same samples (max abs difference) and the
-wall-time ratio flowsolve / diffusers at equal NFE.
+"""flowsolve's diffusers adapter against diffusers' own scheduler loops: the same samples (max abs
+difference) and the wall-time ratio flowsolve / diffusers at equal NFE, on
+  - the shipped DDPM pipeline (pretrained/digits-ddpm): DDIM and Euler-discrete;
+  - the shipped flow-matching pipeline (pretrained/digits-flow): FlowMatchEuler and FlowMatchHeun;
+  - a latent pipeline (LDMPipeline: AutoencoderKL + UNet + DDIM, random weights, built here, no
+    download): the decoded images, sampling and decoding timed together.
 
-    python benchmarks/diffusers_adapter.py [--n 512] [--repeats 5]
+    python benchmarks/diffusers_adapter.py [--n 512] [--repeats 5] [--threads T]
 """
 from __future__ import annotations
 
@@ -12,7 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UNet2DModel,
+)
 
 import flowsolve as fs
 
@@ -34,11 +44,63 @@ def diffusers_euler(unet, sched, z):
     return x
 
 
+def diffusers_flow(unet, sched, z, nfe):
+    sched.set_timesteps(nfe)  # FlowMatch schedulers keep a step index: reset it
+    x = z
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def latent_pipeline():
+    """An LDM-style pipeline with random weights: 32×32 images, 4×8×8 latents (no download)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    ).eval()
+    return vae, unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
+
+
+def timed(cases: dict, repeats: int, rows: list, nfe: int) -> None:
+    """Interleaved repeats of (diffusers, flowsolve) pairs; the median wall times and their ratio."""
+    for name, (ref_fn, ours_fn) in cases.items():
+        t_ref, t_ours = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a = ref_fn()
+            t_ref.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            b = ours_fn()
+            t_ours.append(time.perf_counter() - t0)
+        diff = (a - b).abs().max().item()
+        ratio = statistics.median(t_ours) / statistics.median(t_ref)
+        rows.append((name, nfe, diff, statistics.median(t_ref), statistics.median(t_ours), ratio))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = str(ROOT / "pretrained" / "digits-ddpm")
     unet = UNet2DModel.from_pretrained(root, subfolder="unet").eval()
     z = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -61,18 +123,46 @@ def main() -> None:
                                    lambda: fs.sample(field_e, "euler", grid=eul.sigmas.double(),
                                                      x_init=z * eul.init_noise_sigma)),
             }
-            for name, (ref_fn, ours_fn) in cases.items():
-                t_ref, t_ours = [], []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    a = ref_fn()
-                    t_ref.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    b = ours_fn()
-                    t_ours.append(time.perf_counter() - t0)
-                diff = (a - b).abs().max().item()
-                ratio = statistics.median(t_ours) / statistics.median(t_ref)
-                rows.append((name, nfe, diff, statistics.median(t_ref), statistics.median(t_ours), ratio))
+            timed(cases, args.repeats, rows, nfe)
+        flow_root = str(ROOT / "pretrained" / "digits-flow")
+        flow_unet = UNet2DModel.from_pretrained(flow_root, subfolder="unet").eval()
+        fm = fs.models.from_diffusers(flow_root)
+        for nfe in (10, 25, 50):
+            fme = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_root, subfolder="scheduler")
+            fmh = FlowMatchHeunDiscreteScheduler.from_config(fme.config)
+            fm_heun = fs.models.from_diffusers(flow_unet, FlowMatchHeunDiscreteScheduler.from_config(fme.config))
+            steps_heun = (nfe + 1) // 2  # FlowMatchHeun: two evaluations a step, one on the last
+            cases = {
+                "flow-match-euler": (
+                    lambda: diffusers_flow(flow_unet, fme, z, nfe),
+                    lambda: fs.sample(fm.field(), "euler", nfe=nfe, x_init=z),
+                ),
+                "flow-match-heun": (
+                    lambda: diffusers_flow(flow_unet, fmh, z, steps_heun),
+                    lambda: fs.sample(fm_heun.field(), "heun", nfe=2 * steps_heun - 1, x_init=z),
+                ),
+            }
+            timed(cases, args.repeats, rows, nfe)
+        vae, lat_unet, lat_sched = latent_pipeline()
+        lm = fs.models.from_diffusers(lat_unet, lat_sched, vae=vae)
+        zl = torch.randn(args.n // 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        lf = lm.field()
+        for nfe in (10, 25):
+            xl = lf.from_normal(zl, float(lf.grid(nfe)[0]))  # the pipeline's latents, in the field's coordinates
+            ls = DDIMScheduler.from_config(lat_sched.config)
+            ls.set_timesteps(nfe)
+
+            def ref_latent():
+                lat = diffusers_ddim(lat_unet, ls, zl)
+                return vae.decode(lat / vae.config.scaling_factor).sample
+
+            cases = {
+                "latent ddim + decode": (
+                    ref_latent,
+                    lambda: lm.decode(fs.sample(lf, "euler", nfe=nfe, x_init=xl)),
+                )
+            }
+            timed(cases, args.repeats, rows, nfe)
     print(f"n = {args.n}, medians of {args.repeats} interleaved repeats, {torch.get_num_threads()} threads\n")
     print("| diffusers loop | NFE | max abs diff | diffusers s | flowsolve s | ratio |")
     print("|---|---:|---:|---:|---:|---:|")

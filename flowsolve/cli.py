@@ -315,7 +315,7 @@ def cmd_train(args) -> int:
 
     config = load_config_file(args.config) if args.config else None
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes)
     if args.conditional or args.cond_dropout is not None:
         if args.objective not in ("edm", "discriminator-flow"):
             raise UserError(
@@ -638,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
     t.add_argument("--teacher", default=None, help="score-gan: the pretrained data score (model folder or Hub id)")
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="a wall-clock budget: stop, checkpoint and save once training has taken this long (resume counts "
+        "the time already spent)",
+    )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)

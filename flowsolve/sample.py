@@ -257,7 +257,7 @@ def sample(
     if spec.needs_sigma and field.path is None:
         raise ArgumentError(
             f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
-            f"FlowMatching: its time is a noise level), got {type(field).__name__}"
+            f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
         )
     g64, budget = resolve_grid(field, spec, nfe, grid)
     check_int("trajectory_every", trajectory_every, 0)

@@ -222,3 +222,50 @@ def test_a_flow_model_is_a_denoiser_for_the_paper_trainers(unet):
     assert (a - b).abs().max() <= 5e-3 * max(1.0, b.abs().max().item())     # EDM starts at σ = 1e3, the flow at ∞
     gen = fs.train.score_gan(den, steps=2, batch_size=8, K=1, conv_width=8, latent=8, progress=False)
     assert gen.sample(4, seed=0).shape == (4, 1, 8, 8)
+
+
+# -- TrigFlow (sCM) ----------------------------------------------------------------------------------
+def test_scm_scheduler_loops_are_consistency_and_ddim_on_the_trigflow_field(unet, monkeypatch, tmp_path):
+    """`from_diffusers(model, SCMScheduler())` is a TrigFlow model: SCMScheduler's one-step sample is
+    `ddim` with one step, its multistep loop (fresh noise at each knot) is `consistency` given the
+    same noise; the default grid is the scheduler's (1.3 between two steps); a folder loads."""
+    import diffusers.schedulers.scheduling_scm as scm_module
+    from diffusers import SCMScheduler
+    from flowsolve.noise import SampleNoise
+    sd = 0.5
+    z = Z * sd
+
+    def scm_loop(steps, noise=None):
+        sched = SCMScheduler(sigma_data=sd)
+        sched.set_timesteps(steps, intermediate_timesteps=1.3 if steps == 2 else None)
+        if noise is not None:
+            monkeypatch.setattr(scm_module, "randn_tensor", lambda shape, **kw: noise())
+        x = z.clone()
+        with torch.no_grad():
+            for s in sched.timesteps[:-1]:
+                out = sd * unet(x / sd, s.expand(len(x))).sample
+                x = sched.step(out, s, x).prev_sample
+        return x, sched.timesteps
+
+    m = fs.models.from_diffusers(unet, SCMScheduler(sigma_data=sd))
+    assert isinstance(m, fs.models.DiffusersTrigFlow)
+    one, _ = scm_loop(1)
+    assert _close(fs.sample(m.field(), "ddim", nfe=1, x_init=z), one)
+    assert _close(fs.sample(m.field(), "consistency", nfe=1, x_init=z), one)
+    for steps in (2, 4):
+        ref, times = scm_loop(steps, SampleNoise(7, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1))
+        x, info = fs.sample(m.field(), "consistency", nfe=steps, x_init=z, seed=7, return_info=True)
+        assert torch.allclose(info.grid.double(), times.double(), atol=1e-7) and _close(x, ref), steps
+    x = fs.sample(m.field(), "dpmpp_2m", nfe=6, n=3, seed=0)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    den = m.as_denoiser()                     # the EDM form: D(x̃; σ̃) equals the field's data prediction
+    t = torch.full((4,), 0.7)
+    v = m.velocity(Z, t)
+    d_field = torch.cos(t[0]) * Z - torch.sin(t[0]) * v
+    assert torch.allclose(den(Z / torch.cos(t[0]), sd * torch.tan(t)), d_field, atol=1e-5)
+    unet.save_pretrained(str(tmp_path / "scm" / "unet"))
+    SCMScheduler(sigma_data=sd).save_pretrained(str(tmp_path / "scm" / "scheduler"))
+    (tmp_path / "scm" / "model_index.json").write_text('{"_class_name": "DiffusionPipeline", "unet": ["diffusers", '
+                                                        '"UNet2DModel"], "scheduler": ["diffusers", "SCMScheduler"]}')
+    loaded = fs.models.from_diffusers(str(tmp_path / "scm"))
+    assert isinstance(loaded, fs.models.DiffusersTrigFlow) and loaded.sigma_data == sd

@@ -204,3 +204,56 @@ def test_two_process_guided_conditional_sampling_matches_one_process(tmp_path):
     _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy", "accelerate")
     assert "from 2 processes (accelerate)" in r2.stdout
     assert np.abs(np.load(tmp_path / "one.npy") - np.load(tmp_path / "two.npy")).max() <= 1e-5
+
+
+def cond_velocity(x, t, class_labels):
+    """The exact flow velocity of the same conditional mixture on x_t = (1 − t) x_0 + t ε:
+    v = (x − D(x/(1 − t); t/(1 − t)))/t."""
+    col = t.reshape(-1, 1)
+    return (x - cond_den(x / (1 - col), t / (1 - t), class_labels)) / col
+
+
+@pytest.mark.parametrize("kw", [{}, {"rescale": 0.7}, {"apg": {"eta": 0.3, "momentum": 0.0, "norm_threshold": 1.0}},
+                                {"interval": (0.5, 3.0)}])
+def test_velocity_guidance_is_denoiser_guidance_on_the_same_path(kw):
+    """CFG, rescale, APG and interval on a flow velocity give the velocity of the guided denoiser
+    (v_w = (x − D_w)/t at σ = t/(1 − t)), pointwise at times across (0, 1), and stay finite at t = 1."""
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0)) * 2
+    y = {"class_labels": LABELS}
+    gv = GuidedDenoiser(cond_velocity, 3.0, {"class_labels": K}, prediction="velocity", **kw)
+    gd = GuidedDenoiser(cond_den, 3.0, {"class_labels": K}, **kw)
+    for t in (0.05, 0.3, 0.6, 0.9):
+        tt = torch.full((40,), t, dtype=x.dtype)
+        expected = (x - gd(x / (1 - t), tt / (1 - t), **y)) / t
+        assert torch.allclose(gv(x, tt, **y), expected, atol=1e-4, rtol=1e-4), (kw, t)
+    ones = torch.ones(40)
+    prior = GuidedDenoiser(lambda x, t, class_labels: x - GMM.means[class_labels % K], 3.0, {"class_labels": K},
+                           prediction="velocity", **kw)
+    assert torch.isfinite(prior(x, ones, **y)).all()
+    with pytest.raises(ValueError, match="prediction"):
+        GuidedDenoiser(cond_velocity, 3.0, {"class_labels": K}, prediction="eps")
+
+
+def test_guided_flow_model_reproduces_a_flow_match_cfg_loop():
+    """A class-conditional UNet as a flow model: `m.field(guidance=w, uncond=)` under euler is the
+    FlowMatchEuler loop with CFG on the velocity; rescale runs; options without guidance are refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    _, model, cond, uncond = _models()[0]
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(8)
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v_c, v_u = model(torch.cat([x, x]), t.expand(12), class_labels=torch.cat([cond["class_labels"],
+                                                                                       uncond["class_labels"]])).sample.chunk(2)
+            x = sched.step(v_u + 4.0 * (v_c - v_u), t, x).prev_sample
+    m = fs.models.from_diffusers(model, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    field = m.field(guidance=4.0, uncond={"class_labels": 10})
+    ours = fs.sample(field, "euler", nfe=8, x_init=z, cond=cond)
+    assert (ours - x).abs().max().item() <= 1e-5 * max(1.0, x.abs().max().item())
+    rescaled = fs.sample(m.field(guidance=4.0, uncond={"class_labels": 10}, rescale=0.7), "dpmpp_2m", nfe=8,
+                         x_init=z, cond=cond)
+    assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, ours)
+    with pytest.raises(ValueError, match="guidance"):
+        m.field(rescale=0.7)

@@ -1,5 +1,7 @@
 """The paper's models: the Int-PM generator step (Eq. 11–13, 25, 27), GAN losses (Eq. 15–16),
 Discriminator Flows (Eq. 20, Alg. 3), Score GANs (Alg. 1), kernel flows (Table 2, Eq. 17)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,57 @@ def test_discriminator_flow_ipm_moves_mass_to_the_data(tmp_path):
                           fs.sample(model.field(), "euler", nfe=8, n=50, seed=1), atol=1e-6)
     early = fs.sample(model.field(t_end=0.5), "euler", nfe=4, n=50, seed=1, return_info=True)[1]
     assert early.grid[-1] == pytest.approx(0.5)
+
+
+def test_partial_trajectories_equal_the_full_trajectory_at_every_step():
+    """Alg. 3's particles x_{i/N}, simulated piecewise as far as each one needs, equal a full
+    N-step trajectory at every step index, the pieces' interior knots included (a particle whose
+    step sits exactly on a knot once got its starting noise)."""
+    from flowsolve.train.discriminator_flow import partial_trajectories
+
+    d = fs.models.gan.Discriminator(2, 32, 2, time_conditioned=True, seed=0)
+    N = 12
+    field = fs.fields.DiscriminatorFlow(d, eta=3.0, N=N, shape=(2,))
+    grid = torch.linspace(0, 1, N + 1, dtype=torch.float64)
+    x0 = torch.randn(N, 2, generator=torch.Generator().manual_seed(0))
+    _, info = fs.sample(field, "euler", grid=grid, x_init=x0, return_info=True, trajectory_every=1)
+    full = info.trajectory  # (N + 1, B, 2)
+    i = torch.stack([torch.arange(N), torch.arange(N).flip(0), torch.full((N,), 4)])  # 4 is a knot
+    fakes = partial_trajectories(field, x0, i, "euler", grid, [0, 4, 8, 12], {})
+    for k in range(len(i)):
+        assert torch.allclose(fakes[k], full[i[k], torch.arange(N)], atol=1e-6), k
+    assert not torch.allclose(fakes[2], x0)
+
+
+def test_discriminator_flow_d_steps_and_minutes(tmp_path):
+    """`d_steps=K` makes K discriminator updates per simulation (one logged step); a `minutes`
+    budget stops the run early with a checkpoint, and a resumed run with the budget spent stops."""
+    data = torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([3.0, 0.0])
+    opt_steps = []
+    orig = torch.optim.Adam.step
+
+    def counting(self, *a, **k):
+        opt_steps.append(1)
+        return orig(self, *a, **k)
+
+    torch.optim.Adam.step = counting
+    try:
+        fs.train.discriminator_flow(data, steps=3, d_steps=4, progress=False, **SMALL_DF)
+    finally:
+        torch.optim.Adam.step = orig
+    assert len(opt_steps) == 12
+    with pytest.raises(fs.errors.ArgumentError, match="d_steps"):
+        fs.train.discriminator_flow(data, steps=3, d_steps=0, progress=False, **SMALL_DF)
+    fs.train.discriminator_flow(data, out=tmp_path / "df", steps=10**6, minutes=0.02, progress=False, **SMALL_DF)
+    ck = torch.load(tmp_path / "df" / "checkpoints" / "last.pt", weights_only=False)
+    history = json.loads(ck["extra"])["history"]
+    assert 0 < ck["step"] < 10**6 and history["stopped"]["step"] == ck["step"]
+    again = fs.train.discriminator_flow(data, out=tmp_path / "df", steps=10**6, minutes=0.02, resume=True,
+                                        progress=False, **SMALL_DF)
+    ck2 = torch.load(tmp_path / "df" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck2["step"] == ck["step"] and again is not None
+    with pytest.raises(fs.errors.ArgumentError, match="minutes"):
+        fs.train.discriminator_flow(data, steps=3, minutes=-1, progress=False, **SMALL_DF)
 
 
 def test_score_gan_with_the_exact_score_covers_the_modes(gmm):

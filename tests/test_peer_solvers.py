@@ -168,3 +168,34 @@ def test_bad_solver_options_are_refused(gmm):
         fs.sample(field, "unipc", nfe=5, n=2, variant="bh3")
     with pytest.raises(ValueError, match="eta"):
         fs.sample(field, "euler_ancestral", nfe=5, n=2, eta=-1.0)
+
+
+@pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("deis", {"order": 3}), ("dpmpp_2m", {}),
+                                       ("dpmpp_3m", {}), ("ddim", {}), ("dpm_2", {}), ("euler_ancestral", {}),
+                                       ("dpmpp_2m_sde", {}), ("consistency", {})])
+def test_on_a_trigflow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
+    """TrigFlow, x_t = cos(t) x_0 + σ_d sin(t) ε: x_t = cos(t) x̃ with x̃ on the VE path at
+    ρ = σ_d tan t, so from corresponding starts, grids and noise every path solver ends where it
+    does on the EDM field (σ_d = 0.5, sCM's)."""
+    sd = 0.5
+    rho = fs.grids.karras(10, 0.002, 80.0).double()
+    t = torch.atan(rho / sd)
+
+    def velocity(x, tt):
+        tc = tt.reshape(-1, 1).double()
+        c, s = torch.cos(tc), torch.sin(tc)
+        d = gmm.denoiser(x / c, (sd * s / c).reshape(-1))
+        eps = (x - c * d) / (sd * s)
+        return -s * d + sd * c * eps
+    trig = fs.fields.TrigFlow(velocity, (2,), sigma_data=sd, t_max=float(t[0]))
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80
+    a = fs.sample(fs.fields.EDM(gmm.denoiser), name, grid=rho, x_init=z, seed=9, **opts)
+    b = fs.sample(trig, name, grid=t, x_init=z * torch.cos(t[0]), seed=9, **opts)
+    assert (a - b).abs().max().item() < 1e-8
+
+
+def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
+    field = fs.fields.EDM(gmm.denoiser)
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
+    torch.testing.assert_close(fs.sample(field, "ddim", nfe=7, x_init=x0), fs.sample(field, "euler", nfe=7, x_init=x0),
+                               rtol=0, atol=1e-10)

@@ -259,6 +259,19 @@ def labelled_batches(source, batch_size: int, generator: torch.Generator) -> tup
     return source.x[idx].float(), torch.as_tensor(labels)[idx].long()
 
 
+def batch_with_labels(source, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rows of a labelled source drawn uniformly within each class, row b of class labels[b]."""
+    all_labels = torch.as_tensor(source.labels).long()
+    out = torch.empty(len(labels), *source.x.shape[1:])
+    for c in labels.unique().tolist():
+        members = (all_labels == c).nonzero().squeeze(1)
+        at = (labels == c).nonzero().squeeze(1)
+        if len(members) == 0:
+            raise ArgumentError(f"labels: class {c} has no rows in the data")
+        out[at] = source.x[members[torch.randint(len(members), (len(at),), generator=generator)]].float()
+    return out
+
+
 def num_classes(source) -> int:
     """The number of classes of a labelled source (labels 0 .. K − 1)."""
     labels = getattr(source, "labels", None)

@@ -5,7 +5,7 @@ direction through one method, `grad_h(x, t)`; the PM integrates the field, an In
 from .._checks import as_column, batch_time
 from .base import Field, Function, Scale, Sum
 from .discriminator import LOSSES, DiscriminatorFlow, GANLoss, gradient_penalty
-from .flow import FlowMatching
+from .flow import FlowMatching, TrigFlow
 from .paths import FLOW, TRIG, VE, GaussianPath
 from .kernels import SVGD, MMDFlow, rbf_kernel_grad
 from .score import EDM, Langevin, ScoreDifference
@@ -22,6 +22,7 @@ __all__ = [
     "MMDFlow",
     "SVGD",
     "FlowMatching",
+    "TrigFlow",
     "GaussianPath",
     "VE",
     "FLOW",

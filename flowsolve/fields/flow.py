@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 import torch
 
 from .. import grids
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError
 from .base import Field
-from .paths import FLOW
+from .paths import FLOW, HALF_PI, trigflow
 from .score import declared_shape
 
-__all__ = ["FlowMatching"]
+__all__ = ["FlowMatching", "TrigFlow"]
 
 
 class FlowMatching(Field):
@@ -74,3 +74,50 @@ class FlowMatching(Field):
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """The direction particles move towards the data, −v (time runs from 1 down to 0)."""
         return -self(x, t)
+
+
+class TrigFlow(FlowMatching):
+    """dx/dt = v(x, t, **cond) on the TrigFlow path x_t = cos(t) x_0 + σ_d sin(t) ε (sCM; Lu & Song
+    2024), t from `t_max` (π/2: the prior N(0, σ_d² I)) to 0. Every solver runs on it through its
+    Gaussian path (`paths.trigflow`); D = cos(t) x − sin(t) v is the data prediction, so `ddim` is
+    sCM's one-step sampler and `consistency` its multistep one.
+
+    velocity: v(x, t) = dx/dt in data coordinates (an sCM network F with v = σ_d F(x/σ_d, t) goes
+    through `models.from_diffusers(model, SCMScheduler(...))`).
+    schedule: optional steps ↦ times from t_max to 0; default uniform in t (SCMScheduler's).
+    """
+
+    default_nfe = 2
+
+    def __init__(
+        self,
+        velocity: Callable,
+        shape: Sequence[int] | None = None,
+        schedule: Callable[[int], torch.Tensor] | None = None,
+        *,
+        sigma_data: float = 1.0,
+        t_max: float = HALF_PI,
+        default_nfe: int = 2,
+    ) -> None:
+        super().__init__(velocity, shape, schedule, default_nfe=default_nfe)
+        if not 0 < t_max <= HALF_PI + 1e-4:
+            raise ArgumentError(f"t_max: expected a time in (0, π/2], got {t_max!r}")
+        self.path, self.sigma_data = trigflow(sigma_data), float(sigma_data)
+        self.t_start, self.prior_std = float(t_max), float(sigma_data)
+
+    def domain(self) -> tuple[float, float]:
+        return 0.0, max(self.t_start, HALF_PI)
+
+    def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
+        spacing = spacing or self.default_grid
+        if spacing == "schedule":
+            if self.schedule is None:
+                return grids.uniform(steps, self.t_start, 0.0)
+            return grids.check(self.schedule(steps))
+        if spacing in ("karras", "loglinear"):  # spaced in σ/α = σ_d tan t, mapped back to t
+            s = grids.make(
+                spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
+            )
+            inner = torch.atan(s[1:] / self.sigma_data)
+            return torch.cat([torch.full((1,), self.t_start, dtype=torch.float64), inner])
+        return Field.grid(self, steps, spacing, **kw)

@@ -19,6 +19,11 @@ and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last ye
 
 The conditional and unconditional branches go through the network as one batch of 2n when they use
 the same network (CFG); `last_passes` says how many network passes the last call made.
+
+Flow-matching models guide their velocity v(x, t) on x_t = (1 − t) x_0 + t ε (`prediction="velocity"`).
+CFG is linear and D = x − t v, ε = x + (1 − t) v are affine in v, so CFG on v is CFG on D and on ε.
+Rescale acts on ε = x + (1 − t) v as it does for denoisers, APG on D = x − t v; `interval` is given
+in σ = t / (1 − t), the noise level of the same path in VE coordinates.
 """
 
 from __future__ import annotations
@@ -66,8 +71,12 @@ def _keywords(fn: Callable) -> set[str] | None:
     return set(params)
 
 
+PREDICTIONS = ("data", "velocity")
+
+
 class GuidedDenoiser:
-    """D_w(x, σ, **cond) from a denoiser D(x, σ, **cond): CFG, rescale, interval, autoguidance, APG."""
+    """D_w(x, σ, **cond) from a denoiser D(x, σ, **cond): CFG, rescale, interval, autoguidance, APG.
+    With `prediction="velocity"`, the model is a flow velocity v(x, t, **cond) and so is the result."""
 
     def __init__(
         self,
@@ -78,7 +87,11 @@ class GuidedDenoiser:
         rescale: float = 0.0,
         interval: tuple[float, float] | None = None,
         apg: dict | bool | None = None,
+        prediction: str = "data",
     ) -> None:
+        if prediction not in PREDICTIONS:
+            raise ArgumentError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.denoiser, self.guide = denoiser, guide
         self.scale = check_number("guidance", scale)
         if uncond is not None and not isinstance(uncond, dict):
@@ -164,21 +177,40 @@ class GuidedDenoiser:
         return ((flat - parallel) + p["eta"] * parallel).reshape(diff.shape)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        velocity = self.prediction == "velocity"
         if self.interval is not None:
             lo, hi = self.interval
-            inside = (sigma > lo) & (sigma <= hi)
+            level = sigma / (1 - sigma) if velocity else sigma  # the path's σ in VE coordinates
+            inside = (level > lo) & (level <= hi)
             if not bool(inside.any()):  # outside the interval: the conditional model alone
                 self.last_passes = 1
                 return self.denoiser(x, sigma, **cond)
         d_c, d_u = self._branches(x, sigma, cond)
+        t = as_column(sigma.to(x.dtype), x) if velocity else None
         if self.apg is not None:
-            d = d_c + (self.scale - 1.0) * self._apg_update(d_c, d_c - d_u)
+            if velocity:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)
+                update = self._apg_update(x - t * d_c, -t * (d_c - d_u))
+                d = d_c - (self.scale - 1.0) * update / t
+            else:
+                d = d_c + (self.scale - 1.0) * self._apg_update(d_c, d_c - d_u)
         else:
             d = d_u + self.scale * (d_c - d_u)
-        if self.rescale:  # Lin et al. 2023 on ε = (x − D)/σ: std ratio per sample
-            r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
-            ratio = r_c.std(1) / r_g.std(1).clamp(min=1e-12)
-            d = x - (x - d) * as_column(self.rescale * ratio + (1.0 - self.rescale), x)
+        if self.rescale:  # Lin et al. 2023 on the noise prediction: std ratio per sample
+            d = self._rescaled(x, d, d_c, t)
         if self.interval is not None:
             d = torch.where(as_column(inside, x), d, d_c)
         return d
+
+    def _rescaled(self, x: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """The guided prediction with its noise prediction's per-sample std moved towards the
+        conditional one's: ε ∝ x − D for denoisers, ε = x + (1 − t) v for velocities."""
+        if t is None:
+            r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
+        else:
+            r_g, r_c = (x + (1 - t) * d).reshape(len(x), -1), (x + (1 - t) * d_c).reshape(len(x), -1)
+        factor = as_column(self.rescale * r_c.std(1) / r_g.std(1).clamp(min=1e-12) + (1.0 - self.rescale), x)
+        if t is None:
+            return x - (x - d) * factor
+        # ε' = m ε_g, so v' = (m ε_g − x)/(1 − t) = m v + (m − 1) x/(1 − t); at t = 1, ε = x and v stays
+        at_prior = t >= 1
+        return torch.where(at_prior, d, factor * d + (factor - 1) * x / torch.where(at_prior, 1.0, 1 - t))

@@ -12,7 +12,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GaussianPath", "VE", "FLOW", "TRIG"]
+__all__ = ["GaussianPath", "VE", "FLOW", "TRIG", "HALF_PI", "trigflow"]
+
+HALF_PI = math.pi / 2
 
 
 class GaussianPath:
@@ -59,11 +61,26 @@ VE = GaussianPath("ve", lambda t: 1.0, lambda t: t, lambda t: 0.0, lambda t: 1.0
 FLOW = GaussianPath(
     "flow", lambda t: 1.0 - t, lambda t: t, lambda t: -1.0, lambda t: 1.0, lambda lam: 1.0 / (1.0 + math.exp(lam))
 )
-TRIG = GaussianPath(
-    "trigflow",
-    lambda t: math.cos(t),
-    lambda t: math.sin(t),
-    lambda t: -math.sin(t),
-    lambda t: math.cos(t),
-    lambda lam: math.atan(math.exp(-lam)),
-)
+
+
+def trigflow(sigma_data: float = 1.0) -> GaussianPath:
+    """TrigFlow (sCM; Lu & Song 2024): x_t = cos(t) x_0 + σ_d sin(t) ε, t from π/2 (pure noise, exactly:
+    α = 0 there and beyond, as SCMScheduler's 1.57080 is a hair past π/2) to 0."""
+    sd = float(sigma_data)
+    if not sd > 0:
+        raise ValueError(f"sigma_data: expected a positive data standard deviation, got {sigma_data!r}")
+
+    def noise(t: float) -> bool:
+        return t >= HALF_PI
+
+    return GaussianPath(
+        "trigflow" if sd == 1.0 else f"trigflow(sigma_data={sd:g})",
+        lambda t: 0.0 if noise(t) else math.cos(t),
+        lambda t: sd if noise(t) else sd * math.sin(t),
+        lambda t: -1.0 if noise(t) else -math.sin(t),
+        lambda t: 0.0 if noise(t) else sd * math.cos(t),
+        lambda lam: math.atan(math.exp(-lam) / sd),
+    )
+
+
+TRIG = trigflow(1.0)

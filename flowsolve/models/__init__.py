@@ -4,7 +4,7 @@ A loaded model says what it is by its type: `ParticleModel` (`.field()`) or `Gen
 (`.sample(n, seed=)`); `from_pretrained` maps a folder's flowsolve.json to its class (`MODEL_TYPES`).
 """
 
-from .diffusers_adapter import PREDICTION_TYPES, DiffusersDenoiser, DiffusersFlow, from_diffusers
+from .diffusers_adapter import PREDICTION_TYPES, DiffusersDenoiser, DiffusersFlow, DiffusersTrigFlow, from_diffusers
 from .flows import DiscriminatorFlowModel
 from .gan import LOSSES, ConvDiscriminator, DCGANGenerator, Discriminator, GANLoss, Generator, gradient_penalty
 from .io import MODEL_TYPES, from_pretrained, read_metadata, register_model_type, save_pretrained
@@ -20,6 +20,7 @@ __all__ = [
     "EDMPrecond",
     "DiffusersDenoiser",
     "DiffusersFlow",
+    "DiffusersTrigFlow",
     "from_diffusers",
     "PREDICTION_TYPES",
     "DiscriminatorFlowModel",

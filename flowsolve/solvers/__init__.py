@@ -170,6 +170,25 @@ register(
 )
 register(
     Solver(
+        "ddim",
+        peers.ddim,
+        _one_per_step,
+        "DDIM: the first-order exponential step on any Gaussian path",
+        needs_sigma=True,
+    )
+)
+register(
+    Solver(
+        "consistency",
+        peers.consistency,
+        _one_per_step,
+        "multistep consistency sampling: x = α D + σ ε at each knot (sCM, few-step students)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "euler_ancestral",
         peers.euler_ancestral,
         _one_per_step,

@@ -229,6 +229,33 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
     return x
 
 
+def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DDIM (Song et al. 2021a), the first-order exponential step on any Gaussian path:
+        x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} expm1(−h) D_i,   h = λ_{i+1} − λ_i,
+    exact for a constant data prediction D. On EDM and flow-matching fields it is Euler; on TrigFlow,
+    its one step from pure noise is sCM's one-step sampler, D = cos(t) x − sin(t) v."""
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        run.tick(i, x)
+    return x
+
+
+def consistency(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; SCMScheduler's step): jump to the
+    data prediction, then noise it afresh to the next knot, x_{i+1} = α_{i+1} D_i + σ_{i+1} ε
+    (per-sample ε). For consistency models and few-step students, whose D is good from any knot."""
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        x = p.a[i + 1] * den
+        if p.s[i + 1] > 0:
+            x = x + p.s[i + 1] * run.noise()
+        run.tick(i, x)
+    return x
+
+
 # -- stochastic multistep and ancestral -----------------------------------------------------------
 def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """Euler ancestral (k-diffusion's `sample_euler_ancestral`): an Euler step on the VE ODE to ρ_down,

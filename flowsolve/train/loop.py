@@ -128,6 +128,7 @@ class LoopConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     seed: int = 0
+    minutes: float | None = None  # a wall-clock budget: stop (checkpoint, select) once training has taken this long
     device: str = "auto"  # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
 
 
@@ -195,18 +196,21 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 def training_record(cfg, data: str, objective: str, history: dict, command: str | None, **extra) -> dict:
     """The `training` block saved in flowsolve.json: settings, wall time, speed, final loss, command."""
     seconds = history["seconds"]
+    done = history["stopped"]["step"] if "stopped" in history else cfg.steps
     return {
         "training": {
             "objective": objective,
             "data": data,
             "config": dataclasses.asdict(cfg),
             "seconds": round(seconds, 1),
-            "iterations_per_second": round(cfg.steps / max(seconds, 1e-9), 2),
+            "steps_done": done,
+            "iterations_per_second": round(done / max(seconds, 1e-9), 2),
             "final_loss": history["loss"][-1] if history["loss"] else None,
             "command": command,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             **({"selected": history["selected"]} if "selected" in history else {}),
+            **({"stopped": history["stopped"]} if "stopped" in history else {}),
             **({"changes": history["changes"]} if history.get("changes") else {}),
             **extra,
         }
@@ -290,6 +294,9 @@ def _check_loop_config(cfg: LoopConfig) -> str:
         check_int(name, getattr(cfg, name), 1)
     if not cfg.lr > 0:
         raise ArgumentError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    minutes = getattr(cfg, "minutes", None)
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise ArgumentError(f"minutes: expected a positive wall-clock budget in minutes, got {minutes!r}")
     return check_choice("lr_schedule", getattr(cfg, "lr_schedule", "constant"), LR_SCHEDULES)
 
 
@@ -302,8 +309,9 @@ class _State:
     best: dict | None = None
 
 
-# settings that do not change the weights a run produces (steps may grow: an extended run is the same run)
-_NEUTRAL_KEYS = ("steps", "checkpoint_every", "log_every")
+# settings that do not change the weights a run produces (steps and the time budget may grow: an
+# extended run is the same run)
+_NEUTRAL_KEYS = ("steps", "minutes", "checkpoint_every", "log_every")
 
 
 def _differences(stored: dict, current: dict) -> dict:
@@ -505,6 +513,10 @@ def fit(
     run's objective, data and resolved settings equal the checkpoint's (`steps` may grow); with
     `allow_changes=True` the differences are accepted and recorded in history["changes"].
 
+    With `cfg.minutes`, training also stops once it has taken that many minutes in all (resumed
+    runs count the time before the checkpoint): the last step is checkpointed and scored like the
+    last of `steps`, and history["stopped"] records the step and the reason.
+
     Model selection (Table 7: "best validation FID"): with `select`, the EMA model is scored every
     `select_every` steps (default: cfg.checkpoint_every) and at the end, lower is better; the best
     weights are returned (and kept in the checkpoints, so a resumed run selects the same way).
@@ -512,7 +524,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    from ..distributed import is_launched, world
+    from ..distributed import is_launched, reduce_mean, world
 
     schedule = _check_loop_config(cfg)
     every = check_int("select_every", select_every or cfg.checkpoint_every, 1)
@@ -540,9 +552,20 @@ def fit(
             save_checkpoint(ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best)
 
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    budget = None if getattr(cfg, "minutes", None) is None else 60.0 * cfg.minutes
+
+    def out_of_time() -> bool:
+        """Whether the budget is spent; every process decides alike (any one's clock stops all)."""
+        if budget is None:
+            return False
+        over = torch.tensor([float(state.history["seconds"] + time.perf_counter() - t0 >= budget)])
+        reduce_mean([over])
+        return bool(over.item() > 0)
+
     with _Signals() as signals:
         try:
-            while state.step < cfg.steps:
+            done = state.step >= cfg.steps or out_of_time()  # a resumed run whose budget is spent
+            while not done:
                 _set_lr(opts, base_lr, cfg, schedule, state.step)
                 value = (
                     float(step_fn(model, gen, state.step))
@@ -558,7 +581,11 @@ def fit(
                 state.step += 1
                 running = value if running is None else 0.98 * running + 0.02 * value
                 bar.update(1)
-                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                timed_out = state.step < cfg.steps and out_of_time()
+                done = state.step == cfg.steps or timed_out
+                if timed_out:
+                    state.history["stopped"] = {"step": state.step, "reason": f"minutes={cfg.minutes} spent"}
+                if state.step % cfg.log_every == 0 or done:
                     state.history["loss"].append(running)
                     state.history["step"].append(state.step)
                     bar.set_postfix(loss=f"{running:.4f}")
@@ -569,10 +596,10 @@ def fit(
                         seconds=state.history["seconds"] + time.perf_counter() - t0,
                         lr=next(iter(opts.values())).param_groups[0]["lr"],
                     )
-                if select is not None and (state.step % every == 0 or state.step == cfg.steps):
+                if select is not None and (state.step % every == 0 or done):
                     _select(state, select, ema)
                     log.write(step=state.step, select=state.history["selection"][-1][1])
-                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or signals.received:
+                if state.step % cfg.checkpoint_every == 0 or done or signals.received:
                     checkpoint()
                 if signals.received is not None:
                     raise KeyboardInterrupt(
