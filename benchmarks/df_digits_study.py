@@ -28,6 +28,9 @@ VARIANTS = {
     "d4-lr1e-3": {"d_steps": 4, "lr": 1e-3},
     "d4-vanilla": {"d_steps": 4, "loss": "vanilla", "eta": 2.0},
     "d8-N16": {"d_steps": 8, "N": 16},
+    "d8": {"d_steps": 8},
+    "d8-lazy4": {"d_steps": 8, "gp_every": 4},
+    "d16-lazy8": {"d_steps": 16, "gp_every": 8},
 }
 
 
@@ -47,10 +50,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--out", default="runs/df-study")
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "df_digits_study"))
     args = ap.parse_args()
     features = fs.from_pretrained("digits-features")
     names = args.only.split(",") if args.only else list(VARIANTS)
-    results_path = ROOT / "benchmarks" / "results" / "df_digits_study.json"
+    results_path = Path(args.results + ".json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in names:
         t0 = time.perf_counter()
@@ -70,7 +74,7 @@ def main() -> None:
             f"| {name} | {r['settings']} | {r['steps']} | {r['t_end=1.0']['fd']} | {r['t_end=1.0']['pixel_fd']} | "
             f"{r['t_end=0.75']['fd']} | {r['t_end=0.5']['fd']} |"
         )
-    (ROOT / "benchmarks" / "results" / "df_digits_study.md").write_text("\n".join(lines) + "\n")
+    Path(args.results + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -315,7 +315,15 @@ def cmd_train(args) -> int:
 
     config = load_config_file(args.config) if args.config else None
     command = "flowsolve " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    overrides = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes)
+    overrides = dict(
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        minutes=args.minutes,
+        log_with=args.log_with,
+        sample_every=args.sample_every,
+    )
     if args.conditional or args.cond_dropout is not None:
         if args.objective not in ("edm", "discriminator-flow"):
             raise UserError(
@@ -513,7 +521,8 @@ def cmd_calibrate(args) -> int:
         }
         print(
             f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
-            f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s",
+            f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s"
+            + (", with per-evaluation scales" if getattr(r.grid, "scales", None) else ""),
             flush=True,
         )
     print(f"wrote {Path(args.model) / 'calibration.json'}")
@@ -644,6 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a wall-clock budget: stop, checkpoint and save once training has taken this long (resume counts "
         "the time already spent)",
+    )
+    t.add_argument(
+        "--log-with",
+        default=None,
+        help="also log losses and metrics to an Accelerate tracker: tensorboard (files in OUT/tensorboard), wandb, ...",
+    )
+    t.add_argument(
+        "--sample-every",
+        type=int,
+        default=None,
+        help="write OUT/samples/step_NNNNNN.png (image grid or 2-D scatter of the EMA model's samples) every N steps",
     )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)

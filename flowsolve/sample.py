@@ -129,6 +129,37 @@ def _particles(field: Field, n, shape, x_init, device, dtype):
     return n, shape, device, dtype
 
 
+def calibrated_grid(entry) -> torch.Tensor:
+    """A calibration.json entry (a list of times, or {"grid": times, "scales": per-evaluation
+    factors}) as a float64 grid tensor carrying its `scales` (None when absent)."""
+    times, scales = (entry["grid"], entry.get("scales")) if isinstance(entry, dict) else (entry, None)
+    g = torch.tensor(times, dtype=torch.float64)
+    g.scales = None if scales is None else [float(c) for c in scales]
+    return g
+
+
+def evaluation_scales(grid) -> list[float] | None:
+    """The per-evaluation factors a calibrated grid carries (`grid.scales`), checked: the solver's
+    k-th field evaluation is multiplied by scales[k] (learned ε-scaling, `calibrate.calibrate`)."""
+    scales = getattr(grid, "scales", None)
+    if scales is None:
+        return None
+    scales = [float(c) for c in scales]
+    if not all(math.isfinite(c) and c > 0 for c in scales):
+        raise ArgumentError(f"grid: its scales must be positive finite numbers, got {scales}")
+    return scales
+
+
+def _takes_solver_grids(field: Field) -> bool:
+    """Whether a solver's own default spacing replaces the field's: on Karras σ-time fields, and on
+    flow fields whose schedule is a FlowMatch scheduler's (made for Euler/Heun). A diffusers DDPM-type
+    model keeps its scheduler's schedule, so that e.g. `unipc` reproduces a UniPC scheduler's loop."""
+    from .fields import FlowMatching
+
+    kind = getattr(field, "default_grid", None)
+    return kind == "karras" or (kind == "schedule" and isinstance(field, FlowMatching))
+
+
 def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> tuple[torch.Tensor, int | None]:
     """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only)."""
     singular = not field.finite_at_end
@@ -157,7 +188,7 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
                 f"grid: no calibrated grid for solver {spec.name!r} at nfe={budget}; calibrated: {have} "
                 f"(make one with fs.grids.calibrate or `flowsolve calibrate`)"
             )
-        grid, nfe = torch.tensor(field.calibrated[key], dtype=torch.float64), budget
+        grid, nfe = calibrated_grid(field.calibrated[key]), budget
     elif grid is None or isinstance(grid, str):
         budget = field.default_nfe if nfe is None else nfe
         steps = spec.steps_for(budget, singular)
@@ -170,10 +201,14 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             raise ArgumentError(
                 f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}"
             )
-        if grid is None and spec.default_grid and getattr(field, "default_grid", None) == "karras":
+        if grid is None and spec.default_grid and _takes_solver_grids(field):
             grid = spec.default_grid  # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
+    scales = evaluation_scales(grid)
     g = grids.check(grid)
+    if scales is not None:
+        g = g.clone()
+        g.scales = scales
     lo, hi = field.domain()
     slack = DOMAIN_TOLERANCE * max(1.0, abs(lo), abs(hi) if math.isfinite(hi) else 1.0)
     if float(g.min()) < lo - slack or float(g.max()) > hi + slack:
@@ -233,7 +268,8 @@ def sample(
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
-        ('karras', 'loglinear', 'uniform') sized by nfe.
+        ('karras', 'loglinear', 'uniform', 'calibrated') sized by nfe. A grid from `fs.grids.calibrate`
+        may carry per-evaluation scales (`grid.scales`), applied to the field's outputs in order.
     n / shape or x_init: how many particles of which shape, or given starting particles.
     seed: per-sample noise, so sample i is identical for any n and batch_size (None: OS entropy).
     batch_size: integrate at most this many particles at a time (bounded memory).
@@ -260,6 +296,7 @@ def sample(
             f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
         )
     g64, budget = resolve_grid(field, spec, nfe, grid)
+    scales = evaluation_scales(g64)  # a calibrated grid's per-evaluation factors, if it carries them
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
@@ -301,6 +338,7 @@ def sample(
             trajectory_every=trajectory_every,
             progress=progress,
             budget=budget if spec.adaptive else None,
+            scales=scales,
         )
         x = spec.fn(run, x, **options)
         run.finish()

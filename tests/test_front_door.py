@@ -44,6 +44,39 @@ def test_training_log_is_one_run_across_resume_and_plots(tmp_path):
     assert (tmp_path / "two" / "curves.png").stat().st_size > 1000
 
 
+def test_training_logs_to_tensorboard_and_draws_samples_as_it_goes(tmp_path):
+    """`log_with="tensorboard"` writes the log's losses as TensorBoard scalars under their steps
+    (read back with TensorBoard's own reader, equal to log.jsonl); `sample_every` draws a 2-D scatter
+    (mixture) or an image grid (digits, from the CLI) every N steps and at the end."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = {"log_every": 10, "checkpoint_every": 20, "width": 32, "depth": 2, "batch_size": 64}
+    fs.train.edm("gmm2d", steps=30, out=tmp_path / "run", progress=False, config=cfg, log_with="tensorboard",
+                 sample_every=15)
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    scalars = {(e.step, round(e.value, 5)) for e in acc.Scalars("loss")}
+    logged = {(r["step"], round(r["loss"], 5)) for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text()
+                                                             .splitlines()) if "loss" in r}
+    assert scalars == logged and len(logged) == 3
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
+    assert main(["train", "edm", "--data", "digits", "--out", str(tmp_path / "dig"), "--steps", "2", "--sample-every",
+                 "2", "--quiet", "--config", str(_small_unet(tmp_path))]) == 0
+    assert (tmp_path / "dig" / "samples" / "step_000002.png").stat().st_size > 500
+    with pytest.raises(ValueError, match="log_with.*output folder"):
+        fs.train.edm("gmm2d", steps=2, progress=False, config=cfg, log_with="tensorboard")
+    with pytest.raises(ValueError, match="sample_every"):
+        fs.train.edm("gmm2d", steps=2, progress=False, config=cfg, sample_every=0)
+
+
+def _small_unet(tmp_path):
+    f = tmp_path / "small.json"
+    f.write_text(json.dumps({"batch_size": 16}))
+    return f
+
+
 def test_plot_refuses_a_folder_without_a_log(tmp_path):
     assert main(["plot", str(tmp_path)]) != 0
 

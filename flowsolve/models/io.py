@@ -107,21 +107,35 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def read_calibration(folder: str | os.PathLike) -> dict:
-    """{"solver:nfe": [times...]} from a model folder's calibration.json ({} when absent)."""
+    """{"solver:nfe": [times...] or {"grid": [times...], "scales": [factors...]}} from a model
+    folder's calibration.json ({} when absent)."""
     f = Path(folder) / CALIBRATION_FILE
     if not f.is_file():
         return {}
     data = read_json(f, "path")
+
+    def numbers(v) -> bool:
+        return isinstance(v, list) and all(isinstance(t, (int, float)) for t in v)
+
     for k, v in data.items():
-        if ":" not in k or not isinstance(v, list) or not all(isinstance(t, (int, float)) for t in v):
-            raise ArgumentError(f"path: {str(f)!r} key {k!r}: expected 'solver:nfe' with a list of times")
+        ok = numbers(v) or (
+            isinstance(v, dict) and numbers(v.get("grid")) and (v.get("scales") is None or numbers(v["scales"]))
+        )
+        if ":" not in k or not ok:
+            raise ArgumentError(
+                f"path: {str(f)!r} key {k!r}: expected 'solver:nfe' with a list of times or "
+                f"{{'grid': times, 'scales': factors}}"
+            )
     return data
 
 
 def save_calibration(folder: str | os.PathLike, solver: str, nfe: int, grid) -> Path:
-    """Store a calibrated grid in the model folder (calibration.json, keyed "solver:nfe", atomic)."""
+    """Store a calibrated grid (and its per-evaluation `scales`, if it carries them) in the model
+    folder (calibration.json, keyed "solver:nfe", atomic)."""
     data = read_calibration(folder)
-    data[f"{solver}:{nfe}"] = [float(t) for t in grid]
+    times = [float(t) for t in grid]
+    scales = getattr(grid, "scales", None)
+    data[f"{solver}:{nfe}"] = times if scales is None else {"grid": times, "scales": [float(c) for c in scales]}
     return atomic_write_text(Path(folder) / CALIBRATION_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -73,6 +73,7 @@ class DFConfig(PaperLoopConfig):
     compute_dtype: str | None = None  # e.g. "bfloat16": simulate the particles with a low-precision copy of f
     data_size: int | None = None
     d_steps: int = 1  # discriminator updates per simulation: each x_0's particles at d_steps random times
+    gp_every: int = 1  # lazy gradient penalty (StyleGAN2): every k-th update, with weight k·gp
     conditional: bool = False  # class-conditional f(x, t, y) (projection discriminator), labelled data
 
     RENAMED = {"sim_dtype": "compute_dtype"}  # old config keys, accepted for one release
@@ -110,6 +111,7 @@ def discriminator_flow(
     if len(shape) == 3:  # Table 4, MNIST column
         cfg = merge_config(DFConfig, DF_IMAGE_DEFAULTS, config, overrides)
     check_int("d_steps", cfg.d_steps, 1)
+    check_int("gp_every", cfg.gp_every, 1)
     check_int("segments", cfg.segments, 1)
     loss = GANLoss(cfg.loss)
     classes = fsdata.num_classes(src) if cfg.conditional else 0
@@ -122,7 +124,7 @@ def discriminator_flow(
 
     bounds = sorted({round(cfg.N * k / cfg.segments) for k in range(cfg.segments + 1)})
 
-    def step_fn(m: DiscriminatorFlowModel, g: torch.Generator, _step: int) -> float:
+    def step_fn(m: DiscriminatorFlowModel, g: torch.Generator, step: int) -> float:
         # every draw is global-sized (the random stream stays in step across processes), then sharded
         x0 = torch.randn(cfg.batch_size, *shape, generator=g)
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.compute_dtype)
@@ -138,12 +140,13 @@ def discriminator_flow(
         # one simulation of each x_0 serves all d_steps updates: its particles at d_steps times
         fakes = partial_trajectories(field, x0, i, cfg.solver, grid, bounds, cond)
         total = 0.0
-        for fake, ik, real, u in zip(fakes, i, reals, us):
+        for k, (fake, ik, real, u) in enumerate(zip(fakes, i, reals, us)):
             real, u, t = shard(real), shard(u), ik.to(fake.dtype) / cfg.N
             objective = loss.discriminator_objective(m.f(fake, t, **cond), m.f(real, t, **cond))
-            if cfg.gp:
+            if cfg.gp and (step * cfg.d_steps + k) % cfg.gp_every == 0:
                 f = (lambda x, tt: m.f(x, tt, **cond)) if cond else m.f
-                objective = objective - cfg.gp * gradient_penalty(f, fake, real, t, cfg.gp_center, u=u)
+                penalty = gradient_penalty(f, fake, real, t, cfg.gp_center, u=u)
+                objective = objective - cfg.gp * cfg.gp_every * penalty
             opt.zero_grad(set_to_none=True)
             (-objective).backward()
             sync_gradients(m.parameters())

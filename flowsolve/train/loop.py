@@ -129,6 +129,8 @@ class LoopConfig:
     log_every: int = 100
     seed: int = 0
     minutes: float | None = None  # a wall-clock budget: stop (checkpoint, select) once training has taken this long
+    log_with: str | None = None  # also log to an Accelerate tracker: "tensorboard", "wandb", ... (needs out)
+    sample_every: int | None = None  # write out/samples/step_NNNNNN.png (image grid or 2-D scatter) every N steps
     device: str = "auto"  # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
 
 
@@ -294,6 +296,8 @@ def _check_loop_config(cfg: LoopConfig) -> str:
         check_int(name, getattr(cfg, name), 1)
     if not cfg.lr > 0:
         raise ArgumentError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    if getattr(cfg, "sample_every", None) is not None:
+        check_int("sample_every", cfg.sample_every, 1)
     minutes = getattr(cfg, "minutes", None)
     if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
         raise ArgumentError(f"minutes: expected a positive wall-clock budget in minutes, got {minutes!r}")
@@ -311,7 +315,7 @@ class _State:
 
 # settings that do not change the weights a run produces (steps and the time budget may grow: an
 # extended run is the same run)
-_NEUTRAL_KEYS = ("steps", "minutes", "checkpoint_every", "log_every")
+_NEUTRAL_KEYS = ("steps", "minutes", "checkpoint_every", "log_every", "log_with", "sample_every")
 
 
 def _differences(stored: dict, current: dict) -> dict:
@@ -458,8 +462,8 @@ class TrainingLog:
     seconds, learning rate; `select` for model-selection scores), for `flowsolve plot RUN`. A resumed
     run first drops the lines past its checkpoint's step, so the log is the one run's."""
 
-    def __init__(self, path: Path | None, resumed_step: int) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, resumed_step: int, trackers: "Trackers | None" = None) -> None:
+        self.path, self.trackers = path, trackers
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -479,6 +483,60 @@ class TrainingLog:
         if self.path is not None:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+
+class Trackers:
+    """Accelerate's experiment trackers (`log_with="tensorboard"`, "wandb", ...): every TrainingLog
+    record goes to them too, under its step; the run's settings are the tracker's hyperparameters.
+    TensorBoard writes its event files to out/tensorboard/."""
+
+    def __init__(self, log_with: str, out: Path, config: dict) -> None:
+        import importlib.util
+
+        from accelerate import Accelerator
+
+        if log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ArgumentError(
+                "log_with: 'tensorboard' needs the tensorboard package (pip install tensorboard, or "
+                "flowsolve's [dev] extra)"
+            )
+        self.accelerator = Accelerator(log_with=log_with, project_dir=str(out))
+        if not self.accelerator.trackers and not self.accelerator.log_with:
+            raise ArgumentError(f"log_with: Accelerate found no tracker {log_with!r} (is its package installed?)")
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+        self.accelerator.init_trackers("tensorboard" if log_with == "tensorboard" else "flowsolve", config=flat)
+
+    def log(self, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if values and "step" in record:
+            self.accelerator.log(values, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def preview(model: nn.Module, n: int = 64, seed: int = 0) -> torch.Tensor | None:
+    """Samples of a model under training for a progress picture: a generator's (its `g` for a
+    generator and auxiliary pair) or a particle model's field (Euler for Discriminator Flows, Heun
+    otherwise, at the field's default NFE); None for a model that draws none (a feature network)."""
+    from ..models import GeneratorModel, ParticleModel
+    from ..sample import sample
+
+    m = getattr(model, "g", model)
+    with torch.no_grad():
+        if isinstance(m, GeneratorModel):
+            return m.sample(n, seed=seed)
+        if isinstance(m, ParticleModel):
+            field = m.field()
+            solver = "euler" if type(field).__name__ == "DiscriminatorFlow" else "heun"
+            cond = {}
+            classes = (getattr(m, "conditioning", None) or {}).get("class_labels", {}).get("classes")
+            if classes:
+                cond = {"class_labels": torch.arange(n) % int(classes)}
+            return sample(field, solver, n=n, seed=seed, cond=cond or None)
+    return None
 
 
 def read_log(run: str | os.PathLike) -> list[dict]:
@@ -540,7 +598,25 @@ def fit(
     state = (
         _restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume else _State()
     )
-    log = TrainingLog(Path(out) / LOG_FILE if out is not None and rank == 0 else None, state.step)
+    log_with = getattr(cfg, "log_with", None)
+    if log_with is not None and out is None:
+        raise ArgumentError(f"log_with: {log_with!r} needs an output folder (out=) for its files")
+    trackers = Trackers(log_with, Path(out), meta["config"]) if log_with is not None and rank == 0 else None
+    log = TrainingLog(Path(out) / LOG_FILE if out is not None and rank == 0 else None, state.step, trackers)
+    sample_every = getattr(cfg, "sample_every", None)
+    if sample_every is not None and out is None:
+        raise ArgumentError("sample_every: sample pictures need an output folder (out=)")
+
+    def write_preview() -> None:
+        """An image grid or a 2-D scatter of the EMA model's samples (other shapes draw nothing)."""
+        from ..viz import save_png
+
+        x = preview(ema.model)
+        if x is not None and (x.dim() == 4 or (x.dim() == 2 and x.shape[1] == 2)):
+            path = Path(out) / "samples" / f"step_{state.step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(x, path, title=f"step {state.step}")
+
     t0, running = time.perf_counter(), state.history.get("running")  # the smoothed loss, kept across resume
 
     def checkpoint() -> None:
@@ -599,6 +675,11 @@ def fit(
                 if select is not None and (state.step % every == 0 or done):
                     _select(state, select, ema)
                     log.write(step=state.step, select=state.history["selection"][-1][1])
+                if sample_every is not None and rank == 0 and (state.step % sample_every == 0 or done):
+                    was_training = ema.model.training
+                    ema.model.eval()
+                    write_preview()
+                    ema.model.train(was_training)
                 if state.step % cfg.checkpoint_every == 0 or done or signals.received:
                     checkpoint()
                 if signals.received is not None:
@@ -608,6 +689,8 @@ def fit(
                     )
         finally:
             bar.close()
+            if trackers is not None:
+                trackers.close()
     state.history["seconds"] += time.perf_counter() - t0
     model.eval()
     if state.best is not None:
