@@ -91,7 +91,7 @@ def main() -> None:
     # The distillation recipe of issue 16 at Table 7's 3150 steps, without model selection: the
     # teacher's own network as the generator, two time scales, per-sample normalised directions.
     g, s = train_or_load("score-gan-beyond-teacher", runs, args.retrain,
-                         lambda out: fs.train.score_gan(teacher, (2,), out=out, data_name="gmm2d",
+                         lambda out: fs.train.score_gan(teacher, (2,), out=out, data="gmm2d",
                                                         recipe="beyond-teacher", steps=3150))
     add("Score GAN, beyond-teacher recipe, 3150 steps", g.sample(args.n, seed=0), 1, s)
     if args.score_gan_steps:

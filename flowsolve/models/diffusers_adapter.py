@@ -155,13 +155,17 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.metadata: dict = {}
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self._network(x, t * self.num_train_timesteps, cond)
+
+    def _network(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The network's output for input x at `timestep`, in x's dtype and channels (learned-σ
+        outputs keep their mean half)."""
         mdtype = model_dtype(self.model, x.dtype)
-        ts = (t * self.num_train_timesteps).to(mdtype)
-        out = self.model(x.to(mdtype), ts, **model_inputs(self.model, self.model_kwargs, len(x), cond))
+        out = self.model(x.to(mdtype), timestep.to(mdtype), **model_inputs(self.model, self.model_kwargs, len(x), cond))
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return out[:, : x.shape[1]].to(x.dtype)  # learned-σ outputs keep their mean half
+        return out[:, : x.shape[1]].to(x.dtype)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
@@ -211,14 +215,7 @@ class DiffusersTrigFlow(DiffusersFlow):
         self.timestep_scale = float(timestep_scale)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        mdtype = model_dtype(self.model, x.dtype)
-        ts = (t * self.timestep_scale).to(mdtype)
-        inp = (x / self.sigma_data).to(mdtype)
-        out = self.model(inp, ts, **model_inputs(self.model, self.model_kwargs, len(x), cond))
-        out = getattr(out, "sample", out)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return self.sigma_data * out[:, : x.shape[1]].to(x.dtype)
+        return self.sigma_data * self._network(x / self.sigma_data, t * self.timestep_scale, cond)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """SCMScheduler's times for `steps` steps: linspace(1.5708, 0), or (1.5708, 1.3, 0) for two."""
