@@ -249,7 +249,8 @@ def write(table: dict, nfes, out: Path) -> None:
         lines += ["", "| NFE | best flowsolve | error | best peer | error | ratio |", "|---:|---|---:|---|---:|---:|"]
         for n in nfes:
             fe, fl = _best(rows, n, "flowsolve")
-            pe = min(_best(rows, n, "k-diffusion"), _best(rows, n, "diffusers"), _best(rows, n, "iPNDM"))
+            peers = [_best(rows, n, p) for p in ("k-diffusion", "diffusers", "iPNDM")]
+            pe = min([b for b in peers if not math.isnan(b[0])] or [(math.nan, "-")])
             ratio = fe / pe[0] if pe[0] and not math.isnan(pe[0]) else math.nan
             lines.append(f"| {n} | {fl} | {fe:.4g} | {pe[1]} | {pe[0]:.4g} | {ratio:.2f} |")
         lines.append("")

@@ -150,14 +150,26 @@ def evaluation_scales(grid) -> list[float] | None:
     return scales
 
 
-def _takes_solver_grids(field: Field) -> bool:
-    """Whether a solver's own default spacing replaces the field's: on Karras σ-time fields, and on
-    flow fields whose schedule is a FlowMatch scheduler's (made for Euler/Heun). A diffusers DDPM-type
-    model keeps its scheduler's schedule, so that e.g. `unipc` reproduces a UniPC scheduler's loop."""
+# the solvers that are a FlowMatch/SCM scheduler's own loop: they keep the scheduler's schedule
+_SCHEDULE_LOOPS = ("euler", "heun", "ddim", "consistency")
+
+
+def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
+    """The spacing a solver walks when the user gives no grid (None: the field's default).
+    On Karras σ-time fields, the solver's own measured best (`Solver.default_grid`). On flow fields
+    whose default is a FlowMatch scheduler's schedule (made for Euler and Heun: its last step is a
+    sliver from 1/N·10⁻³ to 0), every other solver walks a uniform grid in t from 1 to 0: on
+    digits-flow at NFE 8 the endpoint error of UniPC-3 falls from 1.05 to 0.29, of iPNDM from 0.48
+    to 0.29 (as diffusers' own flow-sigma schedulers do). A diffusers DDPM-type model keeps its
+    scheduler's schedule, so that e.g. `unipc` reproduces a UniPC scheduler's loop."""
     from .fields import FlowMatching
 
     kind = getattr(field, "default_grid", None)
-    return kind == "karras" or (kind == "schedule" and isinstance(field, FlowMatching))
+    if kind == "karras":
+        return spec.default_grid
+    if kind == "schedule" and isinstance(field, FlowMatching) and spec.name not in _SCHEDULE_LOOPS:
+        return "uniform"
+    return None
 
 
 def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> tuple[torch.Tensor, int | None]:
@@ -201,8 +213,8 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             raise ArgumentError(
                 f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}"
             )
-        if grid is None and spec.default_grid and _takes_solver_grids(field):
-            grid = spec.default_grid  # the solver's measured best uncalibrated spacing
+        if grid is None:
+            grid = _solver_default_grid(field, spec)  # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
     scales = evaluation_scales(grid)
     g = grids.check(grid)

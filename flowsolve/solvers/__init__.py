@@ -219,12 +219,10 @@ register(
 )
 
 
-# The measured best uncalibrated spacing on fields whose default is Karras ρ = 7 or a FlowMatch
-# scheduler's schedule (benchmarks/low_nfe.py, 2-D and 64-D mixtures, NFE 4–10: log-linear in σ cuts
-# the endpoint error of UniPC 2–10× and of DPM-Solver++(3M) and the corrected multistep solvers
-# 1.5–9×; on digits-flow at NFE 8, 0.84 against 0.99 for UniPC and 0.91 against 11.8 for
-# DPM-Solver++(3M) on FlowMatchEuler's schedule; ipndm, deis and euler are better on Karras or the
-# schedule, so they keep the field's default).
+# The measured best uncalibrated spacing on fields whose default is Karras ρ = 7 (benchmarks/low_nfe.py,
+# 2-D and 64-D mixtures, NFE 4–10: log-linear in σ cuts the endpoint error of UniPC 2–10× and of
+# DPM-Solver++(3M) and the corrected multistep solvers 1.5–9×; ipndm and deis are mixed, so they keep
+# Karras). Flow fields have their own rule (sample._solver_default_grid).
 for _name in ("dpmpp_3m", "dpmpp_2m_pc", "dpmpp_3m_pc", "unipc", "unipc_bh1"):
     _REGISTRY[_name].default_grid = "loglinear"
 
