@@ -7,6 +7,7 @@ gives every exponential solver its data prediction D = x − t v and λ = log((1
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -58,13 +59,14 @@ class FlowMatching(Field):
         spacing = spacing or self.default_grid
         if spacing == "schedule":
             if self.schedule is None:
-                return grids.uniform(steps, 1.0, 0.0)
+                return grids.uniform(steps, self.t_start, 0.0)
             return grids.check(self.schedule(steps))
-        if spacing in ("karras", "loglinear"):  # spaced in σ/α = t/(1 − t), mapped back to t
+        if spacing in ("karras", "loglinear"):  # spaced in the VE level σ/α, mapped back to t by the path
             s = grids.make(
                 spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
             )
-            return torch.cat([torch.ones(1, dtype=torch.float64), s[1:] / (1 + s[1:])])
+            inner = [self.path.time_at(math.inf if v == 0 else -math.log(v)) for v in s[1:].tolist()]
+            return torch.tensor([self.t_start, *inner], dtype=torch.float64)
         return super().grid(steps, spacing, **kw)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -107,17 +109,3 @@ class TrigFlow(FlowMatching):
 
     def domain(self) -> tuple[float, float]:
         return 0.0, max(self.t_start, HALF_PI)
-
-    def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
-        spacing = spacing or self.default_grid
-        if spacing == "schedule":
-            if self.schedule is None:
-                return grids.uniform(steps, self.t_start, 0.0)
-            return grids.check(self.schedule(steps))
-        if spacing in ("karras", "loglinear"):  # spaced in σ/α = σ_d tan t, mapped back to t
-            s = grids.make(
-                spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
-            )
-            inner = torch.atan(s[1:] / self.sigma_data)
-            return torch.cat([torch.full((1,), self.t_start, dtype=torch.float64), inner])
-        return Field.grid(self, steps, spacing, **kw)

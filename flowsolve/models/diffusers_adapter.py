@@ -193,9 +193,18 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         return self.velocity(x, t, **cond)
 
     def as_denoiser(self) -> "FlowDenoiser":
-        """The same model as an EDM denoiser D(x̃; σ̃) (x̃ = x_t/(1 − t), σ̃ = t/(1 − t)): a teacher for
-        Score GANs and learned-ρ sampling, which take data scores (the flow is one PF-ODE, Eq. 8)."""
+        """The same model as an EDM denoiser D(x̃; σ̃) (x̃ = x_t/α_t at the t whose VE level is σ̃): a
+        teacher for Score GANs and learned-ρ sampling, which take data scores (one PF-ODE, Eq. 8)."""
         return FlowDenoiser(self)
+
+    def ve_time(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, α_t) where the VE level t/(1 − t) equals sigma."""
+        t = sigma / (1 + sigma)
+        return t, 1 - t
+
+    def data_prediction(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D = x_t − t v."""
+        return xt - t * v
 
 
 class DiffusersTrigFlow(DiffusersFlow):
@@ -237,30 +246,20 @@ class DiffusersTrigFlow(DiffusersFlow):
         first = float(self.schedule(2)[0])
         return self._calibrated(TrigFlow(v, self.data_shape, self.schedule, sigma_data=self.sigma_data, t_max=first))
 
-    def as_denoiser(self) -> "TrigFlowDenoiser":
-        """The same model as an EDM denoiser D(x̃; σ̃) (t = atan(σ̃/σ_d), x_t = cos(t) x̃), a teacher for
-        Score GANs and learned-ρ sampling."""
-        return TrigFlowDenoiser(self)
+    def ve_time(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, α_t) where the VE level σ_d tan t equals sigma."""
+        t = torch.atan(sigma / self.sigma_data)
+        return t, torch.cos(t)
 
-
-class TrigFlowDenoiser(Denoiser):
-    """D(x̃; σ̃) of a TrigFlow model: t = atan(σ̃/σ_d), x_t = cos(t) x̃, D = cos(t) x_t − sin(t) v(x_t, t)."""
-
-    def __init__(self, flow: DiffusersTrigFlow) -> None:
-        super().__init__()
-        self.flow = flow
-        self.data_shape = flow.data_shape
-        self.sigma_min, self.sigma_max = 1e-3, 1e3
-
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        t = torch.atan(sigma / self.flow.sigma_data)
-        c, s = (v.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype) for v in (torch.cos(t), torch.sin(t)))
-        xt = c * x
-        return c * xt - s * self.flow.velocity(xt, t.to(x.dtype), **cond)
+    def data_prediction(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D = cos(t) x_t − sin(t) v."""
+        return torch.cos(t) * xt - torch.sin(t) * v
 
 
 class FlowDenoiser(Denoiser):
-    """D(x̃; σ̃) of a flow-matching model: x_t = x̃/(1 + σ̃) at t = σ̃/(1 + σ̃), D = x_t − t v(x_t, t)."""
+    """D(x̃; σ̃) of a flow model on its Gaussian path (flow matching, TrigFlow): the time t with VE
+    level σ̃, x_t = α_t x̃, and the model's data prediction from its velocity there (flow matching:
+    t = σ̃/(1 + σ̃), D = x_t − t v)."""
 
     def __init__(self, flow: DiffusersFlow) -> None:
         super().__init__()
@@ -269,10 +268,11 @@ class FlowDenoiser(Denoiser):
         self.sigma_min, self.sigma_max = 1e-3, 1e3
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        t = sigma / (1 + sigma)
-        xt = x / (1 + col)
-        return xt - t.reshape(col.shape) * self.flow.velocity(xt, t, **cond)
+        t, alpha = self.flow.ve_time(sigma)
+        col = (-1, *([1] * (x.dim() - 1)))
+        xt = alpha.reshape(col).to(x.dtype) * x
+        t = t.to(x.dtype)
+        return self.flow.data_prediction(xt, self.flow.velocity(xt, t, **cond), t.reshape(col))
 
 
 class DiffusersDenoiser(LatentDecoding, Denoiser):
