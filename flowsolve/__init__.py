@@ -8,7 +8,7 @@ from .fields import Field
 from .sample import SampleInfo, sample, sample_sharded
 from .calibrate import Calibration, calibrate as _calibrate
 
-grids.calibrate = _calibrate  # fs.grids.calibrate: grids sits below sample, so the function lives in calibrate.py
+grids.calibrate = _calibrate  # type: ignore[attr-defined]  # fs.grids.calibrate: grids sits below sample, so the function lives in calibrate.py
 
 __version__ = "0.1.0"
 __all__ = [

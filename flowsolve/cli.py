@@ -16,6 +16,7 @@ import ast
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ def _guidance_kw(args, guidance: float | None) -> dict:
     """Keywords for `model.field(...)`: guidance and its variants from the command line."""
     if guidance is None:
         return {}
-    kw = {"guidance": guidance}
+    kw: dict[str, Any] = {"guidance": guidance}
     uncond = _parse_cond(getattr(args, "uncond", None), "--uncond")
     if uncond:
         kw["uncond"] = {k: v[:1] for k, v in uncond.items()}

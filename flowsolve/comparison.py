@@ -220,7 +220,9 @@ def compare(
     rows = []
     for solver, grid in [(s, g) for s in solvers for g in grids]:
         for budget in nfe:
-            values, secs, used = {m: [] for m in metrics}, [], None
+            values: dict[str, list[float]] = {m: [] for m in metrics}
+            secs: list[float] = []
+            used = None
             for seed in range(seeds):
                 try:
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it

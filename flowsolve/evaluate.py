@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -100,6 +101,7 @@ def svc_predict(samples: torch.Tensor):
         from sklearn.svm import SVC
 
         train = fsdata.digits("train")
+        assert train.labels is not None
         _SVC.append(SVC(C=10.0, gamma="scale").fit(train.x.reshape(len(train.x), -1).numpy(), train.labels.numpy()))
     x = samples.detach().float().clamp(-1, 1).reshape(len(samples), -1).cpu().numpy()
     return _SVC[0].predict(x)
@@ -167,7 +169,7 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
     from .metrics import energy_distance
 
     check_int("n", n, 2)
-    source = fsdata.as_source(data)
+    source: Any = fsdata.as_source(data)
     shape = fsdata.shape_of(source)
     if len(shape) != 1:
         raise ArgumentError(

@@ -3,6 +3,8 @@ on any feature network, through torchmetrics)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from .errors import ArgumentError, MissingDependency
 
@@ -68,7 +70,7 @@ class _Unit2Signed(torch.nn.Module):
     def __init__(self, features: torch.nn.Module) -> None:
         super().__init__()
         self.features = features
-        self.num_features = int(features.num_features)
+        self.num_features = int(getattr(features, "num_features"))  # noqa: B009 - a module attribute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = getattr(self.features, "features", self.features)
@@ -108,6 +110,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
     elif not hasattr(features, "num_features"):
         raise ArgumentError("features: expected 'inception' or a module with a `num_features` attribute")
     else:
+        assert isinstance(features, torch.nn.Module)
         fid = FrechetInceptionDistance(feature=_Unit2Signed(features).eval(), normalize=True)
     with torch.no_grad():
         for imgs, real in ((y, True), (x, False)):
@@ -218,10 +221,11 @@ def pf_ode_log_likelihood(
         return torch.cat([v.detach(), div.detach()[:, None]], 1)
 
     state = torch.cat([x.reshape(len(x), d), torch.zeros(len(x), 1, dtype=x.dtype)], 1)
-    span = torch.tensor([field.sigma_min, field.sigma_max], dtype=x.dtype)
+    edm: Any = field  # an EDM-type field (checked above): it has sigma_min and sigma_max
+    span = torch.tensor([edm.sigma_min, edm.sigma_max], dtype=x.dtype)
     out = odeint(rhs, state, span, rtol=rtol, atol=atol, method=method)[-1]
     xT, delta = out[:, :d], out[:, d]
-    s = field.sigma_max
+    s = edm.sigma_max
     log_prior = -0.5 * (xT.square().sum(1) / s**2) - d * (
         torch.log(torch.tensor(s, dtype=x.dtype)) + 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
     )

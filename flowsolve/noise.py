@@ -64,9 +64,9 @@ class SampleNoise:
         self._hi = self._lo + count
 
     def __call__(self) -> torch.Tensor:
-        z = [
+        blocks = [
             torch.randn((BLOCK, *self.shape), generator=g, dtype=self._draw_dtype, device=self.device)
             for g in self._gens
         ]
-        z = (z[0] if len(z) == 1 else torch.cat(z))[self._lo : self._hi]
+        z = (blocks[0] if len(blocks) == 1 else torch.cat(blocks))[self._lo : self._hi]
         return z if z.dtype == self.dtype else z.to(self.dtype)

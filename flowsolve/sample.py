@@ -89,7 +89,7 @@ def cond_rows(cond: dict, start: int, count: int, n: int) -> dict:
     }
 
 
-def _particles(field: Field, n, shape, x_init, device, dtype):
+def _particles(field: Field, n, shape, x_init, device, dtype) -> tuple[int, tuple[int, ...], torch.device, torch.dtype]:
     """(n, shape, device, dtype) from x_init or from n / shape, each checked and named."""
     if x_init is not None:
         if not isinstance(x_init, torch.Tensor):
@@ -134,7 +134,7 @@ def calibrated_grid(entry) -> torch.Tensor:
     factors}) as a float64 grid tensor carrying its `scales` (None when absent)."""
     times, scales = (entry["grid"], entry.get("scales")) if isinstance(entry, dict) else (entry, None)
     g = torch.tensor(times, dtype=torch.float64)
-    g.scales = None if scales is None else [float(c) for c in scales]
+    g.scales = None if scales is None else [float(c) for c in scales]  # type: ignore[attr-defined]
     return g
 
 
@@ -176,7 +176,7 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
     """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only)."""
     singular = not field.finite_at_end
     if nfe is not None:
-        if isinstance(nfe, float) and nfe.is_integer():
+        if isinstance(nfe, float) and float(nfe).is_integer():
             raise ArgumentTypeError(f"nfe: expected an integer, got float {nfe!r}")
         check_int("nfe", nfe, 1)
         if nfe < spec.min_nfe:
@@ -220,7 +220,7 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
     g = grids.check(grid)
     if scales is not None:
         g = g.clone()
-        g.scales = scales
+        g.scales = scales  # type: ignore[attr-defined]
     lo, hi = field.domain()
     slack = DOMAIN_TOLERANCE * max(1.0, abs(lo), abs(hi) if math.isfinite(hi) else 1.0)
     if float(g.min()) < lo - slack or float(g.max()) > hi + slack:
@@ -398,6 +398,8 @@ def sample_sharded(
         raise ArgumentError("seed: sharded sampling needs an explicit seed shared by every process")
     if x_init is not None:
         n = len(x_init)
+    if n is None:
+        raise ArgumentError("n: expected the number of particles (or pass x_init=)")
     rank, size = world()
     if size == 1:
         return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
@@ -426,6 +428,6 @@ def sample_sharded(
         if part is not None
         else tuple(x_init.shape[1:])
         if x_init is not None
-        else tuple(kwargs.get("shape") or field.data_shape)
+        else tuple(kwargs.get("shape") or field.data_shape or ())
     )
     return gather_ranges(part, n, shape)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("solver", ["euler", "ipndm", "dpmpp_2m"])
 def test_calibrated_grid_generalises_to_fresh_seeds(solver):
     field = fs.fields.EDM(GMM.denoiser)
-    r = fs.grids.calibrate(field, solver, 5, n=256, seed=0, seconds=20, return_result=True)
+    r = fs.grids.calibrate(field, solver, 5, n=256, seed=0, seconds=20, max_trials=400, return_result=True)
     g = r.grid
     assert g.dtype == torch.float64 and g.dim() == 1 and float(g[0]) == pytest.approx(80.0) and float(g[-1]) == 0.0
     assert (g[1:] < g[:-1]).all()
@@ -93,7 +93,7 @@ def test_calibrated_scales_are_kept_only_where_they_pay_and_are_stored(tmp_path)
     seeds, and the stored entry (with or without scales) samples the same as the returned grid."""
     from flowsolve.models.io import read_calibration, save_calibration
     field = fs.fields.EDM(GMM.denoiser)
-    g = fs.grids.calibrate(field, "ipndm", 5, n=256, seed=0, seconds=20)
+    g = fs.grids.calibrate(field, "ipndm", 5, n=256, seed=0, seconds=20, max_trials=400)
     z = initial_noise(field, 321, 0, 1000, (2,), t_start=80.0)
     ref = reference_solve(field, z)
     default = endpoint_error(fs.sample(field, "ipndm", nfe=5, x_init=z), ref)

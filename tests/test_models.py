@@ -114,6 +114,15 @@ def test_log_sigma_interpolation_of_timesteps(unet):
     assert den.sigma_max == pytest.approx(float(((1 - a[-1]) / a[-1]).sqrt()))
     # out-of-range σ clamp to the ends of the schedule
     assert den.timestep(torch.tensor([1e-6, 1e6], dtype=torch.float64)).tolist() == [0.0, 999.0]
+    # one σ for the whole batch (a solver's knot, an expanded tensor) is remembered: the same
+    # timesteps as the per-sample interpolation, on the first call and on the next
+    for s in (den.sigma(torch.tensor([17.0])), torch.tensor([3.7]), torch.tensor([3.7], dtype=torch.float64)):
+        knot = s.reshape(()).expand(6)
+        assert knot.stride(0) == 0
+        for _ in range(2):
+            got = den.timestep(knot)
+            assert got.dtype == s.dtype and got.shape == (6,)
+            assert torch.equal(got, den.timestep(knot.clone()))
 
 
 def test_field_clamps_default_grid_to_model_range(unet):

@@ -141,7 +141,7 @@ def image_folder(path: str | os.PathLike, size: int | None = None, channels: int
     xs, ys = [], []
     for p in files:
         try:
-            img = Image.open(p)
+            img: Image.Image = Image.open(p)
             img.load()
         except Exception as e:  # noqa: BLE001 - name the bad file
             raise ArgumentError(f"data: cannot read image {str(p)!r}: {e}") from None
@@ -152,7 +152,7 @@ def image_folder(path: str | os.PathLike, size: int | None = None, channels: int
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         size = size or s
-        img = img.resize((size, size), Image.LANCZOS)
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()
         xs.append(t.view(size, size, channels).permute(2, 0, 1) / 127.5 - 1.0)
         ys.append(classes.index(p.parent.relative_to(root).as_posix()))
@@ -167,7 +167,7 @@ def torchvision_dataset(
     import torchvision
     from torchvision import transforms as T
 
-    root = Path(root or os.environ.get("FLOWSOLVE_DATA", Path.home() / ".cache" / "flowsolve" / "data"))
+    root = Path(root or os.environ.get("FLOWSOLVE_DATA") or Path.home() / ".cache" / "flowsolve" / "data")
     to_pm1 = T.Compose([T.ToTensor(), T.Normalize(0.5, 0.5)])
     makers = {
         "mnist": lambda: torchvision.datasets.MNIST(

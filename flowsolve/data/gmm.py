@@ -38,14 +38,14 @@ class GaussianMixture:
         std: float | Sequence[float] = 0.5,
         weights: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        means = torch.as_tensor(means, dtype=torch.float64)
-        if means.dim() != 2 or means.shape[0] < 1:
-            raise ArgumentError(f"means: expected shape (modes, dim), got {tuple(means.shape)}")
-        K = means.shape[0]
-        std = torch.as_tensor(std, dtype=torch.float64)
-        std = std.expand(K).clone() if std.dim() == 0 else std
-        if std.shape != (K,) or not (std > 0).all():
-            raise ArgumentError(f"std: expected a positive number or {K} positive numbers, got {std.tolist()}")
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if mu.dim() != 2 or mu.shape[0] < 1:
+            raise ArgumentError(f"means: expected shape (modes, dim), got {tuple(mu.shape)}")
+        K = mu.shape[0]
+        s = torch.as_tensor(std, dtype=torch.float64)
+        s = s.expand(K).clone() if s.dim() == 0 else s
+        if s.shape != (K,) or not (s > 0).all():
+            raise ArgumentError(f"std: expected a positive number or {K} positive numbers, got {s.tolist()}")
         w = (
             torch.full((K,), 1.0 / K, dtype=torch.float64)
             if weights is None
@@ -53,8 +53,10 @@ class GaussianMixture:
         )
         if w.shape != (K,) or (w < 0).any() or not w.sum() > 0:
             raise ArgumentError(f"weights: expected {K} non-negative numbers with a positive sum, got {w.tolist()}")
-        self.means, self.std, self.weights = means, std, w / w.sum()
-        self.dim = means.shape[1]
+        self.means: torch.Tensor = mu
+        self.std: torch.Tensor = s
+        self.weights: torch.Tensor = w / w.sum()
+        self.dim = mu.shape[1]
         self.data_shape = (self.dim,)
         self._cache: dict = {}
 

@@ -6,7 +6,7 @@ it may carry a stochastic form for SDE solvers (`sde`, Eq. 21).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import copy
 
@@ -15,6 +15,9 @@ import torch
 from .. import grids
 from .._checks import as_column, batch_time, seeded_generator  # noqa: F401  (as_column, batch_time re-exported)
 from ..errors import ArgumentError, ArgumentTypeError
+
+if TYPE_CHECKING:
+    from .paths import GaussianPath
 
 __all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE"]
 
@@ -43,7 +46,7 @@ class Field:
     takes_cond: bool = False  # its model takes per-sample conditioning (`bind`, `call_model`)
     cond: dict = {}  # the conditioning bound to this copy (never mutated, only replaced)
     network_passes: int = 0  # model forward passes counted by `call_model`
-    path = None  # a fields.paths.GaussianPath when the field is a Gaussian-path PF-ODE (VE, flow, ...)
+    path: GaussianPath | None = None  # set when the field is a Gaussian-path PF-ODE (VE, flow, ...)
     calibrated: dict = {}  # "solver:nfe" -> calibrated grid (a model folder's calibration.json), grid="calibrated"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -215,7 +218,7 @@ class Sum(Field):
         for f in fields:
             if not isinstance(f, Field):
                 raise ArgumentTypeError(f"fields: expected Field objects, got {type(f).__name__}")
-            flat.extend(f.fields if isinstance(f, Sum) else [f])
+            flat.extend(f.fields if isinstance(f, Sum) else [f])  # type: ignore[has-type]
         if not flat:
             raise ArgumentError("fields: expected at least one field")
         for f in flat[1:]:
@@ -234,7 +237,7 @@ class Sum(Field):
 
     def passes(self) -> int | None:
         counts = [f.passes() for f in self.fields]
-        return None if None in counts else sum(counts)
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
     def __call__(self, x, t):
         out = self.fields[0](x, t)

@@ -164,6 +164,7 @@ class GuidedDenoiser:
     # -- the guided prediction ----------------------------------------------------------------
     def _apg_update(self, d_c: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         p = self.apg
+        assert p is not None
         if p["momentum"]:
             self._momentum = diff if self._momentum is None else diff + p["momentum"] * self._momentum
             diff = self._momentum
@@ -188,7 +189,7 @@ class GuidedDenoiser:
         d_c, d_u = self._branches(x, sigma, cond)
         t = as_column(sigma.to(x.dtype), x) if velocity else None
         if self.apg is not None:
-            if velocity:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)
+            if t is not None:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)
                 update = self._apg_update(x - t * d_c, -t * (d_c - d_u))
                 d = d_c - (self.scale - 1.0) * update / t
             else:

@@ -146,6 +146,7 @@ class ScoreDifference(Field):
     def bind(self, cond: dict) -> "ScoreDifference":
         """`Field.bind`; a guided copy also keeps its own APG momentum."""
         bound = super().bind(cond)
+        assert isinstance(bound, ScoreDifference)
         if isinstance(self.data, GuidedDenoiser):
             bound.data = self.data.fresh()
         return bound

@@ -16,6 +16,7 @@ import re
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,13 +67,14 @@ class LatentDecoding:
         scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         p = next(vae.parameters())
         out = vae.decode((latents / scale).to(p.device, p.dtype))
-        return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        decoded = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
+        return decoded
 
 
 def accepted_inputs(model) -> frozenset[str] | None:
     """The keyword inputs a diffusers model's forward takes (None: any, it takes **kwargs); read once
     per model class, not on every network call."""
-    return _forward_inputs(type(model))
+    return _forward_inputs(type(model))  # type: ignore[arg-type]  # classes are hashable
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,6 +345,21 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
         if self.schedule == "edm":
             return 0.25 * sigma.log()
+        if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0:  # one σ for the batch (a solver's knot)
+            return self._knot_timestep(float(sigma[0]), sigma.dtype, sigma.device).expand(len(sigma))
+        return self._timesteps(sigma)
+
+    def _knot_timestep(self, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The timestep of one σ, remembered (a solver visits the same knots on every batch)."""
+        key = (sigma, dtype, device)
+        cache = self.__dict__.setdefault("_knot_cache", {})
+        if key not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = self._timesteps(torch.tensor([sigma], dtype=dtype, device=device))
+        return cache[key]
+
+    def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         ls = self.log_sigmas.to(sigma.device)
         q = sigma.double().log().clamp(ls[0], ls[-1])
         hi = torch.searchsorted(ls, q).clamp(1, len(ls) - 1)
@@ -542,7 +559,7 @@ def load_diffusers_component(path, subfolder: str | None, role: str):
             f"(expected {'a diffusers scheduler' if role == 'scheduler' else ' or '.join(_MODEL_CLASSES)})"
         )
     cls = getattr(diffusers, cls_name)
-    kwargs = {"subfolder": subfolder} if subfolder else {}
+    kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     if role == "scheduler":
         return cls.from_pretrained(path, **kwargs)
     if local:
@@ -621,9 +638,9 @@ def from_diffusers(
         index = Path(path) / "model_index.json" if local else None
         if local and not Path(path).is_dir():
             raise ArgumentError(f"model_or_pipeline_or_path: {str(path)!r} is a file; expected a folder or a Hub id")
-        is_pipeline = index.is_file() if local else subfolder is None
+        is_pipeline = index.is_file() if index is not None else subfolder is None
         if is_pipeline and subfolder is None:
-            parts = json.loads(index.read_text()) if local else {}
+            parts = json.loads(index.read_text()) if index is not None else {}
             part = next((k for k in _DENOISER_PARTS if k in parts), "unet")
             model = load_diffusers_component(path, part, "model")
             if scheduler is None:
@@ -652,6 +669,7 @@ def from_diffusers(
             "scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise schedule; got None"
         )
     _check_denoiser(model)
+    out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow
     if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "SCMScheduler":

@@ -3,6 +3,8 @@ with the discriminator field (`fields.discriminator`) and are re-exported here."
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -113,6 +115,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         """The first layer's contribution of the time embedding: one row when t is the same for the
         whole batch (the particle flow), one per sample otherwise."""
         lin = self.net[0]
+        assert isinstance(lin, nn.Linear) and self.embed is not None
         dim = self.config.dim
         tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).reshape(-1)
         if tt.numel() > 1 and bool((tt == tt[0]).all()):
@@ -144,11 +147,13 @@ class Discriminator(ModelMixin, ConfigMixin):
         layers = self._layers(dtype)
         low = layers[0][0].dtype
         with torch.no_grad():
-            w1 = self.net[0].weight
+            lin0 = self.net[0]
+            assert isinstance(lin0, nn.Linear)
+            w1 = lin0.weight
             if self.embed is not None:
                 z = flat @ w1[:, :dim].T + self._first_bias(t, flat)
             else:
-                z = flat @ w1.T + self.net[0].bias
+                z = flat @ w1.T + lin0.bias
             z = z.to(low)
             masks = []
             proj = _labels_row(self.label_proj, class_labels, len(x))
@@ -215,6 +220,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
             _init_normal(self, init_gain)
             if self.film is not None:
                 for lin in self.film:  # start as the identity modulation
+                    assert isinstance(lin, nn.Linear)
                     nn.init.zeros_(lin.weight)
 
     @property
@@ -222,7 +228,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         return tuple(self.config.data_shape)
 
     def _modulate(self, hid: torch.Tensor, k: int, emb: torch.Tensor | None) -> torch.Tensor:
-        if emb is not None:
+        if emb is not None and self.film is not None:
             scale, shift = self.film[k](emb).chunk(2, dim=1)
             hid = hid * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         return self.act(hid)
@@ -246,15 +252,18 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
 class _Sampling(GeneratorModel):
     """One-evaluation sampling shared by the generators: z ~ N(0, I_latent) from a seed, then g(z)."""
 
+    config: Any  # diffusers' ConfigMixin
+    label_embed: nn.Embedding | None
+
     @property
-    def data_shape(self) -> tuple[int, ...]:
+    def data_shape(self) -> tuple[int, ...]:  # type: ignore[override]  # read from the config
         return tuple(self.config.data_shape)
 
     def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.config.latent, generator=generator or seeded_generator(seed))
 
     @property
-    def conditioning(self) -> dict:
+    def conditioning(self) -> dict:  # type: ignore[override]  # read from the config
         k = getattr(self.config, "num_classes", 0)
         return {"class_labels": {"classes": k}} if k else {}
 
@@ -282,7 +291,11 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
-        acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
+        acts: dict[str, Callable[[], nn.Module]] = {
+            "relu": nn.ReLU,
+            "leaky_relu": lambda: nn.LeakyReLU(0.2),
+            "silu": nn.SiLU,
+        }
         if activation not in acts:
             raise ArgumentError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
         dim = int(torch.tensor(list(data_shape)).prod())

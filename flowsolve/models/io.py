@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **metadata) -> Pa
     in diffusers format plus flowsolve.json with `metadata` (training settings, data, measured quality)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    net = model.net if isinstance(model, EDMPrecond) else model
+    net: Any = model.net if isinstance(model, EDMPrecond) else model  # a diffusers network
     name = type(net).__name__
     if name not in NETWORKS:
         raise ArgumentTypeError(

@@ -8,6 +8,7 @@ config.json + diffusion_pytorch_model.safetensors and diffusers' own `from_pretr
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
@@ -17,10 +18,15 @@ from ..errors import ArgumentError
 
 __all__ = ["FourierEmbedding", "MLP", "unet", "UNET_PRESETS", "DigitsFeatures"]
 
-_ACTIVATIONS = {"leaky_relu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU, "silu": nn.SiLU}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
 
 
 class FourierEmbedding(nn.Module):
+    freqs: torch.Tensor
     """Random Fourier features of a scalar time: [cos 2π f t, sin 2π f t], f ~ N(0, scale²)
     (Tables 4, 5: "Fourier", frequency scale 16, size 128). The frequencies are a buffer drawn
     from `seed`, saved with the weights."""
@@ -126,7 +132,7 @@ class DigitsFeatures(ModelMixin, ConfigMixin):
 
     @property
     def num_features(self) -> int:
-        return self.config.features
+        return int(self.config["features"])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -10,6 +10,8 @@ Every model carries `data_shape` and the `metadata` its folder's flowsolve.json 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..distributed import gather_ranges, shard_range, world
@@ -27,7 +29,7 @@ class ParticleModel:
     calibrated: dict = {}  # "solver:nfe" -> grid, from the folder's calibration.json
     guidable: bool = False  # field(guidance=w, uncond=...) is supported (denoisers, flow models)
 
-    def field(self, **kw):  # pragma: no cover - abstract
+    def field(self, *args: Any, **kw: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _calibrated(self, field):
@@ -58,12 +60,13 @@ class GeneratorModel:
     def generate(self, z: torch.Tensor, **cond) -> torch.Tensor:
         """g(z, **cond) in inference mode (batch norm on its running statistics), on the network's
         device; without `cond`, `default_cond`."""
-        was = self.training
-        self.eval()
-        p = next(self.parameters())
+        net: Any = self  # a GeneratorModel network is also an nn.Module
+        was = net.training
+        net.eval()
+        p = next(net.parameters())
         cond = {k: v.to(p.device) for k, v in (cond or self.default_cond(len(z))).items()}
-        x = self(z.to(p.device, p.dtype), **cond)
-        self.train(was)
+        x = net(z.to(p.device, p.dtype), **cond)
+        net.train(was)
         return x
 
     def sample(self, n: int, seed: int | None = None, cond: dict | None = None) -> torch.Tensor:
@@ -91,4 +94,4 @@ def generate_sharded(generator: GeneratorModel, n: int, *, seed: int, cond: dict
         if end > start
         else None
     )
-    return gather_ranges(part, n, tuple(generator.data_shape))
+    return gather_ranges(part, n, tuple(generator.data_shape or ()))

@@ -234,6 +234,8 @@ class PathGrid:
     knots (single-step solvers evaluate at a λ-midpoint)."""
 
     def __init__(self, run: "Run") -> None:
+        if run.field.path is None:
+            raise TypeError("PathGrid: the field has no Gaussian path")
         self.run, self.path, self.t = run, run.field.path, run.times
         self.a = [self.path.alpha(v) for v in self.t]
         self.s = [self.path.sigma(v) for v in self.t]

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 from collections import deque
 
 import torch
@@ -29,7 +30,7 @@ def _order(order, lo: int = 1, hi: int = 4) -> int:
     return check_int("order", order, lo, hi)
 
 
-def _combine(weights: list[float], values) -> torch.Tensor:
+def _combine(weights: Sequence[float], values) -> torch.Tensor:
     out = weights[0] * values[0]
     for w, v in zip(weights[1:], values[1:]):
         out = out + w * v
@@ -68,9 +69,9 @@ def exponential_multistep(
         if corrector and x_prev is not None and len(hist) >= 1 and lam[i - 1] > -math.inf:
             # UniC-style: redo step i−1 → i with D_i included (order min(k+1, history))
             nodes = [lam[i]] + [h[0] for h in reversed(hist)][:order]
-            w = lagrange_weights(nodes, lam[i - 1], lam[i], exp_kernel=True)
+            wc = lagrange_weights(nodes, lam[i - 1], lam[i], exp_kernel=True)
             vals = [den] + [h[1] for h in reversed(hist)][:order]
-            x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * _combine(w, vals)
+            x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * _combine(wc, vals)
         if lam[i] > -math.inf:
             hist.append((lam[i], den))
         if sig[i + 1] == 0 or lam[i] == -math.inf:  # to the data (lands on α D) or from pure noise: exact
@@ -81,7 +82,7 @@ def exponential_multistep(
             if midpoint and k == 2:  # Lu et al.'s form: φ₂ ≈ −φ₁/2
                 h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])
                 e = -math.expm1(-h)
-                w = (e * (1 + 0.5 / r), -e * 0.5 / r)
+                w: Sequence[float] = (e * (1 + 0.5 / r), -e * 0.5 / r)
             else:
                 w = lagrange_weights(
                     [h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True

@@ -43,6 +43,7 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
         )
     t = run.times
     if method == "exp":
+        assert coeffs is not None
         c, kappa = coeffs(alpha)
         for i in run.steps():
             s, s_next = t[i], t[i + 1]

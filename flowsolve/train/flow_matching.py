@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,7 +87,8 @@ def flow_matching(
     if out is not None and is_main_process():
 
         def write(tmp: Path) -> None:
-            ema.model.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+            net_out: Any = ema.model  # the trained diffusers network
+            net_out.save_pretrained(str(tmp / "unet"), safe_serialization=True)
             scheduler.save_pretrained(str(tmp / "scheduler"))
             (tmp / "model_index.json").write_text(
                 json.dumps(

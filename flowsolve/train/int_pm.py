@@ -9,6 +9,7 @@ for Score GANs, the discriminator field for GANs, MMDFlow for the MMD generator.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,10 @@ def data_source(data, size=None):
 class GeneratorPair(nn.Module):
     """Generator plus its auxiliary network (discriminator or generated-distribution score), and
     an optional discriminator head on the auxiliary network's features (`head`)."""
+
+    g: Any  # a generator network (its class varies: MLP, DCGAN, a teacher-initialised student)
+    aux: Any  # a discriminator or a generated-distribution score, or None
+    head: Any  # a discriminator head on the auxiliary network's features, or None
 
     def __init__(self, g: nn.Module, aux: nn.Module | None, head: nn.Module | None = None) -> None:
         super().__init__()

@@ -14,12 +14,14 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 from .._checks import atomic_save, check_choice, check_int, nearest, read_json, renamed
 from ..errors import ArgumentError, CheckpointError, NonFiniteError
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
     "LoopConfig",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-_WORLD = {"rank": 0, "size": 1, "device": torch.device("cpu")}
+_WORLD: dict[str, Any] = {"rank": 0, "size": 1, "device": torch.device("cpu")}
 
 
 def shard(t: torch.Tensor) -> torch.Tensor:
@@ -188,7 +190,7 @@ def merge_config(cls, defaults: dict, config: dict | None, overrides: dict):
     return cls(**merged)
 
 
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+def seeded(seed: int, build: Callable[[], M]) -> M:
     """build() with the global RNG seeded (network initialisation), leaving the caller's RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -237,8 +239,8 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        for eb, b in zip(self.model.buffers(), model.buffers()):
+            eb.copy_(b)
 
 
 def save_checkpoint(
@@ -548,8 +550,8 @@ def read_log(run: str | os.PathLike) -> list[dict]:
 
 
 def fit(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor] | None,
+    model: M,
+    loss_fn: Callable[[M, torch.Generator], torch.Tensor] | None,
     cfg: LoopConfig,
     *,
     out: str | os.PathLike | None = None,
@@ -557,11 +559,11 @@ def fit(
     progress: bool = True,
     extra: dict | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
-    step_fn: Callable[[nn.Module, torch.Generator, int], float] | None = None,
-    select: Callable[[nn.Module], float] | None = None,
+    step_fn: Callable[[M, torch.Generator, int], float] | None = None,
+    select: Callable[[M], float] | None = None,
     select_every: int | None = None,
     allow_changes: bool = False,
-) -> tuple[nn.Module, dict]:
+) -> tuple[M, dict]:
     """Minimise loss_fn(model, generator) with Adam for cfg.steps steps; returns (EMA model, history).
 
     Adversarial objectives pass their own `optimizers` (a dict) and a `step_fn(model, generator, step)`
@@ -589,7 +591,7 @@ def fit(
     rank, size = world() if is_launched() else (0, 1)
     _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
     model.to(_WORLD["device"]).train()
-    opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
+    opts = optimizers or {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
     base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -601,8 +603,11 @@ def fit(
     log_with = getattr(cfg, "log_with", None)
     if log_with is not None and out is None:
         raise ArgumentError(f"log_with: {log_with!r} needs an output folder (out=) for its files")
-    trackers = Trackers(log_with, Path(out), meta["config"]) if log_with is not None and rank == 0 else None
-    log = TrainingLog(Path(out) / LOG_FILE if out is not None and rank == 0 else None, state.step, trackers)
+    folder = Path(out) if out is not None else None
+    trackers = None
+    if folder is not None and log_with is not None and rank == 0:
+        trackers = Trackers(log_with, folder, meta["config"])
+    log = TrainingLog(folder / LOG_FILE if folder is not None and rank == 0 else None, state.step, trackers)
     sample_every = getattr(cfg, "sample_every", None)
     if sample_every is not None and out is None:
         raise ArgumentError("sample_every: sample pictures need an output folder (out=)")
@@ -612,8 +617,8 @@ def fit(
         from ..viz import save_png
 
         x = preview(ema.model)
-        if x is not None and (x.dim() == 4 or (x.dim() == 2 and x.shape[1] == 2)):
-            path = Path(out) / "samples" / f"step_{state.step:06d}.png"
+        if folder is not None and x is not None and (x.dim() == 4 or (x.dim() == 2 and x.shape[1] == 2)):
+            path = folder / "samples" / f"step_{state.step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_png(x, path, title=f"step {state.step}")
 
@@ -628,7 +633,8 @@ def fit(
             save_checkpoint(ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best)
 
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
-    budget = None if getattr(cfg, "minutes", None) is None else 60.0 * cfg.minutes
+    minutes = getattr(cfg, "minutes", None)
+    budget = None if minutes is None else 60.0 * minutes
 
     def out_of_time() -> bool:
         """Whether the budget is spent; every process decides alike (any one's clock stops all)."""
@@ -696,4 +702,4 @@ def fit(
     if state.best is not None:
         ema.model.load_state_dict(state.best["state"])
         state.history["selected"] = {"step": state.best["step"], "value": state.best["value"]}
-    return ema.model, state.history
+    return ema.model, state.history  # type: ignore[return-value]  # a deep copy of `model`: an M

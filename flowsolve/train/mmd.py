@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 
@@ -69,6 +70,7 @@ def mmd_generator(
         opt.step()
         return float(direction.square().sum(-1).mean().sqrt())
 
+    ema: Any
     ema, history = fit(
         gen,
         None,

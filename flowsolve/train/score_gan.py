@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -282,6 +283,7 @@ def score_gan(
         src, name = None, (data if isinstance(data, str) else "custom" if data is not None else "teacher")
     data_name = data_name or name
     score = _generated_score(teacher, shape, cfg)
+    gen: Any  # a teacher-initialised DenoiserGenerator or a fresh generator network
     if cfg.init == "teacher":
         if not isinstance(teacher, nn.Module):
             raise ArgumentError(
@@ -368,6 +370,7 @@ def score_gan(
         with torch.no_grad():
             direction = as_column(sigma, x) * field.bind(cond).grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
             if cfg.gamma:  # Eq. 22: A(∇h dt + γ dW), dt = lr / B
+                assert gam is not None
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
         if cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
