@@ -8,7 +8,9 @@ What the literature offers and what is used here:
   monotone and keeps its ends).
 - GITS (Chen et al. 2024) searches the grid without gradients. Used: a derivative-free search, so any
   field and any registered solver (multistep ones included, whose error is not a sum of local costs)
-  can be calibrated through `fs.sample` itself, within a wall-clock budget.
+  can be calibrated through `fs.sample` itself, within a wall-clock budget; and its observation that
+  the grid's overall shape matters most at low NFE: the search starts from the best of a few shapes
+  (Karras ρ = 3 … 12, log-linear; power laws in t).
 - AMED (Zhou et al. 2024), S4S and DPM-Solver-v3 also learn solver coefficients or mid-points. Used:
   one learned factor per field evaluation (the k-th output is multiplied by c_k: ε-scaling, Ning et
   al. 2024, made a fitted coefficient), searched jointly with the grid in the second half of the
