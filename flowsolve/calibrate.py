@@ -149,8 +149,10 @@ def calibrate(
     """A 1-D grid for `fs.sample(field, solver, nfe=nfe, grid=...)` fitted to a converged solve of
     `field` from n starting points of its prior (seed `seed`), within `seconds` of wall time (the
     reference solves included). Returns the grid (float64), or a `Calibration` with `return_result=True`.
-    The search stops at the budget, at `max_trials` candidate grids (no limit by default), or when
-    its step has shrunk below 10⁻³ without an improvement.
+    The search runs until the budget is spent or `max_trials` candidate grids (no limit by default)
+    were tried: from the best of a few grid shapes, one knot at a time, halving its step after a
+    sweep without improvement; once the step is below 10⁻³ it hops (random moves of the logits
+    from the best grid, each followed by the same search) and keeps any better grid it finds.
 
     With `scales=True`, the second half of the budget also fits one factor per field evaluation
     (learned ε-scaling, AMED/S4S-style solver coefficients), kept only where it pays: where it lowers
@@ -214,6 +216,13 @@ def calibrate(
             theta, best = start, e
     deadline = t0 + (seconds / 2 if scales else seconds)
     theta, best, trials = _coordinate_search(loss, theta, torch.ones(n_theta), best, deadline, limit, rng)
+    while time.perf_counter() < deadline and trials < limit:  # converged early: basin hopping from the best
+        hop = theta + 0.3 * torch.randn(n_theta, generator=rng, dtype=theta.dtype)
+        e_hop = loss(hop)
+        hop, e_hop, more = _coordinate_search(loss, hop, torch.ones(n_theta), e_hop, deadline, limit - trials - 1, rng)
+        trials += more + 1
+        if e_hop < best:
+            theta, best = hop, e_hop
     grid, fit = with_scales(theta), best
     if scales and trials + 1 < limit:
         z = torch.cat([theta, torch.zeros(n_evals, dtype=theta.dtype)])

@@ -248,3 +248,20 @@ def test_cli_distillation_and_conditional_flow(tmp_path):
                  "--out", str(tmp_path / "bad")]) != 0
     assert main(["train", "gan", "--data", "gmm2d", "--conditional", "--steps", "2",
                  "--out", str(tmp_path / "bad2")]) != 0
+
+
+def test_beyond_teacher_recipe_takes_vector_settings_on_vector_data():
+    """On vectors the recipe uses Table 7's Gaussian σ range, lr 2e-4 and σ_init 5 (RECIPE_VECTOR_OVERRIDES);
+    on images it keeps its own; a keyword the user gives wins over both."""
+    from flowsolve.train.score_gan import RECIPE_VECTOR_OVERRIDES, RECIPES
+    teacher = fs.from_pretrained("pretrained/gmm2d-edm")
+    gen = fs.train.score_gan(teacher, (2,), data="gmm2d", recipe="beyond-teacher", steps=1, batch_size=8,
+                             progress=False)
+    cfg = gen.metadata["training"]["config"]
+    for k, v in RECIPE_VECTOR_OVERRIDES["beyond-teacher"].items():
+        assert cfg[k] == v, k
+    assert cfg["init"] == "teacher" and cfg["K"] == RECIPES["beyond-teacher"]["K"]
+    gen = fs.train.score_gan(teacher, (2,), data="gmm2d", recipe="beyond-teacher", steps=1, batch_size=8,
+                             sigma_max=20.0, progress=False)
+    assert gen.metadata["training"]["config"]["sigma_max"] == 20.0
+    assert RECIPES["beyond-teacher"]["sigma_min"] == 0.32     # the image settings are untouched
