@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import grids
 from ._checks import check_int, check_number
 from .errors import ArgumentError
 from .fields.base import Field
@@ -72,8 +73,11 @@ class _Parametrization:
         body = default[:-1] if self.log_sigma else default
         u = body.log() if self.log_sigma else body
         self.u0, self.u1 = float(u[0]), float(u[-1])
-        widths = (u[1:] - u[:-1]) / (self.u1 - self.u0)
-        self.theta0 = widths.clamp(min=1e-9).log()
+        self.theta0 = self._theta(u)
+
+    def _theta(self, u: torch.Tensor) -> torch.Tensor:
+        """The logits of a grid given in u (its knots from u0 to u1)."""
+        return ((u[1:] - u[:-1]) / (self.u1 - self.u0)).clamp(min=1e-9).log()
 
     def starts(self) -> list[torch.Tensor]:
         """Starting points beside the solver's default grid, with the same ends and knot count: in
@@ -82,22 +86,15 @@ class _Parametrization:
         shape far more than on small moves of one knot (GITS' observation), so the search starts
         from the best of these."""
         m = len(self.theta0)
-        ramp = torch.linspace(0, 1, m + 1, dtype=torch.float64)
-        shapes = []
         if self.log_sigma:
-            hi, lo = math.exp(self.u0), math.exp(self.u1)
-            for rho in (3.0, 5.0, 7.0, 12.0):
-                s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-                shapes.append(s.log())
-            shapes.append(self.u0 + ramp * (self.u1 - self.u0))
+            lo, hi = math.exp(self.u1), math.exp(self.u0)
+            sigmas = [grids.karras(m, lo, hi, rho, final_zero=False) for rho in (3.0, 5.0, 7.0, 12.0)]
+            shapes = [s.log() for s in [*sigmas, grids.loglinear(m, lo, hi, final_zero=False)]]
         else:
-            for p in (0.7, 1.0, 1.5, 2.0):
-                shapes.append(self.u0 + ramp**p * (self.u1 - self.u0))
-        out = []
-        for u in shapes:
-            widths = (u[1:] - u[:-1]) / (self.u1 - self.u0)
-            out.append(widths.clamp(min=1e-9).log())
-        return out
+            ramp = torch.linspace(0, 1, m + 1, dtype=torch.float64)
+            shapes = [self.u0 + ramp**p * (self.u1 - self.u0) for p in (0.7, 1.0, 1.5, 2.0)]
+        thetas = [self._theta(u) for u in shapes]
+        return [t for t in thetas if not torch.allclose(t, self.theta0)]  # the default is tried already
 
     def grid(self, theta: torch.Tensor) -> torch.Tensor:
         c = torch.cat([torch.zeros(1, dtype=torch.float64), torch.softmax(theta, 0).cumsum(0)])

@@ -236,8 +236,13 @@ class Sum(Field):
         return Sum([f.bind(cond) for f in self.fields])
 
     def passes(self) -> int | None:
-        counts = [f.passes() for f in self.fields]
-        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+        total = 0
+        for f in self.fields:
+            count = f.passes()
+            if count is None:
+                return None
+            total += count
+        return total
 
     def __call__(self, x, t):
         out = self.fields[0](x, t)

@@ -67,8 +67,7 @@ class LatentDecoding:
         scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         p = next(vae.parameters())
         out = vae.decode((latents / scale).to(p.device, p.dtype))
-        decoded = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
-        return decoded
+        return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
 
 
 def accepted_inputs(model) -> frozenset[str] | None:
@@ -338,6 +337,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             k = mcfg["num_embeds_ada_norm"]  # DiT's label table has a null row at index K (DiTPipeline)
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
         self.channels = mcfg.get("in_channels")
+        self._knot_cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # σ knot -> timestep (CPU)
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -346,18 +346,15 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.schedule == "edm":
             return 0.25 * sigma.log()
         if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0:  # one σ for the batch (a solver's knot)
-            return self._knot_timestep(float(sigma[0]), sigma.dtype, sigma.device).expand(len(sigma))
+            if sigma.device.type != "cpu":  # reading the value would wait for the device: interpolate one row
+                return self._timesteps(sigma[:1]).expand(len(sigma))
+            key = (float(sigma[0]), sigma.dtype)  # a solver visits the same knots on every batch: remember them
+            if key not in self._knot_cache:
+                if len(self._knot_cache) > 4096:
+                    self._knot_cache.clear()
+                self._knot_cache[key] = self._timesteps(sigma[:1])
+            return self._knot_cache[key].expand(len(sigma))
         return self._timesteps(sigma)
-
-    def _knot_timestep(self, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The timestep of one σ, remembered (a solver visits the same knots on every batch)."""
-        key = (sigma, dtype, device)
-        cache = self.__dict__.setdefault("_knot_cache", {})
-        if key not in cache:
-            if len(cache) > 4096:
-                cache.clear()
-            cache[key] = self._timesteps(torch.tensor([sigma], dtype=dtype, device=device))
-        return cache[key]
 
     def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         ls = self.log_sigmas.to(sigma.device)

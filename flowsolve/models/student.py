@@ -36,8 +36,7 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
         if not sig or any(not s > 0 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
             raise ArgumentError(f"sigmas: expected positive, strictly decreasing noise levels, got {sig}")
         self.net, self.sigmas = net, tuple(sig)
-        self.shape: tuple[int, ...] = tuple(data_shape)
-        self.data_shape = self.shape
+        self.data_shape: tuple[int, ...] = tuple(data_shape)
         self.conditioning = dict(conditioning or getattr(net, "conditioning", {}) or {})
         self.metadata: dict = {}
 
@@ -46,7 +45,7 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
         return len(self.sigmas)
 
     def latents(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.steps, *self.shape, generator=generator or seeded_generator(seed))
+        return torch.randn(n, self.steps, *self.data_shape, generator=generator or seeded_generator(seed))
 
     def chain(self, z: torch.Tensor, upto: int | None = None, **cond) -> torch.Tensor:
         """x_0 after steps 1..upto (default: all) of the chain; gradients flow only through the last."""
@@ -77,7 +76,7 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
 
         info = {
             "student": {"sigmas": list(self.sigmas), "teacher": teacher_source},
-            "data_shape": list(self.shape),
+            "data_shape": list(self.data_shape),
             "conditioning": self.conditioning,
             **metadata,
         }

@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field as dc_field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -254,6 +254,14 @@ class PathGrid:
     def rho(self, i: int) -> float:
         """The VE noise level σ/α at knot i (∞ at pure noise)."""
         return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
+
+
+def combine(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_j w_j v_j, in order (the multistep solvers' weighted sums of past evaluations)."""
+    out = weights[0] * values[0]
+    for w, v in zip(weights[1:], values[1:]):
+        out = out + w * v
+    return out
 
 
 def ddim_step(x: torch.Tensor, den: torch.Tensor, s_i: float, s_j: float, a_j: float, h: float) -> torch.Tensor:

@@ -22,19 +22,12 @@ from collections import deque
 
 import torch
 
-from .base import PathGrid, Run, ddim_step, lagrange_weights
+from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
 from .._checks import check_int
 
 
 def _order(order, lo: int = 1, hi: int = 4) -> int:
     return check_int("order", order, lo, hi)
-
-
-def _combine(weights: Sequence[float], values) -> torch.Tensor:
-    out = weights[0] * values[0]
-    for w, v in zip(weights[1:], values[1:]):
-        out = out + w * v
-    return out
 
 
 def exponential_multistep(
@@ -71,7 +64,7 @@ def exponential_multistep(
             nodes = [lam[i]] + [h[0] for h in reversed(hist)][:order]
             wc = lagrange_weights(nodes, lam[i - 1], lam[i], exp_kernel=True)
             vals = [den] + [h[1] for h in reversed(hist)][:order]
-            x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * _combine(wc, vals)
+            x = (sig[i] / sig[i - 1]) * x_prev + alpha[i] * combine(wc, vals)
         if lam[i] > -math.inf:
             hist.append((lam[i], den))
         if sig[i + 1] == 0 or lam[i] == -math.inf:  # to the data (lands on α D) or from pure noise: exact
@@ -87,7 +80,7 @@ def exponential_multistep(
                 w = lagrange_weights(
                     [h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True
                 )  # W_j (closed form above)
-            x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * _combine(w, [h[1] for h in recent])  # x_{i+1}
+            x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * combine(w, [h[1] for h in recent])  # x_{i+1}
         x_prev, x = x, x_next
         run.tick(i, x)
     return x
@@ -132,7 +125,7 @@ def ipndm(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
     hist: deque = deque(maxlen=order)
     for i in run.steps():
         hist.appendleft(run.f(x, i))
-        x = x + (t[i + 1] - t[i]) * _combine(_IPNDM[len(hist)], list(hist))
+        x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
         run.tick(i, x)
     return x
 
@@ -146,7 +139,7 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
     for i in run.steps():
         hist.appendleft((t[i], run.f(x, i)))
         w = lagrange_weights([h[0] for h in hist], t[i], t[i + 1], exp_kernel=False)
-        x = x + _combine(w, [h[1] for h in hist])
+        x = x + combine(w, [h[1] for h in hist])
         run.tick(i, x)
     return x
 

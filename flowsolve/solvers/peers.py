@@ -28,7 +28,7 @@ from collections import deque
 
 import torch
 
-from .base import PathGrid, Run, ddim_step, lagrange_weights
+from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
 from .._checks import check_int
 from ..errors import ArgumentError
 
@@ -130,11 +130,8 @@ def unipc(
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
             if k > 1:
                 b_h, rho = _unipc_coeffs(rks, h, k, variant, predictor=True)
-                pred: torch.Tensor | None = None
-                for rk, (_, dj), c in zip(rks, older, rho):
-                    term = (c / rk) * (dj - den)
-                    pred = term if pred is None else pred + term
-                x = x - (p.a[i + 1] * b_h) * pred  # type: ignore[operator]  # k > 1: pred is set
+                pred = combine([c / rk for rk, c in zip(rks, rho)], [dj - den for _, dj in older])
+                x = x - (p.a[i + 1] * b_h) * pred
             prev_order = k
         run.tick(i, x)
     return x
@@ -171,11 +168,8 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
             recent = list(hist)[-k:][::-1]
             u_i, u_j = math.log(p.rho(i)), math.log(p.rho(i + 1))
             w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)  # ∫ e^{u − u_j} ℓ_j du
-            step: torch.Tensor | None = None
-            for c, (_, e) in zip(w, recent):
-                term = (c * p.rho(i + 1)) * e  # c_j = ρ_{i+1} W_j
-                step = term if step is None else step + term
-            x = (p.a[i + 1] / p.a[i]) * x + p.a[i + 1] * step  # type: ignore[operator]  # k ≥ 1: step is set
+            step = combine([c * p.rho(i + 1) for c in w], [e for _, e in recent])  # c_j = ρ_{i+1} W_j
+            x = (p.a[i + 1] / p.a[i]) * x + p.a[i + 1] * step
         run.tick(i, x)
     return x
 
