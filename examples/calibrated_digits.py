@@ -1,5 +1,5 @@
 """Low-NFE digits with calibrated grids: FD and endpoint error of the shipped digits-edm at NFE 5 and 8,
-default against calibrated grids (`flowsolve calibrate --model pretrained/digits-edm --solver ipndm
+default against calibrated grids (`flowsolve calibrate --model pretrained/digits-edm --solver deis|ipndm
 --nfe 5,8 --seconds 60` wrote them into the folder), on seeds the calibration never saw.
 
     python examples/calibrated_digits.py [--n 1000] [--seed 1]
@@ -31,7 +31,7 @@ def main() -> None:
           f"against the 400 held-out digits; endpoint error against Heun at 127 NFE from the same noise\n")
     print("| solver | NFE | grid | FD | endpoint error |")
     print("|---|---:|---|---:|---:|")
-    for solver in ("ipndm", "dpmpp_2m"):
+    for solver in ("deis", "ipndm", "dpmpp_2m"):
         for nfe in (5, 8):
             grids = [("karras", None)]
             if f"{solver}:{nfe}" in field.calibrated:

@@ -11,13 +11,17 @@ What the literature offers and what is used here:
   can be calibrated through `fs.sample` itself, within a wall-clock budget; and its observation that
   the grid's overall shape matters most at low NFE: the search starts from the best of a few shapes
   (Karras ρ = 3 … 12, log-linear; power laws in t).
-- AMED (Zhou et al. 2024), S4S and DPM-Solver-v3 also learn solver coefficients or mid-points. Used:
-  one learned factor per field evaluation (the k-th output is multiplied by c_k: ε-scaling, Ning et
-  al. 2024, made a fitted coefficient), searched jointly with the grid in the second half of the
-  budget and kept only where it lowers the error on fresh points (`scales=True`). It decouples each
-  step's length from where the model is evaluated, for every solver alike, with one number per NFE;
-  within a minute on digits-edm the grid alone, given the whole budget, did better, so it is opt-in.
-The fit is measured on fresh seeds the calibration never saw (`validate`).
+- S4S (Frankel et al. 2025), AMED (Zhou et al. 2024) and DPM-Solver-v3 learn solver coefficients
+  as well as (or instead of) the grid. Used: S4S's idea of learning the multistep coefficients
+  themselves, in a form that needs no knowledge of the solver: the k-th evaluation the solver sees
+  becomes Σ_{j≤k} W_kj f_j (W lower-triangular, W = I is the solver itself; a diagonal W is learned
+  ε-scaling, Ning et al. 2024). For a linear multistep solver this spans corrections of all its
+  weights, for every registered solver alike, with NFE(NFE+1)/2 numbers. Unlike the grid, W enters
+  the solve differentiably, so it is fitted by L-BFGS with gradients through the solver and the
+  field (LD3's backpropagation) in the second half of the budget, from the calibrated grid, and kept
+  only where it lowers the error on fresh points. On digits-edm (deis, NFE 5) the grid search alone
+  stalls at 0.90; the coefficients bring it to about 0.62 within the same minute.
+The fit is measured on fresh seeds the calibration never saw.
 
 The search runs in log σ for σ-time fields (σ_max … σ_min, then 0) and in t otherwise.
 """
@@ -129,6 +133,60 @@ def _coordinate_search(
     return x, best, trials
 
 
+class _OutOfTime(Exception):
+    """Raised inside the coefficient fit when the budget is spent."""
+
+
+def _fit_coefficients(
+    solve, ref: torch.Tensor, n_evals: int, deadline: float, start: list | None = None
+) -> tuple[list | None, float]:
+    """S4S/LD3-style learned solver coefficients: a lower-triangular matrix W (diagonal exp(d),
+    below it free) so that the solver's k-th evaluation is Σ_{j≤k} W_kj f_j, fitted by L-BFGS with
+    gradients through the solver and the field to the reference endpoints, from `start` (default
+    W = I, the solver itself). Returns the best rows found (None if the field cannot be
+    differentiated) and their fitting error."""
+    d = torch.zeros(n_evals, dtype=torch.float64)
+    low = torch.zeros(n_evals, n_evals, dtype=torch.float64)
+    for k, row in enumerate(start or []):
+        d[k] = math.log(row[k])
+        low[k, :k] = torch.tensor(row[:k], dtype=torch.float64)
+    d.requires_grad_(True)
+    low.requires_grad_(True)
+
+    def rows(dd: torch.Tensor, ll: torch.Tensor) -> list[list[torch.Tensor]]:
+        return [[*ll[k, :k].unbind(0), dd[k].exp()] for k in range(n_evals)]
+
+    best: dict = {"e": math.inf, "rows": None}
+    opt = torch.optim.LBFGS([d, low], lr=1.0, max_iter=5, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        if time.perf_counter() >= deadline:
+            raise _OutOfTime
+        opt.zero_grad()
+        x = solve(rows(d, low))
+        e = (x.double() - ref.double()).reshape(len(x), -1).norm(dim=1).mean()
+        if not torch.isfinite(e):
+            return torch.tensor(math.inf, dtype=torch.float64)
+        e.backward()
+        if low.grad is not None:
+            low.grad.tril_(-1)  # only the strictly lower part is free
+        if e.item() < best["e"]:
+            best["e"], best["rows"] = e.item(), [[float(c) for c in r] for r in rows(d.detach(), low.detach())]
+        return e
+
+    try:
+        while time.perf_counter() < deadline:
+            before = best["e"]
+            opt.step(closure)
+            if math.isfinite(before) and not best["e"] < before * (1 - 1e-6):  # converged
+                break
+    except _OutOfTime:
+        pass
+    except RuntimeError:  # a field that cannot be differentiated (or ran out of memory): no coefficients
+        return None, math.inf
+    return best["rows"], best["e"]
+
+
 def calibrate(
     field: Field,
     solver: str,
@@ -139,26 +197,27 @@ def calibrate(
     seconds: float = 60.0,
     cond: dict | None = None,
     max_trials: int | None = None,
-    scales: bool = False,
+    coefficients: bool = True,
     return_result: bool = False,
     **options,
 ):
     """A 1-D grid for `fs.sample(field, solver, nfe=nfe, grid=...)` fitted to a converged solve of
     `field` from n starting points of its prior (seed `seed`), within `seconds` of wall time (the
     reference solves included). Returns the grid (float64), or a `Calibration` with `return_result=True`.
-    The search runs until the budget is spent or `max_trials` candidate grids (no limit by default)
-    were tried: from the best of a few grid shapes, one knot at a time, halving its step after a
-    sweep without improvement; once the step is below 10⁻³ it hops (random moves of the logits
-    from the best grid, each followed by the same search) and keeps any better grid it finds.
 
-    With `scales=True`, the second half of the budget also fits one factor per field evaluation
-    (learned ε-scaling, AMED/S4S-style solver coefficients), kept only where it pays: where it lowers
-    the endpoint error on n/2 fresh starting points the search never saw. Off by default: on
-    digits-edm with 60 s, the grid alone given the whole budget was better on fresh seeds (ipndm
-    NFE 8: 0.33 against 0.46; deis NFE 5: 0.64 against 0.78). The grid then carries them
-    (`grid.scales`), and `fs.sample(..., grid=grid)` and `save_calibration` use them."""
+    The grid search runs until its share of the budget is spent or `max_trials` candidate grids (no
+    limit by default) were tried: from the best of a few grid shapes, one knot at a time, halving its
+    step after a sweep without improvement; once the step is below 10⁻³ it hops (random moves of the
+    logits from the best grid, each followed by the same search) and keeps any better grid it finds.
+
+    With `coefficients=True` (the default) the second half of the budget fits the solver's
+    coefficients on that grid (`_fit_coefficients`: the k-th evaluation becomes Σ_{j≤k} W_kj f_j, by
+    L-BFGS through the solver and the field), kept only where they lower the endpoint error on n/2
+    fresh starting points the fit never saw. The grid then carries them (`grid.coefficients`), and
+    `fs.sample(..., grid=grid)` and `save_calibration` use them. digits-edm, deis NFE 5, 60 s: fresh
+    endpoint error 0.90 with the grid alone, 0.62 with the coefficients."""
     from . import solvers as registry
-    from .sample import initial_noise, resolve_grid, sample
+    from .sample import check_cond, cond_rows, initial_noise, resolve_grid, sample
 
     t0 = time.perf_counter()
     spec = registry.get(solver)
@@ -178,17 +237,14 @@ def calibrate(
             f"nfe: {nfe} evaluations give {len(default) - 1} step under {solver!r}; nothing to calibrate"
         )
     x0 = initial_noise(field, seed, 0, n, field.data_shape, t_start=float(default[0]))
+    t_ref = time.perf_counter()
     ref = reference_solve(field, x0, cond)
+    t_ref = time.perf_counter() - t_ref
     par = _Parametrization(field, default)
     _, info = sample(
         field, solver, grid=default, x_init=x0[:2], nfe=nfe, return_info=True, cond=_rows(cond, 2), **options
     )
     n_theta, n_evals = len(par.theta0), info.nfe
-
-    def with_scales(z: torch.Tensor) -> torch.Tensor:
-        g = par.grid(z[:n_theta])
-        g.scales = z[n_theta:].exp().tolist() if len(z) > n_theta else None  # type: ignore[attr-defined]
-        return g
 
     def error(g: torch.Tensor, start: torch.Tensor, target: torch.Tensor, c: dict | None) -> float:
         try:
@@ -198,8 +254,8 @@ def calibrate(
         e = endpoint_error(x, target)
         return e if math.isfinite(e) else math.inf
 
-    def loss(z: torch.Tensor) -> float:
-        return error(with_scales(z), x0, ref, cond)
+    def loss(theta: torch.Tensor) -> float:
+        return error(par.grid(theta), x0, ref, cond)
 
     limit = math.inf if max_trials is None else check_int("max_trials", max_trials, 1)
     rng = torch.Generator().manual_seed(seed + 1)
@@ -211,7 +267,7 @@ def calibrate(
         starts += 1
         if e < best:
             theta, best = start, e
-    deadline = t0 + (seconds / 2 if scales else seconds)
+    deadline = t0 + (0.4 * seconds if coefficients else seconds)  # the grid search's share
     theta, best, trials = _coordinate_search(loss, theta, torch.ones(n_theta), best, deadline, limit, rng)
     while time.perf_counter() < deadline and trials < limit:  # converged early: basin hopping from the best
         hop = theta + 0.3 * torch.randn(n_theta, generator=rng, dtype=theta.dtype)
@@ -220,20 +276,44 @@ def calibrate(
         trials += more + 1
         if e_hop < best:
             theta, best = hop, e_hop
-    grid, fit = with_scales(theta), best
-    if scales and trials + 1 < limit:
-        z = torch.cat([theta, torch.zeros(n_evals, dtype=theta.dtype)])
-        unit = torch.cat([torch.full((n_theta,), 0.25), torch.full((n_evals,), 0.1)])
-        z, best_z, more = _coordinate_search(loss, z, unit, best, t0 + seconds, limit - trials - 1, rng)
-        trials += more
-        if best_z < best:  # keep the factors only if they also win on fresh points
-            fresh = initial_noise(field, seed + 7919, 0, max(2, n // 2), field.data_shape, t_start=float(default[0]))
-            fresh_cond = _rows(cond, len(fresh))
-            fresh_ref = reference_solve(field, fresh, fresh_cond)
-            if error(with_scales(z), fresh, fresh_ref, fresh_cond) < error(grid, fresh, fresh_ref, fresh_cond):
-                grid, fit = with_scales(z), best_z
+    grid, fit = par.grid(theta), best
     if not fit < default_err:  # never worse than the default on the fitting points
         grid, fit = default, default_err
+    if coefficients:  # block coordinate descent: the coefficients on the grid, the grid under them, …
+        bound = field.bind(cond_rows(check_cond(cond, n), 0, n, n))
+        end = t0 + seconds - 0.6 * t_ref  # leave time for the fresh points' reference solve and two solves
+        rows, cur, kept = None, fit, None
+        while time.perf_counter() < end:
+            on = par.grid(theta)  # (θ is the default's logits where the search kept the default)
+
+            def solve(w: list, g: torch.Tensor = on) -> torch.Tensor:
+                run = registry.Run(bound, g, x0, solver=spec.name, coefficients=w)
+                with torch.enable_grad():
+                    return spec.fn(run, x0, **options)
+
+            rows, e_rows = _fit_coefficients(solve, ref, n_evals, end, rows)
+            if rows is None or not e_rows < cur * (1 - 1e-4):
+                break
+            cur, kept = e_rows, (on, rows)
+
+            def loss_with(t: torch.Tensor, w: list = rows) -> float:
+                g = par.grid(t)
+                g.coefficients = w  # type: ignore[attr-defined]
+                return error(g, x0, ref, cond)
+
+            theta, e_grid, more = _coordinate_search(loss_with, theta, torch.ones(n_theta), cur, end, math.inf, rng)
+            trials += more
+            if not e_grid < cur * (1 - 1e-4):
+                break
+            cur, kept = e_grid, (par.grid(theta), rows)
+        if kept is not None:  # keep the coefficients only if they also win on fresh points
+            mixed = kept[0].clone()
+            mixed.coefficients = kept[1]  # type: ignore[attr-defined]
+            fresh = initial_noise(field, seed + 7919, 0, max(2, n // 2), field.data_shape, t_start=float(grid[0]))
+            fresh_cond = _rows(cond, len(fresh))
+            fresh_ref = reference_solve(field, fresh, fresh_cond)
+            if error(mixed, fresh, fresh_ref, fresh_cond) < error(grid, fresh, fresh_ref, fresh_cond):
+                grid, fit = mixed, cur
     if not return_result:
         return grid
     return Calibration(grid, spec.name, nfe, fit, default_err, trials + 1 + starts, time.perf_counter() - t0)

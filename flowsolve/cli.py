@@ -511,7 +511,16 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"--model: {args.model!r} is a generator (one evaluation); there is no grid to calibrate")
     field = model.field()
     for nfe in _values(args.nfe, "--nfe"):
-        r = calibrate(field, args.solver, nfe, n=args.n, seed=args.seed, seconds=args.seconds, return_result=True)
+        r = calibrate(
+            field,
+            args.solver,
+            nfe,
+            n=args.n,
+            seed=args.seed,
+            seconds=args.seconds,
+            coefficients=not args.grid_only,
+            return_result=True,
+        )
         save_calibration(args.model, r.solver, nfe, r.grid)
         # measured on fresh starting points (seed + 1000), never on the ones it was fitted on
         z = initial_noise(field, args.seed + 1000, 0, args.n, field.data_shape, t_start=float(r.grid[0]))
@@ -523,7 +532,7 @@ def cmd_calibrate(args) -> int:
         print(
             f"{args.solver} nfe {nfe}: endpoint error {fresh['default']:.4g} -> {fresh['calibrated']:.4g} on fresh "
             f"points ({r.default_fit_error:.4g} -> {r.fit_error:.4g} fitted), {r.trials} grids in {r.seconds:.0f} s"
-            + (", with per-evaluation scales" if getattr(r.grid, "scales", None) else ""),
+            + (", with learned solver coefficients" if getattr(r.grid, "coefficients", None) else ""),
             flush=True,
         )
     print(f"wrote {Path(args.model) / 'calibration.json'}")
@@ -781,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget per NFE")
     k.add_argument("--n", type=int, default=256, help="starting points to fit on")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="fit the grid alone, no learned solver coefficients (the whole budget goes to the grid)",
+    )
     k.set_defaults(func=cmd_calibrate)
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.set_defaults(func=cmd_solvers)

@@ -130,24 +130,31 @@ def _particles(field: Field, n, shape, x_init, device, dtype) -> tuple[int, tupl
 
 
 def calibrated_grid(entry) -> torch.Tensor:
-    """A calibration.json entry (a list of times, or {"grid": times, "scales": per-evaluation
-    factors}) as a float64 grid tensor carrying its `scales` (None when absent)."""
-    times, scales = (entry["grid"], entry.get("scales")) if isinstance(entry, dict) else (entry, None)
+    """A calibration.json entry (a list of times, or {"grid": times, "coefficients": rows}) as a
+    float64 grid tensor carrying its `coefficients` (None when absent)."""
+    times, rows = (entry["grid"], entry.get("coefficients")) if isinstance(entry, dict) else (entry, None)
     g = torch.tensor(times, dtype=torch.float64)
-    g.scales = None if scales is None else [float(c) for c in scales]  # type: ignore[attr-defined]
+    g.coefficients = None if rows is None else [[float(c) for c in r] for r in rows]  # type: ignore[attr-defined]
     return g
 
 
-def evaluation_scales(grid) -> list[float] | None:
-    """The per-evaluation factors a calibrated grid carries (`grid.scales`), checked: the solver's
-    k-th field evaluation is multiplied by scales[k] (learned ε-scaling, `calibrate.calibrate`)."""
-    scales = getattr(grid, "scales", None)
-    if scales is None:
+def evaluation_coefficients(grid) -> list[list[float]] | None:
+    """The solver coefficients a calibrated grid carries (`grid.coefficients`), checked: row k holds
+    k + 1 finite numbers, and the solver's k-th field evaluation becomes Σ_{j≤k} row_k[j] · f_j
+    (learned multistep coefficients, `calibrate.calibrate`; identity rows change nothing)."""
+    rows = getattr(grid, "coefficients", None)
+    if rows is None:
         return None
-    scales = [float(c) for c in scales]
-    if not all(math.isfinite(c) and c > 0 for c in scales):
-        raise ArgumentError(f"grid: its scales must be positive finite numbers, got {scales}")
-    return scales
+    try:
+        rows = [[float(c) for c in r] for r in rows]
+    except (TypeError, ValueError):
+        raise ArgumentError(f"grid: its coefficients must be rows of numbers, got {rows!r}") from None
+    for k, r in enumerate(rows):
+        if len(r) != k + 1 or not all(math.isfinite(c) for c in r):
+            raise ArgumentError(
+                f"grid: coefficient row {k} must hold {k + 1} finite numbers (evaluations 0..{k}), got {r}"
+            )
+    return rows
 
 
 # the solvers that are a FlowMatch/SCM scheduler's own loop: they keep the scheduler's schedule
@@ -216,11 +223,11 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
         if grid is None:
             grid = _solver_default_grid(field, spec)  # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
-    scales = evaluation_scales(grid)
+    rows = evaluation_coefficients(grid)
     g = grids.check(grid)
-    if scales is not None:
+    if rows is not None:
         g = g.clone()
-        g.scales = scales  # type: ignore[attr-defined]
+        g.coefficients = rows  # type: ignore[attr-defined]
     lo, hi = field.domain()
     slack = DOMAIN_TOLERANCE * max(1.0, abs(lo), abs(hi) if math.isfinite(hi) else 1.0)
     if float(g.min()) < lo - slack or float(g.max()) > hi + slack:
@@ -281,7 +288,7 @@ def sample(
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
         ('karras', 'loglinear', 'uniform', 'calibrated') sized by nfe. A grid from `fs.grids.calibrate`
-        may carry per-evaluation scales (`grid.scales`), applied to the field's outputs in order.
+        may carry solver coefficients (`grid.coefficients`), which mix the field's outputs in order.
     n / shape or x_init: how many particles of which shape, or given starting particles.
     seed: per-sample noise, so sample i is identical for any n and batch_size (None: OS entropy).
     batch_size: integrate at most this many particles at a time (bounded memory).
@@ -308,7 +315,7 @@ def sample(
             f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
         )
     g64, budget = resolve_grid(field, spec, nfe, grid)
-    scales = evaluation_scales(g64)  # a calibrated grid's per-evaluation factors, if it carries them
+    coefficients = evaluation_coefficients(g64)  # a calibrated grid's solver coefficients, if it carries them
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
@@ -350,7 +357,7 @@ def sample(
             trajectory_every=trajectory_every,
             progress=progress,
             budget=budget if spec.adaptive else None,
-            scales=scales,
+            coefficients=coefficients,
         )
         x = spec.fn(run, x, **options)
         run.finish()

@@ -67,40 +67,59 @@ def test_calibration_refuses_what_it_cannot_fit():
         fs.grids.calibrate(field, "euler", 5, seconds=0)
 
 
-def test_evaluation_scales_multiply_the_field_outputs_in_order():
-    """A grid carrying `scales` makes the k-th evaluation c_k · f: Euler with scales is Euler on the
-    scaled velocities, by hand; the scales survive storage and grid="calibrated"."""
+def test_solver_coefficients_mix_the_field_outputs_in_order():
+    """A grid carrying `coefficients` (lower-triangular rows W) hands the solver Σ_{j≤k} W_kj f_j as
+    its k-th evaluation: Euler with coefficients, by hand; identity rows change nothing; malformed
+    rows are refused naming the row."""
     field = fs.fields.EDM(GMM.denoiser)
     g = fs.grids.karras(3, 0.002, 80.0).double()
-    g.scales = [0.9, 1.1, 1.05]
+    g.coefficients = [[0.9], [0.2, 1.1], [-0.1, 0.3, 1.05]]
     z = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
-    x = z.clone()
+    x, raw = z.clone(), []
     for k in range(3):
-        v = field(x, g[k].to(x.dtype)) * g.scales[k]
+        raw.append(field(x, g[k].to(x.dtype)))
+        v = sum(w * f for w, f in zip(g.coefficients[k], raw))
         x = x + (g[k + 1] - g[k]) * v
     assert torch.allclose(fs.sample(field, "euler", grid=g, x_init=z), x, atol=1e-10)
-    plain = g.clone()
-    assert not torch.allclose(fs.sample(field, "euler", grid=plain, x_init=z), x)
-    with pytest.raises(ValueError, match="scales"):
+    identity = g.clone()
+    identity.coefficients = [[1.0], [0.0, 1.0], [0.0, 0.0, 1.0]]
+    assert torch.equal(fs.sample(field, "euler", grid=identity, x_init=z),
+                       fs.sample(field, "euler", grid=g.clone(), x_init=z))
+    for rows, match in (([[1.0], [1.0]], "row 1 must hold 2"), ([[1.0], [0.0, float("nan")]], "row 1"),
+                        ("abc", "rows of numbers")):
         bad = g.clone()
-        bad.scales = [1.0, -1.0, 1.0]
-        fs.sample(field, "euler", grid=bad, x_init=z)
+        bad.coefficients = rows
+        with pytest.raises(ValueError, match=match):
+            fs.sample(field, "euler", grid=bad, x_init=z)
 
 
-def test_calibrated_scales_are_kept_only_where_they_pay_and_are_stored(tmp_path):
-    """With scales, calibration fits one factor per evaluation in the second half of its budget and
-    keeps them only if they win on fresh points; either way the result beats the default on fresh
-    seeds, and the stored entry (with or without scales) samples the same as the returned grid."""
+def test_learned_coefficients_pay_on_fresh_seeds_and_are_stored(tmp_path):
+    """Calibration fits the solver coefficients by gradient after the grid and keeps them only if they
+    win on fresh points; on the mixture they lower the fresh-seed error below the grid alone, and the
+    stored entry samples exactly as the returned grid."""
     from flowsolve.models.io import read_calibration, save_calibration
     field = fs.fields.EDM(GMM.denoiser)
-    g = fs.grids.calibrate(field, "ipndm", 5, n=256, seed=0, seconds=20, max_trials=400)
-    z = initial_noise(field, 321, 0, 1000, (2,), t_start=80.0)
+    kw = dict(n=256, seed=0, seconds=8, max_trials=300)
+    g = fs.grids.calibrate(field, "ipndm", 5, **kw)
+    alone = fs.grids.calibrate(field, "ipndm", 5, coefficients=False, **kw)
+    assert getattr(alone, "coefficients", None) is None
+    rows = g.coefficients
+    assert [len(r) for r in rows] == [1, 2, 3, 4, 5]
+    assert rows != [[float(j == k) for j in range(k + 1)] for k in range(5)]  # not the identity
+    z = initial_noise(field, 321, 0, 1000, (2,), t_start=80.0)              # seeds the fit never saw
     ref = reference_solve(field, z)
     default = endpoint_error(fs.sample(field, "ipndm", nfe=5, x_init=z), ref)
-    assert endpoint_error(fs.sample(field, "ipndm", nfe=5, grid=g, x_init=z), ref) < 0.6 * default
-    scales = getattr(g, "scales", None)
-    assert scales is None or (len(scales) == 5 and all(c > 0 for c in scales))
+    e_alone = endpoint_error(fs.sample(field, "ipndm", nfe=5, grid=alone, x_init=z), ref)
+    e_mixed = endpoint_error(fs.sample(field, "ipndm", nfe=5, grid=g, x_init=z), ref)
+    assert e_mixed < e_alone < 0.6 * default, (default, e_alone, e_mixed)
     save_calibration(tmp_path, "ipndm", 5, g)
     field.calibrated = read_calibration(tmp_path)
     assert torch.equal(fs.sample(field, "ipndm", nfe=5, grid="calibrated", x_init=z),
                        fs.sample(field, "ipndm", nfe=5, grid=g, x_init=z))
+
+
+def test_coefficients_are_skipped_on_a_field_without_gradients():
+    """A field whose outputs carry no gradient (a black box) is still calibrated: grid only."""
+    black_box = fs.fields.EDM(lambda x, s: GMM.denoiser(x.detach(), s).detach(), shape=(2,))
+    g = fs.grids.calibrate(black_box, "ipndm", 5, n=64, seconds=2, max_trials=50)
+    assert getattr(g, "coefficients", None) is None and float(g[-1]) == 0.0

@@ -108,7 +108,7 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def read_calibration(folder: str | os.PathLike) -> dict:
-    """{"solver:nfe": [times...] or {"grid": [times...], "scales": [factors...]}} from a model
+    """{"solver:nfe": [times...] or {"grid": [times...], "coefficients": [[row]...]}} from a model
     folder's calibration.json ({} when absent)."""
     f = Path(folder) / CALIBRATION_FILE
     if not f.is_file():
@@ -119,24 +119,29 @@ def read_calibration(folder: str | os.PathLike) -> dict:
         return isinstance(v, list) and all(isinstance(t, (int, float)) for t in v)
 
     for k, v in data.items():
+        rows = v.get("coefficients") if isinstance(v, dict) else None
         ok = numbers(v) or (
-            isinstance(v, dict) and numbers(v.get("grid")) and (v.get("scales") is None or numbers(v["scales"]))
+            isinstance(v, dict)
+            and numbers(v.get("grid"))
+            and (rows is None or (isinstance(rows, list) and all(numbers(r) for r in rows)))
         )
         if ":" not in k or not ok:
             raise ArgumentError(
                 f"path: {str(f)!r} key {k!r}: expected 'solver:nfe' with a list of times or "
-                f"{{'grid': times, 'scales': factors}}"
+                f"{{'grid': times, 'coefficients': rows}}"
             )
     return data
 
 
 def save_calibration(folder: str | os.PathLike, solver: str, nfe: int, grid) -> Path:
-    """Store a calibrated grid (and its per-evaluation `scales`, if it carries them) in the model
+    """Store a calibrated grid (and its solver `coefficients`, if it carries them) in the model
     folder (calibration.json, keyed "solver:nfe", atomic)."""
     data = read_calibration(folder)
     times = [float(t) for t in grid]
-    scales = getattr(grid, "scales", None)
-    data[f"{solver}:{nfe}"] = times if scales is None else {"grid": times, "scales": [float(c) for c in scales]}
+    rows = getattr(grid, "coefficients", None)
+    data[f"{solver}:{nfe}"] = (
+        times if rows is None else {"grid": times, "coefficients": [[float(c) for c in r] for r in rows]}
+    )
     return atomic_write_text(Path(folder) / CALIBRATION_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

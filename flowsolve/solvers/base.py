@@ -93,10 +93,13 @@ class Run:
         trajectory_every: int = 0,
         progress: bool = False,
         budget: int | None = None,
-        scales: list[float] | None = None,
+        coefficients: Sequence[Sequence[Any]] | None = None,
     ) -> None:
         self.field, self.solver = field, solver
-        self.scales = scales  # per-evaluation factors of a calibrated grid (learned ε-scaling)
+        # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
+        # Σ_{j≤k} coefficients[k][j] · f_j (floats, or tensors while `calibrate` fits them)
+        self.coefficients = coefficients
+        self._raw: list[torch.Tensor] = []  # the field's own outputs, kept only under coefficients
         self.grid = grid
         self.times: list[float] = grid.tolist()
         tt = grid.to(dtype=x.dtype, device=x.device)
@@ -117,8 +120,9 @@ class Run:
 
     # -- field evaluations ---------------------------------------------------------------
     def _count(self, out: torch.Tensor, t: float) -> torch.Tensor:
-        if self.scales is not None and self.nfe < len(self.scales) and self.scales[self.nfe] != 1.0:
-            out = out * self.scales[self.nfe]
+        if self.coefficients is not None and self.nfe < len(self.coefficients):
+            self._raw.append(out)
+            out = combine(self.coefficients[self.nfe], self._raw)
         self.nfe += 1
         # one cheap reduction per evaluation, checked at the end (no host sync in the loop)
         self._checks.append((self.step, t, out.detach().sum()))
@@ -256,7 +260,7 @@ class PathGrid:
         return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
 
 
-def combine(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
+def combine(weights: Sequence[Any], values: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_j w_j v_j, in order (the multistep solvers' weighted sums of past evaluations)."""
     out = weights[0] * values[0]
     for w, v in zip(weights[1:], values[1:]):
