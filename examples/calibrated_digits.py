@@ -33,7 +33,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|")
     for solver in ("deis", "ipndm", "dpmpp_2m"):
         for nfe in (5, 8):
-            grids = [("karras", None)]
+            grids = [("default", None)]
             if f"{solver}:{nfe}" in field.calibrated:
                 grids.append(("calibrated", "calibrated"))
             for name, grid in grids:
