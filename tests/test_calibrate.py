@@ -57,6 +57,10 @@ def test_calibrated_grids_are_stored_with_the_model(tmp_path, capsys):
         fs.sample(m.field(), "heun", nfe=5, grid="calibrated", n=2)
     assert main(["sample", "--model", str(folder), "--solver", "ipndm", "--nfe", "4", "--grid", "calibrated",
                  "--n", "5", "--out", str(tmp_path / "x.npy"), "--quiet"]) == 0
+    # --grid-only: the whole budget to the grid, stored as a plain list of times
+    assert main(["calibrate", "--model", str(folder), "--solver", "ipndm", "--nfe", "6", "--seconds", "2",
+                 "--n", "32", "--grid-only"]) == 0
+    assert isinstance(json.loads((folder / "calibration.json").read_text())["ipndm:6"], list)
 
 
 def test_calibration_refuses_what_it_cannot_fit():
