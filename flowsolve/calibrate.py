@@ -258,8 +258,14 @@ def calibrate(
         e = endpoint_error(x, target)
         return e if math.isfinite(e) else math.inf
 
-    def loss(theta: torch.Tensor) -> float:
-        return error(par.grid(theta), x0, ref, cond)
+    def candidate(theta: torch.Tensor, rows: list | None = None) -> torch.Tensor:
+        """The grid of logits θ, carrying solver coefficients `rows` (None: the solver's own)."""
+        g = par.grid(theta)
+        g.coefficients = rows  # type: ignore[attr-defined]
+        return g
+
+    def loss(theta: torch.Tensor, rows: list | None = None) -> float:
+        return error(candidate(theta, rows), x0, ref, cond)
 
     limit = math.inf if max_trials is None else check_int("max_trials", max_trials, 1)
     rng = torch.Generator().manual_seed(seed + 1)
@@ -286,7 +292,7 @@ def calibrate(
     if coefficients:  # block coordinate descent: the coefficients on the grid, the grid under them, …
         bound = field.bind(cond_rows(check_cond(cond, n), 0, n, n))
         end = t0 + seconds - 0.8 * t_ref  # leave time for the fresh points' reference solve and two solves
-        rows, cur, kept = None, fit, None
+        rows, cur, kept = None, fit, None  # kept: the best (θ, rows) so far
         while time.perf_counter() < end:
             on = par.grid(theta)  # (θ is the default's logits where the search kept the default)
 
@@ -298,21 +304,16 @@ def calibrate(
             rows, e_rows = _fit_coefficients(solve, ref, n_evals, end, rows)
             if rows is None or not e_rows < cur * (1 - 1e-4):
                 break
-            cur, kept = e_rows, (on, rows)
-
-            def loss_with(t: torch.Tensor, w: list = rows) -> float:
-                g = par.grid(t)
-                g.coefficients = w  # type: ignore[attr-defined]
-                return error(g, x0, ref, cond)
-
-            theta, e_grid, more = _coordinate_search(loss_with, theta, torch.ones(n_theta), cur, end, math.inf, rng)
+            cur, kept = e_rows, (theta, rows)
+            theta, e_grid, more = _coordinate_search(
+                lambda t, w=rows: loss(t, w), theta, torch.ones(n_theta), cur, end, math.inf, rng
+            )
             trials += more
             if not e_grid < cur * (1 - 1e-4):
                 break
-            cur, kept = e_grid, (par.grid(theta), rows)
+            cur, kept = e_grid, (theta, rows)
         if kept is not None:  # keep the coefficients only if they also win on fresh points
-            mixed = kept[0].clone()
-            mixed.coefficients = kept[1]  # type: ignore[attr-defined]
+            mixed = candidate(*kept)
             fresh = initial_noise(field, seed + 7919, 0, max(2, n // 2), field.data_shape, t_start=float(grid[0]))
             fresh_cond = _rows(cond, len(fresh))
             fresh_ref = reference_solve(field, fresh, fresh_cond)

@@ -134,7 +134,7 @@ def calibrated_grid(entry) -> torch.Tensor:
     float64 grid tensor carrying its `coefficients` (None when absent)."""
     times, rows = (entry["grid"], entry.get("coefficients")) if isinstance(entry, dict) else (entry, None)
     g = torch.tensor(times, dtype=torch.float64)
-    g.coefficients = None if rows is None else [[float(c) for c in r] for r in rows]  # type: ignore[attr-defined]
+    g.coefficients = rows  # type: ignore[attr-defined]  # checked by resolve_grid
     return g
 
 
@@ -315,7 +315,7 @@ def sample(
             f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
         )
     g64, budget = resolve_grid(field, spec, nfe, grid)
-    coefficients = evaluation_coefficients(g64)  # a calibrated grid's solver coefficients, if it carries them
+    coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
