@@ -3,7 +3,7 @@ with the discriminator field (`fields.discriminator`) and are re-exported here."
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import ModelMixin
@@ -12,7 +12,7 @@ from torch import nn
 
 from ..fields.discriminator import LOSSES, GANLoss, gradient_penalty
 from .._checks import seeded_generator
-from .nets import FourierEmbedding
+from .nets import FourierEmbedding, make_activation
 from .protocol import GeneratorModel
 from ..errors import ArgumentError
 
@@ -191,7 +191,9 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
     0.2 down to the base resolution, then a linear head (Tables 4, 6: DCGAN discriminator, width 64).
     With `time_conditioned` (Discriminator Flows, Table 4), a Fourier embedding of t modulates every
     block by FiLM, h ← h·(1 + γ(t)) + β(t) (Perez et al. 2018). No normalisation layer, so the
-    gradient penalty and the input gradient of Eq. 20 are per sample."""
+    gradient penalty and the input gradient of Eq. 20 are per sample. `activation="silu"` makes f
+    smooth, so that its input gradient (the Discriminator Flow's velocity) varies continuously with x
+    instead of being piecewise constant."""
 
     @register_to_config
     def __init__(
@@ -204,6 +206,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         init_gain: float | None = 0.02,
         seed: int = 0,
         num_classes: int = 0,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         c, h, w = _image_shape(data_shape, "ConvDiscriminator")
@@ -213,7 +216,7 @@ class ConvDiscriminator(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(nn.Conv2d(a, b, 4, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:]))
         self.embed = FourierEmbedding(emb_size, emb_scale, seed) if time_conditioned else None
         self.film = nn.ModuleList(nn.Linear(emb_size, 2 * ch) for ch in chans) if time_conditioned else None
-        self.act = nn.LeakyReLU(0.2)
+        self.act = make_activation(activation)
         self.head = nn.Linear(chans[-1] * (h >> (len(sizes) - 1)) * (w >> (len(sizes) - 1)), 1)
         self.label_proj = _projection(num_classes, self.head.in_features)
         if init_gain:
@@ -291,18 +294,12 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
-        acts: dict[str, Callable[[], nn.Module]] = {
-            "relu": nn.ReLU,
-            "leaky_relu": lambda: nn.LeakyReLU(0.2),
-            "silu": nn.SiLU,
-        }
-        if activation not in acts:
-            raise ArgumentError(f"activation: expected one of {sorted(acts)}, got {activation!r}")
+        make_activation(activation)  # a bad name fails before any layer is built
         dim = int(torch.tensor(list(data_shape)).prod())
         layers: list[nn.Module] = []
         d_in = latent
         for _ in range(depth):
-            layers += [nn.Linear(d_in, width), acts[activation]()]
+            layers += [nn.Linear(d_in, width), make_activation(activation)]
             d_in = width
         layers.append(nn.Linear(d_in, dim))
         if tanh:

@@ -25,6 +25,13 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation layer by name (leaky_relu is leaky ReLU 0.2, the DCGAN one)."""
+    if name not in _ACTIVATIONS:
+        raise ArgumentError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]()
+
+
 class FourierEmbedding(nn.Module):
     freqs: torch.Tensor
     """Random Fourier features of a scalar time: [cos 2π f t, sin 2π f t], f ~ N(0, scale²)
@@ -60,13 +67,12 @@ class MLP(ModelMixin, ConfigMixin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ArgumentError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.embed = FourierEmbedding(emb_size, emb_scale, seed)
+        make_activation(activation)  # a bad name fails before any layer is built
         layers: list[nn.Module] = []
         d_in = dim + emb_size
         for _ in range(depth):
-            layers += [nn.Linear(d_in, width), _ACTIVATIONS[activation]()]
+            layers += [nn.Linear(d_in, width), make_activation(activation)]
             d_in = width
         layers.append(nn.Linear(d_in, dim))
         self.net = nn.Sequential(*layers)

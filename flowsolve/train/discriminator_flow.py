@@ -65,6 +65,7 @@ class DFConfig(PaperLoopConfig):
     width: int = 512  # MLP discriminator (vectors)
     depth: int = 4
     conv_width: int = 64  # conv discriminator with FiLM (images; Table 4, MNIST: DCGAN width 64)
+    activation: str = "leaky_relu"  # of the conv discriminator (Table 4: leaky ReLU 0.2); "silu": a smooth f
     emb_size: int = 128
     emb_scale: float = 16.0
     init_gain: float = 0.02

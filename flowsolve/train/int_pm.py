@@ -93,7 +93,10 @@ def discriminator_network(shape: tuple[int, ...], cfg, time_conditioned: bool, n
         emb_size=getattr(cfg, "emb_size", 128), emb_scale=getattr(cfg, "emb_scale", 16.0), num_classes=num_classes
     )
     if len(shape) == 3:
-        return ConvDiscriminator(shape, cfg.conv_width, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, **emb)
+        act = getattr(cfg, "activation", "leaky_relu")
+        return ConvDiscriminator(
+            shape, cfg.conv_width, time_conditioned, init_gain=cfg.init_gain, seed=cfg.seed, activation=act, **emb
+        )
     if len(shape) != 1:
         raise ArgumentError(f"data: expected vectors (d,) or images (C, H, W), got samples of shape {shape}")
     return Discriminator(
