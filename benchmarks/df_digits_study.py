@@ -31,6 +31,9 @@ VARIANTS = {
     "d8": {"d_steps": 8},
     "d8-lazy4": {"d_steps": 8, "gp_every": 4},
     "d16-lazy8": {"d_steps": 16, "gp_every": 8},
+    "d4-silu": {"d_steps": 4, "activation": "silu"},  # a smooth f: the flow can contract pixel noise
+    "d4-eta4": {"d_steps": 4, "eta": 4.0},
+    "d4-silu-eta4": {"d_steps": 4, "activation": "silu", "eta": 4.0},
 }
 
 
