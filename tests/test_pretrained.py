@@ -141,15 +141,16 @@ def test_digits_flow_is_a_flow_model_of_the_card_quality(features):
 def test_digits_df_flows_noise_to_all_ten_digits(features):
     """The shipped Discriminator Flow (Alg. 3, 90 minutes): its 64-step flow from N(0, I) makes every
     class (both judges: the project's features and scikit-learn's SVC) at the FD its card reports
-    (250 ± 10 over seeds, n = 500), far below the prior's; early stopping keeps most of it."""
+    (201 ± 9 over seeds, n = 500; 250 with the leaky-ReLU discriminator it replaced), far below the
+    prior's; early stopping keeps it."""
     from flowsolve.evaluate import digits_quality
     m = fs.from_pretrained(PRE / "digits-df")
     assert isinstance(m, fs.models.DiscriminatorFlowModel) and m.N == 64
     x = fs.sample(m.field(), "euler", nfe=64, n=500, seed=0)
     r = digits_quality(x, features, seed=0)
     assert r.classes_present == 10 and min(r.svc_class_share) > 0.02, r.markdown()
-    assert r.fd < 300, r.markdown()
+    assert r.fd < 230, r.markdown()
     prior = digits_quality(torch.randn(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)), features)
     assert r.fd < 0.2 * prior.fd
     early = digits_quality(fs.sample(m.field(t_end=0.5), "euler", nfe=32, n=500, seed=0), features, seed=0)
-    assert early.fd < 300
+    assert early.fd < 230
