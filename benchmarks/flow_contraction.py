@@ -44,8 +44,7 @@ def main() -> None:
         solver, nfe = ("euler", m.N) if is_df else ("heun", 31)
         z = torch.randn(args.n, *field.data_shape, generator=torch.Generator().manual_seed(0))
         x0 = field.from_normal(z, float(field.grid(nfe)[0]))  # the solver's starting particles
-        act = getattr(getattr(m, "f", None), "config", {}).get("activation", "") if is_df else ""
-        name = f"{path}" + (f" ({act})" if act else "")
+        name = f"{path} ({m.f.config.get('activation', 'leaky_relu')})" if is_df else path
         print(f"| {name} | {solver} | {nfe} | {contraction(field, solver, nfe, x0):.3f} |")
 
 

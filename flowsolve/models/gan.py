@@ -294,12 +294,12 @@ class Generator(_Sampling, ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent) if num_classes else None
-        make_activation(activation)  # a bad name fails before any layer is built
+        act = make_activation(activation)  # stateless: one instance serves every layer
         dim = int(torch.tensor(list(data_shape)).prod())
         layers: list[nn.Module] = []
         d_in = latent
         for _ in range(depth):
-            layers += [nn.Linear(d_in, width), make_activation(activation)]
+            layers += [nn.Linear(d_in, width), act]
             d_in = width
         layers.append(nn.Linear(d_in, dim))
         if tanh:

@@ -68,11 +68,11 @@ class MLP(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         self.embed = FourierEmbedding(emb_size, emb_scale, seed)
-        make_activation(activation)  # a bad name fails before any layer is built
+        act = make_activation(activation)  # stateless: one instance serves every layer
         layers: list[nn.Module] = []
         d_in = dim + emb_size
         for _ in range(depth):
-            layers += [nn.Linear(d_in, width), make_activation(activation)]
+            layers += [nn.Linear(d_in, width), act]
             d_in = width
         layers.append(nn.Linear(d_in, dim))
         self.net = nn.Sequential(*layers)
