@@ -10,6 +10,7 @@ difference) and the wall-time ratio flowsolve / diffusers at equal NFE, on
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -77,23 +78,50 @@ def latent_pipeline():
     return vae, unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
 
 
+def bare_calls(unet, timesteps, x):
+    """The network calls of a loop and nothing else: what any sampler must pay."""
+    for t in timesteps:
+        unet(x, t)
+    return x
+
+
+def paired_ratio(t_ours: list[float], t_ref: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of the per-repeat ratios t_ours/t_ref (each pair timed back to back) with a 95%
+    Student-t interval: an interval that contains 1 means no cost difference the timing can resolve."""
+    logs = [math.log(a / b) for a, b in zip(t_ours, t_ref)]
+    mean = statistics.fmean(logs)
+    half = student_t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def student_t975(dof: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, dof))
+    except ImportError:  # scipy comes with scikit-learn; the normal quantile is a close bound past 30
+        return 1.96 if dof > 30 else 2.3
+
+
 def timed(cases: dict, repeats: int, rows: list, nfe: int) -> None:
-    """Interleaved repeats of (diffusers, flowsolve) pairs after one untimed warm-up of each, the
-    order alternating between repeats (so drift and cache effects fall on both alike). Per cell: the
-    fastest and the median wall times of each, and the ratios flowsolve / diffusers of both (the
-    minimum is the cost without interference from the rest of the machine, as timeit reports it)."""
-    for name, (ref_fn, ours_fn) in cases.items():
-        a, b = ref_fn(), ours_fn()
-        t_ref, t_ours = [], []
+    """Interleaved repeats of (diffusers, flowsolve, bare network calls) after one untimed warm-up of
+    each, the order rotating between repeats (so drift and cache effects fall on all alike). Per cell:
+    the fastest times, the ratio flowsolve / diffusers of the fastest (as timeit reports it), the
+    paired ratio with its 95% interval, and each loop's overhead over the bare network calls."""
+    for name, fns in cases.items():
+        a, b = fns[0](), fns[1]()
+        fns[2]()
+        times: list[list[float]] = [[], [], []]
         for r in range(repeats):
-            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-                fn, times = (ref_fn, t_ref) if which == 0 else (ours_fn, t_ours)
+            for which in (r % 3, (r + 1) % 3, (r + 2) % 3):
                 t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+                fns[which]()
+                times[which].append(time.perf_counter() - t0)
+        t_ref, t_ours, t_bare = times
         diff = (a - b).abs().max().item()
-        rows.append((name, nfe, diff, min(t_ref), min(t_ours), min(t_ours) / min(t_ref),
-                     statistics.median(t_ours) / statistics.median(t_ref)))
+        gm, lo, hi = paired_ratio(t_ours, t_ref)
+        rows.append((name, nfe, diff, min(t_ref), min(t_ours), min(t_ours) / min(t_ref), gm, lo, hi,
+                     min(t_ref) / min(t_bare) - 1, min(t_ours) / min(t_bare) - 1))
 
 
 def main() -> None:
@@ -121,10 +149,12 @@ def main() -> None:
             den_e = fs.models.from_diffusers(unet, eul)
             field_e = fs.fields.EDM(den_e)
             cases = {
-                "ddim": (lambda: diffusers_ddim(unet, ddim, z), lambda: fs.sample(field, "euler", grid=grid, x_init=x0)),
+                "ddim": (lambda: diffusers_ddim(unet, ddim, z), lambda: fs.sample(field, "euler", grid=grid, x_init=x0),
+                         lambda: bare_calls(unet, ddim.timesteps, z)),
                 "euler-discrete": (lambda: diffusers_euler(unet, eul, z),
                                    lambda: fs.sample(field_e, "euler", grid=eul.sigmas.double(),
-                                                     x_init=z * eul.init_noise_sigma)),
+                                                     x_init=z * eul.init_noise_sigma),
+                                   lambda: bare_calls(unet, eul.timesteps, z)),
             }
             timed(cases, args.repeats, rows, nfe)
         flow_root = str(ROOT / "pretrained" / "digits-flow")
@@ -139,10 +169,12 @@ def main() -> None:
                 "flow-match-euler": (
                     lambda: diffusers_flow(flow_unet, fme, z, nfe),
                     lambda: fs.sample(fm.field(), "euler", nfe=nfe, x_init=z),
+                    lambda: bare_calls(flow_unet, fme.timesteps, z),
                 ),
                 "flow-match-heun": (
                     lambda: diffusers_flow(flow_unet, fmh, z, steps_heun),
                     lambda: fs.sample(fm_heun.field(), "heun", nfe=2 * steps_heun - 1, x_init=z),
+                    lambda: bare_calls(flow_unet, fmh.timesteps, z),
                 ),
             }
             timed(cases, args.repeats, rows, nfe)
@@ -163,17 +195,23 @@ def main() -> None:
                 "latent ddim + decode": (
                     ref_latent,
                     lambda: lm.decode(fs.sample(lf, "euler", nfe=nfe, x_init=xl)),
+                    lambda: vae.decode(bare_calls(lat_unet, ls.timesteps, zl) / vae.config.scaling_factor).sample,
                 )
             }
             timed(cases, args.repeats, rows, nfe)
-    print(f"n = {args.n}, {args.repeats} interleaved repeats in alternating order after a warm-up, "
-          f"{torch.get_num_threads()} threads; times are the fastest repeat\n")
-    print("| diffusers loop | NFE | max abs diff | diffusers s | flowsolve s | ratio (min) | ratio (median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, nfe, diff, a, b, r, rm in rows:
-        print(f"| {name} | {nfe} | {diff:.1e} | {a:.3f} | {b:.3f} | {r:.3f} | {rm:.3f} |")
-    worst = max(r for *_, r, _ in rows)
-    print(f"\nworst cell (min ratio): {worst:.3f}")
+    print(f"n = {args.n}, {args.repeats} interleaved repeats in rotating order after a warm-up, "
+          f"{torch.get_num_threads()} threads; times are the fastest repeat; paired ratio: geometric mean "
+          "of the back-to-back ratios with its 95% interval; overhead: a loop's fastest time over the "
+          "fastest bare network calls (the same NFE calls, no solver), minus 1\n")
+    print("| diffusers loop | NFE | max abs diff | diffusers s | flowsolve s | ratio (min) | paired ratio [95%] "
+          "| diffusers overhead | flowsolve overhead |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    for name, nfe, diff, a, b, r, gm, lo, hi, oa, ob in rows:
+        print(f"| {name} | {nfe} | {diff:.1e} | {a:.3f} | {b:.3f} | {r:.3f} | {gm:.3f} [{lo:.3f}, {hi:.3f}] "
+              f"| {oa:+.1%} | {ob:+.1%} |")
+    above = [row[0] + f" {row[1]}" for row in rows if row[7] > 1.0]
+    print(f"\nworst cell (min ratio): {max(row[5] for row in rows):.3f}; cells whose paired interval lies above 1: "
+          f"{', '.join(above) if above else 'none'}")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,34 @@ def test_stale_clip_sample_key_is_ignored():
     assert dict(eul.config).get("clip_sample") is True
     assert not fs.models.from_diffusers(tiny_unet(), eul).clip_sample
     assert fs.models.from_diffusers(tiny_unet(), ddpm).clip_sample
+
+
+def test_network_call_answers_dtype_without_walking_the_model(monkeypatch):
+    """The adapter's network call gives the same output as calling the model, while the model's
+    `dtype` (diffusers walks every submodule for it) is read once and then answered from the cache;
+    the model's class is restored, and a changed dtype is noticed."""
+    from diffusers.models import modeling_utils
+
+    from flowsolve.models.diffusers_adapter import call_network
+
+    m = tiny_unet(seed=3)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0])
+    walks, seen = [], []
+    real = modeling_utils.get_parameter_dtype
+    monkeypatch.setattr(modeling_utils, "get_parameter_dtype", lambda mod: walks.append(1) or real(mod))
+    m.register_forward_pre_hook(lambda mod, args: seen.append(mod.dtype))
+    with torch.no_grad():
+        ref = m(x, t).sample
+        walks.clear()
+        outs = [call_network(m, torch.float32, x, t).sample for _ in range(3)]
+    assert all(torch.equal(o, ref) for o in outs)
+    assert len(walks) == 1  # three calls (each forward reads .dtype at least once), one walk
+    assert type(m) is UNet2DModel and m.dtype == torch.float32
+    m.to(torch.float64)
+    with torch.no_grad():
+        call_network(m, torch.float64, x.double(), t.double())
+    assert seen[-1] == torch.float64 and type(m) is UNet2DModel
+    den = fs.models.from_diffusers(m, DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
+    with torch.no_grad():  # the adapter itself goes through the same call
+        eps = m(x.double() / 5**0.5, den.timestep(torch.tensor([2.0, 2.0])).double()).sample
+        assert torch.allclose(den(x.double(), 2.0), x.double() - 2.0 * eps, atol=1e-10)
