@@ -111,10 +111,9 @@ def call_network(model, dtype: torch.dtype | None, *args, **kwargs):
     cls = type(model)
     if dtype is None or cls in _KNOWN_DTYPE_CLASSES.values() or not isinstance(getattr(cls, "dtype", None), property):
         return model(*args, **kwargs)
-    cached = model.__dict__.get("_flowsolve_dtype_key")
-    if cached is None or cached[0] != dtype:
+    if model.__dict__.get("_flowsolve_dtype_of") != dtype:
         model.__dict__["_flowsolve_dtype"] = model.dtype  # diffusers' own answer (layerwise casting included)
-        model.__dict__["_flowsolve_dtype_key"] = (dtype,)
+        model.__dict__["_flowsolve_dtype_of"] = dtype
     fast = _KNOWN_DTYPE_CLASSES.get(cls)
     if fast is None:
         fast = type(cls.__name__, (cls,), {"dtype": property(_known_dtype), "__module__": cls.__module__})
