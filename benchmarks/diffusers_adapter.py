@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import t as student_t  # scipy comes with scikit-learn
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -90,17 +91,8 @@ def paired_ratio(t_ours: list[float], t_ref: list[float]) -> tuple[float, float,
     Student-t interval: an interval that contains 1 means no cost difference the timing can resolve."""
     logs = [math.log(a / b) for a, b in zip(t_ours, t_ref)]
     mean = statistics.fmean(logs)
-    half = student_t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    half = float(student_t.ppf(0.975, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
-
-
-def student_t975(dof: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, dof))
-    except ImportError:  # scipy comes with scikit-learn; the normal quantile is a close bound past 30
-        return 1.96 if dof > 30 else 2.3
 
 
 def timed(cases: dict, repeats: int, rows: list, nfe: int) -> None:

@@ -101,28 +101,38 @@ def _known_dtype(self) -> torch.dtype:
     return self.__dict__["_flowsolve_dtype"]
 
 
-def call_network(model, dtype: torch.dtype | None, *args, **kwargs):
-    """model(*args, **kwargs) with `model.dtype` answered at once. diffusers' UNet and transformer
-    forwards read the `dtype` property, which walks every submodule and parameter (0.7 ms of a 21 ms
-    call on the digits UNet, more on larger models; the same in diffusers' own loops). For the call,
-    the model's class is a subclass whose `dtype` returns the value diffusers' property gave once,
-    recomputed whenever `dtype` (the first floating parameter's, from `model_dtype`) changes; the
-    class is restored afterwards. Models without a `dtype` property are called as they are."""
+def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> torch.Tensor:
+    """The network's output for input x at `timestep`, in x's dtype and channels (learned-σ outputs
+    keep their mean half): the one place the adapters call a diffusers model.
+
+    The inputs are cast to the model's dtype, and `model.dtype` is answered at once during the call.
+    diffusers' UNet and transformer forwards read that property, which walks every submodule and
+    parameter (0.7 ms of a 21 ms call on the digits UNet, more on larger models; the same in
+    diffusers' own loops). For the call, the model's class is a subclass whose `dtype` returns the
+    value diffusers' property gave once, recomputed whenever the first floating parameter's dtype
+    changes; the class is restored afterwards. Models without a `dtype` property are called as they are."""
+    mdtype = model_dtype(model, x.dtype)
+    args = (x.to(mdtype), timestep.to(mdtype))
     cls = type(model)
-    if dtype is None or cls in _KNOWN_DTYPE_CLASSES.values() or not isinstance(getattr(cls, "dtype", None), property):
-        return model(*args, **kwargs)
-    if model.__dict__.get("_flowsolve_dtype_of") != dtype:
-        model.__dict__["_flowsolve_dtype"] = model.dtype  # diffusers' own answer (layerwise casting included)
-        model.__dict__["_flowsolve_dtype_of"] = dtype
-    fast = _KNOWN_DTYPE_CLASSES.get(cls)
-    if fast is None:
-        fast = type(cls.__name__, (cls,), {"dtype": property(_known_dtype), "__module__": cls.__module__})
-        _KNOWN_DTYPE_CLASSES[cls] = fast
-    model.__class__ = fast
-    try:
-        return model(*args, **kwargs)
-    finally:
-        model.__class__ = cls
+    if mdtype is None or cls in _KNOWN_DTYPE_CLASSES.values() or not isinstance(getattr(cls, "dtype", None), property):
+        out = model(*args, **inputs)
+    else:
+        if model.__dict__.get("_flowsolve_dtype_of") != mdtype:
+            model.__dict__["_flowsolve_dtype"] = model.dtype  # diffusers' own answer (layerwise casting included)
+            model.__dict__["_flowsolve_dtype_of"] = mdtype
+        fast = _KNOWN_DTYPE_CLASSES.get(cls)
+        if fast is None:
+            fast = type(cls.__name__, (cls,), {"dtype": property(_known_dtype), "__module__": cls.__module__})
+            _KNOWN_DTYPE_CLASSES[cls] = fast
+        model.__class__ = fast
+        try:
+            out = model(*args, **inputs)
+        finally:
+            model.__class__ = cls
+    out = getattr(out, "sample", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out[:, : x.shape[1]].to(x.dtype)
 
 
 def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
@@ -190,15 +200,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         return self._network(x, t * self.num_train_timesteps, cond)
 
     def _network(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The network's output for input x at `timestep`, in x's dtype and channels (learned-σ
-        outputs keep their mean half)."""
-        mdtype = model_dtype(self.model, x.dtype)
-        inputs = model_inputs(self.model, self.model_kwargs, len(x), cond)
-        out = call_network(self.model, mdtype, x.to(mdtype), timestep.to(mdtype), **inputs)
-        out = getattr(out, "sample", out)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out[:, : x.shape[1]].to(x.dtype)
+        return call_network(self.model, x, timestep, **model_inputs(self.model, self.model_kwargs, len(x), cond))
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
@@ -457,20 +459,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             c_in = (1 + col**2).rsqrt()
         else:
             c_in = (col**2 + self.sigma_data**2).rsqrt()
-        mdtype = model_dtype(self.model, x.dtype)
-        out = call_network(
-            self.model,
-            mdtype,
-            (c_in * x).to(mdtype),
-            self.timestep(sigma).to(mdtype),
-            **model_inputs(self.model, self.model_kwargs, len(x), cond or {}),
-        )
-        out = getattr(out, "sample", out)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        out = out.to(x.dtype)
-        if out.shape[1] != x.shape[1]:  # learned-variance models output 2C channels: the mean part comes first
-            out = out[:, : x.shape[1]]
+        inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
+        out = call_network(self.model, c_in * x, self.timestep(sigma), **inputs)
         p = self.prediction_type
         if p == "sample":
             return out
