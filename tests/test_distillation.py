@@ -128,6 +128,40 @@ def test_score_gan_gan_option_adds_minus_grad_c_of_f(gmm, monkeypatch):
     torch.testing.assert_close(dirs[1] - dirs[0], -0.5 * dc)
 
 
+def test_gan_sigma_max_gives_the_gan_its_own_noise_levels(gmm, monkeypatch):
+    """With gan_sigma_max, every discriminator call (real, fake and the generator's) sees σ drawn from
+    Eq. 28 on [σ_min, gan_sigma_max], while the score's own loss keeps the full range."""
+    import importlib
+    sg = importlib.import_module("flowsolve.train.score_gan")
+    gan_sigmas, score_sigmas = [], []
+    real_call = sg.FeatureDiscriminator.__call__
+
+    def spy_call(self, score, head, x, sigma, cond):
+        gan_sigmas.append(sigma.detach().clone())
+        return real_call(self, score, head, x, sigma, cond)
+
+    real_forward = sg.EDMPrecond.forward
+
+    def spy_forward(self, x, sigma, **kw):
+        score_sigmas.append(torch.as_tensor(sigma).detach().reshape(-1).clone())
+        return real_forward(self, x, sigma, **kw)
+    monkeypatch.setattr(sg.FeatureDiscriminator, "__call__", spy_call)
+    monkeypatch.setattr(sg.EDMPrecond, "forward", spy_forward)
+    data = fs.data.TensorData(gmm.sample(512, generator=torch.Generator().manual_seed(0)))
+    common = dict(steps=3, batch_size=64, K=2, width=16, depth=1, latent=4, score_width=16, score_depth=1,
+                  progress=False, seed=0, data=data, gan_weight=0.5, sigma_min=0.1, sigma_max=10.0)
+    sg.score_gan(gmm.denoiser, (2,), gan_sigma_max=0.5, **common)
+    assert len(gan_sigmas) == 3 * (2 * 2 + 1)                     # fake and real per score step, one per G step
+    s = torch.cat(gan_sigmas)
+    assert s.min() >= 0.1 - 1e-6 and s.max() <= 0.5 + 1e-6
+    assert torch.cat(score_sigmas).max() > 1.0                    # the score's loss still sees σ up to 10
+    gan_sigmas.clear()
+    sg.score_gan(gmm.denoiser, (2,), **common)                      # default: the GAN shares the score's σ
+    assert torch.cat(gan_sigmas).max() > 1.0
+    with pytest.raises(fs.errors.ArgumentError, match="gan_sigma_max"):
+        sg.score_gan(gmm.denoiser, (2,), **{**common, "gan_sigma_max": 20.0})
+
+
 def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_score():
     teacher = LabelSpy()
     gen = fs.train.score_gan(teacher, (2,), steps=2, batch_size=8, K=1, width=8, depth=1, latent=4,

@@ -84,6 +84,7 @@ class ScoreGANConfig(PaperLoopConfig):
     gan_loss: str = "vanilla"  # a, b, c of Eq. 15–16
     gan_features: str | None = None  # module of the generated score read by the head (default: mid_block)
     gan_d_weight: float = 1.0  # weight of the discriminator objective in the generated score's loss
+    gan_sigma_max: float | None = None  # the GAN's own noise levels, p_σ on [sigma_min, this] (None: the score's σ)
     guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
 
     RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
@@ -336,6 +337,10 @@ def score_gan(
     def labels(g: torch.Generator) -> dict:
         return {"class_labels": shard(torch.randint(classes, (cfg.batch_size,), generator=g))} if classes else {}
 
+    def gan_sigma(g: torch.Generator) -> torch.Tensor:  # the GAN's noise levels (Eq. 28 on its own range)
+        top = cfg.sigma_max if cfg.gan_sigma_max is None else cfg.gan_sigma_max
+        return p_sigma(cfg.batch_size, cfg.sigma_min, top, cfg.rho_grid, g)
+
     def generate(m: GeneratorPair, z: torch.Tensor, cond: dict, upto: int | None) -> torch.Tensor:
         return m.g.chain(z, upto=upto, **cond) if multi else m.g(z, **cond)
 
@@ -350,7 +355,7 @@ def score_gan(
             with torch.no_grad():
                 x = generate(m, z, cond, upto)
             xs = x + as_column(sigma, x) * eps
-            if feature is not None:
+            if feature is not None and cfg.gan_sigma_max is None:  # one pass gives D_ρ and f (shared σ)
                 f_fake, pred = feature(m.aux, m.head, xs, sigma, cond)
             else:
                 pred = m.aux(xs, sigma, **cond)
@@ -358,8 +363,12 @@ def score_gan(
             weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma**2
             s_loss = (weight * per).mean()
             if feature is not None:  # Eq. 15 on real data, noised alike
+                if cfg.gan_sigma_max is not None:  # the fakes again, at the GAN's own noise levels
+                    sig_f = shard(gan_sigma(g))
+                    eps_f = shard(torch.randn(cfg.batch_size, *shape, generator=g))
+                    f_fake, _ = feature(m.aux, m.head, x + as_column(sig_f, x) * eps_f, sig_f, cond)
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
-                sig_r = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
+                sig_r = gan_sigma(g)
                 eps_r = torch.randn(cfg.batch_size, *shape, generator=g)
                 real, sig_r, eps_r = shard(real), shard(sig_r), shard(eps_r)
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
@@ -386,9 +395,14 @@ def score_gan(
         if cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
+            sig_g = sigma
+            xg = xt.detach()
+            if cfg.gan_sigma_max is not None:  # the generator's samples noised at the GAN's levels
+                sig_g = shard(gan_sigma(g))
+                xg = x.detach() + as_column(sig_g, x) * shard(torch.randn(cfg.batch_size, *shape, generator=g))
             with torch.enable_grad():
-                xg = xt.detach().requires_grad_(True)
-                f, _ = feature(m.aux, m.head, xg, sigma, cond)
+                xg = xg.requires_grad_(True)
+                f, _ = feature(m.aux, m.head, xg, sig_g, cond)
                 (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
             direction = direction - cfg.gan_weight * dc.detach()
         opt_g.zero_grad(set_to_none=True)
@@ -481,6 +495,11 @@ def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
         raise ArgumentError(f"init_sigma: expected a positive noise level, got {cfg.init_sigma!r}")
     if cfg.gan_weight < 0:
         raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
+    if cfg.gan_sigma_max is not None and not cfg.sigma_min < cfg.gan_sigma_max <= cfg.sigma_max:
+        raise ArgumentError(
+            f"gan_sigma_max: expected sigma_min ({cfg.sigma_min}) < gan_sigma_max <= sigma_max ({cfg.sigma_max}), "
+            f"got {cfg.gan_sigma_max!r}"
+        )
     if cfg.gan_weight and data is None:
         raise ArgumentError(
             "data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass data= (e.g. 'digits')"
