@@ -89,7 +89,8 @@ def main() -> None:
                                                         ema_decay=args.ema))
     add("Score GAN", g.sample(args.n, seed=0), 1, s)
     # The distillation recipe of issue 16 at Table 7's 3150 steps, without model selection: the
-    # teacher's own network as the generator, two time scales, per-sample normalised directions.
+    # teacher's own network as the generator, two time scales, per-sample normalised directions, and
+    # a real-data GAN on the generated score's features at low noise (σ ≤ 1).
     g, s = train_or_load("score-gan-beyond-teacher", runs, args.retrain,
                          lambda out: fs.train.score_gan(teacher, (2,), out=out, data="gmm2d",
                                                         recipe="beyond-teacher", steps=3150))

@@ -340,6 +340,7 @@ def cmd_train(args) -> int:
         recipe=args.recipe,
         init=args.init,
         gan_weight=args.gan_weight,
+        gan_sigma_max=args.gan_sigma_max,
         student_steps=args.student_steps,
         guidance=args.guidance,
     )
@@ -710,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="score-gan: weight of the real-data GAN direction (discriminator head on the generated score)",
+    )
+    t.add_argument(
+        "--gan-sigma-max",
+        type=float,
+        default=None,
+        help="score-gan: the GAN's own noise levels, Eq. 28 on [sigma_min, this] (default: the score's range)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
