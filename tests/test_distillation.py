@@ -268,9 +268,12 @@ def test_cli_distillation_and_conditional_flow(tmp_path):
     out = tmp_path / "sg"
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
                  "beyond-teacher", "--student-steps", "2", "--steps", "2", "--batch-size", "8", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--gan-sigma-max", "1.5", "--quiet"]) == 0
     meta = json.loads((out / "flowsolve.json").read_text())
     assert meta["type"] == "student" and len(meta["student"]["sigmas"]) == 2
+    assert meta["training"]["config"]["gan_sigma_max"] == 1.5
+    assert main(["train", "edm", "--data", "gmm2d", "--gan-sigma-max", "1", "--steps", "2",
+                 "--out", str(tmp_path / "bad3")]) != 0
     assert main(["sample", "--model", str(out), "--n", "4", "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
     df = tmp_path / "df"
     assert main(["train", "discriminator-flow", "--data", "digits", "--conditional", "--steps", "2", "--batch-size",
