@@ -10,7 +10,9 @@ methods that now let one-step students pass their teachers sit behind the same s
 - two time-scale updates: `K` generated-score steps per generator step, at `score_lr`;
 - `gan_weight`: a GAN on real data whose discriminator is a head on the generated score's features
   (SiDA, DMD2), trained with the a/b/c losses of Eq. 15–16 (`gan_loss`); the generator's Int-PM
-  direction becomes σ∇h_score − gan_weight ∇(c∘f) (Eq. 20 added to Eq. 27);
+  direction becomes σ∇h_score − gan_weight ∇(c∘f) (Eq. 20 added to Eq. 27); `gan_sigma_max` gives
+  the GAN its own, lower noise levels (a head on noised features separates samples from data only
+  at low σ);
 - conditional teachers (class labels): the generator, the generated score and the teacher all see
   the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
 
