@@ -343,9 +343,12 @@ def score_gan(
     def labels(g: torch.Generator) -> dict:
         return {"class_labels": shard(torch.randint(classes, (cfg.batch_size,), generator=g))} if classes else {}
 
-    def gan_sigma(g: torch.Generator) -> torch.Tensor:  # the GAN's noise levels (Eq. 28 on its own range)
-        top = cfg.sigma_max if cfg.gan_sigma_max is None else cfg.gan_sigma_max
-        return p_sigma(cfg.batch_size, cfg.sigma_min, top, cfg.rho_grid, g)
+    gan_top = cfg.sigma_max if cfg.gan_sigma_max is None else cfg.gan_sigma_max
+
+    def gan_noised(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """x noised at the GAN's levels (Eq. 28 on [σ_min, gan_top]), and those σ."""
+        sig = shard(p_sigma(cfg.batch_size, cfg.sigma_min, gan_top, cfg.rho_grid, g))
+        return x + as_column(sig, x) * shard(torch.randn(cfg.batch_size, *shape, generator=g)), sig
 
     def generate(m: GeneratorPair, z: torch.Tensor, cond: dict, upto: int | None) -> torch.Tensor:
         return m.g.chain(z, upto=upto, **cond) if multi else m.g(z, **cond)
@@ -370,15 +373,10 @@ def score_gan(
             s_loss = (weight * per).mean()
             if feature is not None:  # Eq. 15 on real data, noised alike
                 if cfg.gan_sigma_max is not None:  # the fakes again, at the GAN's own noise levels
-                    sig_f = shard(gan_sigma(g))
-                    eps_f = shard(torch.randn(cfg.batch_size, *shape, generator=g))
-                    f_fake, _ = feature(m.aux, m.head, x + as_column(sig_f, x) * eps_f, sig_f, cond)
+                    f_fake, _ = feature(m.aux, m.head, *gan_noised(x, g), cond)
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
-                sig_r = gan_sigma(g)
-                eps_r = torch.randn(cfg.batch_size, *shape, generator=g)
-                real, sig_r, eps_r = shard(real), shard(sig_r), shard(eps_r)
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
-                f_real, _ = feature(m.aux, m.head, real + as_column(sig_r, real) * eps_r, sig_r, real_cond)
+                f_real, _ = feature(m.aux, m.head, *gan_noised(shard(real), g), real_cond)
                 s_loss = s_loss - cfg.gan_d_weight * gan.discriminator_objective(f_fake, f_real)
             opt_s.zero_grad(set_to_none=True)
             s_loss.backward()
@@ -401,11 +399,8 @@ def score_gan(
         if cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
-            sig_g = sigma
-            xg = xt.detach()
-            if cfg.gan_sigma_max is not None:  # the generator's samples noised at the GAN's levels
-                sig_g = shard(gan_sigma(g))
-                xg = x.detach() + as_column(sig_g, x) * shard(torch.randn(cfg.batch_size, *shape, generator=g))
+            # the generator's noised samples: the score's, or noised anew at the GAN's own levels
+            xg, sig_g = (xt.detach(), sigma) if cfg.gan_sigma_max is None else gan_noised(x.detach(), g)
             with torch.enable_grad():
                 xg = xg.requires_grad_(True)
                 f, _ = feature(m.aux, m.head, xg, sig_g, cond)
