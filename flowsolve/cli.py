@@ -341,6 +341,7 @@ def cmd_train(args) -> int:
         init=args.init,
         gan_weight=args.gan_weight,
         gan_sigma_max=args.gan_sigma_max,
+        gan_r1=args.gan_r1,
         student_steps=args.student_steps,
         guidance=args.guidance,
     )
@@ -717,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="score-gan: the GAN's own noise levels, Eq. 28 on [sigma_min, this] (default: the score's range)",
+    )
+    t.add_argument(
+        "--gan-r1",
+        type=float,
+        default=None,
+        help="score-gan: R1 penalty weight on the real-data GAN's discriminator (gamma/2 E|grad f(x_real)|^2)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")

@@ -162,6 +162,52 @@ def test_gan_sigma_max_gives_the_gan_its_own_noise_levels(gmm, monkeypatch):
         sg.score_gan(gmm.denoiser, (2,), **{**common, "gan_sigma_max": 20.0})
 
 
+def test_gan_r1_adds_the_r1_penalty_on_the_noised_real_data_to_the_score_step(gmm, monkeypatch):
+    """With gan_r1 = γ, the first generated-score step's gradient differs from the plain run's by
+    exactly ∇θ of γ/2·E‖∇x f(x_real, σ)‖² at the real batch the head saw (R1, Mescheder et al. 2018),
+    recomputed here on copies of the networks."""
+    import copy
+    import importlib
+    sg = importlib.import_module("flowsolve.train.score_gan")
+    seen, steps = [], []
+    real_call = sg.FeatureDiscriminator.__call__
+
+    def spy_call(self, score, head, x, sigma, cond):
+        seen.append((copy.deepcopy(score), copy.deepcopy(head), x.detach().clone(), sigma.detach().clone()))
+        return real_call(self, score, head, x, sigma, cond)
+
+    real_step = torch.optim.Adam.step
+
+    def spy_step(self, *a, **k):
+        steps.append([p.grad.clone() for grp in self.param_groups for p in grp["params"] if p.grad is not None])
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(sg.FeatureDiscriminator, "__call__", spy_call)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    data = fs.data.TensorData(gmm.sample(512, generator=torch.Generator().manual_seed(0)))
+    common = dict(steps=1, batch_size=32, K=1, width=16, depth=1, latent=4, score_width=16, score_depth=1,
+                  progress=False, seed=0, data=data, gan_weight=0.5, sigma_min=0.1, sigma_max=10.0)
+    sg.score_gan(gmm.denoiser, (2,), **common)
+    plain_score, _ = steps
+    steps.clear(), seen.clear()
+    gamma = 3.0
+    sg.score_gan(gmm.denoiser, (2,), gan_r1=gamma, **common)
+    r1_score, _ = steps
+    score, head, xr, sig = seen[1]                                  # the score step's call on real data
+    feat = FeatureDiscriminator(_feature_module(score, None))
+    x = xr.requires_grad_(True)
+    f, _ = feat(score, head, x, sig, {})
+    (gx,) = torch.autograd.grad(f.sum(), x, create_graph=True)
+    penalty = gamma / 2 * gx.square().sum(1).mean()
+    params = list(score.parameters()) + list(head.parameters())
+    expected = torch.autograd.grad(penalty, params, allow_unused=True)
+    expected = [e if e is not None else torch.zeros_like(p) for e, p in zip(expected, params)]
+    assert len(r1_score) == len(expected) and any(e.abs().sum() > 0 for e in expected)
+    for a, b, e in zip(r1_score, plain_score, expected):
+        torch.testing.assert_close(a - b, e, atol=1e-5, rtol=1e-4)
+    with pytest.raises(fs.errors.ArgumentError, match="gan_r1"):
+        sg.score_gan(gmm.denoiser, (2,), **{**common, "gan_r1": -1.0})
+
+
 def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_score():
     teacher = LabelSpy()
     gen = fs.train.score_gan(teacher, (2,), steps=2, batch_size=8, K=1, width=8, depth=1, latent=4,
@@ -268,10 +314,11 @@ def test_cli_distillation_and_conditional_flow(tmp_path):
     out = tmp_path / "sg"
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
                  "beyond-teacher", "--student-steps", "2", "--steps", "2", "--batch-size", "8", "--out", str(out),
-                 "--gan-sigma-max", "1.5", "--quiet"]) == 0
+                 "--gan-sigma-max", "1.5", "--gan-r1", "0.5", "--quiet"]) == 0
     meta = json.loads((out / "flowsolve.json").read_text())
     assert meta["type"] == "student" and len(meta["student"]["sigmas"]) == 2
     assert meta["training"]["config"]["gan_sigma_max"] == 1.5
+    assert meta["training"]["config"]["gan_r1"] == 0.5
     assert main(["train", "edm", "--data", "gmm2d", "--gan-sigma-max", "1", "--steps", "2",
                  "--out", str(tmp_path / "bad3")]) != 0
     assert main(["sample", "--model", str(out), "--n", "4", "--out", str(tmp_path / "s.png"), "--quiet"]) == 0

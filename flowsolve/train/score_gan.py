@@ -12,7 +12,8 @@ methods that now let one-step students pass their teachers sit behind the same s
   (SiDA, DMD2), trained with the a/b/c losses of Eq. 15–16 (`gan_loss`); the generator's Int-PM
   direction becomes σ∇h_score − gan_weight ∇(c∘f) (Eq. 20 added to Eq. 27); `gan_sigma_max` gives
   the GAN its own, lower noise levels (a head on noised features separates samples from data only
-  at low σ);
+  at low σ); `gan_r1` adds the R1 penalty on real data (Mescheder et al. 2018) to the head's
+  objective, a smoother discriminator on small data sets;
 - conditional teachers (class labels): the generator, the generated score and the teacher all see
   the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
 
@@ -21,6 +22,7 @@ methods that now let one-step students pass their teachers sit behind the same s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -87,6 +89,7 @@ class ScoreGANConfig(PaperLoopConfig):
     gan_features: str | None = None  # module of the generated score read by the head (default: mid_block)
     gan_d_weight: float = 1.0  # weight of the discriminator objective in the generated score's loss
     gan_sigma_max: float | None = None  # the GAN's own noise levels, p_σ on [sigma_min, this] (None: the score's σ)
+    gan_r1: float = 0.0  # R1 penalty γ/2·E‖∇f(x_real)‖² on the noised real data (Mescheder et al. 2018)
     guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
 
     RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
@@ -211,6 +214,16 @@ def _feature_module(net: nn.Module, name: str | None) -> nn.Module:
     if seqs:
         return seqs[-1][-2]
     raise ArgumentError("gan_features: the generated score has no mid_block; name the module to read (gan_features=)")
+
+
+def _double_backward_attention(on: bool):
+    """R1 differentiates the discriminator's input gradient again; PyTorch's fused attention kernels
+    have no second derivative, so the forward pass it differentiates uses the math kernel."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class FeatureDiscriminator:
@@ -376,8 +389,14 @@ def score_gan(
                     f_fake, _ = feature(m.aux, m.head, *gan_noised(x, g), cond)
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
-                f_real, _ = feature(m.aux, m.head, *gan_noised(shard(real), g), real_cond)
+                xr, sig_r = gan_noised(shard(real), g)
+                xr = xr.requires_grad_(bool(cfg.gan_r1))
+                with _double_backward_attention(bool(cfg.gan_r1)):
+                    f_real, _ = feature(m.aux, m.head, xr, sig_r, real_cond)
                 s_loss = s_loss - cfg.gan_d_weight * gan.discriminator_objective(f_fake, f_real)
+                if cfg.gan_r1:  # R1: a flat f on the real digits, so the head cannot single them out
+                    (gr,) = torch.autograd.grad(f_real.sum(), xr, create_graph=True)
+                    s_loss = s_loss + cfg.gan_d_weight * cfg.gan_r1 / 2 * gr.square().reshape(len(xr), -1).sum(1).mean()
             opt_s.zero_grad(set_to_none=True)
             s_loss.backward()
             sync_gradients(s_params)
@@ -496,6 +515,8 @@ def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
         raise ArgumentError(f"init_sigma: expected a positive noise level, got {cfg.init_sigma!r}")
     if cfg.gan_weight < 0:
         raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
+    if cfg.gan_r1 < 0:
+        raise ArgumentError(f"gan_r1: expected a non-negative R1 weight, got {cfg.gan_r1!r}")
     if cfg.gan_sigma_max is not None and not cfg.sigma_min < cfg.gan_sigma_max <= cfg.sigma_max:
         raise ArgumentError(
             f"gan_sigma_max: expected sigma_min ({cfg.sigma_min}) < gan_sigma_max <= sigma_max ({cfg.sigma_max}), "
