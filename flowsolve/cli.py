@@ -351,10 +351,10 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
-        if args.objective not in ("gan", "score-gan", "mmd-generator"):
+        if args.objective not in ("gan", "score-gan", "mmd-generator", "discriminator-flow"):
             raise UserError(
-                f"--select-every: model selection is for the generators gan, score-gan and mmd-generator, "
-                f"got {args.objective}"
+                f"--select-every: model selection is for the generators gan, score-gan and mmd-generator "
+                f"and for discriminator-flow, got {args.objective}"
             )
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="gan/score-gan/mmd-generator: keep the generator with the best validation score, computed "
+        help="gan/score-gan/mmd-generator/discriminator-flow: keep the model with the best validation score, computed "
         "every N steps (Table 7's model selection): FD against the training digits on digits, "
         "energy distance to fresh validation samples on gmm2d and moons",
     )

@@ -147,16 +147,33 @@ def validation_fd(
 ):
     """A model-selection score for digits generators (Table 7, "best validation FID"): the FD of n
     samples (latents from `seed`) against the 1397 *training* digits, so the 400 held-out digits of
-    `evaluate_digits` stay unseen by the selection. Returns a callable generator ↦ FD."""
+    `evaluate_digits` stay unseen by the selection. Returns a callable model ↦ FD: a generator, or a
+    particle model such as a Discriminator Flow (its field at its own N Euler steps, Alg. 3)."""
     from .models import from_pretrained
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
     train = fsdata.digits("train").x
 
-    def score(generator) -> float:
-        return frechet_distance(generator.sample(n, seed=seed).cpu(), train, feats)
+    def score(model) -> float:
+        return frechet_distance(model_samples(model, n, seed), train, feats)
 
     return score
+
+
+def model_samples(model, n: int, seed: int, solver: str = "euler", nfe: int | None = None) -> torch.Tensor:
+    """n samples of a model for a selection score: a generator's `sample(n, seed=)`, or a particle
+    model's field sampled with `solver` at `nfe` evaluations (default: its own N steps, as Alg. 3
+    simulates it during training)."""
+    if hasattr(model, "sample"):
+        return model.sample(n, seed=seed).float().cpu()
+    if not hasattr(model, "field"):
+        raise ArgumentError(
+            f"model: expected a generator (.sample) or a particle model (.field), got {type(model).__name__}"
+        )
+    from .sample import sample
+
+    steps = nfe or int(getattr(model, "N", 0)) or 32
+    return sample(model.field(), solver, nfe=steps, n=n, seed=seed, progress=False).float().cpu()
 
 
 def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed: int = 123):
@@ -178,7 +195,7 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
         )
     reference = source.sample(n, generator=torch.Generator().manual_seed(seed)).float()
 
-    def score(generator) -> float:
-        return energy_distance(generator.sample(n, seed=sample_seed).float().cpu(), reference)
+    def score(model) -> float:
+        return energy_distance(model_samples(model, n, sample_seed), reference)
 
     return score

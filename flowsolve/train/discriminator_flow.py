@@ -100,13 +100,17 @@ def discriminator_flow(
     allow_changes: bool = False,
     progress: bool = True,
     command: str | None = None,
+    select=None,
+    select_every: int | None = None,
     **overrides,
 ) -> DiscriminatorFlowModel:
     """Train a Discriminator Flow (Alg. 3): each iteration draws x_0 ~ π, simulates Eq. 20 over the
     uniform N-step grid with the library's solver, picks a random step i_b per sample and trains
     f(·, i_b/N) to separate those particles from data (Eq. 15). With `d_steps=K`, each simulation
     serves K discriminator updates (the particles of each x_0 at K random steps), which cuts the
-    simulation cost per update about K/2-fold."""
+    simulation cost per update about K/2-fold. With `select` (e.g. `fs.evaluate.validation_fd()`,
+    scored on the flow at its own N Euler steps against the training digits), the EMA flow is scored
+    every `select_every` steps and the best is returned and saved (Table 7's "best validation FID")."""
     cfg = merge_config(DFConfig, {}, config, overrides)
     src, name, shape = data_source(data, cfg.data_size)
     if len(shape) == 3:  # Table 4, MNIST column
@@ -166,6 +170,7 @@ def discriminator_flow(
         optimizers={"d": opt},
         step_fn=step_fn,
         extra={"objective": "discriminator-flow", "data": name},
+        **({"select": select, "select_every": select_every} if select is not None else {}),
     )
     ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
     if out is not None and is_main_process():
