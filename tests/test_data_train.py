@@ -223,3 +223,34 @@ def test_model_selection_keeps_the_best_scored_weights_across_resume(tmp_path):
     plain, _ = fit(net, None, LoopConfig(steps=9, **cfg), optimizers={"m": opt}, step_fn=step_fn, progress=False,
                    out=tmp_path, resume=True)
     assert plain.weight.item() == 9.0                 # no select: the last weights
+
+
+def test_tail_average_returns_the_mean_of_the_last_checkpoints_weights_across_resume(tmp_path):
+    """tail_average=k (checkpoint averaging, Izmailov et al. 2018): the returned weights are the mean
+    of the EMA weights at the last k scheduled checkpoints, the final step included; a run extended by
+    resume averages the same steps as one run straight through (the shorter run's off-schedule end
+    leaves the tail)."""
+    from flowsolve.train.loop import LoopConfig, fit
+
+    def run(steps, out, resume=False, tail=3):
+        net = torch.nn.Linear(1, 1, bias=False)
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+
+        def step_fn(m, g, step):
+            with torch.no_grad():
+                m.weight.fill_(float(step + 1))        # after step k the weight is k
+            return 0.0
+        cfg = LoopConfig(steps=steps, lr=1.0, ema_decay=0.0, checkpoint_every=2, log_every=1, warmup=0,
+                         tail_average=tail)
+        return fit(net, None, cfg, optimizers={"m": opt}, step_fn=step_fn, progress=False, out=out, resume=resume)
+    avg, hist = run(7, tmp_path / "a")
+    assert hist["tail_average"] == [4, 6, 7] and avg.weight.item() == pytest.approx(17 / 3)
+    run(5, tmp_path / "b")                                                # tail 2, 4, 5
+    resumed, hist_b = run(9, tmp_path / "b", resume=True)
+    straight, hist_c = run(9, tmp_path / "c")
+    assert hist_b["tail_average"] == hist_c["tail_average"] == [6, 8, 9]
+    assert resumed.weight.item() == straight.weight.item() == pytest.approx(23 / 3)
+    last, hist_d = run(9, tmp_path / "d", tail=0)
+    assert last.weight.item() == 9.0 and "tail_average" not in hist_d
+    with pytest.raises(fs.errors.ArgumentError, match="tail_average"):
+        run(3, tmp_path / "e", tail=-1)

@@ -39,6 +39,7 @@ __all__ = [
     "training_record",
     "load_config_file",
     "save_checkpoint",
+    "average_states",
     "load_checkpoint",
     "CheckpointError",
 ]
@@ -134,6 +135,7 @@ class LoopConfig:
     log_with: str | None = None  # also log to an Accelerate tracker: "tensorboard", "wandb", ... (needs out)
     sample_every: int | None = None  # write out/samples/step_NNNNNN.png (image grid or 2-D scatter) every N steps
     device: str = "auto"  # "auto" (Accelerate's / cuda:LOCAL_RANK / cpu), "cpu", "cuda", "cuda:N"
+    tail_average: int = 0  # k > 1: the returned model is the mean of the EMA weights at the last k checkpoints
 
 
 def check_keys(given: dict, cls, what: str = "config") -> None:
@@ -214,6 +216,7 @@ def training_record(cfg, data: str, objective: str, history: dict, command: str 
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             **({"selected": history["selected"]} if "selected" in history else {}),
+            **({"tail_average": history["tail_average"]} if "tail_average" in history else {}),
             **({"stopped": history["stopped"]} if "stopped" in history else {}),
             **({"changes": history["changes"]} if history.get("changes") else {}),
             **extra,
@@ -252,6 +255,7 @@ def save_checkpoint(
     gen: torch.Generator,
     extra: dict,
     best: dict | None = None,
+    tail: list | None = None,
 ) -> None:
     """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt.
     `best` (model selection) holds the selected weights with their step and score."""
@@ -266,6 +270,8 @@ def save_checkpoint(
     }
     if best is not None:
         ck["best"] = best
+    if tail:
+        ck["tail"] = tail
     atomic_save(ck, path, keep_previous="previous.pt")
 
 
@@ -300,6 +306,7 @@ def _check_loop_config(cfg: LoopConfig) -> str:
         raise ArgumentError(f"lr: expected a positive learning rate, got {cfg.lr!r}")
     if getattr(cfg, "sample_every", None) is not None:
         check_int("sample_every", cfg.sample_every, 1)
+    check_int("tail_average", getattr(cfg, "tail_average", 0) or 0, 0)
     minutes = getattr(cfg, "minutes", None)
     if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
         raise ArgumentError(f"minutes: expected a positive wall-clock budget in minutes, got {minutes!r}")
@@ -313,6 +320,7 @@ class _State:
     step: int = 0
     history: dict = dataclasses.field(default_factory=lambda: {"loss": [], "step": [], "seconds": 0.0})
     best: dict | None = None
+    tail: list = dataclasses.field(default_factory=list)  # [{"step", "state"}]: EMA weights for tail_average
 
 
 # settings that do not change the weights a run produces (steps and the time budget may grow: an
@@ -391,7 +399,7 @@ def _restore(
     history = stored.get("history") or _State().history
     if diff:
         history.setdefault("changes", []).append({"step": int(ck["step"]), "changed": diff})
-    return _State(int(ck["step"]), history, ck.get("best") if keep_best else None)
+    return _State(int(ck["step"]), history, ck.get("best") if keep_best else None, list(ck.get("tail", [])))
 
 
 def _set_lr(opts: dict, base_lr: dict, cfg: LoopConfig, schedule: str, step: int) -> None:
@@ -441,6 +449,26 @@ class _Signals:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def average_states(states: list[dict]) -> dict:
+    """The mean of several state dicts of one network (tail / checkpoint averaging, Izmailov et al.
+    2018): floating tensors averaged in float64, others (counters) taken from the last."""
+    out = {}
+    for k, v in states[-1].items():
+        if v.is_floating_point():
+            out[k] = (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def _keep_tail(tail: list, step: int, ema: EMA, k: int, every: int) -> list:
+    """The last k checkpoints' EMA weights with this step's added. The last step of a shorter run
+    that this one extends is off the checkpoint schedule and leaves: a resumed run is the same run."""
+    kept = [t for t in tail if t["step"] % every == 0 and t["step"] != step]
+    kept.append({"step": step, "state": {n: v.detach().clone() for n, v in ema.model.state_dict().items()}})
+    return kept[-k:]
 
 
 def _select(state: _State, select, ema: EMA) -> None:
@@ -587,6 +615,9 @@ def fit(
     from ..distributed import is_launched, reduce_mean, world
 
     schedule = _check_loop_config(cfg)
+    tail_k = int(getattr(cfg, "tail_average", 0) or 0)
+    if tail_k and select is not None:
+        raise ArgumentError("tail_average: model selection (select=) already chooses the weights; use one of the two")
     every = check_int("select_every", select_every or cfg.checkpoint_every, 1)
     rank, size = world() if is_launched() else (0, 1)
     _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
@@ -630,7 +661,9 @@ def fit(
         state.history["running"] = running
         t0 = time.perf_counter()
         if ck_path is not None and rank == 0:
-            save_checkpoint(ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best)
+            save_checkpoint(
+                ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best, state.tail
+            )
 
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
     minutes = getattr(cfg, "minutes", None)
@@ -686,6 +719,8 @@ def fit(
                     ema.model.eval()
                     write_preview()
                     ema.model.train(was_training)
+                if tail_k > 1 and (state.step % cfg.checkpoint_every == 0 or done):
+                    state.tail = _keep_tail(state.tail, state.step, ema, tail_k, cfg.checkpoint_every)
                 if state.step % cfg.checkpoint_every == 0 or done or signals.received:
                     checkpoint()
                 if signals.received is not None:
@@ -702,4 +737,7 @@ def fit(
     if state.best is not None:
         ema.model.load_state_dict(state.best["state"])
         state.history["selected"] = {"step": state.best["step"], "value": state.best["value"]}
+    if tail_k > 1 and state.tail:
+        ema.model.load_state_dict(average_states([t["state"] for t in state.tail]))
+        state.history["tail_average"] = [t["step"] for t in state.tail]
     return ema.model, state.history  # type: ignore[return-value]  # a deep copy of `model`: an M
