@@ -155,15 +155,14 @@ def validation_fd(
     train = fsdata.digits("train").x
 
     def score(model) -> float:
-        return frechet_distance(model_samples(model, n, seed), train, feats)
+        return frechet_distance(_model_samples(model, n, seed), train, feats)
 
     return score
 
 
-def model_samples(model, n: int, seed: int, solver: str = "euler", nfe: int | None = None) -> torch.Tensor:
+def _model_samples(model, n: int, seed: int) -> torch.Tensor:
     """n samples of a model for a selection score: a generator's `sample(n, seed=)`, or a particle
-    model's field sampled with `solver` at `nfe` evaluations (default: its own N steps, as Alg. 3
-    simulates it during training)."""
+    model's field at its own N Euler steps (as Alg. 3 simulates it during training)."""
     if hasattr(model, "sample"):
         return model.sample(n, seed=seed).float().cpu()
     if not hasattr(model, "field"):
@@ -172,8 +171,7 @@ def model_samples(model, n: int, seed: int, solver: str = "euler", nfe: int | No
         )
     from .sample import sample
 
-    steps = nfe or int(getattr(model, "N", 0)) or 32
-    return sample(model.field(), solver, nfe=steps, n=n, seed=seed, progress=False).float().cpu()
+    return sample(model.field(), "euler", nfe=int(getattr(model, "N", 32)), n=n, seed=seed).float().cpu()
 
 
 def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed: int = 123):
@@ -196,6 +194,6 @@ def validation_energy(data="gmm2d", *, n: int = 3000, seed: int = 7, sample_seed
     reference = source.sample(n, generator=torch.Generator().manual_seed(seed)).float()
 
     def score(model) -> float:
-        return energy_distance(model_samples(model, n, sample_seed), reference)
+        return energy_distance(_model_samples(model, n, sample_seed), reference)
 
     return score

@@ -199,9 +199,8 @@ def test_lr_schedule_is_applied_after_warmup(schedule):
         fit(net, None, LoopConfig(steps=1, lr_schedule="step"), optimizers={"m": opt}, step_fn=step_fn, progress=False)
 
 
-def test_model_selection_keeps_the_best_scored_weights_across_resume(tmp_path):
-    """fit(select=...) (Table 7: best validation FID) returns the weights of the best-scored step,
-    keeps them in the checkpoint, and a resumed run selects among old and new steps alike."""
+def _fit_counter(out, steps, resume=False, select=None, select_every=None, **cfg):
+    """fit() on a one-weight network whose weight is k after step k (no EMA, a checkpoint every 2 steps)."""
     from flowsolve.train.loop import LoopConfig, fit
     net = torch.nn.Linear(1, 1, bias=False)
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
@@ -210,18 +209,21 @@ def test_model_selection_keeps_the_best_scored_weights_across_resume(tmp_path):
         with torch.no_grad():
             m.weight.fill_(float(step + 1))        # after step k the weight is k
         return 0.0
+    config = LoopConfig(steps=steps, lr=1.0, ema_decay=0.0, checkpoint_every=2, log_every=1, warmup=0, **cfg)
+    return fit(net, None, config, optimizers={"m": opt}, step_fn=step_fn, progress=False, out=out, resume=resume,
+               select=select, select_every=select_every)
 
+
+def test_model_selection_keeps_the_best_scored_weights_across_resume(tmp_path):
+    """fit(select=...) (Table 7: best validation FID) returns the weights of the best-scored step,
+    keeps them in the checkpoint, and a resumed run selects among old and new steps alike."""
     def score(m):
         return abs(m.weight.item() - 3.2)          # best at step 3
-    cfg = dict(lr=1.0, ema_decay=0.0, checkpoint_every=2, log_every=1, warmup=0)
-    best, hist = fit(net, None, LoopConfig(steps=5, **cfg), optimizers={"m": opt}, step_fn=step_fn, progress=False,
-                     out=tmp_path, select=score, select_every=1)
+    best, hist = _fit_counter(tmp_path, 5, select=score, select_every=1)
     assert best.weight.item() == 3.0 and hist["selected"]["step"] == 3
-    again, hist2 = fit(net, None, LoopConfig(steps=8, **cfg), optimizers={"m": opt}, step_fn=step_fn,
-                       progress=False, out=tmp_path, resume=True, select=score, select_every=1)
+    again, hist2 = _fit_counter(tmp_path, 8, resume=True, select=score, select_every=1)
     assert again.weight.item() == 3.0 and [s for s, _ in hist2["selection"]] == list(range(1, 9))
-    plain, _ = fit(net, None, LoopConfig(steps=9, **cfg), optimizers={"m": opt}, step_fn=step_fn, progress=False,
-                   out=tmp_path, resume=True)
+    plain, _ = _fit_counter(tmp_path, 9, resume=True)
     assert plain.weight.item() == 9.0                 # no select: the last weights
 
 
@@ -230,19 +232,8 @@ def test_tail_average_returns_the_mean_of_the_last_checkpoints_weights_across_re
     of the EMA weights at the last k scheduled checkpoints, the final step included; a run extended by
     resume averages the same steps as one run straight through (the shorter run's off-schedule end
     leaves the tail)."""
-    from flowsolve.train.loop import LoopConfig, fit
-
     def run(steps, out, resume=False, tail=3):
-        net = torch.nn.Linear(1, 1, bias=False)
-        opt = torch.optim.SGD(net.parameters(), lr=1.0)
-
-        def step_fn(m, g, step):
-            with torch.no_grad():
-                m.weight.fill_(float(step + 1))        # after step k the weight is k
-            return 0.0
-        cfg = LoopConfig(steps=steps, lr=1.0, ema_decay=0.0, checkpoint_every=2, log_every=1, warmup=0,
-                         tail_average=tail)
-        return fit(net, None, cfg, optimizers={"m": opt}, step_fn=step_fn, progress=False, out=out, resume=resume)
+        return _fit_counter(out, steps, resume=resume, tail_average=tail)
     avg, hist = run(7, tmp_path / "a")
     assert hist["tail_average"] == [4, 6, 7] and avg.weight.item() == pytest.approx(17 / 3)
     run(5, tmp_path / "b")                                                # tail 2, 4, 5
