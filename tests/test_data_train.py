@@ -245,3 +245,34 @@ def test_tail_average_returns_the_mean_of_the_last_checkpoints_weights_across_re
     assert last.weight.item() == 9.0 and "tail_average" not in hist_d
     with pytest.raises(fs.errors.ArgumentError, match="tail_average"):
         run(3, tmp_path / "e", tail=-1)
+
+
+def test_tail_average_with_selection_keeps_the_best_scored_checkpoint_average_across_resume(tmp_path):
+    """tail_average=k with select: every score is of the mean of the last k checkpoints' weights
+    (closed form: the weight is the step), the best-scored mean is returned with its steps, and a run
+    extended by resume chooses among old and new averages exactly as a straight run does."""
+    scored = []
+
+    def score(m):                                     # best where the mean of the tail is closest to 5
+        scored.append(m.weight.item())
+        return abs(m.weight.item() - 5.0)
+    best, hist = _fit_counter(tmp_path / "a", 12, select=score, tail_average=3)
+    # checkpoints every 2 steps: tails [2], [2,4], [2,4,6], [4,6,8], [6,8,10], [8,10,12]
+    assert scored == pytest.approx([2, 3, 4, 6, 8, 10])
+    assert hist["selection"] == [[2, 3.0], [4, 2.0], [6, 1.0], [8, 1.0], [10, 3.0], [12, 5.0]]
+    assert hist["selected"]["step"] == 6 and hist["tail_average"] == [2, 4, 6]
+    assert best.weight.item() == pytest.approx(4.0)
+    _fit_counter(tmp_path / "b", 7, select=score, tail_average=3)        # ends off schedule at 7
+    resumed, hist_b = _fit_counter(tmp_path / "b", 12, resume=True, select=score, tail_average=3)
+    assert resumed.weight.item() == pytest.approx(4.0) and hist_b["tail_average"] == [2, 4, 6]
+    assert [s for s, _ in hist_b["selection"]] == [2, 4, 6, 8, 10, 12]   # step 7 (off schedule) left
+
+    def near_7(m):
+        return abs(m.weight.item() - 7.0)
+    short, _ = _fit_counter(tmp_path / "c", 7, select=near_7)               # plain selection: its end wins
+    longer, hist_c = _fit_counter(tmp_path / "c", 12, resume=True, select=near_7)
+    straight, _ = _fit_counter(tmp_path / "s", 12, select=near_7)
+    assert short.weight.item() == 7.0 and longer.weight.item() == straight.weight.item() == 6.0
+    assert hist_c["selected"]["step"] == 6
+    with pytest.raises(fs.errors.ArgumentError, match="select_every"):
+        _fit_counter(tmp_path / "d", 4, select=score, select_every=3, tail_average=2)

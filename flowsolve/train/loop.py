@@ -256,6 +256,7 @@ def save_checkpoint(
     extra: dict,
     best: dict | None = None,
     tail: list | None = None,
+    best_scheduled: dict | None = None,
 ) -> None:
     """Write `path` atomically (temp file, fsync, rename); the checkpoint it replaces becomes previous.pt.
     `best` (model selection) holds the selected weights with their step and score."""
@@ -270,6 +271,8 @@ def save_checkpoint(
     }
     if best is not None:
         ck["best"] = best
+    if best_scheduled is not None:
+        ck["best_scheduled"] = best_scheduled
     if tail:
         ck["tail"] = tail
     atomic_save(ck, path, keep_previous="previous.pt")
@@ -321,6 +324,7 @@ class _State:
     history: dict = dataclasses.field(default_factory=lambda: {"loss": [], "step": [], "seconds": 0.0})
     best: dict | None = None
     tail: list = dataclasses.field(default_factory=list)  # [{"step", "state"}]: EMA weights for tail_average
+    best_scheduled: dict | None = None  # the best among the select_every steps (not a shorter run's end)
 
 
 # settings that do not change the weights a run produces (steps and the time budget may grow: an
@@ -376,9 +380,11 @@ def _restore(
     meta: dict,
     cfg: LoopConfig,
     allow_changes: bool,
+    select_every: int = 1,
 ) -> _State:
     """Load model, EMA, optimizers, RNG, step, history (and the selection) from the last checkpoint,
-    after checking that this run is the checkpoint's run."""
+    after checking that this run is the checkpoint's run. A shorter run's off-schedule last step
+    leaves the selection: a resumed run chooses among the steps a straight run scores."""
     if ck_path is None:
         raise ArgumentError("resume: needs an output folder (out=) that holds checkpoints/last.pt")
     for stale in ck_path.parent.glob("*.tmp"):  # a write cut short by a kill: never read, removed
@@ -399,7 +405,13 @@ def _restore(
     history = stored.get("history") or _State().history
     if diff:
         history.setdefault("changes", []).append({"step": int(ck["step"]), "changed": diff})
-    return _State(int(ck["step"]), history, ck.get("best") if keep_best else None, list(ck.get("tail", [])))
+    state = _State(int(ck["step"]), history, ck.get("best") if keep_best else None, list(ck.get("tail", [])))
+    if keep_best:
+        state.best_scheduled = ck.get("best_scheduled")
+        if state.step % select_every and "best_scheduled" in ck:  # a shorter run's end: not a candidate of this run
+            state.best = state.best_scheduled
+            history["selection"] = [e for e in history.get("selection", []) if e[0] % select_every == 0]
+    return state
 
 
 def _set_lr(opts: dict, base_lr: dict, cfg: LoopConfig, schedule: str, step: int) -> None:
@@ -471,17 +483,27 @@ def _keep_tail(tail: list, step: int, ema: EMA, k: int, every: int) -> list:
     return kept[-k:]
 
 
-def _select(state: _State, select, ema: EMA) -> None:
-    """Score the EMA model (lower is better) and keep its weights when it is the best so far."""
+def _select(state: _State, select, ema: EMA, tail: list | None, scheduled: bool) -> None:
+    """Score the EMA model (lower is better) and keep its weights when it is the best so far; with a
+    `tail` (tail_average), score and keep the mean of the tail's weights instead (a scratch copy)."""
+    model, steps = ema.model, None
+    if tail:
+        model = copy.deepcopy(ema.model)
+        model.load_state_dict(average_states([t["state"] for t in tail]))
+        steps = [t["step"] for t in tail]
     with torch.no_grad():
-        value = float(select(ema.model))
+        value = float(select(model))
     state.history.setdefault("selection", []).append([state.step, value])
+    entry = {
+        "step": state.step,
+        "value": value,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **({"tail": steps} if steps is not None else {}),
+    }
     if state.best is None or value < state.best["value"]:
-        state.best = {
-            "step": state.step,
-            "value": value,
-            "state": {k: v.detach().clone() for k, v in ema.model.state_dict().items()},
-        }
+        state.best = entry
+    if scheduled and (state.best_scheduled is None or value < state.best_scheduled["value"]):
+        state.best_scheduled = entry
 
 
 LOG_FILE = "log.jsonl"
@@ -608,7 +630,8 @@ def fit(
     Model selection (Table 7: "best validation FID"): with `select`, the EMA model is scored every
     `select_every` steps (default: cfg.checkpoint_every) and at the end, lower is better; the best
     weights are returned (and kept in the checkpoints, so a resumed run selects the same way).
-    `select` must not touch the training RNG (use its own seeds).
+    `select` must not touch the training RNG (use its own seeds). With `cfg.tail_average` k as well,
+    each score is of the mean of the last k checkpoints' EMA weights, and the best such mean is returned.
     """
     from tqdm.auto import tqdm
 
@@ -616,9 +639,12 @@ def fit(
 
     schedule = _check_loop_config(cfg)
     tail_k = int(getattr(cfg, "tail_average", 0) or 0)
-    if tail_k and select is not None:
-        raise ArgumentError("tail_average: model selection (select=) already chooses the weights; use one of the two")
     every = check_int("select_every", select_every or cfg.checkpoint_every, 1)
+    if tail_k > 1 and select is not None and every % cfg.checkpoint_every:
+        raise ArgumentError(
+            f"select_every: with tail_average each score is of a checkpoint average, so it must be a multiple of "
+            f"checkpoint_every={cfg.checkpoint_every}; got {every}"
+        )
     rank, size = world() if is_launched() else (0, 1)
     _WORLD.update(rank=rank, size=size, device=resolve_device(cfg))
     model.to(_WORLD["device"]).train()
@@ -629,7 +655,9 @@ def fit(
     ck_path = Path(out) / "checkpoints" / "last.pt" if out is not None else None
     meta = {**(extra or {}), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     state = (
-        _restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes) if resume else _State()
+        _restore(ck_path, model, ema, opts, gen, select is not None, meta, cfg, allow_changes, every)
+        if resume
+        else _State()
     )
     log_with = getattr(cfg, "log_with", None)
     if log_with is not None and out is None:
@@ -662,7 +690,16 @@ def fit(
         t0 = time.perf_counter()
         if ck_path is not None and rank == 0:
             save_checkpoint(
-                ck_path, state.step, model, ema, opts, gen, {**meta, "history": state.history}, state.best, state.tail
+                ck_path,
+                state.step,
+                model,
+                ema,
+                opts,
+                gen,
+                {**meta, "history": state.history},
+                state.best,
+                state.tail,
+                state.best_scheduled,
             )
 
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
@@ -711,16 +748,16 @@ def fit(
                         seconds=state.history["seconds"] + time.perf_counter() - t0,
                         lr=next(iter(opts.values())).param_groups[0]["lr"],
                     )
+                if tail_k > 1 and (state.step % cfg.checkpoint_every == 0 or done):
+                    state.tail = _keep_tail(state.tail, state.step, ema, tail_k, cfg.checkpoint_every)
                 if select is not None and (state.step % every == 0 or done):
-                    _select(state, select, ema)
+                    _select(state, select, ema, state.tail if tail_k > 1 else None, state.step % every == 0)
                     log.write(step=state.step, select=state.history["selection"][-1][1])
                 if sample_every is not None and rank == 0 and (state.step % sample_every == 0 or done):
                     was_training = ema.model.training
                     ema.model.eval()
                     write_preview()
                     ema.model.train(was_training)
-                if tail_k > 1 and (state.step % cfg.checkpoint_every == 0 or done):
-                    state.tail = _keep_tail(state.tail, state.step, ema, tail_k, cfg.checkpoint_every)
                 if state.step % cfg.checkpoint_every == 0 or done or signals.received:
                     checkpoint()
                 if signals.received is not None:
@@ -734,10 +771,12 @@ def fit(
                 trackers.close()
     state.history["seconds"] += time.perf_counter() - t0
     model.eval()
-    if state.best is not None:
+    if state.best is not None:  # the selected weights (with tail_average: the selected checkpoint average)
         ema.model.load_state_dict(state.best["state"])
         state.history["selected"] = {"step": state.best["step"], "value": state.best["value"]}
-    if tail_k > 1 and state.tail:
+        if "tail" in state.best:
+            state.history["tail_average"] = state.best["tail"]
+    elif tail_k > 1 and state.tail:
         ema.model.load_state_dict(average_states([t["state"] for t in state.tail]))
         state.history["tail_average"] = [t["step"] for t in state.tail]
     return ema.model, state.history  # type: ignore[return-value]  # a deep copy of `model`: an M
