@@ -119,30 +119,25 @@ def _scorer(metric: str, field, reference, n: int, features, cond: dict | None):
 
         def rmse(x, x0):
             grid = torch.tensor([field.t_start, field.t_end], dtype=torch.float64)
-            try:  # float64 where the field computes in it (exact densities, closed forms)
-                ref = sample(
+
+            def reference(dtype: torch.dtype, tol: float) -> torch.Tensor:
+                return sample(
                     field,
                     "torchdiffeq:dopri5",
                     grid=grid,
-                    x_init=x0.double(),
+                    x_init=x0.to(dtype),
                     nfe=10**7,
-                    rtol=1e-7,
-                    atol=1e-7,
+                    rtol=tol,
+                    atol=tol,
                     cond=cond,
                 )
+
+            try:  # float64 where the field computes in it (exact densities, closed forms)
+                ref = reference(torch.float64, 1e-7)
             except RuntimeError as e:  # a float32 network: the reference in its own precision
                 if "type" not in str(e) and "dtype" not in str(e):
                     raise
-                ref = sample(
-                    field,
-                    "torchdiffeq:dopri5",
-                    grid=grid,
-                    x_init=x0.float(),
-                    nfe=10**7,
-                    rtol=1e-5,
-                    atol=1e-5,
-                    cond=cond,
-                ).double()
+                ref = reference(torch.float32, 1e-5).double()
             return float((x.double() - ref).reshape(len(x), -1).square().sum(1).mean().sqrt())
 
         return rmse
