@@ -409,6 +409,24 @@ def test_cli_select_every_keeps_the_best_discriminator_flow(tmp_path):
     assert validation_energy("gmm2d")(flow) == pytest.approx(meta["selected"]["value"], rel=1e-5)
 
 
+def test_cli_select_every_with_tail_average_saves_the_best_scored_checkpoint_average(tmp_path):
+    """`--select-every` with the config key tail_average=2: each score is of the mean of the last two
+    checkpoints' weights, and the saved flow is the best-scored mean: it scores the recorded value
+    again and records which steps it averages."""
+    cfg = tmp_path / "small.json"
+    cfg.write_text('{"width": 16, "depth": 2, "N": 8, "batch_size": 32, "checkpoint_every": 2, "tail_average": 2}')
+    out = tmp_path / "df"
+    assert main(["train", "discriminator-flow", "--data", "gmm2d", "--out", str(out), "--steps", "6", "--config",
+                 str(cfg), "--select-every", "2", "--quiet"]) == 0
+    meta = fs.from_pretrained(out).metadata["training"]
+    step = meta["selected"]["step"]
+    assert meta["tail_average"] == ([2] if step == 2 else [step - 2, step])
+    from flowsolve.evaluate import validation_energy
+    assert validation_energy("gmm2d")(fs.from_pretrained(out)) == pytest.approx(meta["selected"]["value"], rel=1e-5)
+    assert main(["train", "discriminator-flow", "--data", "gmm2d", "--out", str(tmp_path / "bad"), "--steps", "6",
+                 "--config", str(cfg), "--select-every", "3", "--quiet"]) != 0     # not a checkpoint step
+
+
 def test_validation_energy_separates_exact_samples_from_a_shifted_mixture():
     """validation_energy against the exact mixture: a 'generator' drawing exact samples scores at the
     two-sample noise floor (< 0.004 at n = 3000), one drawing the mixture shifted by 1 scores 50× above that."""
