@@ -270,6 +270,8 @@ def test_tail_average_with_selection_keeps_the_best_scored_checkpoint_average_ac
     def near_7(m):
         return abs(m.weight.item() - 7.0)
     short, _ = _fit_counter(tmp_path / "c", 7, select=near_7)               # plain selection: its end wins
+    again, _ = _fit_counter(tmp_path / "c", 7, resume=True, select=near_7)  # not extended: the end still counts
+    assert again.weight.item() == 7.0
     longer, hist_c = _fit_counter(tmp_path / "c", 12, resume=True, select=near_7)
     straight, _ = _fit_counter(tmp_path / "s", 12, select=near_7)
     assert short.weight.item() == 7.0 and longer.weight.item() == straight.weight.item() == 6.0

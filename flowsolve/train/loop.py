@@ -408,7 +408,8 @@ def _restore(
     state = _State(int(ck["step"]), history, ck.get("best") if keep_best else None, list(ck.get("tail", [])))
     if keep_best:
         state.best_scheduled = ck.get("best_scheduled")
-        if state.step % select_every and "best_scheduled" in ck:  # a shorter run's end: not a candidate of this run
+        past_end = cfg.steps > state.step and state.step % select_every  # this run goes past a shorter run's end
+        if past_end and "best_scheduled" in ck:  # that end is not a candidate of this run
             state.best = state.best_scheduled
             history["selection"] = [e for e in history.get("selection", []) if e[0] % select_every == 0]
     return state
@@ -485,24 +486,28 @@ def _keep_tail(tail: list, step: int, ema: EMA, k: int, every: int) -> list:
 
 def _select(state: _State, select, ema: EMA, tail: list | None, scheduled: bool) -> None:
     """Score the EMA model (lower is better) and keep its weights when it is the best so far; with a
-    `tail` (tail_average), score and keep the mean of the tail's weights instead (a scratch copy)."""
-    model, steps = ema.model, None
+    `tail` (tail_average), score and keep the mean of the tail's weights instead (a scratch copy).
+    `scheduled`: a select_every step, a candidate of any longer run too (not a shorter run's end)."""
+    model, weights = ema.model, None
     if tail:
+        weights = average_states([t["state"] for t in tail])
         model = copy.deepcopy(ema.model)
-        model.load_state_dict(average_states([t["state"] for t in tail]))
-        steps = [t["step"] for t in tail]
+        model.load_state_dict(weights)
     with torch.no_grad():
         value = float(select(model))
     state.history.setdefault("selection", []).append([state.step, value])
-    entry = {
-        "step": state.step,
-        "value": value,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        **({"tail": steps} if steps is not None else {}),
-    }
-    if state.best is None or value < state.best["value"]:
+    best = state.best is None or value < state.best["value"]
+    best_scheduled = scheduled and (state.best_scheduled is None or value < state.best_scheduled["value"])
+    if not (best or best_scheduled):
+        return
+    entry: dict[str, Any] = {"step": state.step, "value": value}
+    if tail:  # the averaged weights are already a fresh copy
+        entry.update(state=weights, tail=[t["step"] for t in tail])
+    else:
+        entry["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best:
         state.best = entry
-    if scheduled and (state.best_scheduled is None or value < state.best_scheduled["value"]):
+    if best_scheduled:
         state.best_scheduled = entry
 
 
