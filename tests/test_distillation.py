@@ -293,15 +293,18 @@ def test_conditional_dcgan_generator_uses_its_labels():
     assert g.sample(20, seed=0).shape == (20, 1, 8, 8)       # default labels: i mod 10
 
 
-def test_conditional_discriminator_flow_puts_each_class_where_its_data_is():
+@pytest.mark.parametrize("trajectories", [None, 32])
+def test_conditional_discriminator_flow_puts_each_class_where_its_data_is(trajectories):
     """Two labelled clusters: a class-conditional Discriminator Flow (Alg. 3 with f(x, t, y)) sends
-    label 0 to the left cluster and label 1 to the right one."""
+    label 0 to the left cluster and label 1 to the right one; also when each simulated x_0 gives
+    several particles to every update (`trajectories`), which then carry their x_0's label."""
     g = torch.Generator().manual_seed(0)
     y = torch.arange(2000) % 2
     x = torch.randn(2000, 2, generator=g) * 0.3 + torch.stack([(2.0 * y - 1) * 2, torch.zeros(2000)], 1)
     data = fs.data.TensorData(x, labels=y)
     m = fs.train.discriminator_flow(data, conditional=True, steps=120, N=8, width=64, depth=2, eta=4.0,
-                                    loss="ipm", gp=0.1, progress=False, seed=0)
+                                    loss="ipm", gp=0.1, progress=False, seed=0, batch_size=128,
+                                    trajectories=trajectories)
     assert m.conditioning == {"class_labels": {"classes": 2}}
     labels = torch.tensor([0] * 200 + [1] * 200)
     out = fs.sample(m.field(), "euler", nfe=8, n=400, seed=1, cond={"class_labels": labels}, batch_size=128)

@@ -174,6 +174,46 @@ def test_partial_trajectories_equal_the_full_trajectory_at_every_step():
     assert not torch.allclose(fakes[2], x0)
 
 
+@pytest.mark.parametrize("per", [1, 2, 3])
+def test_update_particles_give_each_update_per_particles_of_every_trajectory(per):
+    """With T starting points and `per` particles of each per update, update k's particle b·per + r
+    is x_0 number b on the full N-step trajectory, at the step index returned beside it."""
+    from flowsolve.train.discriminator_flow import update_particles
+
+    d = fs.models.gan.Discriminator(2, 32, 2, time_conditioned=True, seed=0)
+    N, T, K = 12, 5, 3
+    field = fs.fields.DiscriminatorFlow(d, eta=3.0, N=N, shape=(2,))
+    grid = torch.linspace(0, 1, N + 1, dtype=torch.float64)
+    x0 = torch.randn(T, 2, generator=torch.Generator().manual_seed(0))
+    _, info = fs.sample(field, "euler", grid=grid, x_init=x0, return_info=True, trajectory_every=1)
+    full = info.trajectory  # (N + 1, T, 2)
+    i = torch.randint(N, (K * per, T), generator=torch.Generator().manual_seed(1))
+    fakes, steps = update_particles(field, x0, i, K, "euler", grid, [0, 4, 8, 12], {})
+    assert fakes.shape == (K, T * per, 2) and steps.shape == (K, T * per)
+    owner = torch.arange(T).repeat_interleave(per)
+    for k in range(K):
+        assert torch.allclose(fakes[k], full[steps[k], owner], atol=1e-6), k
+        assert sorted(steps[k].tolist()) == sorted(i[k * per:(k + 1) * per].flatten().tolist())
+    with pytest.raises(fs.errors.ArgumentError, match="updates"):
+        update_particles(field, x0, i, K + 1, "euler", grid, [0, 12], {})
+
+
+def test_discriminator_flow_trajectories(tmp_path):
+    """`trajectories=batch_size` is the default run, bit for bit; fewer trajectories make the same
+    number of updates; one that does not divide the batch is refused before training."""
+    data = torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([3.0, 0.0])
+    a = fs.train.discriminator_flow(data, steps=4, d_steps=2, batch_size=32, progress=False, **SMALL_DF)
+    b = fs.train.discriminator_flow(data, steps=4, d_steps=2, batch_size=32, trajectories=32, progress=False,
+                                    **SMALL_DF)
+    c = fs.train.discriminator_flow(data, steps=4, d_steps=2, batch_size=32, trajectories=8, progress=False,
+                                    **SMALL_DF)
+    for pa, pb in zip(a.f.parameters(), b.f.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.f.parameters(), c.f.parameters()))
+    with pytest.raises(fs.errors.ArgumentError, match="trajectories.*divisor of batch_size=32.*got 12"):
+        fs.train.discriminator_flow(data, steps=4, batch_size=32, trajectories=12, progress=False, **SMALL_DF)
+
+
 def test_discriminator_flow_d_steps_and_minutes(tmp_path):
     """`d_steps=K` makes K discriminator updates per simulation (one logged step); a `minutes`
     budget stops the run early with a checkpoint, and a resumed run with the budget spent stops."""

@@ -16,8 +16,9 @@ from .int_pm import PaperLoopConfig, data_source, discriminator_network
 from .loop import fit, is_main_process, merge_config, seeded, shard, sync_gradients, training_record
 from .. import data as fsdata
 from .._checks import check_int
+from ..errors import ArgumentError
 
-__all__ = ["DFConfig", "DF_IMAGE_DEFAULTS", "discriminator_flow", "partial_trajectories"]
+__all__ = ["DFConfig", "DF_IMAGE_DEFAULTS", "discriminator_flow", "partial_trajectories", "update_particles"]
 
 
 def partial_trajectories(
@@ -53,6 +54,31 @@ def partial_trajectories(
     return fake
 
 
+def update_particles(
+    field,
+    x0: torch.Tensor,
+    i: torch.Tensor,
+    updates: int,
+    solver: str,
+    grid: torch.Tensor,
+    bounds: list[int],
+    cond: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The particles of `updates` discriminator updates from one simulation of the T starting points
+    x0 (Alg. 3, lines 3–5, shared): `i` is a (updates·per, T) tensor of step indices, each x_0 gives
+    `per` particles to every update. Returns (particles, step indices), (updates, T·per, ...), x_0-major:
+    particle b·per + r of an update is x_0 number b at its r-th step of that update."""
+    per = len(i) // updates
+    if per < 1 or per * updates != len(i):
+        raise ArgumentError(f"i: expected a multiple of updates={updates} rows, got {len(i)}")
+    fake = partial_trajectories(field, x0, i, solver, grid, bounds, cond)
+
+    def group(a: torch.Tensor) -> torch.Tensor:  # (updates·per, T, ...) → (updates, T·per, ...)
+        return a.reshape(updates, per, *a.shape[1:]).transpose(1, 2).reshape(updates, -1, *a.shape[2:])
+
+    return group(fake), group(i)
+
+
 @dataclasses.dataclass
 class DFConfig(PaperLoopConfig):
     steps: int = 4000
@@ -74,6 +100,7 @@ class DFConfig(PaperLoopConfig):
     compute_dtype: str | None = None  # e.g. "bfloat16": simulate the particles with a low-precision copy of f
     data_size: int | None = None
     d_steps: int = 1  # discriminator updates per simulation: each x_0's particles at d_steps random times
+    trajectories: int | None = None  # x_0 simulated per step (default batch_size); fewer: more times of each
     gp_every: int = 1  # lazy gradient penalty (StyleGAN2): every k-th update, with weight k·gp
     conditional: bool = False  # class-conditional f(x, t, y) (projection discriminator), labelled data
 
@@ -108,9 +135,12 @@ def discriminator_flow(
     uniform N-step grid with the library's solver, picks a random step i_b per sample and trains
     f(·, i_b/N) to separate those particles from data (Eq. 15). With `d_steps=K`, each simulation
     serves K discriminator updates (the particles of each x_0 at K random steps), which cuts the
-    simulation cost per update about K/2-fold. With `select` (e.g. `fs.evaluate.validation_fd()`,
-    scored on the flow at its own N Euler steps against the training digits), the EMA flow is scored
-    every `select_every` steps and the best is returned and saved (Table 7's "best validation FID")."""
+    simulation cost per update about K/2-fold. With `trajectories=T` (a divisor of batch_size B),
+    only T starting points are simulated and each gives B/T particles, at independent random steps,
+    to every update: the simulation's sequential network passes are the same, on a smaller batch.
+    With `select` (e.g. `fs.evaluate.validation_fd()`, scored on the flow at its own N Euler steps
+    against the training digits), the EMA flow is scored every `select_every` steps and the best is
+    returned and saved (Table 7's "best validation FID")."""
     cfg = merge_config(DFConfig, {}, config, overrides)
     src, name, shape = data_source(data, cfg.data_size)
     if len(shape) == 3:  # Table 4, MNIST column
@@ -118,6 +148,14 @@ def discriminator_flow(
     check_int("d_steps", cfg.d_steps, 1)
     check_int("gp_every", cfg.gp_every, 1)
     check_int("segments", cfg.segments, 1)
+    n_traj = cfg.batch_size if cfg.trajectories is None else cfg.trajectories
+    check_int("trajectories", n_traj, 1)
+    if cfg.batch_size % n_traj:
+        raise ArgumentError(
+            f"trajectories: expected a divisor of batch_size={cfg.batch_size} (each x_0 gives the same "
+            f"number of particles to every update), got {n_traj}"
+        )
+    per = cfg.batch_size // n_traj  # particles of each x_0 in one update
     loss = GANLoss(cfg.loss)
     classes = fsdata.num_classes(src) if cfg.conditional else 0
     disc = seeded(cfg.seed, lambda: discriminator_network(shape, cfg, time_conditioned=True, num_classes=classes))
@@ -131,19 +169,22 @@ def discriminator_flow(
 
     def step_fn(m: DiscriminatorFlowModel, g: torch.Generator, step: int) -> float:
         # every draw is global-sized (the random stream stays in step across processes), then sharded
-        x0 = torch.randn(cfg.batch_size, *shape, generator=g)
+        x0 = torch.randn(n_traj, *shape, generator=g)
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.compute_dtype)
-        i = torch.randint(cfg.N, (cfg.d_steps, cfg.batch_size), generator=g)
+        i = torch.randint(cfg.N, (cfg.d_steps * per, n_traj), generator=g)
         if classes:  # particles carry the labels of the real batches they are compared with
-            real, y = fsdata.labelled_batches(src, cfg.batch_size, g)
-            reals = [real] + [fsdata.batch_with_labels(src, y, g) for _ in range(cfg.d_steps - 1)]
+            real, y = fsdata.labelled_batches(src, n_traj, g)
+            y = y.repeat_interleave(per)  # particle b·per + r of an update comes from x_0 number b
+            rest = [fsdata.batch_with_labels(src, y, g) for _ in range(cfg.d_steps - (per == 1))]
+            reals = ([real] if per == 1 else []) + rest
             cond = {"class_labels": shard(y)}
         else:
             reals, cond = [fsdata.batches(src, cfg.batch_size, g) for _ in range(cfg.d_steps)], {}
         us = [torch.rand(cfg.batch_size, generator=g) for _ in range(cfg.d_steps)]
         x0, i = shard(x0), torch.stack([shard(r) for r in i])
-        # one simulation of each x_0 serves all d_steps updates: its particles at d_steps times
-        fakes = partial_trajectories(field, x0, i, cfg.solver, grid, bounds, cond)
+        # one simulation of each x_0 serves all d_steps updates: its particles at d_steps·per times
+        traj_cond = {k: v[::per] for k, v in cond.items()}
+        fakes, i = update_particles(field, x0, i, cfg.d_steps, cfg.solver, grid, bounds, traj_cond)
         total = 0.0
         for k, (fake, ik, real, u) in enumerate(zip(fakes, i, reals, us)):
             real, u, t = shard(real), shard(u), ik.to(fake.dtype) / cfg.N
