@@ -173,17 +173,17 @@ def discriminator_flow(
         field = DiscriminatorFlow(m.f, cfg.eta, cfg.loss, cfg.N, shape=shape, compute_dtype=cfg.compute_dtype)
         i = torch.randint(cfg.N, (cfg.d_steps * per, n_traj), generator=g)
         if classes:  # particles carry the labels of the real batches they are compared with
-            real, y = fsdata.labelled_batches(src, n_traj, g)
-            y = y.repeat_interleave(per)  # particle b·per + r of an update comes from x_0 number b
-            rest = [fsdata.batch_with_labels(src, y, g) for _ in range(cfg.d_steps - (per == 1))]
-            reals = ([real] if per == 1 else []) + rest
-            cond = {"class_labels": shard(y)}
+            real, y_traj = fsdata.labelled_batches(src, n_traj, g)
+            y = y_traj.repeat_interleave(per)  # particle b·per + r of an update comes from x_0 number b
+            if per > 1:  # the first real batch must match the repeated labels too
+                real = fsdata.batch_with_labels(src, y, g)
+            reals = [real] + [fsdata.batch_with_labels(src, y, g) for _ in range(cfg.d_steps - 1)]
+            cond, traj_cond = {"class_labels": shard(y)}, {"class_labels": shard(y_traj)}
         else:
-            reals, cond = [fsdata.batches(src, cfg.batch_size, g) for _ in range(cfg.d_steps)], {}
+            reals, cond, traj_cond = [fsdata.batches(src, cfg.batch_size, g) for _ in range(cfg.d_steps)], {}, {}
         us = [torch.rand(cfg.batch_size, generator=g) for _ in range(cfg.d_steps)]
         x0, i = shard(x0), torch.stack([shard(r) for r in i])
         # one simulation of each x_0 serves all d_steps updates: its particles at d_steps·per times
-        traj_cond = {k: v[::per] for k, v in cond.items()}
         fakes, i = update_particles(field, x0, i, cfg.d_steps, cfg.solver, grid, bounds, traj_cond)
         total = 0.0
         for k, (fake, ik, real, u) in enumerate(zip(fakes, i, reals, us)):
