@@ -1,6 +1,7 @@
 """The paper's models: the Int-PM generator step (Eq. 11–13, 25, 27), GAN losses (Eq. 15–16),
 Discriminator Flows (Eq. 20, Alg. 3), Score GANs (Alg. 1), kernel flows (Table 2, Eq. 17)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from flowsolve.cli import main
 from flowsolve.models.gan import Discriminator, GANLoss
 from flowsolve.train import int_pm_loss, p_sigma
 
+PRE = Path(__file__).resolve().parents[1] / "pretrained"
 SMALL_DF = dict(width=64, depth=2, emb_size=16, N=8, log_every=10, checkpoint_every=1000)
 
 
@@ -212,6 +214,49 @@ def test_discriminator_flow_trajectories(tmp_path):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.f.parameters(), c.f.parameters()))
     with pytest.raises(fs.errors.ArgumentError, match="trajectories.*divisor of batch_size=32.*got 12"):
         fs.train.discriminator_flow(data, steps=4, batch_size=32, trajectories=12, progress=False, **SMALL_DF)
+
+
+def test_discriminator_flow_recipes(tmp_path):
+    """recipe="paper" is Alg. 3 with Table 4 (the default, bit for bit); recipe="fast" on images is the
+    configuration pretrained/digits-df records that it was trained with (its flowsolve.json, written from
+    a config file), settings given explicitly override it; "fast" on vectors and unknown recipes are
+    refused before training, and the CLI passes --recipe to this trainer only."""
+    data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    a = fs.train.discriminator_flow(data, steps=2, batch_size=16, progress=False, **SMALL_DF)
+    b = fs.train.discriminator_flow(data, steps=2, batch_size=16, recipe="paper", progress=False, **SMALL_DF)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.f.parameters(), b.f.parameters()))
+    with pytest.raises(fs.errors.ArgumentError, match="recipe.*measured on images.*got 'custom' of shape .2,."):
+        fs.train.discriminator_flow(data, steps=2, recipe="fast", progress=False, **SMALL_DF)
+    with pytest.raises(fs.errors.ArgumentError, match="recipe: expected one of .'fast', 'paper'., got 'magic'"):
+        fs.train.discriminator_flow(data, steps=2, recipe="magic", progress=False)
+    fast = fs.train.discriminator_flow("digits", steps=1, recipe="fast", progress=False)
+    got = fast.metadata["training"]
+    shipped = json.loads((PRE / "digits-df" / "flowsolve.json").read_text())["training"]
+    budget = {"steps", "minutes", "log_every"}  # when to stop and to log: not the training's settings
+    assert {k: v for k, v in got["config"].items() if k in shipped["config"] and k not in budget} == {
+        k: (tuple(v) if isinstance(v, list) else v) for k, v in shipped["config"].items() if k not in budget}
+    defaults = fs.train.DFConfig()  # settings added after the shipped run: at the defaults that keep it
+    assert all(v == getattr(defaults, k) for k, v in got["config"].items() if k not in shipped["config"])
+    assert got["recipe"] == "fast" and got["config"]["trajectories"] is None and got["config"]["eta"] == 2.0
+    mine = fs.train.discriminator_flow("digits", steps=1, recipe="fast", d_steps=1, trajectories=8,
+                                       batch_size=16, progress=False)
+    assert mine.metadata["training"]["config"]["d_steps"] == 1
+    assert mine.metadata["training"]["config"]["activation"] == "silu"
+    assert main(["train", "gan", "--data", "gmm2d", "--recipe", "fast", "--steps", "1",
+                 "--out", str(tmp_path / "bad")]) != 0
+    assert main(["train", "discriminator-flow", "--data", "digits", "--recipe", "beyond-teacher", "--steps", "1",
+                 "--out", str(tmp_path / "bad2")]) != 0
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+    assert main(["train", "discriminator-flow", "--data", "digits", "--recipe", "fast", "--steps", "1",
+                 "--batch-size", "16", "--config", str(_json(tmp_path / "c.json", {"trajectories": 8})),
+                 "--out", str(tmp_path / "df"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "df" / "flowsolve.json").read_text())["training"]
+    assert meta["recipe"] == "fast" and meta["config"]["d_steps"] == 4 and meta["config"]["batch_size"] == 16
+
+
+def _json(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
 
 
 def test_discriminator_flow_d_steps_and_minutes(tmp_path):
