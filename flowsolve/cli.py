@@ -337,13 +337,15 @@ def cmd_train(args) -> int:
         overrides.update(conditional=True)
         if args.cond_dropout is not None:
             overrides.update(cond_dropout=args.cond_dropout)
-    if args.recipe is not None and args.objective not in ("score-gan", "discriminator-flow"):
-        raise UserError(f"--recipe: recipes are for score-gan and discriminator-flow, got {args.objective}")
-    recipes = {"score-gan": SCORE_GAN_RECIPES, "discriminator-flow": DF_RECIPES}
-    if args.recipe is not None and args.recipe not in recipes[args.objective]:
-        raise UserError(
-            f"--recipe: {args.objective} has recipes {', '.join(recipes[args.objective])}, got {args.recipe!r}"
-        )
+    recipes = {"score-gan": SCORE_GAN_RECIPES, "discriminator-flow": DF_RECIPES}  # the trainers' registries
+    if args.recipe is not None:
+        if args.objective not in recipes:
+            raise UserError(f"--recipe: recipes are for {' and '.join(recipes)}, got {args.objective}")
+        if args.recipe not in recipes[args.objective]:
+            raise UserError(
+                f"--recipe: {args.objective} has recipes {', '.join(recipes[args.objective])}, got {args.recipe!r}"
+            )
+        overrides.update(recipe=args.recipe)
     distil = dict(
         init=args.init,
         gan_weight=args.gan_weight,
@@ -355,9 +357,6 @@ def cmd_train(args) -> int:
     used = [k for k, v in distil.items() if v is not None]
     if used and args.objective != "score-gan":
         raise UserError(f"--{used[0].replace('_', '-')}: a distillation option of score-gan, got {args.objective}")
-    t0 = time.perf_counter()
-    check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
-    common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.select_every is not None:
         if args.objective not in ("gan", "score-gan", "mmd-generator", "discriminator-flow"):
             raise UserError(
@@ -366,6 +365,10 @@ def cmd_train(args) -> int:
             )
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
+    t0 = time.perf_counter()
+    check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
+    common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
+    if args.select_every is not None:
         from .evaluate import validation_energy, validation_fd
 
         # validation FD on digits; energy distance on vector data (validation_energy refuses images)
@@ -382,7 +385,6 @@ def cmd_train(args) -> int:
             teacher,
             shape,
             data=args.data,
-            recipe=args.recipe or "paper",
             resume=args.resume,
             allow_changes=args.allow_changes,
             data_name=args.data,
@@ -398,8 +400,6 @@ def cmd_train(args) -> int:
             "gan": train.gan,
             "mmd-generator": train.mmd_generator,
         }[args.objective]
-        if args.objective == "discriminator-flow" and args.recipe is not None:
-            common.update(recipe=args.recipe)
         model = trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
     if not finish_processes():
         return 0
@@ -707,7 +707,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--recipe",
         default=None,
-        choices=["paper", "beyond-teacher", "fast"],
         help="score-gan: paper (Alg. 1, Table 7; the default) or beyond-teacher (teacher-initialised "
         "student, two time scales, GAN on real data); discriminator-flow: paper (Alg. 3, Table 4; the "
         "default) or fast (the settings of pretrained/digits-df: a good image model in 90 CPU minutes)",

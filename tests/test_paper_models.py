@@ -246,7 +246,9 @@ def test_discriminator_flow_recipes(tmp_path):
                  "--out", str(tmp_path / "bad")]) != 0
     assert main(["train", "discriminator-flow", "--data", "digits", "--recipe", "beyond-teacher", "--steps", "1",
                  "--out", str(tmp_path / "bad2")]) != 0
-    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+    assert main(["train", "discriminator-flow", "--data", "digits", "--select-every", "0", "--steps", "1",
+                 "--out", str(tmp_path / "bad3")]) != 0
+    assert not any((tmp_path / b).exists() for b in ("bad", "bad2", "bad3"))
     assert main(["train", "discriminator-flow", "--data", "digits", "--recipe", "fast", "--steps", "1",
                  "--batch-size", "16", "--config", str(_json(tmp_path / "c.json", {"trajectories": 8})),
                  "--out", str(tmp_path / "df"), "--quiet"]) == 0

@@ -241,8 +241,7 @@ def discriminator_flow(
         extra={"objective": "discriminator-flow", "data": name},
         **({"select": select, "select_every": select_every} if select is not None else {}),
     )
-    ema.metadata = training_record(cfg, name, "discriminator-flow", history, command)
-    ema.metadata["training"]["recipe"] = recipe
+    ema.metadata = training_record(cfg, name, "discriminator-flow", history, command, recipe=recipe)
     if out is not None and is_main_process():
         save_pretrained(
             ema.f,
