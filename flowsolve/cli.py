@@ -351,6 +351,7 @@ def cmd_train(args) -> int:
         gan_weight=args.gan_weight,
         gan_sigma_max=args.gan_sigma_max,
         gan_r1=args.gan_r1,
+        gan_augment=args.gan_augment,
         student_steps=args.student_steps,
         guidance=args.guidance,
     )
@@ -734,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="score-gan: R1 penalty weight on the real-data GAN's discriminator (gamma/2 E|grad f(x_real)|^2)",
+    )
+    t.add_argument(
+        "--gan-augment",
+        default=None,
+        help="score-gan: DiffAugment policy of the real-data GAN's head, e.g. translation,cutout (also color)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")

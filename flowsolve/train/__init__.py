@@ -4,6 +4,7 @@ MMD generators, each generator trainer asking its field for the direction (Int-P
 
 from ..errors import CheckpointError
 from ..models import DiscriminatorFlowModel
+from .augment import diff_augment
 from .discriminator_flow import DFConfig, discriminator_flow
 from .edm import EDMConfig, ddpm, edm
 from .features import FeaturesConfig, digits_features
@@ -25,6 +26,7 @@ __all__ = [
     "score_gan",
     "mmd_generator",
     "int_pm_loss",
+    "diff_augment",
     "noisy_direction",
     "p_sigma",
     "DFConfig",

@@ -13,7 +13,9 @@ methods that now let one-step students pass their teachers sit behind the same s
   direction becomes σ∇h_score − gan_weight ∇(c∘f) (Eq. 20 added to Eq. 27); `gan_sigma_max` gives
   the GAN its own, lower noise levels (a head on noised features separates samples from data only
   at low σ); `gan_r1` adds the R1 penalty on real data (Mescheder et al. 2018) to the head's
-  objective, a smoother discriminator on small data sets;
+  objective, a smoother discriminator on small data sets; `gan_augment` ("translation,cutout", ...)
+  shows the head real and generated images through the same differentiable augmentations
+  (DiffAugment), so that it cannot memorise a small training set;
 - conditional teachers (class labels): the generator, the generated score and the teacher all see
   the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
 
@@ -37,6 +39,7 @@ from ..fields import GANLoss, ScoreDifference
 from ..models import MLP, EDMPrecond, unet
 from ..models.student import DenoiserGenerator, teacher_denoiser
 from .. import data as fsdata
+from .augment import check_policy, diff_augment
 from .int_pm import (
     PaperLoopConfig,
     GeneratorPair,
@@ -90,6 +93,7 @@ class ScoreGANConfig(PaperLoopConfig):
     gan_d_weight: float = 1.0  # weight of the discriminator objective in the generated score's loss
     gan_sigma_max: float | None = None  # the GAN's own noise levels, p_σ on [sigma_min, this] (None: the score's σ)
     gan_r1: float = 0.0  # R1 penalty γ/2·E‖∇f(x_real)‖² on the noised real data (Mescheder et al. 2018)
+    gan_augment: str = ""  # DiffAugment policy of the head's inputs, real and generated (augment.AUGMENTS)
     guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
 
     RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
@@ -302,6 +306,8 @@ def score_gan(
         base.update(RECIPE_VECTOR_OVERRIDES.get(recipe, {}))
     cfg = merge_config(ScoreGANConfig, base, config, overrides)
     _check(cfg, teacher, data, out)
+    if cfg.gan_augment and len(shape) != 3:
+        raise ArgumentError(f"gan_augment: augmentations are for images (C, H, W), got data of shape {shape}")
     classes = _classes(teacher)
     null = _null(teacher)
     if cfg.gan_weight:
@@ -377,7 +383,7 @@ def score_gan(
             with torch.no_grad():
                 x = generate(m, z, cond, upto)
             xs = x + as_column(sigma, x) * eps
-            if feature is not None and cfg.gan_sigma_max is None:  # one pass gives D_ρ and f (shared σ)
+            if feature is not None and cfg.gan_sigma_max is None and not cfg.gan_augment:  # one pass: D_ρ and f
                 f_fake, pred = feature(m.aux, m.head, xs, sigma, cond)
             else:
                 pred = m.aux(xs, sigma, **cond)
@@ -385,11 +391,11 @@ def score_gan(
             weight = m.aux.loss_weight(sigma) if hasattr(m.aux, "loss_weight") else 1.0 / sigma**2
             s_loss = (weight * per).mean()
             if feature is not None:  # Eq. 15 on real data, noised alike
-                if cfg.gan_sigma_max is not None:  # the fakes again, at the GAN's own noise levels
-                    f_fake, _ = feature(m.aux, m.head, *gan_noised(x, g), cond)
+                if cfg.gan_sigma_max is not None or cfg.gan_augment:  # the fakes again: own σ, augmented
+                    f_fake, _ = feature(m.aux, m.head, *gan_noised(diff_augment(x, cfg.gan_augment, g), g), cond)
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
-                xr, sig_r = gan_noised(shard(real), g)
+                xr, sig_r = gan_noised(diff_augment(shard(real), cfg.gan_augment, g), g)
                 xr = xr.requires_grad_(bool(cfg.gan_r1))
                 with _double_backward_attention(bool(cfg.gan_r1)):
                     f_real, _ = feature(m.aux, m.head, xr, sig_r, real_cond)
@@ -418,11 +424,14 @@ def score_gan(
         if cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
-            # the generator's noised samples: the score's, or noised anew at the GAN's own levels
-            xg, sig_g = (xt.detach(), sigma) if cfg.gan_sigma_max is None else gan_noised(x.detach(), g)
             with torch.enable_grad():
-                xg = xg.requires_grad_(True)
-                f, _ = feature(m.aux, m.head, xg, sig_g, cond)
+                if cfg.gan_augment:  # the samples through the augmentations, noised at the GAN's levels
+                    xg = x.detach().requires_grad_(True)  # ∇ taken back through the augmentation
+                    f, _ = feature(m.aux, m.head, *gan_noised(diff_augment(xg, cfg.gan_augment, g), g), cond)
+                else:  # the generator's noised samples: the score's, or noised anew at the GAN's own levels
+                    xg, sig_g = (xt.detach(), sigma) if cfg.gan_sigma_max is None else gan_noised(x.detach(), g)
+                    xg = xg.requires_grad_(True)
+                    f, _ = feature(m.aux, m.head, xg, sig_g, cond)
                 (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
             direction = direction - cfg.gan_weight * dc.detach()
         opt_g.zero_grad(set_to_none=True)
@@ -527,6 +536,8 @@ def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
             "data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass data= (e.g. 'digits')"
         )
     GANLoss(cfg.gan_loss)
+    if check_policy(cfg.gan_augment) and not cfg.gan_weight:
+        raise ArgumentError("gan_augment: augments the real-data GAN's head; set gan_weight > 0 as well")
     if cfg.guidance is not None and not _classes(teacher) and _null(teacher) is None:
         raise ArgumentError("guidance: the teacher is not conditional (it declares no conditioning with a null input)")
     if out is not None and cfg.init == "teacher" and not isinstance(teacher, EDMPrecond) and _source(teacher) is None:
