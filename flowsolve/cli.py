@@ -366,18 +366,17 @@ def cmd_train(args) -> int:
             )
         if args.select_every < 1:
             raise UserError(f"--select-every: expected a positive number of steps, got {args.select_every}")
-    t0 = time.perf_counter()
-    check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
-    common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
-    if args.select_every is not None:
         from .evaluate import validation_energy, validation_fd
 
         # validation FD on digits; energy distance on vector data (validation_energy refuses images)
         select = validation_fd() if args.data == "digits" else validation_energy(args.data)
-        common.update(select=select, select_every=args.select_every)
+        overrides.update(select=select, select_every=args.select_every)
+    if args.objective == "features" and args.data != "digits":
+        raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
+    t0 = time.perf_counter()
+    check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
+    common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     if args.objective == "features":
-        if args.data != "digits":
-            raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
         model = train.digits_features(**common)
     elif args.objective == "score-gan":
         teacher, shape = _teacher(args)

@@ -305,9 +305,7 @@ def score_gan(
     if len(shape) == 1:
         base.update(RECIPE_VECTOR_OVERRIDES.get(recipe, {}))
     cfg = merge_config(ScoreGANConfig, base, config, overrides)
-    _check(cfg, teacher, data, out)
-    if cfg.gan_augment and len(shape) != 3:
-        raise ArgumentError(f"gan_augment: augmentations are for images (C, H, W), got data of shape {shape}")
+    _check(cfg, teacher, shape, data, out)
     classes = _classes(teacher)
     null = _null(teacher)
     if cfg.gan_weight:
@@ -510,7 +508,7 @@ def _real_batch(src, n: int, g: torch.Generator, classes: int) -> tuple[torch.Te
     return fsdata.batches(src, n, g), {}
 
 
-def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
+def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> None:
     """Refuse bad distillation settings before any work."""
     if cfg.init not in ("paper", "teacher"):
         raise ArgumentError(
@@ -538,6 +536,8 @@ def _check(cfg: ScoreGANConfig, teacher, data, out) -> None:
     GANLoss(cfg.gan_loss)
     if check_policy(cfg.gan_augment) and not cfg.gan_weight:
         raise ArgumentError("gan_augment: augments the real-data GAN's head; set gan_weight > 0 as well")
+    if cfg.gan_augment and len(shape) != 3:
+        raise ArgumentError(f"gan_augment: augmentations are for images (C, H, W), got data of shape {shape}")
     if cfg.guidance is not None and not _classes(teacher) and _null(teacher) is None:
         raise ArgumentError("guidance: the teacher is not conditional (it declares no conditioning with a null input)")
     if out is not None and cfg.init == "teacher" and not isinstance(teacher, EDMPrecond) and _source(teacher) is None:
