@@ -9,7 +9,7 @@ from torch import nn
 
 import flowsolve as fs
 from flowsolve.models.gan import ConvDiscriminator, DCGANGenerator, Discriminator
-from flowsolve.models.student import DenoiserGenerator
+from flowsolve.models.student import DenoiserGenerator, teacher_denoiser
 from flowsolve.train.score_gan import FeatureDiscriminator, _feature_module, _student_sigmas, ScoreGANConfig
 
 
@@ -260,6 +260,27 @@ def test_student_of_a_diffusers_pipeline_folder_saves_beside_its_teacher(tmp_pat
                              steps=1, batch_size=4, out=tmp_path / "st", progress=False)
     back = fs.from_pretrained(tmp_path / "st")
     torch.testing.assert_close(back.sample(3, seed=0), gen.sample(3, seed=0))
+
+
+def test_student_of_a_flow_matching_folder_starts_at_its_data_prediction_and_saves(tmp_path):
+    """A flow-matching teacher (a `flowsolve train flow-matching` folder, diffusers format) distils
+    with the recipe: before training, the one-step student is the flow's data prediction
+    x_t − t v(x_t, 1000 t) at the t whose VE level t/(1 − t) is σ_init, on x_t = (1 − t) σ_init z
+    (closed form, not the library's conversion); after training it saves and loads beside its teacher."""
+    fs.train.flow_matching("digits", steps=1, batch_size=4, out=tmp_path / "flow", progress=False)
+    teacher = fs.from_pretrained(tmp_path / "flow")
+    student = DenoiserGenerator(teacher_denoiser(teacher), [2.5], (1, 8, 8))
+    z = student.latents(3, seed=4)
+    t = 2.5 / 3.5
+    xt = (1 - t) * 2.5 * z[:, 0]               # latents: one noise per evaluation
+    with torch.no_grad():
+        want = xt - t * teacher.model(xt, torch.full((3,), 1000 * t)).sample
+        torch.testing.assert_close(student.sample(3, seed=4), want, rtol=1e-4, atol=1e-5)
+    gen = fs.train.score_gan(teacher, data="digits", recipe="beyond-teacher", student_steps=2,
+                             gan_augment="translation", steps=2, batch_size=4, out=tmp_path / "st", progress=False)
+    meta = json.loads((tmp_path / "st" / "flowsolve.json").read_text())
+    assert meta["student"]["teacher"] == str(tmp_path / "flow") and len(meta["student"]["sigmas"]) == 2
+    torch.testing.assert_close(fs.from_pretrained(tmp_path / "st").sample(3, seed=0), gen.sample(3, seed=0))
 
 
 def test_projection_discriminators_fast_gradient_and_labels():
