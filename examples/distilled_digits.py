@@ -54,9 +54,9 @@ def main() -> None:
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher's rows (deterministic: the same each run)")
     args = p.parse_args()
     feats = fs.from_pretrained("pretrained/digits-features")
-    teacher = fs.from_pretrained(args.teacher)
+    teacher = None if args.no_teacher else fs.from_pretrained(args.teacher)
     rows = []
-    for solver, nfe in () if args.no_teacher else (("heun", 31), ("dpmpp_2m", 16), ("unipc", 16)):
+    for solver, nfe in () if teacher is None else (("heun", 31), ("dpmpp_2m", 16), ("unipc", 16)):
         rows.append(rows_for(f"teacher {args.teacher}, {solver} {nfe} NFE",
                              lambda s, solver=solver, nfe=nfe: fs.sample(teacher.field(), solver, nfe=nfe, n=args.n,
                                                                        seed=s), feats))
