@@ -2,7 +2,8 @@
 
 For each model and seed (n = 1000): FD on the shipped digits features against the 400 held-out
 digits (which no training run or checkpoint selection saw), FD on raw pixels (a judge the project
-did not shape), and class coverage by the features' classifier and by a scikit-learn SVC. For
+did not shape), the spread (tr Cov of the samples' features over the held-out digits': below 1, less
+varied than the data), and class coverage by the features' classifier and by a scikit-learn SVC. For
 conditional models, the share of samples whose class (by each judge) is the label asked for.
 
     python examples/distilled_digits.py --student runs/sg --teacher pretrained/digits-edm [--cond-student runs/sgc]
@@ -20,19 +21,20 @@ from flowsolve.evaluate import digits_quality, svc_predict
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def rows_for(name: str, draw, feats, labels=None) -> dict:
-    fds, pix, cover, acc_f, acc_s = [], [], [], [], []
-    for seed in SEEDS:
+def rows_for(name: str, draw, feats, labels=None, seeds=SEEDS) -> dict:
+    fds, pix, cover, acc_f, acc_s, spread = [], [], [], [], [], []
+    for seed in seeds:
         x = draw(seed)
         r = digits_quality(x, feats, seed=seed)
         fds.append(r.fd)
         pix.append(r.pixel_fd)
+        spread.append(r.spread)
         cover.append(sum(s > 0.02 for s in r.svc_class_share))
         if labels is not None:
             with torch.no_grad():
                 acc_f.append(float((feats(x.float().clamp(-1, 1)).argmax(1) == labels).float().mean()))
             acc_s.append(float((torch.as_tensor(svc_predict(x)) == labels).float().mean()))
-    out = {"model": name, "fd": fds, "pixel_fd": pix, "classes": min(cover), "floor": r.floor,
+    out = {"model": name, "fd": fds, "pixel_fd": pix, "spread": spread, "classes": min(cover), "floor": r.floor,
            "pixel_floor": r.pixel_floor}
     if labels is not None:
         out["acc_features"], out["acc_svc"] = acc_f, acc_s
@@ -50,21 +52,24 @@ def main() -> None:
     p.add_argument("--cond-teacher", default="pretrained/digits-cond-edm")
     p.add_argument("--cond-student", default=None)
     p.add_argument("--guidance", type=float, default=1.5, help="the conditional teacher's guidance scale")
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=int, default=1000, help="samples per seed (10000: a spread of 1-3 across seeds)")
+    p.add_argument("--seeds", type=int, default=len(SEEDS), choices=range(2, len(SEEDS) + 1),
+                   help="use the first this many of the seeds 0-4")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher's rows (deterministic: the same each run)")
     args = p.parse_args()
+    seeds = SEEDS[: args.seeds]
     feats = fs.from_pretrained("pretrained/digits-features")
     teacher = None if args.no_teacher else fs.from_pretrained(args.teacher)
     rows = []
     for solver, nfe in () if teacher is None else (("heun", 31), ("dpmpp_2m", 16), ("unipc", 16)):
         rows.append(rows_for(f"teacher {args.teacher}, {solver} {nfe} NFE",
                              lambda s, solver=solver, nfe=nfe: fs.sample(teacher.field(), solver, nfe=nfe, n=args.n,
-                                                                       seed=s), feats))
+                                                                       seed=s), feats, seeds=seeds))
         print(rows[-1], flush=True)
     for path in args.student:
         g = fs.from_pretrained(path)
         rows.append(rows_for(f"student {path} ({getattr(g, 'steps', 1)} NFE)", lambda s, g=g: g.sample(args.n, seed=s),
-                             feats))
+                             feats, seeds=seeds))
         print(rows[-1], flush=True)
     if args.cond_student:
         y = torch.arange(args.n) % 10
@@ -72,20 +77,21 @@ def main() -> None:
         for w in (1.0, args.guidance):
             rows.append(rows_for(f"teacher {args.cond_teacher}, dpmpp_2m 16 NFE, guidance {w}",
                                  lambda s, w=w: fs.sample(ct.field(guidance=w), "dpmpp_2m", nfe=16, n=args.n, seed=s,
-                                                          cond={"class_labels": y}), feats, labels=y))
+                                                          cond={"class_labels": y}), feats, labels=y, seeds=seeds))
             print(rows[-1], flush=True)
         g = fs.from_pretrained(args.cond_student)
         rows.append(rows_for(f"student {args.cond_student} (1 NFE)",
-                             lambda s: g.sample(args.n, seed=s, cond={"class_labels": y}), feats, labels=y))
+                             lambda s: g.sample(args.n, seed=s, cond={"class_labels": y}), feats, labels=y, seeds=seeds))
         print(rows[-1], flush=True)
-    print("\n| model | FD (features) | pixel FD | SVC classes > 2% | accuracy (features / SVC) |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| model | FD (features) | pixel FD | spread | SVC classes > 2% | accuracy (features / SVC) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         acc = (f"{statistics.mean(r['acc_features']):.3f} / {statistics.mean(r['acc_svc']):.3f}"
                if "acc_svc" in r else "")
-        print(f"| {r['model']} | {fmt(r['fd'])} | {statistics.mean(r['pixel_fd']):.3f} | {r['classes']}/10 | {acc} |")
+        print(f"| {r['model']} | {fmt(r['fd'])} | {statistics.mean(r['pixel_fd']):.3f} | "
+              f"{statistics.mean(r['spread']):.3f} | {r['classes']}/10 | {acc} |")
     print(f"\nreal floors (training digits vs held-out, n = {min(args.n, 1397)}): features "
-          f"{rows[0]['floor']:.1f}, pixels {rows[0]['pixel_floor']:.3f}; mean ± std over seeds {SEEDS}")
+          f"{rows[0]['floor']:.1f}, pixels {rows[0]['pixel_floor']:.3f}; mean ± std over seeds {seeds}")
 
 
 if __name__ == "__main__":

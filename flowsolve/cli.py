@@ -352,6 +352,7 @@ def cmd_train(args) -> int:
         gan_sigma_max=args.gan_sigma_max,
         gan_r1=args.gan_r1,
         gan_augment=args.gan_augment,
+        normalize={None: None, "none": False, "rms": "rms", "dmd": "dmd"}[args.normalize],
         student_steps=args.student_steps,
         guidance=args.guidance,
     )
@@ -739,6 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--gan-augment",
         default=None,
         help="score-gan: DiffAugment policy of the real-data GAN's head, e.g. translation,cutout (also color)",
+    )
+    t.add_argument(
+        "--normalize",
+        choices=("none", "rms", "dmd"),
+        default=None,
+        help="score-gan: per-sample scaling of the generator's score direction: rms (unit RMS, the "
+        "beyond-teacher recipe's), dmd (over the teacher's denoising error, as DMD), none (Alg. 1)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")

@@ -17,7 +17,15 @@ from .metrics import frechet_distance, frechet_distance_features
 from ._checks import check_int
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["DigitsReport", "evaluate_digits", "digits_quality", "validation_fd", "validation_energy", "svc_predict"]
+__all__ = [
+    "DigitsReport",
+    "evaluate_digits",
+    "digits_quality",
+    "feature_spread",
+    "validation_fd",
+    "validation_energy",
+    "svc_predict",
+]
 
 
 @dataclasses.dataclass
@@ -34,6 +42,9 @@ class DigitsReport:
     pixel_fd: float | None = None
     pixel_floor: float | None = None
     svc_class_share: list[float] | None = None
+    # diversity: the trace of the samples' feature covariance over the held-out digits' (1: as varied;
+    # below 1: the mode-seeking deficit of reverse-KL students; FD charges it as a covariance term)
+    spread: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -72,6 +83,7 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     with torch.no_grad():
         pred = features(samples.float().clamp(-1, 1)).argmax(1)
     share = torch.bincount(pred, minlength=10).float() / n
+    spread = feature_spread(samples, test.x, features)
 
     def pixels(x: torch.Tensor) -> torch.Tensor:
         return x.detach().float().clamp(-1, 1).reshape(len(x), -1).cpu()
@@ -88,7 +100,17 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
         pixel_fd=pixel_fd,
         pixel_floor=pixel_floor,
         svc_class_share=[round(float(s), 4) for s in svc_share],
+        spread=spread,
     )
+
+
+def feature_spread(x: torch.Tensor, ref: torch.Tensor, features: torch.nn.Module) -> float:
+    """tr Cov f(x) / tr Cov f(ref) on the feature network f (its `.features` if it has one): how varied
+    the samples x are against the reference images, in the features FD is computed on."""
+    f = getattr(features, "features", features)
+    with torch.no_grad():
+        fx, fr = (f(v.float().clamp(-1, 1)).double().reshape(len(v), -1) for v in (x, ref))
+    return float(torch.cov(fx.T).trace() / torch.cov(fr.T).trace())
 
 
 _SVC: list = []

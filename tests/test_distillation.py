@@ -224,6 +224,33 @@ def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_scor
         gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1])})
 
 
+def test_dmd_weighting_is_the_denoisers_disagreement_over_the_teachers_denoising_error():
+    """normalize='dmd': with Gaussian data N(0, a²I) and generated N(0, b²I), whose denoisers are
+    x·a²/(a² + σ²) and x·b²/(b² + σ²) in closed form, the direction σ∇h of ScoreDifference scaled by
+    dmd_scaled is (D_data(x_t) − D_ρ(x_t)) / mean|x − D_data(x_t)| for each sample (DMD's gradient,
+    pointing from the generated towards the data), and zero where the two denoisers agree."""
+    from flowsolve.train.score_gan import dmd_scaled
+
+    a, b = 1.0, 0.6
+
+    def gauss(std):
+        return lambda x, sigma, **_: x * std**2 / (std**2 + torch.as_tensor(sigma).reshape(-1, 1) ** 2)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g) * b
+    sigma = torch.linspace(0.3, 5.0, 16)
+    xt = x + sigma[:, None] * torch.randn(16, 3, generator=g)
+    field = fs.fields.ScoreDifference(gauss(a), gauss(b), shape=(3,), sigma_min=0.1, sigma_max=10.0)
+    direction = sigma[:, None] * field.grad_h(xt, sigma)
+    got = dmd_scaled(direction, x, gauss(a)(xt, sigma), sigma)
+    d_data = xt * a**2 / (a**2 + sigma[:, None] ** 2)
+    d_rho = xt * b**2 / (b**2 + sigma[:, None] ** 2)
+    want = (d_data - d_rho) / (x - d_data).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(got, want)
+    same = fs.fields.ScoreDifference(gauss(a), gauss(a), shape=(3,), sigma_min=0.1, sigma_max=10.0)
+    assert dmd_scaled(sigma[:, None] * same.grad_h(xt, sigma), x, d_data, sigma).abs().max() < 1e-6
+
+
 def test_distillation_options_refuse_bad_input(gmm):
     with pytest.raises(fs.errors.ArgumentError, match="data"):
         fs.train.score_gan(gmm.denoiser, (2,), gan_weight=0.1, steps=1, progress=False)
@@ -235,6 +262,8 @@ def test_distillation_options_refuse_bad_input(gmm):
         fs.train.score_gan(gmm.denoiser, (2,), recipe="magic", steps=1, progress=False)
     with pytest.raises(fs.errors.ArgumentError, match="guidance"):
         fs.train.score_gan(gmm.denoiser, (2,), guidance=2.0, steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="normalize"):
+        fs.train.score_gan(gmm.denoiser, (2,), normalize="l2", steps=1, progress=False)
 
 
 def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
@@ -338,13 +367,16 @@ def test_cli_distillation_and_conditional_flow(tmp_path):
     out = tmp_path / "sg"
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
                  "beyond-teacher", "--student-steps", "2", "--steps", "2", "--batch-size", "8", "--out", str(out),
-                 "--gan-sigma-max", "1.5", "--gan-r1", "0.5", "--quiet"]) == 0
+                 "--gan-sigma-max", "1.5", "--gan-r1", "0.5", "--normalize", "dmd", "--quiet"]) == 0
     meta = json.loads((out / "flowsolve.json").read_text())
     assert meta["type"] == "student" and len(meta["student"]["sigmas"]) == 2
     assert meta["training"]["config"]["gan_sigma_max"] == 1.5
     assert meta["training"]["config"]["gan_r1"] == 0.5
+    assert meta["training"]["config"]["normalize"] == "dmd"
     assert main(["train", "edm", "--data", "gmm2d", "--gan-sigma-max", "1", "--steps", "2",
                  "--out", str(tmp_path / "bad3")]) != 0
+    assert main(["train", "edm", "--data", "gmm2d", "--normalize", "dmd", "--steps", "2",
+                 "--out", str(tmp_path / "bad4")]) != 0
     assert main(["sample", "--model", str(out), "--n", "4", "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
     df = tmp_path / "df"
     assert main(["train", "discriminator-flow", "--data", "digits", "--conditional", "--steps", "2", "--batch-size",

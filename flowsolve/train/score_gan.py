@@ -16,6 +16,8 @@ methods that now let one-step students pass their teachers sit behind the same s
   objective, a smoother discriminator on small data sets; `gan_augment` ("translation,cutout", ...)
   shows the head real and generated images through the same differentiable augmentations
   (DiffAugment), so that it cannot memorise a small training set;
+- `normalize`: the score direction per sample at unit RMS (True, "rms"), or weighted as DMD weights
+  it, over the teacher's denoising error ("dmd", `dmd_scaled`);
 - conditional teachers (class labels): the generator, the generated score and the teacher all see
   the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
 
@@ -54,7 +56,14 @@ from .int_pm import (
 )
 from .loop import fit, merge_config, resolve_device, seeded, shard, sync_gradients, training_record
 
-__all__ = ["ScoreGANConfig", "SCORE_GAN_IMAGE_DEFAULTS", "RECIPES", "RECIPE_VECTOR_OVERRIDES", "score_gan"]
+__all__ = [
+    "ScoreGANConfig",
+    "SCORE_GAN_IMAGE_DEFAULTS",
+    "RECIPES",
+    "RECIPE_VECTOR_OVERRIDES",
+    "score_gan",
+    "dmd_scaled",
+]
 
 
 @dataclasses.dataclass
@@ -80,7 +89,7 @@ class ScoreGANConfig(PaperLoopConfig):
     sigma_data: float = 0.5
     gamma: float = 0.0  # Eq. 22: Brownian share γ added to the particle direction (noisy Int-PM)
     init_from_teacher: bool = False  # start the generated score from the teacher's weights
-    normalize: bool = False  # per-sample gradient normalisation
+    normalize: bool | str = False  # per-sample: True/"rms" unit RMS; "dmd" over the teacher's denoising error
     data_size: int | None = None
     # -- distillation options (module docstring); the defaults are Alg. 1 -------------------------
     init: str = "paper"  # "paper": a fresh generator (Table 7); "teacher": the teacher's denoiser
@@ -198,6 +207,17 @@ def _student_sigmas(cfg: ScoreGANConfig) -> list[float]:
         )
     hi, lo = cfg.init_sigma ** (1 / 7), cfg.student_sigma_min ** (1 / 7)
     return [(hi + j / (k - 1) * (lo - hi)) ** 7 for j in range(k)]
+
+
+def dmd_scaled(direction: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The generator's direction σ∇h (Eq. 27) at x_t = x + σε, weighted as DMD (Yin et al. 2024) weights
+    its distribution-matching gradient: σ²∇h over the teacher's mean absolute denoising error
+    mean|x − D_data(x_t, σ)| of each sample. For μ = (1, 1), σ²∇h = D_data(x_t) − D_ρ(x_t), so each
+    sample moves by the teachers' disagreement relative to how far the teacher's denoising lands
+    from it: agreement leaves it in place (unlike unit-RMS normalisation, which moves every sample
+    by the same amount), and the large errors of high σ are damped."""
+    err = (x - denoised).abs().reshape(len(x), -1).mean(1).clamp(min=1e-8)
+    return direction * as_column(sigma / err, x)
 
 
 def _feature_module(net: nn.Module, name: str | None) -> nn.Module:
@@ -414,12 +434,16 @@ def score_gan(
         z, sigma, eps = shard(z), shard(sigma), shard(eps)
         x = generate(m, z, cond, upto)
         xt = x.detach() + as_column(sigma, x) * eps
+        bound = field.bind(cond)
         with torch.no_grad():
-            direction = as_column(sigma, x) * field.bind(cond).grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
+            direction = as_column(sigma, x) * bound.grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
             if cfg.gamma:  # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 assert gam is not None
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
-        if cfg.normalize:  # the score part at unit RMS, before any GAN term
+        if cfg.normalize == "dmd":  # DMD's weighting of σ²∇h = D_data − D_ρ
+            with torch.no_grad():
+                direction = dmd_scaled(direction, x.detach(), bound._denoise(bound.data, xt, sigma), sigma)
+        elif cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
             with torch.enable_grad():
@@ -520,6 +544,11 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
         raise ArgumentError("student_steps: a multi-step student is the teacher's network; use init='teacher'")
     if not cfg.init_sigma > 0:
         raise ArgumentError(f"init_sigma: expected a positive noise level, got {cfg.init_sigma!r}")
+    if cfg.normalize not in (False, True, "rms", "dmd"):
+        raise ArgumentError(
+            "normalize: expected False, True or 'rms' (each sample's direction at unit RMS) or 'dmd' (over the "
+            f"teacher's denoising error, DMD), got {cfg.normalize!r}"
+        )
     if cfg.gan_weight < 0:
         raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
     if cfg.gan_r1 < 0:
