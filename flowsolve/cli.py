@@ -352,7 +352,7 @@ def cmd_train(args) -> int:
         gan_sigma_max=args.gan_sigma_max,
         gan_r1=args.gan_r1,
         gan_augment=args.gan_augment,
-        normalize={None: None, "none": False, "rms": "rms", "dmd": "dmd"}[args.normalize],
+        normalize=False if args.normalize == "none" else args.normalize,
         student_steps=args.student_steps,
         guidance=args.guidance,
     )

@@ -183,11 +183,18 @@ class ScoreDifference(Field):
 
     def grad_h(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """∇h = μ_data ∇log[p ⋆ k_σ] − μ_ρ ∇log[ρ ⋆ k_σ] (Eq. 19, 26) at noise level σ."""
+        return self.grad_h_and_denoised(x, sigma)[0]
+
+    def grad_h_and_denoised(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∇h, D_data(x, σ)) from one evaluation of the data denoiser: for trainers that also weigh
+        by the teacher's denoising (DMD's weighting in the Score GAN)."""
         r_data, r_rho, s = self._residuals(x, sigma)
         mu_d, mu_r = self._weights(s)
         if r_rho is None:
-            return -(mu_d - mu_r) * r_data / s**2
-        return -(mu_d * r_data - mu_r * r_rho) / s**2
+            grad = -(mu_d - mu_r) * r_data / s**2
+        else:
+            grad = -(mu_d * r_data - mu_r * r_rho) / s**2
+        return grad, x - r_data
 
     # -- the flow ------------------------------------------------------------------------
     def _velocity(self, r_data, r_rho, s, rho_share: float):

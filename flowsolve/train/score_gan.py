@@ -435,14 +435,17 @@ def score_gan(
         x = generate(m, z, cond, upto)
         xt = x.detach() + as_column(sigma, x) * eps
         bound = field.bind(cond)
-        with torch.no_grad():
-            direction = as_column(sigma, x) * bound.grad_h(xt, sigma)  # σ ∇h (Eq. 27), asked of the field
+        with torch.no_grad():  # σ ∇h (Eq. 27), asked of the field; for DMD, D_data(x_t) from the same teacher call
+            if cfg.normalize == "dmd":
+                grad, denoised = bound.grad_h_and_denoised(xt, sigma)
+            else:
+                grad = bound.grad_h(xt, sigma)
+            direction = as_column(sigma, x) * grad
             if cfg.gamma:  # Eq. 22: A(∇h dt + γ dW), dt = lr / B
                 assert gam is not None
                 direction = noisy_direction(direction, cfg.gamma, cfg.lr / cfg.batch_size, shard(gam))
         if cfg.normalize == "dmd":  # DMD's weighting of σ²∇h = D_data − D_ρ
-            with torch.no_grad():
-                direction = dmd_scaled(direction, x.detach(), bound._denoise(bound.data, xt, sigma), sigma)
+            direction = dmd_scaled(direction, x.detach(), denoised, sigma)
         elif cfg.normalize:  # the score part at unit RMS, before any GAN term
             direction = unit_rms(direction)
         if feature is not None:  # + gan_weight · ∇h of Eq. 20: −∇(c∘f)
