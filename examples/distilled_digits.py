@@ -1,9 +1,12 @@
 """Students against their teachers on digits, several seeds, three judges.
 
-For each model and seed (n = 1000): FD on the shipped digits features against the 400 held-out
-digits (which no training run or checkpoint selection saw), FD on raw pixels (a judge the project
-did not shape), the spread (tr Cov of the samples' features over the held-out digits': below 1, less
-varied than the data), and class coverage by the features' classifier and by a scikit-learn SVC. For
+For each model and seed (n = 1000 unless --n): FD on the shipped digits features against the 400
+held-out digits (which no training run or checkpoint selection saw); the kernel distance KID on the
+same features (unbiased: no bias that falls with n, so runs at different n compare); FD against the
+1397 training digits (the convention of CIFAR-10 FIDs, which are computed against the training set;
+checkpoint selection used it at n = 1000, seed 1); FD on raw pixels (a judge the project did not
+shape); the spread (tr Cov of the samples' features over the held-out digits': below 1, less varied
+than the data); and class coverage by the features' classifier and by a scikit-learn SVC. For
 conditional models, the share of samples whose class (by each judge) is the label asked for.
 
     python examples/distilled_digits.py --student runs/sg --teacher pretrained/digits-edm [--cond-student runs/sgc]
@@ -17,24 +20,29 @@ import torch
 
 import flowsolve as fs
 from flowsolve.evaluate import digits_quality, svc_predict
+from flowsolve.metrics import frechet_distance
 
 SEEDS = (0, 1, 2, 3, 4)
 
 
 def rows_for(name: str, draw, feats, labels=None, seeds=SEEDS) -> dict:
-    fds, pix, cover, acc_f, acc_s, spread = [], [], [], [], [], []
+    fds, pix, cover, acc_f, acc_s, spread, kid, fd_train = [], [], [], [], [], [], [], []
+    train = fs.data.digits("train").x
     for seed in seeds:
         x = draw(seed)
         r = digits_quality(x, feats, seed=seed)
         fds.append(r.fd)
+        fd_train.append(frechet_distance(x, train, feats))
         pix.append(r.pixel_fd)
         spread.append(r.spread)
+        kid.append(r.kid)
         cover.append(sum(s > 0.02 for s in r.svc_class_share))
         if labels is not None:
             with torch.no_grad():
                 acc_f.append(float((feats(x.float().clamp(-1, 1)).argmax(1) == labels).float().mean()))
             acc_s.append(float((torch.as_tensor(svc_predict(x)) == labels).float().mean()))
-    out = {"model": name, "fd": fds, "pixel_fd": pix, "spread": spread, "classes": min(cover), "floor": r.floor,
+    out = {"model": name, "fd": fds, "pixel_fd": pix, "spread": spread, "kid": kid, "fd_train": fd_train,
+           "classes": min(cover), "floor": r.floor,
            "pixel_floor": r.pixel_floor}
     if labels is not None:
         out["acc_features"], out["acc_svc"] = acc_f, acc_s
@@ -83,12 +91,13 @@ def main() -> None:
         rows.append(rows_for(f"student {args.cond_student} (1 NFE)",
                              lambda s: g.sample(args.n, seed=s, cond={"class_labels": y}), feats, labels=y, seeds=seeds))
         print(rows[-1], flush=True)
-    print("\n| model | FD (features) | pixel FD | spread | SVC classes > 2% | accuracy (features / SVC) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| model | FD (features) | KID | FD against the training digits | pixel FD | spread | SVC classes > 2% "
+          "| accuracy (features / SVC) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         acc = (f"{statistics.mean(r['acc_features']):.3f} / {statistics.mean(r['acc_svc']):.3f}"
                if "acc_svc" in r else "")
-        print(f"| {r['model']} | {fmt(r['fd'])} | {statistics.mean(r['pixel_fd']):.3f} | "
+        print(f"| {r['model']} | {fmt(r['fd'])} | {fmt(r['kid'])} | {fmt(r['fd_train'])} | {statistics.mean(r['pixel_fd']):.3f} | "
               f"{statistics.mean(r['spread']):.3f} | {r['classes']}/10 | {acc} |")
     print(f"\nreal floors (training digits vs held-out, n = {min(args.n, 1397)}): features "
           f"{rows[0]['floor']:.1f}, pixels {rows[0]['pixel_floor']:.3f}; mean ± std over seeds {seeds}")

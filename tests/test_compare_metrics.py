@@ -167,3 +167,43 @@ def test_compare_over_grids_names_them_and_leaves_out_missing_calibrations(gmm):
     cal = [r for r in table.rows if r["solver"] == "ipndm [calibrated]"][0]["value"]
     lin = compare(field, ["ipndm"], [5], "rmse", n=40, seeds=1, grids=["loglinear"]).rows[0]["value"]
     assert cal == pytest.approx(lin, rel=1e-9)
+
+
+def test_kernel_distance_matches_torchmetrics_kid_and_the_linear_closed_form():
+    """KID against torchmetrics' own estimator (one subset of all n = m samples), and with degree 1
+    against its closed form E = ‖μa − μb‖² / d; unbiased: same-distribution sets of very different sizes
+    average to 0 (FD's bias would not)."""
+    from torchmetrics.image.kid import poly_mmd
+
+    from flowsolve.metrics import kernel_distance_features
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 6, generator=g), 0.8 * torch.randn(300, 6, generator=g) + 0.3
+    peer = float(poly_mmd(a.double(), b.double(), degree=3, gamma=1 / 6, coef=1.0))
+    assert kernel_distance_features(a, b) == pytest.approx(peer, rel=1e-9)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 0.0])
+    est = [
+        kernel_distance_features(torch.randn(400, 6, generator=g), torch.randn(900, 6, generator=g) + shift, degree=1)
+        for _ in range(20)
+    ]
+    assert sum(est) / len(est) == pytest.approx(float(shift.square().sum()) / 6, rel=0.03)
+    same = torch.tensor(
+        [kernel_distance_features(torch.randn(40, 6, generator=g), torch.randn(2000, 6, generator=g)) for _ in range(300)]
+    )
+    assert abs(float(same.mean())) < 3 * float(same.std()) / math.sqrt(len(same))
+    assert fs.metrics.frechet_distance_features(torch.randn(40, 6, generator=g), torch.randn(2000, 6, generator=g)) > 0.3
+
+
+def test_kernel_distance_of_images_uses_the_feature_network_and_refuses_bad_input():
+    from flowsolve.metrics import kernel_distance, kernel_distance_features
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(30, 1, 8, 8, generator=g) * 2 - 1, torch.rand(40, 1, 8, 8, generator=g) - 0.5
+    with torch.no_grad():
+        want = kernel_distance_features(net(x), net(y))
+    assert kernel_distance(x, y, net, batch_size=7) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(fs.errors.ArgumentError, match="x: expected images"):
+        kernel_distance(x[:, 0], y, net)
+    with pytest.raises(fs.errors.ArgumentError, match="features: expected a feature network"):
+        kernel_distance(x, y, "inception")

@@ -168,3 +168,17 @@ def test_feature_spread_is_one_on_the_held_out_digits_and_zero_on_a_repeated_dig
     assert feature_spread(train.x[:1].repeat(50, 1, 1, 1), test.x, features) < 1e-9
     assert 0.9 < feature_spread(train.x, test.x, features) < 1.1
     assert digits_quality(train.x[:500], features).spread == pytest.approx(feature_spread(train.x[:500], test.x, features))
+
+
+def test_digits_kid_is_near_zero_for_real_digits_at_any_n_and_large_for_one_class(features):
+    """digits_quality's KID: the training digits (the held-out digits' distribution) score near 0 at
+    both n = 100 and n = 1397 (unbiased; FD's floor falls with n), far below the 1s alone."""
+    from flowsolve.metrics import kernel_distance
+    test, train = fs.data.digits("test"), fs.data.digits("train")
+    small, full = kernel_distance(train.x[:100], test.x, features), kernel_distance(train.x, test.x, features)
+    assert train.labels is not None
+    ones = kernel_distance(train.x[train.labels == 1], test.x, features)
+    assert abs(small) < 0.1 * ones and abs(full) < 0.1 * ones, (small, full, ones)
+    fd_small = fs.metrics.frechet_distance(train.x[:100], test.x, features)
+    assert fd_small > 2 * fs.metrics.frechet_distance(train.x, test.x, features)
+    assert digits_quality(train.x[:500], features).kid == pytest.approx(kernel_distance(train.x[:500], test.x, features))
