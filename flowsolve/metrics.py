@@ -66,6 +66,14 @@ def frechet_distance_features(a: torch.Tensor, b: torch.Tensor) -> float:
     return gaussian_frechet(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
+def _check_images(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Two image batches (n >= 2, C, H, W), or an error naming the argument."""
+    for name, v in (("x", x), ("y", y)):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ArgumentError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
+
+
 class _Unit2Signed(torch.nn.Module):
     """torchmetrics feeds images in [0, 1] (normalize=True); feature nets here expect [−1, 1]."""
 
@@ -101,10 +109,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module
     either `.features(x)` or a forward returning (n, num_features)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    for name, v in (("x", x), ("y", y)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ArgumentError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
+    _check_images(x, y)
     if features == "inception":  # the standard FID: 3-channel images, resized by torchmetrics
         fid = FrechetInceptionDistance(feature=inception_features(), normalize=True)
         if x.shape[1] == 1:
@@ -143,10 +148,7 @@ def kernel_distance_features(a: torch.Tensor, b: torch.Tensor, degree: int = 3, 
 def kernel_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module, batch_size: int = 500) -> float:
     """Kernel distance (KID) of images x, y (n, C, H, W) in [−1, 1] on a feature network (its
     `.features(x)` if it has one, as `frechet_distance`); see `kernel_distance_features`."""
-    for name, v in (("x", x), ("y", y)):
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or len(v) < 2:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ArgumentError(f"{name}: expected images of shape (n >= 2, C, H, W), got {got}")
+    _check_images(x, y)
     if not isinstance(features, torch.nn.Module):
         raise ArgumentError(f"features: expected a feature network (torch.nn.Module), got {type(features).__name__}")
     f = getattr(features, "features", features)
