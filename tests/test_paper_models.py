@@ -288,6 +288,11 @@ def test_discriminator_flow_d_steps_and_minutes(tmp_path):
                                         progress=False, **SMALL_DF)
     ck2 = torch.load(tmp_path / "df" / "checkpoints" / "last.pt", weights_only=False)
     assert ck2["step"] == ck["step"] and again is not None
+    # a larger budget and more steps: the resumed run finishes, and its record no longer says stopped
+    fs.train.discriminator_flow(data, out=tmp_path / "df", steps=ck["step"] + 3, minutes=5, resume=True,
+                                allow_changes=True, progress=False, **SMALL_DF)
+    meta = json.loads((tmp_path / "df" / "flowsolve.json").read_text())["training"]
+    assert meta["steps_done"] == ck["step"] + 3 and "stopped" not in meta, meta
     with pytest.raises(fs.errors.ArgumentError, match="minutes"):
         fs.train.discriminator_flow(data, steps=3, minutes=-1, progress=False, **SMALL_DF)
 

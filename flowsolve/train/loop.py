@@ -722,6 +722,8 @@ def fit(
     with _Signals() as signals:
         try:
             done = state.step >= cfg.steps or out_of_time()  # a resumed run whose budget is spent
+            if state.step >= cfg.steps or not done:  # resumed to completion: an earlier budget stop is stale
+                state.history.pop("stopped", None)
             while not done:
                 _set_lr(opts, base_lr, cfg, schedule, state.step)
                 value = (
