@@ -745,8 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalize",
         choices=("none", "rms", "dmd"),
         default=None,
-        help="score-gan: per-sample scaling of the generator's score direction: rms (unit RMS, the "
-        "beyond-teacher recipe's), dmd (over the teacher's denoising error, as DMD), none (Alg. 1)",
+        help="score-gan: per-sample scaling of the generator's score direction: dmd (over the teacher's "
+        "denoising error, as DMD; the beyond-teacher recipe's on images), rms (unit RMS; the recipe's on "
+        "vectors), none (Alg. 1)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")

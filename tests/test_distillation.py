@@ -273,6 +273,7 @@ def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
                              student_steps=2, out=out, progress=False)
     meta = json.loads((out / "flowsolve.json").read_text())
     assert meta["type"] == "student" and meta["recipe"] == "beyond-teacher" and len(meta["student"]["sigmas"]) == 2
+    assert meta["training"]["config"]["normalize"] == "dmd"  # the recipe's weighting on images
     back = fs.from_pretrained(out)
     assert isinstance(back, DenoiserGenerator) and isinstance(back, fs.models.GeneratorModel)
     torch.testing.assert_close(back.sample(4, seed=1), gen.sample(4, seed=1))
@@ -401,6 +402,7 @@ def test_beyond_teacher_recipe_takes_vector_settings_on_vector_data():
     for k, v in RECIPE_VECTOR_OVERRIDES["beyond-teacher"].items():
         assert cfg[k] == v, k
     assert cfg["init"] == "teacher" and cfg["K"] == RECIPES["beyond-teacher"]["K"]
+    assert cfg["normalize"] is True  # unit RMS on vectors, with which the mixture target was measured
     gen = fs.train.score_gan(teacher, (2,), data="gmm2d", recipe="beyond-teacher", steps=1, batch_size=8,
                              sigma_max=20.0, progress=False)
     assert gen.metadata["training"]["config"]["sigma_max"] == 20.0
