@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import data as fsdata
-from .metrics import frechet_distance, frechet_distance_features, kernel_distance
+from .metrics import frechet_distance, frechet_distance_features, image_features, kernel_distance_features
 from ._checks import check_int
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -88,8 +88,8 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     with torch.no_grad():
         pred = features(samples.float().clamp(-1, 1)).argmax(1)
     share = torch.bincount(pred, minlength=10).float() / n
-    spread = feature_spread(samples, test.x, features)
-    kid = kernel_distance(samples, test.x, features)
+    fx, fr = image_features(samples, features), image_features(test.x, features)  # once, for spread and KID
+    spread, kid = _trace_ratio(fx, fr), kernel_distance_features(fx, fr)
 
     def pixels(x: torch.Tensor) -> torch.Tensor:
         return x.detach().float().clamp(-1, 1).reshape(len(x), -1).cpu()
@@ -114,9 +114,11 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
 def feature_spread(x: torch.Tensor, ref: torch.Tensor, features: torch.nn.Module) -> float:
     """tr Cov f(x) / tr Cov f(ref) on the feature network f (its `.features` if it has one): how varied
     the samples x are against the reference images, in the features FD is computed on."""
-    f = getattr(features, "features", features)
-    with torch.no_grad():
-        fx, fr = (f(v.float().clamp(-1, 1)).double().reshape(len(v), -1) for v in (x, ref))
+    return _trace_ratio(image_features(x, features), image_features(ref, features))
+
+
+def _trace_ratio(fx: torch.Tensor, fr: torch.Tensor) -> float:
+    """tr Cov(fx) / tr Cov(fr) of two (n, d) feature sets."""
     return float(torch.cov(fx.T).trace() / torch.cov(fr.T).trace())
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "frechet_distance",
     "kernel_distance",
     "kernel_distance_features",
+    "image_features",
     "mmd",
     "median_bandwidth",
     "inception_features",
@@ -151,12 +152,15 @@ def kernel_distance(x: torch.Tensor, y: torch.Tensor, features: torch.nn.Module,
     _check_images(x, y)
     if not isinstance(features, torch.nn.Module):
         raise ArgumentError(f"features: expected a feature network (torch.nn.Module), got {type(features).__name__}")
+    return kernel_distance_features(image_features(x, features, batch_size), image_features(y, features, batch_size))
+
+
+def image_features(x: torch.Tensor, features: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:
+    """The (n, d) float64 features of images x in [−1, 1] (clamped) on a feature network: its
+    `.features(x)` if it has one (the layer FD and KID are computed on), else its output."""
     f = getattr(features, "features", features)
     with torch.no_grad():
-        fx, fy = (
-            torch.cat([f(c.float().clamp(-1, 1)).reshape(len(c), -1) for c in v.split(batch_size)]) for v in (x, y)
-        )
-    return kernel_distance_features(fx, fy)
+        return torch.cat([f(c.float().clamp(-1, 1)).double().reshape(len(c), -1) for c in x.split(batch_size)])
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
