@@ -83,13 +83,13 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     test, train = fsdata.digits("test"), fsdata.digits("train")
     n = len(samples)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
-    fd = frechet_distance(samples, test.x, features)
-    floor = frechet_distance(train.x[idx], test.x, features)
+    # each image set through the feature network once, for FD, its floor, KID and the spread
+    fx, fr, ft = (image_features(v, features) for v in (samples, test.x, train.x[idx]))
+    fd, floor = frechet_distance_features(fx, fr), frechet_distance_features(ft, fr)
+    spread, kid = _trace_ratio(fx, fr), kernel_distance_features(fx, fr)
     with torch.no_grad():
         pred = features(samples.float().clamp(-1, 1)).argmax(1)
     share = torch.bincount(pred, minlength=10).float() / n
-    fx, fr = image_features(samples, features), image_features(test.x, features)  # once, for spread and KID
-    spread, kid = _trace_ratio(fx, fr), kernel_distance_features(fx, fr)
 
     def pixels(x: torch.Tensor) -> torch.Tensor:
         return x.detach().float().clamp(-1, 1).reshape(len(x), -1).cpu()
