@@ -266,6 +266,32 @@ def test_distillation_options_refuse_bad_input(gmm):
         fs.train.score_gan(gmm.denoiser, (2,), normalize="l2", steps=1, progress=False)
 
 
+@pytest.mark.parametrize("mode", ["random", "last"])
+def test_multi_step_student_trains_a_random_step_or_only_its_output(monkeypatch, mode):
+    """student_train="random" (DMD2's backward simulation) runs the chain to a random depth for the
+    generated score and the generator alike; "last" always runs all of it, so the generated score
+    learns the distribution the student samples."""
+    teacher = fs.from_pretrained("pretrained/digits-edm")
+    depths: list[int | None] = []
+    chain = DenoiserGenerator.chain
+
+    def spy(self, z, upto=None, **cond):
+        depths.append(upto)
+        return chain(self, z, upto=upto, **cond)
+
+    monkeypatch.setattr(DenoiserGenerator, "chain", spy)
+    fs.train.score_gan(teacher, data="digits", recipe="beyond-teacher", steps=6, batch_size=4, student_steps=4,
+                       student_train=mode, gan_weight=0.0, progress=False)
+    assert len(depths) == 6 * 3  # K = 2 score steps and one generator step each
+    if mode == "last":
+        assert set(depths) == {4}
+    else:
+        assert set(depths) <= {1, 2, 3, 4} and len(set(depths)) > 1
+    with pytest.raises(fs.errors.ArgumentError, match="student_train"):
+        fs.train.score_gan(teacher, data="digits", recipe="beyond-teacher", steps=1, student_steps=4,
+                           student_train="first", progress=False)
+
+
 def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
     teacher = fs.from_pretrained("pretrained/digits-edm")
     out = tmp_path / "student"

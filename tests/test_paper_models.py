@@ -466,7 +466,7 @@ def test_cli_select_every_keeps_the_best_validation_fd(tmp_path):
                  "--quiet"]) == 2
 
 
-def test_cli_select_every_on_the_mixture_keeps_the_best_validation_energy(tmp_path):
+def test_cli_select_every_on_the_mixture_keeps_the_best_validation_energy(tmp_path, monkeypatch):
     """On vector data the selection score is the energy distance to validation samples drawn with
     their own seed (`fs.evaluate.validation_energy`); the saved generator is the best-scored one."""
     cfg = tmp_path / "small.json"
@@ -479,6 +479,24 @@ def test_cli_select_every_on_the_mixture_keeps_the_best_validation_energy(tmp_pa
     assert meta["selected"]["step"] in (2, 4, 6)
     from flowsolve.evaluate import validation_energy
     assert validation_energy("gmm2d")(gen) == pytest.approx(meta["selected"]["value"], rel=1e-5)
+    # --select-seed: the selection scores samples of that seed (kept apart from the evaluation seeds)
+    import flowsolve.evaluate as fse
+    seeds = []
+    real = fse.validation_energy
+
+    def spy(data, **kw):
+        seeds.append(kw.get("sample_seed"))
+        return real(data, **kw)
+
+    monkeypatch.setattr(fse, "validation_energy", spy)
+    out7 = tmp_path / "g7"
+    assert main(["train", "gan", "--data", "gmm2d", "--out", str(out7), "--steps", "2", "--config", str(cfg),
+                 "--select-every", "2", "--select-seed", "7", "--quiet"]) == 0
+    gen7 = fs.from_pretrained(out7)
+    assert seeds == [7]
+    assert real("gmm2d", sample_seed=7)(gen7) == pytest.approx(gen7.metadata["training"]["selected"]["value"], rel=1e-5)
+    assert main(["train", "gan", "--data", "gmm2d", "--out", str(tmp_path / "g8"), "--select-seed", "7",
+                 "--quiet"]) == 2  # a selection seed without a selection
 
 
 def test_cli_select_every_keeps_the_best_discriminator_flow(tmp_path):

@@ -6,7 +6,9 @@ methods that now let one-step students pass their teachers sit behind the same s
 
 - `init="teacher"`: the generator is the teacher's own denoiser evaluated at σ_init (SiD: G(σ_init z,
   σ_init)); `student_steps=k` chains it over k noise levels (DMD2's multi-step generator, trained
-  by backward simulation: a random step of the student's own chain gets the gradient);
+  by backward simulation: a random step of the student's own chain gets the gradient;
+  `student_train="last"` trains only the chain's output, so that the generated score learns the
+  distribution the student samples and not a mixture of its intermediate steps);
 - two time-scale updates: `K` generated-score steps per generator step, at `score_lr`;
 - `gan_weight`: a GAN on real data whose discriminator is a head on the generated score's features
   (SiDA, DMD2), trained with the a/b/c losses of Eq. 15–16 (`gan_loss`); the generator's Int-PM
@@ -96,6 +98,7 @@ class ScoreGANConfig(PaperLoopConfig):
     init_sigma: float = 2.5  # σ_init of a teacher-initialised generator (SiD: 2.5)
     student_steps: int = 1  # evaluations of a teacher-initialised student (1, 2, 4, ...)
     student_sigma_min: float = 0.5  # last σ of a multi-step student's chain (Karras ρ = 7 from init_sigma)
+    student_train: str = "random"  # chain step that gets the gradient: "random" (DMD2) or "last" (the output)
     gan_weight: float = 0.0  # weight of the real-data GAN direction in the generator step
     gan_loss: str = "vanilla"  # a, b, c of Eq. 15–16
     gan_features: str | None = None  # module of the generated score read by the head (default: mid_block)
@@ -398,6 +401,13 @@ def score_gan(
         sig = shard(p_sigma(cfg.batch_size, cfg.sigma_min, gan_top, cfg.rho_grid, g))
         return x + as_column(sig, x) * shard(torch.randn(cfg.batch_size, *shape, generator=g)), sig
 
+    def chain_depth(g: torch.Generator) -> int | None:
+        """How many of the chain's steps to run: a random number (backward simulation), or all of them."""
+        if not multi:
+            return None
+        depth = int(torch.randint(gen.steps, (1,), generator=g)) + 1  # drawn either way: one random stream
+        return gen.steps if cfg.student_train == "last" else depth
+
     def generate(m: GeneratorPair, z: torch.Tensor, cond: dict, upto: int | None) -> torch.Tensor:
         return m.g.chain(z, upto=upto, **cond) if multi else m.g(z, **cond)
 
@@ -406,7 +416,7 @@ def score_gan(
             z = torch.randn(cfg.batch_size, *latent, generator=g)
             sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
             eps = torch.randn(cfg.batch_size, *shape, generator=g)
-            upto = int(torch.randint(gen.steps, (1,), generator=g)) + 1 if multi else None
+            upto = chain_depth(g)
             cond = labels(g)
             z, sigma, eps = shard(z), shard(sigma), shard(eps)
             with torch.no_grad():
@@ -440,7 +450,7 @@ def score_gan(
         sigma = p_sigma(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, cfg.rho_grid, g)
         eps = torch.randn(cfg.batch_size, *shape, generator=g)
         gam = torch.randn(cfg.batch_size, *shape, generator=g) if cfg.gamma else None
-        upto = int(torch.randint(gen.steps, (1,), generator=g)) + 1 if multi else None
+        upto = chain_depth(g)
         cond = labels(g)
         z, sigma, eps = shard(z), shard(sigma), shard(eps)
         x = generate(m, z, cond, upto)
@@ -556,6 +566,11 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
         raise ArgumentError(f"student_steps: expected a positive number of evaluations, got {cfg.student_steps!r}")
     if cfg.student_steps > 1 and cfg.init != "teacher":
         raise ArgumentError("student_steps: a multi-step student is the teacher's network; use init='teacher'")
+    if cfg.student_train not in ("random", "last"):
+        raise ArgumentError(
+            "student_train: expected 'random' (a random step of the chain gets the gradient, DMD2) or 'last' "
+            f"(the chain's output), got {cfg.student_train!r}"
+        )
     if not cfg.init_sigma > 0:
         raise ArgumentError(f"init_sigma: expected a positive noise level, got {cfg.init_sigma!r}")
     if cfg.normalize not in (False, True, "rms", "dmd"):
