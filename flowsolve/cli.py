@@ -354,6 +354,7 @@ def cmd_train(args) -> int:
         gan_augment=args.gan_augment,
         normalize=False if args.normalize == "none" else args.normalize,
         student_steps=args.student_steps,
+        student_train=args.student_train,
         guidance=args.guidance,
     )
     used = [k for k, v in distil.items() if v is not None]
@@ -757,6 +758,13 @@ def build_parser() -> argparse.ArgumentParser:
         "vectors), none (Alg. 1)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
+    t.add_argument(
+        "--student-train",
+        choices=("random", "last"),
+        default=None,
+        help="score-gan, a multi-step student: which step of its chain is trained: random (DMD2's backward "
+        "simulation) or last (the chain's output only)",
+    )
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
     t.add_argument(
         "--resume",

@@ -292,6 +292,19 @@ def test_multi_step_student_trains_a_random_step_or_only_its_output(monkeypatch,
                            student_train="first", progress=False)
 
 
+def test_cli_student_train_reaches_the_trainer(tmp_path):
+    from flowsolve.cli import main
+
+    out, cfg = tmp_path / "sg2", tmp_path / "small.json"
+    cfg.write_text(json.dumps({"batch_size": 4}))
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
+                 "beyond-teacher", "--student-steps", "2", "--student-train", "last", "--steps", "1", "--config",
+                 str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "flowsolve.json").read_text())["training"]["config"]["student_train"] == "last"
+    assert main(["train", "edm", "--data", "digits", "--student-train", "last", "--out", str(tmp_path / "e"),
+                 "--quiet"]) == 2  # a distillation option of score-gan only
+
+
 def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
     teacher = fs.from_pretrained("pretrained/digits-edm")
     out = tmp_path / "student"
