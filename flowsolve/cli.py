@@ -203,6 +203,12 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     return nfe, chunk
 
 
+def _evaluations(gen) -> str:
+    """A generator's evaluations per sample, in words: one, or a multi-step student's chain."""
+    k = int(getattr(gen, "steps", 1))
+    return "1 evaluation" if k == 1 else f"{k} evaluations"
+
+
 def cmd_sample(args) -> int:
     from .distributed import is_launched
     from .models import generate_sharded
@@ -218,7 +224,7 @@ def cmd_sample(args) -> int:
         if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
             print(
-                f"wrote {args.out}: {tuple(x.shape)} samples from a generator (1 evaluation){procs}, "
+                f"wrote {args.out}: {tuple(x.shape)} samples from a generator ({_evaluations(model)}){procs}, "
                 f"{time.perf_counter() - t0:.2f} s"
             )
         return 0
@@ -529,7 +535,9 @@ def cmd_calibrate(args) -> int:
     check_number("--seconds", args.seconds, 0.0, lo_open=True)
     model, _ = load_any(args.model)
     if isinstance(model, GeneratorModel):
-        raise UserError(f"--model: {args.model!r} is a generator (one evaluation); there is no grid to calibrate")
+        raise UserError(
+            f"--model: {args.model!r} is a generator ({_evaluations(model)}); there is no grid to calibrate"
+        )
     field = model.field()
     for nfe in _values(args.nfe, "--nfe"):
         r = calibrate(

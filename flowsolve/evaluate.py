@@ -148,16 +148,16 @@ def evaluate_digits(
     seed: int = 0,
     progress: bool = False,
 ) -> DigitsReport:
-    """Sample n digits from `model` (a field, a denoiser, or a generator, which draws with one
-    evaluation and ignores solver/nfe) and report their quality."""
+    """Sample n digits from `model` (a field, a denoiser, or a generator, which draws with its own
+    evaluations, one or a student's chain, and ignores solver/nfe) and report their quality."""
     from .fields import Field
     from .models import GeneratorModel, ParticleModel, from_pretrained
     from .sample import sample
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
     t0 = time.perf_counter()
-    if isinstance(model, GeneratorModel):  # a generator (Int-PM), one NFE
-        x, solver, used = model.sample(n, seed=seed), "generator", 1
+    if isinstance(model, GeneratorModel):  # a generator (Int-PM): one NFE, or its chain's steps (a student)
+        x, solver, used = model.sample(n, seed=seed), "generator", int(getattr(model, "steps", 1))
     else:
         if not isinstance(model, (Field, ParticleModel)):
             raise ArgumentTypeError(

@@ -111,7 +111,8 @@ def test_every_shipped_folder_loads_to_its_type():
     want = {"digits-edm": fs.models.ParticleModel, "gmm2d-edm": fs.models.ParticleModel,
             "digits-ddpm": fs.models.ParticleModel, "digits-scoregan": fs.models.GeneratorModel,
             "digits-cond-edm": fs.models.ParticleModel, "digits-flow": fs.models.ParticleModel,
-            "digits-cond-scoregan": fs.models.GeneratorModel, "digits-df": fs.models.ParticleModel}
+            "digits-cond-scoregan": fs.models.GeneratorModel, "digits-df": fs.models.ParticleModel,
+            "digits-scoregan-4step": fs.models.GeneratorModel}
     for folder in sorted((ROOT / "pretrained").iterdir()):
         meta = json.loads((folder / "flowsolve.json").read_text())      # every folder writes flowsolve.json
         assert meta["type"] in fs.models.MODEL_TYPES
