@@ -83,7 +83,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     for path in args.student:
         g = fs.from_pretrained(path)
-        rows.append(rows_for(f"student {path} ({getattr(g, 'steps', 1)} NFE)", lambda s, g=g: g.sample(args.n, seed=s),
+        rows.append(rows_for(f"student {path} ({g.steps} NFE)", lambda s, g=g: g.sample(args.n, seed=s),
                              feats, seeds=seeds))
         print(rows[-1], flush=True)
     if args.cond_student:

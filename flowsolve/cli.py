@@ -203,10 +203,9 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     return nfe, chunk
 
 
-def _evaluations(gen) -> str:
-    """A generator's evaluations per sample, in words: one, or a multi-step student's chain."""
-    k = int(getattr(gen, "steps", 1))
-    return "1 evaluation" if k == 1 else f"{k} evaluations"
+def _evaluations(gen: GeneratorModel) -> str:
+    """A generator's evaluations per sample, in words."""
+    return "1 evaluation" if gen.steps == 1 else f"{gen.steps} evaluations"
 
 
 def cmd_sample(args) -> int:
@@ -379,12 +378,9 @@ def cmd_train(args) -> int:
         from .evaluate import validation_energy, validation_fd
 
         # validation FD on digits; energy distance on vector data (validation_energy refuses images)
-        if args.select_seed is None:
-            select = validation_fd() if args.data == "digits" else validation_energy(args.data)
-        elif args.data == "digits":
-            select = validation_fd(seed=args.select_seed)
-        else:
-            select = validation_energy(args.data, sample_seed=args.select_seed)
+        digits = args.data == "digits"
+        seed = {} if args.select_seed is None else {("seed" if digits else "sample_seed"): args.select_seed}
+        select = validation_fd(**seed) if digits else validation_energy(args.data, **seed)
         overrides.update(select=select, select_every=args.select_every)
     if args.objective == "features" and args.data != "digits":
         raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
@@ -768,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
     t.add_argument(
         "--student-train",
-        choices=("random", "last"),
+        choices=("random", "last"),  # score_gan.STUDENT_TRAIN (the trainer, imported when a run starts)
         default=None,
         help="score-gan, a multi-step student: which step of its chain is trained: random (DMD2's backward "
         "simulation) or last (the chain's output only)",

@@ -156,8 +156,8 @@ def evaluate_digits(
 
     feats = from_pretrained(features) if isinstance(features, (str, os.PathLike)) else features
     t0 = time.perf_counter()
-    if isinstance(model, GeneratorModel):  # a generator (Int-PM): one NFE, or its chain's steps (a student)
-        x, solver, used = model.sample(n, seed=seed), "generator", int(getattr(model, "steps", 1))
+    if isinstance(model, GeneratorModel):  # a generator (Int-PM): its own evaluations per sample
+        x, solver, used = model.sample(n, seed=seed), "generator", model.steps
     else:
         if not isinstance(model, (Field, ParticleModel)):
             raise ArgumentTypeError(

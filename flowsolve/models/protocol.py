@@ -3,7 +3,7 @@
 - `ParticleModel` (PM, Definition 1): particles follow a field; `model.field(**kw)` is that
   `Field`, for `fs.sample` with any solver. Denoisers (EDM, diffusers) and Discriminator Flows.
 - `GeneratorModel` (Int-PM, Definition 2): a generator trained along a field; `model.sample(n,
-  seed=)` draws n samples with one network evaluation each.
+  seed=)` draws n samples with `steps` network evaluations each (one; a k-step student: k).
 
 Every model carries `data_shape` and the `metadata` its folder's flowsolve.json holds.
 """
@@ -40,12 +40,17 @@ class ParticleModel:
 
 
 class GeneratorModel:
-    """An Int-PM generator: `sample(n, seed=)` draws n samples, one evaluation each. Subclasses
+    """An Int-PM generator: `sample(n, seed=)` draws n samples, `steps` evaluations each. Subclasses
     provide `latents(n, seed)`, and either are networks (`nn.Module`s whose forward is g(z, **cond),
     with `conditioning` such as {"class_labels": {"classes": K}}) or override `generate(z)`."""
 
     data_shape: tuple[int, ...] | None = None
     conditioning: dict = {}
+
+    @property
+    def steps(self) -> int:
+        """Network evaluations per sample: one (Int-PM); a multi-step student's chain overrides it."""
+        return 1
 
     def latents(self, n: int, seed: int | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -111,6 +111,8 @@ class ScoreGANConfig(PaperLoopConfig):
     RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
 
 
+STUDENT_TRAIN = ("random", "last")  # which step of a multi-step student's chain is trained
+
 SCORE_GAN_IMAGE_DEFAULTS = dict(
     # Table 7, MNIST: σ ∈ [0.32, 40], K = 1, score lr 1e-3 (ratio 5), generated score initialised from
     # the teacher, DCGAN generator; β1 = 0 for both networks (distillation practice: at 1000 steps on
@@ -566,7 +568,7 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
         raise ArgumentError(f"student_steps: expected a positive number of evaluations, got {cfg.student_steps!r}")
     if cfg.student_steps > 1 and cfg.init != "teacher":
         raise ArgumentError("student_steps: a multi-step student is the teacher's network; use init='teacher'")
-    if cfg.student_train not in ("random", "last"):
+    if cfg.student_train not in STUDENT_TRAIN:
         raise ArgumentError(
             "student_train: expected 'random' (a random step of the chain gets the gradient, DMD2) or 'last' "
             f"(the chain's output), got {cfg.student_train!r}"
