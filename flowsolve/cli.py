@@ -358,7 +358,9 @@ def cmd_train(args) -> int:
         gan_r1=args.gan_r1,
         gan_augment=args.gan_augment,
         normalize=False if args.normalize == "none" else args.normalize,
+        init_sigma=args.init_sigma,
         student_steps=args.student_steps,
+        student_sigma_min=args.student_sigma_min,
         student_train=args.student_train,
         guidance=args.guidance,
     )
@@ -385,14 +387,32 @@ def cmd_train(args) -> int:
     if args.objective == "features" and args.data != "digits":
         raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
     t0 = time.perf_counter()
+    made = not Path(args.out).exists()
     check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
+    try:
+        model = _run_trainer(args, train, distil, common)
+    except BaseException:
+        if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # the trainer refused its settings before writing anything: no folder left
+        raise
+    if not finish_processes():
+        return 0
+    print(
+        f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
+        f"{model.metadata.get('held_out_accuracy', '')}"
+    )
+    return 0
+
+
+def _run_trainer(args, train, distil: dict, common: dict):
+    """Call the trainer `args.objective` names with the CLI's settings; returns the trained model."""
     if args.objective == "features":
-        model = train.digits_features(**common)
-    elif args.objective == "score-gan":
+        return train.digits_features(**common)
+    if args.objective == "score-gan":
         teacher, shape = _teacher(args)
         extra = {k: v for k, v in distil.items() if v is not None}
-        model = train.score_gan(
+        return train.score_gan(
             teacher,
             shape,
             data=args.data,
@@ -402,23 +422,15 @@ def cmd_train(args) -> int:
             **extra,
             **common,
         )
-    else:
-        trainer = {
-            "edm": train.edm,
-            "ddpm": train.ddpm,
-            "flow-matching": train.flow_matching,
-            "discriminator-flow": train.discriminator_flow,
-            "gan": train.gan,
-            "mmd-generator": train.mmd_generator,
-        }[args.objective]
-        model = trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
-    if not finish_processes():
-        return 0
-    print(
-        f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
-        f"{model.metadata.get('held_out_accuracy', '')}"
-    )
-    return 0
+    trainer = {
+        "edm": train.edm,
+        "ddpm": train.ddpm,
+        "flow-matching": train.flow_matching,
+        "discriminator-flow": train.discriminator_flow,
+        "gan": train.gan,
+        "mmd-generator": train.mmd_generator,
+    }[args.objective]
+    return trainer(args.data, resume=args.resume, allow_changes=args.allow_changes, **common)
 
 
 def cmd_eval(args) -> int:
@@ -762,6 +774,19 @@ def build_parser() -> argparse.ArgumentParser:
         "vectors), none (Alg. 1)",
     )
     t.add_argument("--student-steps", type=int, default=None, help="score-gan --init teacher: evaluations per sample")
+    t.add_argument(
+        "--init-sigma",
+        type=float,
+        default=None,
+        help="score-gan --init teacher: the σ of the student's first evaluation (SiD, the recipe: 2.5)",
+    )
+    t.add_argument(
+        "--student-sigma-min",
+        type=float,
+        default=None,
+        help="score-gan, a multi-step student: the σ of its last evaluation (a Karras ρ = 7 chain from "
+        "--init-sigma; the recipe: 0.5)",
+    )
     t.add_argument(
         "--student-train",
         choices=("random", "last"),  # score_gan.STUDENT_TRAIN (the trainer, imported when a run starts)

@@ -292,15 +292,22 @@ def test_multi_step_student_trains_a_random_step_or_only_its_output(monkeypatch,
                            student_train="first", progress=False)
 
 
-def test_cli_student_train_reaches_the_trainer(tmp_path):
+def test_cli_student_chain_options_reach_the_trainer(tmp_path):
     from flowsolve.cli import main
 
     out, cfg = tmp_path / "sg2", tmp_path / "small.json"
     cfg.write_text(json.dumps({"batch_size": 4}))
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
-                 "beyond-teacher", "--student-steps", "2", "--student-train", "last", "--steps", "1", "--config",
-                 str(cfg), "--out", str(out), "--quiet"]) == 0
-    assert json.loads((out / "flowsolve.json").read_text())["training"]["config"]["student_train"] == "last"
+                 "beyond-teacher", "--student-steps", "2", "--student-train", "last", "--init-sigma", "4",
+                 "--student-sigma-min", "0.25", "--steps", "1", "--config", str(cfg), "--out", str(out),
+                 "--quiet"]) == 0
+    got = json.loads((out / "flowsolve.json").read_text())["training"]["config"]
+    assert (got["student_train"], got["init_sigma"], got["student_sigma_min"]) == ("last", 4.0, 0.25)
+    assert list(fs.from_pretrained(out).sigmas) == pytest.approx([4.0, 0.25])  # the chain the flags asked for
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
+                 "beyond-teacher", "--student-steps", "2", "--student-sigma-min", "3", "--steps", "1",
+                 "--out", str(tmp_path / "bad"), "--quiet"]) == 2  # refused: the last σ above the first (2.5)
+    assert not (tmp_path / "bad").exists()
     assert main(["train", "edm", "--data", "digits", "--student-train", "last", "--out", str(tmp_path / "e"),
                  "--quiet"]) == 2  # a distillation option of score-gan only
 
