@@ -303,10 +303,10 @@ def _teacher(args):
 
 
 def cmd_train(args) -> int:
-    from . import train
     from .train.discriminator_flow import DF_RECIPES
     from .train.loop import load_config_file
     from .train.score_gan import RECIPES as SCORE_GAN_RECIPES
+    from .train.score_gan import STUDENT_TRAIN
 
     if args.allow_changes and not args.resume:
         raise UserError("--allow-changes: only with --resume (it accepts settings that differ from the checkpoint's)")
@@ -364,6 +364,8 @@ def cmd_train(args) -> int:
         student_train=args.student_train,
         guidance=args.guidance,
     )
+    if args.student_train not in (None, *STUDENT_TRAIN):
+        raise UserError(f"--student-train: expected one of {', '.join(STUDENT_TRAIN)}, got {args.student_train!r}")
     used = [k for k, v in distil.items() if v is not None]
     if used and args.objective != "score-gan":
         raise UserError(f"--{used[0].replace('_', '-')}: a distillation option of score-gan, got {args.objective}")
@@ -387,14 +389,14 @@ def cmd_train(args) -> int:
     if args.objective == "features" and args.data != "digits":
         raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")
     t0 = time.perf_counter()
-    made = not Path(args.out).exists()
-    check_output(args.out, None, "--out")  # after the arguments' checks: a refused run makes no folder
+    out, made = Path(args.out), not Path(args.out).exists()
+    check_output(out, None, "--out")  # after the arguments' checks: a refused run makes no folder
     common = dict(out=args.out, config=config, progress=not args.quiet, command=command, **overrides)
     try:
-        model = _run_trainer(args, train, distil, common)
+        model = _run_trainer(args, distil, common)
     except BaseException:
-        if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
-            Path(args.out).rmdir()  # the trainer refused its settings before writing anything: no folder left
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the trainer refused its settings before writing anything: no folder left
         raise
     if not finish_processes():
         return 0
@@ -405,8 +407,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _run_trainer(args, train, distil: dict, common: dict):
+def _run_trainer(args, distil: dict, common: dict):
     """Call the trainer `args.objective` names with the CLI's settings; returns the trained model."""
+    from . import train
+
     if args.objective == "features":
         return train.digits_features(**common)
     if args.objective == "score-gan":
@@ -789,8 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--student-train",
-        choices=("random", "last"),  # score_gan.STUDENT_TRAIN (the trainer, imported when a run starts)
-        default=None,
+        default=None,  # checked against score_gan.STUDENT_TRAIN when the run starts (the trainer's import)
         help="score-gan, a multi-step student: which step of its chain is trained: random (DMD2's backward "
         "simulation) or last (the chain's output only)",
     )

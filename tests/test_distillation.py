@@ -308,6 +308,8 @@ def test_cli_student_chain_options_reach_the_trainer(tmp_path):
                  "beyond-teacher", "--student-steps", "2", "--student-sigma-min", "3", "--steps", "1",
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2  # refused: the last σ above the first (2.5)
     assert not (tmp_path / "bad").exists()
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--student-train",
+                 "first", "--out", str(tmp_path / "bad"), "--quiet"]) == 2  # one of score_gan.STUDENT_TRAIN
     assert main(["train", "edm", "--data", "digits", "--student-train", "last", "--out", str(tmp_path / "e"),
                  "--quiet"]) == 2  # a distillation option of score-gan only
 
