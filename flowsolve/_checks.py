@@ -18,8 +18,11 @@ from .errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = [
     "check_int",
+    "model_dtype",
     "check_number",
     "check_choice",
+    "check_device",
+    "check_dtype",
     "nearest",
     "batch_time",
     "as_column",
@@ -38,6 +41,18 @@ __all__ = [
 ]
 
 
+# -- models --------------------------------------------------------------------------------------
+def model_dtype(model, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype of a model's first floating-point parameter, as diffusers' `.dtype` reports it
+    (that property walks every submodule: about 0.6 ms a call on a small UNet, per evaluation);
+    else the model's own `dtype` attribute, else `default`."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return getattr(model, "dtype", default)
+
+
 # -- numbers -------------------------------------------------------------------------------------
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int in [lo, hi]; bools and floats (even 3.0) are refused, naming `name`."""
@@ -48,6 +63,52 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     if hi is not None and value > hi:
         raise ArgumentError(f"{name}: expected an integer <= {hi}, got {value}")
     return value
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def check_dtype(name: str, value: Any) -> torch.dtype:
+    """A floating-point torch.dtype, also given by name ('float64', 'torch.bfloat16', 'half')."""
+    if isinstance(value, str):
+        key = value.removeprefix("torch.")
+        if key not in _DTYPE_NAMES:
+            raise ArgumentTypeError(
+                f"{name}: expected a floating-point torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}"
+            )
+        return _DTYPE_NAMES[key]
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ArgumentTypeError(f"{name}: expected a floating-point torch.dtype, got {value!r}")
+    return value
+
+
+def check_device(name: str, value: Any) -> torch.device:
+    """`value` as a torch.device that this machine has: a malformed name or an absent accelerator
+    ('cuda' without CUDA, 'cuda:3' on a 2-GPU host, 'mps' off Apple) is refused before any work."""
+    try:
+        dev = value if isinstance(value, torch.device) else torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(
+            f"{name}: expected 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device, got {value!r}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"{name}: {str(dev)!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(
+                f"{name}: {str(dev)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ArgumentError(f"{name}: 'mps' asked for, but the MPS backend is not available here")
+    return dev
 
 
 def check_number(

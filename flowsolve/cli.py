@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import solvers
-from ._checks import check_disk, check_int, check_number, check_output
+from ._checks import check_device, check_disk, check_dtype, check_int, check_number, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
 from .models.protocol import GeneratorModel, ParticleModel
@@ -152,7 +152,7 @@ def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
     elif suffix == ".npy":
         import numpy as np
 
-        np.save(out, x.cpu().numpy())
+        np.save(out, x.cpu().numpy() if x.dtype in (torch.float32, torch.float64) else x.float().cpu().numpy())
     elif suffix == ".png":
         from .viz import save_png
 
@@ -195,7 +195,7 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
             return_info=True,
             **options,
         )
-        arr[start : start + count] = x.numpy()
+        arr[start : start + count] = x.float().cpu().numpy()
         nfe = info.nfe
     arr.flush()
     del arr
@@ -208,6 +208,16 @@ def _evaluations(gen: GeneratorModel) -> str:
     return "1 evaluation" if gen.steps == 1 else f"{gen.steps} evaluations"
 
 
+def _sample_device(want: str) -> torch.device:
+    """--device: 'auto' is the launched process's device (accelerate / torchrun), else CUDA when
+    available, else the CPU; any other value must name a device this machine has."""
+    if want != "auto":
+        return check_device("--device", want)
+    from .train.loop import resolve_device
+
+    return resolve_device(argparse.Namespace(device="auto"))
+
+
 def cmd_sample(args) -> int:
     from .distributed import is_launched
     from .models import generate_sharded
@@ -215,7 +225,11 @@ def cmd_sample(args) -> int:
     options: dict = {}
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
     check_int("--n", args.n, 1)
+    device, dtype = _sample_device(args.device), check_dtype("--dtype", args.dtype)
     model, ref = load_any(args.model)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device)
+    options.update(device=device, dtype=dtype)
     if isinstance(model, GeneratorModel):  # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
         x = generate_sharded(model, args.n, seed=args.seed) if is_launched() else model.sample(args.n, seed=args.seed)
@@ -669,6 +683,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="karras | loglinear | uniform | schedule | calibrated (the model "
         "folder's calibrated grid for this solver and NFE)",
+    )
+    s.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, mps, or auto (the launched process's GPU, else CUDA when available, else the CPU)",
+    )
+    s.add_argument(
+        "--dtype",
+        default="float32",
+        help="the particles' dtype for the solver: float32, float64, bfloat16 or float16 (networks run in their "
+        "own dtype; generators ignore it)",
     )
     _guidance_flags(s, several=False)
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")

@@ -1,7 +1,7 @@
 """Per-sample reproducible Gaussian noise.
 
 Sample i's k-th draw depends only on (seed, i, k, stream), never on n, on the chunk
-it falls in or on the global RNG (EDM's per-sample generators). To keep the cost
+it falls in, on the dtype or on the global RNG (EDM's per-sample generators). To keep the cost
 of a draw low, samples are grouped in fixed blocks of BLOCK rows, each block with
 its own generator; a chunk that cuts a block draws the whole block and keeps its rows.
 """
@@ -54,7 +54,9 @@ class SampleNoise:
     ) -> None:
         self.shape = tuple(shape)
         self.dtype, self.device = dtype, torch.device(device)
-        self._draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        # drawn in float32 whatever the dtype (as EDM does), so seed=s in float64 is the float32 run
+        # more precisely, not another run, and bf16 / fp16 are rounded float32 draws
+        self._draw_dtype = torch.float32
         first, last = start // BLOCK, (start + count - 1) // BLOCK
         self._gens = [
             torch.Generator(device=self.device).manual_seed(derive_seed(seed, b, stream))

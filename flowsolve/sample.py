@@ -12,7 +12,7 @@ import torch
 from . import grids, solvers
 from .fields.base import DOMAIN_TOLERANCE, Field
 from .noise import SampleNoise, fresh_seed
-from ._checks import check_int, check_memory
+from ._checks import check_device, check_dtype, check_int, check_memory
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -108,8 +108,8 @@ def _particles(field: Field, n, shape, x_init, device, dtype) -> tuple[int, tupl
         if shape is not None and tuple(shape) != tuple(x_init.shape[1:]):
             raise ArgumentError(f"shape: x_init has data shape {tuple(x_init.shape[1:])} but shape={tuple(shape)}")
         n, shape = x_init.shape[0], tuple(x_init.shape[1:])
-        device = x_init.device if device is None else torch.device(device)
-        dtype = x_init.dtype if dtype is None else dtype
+        device = x_init.device if device is None else check_device("device", device)
+        dtype = x_init.dtype if dtype is None else check_dtype("dtype", dtype)
     else:
         if n is None:
             raise ArgumentError("n: expected the number of particles (or pass x_init=)")
@@ -122,10 +122,11 @@ def _particles(field: Field, n, shape, x_init, device, dtype) -> tuple[int, tupl
             )
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
             raise ArgumentError(f"shape: expected positive integers, got {shape}")
-        device = torch.device("cpu") if device is None else torch.device(device)
-        dtype = torch.float32 if dtype is None else dtype
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ArgumentTypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        if device is None:  # the device of the field's network (a model moved to a GPU samples there)
+            device = field.model_device() or torch.device("cpu")
+        else:
+            device = check_device("device", device)
+        dtype = torch.float32 if dtype is None else check_dtype("dtype", dtype)
     return n, shape, device, dtype
 
 
@@ -292,7 +293,8 @@ def sample(
     n / shape or x_init: how many particles of which shape, or given starting particles.
     seed: per-sample noise, so sample i is identical for any n and batch_size (None: OS entropy).
     batch_size: integrate at most this many particles at a time (bounded memory).
-    device, dtype: default to x_init's, else CPU float32.
+    device, dtype: default to x_init's, else the field's network's device (CPU for plain functions)
+        and float32.
     return_info: also return a SampleInfo (nfe counted, grid, seconds, trajectory).
     trajectory_every: keep x every k steps (and the last) in info.trajectory.
     callback: called as callback(step, t, x) after every step. progress: a tqdm bar.

@@ -38,6 +38,10 @@ MALFORMED = [
     ("sample-x-init-1d", lambda: fs.sample(EDM, x_init=torch.zeros(2)), ValueError, "x_init"),
     ("sample-shape", lambda: fs.sample(EDM, n=2, shape=(0,)), ValueError, "shape"),
     ("sample-dtype", lambda: fs.sample(EDM, n=2, dtype=torch.int32), TypeError, "dtype"),
+    ("sample-dtype-name", lambda: fs.sample(EDM, n=2, dtype="float16x"), TypeError, "dtype"),
+    ("sample-device", lambda: fs.sample(EDM, n=2, device="gpu0"), ValueError, "device"),
+    ("sample-device-absent", lambda: fs.sample(EDM, n=2, device="cuda:99"), ValueError, "device"),
+    ("pretrained-device", lambda: fs.from_pretrained("digits-edm", device="cuda:99"), ValueError, "device"),
     ("sample-option", lambda: fs.sample(EDM, "heun", n=2, S_churn=1.0), (ValueError, TypeError), "S_churn"),
     ("sample-offset", lambda: fs.sample(EDM, n=2, index_offset=-1), ValueError, "index_offset"),
     ("sample-grid-up", lambda: fs.sample(EDM, "euler", n=2, grid=torch.tensor([0.0, 1.0, 2.0])), ValueError, "grid"),
@@ -260,3 +264,44 @@ def test_two_process_generator_sampling_and_score_gan_training(tmp_path):
     _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy", "accelerate")
     assert "on 2 processes (accelerate)" in r2.stdout
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
+
+
+@pytest.mark.parametrize("name,solver,nfe", [("digits-edm", "heun", 9), ("digits-df", "euler", 8),
+                                             ("digits-ddpm", "dpmpp_2m", 6), ("gmm2d-edm", "sde", 8)])
+def test_a_seed_is_the_same_run_in_every_dtype(name, solver, nfe):
+    """float32 networks sampled in float64 (EDM's sampler runs x in float64, the network in its own
+    dtype): the same seed draws the same noise, so the two runs agree to float32 round-off, and a
+    dtype may be named by string."""
+    field = fs.from_pretrained(name).field()
+    a = fs.sample(field, solver, nfe=nfe, n=4, seed=3)
+    b = fs.sample(field, solver, nfe=nfe, n=4, seed=3, dtype="float64")
+    assert a.dtype == torch.float32 and b.dtype == torch.float64
+    assert (a.double() - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+    c = fs.sample(field, solver, nfe=nfe, n=4, seed=3, dtype=torch.bfloat16)
+    assert c.dtype == torch.bfloat16 and torch.isfinite(c.float()).all()
+
+
+def test_sampling_follows_the_models_device():
+    """With no device= or x_init=, particles go where the field's network is (a model moved to a GPU
+    samples there); plain functions stay on the CPU."""
+    from flowsolve.sample import _particles
+
+    m = fs.from_pretrained("digits-edm")
+    assert _particles(m.field(), 2, None, None, None, None)[2] == torch.device("cpu")
+    m.to("meta")  # a device without data: where the particles would go, nothing computed
+    assert m.field().model_device() == torch.device("meta")
+    assert m.field(guidance=2.0, uncond={}).model_device() == torch.device("meta")
+    assert _particles(m.field(), 2, None, None, None, None)[2].type == "meta"
+    assert _particles(m.field(), 2, None, None, "cpu", None)[2] == torch.device("cpu")  # asked for: kept
+    assert EDM.model_device() is None
+    assert fs.from_pretrained("digits-df").to("meta").field().model_device() == torch.device("meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_on_the_gpu_samples_there_and_matches_the_cpu():
+    m = fs.from_pretrained("digits-edm")
+    z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    cpu = fs.sample(m.field(), "heun", nfe=9, x_init=z)
+    gpu = fs.sample(m.to("cuda").field(), "heun", nfe=9, n=8, seed=0)
+    assert gpu.device.type == "cuda"
+    assert (fs.sample(m.field(), "heun", nfe=9, x_init=z.cuda()).cpu() - cpu).abs().max() < 1e-2  # cuDNN may use TF32

@@ -71,6 +71,12 @@ class Field:
         bound.cond, bound.network_passes = dict(cond), 0
         return bound
 
+    def model_device(self) -> torch.device | None:
+        """The device of the network this field follows (its denoiser, velocity model or
+        discriminator, looked for two wrappers deep), None for plain functions: `fs.sample`'s
+        default device, so that a model moved to a GPU samples there."""
+        return _module_device(vars(self), depth=3)
+
     def passes(self) -> int | None:
         """Model forward passes since `bind` (None for a field that does not count them)."""
         return self.network_passes if self.takes_cond else None
@@ -284,3 +290,18 @@ class Scale(Field):
             raise ArgumentError(f"c: a stochastic form needs c > 0, got {self.c}")
         drift, g2 = self.field.sde(x, t, alpha)
         return self.c * drift, self.c * g2
+
+
+def _module_device(attrs: dict, depth: int) -> torch.device | None:
+    """The device of the first parameter of the first nn.Module among `attrs`' values (bound methods
+    count as their object; flowsolve wrappers are looked into, `depth` levels)."""
+    for v in attrs.values():
+        v = getattr(v, "__self__", v)  # a bound method: its object
+        if isinstance(v, torch.nn.Module):
+            for p in v.parameters():
+                return p.device
+        elif depth > 1 and type(v).__module__.startswith("flowsolve") and hasattr(v, "__dict__"):
+            found = _module_device(vars(v), depth - 1)
+            if found is not None:
+                return found
+    return None

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, deprecated
+from .._checks import check_choice, deprecated, model_dtype
 from ..errors import ArgumentError, ArgumentTypeError
 from .base import Field
 
@@ -136,16 +136,19 @@ class DiscriminatorFlow(Field):
     def _f(self, x: torch.Tensor, t) -> torch.Tensor:
         self.network_passes += 1
         if not self.time_conditioned:
-            return self.f(x, **self.cond)
+            return self.f(x.to(model_dtype(self.f, x.dtype) or x.dtype), **self.cond)
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
-        return self.f(x, tt, **self.cond)
+        nd = model_dtype(self.f, x.dtype) or x.dtype  # the network runs in its own dtype; grads come back in x's
+        return self.f(x.to(nd), tt.to(nd), **self.cond)
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """∇h = −∇_x (c∘f)(x, t) (Eq. 20, Finding 9); a conditional f gets the bound `cond`."""
         fast = getattr(self.f, "value_and_input_grad", None)
         if fast is not None and self.time_conditioned and not torch.is_grad_enabled():
             self.network_passes += 1
-            value, grad_f = fast(x, t, self.compute_dtype, **self.cond)  # hand-written backward: c'(f) ∇f
+            nd = model_dtype(self.f, x.dtype) or x.dtype
+            value, grad_f = fast(x.to(nd), t, self.compute_dtype, **self.cond)  # hand-written backward: c'(f) ∇f
+            value, grad_f = value.to(x.dtype), grad_f.to(x.dtype)
             with torch.enable_grad():
                 v = value.detach().requires_grad_(True)
                 (dc,) = torch.autograd.grad(self.loss.c(v).sum(), v)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .precond import Denoiser
 from .protocol import ParticleModel
-from .._checks import nearest
+from .._checks import model_dtype, nearest
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = [
@@ -82,16 +82,6 @@ def _forward_inputs(cls) -> frozenset[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
     return frozenset(list(params)[3:])  # after (self, sample, timestep)
-
-
-def model_dtype(model, default: torch.dtype | None = None) -> torch.dtype | None:
-    """The dtype of a model's first floating-point parameter, as diffusers' `.dtype` reports it;
-    that property walks every submodule (about 0.6 ms a call on a small UNet, per evaluation)."""
-    if isinstance(model, nn.Module):
-        for p in model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return getattr(model, "dtype", default)
 
 
 _KNOWN_DTYPE_CLASSES: dict[type, type] = {}

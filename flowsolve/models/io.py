@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import atomic_write_text, nearest, read_json, write_folder_atomically
+from .._checks import atomic_write_text, check_device, nearest, read_json, write_folder_atomically
 from .diffusers_adapter import _check_weights, from_diffusers, resolve_source
 from .flows import DiscriminatorFlowModel
 from .nets import MLP, DigitsFeatures
@@ -329,6 +329,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
     pipelines) or a `GeneratorModel` (`.sample(n, seed=)`), or a feature network. A diffusers pipeline
     folder or Hub id goes through `from_diffusers`. A shipped model is found by its name
     ('digits-edm', see `shipped_models()`). Returned in eval mode, with `.metadata`."""
+    if device is not None:
+        device = check_device("device", device)  # before any weights are read
     path = resolve_shipped(path)
     p = Path(path)
     legacy = p / "training.json"  # DDPM folders written before 0.2

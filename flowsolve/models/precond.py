@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._checks import as_column as _col
-from .._checks import sigma_column
+from .._checks import model_dtype, sigma_column
 from ..fields import EDM
 from .protocol import ParticleModel
 from ..errors import ArgumentError
@@ -105,7 +105,8 @@ class EDMPrecond(Denoiser):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = _net_output(self.net(_col(c_in, x) * x, c_noise, **cond))
+        net_dtype = model_dtype(self.net, x.dtype) or x.dtype  # the network runs in its own dtype (EDM's `.to(dtype)`)
+        f = _net_output(self.net((_col(c_in, x) * x).to(net_dtype), c_noise.to(net_dtype), **cond))
         return _col(c_skip, x) * x + _col(c_out, x) * f.to(x.dtype)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:

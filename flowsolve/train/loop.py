@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
-from .._checks import atomic_save, check_choice, check_int, nearest, read_json, renamed
+from .._checks import atomic_save, check_choice, check_device, check_int, nearest, read_json, renamed
 from ..errors import ArgumentError, CheckpointError, NonFiniteError
 
 M = TypeVar("M", bound=nn.Module)
@@ -86,13 +86,7 @@ def resolve_device(cfg) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_launched() else 0)
         return torch.device("cpu")
-    try:
-        dev = torch.device(want)
-    except (RuntimeError, TypeError):
-        raise ArgumentError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {want!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"device: {want!r} asked for, but CUDA is not available here")
-    return dev
+    return check_device("device", want)
 
 
 def device() -> torch.device:
