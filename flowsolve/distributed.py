@@ -142,12 +142,14 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def gather_ranges(part: torch.Tensor | None, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+def gather_ranges(
+    part: torch.Tensor | None, n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Concatenate every process's rows `shard_range(n, rank, size)` in order (padded to one size
-    for the collective, trimmed after)."""
+    for the collective, trimmed after); a process without rows sends `dtype` padding."""
     rank, size = world()
     width = -(-n // size)
-    buf = torch.zeros((width, *shape), dtype=part.dtype if part is not None else torch.float32)
+    buf = torch.zeros((width, *shape), dtype=part.dtype if part is not None else dtype)
     if part is not None:
         buf[: len(part)] = part.cpu()
     bufs = gather_rows(buf)

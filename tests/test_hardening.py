@@ -192,6 +192,16 @@ def test_two_process_sampling_matches_one_process(tmp_path, launcher):
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
 
 
+def test_two_process_sampling_in_float64_with_an_idle_process(tmp_path):
+    """One sample over 2 processes: the process without rows pads in the run's dtype (float64 here),
+    so the gather matches and the sample equals one process's."""
+    args = ["sample", "--model", "gmm2d", "--solver", "heun", "--nfe", "9", "--num-samples", "1", "--seed", "2",
+            "--dtype", "float64", "--quiet"]
+    _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy")
+    one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert one.dtype == two.dtype == np.float64 and np.array_equal(one, two)
+
+
 def test_sigint_writes_a_checkpoint_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.json"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..distributed import gather_ranges, shard_range, world
-from .._checks import check_int
+from .._checks import check_int, model_dtype
 from ..sample import check_cond, cond_rows
 from ..errors import ArgumentError
 
@@ -99,4 +99,5 @@ def generate_sharded(generator: GeneratorModel, n: int, *, seed: int, cond: dict
         if end > start
         else None
     )
-    return gather_ranges(part, n, tuple(generator.data_shape or ()))
+    dtype = model_dtype(generator, torch.float32) or torch.float32  # a process without rows pads in it
+    return gather_ranges(part, n, tuple(generator.data_shape or ()), dtype)
