@@ -36,9 +36,11 @@ class UserError(ArgumentError):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
-def load_any(name: str):
+def load_any(name: str, device: str | None = None):
     """A built-in name or a model folder / Hub id → (model, reference data or None), where the model is
-    a Field (built-ins), a ParticleModel or a GeneratorModel: what it is, it says by its type."""
+    a Field (built-ins), a ParticleModel or a GeneratorModel: what it is, it says by its type. With
+    `device` (a --device value), a network is moved there (its field then samples there)."""
+    dev = _sample_device(device) if device is not None else None
     from . import data, fields
 
     if name == "gmm2d":
@@ -53,16 +55,16 @@ def load_any(name: str):
         )
     from .models import from_pretrained
 
-    model = from_pretrained(name)
+    model = from_pretrained(name, device=dev)
     if not isinstance(model, (ParticleModel, GeneratorModel)):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
     ref = data.GaussianMixture.paper() if getattr(model, "metadata", {}).get("data") == "gmm2d" else None
     return model, ref
 
 
-def load_model(name: str):
+def load_model(name: str, device: str | None = None):
     """The field of a particle model (returns (field, reference data or None)); generators are refused."""
-    model, ref = load_any(name)
+    model, ref = load_any(name, device)
     if isinstance(model, GeneratorModel):
         raise UserError(
             f"--model: {name!r} is a generator (one evaluation per sample): it has no field for solvers; "
@@ -226,9 +228,7 @@ def cmd_sample(args) -> int:
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
     check_int("--n", args.n, 1)
     device, dtype = _sample_device(args.device), check_dtype("--dtype", args.dtype)
-    model, ref = load_any(args.model)
-    if isinstance(model, torch.nn.Module):
-        model = model.to(device)
+    model, ref = load_any(args.model, args.device)
     options.update(device=device, dtype=dtype)
     if isinstance(model, GeneratorModel):  # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
@@ -456,7 +456,7 @@ def cmd_eval(args) -> int:
 
     if args.json:
         check_output(args.json, (".json",), "--json")
-    model, _ = load_any(args.model)
+    model, _ = load_any(args.model, args.device)
     target = model if isinstance(model, (GeneratorModel, Field)) else model.field()
     report = evaluate_digits(
         target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, progress=not args.quiet
@@ -502,7 +502,7 @@ def cmd_compare(args) -> int:
         if m not in METRICS:
             raise UserError(f"--metric: expected some of {', '.join(METRICS)}, got {m!r}")
     guidances = [None] if args.guidance is None else _values(args.guidance, "--guidance", float)
-    model, ref = load_any(args.model)
+    model, ref = load_any(args.model, args.device)
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {args.model!r} is a generator; compare solvers on a particle model")
     base = model if isinstance(model, Field) else model.field()
@@ -559,7 +559,7 @@ def cmd_calibrate(args) -> int:
             f"--model: calibrated grids are stored with the model; expected a model folder, got {args.model!r}"
         )
     check_number("--seconds", args.seconds, 0.0, lo_open=True)
-    model, _ = load_any(args.model)
+    model, _ = load_any(args.model, args.device)
     if isinstance(model, GeneratorModel):
         raise UserError(
             f"--model: {args.model!r} is a generator ({_evaluations(model)}); there is no grid to calibrate"
@@ -611,7 +611,7 @@ def cmd_animate(args) -> int:
 
     check_output(args.out, (".gif", ".png", ".apng"), "--out")
     check_int("--every", args.every, 1)
-    field, ref = load_model(args.model)
+    field, ref = load_model(args.model, args.device)
     frames = animate(
         field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, every=args.every, reference=ref
     )
@@ -654,6 +654,14 @@ def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
     )
 
 
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, mps, or auto (the launched process's GPU, else CUDA when available, else the CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsolve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -684,11 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="karras | loglinear | uniform | schedule | calibrated (the model "
         "folder's calibrated grid for this solver and NFE)",
     )
-    s.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda, cuda:N, mps, or auto (the launched process's GPU, else CUDA when available, else the CPU)",
-    )
+    _device_flag(s)
     s.add_argument(
         "--dtype",
         default="float32",
@@ -858,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="Fréchet distance and class coverage of a digits model")
     e.add_argument("--model", required=True)
+    _device_flag(e)
     e.add_argument("--features", default="pretrained/digits-features")
     e.add_argument("--solver", default="heun")
     e.add_argument("--nfe", type=int, default=32)
@@ -868,6 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="solver × NFE table (CSV, Markdown, PNG) for a model")
     c.add_argument("--model", default="gmm2d")
+    _device_flag(c)
     c.add_argument("--solvers", default="euler,heun,dpmpp_2m,ipndm")
     c.add_argument("--nfe", default="4,8,16,32,64", help="comma-separated NFE budgets")
     c.add_argument(
@@ -891,6 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     a = sub.add_parser("animate", help="the generation process as an animated GIF (paper Figure 1)")
     a.add_argument("--model", default="gmm2d")
+    _device_flag(a)
     a.add_argument("--solver", default="heun")
     a.add_argument("--nfe", type=int, default=None)
     a.add_argument("--n", type=int, default=16)
@@ -904,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
     k = sub.add_parser("calibrate", help="fit low-NFE grids to a converged solve and store them in the model folder")
     k.add_argument("--model", required=True, help="a model folder (the grids go to its calibration.json)")
+    _device_flag(k)
     k.add_argument("--solver", default="ipndm")
     k.add_argument("--nfe", default="5", help="comma-separated NFE budgets")
     k.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget per NFE")

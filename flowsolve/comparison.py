@@ -212,6 +212,7 @@ def compare(
     shape = field.data_shape
     if shape is None:
         raise ArgumentError(f"field: {type(field).__name__} does not know its data shape; make it with shape=(...)")
+    device = field.model_device()  # noise drawn on the CPU (the same on any device), moved to the network's
     rows = []
     for solver, grid in [(s, g) for s in solvers for g in grids]:
         for budget in nfe:
@@ -223,12 +224,13 @@ def compare(
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
                     start = float(resolve_grid(field, registry.get(solver), budget, grid)[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
+                    x_init = x0 if device is None else x0.to(device)
                     if is_launched():  # torchrun / accelerate launch: split the particles, gather
                         used = sample(
                             field,
                             solver,
                             nfe=budget,
-                            x_init=x0[:1],
+                            x_init=x_init[:1],
                             seed=seed,
                             return_info=True,
                             cond=cond_rows(cond, 0, 1, n),
@@ -236,14 +238,16 @@ def compare(
                             **options,
                         )[1].nfe
                         t0 = time.perf_counter()
-                        x = sample_sharded(field, solver, budget, x_init=x0, seed=seed, cond=cond, grid=grid, **options)
+                        x = sample_sharded(
+                            field, solver, budget, x_init=x_init, seed=seed, cond=cond, grid=grid, **options
+                        )
                     else:
                         t0 = time.perf_counter()
                         x, info = sample(
                             field,
                             solver,
                             nfe=budget,
-                            x_init=x0,
+                            x_init=x_init,
                             seed=seed,
                             return_info=True,
                             cond=cond,
@@ -260,7 +264,7 @@ def compare(
                     raise
                 secs.append(time.perf_counter() - t0)
                 for m in metrics:
-                    values[m].append(scores[m](x, x0))
+                    values[m].append(scores[m](x.cpu(), x0))
             if not secs:
                 continue
             name = f"{solver}{'' if grid is None else f' [{grid}]'} {label}".strip()

@@ -168,7 +168,7 @@ def evaluate_digits(
         x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
         used = info.nfe
     seconds = time.perf_counter() - t0
-    report = digits_quality(x, feats, seed=seed)
+    report = digits_quality(x.detach().float().cpu(), feats, seed=seed)  # judged on the CPU, in float32
     report.solver, report.nfe, report.seconds = solver, used, round(seconds, 1)
     return report
 

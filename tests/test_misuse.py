@@ -85,6 +85,8 @@ CLI = [
     ("device-absent", ["sample", "--model", "digits-edm", "--device", "cuda:99", "--out", "{tmp}/x.npy"], "--device"),
     ("device-name", ["sample", "--device", "gpu", "--out", "{tmp}/x.npy"], "--device"),
     ("dtype-name", ["sample", "--dtype", "int8", "--out", "{tmp}/x.npy"], "--dtype"),
+    ("eval-device", ["eval", "--model", "digits-edm", "--device", "cuda:99"], "--device"),
+    ("compare-device", ["compare", "--model", "digits-edm", "--device", "tpu", "--out", "{tmp}/c.csv"], "--device"),
     ("allow-changes-alone", ["train", "edm", "--data", "gmm2d", "--out", "{tmp}/r", "--allow-changes"], "--resume"),
     ("config-type", ["train", "edm", "--data", "gmm2d", "--out", "{tmp}/r", "--config", "{tmp}/bad.json"], "lr"),
     ("train-out-file", ["train", "edm", "--data", "gmm2d", "--out", "{tmp}/bad.json"], "--out"),
