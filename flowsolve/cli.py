@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import solvers
-from ._checks import check_device, check_disk, check_dtype, check_int, check_number, check_output
+from ._checks import check_disk, check_dtype, check_int, check_number, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
 from .models.protocol import GeneratorModel, ParticleModel
@@ -36,11 +36,10 @@ class UserError(ArgumentError):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
-def load_any(name: str, device: str | None = None):
+def load_any(name: str, device: torch.device | None = None):
     """A built-in name or a model folder / Hub id → (model, reference data or None), where the model is
     a Field (built-ins), a ParticleModel or a GeneratorModel: what it is, it says by its type. With
-    `device` (a --device value), a network is moved there (its field then samples there)."""
-    dev = _sample_device(device) if device is not None else None
+    `device` (`_device(args)`), a network is moved there (its field then samples there)."""
     from . import data, fields
 
     if name == "gmm2d":
@@ -55,14 +54,14 @@ def load_any(name: str, device: str | None = None):
         )
     from .models import from_pretrained
 
-    model = from_pretrained(name, device=dev)
+    model = from_pretrained(name, device=device)
     if not isinstance(model, (ParticleModel, GeneratorModel)):
         raise UserError(f"--model: {name!r} holds a {type(model).__name__}, not a model that generates samples")
     ref = data.GaussianMixture.paper() if getattr(model, "metadata", {}).get("data") == "gmm2d" else None
     return model, ref
 
 
-def load_model(name: str, device: str | None = None):
+def load_model(name: str, device: torch.device | None = None):
     """The field of a particle model (returns (field, reference data or None)); generators are refused."""
     model, ref = load_any(name, device)
     if isinstance(model, GeneratorModel):
@@ -175,12 +174,13 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
     import numpy as np
 
     shape = tuple(field.data_shape)
-    per = int(np.prod(shape)) * 4
+    np_dtype = np.float64 if options["dtype"] == torch.float64 else np.float32  # as save_samples writes it
+    per = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
     chunk = args.batch_size
     out = Path(args.out)
     check_disk("--n", out.parent, args.n * per)
     tmp = out.with_name(out.name + ".tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.n, *shape))
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(args.n, *shape))
     options = dict(options)
     cond = check_cond(options.pop("cond", None), args.n)
     nfe = 0
@@ -197,7 +197,7 @@ def _stream_npy(field, args, options) -> tuple[int, int]:
             return_info=True,
             **options,
         )
-        arr[start : start + count] = x.float().cpu().numpy()
+        arr[start : start + count] = x.cpu().to(torch.float64 if np_dtype is np.float64 else torch.float32).numpy()
         nfe = info.nfe
     arr.flush()
     del arr
@@ -210,14 +210,12 @@ def _evaluations(gen: GeneratorModel) -> str:
     return "1 evaluation" if gen.steps == 1 else f"{gen.steps} evaluations"
 
 
-def _sample_device(want: str) -> torch.device:
+def _device(args) -> torch.device:
     """--device: 'auto' is the launched process's device (accelerate / torchrun), else CUDA when
     available, else the CPU; any other value must name a device this machine has."""
-    if want != "auto":
-        return check_device("--device", want)
-    from .train.loop import resolve_device
+    from .train.loop import device_for
 
-    return resolve_device(argparse.Namespace(device="auto"))
+    return device_for(args.device, "--device")
 
 
 def cmd_sample(args) -> int:
@@ -227,8 +225,8 @@ def cmd_sample(args) -> int:
     options: dict = {}
     check_output(args.out, SAMPLE_SUFFIXES, "--out")
     check_int("--n", args.n, 1)
-    device, dtype = _sample_device(args.device), check_dtype("--dtype", args.dtype)
-    model, ref = load_any(args.model, args.device)
+    device, dtype = _device(args), check_dtype("--dtype", args.dtype)
+    model, ref = load_any(args.model, device)
     options.update(device=device, dtype=dtype)
     if isinstance(model, GeneratorModel):  # a generator: one network evaluation, solver/nfe unused
         t0 = time.perf_counter()
@@ -456,7 +454,7 @@ def cmd_eval(args) -> int:
 
     if args.json:
         check_output(args.json, (".json",), "--json")
-    model, _ = load_any(args.model, args.device)
+    model, _ = load_any(args.model, _device(args))
     target = model if isinstance(model, (GeneratorModel, Field)) else model.field()
     report = evaluate_digits(
         target, args.features, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, progress=not args.quiet
@@ -502,7 +500,7 @@ def cmd_compare(args) -> int:
         if m not in METRICS:
             raise UserError(f"--metric: expected some of {', '.join(METRICS)}, got {m!r}")
     guidances = [None] if args.guidance is None else _values(args.guidance, "--guidance", float)
-    model, ref = load_any(args.model, args.device)
+    model, ref = load_any(args.model, _device(args))
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {args.model!r} is a generator; compare solvers on a particle model")
     base = model if isinstance(model, Field) else model.field()
@@ -559,7 +557,7 @@ def cmd_calibrate(args) -> int:
             f"--model: calibrated grids are stored with the model; expected a model folder, got {args.model!r}"
         )
     check_number("--seconds", args.seconds, 0.0, lo_open=True)
-    model, _ = load_any(args.model, args.device)
+    model, _ = load_any(args.model, _device(args))
     if isinstance(model, GeneratorModel):
         raise UserError(
             f"--model: {args.model!r} is a generator ({_evaluations(model)}); there is no grid to calibrate"
@@ -611,7 +609,7 @@ def cmd_animate(args) -> int:
 
     check_output(args.out, (".gif", ".png", ".apng"), "--out")
     check_int("--every", args.every, 1)
-    field, ref = load_model(args.model, args.device)
+    field, ref = load_model(args.model, _device(args))
     frames = animate(
         field, args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed, every=args.every, reference=ref
     )

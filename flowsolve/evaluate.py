@@ -80,6 +80,7 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     """FD of `samples` (n, 1, 8, 8) in [−1, 1] against the held-out digits, its floor, class shares."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
         raise ArgumentError(f"samples: expected digits of shape (n, 1, 8, 8), got {tuple(samples.shape)}")
+    samples = samples.detach().float().cpu()  # judged on the CPU in float32, whatever device and dtype drew them
     test, train = fsdata.digits("test"), fsdata.digits("train")
     n = len(samples)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
@@ -168,7 +169,7 @@ def evaluate_digits(
         x, info = sample(field, solver=solver, nfe=nfe, n=n, seed=seed, return_info=True, progress=progress)
         used = info.nfe
     seconds = time.perf_counter() - t0
-    report = digits_quality(x.detach().float().cpu(), feats, seed=seed)  # judged on the CPU, in float32
+    report = digits_quality(x, feats, seed=seed)
     report.solver, report.nfe, report.seconds = solver, used, round(seconds, 1)
     return report
 

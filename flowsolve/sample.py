@@ -439,5 +439,5 @@ def sample_sharded(
         if x_init is not None
         else tuple(kwargs.get("shape") or field.data_shape or ())
     )
-    dtype = x_init.dtype if x_init is not None and kwargs.get("dtype") is None else kwargs.get("dtype")
-    return gather_ranges(part, n, shape, check_dtype("dtype", dtype) if dtype is not None else torch.float32)
+    dtype = kwargs.get("dtype") or (x_init.dtype if x_init is not None else torch.float32)  # sample's default
+    return gather_ranges(part, n, shape, check_dtype("dtype", dtype))

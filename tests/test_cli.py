@@ -50,6 +50,11 @@ def test_sample_in_float64_is_the_float32_run_more_precisely(tmp_path):
     assert np.abs(a - b).max() < 1e-4
     ref = fs.sample(fs.from_pretrained("digits-edm").field(), "heun", nfe=9, n=6, seed=0)
     assert np.abs(ref.numpy() - a).max() == 0.0
+    # streamed to disk chunk by chunk (n > --batch-size): the same file, in the same dtype
+    assert main(["sample", "--model", "digits-edm", "--solver", "heun", "--nfe", "9", "--n", "6", "--batch-size", "4",
+                 "--device", "cpu", "--dtype", "float64", "--out", str(tmp_path / "streamed.npy"), "--quiet"]) == 0
+    c = np.load(tmp_path / "streamed.npy")
+    assert c.dtype == np.float64 and np.array_equal(b, c)
 
 
 def test_solvers_listing(capsys):

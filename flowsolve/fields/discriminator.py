@@ -135,11 +135,11 @@ class DiscriminatorFlow(Field):
 
     def _f(self, x: torch.Tensor, t) -> torch.Tensor:
         self.network_passes += 1
-        if not self.time_conditioned:
-            return self.f(x.to(model_dtype(self.f, x.dtype) or x.dtype), **self.cond)
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
         nd = model_dtype(self.f, x.dtype) or x.dtype  # the network runs in its own dtype; grads come back in x's
-        return self.f(x.to(nd), tt.to(nd), **self.cond)
+        if not self.time_conditioned:
+            return self.f(x.to(nd), **self.cond)
+        tt = torch.as_tensor(t, dtype=nd, device=x.device).reshape(-1).expand(len(x))
+        return self.f(x.to(nd), tt, **self.cond)
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """∇h = −∇_x (c∘f)(x, t) (Eq. 20, Finding 9); a conditional f gets the bound `cond`."""

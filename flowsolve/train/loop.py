@@ -31,6 +31,7 @@ __all__ = [
     "shard_all",
     "device",
     "resolve_device",
+    "device_for",
     "is_main_process",
     "sync_gradients",
     "check_keys",
@@ -75,9 +76,14 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
 
 
 def resolve_device(cfg) -> torch.device:
-    """The training device: cfg.device, or for "auto" Accelerate's device under `accelerate launch`,
-    else cuda:LOCAL_RANK (cuda when alone) when CUDA is available, else the CPU."""
-    want = getattr(cfg, "device", "auto") or "auto"
+    """The training device: cfg.device (`device_for`)."""
+    return device_for(getattr(cfg, "device", "auto") or "auto")
+
+
+def device_for(want: str | torch.device, name: str = "device") -> torch.device:
+    """`want` as a device: for "auto" Accelerate's device under `accelerate launch`, else
+    cuda:LOCAL_RANK (cuda when alone) when CUDA is available, else the CPU; any other value must
+    name a device this machine has (an error naming `name` otherwise)."""
     if want == "auto":
         from ..distributed import accelerator, engine, is_launched
 
@@ -86,7 +92,7 @@ def resolve_device(cfg) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_launched() else 0)
         return torch.device("cpu")
-    return check_device("device", want)
+    return check_device(name, want)
 
 
 def device() -> torch.device:
