@@ -62,7 +62,7 @@ def test_flow_match_heun_is_heun_with_an_euler_last_step(unet):
     assert info.nfe == len(sched.timesteps) and _close(x, ref)
 
 
-@pytest.mark.parametrize("solver_type,name", [("heun", "dpmpp_2m"), ("midpoint", "dpmpp_2m_midpoint")])
+@pytest.mark.parametrize("solver_type,name", [("heun", "dpmpp_2m_heun"), ("midpoint", "dpmpp_2m")])
 def test_dpm_solver_with_flow_sigmas(unet, solver_type, name):
     """diffusers evaluates the model at integer timesteps floor(1000 t); the same model here."""
     def velocity(x, t):
@@ -84,8 +84,11 @@ def test_midpoint_form_matches_k_diffusion(gmm64):
         def forward(self, x, s, **kw):
             return gmm64.denoiser(x, s)
     ref = K.sample_dpmpp_2m(M(), z, sig, disable=True)
-    x = fs.sample(fs.fields.EDM(gmm64.denoiser), "dpmpp_2m_midpoint", grid=sig.double(), x_init=z)
+    x = fs.sample(fs.fields.EDM(gmm64.denoiser), "dpmpp_2m", grid=sig.double(), x_init=z)
     assert (x - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.warns(FutureWarning, match="now called 'dpmpp_2m'"):   # the name before 0.x
+        old = fs.sample(fs.fields.EDM(gmm64.denoiser), "dpmpp_2m_midpoint", grid=sig.double(), x_init=z)
+    assert torch.equal(old, x)
 
 
 def exact_velocity(x, t):
@@ -269,3 +272,31 @@ def test_scm_scheduler_loops_are_consistency_and_ddim_on_the_trigflow_field(unet
                                                         '"UNet2DModel"], "scheduler": ["diffusers", "SCMScheduler"]}')
     loaded = fs.models.from_diffusers(str(tmp_path / "scm"))
     assert isinstance(loaded, fs.models.DiffusersTrigFlow) and loaded.sigma_data == sd
+
+
+def test_an_sd3_transformer_takes_its_timestep_by_name_and_runs_the_flow_match_loop():
+    """SD3-style transformers take (hidden_states, encoder_hidden_states, pooled_projections,
+    timestep): the adapter finds the timestep input by name, and `euler` on the field is diffusers'
+    FlowMatchEuler loop with the same text inputs; classifier-free guidance runs on it too."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
+    text = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v = net(ref, timestep=t.expand(2), **text).sample
+            ref = sched.step(v, t, ref).prev_sample
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x = fs.sample(m.field(), "euler", nfe=6, x_init=z, cond=text)
+    assert _close(x, ref)
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "pooled_projections": torch.zeros(1, 8)}
+    guided = fs.sample(m.field(guidance=4.0, uncond=null), "euler", nfe=6, x_init=z, cond=text)
+    assert guided.shape == z.shape and torch.isfinite(guided).all() and not _close(guided, ref)
+    with pytest.raises(ValueError, match="takes no input 'pooled_projection'"):
+        fs.sample(m.field(), "euler", nfe=2, x_init=z, cond={"pooled_projection": torch.randn(2, 8)})

@@ -53,6 +53,50 @@ def test_multistep_solvers_equal_diffusers_schedulers(unet64, name, cls, kw, ord
     assert (x * alpha_end - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
+_SCHEDULER_LOOPS = [
+    ("HeunDiscreteScheduler", {}, "heun"),
+    ("HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, "heun"),
+    ("KDPM2DiscreteScheduler", {}, "dpm_2"),
+    ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "beta_schedule": "scaled_linear",
+                       "beta_start": 0.00085, "beta_end": 0.012}, "plms"),     # Stable Diffusion 1.x's
+    ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
+    ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
+    ("LMSDiscreteScheduler", {}, "adams"),
+]
+
+
+@pytest.mark.parametrize("name,kw,solver", _SCHEDULER_LOOPS)
+def test_a_schedulers_own_loop_is_the_solver_of_its_name(unet64, name, kw, solver):
+    """The field's default grid is the scheduler's schedule with each repeated knot once (Heun and
+    KDPM2 list every σ per stage, PLMS revisits its first timestep), and the named solver on it is the
+    scheduler's loop: PNDM's PLMS is `plms`, DPM-Solver's default midpoint form `dpmpp_2m`, Imagen's
+    dynamic thresholding is applied to D."""
+    import diffusers
+    cls = getattr(diffusers, name)
+    steps = 10
+    sched = cls(num_train_timesteps=1000, **kw)
+    sched.set_timesteps(steps)
+    for key in ("sigmas", "alphas_cumprod"):
+        if isinstance(getattr(sched, key, None), torch.Tensor):
+            setattr(sched, key, getattr(sched, key).double())
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
+    field = m.field()
+    grid = field.grid(steps, "schedule")
+    assert (grid[1:] < grid[:-1]).all()
+    x = fs.sample(field, solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  order=4) if solver == "adams" else \
+        fs.sample(field, solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64)
+    vp = m.prior_std_at(float(grid[0])) > float(grid[0])       # diffusers returns α x at a last σ > 0
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if vp else 1.0
+    tol = 1e-6                          # diffusers keeps σ and timesteps in float32 (PNDM: 1e-12)
+    assert (x * alpha_end - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
 def test_unipc_equals_diffusers_in_float32(unet64):
     unet = UNet2DModel.from_config(unet64.config)
     unet.load_state_dict({k: v.float() for k, v in unet64.state_dict().items()})
@@ -74,6 +118,9 @@ def test_unipc_equals_diffusers_in_float32(unet64):
     ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", {"eta": 1.0}),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 1.0}),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.5}),
+    ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", {"eta": 1.0, "solver_type": "heun"}),
+    ("dpm_2_ancestral", "sample_dpm_2_ancestral", {"eta": 1.0}),
+    ("dpm_2_ancestral", "sample_dpm_2_ancestral", {"eta": 0.5, "s_noise": 0.9}),
 ])
 def test_k_diffusion_samplers_with_the_same_noise(gmm64, name, kname, opts):
     """flowsolve's per-sample noise stream (seed, stream 1) handed to k-diffusion's noise_sampler:
@@ -89,6 +136,72 @@ def test_k_diffusion_samplers_with_the_same_noise(gmm64, name, kname, opts):
     ref = getattr(K, kname)(model, z.clone(), sig, disable=True, **opts, **extra)
     got = fs.sample(fs.fields.EDM(gmm64.denoiser), name, grid=sig, x_init=z, seed=5, **opts)
     assert (got - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("name,kname,opts", [
+    ("euler", "sample_euler", {}), ("heun", "sample_heun", {}), ("dpmpp_2m", "sample_dpmpp_2m", {}),
+    ("dpm_2", "sample_dpm_2", {}), ("adams", "sample_lms", {"order": 4}),
+])
+def test_k_diffusion_deterministic_samplers_under_their_own_names(gmm64, name, kname, opts):
+    """Each deterministic k-diffusion sampler is the flowsolve solver of the same name (lms: adams,
+    order 4) on the same σ-grid and start, to float64 round-off."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    sig = K.get_sigmas_karras(12, 0.002, 80.0).double()
+    z = torch.randn(32, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80
+    ref = getattr(K, kname)(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), sig, disable=True)
+    got = fs.sample(fs.fields.EDM(gmm64.denoiser), name, grid=sig, x_init=z, **opts)
+    assert (got - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_dpmpp_sde_is_k_diffusions_with_brownian_increments(gmm64):
+    """`dpmpp_sde` draws its two noises per step as increments of one Brownian path in ρ (the law of
+    k-diffusion's default BrownianTreeNoiseSampler): handed the same increments, k-diffusion's
+    `sample_dpmpp_sde` gives the same samples; eta = 0 is DPM-Solver++(2S)."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    sig = K.get_sigmas_karras(10, 0.002, 80.0).double()
+    z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
+
+    class Brownian:  # ε₁ = a over [ρ_s, ρ_i]; ε₂ = (√d₁ a + √d₂ b)/√(d₁ + d₂) over [ρ_{i+1}, ρ_i]
+        def __init__(self):
+            self.src, self.first = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1), None
+
+        def __call__(self, s, s_next):
+            if self.first is None:
+                self.first = (self.src(), float(s) - float(s_next), float(s_next))
+                return self.first[0]
+            (a, d1, s_mid), b = self.first, self.src()
+            d2, self.first = s_mid - float(s_next), None
+            return (d1 ** 0.5 * a + d2 ** 0.5 * b) / (d1 + d2) ** 0.5
+
+    field = fs.fields.EDM(gmm64.denoiser)
+    for eta, r in [(1.0, 0.5), (0.6, 0.3)]:
+        ref = K.sample_dpmpp_sde(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), sig, disable=True,
+                                 eta=eta, r=r, noise_sampler=Brownian())
+        got, info = fs.sample(field, "dpmpp_sde", grid=sig, x_init=z, seed=5, eta=eta, r=r, return_info=True)
+        assert (got - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+        assert info.nfe == 2 * 10 - 1
+    det = fs.sample(field, "dpmpp_sde", grid=sig, x_init=z, seed=5, eta=0.0)
+    assert torch.allclose(det, fs.sample(field, "dpmpp_2s", grid=sig, x_init=z), rtol=0, atol=1e-10)
+
+
+def test_edm_churn_is_k_diffusions_heun_with_churn(gmm64):
+    """EDM's Alg. 2 (`edm`, S_churn in [S_min, S_max]) is k-diffusion's `sample_heun(s_churn=...)`
+    given the same noise on the churned steps (k-diffusion draws on every step)."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    sig = K.get_sigmas_karras(10, 0.002, 80.0).double()
+    z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
+    src = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1)
+    churned = iter([0.05 <= float(s) <= 50.0 for s in sig[:-1]])
+    original = K.torch.randn_like
+    K.torch.randn_like = lambda x, *a, **k: src() if next(churned) else torch.zeros_like(x)
+    try:
+        ref = K.sample_heun(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), sig, disable=True,
+                            s_churn=10.0, s_tmin=0.05, s_tmax=50.0)
+    finally:
+        K.torch.randn_like = original
+    got = fs.sample(fs.fields.EDM(gmm64.denoiser), "edm", grid=sig, x_init=z, seed=5,
+                    S_churn=10.0, S_min=0.05, S_max=50.0)
+    assert (got - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
 def _endpoint_errors(gmm, name, opts, ns):

@@ -28,7 +28,7 @@ def _rmse(a, b):
 
 
 # (solver, lowest acceptable error ratio when the steps double, highest)
-ORDERS = [("euler", 1.8, 2.4), ("heun", 3.5, 4.6), ("dpmpp_2m", 3.2, 6), ("dpmpp_3m", 5.5, 9),
+ORDERS = [("euler", 1.8, 2.4), ("heun", 3.5, 4.6), ("dpmpp_2m", 3.2, 6), ("dpmpp_2m_heun", 3.2, 6), ("dpmpp_3m", 5.5, 9),
           ("dpmpp_2m_pc", 3.8, 8), ("dpmpp_3m_pc", 6, 30), ("adams", 3.8, 8), ("ipndm", 3.5, 15),
           ("torchdiffeq:rk4", 12, 17), ("torchdiffeq:midpoint", 2.8, 4.5), ("torchsde:heun", 3.5, 4.6),
           ("torchsde:srk", 7, 9), ("sde", 1.8, 2.4)]
@@ -243,7 +243,7 @@ def test_linear_field_matches_exponential(solver, order):
     assert errs[0] / errs[1] == pytest.approx(2 ** order, rel=0.25)
 
 
-def test_dpmpp_2m_weights_equal_the_closed_form():
+def test_dpmpp_2m_heun_weights_equal_the_closed_form():
     """The numeric Lagrange weights of the exponential multistep solver are DPM-Solver++(2M)'s closed
     form: W_i = −φ₁ + φ₂/r, W_{i−1} = −φ₂/r, with φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h, r = h_{i−1}/h;
     and the first step is DDIM's −φ₁."""

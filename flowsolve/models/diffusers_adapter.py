@@ -76,12 +76,26 @@ def accepted_inputs(model) -> frozenset[str] | None:
     return _forward_inputs(type(model))  # type: ignore[arg-type]  # classes are hashable
 
 
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+@functools.lru_cache(maxsize=None)
+def _timestep_keyword(cls) -> str | None:
+    """The name of the forward's timestep input when it is not the second one (SD3 / Flux transformers
+    take (hidden_states, encoder_hidden_states, pooled_projections, timestep)); None: positional."""
+    names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+    if len(names) > 1 and names[1] in _TIMESTEP_NAMES:
+        return None
+    return next((n for n in names if n in _TIMESTEP_NAMES), None)
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_inputs(cls) -> frozenset[str] | None:
     params = inspect.signature(cls.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return frozenset(list(params)[3:])  # after (self, sample, timestep)
+    names = list(params)[2:]  # after (self, sample)
+    return frozenset(n for n in names if n not in _TIMESTEP_NAMES)
 
 
 _KNOWN_DTYPE_CLASSES: dict[type, type] = {}
@@ -102,8 +116,11 @@ def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> to
     value diffusers' property gave once, recomputed whenever the first floating parameter's dtype
     changes; the class is restored afterwards. Models without a `dtype` property are called as they are."""
     mdtype = model_dtype(model, x.dtype)
-    args = (x.to(mdtype), timestep.to(mdtype))
     cls = type(model)
+    by_name = _timestep_keyword(cls) if isinstance(model, nn.Module) else None  # type: ignore[arg-type]
+    args: tuple = (x.to(mdtype),) if by_name else (x.to(mdtype), timestep.to(mdtype))
+    if by_name:
+        inputs = {**inputs, by_name: timestep.to(mdtype)}
     if mdtype is None or cls in _KNOWN_DTYPE_CLASSES.values() or not isinstance(getattr(cls, "dtype", None), property):
         out = model(*args, **inputs)
     else:
@@ -339,6 +356,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         own = bool(cfg.get("clip_sample", False)) and uses_clip
         self.clip_sample = own if clip_sample is None else bool(clip_sample)
         self.clip_range = float(cfg.get("clip_sample_range", 1.0))
+        # Imagen's dynamic thresholding of the predicted x_0 (DDIM, DDPM, DPM-Solver, UniPC, DEIS):
+        # clamp to the per-sample `ratio` quantile s of |x_0| (s within [1, sample_max_value]), divide by s
+        takes = "thresholding" in inspect.signature(type(scheduler).__init__).parameters
+        self.thresholding = bool(cfg.get("thresholding", False)) and takes
+        self.threshold_ratio = float(cfg.get("dynamic_thresholding_ratio", 0.995))
+        self.threshold_max = float(cfg.get("sample_max_value", 1.0))
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
@@ -408,10 +431,13 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)
         sig = getattr(sched, "sigmas", None)
-        if sig is not None and len(sig) == len(sched.timesteps) + 1:
-            return torch.as_tensor(sig, dtype=torch.float64)
+        if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
+            return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
-        return self.ddim_grid(sched.timesteps, ((1 - final) / final) ** 0.5 if final < 1 else 0.0)
+        steps_at = sched.timesteps
+        if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
+            steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
+        return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
 
     def field(self, **kw):
         """`fields.EDM` on this denoiser whose default grid is the scheduler's own schedule, so
@@ -441,6 +467,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     # -- D(x; σ) -----------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         d = self._denoise(x, sigma, cond)
+        if self.thresholding:  # as the schedulers do: thresholding first, clipping otherwise
+            return _dynamic_threshold(d, self.threshold_ratio, self.threshold_max)
         return d.clamp(-self.clip_range, self.clip_range) if self.clip_sample else d
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -472,6 +500,25 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             f"schedule={self.schedule}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
             f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}"
         )
+
+
+def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen): s = the `ratio` quantile of |x_0| per
+    sample, kept within [1, max_value]; x_0 is clamped to [−s, s] and divided by s."""
+    flat = x0.reshape(len(x0), -1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile needs a float type
+    s = torch.quantile(work.abs(), ratio, dim=1).clamp(1.0, max_value).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def _distinct_knots(grid: torch.Tensor) -> torch.Tensor:
+    """A scheduler's σ knots with each repeat dropped: second-order schedulers list every σ twice
+    (Heun, KDPM2: one entry per stage), PLMS repeats its first timestep, a `sigma_min` final σ may
+    equal the last knot, KDPM2 pads with zeros. The grid of steps is the distinct knots in order."""
+    keep = torch.ones(len(grid), dtype=torch.bool)
+    keep[1:] = (grid[1:] - grid[:-1]).abs() > 1e-9 * grid[:-1].abs().clamp(min=1.0)
+    return grid[keep]
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -605,7 +652,7 @@ def _check_denoiser(model) -> None:
     if not isinstance(model, nn.Module) or not callable(model):
         raise ArgumentTypeError(f"model: expected a diffusers UNet or transformer, got {name}")
     params = list(inspect.signature(model.forward).parameters)
-    if len(params) < 2 or not any("timestep" in p or p == "t" for p in params[:3]):
+    if len(params) < 2 or not any("timestep" in p or p == "t" for p in params):
         kind = (
             "a VAE"
             if hasattr(model, "decode") and hasattr(model, "encode")

@@ -6,6 +6,7 @@ registered `Solver` (its options, NFE accounting and requirements); `register` a
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
@@ -44,9 +45,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_RENAMED = {"dpmpp_2m_midpoint": "dpmpp_2m"}  # old name -> new name (0.x), accepted with a FutureWarning
+
+
 def get(name: str) -> Solver:
     if not isinstance(name, str):
         raise ArgumentTypeError(f"solver: expected a solver name (str), got {type(name).__name__}")
+    if name in _RENAMED:
+        warnings.warn(
+            f"solver: {name!r} is now called {_RENAMED[name]!r}; the old name will be removed",
+            FutureWarning,
+            stacklevel=3,
+        )
+        name = _RENAMED[name]
     if name not in _REGISTRY:
         _ensure_backends()
     if name not in _REGISTRY:
@@ -97,15 +108,19 @@ register(
 )
 register(
     Solver(
-        "dpmpp_2m", multistep.dpmpp_2m, _one_per_step, "DPM-Solver++(2M), exact exponential weights", needs_sigma=True
+        "dpmpp_2m",
+        multistep.dpmpp_2m,
+        _one_per_step,
+        "DPM-Solver++(2M), Lu et al.'s Alg. 2 (k-diffusion's sample_dpmpp_2m, diffusers' default midpoint form)",
+        needs_sigma=True,
     )
 )
 register(
     Solver(
-        "dpmpp_2m_midpoint",
-        multistep.dpmpp_2m_midpoint,
+        "dpmpp_2m_heun",
+        multistep.dpmpp_2m_heun,
         _one_per_step,
-        "DPM-Solver++(2M), Lu et al.'s midpoint form (diffusers' default solver_type, k-diffusion's)",
+        "DPM-Solver++(2M) with exact exponential weights (diffusers' solver_type='heun')",
         needs_sigma=True,
     )
 )
@@ -130,6 +145,20 @@ register(
         _one_per_step,
         "DPM-Solver++(3M) + UniC-style corrector (4th order, no extra NFE)",
         needs_sigma=True,
+    )
+)
+
+
+def _plms_evals(steps: int, singular_end: bool) -> int:
+    return steps + (1 if steps > 1 or not singular_end else 0)  # the Heun first step (Euler if it ends at σ = 0)
+
+
+register(
+    Solver(
+        "plms",
+        multistep.plms,
+        _plms_evals,
+        "PNDM's PLMS (diffusers' PNDMScheduler): a Heun first step, then Adams–Bashforth 2-4",
     )
 )
 register(Solver("ipndm", multistep.ipndm, _one_per_step, "improved PNDM (Adams–Bashforth, uniform coefficients)"))
@@ -203,6 +232,26 @@ register(
         peers.dpmpp_2m_sde,
         _one_per_step,
         "DPM-Solver++(2M) SDE (k-diffusion, midpoint)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpm_2_ancestral",
+        peers.dpm_2_ancestral,
+        _heun_evals,
+        "DPM-Solver-2 with ancestral noise (k-diffusion's sample_dpm_2_ancestral), 2 NFE a step",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_sde",
+        peers.dpmpp_sde,
+        _heun_evals,
+        "stochastic DPM-Solver++ (k-diffusion's sample_dpmpp_sde, Brownian noise), 2 NFE a step",
         needs_sigma=True,
         stochastic=True,
     )

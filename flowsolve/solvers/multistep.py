@@ -1,6 +1,7 @@
 """Multistep solvers for low NFE: one evaluation per step, earlier evaluations reused.
 
-* `dpmpp_2m`, `dpmpp_3m`: DPM-Solver++ multistep (Lu et al. 2022) for σ-time fields, written as an
+* `dpmpp_2m`: DPM-Solver++(2M) as Lu et al. write it (Alg. 2; k-diffusion's, diffusers' default).
+* `dpmpp_2m_heun`, `dpmpp_3m`: DPM-Solver++ multistep (Lu et al. 2022) for σ-time fields, written as an
   exponential Adams–Bashforth method in λ = −log σ on the data prediction D = x − σ·v:
   x_{i+1} = (σ_{i+1}/σ_i) x_i + Σ_j W_j D_j, W_j = ∫ e^{λ − λ_{i+1}} ℓ_j(λ) dλ exactly, for the
   Lagrange polynomial through the last k data predictions (k = 2 or 3; any grid spacing).
@@ -9,6 +10,7 @@
   includes it (exponential Adams–Moulton), raising the order by one at no extra evaluation.
 * `ipndm`: improved PNDM (Zhang & Chen 2023), fixed-coefficient Adams–Bashforth up to order 4 on
   the velocity itself; any field.
+* `plms`: PNDM's pseudo linear multistep (a Heun first step, then `ipndm`'s Adams–Bashforth).
 * `adams`: variable-step Adams–Bashforth of order k on the velocity; any field, any grid.
 * `ipndm_v`: iPNDM with variable steps (Zhang & Chen 2023; zju-pi/diff-sampler's `ipndm_v`): the
   order-4 ramp of `ipndm` with the Adams–Bashforth weights of the grid's actual spacing.
@@ -23,6 +25,7 @@ from collections import deque
 import torch
 
 from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
+from .fixed import _heun_step
 from .._checks import check_int
 
 
@@ -44,13 +47,14 @@ def exponential_multistep(
     α = 1 − t, σ = t for flow matching), with λ = log(α/σ). A step from pure noise (λ_i = −∞, a
     flow's t = 1) is the exact first-order step x_{i+1} = σ_{i+1} x_i + α_{i+1} D_i.
 
-    For k = 2 (DPM-Solver++(2M), Lu et al. 2022, Eq. 18 / Alg. 2) with r = h_{i−1}/h,
-    φ₁ = expm1(−h) and φ₂ = (φ₁ + h)/h, the weights are in closed form
+    For k = 2 with r = h_{i−1}/h, φ₁ = expm1(−h) and φ₂ = (φ₁ + h)/h, the weights are in closed form
 
         x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r) (D_i − D_{i−1}),
 
-    i.e. W_i = −φ₁ + φ₂/r, W_{i−1} = −φ₂/r (diffusers' `solver_type="heun"`; Lu et al.'s
-    midpoint form replaces φ₂ by −φ₁/2). The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
+    i.e. W_i = −φ₁ + φ₂/r, W_{i−1} = −φ₂/r (diffusers' `solver_type="heun"`); `midpoint=True` takes
+    Lu et al.'s own DPM-Solver++(2M) (their Alg. 2), which replaces φ₂ by −φ₁/2 in every two-point
+    step (diffusers' default `solver_type="midpoint"`, also the warm-up step of its third order).
+    The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
     """
     p = PathGrid(run)  # VE for EDM fields: α = 1, σ = t, λ = −log σ
@@ -87,17 +91,18 @@ def exponential_multistep(
 
 
 def dpmpp_2m(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M) on the data prediction, exact exponential weights on any σ-grid:
+    """DPM-Solver++(2M) as Lu et al. write it (their Alg. 2; k-diffusion's `sample_dpmpp_2m`,
+    diffusers' default `solver_type="midpoint"`): with h = λ_{i+1} − λ_i, r = h_{i−1}/h,
+    x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} φ₁ (D_i + (D_i − D_{i−1})/(2r)), φ₁ = expm1(−h);
+    first and last (to σ = 0) steps are DDIM (see `exponential_multistep`)."""
+    return exponential_multistep(run, x, 2, False, midpoint=True)
+
+
+def dpmpp_2m_heun(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) with exact exponential weights on any σ-grid (diffusers' `solver_type="heun"`):
     x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r)(D_i − D_{i−1}), h = λ_{i+1} − λ_i, r = h_{i−1}/h,
     φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h (see `exponential_multistep`)."""
     return exponential_multistep(run, x, 2, False)
-
-
-def dpmpp_2m_midpoint(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M) in Lu et al.'s original form (their Alg. 2; diffusers' default
-    `solver_type="midpoint"`, k-diffusion's `sample_dpmpp_2m`): φ₂ replaced by −φ₁/2,
-    x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} φ₁ (D_i + (D_i − D_{i−1})/(2r))."""
-    return exponential_multistep(run, x, 2, False, midpoint=True)
 
 
 def dpmpp_3m(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +145,25 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
         hist.appendleft((t[i], run.f(x, i)))
         w = lagrange_weights([h[0] for h in hist], t[i], t[i + 1], exp_kernel=False)
         x = x + combine(w, [h[1] for h in hist])
+        run.tick(i, x)
+    return x
+
+
+def plms(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS; diffusers' `PNDMScheduler` with
+    `skip_prk_steps`, Stable Diffusion 1.x's default): a Heun first step, then Adams–Bashforth of
+    orders 2, 3, 4 with uniform coefficients on the velocity. On a VP model's σ-ODE the velocity is
+    PNDM's ε and the Euler step is its DDIM transfer, so this is the scheduler's loop; steps + 1
+    evaluations (the Heun step's second one is not kept in the history, as in PNDM)."""
+    t = run.times
+    hist: deque = deque(maxlen=4)
+    for i in run.steps():
+        d = run.f(x, i)
+        hist.appendleft(d)
+        if i == 0:  # Heun: the trapezoid of the velocities at t_0 and at the Euler prediction at t_1
+            x = _heun_step(run, x, d, t[1] - t[0], 1)
+        else:
+            x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
         run.tick(i, x)
     return x
 

@@ -16,6 +16,8 @@ which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. 
 * `dpm_2`: DPM-Solver-2 as k-diffusion runs it (midpoint in log ρ, Euler stages on the VE ODE).
 * `dpmpp_2s`: DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2); `eta` > 0 is k-diffusion's
   ancestral variant.
+* `dpm_2_ancestral`, `dpmpp_sde`: DPM-Solver-2 with ancestral noise and the stochastic DPM-Solver++
+  (2S with Brownian increments), as k-diffusion runs them.
 * `euler_ancestral`, `dpmpp_2m_sde`, `dpmpp_3m_sde`: the stochastic samplers of k-diffusion with
   per-sample noise (`fs.sample(seed=)`), on any Gaussian path.
 """
@@ -223,6 +225,75 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
     return x
 
 
+def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver-2 with ancestral noise (k-diffusion's `sample_dpm_2_ancestral`): split ρ_{i+1} into
+    (ρ_down, ρ_up) by `eta`, take `dpm_2`'s step to ρ_down (midpoint ρ_m = √(ρ_i ρ_down)), then add
+    ρ_up ε (per sample); Euler when ρ_down = 0, DDIM from pure noise. Two evaluations per step."""
+    eta = _check_eta(eta)
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i = p.rho(i)
+        down, up = _ancestral(rho_i, p.rho(i + 1), eta)
+        if down == 0 or math.isinf(rho_i):  # first order: Euler to ρ_down (from pure noise: x̃ = D + ...)
+            xt = down * (x / p.s[i]) + (1.0 - (0.0 if math.isinf(rho_i) else down / rho_i)) * den
+        else:
+            xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
+            rho_m = math.sqrt(rho_i * down)  # the log-ρ midpoint of [ρ_down, ρ_i]
+            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
+            den_m = p.denoise_ve(xt_m, -math.log(rho_m))
+            xt = xt + (down - rho_i) / rho_m * (xt_m - den_m)  # the full step with the midpoint's slope
+        if up > 0 and p.s[i + 1] > 0:
+            xt = xt + (s_noise * up) * run.noise()
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
+    """Stochastic DPM-Solver++ (k-diffusion's `sample_dpmpp_sde`): two ancestral first-order stages in
+    VE coordinates per step, h = log(ρ_i/ρ_{i+1}),
+
+        stage 1 to ρ_s = ρ_i e^{−rh}:  x̃_s = (d₁/ρ_i) x̃_i + (1 − d₁/ρ_i) D_i + u₁ ε₁,
+        stage 2 to ρ_{i+1}:           x̃' = (d₂/ρ_i) x̃_i + (1 − d₂/ρ_i) D̄ + u₂ ε₂,
+        D̄ = (1 − 1/(2r)) D_i + D(x_s)/(2r),
+
+    (d, u) the ancestral split of each target by `eta`. As k-diffusion's default Brownian-tree noise,
+    ε₁ and ε₂ are increments of one Brownian path in ρ (per sample): ε₁ over [ρ_s, ρ_i], ε₂ over
+    [ρ_{i+1}, ρ_i]. eta = 0 is DPM-Solver++(2S). Euler on the last step (to the data)."""
+    eta = _check_eta(eta)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+        raise ArgumentError(f"r: expected the stage's share of the step in (0, 1], got {r!r}")
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i, rho_j = p.rho(i), p.rho(i + 1)
+        if rho_j == 0 or math.isinf(rho_i):  # to the data, or from pure noise: one first-order step
+            down, up = _ancestral(rho_i, rho_j, eta)
+            xt = down * (x / p.s[i]) + (1.0 - (0.0 if math.isinf(rho_i) else down / rho_i)) * den
+            if up > 0 and p.s[i + 1] > 0:
+                xt = xt + (s_noise * up) * run.noise()
+        else:
+            xt = x / p.a[i]
+            rho_s = rho_i * math.exp(-r * math.log(rho_i / rho_j))
+            d1, u1 = _ancestral(rho_i, rho_s, eta)
+            d2, u2 = _ancestral(rho_i, rho_j, eta)
+            if eta:  # one Brownian path W(ρ) per sample: ε₁ = ΔW[ρ_s, ρ_i]/√·, ε₂ = ΔW[ρ_{i+1}, ρ_i]/√·
+                w1 = math.sqrt(rho_i - rho_s) * run.noise()
+                w2 = w1 + math.sqrt(rho_s - rho_j) * run.noise()
+            xt_s = (d1 / rho_i) * xt + (1.0 - d1 / rho_i) * den  # stage 1
+            if eta:
+                xt_s = xt_s + (s_noise * u1 / math.sqrt(rho_i - rho_s)) * w1
+            den_s = p.denoise_ve(xt_s, -math.log(rho_s))
+            fac = 0.5 / r
+            xt = (d2 / rho_i) * xt + (1.0 - d2 / rho_i) * ((1.0 - fac) * den + fac * den_s)  # stage 2
+            if eta:
+                xt = xt + (s_noise * u2 / math.sqrt(rho_i - rho_j)) * w2
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
 def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     """DDIM (Song et al. 2021a), the first-order exponential step on any Gaussian path:
         x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} expm1(−h) D_i,   h = λ_{i+1} − λ_i,
@@ -269,7 +340,9 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
     return x
 
 
-def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: float) -> torch.Tensor:
+def _sde_multistep(
+    run: Run, x: torch.Tensor, order: int, eta: float, s_noise: float, solver_type: str = "midpoint"
+) -> torch.Tensor:
     """DPM-Solver++(2M/3M) SDE on any path (k-diffusion's forms; Lu et al. 2022b, §5 SDE variant):
     x_{i+1} = (σ_{i+1}/σ_i) e^{−ηh} x_i + α_{i+1}(1 − e^{−(1+η)h}) D_i + α_{i+1} (multistep corrections)
               + σ_{i+1} √(1 − e^{−2ηh}) ε."""
@@ -298,7 +371,7 @@ def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: f
             elif len(hist) >= 1:
                 h1, d1 = hist[-1]
                 r = h1 / h
-                if order == 3:
+                if order == 3 or solver_type == "heun":
                     x = x + p.a[i + 1] * ((math.expm1(-he) / he + 1.0) / r) * (den - d1)
                 else:  # k-diffusion's midpoint form of 2M SDE
                     x = x + p.a[i + 1] * (-0.5 * math.expm1(-he) / r) * (den - d1)
@@ -310,9 +383,14 @@ def _sde_multistep(run: Run, x: torch.Tensor, order: int, eta: float, s_noise: f
     return x
 
 
-def dpmpp_2m_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`, midpoint form): see `_sde_multistep`."""
-    return _sde_multistep(run, x, 2, eta, s_noise)
+def dpmpp_2m_sde(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint"
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`): see `_sde_multistep`; `solver_type`
+    "midpoint" (k-diffusion's default) or "heun" (the exact φ₂ weight), as in k-diffusion."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
+    return _sde_multistep(run, x, 2, eta, s_noise, solver_type)
 
 
 def dpmpp_3m_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
