@@ -360,6 +360,7 @@ def sample(
             progress=progress,
             budget=budget if spec.adaptive else None,
             coefficients=coefficients,
+            nfe_budget=budget,
         )
         x = spec.fn(run, x, **options)
         run.finish()

@@ -184,6 +184,31 @@ def test_dpmpp_sde_is_k_diffusions_with_brownian_increments(gmm64):
     assert torch.allclose(det, fs.sample(field, "dpmpp_2s", grid=sig, x_init=z), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4, 5, 6, 10, 20])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_fast_is_k_diffusions_with_its_orders(gmm64, nfe, eta):
+    """DPM-Solver-fast shares the budget out as k-diffusion does (3, ..., 3 then 2, 1 / 1 / 2) on ⌊nfe/3⌋ + 1
+    λ-uniform steps from σ_max to σ_min: the same samples (k-diffusion run in float64) and exactly nfe
+    evaluations; on the default grid (log-linear, then σ = 0, whose step is first order) too."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
+    src = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)              # k-diffusion builds its λ grid in the default dtype
+    try:
+        ref = K.sample_dpm_fast(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), 0.002, 80.0, nfe, disable=True,
+                                eta=eta, noise_sampler=lambda a, b: src())
+    finally:
+        torch.set_default_dtype(default)
+    field = fs.fields.EDM(gmm64.denoiser)
+    grid = fs.grids.loglinear(nfe // 3 + 1, 0.002, 80.0, final_zero=False)
+    got, info = fs.sample(field, "dpm_fast", nfe=nfe, grid=grid, x_init=z, seed=5, eta=eta, return_info=True)
+    assert info.nfe == nfe
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    _, info = fs.sample(field, "dpm_fast", nfe=nfe, n=2, seed=0, return_info=True)
+    assert info.nfe <= nfe and float(info.grid[-1]) == 0.0
+
+
 def test_edm_churn_is_k_diffusions_heun_with_churn(gmm64):
     """EDM's Alg. 2 (`edm`, S_churn in [S_min, S_max]) is k-diffusion's `sample_heun(s_churn=...)`
     given the same noise on the churned steps (k-diffusion draws on every step)."""
@@ -227,6 +252,10 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpm_2", {}, 1.9),
     ("dpmpp_2s", {}, 1.8),
     ("ipndm_v", {}, 2.2),                                        # AB4 after an order-1 start
+    ("dpm_fast", {}, 2.6),                                       # DPM-Solver-3 on every step (no budget)
+    ("dpm_fast", {"order": 2}, 1.9),
+    ("dpm_2_ancestral", {"eta": 0.0}, 1.9),
+    ("dpmpp_sde", {"eta": 0.0}, 1.75),
 ])
 def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
     orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
@@ -243,7 +272,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
 
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("unipc_bh1", {}), ("deis", {"order": 3}),
                                        ("dpm_2", {}), ("dpmpp_2s", {"eta": 1.0}), ("euler_ancestral", {}),
-                                       ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {})])
+                                       ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}), ("dpm_2_ancestral", {}),
+                                       ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0})])
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -285,7 +315,8 @@ def test_bad_solver_options_are_refused(gmm):
 
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("deis", {"order": 3}), ("dpmpp_2m", {}),
                                        ("dpmpp_3m", {}), ("ddim", {}), ("dpm_2", {}), ("euler_ancestral", {}),
-                                       ("dpmpp_2m_sde", {}), ("consistency", {})])
+                                       ("dpmpp_2m_sde", {}), ("consistency", {}), ("dpmpp_sde", {}),
+                                       ("dpm_2_ancestral", {}), ("dpm_fast", {})])
 def test_on_a_trigflow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """TrigFlow, x_t = cos(t) x_0 + σ_d sin(t) ε: x_t = cos(t) x̃ with x̃ on the VE path at
     ρ = σ_d tan t, so from corresponding starts, grids and noise every path solver ends where it
@@ -312,3 +343,41 @@ def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
     x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
     torch.testing.assert_close(fs.sample(field, "ddim", nfe=7, x_init=x0), fs.sample(field, "euler", nfe=7, x_init=x0),
                                rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,kw,step_kw", [
+    ("DDPMScheduler", {"clip_sample": False}, {}),
+    ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+])
+def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, name, kw, step_kw):
+    """DDPM's ancestral step (its posterior, variance "fixed_small"), DDIM with η and
+    EulerAncestralDiscrete are `euler_ancestral` (k-diffusion's ρ_up / ρ_down split, `eta` = DDIM's η)
+    on the scheduler's own grid: handed flowsolve's per-sample noise, diffusers' loop gives the same samples."""
+    import importlib
+
+    import diffusers
+    cls = getattr(diffusers, name)
+    module = importlib.import_module(cls.__module__)
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    original = module.randn_tensor
+    module.randn_tensor = lambda shape, **k: src()
+    try:
+        sched = cls(num_train_timesteps=1000, **kw)
+        sched.set_timesteps(10)
+        for key in ("sigmas", "alphas_cumprod"):
+            if isinstance(getattr(sched, key, None), torch.Tensor):
+                setattr(sched, key, getattr(sched, key).double())
+        z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref = z * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps:
+                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref, **step_kw).prev_sample
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
+    field = m.field()
+    grid = field.grid(10, "schedule")
+    x = fs.sample(field, "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
+                  dtype=torch.float64, eta=step_kw.get("eta", 1.0))
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()

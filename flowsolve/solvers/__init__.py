@@ -236,6 +236,20 @@ register(
         stochastic=True,
     )
 )
+def _fast_evals(steps: int, singular_end: bool) -> int:
+    return max(1, 3 * steps - 3)  # the most steps for a budget B is ⌊B/3⌋ + 1 (DPM-Solver-fast)
+
+
+register(
+    Solver(
+        "dpm_fast",
+        peers.dpm_fast,
+        _fast_evals,
+        "DPM-Solver-fast (Lu et al. 2022a; k-diffusion's sample_dpm_fast): singlestep orders 3, 2, 1 within nfe",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
 register(
     Solver(
         "dpm_2_ancestral",
@@ -272,7 +286,7 @@ register(
 # 2-D and 64-D mixtures, NFE 4–10: log-linear in σ cuts the endpoint error of UniPC 2–10× and of
 # DPM-Solver++(3M) and the corrected multistep solvers 1.5–9×; ipndm and deis are mixed, so they keep
 # Karras). Flow fields have their own rule (sample._solver_default_grid).
-for _name in ("dpmpp_3m", "dpmpp_2m_pc", "dpmpp_3m_pc", "unipc", "unipc_bh1"):
+for _name in ("dpmpp_3m", "dpmpp_2m_pc", "dpmpp_3m_pc", "unipc", "unipc_bh1", "dpm_fast"):
     _REGISTRY[_name].default_grid = "loglinear"
 
 

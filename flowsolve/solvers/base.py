@@ -94,6 +94,7 @@ class Run:
         progress: bool = False,
         budget: int | None = None,
         coefficients: Sequence[Sequence[Any]] | None = None,
+        nfe_budget: int | None = None,
     ) -> None:
         self.field, self.solver = field, solver
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
@@ -110,7 +111,8 @@ class Run:
         self.evaluable = [field.finite_at_end or self.times[j] != self.t_end for j in range(n)]
         self.noise_source = noise
         self.callback, self.every, self.progress = callback, int(trajectory_every), progress
-        self.budget = budget
+        self.budget = budget  # enforced (adaptive solvers stop at it)
+        self.nfe_budget = budget if nfe_budget is None else nfe_budget  # the user's nfe=, for solvers that share it out
         self.nfe = 0
         self.step = 0
         self._checks: list[tuple[int, float, torch.Tensor]] = []
