@@ -1,6 +1,7 @@
 """Pretrained data scores: diffusers adapters against diffusers' own schedulers, EDM preconditioning,
 model folders (round trips through diffusers' from_pretrained), safe loading."""
 import json
+import math
 import socket
 
 import pytest
@@ -303,3 +304,31 @@ def test_network_call_answers_dtype_without_walking_the_model(monkeypatch):
     with torch.no_grad():  # the adapter itself goes through the same call
         eps = m(x.double() / 5**0.5, den.timestep(torch.tensor([2.0, 2.0])).double()).sample
         assert torch.allclose(den(x.double(), 2.0), x.double() - 2.0 * eps, atol=1e-10)
+
+
+def test_a_score_sde_ve_model_is_a_denoiser_by_tweedie():
+    """NCSN++-style models with ScoreSdeVeScheduler are called at σ itself and return the score:
+    D = x + σ² s(x, σ). The default grid is the scheduler's geometric σ's, then the data; every
+    solver runs on it, and a v-prediction claim is refused."""
+    from diffusers import ScoreSdeVeScheduler
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                      time_embedding_type="fourier", down_block_types=("DownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4).eval().double()
+    m = fs.models.from_diffusers(net, ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0))
+    assert m.prediction_type == "score" and (m.sigma_min, m.sigma_max) == (0.01, 50.0)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    s = torch.tensor([0.5, 5.0, 40.0], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(m(x, s), x + s.reshape(-1, 1, 1, 1) ** 2 * net(x, s).sample, rtol=0, atol=1e-12)
+    grid = m.field().grid(4, "schedule")
+    sched = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0)
+    sched.set_timesteps(4)
+    sched.set_sigmas(4)
+    assert torch.allclose(grid[:-1], sched.sigmas.double(), rtol=1e-6) and grid[-1] == 0
+    assert abs(math.log(float(grid[0]) / 50.0)) < 1e-9 and abs(math.log(float(grid[-2]) / 0.01)) < 1e-3
+    out, info = fs.sample(m.field(), "heun", nfe=7, n=2, seed=0, dtype=torch.float64, return_info=True)
+    assert out.shape == (2, 1, 8, 8) and info.nfe == 7 and torch.isfinite(out).all()
+    assert m.prior_std_at(50.0) == 50.0      # the pipeline starts from σ_max · N(0, I)
+    with pytest.raises(ValueError, match="prediction_type"):
+        fs.models.from_diffusers(net, ScoreSdeVeScheduler(), prediction_type="v_prediction")

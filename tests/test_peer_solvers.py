@@ -381,3 +381,33 @@ def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, na
     x = fs.sample(field, "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
                   dtype=torch.float64, eta=step_kw.get("eta", 1.0))
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_stable_diffusion_1s_default_loop_is_plms_with_guidance():
+    """Stable Diffusion 1.x's default: PNDM (PLMS, steps_offset 1, scaled-linear betas) with
+    classifier-free guidance on a text UNet. `plms` at nfe = steps + 1 on the guided field is that loop."""
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8).eval()
+    kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
+              set_alpha_to_one=False)
+    sched = PNDMScheduler(**kw)
+    sched.set_timesteps(10)
+    text, null = torch.randn(2, 7, 16), torch.zeros(2, 7, 16)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = latents.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            e_u, e_c = unet(torch.cat([ref, ref]), t, encoder_hidden_states=torch.cat([null, text])).sample.chunk(2)
+            ref = sched.step(e_u + 5.0 * (e_c - e_u), t, ref).prev_sample
+    m = fs.models.from_diffusers(unet, PNDMScheduler(**kw))
+    field = m.field(guidance=5.0, uncond={"encoder_hidden_states": null})
+    start = field.grid(10, "schedule")
+    x, info = fs.sample(field, "plms", nfe=11, x_init=latents * m.prior_std_at(float(start[0])),
+                        cond={"encoder_hidden_states": text}, return_info=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(info.grid[-1]) ** 2)    # PNDM ends at ᾱ_0 < 1
+    assert info.nfe == 11 and len(info.grid) == 11       # 10 steps: timestep 1 then ᾱ_0
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

@@ -35,7 +35,7 @@ __all__ = [
     "load_diffusers_component",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
 _MODEL_CLASSES = (
     "UNet2DModel",
     "UNet2DConditionModel",
@@ -344,7 +344,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self.model = model
         self.model_kwargs = model_kwargs
         cfg = _config(scheduler)
-        self.prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
+        # score-SDE VE models (NCSN++, ScoreSdeVeScheduler) are called at σ itself and return the score
+        ve_score = type(scheduler).__name__ == "ScoreSdeVeScheduler"
+        self.prediction_type = prediction_type or ("score" if ve_score else cfg.get("prediction_type", "epsilon"))
         if self.prediction_type not in PREDICTION_TYPES:
             raise ArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         self.scheduler_class = type(scheduler).__name__
@@ -369,6 +371,11 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.log_sigmas = ((1 - a) / a).sqrt().log()  # increasing in t
             self.sigma_min = float(self.log_sigmas[0].exp())
             self.sigma_max = float(self.log_sigmas[-1].exp())
+        elif ve_score:
+            self.schedule = "ve"  # x = x_0 + σ ε, the network sees x and σ (Song et al. 2021's VE SDE)
+            self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.01)), float(cfg.get("sigma_max", 1348.0))
+            if self.prediction_type == "v_prediction":
+                raise ArgumentError("prediction_type: a VE score model predicts 'score', 'epsilon' or 'sample', not v")
         elif "sigma_data" in cfg:
             self.schedule = "edm"
             self.sigma_data = float(cfg["sigma_data"])
@@ -392,6 +399,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
         if self.schedule == "edm":
             return 0.25 * sigma.log()
+        if self.schedule == "ve":
+            return sigma
         if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0:  # one σ for the batch (a solver's knot)
             if sigma.device.type != "cpu":  # reading the value would wait for the device: interpolate one row
                 return self._timesteps(sigma[:1]).expand(len(sigma))
@@ -430,6 +439,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
 
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)
+        if self.schedule == "ve":  # ScoreSdeVe: geometric σ from σ_max to σ_min, then the data
+            sched.set_sigmas(steps)
+            return torch.cat([torch.as_tensor(sched.sigmas, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         sig = getattr(sched, "sigmas", None)
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
@@ -475,6 +487,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         if self.schedule == "discrete":
             c_in = (1 + col**2).rsqrt()
+        elif self.schedule == "ve":
+            c_in = torch.ones_like(col)
         else:
             c_in = (col**2 + self.sigma_data**2).rsqrt()
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
@@ -482,6 +496,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         p = self.prediction_type
         if p == "sample":
             return out
+        if p == "score":  # Tweedie: D = x + σ² ∇log p_σ(x) in the VE variable (c_in x for VP schedules)
+            return x + col**2 * c_in * out
+        if self.schedule == "ve":  # ε prediction of x = x_0 + σ ε (v is refused at construction)
+            return x - col * out
         if self.schedule == "discrete":
             if p == "epsilon":
                 return x - col * out
