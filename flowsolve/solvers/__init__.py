@@ -236,6 +236,8 @@ register(
         stochastic=True,
     )
 )
+
+
 def _fast_evals(steps: int, singular_end: bool) -> int:
     return max(1, 3 * steps - 3)  # the most steps for a budget B is ⌊B/3⌋ + 1 (DPM-Solver-fast)
 

@@ -295,6 +295,11 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
     return x
 
 
+def _eps_ve(p: PathGrid, xt: torch.Tensor, rho: float) -> torch.Tensor:
+    """The noise prediction ε = (x̃ − D)/ρ at a VE point x̃ of noise level ρ (an off-grid stage)."""
+    return (xt - p.denoise_ve(xt, -math.log(rho))) / rho
+
+
 def _fast_orders(steps: int, budget: int | None, order: int, first_order: list[bool]) -> list[int]:
     """DPM-Solver-fast's orders (Lu et al. 2022a, §3.4; k-diffusion's `dpm_solver_fast`): the budget
     shared out from the first step, `order` evaluations a step while the later steps still get one
@@ -344,21 +349,17 @@ def dpm_fast(run: Run, x: torch.Tensor, *, order: int = 3, eta: float = 0.0, s_n
             xt = x / p.a[i]
             eps = (xt - den) / rho_i
             h = math.log(rho_i / down)
-
-            def eps_at(u: torch.Tensor, r: float) -> torch.Tensor:  # ε at the stage λ_i + r h
-                rho_r = rho_i * math.exp(-r * h)
-                return (u - p.denoise_ve(u, -math.log(rho_r))) / rho_r
-
             if orders[i] == 2:
                 r1 = 0.5
-                e1 = eps_at(xt - (rho_i - rho_i * math.exp(-r1 * h)) * eps, r1)
+                rho_1 = rho_i * math.exp(-r1 * h)  # the stage at λ_i + h/2
+                e1 = _eps_ve(p, xt - (rho_i - rho_1) * eps, rho_1)
                 xt = xt - (rho_i - down) * eps - (rho_i - down) / (2 * r1) * (e1 - eps)
             else:
                 r1, r2 = 1 / 3, 2 / 3
-                rho_1, rho_2 = rho_i * math.exp(-r1 * h), rho_i * math.exp(-r2 * h)
-                e1 = eps_at(xt - (rho_i - rho_1) * eps, r1)
+                rho_1, rho_2 = rho_i * math.exp(-r1 * h), rho_i * math.exp(-r2 * h)  # stages at λ_i + h/3, 2h/3
+                e1 = _eps_ve(p, xt - (rho_i - rho_1) * eps, rho_1)
                 u2 = xt - (rho_i - rho_2) * eps - (r2 / r1) * ((rho_i - rho_2) / (r2 * h) - rho_2) * (e1 - eps)
-                e2 = eps_at(u2, r2)
+                e2 = _eps_ve(p, u2, rho_2)
                 xt = xt - (rho_i - down) * eps - (down / r2) * (math.expm1(h) / h - 1.0) * (e2 - eps)
         if up > 0 and p.s[i + 1] > 0:
             xt = xt + (s_noise * up) * run.noise()
