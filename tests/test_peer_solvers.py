@@ -209,6 +209,43 @@ def test_dpm_fast_is_k_diffusions_with_its_orders(gmm64, nfe, eta):
     assert info.nfe <= nfe and float(info.grid[-1]) == 0.0
 
 
+@pytest.mark.parametrize("corrector_steps", [0, 1])
+def test_pc_is_the_score_sde_ve_loop(corrector_steps):
+    """`pc` is diffusers' ScoreSdeVe predictor-corrector loop (Song et al. 2021: Langevin corrector
+    with the snr step from the batch's mean norms, reverse-diffusion predictor, the last step's mean)
+    on the same σ's and noise."""
+    import diffusers.schedulers.scheduling_sde_ve as sde_ve
+    from diffusers import ScoreSdeVeScheduler
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                      time_embedding_type="fourier", down_block_types=("DownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4).eval().double()
+    sched = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0, correct_steps=corrector_steps)
+    sched.set_timesteps(6)
+    sched.set_sigmas(6)
+    knots = sched.discrete_sigmas.double().flip(0)      # the predictor's σ's; the model is called at them too
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = z * sched.init_noise_sigma
+    original, sde_ve.randn_tensor = sde_ve.randn_tensor, lambda shape, **k: src()
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                sigma = knots[i].expand(3)
+                for _ in range(corrector_steps):
+                    x = sched.step_correct(net(x, sigma).sample, x).prev_sample
+                out = sched.step_pred(net(x, sigma).sample, t, x)
+                x, ref = out.prev_sample, out.prev_sample_mean
+    finally:
+        sde_ve.randn_tensor = original
+    m = fs.models.from_diffusers(net, ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0))
+    grid = torch.cat([knots, torch.zeros(1, dtype=torch.float64)])
+    got, info = fs.sample(m.field(), "pc", grid=grid, x_init=z * 50.0, seed=5, corrector_steps=corrector_steps,
+                          dtype=torch.float64, return_info=True)
+    assert info.nfe == 6 * (1 + corrector_steps)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()   # diffusers' step size is float32
+
+
 def test_edm_churn_is_k_diffusions_heun_with_churn(gmm64):
     """EDM's Alg. 2 (`edm`, S_churn in [S_min, S_max]) is k-diffusion's `sample_heun(s_churn=...)`
     given the same noise on the churned steps (k-diffusion draws on every step)."""
@@ -291,10 +328,11 @@ def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts
     assert (a - b).abs().max().item() < 1e-8
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s", "dpm_2_ancestral",
+                                  "dpmpp_sde", "pc", "dpm_fast"])
 def test_stochastic_samplers_reach_the_mixture(gmm, name):
     n = 2000
-    opts = {"eta": 1.0} if name == "dpmpp_2s" else {}
+    opts = {"eta": 1.0} if name in ("dpmpp_2s", "dpm_fast") else {}
     x = fs.sample(fs.fields.EDM(gmm.denoiser), name, nfe=128, n=n, seed=4, dtype=torch.float64, **opts)
     g = torch.Generator().manual_seed(5)
     floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),

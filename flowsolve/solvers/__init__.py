@@ -238,6 +238,18 @@ register(
 )
 
 
+register(
+    Solver(
+        "pc",
+        peers.pc,
+        lambda steps, singular_end: 2 * steps,
+        "Song et al.'s predictor-corrector: a Langevin corrector (snr), then reverse diffusion; 2 NFE a step",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+
+
 def _fast_evals(steps: int, singular_end: bool) -> int:
     return max(1, 3 * steps - 3)  # the most steps for a budget B is ⌊B/3⌋ + 1 (DPM-Solver-fast)
 
