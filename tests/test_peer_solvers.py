@@ -209,6 +209,34 @@ def test_dpm_fast_is_k_diffusions_with_its_orders(gmm64, nfe, eta):
     assert info.nfe <= nfe and float(info.grid[-1]) == 0.0
 
 
+@pytest.mark.parametrize("order,eta,rtol", [(3, 0.0, 0.05), (2, 0.0, 0.05), (3, 0.0, 0.005), (3, 1.0, 0.05)])
+def test_dpm_adaptive_is_k_diffusions(gmm64, order, eta, rtol):
+    """Adaptive DPM-Solver-12/23 with k-diffusion's PID controller takes the same steps and lands on the
+    same samples (k-diffusion in float64), with fewer evaluations (the ε at a rejected step's start is
+    reused); it stops at its budget with NFEBudgetExceeded, and a grid to the data ends with a DDIM step."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
+    src = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref, kinfo = K.sample_dpm_adaptive(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), 0.002, 80.0,
+                                           disable=True, order=order, eta=eta, rtol=rtol,
+                                           noise_sampler=lambda a, b: src(), return_info=True)
+    finally:
+        torch.set_default_dtype(default)
+    field = fs.fields.EDM(gmm64.denoiser)
+    got, info = fs.sample(field, "dpm_adaptive", nfe=5000, grid=torch.tensor([80.0, 0.002], dtype=torch.float64),
+                          x_init=z, seed=5, order=order, eta=eta, rtol=rtol, return_info=True)
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    assert info.nfe == kinfo["nfe"] - kinfo["n_reject"]
+    with pytest.raises(fs.solvers.NFEBudgetExceeded, match="nfe=10"):
+        fs.sample(field, "dpm_adaptive", nfe=10, n=4, seed=0, order=order)
+    full = fs.sample(field, "dpm_adaptive", nfe=5000, x_init=z, seed=5, order=order, eta=eta, rtol=rtol)
+    last = got - 0.002 * (got - gmm64.denoiser(got, torch.full((64,), 0.002, dtype=torch.float64))) / 0.002
+    assert torch.allclose(full, last, rtol=0, atol=1e-9 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("corrector_steps", [0, 1])
 def test_pc_is_the_score_sde_ve_loop(corrector_steps):
     """`pc` is diffusers' ScoreSdeVe predictor-corrector loop (Song et al. 2021: Langevin corrector

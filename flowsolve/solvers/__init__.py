@@ -250,6 +250,19 @@ register(
 )
 
 
+register(
+    Solver(
+        "dpm_adaptive",
+        peers.dpm_adaptive,
+        lambda steps, singular_end: 2,
+        "adaptive DPM-Solver-12/23 with a PID step-size controller (k-diffusion's sample_dpm_adaptive)",
+        needs_sigma=True,
+        stochastic=True,
+        adaptive=True,
+    )
+)
+
+
 def _fast_evals(steps: int, singular_end: bool) -> int:
     return max(1, 3 * steps - 3)  # the most steps for a budget B is ⌊B/3⌋ + 1 (DPM-Solver-fast)
 

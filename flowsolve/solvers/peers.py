@@ -17,6 +17,7 @@ which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. 
 * `dpmpp_2s`: DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2); `eta` > 0 is k-diffusion's
   ancestral variant.
 * `pc`: predictor–corrector sampling of score SDEs (Song et al. 2021): Langevin corrector, reverse-diffusion predictor.
+* `dpm_adaptive`: DPM-Solver-12/23 with PID step-size control (Lu et al. 2022a).
 * `dpm_fast`: DPM-Solver-fast (Lu et al. 2022a): singlestep orders 3, 2, 1 sharing the NFE budget.
 * `dpm_2_ancestral`, `dpmpp_sde`: DPM-Solver-2 with ancestral noise and the stochastic DPM-Solver++
   (2S with Brownian increments), as k-diffusion runs them.
@@ -367,6 +368,105 @@ def dpm_fast(run: Run, x: torch.Tensor, *, order: int = 3, eta: float = 0.0, s_n
         x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
+
+
+def _dpm_stages(
+    p: PathGrid, xt: torch.Tensor, eps: torch.Tensor, rho: float, rho_next: float, order: int, r1: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One DPM-Solver-k step (Lu et al. 2022a, Alg. 4-5) in VE coordinates from (x̃, ε at ρ) to ρ_next,
+    and the ε of its first stage (at λ + r₁ h) for the embedded lower-order step to share."""
+    h = math.log(rho / rho_next)
+    if order == 1:
+        return xt - (rho - rho_next) * eps, None
+    rho_1 = rho * math.exp(-r1 * h)
+    e1 = _eps_ve(p, xt - (rho - rho_1) * eps, rho_1)
+    if order == 2:
+        return xt - (rho - rho_next) * eps - (rho - rho_next) / (2 * r1) * (e1 - eps), e1
+    r2 = 2 / 3
+    rho_2 = rho * math.exp(-r2 * h)
+    u2 = xt - (rho - rho_2) * eps - (r2 / r1) * ((rho - rho_2) / (r2 * h) - rho_2) * (e1 - eps)
+    e2 = _eps_ve(p, u2, rho_2)
+    return xt - (rho - rho_next) * eps - (rho_next / r2) * (math.expm1(h) / h - 1.0) * (e2 - eps), e1
+
+
+def dpm_adaptive(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    sigma_min: float | None = None,
+) -> torch.Tensor:
+    """Adaptive DPM-Solver-12 / 23 (Lu et al. 2022a, §4.2 and App. C; k-diffusion's `sample_dpm_adaptive`):
+    steps in λ = −log ρ from the grid's start to its end, each an embedded pair (order 3: DPM-Solver-2
+    with r₁ = 1/3 inside DPM-Solver-3, sharing two evaluations; order 2: DDIM inside DPM-Solver-2),
+    accepted by a PID controller on the error ‖(x_low − x_high)/δ‖/√numel, δ = max(atol, rtol·
+    max(|x_low|, |x_prev|)) over the batch (like every adaptive solver here, the batch shares its steps).
+    A grid that ends at the data (σ = 0) is integrated to `sigma_min` (default: the field's) and then
+    takes one DDIM step to D. The ε at a rejected step's start is reused; `nfe` is a budget, as for
+    torchdiffeq's adaptive methods."""
+    order = check_int("order", order, 2, 3)
+    eta = _check_eta(eta)
+    for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init), ("accept_safety", accept_safety)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ArgumentError(f"{name}: expected a positive number, got {v!r}")
+    p = PathGrid(run)
+    rho_start, rho_end = p.rho(0), p.rho(len(p.t) - 1)
+    if math.isinf(rho_start):
+        raise ArgumentError("solver: 'dpm_adaptive' needs a finite starting noise level (a grid from below t = 1)")
+    to_data = rho_end == 0
+    if to_data:
+        lo = getattr(run.field, "sigma_min", None) if sigma_min is None else sigma_min
+        rho_end = float(lo) if lo is not None else 0.002
+        if not 0 < rho_end < rho_start:
+            raise ArgumentError(f"sigma_min: expected a level in (0, {rho_start:g}), got {rho_end!r}")
+    s, t_end = -math.log(rho_start), -math.log(rho_end)
+    xt = x / p.a[0]
+    x_prev, eps_s = xt, None
+    h, errs = abs(float(h_init)), [0.0, 0.0, 0.0]
+    b1 = (pcoeff + icoeff + dcoeff) / (1.5 if eta else order)  # the PID exponents (k-diffusion's controller)
+    b2 = -(pcoeff + 2 * dcoeff) / (1.5 if eta else order)
+    b3 = dcoeff / (1.5 if eta else order)
+    first = True
+    while s < t_end - 1e-5:
+        t = min(t_end, s + h)
+        rho_s, rho_t = math.exp(-s), math.exp(-t)
+        down, up = _ancestral(rho_s, rho_t, eta)
+        down = max(down, rho_end)  # not past the end (t_ = min(t_end, t(σ_down)))
+        up = math.sqrt(max(rho_t**2 - down**2, 0.0)) if eta else 0.0
+        if eps_s is None:
+            eps_s = _eps_ve(p, xt, rho_s)
+        if order == 2:
+            x_low, _ = _dpm_stages(p, xt, eps_s, rho_s, down, 1, 0.5)
+            x_high, _ = _dpm_stages(p, xt, eps_s, rho_s, down, 2, 0.5)
+        else:  # DPM-Solver-2 with r₁ = 1/3 shares its stage with DPM-Solver-3
+            x_high, e1 = _dpm_stages(p, xt, eps_s, rho_s, down, 3, 1 / 3)
+            assert e1 is not None
+            x_low = xt - (rho_s - down) * eps_s - (rho_s - down) / (2 / 3) * (e1 - eps_s)
+        delta = torch.maximum(torch.full_like(x_low, float(atol)), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = float(((x_low - x_high) / delta).norm()) / math.sqrt(x_low.numel())
+        inv = 1.0 / (error + 1e-8)
+        if first:
+            errs, first = [inv, inv, inv], False
+        errs[0] = inv
+        factor = 1.0 + math.atan(errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3 - 1.0)
+        if factor >= accept_safety:  # accept
+            errs[2], errs[1] = errs[1], errs[0]
+            x_prev = x_low
+            xt = x_high + ((s_noise * up) * run.noise() if up > 0 else 0.0)
+            s, eps_s = t, None
+        h *= factor
+    if to_data:  # the last step, to the data: DDIM from σ_min
+        xt = xt - rho_end * _eps_ve(p, xt, rho_end)
+    return p.a[-1] * xt
 
 
 def pc(run: Run, x: torch.Tensor, *, snr: float = 0.15, corrector_steps: int = 1) -> torch.Tensor:
