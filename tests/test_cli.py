@@ -54,7 +54,8 @@ def test_sample_in_float64_is_the_float32_run_more_precisely(tmp_path):
     assert main(["sample", "--model", "digits-edm", "--solver", "heun", "--nfe", "9", "--n", "6", "--batch-size", "4",
                  "--device", "cpu", "--dtype", "float64", "--out", str(tmp_path / "streamed.npy"), "--quiet"]) == 0
     c = np.load(tmp_path / "streamed.npy")
-    assert c.dtype == np.float64 and np.array_equal(b, c)
+    # equal up to the float32 network's round-off, which depends on the batch it sees (and the thread count)
+    assert c.dtype == np.float64 and np.abs(b - c).max() < 1e-5
 
 
 def test_solvers_listing(capsys):
