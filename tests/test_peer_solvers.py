@@ -65,6 +65,9 @@ _SCHEDULER_LOOPS = [
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
     ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
     ("LMSDiscreteScheduler", {}, "adams"),
+    ("EDMEulerScheduler", {}, "euler"),                       # starts from √(σ_max² + 1) z, as diffusers does
+    ("EDMDPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+    ("EDMDPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
 ]
 
 

@@ -424,9 +424,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def prior_std_at(self, sigma: float) -> float:
         """The spread of x = x_t/√ᾱ where the scheduler starts: x_T ~ N(0, I) gives √(1 + σ²) (VP
         schedulers: DDIM, DDPM, DPM-Solver); VE-type schedulers (Euler, Heun, ...) start from their
-        init_noise_sigma: σ for "linspace" / "trailing" spacing, √(σ² + 1) otherwise."""
+        init_noise_sigma: σ for "linspace" / "trailing" spacing, √(σ² + 1) otherwise; EDM-style
+        schedulers from √(σ_max² + 1) too."""
         sigma = float(sigma)
         vp = (1.0 + sigma**2) ** 0.5
+        if self.schedule == "edm":  # EDMEuler / EDM-DPM start from √(σ_max² + 1) (their init_noise_sigma)
+            return vp
         if float(getattr(self.scheduler, "init_noise_sigma", 1.0)) <= 1.0 + 1e-6:
             return vp
         spacing = _config(self.scheduler).get("timestep_spacing", "linspace")
