@@ -480,3 +480,32 @@ def test_stable_diffusion_1s_default_loop_is_plms_with_guidance():
     alpha_end = 1.0 / math.sqrt(1.0 + float(info.grid[-1]) ** 2)    # PNDM ends at ᾱ_0 < 1
     assert info.nfe == 11 and len(info.grid) == 11       # 10 steps: timestep 1 then ᾱ_0
     assert (x * alpha_end - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_a_latent_consistency_model_is_consistency_sampling(unet64, steps):
+    """LCMScheduler's boundary condition D = c_skip(t) x_t + c_out(t) x̂_0 (scaled timestep, σ_data = 0.5)
+    lives in the adapter's D; `consistency` on the model's default grid (LCM's skipping timesteps) is
+    its multistep loop, given the same noise."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+    from diffusers import LCMScheduler
+    sched = LCMScheduler()
+    sched.set_timesteps(steps)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = z * sched.init_noise_sigma
+    original, lcm.randn_tensor = lcm.randn_tensor, lambda shape, **k: src()
+    try:
+        with torch.no_grad():
+            for t in sched.timesteps:
+                ref = sched.step(unet64(ref, t).sample, t, ref).prev_sample
+    finally:
+        lcm.randn_tensor = original
+    m = fs.models.from_diffusers(unet64, LCMScheduler())
+    field = m.field()
+    grid = field.grid(steps, "schedule")
+    x, info = fs.sample(field, "consistency", nfe=steps, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
+                        dtype=torch.float64, return_info=True)
+    assert info.nfe == steps and torch.equal(info.grid, grid)
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()

@@ -364,6 +364,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self.thresholding = bool(cfg.get("thresholding", False)) and takes
         self.threshold_ratio = float(cfg.get("dynamic_thresholding_ratio", 0.995))
         self.threshold_max = float(cfg.get("sample_max_value", 1.0))
+        # latent consistency models (LCMScheduler): D = c_skip(t) x_t + c_out(t) x̂_0, EDM's boundary
+        # scalings at the scaled timestep s t (σ_data = 0.5), x_t the model's VP input
+        is_lcm = type(scheduler).__name__ == "LCMScheduler"
+        self.lcm_scaling = float(cfg.get("timestep_scaling", 10.0)) if is_lcm else None
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
@@ -483,8 +487,15 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         d = self._denoise(x, sigma, cond)
         if self.thresholding:  # as the schedulers do: thresholding first, clipping otherwise
-            return _dynamic_threshold(d, self.threshold_ratio, self.threshold_max)
-        return d.clamp(-self.clip_range, self.clip_range) if self.clip_sample else d
+            d = _dynamic_threshold(d, self.threshold_ratio, self.threshold_max)
+        elif self.clip_sample:
+            d = d.clamp(-self.clip_range, self.clip_range)
+        if self.lcm_scaling is not None:  # the consistency boundary condition (Luo et al. 2023)
+            col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+            st = (self.timestep(sigma).to(x.dtype) * self.lcm_scaling).reshape(col.shape)
+            c_skip, c_out = 0.25 / (st**2 + 0.25), st * (st**2 + 0.25).rsqrt()
+            d = c_skip * (1 + col**2).rsqrt() * x + c_out * d
+        return d
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
