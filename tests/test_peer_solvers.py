@@ -64,6 +64,8 @@ _SCHEDULER_LOOPS = [
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
     ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction",   # CosXL-style
+                                "use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 120.0}, "euler"),
     ("LMSDiscreteScheduler", {}, "adams"),
     ("EDMEulerScheduler", {}, "euler"),                       # starts from √(σ_max² + 1) z, as diffusers does
     ("EDMDPMSolverMultistepScheduler", {}, "dpmpp_2m"),

@@ -369,12 +369,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         is_lcm = type(scheduler).__name__ == "LCMScheduler"
         self.lcm_scaling = float(cfg.get("timestep_scaling", 10.0)) if is_lcm else None
         alphas = getattr(scheduler, "alphas_cumprod", None)
+        # EulerDiscrete's "continuous" v-prediction models (EDM-trained VP-scaled ones, e.g. CosXL) take
+        # the timestep 0.25 log σ, as EDM's c_noise, with the discrete schedule's input scaling
+        self.continuous_time = cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction"
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
             a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0**-24)  # zero-SNR schedules end at ᾱ = 0
             self.log_sigmas = ((1 - a) / a).sqrt().log()  # increasing in t
             self.sigma_min = float(self.log_sigmas[0].exp())
             self.sigma_max = float(self.log_sigmas[-1].exp())
+            if self.continuous_time and cfg.get("sigma_min") is not None and cfg.get("sigma_max") is not None:
+                self.sigma_min, self.sigma_max = float(cfg["sigma_min"]), float(cfg["sigma_max"])
         elif ve_score:
             self.schedule = "ve"  # x = x_0 + σ ε, the network sees x and σ (Song et al. 2021's VE SDE)
             self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.01)), float(cfg.get("sigma_max", 1348.0))
@@ -401,7 +406,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
-        if self.schedule == "edm":
+        if self.schedule == "edm" or self.continuous_time:
             return 0.25 * sigma.log()
         if self.schedule == "ve":
             return sigma
