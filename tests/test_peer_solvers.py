@@ -511,3 +511,34 @@ def test_a_latent_consistency_model_is_consistency_sampling(unet64, steps):
                         dtype=torch.float64, return_info=True)
     assert info.nfe == steps and torch.equal(info.grid, grid)
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_consistency_model_is_consistency_sampling_with_its_boundary(unet64, steps):
+    """Song et al.'s consistency models (CMStochasticIterativeScheduler): c_noise = 250 log σ, the
+    boundary condition c_skip(σ − ε), c_out(σ − ε) and the [−1, 1] clamp live in D; `consistency` with
+    `sigma_min=ε` (Alg. 1's re-noising to √(σ² − ε²)) on the model's default grid is the scheduler's
+    loop, given the same noise (to diffusers' float32 timesteps)."""
+    import diffusers.schedulers.scheduling_consistency_models as cm
+    from diffusers import CMStochasticIterativeScheduler
+    sched = CMStochasticIterativeScheduler()
+    sched.set_timesteps(steps)
+    sched.sigmas = sched.sigmas.double()
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = z * sched.init_noise_sigma
+    original, cm.randn_tensor = cm.randn_tensor, lambda shape, **k: src()
+    try:
+        with torch.no_grad():
+            for t in sched.timesteps:
+                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref).prev_sample
+    finally:
+        cm.randn_tensor = original
+    m = fs.models.from_diffusers(unet64, CMStochasticIterativeScheduler())
+    assert m.schedule == "cm" and m.clip_sample
+    x, info = fs.sample(m.field(), "consistency", nfe=steps, x_init=z * 80.0, seed=5, dtype=torch.float64,
+                        sigma_min=0.002, return_info=True)
+    assert info.nfe == steps and float(info.grid[-1]) == 0.0
+    assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="sigma_min"):
+        fs.sample(m.field(), "consistency", nfe=2, n=1, seed=0, sigma_min=-1.0)

@@ -380,6 +380,15 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.sigma_max = float(self.log_sigmas[-1].exp())
             if self.continuous_time and cfg.get("sigma_min") is not None and cfg.get("sigma_max") is not None:
                 self.sigma_min, self.sigma_max = float(cfg["sigma_min"]), float(cfg["sigma_max"])
+        elif type(scheduler).__name__ == "CMStochasticIterativeScheduler":
+            # Song et al. 2023's consistency models: EDM input scaling, c_noise = 250 log σ, and the
+            # boundary condition D = c_skip x + c_out F with c_skip = σ_d²/((σ − ε)² + σ_d²),
+            # c_out = (σ − ε) σ_d/√(σ² + σ_d²), ε = σ_min; the scheduler clamps D to [−1, 1]
+            self.schedule = "cm"
+            self.sigma_data = float(cfg.get("sigma_data", 0.5))
+            self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
+            if clip_sample is None:
+                self.clip_sample, self.clip_range = bool(cfg.get("clip_denoised", True)), 1.0
         elif ve_score:
             self.schedule = "ve"  # x = x_0 + σ ε, the network sees x and σ (Song et al. 2021's VE SDE)
             self.sigma_min, self.sigma_max = float(cfg.get("sigma_min", 0.01)), float(cfg.get("sigma_max", 1348.0))
@@ -408,6 +417,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
         if self.schedule == "edm" or self.continuous_time:
             return 0.25 * sigma.log()
+        if self.schedule == "cm":
+            return 250.0 * (sigma + 1e-44).log()
         if self.schedule == "ve":
             return sigma
         if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0:  # one σ for the batch (a solver's knot)
@@ -451,6 +462,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
 
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)
+        if self.schedule == "cm":  # its Karras knots, then the data (its last step returns D)
+            knots = torch.as_tensor(sched.sigmas, dtype=torch.float64)[:-1]
+            return torch.cat([knots, torch.zeros(1, dtype=torch.float64)])
         if self.schedule == "ve":  # ScoreSdeVe: geometric σ from σ_max to σ_min, then the data
             sched.set_sigmas(steps)
             return torch.cat([torch.as_tensor(sched.sigmas, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -512,6 +526,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             c_in = (col**2 + self.sigma_data**2).rsqrt()
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
         out = call_network(self.model, c_in * x, self.timestep(sigma), **inputs)
+        if self.schedule == "cm":  # the consistency boundary condition
+            sd, lo = self.sigma_data, self.sigma_min
+            c_skip = sd**2 / ((col - lo) ** 2 + sd**2)
+            return c_skip * x + (col - lo) * sd * (col**2 + sd**2).rsqrt() * out
         p = self.prediction_type
         if p == "sample":
             return out

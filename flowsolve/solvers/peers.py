@@ -522,16 +522,21 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def consistency(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1; SCMScheduler's step): jump to the
-    data prediction, then noise it afresh to the next knot, x_{i+1} = α_{i+1} D_i + σ_{i+1} ε
-    (per-sample ε). For consistency models and few-step students, whose D is good from any knot."""
+def consistency(run: Run, x: torch.Tensor, *, sigma_min: float = 0.0) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; SCMScheduler's, LCMScheduler's and
+    CMStochasticIterativeScheduler's step): jump to the data prediction, then noise it afresh to the
+    next knot, x̃_{i+1} = D_i + √(ρ_{i+1}² − ε²) z (per-sample z) in VE coordinates, ε = `sigma_min`
+    the model's boundary level (Alg. 1's ε; 0.002 for Song et al.'s models, 0 for LCM and sCM).
+    For consistency models and few-step students, whose D is good from any knot."""
+    if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not sigma_min >= 0:
+        raise ArgumentError(f"sigma_min: expected the boundary noise level ε >= 0, got {sigma_min!r}")
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
         x = p.a[i + 1] * den
         if p.s[i + 1] > 0:
-            x = x + p.s[i + 1] * run.noise()
+            rho = p.rho(i + 1)
+            x = x + p.a[i + 1] * math.sqrt(max(rho**2 - sigma_min**2, 0.0)) * run.noise()
         run.tick(i, x)
     return x
 
