@@ -416,12 +416,13 @@ def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
                                rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name,kw,step_kw", [
-    ("DDPMScheduler", {"clip_sample": False}, {}),
-    ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}),
-    ("EulerAncestralDiscreteScheduler", {}, {}),
+@pytest.mark.parametrize("name,kw,step_kw,solver", [
+    ("DDPMScheduler", {"clip_sample": False}, {}, "euler_ancestral"),
+    ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}, "euler_ancestral"),
+    ("EulerAncestralDiscreteScheduler", {}, {}, "euler_ancestral"),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}, "dpm_2_ancestral"),
 ])
-def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, name, kw, step_kw):
+def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, name, kw, step_kw, solver):
     """DDPM's ancestral step (its posterior, variance "fixed_small"), DDIM with η and
     EulerAncestralDiscrete are `euler_ancestral` (k-diffusion's ρ_up / ρ_down split, `eta` = DDIM's η)
     on the scheduler's own grid: handed flowsolve's per-sample noise, diffusers' loop gives the same samples."""
@@ -436,7 +437,7 @@ def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, na
     try:
         sched = cls(num_train_timesteps=1000, **kw)
         sched.set_timesteps(10)
-        for key in ("sigmas", "alphas_cumprod"):
+        for key in ("sigmas", "alphas_cumprod", "sigmas_interpol", "sigmas_up", "sigmas_down"):
             if isinstance(getattr(sched, key, None), torch.Tensor):
                 setattr(sched, key, getattr(sched, key).double())
         z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -449,7 +450,7 @@ def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, na
     m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
     field = m.field()
     grid = field.grid(10, "schedule")
-    x = fs.sample(field, "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
+    x = fs.sample(field, solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
                   dtype=torch.float64, eta=step_kw.get("eta", 1.0))
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
 
