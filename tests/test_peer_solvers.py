@@ -543,3 +543,44 @@ def test_a_consistency_model_is_consistency_sampling_with_its_boundary(unet64, s
     assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     with pytest.raises(ValueError, match="sigma_min"):
         fs.sample(m.field(), "consistency", nfe=2, n=1, seed=0, sigma_min=-1.0)
+
+
+def test_dpm_solver_sde_scheduler_is_dpmpp_sde_with_the_same_brownian_increments(unet64):
+    """diffusers' DPMSolverSDEScheduler (k-diffusion's DPM++ SDE with a Brownian tree) is `dpmpp_sde` on
+    the model's default grid when its noise sampler hands out flowsolve's Brownian increments."""
+    import importlib
+
+    from diffusers import DPMSolverSDEScheduler
+    module = importlib.import_module(DPMSolverSDEScheduler.__module__)
+
+    class Brownian:  # ε₁ over [ρ_s, ρ_i], ε₂ over [ρ_{i+1}, ρ_i], from one per-sample path
+        def __init__(self, *args, **kwargs):
+            self.src, self.first = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1), None
+
+        def __call__(self, s, s_next):
+            if self.first is None:
+                self.first = (self.src(), float(s) - float(s_next), float(s_next))
+                return self.first[0]
+            (a, d1, s_mid), b = self.first, self.src()
+            d2, self.first = s_mid - float(s_next), None
+            return (d1 ** 0.5 * a + d2 ** 0.5 * b) / (d1 + d2) ** 0.5
+
+    original, module.BrownianTreeNoiseSampler = module.BrownianTreeNoiseSampler, Brownian
+    try:
+        sched = DPMSolverSDEScheduler()
+        sched.set_timesteps(10)
+        sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
+        z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref = z * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps:
+                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref).prev_sample
+    finally:
+        module.BrownianTreeNoiseSampler = original
+    m = fs.models.from_diffusers(unet64, DPMSolverSDEScheduler())
+    field = m.field()
+    grid = field.grid(10, "schedule")
+    x, info = fs.sample(field, "dpmpp_sde", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
+                        dtype=torch.float64, return_info=True)
+    assert info.nfe == 19 and len(grid) == 11
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
