@@ -313,6 +313,7 @@ register(
 # 2-D and 64-D mixtures, NFE 4–10: log-linear in σ cuts the endpoint error of UniPC 2–10× and of
 # DPM-Solver++(3M) and the corrected multistep solvers 1.5–9×; ipndm and deis are mixed, so they keep
 # Karras). Flow fields have their own rule (sample._solver_default_grid).
+# DPM-Solver-fast walks the λ-uniform grid by construction (Lu et al. 2022a, k-diffusion).
 for _name in ("dpmpp_3m", "dpmpp_2m_pc", "dpmpp_3m_pc", "unipc", "unipc_bh1", "dpm_fast"):
     _REGISTRY[_name].default_grid = "loglinear"
 
