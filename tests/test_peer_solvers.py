@@ -326,6 +326,7 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpm_fast", {"order": 2}, 1.9),
     ("dpm_2_ancestral", {"eta": 0.0}, 1.9),
     ("dpmpp_sde", {"eta": 0.0}, 1.75),
+    ("dpmpp_singlestep", {"order": 2, "lower_order_final": False}, 1.9),
 ])
 def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
     orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
@@ -343,7 +344,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("unipc_bh1", {}), ("deis", {"order": 3}),
                                        ("dpm_2", {}), ("dpmpp_2s", {"eta": 1.0}), ("euler_ancestral", {}),
                                        ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}), ("dpm_2_ancestral", {}),
-                                       ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0})])
+                                       ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
+                                       ("dpmpp_singlestep", {"order": 3})])
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -584,3 +586,24 @@ def test_dpm_solver_sde_scheduler_is_dpmpp_sde_with_the_same_brownian_increments
                         dtype=torch.float64, return_info=True)
     assert info.nfe == 19 and len(grid) == 11
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("steps", [5, 6, 10])
+@pytest.mark.parametrize("order,solver_type", [(2, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun")])
+def test_dpm_solver_singlestep_scheduler_is_dpmpp_singlestep(unet64, steps, order, solver_type):
+    """diffusers' DPMSolverSinglestepScheduler (orders cycling 1, 2, (3), stages on the grid's knots,
+    lower-order final steps) is `dpmpp_singlestep` on the model's default grid, to float64 round-off."""
+    from diffusers import DPMSolverSinglestepScheduler
+    kw = dict(num_train_timesteps=1000, solver_order=order, solver_type=solver_type)
+    sched = DPMSolverSinglestepScheduler(**kw)
+    sched.set_timesteps(steps)
+    sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, DPMSolverSinglestepScheduler(**kw))
+    field = m.field()
+    grid = field.grid(steps, "schedule")
+    x, info = fs.sample(field, "dpmpp_singlestep", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                        dtype=torch.float64, order=order, solver_type=solver_type, return_info=True)
+    assert info.nfe == steps
+    assert (x - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()

@@ -279,6 +279,15 @@ register(
 )
 register(
     Solver(
+        "dpmpp_singlestep",
+        peers.dpmpp_singlestep,
+        _one_per_step,
+        "singlestep DPM-Solver++ with stages on the grid's knots (diffusers' DPMSolverSinglestepScheduler)",
+        needs_sigma=True,
+    )
+)
+register(
+    Solver(
         "dpm_2_ancestral",
         peers.dpm_2_ancestral,
         _heun_evals,

@@ -18,6 +18,7 @@ which is Euler on the VE ODE dx̃/dρ = (x̃ − D)/ρ, exact for a constant D. 
   ancestral variant.
 * `pc`: predictor–corrector sampling of score SDEs (Song et al. 2021): Langevin corrector, reverse-diffusion predictor.
 * `dpm_adaptive`: DPM-Solver-12/23 with PID step-size control (Lu et al. 2022a).
+* `dpmpp_singlestep`: singlestep DPM-Solver++ with its stages on the grid's knots (diffusers' scheduler).
 * `dpm_fast`: DPM-Solver-fast (Lu et al. 2022a): singlestep orders 3, 2, 1 sharing the NFE budget.
 * `dpm_2_ancestral`, `dpmpp_sde`: DPM-Solver-2 with ancestral noise and the stochastic DPM-Solver++
   (2S with Brownian increments), as k-diffusion runs them.
@@ -505,6 +506,77 @@ def pc(run: Run, x: torch.Tensor, *, snr: float = 0.15, corrector_steps: int = 1
         if rho_j > 0:
             xt = xt + math.sqrt(rho_i**2 - rho_j**2) * run.noise()
         x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def _singlestep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The orders of diffusers' DPMSolverSinglestepScheduler: cycles 1, 2, (3), each cycle one
+    singlestep update whose stages are grid knots; with `lower_order_final` the cycles fit the steps."""
+    cycle = list(range(1, order + 1))
+    if not lower_order_final:
+        return (cycle * (steps // order) + [1] * steps)[:steps] if steps % order else cycle * (steps // order)
+    if order == 3:
+        tail = {0: [1, 2, 1], 1: [1], 2: [1, 2]}[steps % 3]
+        return cycle * ((steps - len(tail)) // 3) + tail
+    if order == 2:
+        return cycle * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else cycle * (steps // 2) + [1]
+    return [1] * steps
+
+
+def dpmpp_singlestep(
+    run: Run, x: torch.Tensor, *, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True
+) -> torch.Tensor:
+    """Singlestep DPM-Solver++ (Lu et al. 2022b, Alg. 1 with its stages on the grid's own knots;
+    diffusers' `DPMSolverSinglestepScheduler`): the orders cycle 1, 2, (3); a k-th order update starts
+    from the state k − 1 knots back and uses the data predictions at those knots as its stages,
+
+        k = 2: x_{i+1} = (σ_{i+1}/σ_{i−1}) x_{i−1} − α_{i+1} φ (D_{i−1} + ½ D₁)   (midpoint)
+               ("heun": the ½ φ D₁ term becomes −(φ/h + 1) D₁),
+
+    φ = expm1(−h), h = λ_{i+1} − λ_{i−1}, D₁ = (D_i − D_{i−1})/r, r = (λ_i − λ_{i−1})/h; k = 3 in the
+    same way over three knots. One evaluation a knot; the step to the data is first order."""
+    order = check_int("order", order, 1, 3)
+    if solver_type not in ("midpoint", "heun"):
+        raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
+    p = PathGrid(run)
+    n = len(p.t) - 1
+    orders = _singlestep_orders(n, order, bool(lower_order_final))
+    if p.s[n] == 0:  # diffusers' final_sigmas_type="zero"
+        orders[-1] = 1
+    dens: deque = deque(maxlen=3)  # data predictions at the last knots, newest last
+    start = 0  # the knot the current update starts from
+    for i in run.steps():
+        dens.append(p.denoise(x, i))
+        k = min(orders[i], len(dens))
+        while k > 1 and p.lam[i - k + 1] == -math.inf:  # no higher order from pure noise
+            k -= 1
+        if k == 1:
+            start, x_start = i, x
+            x = ddim_step(x, dens[-1], p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        else:
+            j = i - k + 1  # the update's first knot (where x_start was saved)
+            if j != start:
+                raise RuntimeError("dpmpp_singlestep: order schedule out of step")  # cannot happen
+            h = p.lam[i + 1] - p.lam[j]
+            phi = math.expm1(-h)
+            base = (p.s[i + 1] / p.s[j]) * x_start - (p.a[i + 1] * phi) * dens[-k]
+            if k == 2:
+                r0 = (p.lam[i] - p.lam[j]) / h
+                d1 = (dens[-1] - dens[-2]) / r0
+                if solver_type == "midpoint":
+                    x = base - (0.5 * p.a[i + 1] * phi) * d1
+                else:
+                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1
+            else:
+                r0, r1 = (p.lam[i] - p.lam[j]) / h, (p.lam[i - 1] - p.lam[j]) / h
+                d1_0, d1_1 = (dens[-2] - dens[-3]) / r1, (dens[-1] - dens[-3]) / r0
+                if solver_type == "midpoint":
+                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1_1
+                else:
+                    d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
+                    d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
+                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1 - (p.a[i + 1] * ((phi + h) / h**2 - 0.5)) * d2
         run.tick(i, x)
     return x
 
