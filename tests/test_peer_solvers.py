@@ -20,12 +20,52 @@ def unet64():
                        layers_per_block=1, norm_num_groups=4).eval().double()
 
 
-def _diffusers_loop(unet, sched, z):
+def _diffusers_loop(unet, sched, z, **step_kw):
     x = z * sched.init_noise_sigma
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x, **step_kw).prev_sample
     return x
+
+
+class BrownianIncrements:
+    """A k-diffusion / diffusers noise sampler from flowsolve's per-sample stream (seed 5, stream 1),
+    drawn as `dpmpp_sde` draws: called for (ρ_i, ρ_s) it returns a over [ρ_s, ρ_i]; then for
+    (ρ_i, ρ_{i+1}) the increment of the same path over [ρ_{i+1}, ρ_i], (√d₁ a + √d₂ b)/√(d₁ + d₂)."""
+
+    def __init__(self, n, shape):
+        self.src, self.first = SampleNoise(5, 0, n, shape, torch.float64, "cpu", stream=1), None
+
+    def __call__(self, s, s_next):
+        if self.first is None:
+            self.first = (self.src(), float(s) - float(s_next), float(s_next))
+            return self.first[0]
+        (a, d1, s_mid), b = self.first, self.src()
+        d2, self.first = s_mid - float(s_next), None
+        return (d1 ** 0.5 * a + d2 ** 0.5 * b) / (d1 + d2) ** 0.5
+
+
+def _in_float64(sched, steps):
+    """The scheduler set to `steps` with its σ's and schedule tensors in float64 (as the flowsolve side)."""
+    sched.set_timesteps(steps)
+    for key in ("sigmas", "alphas_cumprod", "sigmas_interpol", "sigmas_up", "sigmas_down"):
+        if isinstance(getattr(sched, key, None), torch.Tensor):
+            setattr(sched, key, getattr(sched, key).double())
+    return sched
+
+
+def _noisy_diffusers_loop(unet, sched, z, **step_kw):
+    """`_diffusers_loop` with the scheduler module's `randn_tensor` handing out flowsolve's per-sample
+    noise stream (seed 5, stream 1), so stochastic schedulers and solvers see the same noise."""
+    import importlib
+
+    module = importlib.import_module(type(sched).__module__)
+    src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    try:
+        return _diffusers_loop(unet, sched, z, **step_kw)
+    finally:
+        module.randn_tensor = original
 
 
 @pytest.mark.parametrize("name,cls,kw", [
@@ -82,11 +122,7 @@ def test_a_schedulers_own_loop_is_the_solver_of_its_name(unet64, name, kw, solve
     import diffusers
     cls = getattr(diffusers, name)
     steps = 10
-    sched = cls(num_train_timesteps=1000, **kw)
-    sched.set_timesteps(steps)
-    for key in ("sigmas", "alphas_cumprod"):
-        if isinstance(getattr(sched, key, None), torch.Tensor):
-            setattr(sched, key, getattr(sched, key).double())
+    sched = _in_float64(cls(num_train_timesteps=1000, **kw), steps)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = _diffusers_loop(unet64, sched, z)
     m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
@@ -166,22 +202,10 @@ def test_dpmpp_sde_is_k_diffusions_with_brownian_increments(gmm64):
     sig = K.get_sigmas_karras(10, 0.002, 80.0).double()
     z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
 
-    class Brownian:  # ε₁ = a over [ρ_s, ρ_i]; ε₂ = (√d₁ a + √d₂ b)/√(d₁ + d₂) over [ρ_{i+1}, ρ_i]
-        def __init__(self):
-            self.src, self.first = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1), None
-
-        def __call__(self, s, s_next):
-            if self.first is None:
-                self.first = (self.src(), float(s) - float(s_next), float(s_next))
-                return self.first[0]
-            (a, d1, s_mid), b = self.first, self.src()
-            d2, self.first = s_mid - float(s_next), None
-            return (d1 ** 0.5 * a + d2 ** 0.5 * b) / (d1 + d2) ** 0.5
-
     field = fs.fields.EDM(gmm64.denoiser)
     for eta, r in [(1.0, 0.5), (0.6, 0.3)]:
         ref = K.sample_dpmpp_sde(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), sig, disable=True,
-                                 eta=eta, r=r, noise_sampler=Brownian())
+                                 eta=eta, r=r, noise_sampler=BrownianIncrements(64, (64,)))
         got, info = fs.sample(field, "dpmpp_sde", grid=sig, x_init=z, seed=5, eta=eta, r=r, return_info=True)
         assert (got - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
         assert info.nfe == 2 * 10 - 1
@@ -428,27 +452,10 @@ def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, na
     """DDPM's ancestral step (its posterior, variance "fixed_small"), DDIM with η and
     EulerAncestralDiscrete are `euler_ancestral` (k-diffusion's ρ_up / ρ_down split, `eta` = DDIM's η)
     on the scheduler's own grid: handed flowsolve's per-sample noise, diffusers' loop gives the same samples."""
-    import importlib
-
     import diffusers
     cls = getattr(diffusers, name)
-    module = importlib.import_module(cls.__module__)
-    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
-    original = module.randn_tensor
-    module.randn_tensor = lambda shape, **k: src()
-    try:
-        sched = cls(num_train_timesteps=1000, **kw)
-        sched.set_timesteps(10)
-        for key in ("sigmas", "alphas_cumprod", "sigmas_interpol", "sigmas_up", "sigmas_down"):
-            if isinstance(getattr(sched, key, None), torch.Tensor):
-                setattr(sched, key, getattr(sched, key).double())
-        z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        ref = z * sched.init_noise_sigma
-        with torch.no_grad():
-            for t in sched.timesteps:
-                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref, **step_kw).prev_sample
-    finally:
-        module.randn_tensor = original
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, _in_float64(cls(num_train_timesteps=1000, **kw), 10), z, **step_kw)
     m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
     field = m.field()
     grid = field.grid(10, "schedule")
@@ -492,21 +499,9 @@ def test_a_latent_consistency_model_is_consistency_sampling(unet64, steps):
     """LCMScheduler's boundary condition D = c_skip(t) x_t + c_out(t) x̂_0 (scaled timestep, σ_data = 0.5)
     lives in the adapter's D; `consistency` on the model's default grid (LCM's skipping timesteps) is
     its multistep loop, given the same noise."""
-    import diffusers.schedulers.scheduling_lcm as lcm
     from diffusers import LCMScheduler
-    sched = LCMScheduler()
-    sched.set_timesteps(steps)
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = z * sched.init_noise_sigma
-    original, lcm.randn_tensor = lcm.randn_tensor, lambda shape, **k: src()
-    try:
-        with torch.no_grad():
-            for t in sched.timesteps:
-                ref = sched.step(unet64(ref, t).sample, t, ref).prev_sample
-    finally:
-        lcm.randn_tensor = original
+    ref = _noisy_diffusers_loop(unet64, _in_float64(LCMScheduler(), steps), z)
     m = fs.models.from_diffusers(unet64, LCMScheduler())
     field = m.field()
     grid = field.grid(steps, "schedule")
@@ -522,21 +517,9 @@ def test_a_consistency_model_is_consistency_sampling_with_its_boundary(unet64, s
     boundary condition c_skip(σ − ε), c_out(σ − ε) and the [−1, 1] clamp live in D; `consistency` with
     `sigma_min=ε` (Alg. 1's re-noising to √(σ² − ε²)) on the model's default grid is the scheduler's
     loop, given the same noise (to diffusers' float32 timesteps)."""
-    import diffusers.schedulers.scheduling_consistency_models as cm
     from diffusers import CMStochasticIterativeScheduler
-    sched = CMStochasticIterativeScheduler()
-    sched.set_timesteps(steps)
-    sched.sigmas = sched.sigmas.double()
-    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = z * sched.init_noise_sigma
-    original, cm.randn_tensor = cm.randn_tensor, lambda shape, **k: src()
-    try:
-        with torch.no_grad():
-            for t in sched.timesteps:
-                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref).prev_sample
-    finally:
-        cm.randn_tensor = original
+    ref = _noisy_diffusers_loop(unet64, _in_float64(CMStochasticIterativeScheduler(), steps), z)
     m = fs.models.from_diffusers(unet64, CMStochasticIterativeScheduler())
     assert m.schedule == "cm" and m.clip_sample
     x, info = fs.sample(m.field(), "consistency", nfe=steps, x_init=z * 80.0, seed=5, dtype=torch.float64,
@@ -555,28 +538,11 @@ def test_dpm_solver_sde_scheduler_is_dpmpp_sde_with_the_same_brownian_increments
     from diffusers import DPMSolverSDEScheduler
     module = importlib.import_module(DPMSolverSDEScheduler.__module__)
 
-    class Brownian:  # ε₁ over [ρ_s, ρ_i], ε₂ over [ρ_{i+1}, ρ_i], from one per-sample path
-        def __init__(self, *args, **kwargs):
-            self.src, self.first = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1), None
-
-        def __call__(self, s, s_next):
-            if self.first is None:
-                self.first = (self.src(), float(s) - float(s_next), float(s_next))
-                return self.first[0]
-            (a, d1, s_mid), b = self.first, self.src()
-            d2, self.first = s_mid - float(s_next), None
-            return (d1 ** 0.5 * a + d2 ** 0.5 * b) / (d1 + d2) ** 0.5
-
-    original, module.BrownianTreeNoiseSampler = module.BrownianTreeNoiseSampler, Brownian
+    brownian = lambda *args, **kwargs: BrownianIncrements(3, (1, 8, 8))  # noqa: E731  # diffusers' constructor
+    original, module.BrownianTreeNoiseSampler = module.BrownianTreeNoiseSampler, brownian
     try:
-        sched = DPMSolverSDEScheduler()
-        sched.set_timesteps(10)
-        sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
         z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        ref = z * sched.init_noise_sigma
-        with torch.no_grad():
-            for t in sched.timesteps:
-                ref = sched.step(unet64(sched.scale_model_input(ref, t), t).sample, t, ref).prev_sample
+        ref = _diffusers_loop(unet64, _in_float64(DPMSolverSDEScheduler(), 10), z)
     finally:
         module.BrownianTreeNoiseSampler = original
     m = fs.models.from_diffusers(unet64, DPMSolverSDEScheduler())
@@ -595,11 +561,8 @@ def test_dpm_solver_singlestep_scheduler_is_dpmpp_singlestep(unet64, steps, orde
     lower-order final steps) is `dpmpp_singlestep` on the model's default grid, to float64 round-off."""
     from diffusers import DPMSolverSinglestepScheduler
     kw = dict(num_train_timesteps=1000, solver_order=order, solver_type=solver_type)
-    sched = DPMSolverSinglestepScheduler(**kw)
-    sched.set_timesteps(steps)
-    sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = _diffusers_loop(unet64, sched, z)
+    ref = _diffusers_loop(unet64, _in_float64(DPMSolverSinglestepScheduler(**kw), steps), z)
     m = fs.models.from_diffusers(unet64, DPMSolverSinglestepScheduler(**kw))
     field = m.field()
     grid = field.grid(steps, "schedule")

@@ -216,7 +216,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         sched = copy.deepcopy(self.scheduler)
         kw = {"mu": self.mu} if self.mu is not None else {}
         sched.set_timesteps(steps, **kw)
-        return torch.unique_consecutive(sched.sigmas.double())  # Heun schedulers repeat their knots
+        return _distinct_knots(sched.sigmas.double())  # Heun schedulers repeat their knots
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import FlowMatching

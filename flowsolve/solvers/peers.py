@@ -49,6 +49,21 @@ def _ancestral(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
     return math.sqrt(max(rho_next**2 - up**2, 0.0)), up
 
 
+def _first_order_ve(p: PathGrid, i: int, x: torch.Tensor, den: torch.Tensor, rho_to: float) -> torch.Tensor:
+    """x̃ at level ρ_to by the first-order (DDIM) step from knot i, in VE coordinates:
+    x̃' = (ρ_to/ρ_i) x̃_i + (1 − ρ_to/ρ_i) D_i, written with x/σ_i = x̃/ρ_i so that it is finite from pure
+    noise (ρ_i = ∞: x̃' = ρ_to x/σ_i + D_i)."""
+    ratio = 0.0 if math.isinf(p.rho(i)) else rho_to / p.rho(i)
+    return rho_to * (x / p.s[i]) + (1.0 - ratio) * den
+
+
+def _ancestral_noise(run: Run, p: PathGrid, i: int, xt: torch.Tensor, up: float, s_noise: float) -> torch.Tensor:
+    """The state at knot i + 1 from x̃ at ρ_down: add ρ_up ε (per sample; none at the data), then x = α x̃."""
+    if up > 0 and p.s[i + 1] > 0:
+        xt = xt + (s_noise * up) * run.noise()
+    return p.a[i + 1] * xt
+
+
 def _check_eta(eta) -> float:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
         raise ArgumentError(f"eta: expected a non-negative noise share (0: deterministic), got {eta!r}")
@@ -215,16 +230,14 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
         down, up = _ancestral(rho_i, rho_next, eta)
         xs = x / p.s[i]  # x̃/ρ_i = x/σ_i (finite from pure noise)
         if down == 0 or math.isinf(rho_i):
-            xt_new = down * xs + (1.0 if math.isinf(rho_i) else 1.0 - down / rho_i) * den
+            xt_new = _first_order_ve(p, i, x, den, down)
         else:
             h = math.log(rho_i / down)
             lam_m = -math.log(rho_i) + 0.5 * h
             xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den  # ρ_m x̃/ρ_i − expm1(−h/2) D
             den_m = p.denoise_ve(xt_m, lam_m)
             xt_new = down * xs - math.expm1(-h) * den_m
-        if up > 0 and p.s[i + 1] > 0:
-            xt_new = xt_new + up * run.noise()
-        x = p.a[i + 1] * xt_new
+        x = _ancestral_noise(run, p, i, xt_new, up, 1.0)
         run.tick(i, x)
     return x
 
@@ -239,17 +252,15 @@ def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
         den = p.denoise(x, i)
         rho_i = p.rho(i)
         down, up = _ancestral(rho_i, p.rho(i + 1), eta)
-        if down == 0 or math.isinf(rho_i):  # first order: Euler to ρ_down (from pure noise: x̃ = D + ...)
-            xt = down * (x / p.s[i]) + (1.0 - (0.0 if math.isinf(rho_i) else down / rho_i)) * den
+        if down == 0 or math.isinf(rho_i):  # first order: Euler to ρ_down (DDIM from pure noise)
+            xt = _first_order_ve(p, i, x, den, down)
         else:
             xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
             rho_m = math.sqrt(rho_i * down)  # the log-ρ midpoint of [ρ_down, ρ_i]
             xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
             den_m = p.denoise_ve(xt_m, -math.log(rho_m))
             xt = xt + (down - rho_i) / rho_m * (xt_m - den_m)  # the full step with the midpoint's slope
-        if up > 0 and p.s[i + 1] > 0:
-            xt = xt + (s_noise * up) * run.noise()
-        x = p.a[i + 1] * xt
+        x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
 
@@ -274,9 +285,7 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
         rho_i, rho_j = p.rho(i), p.rho(i + 1)
         if rho_j == 0 or math.isinf(rho_i):  # to the data, or from pure noise: one first-order step
             down, up = _ancestral(rho_i, rho_j, eta)
-            xt = down * (x / p.s[i]) + (1.0 - (0.0 if math.isinf(rho_i) else down / rho_i)) * den
-            if up > 0 and p.s[i + 1] > 0:
-                xt = xt + (s_noise * up) * run.noise()
+            x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
         else:
             xt = x / p.a[i]
             rho_s = rho_i * math.exp(-r * math.log(rho_i / rho_j))
@@ -293,7 +302,7 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
             xt = (d2 / rho_i) * xt + (1.0 - d2 / rho_i) * ((1.0 - fac) * den + fac * den_s)  # stage 2
             if eta:
                 xt = xt + (s_noise * u2 / math.sqrt(rho_i - rho_j)) * w2
-        x = p.a[i + 1] * xt
+            x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
 
@@ -315,7 +324,7 @@ def _fast_orders(steps: int, budget: int | None, order: int, first_order: list[b
         elif left is None:
             k = order
         else:
-            k = max(1, min(order, left - sum(1 for _ in range(i + 1, steps))))
+            k = max(1, min(order, left - (steps - i - 1)))  # leave one evaluation for each later step
         orders.append(k)
         left = None if left is None else left - k
     return orders
@@ -347,28 +356,20 @@ def dpm_fast(run: Run, x: torch.Tensor, *, order: int = 3, eta: float = 0.0, s_n
         if down < rho_end:  # not past the grid's end (k-diffusion: t_next = min(t_end, t(σ_down)))
             down, up = rho_end, math.sqrt(max(rho_j**2 - rho_end**2, 0.0))
         if orders[i] == 1 or down == 0:
-            xt = down * (x / p.s[i]) + (1.0 - (0.0 if math.isinf(rho_i) else down / rho_i)) * den
+            xt = _first_order_ve(p, i, x, den, down)
         else:
             xt = x / p.a[i]
-            eps = (xt - den) / rho_i
-            h = math.log(rho_i / down)
-            if orders[i] == 2:
-                r1 = 0.5
-                rho_1 = rho_i * math.exp(-r1 * h)  # the stage at λ_i + h/2
-                e1 = _eps_ve(p, xt - (rho_i - rho_1) * eps, rho_1)
-                xt = xt - (rho_i - down) * eps - (rho_i - down) / (2 * r1) * (e1 - eps)
-            else:
-                r1, r2 = 1 / 3, 2 / 3
-                rho_1, rho_2 = rho_i * math.exp(-r1 * h), rho_i * math.exp(-r2 * h)  # stages at λ_i + h/3, 2h/3
-                e1 = _eps_ve(p, xt - (rho_i - rho_1) * eps, rho_1)
-                u2 = xt - (rho_i - rho_2) * eps - (r2 / r1) * ((rho_i - rho_2) / (r2 * h) - rho_2) * (e1 - eps)
-                e2 = _eps_ve(p, u2, rho_2)
-                xt = xt - (rho_i - down) * eps - (down / r2) * (math.expm1(h) / h - 1.0) * (e2 - eps)
-        if up > 0 and p.s[i + 1] > 0:
-            xt = xt + (s_noise * up) * run.noise()
-        x = p.a[i + 1] * xt
+            xt, _ = _dpm_stages(p, xt, (xt - den) / rho_i, rho_i, down, orders[i], 0.5 if orders[i] == 2 else 1 / 3)
+        x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
+
+
+def _dpm_solver_2(
+    xt: torch.Tensor, eps: torch.Tensor, e1: torch.Tensor, rho: float, rho_next: float, r1: float
+) -> torch.Tensor:
+    """DPM-Solver-2's update from ε at ρ and ε₁ at its stage λ + r₁ h: x̃ − (ρ − ρ')(ε + (ε₁ − ε)/(2r₁))."""
+    return xt - (rho - rho_next) * eps - (rho - rho_next) / (2 * r1) * (e1 - eps)
 
 
 def _dpm_stages(
@@ -382,7 +383,7 @@ def _dpm_stages(
     rho_1 = rho * math.exp(-r1 * h)
     e1 = _eps_ve(p, xt - (rho - rho_1) * eps, rho_1)
     if order == 2:
-        return xt - (rho - rho_next) * eps - (rho - rho_next) / (2 * r1) * (e1 - eps), e1
+        return _dpm_solver_2(xt, eps, e1, rho, rho_next, r1), e1
     r2 = 2 / 3
     rho_2 = rho * math.exp(-r2 * h)
     u2 = xt - (rho - rho_2) * eps - (r2 / r1) * ((rho - rho_2) / (r2 * h) - rho_2) * (e1 - eps)
@@ -433,9 +434,8 @@ def dpm_adaptive(
     xt = x / p.a[0]
     x_prev, eps_s = xt, None
     h, errs = abs(float(h_init)), [0.0, 0.0, 0.0]
-    b1 = (pcoeff + icoeff + dcoeff) / (1.5 if eta else order)  # the PID exponents (k-diffusion's controller)
-    b2 = -(pcoeff + 2 * dcoeff) / (1.5 if eta else order)
-    b3 = dcoeff / (1.5 if eta else order)
+    k = 1.5 if eta else order  # the PID exponents (k-diffusion's controller, order 1.5 with noise)
+    b1, b2, b3 = (pcoeff + icoeff + dcoeff) / k, -(pcoeff + 2 * dcoeff) / k, dcoeff / k
     first = True
     while s < t_end - 1e-5:
         t = min(t_end, s + h)
@@ -451,7 +451,7 @@ def dpm_adaptive(
         else:  # DPM-Solver-2 with r₁ = 1/3 shares its stage with DPM-Solver-3
             x_high, e1 = _dpm_stages(p, xt, eps_s, rho_s, down, 3, 1 / 3)
             assert e1 is not None
-            x_low = xt - (rho_s - down) * eps_s - (rho_s - down) / (2 / 3) * (e1 - eps_s)
+            x_low = _dpm_solver_2(xt, eps_s, e1, rho_s, down, 1 / 3)
         delta = torch.maximum(torch.full_like(x_low, float(atol)), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = float(((x_low - x_high) / delta).norm()) / math.sqrt(x_low.numel())
         inv = 1.0 / (error + 1e-8)
@@ -515,7 +515,7 @@ def _singlestep_orders(steps: int, order: int, lower_order_final: bool) -> list[
     singlestep update whose stages are grid knots; with `lower_order_final` the cycles fit the steps."""
     cycle = list(range(1, order + 1))
     if not lower_order_final:
-        return (cycle * (steps // order) + [1] * steps)[:steps] if steps % order else cycle * (steps // order)
+        return (cycle * (steps // order + 1))[:steps]
     if order == 3:
         tail = {0: [1, 2, 1], 1: [1], 2: [1, 2]}[steps % 3]
         return cycle * ((steps - len(tail)) // 3) + tail
@@ -545,19 +545,16 @@ def dpmpp_singlestep(
     if p.s[n] == 0:  # diffusers' final_sigmas_type="zero"
         orders[-1] = 1
     dens: deque = deque(maxlen=3)  # data predictions at the last knots, newest last
-    start = 0  # the knot the current update starts from
     for i in run.steps():
         dens.append(p.denoise(x, i))
         k = min(orders[i], len(dens))
         while k > 1 and p.lam[i - k + 1] == -math.inf:  # no higher order from pure noise
             k -= 1
-        if k == 1:
-            start, x_start = i, x
+        if k == 1:  # a cycle starts here: its later, higher-order updates start from this state
+            x_start = x
             x = ddim_step(x, dens[-1], p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             j = i - k + 1  # the update's first knot (where x_start was saved)
-            if j != start:
-                raise RuntimeError("dpmpp_singlestep: order schedule out of step")  # cannot happen
             h = p.lam[i + 1] - p.lam[j]
             phi = math.expm1(-h)
             base = (p.s[i + 1] / p.s[j]) * x_start - (p.a[i + 1] * phi) * dens[-k]
@@ -621,13 +618,8 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        rho_i = p.rho(i)
-        down, up = _ancestral(rho_i, p.rho(i + 1), eta)
-        ratio = 0.0 if math.isinf(rho_i) else down / rho_i
-        xt = down * (x / p.s[i]) + (1.0 - ratio) * den
-        if up > 0 and p.s[i + 1] > 0:
-            xt = xt + (s_noise * up) * run.noise()
-        x = p.a[i + 1] * xt
+        down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
+        x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
         run.tick(i, x)
     return x
 
