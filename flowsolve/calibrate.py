@@ -36,6 +36,7 @@ import torch
 
 from . import grids
 from ._checks import check_int, check_number
+from ._cond import map_leaves
 from .errors import ArgumentError
 from .fields.base import Field
 
@@ -328,4 +329,4 @@ def _rows(cond: dict | None, n: int) -> dict | None:
     """The first n rows of each conditioning tensor (rows of size 1 are kept)."""
     if not cond:
         return cond
-    return {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) > 1 else v) for k, v in cond.items()}
+    return map_leaves(lambda _, v: v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) > 1 else v, cond)

@@ -13,6 +13,7 @@ from . import grids, solvers
 from .fields.base import DOMAIN_TOLERANCE, Field
 from .noise import SampleNoise, fresh_seed
 from ._checks import check_device, check_dtype, check_int, check_memory
+from ._cond import map_leaves
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -59,10 +60,18 @@ def check_cond(cond, n: int) -> dict:
         return {}
     if not isinstance(cond, dict):
         raise ArgumentTypeError(f"cond: expected a dict such as {{'class_labels': labels}}, got {type(cond).__name__}")
-    out = {}
+    return _check_cond_level(cond, n, "")
+
+
+def _check_cond_level(cond: dict, n: int, prefix: str) -> dict:
+    out: dict = {}
     for k, v in cond.items():
         if not isinstance(k, str):
             raise ArgumentTypeError(f"cond: keys must be names (str), got {k!r}")
+        if isinstance(v, dict):  # a dict-valued model input (SDXL's added_cond_kwargs): its leaves are rows
+            out[k] = _check_cond_level(v, n, f"{prefix}{k}.")
+            continue
+        k = prefix + k
         if not isinstance(v, torch.Tensor):
             try:
                 v = torch.as_tensor(v)
@@ -77,16 +86,15 @@ def check_cond(cond, n: int) -> dict:
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ArgumentError(f"cond: key {k!r} holds NaN or inf")
-        out[k] = v
+        out[k.removeprefix(prefix)] = v
     return out
 
 
 def cond_rows(cond: dict, start: int, count: int, n: int) -> dict:
     """The rows start .. start + count − 1 of every conditioning tensor (size-1 ones expanded)."""
-    return {
-        k: (v[start : start + count] if v.shape[0] == n and n != 1 else v.expand(count, *v.shape[1:]))
-        for k, v in cond.items()
-    }
+    return map_leaves(
+        lambda _, v: v[start : start + count] if v.shape[0] == n and n != 1 else v.expand(count, *v.shape[1:]), cond
+    )
 
 
 def _particles(field: Field, n, shape, x_init, device, dtype) -> tuple[int, tuple[int, ...], torch.device, torch.dtype]:
@@ -168,15 +176,17 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
     whose default is a FlowMatch scheduler's schedule (made for Euler and Heun: its last step is a
     sliver from 1/N·10⁻³ to 0), every other solver walks a uniform grid in t from 1 to 0: on
     digits-flow at NFE 8 the endpoint error of UniPC-3 falls from 1.05 to 0.29, of iPNDM from 0.48
-    to 0.29 (as diffusers' own flow-sigma schedulers do). A diffusers DDPM-type model keeps its
-    scheduler's schedule, so that e.g. `unipc` reproduces a UniPC scheduler's loop."""
+    to 0.29 (as diffusers' own flow-sigma schedulers do). A diffusers DDPM-type model, or a flow model
+    with a multistep scheduler in flow mode, keeps its scheduler's schedule, so that e.g. `unipc`
+    reproduces a UniPC scheduler's loop."""
     from .fields import FlowMatching
 
     kind = getattr(field, "default_grid", None)
     if kind == "karras":
         return spec.default_grid
     if kind == "schedule" and isinstance(field, FlowMatching) and spec.name not in _SCHEDULE_LOOPS:
-        return "uniform"
+        # a multistep scheduler in flow mode (DPM-Solver, UniPC: Wan, Sana) made its schedule for all
+        return None if getattr(field, "schedule_for_every_solver", False) else "uniform"
     return None
 
 
@@ -348,7 +358,7 @@ def sample(
         noise = (
             SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1) if spec.stochastic else None
         )
-        bound = field.bind({k: v.to(device) for k, v in cond_rows(cond, start, count, n).items()})
+        bound = field.bind(map_leaves(lambda _, v: v.to(device), cond_rows(cond, start, count, n)))
         run = solvers.Run(
             bound,
             g64,

@@ -103,6 +103,14 @@ _SCHEDULER_LOOPS = [
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
+    # spaced σ's whose timesteps the scheduler casts to integers (rounded or truncated): the network
+    # sees the scheduler's timestep on its knots (`integer_timesteps`, on by default for these)
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, "dpmpp_2m"),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc"),
+    ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "dpmpp_singlestep"),
     ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
     ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction",   # CosXL-style
                                 "use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 120.0}, "euler"),
@@ -570,3 +578,34 @@ def test_dpm_solver_singlestep_scheduler_is_dpmpp_singlestep(unet64, steps, orde
                         dtype=torch.float64, order=order, solver_type=solver_type, return_info=True)
     assert info.nfe == steps
     assert (x - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("cls_name", ["DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_k_diffusions_discrete_wrappers_are_the_diffusers_adapter(unet64, cls_name, quantize):
+    """k-diffusion's wrappers of a DDPM-trained network (its `external` module) and `from_diffusers`
+    are the same denoiser: fractional timesteps by log-σ interpolation, or with `quantize=True` the
+    nearest timestep, which is `integer_timesteps=True` here. Same samples of `sample_dpmpp_2m`."""
+    import importlib
+    from diffusers import DDPMScheduler
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    external = importlib.import_module("k_diffusion.external")
+    pred = "epsilon" if "Eps" in cls_name else "v_prediction"
+
+    class Inner(torch.nn.Module):
+        def forward(self, x, t, **kw):
+            return unet64(x, t).sample
+    kd = getattr(external, cls_name)(Inner(), DDPMScheduler().alphas_cumprod.double(), quantize=quantize)
+    sig = K.get_sigmas_karras(10, kd.sigma_min.item(), kd.sigma_max.item()).double()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        ref = K.sample_dpmpp_2m(kd, z * sig[0], sig, disable=True)
+    # k-diffusion never clips D; DDPMScheduler's default config does
+    m = fs.models.from_diffusers(unet64, DDPMScheduler(prediction_type=pred), clip_sample=False,
+                                 integer_timesteps=quantize)
+    x = fs.sample(m.field(), "dpmpp_2m", grid=sig, x_init=z * sig[0], dtype=torch.float64)
+    assert (x - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    if quantize:       # the rounded timesteps matter: without them the samples differ
+        off = fs.sample(fs.models.from_diffusers(unet64, DDPMScheduler(prediction_type=pred), clip_sample=False).field(),
+                        "dpmpp_2m", grid=sig, x_init=z * sig[0], dtype=torch.float64)
+        assert (off - ref).abs().max().item() > 1e-6 * ref.abs().max().item()

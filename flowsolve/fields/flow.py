@@ -37,6 +37,7 @@ class FlowMatching(Field):
     finite_at_end = False
     default_grid = "schedule"
     default_nfe = 28
+    schedule_for_every_solver = False  # False: the schedule is a FlowMatch scheduler's, for Euler/Heun
 
     def __init__(
         self,

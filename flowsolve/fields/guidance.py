@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from .._checks import as_column, check_number
+from .._cond import map_leaves, merge_leaves, zip_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
@@ -55,6 +56,16 @@ def _rows(value: Any, n: int, key: str, like: torch.Tensor | None = None) -> tor
     if value.shape[0] != n:
         raise ArgumentError(f"uncond: key {key!r} has leading size {value.shape[0]}; expected {n} or 1")
     return value
+
+
+def _leaf(cond: dict, path: str):
+    """The value at "outer.inner" in a (nested) conditioning dict, None if absent."""
+    node: Any = cond
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _keywords(fn: Callable) -> set[str] | None:
@@ -138,10 +149,9 @@ class GuidedDenoiser:
 
     # -- the two branches ---------------------------------------------------------------------
     def _uncond_inputs(self, cond: dict, n: int) -> dict:
-        out = dict(cond)
-        for k, v in self.uncond.items():
-            out[k] = _rows(v, n, k, cond.get(k))
-        return out
+        """cond with the unconditional inputs in place (nested dict inputs merged leaf by leaf)."""
+        like = lambda path: _leaf(cond, path)  # noqa: E731
+        return merge_leaves(cond, map_leaves(lambda path, v: _rows(v, n, path, like(path)), self.uncond))
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
@@ -153,10 +163,12 @@ class GuidedDenoiser:
             self.last_passes = 2
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)
-        both = {}
-        for k in unc:  # one batch of 2n: [conditional rows; unconditional rows]
-            c = _rows(cond[k], n, k) if k in cond else unc[k]
-            both[k] = torch.cat([c, unc[k].to(c.dtype)])
+
+        def stack(path: str, c, u):  # one batch of 2n: [conditional rows; unconditional rows]
+            c = _rows(c, n, path) if c is not None else u
+            return torch.cat([c, u.to(c.dtype)])
+
+        both = zip_leaves(stack, cond, unc)
         d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         self.last_passes = 1
         return d[:n], d[n:]

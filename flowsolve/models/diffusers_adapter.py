@@ -24,6 +24,7 @@ from torch import nn
 from .precond import Denoiser
 from .protocol import ParticleModel
 from .._checks import model_dtype, nearest
+from .._cond import map_leaves, merge_leaves
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
-_MODEL_CLASSES = (
+_MODEL_CLASSES = (  # examples named in errors; any diffusers ModelMixin class loads
     "UNet2DModel",
     "UNet2DConditionModel",
     "DiTTransformer2DModel",
@@ -53,8 +54,10 @@ def _config(obj) -> dict:
 
 
 class LatentDecoding:
-    """`decode(latents)` for models of latent pipelines: latents / scaling_factor through the VAE's
-    decoder, as the pipelines do (images in the VAE's range, about [−1, 1])."""
+    """`decode(latents)` for models of latent pipelines: the latents un-normalised as the pipelines do
+    (latents / scaling_factor + shift_factor: SD, SD3, Flux; latents · std / scaling_factor + mean where
+    the VAE lists per-channel `latents_mean` / `latents_std`: SDXL's, Wan's), then the VAE's decoder
+    (images in the VAE's range, about [−1, 1]). Packed latents (Flux) are unpacked by the caller first."""
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -64,9 +67,18 @@ class LatentDecoding:
                 "decode: this model has no VAE (it samples in data space); load the whole latent "
                 "pipeline, or pass vae= to from_diffusers"
             )
-        scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        cfg = _config(vae)
+        scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            col = (1, -1, *([1] * (latents.dim() - 2)))
+            mean_t = torch.as_tensor(mean, dtype=latents.dtype, device=latents.device).reshape(col)
+            std_t = torch.as_tensor(std, dtype=latents.dtype, device=latents.device).reshape(col)
+            latents = latents * std_t / scale + mean_t
+        else:
+            latents = latents / scale + float(cfg.get("shift_factor", 0.0) or 0.0)
         p = next(vae.parameters())
-        out = vae.decode((latents / scale).to(p.device, p.dtype))
+        out = vae.decode(latents.to(p.device, p.dtype))
         return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -142,34 +154,45 @@ def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> to
     return out[:, : x.shape[1]].to(x.dtype)
 
 
+# inputs that describe positions, not samples: one table for the whole batch (Flux-family transformers)
+_POSITION_INPUTS = frozenset({"img_ids", "txt_ids"})
+
+
 def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     """The model's keyword inputs: fixed `model_kwargs` and per-sample `cond`, checked by key (known to the
-    model, one row per sample or one for all, integer labels, float embeddings cast to the model's dtype)."""
-    merged = {**fixed, **cond}
+    model, one row per sample or one for all, integer labels, float embeddings cast to the model's dtype).
+    A dict-valued input (SDXL's `added_cond_kwargs`) is merged and treated leaf by leaf."""
+    merged = merge_leaves(fixed, cond) if fixed else dict(cond)
     if not merged:
         return {}
     known = accepted_inputs(model) if cond else None
     mdtype = model_dtype(model)
-    out = {}
-    for k, v in merged.items():
+    for k in merged:
         if known is not None and k not in known:
             raise ArgumentError(
                 f"cond: {type(model).__name__}.forward takes no input {k!r}{nearest(k, known)}; "
                 f"it takes {', '.join(sorted(known))}"
             )
-        if isinstance(v, torch.Tensor):
-            if k == "class_labels" and v.is_floating_point():
-                raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
-            if k == "encoder_hidden_states" and not v.is_floating_point():
-                raise ArgumentTypeError(f"cond: key 'encoder_hidden_states' must be floating point, got {v.dtype}")
-            if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
-                v = v.expand(batch, *v.shape[1:])
-            elif v.dim() > 0 and v.shape[0] != batch:
-                raise ArgumentError(f"cond: key {k!r} has {v.shape[0]} rows for a batch of {batch}")
-            if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
-                v = v.to(mdtype)
-        out[k] = v
-    return out
+
+    def prepare(path: str, v):
+        k = path.rsplit(".", 1)[-1]
+        if not isinstance(v, torch.Tensor):
+            return v
+        if k in _POSITION_INPUTS:  # one table for the batch (Flux's ids)
+            return v.to(mdtype) if v.is_floating_point() and mdtype is not None else v
+        if k == "class_labels" and v.is_floating_point():
+            raise ArgumentTypeError(f"cond: key 'class_labels' must hold integer labels, got {v.dtype}")
+        if k == "encoder_hidden_states" and not v.is_floating_point():
+            raise ArgumentTypeError(f"cond: key 'encoder_hidden_states' must be floating point, got {v.dtype}")
+        if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
+            v = v.expand(batch, *v.shape[1:])
+        elif v.dim() > 0 and v.shape[0] != batch:
+            raise ArgumentError(f"cond: key {path!r} has {v.shape[0]} rows for a batch of {batch}")
+        if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
+            v = v.to(mdtype)
+        return v
+
+    return map_leaves(prepare, merged)
 
 
 def _data_shape(model) -> tuple[int, ...] | None:
@@ -181,16 +204,65 @@ def _data_shape(model) -> tuple[int, ...] | None:
     return None
 
 
+# How a flow transformer's pipeline feeds it the time and reads its output, where it is not the
+# FlowMatch default (timestep = 1000 t, v = ε − x_0): (timestep per unit t, reversed time, negated output).
+# Flux-family pipelines pass timestep / 1000 (= t); Lumina's pass 1 − t and negate the prediction
+# (their models run from noise at 0 to data at 1); HiDream's negate it.
+_FLOW_CONVENTIONS: dict[str, tuple[float | None, bool, bool]] = {
+    **{
+        name: (1.0, False, False)
+        for name in (
+            "FluxTransformer2DModel",
+            "Flux2Transformer2DModel",
+            "ChromaTransformer2DModel",
+            "QwenImageTransformer2DModel",
+            "AuraFlowTransformer2DModel",
+            "LongCatImageTransformer2DModel",
+            "OvisImageTransformer2DModel",
+        )
+    },
+    "Lumina2Transformer2DModel": (1.0, True, True),
+    "LuminaNextDiT2DModel": (1.0, True, True),
+    "HiDreamImageTransformer2DModel": (None, False, True),
+}
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """FlowMatch schedulers, and the multistep ones (DPM-Solver, UniPC, DEIS, SA-Solver) in their flow
+    mode (`use_flow_sigmas`, `prediction_type="flow_prediction"`: Wan, Sana)."""
+    cfg = _config(scheduler)
+    name = type(scheduler).__name__
+    return name.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas"))
+
+
 class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
     """A diffusers flow-matching model (UNet or transformer predicting the velocity v = ε − x_0 of
-    x_t = (1 − t) x_0 + t ε, timestep t · num_train_timesteps) with its FlowMatch scheduler.
+    x_t = (1 − t) x_0 + t ε) with its FlowMatch scheduler, or a multistep scheduler in flow mode
+    (DPM-Solver / UniPC / DEIS with `use_flow_sigmas`, `prediction_type="flow_prediction"`).
     `field()` is a `fields.FlowMatching` whose default grid is the scheduler's own schedule for the
     number of steps the NFE budget allows (shift, and dynamic shifting with `mu=`), so `fs.sample(m.field(),
-    "euler", nfe=N)` is the scheduler's loop with N steps and every other solver runs on the same field."""
+    "euler", nfe=N)` is the scheduler's loop with N steps and every other solver runs on the same field.
+
+    The network sees the time as its pipeline feeds it: timestep = `timestep_scale` · t (default
+    num_train_timesteps; 1 for Flux-family transformers, whose pipelines pass timestep / 1000), or
+    `timestep_scale` · (1 − t) with `reverse_time` (Lumina); `negate` flips the sign of its output
+    (Lumina, HiDream predict x_0 − ε). Multistep schedulers in flow mode cast their timesteps to
+    integers (`integer_timesteps`): the network then sees ⌊1000 t⌋, and exactly the scheduler's
+    timestep on its own knots. `None` picks each from the model's class and the scheduler."""
 
     guidable = True
 
-    def __init__(self, model: nn.Module, scheduler, mu: float | None = None, **model_kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler,
+        mu: float | None = None,
+        timestep_scale: float | None = None,
+        reverse_time: bool | None = None,
+        negate: bool | None = None,
+        integer_timesteps: bool | None = None,
+        **model_kwargs,
+    ) -> None:
         super().__init__()
         self.model, self.scheduler, self.mu, self.model_kwargs = model, scheduler, mu, model_kwargs
         cfg = _config(scheduler)
@@ -200,11 +272,43 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"mu: {type(scheduler).__name__} uses dynamic shifting; pass mu= (the shift the "
                 f"pipeline computes from the image size)"
             )
+        if cfg.get("use_flow_sigmas") and cfg.get("prediction_type") != "flow_prediction":
+            raise ArgumentError(
+                f"scheduler: {type(scheduler).__name__} has use_flow_sigmas with prediction_type "
+                f"{cfg.get('prediction_type')!r}; a flow model predicts 'flow_prediction'"
+            )
+        scale, rev, neg = _FLOW_CONVENTIONS.get(type(model).__name__, (None, False, False))
+        if scale is None:  # Sana scales the pipeline's timestep by its config's timestep_scale
+            scale = self.num_train_timesteps * float(_config(model).get("timestep_scale", 1.0) or 1.0)
+        self.timestep_scale = float(scale if timestep_scale is None else timestep_scale)
+        self.reverse_time = rev if reverse_time is None else bool(reverse_time)
+        self.negate = neg if negate is None else bool(negate)
+        integer = not type(scheduler).__name__.startswith("FlowMatch")
+        self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
+        self._knot_timesteps: dict[float, float] = {}  # the scheduler's knots t -> its integer timestep
         self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return self._network(x, t * self.num_train_timesteps, cond)
+        v = self._network(x, self._timestep(t), cond)
+        return -v if self.negate else v
+
+    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's timestep input at flow time t (one per sample)."""
+        n = self.num_train_timesteps
+        steps = t * n  # the scheduler's timestep
+        if self.integer_timesteps:
+            known = None
+            one = t.dim() == 1 and len(t) > 0 and t.device.type == "cpu"  # one time for the batch (a knot?)
+            if one and (t.stride(0) == 0 or torch.equal(t, t[:1].expand_as(t))):
+                known = self._knot_timesteps.get(float(t[0]))
+            if known is not None:
+                steps = torch.full_like(t, known)
+            else:
+                steps = torch.floor(t.double() * n + 1e-6).to(t.dtype)
+        if self.reverse_time:
+            steps = n - steps
+        return steps if self.timestep_scale == n else steps * (self.timestep_scale / n)
 
     def _network(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
         return call_network(self.model, x, timestep, **model_inputs(self.model, self.model_kwargs, len(x), cond))
@@ -216,7 +320,13 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         sched = copy.deepcopy(self.scheduler)
         kw = {"mu": self.mu} if self.mu is not None else {}
         sched.set_timesteps(steps, **kw)
-        return _distinct_knots(sched.sigmas.double())  # Heun schedulers repeat their knots
+        sigmas = torch.as_tensor(sched.sigmas).double()
+        if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
+            if len(self._knot_timesteps) > 4096:
+                self._knot_timesteps.clear()
+            for s, ts in zip(sigmas.tolist(), torch.as_tensor(sched.timesteps).tolist()):
+                self._knot_timesteps[s] = float(ts)
+        return _distinct_knots(sigmas)  # Heun schedulers repeat their knots
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import FlowMatching
@@ -229,7 +339,10 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
             if guidance is None
             else GuidedDenoiser(self.velocity, guidance, uncond, prediction="velocity", **kw)
         )
-        return self._calibrated(FlowMatching(v, self.data_shape, self.schedule))
+        field = FlowMatching(v, self.data_shape, self.schedule)
+        # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
+        field.schedule_for_every_solver = not type(self.scheduler).__name__.startswith("FlowMatch")
+        return self._calibrated(field)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.velocity(x, t, **cond)
@@ -323,6 +436,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     `model_kwargs` are passed to every model call (e.g. `encoder_hidden_states=` for a
     UNet2DConditionModel; tensors with batch 1 are broadcast to the batch). Where the scheduler's
     `prediction_type` is wrong for the weights, pass `prediction_type=`.
+
+    A σ between the training timesteps maps to a fractional timestep (log-σ interpolation). With
+    `integer_timesteps` the network sees the nearest timestep in log σ (k-diffusion's `quantize=True`),
+    and exactly the scheduler's own timestep on the knots of its schedule. By default this holds
+    for the DPM-Solver, UniPC, DEIS and SA-Solver schedulers whose σ's are Karras, Lu, exponential
+    or beta spaced: they cast their timesteps to integers.
     """
 
     def __init__(
@@ -331,6 +450,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         scheduler,
         prediction_type: str | None = None,
         clip_sample: bool | None = None,
+        integer_timesteps: bool | None = None,
         **model_kwargs,
     ) -> None:
         super().__init__()
@@ -410,6 +530,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
         self.channels = mcfg.get("in_channels")
         self._knot_cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # σ knot -> timestep (CPU)
+        # schedulers that cast the timesteps of their non-uniform σ's to integers (rounded or truncated)
+        spaced = any(
+            cfg.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
+        )
+        casts = type(scheduler).__name__ in _INTEGER_TIMESTEP_SCHEDULERS and spaced and self.schedule == "discrete"
+        self.integer_timesteps = casts if integer_timesteps is None else bool(integer_timesteps)
+        if self.integer_timesteps and self.schedule != "discrete":
+            raise ArgumentError(
+                f"integer_timesteps: only discrete DDPM-style schedules have timesteps, not {self.schedule!r}"
+            )
+        self._scheduler_timesteps: dict[float, float] = {}  # the scheduler's σ knots -> its integer timestep
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -428,7 +559,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             if key not in self._knot_cache:
                 if len(self._knot_cache) > 4096:
                     self._knot_cache.clear()
-                self._knot_cache[key] = self._timesteps(sigma[:1])
+                own = self._scheduler_timesteps.get(key[0]) if self.integer_timesteps else None
+                self._knot_cache[key] = (
+                    torch.full((1,), own, dtype=sigma.dtype) if own is not None else self._timesteps(sigma[:1])
+                )
             return self._knot_cache[key].expand(len(sigma))
         return self._timesteps(sigma)
 
@@ -439,6 +573,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         lo = hi - 1
         t = lo + (q - ls[lo]) / (ls[hi] - ls[lo])
         near = (t - t.round()).abs() < 1e-4
+        if self.integer_timesteps:  # the nearest knot in log σ
+            return t.round().to(sigma.dtype)
         return torch.where(near, t.round(), t).to(sigma.dtype)
 
     def prior_std_at(self, sigma: float) -> float:
@@ -470,6 +606,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             return torch.cat([torch.as_tensor(sched.sigmas, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         sig = getattr(sched, "sigmas", None)
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
+            if self.integer_timesteps:  # remember the timestep the scheduler gives each of its knots
+                if len(self._scheduler_timesteps) > 4096:
+                    self._scheduler_timesteps.clear()
+                for s, ts in zip(sig.double().tolist(), torch.as_tensor(sched.timesteps).tolist()):
+                    self._scheduler_timesteps.setdefault(s, float(ts))
+                self._knot_cache.clear()
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
         steps_at = sched.timesteps
@@ -664,13 +806,13 @@ def load_diffusers_component(path, subfolder: str | None, role: str):
         cls_name = cfg.get("_class_name")
     if role == "scheduler":
         ok = isinstance(cls_name, str) and cls_name.endswith("Scheduler") and hasattr(diffusers, cls_name)
-    else:
-        ok = cls_name in _MODEL_CLASSES
+    else:  # any of diffusers' own model classes (UNets, transformers, VAEs); never remote code
+        found = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
+        ok = isinstance(found, type) and issubclass(found, diffusers.ModelMixin)
     if not ok:
-        raise ArgumentError(
-            f"{role}: unsupported class {cls_name!r} in {path}/{subfolder or ''} "
-            f"(expected {'a diffusers scheduler' if role == 'scheduler' else ' or '.join(_MODEL_CLASSES)})"
-        )
+        expected = "a diffusers scheduler" if role == "scheduler" else "a diffusers model class such as "
+        expected += "" if role == "scheduler" else ", ".join(_MODEL_CLASSES)
+        raise ArgumentError(f"{role}: unsupported class {cls_name!r} in {path}/{subfolder or ''} (expected {expected})")
     cls = getattr(diffusers, cls_name)
     kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     if role == "scheduler":
@@ -698,6 +840,16 @@ def _check_weights(folder: Path) -> None:
 
 
 _DENOISER_PARTS = ("unet", "transformer")
+# schedulers whose timesteps are cast to integers after their σ's are spaced (Karras, Lu, ...)
+_INTEGER_TIMESTEP_SCHEDULERS = frozenset(
+    {
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "SASolverScheduler",
+    }
+)
 _VAE_PARTS = ("vae", "vqvae")
 
 
@@ -783,14 +935,14 @@ def from_diffusers(
         )
     _check_denoiser(model)
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow
-    if scheduler is not None and type(scheduler).__name__.startswith("FlowMatch"):
+    if scheduler is not None and is_flow_scheduler(scheduler):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "SCMScheduler":
         out = DiffusersTrigFlow(model, scheduler, **model_kwargs)
     else:
         out = DiffusersDenoiser(
             model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs
-        )
+        )  # integer_timesteps= travels in model_kwargs to whichever adapter takes it
     if vae is not None:
         out.vae = vae
     return out

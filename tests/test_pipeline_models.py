@@ -1,0 +1,297 @@
+"""Models as their pipelines run them (issue 14's Gaussian paths, widened): multistep schedulers in
+flow mode (Wan's UniPC, Sana's DPM-Solver), Flux-family transformers (timestep / 1000, packed
+latents, position ids, guidance embedding), Lumina's reversed time and negated output, PixArt's
+learned σ with CFG, SDXL's dict-valued conditioning with CFG, folders of any diffusers model class,
+and VAEs with a shift or per-channel statistics. Each is checked against the pipeline's own loop written out with diffusers' scheduler on
+a tiny random model of the real class."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+                       FlowMatchEulerDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
+
+import flowsolve as fs
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4).eval().double()
+
+
+def _loop(net, sched, z, call=None):
+    """A pipeline's loop: the network at the scheduler's (integer) timestep, then its step."""
+    call = call or (lambda x, t: net(x, t).sample)
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(call(x, t), t, x).prev_sample
+    return x
+
+
+def _rel(x, ref):
+    return (x - ref).abs().max().item() / ref.abs().max().item()
+
+
+Z64 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls,kw,solver,opts,tol", [
+    (DPMSolverMultistepScheduler, {}, "dpmpp_2m", {}, 1e-6),                 # diffusers keeps α, σ in float32
+    (DPMSolverMultistepScheduler, {"solver_type": "heun"}, "dpmpp_2m_heun", {}, 1e-6),
+    (DPMSolverMultistepScheduler, {"solver_order": 1}, "ddim", {}, 1e-6),
+    (UniPCMultistepScheduler, {}, "unipc", {}, 1e-12),                       # Wan's
+    (UniPCMultistepScheduler, {"solver_order": 3}, "unipc", {"order": 3}, 1e-12),
+    (DPMSolverSinglestepScheduler, {}, "dpmpp_singlestep", {}, 1e-12),
+    # DEIS in flow mode repeats its last knot (a step that moves nothing): its real last step is
+    # of full order, as `lower_order_final=False` does, and flowsolve saves that step's evaluation
+    (DEISMultistepScheduler, {}, "deis", {"order": 2, "lower_order_final": False}, 1e-12),
+])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_multistep_schedulers_in_flow_mode_are_the_solvers_on_the_flow_field(unet64, cls, kw, solver, opts,
+                                                                             tol, shift):
+    """`use_flow_sigmas` + `flow_prediction` makes the model a flow field whose default grid, for every
+    solver, is the scheduler's schedule; the network sees the scheduler's integer timesteps."""
+    def make():
+        return cls(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift, **kw)
+    sched = make()
+    sched.set_timesteps(10)
+    sched.sigmas = sched.sigmas.double()
+    ref = _loop(unet64, sched, Z64)
+    m = fs.models.from_diffusers(unet64, make())
+    assert isinstance(m, fs.models.DiffusersFlow) and m.integer_timesteps
+    x, info = fs.sample(m.field(), solver, nfe=10, x_init=Z64, dtype=torch.float64, return_info=True, **opts)
+    assert info.nfe == (9 if cls is DEISMultistepScheduler else 10) and _rel(x, ref) <= tol
+
+
+def test_flow_mode_needs_a_flow_prediction(unet64):
+    with pytest.raises(ValueError, match="flow_prediction"):
+        fs.models.from_diffusers(unet64, UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="epsilon"))
+
+
+def _flux(guidance_embeds=True):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, guidance_embeds=guidance_embeds,
+                                  axes_dims_rope=(2, 2, 4)).eval()
+
+
+def _flux_ids(h, w, text_len):
+    img = torch.zeros(h, w, 3)
+    img[..., 1], img[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    return img.reshape(-1, 3), torch.zeros(text_len, 3)
+
+
+def test_a_flux_transformer_runs_as_flux_pipeline_does():
+    """FluxPipeline: packed latents (batch, h·w, 16), one table of image / text position ids for the
+    batch, the distilled guidance as an input, timestep / 1000, the scheduler's dynamic shift at mu and
+    its sigmas linspace(1, 1/N, N). `euler` on the same grid is its loop."""
+    net = _flux()
+    B, h, w, L, N, mu = 2, 4, 4, 5, 6, 0.7
+    img_ids, txt_ids = _flux_ids(h, w, L)
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    kw = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    sched = FlowMatchEulerDiscreteScheduler(**kw)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
+    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
+    g = torch.full((B,), 3.5)
+    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g,
+                                                 img_ids=img_ids, txt_ids=txt_ids, **text).sample)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(**kw), mu=mu, img_ids=img_ids,
+                                 txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    assert m.timestep_scale == 1.0 and not m.integer_timesteps and not m.negate
+    x = fs.sample(m.field(), "euler", grid=sched.sigmas.double(), x_init=z, cond=text)
+    assert _rel(x, ref) <= 1e-5
+    # every other solver runs on the same field; the time convention can be overridden by name
+    y = fs.sample(m.field(), "dpmpp_2m", nfe=N, x_init=z, cond=text)
+    assert y.shape == z.shape and torch.isfinite(y).all()
+    wrong = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(**kw), mu=mu, img_ids=img_ids,
+                                     txt_ids=txt_ids, guidance=torch.tensor([3.5]), timestep_scale=1000.0)
+    assert _rel(fs.sample(wrong.field(), "euler", grid=sched.sigmas.double(), x_init=z, cond=text), ref) > 1e-3
+
+
+def test_a_flux_pipeline_folder_loads_with_its_vae_shift(tmp_path):
+    """A pipeline folder of classes outside the first list (Flux transformer) loads from disk; the VAE's
+    shift_factor is undone on decoding as FluxPipeline / SD3 do: latents / scaling_factor + shift."""
+    from diffusers import AutoencoderKL
+    net = _flux(guidance_embeds=False)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                        scaling_factor=0.3611, shift_factor=0.1159).eval()
+    root = tmp_path / "flux"
+    net.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    img_ids, txt_ids = _flux_ids(2, 2, 3)
+    m = fs.models.from_diffusers(root, img_ids=img_ids, txt_ids=txt_ids)
+    assert type(m.model).__name__ == "FluxTransformer2DModel" and m.timestep_scale == 1.0
+    text = {"encoder_hidden_states": torch.randn(1, 3, 16), "pooled_projections": torch.randn(1, 8)}
+    z = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(fs.sample(m.field(), "euler", nfe=3, x_init=z, cond=text)).all()
+    lat = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = vae.decode(lat / 0.3611 + 0.1159).sample
+    assert torch.allclose(m.decode(lat), want)
+
+
+def test_a_vae_with_per_channel_latent_statistics_decodes_as_the_pipelines():
+    """SDXL / Wan pipelines: latents · std / scaling_factor + mean, per channel."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    torch.manual_seed(0)
+    mean, std = [0.1, -0.2], [0.5, 2.0]
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, norm_num_groups=8,
+                        scaling_factor=0.5, latents_mean=mean, latents_std=std).eval()
+    unet = UNet2DModel(sample_size=4, in_channels=2, out_channels=2, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    m = fs.models.from_diffusers(unet, DDIMScheduler(), vae=vae)
+    lat = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    col = (1, 2, 1, 1)
+    with torch.no_grad():
+        want = vae.decode(lat * torch.tensor(std).reshape(col) / 0.5 + torch.tensor(mean).reshape(col)).sample
+    assert torch.allclose(m.decode(lat), want)
+
+
+def test_lumina2_runs_backwards_in_time_with_a_negated_prediction():
+    """Lumina2Pipeline feeds 1 − t/1000 and steps with −prediction (its model runs from noise at 0)."""
+    from diffusers import Lumina2Transformer2DModel
+    torch.manual_seed(0)
+    net = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
+                                    num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                    axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16), cap_feat_dim=16).eval()
+    B, L = 2, 5
+    text = {"encoder_hidden_states": torch.randn(B, L, 16),
+            "encoder_attention_mask": torch.ones(B, L, dtype=torch.bool)}
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z, lambda x, t: -net(x, timestep=(1 - t / 1000).expand(B), **text).sample)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert m.reverse_time and m.negate
+    assert _rel(fs.sample(m.field(), "euler", nfe=6, x_init=z, cond=text), ref) <= 1e-5
+
+
+def test_sana_scales_the_integer_timestep_of_its_flow_mode_dpm_solver():
+    """SanaPipeline: DPM-Solver with flow sigmas, the integer timestep times the model's timestep_scale."""
+    from diffusers import SanaTransformer2DModel
+    torch.manual_seed(0)
+    net = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                 num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                 cross_attention_dim=16, caption_channels=8, sample_size=8, patch_size=1,
+                                 timestep_scale=0.5).eval()
+    B = 2
+    text = {"encoder_hidden_states": torch.randn(B, 5, 8)}
+
+    def make():
+        return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    sched = make()
+    sched.set_timesteps(8)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z, lambda x, t: net(x, timestep=t.expand(B) * 0.5, **text).sample)
+    m = fs.models.from_diffusers(net, make())
+    assert m.timestep_scale == 500.0
+    assert _rel(fs.sample(m.field(), "dpmpp_2m", nfe=8, x_init=z, cond=text), ref) <= 1e-5
+
+
+def test_wan_unipc_with_classifier_free_guidance_on_video_latents():
+    """WanPipeline: UniPC in flow mode, 5-D video latents, CFG with two calls; flowsolve batches the two
+    branches into one call (the integer timestep is found for the doubled batch too)."""
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                rope_max_seq_len=32).eval()
+    B, w = 2, 5.0
+    emb, null = torch.randn(B, 5, 16), torch.zeros(1, 5, 16)
+
+    def make():
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+    def guided(x, t):
+        c = net(x, timestep=t.expand(B), encoder_hidden_states=emb).sample
+        u = net(x, timestep=t.expand(B), encoder_hidden_states=null.expand(B, -1, -1)).sample
+        return u + w * (c - u)
+    sched = make()
+    sched.set_timesteps(8)
+    z = torch.randn(B, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z, guided)
+    m = fs.models.from_diffusers(net, make())
+    x = fs.sample(m.field(guidance=w, uncond={"encoder_hidden_states": null}), "unipc", nfe=8, x_init=z,
+                  cond={"encoder_hidden_states": emb})
+    assert _rel(x, ref) <= 1e-5
+
+
+def test_pixart_learned_sigma_with_guidance_is_its_dpm_solver_loop():
+    """PixArtSigmaPipeline: DPM-Solver++(2M), CFG on the 8-channel output then its ε half kept; the
+    adapter keeps the ε half, guidance is linear, so the two agree."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                   num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                   caption_channels=12).eval()
+    B, w = 2, 4.5
+    emb, null = torch.randn(B, 5, 12), torch.zeros(1, 5, 12)
+    added = {"resolution": None, "aspect_ratio": None}
+
+    def guided(x, t):
+        out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([null.expand(B, -1, -1), emb]),
+                  timestep=t.expand(2 * B), added_cond_kwargs=added).sample
+        u, c = out.chunk(2)
+        return (u + w * (c - u)).chunk(2, dim=1)[0]
+    sched = DPMSolverMultistepScheduler()
+    sched.set_timesteps(8)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z, guided)
+    m = fs.models.from_diffusers(net, DPMSolverMultistepScheduler(), added_cond_kwargs=added)
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
+    start = m.prior_std_at(float(field.grid(8, "schedule")[0]))     # x_T ~ N(0, I) is x = x_T/√ᾱ in σ-time
+    x = fs.sample(field, "dpmpp_2m", nfe=8, x_init=z * start, cond={"encoder_hidden_states": emb})  # ends at σ = 0
+    assert _rel(x, ref) <= 1e-5
+
+
+def test_sdxl_dict_conditioning_with_guidance_is_its_pipeline_loop():
+    """StableDiffusionXLPipeline: a UNet with `added_cond_kwargs = {"text_embeds", "time_ids"}`, CFG
+    with negative embeddings in both the text and the dict input, EulerDiscrete "leading". cond and
+    uncond may hold dicts; their leaves are rows like any other input (one per sample or one for all)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                               addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+    B, w = 2, 5.0
+    emb, pooled = torch.randn(B, 5, 16), torch.randn(B, 8)
+    nemb, npooled = torch.zeros(1, 5, 16), torch.zeros(1, 8)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+              steps_offset=1)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(8)
+
+    def guided(x, t):
+        added = {"text_embeds": torch.cat([npooled.expand(B, -1), pooled]), "time_ids": time_ids.expand(2 * B, -1)}
+        out = net(sched.scale_model_input(torch.cat([x, x]), t), t,
+                  encoder_hidden_states=torch.cat([nemb.expand(B, -1, -1), emb]), added_cond_kwargs=added).sample
+        u, c = out.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(**kw))
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": nemb, "added_cond_kwargs": {"text_embeds": npooled}})
+    cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    x = fs.sample(field, "euler", nfe=8, x_init=z * m.prior_std_at(float(field.grid(8, "schedule")[0])), cond=cond)
+    assert _rel(x, ref) <= 1e-5
+    # the rows of a nested input are checked and split like the others (chunks of one sample each)
+    one = fs.sample(field, "euler", nfe=8, x_init=z * m.prior_std_at(float(field.grid(8, "schedule")[0])),
+                    cond=cond, batch_size=1)
+    assert _rel(one, ref) <= 1e-5
+    with pytest.raises(ValueError, match="added_cond_kwargs.text_embeds"):
+        fs.sample(field, "euler", nfe=2, n=2, cond={**cond, "added_cond_kwargs": {"text_embeds": torch.randn(3, 8)}})
