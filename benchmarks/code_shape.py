@@ -14,7 +14,7 @@ from pathlib import Path
 
 # layers from the bottom up (DESIGN.md): a unit may import only units of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "_checks", "noise", "grids", "latent", "distributed"},
+    {"errors", "_checks", "_cond", "noise", "grids", "latent", "distributed"},
     {"fields"},
     {"solvers"},
     {"sample", "calibrate"},

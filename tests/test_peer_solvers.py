@@ -110,6 +110,18 @@ _SCHEDULER_LOOPS = [
     ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, "dpmpp_2m"),
     ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc"),
+    # the cosine schedule (Nichol & Dhariwal 2021) ends at ᾱ ≈ 2.4e-9, σ_max ≈ 2e4: kept, not clamped
+    ("EulerDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}, "euler"),
+    ("DPMSolverMultistepScheduler", {"beta_schedule": "squaredcos_cap_v2"}, "dpmpp_2m"),
+    ("KDPM2DiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}, "dpm_2"),
+    # zero terminal SNR (Lin et al. 2024): ᾱ_T = 0 clamped to 2⁻²⁴ as these schedulers do, the first
+    # step at the top of the clamped plateau is the last timestep
+    ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                "prediction_type": "v_prediction"}, "euler"),
+    ("DPMSolverMultistepScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                     "prediction_type": "v_prediction"}, "dpmpp_2m"),
+    ("UniPCMultistepScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                 "prediction_type": "v_prediction"}, "unipc"),
     ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "dpmpp_singlestep"),
     ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
     ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction",   # CosXL-style
@@ -609,3 +621,148 @@ def test_k_diffusions_discrete_wrappers_are_the_diffusers_adapter(unet64, cls_na
         off = fs.sample(fs.models.from_diffusers(unet64, DDPMScheduler(prediction_type=pred), clip_sample=False).field(),
                         "dpmpp_2m", grid=sig, x_init=z * sig[0], dtype=torch.float64)
         assert (off - ref).abs().max().item() > 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                {"use_beta_sigmas": True}])
+def test_deis_with_spaced_sigmas_repeats_its_last_knot(unet64, kw):
+    """DEISMultistepScheduler with Karras / exponential / beta σ's ends on σ_min twice (a step that
+    moves nothing, counted in its lower-order-final rule): `deis` with `lower_order_final=False` on
+    the distinct knots is its loop, one evaluation fewer."""
+    from diffusers import DEISMultistepScheduler
+    sched = _in_float64(DEISMultistepScheduler(**kw), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, DEISMultistepScheduler(**kw))
+    grid = m.field().grid(10, "schedule")
+    x, info = fs.sample(m.field(), "deis", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), order=2,
+                        lower_order_final=False, dtype=torch.float64, return_info=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert info.nfe == 9 and (x * alpha_end - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw,solver,opts", [
+    ({"final_sigmas_type": "sigma_min"}, "dpmpp_2m", {"lower_order_final": True}),
+    ({"final_sigmas_type": "sigma_min", "solver_type": "heun"}, "dpmpp_2m_heun", {"lower_order_final": True}),
+    ({"final_sigmas_type": "sigma_min", "lower_order_final": False}, "dpmpp_2m", {}),     # k-diffusion's rule
+    ({"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),                           # "DPM++ 2M SDE"
+    ({"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "dpmpp_2m_sde", {}),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "dpmpp_2m_sde", {"solver_type": "heun"}),
+])
+def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, kw, solver, opts):
+    """DPMSolverMultistepScheduler ending at σ_min > 0 takes a first-order last step below 15 steps
+    (`lower_order_final=True`; k-diffusion's and flowsolve's default keep the second order, as the
+    scheduler does with `lower_order_final=False`); its SDE variant, handed the same noise, is
+    `dpmpp_2m_sde`."""
+    from diffusers import DPMSolverMultistepScheduler
+    sched = _in_float64(DPMSolverMultistepScheduler(**kw), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, DPMSolverMultistepScheduler(**kw))
+    grid = m.field().grid(10, "schedule")
+    x = fs.sample(m.field(), solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  seed=5, **opts)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def unet64_var():
+    torch.manual_seed(1)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4).eval().double()
+
+
+@pytest.mark.parametrize("learned,kw", [
+    (False, {}),                                                     # DDPMPipeline's default, with clipping
+    (False, {"variance_type": "fixed_large", "clip_sample": False}),
+    (True, {"variance_type": "learned_range", "clip_sample": False}),  # IDDPM's interpolated variance
+    (True, {"variance_type": "learned_range", "thresholding": True, "sample_max_value": 1.5}),
+])
+def test_ddpm_solver_is_the_ddpm_schedulers_loop(unet64, unet64_var, learned, kw):
+    """`ddpm` takes the scheduler's `variance_type` and, for learned variances, the network's variance
+    channels at each step; handed the same noise it is `DDPMScheduler`'s loop."""
+    from diffusers import DDPMScheduler
+    unet = unet64_var if learned else unet64
+    sched = _in_float64(DDPMScheduler(**kw), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet, sched, z)
+    m = fs.models.from_diffusers(unet, DDPMScheduler(**kw))
+    grid = m.field().grid(10, "schedule")
+    x = fs.sample(m.field(), "ddpm", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  seed=5)
+    assert (x - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    if not learned:      # its fixed-small form is k-diffusion's Euler ancestral
+        y = fs.sample(m.field(), "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                      dtype=torch.float64, seed=5)
+        assert ("variance_type" in kw) == ((y - x).abs().max().item() > 1e-6)
+
+
+def test_ddpm_with_learned_variance_and_guidance_is_deepfloyd_ifs_loop():
+    """IFPipeline: CFG on the ε half, the variance channels of the text branch, DDPM's learned-range
+    step with dynamic thresholding. Without variance channels `learned_range` is refused up front."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    B, w = 3, 7.0
+    emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
+    kw = dict(variance_type="learned_range", thresholding=True, sample_max_value=1.5, beta_schedule="squaredcos_cap_v2")
+    sched = _in_float64(DDPMScheduler(**kw), 10)
+    z = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    import importlib
+    module = importlib.import_module(type(sched).__module__)
+    src = SampleNoise(5, 0, B, (1, 8, 8), torch.float64, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    try:
+        x = z.clone()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg.expand(B, -1, -1), emb])).sample
+                uncond, text = out.chunk(2)
+                eps_u, _ = uncond.split(1, dim=1)
+                eps_c, var = text.split(1, dim=1)
+                x = sched.step(torch.cat([eps_u + w * (eps_c - eps_u), var], dim=1), t, x).prev_sample
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(net, DDPMScheduler(**kw))
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": neg})
+    grid = field.grid(10, "schedule")
+    y = fs.sample(field, "ddpm", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64, seed=5,
+                  cond={"encoder_hidden_states": emb})
+    assert (y - x).abs().max().item() <= 1e-10 * x.abs().max().item()
+    with pytest.raises(ValueError, match="variance: 'learned_range' needs a model"):
+        fs.sample(fs.fields.EDM(lambda x, s: x, shape=(2,)), "ddpm", nfe=4, n=2, variance="learned_range")
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_is_the_tcd_schedulers_loop(unet64, steps, gamma):
+    """`tcd` on a diffusers model is TCDScheduler's loop (its default grid ends on timestep 0, where
+    TCD stops), the intermediate time ⌊(1 − γ) t_{i+1}⌋ on the model's timesteps, the same noise."""
+    from diffusers import TCDScheduler
+    sched = _in_float64(TCDScheduler(), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, sched, z, eta=gamma)
+    m = fs.models.from_diffusers(unet64, TCDScheduler())
+    grid = m.field().grid(steps, "schedule")
+    x = fs.sample(m.field(), "tcd", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  seed=5, gamma=gamma)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_tcd_spans_ddim_and_the_consistency_sampler(gmm64):
+    """γ = 0 is DDIM, γ = 1 the consistency sampler (same noise), on any field in its own time."""
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    for solver, gamma in (("ddim", 0.0), ("consistency", 1.0)):
+        a = fs.sample(field, "tcd", nfe=6, n=8, seed=3, gamma=gamma, dtype=torch.float64)
+        b = fs.sample(field, solver, nfe=6, n=8, seed=3, dtype=torch.float64)
+        assert (a - b).abs().max().item() <= 1e-12
+    mid = fs.sample(field, "tcd", nfe=6, n=8, seed=3, gamma=0.3, dtype=torch.float64)
+    assert torch.isfinite(mid).all() and (mid - a).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="gamma"):
+        fs.sample(field, "tcd", nfe=4, n=2, gamma=1.5)

@@ -295,3 +295,58 @@ def test_sdxl_dict_conditioning_with_guidance_is_its_pipeline_loop():
     assert _rel(one, ref) <= 1e-5
     with pytest.raises(ValueError, match="added_cond_kwargs.text_embeds"):
         fs.sample(field, "euler", nfe=2, n=2, cond={**cond, "added_cond_kwargs": {"text_embeds": torch.randn(3, 8)}})
+
+
+def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64):
+    """FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) re-noises the data prediction at each
+    knot, x = (1 − t') D + t' ε: the `consistency` solver on the flow field, given the same noise."""
+    import importlib
+    from flowsolve.noise import SampleNoise
+
+    def make():
+        return FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0)
+    sched = make()
+    sched.set_timesteps(6)
+    module = importlib.import_module(type(sched).__module__)
+    src = SampleNoise(5, 0, len(Z64), tuple(Z64.shape[1:]), Z64.dtype, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    try:
+        ref = _loop(unet64, sched, Z64)
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(unet64, make())
+    x = fs.sample(m.field(), "consistency", nfe=6, x_init=Z64, dtype=torch.float64, seed=5)
+    assert _rel(x, ref) <= 1e-6
+
+
+def test_clipping_applies_to_the_guided_prediction_as_in_diffusers():
+    """diffusers clips (or thresholds) the guided x_0, not each branch's: CFG with `clip_sample` on a
+    DDIM loop (its `use_clipped_model_output=True` form) is `euler` on the guided field."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    B, w = 3, 6.0
+    emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
+    kw = dict(clip_sample=True, clip_sample_range=0.5, timestep_spacing="trailing")
+    sched = DDIMScheduler(**kw)
+    sched.set_timesteps(10)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+
+    def guided(x, t):
+        u, c = net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg.expand(B, -1, -1), emb])).sample.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(guided(x, t), t, x, use_clipped_model_output=True).prev_sample
+    m = fs.models.from_diffusers(net, DDIMScheduler(**kw))
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": neg})
+    grid = field.grid(10, "schedule")
+    y = fs.sample(field, "euler", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  cond={"encoder_hidden_states": emb})
+    assert _rel(y, x) <= 1e-10
+    assert y.abs().max() <= 0.5 + 1e-12          # the last step lands on the clipped guided x_0

@@ -137,6 +137,11 @@ class GuidedDenoiser:
         self.apg = apg or None
         self._momentum: torch.Tensor | None = None
         self.last_passes = 0
+        # a model that post-processes its D nonlinearly (clipping, dynamic thresholding: diffusers'
+        # schedulers do it to the guided x_0) gives its raw D for the branches and finishes the guided one
+        self._raw = getattr(denoiser, "denoise_raw", None)
+        self._finish = getattr(denoiser, "finish_denoised", None) if self._raw is not None else None
+        self._raw_guide: Callable | None = getattr(guide, "denoise_raw", guide) if self._finish is not None else guide
         for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):  # the model's declarations pass through
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
@@ -155,11 +160,13 @@ class GuidedDenoiser:
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
+        model = self._raw or self.denoiser
         if self.guide is not None:  # autoguidance: a weaker model, the same condition
-            d_c = self.denoiser(x, sigma, **cond)
+            d_c = model(x, sigma, **cond)
             g_cond = self._uncond_inputs(cond, n) if self.uncond else cond
             keys = self._guide_keys
-            d_u = self.guide(x, sigma, **{k: v for k, v in g_cond.items() if keys is None or k in keys})
+            guide = self._raw_guide or self.guide
+            d_u = guide(x, sigma, **{k: v for k, v in g_cond.items() if keys is None or k in keys})
             self.last_passes = 2
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)
@@ -169,7 +176,7 @@ class GuidedDenoiser:
             return torch.cat([c, u.to(c.dtype)])
 
         both = zip_leaves(stack, cond, unc)
-        d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+        d = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         self.last_passes = 1
         return d[:n], d[n:]
 
@@ -212,7 +219,7 @@ class GuidedDenoiser:
             d = self._rescaled(x, d, d_c, t)
         if self.interval is not None:
             d = torch.where(as_column(inside, x), d, d_c)
-        return d
+        return self._finish(d, x, sigma) if self._finish is not None else d
 
     def _rescaled(self, x: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """The guided prediction with its noise prediction's per-sample std moved towards the

@@ -117,9 +117,9 @@ def _known_dtype(self) -> torch.dtype:
     return self.__dict__["_flowsolve_dtype"]
 
 
-def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> torch.Tensor:
-    """The network's output for input x at `timestep`, in x's dtype and channels (learned-σ outputs
-    keep their mean half): the one place the adapters call a diffusers model.
+def network_output(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> torch.Tensor:
+    """The network's whole output for input x at `timestep` (in the model's dtype, variance channels
+    included): the one place the adapters call a diffusers model.
 
     The inputs are cast to the model's dtype, and `model.dtype` is answered at once during the call.
     diffusers' UNet and transformer forwards read that property, which walks every submodule and
@@ -151,7 +151,12 @@ def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> to
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return out[:, : x.shape[1]].to(x.dtype)
+    return out
+
+
+def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> torch.Tensor:
+    """`network_output` in x's dtype and channels (the mean half of a learned-variance output)."""
+    return network_output(model, x, timestep, **inputs)[:, : x.shape[1]].to(x.dtype)
 
 
 # inputs that describe positions, not samples: one table for the whole batch (Flux-family transformers)
@@ -494,7 +499,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self.continuous_time = cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction"
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
-            a = torch.as_tensor(alphas, dtype=torch.float64).clamp(min=2.0**-24)  # zero-SNR schedules end at ᾱ = 0
+            a = torch.as_tensor(alphas, dtype=torch.float64)
+            # zero-SNR schedules end at ᾱ = 0, which the schedulers replace by 2⁻²⁴; the ᾱ's just before it
+            # that fall below are raised to it (a plateau whose top is the last timestep), so that σ is
+            # monotone in t. Schedules that stay above 0 (cosine: ᾱ_T ≈ 2.4e-9, σ_max ≈ 2e4) keep theirs.
+            a = torch.where(a > 0, a, torch.full_like(a, 2.0**-24))
+            a = torch.flip(torch.cummax(torch.flip(a, [0]), 0).values, [0])
             self.log_sigmas = ((1 - a) / a).sqrt().log()  # increasing in t
             self.sigma_min = float(self.log_sigmas[0].exp())
             self.sigma_max = float(self.log_sigmas[-1].exp())
@@ -529,6 +539,15 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             k = mcfg["num_embeds_ada_norm"]  # DiT's label table has a null row at index K (DiTPipeline)
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
         self.channels = mcfg.get("in_channels")
+        # IDDPM-style models (DeepFloyd IF, DiT, PixArt) also output their variance: out = 2 × in channels
+        out_ch = mcfg.get("out_channels")
+        self.learned_variance = (
+            isinstance(out_ch, int) and isinstance(self.channels, int) and out_ch == 2 * self.channels
+        )
+        self.variance_type: str | None = (
+            cfg.get("variance_type") if type(scheduler).__name__ == "DDPMScheduler" else None
+        )
+        self.variance_output: torch.Tensor | None = None
         self._knot_cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # σ knot -> timestep (CPU)
         # schedulers that cast the timesteps of their non-uniform σ's to integers (rounded or truncated)
         spaced = any(
@@ -572,6 +591,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         hi = torch.searchsorted(ls, q).clamp(1, len(ls) - 1)
         lo = hi - 1
         t = lo + (q - ls[lo]) / (ls[hi] - ls[lo])
+        # zero-terminal-SNR schedules end on a plateau (ᾱ clamped to 2⁻²⁴): its top is the last timestep
+        t = torch.where(q >= ls[-1], torch.full_like(t, len(ls) - 1), t)
         near = (t - t.round()).abs() < 1e-4
         if self.integer_timesteps:  # the nearest knot in log σ
             return t.round().to(sigma.dtype)
@@ -614,6 +635,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
                 self._knot_cache.clear()
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
+        if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
+            final = float(sched.alphas_cumprod[0])
         steps_at = sched.timesteps
         if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
@@ -646,7 +669,16 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
 
     # -- D(x; σ) -----------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        d = self._denoise(x, sigma, cond)
+        return self.finish_denoised(self._denoise(x, sigma, cond), x, sigma)
+
+    def denoise_raw(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        """D before `finish_denoised`: what guidance combines (diffusers clips and thresholds the
+        guided x_0, not each branch's)."""
+        return self._denoise(x, sigma, cond)
+
+    def finish_denoised(self, d: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The scheduler's post-processing of a data prediction: dynamic thresholding or clipping, then
+        LCM's boundary condition."""
         if self.thresholding:  # as the schedulers do: thresholding first, clipping otherwise
             d = _dynamic_threshold(d, self.threshold_ratio, self.threshold_max)
         elif self.clip_sample:
@@ -667,7 +699,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         else:
             c_in = (col**2 + self.sigma_data**2).rsqrt()
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
-        out = call_network(self.model, c_in * x, self.timestep(sigma), **inputs)
+        full = network_output(self.model, c_in * x, self.timestep(sigma), **inputs)
+        out = full[:, : x.shape[1]].to(x.dtype)
+        if self.learned_variance:  # the variance channels of this call, for the `ddpm` solver (IDDPM)
+            self.variance_output = full[:, x.shape[1] :].to(x.dtype).detach()
         if self.schedule == "cm":  # the consistency boundary condition
             sd, lo = self.sigma_data, self.sigma_min
             c_skip = sd**2 / ((col - lo) ** 2 + sd**2)

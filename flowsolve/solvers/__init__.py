@@ -218,6 +218,26 @@ register(
 )
 register(
     Solver(
+        "tcd",
+        peers.tcd,
+        _one_per_step,
+        "TCD's strategic stochastic sampling (gamma: 0 DDIM, 1 consistency), per-sample noise",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "ddpm",
+        peers.ddpm,
+        _one_per_step,
+        "DDPM's ancestral step with fixed or learned variance (Ho et al.; IDDPM), per-sample noise",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "euler_ancestral",
         peers.euler_ancestral,
         _one_per_step,

@@ -34,7 +34,7 @@ def _order(order, lo: int = 1, hi: int = 4) -> int:
 
 
 def exponential_multistep(
-    run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False
+    run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False, lower_order_final: bool = False
 ) -> torch.Tensor:
     """The exponential Adams family on σ-time fields, in λ = −log σ with data predictions D = x − σ v.
 
@@ -56,9 +56,13 @@ def exponential_multistep(
     step (diffusers' default `solver_type="midpoint"`, also the warm-up step of its third order).
     The first step (k = 1) is DDIM: x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i.
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
+    With `lower_order_final` and fewer than 15 steps, step i has order at most n − i (diffusers'
+    DPM-Solver rule; it matters only for a grid ending above σ = 0, whose last step is otherwise of
+    full order as in k-diffusion).
     """
     p = PathGrid(run)  # VE for EDM fields: α = 1, σ = t, λ = −log σ
     alpha, sig, lam = p.a, p.s, p.lam
+    n = len(p.t) - 1
     hist: deque = deque(maxlen=order + 1)  # (λ_j, D_j), newest last; finite λ only
     x_prev = None  # x_i before the step, for the corrector
     for i in run.steps():
@@ -74,7 +78,7 @@ def exponential_multistep(
         if sig[i + 1] == 0 or lam[i] == -math.inf:  # to the data (lands on α D) or from pure noise: exact
             x_next = ddim_step(x, den, sig[i], sig[i + 1], alpha[i + 1], lam[i + 1] - lam[i])
         else:
-            k = min(order, len(hist))
+            k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
             recent = list(hist)[-k:][::-1]  # newest first: D_i, D_{i−1}, ...
             if midpoint and k == 2:  # Lu et al.'s form: φ₂ ≈ −φ₁/2
                 h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])
@@ -90,24 +94,26 @@ def exponential_multistep(
     return x
 
 
-def dpmpp_2m(run: Run, x: torch.Tensor) -> torch.Tensor:
+def dpmpp_2m(run: Run, x: torch.Tensor, *, lower_order_final: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) as Lu et al. write it (their Alg. 2; k-diffusion's `sample_dpmpp_2m`,
     diffusers' default `solver_type="midpoint"`): with h = λ_{i+1} − λ_i, r = h_{i−1}/h,
     x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} φ₁ (D_i + (D_i − D_{i−1})/(2r)), φ₁ = expm1(−h);
-    first and last (to σ = 0) steps are DDIM (see `exponential_multistep`)."""
-    return exponential_multistep(run, x, 2, False, midpoint=True)
+    first and last (to σ = 0) steps are DDIM (see `exponential_multistep`; `lower_order_final=True`
+    makes the last step DDIM on a grid ending above 0 too, as diffusers does below 15 steps)."""
+    return exponential_multistep(run, x, 2, False, midpoint=True, lower_order_final=lower_order_final)
 
 
-def dpmpp_2m_heun(run: Run, x: torch.Tensor) -> torch.Tensor:
+def dpmpp_2m_heun(run: Run, x: torch.Tensor, *, lower_order_final: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) with exact exponential weights on any σ-grid (diffusers' `solver_type="heun"`):
     x_{i+1} = (σ_{i+1}/σ_i) x_i − φ₁ D_i + (φ₂/r)(D_i − D_{i−1}), h = λ_{i+1} − λ_i, r = h_{i−1}/h,
     φ₁ = expm1(−h), φ₂ = (φ₁ + h)/h (see `exponential_multistep`)."""
-    return exponential_multistep(run, x, 2, False)
+    return exponential_multistep(run, x, 2, False, lower_order_final=lower_order_final)
 
 
-def dpmpp_3m(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(3M): third-order exponential Adams–Bashforth."""
-    return exponential_multistep(run, x, 3, False)
+def dpmpp_3m(run: Run, x: torch.Tensor, *, lower_order_final: bool = False) -> torch.Tensor:
+    """DPM-Solver++(3M): third-order exponential Adams–Bashforth (`lower_order_final`: see
+    `exponential_multistep`)."""
+    return exponential_multistep(run, x, 3, False, lower_order_final=lower_order_final)
 
 
 def dpmpp_2m_pc(run: Run, x: torch.Tensor) -> torch.Tensor:

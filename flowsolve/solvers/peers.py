@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 from collections import deque
 
 import torch
@@ -620,6 +621,104 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
         den = p.denoise(x, i)
         down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
         x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
+        run.tick(i, x)
+    return x
+
+
+DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+def _field_model(field, has) -> Any:
+    """The model under a field (through guidance wrappers) for which has(model) holds, or None."""
+    cand = getattr(field, "data", None)
+    for _ in range(3):
+        if cand is None or has(cand):
+            return cand
+        cand = getattr(cand, "denoiser", None)
+    return None
+
+
+def _variance_source(field):
+    """The model under a field that reports its variance channels."""
+    return _field_model(field, lambda m: getattr(m, "learned_variance", False))
+
+
+def _model_variance_type(field) -> str | None:
+    return getattr(_field_model(field, lambda m: getattr(m, "variance_type", None) is not None), "variance_type", None)
+
+
+def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: float = 1.0) -> torch.Tensor:
+    """DDPM's ancestral step (Ho et al. 2020, Eq. 11; diffusers' `DDPMScheduler`) on any Gaussian path:
+    the posterior mean of x_{i+1} given x_i and x_0 = D_i, in VE levels ρ = σ/α,
+    x̃_{i+1} = (ρ_{i+1}²/ρ_i²) x̃_i + (1 − ρ_{i+1}²/ρ_i²) D_i, plus noise whose VP variance is, with
+    ᾱ = 1/(1 + ρ²), β = 1 − ᾱ_i/ᾱ_{i+1} and β̃ = β (1 − ᾱ_{i+1})/(1 − ᾱ_i):
+    β̃ ("fixed_small": `euler_ancestral`), β ("fixed_large"), or the model's own (Nichol & Dhariwal
+    2021, Eq. 15): exp(v) ("learned") or exp(f log β + (1 − f) log β̃), f = (v + 1)/2
+    ("learned_range"), v the network's variance channels at (x_i, σ_i). Under CFG v is the
+    conditional branch's (as DeepFloyd IF's pipeline takes it). `variance=None` takes the model's
+    scheduler's `variance_type` (fixed_small for models that have none)."""
+    kind = variance if variance is not None else (_model_variance_type(run.field) or "fixed_small")
+    if kind not in DDPM_VARIANCES:
+        raise ArgumentError(f"variance: expected one of {', '.join(DDPM_VARIANCES)}, got {kind!r}")
+    learned = kind.startswith("learned")
+    source = _variance_source(run.field) if learned else None
+    if learned and source is None:
+        raise ArgumentError(
+            f"variance: {kind!r} needs a model that outputs its variance (a diffusers model with "
+            f"out_channels = 2 × in_channels, e.g. DeepFloyd IF's UNet); this field's model does not"
+        )
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        x_mean = _first_order_ve(p, i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
+        if rho_next == 0:
+            x = p.a[i + 1] * x_mean
+            run.tick(i, x)
+            continue
+        abar, abar_next = (0.0 if math.isinf(rho) else 1.0 / (1.0 + rho**2)), 1.0 / (1.0 + rho_next**2)
+        beta = 1.0 - abar / abar_next
+        beta_tilde = max(beta * (1.0 - abar_next) / (1.0 - abar), 1e-20)
+        to_ve = math.sqrt(1.0 + rho_next**2)  # VP noise of x_t is √ᾱ times the VE noise of x̃
+        if learned:
+            v = source.variance_output[: len(x)].to(x.dtype)  # type: ignore[union-attr]
+            log_var = v if kind == "learned" else (v + 1) / 2 * math.log(beta) + (1 - v) / 2 * math.log(beta_tilde)
+            std: torch.Tensor | float = torch.exp(0.5 * log_var) * to_ve
+        else:
+            std = math.sqrt(beta_tilde if kind.startswith("fixed_small") else beta) * to_ve
+        x = p.a[i + 1] * (x_mean + s_noise * std * run.noise())
+        run.tick(i, x)
+    return x
+
+
+def tcd(run: Run, x: torch.Tensor, *, gamma: float = 0.3) -> torch.Tensor:
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024;
+    diffusers' `TCDScheduler`, whose `eta` is this γ). From knot i, a DDIM step to the time
+    s = (1 − γ) t_{i+1}, between the next knot and the data, then fresh noise back up to t_{i+1}
+    (none on the last step): x̃_{i+1} = x̃_s + √(ρ_{i+1}² − ρ_s²) ε in VE levels ρ. γ = 0 is DDIM; γ = 1
+    jumps to the data prediction and re-noises, the consistency sampler. s is measured in the
+    field's own time (σ, or t of a flow). On a diffusers DDPM-type model it is the scheduler's integer
+    timestep ⌊(1 − γ) t_{i+1}⌋, as TCDScheduler computes it."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ArgumentError(f"gamma: expected a number in [0, 1] (0: deterministic), got {gamma!r}")
+    p = PathGrid(run)
+    n = len(p.t) - 1
+    discrete = _field_model(run.field, lambda m: getattr(m, "schedule", None) == "discrete" and hasattr(m, "sigma"))
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_next = p.rho(i + 1)
+        if rho_next == 0:
+            rho_s = 0.0
+        elif discrete is not None:  # TCDScheduler's ⌊(1 − γ) t_{i+1}⌋ on the model's timesteps
+            t_next = float(discrete.timestep(torch.tensor([p.t[i + 1]], dtype=torch.float64)).round()[0])
+            rho_s = min(float(discrete.sigma(math.floor((1.0 - gamma) * t_next))), rho_next)
+        else:
+            t_s = (1.0 - gamma) * p.t[i + 1]
+            rho_s = min(p.path.sigma(t_s) / p.path.alpha(t_s) if t_s > 0 else 0.0, rho_next)
+        xt = _first_order_ve(p, i, x, den, rho_s)  # DDIM to s
+        if gamma > 0 and i < n - 1 and rho_next > rho_s:
+            xt = xt + math.sqrt(rho_next**2 - rho_s**2) * run.noise()
+        x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
 
