@@ -110,6 +110,7 @@ _SCHEDULER_LOOPS = [
     ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, "dpmpp_2m"),
     ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc"),
+    ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "dpm_2"),       # knots' timesteps rounded, not midpoints'
     # the cosine schedule (Nichol & Dhariwal 2021) ends at ᾱ ≈ 2.4e-9, σ_max ≈ 2e4: kept, not clamped
     ("EulerDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}, "euler"),
     ("DPMSolverMultistepScheduler", {"beta_schedule": "squaredcos_cap_v2"}, "dpmpp_2m"),
@@ -371,6 +372,7 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpm_2_ancestral", {"eta": 0.0}, 1.9),
     ("dpmpp_sde", {"eta": 0.0}, 1.75),
     ("dpmpp_singlestep", {"order": 2, "lower_order_final": False}, 1.9),
+    ("dpmpp_3m", {"form": "lu"}, 2.2),                           # like deis-3: a low-order start
 ])
 def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
     orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
@@ -389,7 +391,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpm_2", {}), ("dpmpp_2s", {"eta": 1.0}), ("euler_ancestral", {}),
                                        ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}), ("dpm_2_ancestral", {}),
                                        ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
-                                       ("dpmpp_singlestep", {"order": 3})])
+                                       ("dpmpp_singlestep", {"order": 3}), ("dpmpp_3m", {"form": "lu"}),
+                                       ("ddpm", {})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -766,3 +769,24 @@ def test_tcd_spans_ddim_and_the_consistency_sampler(gmm64):
     assert torch.isfinite(mid).all() and (mid - a).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match="gamma"):
         fs.sample(field, "tcd", nfe=4, n=2, gamma=1.5)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpmpp_3m_lu_form_is_diffusers_third_order(unet64, name, solver_type, steps):
+    """`dpmpp_3m(form="lu")` is Lu et al.'s DPM-Solver++(3M) as diffusers runs it (its second-order
+    steps in `solver_type`, lower-order final steps below 15); the default exact form differs."""
+    import diffusers
+    cls = getattr(diffusers, name)
+    sched = _in_float64(cls(solver_order=3, solver_type=solver_type), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, cls(solver_order=3, solver_type=solver_type))
+    grid = m.field().grid(steps, "schedule")
+    start = z * m.prior_std_at(float(grid[0]))
+    x = fs.sample(m.field(), "dpmpp_3m", grid=grid, x_init=start, dtype=torch.float64, form="lu",
+                  solver_type=solver_type, lower_order_final=True)
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    exact = fs.sample(m.field(), "dpmpp_3m", grid=grid, x_init=start, dtype=torch.float64, lower_order_final=True)
+    assert (exact - ref).abs().max().item() > 1e-5 * ref.abs().max().item()

@@ -114,6 +114,9 @@ def test_a_flux_transformer_runs_as_flux_pipeline_does():
     wrong = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(**kw), mu=mu, img_ids=img_ids,
                                      txt_ids=txt_ids, guidance=torch.tensor([3.5]), timestep_scale=1000.0)
     assert _rel(fs.sample(wrong.field(), "euler", grid=sched.sigmas.double(), x_init=z, cond=text), ref) > 1e-3
+    bare = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(**kw), mu=mu)
+    with pytest.raises(ValueError, match="img_ids: FluxTransformer2DModel needs its position ids"):
+        fs.sample(bare.field(), "euler", nfe=2, x_init=z, cond=text)
 
 
 def test_a_flux_pipeline_folder_loads_with_its_vae_shift(tmp_path):
@@ -350,3 +353,34 @@ def test_clipping_applies_to_the_guided_prediction_as_in_diffusers():
                   cond={"encoder_hidden_states": emb})
     assert _rel(y, x) <= 1e-10
     assert y.abs().max() <= 0.5 + 1e-12          # the last step lands on the clipped guided x_0
+
+
+def test_scheduler_timesteps_hold_under_guidance_too():
+    """A scheduler that casts its spaced σ's timesteps to integers (DPM-Solver with exponential σ's:
+    truncated) feeds the network those timesteps; guidance's doubled batch gets them as well."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    B, w = 3, 4.0
+    emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
+
+    def make():
+        return DPMSolverMultistepScheduler(use_exponential_sigmas=True)
+    sched = make()
+    sched.set_timesteps(8)
+    sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
+
+    def guided(x, t):
+        u, c = net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg.expand(B, -1, -1), emb])).sample.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _loop(net, sched, z, guided)
+    m = fs.models.from_diffusers(net, make())
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": neg})
+    grid = field.grid(8, "schedule")
+    x = fs.sample(field, "dpmpp_2m", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  cond={"encoder_hidden_states": emb})
+    assert _rel(x, ref) <= 1e-6

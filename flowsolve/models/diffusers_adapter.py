@@ -316,6 +316,16 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         return steps if self.timestep_scale == n else steps * (self.timestep_scale / n)
 
     def _network(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        known = accepted_inputs(self.model)
+        missing = [
+            k for k in sorted(_POSITION_INPUTS) if known is not None and k in known and k not in self.model_kwargs
+        ]
+        if missing:  # Flux-family transformers fail deep inside without their position tables
+            raise ArgumentError(
+                f"{missing[0]}: {type(self.model).__name__} needs its position ids ({', '.join(missing)}), one "
+                f"table for the whole batch as its pipeline builds them; pass them to from_diffusers(..., "
+                f"img_ids=..., txt_ids=...)"
+            )
         return call_network(self.model, x, timestep, **model_inputs(self.model, self.model_kwargs, len(x), cond))
 
     def schedule(self, steps: int) -> torch.Tensor:
@@ -559,7 +569,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             raise ArgumentError(
                 f"integer_timesteps: only discrete DDPM-style schedules have timesteps, not {self.schedule!r}"
             )
-        self._scheduler_timesteps: dict[float, float] = {}  # the scheduler's σ knots -> its integer timestep
+        self._scheduler_timesteps: dict[float, float] = {}  # the scheduler's σ knots -> its timestep
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -571,14 +581,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             return 250.0 * (sigma + 1e-44).log()
         if self.schedule == "ve":
             return sigma
-        if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0:  # one σ for the batch (a solver's knot)
+        one = sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0  # one σ for the batch (a solver's knot)
+        if not one and sigma.dim() == 1 and len(sigma) > 1 and sigma.device.type == "cpu":
+            one = torch.equal(sigma, sigma[:1].expand_as(sigma))  # e.g. guidance's two branches in one batch
+        if one:
             if sigma.device.type != "cpu":  # reading the value would wait for the device: interpolate one row
                 return self._timesteps(sigma[:1]).expand(len(sigma))
             key = (float(sigma[0]), sigma.dtype)  # a solver visits the same knots on every batch: remember them
             if key not in self._knot_cache:
                 if len(self._knot_cache) > 4096:
                     self._knot_cache.clear()
-                own = self._scheduler_timesteps.get(key[0]) if self.integer_timesteps else None
+                own = self._scheduler_timesteps.get(key[0])  # a scheduler knot: its own timestep
                 self._knot_cache[key] = (
                     torch.full((1,), own, dtype=sigma.dtype) if own is not None else self._timesteps(sigma[:1])
                 )
@@ -627,12 +640,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             return torch.cat([torch.as_tensor(sched.sigmas, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         sig = getattr(sched, "sigmas", None)
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
-            if self.integer_timesteps:  # remember the timestep the scheduler gives each of its knots
-                if len(self._scheduler_timesteps) > 4096:
-                    self._scheduler_timesteps.clear()
-                for s, ts in zip(sig.double().tolist(), torch.as_tensor(sched.timesteps).tolist()):
-                    self._scheduler_timesteps.setdefault(s, float(ts))
-                self._knot_cache.clear()
+            if self.schedule == "discrete" and not self.continuous_time:
+                self._remember_knots(sched, sig.double())
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
         if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
@@ -641,6 +650,24 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
         return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
+
+    def _remember_knots(self, sched, sigmas: torch.Tensor) -> None:
+        """The timestep the scheduler gives each of its σ knots, used for exactly those σ's: where it
+        is not the log-σ interpolation (log-linear σ's, timesteps rounded or cast to integers), the
+        model then sees what the scheduler's loop feeds it. KDPM2 interleaves its midpoints'
+        timesteps with its knots'; a σ given two timesteps is left to the interpolation."""
+        times = torch.as_tensor(sched.timesteps).double().tolist()
+        if hasattr(sched, "sigmas_interpol"):  # KDPM2: [t_0, t_{1/2}, t_1, t_{3/2}, t_2, ...]
+            pairs = list(zip(_distinct_knots(sigmas).tolist(), times[0::2]))
+        else:
+            pairs = list(zip(sigmas.tolist(), times))
+        seen: dict[float, float | None] = {}
+        for s, t in pairs:
+            seen[s] = t if seen.get(s, t) == t else None
+        if len(self._scheduler_timesteps) > 4096:
+            self._scheduler_timesteps.clear()
+        self._scheduler_timesteps.update({s: t for s, t in seen.items() if t is not None})
+        self._knot_cache.clear()
 
     def field(self, **kw):
         """`fields.EDM` on this denoiser whose default grid is the scheduler's own schedule, so

@@ -27,6 +27,7 @@ import torch
 from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
 from .fixed import _heun_step
 from .._checks import check_int
+from ..errors import ArgumentError
 
 
 def _order(order, lo: int = 1, hi: int = 4) -> int:
@@ -34,7 +35,13 @@ def _order(order, lo: int = 1, hi: int = 4) -> int:
 
 
 def exponential_multistep(
-    run: Run, x: torch.Tensor, order: int, corrector: bool, midpoint: bool = False, lower_order_final: bool = False
+    run: Run,
+    x: torch.Tensor,
+    order: int,
+    corrector: bool,
+    midpoint: bool = False,
+    lower_order_final: bool = False,
+    lu_third: bool = False,
 ) -> torch.Tensor:
     """The exponential Adams family on σ-time fields, in λ = −log σ with data predictions D = x − σ v.
 
@@ -59,6 +66,12 @@ def exponential_multistep(
     With `lower_order_final` and fewer than 15 steps, step i has order at most n − i (diffusers'
     DPM-Solver rule; it matters only for a grid ending above σ = 0, whose last step is otherwise of
     full order as in k-diffusion).
+
+    `lu_third=True` takes Lu et al.'s third-order step instead of the exact quadratic (their
+    DPM-Solver++(3M); diffusers' `solver_order=3`): with r₀ = h_{i−1}/h, r₁ = h_{i−2}/h,
+    D1₀ = (D_i − D_{i−1})/r₀, D1₁ = (D_{i−1} − D_{i−2})/r₁, D1 = D1₀ + r₀(D1₀ − D1₁)/(r₀ + r₁),
+    D2 = (D1₀ − D1₁)/(r₀ + r₁):
+        x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} [φ₁ D_i − (φ₁/h + 1) D1 + ((φ₁ + h)/h² − 1/2) D2].
     """
     p = PathGrid(run)  # VE for EDM fields: α = 1, σ = t, λ = −log σ
     alpha, sig, lam = p.a, p.s, p.lam
@@ -84,6 +97,17 @@ def exponential_multistep(
                 h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])
                 e = -math.expm1(-h)
                 w: Sequence[float] = (e * (1 + 0.5 / r), -e * 0.5 / r)
+            elif lu_third and k == 3:  # Lu et al.'s DPM-Solver++(3M) (docstring), as weights on D_i, D_{i−1}, D_{i−2}
+                h = lam[i + 1] - lam[i]
+                r0, r1 = (lam[i] - recent[1][0]) / h, (recent[1][0] - recent[2][0]) / h
+                phi1 = math.expm1(-h)
+                c0, c1, c2 = -phi1, phi1 / h + 1.0, -((phi1 + h) / h**2 - 0.5)  # on D_i, D1, D2
+                # D1₀ = (D_i − D_{i−1})/r₀, D1₁ = (D_{i−1} − D_{i−2})/r₁; D1 = (1 + q) D1₀ − q D1₁, q = r₀/(r₀ + r₁);
+                # D2 = (D1₀ − D1₁)/(r₀ + r₁): collect the coefficients of D_i, D_{i−1}, D_{i−2}
+                q, s = r0 / (r0 + r1), 1.0 / (r0 + r1)
+                d1 = ((1 + q) / r0, -(1 + q) / r0 - q / r1, q / r1)
+                d2 = (s / r0, -s / r0 - s / r1, s / r1)
+                w = tuple(c0 * (j == 0) + c1 * d1[j] + c2 * d2[j] for j in range(3))
             else:
                 w = lagrange_weights(
                     [h[0] for h in recent], lam[i], lam[i + 1], exp_kernel=True
@@ -110,10 +134,21 @@ def dpmpp_2m_heun(run: Run, x: torch.Tensor, *, lower_order_final: bool = False)
     return exponential_multistep(run, x, 2, False, lower_order_final=lower_order_final)
 
 
-def dpmpp_3m(run: Run, x: torch.Tensor, *, lower_order_final: bool = False) -> torch.Tensor:
-    """DPM-Solver++(3M): third-order exponential Adams–Bashforth (`lower_order_final`: see
-    `exponential_multistep`)."""
-    return exponential_multistep(run, x, 3, False, lower_order_final=lower_order_final)
+def dpmpp_3m(
+    run: Run, x: torch.Tensor, *, lower_order_final: bool = False, form: str = "exact", solver_type: str = "midpoint"
+) -> torch.Tensor:
+    """DPM-Solver++(3M): third-order exponential Adams–Bashforth. `form="exact"` integrates the
+    quadratic through the last three data predictions exactly; `form="lu"` is Lu et al.'s own step,
+    diffusers' `DPMSolverMultistepScheduler(solver_order=3)` (with `lower_order_final=True`, its
+    default), whose second-order steps take `solver_type` ("midpoint" or "heun", as diffusers'). See
+    `exponential_multistep`."""
+    if form not in ("exact", "lu"):
+        raise ArgumentError(f"form: expected 'exact' or 'lu' (diffusers' third order), got {form!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
+    lu = form == "lu"
+    midpoint = lu and solver_type == "midpoint"
+    return exponential_multistep(run, x, 3, False, midpoint=midpoint, lower_order_final=lower_order_final, lu_third=lu)
 
 
 def dpmpp_2m_pc(run: Run, x: torch.Tensor) -> torch.Tensor:
