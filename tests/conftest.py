@@ -10,6 +10,26 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import flowsolve as fs  # noqa: E402
 
 
+def tiny_unet64(out_channels: int = 1, seed: int = 0, text_dim: int | None = None):
+    """A tiny random diffusers UNet in float64 (1 channel, 8×8), with cross-attention of width
+    `text_dim` if given: the model on which peer-equivalence tests run diffusers' loops and flowsolve."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    torch.manual_seed(seed)
+    common = dict(sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(8, 16),
+                  layers_per_block=1, norm_num_groups=4)
+    if text_dim is None:
+        return UNet2DModel(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           **common).eval().double()
+    return UNet2DConditionModel(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=text_dim,
+                                attention_head_dim=4, **common).eval().double()
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    return tiny_unet64()
+
+
 @pytest.fixture(scope="session")
 def gmm():
     return fs.data.GaussianMixture.paper()

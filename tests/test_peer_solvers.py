@@ -9,15 +9,8 @@ import torch
 from diffusers import DEISMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
 
 import flowsolve as fs
+from conftest import tiny_unet64
 from flowsolve.noise import SampleNoise
-
-
-@pytest.fixture(scope="module")
-def unet64():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4).eval().double()
 
 
 def _diffusers_loop(unet, sched, z, **step_kw):
@@ -373,6 +366,7 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpmpp_sde", {"eta": 0.0}, 1.75),
     ("dpmpp_singlestep", {"order": 2, "lower_order_final": False}, 1.9),
     ("dpmpp_3m", {"form": "lu"}, 2.2),                           # like deis-3: a low-order start
+    ("sa_solver", {"tau": 0.0, "lower_order_final": False}, 1.75),  # diffusers' order-2 adjustment is O(h³) locally
 ])
 def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
     orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
@@ -392,7 +386,7 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}), ("dpm_2_ancestral", {}),
                                        ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
                                        ("dpmpp_singlestep", {"order": 3}), ("dpmpp_3m", {"form": "lu"}),
-                                       ("ddpm", {})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -411,7 +405,7 @@ def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s", "dpm_2_ancestral",
-                                  "dpmpp_sde", "pc", "dpm_fast"])
+                                  "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver"])
 def test_stochastic_samplers_reach_the_mixture(gmm, name):
     n = 2000
     opts = {"eta": 1.0} if name in ("dpmpp_2s", "dpm_fast") else {}
@@ -671,10 +665,7 @@ def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, 
 
 @pytest.fixture(scope="module")
 def unet64_var():
-    torch.manual_seed(1)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4).eval().double()
+    return tiny_unet64(out_channels=2, seed=1)
 
 
 @pytest.mark.parametrize("learned,kw", [
@@ -705,12 +696,8 @@ def test_ddpm_solver_is_the_ddpm_schedulers_loop(unet64, unet64_var, learned, kw
 def test_ddpm_with_learned_variance_and_guidance_is_deepfloyd_ifs_loop():
     """IFPipeline: CFG on the ε half, the variance channels of the text branch, DDPM's learned-range
     step with dynamic thresholding. Without variance channels `learned_range` is refused up front."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
-                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    from diffusers import DDPMScheduler
+    net = tiny_unet64(out_channels=2, text_dim=16)
     B, w = 3, 7.0
     emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
     kw = dict(variance_type="learned_range", thresholding=True, sample_max_value=1.5, beta_schedule="squaredcos_cap_v2")
@@ -790,3 +777,48 @@ def test_dpmpp_3m_lu_form_is_diffusers_third_order(unet64, name, solver_type, st
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
     exact = fs.sample(m.field(), "dpmpp_3m", grid=grid, x_init=start, dtype=torch.float64, lower_order_final=True)
     assert (exact - ref).abs().max().item() > 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{}, {"tau_func": lambda t: 0}, {"tau_func": lambda t: 1},
+                                {"predictor_order": 3, "corrector_order": 4}, {"predictor_order": 1, "corrector_order": 1},
+                                {"prediction_type": "v_prediction"}])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_sa_solver_is_the_sa_solver_schedulers_loop(unet64, kw, steps):
+    """`sa_solver` on a diffusers model is SASolverScheduler's loop given the same noise: its τ rule
+    (the scheduler's `tau_func` on the model's timesteps), predictor / corrector orders, the corrector's
+    reuse of the predictor's noise, lower-order final steps, and its grid ending at σ_min."""
+    from diffusers import SASolverScheduler
+    sched = _in_float64(SASolverScheduler(**kw), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, SASolverScheduler(**kw))
+    grid = m.field().grid(steps, "schedule")
+    opts = {k: v for k, v in kw.items() if k in ("predictor_order", "corrector_order")}
+    x, info = fs.sample(m.field(), "sa_solver", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                        dtype=torch.float64, seed=5, return_info=True, **opts)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert info.nfe == steps
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_sa_solver_takes_tau_as_a_number_or_a_function_of_time(gmm64):
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    zero = fs.sample(field, "sa_solver", nfe=8, n=6, seed=2, tau=0.0, dtype=torch.float64)
+    again = fs.sample(field, "sa_solver", nfe=8, n=6, seed=7, tau=0.0, dtype=torch.float64)
+    assert (zero - fs.sample(field, "sa_solver", nfe=8, n=6, seed=2, tau=lambda t: 0.0,
+                             dtype=torch.float64)).abs().max().item() == 0.0
+    noisy = fs.sample(field, "sa_solver", nfe=8, n=6, seed=2, tau=lambda t: 1.0 if t > 1.0 else 0.0,
+                      dtype=torch.float64)
+    assert torch.isfinite(noisy).all() and (noisy - zero).abs().max().item() > 1e-3
+    assert (fs.sample(field, "sa_solver", nfe=8, n=6, seed=2, tau=0.0, x_init=zero * 0 + again,
+                      dtype=torch.float64) - again).abs().max().item() > 0      # x_init is honoured
+    with pytest.raises(ValueError, match="tau"):
+        fs.sample(field, "sa_solver", nfe=4, n=2, tau=-1.0)
+    # from pure noise (a flow's t = 1) the first step is exact: τ = 0 is then DDIM's first step
+    flow = fs.fields.FlowMatching(lambda x, t: (x - gmm64.denoiser(x / (1 - t.reshape(-1, 1)).clamp(min=1e-9),
+                                                                     (t / (1 - t).clamp(min=1e-9)))) / t.reshape(-1, 1),
+                                  (64,))
+    grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    one = fs.sample(flow, "sa_solver", grid=grid[:2], n=4, seed=1, tau=0.0, dtype=torch.float64)
+    assert (one - fs.sample(flow, "ddim", grid=grid[:2], n=4, seed=1, dtype=torch.float64)).abs().max() <= 1e-12
+    assert torch.isfinite(fs.sample(flow, "sa_solver", grid=grid, n=4, seed=1, dtype=torch.float64)).all()

@@ -13,14 +13,7 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMS
                        FlowMatchEulerDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 import flowsolve as fs
-
-
-@pytest.fixture(scope="module")
-def unet64():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4).eval().double()
+from conftest import tiny_unet64
 
 
 def _loop(net, sched, z, call=None):
@@ -325,12 +318,8 @@ def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64):
 def test_clipping_applies_to_the_guided_prediction_as_in_diffusers():
     """diffusers clips (or thresholds) the guided x_0, not each branch's: CFG with `clip_sample` on a
     DDIM loop (its `use_clipped_model_output=True` form) is `euler` on the guided field."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    from diffusers import DDIMScheduler
+    net = tiny_unet64(out_channels=1, text_dim=16)
     B, w = 3, 6.0
     emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
     kw = dict(clip_sample=True, clip_sample_range=0.5, timestep_spacing="trailing")
@@ -358,12 +347,7 @@ def test_clipping_applies_to_the_guided_prediction_as_in_diffusers():
 def test_scheduler_timesteps_hold_under_guidance_too():
     """A scheduler that casts its spaced σ's timesteps to integers (DPM-Solver with exponential σ's:
     truncated) feeds the network those timesteps; guidance's doubled batch gets them as well."""
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                               norm_num_groups=4, attention_head_dim=4).eval().double()
+    net = tiny_unet64(out_channels=1, text_dim=16)
     B, w = 3, 4.0
     emb, neg = torch.randn(B, 5, 16, dtype=torch.float64), torch.zeros(1, 5, 16, dtype=torch.float64)
 

@@ -218,6 +218,16 @@ register(
 )
 register(
     Solver(
+        "sa_solver",
+        peers.sa_solver,
+        _one_per_step,
+        "SA-Solver: stochastic Adams predictor-corrector (Xue et al. 2023), per-sample noise",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "tcd",
         peers.tcd,
         _one_per_step,

@@ -723,6 +723,107 @@ def tcd(run: Run, x: torch.Tensor, *, gamma: float = 0.3) -> torch.Tensor:
     return x
 
 
+def _sa_tau(run: Run, p: PathGrid, tau) -> Any:
+    """τ at knot i (SA-Solver's stochasticity): a number, a callable of the field's time, or (None)
+    the scheduler's own rule on a diffusers DDPM-type model's timesteps (SASolverScheduler's
+    `tau_func`, by default 1 for timesteps in [200, 800] and 0 elsewhere), else 1."""
+    if tau is not None and not callable(tau):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+            raise ArgumentError(f"tau: expected a non-negative number or a callable of the time, got {tau!r}")
+        return lambda i: float(tau)
+    if callable(tau):
+        return lambda i: float(tau(p.t[i]))
+    model = _field_model(run.field, lambda m: getattr(m, "schedule", None) == "discrete" and hasattr(m, "sigma"))
+    if model is None:
+        return lambda i: 1.0
+    rule = getattr(getattr(model, "scheduler", None), "tau_func", None) or (lambda t: 1 if 200 <= t <= 800 else 0)
+
+    def at(i: int) -> float:
+        if p.t[i] == 0:
+            return 0.0
+        step = model.timestep(torch.full((2,), float(p.t[i]), dtype=torch.float64))[0]  # the scheduler's own
+        return float(rule(int(round(float(step)))))
+
+    return at
+
+
+def _sa_step(
+    p: PathGrid, a: int, b: int, nodes: list, values: list, tau: float, noise: torch.Tensor, x: torch.Tensor, pred: bool
+) -> torch.Tensor:
+    """One SA-Solver update from knot a to knot b (Xue et al. 2023, Eq. 15-16, data prediction): the
+    Lagrange polynomial through `values` at λ `nodes`, integrated against k e^{k(λ − λ_b)}, k = 1 + τ²,
+    x_b = e^{−τ² h} (σ_b/σ_a) x_a + α_b Σ_j W_j D_j + σ_b √(1 − e^{−2τ² h}) ξ, with diffusers' order-2
+    adjustment (UniPC-like; `pred`: the predictor's, else the corrector's)."""
+    k, h = 1.0 + tau * tau, p.lam[b] - p.lam[a]
+    w = list(lagrange_weights([k * v for v in nodes], k * p.lam[a], k * p.lam[b], exp_kernel=True))
+    if len(nodes) == 2:
+        rest = (h * k - 1.0 + math.exp(-k * h)) / k**2
+        delta = k * (h * h / 2 - rest) / (p.lam[a] - nodes[1]) if pred else k * (h / 2 - rest / h)
+        w[0], w[1] = w[0] + delta, w[1] - delta
+    out = (math.exp(-tau * tau * h) * p.s[b] / p.s[a]) * x + p.a[b] * combine(w, values)
+    if tau > 0:
+        out = out + (p.s[b] * math.sqrt(-math.expm1(-2 * tau * tau * h))) * noise
+    return out
+
+
+def sa_solver(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    predictor_order: int = 2,
+    corrector_order: int = 2,
+    tau: Any = None,
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    """SA-Solver (Xue et al. 2023; diffusers' `SASolverScheduler`, data prediction): a stochastic
+    Adams-Bashforth predictor of order `predictor_order` and a stochastic Adams-Moulton corrector of
+    order `corrector_order`. The corrector reuses the new D at the predicted point and the
+    predictor's noise, so there are no extra evaluations. τ sets the noise: τ = 0 is UniPC-like and
+    deterministic; by default τ follows the scheduler's rule on a diffusers model and is 1 otherwise.
+    Orders ramp up from 1 and, with `lower_order_final`, fall to the steps left."""
+    pmax = check_int("predictor_order", predictor_order, 1, 4)
+    cmax = check_int("corrector_order", corrector_order, 1, 4)
+    p = PathGrid(run)
+    tau_at = _sa_tau(run, p, tau)
+    n = len(p.t) - 1
+    hist: deque = deque(maxlen=max(pmax, cmax))  # (λ_j, D_j), newest last
+    last = None  # (x_i, noise_i, τ_i, corrector order) of the previous predictor step
+    warm = 0
+    for i in run.steps():
+        den = p.denoise(x, i)
+        if last is not None:  # correct step i − 1 → i with D_i at the predicted point
+            x_last, noise_last, tau_last, c = last
+            older = list(hist)[::-1][: c - 1]
+            x = _sa_step(p, i - 1, i, [p.lam[i]] + [v[0] for v in older], [den] + [v[1] for v in older],
+                         tau_last, noise_last, x_last, pred=False)  # fmt: skip
+        if p.lam[i] == -math.inf or p.s[i + 1] == 0:  # from pure noise or to the data: the exact first-order step
+            noise, tau_i = run.noise(), tau_at(i)
+            if p.s[i + 1] == 0:
+                x = p.a[i + 1] * den
+            elif tau_i > 0:  # e^{−τ² h} = 0 for h = ∞: the data prediction, fresh noise
+                x = p.a[i + 1] * den + p.s[i + 1] * noise
+            else:
+                x = p.s[i + 1] * (x / p.s[i]) + p.a[i + 1] * den
+            if p.lam[i] > -math.inf:
+                hist.append((p.lam[i], den))
+            last = None
+            warm = min(warm + 1, max(pmax, cmax - 1))
+            run.tick(i, x)
+            continue
+        hist.append((p.lam[i], den))
+        order_p = min(pmax, n - i) if lower_order_final else pmax
+        order_c = min(cmax, n - i + 1) if lower_order_final else cmax
+        order_p, order_c = min(order_p, warm + 1), min(order_c, warm + 2)
+        noise = run.noise()  # one draw per step, as the scheduler (also where τ = 0)
+        tau_i = tau_at(i)
+        recent = list(hist)[::-1][:order_p]
+        last = (x, noise, tau_i, order_c)
+        x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
+        warm = min(warm + 1, max(pmax, cmax - 1))
+        run.tick(i, x)
+    return x
+
+
 def _sde_multistep(
     run: Run, x: torch.Tensor, order: int, eta: float, s_noise: float, solver_type: str = "midpoint"
 ) -> torch.Tensor:
