@@ -93,6 +93,7 @@ _SCHEDULER_LOOPS = [
     ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),
     ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "beta_schedule": "scaled_linear",
                        "beta_start": 0.00085, "beta_end": 0.012}, "plms"),     # Stable Diffusion 1.x's
+    ("PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "v_prediction"}, "plms"),  # blends v's
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
@@ -366,7 +367,9 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpmpp_sde", {"eta": 0.0}, 1.75),
     ("dpmpp_singlestep", {"order": 2, "lower_order_final": False}, 1.9),
     ("dpmpp_3m", {"form": "lu"}, 2.2),                           # like deis-3: a low-order start
-    ("sa_solver", {"tau": 0.0, "lower_order_final": False}, 1.75),  # diffusers' order-2 adjustment is O(h³) locally
+    ("sa_solver", {"tau": 0.0, "lower_order_final": False}, 1.75),
+    ("dpm_multistep", {"order": 2}, 1.8),
+    ("dpm_multistep", {"order": 3}, 2.2),  # diffusers' order-2 adjustment is O(h³) locally
 ])
 def test_convergence_orders_on_the_exact_mixture(gmm, name, opts, order):
     orders = _endpoint_errors(gmm, name, opts, (16, 32, 64, 128))
@@ -386,7 +389,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}), ("dpm_2_ancestral", {}),
                                        ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
                                        ("dpmpp_singlestep", {"order": 3}), ("dpmpp_3m", {"form": "lu"}),
-                                       ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3}),
+                                       ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -822,3 +826,41 @@ def test_sa_solver_takes_tau_as_a_number_or_a_function_of_time(gmm64):
     one = fs.sample(flow, "sa_solver", grid=grid[:2], n=4, seed=1, tau=0.0, dtype=torch.float64)
     assert (one - fs.sample(flow, "ddim", grid=grid[:2], n=4, seed=1, dtype=torch.float64)).abs().max() <= 1e-12
     assert torch.isfinite(fs.sample(flow, "sa_solver", grid=grid, n=4, seed=1, dtype=torch.float64)).all()
+
+
+@pytest.mark.parametrize("algorithm,order", [("dpmsolver", 1), ("dpmsolver", 2), ("dpmsolver", 3),
+                                             ("sde-dpmsolver", 1), ("sde-dpmsolver", 2)])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpm_multistep_is_the_noise_prediction_dpm_solver(unet64, algorithm, order, solver_type, steps):
+    """`dpm_multistep` is DPMSolverMultistepScheduler's noise-prediction algorithms, `"dpmsolver"` and
+    (`sde=True`, the same noise) `"sde-dpmsolver"`, for each order and solver type."""
+    from diffusers import DPMSolverMultistepScheduler
+    kw = dict(algorithm_type=algorithm, final_sigmas_type="sigma_min", solver_order=order, solver_type=solver_type)
+    sched = _in_float64(DPMSolverMultistepScheduler(**kw), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, DPMSolverMultistepScheduler(**kw))
+    grid = m.field().grid(steps, "schedule")
+    x = fs.sample(m.field(), "dpm_multistep", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                  dtype=torch.float64, seed=5, order=order, solver_type=solver_type, sde=algorithm.startswith("sde"),
+                  lower_order_final=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_plms_blends_v_predictions_for_a_pndm_v_model_and_epsilons_otherwise(unet64):
+    """PNDMScheduler combines the raw v outputs of a v-prediction model and converts the blend with the
+    current step's ᾱ; `plms` does so by default for such a model (blend="v"), and blend="epsilon"
+    (the default elsewhere) is a different method."""
+    from diffusers import PNDMScheduler
+    m = fs.models.from_diffusers(unet64, PNDMScheduler(skip_prk_steps=True, prediction_type="v_prediction"))
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grid = m.field().grid(10, "schedule")
+    start = z * m.prior_std_at(float(grid[0]))
+    auto = fs.sample(m.field(), "plms", grid=grid, x_init=start, dtype=torch.float64)
+    v = fs.sample(m.field(), "plms", grid=grid, x_init=start, dtype=torch.float64, blend="v")
+    eps = fs.sample(m.field(), "plms", grid=grid, x_init=start, dtype=torch.float64, blend="epsilon")
+    assert (auto - v).abs().max().item() == 0.0 and (auto - eps).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="blend"):
+        fs.sample(m.field(), "plms", grid=grid, x_init=start, blend="x0")

@@ -218,6 +218,16 @@ register(
 )
 register(
     Solver(
+        "dpm_multistep",
+        peers.dpm_multistep,
+        _one_per_step,
+        "multistep DPM-Solver on the noise prediction (orders 1-3; sde=True its SDE form)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "sa_solver",
         peers.sa_solver,
         _one_per_step,

@@ -190,23 +190,68 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
     return x
 
 
-def plms(run: Run, x: torch.Tensor) -> torch.Tensor:
+def plms(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor:
     """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS; diffusers' `PNDMScheduler` with
     `skip_prk_steps`, Stable Diffusion 1.x's default): a Heun first step, then Adams–Bashforth of
     orders 2, 3, 4 with uniform coefficients on the velocity. On a VP model's σ-ODE the velocity is
     PNDM's ε and the Euler step is its DDIM transfer, so this is the scheduler's loop; steps + 1
-    evaluations (the Heun step's second one is not kept in the history, as in PNDM)."""
+    evaluations (the Heun step's second one is not kept in the history, as in PNDM).
+
+    `blend="v"` combines the VP v-predictions v = ε/α − σα x̃ (α = 1/√(1 + σ²)) instead, and turns
+    the blend into ε with the current step's α and x̃ (ε = α v + σα² x̃), as `PNDMScheduler` does for
+    v-prediction models. The default (None) is "v" for a diffusers v-prediction model loaded with a
+    PNDMScheduler, else "epsilon"."""
+    mode = blend if blend is not None else _pndm_blend(run.field)
+    if mode not in ("epsilon", "v"):
+        raise ArgumentError(f"blend: expected 'epsilon' or 'v', got {mode!r}")
+    if mode == "v" and not getattr(run.field, "time_is_sigma", False):
+        raise ArgumentError("blend: 'v' combines VP v-predictions; it needs a σ-time field (a diffusers VP model)")
     t = run.times
     hist: deque = deque(maxlen=4)
+
+    def to_v(eps: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
+        a = 1.0 / math.sqrt(1.0 + s * s)
+        return eps / a - (s * a) * xt
+
+    def to_eps(v: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
+        a2 = 1.0 / (1.0 + s * s)
+        return math.sqrt(a2) * v + (s * a2) * xt
+
     for i in run.steps():
         d = run.f(x, i)
-        hist.appendleft(d)
-        if i == 0:  # Heun: the trapezoid of the velocities at t_0 and at the Euler prediction at t_1
-            x = _heun_step(run, x, d, t[1] - t[0], 1)
+        if mode == "epsilon":
+            hist.appendleft(d)
+            if i == 0:  # Heun: the trapezoid of the velocities at t_0 and at the Euler prediction at t_1
+                x = _heun_step(run, x, d, t[1] - t[0], 1)
+            else:
+                x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
         else:
-            x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
+            v = to_v(d, x, t[i])
+            hist.appendleft(v)
+            h = t[i + 1] - t[i]
+            if i == 0:  # the Heun step blends v at t_0 and at the Euler prediction, converted at t_0
+                x_pred = x + h * d
+                if run.evaluable[1]:
+                    v1 = to_v(run.f(x_pred, 1), x_pred, t[1])
+                    x = x + h * to_eps(0.5 * (v + v1), x, t[0])
+                else:
+                    x = x_pred
+            else:
+                x = x + h * to_eps(combine(_IPNDM[len(hist)], list(hist)), x, t[i])
         run.tick(i, x)
     return x
+
+
+def _pndm_blend(field) -> str:
+    """ "v" where the field's model is a diffusers v-prediction model with a PNDMScheduler."""
+    cand = getattr(field, "data", None)
+    for _ in range(3):
+        if cand is None:
+            return "epsilon"
+        if getattr(cand, "scheduler_class", None) == "PNDMScheduler":
+            return "v" if getattr(cand, "prediction_type", None) == "v_prediction" else "epsilon"
+        cand = getattr(cand, "denoiser", None)
+    return "epsilon"
 
 
 def ipndm_v(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
