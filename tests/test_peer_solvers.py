@@ -864,3 +864,21 @@ def test_plms_blends_v_predictions_for_a_pndm_v_model_and_epsilons_otherwise(une
     assert (auto - v).abs().max().item() == 0.0 and (auto - eps).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match="blend"):
         fs.sample(m.field(), "plms", grid=grid, x_init=start, blend="x0")
+
+
+@pytest.mark.parametrize("skip", [[0], [0, 3], [2, 5, 7]])
+def test_unipc_disable_corrector_is_diffusers_option(unet64, skip):
+    """UniPCMultistepScheduler(disable_corrector=...) leaves those steps' results uncorrected; so does
+    `unipc(disable_corrector=...)`, and with an empty list it is the plain loop."""
+    sched = _in_float64(UniPCMultistepScheduler(disable_corrector=skip), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, UniPCMultistepScheduler(disable_corrector=skip))
+    grid = m.field().grid(10, "schedule")
+    start = z * m.prior_std_at(float(grid[0]))
+    x = fs.sample(m.field(), "unipc", grid=grid, x_init=start, dtype=torch.float64, disable_corrector=skip)
+    assert (x - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    plain = fs.sample(m.field(), "unipc", grid=grid, x_init=start, dtype=torch.float64)
+    assert (plain - ref).abs().max().item() > 1e-6 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="disable_corrector"):
+        fs.sample(m.field(), "unipc", grid=grid, x_init=start, disable_corrector="0")

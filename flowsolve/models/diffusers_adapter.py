@@ -392,6 +392,7 @@ class DiffusersTrigFlow(DiffusersFlow):
             raise ArgumentError(f"scheduler: expected prediction_type 'trigflow', got {cfg.get('prediction_type')!r}")
         self.sigma_data = float(cfg.get("sigma_data", 0.5))
         self.timestep_scale = float(timestep_scale)
+        self.integer_timesteps = False  # SCMScheduler's times are continuous (its velocity is its own)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.sigma_data * self._network(x / self.sigma_data, t * self.timestep_scale, cond)

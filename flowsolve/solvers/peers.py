@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 from collections import deque
 
 import torch
@@ -109,6 +109,7 @@ def unipc(
     variant: str = "bh2",
     corrector: bool = True,
     lower_order_final: bool = True,
+    disable_corrector: Sequence[int] = (),
 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023) on the data prediction, any Gaussian path.
 
@@ -118,7 +119,14 @@ def unipc(
         x_{i+1} ← the same from x_i with Σ_k ρ^c_k D1_k + ρ^c_p (D_{i+1} − D_i),
     and the next step starts from the corrected x_{i+1} while reusing D_{i+1}. The order ramps up
     from 1 and, with `lower_order_final`, is at most the number of steps left (diffusers' rule).
+    `disable_corrector` lists the steps whose result is not corrected (diffusers' option of that name;
+    UniPC's authors suggest [0] under strong guidance).
     """
+    if isinstance(disable_corrector, (str, bytes)) or not all(
+        isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector
+    ):
+        raise ArgumentError(f"disable_corrector: expected a list of step indices, got {disable_corrector!r}")
+    skip = frozenset(disable_corrector)
     order = check_int("order", order, 1, 3)
     if variant not in ("bh1", "bh2"):
         raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
@@ -128,7 +136,7 @@ def unipc(
     x_prev, prev_order = None, 0
     for i in run.steps():
         den = p.denoise(x, i)
-        if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf:
+        if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf and i - 1 not in skip:
             h = p.lam[i] - p.lam[i - 1]
             older = list(hist)[:-1][::-1][: prev_order - 1]  # D_{i−2}, D_{i−3}, ...
             m0 = hist[-1][1]
@@ -160,10 +168,24 @@ def unipc(
 
 
 def unipc_bh1(
-    run: Run, x: torch.Tensor, *, order: int = 2, corrector: bool = True, lower_order_final: bool = True
+    run: Run,
+    x: torch.Tensor,
+    *,
+    order: int = 2,
+    corrector: bool = True,
+    lower_order_final: bool = True,
+    disable_corrector: Sequence[int] = (),
 ) -> torch.Tensor:
     """UniPC with B(h) = h (`unipc` with variant='bh1'; Zhao et al. recommend it for unconditional models)."""
-    return unipc(run, x, order=order, variant="bh1", corrector=corrector, lower_order_final=lower_order_final)
+    return unipc(
+        run,
+        x,
+        order=order,
+        variant="bh1",
+        corrector=corrector,
+        lower_order_final=lower_order_final,
+        disable_corrector=disable_corrector,
+    )
 
 
 # -- DEIS ----------------------------------------------------------------------------------------
