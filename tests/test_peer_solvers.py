@@ -368,6 +368,7 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("dpmpp_singlestep", {"order": 2, "lower_order_final": False}, 1.9),
     ("dpmpp_3m", {"form": "lu"}, 2.2),                           # like deis-3: a low-order start
     ("sa_solver", {"tau": 0.0, "lower_order_final": False}, 1.75),
+    ("unipc", dict(order=2, lower_order_final=False, predict_x0=False), 2.8),
     ("dpm_multistep", {"order": 2}, 1.8),
     ("dpm_multistep", {"order": 3}, 2.2),  # diffusers' order-2 adjustment is O(h³) locally
 ])
@@ -882,3 +883,59 @@ def test_unipc_disable_corrector_is_diffusers_option(unet64, skip):
     assert (plain - ref).abs().max().item() > 1e-6 * ref.abs().max().item()
     with pytest.raises(ValueError, match="disable_corrector"):
         fs.sample(m.field(), "unipc", grid=grid, x_init=start, disable_corrector="0")
+
+
+@pytest.mark.parametrize("kw,solver", [({}, "unipc"), ({"solver_type": "bh1"}, "unipc_bh1"),
+                                       ({"solver_order": 3}, "unipc"), ({"solver_order": 1}, "unipc")])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_unipc_on_the_noise_prediction_is_diffusers_predict_x0_false(unet64, kw, solver, steps):
+    """UniPCMultistepScheduler(predict_x0=False) runs UniPC on ε (its first-order base step on ε too,
+    which differs from the data form once the corrector has moved x): `unipc(predict_x0=False)`."""
+    kw = dict(kw, predict_x0=False, final_sigmas_type="sigma_min")   # diffusers' ε form breaks at σ = 0
+    sched = _in_float64(UniPCMultistepScheduler(**kw), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, UniPCMultistepScheduler(**kw))
+    grid = m.field().grid(steps, "schedule")
+    start = z * m.prior_std_at(float(grid[0]))
+    x = fs.sample(m.field(), solver, grid=grid, x_init=start, dtype=torch.float64, order=kw.get("solver_order", 2),
+                  predict_x0=False)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    data = fs.sample(m.field(), solver, grid=grid, x_init=start, dtype=torch.float64, order=kw.get("solver_order", 2))
+    assert (data * alpha_end - ref).abs().max().item() > 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{}, {"set_alpha_to_one": True, "beta_schedule": "squaredcos_cap_v2"},
+                                {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "steps_offset": 1},
+                                {"timestep_spacing": "trailing"}])
+@pytest.mark.parametrize("steps", [4, 10])
+def test_pndm_is_the_pndm_schedulers_default_loop(unet64, kw, steps):
+    """PNDMScheduler without `skip_prk_steps` (its default): three pseudo Runge-Kutta steps with
+    midpoints half a stride down, then PLMS; v-prediction models blend v. `pndm` is that loop, with
+    one evaluation fewer where diffusers' last step moves nothing (final ᾱ equal to the last knot's)."""
+    from diffusers import PNDMScheduler
+    sched = _in_float64(PNDMScheduler(**kw), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, PNDMScheduler(**kw))
+    grid = m.field().grid(steps, "schedule")
+    x, info = fs.sample(m.field(), "pndm", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                        return_info=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert info.nfe == len(sched.timesteps) - (len(grid) - 1 < steps)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+def test_pndm_warm_up_is_rk4_on_any_field(gmm):
+    """Away from diffusers' timesteps the warm-up is classical RK4 with midpoints at the mean time:
+    one warm-up step on the exact mixture is fourth order (error ratio ≈ 2⁵ per halving)."""
+    field = fs.fields.EDM(gmm.denoiser)
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    errs = []
+    for dt in (0.2, 0.1, 0.05):
+        grid = torch.tensor([3.0, 3.0 - dt], dtype=torch.float64)
+        exact = fs.sample(field, "torchdiffeq:dopri5", grid=torch.tensor([3.0, 3.0 - dt], dtype=torch.float64),
+                          x_init=x0, nfe=10 ** 6, rtol=1e-12, atol=1e-12)
+        errs.append(float((fs.sample(field, "pndm", grid=grid, x_init=x0) - exact).norm(dim=1).max()))
+    assert all(math.log2(a / b) > 4.5 for a, b in zip(errs, errs[1:])), errs

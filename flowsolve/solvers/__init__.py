@@ -161,6 +161,21 @@ register(
         "PNDM's PLMS (diffusers' PNDMScheduler): a Heun first step, then Adams–Bashforth 2-4",
     )
 )
+
+
+def _pndm_evals(steps: int, singular_end: bool) -> int:
+    warm = min(3, steps - 1 if singular_end else steps)  # Runge-Kutta steps: four evaluations each
+    return steps + 3 * warm
+
+
+register(
+    Solver(
+        "pndm",
+        multistep.pndm,
+        _pndm_evals,
+        "PNDM (diffusers' PNDMScheduler default): three pseudo Runge-Kutta steps, then PLMS",
+    )
+)
 register(Solver("ipndm", multistep.ipndm, _one_per_step, "improved PNDM (Adams–Bashforth, uniform coefficients)"))
 register(Solver("adams", multistep.adams, _one_per_step, "variable-step Adams–Bashforth on any grid"))
 register(

@@ -208,15 +208,7 @@ def plms(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor
         raise ArgumentError("blend: 'v' combines VP v-predictions; it needs a σ-time field (a diffusers VP model)")
     t = run.times
     hist: deque = deque(maxlen=4)
-
-    def to_v(eps: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
-        a = 1.0 / math.sqrt(1.0 + s * s)
-        return eps / a - (s * a) * xt
-
-    def to_eps(v: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
-        a2 = 1.0 / (1.0 + s * s)
-        return math.sqrt(a2) * v + (s * a2) * xt
-
+    to_v, to_eps = _vp_v, _vp_eps
     for i in run.steps():
         d = run.f(x, i)
         if mode == "epsilon":
@@ -238,6 +230,86 @@ def plms(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor
                     x = x_pred
             else:
                 x = x + h * to_eps(combine(_IPNDM[len(hist)], list(hist)), x, t[i])
+        run.tick(i, x)
+    return x
+
+
+def _vp_v(eps: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
+    """The VP v-prediction at VE level s from the σ-ODE velocity ε at x̃: v = ε/α − sα x̃, α = 1/√(1 + s²)."""
+    a = 1.0 / math.sqrt(1.0 + s * s)
+    return eps / a - (s * a) * xt
+
+
+def _vp_eps(v: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
+    """ε from a VP v-prediction at VE level s and x̃: ε = α v + sα² x̃."""
+    a2 = 1.0 / (1.0 + s * s)
+    return math.sqrt(a2) * v + (s * a2) * xt
+
+
+def _prk_midpoint(run: Run, i: int) -> float:
+    """The time of PNDM's Runge-Kutta midpoint between knots i and i + 1: on a diffusers DDPM-type
+    model the timestep t_i − ⌊(t_i − t_{i+1})/2⌋ (PNDMScheduler's t_i − ⌊⌊T/N⌋/2⌋ on its own grid), else
+    the mean of the two times."""
+    t = run.times
+    cand = getattr(run.field, "data", None)
+    for _ in range(3):
+        if cand is None or (getattr(cand, "schedule", None) == "discrete" and hasattr(cand, "sigma")):
+            break
+        cand = getattr(cand, "denoiser", None)
+    if cand is None:
+        return 0.5 * (t[i] + t[i + 1])
+    here, there = (
+        round(float(cand.timestep(torch.full((2,), float(v), dtype=torch.float64))[0])) for v in t[i : i + 2]
+    )
+    return float(cand.sigma(here - (here - there) // 2))
+
+
+def _prk_stage(
+    mode: str, out: torch.Tensor, at: torch.Tensor, when: float, xi: torch.Tensor, ti: float
+) -> torch.Tensor:
+    """A Runge-Kutta stage's ε: the velocity itself, or with the v-blend its v converted with the
+    step's start (α_i, x_i), as PNDMScheduler converts every stage."""
+    return out if mode == "epsilon" else _vp_eps(_vp_v(out, at, when), xi, ti)
+
+
+def pndm(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor:
+    """PNDM (Liu et al. 2022; diffusers' `PNDMScheduler` default): three pseudo Runge-Kutta steps,
+    then PLMS. Each warm-up step is classical RK4 whose stages are DDIM transfers from the step's
+    start: to the midpoint with ε₁, to the midpoint with ε₂, to the next knot with ε₃, then with
+    (ε₁ + 2ε₂ + 2ε₃ + ε₄)/6. Its first ε joins PLMS's history. On a σ-time field the transfer is the
+    Euler step, so RK4 in σ. The midpoint is PNDMScheduler's timestep on a diffusers model, else the
+    mean of the two times. `blend` is as for `plms`; the v-blend converts every stage with the step's
+    start, as PNDMScheduler does. A warm-up step that would end at σ = 0 is a PLMS step."""
+    mode = blend if blend is not None else _pndm_blend(run.field)
+    if mode not in ("epsilon", "v"):
+        raise ArgumentError(f"blend: expected 'epsilon' or 'v', got {mode!r}")
+    if mode == "v" and not getattr(run.field, "time_is_sigma", False):
+        raise ArgumentError("blend: 'v' combines VP v-predictions; it needs a σ-time field (a diffusers VP model)")
+    t = run.times
+    n = len(t) - 1
+    warm = min(3, n if run.evaluable[n] else n - 1)
+    hist: deque = deque(maxlen=4)
+    for i in run.steps():
+        d = run.f(x, i)
+        h = t[i + 1] - t[i]
+        if mode == "epsilon":
+            hist.appendleft(d)
+            eff = d if i < warm else combine(_IPNDM[len(hist)], list(hist))
+        else:
+            hist.appendleft(_vp_v(d, x, t[i]))
+            eff = d if i < warm else _vp_eps(combine(_IPNDM[len(hist)], list(hist)), x, t[i])
+        if i < warm:  # pseudo Runge-Kutta: RK4 with DDIM transfers from x_i
+            tm = _prk_midpoint(run, i)
+            xi, ti = x, t[i]
+            x2 = xi + (tm - ti) * d
+            d2 = _prk_stage(mode, run.f_at(x2, tm), x2, tm, xi, ti)
+            x3 = xi + (tm - ti) * d2
+            d3 = _prk_stage(mode, run.f_at(x3, tm), x3, tm, xi, ti)
+            x4 = xi + h * d3
+            d4 = _prk_stage(mode, run.f(x4, i + 1), x4, t[i + 1], xi, ti)
+            x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
+        else:
+            x = x + h * eff
         run.tick(i, x)
     return x
 

@@ -74,14 +74,14 @@ def _check_eta(eta) -> float:
 # -- UniPC ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1024)
 def _unipc_coeffs(
-    rks: tuple[float, ...], h: float, order: int, variant: str, predictor: bool
+    rks: tuple[float, ...], h: float, order: int, variant: str, predictor: bool, noise: bool = False
 ) -> tuple[float, tuple[float, ...]]:
     """(B(h), ρ-coefficients) of UniP/UniC (Zhao et al. 2023, Alg. 2–3 with B(h) of §3.3): with
-    hh = −h, φ_k the k-th exponential remainder, solve R ρ = b with R_kj = r_j^{k−1},
-    b_k = k! φ_{k+1}(hh)/B(h); UniP-2 uses ρ = 1/2 and UniC-1 ρ = 1/2."""
+    hh = −h (hh = h for the noise-prediction form), φ_k the k-th exponential remainder, solve R ρ = b
+    with R_kj = r_j^{k−1}, b_k = k! φ_{k+1}(hh)/B(h); UniP-2 uses ρ = 1/2 and UniC-1 ρ = 1/2."""
     import numpy as np
 
-    hh = -h
+    hh = h if noise else -h
     b_h = hh if variant == "bh1" else math.expm1(hh)
     phi = math.expm1(hh) / hh - 1.0  # h φ₂-type remainder, then recursively
     fact, b = 1, []
@@ -110,6 +110,7 @@ def unipc(
     corrector: bool = True,
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
+    predict_x0: bool = True,
 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023) on the data prediction, any Gaussian path.
 
@@ -120,7 +121,9 @@ def unipc(
     and the next step starts from the corrected x_{i+1} while reusing D_{i+1}. The order ramps up
     from 1 and, with `lower_order_final`, is at most the number of steps left (diffusers' rule).
     `disable_corrector` lists the steps whose result is not corrected (diffusers' option of that name;
-    UniPC's authors suggest [0] under strong guidance).
+    UniPC's authors suggest [0] under strong guidance). `predict_x0=False` runs the same method on
+    the noise prediction ε = (x − α D)/σ (diffusers' option of that name): the differences are of ε,
+    weighted by σ_{i+1} instead of α_{i+1}, with hh = h in the coefficients.
     """
     if isinstance(disable_corrector, (str, bytes)) or not all(
         isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector
@@ -132,23 +135,34 @@ def unipc(
         raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
     p = PathGrid(run)
     n = len(p.t) - 1
-    hist: deque = deque(maxlen=order)  # (λ_j, D_j) of finite λ, newest last
+    hist: deque = deque(maxlen=order)  # (λ_j, value_j, D_j) of finite λ, newest last (value: D or ε)
+    weight = p.a if predict_x0 else p.s  # what multiplies B(h) Σ ρ D1: α_{i+1}, or σ_{i+1} for ε
+
+    def base(xs: torch.Tensor, d: torch.Tensor, v: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """The first-order step from knot i to j with the model output held: on D (x_j = (σ_j/σ_i) x_i
+        + ...) or, for the noise form, on ε (x_j = (α_j/α_i) x_i − σ_j (e^h − 1) ε); they differ once
+        the corrector has moved x_i away from where D and ε were evaluated."""
+        if predict_x0:
+            return ddim_step(xs, d, p.s[i], p.s[j], p.a[j], p.lam[j] - p.lam[i])
+        return (p.a[j] / p.a[i]) * xs - (p.s[j] * math.expm1(p.lam[j] - p.lam[i])) * v
+
     x_prev, prev_order = None, 0
     for i in run.steps():
         den = p.denoise(x, i)
+        val = den if predict_x0 else (x - p.a[i] * den) / p.s[i]
         if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf and i - 1 not in skip:
             h = p.lam[i] - p.lam[i - 1]
-            older = list(hist)[:-1][::-1][: prev_order - 1]  # D_{i−2}, D_{i−3}, ...
-            m0 = hist[-1][1]
-            rks = tuple((lj - p.lam[i - 1]) / h for lj, _ in older)
-            b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False)
-            res = rho[-1] * (den - m0)
-            for rk, (_, dj), c in zip(rks, older, rho[:-1]):
-                res = res + (c / rk) * (dj - m0)
-            x = ddim_step(x_prev, m0, p.s[i - 1], p.s[i], p.a[i], h) - (p.a[i] * b_h) * res
+            older = list(hist)[:-1][::-1][: prev_order - 1]  # values at i−2, i−3, ...
+            _, m0, d0 = hist[-1]
+            rks = tuple((e[0] - p.lam[i - 1]) / h for e in older)
+            b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False, noise=not predict_x0)
+            res = rho[-1] * (val - m0)
+            for rk, e, c in zip(rks, older, rho[:-1]):
+                res = res + (c / rk) * (e[1] - m0)
+            x = base(x_prev, d0, m0, i - 1, i) - (weight[i] * b_h) * res
         x_prev = x
         if p.lam[i] > -math.inf:
-            hist.append((p.lam[i], den))
+            hist.append((p.lam[i], val, den))
         if p.s[i + 1] == 0 or p.lam[i] == -math.inf or not hist:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
             prev_order = 1 if p.lam[i] > -math.inf else 0
@@ -156,12 +170,12 @@ def unipc(
             k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
             h = p.lam[i + 1] - p.lam[i]
             older = list(hist)[:-1][::-1][: k - 1]
-            rks = tuple((lj - p.lam[i]) / h for lj, _ in older)
-            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], h)
+            rks = tuple((e[0] - p.lam[i]) / h for e in older)
+            x = base(x, den, val, i, i + 1)
             if k > 1:
-                b_h, rho = _unipc_coeffs(rks, h, k, variant, predictor=True)
-                pred = combine([c / rk for rk, c in zip(rks, rho)], [dj - den for _, dj in older])
-                x = x - (p.a[i + 1] * b_h) * pred
+                b_h, rho = _unipc_coeffs(rks, h, k, variant, predictor=True, noise=not predict_x0)
+                pred = combine([c / rk for rk, c in zip(rks, rho)], [e[1] - val for e in older])
+                x = x - (weight[i + 1] * b_h) * pred
             prev_order = k
         run.tick(i, x)
     return x
@@ -175,6 +189,7 @@ def unipc_bh1(
     corrector: bool = True,
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
+    predict_x0: bool = True,
 ) -> torch.Tensor:
     """UniPC with B(h) = h (`unipc` with variant='bh1'; Zhao et al. recommend it for unconditional models)."""
     return unipc(
@@ -185,6 +200,7 @@ def unipc_bh1(
         corrector=corrector,
         lower_order_final=lower_order_final,
         disable_corrector=disable_corrector,
+        predict_x0=predict_x0,
     )
 
 
