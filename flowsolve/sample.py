@@ -64,29 +64,31 @@ def check_cond(cond, n: int) -> dict:
 
 
 def _check_cond_level(cond: dict, n: int, prefix: str) -> dict:
+    """One level of `check_cond`; nested dicts (a dict-valued model input such as SDXL's
+    added_cond_kwargs) are checked leaf by leaf, named "outer.inner"."""
     out: dict = {}
     for k, v in cond.items():
         if not isinstance(k, str):
             raise ArgumentTypeError(f"cond: keys must be names (str), got {k!r}")
-        if isinstance(v, dict):  # a dict-valued model input (SDXL's added_cond_kwargs): its leaves are rows
-            out[k] = _check_cond_level(v, n, f"{prefix}{k}.")
+        name = prefix + k
+        if isinstance(v, dict):
+            out[k] = _check_cond_level(v, n, name + ".")
             continue
-        k = prefix + k
         if not isinstance(v, torch.Tensor):
             try:
                 v = torch.as_tensor(v)
             except (TypeError, ValueError, RuntimeError):
-                raise ArgumentTypeError(f"cond: key {k!r} must be a tensor, got {type(v).__name__}") from None
+                raise ArgumentTypeError(f"cond: key {name!r} must be a tensor, got {type(v).__name__}") from None
         if v.dim() == 0:
             v = v.reshape(1)
         if v.shape[0] not in (1, n):
             raise ArgumentError(
-                f"cond: key {k!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
+                f"cond: key {name!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
                 f"or 1 (the same for all)"
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ArgumentError(f"cond: key {k!r} holds NaN or inf")
-        out[k.removeprefix(prefix)] = v
+            raise ArgumentError(f"cond: key {name!r} holds NaN or inf")
+        out[k] = v
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from .._checks import as_column, check_number
-from .._cond import map_leaves, merge_leaves, zip_leaves
+from .._cond import merge_leaves, zip_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
@@ -56,16 +56,6 @@ def _rows(value: Any, n: int, key: str, like: torch.Tensor | None = None) -> tor
     if value.shape[0] != n:
         raise ArgumentError(f"uncond: key {key!r} has leading size {value.shape[0]}; expected {n} or 1")
     return value
-
-
-def _leaf(cond: dict, path: str):
-    """The value at "outer.inner" in a (nested) conditioning dict, None if absent."""
-    node: Any = cond
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _keywords(fn: Callable) -> set[str] | None:
@@ -139,9 +129,12 @@ class GuidedDenoiser:
         self.last_passes = 0
         # a model that post-processes its D nonlinearly (clipping, dynamic thresholding: diffusers'
         # schedulers do it to the guided x_0) gives its raw D for the branches and finishes the guided one
-        self._raw = getattr(denoiser, "denoise_raw", None)
-        self._finish = getattr(denoiser, "finish_denoised", None) if self._raw is not None else None
-        self._raw_guide: Callable | None = getattr(guide, "denoise_raw", guide) if self._finish is not None else guide
+        raw = getattr(denoiser, "denoise_raw", None)
+        self._finish = getattr(denoiser, "finish_denoised", None) if raw is not None else None
+        self._branch: Callable = raw if raw is not None and self._finish is not None else denoiser
+        self._guide_branch: Callable | None = (
+            getattr(guide, "denoise_raw", guide) if self._finish is not None else guide
+        )
         for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):  # the model's declarations pass through
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
@@ -155,18 +148,15 @@ class GuidedDenoiser:
     # -- the two branches ---------------------------------------------------------------------
     def _uncond_inputs(self, cond: dict, n: int) -> dict:
         """cond with the unconditional inputs in place (nested dict inputs merged leaf by leaf)."""
-        like = lambda path: _leaf(cond, path)  # noqa: E731
-        return merge_leaves(cond, map_leaves(lambda path, v: _rows(v, n, path, like(path)), self.uncond))
+        return merge_leaves(cond, zip_leaves(lambda path, c, u: _rows(u, n, path, c), cond, self.uncond))
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
-        model = self._raw or self.denoiser
-        if self.guide is not None:  # autoguidance: a weaker model, the same condition
-            d_c = model(x, sigma, **cond)
+        if self._guide_branch is not None:  # autoguidance: a weaker model, the same condition
+            d_c = self._branch(x, sigma, **cond)
             g_cond = self._uncond_inputs(cond, n) if self.uncond else cond
             keys = self._guide_keys
-            guide = self._raw_guide or self.guide
-            d_u = guide(x, sigma, **{k: v for k, v in g_cond.items() if keys is None or k in keys})
+            d_u = self._guide_branch(x, sigma, **{k: v for k, v in g_cond.items() if keys is None or k in keys})
             self.last_passes = 2
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)
@@ -176,7 +166,7 @@ class GuidedDenoiser:
             return torch.cat([c, u.to(c.dtype)])
 
         both = zip_leaves(stack, cond, unc)
-        d = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+        d = self._branch(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         self.last_passes = 1
         return d[:n], d[n:]
 

@@ -291,6 +291,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         integer = not type(scheduler).__name__.startswith("FlowMatch")
         self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
         self._knot_timesteps: dict[float, float] = {}  # the scheduler's knots t -> its integer timestep
+        known = accepted_inputs(model) if isinstance(model, nn.Module) else None
+        # Flux-family transformers fail deep inside without their position tables: said at the first call
+        self._missing_ids = [k for k in sorted(_POSITION_INPUTS) if known and k in known and k not in model_kwargs]
         self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
@@ -303,10 +306,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         n = self.num_train_timesteps
         steps = t * n  # the scheduler's timestep
         if self.integer_timesteps:
-            known = None
-            one = t.dim() == 1 and len(t) > 0 and t.device.type == "cpu"  # one time for the batch (a knot?)
-            if one and (t.stride(0) == 0 or torch.equal(t, t[:1].expand_as(t))):
-                known = self._knot_timesteps.get(float(t[0]))
+            value = _one_value(t)  # one time for the batch: a scheduler knot?
+            known = self._knot_timesteps.get(value) if value is not None else None
             if known is not None:
                 steps = torch.full_like(t, known)
             else:
@@ -316,11 +317,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         return steps if self.timestep_scale == n else steps * (self.timestep_scale / n)
 
     def _network(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-        known = accepted_inputs(self.model)
-        missing = [
-            k for k in sorted(_POSITION_INPUTS) if known is not None and k in known and k not in self.model_kwargs
-        ]
-        if missing:  # Flux-family transformers fail deep inside without their position tables
+        missing = self._missing_ids
+        if missing:
             raise ArgumentError(
                 f"{missing[0]}: {type(self.model).__name__} needs its position ids ({', '.join(missing)}), one "
                 f"table for the whole batch as its pipeline builds them; pass them to from_diffusers(..., "
@@ -337,10 +335,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         sched.set_timesteps(steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
-            if len(self._knot_timesteps) > 4096:
-                self._knot_timesteps.clear()
-            for s, ts in zip(sigmas.tolist(), torch.as_tensor(sched.timesteps).tolist()):
-                self._knot_timesteps[s] = float(ts)
+            _remember(self._knot_timesteps, knot_timesteps(sched, sigmas))
         return _distinct_knots(sigmas)  # Heun schedulers repeat their knots
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
@@ -582,13 +577,11 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             return 250.0 * (sigma + 1e-44).log()
         if self.schedule == "ve":
             return sigma
-        one = sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0  # one σ for the batch (a solver's knot)
-        if not one and sigma.dim() == 1 and len(sigma) > 1 and sigma.device.type == "cpu":
-            one = torch.equal(sigma, sigma[:1].expand_as(sigma))  # e.g. guidance's two branches in one batch
-        if one:
-            if sigma.device.type != "cpu":  # reading the value would wait for the device: interpolate one row
-                return self._timesteps(sigma[:1]).expand(len(sigma))
-            key = (float(sigma[0]), sigma.dtype)  # a solver visits the same knots on every batch: remember them
+        if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0 and sigma.device.type != "cpu":
+            return self._timesteps(sigma[:1]).expand(len(sigma))  # reading the value would wait for the device
+        value = _one_value(sigma) if sigma.dim() == 1 and len(sigma) > 1 else None
+        if value is not None:  # one σ for the batch: a solver's knot (guidance's doubled batch too)
+            key = (value, sigma.dtype)  # a solver visits the same knots on every batch: remember them
             if key not in self._knot_cache:
                 if len(self._knot_cache) > 4096:
                     self._knot_cache.clear()
@@ -642,7 +635,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         sig = getattr(sched, "sigmas", None)
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
             if self.schedule == "discrete" and not self.continuous_time:
-                self._remember_knots(sched, sig.double())
+                _remember(self._scheduler_timesteps, knot_timesteps(sched, sig.double()))
+                self._knot_cache.clear()
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
         if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
@@ -651,24 +645,6 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
         return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
-
-    def _remember_knots(self, sched, sigmas: torch.Tensor) -> None:
-        """The timestep the scheduler gives each of its σ knots, used for exactly those σ's: where it
-        is not the log-σ interpolation (log-linear σ's, timesteps rounded or cast to integers), the
-        model then sees what the scheduler's loop feeds it. KDPM2 interleaves its midpoints'
-        timesteps with its knots'; a σ given two timesteps is left to the interpolation."""
-        times = torch.as_tensor(sched.timesteps).double().tolist()
-        if hasattr(sched, "sigmas_interpol"):  # KDPM2: [t_0, t_{1/2}, t_1, t_{3/2}, t_2, ...]
-            pairs = list(zip(_distinct_knots(sigmas).tolist(), times[0::2]))
-        else:
-            pairs = list(zip(sigmas.tolist(), times))
-        seen: dict[float, float | None] = {}
-        for s, t in pairs:
-            seen[s] = t if seen.get(s, t) == t else None
-        if len(self._scheduler_timesteps) > 4096:
-            self._scheduler_timesteps.clear()
-        self._scheduler_timesteps.update({s: t for s, t in seen.items() if t is not None})
-        self._knot_cache.clear()
 
     def field(self, **kw):
         """`fields.EDM` on this denoiser whose default grid is the scheduler's own schedule, so
@@ -760,6 +736,39 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             f"schedule={self.schedule}, prediction_type={self.prediction_type}, scheduler={self.scheduler_class}, "
             f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}"
         )
+
+
+def knot_timesteps(sched, sigmas: torch.Tensor) -> dict[float, float]:
+    """The timestep a scheduler set to its steps gives each of its σ knots (where it is not the
+    log-σ interpolation: log-linear σ's, timesteps rounded or cast to integers, flow σ's), so that
+    the model sees there what the scheduler's loop feeds it. KDPM2 interleaves its midpoints'
+    timesteps with its knots'; a σ given two timesteps is left out."""
+    times = torch.as_tensor(sched.timesteps).double().tolist()
+    if hasattr(sched, "sigmas_interpol"):  # KDPM2: [t_0, t_{1/2}, t_1, t_{3/2}, t_2, ...]
+        pairs = list(zip(_distinct_knots(sigmas).tolist(), times[0::2]))
+    else:
+        pairs = list(zip(sigmas.tolist(), times))
+    seen: dict[float, float | None] = {}
+    for s, t in pairs:
+        seen[s] = t if seen.get(s, t) == t else None
+    return {s: t for s, t in seen.items() if t is not None}
+
+
+def _remember(table: dict, new: dict, limit: int = 4096) -> None:
+    """Add to a per-model cache of knots, emptied when it outgrows `limit` (many different grids)."""
+    if len(table) > limit:
+        table.clear()
+    table.update(new)
+
+
+def _one_value(t: torch.Tensor) -> float | None:
+    """The value of a 1-D CPU tensor that holds one value for the whole batch (a solver's knot,
+    expanded or concatenated by guidance), else None; a device tensor is never read (no sync)."""
+    if t.dim() != 1 or len(t) == 0 or t.device.type != "cpu":
+        return None
+    if t.stride(0) == 0 or torch.equal(t, t[:1].expand_as(t)):
+        return float(t[0])
+    return None
 
 
 def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

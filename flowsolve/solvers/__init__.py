@@ -149,30 +149,27 @@ register(
 )
 
 
-def _plms_evals(steps: int, singular_end: bool) -> int:
-    return steps + (1 if steps > 1 or not singular_end else 0)  # the Heun first step (Euler if it ends at σ = 0)
+def _warmup_evals(extra: int, warm_steps: int) -> Callable[[int, bool], int]:
+    """Evaluations of PLMS after `warm_steps` warm-up steps of `extra` more evaluations each (a
+    warm-up step ending where the field is singular is a plain PLMS step)."""
+    return lambda steps, singular_end: steps + extra * min(warm_steps, steps - 1 if singular_end else steps)
 
 
 register(
     Solver(
         "plms",
         multistep.plms,
-        _plms_evals,
+        _warmup_evals(1, 1),  # the Heun first step
         "PNDM's PLMS (diffusers' PNDMScheduler): a Heun first step, then Adams–Bashforth 2-4",
     )
 )
-
-
-def _pndm_evals(steps: int, singular_end: bool) -> int:
-    warm = min(3, steps - 1 if singular_end else steps)  # Runge-Kutta steps: four evaluations each
-    return steps + 3 * warm
 
 
 register(
     Solver(
         "pndm",
         multistep.pndm,
-        _pndm_evals,
+        _warmup_evals(3, 3),  # three Runge-Kutta steps of four evaluations
         "PNDM (diffusers' PNDMScheduler default): three pseudo Runge-Kutta steps, then PLMS",
     )
 )

@@ -262,6 +262,39 @@ class PathGrid:
         return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
 
 
+def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
+    """The model under a field, through guidance wrappers (`.data`, then `.denoiser`), for which
+    has(model) holds, or None: where a solver reproduces a diffusers scheduler, that scheduler's
+    settings (variance type, τ rule, prediction type, timesteps) live on the model."""
+    cand = getattr(field, "data", None)
+    for _ in range(3):
+        if cand is None or has(cand):
+            return cand
+        cand = getattr(cand, "denoiser", None)
+    return None
+
+
+def discrete_model(field: Any) -> Any:
+    """The diffusers DDPM-type denoiser under the field (σ ↔ integer timesteps), or None."""
+    return field_model(field, lambda m: getattr(m, "schedule", None) == "discrete" and hasattr(m, "sigma"))
+
+
+def model_timestep(model: Any, sigma: float) -> int:
+    """The integer timestep of a discrete model at σ: on the scheduler's own knots exactly its
+    timestep (a batch of one σ reads the adapter's knot table), elsewhere the nearest in log σ."""
+    return round(float(model.timestep(torch.full((2,), float(sigma), dtype=torch.float64))[0]))
+
+
+def lu_differences(r0: float, r1: float) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Lu et al.'s DPM-Solver(++) third-order finite differences as weights on (v_i, v_{i−1}, v_{i−2}):
+    with D1₀ = (v_i − v_{i−1})/r₀, D1₁ = (v_{i−1} − v_{i−2})/r₁, q = r₀/(r₀ + r₁),
+    D1 = (1 + q) D1₀ − q D1₁ and D2 = (D1₀ − D1₁)/(r₀ + r₁)."""
+    q, s = r0 / (r0 + r1), 1.0 / (r0 + r1)
+    d1 = ((1 + q) / r0, -(1 + q) / r0 - q / r1, q / r1)
+    d2 = (s / r0, -s / r0 - s / r1, s / r1)
+    return d1, d2
+
+
 def combine(weights: Sequence[Any], values: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_j w_j v_j, in order (the multistep solvers' weighted sums of past evaluations)."""
     out = weights[0] * values[0]

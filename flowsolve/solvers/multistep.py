@@ -24,8 +24,17 @@ from collections import deque
 
 import torch
 
-from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
-from .fixed import _heun_step
+from .base import (
+    PathGrid,
+    Run,
+    combine,
+    ddim_step,
+    discrete_model,
+    field_model,
+    lagrange_weights,
+    lu_differences,
+    model_timestep,
+)
 from .._checks import check_int
 from ..errors import ArgumentError
 
@@ -104,9 +113,7 @@ def exponential_multistep(
                 c0, c1, c2 = -phi1, phi1 / h + 1.0, -((phi1 + h) / h**2 - 0.5)  # on D_i, D1, D2
                 # D1₀ = (D_i − D_{i−1})/r₀, D1₁ = (D_{i−1} − D_{i−2})/r₁; D1 = (1 + q) D1₀ − q D1₁, q = r₀/(r₀ + r₁);
                 # D2 = (D1₀ − D1₁)/(r₀ + r₁): collect the coefficients of D_i, D_{i−1}, D_{i−2}
-                q, s = r0 / (r0 + r1), 1.0 / (r0 + r1)
-                d1 = ((1 + q) / r0, -(1 + q) / r0 - q / r1, q / r1)
-                d2 = (s / r0, -s / r0 - s / r1, s / r1)
+                d1, d2 = lu_differences(r0, r1)
                 w = tuple(c0 * (j == 0) + c1 * d1[j] + c2 * d2[j] for j in range(3))
             else:
                 w = lagrange_weights(
@@ -201,35 +208,51 @@ def plms(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor
     the blend into ε with the current step's α and x̃ (ε = α v + σα² x̃), as `PNDMScheduler` does for
     v-prediction models. The default (None) is "v" for a diffusers v-prediction model loaded with a
     PNDMScheduler, else "epsilon"."""
+    return _pndm_family(run, x, blend, warm_steps=1, runge_kutta=False)
+
+
+def pndm(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor:
+    """PNDM (Liu et al. 2022; diffusers' `PNDMScheduler` default): three pseudo Runge-Kutta steps,
+    then PLMS. Each warm-up step is classical RK4 whose stages are DDIM transfers from the step's
+    start: to the midpoint with ε₁, to the midpoint with ε₂, to the next knot with ε₃, then with
+    (ε₁ + 2ε₂ + 2ε₃ + ε₄)/6. Its first ε joins PLMS's history. On a σ-time field the transfer is the
+    Euler step, so RK4 in σ. The midpoint is PNDMScheduler's timestep on a diffusers model, else the
+    mean of the two times. `blend` is as for `plms`; the v-blend converts every stage with the step's
+    start, as PNDMScheduler does. A warm-up step that would end at σ = 0 is a PLMS step."""
+    return _pndm_family(run, x, blend, warm_steps=3, runge_kutta=True)
+
+
+def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, runge_kutta: bool) -> torch.Tensor:
+    """PLMS after `warm_steps` warm-up steps (Heun, or PNDM's pseudo Runge-Kutta), each of whose first
+    velocity joins the history; a warm-up step ending where the field is singular is a PLMS step."""
     mode = blend if blend is not None else _pndm_blend(run.field)
     if mode not in ("epsilon", "v"):
         raise ArgumentError(f"blend: expected 'epsilon' or 'v', got {mode!r}")
     if mode == "v" and not getattr(run.field, "time_is_sigma", False):
         raise ArgumentError("blend: 'v' combines VP v-predictions; it needs a σ-time field (a diffusers VP model)")
     t = run.times
-    hist: deque = deque(maxlen=4)
-    to_v, to_eps = _vp_v, _vp_eps
+    n = len(t) - 1
+    warm = min(warm_steps, n if run.evaluable[n] else n - 1)
+    hist: deque = deque(maxlen=4)  # ε (or v) at the last knots, newest first
     for i in run.steps():
         d = run.f(x, i)
-        if mode == "epsilon":
-            hist.appendleft(d)
-            if i == 0:  # Heun: the trapezoid of the velocities at t_0 and at the Euler prediction at t_1
-                x = _heun_step(run, x, d, t[1] - t[0], 1)
-            else:
-                x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
-        else:
-            v = to_v(d, x, t[i])
-            hist.appendleft(v)
-            h = t[i + 1] - t[i]
-            if i == 0:  # the Heun step blends v at t_0 and at the Euler prediction, converted at t_0
-                x_pred = x + h * d
-                if run.evaluable[1]:
-                    v1 = to_v(run.f(x_pred, 1), x_pred, t[1])
-                    x = x + h * to_eps(0.5 * (v + v1), x, t[0])
-                else:
-                    x = x_pred
-            else:
-                x = x + h * to_eps(combine(_IPNDM[len(hist)], list(hist)), x, t[i])
+        xi, ti, h = x, t[i], t[i + 1] - t[i]
+        hist.appendleft(d if mode == "epsilon" else _vp_v(d, xi, ti))
+        if i >= warm:  # PLMS: Adams-Bashforth with uniform coefficients
+            blended = combine(_IPNDM[len(hist)], list(hist))
+            x = xi + h * (blended if mode == "epsilon" else _vp_eps(blended, xi, ti))
+        elif runge_kutta:  # RK4 with DDIM transfers from x_i, the midpoint PNDMScheduler's
+            tm = _prk_midpoint(run, i)
+            x2 = xi + (tm - ti) * d
+            d2 = _stage_eps(mode, run.f_at(x2, tm), x2, tm, xi, ti)
+            x3 = xi + (tm - ti) * d2
+            d3 = _stage_eps(mode, run.f_at(x3, tm), x3, tm, xi, ti)
+            x4 = xi + h * d3
+            d4 = _stage_eps(mode, run.f(x4, i + 1), x4, t[i + 1], xi, ti)
+            x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
+        else:  # Heun: the trapezoid of the velocities at t_i and at the Euler prediction at t_{i+1}
+            x1 = xi + h * d
+            x = xi + (0.5 * h) * (d + _stage_eps(mode, run.f(x1, i + 1), x1, t[i + 1], xi, ti))
         run.tick(i, x)
     return x
 
@@ -246,84 +269,30 @@ def _vp_eps(v: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
     return math.sqrt(a2) * v + (s * a2) * xt
 
 
+def _stage_eps(
+    mode: str, out: torch.Tensor, at: torch.Tensor, when: float, xi: torch.Tensor, ti: float
+) -> torch.Tensor:
+    """A warm-up stage's ε: the velocity itself, or with the v-blend its v converted with the step's
+    start (α_i, x_i), as PNDMScheduler converts every stage."""
+    return out if mode == "epsilon" else _vp_eps(_vp_v(out, at, when), xi, ti)
+
+
 def _prk_midpoint(run: Run, i: int) -> float:
     """The time of PNDM's Runge-Kutta midpoint between knots i and i + 1: on a diffusers DDPM-type
     model the timestep t_i − ⌊(t_i − t_{i+1})/2⌋ (PNDMScheduler's t_i − ⌊⌊T/N⌋/2⌋ on its own grid), else
     the mean of the two times."""
     t = run.times
-    cand = getattr(run.field, "data", None)
-    for _ in range(3):
-        if cand is None or (getattr(cand, "schedule", None) == "discrete" and hasattr(cand, "sigma")):
-            break
-        cand = getattr(cand, "denoiser", None)
-    if cand is None:
+    model = discrete_model(run.field)
+    if model is None:
         return 0.5 * (t[i] + t[i + 1])
-    here, there = (
-        round(float(cand.timestep(torch.full((2,), float(v), dtype=torch.float64))[0])) for v in t[i : i + 2]
-    )
-    return float(cand.sigma(here - (here - there) // 2))
-
-
-def _prk_stage(
-    mode: str, out: torch.Tensor, at: torch.Tensor, when: float, xi: torch.Tensor, ti: float
-) -> torch.Tensor:
-    """A Runge-Kutta stage's ε: the velocity itself, or with the v-blend its v converted with the
-    step's start (α_i, x_i), as PNDMScheduler converts every stage."""
-    return out if mode == "epsilon" else _vp_eps(_vp_v(out, at, when), xi, ti)
-
-
-def pndm(run: Run, x: torch.Tensor, *, blend: str | None = None) -> torch.Tensor:
-    """PNDM (Liu et al. 2022; diffusers' `PNDMScheduler` default): three pseudo Runge-Kutta steps,
-    then PLMS. Each warm-up step is classical RK4 whose stages are DDIM transfers from the step's
-    start: to the midpoint with ε₁, to the midpoint with ε₂, to the next knot with ε₃, then with
-    (ε₁ + 2ε₂ + 2ε₃ + ε₄)/6. Its first ε joins PLMS's history. On a σ-time field the transfer is the
-    Euler step, so RK4 in σ. The midpoint is PNDMScheduler's timestep on a diffusers model, else the
-    mean of the two times. `blend` is as for `plms`; the v-blend converts every stage with the step's
-    start, as PNDMScheduler does. A warm-up step that would end at σ = 0 is a PLMS step."""
-    mode = blend if blend is not None else _pndm_blend(run.field)
-    if mode not in ("epsilon", "v"):
-        raise ArgumentError(f"blend: expected 'epsilon' or 'v', got {mode!r}")
-    if mode == "v" and not getattr(run.field, "time_is_sigma", False):
-        raise ArgumentError("blend: 'v' combines VP v-predictions; it needs a σ-time field (a diffusers VP model)")
-    t = run.times
-    n = len(t) - 1
-    warm = min(3, n if run.evaluable[n] else n - 1)
-    hist: deque = deque(maxlen=4)
-    for i in run.steps():
-        d = run.f(x, i)
-        h = t[i + 1] - t[i]
-        if mode == "epsilon":
-            hist.appendleft(d)
-            eff = d if i < warm else combine(_IPNDM[len(hist)], list(hist))
-        else:
-            hist.appendleft(_vp_v(d, x, t[i]))
-            eff = d if i < warm else _vp_eps(combine(_IPNDM[len(hist)], list(hist)), x, t[i])
-        if i < warm:  # pseudo Runge-Kutta: RK4 with DDIM transfers from x_i
-            tm = _prk_midpoint(run, i)
-            xi, ti = x, t[i]
-            x2 = xi + (tm - ti) * d
-            d2 = _prk_stage(mode, run.f_at(x2, tm), x2, tm, xi, ti)
-            x3 = xi + (tm - ti) * d2
-            d3 = _prk_stage(mode, run.f_at(x3, tm), x3, tm, xi, ti)
-            x4 = xi + h * d3
-            d4 = _prk_stage(mode, run.f(x4, i + 1), x4, t[i + 1], xi, ti)
-            x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
-        else:
-            x = x + h * eff
-        run.tick(i, x)
-    return x
+    here, there = model_timestep(model, t[i]), model_timestep(model, t[i + 1])
+    return float(model.sigma(here - (here - there) // 2))
 
 
 def _pndm_blend(field) -> str:
     """ "v" where the field's model is a diffusers v-prediction model with a PNDMScheduler."""
-    cand = getattr(field, "data", None)
-    for _ in range(3):
-        if cand is None:
-            return "epsilon"
-        if getattr(cand, "scheduler_class", None) == "PNDMScheduler":
-            return "v" if getattr(cand, "prediction_type", None) == "v_prediction" else "epsilon"
-        cand = getattr(cand, "denoiser", None)
-    return "epsilon"
+    model = field_model(field, lambda m: getattr(m, "scheduler_class", None) == "PNDMScheduler")
+    return "v" if getattr(model, "prediction_type", None) == "v_prediction" else "epsilon"
 
 
 def ipndm_v(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:

@@ -35,7 +35,17 @@ from collections import deque
 
 import torch
 
-from .base import PathGrid, Run, combine, ddim_step, lagrange_weights
+from .base import (
+    PathGrid,
+    Run,
+    combine,
+    ddim_step,
+    discrete_model,
+    field_model,
+    lagrange_weights,
+    lu_differences,
+    model_timestep,
+)
 from .._checks import check_int
 from ..errors import ArgumentError
 
@@ -666,23 +676,13 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
 DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
-def _field_model(field, has) -> Any:
-    """The model under a field (through guidance wrappers) for which has(model) holds, or None."""
-    cand = getattr(field, "data", None)
-    for _ in range(3):
-        if cand is None or has(cand):
-            return cand
-        cand = getattr(cand, "denoiser", None)
-    return None
-
-
 def _variance_source(field):
     """The model under a field that reports its variance channels."""
-    return _field_model(field, lambda m: getattr(m, "learned_variance", False))
+    return field_model(field, lambda m: getattr(m, "learned_variance", False))
 
 
 def _model_variance_type(field) -> str | None:
-    return getattr(_field_model(field, lambda m: getattr(m, "variance_type", None) is not None), "variance_type", None)
+    return getattr(field_model(field, lambda m: getattr(m, "variance_type", None) is not None), "variance_type", None)
 
 
 def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: float = 1.0) -> torch.Tensor:
@@ -741,14 +741,14 @@ def tcd(run: Run, x: torch.Tensor, *, gamma: float = 0.3) -> torch.Tensor:
         raise ArgumentError(f"gamma: expected a number in [0, 1] (0: deterministic), got {gamma!r}")
     p = PathGrid(run)
     n = len(p.t) - 1
-    discrete = _field_model(run.field, lambda m: getattr(m, "schedule", None) == "discrete" and hasattr(m, "sigma"))
+    discrete = discrete_model(run.field)
     for i in run.steps():
         den = p.denoise(x, i)
         rho_next = p.rho(i + 1)
         if rho_next == 0:
             rho_s = 0.0
         elif discrete is not None:  # TCDScheduler's ⌊(1 − γ) t_{i+1}⌋ on the model's timesteps
-            t_next = float(discrete.timestep(torch.tensor([p.t[i + 1]], dtype=torch.float64)).round()[0])
+            t_next = model_timestep(discrete, p.t[i + 1])
             rho_s = min(float(discrete.sigma(math.floor((1.0 - gamma) * t_next))), rho_next)
         else:
             t_s = (1.0 - gamma) * p.t[i + 1]
@@ -771,16 +771,13 @@ def _sa_tau(run: Run, p: PathGrid, tau) -> Any:
         return lambda i: float(tau)
     if callable(tau):
         return lambda i: float(tau(p.t[i]))
-    model = _field_model(run.field, lambda m: getattr(m, "schedule", None) == "discrete" and hasattr(m, "sigma"))
+    model = discrete_model(run.field)
     if model is None:
         return lambda i: 1.0
     rule = getattr(getattr(model, "scheduler", None), "tau_func", None) or (lambda t: 1 if 200 <= t <= 800 else 0)
 
     def at(i: int) -> float:
-        if p.t[i] == 0:
-            return 0.0
-        step = model.timestep(torch.full((2,), float(p.t[i]), dtype=torch.float64))[0]  # the scheduler's own
-        return float(rule(int(round(float(step)))))
+        return 0.0 if p.t[i] == 0 else float(rule(model_timestep(model, p.t[i])))
 
     return at
 
@@ -834,29 +831,21 @@ def sa_solver(
             older = list(hist)[::-1][: c - 1]
             x = _sa_step(p, i - 1, i, [p.lam[i]] + [v[0] for v in older], [den] + [v[1] for v in older],
                          tau_last, noise_last, x_last, pred=False)  # fmt: skip
-        if p.lam[i] == -math.inf or p.s[i + 1] == 0:  # from pure noise or to the data: the exact first-order step
-            noise, tau_i = run.noise(), tau_at(i)
-            if p.s[i + 1] == 0:
-                x = p.a[i + 1] * den
-            elif tau_i > 0:  # e^{−τ² h} = 0 for h = ∞: the data prediction, fresh noise
-                x = p.a[i + 1] * den + p.s[i + 1] * noise
-            else:
-                x = p.s[i + 1] * (x / p.s[i]) + p.a[i + 1] * den
-            if p.lam[i] > -math.inf:
-                hist.append((p.lam[i], den))
+        if p.lam[i] > -math.inf:
+            hist.append((p.lam[i], den))
+        noise, tau_i = run.noise(), tau_at(i)  # one draw per step, as the scheduler (also where τ = 0)
+        if p.s[i + 1] == 0:  # to the data: the data prediction
+            x, last = p.a[i + 1] * den, None
+        elif p.lam[i] == -math.inf:  # from pure noise (h = ∞): e^{−τ² h} = 0 unless τ = 0
+            x = p.a[i + 1] * den + (p.s[i + 1] * noise if tau_i > 0 else p.s[i + 1] * (x / p.s[i]))
             last = None
-            warm = min(warm + 1, max(pmax, cmax - 1))
-            run.tick(i, x)
-            continue
-        hist.append((p.lam[i], den))
-        order_p = min(pmax, n - i) if lower_order_final else pmax
-        order_c = min(cmax, n - i + 1) if lower_order_final else cmax
-        order_p, order_c = min(order_p, warm + 1), min(order_c, warm + 2)
-        noise = run.noise()  # one draw per step, as the scheduler (also where τ = 0)
-        tau_i = tau_at(i)
-        recent = list(hist)[::-1][:order_p]
-        last = (x, noise, tau_i, order_c)
-        x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
+        else:
+            order_p = min(pmax, n - i) if lower_order_final else pmax
+            order_c = min(cmax, n - i + 1) if lower_order_final else cmax
+            order_p, order_c = min(order_p, warm + 1), min(order_c, warm + 2)
+            recent = list(hist)[::-1][:order_p]
+            last = (x, noise, tau_i, order_c)
+            x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
         warm = min(warm + 1, max(pmax, cmax - 1))
         run.tick(i, x)
     return x
@@ -889,7 +878,7 @@ def dpm_multistep(
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
-        noise = run.noise() if sde else torch.zeros(())
+        noise: torch.Tensor | float = run.noise() if sde else 0.0
         if rho_next == 0:  # to the data: the data prediction (DDIM)
             x = p.a[i + 1] * den
             run.tick(i, x)
@@ -908,18 +897,15 @@ def dpm_multistep(
         if k >= 2:
             (l1, e1) = hist[-2]
             r0 = (p.lam[i] - l1) / h
-            d1_0 = (eps - e1) / r0
             if k == 3:
                 (l2, e2) = hist[-3]
-                r1 = (l1 - l2) / h
-                d1_1 = (e1 - e2) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
+                w1, w2 = lu_differences(r0, (l1 - l2) / h)
+                d1, d2 = combine(w1, [eps, e1, e2]), combine(w2, [eps, e1, e2])
                 xt = xt - rho_next * (math.expm1(h) / h - 1.0) * d1 - rho_next * ((math.expm1(h) - h) / h**2 - 0.5) * d2
-            elif solver_type == "midpoint":
-                xt = xt - (0.5 * c * delta) * d1_0
             else:
-                xt = xt - (c * rho_next * (math.expm1(h) / h - 1.0)) * d1_0
+                d1_0 = (eps - e1) / r0
+                scale = 0.5 * delta if solver_type == "midpoint" else rho_next * (math.expm1(h) / h - 1.0)
+                xt = xt - (c * scale) * d1_0
         if sde:
             xt = xt + (rho_next * math.sqrt(math.expm1(2 * h))) * noise
         x = p.a[i + 1] * xt
