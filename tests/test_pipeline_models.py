@@ -368,3 +368,83 @@ def test_scheduler_timesteps_hold_under_guidance_too():
     x = fs.sample(field, "dpmpp_2m", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
                   cond={"encoder_hidden_states": emb})
     assert _rel(x, ref) <= 1e-6
+
+
+def _brownian_from_stream(module, n, shape, dtype):
+    """Patch a scheduler module's BrownianTreeNoiseSampler to hand out flowsolve's per-sample noise
+    stream (seed 5, stream 1), one draw per step, as `dpmpp_2m_sde` draws; returns the original."""
+    from flowsolve.noise import SampleNoise
+    src = SampleNoise(5, 0, n, shape, dtype, "cpu", stream=1)
+    original = module.BrownianTreeNoiseSampler
+    module.BrownianTreeNoiseSampler = lambda *args, **kwargs: (lambda s, s_next: src())
+    return original
+
+
+@pytest.mark.parametrize("kw,opts", [
+    ({}, {}),                                                     # Stable Audio Open's
+    ({"sigma_schedule": "karras"}, {}),
+    ({"solver_type": "heun"}, {"solver_type": "heun"}),
+    ({"prediction_type": "epsilon"}, {}),
+])
+def test_cosine_dpm_solver_takes_its_atan_timestep_and_is_dpmpp_2m_sde(unet64, kw, opts):
+    """CosineDPMSolverMultistepScheduler (Stable Audio) feeds the network c_noise = 2 atan(σ)/π, not
+    EDM's ¼ ln σ: the adapter asks the scheduler's own `precondition_noise`. Its DPM++ 2M SDE loop,
+    handed the same noise through its Brownian sampler, is `dpmpp_2m_sde` on the model's grid."""
+    import importlib
+
+    from diffusers import CosineDPMSolverMultistepScheduler
+    from test_peer_solvers import _diffusers_loop, _in_float64
+    module = importlib.import_module(CosineDPMSolverMultistepScheduler.__module__)
+    original = _brownian_from_stream(module, 3, (1, 8, 8), torch.float64)
+    try:
+        ref = _diffusers_loop(unet64, _in_float64(CosineDPMSolverMultistepScheduler(**kw), 10), Z64)
+    finally:
+        module.BrownianTreeNoiseSampler = original
+    m = fs.models.from_diffusers(unet64, CosineDPMSolverMultistepScheduler(**kw))
+    sigma = torch.tensor([500.0, 1.0, 0.3], dtype=torch.float64)
+    assert torch.allclose(m.timestep(sigma), sigma.atan() * 2 / torch.pi)
+    grid = m.field().grid(10, "schedule")
+    x = fs.sample(m.field(), "dpmpp_2m_sde", grid=grid, x_init=Z64 * m.prior_std_at(float(grid[0])),
+                  dtype=torch.float64, seed=5, **opts)
+    assert _rel(x, ref) <= 1e-6
+
+
+def test_stable_audio_dit_with_guidance_is_its_pipeline_loop():
+    """StableAudioPipeline: a 1-D DiT on (channels, length) latents, rotary position tables passed as
+    they are (fixed `model_kwargs`), text and global conditioning, CFG on the v-prediction, and the
+    cosine DPM++ 2M SDE; `n=` samples have the sequence shape."""
+    import importlib
+
+    from diffusers import CosineDPMSolverMultistepScheduler, StableAudioDiTModel
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+    torch.manual_seed(0)
+    net = StableAudioDiTModel(sample_size=16, in_channels=4, num_layers=1, attention_head_dim=8,
+                              num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4,
+                              cross_attention_dim=12, time_proj_dim=8, global_states_input_dim=12,
+                              cross_attention_input_dim=10).eval()
+    B, L, w = 2, 16, 7.0
+    text, glob, null = torch.randn(B, 3, 10), torch.randn(B, 1, 12), torch.zeros(1, 3, 10)
+    rotary = get_1d_rotary_pos_embed(4, L + 1, use_real=True, repeat_interleave_real=False)
+
+    def guided(x, t):
+        out = net(torch.cat([x, x]), t.unsqueeze(0), encoder_hidden_states=torch.cat([null.expand(B, -1, -1), text]),
+                  global_hidden_states=torch.cat([glob, glob]), rotary_embedding=rotary).sample
+        u, c = out.chunk(2)
+        return u + w * (c - u)
+    module = importlib.import_module(CosineDPMSolverMultistepScheduler.__module__)
+    sched = CosineDPMSolverMultistepScheduler()
+    sched.set_timesteps(8)
+    z = torch.randn(B, 4, L, generator=torch.Generator().manual_seed(3))
+    original = _brownian_from_stream(module, B, (4, L), torch.float32)
+    try:
+        ref = _loop(net, sched, z * sched.init_noise_sigma, lambda x, t: guided(sched.scale_model_input(x, t), t))
+    finally:
+        module.BrownianTreeNoiseSampler = original
+    m = fs.models.from_diffusers(net, CosineDPMSolverMultistepScheduler(), rotary_embedding=rotary)
+    assert m.data_shape == (4, L)
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
+    cond = {"encoder_hidden_states": text, "global_hidden_states": glob}
+    x = fs.sample(field, "dpmpp_2m_sde", nfe=8, x_init=z * m.prior_std_at(float(field.grid(8, "schedule")[0])),
+                  seed=5, cond=cond)
+    assert _rel(x, ref) <= 1e-5
+    assert fs.sample(field, "dpmpp_2m_sde", nfe=2, n=B, seed=0, cond=cond).shape == (B, 4, L)

@@ -200,13 +200,24 @@ def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     return map_leaves(prepare, merged)
 
 
+# models of sequences (audio): `sample_size` is a length, the data is (channels, length)
+_SEQUENCE_MODELS = frozenset({"UNet1DModel", "StableAudioDiTModel"})
+
+
 def _data_shape(model) -> tuple[int, ...] | None:
+    """The shape of one sample from the model's config: (channels, length) for sequence models,
+    (channels, size, size) for image models; None where the config does not say (video models: the
+    number of frames is the pipeline's choice), so that `n=` asks for `shape=`."""
     mcfg = _config(model)
     c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
-    if isinstance(c, int) and size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (c, *size)
-    return None
+    if not isinstance(c, int) or size is None:
+        return None
+    name = type(model).__name__
+    if name in _SEQUENCE_MODELS or "1D" in name:
+        return (c, size) if isinstance(size, int) else None
+    if isinstance(size, int):
+        return None if ("3D" in name or "SpatioTemporal" in name) else (c, size, size)
+    return (c, *size)
 
 
 # How a flow transformer's pipeline feeds it the time and reads its output, where it is not the
@@ -571,7 +582,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
-        if self.schedule == "edm" or self.continuous_time:
+        if self.schedule == "edm":  # the scheduler's c_noise: EDM's ¼ ln σ, Stable Audio's 2 atan(σ)/π
+            precondition = getattr(self.scheduler, "precondition_noise", None)
+            return precondition(sigma) if callable(precondition) else 0.25 * sigma.log()
+        if self.continuous_time:
             return 0.25 * sigma.log()
         if self.schedule == "cm":
             return 250.0 * (sigma + 1e-44).log()
