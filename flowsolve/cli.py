@@ -687,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--grid",
         default=None,
-        help="karras | loglinear | uniform | schedule | calibrated (the model "
+        help="karras | loglinear | polyexponential | vp | beta | uniform | schedule | calibrated (the model "
         "folder's calibrated grid for this solver and NFE)",
     )
     _device_flag(s)
@@ -877,7 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--grid",
         default=None,
-        help="comma-separated grids to compare: default (each solver's), karras, loglinear, calibrated "
+        help="comma-separated grids to compare: default (each solver's), karras, loglinear, polyexponential, "
+        "vp, beta, calibrated "
         "(the model folder's calibrated grids; cells without one are left out)",
     )
     c.add_argument(

@@ -15,7 +15,20 @@ import torch
 from ._checks import check_int, deprecated, nearest
 from .errors import ArgumentError
 
-__all__ = ["karras", "uniform", "loglinear", "make", "check", "SPACINGS", "KINDS", "MAX_STEPS"]
+__all__ = [
+    "karras",
+    "uniform",
+    "loglinear",
+    "polyexponential",
+    "vp",
+    "beta",
+    "make",
+    "check",
+    "SPACINGS",
+    "SIGMA_SPACINGS",
+    "KINDS",
+    "MAX_STEPS",
+]
 
 
 MAX_STEPS = 1_000_000  # a grid longer than this is a mistake (nfe=10**12), refused before it is built
@@ -42,8 +55,7 @@ def karras(
         rho_grid = rho
     rho = rho_grid
     steps = _steps_ok(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    _check_range(sigma_min, sigma_max)
     if not rho > 0:
         raise ArgumentError(f"rho_grid: expected a positive number, got {rho}")
     n = steps if final_zero else steps + 1
@@ -56,8 +68,7 @@ def karras(
 def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True) -> torch.Tensor:
     """σ uniform in log σ from σ_max to σ_min (the DPM-Solver 'logSNR' grid), then σ = 0."""
     steps = _steps_ok(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    _check_range(sigma_min, sigma_max)
     n = steps if final_zero else steps + 1
     s = (
         torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
@@ -65,6 +76,77 @@ def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, fin
         else torch.tensor([sigma_max], dtype=torch.float64)
     )
     return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+
+
+def polyexponential(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho_grid: float = 1.0, final_zero: bool = True
+) -> torch.Tensor:
+    """log σ = log σ_min + r^ρ (log σ_max − log σ_min) with r uniform from 1 to 0, then σ = 0
+    (k-diffusion's `get_sigmas_polyexponential`); ρ = 1 is `loglinear`, ρ > 1 packs the steps at low σ."""
+    steps = _steps_ok(steps)
+    _check_range(sigma_min, sigma_max)
+    if not rho_grid > 0:
+        raise ArgumentError(f"rho_grid: expected a positive number, got {rho_grid}")
+    n = steps if final_zero else steps + 1
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    s = torch.exp(lo + ramp**rho_grid * (hi - lo))
+    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+
+
+def vp(
+    steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    beta_d: float = 19.9,
+    beta_min: float = 0.1,
+    final_zero: bool = True,
+) -> torch.Tensor:
+    """Uniform in the time of the VP SDE (Song et al. 2021), σ(t) = √(exp(β_d t²/2 + β_min t) − 1),
+    between the times of σ_max and σ_min, then σ = 0. k-diffusion's `get_sigmas_vp(n)` is this grid
+    with σ_max = σ(1) ≈ 151.9 and σ_min = σ(10⁻³) ≈ 0.01."""
+    steps = _steps_ok(steps)
+    _check_range(sigma_min, sigma_max)
+    if not (beta_d > 0 and beta_min >= 0):
+        raise ArgumentError(f"beta_d, beta_min: expected beta_d > 0 and beta_min >= 0, got {beta_d}, {beta_min}")
+
+    def time_of(sigma: float) -> float:  # the inverse of σ(t): β_d t²/2 + β_min t = log(1 + σ²)
+        return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
+
+    n = steps if final_zero else steps + 1
+    t = torch.linspace(time_of(sigma_max), time_of(sigma_min), n, dtype=torch.float64)
+    s = torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t))
+    if n == 1:
+        s = torch.tensor([sigma_max], dtype=torch.float64)
+    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+
+
+def beta(
+    steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    a: float = 0.6,
+    b: float = 0.6,
+    final_zero: bool = True,
+) -> torch.Tensor:
+    """σ = σ_min + F⁻¹(1 − r)(σ_max − σ_min) with r uniform from 0 to 1 and F the Beta(a, b) CDF (Lee et
+    al. 2024, "Beta sampling is all you need"; diffusers' `use_beta_sigmas`), then σ = 0: for a, b < 1
+    the steps gather at both ends of the range."""
+    from scipy import stats  # type: ignore[import-untyped]  # a dependency of scikit-learn
+
+    steps = _steps_ok(steps)
+    _check_range(sigma_min, sigma_max)
+    if not (a > 0 and b > 0):
+        raise ArgumentError(f"a, b: expected positive Beta parameters, got {a}, {b}")
+    n = steps if final_zero else steps + 1
+    q = 1 - torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
+    s = sigma_min + torch.as_tensor(stats.beta.ppf(q.numpy(), a, b), dtype=torch.float64) * (sigma_max - sigma_min)
+    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not 0 < sigma_min < sigma_max:
+        raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
 
 
 def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
@@ -75,12 +157,21 @@ def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tenso
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
 
 
-SPACINGS: dict[str, Callable[..., torch.Tensor]] = {"karras": karras, "loglinear": loglinear, "uniform": uniform}
+SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
+    "karras": karras,
+    "loglinear": loglinear,
+    "polyexponential": polyexponential,
+    "vp": vp,
+    "beta": beta,
+    "uniform": uniform,
+}
+# the spacings of noise levels σ in [σ_min, σ_max] (then 0), which any Gaussian path maps to its time
+SIGMA_SPACINGS = frozenset(SPACINGS) - {"uniform"}
 KINDS = SPACINGS  # the name before 0.2
 
 
 def make(spacing: str, steps: int, **kw) -> torch.Tensor:
-    """A grid by spacing name: 'karras', 'loglinear' or 'uniform'."""
+    """A grid by spacing name: 'karras', 'loglinear', 'polyexponential', 'vp', 'beta' or 'uniform'."""
     if spacing not in SPACINGS:
         raise ArgumentError(
             f"grid: unknown spacing {spacing!r}{nearest(str(spacing), SPACINGS)}; expected one of "

@@ -300,8 +300,9 @@ def sample(
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
-        ('karras', 'loglinear', 'uniform', 'calibrated') sized by nfe. A grid from `fs.grids.calibrate`
-        may carry solver coefficients (`grid.coefficients`), which mix the field's outputs in order.
+        ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'uniform', 'calibrated') sized by nfe.
+        A grid from `fs.grids.calibrate` may carry solver coefficients (`grid.coefficients`), which
+        mix the field's outputs in order.
     n / shape or x_init: how many particles of which shape, or given starting particles.
     seed: per-sample noise, so sample i is identical for any n and batch_size (None: OS entropy).
     batch_size: integrate at most this many particles at a time (bounded memory).

@@ -30,6 +30,12 @@ def unet64():
     return tiny_unet64()
 
 
+@pytest.fixture(scope="module")
+def unet64_var():
+    """The tiny UNet with learned variance channels (out = 2 × in, IDDPM-style)."""
+    return tiny_unet64(out_channels=2, seed=1)
+
+
 @pytest.fixture(scope="session")
 def gmm():
     return fs.data.GaussianMixture.paper()

@@ -257,3 +257,21 @@ def test_guided_flow_model_reproduces_a_flow_match_cfg_loop():
     assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, ours)
     with pytest.raises(ValueError, match="guidance"):
         m.field(rescale=0.7)
+
+
+def test_a_guidance_schedule_is_the_scale_at_each_noise_level():
+    """`guidance=` as a function of σ: a step function is `interval` guidance (both CFG inside, the
+    conditional model outside), per-sample σ's get per-sample scales, a constant is the number, and
+    a scale that is not a finite number is refused by name."""
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(4)) * 3
+    sigma = torch.linspace(0.1, 8.0, 40)
+    step = GuidedDenoiser(cond_den, lambda s: torch.where((s > 0.3) & (s <= 5.0), 3.0, 1.0), {"class_labels": K})
+    interval = GuidedDenoiser(cond_den, 3.0, {"class_labels": K}, interval=(0.3, 5.0))
+    assert torch.allclose(step(x, sigma, class_labels=LABELS), interval(x, sigma, class_labels=LABELS), atol=1e-6)
+    d_c, d_u = _branches(x, sigma)
+    ramp = GuidedDenoiser(cond_den, lambda s: 1 + s, {"class_labels": K})
+    assert torch.allclose(ramp(x, sigma, class_labels=LABELS), d_u + (1 + sigma)[:, None] * (d_c - d_u), atol=1e-5)
+    const = GuidedDenoiser(cond_den, lambda s: 2.5, {"class_labels": K})
+    assert torch.allclose(const(x, sigma, class_labels=LABELS), d_u + 2.5 * (d_c - d_u), atol=1e-6)
+    with pytest.raises(ValueError, match="guidance"):
+        GuidedDenoiser(cond_den, lambda s: float("nan"), {"class_labels": K})(x, sigma, class_labels=LABELS)

@@ -668,11 +668,6 @@ def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, 
     assert (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def unet64_var():
-    return tiny_unet64(out_channels=2, seed=1)
-
-
 @pytest.mark.parametrize("learned,kw", [
     (False, {}),                                                     # DDPMPipeline's default, with clipping
     (False, {"variance_type": "fixed_large", "clip_sample": False}),

@@ -293,13 +293,19 @@ def test_sdxl_dict_conditioning_with_guidance_is_its_pipeline_loop():
         fs.sample(field, "euler", nfe=2, n=2, cond={**cond, "added_cond_kwargs": {"text_embeds": torch.randn(3, 8)}})
 
 
-def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64):
-    """FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) re-noises the data prediction at each
-    knot, x = (1 − t') D + t' ε: the `consistency` solver on the flow field, given the same noise."""
+@pytest.mark.parametrize("lcm", [False, True])
+def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64, lcm):
+    """FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) and FlowMatchLCMScheduler re-noise the
+    data prediction at each knot, x = (1 − t') D + t' ε: the `consistency` solver on the flow field,
+    given the same noise."""
     import importlib
+
+    from diffusers import FlowMatchLCMScheduler
     from flowsolve.noise import SampleNoise
 
     def make():
+        if lcm:
+            return FlowMatchLCMScheduler(shift=3.0)
         return FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0)
     sched = make()
     sched.set_timesteps(6)
@@ -448,3 +454,195 @@ def test_stable_audio_dit_with_guidance_is_its_pipeline_loop():
                   seed=5, cond=cond)
     assert _rel(x, ref) <= 1e-5
     assert fs.sample(field, "dpmpp_2m_sde", nfe=2, n=B, seed=0, cond=cond).shape == (B, 4, L)
+
+
+def test_cogvideox_dpm_with_dynamic_guidance_is_its_pipeline_loop():
+    """CogVideoXPipeline: a video transformer on (batch, frames, channels, h, w) latents, v-prediction
+    with CogVideoX's SNR-shifted schedule, its DPM scheduler (DPM-Solver++(2M) SDE, whose first draw of
+    a second-order step is discarded) and dynamic CFG, a guidance scale that follows the timestep
+    (a `guidance=` schedule). CogVideoX's schedulers take `clip_sample=True` and never clip; neither
+    does the adapter."""
+    import importlib
+    import math
+
+    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+    from flowsolve.noise import SampleNoise
+    torch.manual_seed(0)
+    net = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                      time_embed_dim=8, text_embed_dim=12, num_layers=1, sample_width=8,
+                                      sample_height=8, sample_frames=5, patch_size=2, max_text_seq_length=5).eval()
+    B, N, w = 2, 8, 6.0
+    emb, null = torch.randn(B, 5, 12), torch.zeros(1, 5, 12)
+    kw = dict(prediction_type="v_prediction", snr_shift_scale=3.0, timestep_spacing="trailing",
+              beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert CogVideoXDPMScheduler(**kw).config.clip_sample
+
+    def dynamic(t):  # CogVideoXPipeline's use_dynamic_cfg, at the integer timestep t (a float or a tensor)
+        return 1 + w * (1 - torch.cos(math.pi * torch.as_tensor((N - t) / N, dtype=torch.float64) ** 5.0)) / 2
+    sched = CogVideoXDPMScheduler(**kw)
+    sched.set_timesteps(N)
+    module = importlib.import_module(CogVideoXDPMScheduler.__module__)
+    src = SampleNoise(5, 0, B, (2, 4, 8, 8), torch.float32, "cpu", stream=1)
+    now: dict = {}
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: now["noise"]
+    x = z = torch.randn(B, 2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    old, ts = None, sched.timesteps
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                out = net(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * B),
+                          encoder_hidden_states=torch.cat([null.expand(B, -1, -1), emb])).sample
+                u, c = out.chunk(2)
+                now["noise"] = src()     # one draw per step: a second-order step uses its second draw
+                x, old = sched.step(u + float(dynamic(t.item())) * (c - u), old, t, ts[i - 1] if i > 0 else None, x,
+                                    return_dict=False)
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(net, CogVideoXDPMScheduler(**kw))
+    assert not m.clip_sample
+    # in float64, as the pipeline's Python floats: (N − t)/N is about −120, its fifth power about −3e10
+    field = m.field(guidance=lambda sigma: dynamic(m.timestep(sigma).double()), uncond={"encoder_hidden_states": null})
+    y = fs.sample(field, "dpmpp_2m_sde", nfe=N, x_init=z * m.prior_std_at(float(field.grid(N, "schedule")[0])),
+                  seed=5, cond={"encoder_hidden_states": emb})
+    assert _rel(y, x) <= 1e-5
+    with pytest.raises(ValueError, match="guidance"):     # a schedule gives one scale, or one per sample
+        fs.sample(m.field(guidance=lambda sigma: torch.ones(3), uncond={"encoder_hidden_states": null}),
+                  "euler", nfe=2, x_init=z, cond={"encoder_hidden_states": emb})
+
+
+def test_schedulers_that_take_clip_sample_without_clipping_are_not_clipped(unet64):
+    """CogVideoXDDIMScheduler (default `clip_sample=True`) and TCDScheduler take the option but never
+    clip: the adapter reads what the scheduler's code does, so the DDIM loop is `euler` to round-off
+    (it was 98% apart with a clipped D); DDIMScheduler with the same option clips, in both (its
+    `use_clipped_model_output=True` form)."""
+    from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, TCDScheduler
+    from test_peer_solvers import _diffusers_loop, _in_float64
+    for cls, clips in ((CogVideoXDDIMScheduler, False), (DDIMScheduler, True)):
+        ref = _diffusers_loop(unet64, _in_float64(cls(clip_sample=True), 10), Z64, use_clipped_model_output=True)
+        m = fs.models.from_diffusers(unet64, cls(clip_sample=True))
+        assert m.clip_sample is clips
+        grid = m.field().grid(10, "schedule")
+        x = fs.sample(m.field(), "euler", grid=grid, x_init=Z64 * m.prior_std_at(float(grid[0])), dtype=torch.float64)
+        assert _rel(x, ref) <= 1e-12
+    tcd = fs.models.from_diffusers(unet64, TCDScheduler(clip_sample=True, thresholding=True))
+    assert not tcd.clip_sample and not tcd.thresholding
+
+
+@pytest.mark.parametrize("clip,variance", [(True, "fixed_small_log"), (False, "fixed_small_log"),
+                                           (False, "learned_range")])
+def test_unclip_scheduler_with_its_pipelines_prev_timestep_is_ddpm(unet64, unet64_var, clip, variance):
+    """UnCLIPScheduler (Karlo / unCLIP decoders and priors: DDPM on the cosine schedule, steps from
+    999 to 0 handed `prev_timestep` by the pipeline, fixed-small-log variance) is `ddpm` given the same
+    noise, its variance type read from the scheduler (learned range from the variance channels). Its
+    last step uses its float32 β_0 where 1 − ᾱ_0 is the same number in exact arithmetic, so
+    both sides get the tables in float64 (in float32 the two differ by 5e-4)."""
+    import importlib
+
+    from diffusers import UnCLIPScheduler
+    from flowsolve.noise import SampleNoise
+
+    unet = unet64_var if variance == "learned_range" else unet64
+
+    def make():
+        sched = UnCLIPScheduler(clip_sample=clip, variance_type=variance)
+        sched.betas = sched.betas.double()
+        sched.alphas = 1.0 - sched.betas
+        sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+        return sched
+    sched = make()
+    sched.set_timesteps(10)
+    module = importlib.import_module(UnCLIPScheduler.__module__)
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    ts, x = sched.timesteps, Z64
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                nxt = None if i + 1 == len(ts) else ts[i + 1]
+                x = sched.step(unet(x, t).sample, t, x, prev_timestep=nxt).prev_sample
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(unet, make())
+    assert m.clip_sample is clip and m.variance_type == variance
+    grid = m.field().grid(10, "schedule")
+    y = fs.sample(m.field(), "ddpm", grid=grid, x_init=Z64 * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  seed=5)
+    assert _rel(y, x) <= 1e-9
+
+
+@pytest.mark.parametrize("kw", [{}, {"scaler": 2.0}, {"scaler": 0.5}])
+def test_wuerstchen_continuous_cosine_schedule_is_ddpm(unet64, kw):
+    """DDPMWuerstchenScheduler (Würstchen, Stable Cascade): ᾱ(t) a cosine of the continuous time
+    t ∈ [0, 1] clamped to [1e-4, 0.9999], the network given t itself. Its loop is `ddpm` on the
+    model's default grid, which ends at σ(0) = 0.01 with no noise on the last step (DDPM's Alg. 2);
+    the adapter's time for σ inverts the scheduler's ᾱ(t) between the clamps."""
+    import importlib
+    import math
+
+    from diffusers import DDPMWuerstchenScheduler
+    from flowsolve.noise import SampleNoise
+    sched = DDPMWuerstchenScheduler(**kw)
+    sched.set_timesteps(10)
+    module = importlib.import_module(DDPMWuerstchenScheduler.__module__)
+    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    x = Z64
+    try:
+        with torch.no_grad():
+            for t in sched.timesteps[:-1]:      # the pipelines' loop
+                x = sched.step(unet64(x, t.expand(3)).sample, t.expand(3), x).prev_sample
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(unet64, DDPMWuerstchenScheduler(**kw))
+    grid = m.field().grid(10, "schedule")
+    assert len(grid) == 11 and abs(float(grid[-1]) - 0.01) < 1e-4 and m.sigma_max == pytest.approx(99.995, rel=1e-4)
+    y = fs.sample(m.field(), "ddpm", grid=grid, x_init=Z64 * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                  seed=5)
+    assert _rel(y / math.sqrt(1 + float(grid[-1]) ** 2), x) <= 1e-6
+    # between the clamps the time is the inverse of the scheduler's ᾱ(t)
+    t = torch.linspace(0.05, 0.95, 19)
+    abar = sched._alpha_cumprod(t, "cpu").double()
+    inner = (abar > 1e-4) & (abar < 0.9999)
+    assert torch.allclose(m.timestep(((1 - abar) / abar).sqrt())[inner], t.double()[inner], atol=1e-6)
+
+
+def test_stable_cascade_prior_with_guidance_is_its_pipeline_loop():
+    """StableCascadePriorPipeline: a StableCascadeUNet given `timestep_ratio` (its second input) and
+    CLIP text, pooled text and image inputs, CFG as torch.lerp, DDPMWuerstchenScheduler; in float32
+    the scheduler's knots are found in the knot table (the σ's rounded to float32) so the network
+    sees t = 1 exactly at the first step."""
+    import importlib
+    import math
+
+    from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
+    from flowsolve.noise import SampleNoise
+    torch.manual_seed(0)
+    net = StableCascadeUNet(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=8, conditioning_dim=16,
+                            block_out_channels=(16, 16), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+                            up_num_layers_per_block=(1, 1), clip_text_in_channels=12, clip_text_pooled_in_channels=12,
+                            clip_image_in_channels=12, clip_seq=2, dropout=(0.0, 0.0), switch_level=(False,)).eval()
+    B, w = 2, 4.0
+    cond = {"clip_text": torch.randn(B, 3, 12), "clip_text_pooled": torch.randn(B, 1, 12),
+            "clip_img": torch.randn(B, 1, 12)}
+    null = {"clip_text": torch.zeros(1, 3, 12), "clip_text_pooled": torch.zeros(1, 1, 12),
+            "clip_img": torch.zeros(1, 1, 12)}
+    sched = DDPMWuerstchenScheduler()
+    sched.set_timesteps(6)
+    module = importlib.import_module(DDPMWuerstchenScheduler.__module__)
+    src = SampleNoise(5, 0, B, (4, 6, 6), torch.float32, "cpu", stream=1)
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
+    x = z = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.no_grad():
+            for t in sched.timesteps[:-1]:
+                r = t.expand(B)
+                both = {k: torch.cat([cond[k], null[k].expand(B, -1, -1)]) for k in cond}
+                c, u = net(torch.cat([x, x]), torch.cat([r, r]), **both).sample.chunk(2)
+                x = sched.step(torch.lerp(u, c, w), r, x).prev_sample
+    finally:
+        module.randn_tensor = original
+    m = fs.models.from_diffusers(net, DDPMWuerstchenScheduler())
+    field = m.field(guidance=w, uncond=null)
+    grid = field.grid(6, "schedule")
+    y = fs.sample(field, "ddpm", nfe=6, x_init=z * m.prior_std_at(float(grid[0])), seed=5, cond=cond)
+    assert _rel(y / math.sqrt(1 + float(grid[-1]) ** 2), x) <= 1e-5

@@ -147,8 +147,9 @@ class Field:
         return self.from_normal(z)
 
     def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
-        """A grid of this field with `steps` intervals (float64): `spacing` 'uniform', 'karras' or
-        'loglinear' (default: the field's `default_grid`)."""
+        """A grid of this field with `steps` intervals (float64): `spacing` 'uniform' or a spacing of
+        noise levels ('karras', 'loglinear', 'polyexponential', 'vp', 'beta'; `grids.SPACINGS`), by
+        default the field's `default_grid`."""
         spacing = spacing or self.default_grid
         if spacing == "uniform":
             return grids.uniform(steps, kw.pop("t_start", self.t_start), kw.pop("t_end", self.t_end), **kw)

@@ -62,7 +62,7 @@ class FlowMatching(Field):
             if self.schedule is None:
                 return grids.uniform(steps, self.t_start, 0.0)
             return grids.check(self.schedule(steps))
-        if spacing in ("karras", "loglinear"):  # spaced in the VE level σ/α, mapped back to t by the path
+        if spacing in grids.SIGMA_SPACINGS:  # spaced in the VE level σ/α, mapped back to t by the path
             s = grids.make(
                 spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
             )

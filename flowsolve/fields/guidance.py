@@ -14,6 +14,8 @@ and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last ye
 - interval (Kynkäänniemi et al. 2024): guidance only for σ in (low, high], the conditional model elsewhere;
 - autoguidance (Karras et al. 2024): the unconditional branch is a weaker model `guide` given the same
   condition;
+- a schedule: `scale` may be a function w(level) of the noise level (σ, or t for velocity models)
+  instead of a number, as CogVideoX's dynamic CFG or a guidance ramp;
 - APG (Sadat et al. 2024): the update D_c − D_u, with momentum and a norm threshold, split into the
   components parallel and orthogonal to D_c; the parallel one is weighted by η (0 by default).
 
@@ -94,7 +96,9 @@ class GuidedDenoiser:
             raise ArgumentError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
         self.denoiser, self.guide = denoiser, guide
-        self.scale = check_number("guidance", scale)
+        # a number, or a schedule w(level) of the model's noise level (σ of a denoiser, t of a velocity
+        # model; a (batch,) tensor), e.g. CogVideoX's dynamic CFG or a ramp
+        self.scale: float | Callable = scale if callable(scale) else check_number("guidance", scale)
         if uncond is not None and not isinstance(uncond, dict):
             raise ArgumentTypeError(
                 f"uncond: expected a dict of unconditional inputs such as "
@@ -197,19 +201,34 @@ class GuidedDenoiser:
                 return self.denoiser(x, sigma, **cond)
         d_c, d_u = self._branches(x, sigma, cond)
         t = as_column(sigma.to(x.dtype), x) if velocity else None
+        w = self._scale_at(sigma, x)
         if self.apg is not None:
             if t is not None:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)
                 update = self._apg_update(x - t * d_c, -t * (d_c - d_u))
-                d = d_c - (self.scale - 1.0) * update / t
+                d = d_c - (w - 1.0) * update / t
             else:
-                d = d_c + (self.scale - 1.0) * self._apg_update(d_c, d_c - d_u)
+                d = d_c + (w - 1.0) * self._apg_update(d_c, d_c - d_u)
         else:
-            d = d_u + self.scale * (d_c - d_u)
+            d = d_u + w * (d_c - d_u)
         if self.rescale:  # Lin et al. 2023 on the noise prediction: std ratio per sample
             d = self._rescaled(x, d, d_c, t)
         if self.interval is not None:
             d = torch.where(as_column(inside, x), d, d_c)
         return self._finish(d, x, sigma) if self._finish is not None else d
+
+    def _scale_at(self, sigma: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+        """The guidance scale at these noise levels: the number, or the schedule's value per sample."""
+        if not callable(self.scale):
+            return self.scale
+        w = self.scale(sigma)
+        if isinstance(w, torch.Tensor):
+            if w.numel() not in (1, len(x)):
+                raise ArgumentError(
+                    f"guidance: a schedule must return one scale or one per sample ({len(x)}), "
+                    f"got shape {tuple(w.shape)}"
+                )
+            return as_column(w.to(device=x.device, dtype=x.dtype).reshape(-1).expand(len(x)), x)
+        return check_number("guidance", w)
 
     def _rescaled(self, x: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """The guided prediction with its noise prediction's per-sample std moved towards the

@@ -14,6 +14,7 @@ import functools
 import inspect
 import re
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,9 @@ def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     return map_leaves(prepare, merged)
 
 
+# schedulers whose loop is DDPM's ancestral step with their `variance_type` (the `ddpm` solver)
+_DDPM_SCHEDULERS = frozenset({"DDPMScheduler", "DDPMParallelScheduler", "UnCLIPScheduler"})
+
 # models of sequences (audio): `sample_size` is a length, the data is (channels, length)
 _SEQUENCE_MODELS = frozenset({"UNet1DModel", "StableAudioDiTModel"})
 
@@ -301,7 +305,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.negate = neg if negate is None else bool(negate)
         integer = not type(scheduler).__name__.startswith("FlowMatch")
         self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
-        self._knot_timesteps: dict[float, float] = {}  # the scheduler's knots t -> its integer timestep
+        self._knots = KnotTable()  # the scheduler's knots t -> its integer timestep
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
         self._missing_ids = [k for k in sorted(_POSITION_INPUTS) if known and k in known and k not in model_kwargs]
@@ -318,7 +322,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         steps = t * n  # the scheduler's timestep
         if self.integer_timesteps:
             value = _one_value(t)  # one time for the batch: a scheduler knot?
-            known = self._knot_timesteps.get(value) if value is not None else None
+            known = self._knots.get(value, t.dtype) if value is not None else None
             if known is not None:
                 steps = torch.full_like(t, known)
             else:
@@ -346,7 +350,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         sched.set_timesteps(steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
-            _remember(self._knot_timesteps, knot_timesteps(sched, sigmas))
+            self._knots.learn(knot_timesteps(sched, sigmas))
         return _distinct_knots(sigmas)  # Heun schedulers repeat their knots
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
@@ -495,15 +499,14 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self.scheduler = scheduler
         # DDPM/DDIM schedulers clip the predicted x_0 to [−range, range] when `clip_sample` is set;
         # Euler with the clipped D is then still exactly their η = 0 update
-        # (only schedulers that take the option honour it: configs carry stale keys across classes)
-        uses_clip = "clip_sample" in inspect.signature(type(scheduler).__init__).parameters
-        own = bool(cfg.get("clip_sample", False)) and uses_clip
+        # (only schedulers whose code applies the option honour it: configs carry stale keys across
+        # classes, and CogVideoX's DDIM / DPM and TCD take `clip_sample` without ever clipping)
+        own = bool(cfg.get("clip_sample", False)) and _applies(type(scheduler), "clip_sample")  # type: ignore[arg-type]
         self.clip_sample = own if clip_sample is None else bool(clip_sample)
         self.clip_range = float(cfg.get("clip_sample_range", 1.0))
         # Imagen's dynamic thresholding of the predicted x_0 (DDIM, DDPM, DPM-Solver, UniPC, DEIS):
         # clamp to the per-sample `ratio` quantile s of |x_0| (s within [1, sample_max_value]), divide by s
-        takes = "thresholding" in inspect.signature(type(scheduler).__init__).parameters
-        self.thresholding = bool(cfg.get("thresholding", False)) and takes
+        self.thresholding = bool(cfg.get("thresholding", False)) and _applies(type(scheduler), "thresholding")  # type: ignore[arg-type]
         self.threshold_ratio = float(cfg.get("dynamic_thresholding_ratio", 0.995))
         self.threshold_max = float(cfg.get("sample_max_value", 1.0))
         # latent consistency models (LCMScheduler): D = c_skip(t) x_t + c_out(t) x̂_0, EDM's boundary
@@ -527,6 +530,13 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.sigma_max = float(self.log_sigmas[-1].exp())
             if self.continuous_time and cfg.get("sigma_min") is not None and cfg.get("sigma_max") is not None:
                 self.sigma_min, self.sigma_max = float(cfg["sigma_min"]), float(cfg["sigma_max"])
+        elif type(scheduler).__name__ == "DDPMWuerstchenScheduler":
+            # Würstchen / Stable Cascade: ᾱ(t) a cosine in the continuous time t ∈ [0, 1] (optionally
+            # warped by `scaler`), clamped to [1e-4, 0.9999]; the network takes t itself
+            # (`timestep_ratio`), VP input scaling as for the discrete schedules
+            self.schedule = "ratio"
+            ends = scheduler._alpha_cumprod(torch.tensor([0.0, 1.0]), "cpu").double()
+            self.sigma_min, self.sigma_max = (float(((1 - a) / a).sqrt()) for a in ends)
         elif type(scheduler).__name__ == "CMStochasticIterativeScheduler":
             # Song et al. 2023's consistency models: EDM input scaling, c_noise = 250 log σ, and the
             # boundary condition D = c_skip x + c_out F with c_skip = σ_d²/((σ − ε)² + σ_d²),
@@ -562,7 +572,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             isinstance(out_ch, int) and isinstance(self.channels, int) and out_ch == 2 * self.channels
         )
         self.variance_type: str | None = (
-            cfg.get("variance_type") if type(scheduler).__name__ == "DDPMScheduler" else None
+            cfg.get("variance_type") if type(scheduler).__name__ in _DDPM_SCHEDULERS else None
         )
         self.variance_output: torch.Tensor | None = None
         self._knot_cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # σ knot -> timestep (CPU)
@@ -576,7 +586,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             raise ArgumentError(
                 f"integer_timesteps: only discrete DDPM-style schedules have timesteps, not {self.schedule!r}"
             )
-        self._scheduler_timesteps: dict[float, float] = {}  # the scheduler's σ knots -> its timestep
+        self._knots = KnotTable()  # the scheduler's σ knots -> its timestep
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -599,14 +609,21 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             if key not in self._knot_cache:
                 if len(self._knot_cache) > 4096:
                     self._knot_cache.clear()
-                own = self._scheduler_timesteps.get(key[0])  # a scheduler knot: its own timestep
+                own = self._knots.get(value, sigma.dtype)  # a scheduler knot: its own timestep
                 self._knot_cache[key] = (
                     torch.full((1,), own, dtype=sigma.dtype) if own is not None else self._timesteps(sigma[:1])
                 )
             return self._knot_cache[key].expand(len(sigma))
         return self._timesteps(sigma)
 
+    def _learn_knots(self, knots: dict[float, float]) -> None:
+        """Remember a scheduler's knots and their timesteps; what was looked up before is stale."""
+        self._knots.learn(knots)
+        self._knot_cache.clear()
+
     def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "ratio":
+            return self._ratio(sigma)
         ls = self.log_sigmas.to(sigma.device)
         q = sigma.double().log().clamp(ls[0], ls[-1])
         hi = torch.searchsorted(ls, q).clamp(1, len(ls) - 1)
@@ -618,6 +635,19 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.integer_timesteps:  # the nearest knot in log σ
             return t.round().to(sigma.dtype)
         return torch.where(near, t.round(), t).to(sigma.dtype)
+
+    def _ratio(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Würstchen's time t for σ: the inverse of ᾱ(t) = cos²((t′ + s)/(1 + s) · π/2) / cos²(s/(1 + s) · π/2),
+        t′ = t warped by `scaler`; clamped to [0, 1] (where the scheduler clamps ᾱ)."""
+        off, scaler = float(self.scheduler.config.s), float(self.scheduler.config.scaler)
+        abar = 1.0 / (1.0 + sigma.double() ** 2)
+        first = math.cos(off / (1 + off) * math.pi / 2) ** 2
+        t = (torch.acos((abar * first).clamp(0.0, 1.0).sqrt()) * 2 / math.pi * (1 + off) - off).clamp(0.0, 1.0)
+        if scaler > 1:
+            t = 1 - (1 - t) ** (1 / scaler)
+        elif scaler < 1:
+            t = t ** (1 / scaler)
+        return t.to(sigma.dtype)
 
     def prior_std_at(self, sigma: float) -> float:
         """The spread of x = x_t/√ᾱ where the scheduler starts: x_T ~ N(0, I) gives √(1 + σ²) (VP
@@ -643,14 +673,18 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.schedule == "cm":  # its Karras knots, then the data (its last step returns D)
             knots = torch.as_tensor(sched.sigmas, dtype=torch.float64)[:-1]
             return torch.cat([knots, torch.zeros(1, dtype=torch.float64)])
+        if self.schedule == "ratio":  # Würstchen: t from 1 to 0; its last knot is σ(0) > 0 (ᾱ = 0.9999)
+            abar = sched._alpha_cumprod(sched.timesteps, "cpu").double()
+            sig = ((1 - abar) / abar).sqrt()
+            self._learn_knots(knot_timesteps(sched, sig))
+            return _distinct_knots(sig)
         if self.schedule == "ve":  # ScoreSdeVe: geometric σ from σ_max to σ_min, then the data
             sched.set_sigmas(steps)
             return torch.cat([torch.as_tensor(sched.sigmas, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         sig = getattr(sched, "sigmas", None)
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
             if self.schedule == "discrete" and not self.continuous_time:
-                _remember(self._scheduler_timesteps, knot_timesteps(sched, sig.double()))
-                self._knot_cache.clear()
+                self._learn_knots(knot_timesteps(sched, sig.double()))
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
         if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
@@ -710,7 +744,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        if self.schedule == "discrete":
+        if self.schedule in ("discrete", "ratio"):
             c_in = (1 + col**2).rsqrt()
         elif self.schedule == "ve":
             c_in = torch.ones_like(col)
@@ -732,7 +766,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             return x + col**2 * c_in * out
         if self.schedule == "ve":  # ε prediction of x = x_0 + σ ε (v is refused at construction)
             return x - col * out
-        if self.schedule == "discrete":
+        if self.schedule in ("discrete", "ratio"):
             if p == "epsilon":
                 return x - col * out
             return c_in**2 * x - col * c_in * out  # v = √ᾱ ε − √(1−ᾱ) x_0
@@ -752,6 +786,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         )
 
 
+@functools.lru_cache(maxsize=None)
+def _applies(cls: type, option: str) -> bool:
+    """Whether a scheduler class acts on the boolean config `option` (`if self.config.<option>` in its
+    code), not merely takes it; where its source cannot be read, whether its constructor takes it."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return option in inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    return re.search(rf"\b(?:if|elif)\s+self\.config\.{option}\b", source) is not None
+
+
 def knot_timesteps(sched, sigmas: torch.Tensor) -> dict[float, float]:
     """The timestep a scheduler set to its steps gives each of its σ knots (where it is not the
     log-σ interpolation: log-linear σ's, timesteps rounded or cast to integers, flow σ's), so that
@@ -768,11 +813,32 @@ def knot_timesteps(sched, sigmas: torch.Tensor) -> dict[float, float]:
     return {s: t for s, t in seen.items() if t is not None}
 
 
-def _remember(table: dict, new: dict, limit: int = 4096) -> None:
-    """Add to a per-model cache of knots, emptied when it outgrows `limit` (many different grids)."""
-    if len(table) > limit:
-        table.clear()
-    table.update(new)
+class KnotTable:
+    """A scheduler's σ (or flow time) knots and the timestep its loop feeds the network at each, as
+    `knot_timesteps` reads them; looked up with the knot in the solver's dtype (a float32 or bfloat16
+    knot is the float64 one rounded, so the keys are rounded alike). Emptied when it outgrows `limit`
+    (many different grids)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.exact: dict[float, float] = {}
+        self._rounded: dict[torch.dtype, dict[float, float]] = {}
+
+    def learn(self, knots: dict[float, float]) -> None:
+        if len(self.exact) > self.limit:
+            self.exact.clear()
+        self.exact.update(knots)
+        self._rounded.clear()
+
+    def get(self, value: float, dtype: torch.dtype = torch.float64) -> float | None:
+        own = self.exact.get(value)
+        if own is not None or dtype == torch.float64 or not self.exact:
+            return own
+        table = self._rounded.get(dtype)
+        if table is None:
+            keys = torch.tensor(list(self.exact), dtype=torch.float64).to(dtype).tolist()
+            table = self._rounded[dtype] = dict(zip(keys, self.exact.values()))
+        return table.get(value)
 
 
 def _one_value(t: torch.Tensor) -> float | None:

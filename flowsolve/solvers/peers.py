@@ -694,7 +694,8 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
     2021, Eq. 15): exp(v) ("learned") or exp(f log β + (1 − f) log β̃), f = (v + 1)/2
     ("learned_range"), v the network's variance channels at (x_i, σ_i). Under CFG v is the
     conditional branch's (as DeepFloyd IF's pipeline takes it). `variance=None` takes the model's
-    scheduler's `variance_type` (fixed_small for models that have none)."""
+    scheduler's `variance_type` (fixed_small for models that have none). The last step adds no noise
+    (Alg. 2), also where the grid ends above σ = 0 (Würstchen's ᾱ = 0.9999)."""
     kind = variance if variance is not None else (_model_variance_type(run.field) or "fixed_small")
     if kind not in DDPM_VARIANCES:
         raise ArgumentError(f"variance: expected one of {', '.join(DDPM_VARIANCES)}, got {kind!r}")
@@ -706,11 +707,12 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
             f"out_channels = 2 × in_channels, e.g. DeepFloyd IF's UNet); this field's model does not"
         )
     p = PathGrid(run)
+    last = len(run.times) - 2
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
         x_mean = _first_order_ve(p, i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
-        if rho_next == 0:
+        if rho_next == 0 or i == last:  # Ho et al.'s Alg. 2: no noise on the last step (z = 0 at t = 1)
             x = p.a[i + 1] * x_mean
             run.tick(i, x)
             continue

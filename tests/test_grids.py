@@ -1,0 +1,87 @@
+"""Named grids against the peers that define them: k-diffusion's `get_sigmas_*` and diffusers'
+σ spacings (`use_exponential_sigmas`, `use_beta_sigmas`), in float64; every σ spacing on a flow
+field is the same noise levels mapped to its time."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowsolve as fs
+
+
+@pytest.fixture(scope="module")
+def K():
+    return pytest.importorskip("peers").k_diffusion_sampling()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 30])
+def test_sigma_spacings_are_k_diffusions(K, n):
+    lo, hi = 0.0292, 14.6146
+    assert torch.allclose(fs.grids.karras(n, lo, hi), K.get_sigmas_karras(n, lo, hi).double(), rtol=1e-6)
+    assert torch.allclose(fs.grids.loglinear(n, lo, hi), K.get_sigmas_exponential(n, lo, hi).double(), rtol=1e-6)
+    for rho in (1.0, 2.5):
+        ref = K.get_sigmas_polyexponential(n, lo, hi, rho=rho).double()
+        assert torch.allclose(fs.grids.polyexponential(n, lo, hi, rho_grid=rho), ref, rtol=1e-6)
+    # k-diffusion's VP grid runs from t = 1 to eps_s = 1e-3 of the VP SDE: the same levels, as σ_max, σ_min
+    def vp_sigma(t):
+        return math.sqrt(math.expm1(19.9 * t**2 / 2 + 0.1 * t))
+    if n > 1:  # k-diffusion computes exp(·) − 1 in float32: 2e-4 off at σ_min ≈ 0.0105 (expm1 here)
+        ours = fs.grids.vp(n, vp_sigma(1e-3), vp_sigma(1.0))
+        assert torch.allclose(ours, K.get_sigmas_vp(n).double(), rtol=2e-3)
+        t = torch.linspace(1.0, 1e-3, n, dtype=torch.float64)
+        assert torch.allclose(ours[:-1], torch.tensor([vp_sigma(v) for v in t.tolist()], dtype=torch.float64),
+                              rtol=1e-12)
+    assert torch.allclose(fs.grids.polyexponential(n, lo, hi), fs.grids.loglinear(n, lo, hi), rtol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 25])
+def test_beta_and_exponential_spacings_are_diffusers(steps):
+    """EulerDiscreteScheduler's `use_beta_sigmas` (Beta(0.6, 0.6) quantiles) and `use_exponential_sigmas`
+    between its training σ's are `grids.beta` and `grids.loglinear` over the same range."""
+    from diffusers import EulerDiscreteScheduler
+    train = EulerDiscreteScheduler()
+    alphas = train.alphas_cumprod.double()
+    s_all = ((1 - alphas) / alphas).sqrt()
+    lo, hi = float(s_all[0]), float(s_all[-1])
+    for key, ours in (("use_beta_sigmas", fs.grids.beta), ("use_exponential_sigmas", fs.grids.loglinear)):
+        sched = EulerDiscreteScheduler(**{key: True})
+        sched.set_timesteps(steps)
+        got = ours(steps, lo, hi)
+        assert len(got) == len(sched.sigmas) == steps + 1
+        assert torch.allclose(got, sched.sigmas.double(), rtol=2e-5, atol=1e-6)
+    # the Beta quantiles gather at both ends: the middle step is the widest
+    g = fs.grids.beta(11, 0.1, 10.0)[:-1]
+    gaps = (g[:-1] - g[1:]).numpy()
+    assert gaps[5] == gaps.max() and gaps[0] < gaps[5] and gaps[-1] < gaps[5]
+
+
+def test_every_sigma_spacing_runs_on_edm_and_flow_fields_alike():
+    """A σ spacing on a flow field is the same noise levels σ/α mapped to the path's time: t = σ/(1 + σ),
+    from t = 1."""
+    for name in sorted(fs.grids.SIGMA_SPACINGS):
+        flow = fs.fields.FlowMatching(lambda x, t: x, shape=(2,))
+        g = flow.grid(6, name, sigma_min=0.01, sigma_max=50.0)
+        ve = fs.grids.make(name, 6, sigma_min=0.01, sigma_max=50.0)
+        assert float(g[0]) == 1.0 and float(g[-1]) == 0.0
+        assert torch.allclose(g[1:-1], ve[1:-1] / (1 + ve[1:-1]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("call,word", [
+    (lambda: fs.grids.polyexponential(4, 1.0, 0.5), "sigma_min"),
+    (lambda: fs.grids.polyexponential(4, 0.1, 5.0, rho_grid=0.0), "rho_grid"),
+    (lambda: fs.grids.vp(4, 0.1, 5.0, beta_d=-1.0), "beta_d"),
+    (lambda: fs.grids.beta(4, 0.1, 5.0, a=0.0), "a, b"),
+    (lambda: fs.grids.make("polyexponentail", 4), "polyexponential"),
+])
+def test_bad_grid_arguments_are_named(call, word):
+    with pytest.raises(ValueError, match=word):
+        call()
+
+
+def test_named_grids_sample_a_model_through_the_one_call():
+    m = fs.from_pretrained("pretrained/digits-edm")
+    for name in ("polyexponential", "vp", "beta"):
+        x, info = fs.sample(m.field(), "dpmpp_2m", nfe=8, n=4, seed=0, grid=name, return_info=True)
+        assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all()) and info.nfe == 8
+        assert np.isclose(float(info.grid[0]), m.field().sigma_max) and float(info.grid[-1]) == 0.0
