@@ -5,7 +5,7 @@
 from . import data, errors, fields, grids, latent, metrics, solvers, viz
 from .errors import FlowsolveError
 from .fields import Field
-from .sample import SampleInfo, sample, sample_sharded
+from .sample import SampleInfo, invert, sample, sample_sharded
 from .calibrate import Calibration, calibrate as _calibrate
 
 grids.calibrate = _calibrate  # type: ignore[attr-defined]  # fs.grids.calibrate: grids sits below sample, so the function lives in calibrate.py
@@ -13,6 +13,7 @@ grids.calibrate = _calibrate  # type: ignore[attr-defined]  # fs.grids.calibrate
 __version__ = "0.1.0"
 __all__ = [
     "sample",
+    "invert",
     "sample_sharded",
     "SampleInfo",
     "Calibration",

@@ -17,7 +17,16 @@ from ._cond import map_leaves
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["sample", "sample_sharded", "initial_noise", "check_cond", "cond_rows", "SampleInfo", "resolve_grid"]
+__all__ = [
+    "sample",
+    "invert",
+    "sample_sharded",
+    "initial_noise",
+    "check_cond",
+    "cond_rows",
+    "SampleInfo",
+    "resolve_grid",
+]
 
 
 @dataclass
@@ -192,9 +201,13 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
     return None
 
 
-def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> tuple[torch.Tensor, int | None]:
-    """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only)."""
-    singular = not field.finite_at_end
+def resolve_grid(
+    field: Field, spec: solvers.Solver, nfe: int | None, grid, reverse: bool = False
+) -> tuple[torch.Tensor, int | None]:
+    """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only).
+    `reverse`: the grid runs from the data towards the prior (`invert`); it never ends where the
+    field is singular."""
+    singular = not field.finite_at_end and not reverse
     if nfe is not None:
         if isinstance(nfe, float) and float(nfe).is_integer():
             raise ArgumentTypeError(f"nfe: expected an integer, got float {nfe!r}")
@@ -249,8 +262,13 @@ def resolve_grid(field: Field, spec: solvers.Solver, nfe: int | None, grid) -> t
             f"[{lo:g}, {hi:g}] of {type(field).__name__}"
             + (" (σ above the range its denoiser was trained on)" if field.time_is_sigma else "")
         )
-    direction = 1.0 if field.t_end > field.t_start else -1.0
+    direction = (1.0 if field.t_end > field.t_start else -1.0) * (-1.0 if reverse else 1.0)
     if float(g[1] - g[0]) * direction < 0:
+        if reverse:
+            raise ArgumentError(
+                f"grid: inversion runs from the data towards the prior (t_end={field.t_end} towards "
+                f"t_start={field.t_start}), got a grid from {g[0].item():g} to {g[-1].item():g}"
+            )
         raise ArgumentError(
             f"grid: expected times running from t_start={field.t_start} towards t_end={field.t_end}, "
             f"got a grid from {g[0].item():g} to {g[-1].item():g}"
@@ -292,6 +310,7 @@ def sample(
     cond: dict | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
+    _reverse: bool = False,
     **options: Any,
 ):
     """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
@@ -329,7 +348,7 @@ def sample(
             f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
             f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
         )
-    g64, budget = resolve_grid(field, spec, nfe, grid)
+    g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
@@ -374,6 +393,7 @@ def sample(
             budget=budget if spec.adaptive else None,
             coefficients=coefficients,
             nfe_budget=budget,
+            reverse=_reverse,
         )
         x = spec.fn(run, x, **options)
         run.finish()
@@ -403,6 +423,78 @@ def sample(
         network_passes=passes if passes is not None else nfe_used,
     )
     return out, info
+
+
+@torch.no_grad()
+def invert(
+    field: Field,
+    x: torch.Tensor,
+    solver: str = "dpmpp_2m",
+    nfe: int | None = None,
+    *,
+    grid: torch.Tensor | Sequence[float] | str | None = None,
+    cond: dict | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    return_info: bool = False,
+    **options: Any,
+):
+    """The latent of data x under the field's probability-flow ODE: the sampling grid walked
+    backwards, from the data up to the grid's first time (DDIM inversion; diffusers'
+    `DPMSolverMultistepInverseScheduler` is `invert(..., "dpmpp_2m", grid=its σ's)`).
+    `fs.sample(field, solver, x_init=latent, grid=g)` with the same grid brings it back, up to the two
+    solves' errors.
+
+    grid: the sampling grid (from the prior to the data), a spacing name sized by nfe, or None for
+    the solver's default. On σ-time fields (EDM, diffusers denoisers) the walk starts at the grid's
+    last σ above 0, where x is taken to lie (as DDIM inversion takes it at its first timestep); the
+    result is x̃ at σ_max, z = x̃ / prior_std. Flow fields are walked from t = 0 (x itself) to t = 1
+    with the solvers that step on the velocity (euler, heun, adams, ipndm, ipndm_v, plms, fixed-step
+    torchdiffeq methods): the exponential ones cannot step into λ = −∞. solver: a name in
+    `fs.solvers.REVERSIBLE` or a fixed-step torchdiffeq method.
+    """
+    spec = solvers.get(solver)
+    if (
+        spec.stochastic
+        or spec.adaptive
+        or not (spec.name in solvers.REVERSIBLE or spec.name.startswith("torchdiffeq:"))
+    ):
+        usable = ", ".join(sorted(solvers.REVERSIBLE))
+        why = "draws noise" if spec.stochastic else "is adaptive" if spec.adaptive else "assumes a decreasing grid"
+        raise ArgumentError(
+            f"solver: inversion follows the probability-flow ODE backwards with {usable} or a fixed-step "
+            f"torchdiffeq method; {spec.name!r} {why}"
+        )
+    if not field.time_is_sigma and spec.needs_sigma:
+        raise ArgumentError(
+            f"solver: {spec.name!r} steps in log-SNR, which cannot reach the pure noise at the end of a "
+            f"{type(field).__name__} field's inversion; use euler, heun, adams, ipndm, ipndm_v, plms or "
+            f"torchdiffeq:rk4"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"x: expected a tensor of data (n, *data_shape), got {type(x).__name__}")
+    forward, _ = resolve_grid(field, spec, nfe, grid)
+    keep = forward
+    if field.time_is_sigma and float(forward[-1]) == 0.0:
+        keep = forward[:-1]  # σ-time fields are singular at σ = 0: the data are taken at the last level
+    if len(keep) < 2:
+        raise ArgumentError(f"grid: inversion needs two times above the data, got {forward.tolist()}")
+    return sample(
+        field,
+        spec.name,
+        None,
+        x_init=x,
+        grid=keep.flip(0).clone(),
+        cond=cond,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        return_info=return_info,
+        seed=0,
+        _reverse=True,
+        **options,
+    )
 
 
 def sample_sharded(

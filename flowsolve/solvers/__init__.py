@@ -13,7 +13,17 @@ from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
 from . import backends, fixed, multistep, peers, stochastic
 from ..errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["available", "get", "register", "Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "describe"]
+__all__ = [
+    "available",
+    "get",
+    "register",
+    "Solver",
+    "Run",
+    "NonFiniteError",
+    "NFEBudgetExceeded",
+    "describe",
+    "REVERSIBLE",
+]
 
 _REGISTRY: dict[str, Solver] = {}
 
@@ -432,3 +442,28 @@ def _register_backends() -> None:
                 options={"alpha": 1.0},
             )
         )
+
+
+# solvers whose steps hold for a grid run backwards (from the data towards the prior): their formulas
+# take either sign of step (checked for their order against the closed-form flow map of a Gaussian)
+REVERSIBLE = frozenset(
+    {
+        "euler",
+        "heun",
+        "ddim",
+        "dpm_2",
+        "dpmpp_2m",
+        "dpmpp_2m_heun",
+        "dpmpp_2m_pc",
+        "dpmpp_3m",
+        "dpmpp_3m_pc",
+        "dpmpp_singlestep",
+        "unipc",
+        "unipc_bh1",
+        "deis",
+        "adams",
+        "ipndm",
+        "ipndm_v",
+        "plms",
+    }
+)

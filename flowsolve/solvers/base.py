@@ -95,6 +95,7 @@ class Run:
         budget: int | None = None,
         coefficients: Sequence[Sequence[Any]] | None = None,
         nfe_budget: int | None = None,
+        reverse: bool = False,
     ) -> None:
         self.field, self.solver = field, solver
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
@@ -105,7 +106,9 @@ class Run:
         self.times: list[float] = grid.tolist()
         tt = grid.to(dtype=x.dtype, device=x.device)
         self.tt: list[torch.Tensor] = list(tt.unbind(0))
-        self.t_end = float(field.t_end)
+        # the end where the field may be singular (σ = 0); an inversion (`reverse`) walks away from the
+        # data and never reaches it, so every time it visits is evaluated
+        self.t_end = math.nan if reverse else float(field.t_end)
         n = len(self.times)
         # can the field be evaluated at grid point j? (EDM cannot at σ = 0)
         self.evaluable = [field.finite_at_end or self.times[j] != self.t_end for j in range(n)]
@@ -145,12 +148,13 @@ class Run:
         return self._count(out, self.times[i])
 
     def f_at(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """The field at any time t (off-grid stages); velocity 0 where the field is singular at t_end
-        (its limit for smooth densities: −σ ∇log p → 0), without counting an evaluation."""
+        """The field at any time t (off-grid stages). At σ = 0 of a σ-time field, where it is singular,
+        the velocity is its limit for smooth densities, −σ ∇log p → 0, without counting an
+        evaluation; a flow's velocity at t = 0 is finite (ε̂ − x̂₀) and is evaluated."""
         tf = float(t)
         if (tf - self.t_end) * (self.t_end - self.times[0]) > 0:  # stages past the end (adaptive
             tf, t = self.t_end, self.t_end  # step selection): clamp to it
-        if tf == self.t_end and not self.field.finite_at_end:
+        if tf == self.t_end and not self.field.finite_at_end and self.field.time_is_sigma:
             return torch.zeros_like(x)
         self._budget()
         tt = t if isinstance(t, torch.Tensor) else torch.tensor(tf, dtype=x.dtype, device=x.device)
