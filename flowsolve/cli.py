@@ -25,7 +25,7 @@ from ._checks import check_disk, check_dtype, check_int, check_number, check_out
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
 from .models.protocol import GeneratorModel, ParticleModel
-from .sample import check_cond, cond_rows, sample, sample_sharded
+from .sample import check_cond, cond_rows, invert, sample, sample_sharded
 
 BUILTIN_MODELS = {
     "gmm2d": "the exact paper mixture (App. D.1: 5 modes on a circle of radius 5, std 0.5) as an EDM field",
@@ -240,6 +240,9 @@ def cmd_sample(args) -> int:
             )
         return 0
     field = _field_of(model, args, args.guidance)
+    if args.x_init is not None:  # start from given particles (the latents of `flowsolve invert`)
+        options["x_init"] = _load_data(args.x_init, "--x-init")
+        args.n = len(options["x_init"])
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     if cond:
         options["cond"] = cond
@@ -262,7 +265,7 @@ def cmd_sample(args) -> int:
     per = int(torch.tensor(shape).prod()) * 4
     if args.batch_size is None:  # bound the solver's working set: ~STREAM_BYTES per chunk
         args.batch_size = max(1, min(65536, STREAM_BYTES // (12 * per)))
-    if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy":
+    if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy" and args.x_init is None:
         nfe, chunk = _stream_npy(field, args, options)
         print(
             f"wrote {args.out}: {(args.n, *shape)} samples streamed in chunks of {chunk}, solver {args.solver}, "
@@ -278,7 +281,7 @@ def cmd_sample(args) -> int:
         field,
         solver=args.solver,
         nfe=args.nfe,
-        n=args.n,
+        n=None if args.x_init is not None else args.n,
         seed=args.seed,
         batch_size=args.batch_size,
         return_info=True,
@@ -289,6 +292,48 @@ def cmd_sample(args) -> int:
     print(
         f"wrote {args.out}: {tuple(x.shape)} samples, solver {info.solver}, {info.steps} steps, "
         f"nfe {info.nfe}, {time.perf_counter() - t0:.2f} s"
+    )
+    return 0
+
+
+def _load_data(path: str, flag: str = "--data") -> torch.Tensor:
+    """Samples from a .npy or .pt file as a floating-point tensor (checked before any work)."""
+    import numpy as np
+
+    p = Path(path)
+    if p.suffix.lower() not in (".npy", ".pt"):
+        raise UserError(f"{flag}: expected a .npy or .pt file of samples, got {path!r}")
+    if not p.is_file():
+        raise UserError(f"{flag}: no such file {path!r}")
+    x = torch.from_numpy(np.load(p)) if p.suffix.lower() == ".npy" else torch.load(p, weights_only=True)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise UserError(f"{flag}: expected a floating-point array of shape (n, *data_shape) in {path!r}")
+    return x
+
+
+def cmd_invert(args) -> int:
+    check_output(args.out, (".npy", ".pt"), "--out")
+    device, dtype = _device(args), check_dtype("--dtype", args.dtype)
+    x = _load_data(args.data)
+    model, _ = load_any(args.model, device)
+    if isinstance(model, GeneratorModel):
+        raise UserError(f"--model: {args.model!r} is a generator: it has no probability-flow ODE to invert")
+    field = _field_of(model, args, args.guidance)
+    shape = field.data_shape
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise UserError(f"--data: the model's samples have shape {tuple(shape)}, the file's {tuple(x.shape[1:])}")
+    options = {**_parse_options(args.option), "device": device, "dtype": dtype}
+    cond = _parse_cond(args.cond)
+    if cond:
+        options["cond"] = cond
+    if args.grid is not None:
+        options["grid"] = args.grid
+    t0 = time.perf_counter()
+    z, info = invert(field, x, args.solver, args.nfe, batch_size=args.batch_size, return_info=True, **options)
+    save_samples(z, Path(args.out))
+    print(
+        f"wrote {args.out}: {tuple(z.shape)} latents at t = {float(info.grid[-1]):g}, solver {info.solver}, "
+        f"{info.steps} steps, nfe {info.nfe}, {time.perf_counter() - t0:.2f} s"
     )
     return 0
 
@@ -681,6 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of samples (--num-samples under torchrun, whose parser claims --n)",
     )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--x-init",
+        default=None,
+        help="a .npy or .pt file of starting particles, e.g. the latents of `flowsolve invert` (sets --n)",
+    )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")
     s.add_argument("--option", action="append", help="extra solver option KEY=VALUE (repeatable)")
@@ -701,6 +751,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .png, .npy or .pt")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+    inv = sub.add_parser("invert", help="the latents of data under a model's probability-flow ODE (DDIM inversion)")
+    inv.add_argument("--model", required=True, help="a model folder, a Hub id or a built-in model")
+    inv.add_argument("--data", required=True, help="a .npy or .pt file of samples (n, *data_shape)")
+    inv.add_argument("--solver", default="dpmpp_2m", help="a solver that runs backwards (fs.solvers.REVERSIBLE)")
+    inv.add_argument("--nfe", type=int, default=None, help="field-evaluation budget per sample")
+    inv.add_argument("--grid", default=None, help="the sampling grid to walk backwards (a spacing name)")
+    inv.add_argument("--batch-size", type=int, default=None)
+    inv.add_argument("--option", action="append", help="extra solver option KEY=VALUE (repeatable)")
+    _device_flag(inv)
+    inv.add_argument("--dtype", default="float32", help="float32 or float64")
+    _guidance_flags(inv, several=False)
+    inv.add_argument("--out", required=True, help="output .npy or .pt")
+    inv.set_defaults(func=cmd_invert)
     t = sub.add_parser(
         "train",
         help="train a model (edm, ddpm: data scores; discriminator-flow, gan, score-gan, "
