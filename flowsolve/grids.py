@@ -38,6 +38,27 @@ def _steps_ok(steps: int) -> int:
     return check_int("steps", steps, 1, MAX_STEPS)
 
 
+def _spaced(
+    steps: int, sigma_min: float, sigma_max: float, final_zero: bool, level: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The noise levels σ = level(r) for r uniform from 0 (σ_max) to 1 (σ_min), `steps` of them with a
+    final σ = 0 (or steps + 1 without): the one frame every σ spacing fills in."""
+    n = steps if final_zero else steps + 1
+    r = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    s = level(r)
+    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not 0 < sigma_min < sigma_max:
+        raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+
+def _positive(name: str, *values: float) -> None:
+    if not all(v > 0 for v in values):
+        raise ArgumentError(f"{name}: expected positive numbers, got {', '.join(str(v) for v in values)}")
+
+
 def karras(
     steps: int,
     sigma_min: float = 0.002,
@@ -53,45 +74,31 @@ def karras(
     if rho is not None:  # the name before 0.2
         deprecated("rho", "rho_grid", "karras")
         rho_grid = rho
-    rho = rho_grid
     steps = _steps_ok(steps)
     _check_range(sigma_min, sigma_max)
-    if not rho > 0:
-        raise ArgumentError(f"rho_grid: expected a positive number, got {rho}")
-    n = steps if final_zero else steps + 1
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    s = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+    _positive("rho_grid", rho_grid)
+    lo, hi = sigma_min ** (1 / rho_grid), sigma_max ** (1 / rho_grid)
+    return _spaced(steps, sigma_min, sigma_max, final_zero, lambda r: (hi + r * (lo - hi)) ** rho_grid)
 
 
 def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True) -> torch.Tensor:
     """σ uniform in log σ from σ_max to σ_min (the DPM-Solver 'logSNR' grid), then σ = 0."""
     steps = _steps_ok(steps)
     _check_range(sigma_min, sigma_max)
-    n = steps if final_zero else steps + 1
-    s = (
-        torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
-        if n > 1
-        else torch.tensor([sigma_max], dtype=torch.float64)
-    )
-    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return _spaced(steps, sigma_min, sigma_max, final_zero, lambda r: torch.exp(hi + r * (lo - hi)))
 
 
 def polyexponential(
     steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho_grid: float = 1.0, final_zero: bool = True
 ) -> torch.Tensor:
-    """log σ = log σ_min + r^ρ (log σ_max − log σ_min) with r uniform from 1 to 0, then σ = 0
+    """log σ = log σ_min + (1 − r)^ρ (log σ_max − log σ_min) with r uniform from 0 to 1, then σ = 0
     (k-diffusion's `get_sigmas_polyexponential`); ρ = 1 is `loglinear`, ρ > 1 packs the steps at low σ."""
     steps = _steps_ok(steps)
     _check_range(sigma_min, sigma_max)
-    if not rho_grid > 0:
-        raise ArgumentError(f"rho_grid: expected a positive number, got {rho_grid}")
-    n = steps if final_zero else steps + 1
-    ramp = torch.linspace(1, 0, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
+    _positive("rho_grid", rho_grid)
     lo, hi = math.log(sigma_min), math.log(sigma_max)
-    s = torch.exp(lo + ramp**rho_grid * (hi - lo))
-    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+    return _spaced(steps, sigma_min, sigma_max, final_zero, lambda r: torch.exp(lo + (1 - r) ** rho_grid * (hi - lo)))
 
 
 def vp(
@@ -113,12 +120,13 @@ def vp(
     def time_of(sigma: float) -> float:  # the inverse of σ(t): β_d t²/2 + β_min t = log(1 + σ²)
         return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
 
-    n = steps if final_zero else steps + 1
-    t = torch.linspace(time_of(sigma_max), time_of(sigma_min), n, dtype=torch.float64)
-    s = torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t))
-    if n == 1:
-        s = torch.tensor([sigma_max], dtype=torch.float64)
-    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+    t_lo, t_hi = time_of(sigma_min), time_of(sigma_max)
+
+    def level(r: torch.Tensor) -> torch.Tensor:
+        t = t_hi + r * (t_lo - t_hi)
+        return torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t))
+
+    return _spaced(steps, sigma_min, sigma_max, final_zero, level)
 
 
 def beta(
@@ -136,17 +144,13 @@ def beta(
 
     steps = _steps_ok(steps)
     _check_range(sigma_min, sigma_max)
-    if not (a > 0 and b > 0):
-        raise ArgumentError(f"a, b: expected positive Beta parameters, got {a}, {b}")
-    n = steps if final_zero else steps + 1
-    q = 1 - torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
-    s = sigma_min + torch.as_tensor(stats.beta.ppf(q.numpy(), a, b), dtype=torch.float64) * (sigma_max - sigma_min)
-    return torch.cat([s, s.new_zeros(1)]) if final_zero else s
+    _positive("a, b", a, b)
 
+    def level(r: torch.Tensor) -> torch.Tensor:
+        quantile = torch.as_tensor(stats.beta.ppf((1 - r).numpy(), a, b), dtype=torch.float64)
+        return sigma_min + quantile * (sigma_max - sigma_min)
 
-def _check_range(sigma_min: float, sigma_max: float) -> None:
-    if not 0 < sigma_min < sigma_max:
-        raise ArgumentError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return _spaced(steps, sigma_min, sigma_max, final_zero, level)
 
 
 def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
