@@ -646,3 +646,85 @@ def test_stable_cascade_prior_with_guidance_is_its_pipeline_loop():
     grid = field.grid(6, "schedule")
     y = fs.sample(field, "ddpm", nfe=6, x_init=z * m.prior_std_at(float(grid[0])), seed=5, cond=cond)
     assert _rel(y / math.sqrt(1 + float(grid[-1]) ** 2), x) <= 1e-5
+
+
+def test_inpainting_unet_takes_its_mask_and_image_latents_as_concatenated_channels():
+    """StableDiffusionInpaintPipeline (a 9-channel UNet): the scaled latents with the mask and the
+    masked image's latents appended along the channels, the same in both CFG branches. cond["concat"]
+    is that input; the samples keep the UNet's 4 output channels."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4).eval()
+    B, w = 2, 7.5
+    emb, null = torch.randn(B, 5, 16), torch.zeros(1, 5, 16)
+    mask = (torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    masked = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * (1 - mask)
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+              steps_offset=1)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(8)
+
+    def guided(x, t):
+        inp = torch.cat([sched.scale_model_input(torch.cat([x, x]), t), torch.cat([mask, mask]),
+                         torch.cat([masked, masked])], dim=1)
+        u, c = net(inp, t, encoder_hidden_states=torch.cat([null.expand(B, -1, -1), emb])).sample.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(**kw))
+    assert m.data_shape == (4, 8, 8)
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
+    cond = {"encoder_hidden_states": emb, "concat": torch.cat([mask, masked], dim=1)}
+    x = fs.sample(field, "euler", nfe=8, x_init=z * m.prior_std_at(float(field.grid(8, "schedule")[0])), cond=cond)
+    assert _rel(x, ref) <= 1e-5
+    assert fs.sample(field, "euler", nfe=2, n=B, seed=0, cond=cond).shape == (B, 4, 8, 8)
+    with pytest.raises(ValueError, match="concat"):
+        fs.sample(field, "euler", nfe=2, n=B, seed=0, cond={**cond, "concat": torch.zeros(B, 5, 4, 4)})
+
+
+def test_stable_video_diffusion_with_per_frame_guidance_is_its_pipeline_loop():
+    """StableVideoDiffusionPipeline: a spatio-temporal UNet on (batch, frames, channels, h, w) latents
+    with the image latents appended along the channel axis (2), `added_time_ids`, CFG whose scale
+    grows across the frames (a guidance tensor of shape (1, frames, 1, 1, 1)), and EulerDiscrete with
+    v-prediction on continuous timesteps ¼ ln σ and Karras σ's (SVD's scheduler)."""
+    from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    torch.manual_seed(0)
+    net = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2),
+        num_frames=3).eval()
+    B, F = 2, 3
+    emb, image = torch.randn(B, 1, 16), torch.randn(B, F, 4, 8, 8)
+    ids = torch.tensor([[6.0, 127.0, 0.02]]).expand(B, -1)
+    scale = torch.linspace(1.0, 3.0, F).reshape(1, F, 1, 1, 1)
+    kw = dict(prediction_type="v_prediction", timestep_type="continuous", use_karras_sigmas=True,
+              sigma_min=0.002, sigma_max=700.0, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              interpolation_type="linear", timestep_spacing="leading", steps_offset=1)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(6)
+
+    def guided(x, t):
+        inp = torch.cat([sched.scale_model_input(torch.cat([x, x]), t), torch.cat([torch.zeros_like(image), image])],
+                        dim=2)
+        u, c = net(inp, t, encoder_hidden_states=torch.cat([torch.zeros_like(emb), emb]),
+                   added_time_ids=torch.cat([ids, ids])).sample.chunk(2)
+        return u + scale * (c - u)
+    z = torch.randn(B, F, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(**kw), added_time_ids=ids[:1])  # one row for all
+    assert m.concat_dim == 2 and m.continuous_time
+    field = m.field(guidance=scale, uncond={"encoder_hidden_states": torch.zeros(1, 1, 16),
+                                            "concat": torch.zeros(1, F, 4, 8, 8)})
+    x = fs.sample(field, "euler", nfe=6, x_init=z * m.prior_std_at(float(field.grid(6, "schedule")[0])),
+                  cond={"encoder_hidden_states": emb, "concat": image})
+    assert _rel(x, ref) <= 1e-5
+    # a fixed input is one row for every sample; per-sample rows belong in cond (said by name)
+    rows = fs.models.from_diffusers(net, EulerDiscreteScheduler(**kw), added_time_ids=ids)
+    with pytest.raises(ValueError, match="added_time_ids: the model's fixed input has 2 rows"):
+        fs.sample(rows.field(guidance=2.0, uncond={"encoder_hidden_states": torch.zeros(1, 1, 16)}), "euler", nfe=2,
+                  x_init=z, cond={"encoder_hidden_states": emb, "concat": image})

@@ -96,9 +96,12 @@ class GuidedDenoiser:
             raise ArgumentError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
         self.denoiser, self.guide = denoiser, guide
-        # a number, or a schedule w(level) of the model's noise level (σ of a denoiser, t of a velocity
-        # model; a (batch,) tensor), e.g. CogVideoX's dynamic CFG or a ramp
-        self.scale: float | Callable = scale if callable(scale) else check_number("guidance", scale)
+        # a number; a tensor of weights broadcast against the sample (Stable Video Diffusion's per-frame
+        # scale, shape (1, frames, 1, 1, 1)); or a schedule w(level) of the model's noise level (σ of a
+        # denoiser, t of a velocity model; a (batch,) tensor), e.g. CogVideoX's dynamic CFG or a ramp
+        self.scale: float | torch.Tensor | Callable = (
+            scale if callable(scale) or isinstance(scale, torch.Tensor) else check_number("guidance", scale)
+        )
         if uncond is not None and not isinstance(uncond, dict):
             raise ArgumentTypeError(
                 f"uncond: expected a dict of unconditional inputs such as "
@@ -217,18 +220,20 @@ class GuidedDenoiser:
         return self._finish(d, x, sigma) if self._finish is not None else d
 
     def _scale_at(self, sigma: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
-        """The guidance scale at these noise levels: the number, or the schedule's value per sample."""
-        if not callable(self.scale):
-            return self.scale
-        w = self.scale(sigma)
-        if isinstance(w, torch.Tensor):
-            if w.numel() not in (1, len(x)):
-                raise ArgumentError(
-                    f"guidance: a schedule must return one scale or one per sample ({len(x)}), "
-                    f"got shape {tuple(w.shape)}"
-                )
-            return as_column(w.to(device=x.device, dtype=x.dtype).reshape(-1).expand(len(x)), x)
-        return check_number("guidance", w)
+        """The guidance scale at these noise levels: the number, the weights, or the schedule's value
+        (one, one per sample, or weights broadcast against the sample)."""
+        w = self.scale(sigma) if callable(self.scale) else self.scale
+        if not isinstance(w, torch.Tensor):
+            return check_number("guidance", w)
+        w = w.to(device=x.device, dtype=x.dtype)
+        if w.dim() == x.dim() and all(a in (1, b) for a, b in zip(w.shape, x.shape)):
+            return w  # per-element weights (per frame, per channel)
+        if w.numel() not in (1, len(x)):
+            raise ArgumentError(
+                f"guidance: expected one scale, one per sample ({len(x)}) or weights broadcast against the "
+                f"sample {tuple(x.shape)}, got shape {tuple(w.shape)}"
+            )
+        return as_column(w.reshape(-1).expand(len(x)), x)
 
     def _rescaled(self, x: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """The guided prediction with its noise prediction's per-sample std moved towards the

@@ -24,7 +24,7 @@ from torch import nn
 
 from .precond import Denoiser
 from .protocol import ParticleModel
-from .._checks import model_dtype, nearest
+from .._checks import check_int, model_dtype, nearest
 from .._cond import map_leaves, merge_leaves
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 
@@ -163,6 +163,41 @@ def call_network(model, x: torch.Tensor, timestep: torch.Tensor, **inputs) -> to
 # inputs that describe positions, not samples: one table for the whole batch (Flux-family transformers)
 _POSITION_INPUTS = frozenset({"img_ids", "txt_ids"})
 
+# conditioning by channels: cond["concat"] is appended to the network's (scaled) input along its channel
+# axis, as inpainting, InstructPix2Pix, upscaler, SVD and Flux Fill pipelines append their mask, image
+# or image latents. The axis is 1 but for frames-first video latents (b, f, c, h, w) and packed
+# token sequences (b, n, c).
+CONCAT_KEY = "concat"
+_CONCAT_DIMS = {
+    "UNetSpatioTemporalConditionModel": 2,
+    "CogVideoXTransformer3DModel": 2,
+    "FluxTransformer2DModel": 2,
+    "Flux2Transformer2DModel": 2,
+    "ChromaTransformer2DModel": 2,
+}
+
+
+def concat_dim_of(model, concat_dim: int | None) -> int:
+    """The channel axis of the network's input that `cond["concat"]` extends."""
+    if concat_dim is not None:
+        return check_int("concat_dim", concat_dim, 1)
+    return _CONCAT_DIMS.get(type(model).__name__, 1)
+
+
+def with_concat(net_input: torch.Tensor, inputs: dict, dim: int) -> torch.Tensor:
+    """The network input with `inputs["concat"]` (taken out of `inputs`) appended along `dim`."""
+    extra = inputs.pop(CONCAT_KEY, None)
+    if extra is None:
+        return net_input
+    if extra.dim() != net_input.dim() or any(
+        a != b for d, (a, b) in enumerate(zip(extra.shape, net_input.shape)) if d != dim
+    ):
+        raise ArgumentError(
+            f"cond: key 'concat' must match the sample's shape {tuple(net_input.shape)} except along axis "
+            f"{dim} (the channels it adds), got {tuple(extra.shape)}"
+        )
+    return torch.cat([net_input, extra.to(net_input.dtype)], dim=dim)
+
 
 def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     """The model's keyword inputs: fixed `model_kwargs` and per-sample `cond`, checked by key (known to the
@@ -174,7 +209,7 @@ def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
     known = accepted_inputs(model) if cond else None
     mdtype = model_dtype(model)
     for k in merged:
-        if known is not None and k not in known:
+        if known is not None and k not in known and k != CONCAT_KEY:
             raise ArgumentError(
                 f"cond: {type(model).__name__}.forward takes no input {k!r}{nearest(k, known)}; "
                 f"it takes {', '.join(sorted(known))}"
@@ -193,6 +228,12 @@ def model_inputs(model, fixed: dict, batch: int, cond: dict) -> dict:
         if v.dim() > 0 and v.shape[0] == 1 and batch != 1:
             v = v.expand(batch, *v.shape[1:])
         elif v.dim() > 0 and v.shape[0] != batch:
+            top = path.split(".", 1)[0]
+            if top in fixed and top not in cond:  # a keyword of from_diffusers: one row for every sample
+                raise ArgumentError(
+                    f"{top}: the model's fixed input has {v.shape[0]} rows, the batch {batch}; a fixed input "
+                    f"holds one row for every sample (pass per-sample inputs in cond=)"
+                )
             raise ArgumentError(f"cond: key {path!r} has {v.shape[0]} rows for a batch of {batch}")
         if v.is_floating_point() and mdtype is not None and v.dtype != mdtype:
             v = v.to(mdtype)
@@ -213,9 +254,11 @@ def _data_shape(model) -> tuple[int, ...] | None:
     (channels, size, size) for image models; None where the config does not say (video models: the
     number of frames is the pipeline's choice), so that `n=` asks for `shape=`."""
     mcfg = _config(model)
-    c, size = mcfg.get("in_channels"), mcfg.get("sample_size")
+    c, size, out = mcfg.get("in_channels"), mcfg.get("sample_size"), mcfg.get("out_channels")
     if not isinstance(c, int) or size is None:
         return None
+    if isinstance(out, int) and out < c:  # channels appended by conditioning (inpainting: 9 in, 4 out)
+        c = out
     name = type(model).__name__
     if name in _SEQUENCE_MODELS or "1D" in name:
         return (c, size) if isinstance(size, int) else None
@@ -281,10 +324,12 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         reverse_time: bool | None = None,
         negate: bool | None = None,
         integer_timesteps: bool | None = None,
+        concat_dim: int | None = None,
         **model_kwargs,
     ) -> None:
         super().__init__()
         self.model, self.scheduler, self.mu, self.model_kwargs = model, scheduler, mu, model_kwargs
+        self.concat_dim = concat_dim_of(model, concat_dim)
         cfg = _config(scheduler)
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("use_dynamic_shifting") and mu is None:
@@ -339,7 +384,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"table for the whole batch as its pipeline builds them; pass them to from_diffusers(..., "
                 f"img_ids=..., txt_ids=...)"
             )
-        return call_network(self.model, x, timestep, **model_inputs(self.model, self.model_kwargs, len(x), cond))
+        inputs = model_inputs(self.model, self.model_kwargs, len(x), cond)
+        out = network_output(self.model, with_concat(x, inputs, self.concat_dim), timestep, **inputs)
+        return out[:, : x.shape[1]].to(x.dtype)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
@@ -477,6 +524,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         prediction_type: str | None = None,
         clip_sample: bool | None = None,
         integer_timesteps: bool | None = None,
+        concat_dim: int | None = None,
         **model_kwargs,
     ) -> None:
         super().__init__()
@@ -489,6 +537,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             )
         self.model = model
         self.model_kwargs = model_kwargs
+        self.concat_dim = concat_dim_of(model, concat_dim)
         cfg = _config(scheduler)
         # score-SDE VE models (NCSN++, ScoreSdeVeScheduler) are called at σ itself and return the score
         ve_score = type(scheduler).__name__ == "ScoreSdeVeScheduler"
@@ -751,7 +800,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         else:
             c_in = (col**2 + self.sigma_data**2).rsqrt()
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
-        full = network_output(self.model, c_in * x, self.timestep(sigma), **inputs)
+        net_input = with_concat(c_in * x, inputs, self.concat_dim)
+        full = network_output(self.model, net_input, self.timestep(sigma), **inputs)
         out = full[:, : x.shape[1]].to(x.dtype)
         if self.learned_variance:  # the variance channels of this call, for the `ddpm` solver (IDDPM)
             self.variance_output = full[:, x.shape[1] :].to(x.dtype).detach()
