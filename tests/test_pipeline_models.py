@@ -66,10 +66,11 @@ def test_flow_mode_needs_a_flow_prediction(unet64):
         fs.models.from_diffusers(unet64, UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="epsilon"))
 
 
-def _flux(guidance_embeds=True):
+def _flux(guidance_embeds=True, in_channels=16, out_channels=None):
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=1,
+                                  num_single_layers=1,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                   pooled_projection_dim=8, guidance_embeds=guidance_embeds,
                                   axes_dims_rope=(2, 2, 4)).eval()
@@ -728,3 +729,25 @@ def test_stable_video_diffusion_with_per_frame_guidance_is_its_pipeline_loop():
     with pytest.raises(ValueError, match="added_time_ids: the model's fixed input has 2 rows"):
         fs.sample(rows.field(guidance=2.0, uncond={"encoder_hidden_states": torch.zeros(1, 1, 16)}), "euler", nfe=2,
                   x_init=z, cond={"encoder_hidden_states": emb, "concat": image})
+
+
+def test_flux_fill_takes_its_mask_and_image_as_concatenated_token_features():
+    """FluxFillPipeline: packed latents (batch, h·w, 16) with the packed masked-image latents and mask
+    appended along the feature axis (2) of the tokens, in_channels 16 + 24 and 16 out; cond["concat"]
+    goes there by the model's class."""
+    net = _flux(in_channels=40, out_channels=16)
+    B, h, w, L, N = 2, 4, 4, 5, 6
+    img_ids, txt_ids = _flux_ids(h, w, L)
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    fill = torch.randn(B, h * w, 24, generator=torch.Generator().manual_seed(4))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(N)
+    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
+    g = torch.full((B,), 30.0)
+    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=torch.cat([x, fill], dim=2), timestep=t.expand(B) / 1000,
+                                                 guidance=g, img_ids=img_ids, txt_ids=txt_ids, **text).sample)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0), img_ids=img_ids, txt_ids=txt_ids,
+                                 guidance=torch.tensor([30.0]))
+    assert m.concat_dim == 2
+    x = fs.sample(m.field(), "euler", nfe=N, x_init=z, cond={**text, "concat": fill})
+    assert _rel(x, ref) <= 1e-5
