@@ -751,3 +751,46 @@ def test_flux_fill_takes_its_mask_and_image_as_concatenated_token_features():
     assert m.concat_dim == 2
     x = fs.sample(m.field(), "euler", nfe=N, x_init=z, cond={**text, "concat": fill})
     assert _rel(x, ref) <= 1e-5
+
+
+def test_instruct_pix2pix_three_branch_guidance_is_its_pipeline_loop():
+    """StableDiffusionInstructPix2PixPipeline: an 8-channel UNet given the image latents as channels,
+    three branches (text and image, image only, neither) and two scales, ε = ε_∅ + s_I (ε_I − ε_∅) +
+    s_T (ε_TI − ε_I): chained guidance with uncond=[neither, image only], guidance=[s_I, s_T]."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4).eval()
+    B, s_text, s_image = 2, 7.5, 1.5
+    emb, neg = torch.randn(B, 5, 16), torch.zeros(1, 5, 16)
+    image = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(6)
+
+    def guided(x, t):
+        inp = torch.cat([sched.scale_model_input(torch.cat([x] * 3), t),
+                         torch.cat([image, image, torch.zeros_like(image)])], dim=1)
+        text = torch.cat([emb, neg.expand(B, -1, -1), neg.expand(B, -1, -1)])
+        e_text, e_image, e_none = net(inp, t, encoder_hidden_states=text).sample.chunk(3)
+        return e_none + s_text * (e_text - e_image) + s_image * (e_image - e_none)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(net, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(**kw))
+    field = m.field(guidance=[s_image, s_text],
+                    uncond=[{"encoder_hidden_states": neg, "concat": torch.zeros(1, 4, 8, 8)},
+                            {"encoder_hidden_states": neg}])
+    x, info = fs.sample(field, "euler", nfe=6, x_init=z * m.prior_std_at(float(field.grid(6, "schedule")[0])),
+                        cond={"encoder_hidden_states": emb, "concat": image}, return_info=True)
+    assert _rel(x, ref) <= 1e-5 and info.network_passes == 6
+    # one entry is CFG; a mismatched list, or an uncond key cond lacks, is named
+    one = m.field(guidance=[s_text], uncond=[{"encoder_hidden_states": neg}])
+    cfg = m.field(guidance=s_text, uncond={"encoder_hidden_states": neg})
+    kwargs = dict(nfe=4, x_init=z * 10, cond={"encoder_hidden_states": emb, "concat": image})
+    assert torch.allclose(fs.sample(one, "euler", **kwargs), fs.sample(cfg, "euler", **kwargs), atol=1e-6)
+    with pytest.raises(ValueError, match="one scale per entry"):
+        m.field(guidance=[1.0], uncond=[{"encoder_hidden_states": neg}, {"concat": image}])
+    with pytest.raises(ValueError, match="'class_labels' is not in cond"):
+        fs.sample(m.field(guidance=[2.0], uncond=[{"class_labels": 3}]), "euler", **kwargs)

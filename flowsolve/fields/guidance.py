@@ -14,6 +14,10 @@ and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last ye
 - interval (Kynkäänniemi et al. 2024): guidance only for σ in (low, high], the conditional model elsewhere;
 - autoguidance (Karras et al. 2024): the unconditional branch is a weaker model `guide` given the same
   condition;
+- chained guidance (Brooks et al. 2023, InstructPix2Pix, Eq. 3): `uncond` a list of K
+  less-conditioned inputs from the unconditional one up and `scale` K scales,
+  D = D_0 + Σ_k w_k (D_k − D_{k−1}), D_K the conditional prediction, all branches in one pass;
+  with K = 1 it is CFG;
 - a schedule: `scale` may be a function w(level) of the noise level (σ, or t for velocity models)
   instead of a number, as CogVideoX's dynamic CFG or a guidance ramp;
 - APG (Sadat et al. 2024): the update D_c − D_u, with momentum and a norm threshold, split into the
@@ -36,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from .._checks import as_column, check_number
-from .._cond import merge_leaves, zip_leaves
+from .._cond import map_leaves, merge_leaves, zip_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
@@ -58,6 +62,18 @@ def _rows(value: Any, n: int, key: str, like: torch.Tensor | None = None) -> tor
     if value.shape[0] != n:
         raise ArgumentError(f"uncond: key {key!r} has leading size {value.shape[0]}; expected {n} or 1")
     return value
+
+
+def _flat(tree: dict) -> dict[str, Any]:
+    """The leaves of a (nested) conditioning dict by their dotted path."""
+    out: dict[str, Any] = {}
+
+    def keep(path: str, v: Any) -> Any:
+        out[path] = v
+        return v
+
+    map_leaves(keep, tree)
+    return out
 
 
 def _keywords(fn: Callable) -> set[str] | None:
@@ -99,9 +115,25 @@ class GuidedDenoiser:
         # a number; a tensor of weights broadcast against the sample (Stable Video Diffusion's per-frame
         # scale, shape (1, frames, 1, 1, 1)); or a schedule w(level) of the model's noise level (σ of a
         # denoiser, t of a velocity model; a (batch,) tensor), e.g. CogVideoX's dynamic CFG or a ramp
-        self.scale: float | torch.Tensor | Callable = (
-            scale if callable(scale) or isinstance(scale, torch.Tensor) else check_number("guidance", scale)
-        )
+        # chained guidance (InstructPix2Pix, Eq. 3): K less-conditioned inputs, from the unconditional
+        # one up, and K scales, D = D_0 + Σ_k w_k (D_k − D_{k−1}) with D_K the conditional prediction
+        self.chain: list[dict] | None = None
+        self.scales: list[float | torch.Tensor | Callable] = []
+        if isinstance(uncond, (list, tuple)):
+            if not isinstance(scale, (list, tuple)) or len(scale) != len(uncond) or not uncond:
+                raise ArgumentError(
+                    f"guidance: chained guidance takes one scale per entry of uncond ({len(uncond)}), got {scale!r}"
+                )
+            if any(not isinstance(u, dict) for u in uncond):
+                raise ArgumentTypeError("uncond: expected a list of dicts of less-conditioned inputs")
+            if guide is not None or apg:
+                raise ArgumentError("guidance: chained guidance (a list of uncond) takes no guide= or apg=")
+            self.chain = [dict(u) for u in uncond]
+            self.scales = [self._checked_scale(w) for w in scale]
+            uncond = self.chain[0]
+        elif isinstance(scale, (list, tuple)):
+            raise ArgumentError(f"guidance: a list of scales needs a list of uncond of the same length, got {uncond!r}")
+        self.scale: float | torch.Tensor | Callable = self._checked_scale(scale) if self.chain is None else 1.0
         if uncond is not None and not isinstance(uncond, dict):
             raise ArgumentTypeError(
                 f"uncond: expected a dict of unconditional inputs such as "
@@ -146,6 +178,10 @@ class GuidedDenoiser:
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
 
+    @staticmethod
+    def _checked_scale(scale: Any) -> float | torch.Tensor | Callable:
+        return scale if callable(scale) or isinstance(scale, torch.Tensor) else check_number("guidance", scale)
+
     def fresh(self) -> "GuidedDenoiser":
         """A copy with its own APG momentum (one per solve)."""
         other = copy.copy(self)
@@ -153,9 +189,30 @@ class GuidedDenoiser:
         return other
 
     # -- the two branches ---------------------------------------------------------------------
-    def _uncond_inputs(self, cond: dict, n: int) -> dict:
+    def _uncond_inputs(self, cond: dict, n: int, uncond: dict | None = None) -> dict:
         """cond with the unconditional inputs in place (nested dict inputs merged leaf by leaf)."""
-        return merge_leaves(cond, zip_leaves(lambda path, c, u: _rows(u, n, path, c), cond, self.uncond))
+        u = self.uncond if uncond is None else uncond
+        return merge_leaves(cond, zip_leaves(lambda path, c, v: _rows(v, n, path, c), cond, u))
+
+    def _chain_branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+        """D_0 (the least conditioned), ..., D_K (the conditional prediction), in one network pass."""
+        assert self.chain is not None
+        n = len(x)
+        flats = [_flat(self._uncond_inputs(cond, n, u)) for u in self.chain] + [_flat(cond)]
+        extra = set().union(*flats[:-1]) - set(flats[-1])
+        if extra:
+            raise ArgumentError(
+                f"uncond: key {sorted(extra)[0]!r} is not in cond; chained guidance replaces inputs that cond holds"
+            )
+
+        def stack(path: str, _value):  # one batch of (K + 1) n rows: [tree_0; ...; tree_K]
+            rows = [_rows(f[path], n, path) for f in flats]
+            return torch.cat([r.to(rows[-1].dtype) for r in rows])
+
+        k = len(flats)
+        d = self._branch(torch.cat([x] * k), torch.cat([sigma] * k), **map_leaves(stack, cond))
+        self.last_passes = 1
+        return list(d.split(n))
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
@@ -202,8 +259,14 @@ class GuidedDenoiser:
             if not bool(inside.any()):  # outside the interval: the conditional model alone
                 self.last_passes = 1
                 return self.denoiser(x, sigma, **cond)
-        d_c, d_u = self._branches(x, sigma, cond)
         t = as_column(sigma.to(x.dtype), x) if velocity else None
+        if self.chain is not None:  # D_0 + Σ_k w_k (D_k − D_{k−1})
+            ds = self._chain_branches(x, sigma, cond)
+            d_c, d = ds[-1], ds[0]
+            for k, scale in enumerate(self.scales, start=1):
+                d = d + self._scale_at(sigma, x, scale) * (ds[k] - ds[k - 1])
+            return self._finished(x, sigma, d, d_c, t, inside if self.interval is not None else None)
+        d_c, d_u = self._branches(x, sigma, cond)
         w = self._scale_at(sigma, x)
         if self.apg is not None:
             if t is not None:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)
@@ -213,16 +276,29 @@ class GuidedDenoiser:
                 d = d_c + (w - 1.0) * self._apg_update(d_c, d_c - d_u)
         else:
             d = d_u + w * (d_c - d_u)
+        return self._finished(x, sigma, d, d_c, t, inside if self.interval is not None else None)
+
+    def _finished(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        d: torch.Tensor,
+        d_c: torch.Tensor,
+        t: torch.Tensor | None,
+        inside: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The guided prediction rescaled, kept to the interval, then post-processed by the model."""
         if self.rescale:  # Lin et al. 2023 on the noise prediction: std ratio per sample
             d = self._rescaled(x, d, d_c, t)
-        if self.interval is not None:
+        if inside is not None:
             d = torch.where(as_column(inside, x), d, d_c)
         return self._finish(d, x, sigma) if self._finish is not None else d
 
-    def _scale_at(self, sigma: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    def _scale_at(self, sigma: torch.Tensor, x: torch.Tensor, scale: Any = None) -> float | torch.Tensor:
         """The guidance scale at these noise levels: the number, the weights, or the schedule's value
         (one, one per sample, or weights broadcast against the sample)."""
-        w = self.scale(sigma) if callable(self.scale) else self.scale
+        scale = self.scale if scale is None else scale
+        w = scale(sigma) if callable(scale) else scale
         if not isinstance(w, torch.Tensor):
             return check_number("guidance", w)
         w = w.to(device=x.device, dtype=x.dtype)
