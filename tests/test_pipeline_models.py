@@ -794,3 +794,162 @@ def test_instruct_pix2pix_three_branch_guidance_is_its_pipeline_loop():
         m.field(guidance=[1.0], uncond=[{"encoder_hidden_states": neg}, {"concat": image}])
     with pytest.raises(ValueError, match="'class_labels' is not in cond"):
         fs.sample(m.field(guidance=[2.0], uncond=[{"class_labels": 3}]), "euler", **kwargs)
+
+
+def _tiny_text_unet(in_channels=4):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4).eval()
+
+
+def _controlnet(unet, seed):
+    """A ControlNet of the UNet's shape with random weights (its zero convolutions made non-zero, so
+    that its residuals matter)."""
+    from diffusers import ControlNetModel
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return cn
+
+
+def test_controlnets_steer_the_unet_as_the_controlnet_pipeline_does():
+    """StableDiffusionControlNetPipeline: each ControlNet sees the scaled latents, the timestep, the
+    text and its image (the same in both CFG branches); its residuals times its conditioning scale are
+    summed and added to the UNet's skips and middle block. One ControlNet, and two as
+    MultiControlNetModel runs them (images by name), equal the pipeline's loop."""
+    from diffusers import DDIMScheduler, MultiControlNetModel
+    unet = _tiny_text_unet()
+    nets = [_controlnet(unet, 1), _controlnet(unet, 2)]
+    B, w = 2, 7.5
+    emb, null = torch.randn(B, 5, 16), torch.zeros(1, 5, 16)
+    images = [torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    scales = [0.8, 0.5]
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+              set_alpha_to_one=False, steps_offset=1)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for k in (1, 2):
+        sched = DDIMScheduler(**kw)
+        sched.set_timesteps(6)
+
+        def guided(x, t):
+            inp, text = torch.cat([x, x]), torch.cat([null.expand(B, -1, -1), emb])
+            down, mid = None, None
+            for net, image, s in zip(nets[:k], images[:k], scales[:k]):
+                d, m = net(inp, t, encoder_hidden_states=text, controlnet_cond=torch.cat([image, image]),
+                           conditioning_scale=s, return_dict=False)
+                down = d if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
+            u, c = unet(inp, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample.chunk(2)
+            return u + w * (c - u)
+        ref = _loop(unet, sched, z, guided)
+        control = nets[0] if k == 1 else MultiControlNetModel(nets)
+        m = fs.models.from_diffusers(unet, DDIMScheduler(**kw), controlnet=control,
+                                     controlnet_scale=scales[0] if k == 1 else {"0": scales[0], "1": scales[1]})
+        image_cond = images[0] if k == 1 else {"0": images[0], "1": images[1]}
+        field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
+        grid = field.grid(6, "schedule")
+        x = fs.sample(field, "euler", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                      cond={"encoder_hidden_states": emb, "controlnet_cond": image_cond})
+        assert _rel(x * float(1 / (1 + grid[-1] ** 2) ** 0.5), ref) <= 1e-5
+    # the image is said to be missing by name, and the residuals matter (without them, another sample)
+    with pytest.raises(ValueError, match="controlnet_cond"):
+        fs.sample(field, "euler", nfe=2, n=B, seed=0, cond={"encoder_hidden_states": emb})
+    plain = fs.models.from_diffusers(unet, DDIMScheduler(**kw)).field(guidance=w, uncond={"encoder_hidden_states": null})
+    y = fs.sample(plain, "euler", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), cond={"encoder_hidden_states": emb})
+    assert _rel(y, x) > 1e-2
+
+
+def test_a_controlnet_pipeline_folder_loads_its_controlnet(tmp_path):
+    """A ControlNet pipeline's folder (unet/, controlnet/, scheduler/) loads as the controlled UNet."""
+    from diffusers import DDIMScheduler
+    unet = _tiny_text_unet()
+    cn = _controlnet(unet, 1)
+    root = tmp_path / "sd-controlnet"
+    unet.save_pretrained(root / "unet")
+    cn.save_pretrained(root / "controlnet")
+    DDIMScheduler().save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionControlNetPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "controlnet": ["diffusers", "ControlNetModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    m = fs.models.from_diffusers(root, controlnet_scale=0.7)
+    direct = fs.models.from_diffusers(unet, DDIMScheduler(), controlnet=cn, controlnet_scale=0.7)
+    assert type(m.model).__name__ == "ControlledModel" and m.model.scales == {"0": 0.7}
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16), "controlnet_cond": torch.rand(2, 3, 16, 16)}
+    a = fs.sample(m.field(), "euler", nfe=3, n=2, seed=0, cond=cond)
+    assert torch.allclose(a, fs.sample(direct.field(), "euler", nfe=3, n=2, seed=0, cond=cond), atol=1e-5)
+
+
+def test_a_flux_controlnet_steers_the_transformer_as_its_pipeline_does():
+    """FluxControlNetPipeline: the ControlNet takes the packed latents, timestep / 1000, the distilled
+    guidance, text, ids and its packed control image; its double- and single-stream block samples go to
+    the transformer. The adapter keeps Flux's time convention under the ControlNet."""
+    from diffusers import FluxControlNetModel
+    net = _flux()
+    cn = FluxControlNetModel.from_transformer(net, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                              num_attention_heads=2).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    B, h, w, L, N, s = 2, 4, 4, 5, 6, 0.7
+    img_ids, txt_ids = _flux_ids(h, w, L)
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    control = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(4))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(N)
+    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
+    guide = torch.full((B,), 3.5)
+
+    def call(x, t):
+        common = dict(timestep=t.expand(B) / 1000, guidance=guide, img_ids=img_ids, txt_ids=txt_ids, **text)
+        block, single = cn(hidden_states=x, controlnet_cond=control, conditioning_scale=s, return_dict=False, **common)
+        return net(hidden_states=x, controlnet_block_samples=block, controlnet_single_block_samples=single,
+                   **common).sample
+    ref = _loop(net, sched, z, call)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0), controlnet=cn, controlnet_scale=s,
+                                 img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    assert m.timestep_scale == 1.0 and m.concat_dim == 2
+    x = fs.sample(m.field(), "euler", nfe=N, x_init=z, cond={**text, "controlnet_cond": control})
+    assert _rel(x, ref) <= 1e-5
+    with pytest.raises(ValueError, match="takes no input 'controlnet_con'"):
+        fs.sample(m.field(), "euler", nfe=2, x_init=z, cond={**text, "controlnet_con": control})
+
+
+def test_an_sd3_controlnet_steers_the_transformer_as_its_pipeline_does():
+    """StableDiffusion3ControlNetPipeline: the ControlNet's block samples (its one output) go to the
+    transformer's `block_controlnet_hidden_states`; with CFG the control latents are in both branches."""
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
+    cn = SD3ControlNetModel.from_transformer(net, num_layers=1, num_extra_conditioning_channels=0).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    B, w, s = 2, 5.0, 0.9
+    text = {"encoder_hidden_states": torch.randn(B, 5, 16), "pooled_projections": torch.randn(B, 8)}
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "pooled_projections": torch.zeros(1, 8)}
+    control = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def guided(x, t):
+        both = {k: torch.cat([v, null[k].expand_as(v)]) for k, v in text.items()}
+        x2, t2 = torch.cat([x, x]), t.expand(2 * B)
+        block = cn(hidden_states=x2, timestep=t2, controlnet_cond=torch.cat([control, control]), conditioning_scale=s,
+                   return_dict=False, **both)[0]
+        c, u = net(hidden_states=x2, timestep=t2, block_controlnet_hidden_states=block, **both).sample.chunk(2)
+        return u + w * (c - u)
+    ref = _loop(net, sched, z, guided)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0), controlnet=cn, controlnet_scale=s)
+    x = fs.sample(m.field(guidance=w, uncond=null), "euler", nfe=6, x_init=z, cond={**text, "controlnet_cond": control})
+    assert _rel(x, ref) <= 1e-5

@@ -4,6 +4,7 @@ A loaded model says what it is by its type: `ParticleModel` (`.field()`) or `Gen
 (`.sample(n, seed=)`); `from_pretrained` maps a folder's flowsolve.json to its class (`MODEL_TYPES`).
 """
 
+from .controlnet import ControlledModel
 from .diffusers_adapter import PREDICTION_TYPES, DiffusersDenoiser, DiffusersFlow, DiffusersTrigFlow, from_diffusers
 from .flows import DiscriminatorFlowModel
 from .gan import LOSSES, ConvDiscriminator, DCGANGenerator, Discriminator, GANLoss, Generator, gradient_penalty
@@ -22,6 +23,7 @@ __all__ = [
     "DiffusersFlow",
     "DiffusersTrigFlow",
     "from_diffusers",
+    "ControlledModel",
     "PREDICTION_TYPES",
     "DiscriminatorFlowModel",
     "MLP",

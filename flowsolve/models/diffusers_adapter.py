@@ -85,8 +85,17 @@ class LatentDecoding:
 
 def accepted_inputs(model) -> frozenset[str] | None:
     """The keyword inputs a diffusers model's forward takes (None: any, it takes **kwargs); read once
-    per model class, not on every network call."""
+    per model class, not on every network call (a composed model, ControlNets over a UNet, says its own)."""
+    own = getattr(model, "input_names", None)
+    if isinstance(own, frozenset):
+        return own
     return _forward_inputs(type(model))  # type: ignore[arg-type]  # classes are hashable
+
+
+def base_class_name(model) -> str:
+    """The class name of the denoiser itself (under ControlNets: the UNet's or transformer's), which
+    decides the time convention, the channel axis and the label table."""
+    return type(getattr(model, "base_model", model)).__name__
 
 
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -181,7 +190,7 @@ def concat_dim_of(model, concat_dim: int | None) -> int:
     """The channel axis of the network's input that `cond["concat"]` extends."""
     if concat_dim is not None:
         return check_int("concat_dim", concat_dim, 1)
-    return _CONCAT_DIMS.get(type(model).__name__, 1)
+    return _CONCAT_DIMS.get(base_class_name(model), 1)
 
 
 def with_concat(net_input: torch.Tensor, inputs: dict, dim: int) -> torch.Tensor:
@@ -259,7 +268,7 @@ def _data_shape(model) -> tuple[int, ...] | None:
         return None
     if isinstance(out, int) and out < c:  # channels appended by conditioning (inpainting: 9 in, 4 out)
         c = out
-    name = type(model).__name__
+    name = base_class_name(model)
     if name in _SEQUENCE_MODELS or "1D" in name:
         return (c, size) if isinstance(size, int) else None
     if isinstance(size, int):
@@ -342,7 +351,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"scheduler: {type(scheduler).__name__} has use_flow_sigmas with prediction_type "
                 f"{cfg.get('prediction_type')!r}; a flow model predicts 'flow_prediction'"
             )
-        scale, rev, neg = _FLOW_CONVENTIONS.get(type(model).__name__, (None, False, False))
+        scale, rev, neg = _FLOW_CONVENTIONS.get(base_class_name(model), (None, False, False))
         if scale is None:  # Sana scales the pipeline's timestep by its config's timestep_scale
             scale = self.num_train_timesteps * float(_config(model).get("timestep_scale", 1.0) or 1.0)
         self.timestep_scale = float(scale if timestep_scale is None else timestep_scale)
@@ -611,7 +620,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             )
         mcfg = _config(model)
         self.data_shape = _data_shape(model)
-        if type(model).__name__.startswith("DiT") and isinstance(mcfg.get("num_embeds_ada_norm"), int):
+        if base_class_name(model).startswith("DiT") and isinstance(mcfg.get("num_embeds_ada_norm"), int):
             k = mcfg["num_embeds_ada_norm"]  # DiT's label table has a null row at index K (DiTPipeline)
             self.conditioning = {"class_labels": {"classes": k, "null": k}}
         self.channels = mcfg.get("in_channels")
@@ -1084,6 +1093,8 @@ def from_diffusers(
     clip_sample: bool | None = None,
     subfolder: str | None = None,
     vae=None,
+    controlnet=None,
+    controlnet_scale: float | dict[str, float] = 1.0,
     **model_kwargs,
 ):
     """A diffusers model as a flowsolve particle model: `DiffusersDenoiser` (D(x; σ), for DDPM/DDIM/
@@ -1097,6 +1108,9 @@ def from_diffusers(
     With a VAE, `model.decode(latents)` turns samples into images as the pipeline does.
     `clip_sample` (default: the scheduler's own setting) clamps D to the scheduler's clip range, as
     DDPM/DDIM do to their predicted x_0. A VAE or text encoder passed as the model is refused at once.
+    `controlnet` (a ControlNetModel, a list or dict of them, or a ControlNet pipeline's own) steers the
+    UNet (`ControlledModel`): its image goes in `cond={"controlnet_cond": image}` (a dict by name for
+    several), each scaled by `controlnet_scale`.
     """
     obj = model_or_pipeline_or_path
     if isinstance(obj, (str, os.PathLike)):
@@ -1115,6 +1129,8 @@ def from_diffusers(
             vae_part = next((k for k in _VAE_PARTS if k in parts), None)
             if vae is None and vae_part is not None:
                 vae = load_diffusers_component(path, vae_part, "model").eval()
+            if controlnet is None and "controlnet" in parts:  # a ControlNet pipeline's folder
+                controlnet = load_diffusers_component(path, "controlnet", "model").eval()
         else:
             model = load_diffusers_component(path, subfolder, "model")
             if scheduler is None and local:
@@ -1126,6 +1142,7 @@ def from_diffusers(
     elif hasattr(obj, "scheduler") and any(getattr(obj, k, None) is not None for k in _DENOISER_PARTS):
         model = next(getattr(obj, k) for k in _DENOISER_PARTS if getattr(obj, k, None) is not None)
         scheduler = scheduler or obj.scheduler
+        controlnet = controlnet if controlnet is not None else getattr(obj, "controlnet", None)
         vae = vae or next((getattr(obj, k) for k in _VAE_PARTS if getattr(obj, k, None) is not None), None)
     else:
         model = obj
@@ -1136,6 +1153,10 @@ def from_diffusers(
             "scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise schedule; got None"
         )
     _check_denoiser(model)
+    if controlnet is not None:
+        from .controlnet import ControlledModel
+
+        model = ControlledModel(model, controlnet, controlnet_scale)
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow
     if scheduler is not None and is_flow_scheduler(scheduler):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
