@@ -1,6 +1,7 @@
 """flowsolve's diffusers adapter against diffusers' own scheduler loops: the same samples (max abs
 difference) and the wall-time ratio flowsolve / diffusers at equal NFE, on
-  - the shipped DDPM pipeline (pretrained/digits-ddpm): DDIM and Euler-discrete;
+  - the shipped DDPM pipeline (pretrained/digits-ddpm): DDIM and Euler-discrete, and the inversion of
+    DPMSolverMultistepInverseScheduler against `fs.invert`;
   - the shipped flow-matching pipeline (pretrained/digits-flow): FlowMatchEuler and FlowMatchHeun;
   - a latent pipeline (LDMPipeline: AutoencoderKL + UNet + DDIM, random weights, built here, no
     download): the decoded images, sampling and decoding timed together.
@@ -20,6 +21,8 @@ from scipy.stats import t as student_t  # scipy comes with scikit-learn
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepInverseScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
@@ -49,6 +52,13 @@ def diffusers_euler(unet, sched, z):
 def diffusers_flow(unet, sched, z, nfe):
     sched.set_timesteps(nfe)  # FlowMatch schedulers keep a step index: reset it
     x = z
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def diffusers_inversion(unet, sched, x, nfe):
+    sched.set_timesteps(nfe)  # the scheduler keeps its history and step index: reset them
     for t in sched.timesteps:
         x = sched.step(unet(x, t).sample, t, x).prev_sample
     return x
@@ -140,9 +150,20 @@ def main() -> None:
             eul.set_timesteps(nfe)
             den_e = fs.models.from_diffusers(unet, eul)
             field_e = fs.fields.EDM(den_e)
+            inv = DPMSolverMultistepInverseScheduler.from_config(ddim.config)
+            inv.set_timesteps(nfe)
+            field_i = fs.models.from_diffusers(unet, DPMSolverMultistepScheduler.from_config(ddim.config)).field()
+            sig = inv.sigmas.double()
+            a0, a_end = float(1 / (1 + sig[0] ** 2).sqrt()), float(1 / (1 + sig[-1] ** 2).sqrt())
+            data = z.clamp(-1, 1)  # stand-in data in the model's range
             cases = {
                 "ddim": (lambda: diffusers_ddim(unet, ddim, z), lambda: fs.sample(field, "euler", grid=grid, x_init=x0),
                          lambda: bare_calls(unet, ddim.timesteps, z)),
+                "dpm-solver++ inversion": (
+                    lambda: diffusers_inversion(unet, inv, data, nfe),
+                    lambda: fs.invert(field_i, data / a0, "dpmpp_2m", grid=sig.flip(0), lower_order_final=True) * a_end,
+                    lambda: bare_calls(unet, inv.timesteps, data),
+                ),
                 "euler-discrete": (lambda: diffusers_euler(unet, eul, z),
                                    lambda: fs.sample(field_e, "euler", grid=eul.sigmas.double(),
                                                      x_init=z * eul.init_noise_sigma),
