@@ -953,3 +953,38 @@ def test_an_sd3_controlnet_steers_the_transformer_as_its_pipeline_does():
     m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0), controlnet=cn, controlnet_scale=s)
     x = fs.sample(m.field(guidance=w, uncond=null), "euler", nfe=6, x_init=z, cond={**text, "controlnet_cond": control})
     assert _rel(x, ref) <= 1e-5
+
+
+def test_an_sdxl_controlnet_takes_the_added_conditioning_too():
+    """StableDiffusionXLControlNetPipeline: the ControlNet and the UNet both take SDXL's
+    `added_cond_kwargs` (pooled text and time ids), which cond holds once for both."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+    cn = _controlnet(unet, 3)
+    B, s = 2, 0.6
+    added = {"text_embeds": torch.randn(B, 8), "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    emb, image = torch.randn(B, 5, 16), torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+              steps_offset=1)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(5)
+
+    def call(x, t):
+        both = {"text_embeds": added["text_embeds"], "time_ids": added["time_ids"].expand(B, -1)}
+        inp = sched.scale_model_input(x, t)
+        down, mid = cn(inp, t, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=s,
+                       added_cond_kwargs=both, return_dict=False)
+        return unet(inp, t, encoder_hidden_states=emb, added_cond_kwargs=both, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(unet, sched, z * sched.init_noise_sigma, call)
+    m = fs.models.from_diffusers(unet, EulerDiscreteScheduler(**kw), controlnet=cn, controlnet_scale=s)
+    field = m.field()
+    x = fs.sample(field, "euler", nfe=5, x_init=z * m.prior_std_at(float(field.grid(5, "schedule")[0])),
+                  cond={"encoder_hidden_states": emb, "added_cond_kwargs": added, "controlnet_cond": image})
+    assert _rel(x, ref) <= 1e-5
