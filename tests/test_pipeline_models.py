@@ -805,16 +805,20 @@ def _tiny_text_unet(in_channels=4):
                                 norm_num_groups=4, attention_head_dim=4).eval()
 
 
-def _controlnet(unet, seed):
-    """A ControlNet of the UNet's shape with random weights (its zero convolutions made non-zero, so
-    that its residuals matter)."""
-    from diffusers import ControlNetModel
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).eval()
+def _randomized(module, seed):
+    """The module with random weights (a ControlNet's zero convolutions made non-zero, so that its
+    residuals matter)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in cn.parameters():
+        for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return cn
+    return module.eval()
+
+
+def _controlnet(unet, seed):
+    """A ControlNet of the UNet's shape with random weights."""
+    from diffusers import ControlNetModel
+    return _randomized(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)), seed)
 
 
 def test_controlnets_steer_the_unet_as_the_controlnet_pipeline_does():
@@ -891,12 +895,8 @@ def test_a_flux_controlnet_steers_the_transformer_as_its_pipeline_does():
     the transformer. The adapter keeps Flux's time convention under the ControlNet."""
     from diffusers import FluxControlNetModel
     net = _flux()
-    cn = FluxControlNetModel.from_transformer(net, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                              num_attention_heads=2).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    cn = _randomized(FluxControlNetModel.from_transformer(net, num_layers=1, num_single_layers=1,
+                                                          attention_head_dim=8, num_attention_heads=2), 7)
     B, h, w, L, N, s = 2, 4, 4, 5, 6, 0.7
     img_ids, txt_ids = _flux_ids(h, w, L)
     text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
@@ -929,11 +929,7 @@ def test_an_sd3_controlnet_steers_the_transformer_as_its_pipeline_does():
     net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
-    cn = SD3ControlNetModel.from_transformer(net, num_layers=1, num_extra_conditioning_channels=0).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    cn = _randomized(SD3ControlNetModel.from_transformer(net, num_layers=1, num_extra_conditioning_channels=0), 7)
     B, w, s = 2, 5.0, 0.9
     text = {"encoder_hidden_states": torch.randn(B, 5, 16), "pooled_projections": torch.randn(B, 8)}
     null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "pooled_projections": torch.zeros(1, 8)}
