@@ -13,7 +13,7 @@ from . import grids, solvers
 from .fields.base import DOMAIN_TOLERANCE, Field
 from .noise import SampleNoise, fresh_seed
 from ._checks import check_device, check_dtype, check_int, check_memory
-from ._cond import map_leaves
+from ._cond import RowList, map_leaves
 from .distributed import gather_ranges, shard_range, world
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -83,22 +83,31 @@ def _check_cond_level(cond: dict, n: int, prefix: str) -> dict:
         if isinstance(v, dict):
             out[k] = _check_cond_level(v, n, name + ".")
             continue
-        if not isinstance(v, torch.Tensor):
-            try:
-                v = torch.as_tensor(v)
-            except (TypeError, ValueError, RuntimeError):
-                raise ArgumentTypeError(f"cond: key {name!r} must be a tensor, got {type(v).__name__}") from None
-        if v.dim() == 0:
-            v = v.reshape(1)
-        if v.shape[0] not in (1, n):
-            raise ArgumentError(
-                f"cond: key {name!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
-                f"or 1 (the same for all)"
-            )
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ArgumentError(f"cond: key {name!r} holds NaN or inf")
-        out[k] = v
+        if isinstance(v, list) and v and all(isinstance(e, torch.Tensor) for e in v):
+            # a list input of per-sample tensors (T2I-Adapter's residuals, IP-Adapter's image embeddings)
+            out[k] = RowList(_check_cond_leaf(e, n, f"{name}.{i}") for i, e in enumerate(v))
+            continue
+        out[k] = _check_cond_leaf(v, n, name)
     return out
+
+
+def _check_cond_leaf(v, n: int, name: str) -> torch.Tensor:
+    """One conditioning value as a tensor with leading size n or 1, finite, named by its path."""
+    if not isinstance(v, torch.Tensor):
+        try:
+            v = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(f"cond: key {name!r} must be a tensor, got {type(v).__name__}") from None
+    if v.dim() == 0:
+        v = v.reshape(1)
+    if v.shape[0] not in (1, n):
+        raise ArgumentError(
+            f"cond: key {name!r} has leading size {v.shape[0]}; expected {n} (one row per sample) "
+            f"or 1 (the same for all)"
+        )
+    if v.is_floating_point() and not torch.isfinite(v).all():
+        raise ArgumentError(f"cond: key {name!r} holds NaN or inf")
+    return v
 
 
 def cond_rows(cond: dict, start: int, count: int, n: int) -> dict:

@@ -275,3 +275,20 @@ def test_a_guidance_schedule_is_the_scale_at_each_noise_level():
     assert torch.allclose(const(x, sigma, class_labels=LABELS), d_u + 2.5 * (d_c - d_u), atol=1e-6)
     with pytest.raises(ValueError, match="guidance"):
         GuidedDenoiser(cond_den, lambda s: float("nan"), {"class_labels": K})(x, sigma, class_labels=LABELS)
+
+
+def test_list_inputs_are_rows_in_both_branches():
+    """A list of per-sample tensors (IP-Adapter's image embeddings) in cond and uncond: each entry
+    gets the branch's rows, so CFG on a model of a list input is the formula on its two calls."""
+    def den(x, sigma, feats):
+        assert isinstance(feats, list) and len(feats) == 2
+        return x / (1 + sigma[:, None] ** 2) + feats[0] - 2 * feats[1]
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((6,), 1.5)
+    feats = [torch.randn(6, 2, generator=torch.Generator().manual_seed(1)), torch.randn(1, 2)]
+    null = [torch.zeros(1, 2), torch.ones(1, 2)]
+    g = GuidedDenoiser(den, 3.0, {"feats": null})
+    want = den(x, sigma, null) + 3.0 * (den(x, sigma, feats) - den(x, sigma, null))
+    from flowsolve._cond import RowList  # what fs.sample's cond check makes of a list of tensors
+    assert torch.allclose(g(x, sigma, feats=RowList(feats)), want, atol=1e-6)
+    assert g.last_passes == 1

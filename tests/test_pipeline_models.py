@@ -984,3 +984,45 @@ def test_an_sdxl_controlnet_takes_the_added_conditioning_too():
     x = fs.sample(field, "euler", nfe=5, x_init=z * m.prior_std_at(float(field.grid(5, "schedule")[0])),
                   cond={"encoder_hidden_states": emb, "added_cond_kwargs": added, "controlnet_cond": image})
     assert _rel(x, ref) <= 1e-5
+
+
+def test_t2i_adapter_residuals_are_a_list_input_in_cond():
+    """StableDiffusionAdapterPipeline: the T2I-Adapter's features (computed once, scaled) go to the
+    UNet as the list `down_intrablock_additional_residuals`, the same in both CFG branches. A list of
+    per-sample tensors in cond is a row list: checked, chunked and batched entry by entry, and handed
+    to the network as a fresh list at every call (the UNet pops from it)."""
+    from diffusers import EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=16, norm_num_groups=4,
+                                attention_head_dim=4).eval()
+    adapter = _randomized(T2IAdapter(in_channels=3, channels=[8, 16], num_res_blocks=1, downscale_factor=8,
+                                     adapter_type="full_adapter"), 9)
+    B, w, s = 2, 6.0, 0.8
+    emb, null = torch.randn(B, 5, 16), torch.zeros(1, 5, 16)
+    with torch.no_grad():
+        features = [f * s for f in adapter(torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(5)))]
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(5)
+
+    def guided(x, t):
+        both = [torch.cat([f, f]) for f in features]
+        u, c = unet(sched.scale_model_input(torch.cat([x, x]), t), t,
+                    encoder_hidden_states=torch.cat([null.expand(B, -1, -1), emb]),
+                    down_intrablock_additional_residuals=[f.clone() for f in both]).sample.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(unet, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(unet, EulerDiscreteScheduler(**kw))
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
+    cond = {"encoder_hidden_states": emb, "down_intrablock_additional_residuals": features}
+    x0 = z * m.prior_std_at(float(field.grid(5, "schedule")[0]))
+    x = fs.sample(field, "euler", nfe=5, x_init=x0, cond=cond)
+    assert _rel(x, ref) <= 1e-5
+    one = fs.sample(field, "euler", nfe=5, x_init=x0, cond=cond, batch_size=1)  # chunks of one sample each
+    assert _rel(one, ref) <= 1e-5
+    with pytest.raises(ValueError, match=r"down_intrablock_additional_residuals\.1"):
+        fs.sample(field, "euler", nfe=2, x_init=x0, cond={**cond, "down_intrablock_additional_residuals":
+                                                         [features[0], torch.zeros(3, 16, 4, 4)]})

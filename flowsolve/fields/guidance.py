@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from .._checks import as_column, check_number
-from .._cond import map_leaves, merge_leaves, zip_leaves
+from .._cond import map_leaves, merge_leaves, row_lists, zip_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
@@ -128,7 +128,7 @@ class GuidedDenoiser:
                 raise ArgumentTypeError("uncond: expected a list of dicts of less-conditioned inputs")
             if guide is not None or apg:
                 raise ArgumentError("guidance: chained guidance (a list of uncond) takes no guide= or apg=")
-            self.chain = [dict(u) for u in uncond]
+            self.chain = [row_lists(dict(u)) for u in uncond]
             self.scales = [self._checked_scale(w) for w in scale]
             uncond = self.chain[0]
         elif isinstance(scale, (list, tuple)):
@@ -146,7 +146,7 @@ class GuidedDenoiser:
                 "uncond: guidance needs the unconditional inputs (e.g. uncond={'class_labels': 10} "
                 "for a model trained with label dropout) or a weaker model guide="
             )
-        self.uncond = dict(uncond or {})
+        self.uncond = row_lists(dict(uncond or {}))
         self._guide_keys = _keywords(guide) if guide is not None else None
         self.rescale = check_number("rescale", rescale, 0.0, 1.0)
         if interval is not None:
