@@ -1026,3 +1026,37 @@ def test_t2i_adapter_residuals_are_a_list_input_in_cond():
     with pytest.raises(ValueError, match=r"down_intrablock_additional_residuals\.1"):
         fs.sample(field, "euler", nfe=2, x_init=x0, cond={**cond, "down_intrablock_additional_residuals":
                                                          [features[0], torch.zeros(3, 16, 4, 4)]})
+
+
+def test_a_controlnet_window_is_control_guidance_start_and_end():
+    """StableDiffusionControlNetPipeline with control_guidance_end=0.5: the ControlNet's scale is 0 on
+    the steps after the first half (diffusers' `controlnet_keep`). On DDIM's 6 steps (timesteps 831,
+    665, 499, 333, 167, 1) that is `controlnet_window=(499, 1000)`: the timesteps it acts on."""
+    from diffusers import DDIMScheduler
+    unet = _tiny_text_unet()
+    cn = _controlnet(unet, 1)
+    B, s, end = 2, 0.9, 0.5
+    emb, image = torch.randn(B, 5, 16), torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+              set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(**kw)
+    sched.set_timesteps(6)
+    steps = list(sched.timesteps)
+    keep = [1.0 - float((i + 1) / len(steps) > end) for i in range(len(steps))]
+
+    def call(x, t):
+        d, m = cn(x, t, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=s * keep[steps.index(t)],
+                  return_dict=False)
+        return unet(x, t, encoder_hidden_states=emb, down_block_additional_residuals=d,
+                    mid_block_additional_residual=m).sample
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(unet, sched, z, call)
+    assert keep == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] and int(steps[2]) == 499
+    m = fs.models.from_diffusers(unet, DDIMScheduler(**kw), controlnet=cn, controlnet_scale=s,
+                                 controlnet_window=(499, 1000))
+    grid = m.field().grid(6, "schedule")
+    x = fs.sample(m.field(), "euler", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
+                  cond={"encoder_hidden_states": emb, "controlnet_cond": image})
+    assert _rel(x * float(1 / (1 + grid[-1] ** 2) ** 0.5), ref) <= 1e-5
+    with pytest.raises(ValueError, match="controlnet_window"):
+        fs.models.from_diffusers(unet, DDIMScheduler(**kw), controlnet=cn, controlnet_window=(600, 100))

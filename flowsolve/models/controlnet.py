@@ -75,13 +75,29 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _masked(out: Any, active: torch.Tensor) -> Any:
+    """ControlNet outputs times a per-sample 0/1 (or one for the batch), position by position."""
+    if out is None:
+        return None
+    if isinstance(out, (list, tuple)):
+        return [_masked(o, active) for o in out]
+    return out * active.reshape(-1, *([1] * (out.dim() - 1)))
+
+
 class ControlledModel(nn.Module):
     """`model` (a diffusers UNet, Flux or SD3 transformer) with ControlNets: forward(sample, timestep,
     controlnet_cond, **inputs). `controlnet_cond` is the conditioning image (one row per sample), or a
     dict of them by ControlNet name for several; `scale` is each ControlNet's conditioning scale (a
-    number, or a dict by name). Every input goes to each network whose forward takes it."""
+    number, or a dict by name); `window` the (low, high) timesteps, in the network's own units, where
+    each acts (None: everywhere). Every input goes to each network whose forward takes it."""
 
-    def __init__(self, model: nn.Module, controlnet: Any, scale: float | dict[str, float] = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        controlnet: Any,
+        scale: float | dict[str, float] = 1.0,
+        window: tuple[float, float] | dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         super().__init__()
         named, self.single = _named(controlnet)
         self.model = model
@@ -90,6 +106,18 @@ class ControlledModel(nn.Module):
         if set(scales) != set(named):
             raise ArgumentError(f"controlnet_scale: expected a scale for each of {sorted(named)}, got {sorted(scales)}")
         self.scales = {k: float(v) for k, v in scales.items()}
+        # the timesteps (in the network's own units) where each ControlNet acts: diffusers'
+        # control_guidance_start / end, which count steps, are the timesteps of those steps
+        windows = window if isinstance(window, dict) else {k: window for k in named}
+        if set(windows) != set(named):
+            raise ArgumentError(
+                f"controlnet_window: expected a window for each of {sorted(named)}, got {sorted(windows)}"
+            )
+        self.windows: dict[str, tuple[float, float] | None] = {}
+        for k, w in windows.items():
+            if w is not None and not (isinstance(w, (tuple, list)) and len(w) == 2 and float(w[0]) <= float(w[1])):
+                raise ArgumentError(f"controlnet_window: expected (low, high) timesteps with low <= high, got {w!r}")
+            self.windows[k] = None if w is None else (float(w[0]), float(w[1]))
         self.config = getattr(model, "config", None)  # the denoiser's: sample shape, channels
         self.residual_inputs = _RESIDUAL_INPUTS.get(type(model).__name__, _UNET_RESIDUALS)
         known = [_signature(type(m))[1] for m in (model, *named.values())]
@@ -123,7 +151,12 @@ class ControlledModel(nn.Module):
             kw = {k: v for k, v in inputs.items() if takes is None or k in takes}
             kw.update({first: sample, "timestep": timestep, "return_dict": False})
             kw.update(controlnet_cond=images[name].to(sample.dtype), conditioning_scale=self.scales[name])
-            residuals = _add(residuals, list(net(**kw)))
+            out = list(net(**kw))
+            window = self.windows[name]
+            if window is not None:  # outside its window a ControlNet adds nothing (scale 0 there)
+                active = ((timestep >= window[0]) & (timestep <= window[1])).to(sample.dtype).reshape(-1)
+                out = _masked(out, active)
+            residuals = _add(residuals, out)
             repeat = repeat or getattr(net, "input_hint_block", None) is not None  # XLabs' Flux ControlNets
         first, takes = _signature(type(self.model))
         kw = {k: v for k, v in inputs.items() if k not in _CONTROL_ONLY and (takes is None or k in takes)}

@@ -1095,6 +1095,7 @@ def from_diffusers(
     vae=None,
     controlnet=None,
     controlnet_scale: float | dict[str, float] = 1.0,
+    controlnet_window: tuple[float, float] | dict[str, tuple[float, float]] | None = None,
     **model_kwargs,
 ):
     """A diffusers model as a flowsolve particle model: `DiffusersDenoiser` (D(x; σ), for DDPM/DDIM/
@@ -1110,7 +1111,8 @@ def from_diffusers(
     DDPM/DDIM do to their predicted x_0. A VAE or text encoder passed as the model is refused at once.
     `controlnet` (a ControlNetModel, a list or dict of them, or a ControlNet pipeline's own) steers the
     UNet (`ControlledModel`): its image goes in `cond={"controlnet_cond": image}` (a dict by name for
-    several), each scaled by `controlnet_scale`.
+    several), each scaled by `controlnet_scale` and active in `controlnet_window`, the (low, high)
+    network timesteps of the steps it acts on (diffusers' control_guidance_start / end).
     """
     obj = model_or_pipeline_or_path
     if isinstance(obj, (str, os.PathLike)):
@@ -1156,7 +1158,7 @@ def from_diffusers(
     if controlnet is not None:
         from .controlnet import ControlledModel
 
-        model = ControlledModel(model, controlnet, controlnet_scale)
+        model = ControlledModel(model, controlnet, controlnet_scale, controlnet_window)
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow
     if scheduler is not None and is_flow_scheduler(scheduler):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
