@@ -4,6 +4,8 @@ latents, position ids, guidance embedding), Lumina's reversed time and negated o
 learned σ with CFG, SDXL's dict-valued conditioning with CFG, folders of any diffusers model class,
 and VAEs with a shift or per-channel statistics. Each is checked against the pipeline's own loop written out with diffusers' scheduler on
 a tiny random model of the real class."""
+import contextlib
+import importlib
 import json
 
 import numpy as np
@@ -299,10 +301,8 @@ def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64, 
     """FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) and FlowMatchLCMScheduler re-noise the
     data prediction at each knot, x = (1 − t') D + t' ε: the `consistency` solver on the flow field,
     given the same noise."""
-    import importlib
 
     from diffusers import FlowMatchLCMScheduler
-    from flowsolve.noise import SampleNoise
 
     def make():
         if lcm:
@@ -310,13 +310,8 @@ def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64, 
         return FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0)
     sched = make()
     sched.set_timesteps(6)
-    module = importlib.import_module(type(sched).__module__)
-    src = SampleNoise(5, 0, len(Z64), tuple(Z64.shape[1:]), Z64.dtype, "cpu", stream=1)
-    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
-    try:
+    with _same_noise(type(sched), len(Z64), Z64.shape[1:], Z64.dtype):
         ref = _loop(unet64, sched, Z64)
-    finally:
-        module.randn_tensor = original
     m = fs.models.from_diffusers(unet64, make())
     x = fs.sample(m.field(), "consistency", nfe=6, x_init=Z64, dtype=torch.float64, seed=5)
     assert _rel(x, ref) <= 1e-6
@@ -377,14 +372,22 @@ def test_scheduler_timesteps_hold_under_guidance_too():
     assert _rel(x, ref) <= 1e-6
 
 
-def _brownian_from_stream(module, n, shape, dtype):
-    """Patch a scheduler module's BrownianTreeNoiseSampler to hand out flowsolve's per-sample noise
-    stream (seed 5, stream 1), one draw per step, as `dpmpp_2m_sde` draws; returns the original."""
+@contextlib.contextmanager
+def _same_noise(scheduler_cls, n, shape, dtype, brownian=False):
+    """Within the block, the noise of `scheduler_cls`'s module is flowsolve's per-sample stream
+    (seed 5, stream 1), as `fs.sample(..., seed=5)` draws it: one draw per `randn_tensor` call, or per
+    step from a Brownian sampler (`brownian=True`, as `dpmpp_2m_sde` draws)."""
+    from unittest import mock
+
     from flowsolve.noise import SampleNoise
-    src = SampleNoise(5, 0, n, shape, dtype, "cpu", stream=1)
-    original = module.BrownianTreeNoiseSampler
-    module.BrownianTreeNoiseSampler = lambda *args, **kwargs: (lambda s, s_next: src())
-    return original
+    module = importlib.import_module(scheduler_cls.__module__)
+    src = SampleNoise(5, 0, n, tuple(shape), dtype, "cpu", stream=1)
+    if brownian:
+        with mock.patch.object(module, "BrownianTreeNoiseSampler", lambda *a, **k: (lambda s, s_next: src())):
+            yield src
+    else:
+        with mock.patch.object(module, "randn_tensor", lambda shape, **k: src()):
+            yield src
 
 
 @pytest.mark.parametrize("kw,opts", [
@@ -397,16 +400,11 @@ def test_cosine_dpm_solver_takes_its_atan_timestep_and_is_dpmpp_2m_sde(unet64, k
     """CosineDPMSolverMultistepScheduler (Stable Audio) feeds the network c_noise = 2 atan(σ)/π, not
     EDM's ¼ ln σ: the adapter asks the scheduler's own `precondition_noise`. Its DPM++ 2M SDE loop,
     handed the same noise through its Brownian sampler, is `dpmpp_2m_sde` on the model's grid."""
-    import importlib
 
     from diffusers import CosineDPMSolverMultistepScheduler
     from test_peer_solvers import _diffusers_loop, _in_float64
-    module = importlib.import_module(CosineDPMSolverMultistepScheduler.__module__)
-    original = _brownian_from_stream(module, 3, (1, 8, 8), torch.float64)
-    try:
+    with _same_noise(CosineDPMSolverMultistepScheduler, 3, (1, 8, 8), torch.float64, brownian=True):
         ref = _diffusers_loop(unet64, _in_float64(CosineDPMSolverMultistepScheduler(**kw), 10), Z64)
-    finally:
-        module.BrownianTreeNoiseSampler = original
     m = fs.models.from_diffusers(unet64, CosineDPMSolverMultistepScheduler(**kw))
     sigma = torch.tensor([500.0, 1.0, 0.3], dtype=torch.float64)
     assert torch.allclose(m.timestep(sigma), sigma.atan() * 2 / torch.pi)
@@ -420,7 +418,6 @@ def test_stable_audio_dit_with_guidance_is_its_pipeline_loop():
     """StableAudioPipeline: a 1-D DiT on (channels, length) latents, rotary position tables passed as
     they are (fixed `model_kwargs`), text and global conditioning, CFG on the v-prediction, and the
     cosine DPM++ 2M SDE; `n=` samples have the sequence shape."""
-    import importlib
 
     from diffusers import CosineDPMSolverMultistepScheduler, StableAudioDiTModel
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
@@ -438,15 +435,11 @@ def test_stable_audio_dit_with_guidance_is_its_pipeline_loop():
                   global_hidden_states=torch.cat([glob, glob]), rotary_embedding=rotary).sample
         u, c = out.chunk(2)
         return u + w * (c - u)
-    module = importlib.import_module(CosineDPMSolverMultistepScheduler.__module__)
     sched = CosineDPMSolverMultistepScheduler()
     sched.set_timesteps(8)
     z = torch.randn(B, 4, L, generator=torch.Generator().manual_seed(3))
-    original = _brownian_from_stream(module, B, (4, L), torch.float32)
-    try:
+    with _same_noise(CosineDPMSolverMultistepScheduler, B, (4, L), torch.float32, brownian=True):
         ref = _loop(net, sched, z * sched.init_noise_sigma, lambda x, t: guided(sched.scale_model_input(x, t), t))
-    finally:
-        module.BrownianTreeNoiseSampler = original
     m = fs.models.from_diffusers(net, CosineDPMSolverMultistepScheduler(), rotary_embedding=rotary)
     assert m.data_shape == (4, L)
     field = m.field(guidance=w, uncond={"encoder_hidden_states": null})
@@ -537,10 +530,8 @@ def test_unclip_scheduler_with_its_pipelines_prev_timestep_is_ddpm(unet64, unet6
     noise, its variance type read from the scheduler (learned range from the variance channels). Its
     last step uses its float32 β_0 where 1 − ᾱ_0 is the same number in exact arithmetic, so
     both sides get the tables in float64 (in float32 the two differ by 5e-4)."""
-    import importlib
 
     from diffusers import UnCLIPScheduler
-    from flowsolve.noise import SampleNoise
 
     unet = unet64_var if variance == "learned_range" else unet64
 
@@ -552,17 +543,11 @@ def test_unclip_scheduler_with_its_pipelines_prev_timestep_is_ddpm(unet64, unet6
         return sched
     sched = make()
     sched.set_timesteps(10)
-    module = importlib.import_module(UnCLIPScheduler.__module__)
-    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
-    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
     ts, x = sched.timesteps, Z64
-    try:
-        with torch.no_grad():
-            for i, t in enumerate(ts):
-                nxt = None if i + 1 == len(ts) else ts[i + 1]
-                x = sched.step(unet(x, t).sample, t, x, prev_timestep=nxt).prev_sample
-    finally:
-        module.randn_tensor = original
+    with _same_noise(UnCLIPScheduler, 3, (1, 8, 8), torch.float64), torch.no_grad():
+        for i, t in enumerate(ts):
+            nxt = None if i + 1 == len(ts) else ts[i + 1]
+            x = sched.step(unet(x, t).sample, t, x, prev_timestep=nxt).prev_sample
     m = fs.models.from_diffusers(unet, make())
     assert m.clip_sample is clip and m.variance_type == variance
     grid = m.field().grid(10, "schedule")
@@ -577,23 +562,15 @@ def test_wuerstchen_continuous_cosine_schedule_is_ddpm(unet64, kw):
     t ∈ [0, 1] clamped to [1e-4, 0.9999], the network given t itself. Its loop is `ddpm` on the
     model's default grid, which ends at σ(0) = 0.01 with no noise on the last step (DDPM's Alg. 2);
     the adapter's time for σ inverts the scheduler's ᾱ(t) between the clamps."""
-    import importlib
     import math
 
     from diffusers import DDPMWuerstchenScheduler
-    from flowsolve.noise import SampleNoise
     sched = DDPMWuerstchenScheduler(**kw)
     sched.set_timesteps(10)
-    module = importlib.import_module(DDPMWuerstchenScheduler.__module__)
-    src = SampleNoise(5, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=1)
-    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
     x = Z64
-    try:
-        with torch.no_grad():
-            for t in sched.timesteps[:-1]:      # the pipelines' loop
-                x = sched.step(unet64(x, t.expand(3)).sample, t.expand(3), x).prev_sample
-    finally:
-        module.randn_tensor = original
+    with _same_noise(DDPMWuerstchenScheduler, 3, (1, 8, 8), torch.float64), torch.no_grad():
+        for t in sched.timesteps[:-1]:      # the pipelines' loop
+            x = sched.step(unet64(x, t.expand(3)).sample, t.expand(3), x).prev_sample
     m = fs.models.from_diffusers(unet64, DDPMWuerstchenScheduler(**kw))
     grid = m.field().grid(10, "schedule")
     assert len(grid) == 11 and abs(float(grid[-1]) - 0.01) < 1e-4 and m.sigma_max == pytest.approx(99.995, rel=1e-4)
@@ -612,11 +589,9 @@ def test_stable_cascade_prior_with_guidance_is_its_pipeline_loop():
     CLIP text, pooled text and image inputs, CFG as torch.lerp, DDPMWuerstchenScheduler; in float32
     the scheduler's knots are found in the knot table (the σ's rounded to float32) so the network
     sees t = 1 exactly at the first step."""
-    import importlib
     import math
 
     from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
-    from flowsolve.noise import SampleNoise
     torch.manual_seed(0)
     net = StableCascadeUNet(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=8, conditioning_dim=16,
                             block_out_channels=(16, 16), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
@@ -629,19 +604,13 @@ def test_stable_cascade_prior_with_guidance_is_its_pipeline_loop():
             "clip_img": torch.zeros(1, 1, 12)}
     sched = DDPMWuerstchenScheduler()
     sched.set_timesteps(6)
-    module = importlib.import_module(DDPMWuerstchenScheduler.__module__)
-    src = SampleNoise(5, 0, B, (4, 6, 6), torch.float32, "cpu", stream=1)
-    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: src()
     x = z = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(3))
-    try:
-        with torch.no_grad():
-            for t in sched.timesteps[:-1]:
-                r = t.expand(B)
-                both = {k: torch.cat([cond[k], null[k].expand(B, -1, -1)]) for k in cond}
-                c, u = net(torch.cat([x, x]), torch.cat([r, r]), **both).sample.chunk(2)
-                x = sched.step(torch.lerp(u, c, w), r, x).prev_sample
-    finally:
-        module.randn_tensor = original
+    with _same_noise(DDPMWuerstchenScheduler, B, (4, 6, 6), torch.float32), torch.no_grad():
+        for t in sched.timesteps[:-1]:
+            r = t.expand(B)
+            both = {k: torch.cat([cond[k], null[k].expand(B, -1, -1)]) for k in cond}
+            c, u = net(torch.cat([x, x]), torch.cat([r, r]), **both).sample.chunk(2)
+            x = sched.step(torch.lerp(u, c, w), r, x).prev_sample
     m = fs.models.from_diffusers(net, DDPMWuerstchenScheduler())
     field = m.field(guidance=w, uncond=null)
     grid = field.grid(6, "schedule")

@@ -194,25 +194,31 @@ class GuidedDenoiser:
         u = self.uncond if uncond is None else uncond
         return merge_leaves(cond, zip_leaves(lambda path, c, v: _rows(v, n, path, c), cond, u))
 
+    def _one_pass(self, x: torch.Tensor, sigma: torch.Tensor, trees: list[dict]) -> list[torch.Tensor]:
+        """D for each input tree (all of the first's structure), as one network batch of len(trees) · n
+        rows: [tree_0 rows; tree_1 rows; ...], every row in the first tree's dtype."""
+        n, k = len(x), len(trees)
+        flats = [_flat(t) for t in trees]
+
+        def stack(path: str, _value):
+            rows = [_rows(f[path], n, path) for f in flats]
+            return torch.cat([r.to(rows[0].dtype) for r in rows])
+
+        d = self._branch(torch.cat([x] * k), torch.cat([sigma] * k), **map_leaves(stack, trees[0]))
+        self.last_passes = 1
+        return list(d.split(n))
+
     def _chain_branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> list[torch.Tensor]:
         """D_0 (the least conditioned), ..., D_K (the conditional prediction), in one network pass."""
         assert self.chain is not None
-        n = len(x)
-        flats = [_flat(self._uncond_inputs(cond, n, u)) for u in self.chain] + [_flat(cond)]
-        extra = set().union(*flats[:-1]) - set(flats[-1])
+        trees = [self._uncond_inputs(cond, len(x), u) for u in self.chain]
+        extra = set().union(*(_flat(t) for t in trees)) - set(_flat(cond))
         if extra:
             raise ArgumentError(
                 f"uncond: key {sorted(extra)[0]!r} is not in cond; chained guidance replaces inputs that cond holds"
             )
-
-        def stack(path: str, _value):  # one batch of (K + 1) n rows: [tree_0; ...; tree_K]
-            rows = [_rows(f[path], n, path) for f in flats]
-            return torch.cat([r.to(rows[-1].dtype) for r in rows])
-
-        k = len(flats)
-        d = self._branch(torch.cat([x] * k), torch.cat([sigma] * k), **map_leaves(stack, cond))
-        self.last_passes = 1
-        return list(d.split(n))
+        d_c, *less = self._one_pass(x, sigma, [cond, *trees])
+        return [*less, d_c]
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
@@ -224,15 +230,9 @@ class GuidedDenoiser:
             self.last_passes = 2
             return d_c, d_u
         unc = self._uncond_inputs(cond, n)
-
-        def stack(path: str, c, u):  # one batch of 2n: [conditional rows; unconditional rows]
-            c = _rows(c, n, path) if c is not None else u
-            return torch.cat([c, u.to(c.dtype)])
-
-        both = zip_leaves(stack, cond, unc)
-        d = self._branch(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
-        self.last_passes = 1
-        return d[:n], d[n:]
+        # an input only uncond names is the same in the conditional branch
+        d_c, d_u = self._one_pass(x, sigma, [merge_leaves(unc, cond), unc])
+        return d_c, d_u
 
     # -- the guided prediction ----------------------------------------------------------------
     def _apg_update(self, d_c: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
