@@ -186,8 +186,8 @@ def evaluation_coefficients(grid) -> list[list[float]] | None:
     return rows
 
 
-# the solvers that are a FlowMatch/SCM scheduler's own loop: they keep the scheduler's schedule
-_SCHEDULE_LOOPS = ("euler", "heun", "ddim", "consistency")
+# the solvers that are a FlowMatch/SCM/LTX-RF scheduler's own loop: they keep the scheduler's schedule
+_SCHEDULE_LOOPS = ("euler", "heun", "ddim", "consistency", "euler_ancestral")
 
 
 def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:

@@ -422,6 +422,42 @@ def test_stochastic_samplers_reach_the_mixture(gmm, name):
     assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
 
 
+def _gmm_flow(gmm):
+    """The exact velocity of the mixture on x_t = (1 − t) x_0 + t ε, from its closed-form denoiser
+    (not at t = 1, where x_t/(1 − t) is not finite)."""
+    def velocity(x, tt):
+        tc = tt.reshape(-1, 1).to(x.dtype)
+        return (x - gmm.denoiser(x / (1 - tc), (tc / (1 - tc)).reshape(-1))) / tc
+    return fs.fields.FlowMatching(velocity, (2,))
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_the_rf_ancestral_split_reaches_the_mixture_on_a_flow_field(gmm, eta):
+    """`euler_ancestral` with ComfyUI's RF split (η moves the flow time of the deterministic part) keeps
+    the marginals of the path: on the mixture's exact flow it samples the mixture."""
+    n = 2000
+    grid = fs.grids.uniform(128, 0.9999, 0.0).double()
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = fs.sample(_gmm_flow(gmm), "euler_ancestral", grid=grid, x_init=z, seed=4, eta=eta, split="rf")
+    g = torch.Generator().manual_seed(5)
+    floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),
+                                        gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
+    d = fs.metrics.energy_distance(x, gmm.sample(n, generator=g, dtype=torch.float64))
+    assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
+
+
+def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):
+    """On σ-time fields (α = 1) the RF rule's σ_down = σ'(1 + η(σ'/σ − 1)) is k-diffusion's σ'²/σ at
+    η = 1 (and σ' at η = 0); between, the two are different samplers."""
+    field = fs.fields.EDM(gmm.denoiser)
+    runs = {(split, eta): fs.sample(field, "euler_ancestral", nfe=12, n=50, seed=2, dtype=torch.float64,
+                                    eta=eta, split=split)
+            for split in ("ve", "rf") for eta in (0.0, 0.5, 1.0)}
+    assert torch.allclose(runs["ve", 1.0], runs["rf", 1.0], rtol=0, atol=1e-12)
+    assert torch.allclose(runs["ve", 0.0], runs["rf", 0.0], rtol=0, atol=1e-12)
+    assert (runs["ve", 0.5] - runs["rf", 0.5]).abs().max() > 1e-2
+
+
 def test_bad_solver_options_are_refused(gmm):
     field = fs.fields.EDM(gmm.denoiser)
     with pytest.raises(ValueError, match="order"):
@@ -430,6 +466,8 @@ def test_bad_solver_options_are_refused(gmm):
         fs.sample(field, "unipc", nfe=5, n=2, variant="bh3")
     with pytest.raises(ValueError, match="eta"):
         fs.sample(field, "euler_ancestral", nfe=5, n=2, eta=-1.0)
+    with pytest.raises(ValueError, match="split: expected one of ve, rf, got 'comfy'"):
+        fs.sample(field, "euler_ancestral", nfe=5, n=2, split="comfy")
 
 
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("deis", {"order": 3}), ("dpmpp_2m", {}),

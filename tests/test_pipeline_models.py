@@ -317,6 +317,32 @@ def test_flow_match_euler_stochastic_sampling_is_the_consistency_solver(unet64, 
     assert _rel(x, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 1.0), (0.3, 0.7), (0.0, 1.0)])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_ltx_euler_ancestral_rf_is_euler_ancestral_with_the_rf_split(unet64, eta, s_noise, explicit):
+    """LTXEulerAncestralRFScheduler (ComfyUI's `sample_euler_ancestral_RF`) ends the deterministic part
+    of each step at t_down = t'(1 + η(t'/t − 1)) and re-noises to t': `euler_ancestral` on the flow
+    field with the split its model reports ("rf"), given the same noise, on the scheduler's own
+    schedule and on an explicit (ComfyUI-style) one. It runs in float32, hence the tolerance."""
+    from diffusers import LTXEulerAncestralRFScheduler
+
+    sigmas = [1.0, 0.93, 0.8, 0.55, 0.3, 0.1, 0.0]
+    sched = LTXEulerAncestralRFScheduler(eta=eta, s_noise=s_noise)
+    sched.set_timesteps(sigmas=sigmas) if explicit else sched.set_timesteps(6)
+    with _same_noise(type(sched), len(Z64), Z64.shape[1:], torch.float32):
+        ref = _loop(unet64, sched, Z64)
+    m = fs.models.from_diffusers(unet64, LTXEulerAncestralRFScheduler(eta=eta, s_noise=s_noise))
+    assert m.integer_timesteps is False  # the network sees 1000 t, as the scheduler's timesteps
+    grid = {"grid": torch.tensor(sigmas, dtype=torch.float64)} if explicit else {"nfe": 6}
+    x = fs.sample(m.field(), "euler_ancestral", x_init=Z64, dtype=torch.float64, seed=5, eta=eta,
+                  s_noise=s_noise, **grid)
+    assert _rel(x, ref) <= 2e-6
+    if 0 < eta < 1:  # k-diffusion's split of the same η is another sampler
+        ve = fs.sample(m.field(), "euler_ancestral", x_init=Z64, dtype=torch.float64, seed=5, eta=eta,
+                       s_noise=s_noise, split="ve", **grid)
+        assert _rel(ve, ref) > 1e-2
+
+
 def test_clipping_applies_to_the_guided_prediction_as_in_diffusers():
     """diffusers clips (or thresholds) the guided x_0, not each branch's: CFG with `clip_sample` on a
     DDIM loop (its `use_clipped_model_output=True` form) is `euler` on the guided field."""

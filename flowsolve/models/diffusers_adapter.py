@@ -299,12 +299,21 @@ _FLOW_CONVENTIONS: dict[str, tuple[float | None, bool, bool]] = {
 }
 
 
+def _flow_match_family(scheduler) -> bool:
+    """FlowMatch schedulers and those that build their schedule as FlowMatchEuler does (they list it
+    among their `_compatibles`: LTX's `LTXEulerAncestralRFScheduler`); their timesteps are continuous."""
+    cls = type(scheduler)
+    return cls.__name__.startswith("FlowMatch") or "FlowMatchEulerDiscreteScheduler" in getattr(cls, "_compatibles", ())
+
+
 def is_flow_scheduler(scheduler) -> bool:
-    """FlowMatch schedulers, and the multistep ones (DPM-Solver, UniPC, DEIS, SA-Solver) in their flow
-    mode (`use_flow_sigmas`, `prediction_type="flow_prediction"`: Wan, Sana)."""
-    cfg = _config(scheduler)
-    name = type(scheduler).__name__
-    return name.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas"))
+    """FlowMatch schedulers (and their compatibles), and the multistep ones (DPM-Solver, UniPC, DEIS,
+    SA-Solver) in their flow mode (`use_flow_sigmas`, `prediction_type="flow_prediction"`: Wan, Sana)."""
+    return _flow_match_family(scheduler) or bool(_config(scheduler).get("use_flow_sigmas"))
+
+
+# Schedulers whose ancestral step divides η as ComfyUI's RF sampler does (`euler_ancestral`'s split).
+_RF_ANCESTRAL = ("LTXEulerAncestralRFScheduler",)
 
 
 class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
@@ -357,8 +366,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.timestep_scale = float(scale if timestep_scale is None else timestep_scale)
         self.reverse_time = rev if reverse_time is None else bool(reverse_time)
         self.negate = neg if negate is None else bool(negate)
-        integer = not type(scheduler).__name__.startswith("FlowMatch")
+        integer = not _flow_match_family(scheduler)
         self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
+        self.ancestral_split = "rf" if type(scheduler).__name__ in _RF_ANCESTRAL else None
         self._knots = KnotTable()  # the scheduler's knots t -> its integer timestep
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
@@ -422,7 +432,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         )
         field = FlowMatching(v, self.data_shape, self.schedule)
         # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
-        field.schedule_for_every_solver = not type(self.scheduler).__name__.startswith("FlowMatch")
+        field.schedule_for_every_solver = not _flow_match_family(self.scheduler)
         return self._calibrated(field)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -267,11 +267,15 @@ class PathGrid:
 
 
 def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
-    """The model under a field, through guidance wrappers (`.data`, then `.denoiser`), for which
-    has(model) holds, or None: where a solver reproduces a diffusers scheduler, that scheduler's
-    settings (variance type, τ rule, prediction type, timesteps) live on the model."""
+    """The model under a field, through guidance wrappers (`.data` or a flow's `.velocity`, then
+    `.denoiser`; a bound method stands for its object), for which has(model) holds, or None: where a
+    solver reproduces a diffusers scheduler, that scheduler's settings (variance type, τ rule,
+    prediction type, timesteps, ancestral split) live on the model."""
     cand = getattr(field, "data", None)
+    if cand is None:
+        cand = getattr(field, "velocity", None)
     for _ in range(3):
+        cand = getattr(cand, "__self__", cand)  # a model's bound method (`m.velocity`): the model
         if cand is None or has(cand):
             return cand
         cand = getattr(cand, "denoiser", None)

@@ -660,14 +660,47 @@ def consistency(run: Run, x: torch.Tensor, *, sigma_min: float = 0.0) -> torch.T
 
 
 # -- stochastic multistep and ancestral -----------------------------------------------------------
-def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+ANCESTRAL_SPLITS = ("ve", "rf")
+
+
+def _rf_down(p: PathGrid, i: int, eta: float) -> float:
+    """ρ_down of ComfyUI's `sample_euler_ancestral_RF` (diffusers' `LTXEulerAncestralRFScheduler`): the
+    deterministic part ends at the field time t_down = t_{i+1} (1 + η (t_{i+1}/t_i − 1)), linear in η,
+    read as the VE level σ(t_down)/α(t_down) of the field's own path."""
+    t, t_next = p.t[i], p.t[i + 1]
+    if not eta or t_next == 0:
+        return p.rho(i + 1)
+    t_down = max(t_next * (1.0 + (t_next / t - 1.0) * eta), 0.0)
+    a_down = p.path.alpha(t_down)
+    return math.inf if a_down <= 0 else p.path.sigma(t_down) / a_down
+
+
+def _split_of(field) -> str:
+    """The ancestral split the model's scheduler uses (`ancestral_split` on the model), else "ve"."""
+    return getattr(field_model(field, lambda m: hasattr(m, "ancestral_split")), "ancestral_split", None) or "ve"
+
+
+def euler_ancestral(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
     """Euler ancestral (k-diffusion's `sample_euler_ancestral`): an Euler step on the VE ODE to ρ_down,
-    then noise ρ_up ε (per sample), x̃_{i+1} = (ρ_down/ρ_i) x̃_i + (1 − ρ_down/ρ_i) D_i + ρ_up ε."""
+    then noise ρ_up ε (per sample), x̃_{i+1} = (ρ_down/ρ_i) x̃_i + (1 − ρ_down/ρ_i) D_i + ρ_up ε,
+    ρ_up = √(ρ_{i+1}² − ρ_down²). `split` says how η divides the step: "ve" (k-diffusion's
+    get_ancestral_step, η scales ρ_up) or "rf" (ComfyUI's `euler_ancestral_RF`, diffusers'
+    `LTXEulerAncestralRFScheduler`: η moves the field time where the deterministic part ends); the two
+    agree at η = 0 and, on σ-time fields, at η = 1. `None` takes the model's scheduler's split."""
     eta = _check_eta(eta)
+    split = _split_of(run.field) if split is None else split
+    if split not in ANCESTRAL_SPLITS:
+        raise ArgumentError(f"split: expected one of {', '.join(ANCESTRAL_SPLITS)}, got {split!r}")
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
+        if split == "rf":
+            down = min(_rf_down(p, i, eta), p.rho(i + 1))
+            up = math.sqrt(max(p.rho(i + 1) ** 2 - down**2, 0.0))
+        else:
+            down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
         x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
         run.tick(i, x)
     return x
