@@ -187,7 +187,7 @@ def evaluation_coefficients(grid) -> list[list[float]] | None:
 
 
 # the solvers that are a FlowMatch/SCM/LTX-RF scheduler's own loop: they keep the scheduler's schedule
-_SCHEDULE_LOOPS = ("euler", "heun", "ddim", "consistency", "euler_ancestral")
+_SCHEDULE_LOOPS = ("euler", "heun", "ddim", "consistency", "euler_ancestral", "flow_map")
 
 
 def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
@@ -356,6 +356,11 @@ def sample(
         raise ArgumentError(
             f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
             f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
+        )
+    if spec.needs_flow_map and not getattr(field, "flow_map", False):
+        raise ArgumentTypeError(
+            f"solver: {spec.name!r} needs a flow-map model (a FlowMatching field built with flow_map=True, e.g. "
+            f"a diffusers model with FlowMapEulerDiscreteScheduler); {type(field).__name__} gives dx/dt only"
         )
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)

@@ -300,3 +300,33 @@ def test_an_sd3_transformer_takes_its_timestep_by_name_and_runs_the_flow_match_l
     assert guided.shape == z.shape and torch.isfinite(guided).all() and not _close(guided, ref)
     with pytest.raises(ValueError, match="takes no input 'pooled_projection'"):
         fs.sample(m.field(), "euler", nfe=2, x_init=z, cond={"pooled_projection": torch.randn(2, 8)})
+
+
+def test_flow_map_solver_is_exact_with_an_exact_flow_map():
+    """A flow-map model given as a plain callable ū(x, t, r=None) (MeanFlow's average velocity): for
+    N(μ, s²) the probability-flow map from t to r is affine, x_r = (1 − r)μ + (x_t − (1 − t)μ) √(v_r/v_t)
+    with v_t = (1 − t)² s² + t². `flow_map` lands on μ + s z from z at any step count; `euler` on the
+    instantaneous velocity (r = t) does not."""
+    mu, s = torch.tensor([[1.0, -2.0]], dtype=torch.float64), 0.7
+
+    def var(t):
+        return (1 - t) ** 2 * s**2 + t**2
+
+    def average_velocity(x, t, r=None):
+        t = t.reshape(-1, 1)
+        if r is None:  # dx/dt = −μ + (x − (1 − t)μ) v'_t / (2 v_t)
+            dv = -2 * (1 - t) * s**2 + 2 * t
+            return -mu + (x - (1 - t) * mu) * dv / (2 * var(t))
+        r = r.reshape(-1, 1)
+        x_r = (1 - r) * mu + (x - (1 - t) * mu) * (var(r) / var(t)).sqrt()
+        return (x_r - x) / (r - t)
+
+    field = fs.fields.FlowMatching(average_velocity, shape=(2,), flow_map=True)
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for nfe in (1, 2, 5):
+        x, info = fs.sample(field, "flow_map", nfe=nfe, x_init=z, return_info=True)
+        assert info.nfe == nfe and torch.allclose(x, mu + s * z, rtol=0, atol=1e-12)
+    assert (fs.sample(field, "euler", nfe=5, x_init=z) - (mu + s * z)).abs().max() > 1e-2
+    plain = fs.fields.FlowMatching(lambda x, t: average_velocity(x, t), shape=(2,))
+    with pytest.raises(TypeError, match="not a flow map"):
+        plain.jump(z, torch.tensor(1.0), torch.tensor(0.5))

@@ -1055,3 +1055,68 @@ def test_a_controlnet_window_is_control_guidance_start_and_end():
     assert _rel(x * float(1 / (1 + grid[-1] ** 2) ** 0.5), ref) <= 1e-5
     with pytest.raises(ValueError, match="controlnet_window"):
         fs.models.from_diffusers(unet, DDIMScheduler(**kw), controlnet=cn, controlnet_window=(600, 100))
+
+
+def _anyflow():
+    """A tiny AnyFlow flow-map transformer (Wan's DiT with a second, target-time embedding), random weights."""
+    from diffusers import AnyFlowTransformer3DModel
+    net = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                    out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+                                    rope_max_seq_len=32)
+    return _randomized(net, 3)
+
+
+def _anyflow_loop(net, sched, z, emb, neg=None, w=1.0, mean_velocity=True):
+    """AnyFlowPipeline's loop: frames-first latents, one timestep (and target timestep r) per frame, CFG
+    on the average velocity, then FlowMapEulerDiscreteScheduler's step x_r = x_t − (t − r) ū."""
+    x = z.clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            r = sched.sigmas[i + 1] * sched.config.num_train_timesteps
+            inp = torch.cat([x, x]) if neg is not None else x
+            ts = t.expand(len(inp)).unsqueeze(-1).repeat(1, inp.shape[1])
+            rs = r.expand(len(inp)).unsqueeze(-1).repeat(1, inp.shape[1]) if mean_velocity else ts
+            e = torch.cat([neg.expand(len(x), -1, -1), emb]) if neg is not None else emb
+            u = net(inp, timestep=ts, r_timestep=rs, encoder_hidden_states=e, return_dict=False)[0]
+            if neg is not None:
+                u_u, u_c = u.chunk(2)
+                u = u_u + w * (u_c - u_u)
+            x = sched.step(u, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("w", [None, 4.0])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_anyflow_flow_map_loop_is_the_flow_map_solver(w, steps):
+    """A flow-map model (AnyFlow: the network takes the target time r and gives the average velocity
+    over [r, t]) with its FlowMapEulerDiscreteScheduler: AnyFlowPipeline's loop, with and without CFG,
+    at 1, 2 and 4 steps of one shifted schedule, is `flow_map` on the model's field; with r = t (the
+    pipeline's `use_mean_velocity=False`) it is `euler` on the instantaneous velocity."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+    net = _anyflow()
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 3, 4, 4, 4, generator=g)
+    emb, neg = torch.randn(2, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    sched = FlowMapEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    ref = _anyflow_loop(net, sched, z, emb, neg if w else None, w or 1.0)
+    m = fs.models.from_diffusers(net, FlowMapEulerDiscreteScheduler(shift=3.0))
+    assert m.flow_map
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": neg}) if w else m.field()
+    x, info = fs.sample(field, "flow_map", nfe=steps, x_init=z, cond={"encoder_hidden_states": emb},
+                        return_info=True)
+    assert info.nfe == steps and torch.allclose(info.grid, sched.sigmas.to(info.grid.dtype), atol=1e-7)
+    assert _rel(x, ref) <= 1e-5
+    # the average velocity matters: the instantaneous one (r = t) is another sampler
+    inst = _anyflow_loop(net, sched, z, emb, neg if w else None, w or 1.0, mean_velocity=False)
+    assert _rel(inst, ref) > 1e-3
+    y = fs.sample(field, "euler", nfe=steps, x_init=z, cond={"encoder_hidden_states": emb})
+    assert _rel(y, inst) <= 1e-5
+
+
+def test_flow_map_solver_needs_a_flow_map_model(unet64):
+    m = fs.models.from_diffusers(unet64, FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(TypeError, match="solver: 'flow_map' needs a flow-map model"):
+        fs.sample(m.field(), "flow_map", nfe=2, n=1)
+    with pytest.raises(TypeError, match="r: UNet2DModel is not a flow-map model"):
+        m.velocity(Z64.float(), torch.ones(3), r=torch.zeros(3))

@@ -52,6 +52,10 @@ class Field:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def jump(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """x at time r from x at time t in one evaluation: flow-map models only (`FlowMatching(flow_map=True)`)."""
+        raise ArgumentTypeError(f"{type(self).__name__} is not a flow map: it gives dx/dt only")
+
     def grad_h(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """∇h_ρ(x) at time t: the direction of the paper's Eq. 1, the one method every field answers
         with. A PM integrates the field (∇h times the field's time scale: η for Discriminator Flows,

@@ -14,11 +14,13 @@ import torch
 
 from .. import grids
 from ..errors import ArgumentError, ArgumentTypeError
-from .base import Field
+from .base import Field, as_column
 from .paths import FLOW, HALF_PI, trigflow
 from .score import declared_shape
 
-__all__ = ["FlowMatching", "TrigFlow"]
+__all__ = ["FlowMatching", "TrigFlow", "FLOW_MAP_TARGET"]
+
+FLOW_MAP_TARGET = "r"  # the keyword by which a flow-map model's velocity takes its target time
 
 
 class FlowMatching(Field):
@@ -46,10 +48,11 @@ class FlowMatching(Field):
         schedule: Callable[[int], torch.Tensor] | None = None,
         *,
         default_nfe: int = 28,
+        flow_map: bool = False,
     ) -> None:
         if not callable(velocity):
             raise ArgumentTypeError(f"velocity: expected a callable v(x, t), got {type(velocity).__name__}")
-        self.velocity, self.schedule = velocity, schedule
+        self.velocity, self.schedule, self.flow_map = velocity, schedule, bool(flow_map)
         self.t_start, self.t_end, self.prior_std, self.default_nfe = 1.0, 0.0, 1.0, default_nfe
         self.data_shape = declared_shape(velocity, shape)
 
@@ -73,6 +76,23 @@ class FlowMatching(Field):
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
         return self.call_model(self.velocity, x, tt, "velocity")
+
+    def jump(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """x_r = x_t + (r − t) ū(x_t, t, r): a flow-map model's transition from time t to time r in one
+        evaluation (the average velocity ū takes r by the keyword `FLOW_MAP_TARGET`, as a per-sample
+        input, so guidance batches it with its branches)."""
+        if not self.flow_map:
+            raise ArgumentTypeError(
+                f"{type(self).__name__}: this field's model is not a flow map (it gives dx/dt only); "
+                f"build the field with flow_map=True for a model whose velocity takes r="
+            )
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        rr = torch.as_tensor(r, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        fn = self.velocity
+        out = fn(x, tt, **self.cond, **{FLOW_MAP_TARGET: rr})
+        self.network_passes += getattr(fn, "last_passes", 1)
+        u = self.check_output(out, x, "average velocity")
+        return x + as_column(rr - tt, x) * u
 
     def grad_h(self, x: torch.Tensor, t) -> torch.Tensor:
         """The direction particles move towards the data, −v (time runs from 1 down to 0)."""

@@ -300,10 +300,13 @@ _FLOW_CONVENTIONS: dict[str, tuple[float | None, bool, bool]] = {
 
 
 def _flow_match_family(scheduler) -> bool:
-    """FlowMatch schedulers and those that build their schedule as FlowMatchEuler does (they list it
-    among their `_compatibles`: LTX's `LTXEulerAncestralRFScheduler`); their timesteps are continuous."""
+    """FlowMatch and FlowMap schedulers and those that build their schedule as FlowMatchEuler does (they
+    list it among their `_compatibles`: LTX's `LTXEulerAncestralRFScheduler`); their timesteps are
+    continuous."""
     cls = type(scheduler)
-    return cls.__name__.startswith("FlowMatch") or "FlowMatchEulerDiscreteScheduler" in getattr(cls, "_compatibles", ())
+    return cls.__name__.startswith(("FlowMatch", "FlowMap")) or "FlowMatchEulerDiscreteScheduler" in getattr(
+        cls, "_compatibles", ()
+    )
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -314,6 +317,12 @@ def is_flow_scheduler(scheduler) -> bool:
 
 # Schedulers whose ancestral step divides η as ComfyUI's RF sampler does (`euler_ancestral`'s split).
 _RF_ANCESTRAL = ("LTXEulerAncestralRFScheduler",)
+
+# The input by which a flow-map network (AnyFlow) takes its target time r, in the timestep's units.
+_FLOW_MAP_INPUT = "r_timestep"
+
+# Models that take one timestep per frame of their frames-first latents (b, f, c, h, w): (b, f).
+_FRAME_TIMESTEPS = frozenset({"AnyFlowTransformer3DModel"})
 
 
 class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
@@ -369,6 +378,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         integer = not _flow_match_family(scheduler)
         self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
         self.ancestral_split = "rf" if type(scheduler).__name__ in _RF_ANCESTRAL else None
+        # a flow map (AnyFlow): the network also takes the target time, and returns the average velocity
+        self.flow_map = _FLOW_MAP_INPUT in (accepted_inputs(model) or ()) if isinstance(model, nn.Module) else False
         self._knots = KnotTable()  # the scheduler's knots t -> its integer timestep
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
@@ -376,9 +387,21 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        v = self._network(x, self._timestep(t), cond)
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """v(x, t); for a flow-map model the average velocity over [r, t] (r = t: the instantaneous one)."""
+        v = self._network(x, self._timestep(t), self._with_target(t, r, cond))
         return -v if self.negate else v
+
+    def _with_target(self, t: torch.Tensor, r: torch.Tensor | None, cond: dict) -> dict:
+        """The inputs with a flow map's target timestep (r, or t without one); models that are not flow
+        maps refuse r."""
+        if self.flow_map:
+            return {**cond, _FLOW_MAP_INPUT: self._timestep(t if r is None else r)}
+        if r is not None:
+            raise ArgumentTypeError(
+                f"r: {base_class_name(self.model)} is not a flow-map model (its forward takes no {_FLOW_MAP_INPUT})"
+            )
+        return cond
 
     def _timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The network's timestep input at flow time t (one per sample)."""
@@ -404,6 +427,10 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"img_ids=..., txt_ids=...)"
             )
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond)
+        if base_class_name(self.model) in _FRAME_TIMESTEPS:  # one (equal) timestep per frame
+            timestep = timestep[:, None].expand(-1, x.shape[1])
+            if _FLOW_MAP_INPUT in inputs:
+                inputs[_FLOW_MAP_INPUT] = inputs[_FLOW_MAP_INPUT][:, None].expand(-1, x.shape[1])
         out = network_output(self.model, with_concat(x, inputs, self.concat_dim), timestep, **inputs)
         return out[:, : x.shape[1]].to(x.dtype)
 
@@ -430,7 +457,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
             if guidance is None
             else GuidedDenoiser(self.velocity, guidance, uncond, prediction="velocity", **kw)
         )
-        field = FlowMatching(v, self.data_shape, self.schedule)
+        field = FlowMatching(v, self.data_shape, self.schedule, flow_map=self.flow_map)
         # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
         field.schedule_for_every_solver = not _flow_match_family(self.scheduler)
         return self._calibrated(field)
@@ -470,7 +497,8 @@ class DiffusersTrigFlow(DiffusersFlow):
         self.timestep_scale = float(timestep_scale)
         self.integer_timesteps = False  # SCMScheduler's times are continuous (its velocity is its own)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        cond = self._with_target(t, r, cond)
         return self.sigma_data * self._network(x / self.sigma_data, t * self.timestep_scale, cond)
 
     def schedule(self, steps: int) -> torch.Tensor:

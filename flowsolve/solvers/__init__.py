@@ -96,6 +96,15 @@ def _heun_evals(steps: int, singular_end: bool) -> int:
 
 
 register(Solver("euler", fixed.euler, _one_per_step, "first-order Euler (DDIM on the σ-ODE)"))
+register(
+    Solver(
+        "flow_map",
+        fixed.flow_map,
+        _one_per_step,
+        "a flow-map model's own transitions x_t -> x_r (AnyFlow, MeanFlow), one per step",
+        needs_flow_map=True,
+    )
+)
 register(Solver("heun", fixed.heun, _heun_evals, "EDM's 2nd-order Heun (Karras et al. Alg. 1), Euler last step"))
 register(
     Solver(

@@ -37,6 +37,7 @@ class Solver:
     evals: Callable[[int, bool], int]
     description: str = ""
     needs_sigma: bool = False  # needs a field whose time is σ (data prediction x − σ·v)
+    needs_flow_map: bool = False  # needs a flow-map model (the field's `jump` from t to r)
     stochastic: bool = False  # draws noise
     adaptive: bool = False  # chooses its own steps between start and end
     min_steps: int = 1
@@ -146,6 +147,10 @@ class Run:
         if self.nfe == 0:
             self.field.check_output(out, x, type(self.field).__name__)
         return self._count(out, self.times[i])
+
+    def jump(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """A flow-map model's state at grid point i + 1 from x at grid point i, in one evaluation."""
+        return self._count(self.field.jump(x, self.tt[i], self.tt[i + 1]), self.times[i])
 
     def f_at(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """The field at any time t (off-grid stages). At σ = 0 of a σ-time field, where it is singular,

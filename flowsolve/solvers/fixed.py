@@ -19,6 +19,16 @@ def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def flow_map(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """x_{i+1} = x_i + (t_{i+1} − t_i) ū(x_i, t_i, t_{i+1}): a flow-map model's own transitions (AnyFlow's
+    FlowMapEulerDiscreteScheduler; MeanFlow's one- and few-step sampling), one evaluation per step,
+    exact at any step count where the map is (`fs.sample` refuses fields that are not flow maps)."""
+    for i in run.steps():
+        x = run.jump(x, i)
+        run.tick(i, x)
+    return x
+
+
 def _heun_step(run: Run, x: torch.Tensor, d: torch.Tensor, h: float, i_next: int) -> torch.Tensor:
     """Euler predictor, trapezoidal corrector at grid point i_next; plain Euler when the field is
     singular there (σ = 0)."""
