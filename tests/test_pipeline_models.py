@@ -1120,3 +1120,30 @@ def test_flow_map_solver_needs_a_flow_map_model(unet64):
         fs.sample(m.field(), "flow_map", nfe=2, n=1)
     with pytest.raises(TypeError, match="r: UNet2DModel is not a flow-map model"):
         m.velocity(Z64.float(), torch.ones(3), r=torch.zeros(3))
+
+
+def test_schedules_diffusers_cannot_make_are_refused_by_name(unet64):
+    """PNDM's Runge–Kutta warm-up makes no schedule below 4 steps: the error names nfe, not numpy's
+    broadcast. Multi-stage (pyramid) schedulers are refused at load, before any work."""
+    from diffusers import HeliosScheduler, PNDMScheduler
+    m = fs.models.from_diffusers(unet64, PNDMScheduler())
+    with pytest.raises(fs.errors.ArgumentError, match=r"nfe: PNDMScheduler cannot make a schedule of 3 steps"):
+        fs.sample(m.field(), "heun", nfe=6, n=1)
+    assert fs.sample(m.field(), "heun", nfe=6, n=1, grid="karras").shape == (1, 1, 8, 8)
+    with pytest.raises(fs.errors.ArgumentError, match="scheduler: HeliosScheduler is a multi-stage"):
+        fs.models.from_diffusers(unet64, HeliosScheduler())
+
+
+def test_an_inverse_schedulers_knots_are_walked_down_by_sample_and_up_by_invert(unet64):
+    """DDIMInverseScheduler lists its timesteps from the data up; the model's grid holds the same knots
+    in sampling order (then 0), and `fs.invert` walks them up from the data."""
+    from diffusers import DDIMInverseScheduler
+    inv = fs.models.from_diffusers(unet64, DDIMInverseScheduler())
+    sched = DDIMInverseScheduler()
+    sched.set_timesteps(6)
+    grid = inv.field().grid(6, "schedule")
+    knots = inv.sigma(sched.timesteps.flip(0))
+    assert torch.allclose(grid[:-1], knots) and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
+    x0 = Z64.clamp(-1, 1)
+    _, info = fs.invert(inv.field(), x0, "euler", 6, return_info=True)
+    assert torch.allclose(info.grid, knots.flip(0))

@@ -436,11 +436,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
-        import copy
-
-        sched = copy.deepcopy(self.scheduler)
-        kw = {"mu": self.mu} if self.mu is not None else {}
-        sched.set_timesteps(steps, **kw)
+        sched = scheduler_at(self.scheduler, steps, **({"mu": self.mu} if self.mu is not None else {}))
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
             self._knots.learn(knot_timesteps(sched, sigmas))
@@ -503,10 +499,7 @@ class DiffusersTrigFlow(DiffusersFlow):
 
     def schedule(self, steps: int) -> torch.Tensor:
         """SCMScheduler's times for `steps` steps: linspace(1.5708, 0), or (1.5708, 1.3, 0) for two."""
-        import copy
-
-        sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(steps, intermediate_timesteps=1.3 if steps == 2 else None)
+        sched = scheduler_at(self.scheduler, steps, intermediate_timesteps=1.3 if steps == 2 else None)
         return sched.timesteps.double()
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
@@ -762,10 +755,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
     def scheduler_grid(self, steps: int) -> torch.Tensor:
         """The scheduler's own σ-grid for `steps` steps: its `sigmas` (Euler, Heun, DPM, EDM-style
         schedulers, ending in 0) or its `timesteps` mapped to σ (DDIM, DDPM, PNDM), then the final σ."""
-        import copy
-
-        sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(steps)
+        sched = scheduler_at(self.scheduler, steps)
         if self.schedule == "cm":  # its Karras knots, then the data (its last step returns D)
             knots = torch.as_tensor(sched.sigmas, dtype=torch.float64)[:-1]
             return torch.cat([knots, torch.zeros(1, dtype=torch.float64)])
@@ -961,10 +951,33 @@ def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torc
 def _distinct_knots(grid: torch.Tensor) -> torch.Tensor:
     """A scheduler's σ knots with each repeat dropped: second-order schedulers list every σ twice
     (Heun, KDPM2: one entry per stage), PLMS repeats its first timestep, a `sigma_min` final σ may
-    equal the last knot, KDPM2 pads with zeros. The grid of steps is the distinct knots in order."""
+    equal the last knot, KDPM2 pads with zeros. The grid of steps is the distinct knots in order.
+    An inverse scheduler's knots run from the data up (DDIMInverseScheduler's timesteps); they are
+    given in sampling order, from the largest to the smallest and then 0, so that `fs.sample` walks
+    them down and `fs.invert` up."""
     keep = torch.ones(len(grid), dtype=torch.bool)
     keep[1:] = (grid[1:] - grid[:-1]).abs() > 1e-9 * grid[:-1].abs().clamp(min=1.0)
-    return grid[keep]
+    grid = grid[keep]
+    inner = grid[grid > 0]
+    if len(inner) > 1 and bool(inner[0] < inner[-1]):  # from the data up: an inverse scheduler's
+        return torch.cat([inner.flip(0), grid.new_zeros(1)])
+    return grid
+
+
+def scheduler_at(scheduler, steps: int, **kw):
+    """A copy of the scheduler set to `steps` steps. Where diffusers cannot make that schedule (PNDM's
+    Runge–Kutta warm-up needs 4 steps or more), the error names the budget and says what to do."""
+    import copy
+
+    sched = copy.deepcopy(scheduler)
+    try:
+        sched.set_timesteps(steps, **kw)
+    except Exception as err:  # diffusers' own refusal, in its words
+        raise ArgumentError(
+            f"nfe: {type(scheduler).__name__} cannot make a schedule of {steps} steps ({type(err).__name__}: "
+            f"{err}); ask for another nfe, or pass grid= (e.g. grid='karras')"
+        ) from err
+    return sched
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -1102,6 +1115,17 @@ _INTEGER_TIMESTEP_SCHEDULERS = frozenset(
 _VAE_PARTS = ("vae", "vqvae")
 
 
+def _check_scheduler(scheduler) -> None:
+    """Refuse up front schedulers that are not one noise schedule: multi-stage (pyramid) schedulers run
+    each stage at its own resolution with its own schedule (Helios)."""
+    stages = _config(scheduler).get("stages")
+    if isinstance(stages, int) and stages > 1:
+        raise ArgumentError(
+            f"scheduler: {type(scheduler).__name__} is a multi-stage (pyramid) scheduler ({stages} stages, each at "
+            f"its own resolution and schedule); flowsolve samples one Gaussian path at one resolution"
+        )
+
+
 def _check_denoiser(model) -> None:
     """Refuse up front what is not a denoiser (a VAE, a text encoder), saying what to pass instead."""
     name = type(model).__name__
@@ -1193,6 +1217,7 @@ def from_diffusers(
             "scheduler: a diffusers scheduler (or its folder) is needed to know the model's noise schedule; got None"
         )
     _check_denoiser(model)
+    _check_scheduler(scheduler)
     if controlnet is not None:
         from .controlnet import ControlledModel
 
