@@ -391,7 +391,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpmpp_sde", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
                                        ("dpmpp_singlestep", {"order": 3}), ("dpmpp_3m", {"form": "lu"}),
                                        ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3}),
-                                       ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True}),
+                                       ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -446,6 +447,27 @@ def test_the_rf_ancestral_split_reaches_the_mixture_on_a_flow_field(gmm, eta):
     assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_the_sde_of_eq_21_reaches_the_mixture_on_a_flow_field(gmm, alpha):
+    """Eq. 21 on the flow path: the exact steps of `sde` (from t = 1) and Euler–Maruyama on the field's
+    own stochastic form (drift v − α g²/2 ∇log p_t, g² = 2t/(1 − t); from t < 1, where g is finite) both
+    sample the mixture."""
+    n = 2000
+    g = torch.Generator().manual_seed(5)
+    floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),
+                                        gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
+    truth = gmm.sample(n, generator=g, dtype=torch.float64)
+    grid = fs.grids.uniform(256, 0.995, 0.0).double()
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    flow = _gmm_flow(gmm)
+    exact = fs.sample(flow, "sde", grid=grid, x_init=z * 0.995, seed=4, alpha=alpha)
+    em = fs.sample(flow, "sde", grid=grid, x_init=z * 0.995, seed=4, alpha=alpha, method="em")
+    for x in (exact, em):
+        assert fs.metrics.energy_distance(x, truth) < max(floor) + 2 * (max(floor) - min(floor)) + 0.005
+    with pytest.raises(ValueError, match="infinite diffusion at t=1"):
+        fs.sample(flow, "sde", nfe=8, n=2, alpha=alpha, method="em")
+
+
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):
     """On σ-time fields (α = 1) the RF rule's σ_down = σ'(1 + η(σ'/σ − 1)) is k-diffusion's σ'²/σ at
     η = 1 (and σ' at η = 0); between, the two are different samplers."""
@@ -473,7 +495,7 @@ def test_bad_solver_options_are_refused(gmm):
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("deis", {"order": 3}), ("dpmpp_2m", {}),
                                        ("dpmpp_3m", {}), ("ddim", {}), ("dpm_2", {}), ("euler_ancestral", {}),
                                        ("dpmpp_2m_sde", {}), ("consistency", {}), ("dpmpp_sde", {}),
-                                       ("dpm_2_ancestral", {}), ("dpm_fast", {})])
+                                       ("dpm_2_ancestral", {}), ("dpm_fast", {}), ("sde", {"alpha": 0.5})])
 def test_on_a_trigflow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """TrigFlow, x_t = cos(t) x_0 + σ_d sin(t) ε: x_t = cos(t) x̃ with x̃ on the VE path at
     ρ = σ_d tan t, so from corresponding starts, grids and noise every path solver ends where it

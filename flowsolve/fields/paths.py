@@ -50,6 +50,14 @@ class GaussianPath:
             return -math.inf
         return -math.log(s) if a == 1.0 else math.log(a / s)
 
+    def diffusion(self, t: float) -> float:
+        """g²(t) = 2σσ' − 2(α'/α)σ² of the forward SDE dx = (α'/α) x dt + g dW whose marginals are the
+        path's (2σ on VE, 2t/(1 − t) on the flow path); ∞ where α = 0 (pure noise)."""
+        a, s = self.alpha(t), self.sigma(t)
+        if a == 0:
+            return math.inf
+        return 2.0 * s * self.d_sigma(t) - 2.0 * (self.d_alpha(t) / a) * s * s
+
     def data_prediction(self, x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
         """D = E[x_0 | x_t] from the velocity v = dx/dt of the probability-flow ODE."""
         a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Run
+from .base import PathGrid, Run
 from ..errors import ArgumentError
 
 
@@ -26,22 +26,26 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
     2κσ, x' = D + (σ'/σ)^c (x − D) + σ' sqrt(κ/(c−1) (1 − (σ'/σ)^{2c−2})) ε, which is DDIM at
     alpha = 0 and the ancestral (DDPM-like) step at alpha = 1, and lands on D at σ' = 0.
     method 'em' is Euler–Maruyama, for any field with a stochastic form.
+    On other Gaussian paths (flow matching, TrigFlow) 'exp' takes the same step in VE coordinates
+    x̃ = x/α_t, ρ = σ_t/α_t (c = 1 + α, κ = α), exactly from pure noise (ρ = ∞).
     """
     alpha = _check_alpha(alpha)
     field = run.field
     coeffs = getattr(field, "sde_coefficients", None)
+    on_path = coeffs is None and field.path is not None and not field.time_is_sigma
     if method == "auto":
-        method = (
-            "exp" if (field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)) else "em"
-        )
+        sigma_time = field.time_is_sigma and coeffs is not None and not getattr(field, "weighted", False)
+        method = "exp" if (sigma_time or on_path) else "em"
     if method not in ("exp", "em"):
         raise ArgumentError(f"method: expected 'auto', 'exp' or 'em', got {method!r}")
-    if method == "exp" and (not field.time_is_sigma or coeffs is None):
+    if method == "exp" and not on_path and (not field.time_is_sigma or coeffs is None):
         raise ArgumentError(
-            f"method: 'exp' needs a σ-time score field (fields.EDM / ScoreDifference), "
-            f"got {type(field).__name__}; use method='em'"
+            f"method: 'exp' needs a score field on a Gaussian path (fields.EDM / ScoreDifference, "
+            f"FlowMatching, TrigFlow), got {type(field).__name__}; use method='em'"
         )
     t = run.times
+    if method == "exp" and on_path:
+        return _sde_on_path(run, x, alpha)
     if method == "exp":
         assert coeffs is not None
         c, kappa = coeffs(alpha)
@@ -67,5 +71,27 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
             g2 = g2 if isinstance(g2, torch.Tensor) else torch.as_tensor(g2, dtype=x.dtype, device=x.device)
             std = (g2 * abs(h)).sqrt()
             x = x + (std.reshape(-1, *([1] * (x.dim() - 1))) if std.dim() else std) * run.noise()
+        run.tick(i, x)
+    return x
+
+
+def _sde_on_path(run: Run, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 21's exact exponential step on any Gaussian path, in VE coordinates (c = 1 + α, κ = α):
+    x̃' = D + (ρ'/ρ)^c (x̃ − D) + ρ' √(1 − (ρ'/ρ)^{2α}) ε, then x' = α' x̃'; from pure noise (ρ = ∞)
+    the first term is ρ' x/σ at α = 0 (DDIM) and vanishes otherwise."""
+    p = PathGrid(run)
+    c = 1.0 + alpha
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        if math.isinf(rho):
+            xt = den + (rho_next * x / p.s[i] if alpha == 0 else 0.0)
+            r = 0.0
+        else:
+            r = rho_next / rho
+            xt = den + (r**c) * (x / p.a[i] - den)
+        if alpha > 0 and rho_next > 0:
+            xt = xt + rho_next * math.sqrt(max(1.0 - r ** (2.0 * alpha), 0.0)) * run.noise()
+        x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
