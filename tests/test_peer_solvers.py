@@ -392,7 +392,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpmpp_singlestep", {"order": 3}), ("dpmpp_3m", {"form": "lu"}),
                                        ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3}),
                                        ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True}),
-                                       ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0}),
+                                       ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -424,10 +425,10 @@ def test_stochastic_samplers_reach_the_mixture(gmm, name):
 
 
 def _gmm_flow(gmm):
-    """The exact velocity of the mixture on x_t = (1 − t) x_0 + t ε, from its closed-form denoiser
-    (not at t = 1, where x_t/(1 − t) is not finite)."""
+    """The exact velocity of the mixture on x_t = (1 − t) x_0 + t ε, from its closed-form denoiser (at
+    t = 1 its limit, through a VE level of 1e12)."""
     def velocity(x, tt):
-        tc = tt.reshape(-1, 1).to(x.dtype)
+        tc = tt.reshape(-1, 1).to(x.dtype).clamp(max=1 - 1e-12)
         return (x - gmm.denoiser(x / (1 - tc), (tc / (1 - tc)).reshape(-1))) / tc
     return fs.fields.FlowMatching(velocity, (2,))
 
@@ -468,6 +469,19 @@ def test_the_sde_of_eq_21_reaches_the_mixture_on_a_flow_field(gmm, alpha):
         fs.sample(flow, "sde", nfe=8, n=2, alpha=alpha, method="em")
 
 
+def test_edm_churn_on_a_flow_field_from_pure_noise_reaches_the_mixture(gmm):
+    """EDM's Alg. 2 in the flow path's VE coordinates, from t = 1 (its first step the exact Euler limit)."""
+    n = 2000
+    g = torch.Generator().manual_seed(5)
+    floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),
+                                        gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
+    x, info = fs.sample(_gmm_flow(gmm), "edm", nfe=127, n=n, seed=3, dtype=torch.float64, S_churn=40.0,
+                        return_info=True)
+    assert info.grid[0] == 1.0
+    d = fs.metrics.energy_distance(x, gmm.sample(n, generator=g, dtype=torch.float64))
+    assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
+
+
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):
     """On σ-time fields (α = 1) the RF rule's σ_down = σ'(1 + η(σ'/σ − 1)) is k-diffusion's σ'²/σ at
     η = 1 (and σ' at η = 0); between, the two are different samplers."""
@@ -495,7 +509,8 @@ def test_bad_solver_options_are_refused(gmm):
 @pytest.mark.parametrize("name,opts", [("unipc", {"order": 3}), ("deis", {"order": 3}), ("dpmpp_2m", {}),
                                        ("dpmpp_3m", {}), ("ddim", {}), ("dpm_2", {}), ("euler_ancestral", {}),
                                        ("dpmpp_2m_sde", {}), ("consistency", {}), ("dpmpp_sde", {}),
-                                       ("dpm_2_ancestral", {}), ("dpm_fast", {}), ("sde", {"alpha": 0.5})])
+                                       ("dpm_2_ancestral", {}), ("dpm_fast", {}), ("sde", {"alpha": 0.5}),
+                                       ("edm", {"S_churn": 20.0})])
 def test_on_a_trigflow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """TrigFlow, x_t = cos(t) x_0 + σ_d sin(t) ε: x_t = cos(t) x̃ with x̃ on the VE path at
     ρ = σ_d tan t, so from corresponding starts, grids and noise every path solver ends where it

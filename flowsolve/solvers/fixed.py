@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Run
+from .base import PathGrid, Run
 from ..errors import ArgumentError
 
 
@@ -57,17 +57,22 @@ def edm(
     S_noise: float = 1.0,
 ) -> torch.Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): raise σ_i to σ̂ = (1 + γ_i) σ_i by adding
-    fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}."""
+    fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}.
+    On other Gaussian paths (flow matching, TrigFlow) it runs in the path's VE coordinates x̃ = x/α_t,
+    σ̃ = σ_t/α_t (S_min, S_max in σ̃), the variable EDM's algorithm is written in; a step from pure noise
+    (σ̃ = ∞) is the exact Euler (DDIM) limit x̃' = σ̃' x/σ_t + D."""
     for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
             raise ArgumentError(f"{name}: expected a finite number >= 0, got {v!r}")
-    if not run.field.time_is_sigma:
+    if not run.field.time_is_sigma and run.field.path is None:
         raise ArgumentError(
-            f"solver: 'edm' churns the noise level σ of an EDM-time field; "
-            f"{type(run.field).__name__} is not one (use heun, or sde)"
+            f"solver: 'edm' churns the noise level σ of a field on a Gaussian path; "
+            f"{type(run.field).__name__} has none (use heun, or sde)"
         )
     if not S_max >= S_min:
         raise ArgumentError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
+    if not run.field.time_is_sigma:
+        return _edm_on_path(run, x, S_churn, S_min, S_max, S_noise)
     t = run.times
     N = len(t) - 1
     gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
@@ -80,5 +85,35 @@ def edm(
         else:
             d = run.f(x, i)
         x = _heun_step(run, x, d, t[i + 1] - t_hat, i + 1)
+        run.tick(i, x)
+    return x
+
+
+def _edm_on_path(run: Run, x: torch.Tensor, S_churn: float, S_min: float, S_max: float, S_noise: float):
+    """`edm` on a Gaussian path, in VE coordinates: churn σ̃, Heun on dx̃/dσ̃ = (x̃ − D)/σ̃, x = α x̃."""
+    p = PathGrid(run)
+    N = len(run.times) - 1
+    gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
+    for i in run.steps():
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        if math.isinf(rho):  # from pure noise: the Euler step's limit, exact for the first-order part
+            xt = rho_next * (x / p.s[i]) + p.denoise(x, i)
+        else:
+            xt = x / p.a[i]
+            gamma = gamma_max if S_min <= rho <= S_max else 0.0
+            rho_hat = rho * (1.0 + gamma)
+            if gamma > 0:
+                xt = xt + (math.sqrt(rho_hat**2 - rho**2) * S_noise) * run.noise()
+                den = p.denoise_ve(xt, -math.log(rho_hat))
+            else:
+                den = p.denoise(x, i)
+            d = (xt - den) / rho_hat
+            h = rho_next - rho_hat
+            xt_next = xt + h * d
+            if rho_next > 0 and run.evaluable[i + 1]:  # Heun's corrector (Euler on the last step to the data)
+                d_next = (xt_next - p.denoise(p.a[i + 1] * xt_next, i + 1)) / rho_next
+                xt_next = xt + (0.5 * h) * (d + d_next)
+            xt = xt_next
+        x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
