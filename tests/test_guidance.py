@@ -292,3 +292,6 @@ def test_list_inputs_are_rows_in_both_branches():
     from flowsolve._cond import RowList  # what fs.sample's cond check makes of a list of tensors
     assert torch.allclose(g(x, sigma, feats=RowList(feats)), want, atol=1e-6)
     assert g.last_passes == 1
+    short = GuidedDenoiser(den, 3.0, {"feats": null[:1]})  # one unconditional entry for two
+    with pytest.raises(ValueError, match="uncond: input 'feats' does not match cond's in structure"):
+        short(x, sigma, feats=RowList(feats))

@@ -199,6 +199,14 @@ class GuidedDenoiser:
         rows: [tree_0 rows; tree_1 rows; ...], every row in the first tree's dtype."""
         n, k = len(x), len(trees)
         flats = [_flat(t) for t in trees]
+        for f in flats[1:]:
+            odd = sorted(set(flats[0]) ^ set(f))
+            if odd:  # a list input whose unconditional value has another length
+                key = odd[0].rsplit(".", 1)[0]
+                raise ArgumentError(
+                    f"uncond: input {key!r} does not match cond's in structure (a list of another length, or "
+                    f"other keys); each unconditional entry replaces the conditional one at the same place"
+                )
 
         def stack(path: str, _value):
             rows = [_rows(f[path], n, path) for f in flats]
