@@ -2,11 +2,13 @@
 difference) and the wall-time ratio flowsolve / diffusers at equal NFE, on
   - the shipped DDPM pipeline (pretrained/digits-ddpm): DDIM and Euler-discrete, and the inversion of
     DPMSolverMultistepInverseScheduler against `fs.invert`;
-  - the shipped flow-matching pipeline (pretrained/digits-flow): FlowMatchEuler and FlowMatchHeun;
+  - the shipped flow-matching pipeline (pretrained/digits-flow): FlowMatchEuler and FlowMatchHeun, and
+    LTX's LTXEulerAncestralRFScheduler (η = 0.5) against `euler_ancestral` (the max abs difference
+    from a run handed flowsolve's noise; the timed diffusers loop draws its own);
   - a latent pipeline (LDMPipeline: AutoencoderKL + UNet + DDIM, random weights, built here, no
     download): the decoded images, sampling and decoding timed together.
 
-    python benchmarks/diffusers_adapter.py [--n 512] [--repeats 9] [--threads T]
+    python benchmarks/diffusers_adapter.py [--n 512] [--repeats 9] [--threads T] [--only NAME]
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    LTXEulerAncestralRFScheduler,
     UNet2DModel,
 )
 
@@ -55,6 +58,27 @@ def diffusers_flow(unet, sched, z, nfe):
     for t in sched.timesteps:
         x = sched.step(unet(x, t).sample, t, x).prev_sample
     return x
+
+
+def diffusers_ltx_rf(unet, sched, z, nfe, generator=None):
+    sched.set_timesteps(nfe)  # the scheduler keeps a step index: reset it
+    x = z
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x, generator=generator).prev_sample
+    return x
+
+
+def with_noise_of(seed: int, z: torch.Tensor, fn):
+    """fn() with the LTX scheduler's noise replaced by flowsolve's per-sample stream for `seed` (the
+    draws `fs.sample(..., seed=seed)` makes), for the max abs difference only."""
+    from unittest import mock
+
+    from flowsolve.noise import SampleNoise
+    import diffusers.schedulers.scheduling_ltx_euler_ancestral_rf as ltx
+
+    src = SampleNoise(seed, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
+    with mock.patch.object(ltx, "randn_tensor", lambda shape, **k: src()):
+        return fn()
 
 
 def diffusers_inversion(unet, sched, x, nfe):
@@ -105,13 +129,16 @@ def paired_ratio(t_ours: list[float], t_ref: list[float]) -> tuple[float, float,
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def timed(cases: dict, repeats: int, rows: list, nfe: int) -> None:
+def timed(cases: dict, repeats: int, rows: list, nfe: int, only: str | None = None) -> None:
     """Interleaved repeats of (diffusers, flowsolve, bare network calls) after one untimed warm-up of
     each, the order rotating between repeats (so drift and cache effects fall on all alike). Per cell:
     the fastest times, the ratio flowsolve / diffusers of the fastest (as timeit reports it), the
     paired ratio with its 95% interval, and each loop's overhead over the bare network calls."""
     for name, fns in cases.items():
-        a, b = fns[0](), fns[1]()
+        if only and only not in name:
+            continue
+        a, b = (fns[3], fns[1]) if len(fns) > 3 else (fns[0], fns[1])  # fns[3]: the loop given our noise
+        a, b = a(), b()
         fns[2]()
         times: list[list[float]] = [[], [], []]
         for r in range(repeats):
@@ -131,6 +158,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default=None, help="time only the rows whose name contains this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +197,7 @@ def main() -> None:
                                                      x_init=z * eul.init_noise_sigma),
                                    lambda: bare_calls(unet, eul.timesteps, z)),
             }
-            timed(cases, args.repeats, rows, nfe)
+            timed(cases, args.repeats, rows, nfe, args.only)
         flow_root = str(ROOT / "pretrained" / "digits-flow")
         flow_unet = UNet2DModel.from_pretrained(flow_root, subfolder="unet").eval()
         fm = fs.models.from_diffusers(flow_root)
@@ -178,6 +206,9 @@ def main() -> None:
             fmh = FlowMatchHeunDiscreteScheduler.from_config(fme.config)
             fm_heun = fs.models.from_diffusers(flow_unet, FlowMatchHeunDiscreteScheduler.from_config(fme.config))
             steps_heun = (nfe + 1) // 2  # FlowMatchHeun: two evaluations a step, one on the last
+            ltx = LTXEulerAncestralRFScheduler.from_config(fme.config, eta=0.5)
+            ltx.set_timesteps(nfe)
+            fm_ltx = fs.models.from_diffusers(flow_unet, LTXEulerAncestralRFScheduler.from_config(fme.config, eta=0.5))
             cases = {
                 "flow-match-euler": (
                     lambda: diffusers_flow(flow_unet, fme, z, nfe),
@@ -189,8 +220,14 @@ def main() -> None:
                     lambda: fs.sample(fm_heun.field(), "heun", nfe=2 * steps_heun - 1, x_init=z),
                     lambda: bare_calls(flow_unet, fmh.timesteps, z),
                 ),
+                "ltx-euler-ancestral-rf": (
+                    lambda: diffusers_ltx_rf(flow_unet, ltx, z, nfe, torch.Generator().manual_seed(5)),
+                    lambda: fs.sample(fm_ltx.field(), "euler_ancestral", nfe=nfe, x_init=z, seed=5, eta=0.5),
+                    lambda: bare_calls(flow_unet, ltx.timesteps, z),
+                    lambda: with_noise_of(5, z, lambda: diffusers_ltx_rf(flow_unet, ltx, z, nfe)),
+                ),
             }
-            timed(cases, args.repeats, rows, nfe)
+            timed(cases, args.repeats, rows, nfe, args.only)
         vae, lat_unet, lat_sched = latent_pipeline()
         lm = fs.models.from_diffusers(lat_unet, lat_sched, vae=vae)
         zl = torch.randn(args.n // 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -211,7 +248,7 @@ def main() -> None:
                     lambda: vae.decode(bare_calls(lat_unet, ls.timesteps, zl) / vae.config.scaling_factor).sample,
                 )
             }
-            timed(cases, args.repeats, rows, nfe)
+            timed(cases, args.repeats, rows, nfe, args.only)
     print(f"n = {args.n}, {args.repeats} interleaved repeats in rotating order after a warm-up, "
           f"{torch.get_num_threads()} threads; times are the fastest repeat; paired ratio: geometric mean "
           "of the back-to-back ratios with its 95% interval; overhead: a loop's fastest time over the "

@@ -482,6 +482,16 @@ def test_edm_churn_on_a_flow_field_from_pure_noise_reaches_the_mixture(gmm):
     assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
 
 
+def test_dpm_adaptive_from_pure_noise_is_refused_by_name(gmm):
+    """DPM-Solver-12/23's step control starts at a finite noise level: a flow field's default grid
+    starts at t = 1 (pure noise), and the error says so and what to pass."""
+    with pytest.raises(ValueError, match=r"'dpm_adaptive' needs a finite starting noise level.*t=1\b"):
+        fs.sample(_gmm_flow(gmm), "dpm_adaptive", nfe=50, n=2)
+    x = fs.sample(_gmm_flow(gmm), "dpm_adaptive", nfe=200, n=2, grid=fs.grids.uniform(4, 0.99, 0.0).double(),
+                  dtype=torch.float64)
+    assert torch.isfinite(x).all()
+
+
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):
     """On σ-time fields (α = 1) the RF rule's σ_down = σ'(1 + η(σ'/σ − 1)) is k-diffusion's σ'²/σ at
     η = 1 (and σ' at η = 0); between, the two are different samplers."""

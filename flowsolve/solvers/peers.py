@@ -472,7 +472,10 @@ def dpm_adaptive(
     p = PathGrid(run)
     rho_start, rho_end = p.rho(0), p.rho(len(p.t) - 1)
     if math.isinf(rho_start):
-        raise ArgumentError("solver: 'dpm_adaptive' needs a finite starting noise level (a grid from below t = 1)")
+        raise ArgumentError(
+            f"solver: 'dpm_adaptive' needs a finite starting noise level; the grid starts at pure noise "
+            f"(t={p.t[0]:g}): pass grid= starting below it"
+        )
     to_data = rho_end == 0
     if to_data:
         lo = getattr(run.field, "sigma_min", None) if sigma_min is None else sigma_min
