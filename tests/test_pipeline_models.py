@@ -1147,3 +1147,60 @@ def test_an_inverse_schedulers_knots_are_walked_down_by_sample_and_up_by_invert(
     x0 = Z64.clamp(-1, 1)
     _, info = fs.invert(inv.field(), x0, "euler", 6, return_info=True)
     assert torch.allclose(info.grid, knots.flip(0))
+
+
+def _ip_adapter_unet(seed=0):
+    """The tiny text UNet with an IP-Adapter loaded as diffusers loads one (its image projection and
+    the decoupled cross-attention processors, from a state dict in the released files' layout), random
+    weights."""
+    unet = _tiny_text_unet()
+    g = torch.Generator().manual_seed(seed)
+    cross, clip = unet.config.cross_attention_dim, 12
+    image_proj = {"proj.weight": torch.randn(4 * cross, clip, generator=g) * 0.2, "proj.bias": torch.zeros(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            block = name.split(".")
+            width = (unet.config.block_out_channels[-1] if block[0] == "mid_block" else
+                     list(reversed(unet.config.block_out_channels))[int(block[1])] if block[0] == "up_blocks" else
+                     unet.config.block_out_channels[int(block[1])])
+            ip[f"{key}.to_k_ip.weight"] = torch.randn(width, cross, generator=g) * 0.3
+            ip[f"{key}.to_v_ip.weight"] = torch.randn(width, cross, generator=g) * 0.3
+            key += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
+    return unet.eval(), clip
+
+
+def test_ip_adapter_image_embeds_are_a_list_input_with_cfg():
+    """An IP-Adapter UNet (diffusers' decoupled cross-attention, image embeddings projected to 4
+    tokens): StableDiffusionPipeline's loop with `ip_adapter_image_embeds` and CFG (zero image
+    embeddings in the unconditional branch) is `euler` on the guided field, with the embeddings a list
+    input of `added_cond_kwargs` in cond and uncond."""
+    from diffusers import EulerDiscreteScheduler
+    unet, clip = _ip_adapter_unet()
+    B, w = 2, 5.0
+    g = torch.Generator().manual_seed(4)
+    emb, null = torch.randn(B, 5, 16, generator=g), torch.zeros(1, 5, 16)
+    image = torch.randn(B, 1, clip, generator=g)   # one image per prompt: (batch, images, embedding)
+    neg_image = torch.zeros(1, 1, clip)
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = EulerDiscreteScheduler(**kw)
+    sched.set_timesteps(5)
+
+    def guided(x, t):
+        u, c = unet(sched.scale_model_input(torch.cat([x, x]), t), t,
+                    encoder_hidden_states=torch.cat([null.expand(B, -1, -1), emb]),
+                    added_cond_kwargs={"image_embeds": [torch.cat([neg_image.expand(B, -1, -1), image])]}).sample.chunk(2)
+        return u + w * (c - u)
+    z = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = _loop(unet, sched, z * sched.init_noise_sigma, guided)
+    m = fs.models.from_diffusers(unet, EulerDiscreteScheduler(**kw))
+    field = m.field(guidance=w, uncond={"encoder_hidden_states": null, "added_cond_kwargs": {"image_embeds": [neg_image]}})
+    x0 = z * m.prior_std_at(float(field.grid(5, "schedule")[0]))
+    cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"image_embeds": [image]}}
+    x = fs.sample(field, "euler", nfe=5, x_init=x0, cond=cond)
+    assert _rel(x, ref) <= 1e-5
+    # the image matters: another image embedding moves the samples
+    other = fs.sample(field, "euler", nfe=5, x_init=x0, cond={**cond, "added_cond_kwargs": {"image_embeds": [-image]}})
+    assert _rel(other, ref) > 1e-3
