@@ -1204,3 +1204,47 @@ def test_ip_adapter_image_embeds_are_a_list_input_with_cfg():
     # the image matters: another image embedding moves the samples
     other = fs.sample(field, "euler", nfe=5, x_init=x0, cond={**cond, "added_cond_kwargs": {"image_embeds": [-image]}})
     assert _rel(other, ref) > 1e-3
+
+
+@pytest.mark.parametrize("frames,chunk", [(3, 14), (5, 4)])
+def test_frames_first_latents_decode_as_stable_video_diffusion_decodes_them(frames, chunk):
+    """SVD's latents are frames first (b, f, c, h, w) and its VAE's temporal decoder takes frames:
+    `decode` is StableVideoDiffusionPipeline.decode_latents (the frames flattened into the batch,
+    `decode_chunk_size` at a time, each call told its frame count), videos as (b, c, f, H, W)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    torch.manual_seed(0)
+    net = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2),
+        num_frames=frames).eval()
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32,), latent_channels=4,
+                                       down_block_types=("DownEncoderBlock2D",)).eval()
+    latents = torch.randn(2, frames, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # StableVideoDiffusionPipeline.decode_latents, written out
+        flat = latents.flatten(0, 1) / vae.config.scaling_factor
+        parts = [vae.decode(flat[i:i + chunk], num_frames=len(flat[i:i + chunk])).sample
+                 for i in range(0, len(flat), chunk)]
+        ref = torch.cat(parts).reshape(-1, frames, 3, 8, 8).permute(0, 2, 1, 3, 4)
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(prediction_type="v_prediction"), vae=vae)
+    out = m.decode(latents, decode_chunk_size=chunk)
+    assert out.shape == (2, 3, frames, 8, 8) and torch.allclose(out.float(), ref, atol=1e-5)
+
+
+def test_frames_first_latents_decode_through_a_video_vae_as_anyflow_decodes_them():
+    """AnyFlow's latents are frames first, its VAE (Wan's) decodes whole videos channels first with
+    per-channel statistics: `decode` is the pipeline's permute, un-normalise and decode."""
+    from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    latents = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))   # (b, f, c, h, w)
+    with torch.no_grad():
+        lat = latents.permute(0, 2, 1, 3, 4)
+        mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+        ref = vae.decode(lat / std + mean, return_dict=False)[0]
+    m = fs.models.from_diffusers(_anyflow(), FlowMapEulerDiscreteScheduler(), vae=vae)
+    out = m.decode(latents)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)

@@ -58,16 +58,25 @@ class LatentDecoding:
     """`decode(latents)` for models of latent pipelines: the latents un-normalised as the pipelines do
     (latents / scaling_factor + shift_factor: SD, SD3, Flux; latents · std / scaling_factor + mean where
     the VAE lists per-channel `latents_mean` / `latents_std`: SDXL's, Wan's), then the VAE's decoder
-    (images in the VAE's range, about [−1, 1]). Packed latents (Flux) are unpacked by the caller first."""
+    (images in the VAE's range, about [−1, 1]). Packed latents (Flux) are unpacked by the caller first.
+
+    Frames-first video latents (b, f, c, h, w: Stable Video Diffusion, CogVideoX, AnyFlow) are decoded
+    as their pipelines decode them: a video VAE (3-D convolutions) takes them channels first; an image
+    or temporal VAE (SVD's) takes the frames as a batch, `decode_chunk_size` frames per call (with
+    `num_frames` where its decoder takes it). Videos come back as (b, c, f, H, W)."""
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, decode_chunk_size: int = 14) -> torch.Tensor:
         vae = getattr(self, "vae", None)
         if vae is None:
             raise ArgumentError(
                 "decode: this model has no VAE (it samples in data space); load the whole latent "
                 "pipeline, or pass vae= to from_diffusers"
             )
+        check_int("decode_chunk_size", decode_chunk_size, 1)
+        frames_first = latents.dim() == 5 and getattr(self, "concat_dim", 1) == 2
+        if frames_first:
+            latents = latents.transpose(1, 2)  # (b, c, f, h, w): the statistics are per channel
         cfg = _config(vae)
         scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
         mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
@@ -79,8 +88,36 @@ class LatentDecoding:
         else:
             latents = latents / scale + float(cfg.get("shift_factor", 0.0) or 0.0)
         p = next(vae.parameters())
-        out = vae.decode(latents.to(p.device, p.dtype))
-        return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
+        latents = latents.to(p.device, p.dtype)
+        if frames_first and not _video_vae(vae):
+            return _decode_frames(vae, latents, decode_chunk_size)
+        return _vae_output(vae.decode(latents))
+
+
+def _vae_output(out) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _video_vae(vae) -> bool:
+    """A VAE that decodes whole videos (3-D convolutions: Wan's, CogVideoX's), not frames; SVD's
+    temporal decoder, which takes frames and their count, is not one."""
+    if "num_frames" in inspect.signature(vae.decode).parameters:
+        return False
+    return any(isinstance(m, nn.Conv3d) for m in vae.modules())
+
+
+def _decode_frames(vae, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(b, c, f, h, w) latents through an image (or temporal) VAE, `chunk` frames of the flattened
+    batch per call as StableVideoDiffusionPipeline.decode_latents does; back as (b, C, f, H, W)."""
+    b, f = latents.shape[0], latents.shape[2]
+    flat = latents.transpose(1, 2).flatten(0, 1)
+    takes_frames = "num_frames" in inspect.signature(vae.decode).parameters
+    outs = []
+    for i in range(0, len(flat), chunk):
+        part = flat[i : i + chunk]
+        outs.append(_vae_output(vae.decode(part, num_frames=len(part)) if takes_frames else vae.decode(part)))
+    frames = torch.cat(outs)
+    return frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2)
 
 
 def accepted_inputs(model) -> frozenset[str] | None:
@@ -183,6 +220,7 @@ _CONCAT_DIMS = {
     "FluxTransformer2DModel": 2,
     "Flux2Transformer2DModel": 2,
     "ChromaTransformer2DModel": 2,
+    "AnyFlowTransformer3DModel": 2,
 }
 
 
