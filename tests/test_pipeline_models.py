@@ -1248,3 +1248,23 @@ def test_frames_first_latents_decode_through_a_video_vae_as_anyflow_decodes_them
     m = fs.models.from_diffusers(_anyflow(), FlowMapEulerDiscreteScheduler(), vae=vae)
     out = m.decode(latents)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_an_anyflow_pipeline_folder_loads_and_samples_as_the_model_in_memory(tmp_path):
+    """A pipeline folder (model_index.json, transformer/, scheduler/) of a class that keeps modules in
+    float32 (AnyFlow's and Wan's transformers, which diffusers loads only through its low-memory path)
+    loads from disk, and samples as the same model in memory."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+    net = _anyflow()
+    net.save_pretrained(tmp_path / "transformer")
+    FlowMapEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "AnyFlowPipeline", "transformer": ["diffusers", "AnyFlowTransformer3DModel"],
+        "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"]}))
+    assert net._keep_in_fp32_modules
+    disk = fs.models.from_diffusers(str(tmp_path))
+    mem = fs.models.from_diffusers(net, FlowMapEulerDiscreteScheduler(shift=3.0))
+    emb = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(nfe=2, n=2, shape=(3, 4, 4, 4), cond={"encoder_hidden_states": emb}, seed=0)
+    assert disk.flow_map and torch.allclose(fs.sample(disk.field(), "flow_map", **kw),
+                                            fs.sample(mem.field(), "flow_map", **kw), atol=1e-6)

@@ -1120,7 +1120,11 @@ def load_diffusers_component(path, subfolder: str | None, role: str):
     if local:
         _check_weights(Path(path) / (subfolder or ""))
         kwargs["local_files_only"] = True
-    return cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
+    # fully materialised weights, except for classes that keep modules in float32 (Wan's and AnyFlow's
+    # transformers), which diffusers loads only through its low-memory path
+    if not getattr(cls, "_keep_in_fp32_modules", None):
+        kwargs["low_cpu_mem_usage"] = False
+    return cls.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
 def _check_weights(folder: Path) -> None:
