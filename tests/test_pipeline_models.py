@@ -1268,3 +1268,24 @@ def test_an_anyflow_pipeline_folder_loads_and_samples_as_the_model_in_memory(tmp
     kw = dict(nfe=2, n=2, shape=(3, 4, 4, 4), cond={"encoder_hidden_states": emb}, seed=0)
     assert disk.flow_map and torch.allclose(fs.sample(disk.field(), "flow_map", **kw),
                                             fs.sample(mem.field(), "flow_map", **kw), atol=1e-6)
+
+
+def test_torch_dtype_loads_a_folders_weights_in_that_dtype(tmp_path, unet64):
+    """`from_diffusers(folder, torch_dtype=torch.bfloat16)`: the network's weights load in bfloat16 (as
+    diffusers' own `torch_dtype`), the samples come out in the sampling dtype; a model object is
+    refused by name (it is cast with `.to`)."""
+    from diffusers import DDIMScheduler
+    unet64.save_pretrained(tmp_path / "unet")
+    DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    m = fs.models.from_diffusers(str(tmp_path), torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in m.model.parameters()} == {torch.bfloat16}
+    full = fs.models.from_diffusers(str(tmp_path))
+    x = fs.sample(m.field(), "euler", nfe=4, n=2, seed=0)
+    ref = fs.sample(full.field(), "euler", nfe=4, n=2, seed=0)
+    assert x.dtype == torch.float32 and 0 < _rel(x, ref) < 0.05   # bfloat16 weights: close, not equal
+    with pytest.raises(fs.errors.ArgumentError, match=r"torch_dtype: applies to folders and Hub ids"):
+        fs.models.from_diffusers(unet64, DDIMScheduler(), torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="torch_dtype: expected a torch.dtype"):
+        fs.models.from_diffusers(str(tmp_path), torch_dtype="bf16")

@@ -1077,9 +1077,10 @@ def resolve_source(path, what: str = "path") -> str:
     return "hub"
 
 
-def load_diffusers_component(path, subfolder: str | None, role: str):
+def load_diffusers_component(path, subfolder: str | None, role: str, torch_dtype: torch.dtype | None = None):
     """Load a diffusers model or scheduler from a local folder (never the network) or a Hub id
-    (diffusers' normal loading). Only diffusers' own classes are instantiated: no remote code."""
+    (diffusers' normal loading), a model's weights in `torch_dtype` (default: as saved). Only
+    diffusers' own classes are instantiated: no remote code."""
     import diffusers
 
     local = resolve_source(path, role) == "local"
@@ -1124,6 +1125,8 @@ def load_diffusers_component(path, subfolder: str | None, role: str):
     # transformers), which diffusers loads only through its low-memory path
     if not getattr(cls, "_keep_in_fp32_modules", None):
         kwargs["low_cpu_mem_usage"] = False
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
     return cls.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
@@ -1200,6 +1203,7 @@ def from_diffusers(
     controlnet=None,
     controlnet_scale: float | dict[str, float] = 1.0,
     controlnet_window: tuple[float, float] | dict[str, tuple[float, float]] | None = None,
+    torch_dtype: torch.dtype | None = None,
     **model_kwargs,
 ):
     """A diffusers model as a flowsolve particle model: `DiffusersDenoiser` (D(x; σ), for DDPM/DDIM/
@@ -1217,8 +1221,17 @@ def from_diffusers(
     UNet (`ControlledModel`): its image goes in `cond={"controlnet_cond": image}` (a dict by name for
     several), each scaled by `controlnet_scale` and active in `controlnet_window`, the (low, high)
     network timesteps of the steps it acts on (diffusers' control_guidance_start / end).
+    `torch_dtype` loads the weights of a folder or Hub id in that dtype (diffusers' `torch_dtype`:
+    float16 / bfloat16 for large models); model objects keep theirs (cast them with `.to`).
     """
     obj = model_or_pipeline_or_path
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ArgumentTypeError(f"torch_dtype: expected a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
+    if torch_dtype is not None and not isinstance(obj, (str, os.PathLike)):
+        raise ArgumentError(
+            f"torch_dtype: applies to folders and Hub ids, whose weights it loads; this is a "
+            f"{type(obj).__name__} object: cast it with .to({torch_dtype})"
+        )
     if isinstance(obj, (str, os.PathLike)):
         path = obj
         local = resolve_source(path, "model_or_pipeline_or_path") == "local"
@@ -1229,16 +1242,16 @@ def from_diffusers(
         if is_pipeline and subfolder is None:
             parts = json.loads(index.read_text()) if index is not None else {}
             part = next((k for k in _DENOISER_PARTS if k in parts), "unet")
-            model = load_diffusers_component(path, part, "model")
+            model = load_diffusers_component(path, part, "model", torch_dtype)
             if scheduler is None:
                 scheduler = load_diffusers_component(path, "scheduler", "scheduler")
             vae_part = next((k for k in _VAE_PARTS if k in parts), None)
             if vae is None and vae_part is not None:
-                vae = load_diffusers_component(path, vae_part, "model").eval()
+                vae = load_diffusers_component(path, vae_part, "model", torch_dtype).eval()
             if controlnet is None and "controlnet" in parts:  # a ControlNet pipeline's folder
-                controlnet = load_diffusers_component(path, "controlnet", "model").eval()
+                controlnet = load_diffusers_component(path, "controlnet", "model", torch_dtype).eval()
         else:
-            model = load_diffusers_component(path, subfolder, "model")
+            model = load_diffusers_component(path, subfolder, "model", torch_dtype)
             if scheduler is None and local:
                 for cand in (Path(path) / (subfolder or "") / "scheduler_config.json", Path(path) / "scheduler"):
                     if cand.exists():
