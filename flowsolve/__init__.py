@@ -51,8 +51,8 @@ def compare(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-def from_pretrained(path, *, device=None):
+def from_pretrained(path, *, device=None, torch_dtype=None):
     """Load a model folder (see `flowsolve.models.from_pretrained`)."""
     from .models import from_pretrained as load
 
-    return load(path, device=device)
+    return load(path, device=device, torch_dtype=torch_dtype)

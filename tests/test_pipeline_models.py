@@ -1289,3 +1289,8 @@ def test_torch_dtype_loads_a_folders_weights_in_that_dtype(tmp_path, unet64):
         fs.models.from_diffusers(unet64, DDIMScheduler(), torch_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="torch_dtype: expected a torch.dtype"):
         fs.models.from_diffusers(str(tmp_path), torch_dtype="bf16")
+    # fs.from_pretrained: a diffusers folder through from_diffusers, a flowsolve folder cast
+    assert {p.dtype for p in fs.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16).model.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in fs.from_pretrained("digits-edm", torch_dtype=torch.bfloat16).parameters()} == {
+        torch.bfloat16}

@@ -323,12 +323,17 @@ def resolve_shipped(path: str | os.PathLike) -> str | os.PathLike:
     return path
 
 
-def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+def from_pretrained(
+    path: str | os.PathLike, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a model folder. A flowsolve folder (flowsolve.json) becomes the class its `type` names in
     `MODEL_TYPES`: a `ParticleModel` (`.field()`: denoisers, Discriminator Flows, flowsolve-trained
     pipelines) or a `GeneratorModel` (`.sample(n, seed=)`), or a feature network. A diffusers pipeline
     folder or Hub id goes through `from_diffusers`. A shipped model is found by its name
-    ('digits-edm', see `shipped_models()`). Returned in eval mode, with `.metadata`."""
+    ('digits-edm', see `shipped_models()`). Returned in eval mode, with `.metadata`. `torch_dtype` loads a
+    diffusers folder's weights in that dtype (`from_diffusers`) and casts a flowsolve folder's model."""
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ArgumentTypeError(f"torch_dtype: expected a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
     if device is not None:
         device = check_device("device", device)  # before any weights are read
     path = resolve_shipped(path)
@@ -340,6 +345,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
         else:
             meta = {"format": "flowsolve", "type": "pipeline", **read_json(legacy, "path")}
         model = MODEL_TYPES[meta["type"]].build(p, meta)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
         model.metadata = meta
         model.metadata.setdefault("source", str(path))
         calibrated = read_calibration(p)
@@ -354,7 +361,7 @@ def from_pretrained(path: str | os.PathLike, *, device: str | torch.device | Non
         raise ArgumentError(f"path: expected a model folder, got the file {str(p)!r}")
     else:
         resolve_source(path, "path")  # a mistyped local path or an unreachable Hub: fail now
-        model = from_diffusers(path)
+        model = from_diffusers(path, torch_dtype=torch_dtype)
         if isinstance(getattr(model, "metadata", None), dict):
             model.metadata.setdefault("source", str(path))
     if device is not None:
