@@ -98,6 +98,14 @@ def _heun_evals(steps: int, singular_end: bool) -> int:
 register(Solver("euler", fixed.euler, _one_per_step, "first-order Euler (DDIM on the σ-ODE)"))
 register(
     Solver(
+        "gradient_estimation",
+        fixed.gradient_estimation,
+        _one_per_step,
+        "Euler with the derivative extrapolated from the last step (Permenter & Yuan 2024; ComfyUI's)",
+    )
+)
+register(
+    Solver(
         "flow_map",
         fixed.flow_map,
         _one_per_step,

@@ -19,6 +19,24 @@ def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gradient_estimation(run: Run, x: torch.Tensor, *, gamma: float = 2.0) -> torch.Tensor:
+    """Gradient estimation (Permenter & Yuan 2024; ComfyUI's `gradient_estimation`, `ge_gamma`): Euler
+    with the derivative extrapolated from the last step, x_{i+1} = x_i + (t_{i+1} − t_i)(γ v_i + (1 − γ) v_{i−1}).
+    The first step, and a last step to the field's singular end (σ = 0, where Euler lands on the data
+    prediction), are plain Euler; γ = 1 is Euler throughout. Any field, one evaluation per step."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ArgumentError(f"gamma: expected a finite number (1: Euler, 2: the paper's), got {gamma!r}")
+    t = run.times
+    prev = None
+    for i in run.steps():
+        v = run.f(x, i)
+        d = v if prev is None or not run.evaluable[i + 1] else gamma * v + (1.0 - gamma) * prev
+        x = x + (t[i + 1] - t[i]) * d
+        prev = v
+        run.tick(i, x)
+    return x
+
+
 def flow_map(run: Run, x: torch.Tensor) -> torch.Tensor:
     """x_{i+1} = x_i + (t_{i+1} − t_i) ū(x_i, t_i, t_{i+1}): a flow-map model's own transitions (AnyFlow's
     FlowMapEulerDiscreteScheduler; MeanFlow's one- and few-step sampling), one evaluation per step,
