@@ -393,7 +393,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("ddpm", {}), ("sa_solver", {}), ("sa_solver", {"predictor_order": 3}),
                                        ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True}),
                                        ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0}),
-                                       ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0}),
+                                       ("seeds_2", {}), ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -412,7 +413,7 @@ def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s", "dpm_2_ancestral",
-                                  "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver"])
+                                  "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver", "seeds_2"])
 def test_stochastic_samplers_reach_the_mixture(gmm, name):
     n = 2000
     opts = {"eta": 1.0} if name in ("dpmpp_2s", "dpm_fast") else {}
@@ -549,6 +550,43 @@ def test_comfyuis_res_multistep_is_dpmpp_2m_heun(gmm):
         old = den
     got = fs.sample(fs.fields.EDM(gmm.denoiser), "dpmpp_2m_heun", grid=sig, x_init=z)
     assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+
+
+@pytest.mark.parametrize("eta,r,kind", [(1.0, 0.5, "phi_1"), (0.5, 0.5, "phi_2"), (1.0, 0.3, "phi_1"),
+                                        (0.0, 1.0, "phi_2")])   # the last: ComfyUI's exp_heun_2_x0
+def test_seeds_2_is_comfyuis_with_the_same_noise(gmm, eta, r, kind):
+    """ComfyUI's `sample_seeds_2` (SEEDS, Gonzalez et al. 2023), its loop written out on the VE field
+    (λ = −log σ, α = 1) and handed flowsolve's per-sample noise stream: `seeds_2` gives the same
+    samples, to round-off."""
+    sig, z = _comfy_karras_start()
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    x = z.clone()
+    for i in range(len(sig) - 1):
+        den = gmm.denoiser(x, sig[i].expand(len(x)))
+        if sig[i + 1] == 0:
+            x = den
+            continue
+        lam_s, lam_t = -sig[i].log(), -sig[i + 1].log()
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        sig_1 = (-torch.lerp(lam_s, lam_t, r)).exp()
+        x2 = sig_1 / sig[i] * (-r * h * eta).exp() * x - torch.expm1(-r * h_eta) * den
+        if eta > 0:
+            noise = (-2 * r * h * eta).expm1().neg().sqrt() * src()
+            x2 = x2 + noise * sig_1
+        den2 = gmm.denoiser(x2, sig_1.expand(len(x)))
+        if kind == "phi_1":
+            x = sig[i + 1] / sig[i] * (-h * eta).exp() * x - torch.expm1(-h_eta) * torch.lerp(den, den2, 1 / (2 * r))
+        else:
+            b2 = (torch.expm1(-h_eta) + h_eta) / -h_eta / r
+            x = sig[i + 1] / sig[i] * (-h * eta).exp() * x - ((torch.expm1(-h_eta) - b2) * den + b2 * den2)
+        if eta > 0:
+            seg = (r - 1) * h * eta
+            noise = noise * seg.exp() + (2 * seg).expm1().neg().sqrt() * src()
+            x = x + noise * sig[i + 1]
+    got = fs.sample(fs.fields.EDM(gmm.denoiser), "seeds_2", grid=sig, x_init=z, seed=5, eta=eta, r=r,
+                    solver_type=kind)
+    assert (got - x).abs().max().item() <= 1e-10 * x.abs().max().item()
 
 
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):

@@ -367,6 +367,16 @@ register(
 )
 register(
     Solver(
+        "seeds_2",
+        peers.seeds_2,
+        _heun_evals,
+        "SEEDS-2, stochastic exponential two-stage steps (Gonzalez et al. 2023; ComfyUI's)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "dpm_2_ancestral",
         peers.dpm_2_ancestral,
         _heun_evals,

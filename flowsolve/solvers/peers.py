@@ -291,6 +291,67 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
     return x
 
 
+SEEDS_UPDATES = ("phi_1", "phi_2")
+
+
+def seeds_2(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    solver_type: str = "phi_1",
+) -> torch.Tensor:
+    """SEEDS-2 (Gonzalez et al. 2023; ComfyUI's `seeds_2`): a stochastic exponential two-stage step on
+    the data prediction, in VE coordinates (ρ = σ/α, λ = −log ρ, h = λ_{i+1} − λ_i, h_η = (1 + η) h):
+        x̃_m = (ρ_m/ρ_i) e^{−rhη} x̃_i − expm1(−r h_η) D_i + ρ_m √(−expm1(−2rhη)) ε₁,   λ_m = λ_i + r h,
+        x̃' = (ρ'/ρ_i) e^{−hη} x̃_i − expm1(−h_η) D̄ + ρ' ξ,
+    D̄ = D_i + (D_m − D_i)/(2r) ("phi_1") or the φ₂ weights b₂ = h_ηφ₂(−h_η)/r on D_m ("phi_2"), and ξ
+    the first draw carried on, e^{(r−1)hη} ε₁ + √(−expm1(2(r−1)hη)) ε₂. η = 0 is deterministic
+    (η = 0, r = 1, "phi_2": ComfyUI's `exp_heun_2_x0`). A step from pure noise, and one to the data,
+    are the first-order limits. Two evaluations per step."""
+    eta = _check_eta(eta)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+        raise ArgumentError(f"r: expected the intermediate stage's share of the step in (0, 1], got {r!r}")
+    if solver_type not in SEEDS_UPDATES:
+        raise ArgumentError(f"solver_type: expected one of {', '.join(SEEDS_UPDATES)}, got {solver_type!r}")
+    noisy = eta > 0 and s_noise > 0
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i, rho_next = p.rho(i), p.rho(i + 1)
+        if rho_next == 0:  # to the data
+            xt = den
+        elif math.isinf(rho_i):  # from pure noise: the first-order limit
+            xt = den + (s_noise * rho_next) * run.noise() if noisy else rho_next * (x / p.s[i]) + den
+        else:
+            xt_i = x / p.a[i]
+            h = math.log(rho_i / rho_next)
+            h_eta = (1.0 + eta) * h
+            rho_m = rho_i * math.exp(-r * h)
+            xt_m = (rho_m / rho_i) * math.exp(-r * h * eta) * xt_i - math.expm1(-r * h_eta) * den
+            noise = None
+            if noisy:
+                noise = math.sqrt(-math.expm1(-2.0 * r * h * eta)) * run.noise()
+                xt_m = xt_m + (s_noise * rho_m) * noise
+            den_m = p.denoise_ve(xt_m, -math.log(rho_m))
+            if solver_type == "phi_1":
+                mix = den + (den_m - den) / (2.0 * r)
+                xt = (rho_next / rho_i) * math.exp(-h * eta) * xt_i - math.expm1(-h_eta) * mix
+            else:
+                b2 = (math.expm1(-h_eta) + h_eta) / -h_eta / r  # h φ₂(−h_η) / r
+                b1 = math.expm1(-h_eta) - b2
+                xt = (rho_next / rho_i) * math.exp(-h * eta) * xt_i - (b1 * den + b2 * den_m)
+            if noise is not None:
+                seg = (r - 1.0) * h * eta
+                noise = math.exp(seg) * noise + math.sqrt(-math.expm1(2.0 * seg)) * run.noise()
+                xt = xt + (s_noise * rho_next) * noise
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
 def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver-2 with ancestral noise (k-diffusion's `sample_dpm_2_ancestral`): split ρ_{i+1} into
     (ρ_down, ρ_up) by `eta`, take `dpm_2`'s step to ρ_down (midpoint ρ_m = √(ρ_i ρ_down)), then add
