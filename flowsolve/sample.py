@@ -362,6 +362,11 @@ def sample(
             f"solver: {spec.name!r} needs a flow-map model (a FlowMatching field built with flow_map=True, e.g. "
             f"a diffusers model with FlowMapEulerDiscreteScheduler); {type(field).__name__} gives dx/dt only"
         )
+    if spec.needs_guidance and solvers.peers.guided_model(field) is None:
+        raise ArgumentError(
+            f"solver: {spec.name!r} (CFG++) re-noises with the unconditional prediction; it needs a guided "
+            f"field (model.field(guidance=w, uncond=...) or fields.EDM(den, guidance=w, uncond=...))"
+        )
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)

@@ -589,6 +589,59 @@ def test_seeds_2_is_comfyuis_with_the_same_noise(gmm, eta, r, kind):
     assert (got - x).abs().max().item() <= 1e-10 * x.abs().max().item()
 
 
+def _two_class_denoiser(gmm):
+    """A conditional toy model: c = 1 is the mixture's exact denoiser, c = 0 (the unconditional input)
+    that of N(0, 4 I), whose D is x/(1 + σ²/4)."""
+    def den(x, sigma, c):
+        wide = x / (1 + sigma[:, None] ** 2 / 4)
+        return torch.where(c[:, None] > 0, gmm.denoiser(x, sigma), wide)
+    return den
+
+
+@pytest.mark.parametrize("name", ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+@pytest.mark.parametrize("w", [0.6, 1.5])
+def test_cfg_pp_samplers_are_comfyuis(gmm, name, w):
+    """CFG++ (Chung et al. 2024), ComfyUI's `euler_cfg_pp` / `dpmpp_2m_cfg_pp` loops written out on the VE
+    field: the guided D_w = D_u + w (D_c − D_u) denoises, the unconditional D_u re-noises. flowsolve's
+    solvers, reading the guided model's unconditional branch, give the same samples; on a flow field
+    they are the same solve in VE coordinates."""
+    den = _two_class_denoiser(gmm)
+    sig, z = _comfy_karras_start()
+    one, zero = torch.ones(len(z)), torch.zeros(len(z))
+    x, old_u = z.clone(), None
+    for i in range(len(sig) - 1):
+        s = sig[i].expand(len(x))
+        d_u = den(x, s, zero)
+        d_w = d_u + w * (den(x, s, one) - d_u)
+        h = -sig[i + 1].log() + sig[i].log()   # λ' − λ (∞ to σ = 0)
+        mix = -torch.exp(-h) * d_u
+        if name == "dpmpp_2m_cfg_pp" and old_u is not None and sig[i + 1] > 0:
+            r = (sig[i - 1].log() - sig[i].log()) / h
+            mix = mix - torch.expm1(-h) * (1 / (2 * r)) * (d_w - old_u)
+        x = d_w + mix + torch.exp(-h) * x
+        old_u = d_u
+    field = fs.fields.EDM(den, shape=(2,), guidance=w, uncond={"c": torch.zeros(1)})
+    got = fs.sample(field, name, grid=sig, x_init=z, cond={"c": one})
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+    if name == "euler_cfg_pp":   # the plain DDIM/Euler step at w = 1 (D_w = D_c, re-noised with D_u, differs)
+        assert (got - fs.sample(field, "euler", grid=sig, x_init=z, cond={"c": one})).abs().max() > 1e-3
+    rho = sig[sig > 0]
+    t = torch.cat([rho / (1 + rho), torch.zeros(1, dtype=torch.float64)])
+
+    def velocity(xf, tt, c):
+        tc = tt.reshape(-1, 1).double()
+        return (xf - den(xf / (1 - tc), (tc / (1 - tc)).reshape(-1), c)) / tc
+    flow = fs.fields.FlowMatching(fs.fields.guidance.GuidedDenoiser(velocity, w, {"c": torch.zeros(1)},
+                                                                    prediction="velocity"), (2,))
+    flow_x = fs.sample(flow, name, grid=t, x_init=z / (1 + rho[0]), cond={"c": one})
+    assert (flow_x - got).abs().max().item() <= 1e-8 * got.abs().max().item()
+
+
+def test_cfg_pp_needs_a_guided_field(gmm):
+    with pytest.raises(ValueError, match=r"'euler_cfg_pp' \(CFG\+\+\) re-noises with the unconditional"):
+        fs.sample(fs.fields.EDM(gmm.denoiser), "euler_cfg_pp", nfe=4, n=2)
+
+
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):
     """On σ-time fields (α = 1) the RF rule's σ_down = σ'(1 + η(σ'/σ − 1)) is k-diffusion's σ'²/σ at
     η = 1 (and σ' at η = 0); between, the two are different samplers."""

@@ -161,11 +161,15 @@ def test_nfe_is_counted_and_within_budget(solver, gmm):
             tc = t.reshape(-1, 1)
             return (x - gmm.denoiser(x / (1 - tc + 1e-3), (tc / (1 - tc + 1e-3)).reshape(-1))) / tc
         field = fs.fields.FlowMatching(avg, shape=(2,), flow_map=True)
+    elif spec.needs_guidance:  # CFG++: a guided field, its two branches one network pass
+        field = fs.fields.EDM(lambda x, s, c: den(x, s) * (1 + 0.1 * c[:, None]), shape=(2,), guidance=1.5,
+                              uncond={"c": torch.zeros(1)})
     else:
         field = fs.fields.EDM(den, shape=(2,))
     budget = 2000 if spec.adaptive else 24
     opts = {"rtol": 1e-3, "atol": 1e-3} if spec.adaptive else {}
-    x, info = fs.sample(field, solver, nfe=budget, n=8, seed=0, return_info=True, **opts)
+    cond = {"c": torch.ones(8)} if spec.needs_guidance else None
+    x, info = fs.sample(field, solver, nfe=budget, n=8, seed=0, return_info=True, cond=cond, **opts)
     assert info.nfe == calls[0] and 0 < info.nfe <= budget
     assert torch.isfinite(x).all()
     if not spec.adaptive:

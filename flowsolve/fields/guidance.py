@@ -166,6 +166,9 @@ class GuidedDenoiser:
         self.apg = apg or None
         self._momentum: torch.Tensor | None = None
         self.last_passes = 0
+        # the unconditional (least-conditioned, or guide) prediction of the last call, for solvers that
+        # re-noise with it (CFG++); None where that call ran the conditional model alone
+        self.last_uncond: torch.Tensor | None = None
         # a model that post-processes its D nonlinearly (clipping, dynamic thresholding: diffusers'
         # schedulers do it to the guided x_0) gives its raw D for the branches and finishes the guided one
         raw = getattr(denoiser, "denoise_raw", None)
@@ -265,16 +268,18 @@ class GuidedDenoiser:
             level = sigma / (1 - sigma) if velocity else sigma  # the path's σ in VE coordinates
             inside = (level > lo) & (level <= hi)
             if not bool(inside.any()):  # outside the interval: the conditional model alone
-                self.last_passes = 1
+                self.last_passes, self.last_uncond = 1, None
                 return self.denoiser(x, sigma, **cond)
         t = as_column(sigma.to(x.dtype), x) if velocity else None
         if self.chain is not None:  # D_0 + Σ_k w_k (D_k − D_{k−1})
             ds = self._chain_branches(x, sigma, cond)
             d_c, d = ds[-1], ds[0]
+            self.last_uncond = ds[0]
             for k, scale in enumerate(self.scales, start=1):
                 d = d + self._scale_at(sigma, x, scale) * (ds[k] - ds[k - 1])
             return self._finished(x, sigma, d, d_c, t, inside if self.interval is not None else None)
         d_c, d_u = self._branches(x, sigma, cond)
+        self.last_uncond = d_u
         w = self._scale_at(sigma, x)
         if self.apg is not None:
             if t is not None:  # APG on the data predictions D = x − t v; back to v = (x − D)/t (t > 0 here)

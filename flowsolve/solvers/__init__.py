@@ -367,6 +367,26 @@ register(
 )
 register(
     Solver(
+        "euler_cfg_pp",
+        peers.euler_cfg_pp,
+        _one_per_step,
+        "CFG++: DDIM that re-noises with the unconditional prediction (Chung et al. 2024; ComfyUI's)",
+        needs_sigma=True,
+        needs_guidance=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_2m_cfg_pp",
+        peers.dpmpp_2m_cfg_pp,
+        _one_per_step,
+        "DPM-Solver++(2M) with CFG++ re-noising (ComfyUI's dpmpp_2m_cfg_pp)",
+        needs_sigma=True,
+        needs_guidance=True,
+    )
+)
+register(
+    Solver(
         "seeds_2",
         peers.seeds_2,
         _heun_evals,

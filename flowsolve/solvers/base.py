@@ -38,6 +38,7 @@ class Solver:
     description: str = ""
     needs_sigma: bool = False  # needs a field whose time is σ (data prediction x − σ·v)
     needs_flow_map: bool = False  # needs a flow-map model (the field's `jump` from t to r)
+    needs_guidance: bool = False  # needs a guided field (reads its unconditional branch: CFG++)
     stochastic: bool = False  # draws noise
     adaptive: bool = False  # chooses its own steps between start and end
     min_steps: int = 1

@@ -291,6 +291,76 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
     return x
 
 
+# -- CFG++ ----------------------------------------------------------------------------------------
+def guided_model(field):
+    """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
+    from ..fields.guidance import GuidedDenoiser
+
+    return field_model(field, lambda m: isinstance(m, GuidedDenoiser))
+
+
+def _guided_model(run: Run):
+    g = guided_model(run.field)
+    if g is None:  # fs.sample refuses first (`needs_guidance`); for direct calls
+        raise ArgumentError(f"solver: {run.solver!r} (CFG++) needs a guided field")
+    return g
+
+
+def _uncond_data(run: Run, p: PathGrid, g, x: torch.Tensor, i: int, den: torch.Tensor) -> torch.Tensor:
+    """D_u at knot i, from the guided model's last unconditional branch in the field's own terms (a
+    velocity, a score or D); the guided D where that call ran none (outside `interval`)."""
+    u = g.last_uncond
+    if u is None:
+        return den
+    if g.prediction == "velocity":
+        return p.path.data_prediction(x, u, p.t[i])
+    if getattr(run.field, "prediction", "denoiser") != "denoiser":  # a score model: D = x + σ² s
+        return x + p.s[i] ** 2 * u
+    return u
+
+
+def euler_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """CFG++ (Chung et al. 2024; ComfyUI's `euler_cfg_pp`): DDIM that denoises with the guided D_w and
+    re-noises with the unconditional D_u, in VE coordinates x̃' = D_w + (ρ'/ρ)(x̃ − D_u) (from pure noise
+    ρ' x/σ + D_w). Meant for small guidance scales (about 0 to 2). One evaluation per step."""
+    g = _guided_model(run)
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        if math.isinf(rho):
+            xt = rho_next * (x / p.s[i]) + den
+        else:
+            xt = den + (rho_next / rho) * (x / p.a[i] - _uncond_data(run, p, g, x, i, den))
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def dpmpp_2m_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI's `dpmpp_2m_cfg_pp`): with h = λ' − λ and r = h_{i−1}/h,
+    x̃' = D_w + e^{−h}(x̃ − D_u) − expm1(−h)(D_w − D_u,{i−1})/(2r), the first step and the last (to the data)
+    without the second-order term, as `euler_cfg_pp`. One evaluation per step."""
+    g = _guided_model(run)
+    p = PathGrid(run)
+    old_u = None
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        den_u = _uncond_data(run, p, g, x, i, den)
+        if math.isinf(rho):
+            xt = rho_next * (x / p.s[i]) + den
+        else:
+            xt = den + (rho_next / rho) * (x / p.a[i] - den_u)
+            if old_u is not None and rho_next > 0:
+                h, h_last = math.log(rho / rho_next), math.log(p.rho(i - 1) / rho)
+                xt = xt - math.expm1(-h) * (h / (2.0 * h_last)) * (den - old_u)
+        old_u = den_u
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
 SEEDS_UPDATES = ("phi_1", "phi_2")
 
 
