@@ -681,19 +681,25 @@ def test_inpainting_unet_takes_its_mask_and_image_latents_as_concatenated_channe
         fs.sample(field, "euler", nfe=2, n=B, seed=0, cond={**cond, "concat": torch.zeros(B, 5, 4, 4)})
 
 
+def _tiny_svd_unet(frames):
+    """A tiny spatio-temporal UNet of Stable Video Diffusion's class (image latents appended: 8 channels in)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2),
+        num_frames=frames).eval()
+
+
 def test_stable_video_diffusion_with_per_frame_guidance_is_its_pipeline_loop():
     """StableVideoDiffusionPipeline: a spatio-temporal UNet on (batch, frames, channels, h, w) latents
     with the image latents appended along the channel axis (2), `added_time_ids`, CFG whose scale
     grows across the frames (a guidance tensor of shape (1, frames, 1, 1, 1)), and EulerDiscrete with
     v-prediction on continuous timesteps ¼ ln σ and Karras σ's (SVD's scheduler)."""
-    from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-    torch.manual_seed(0)
-    net = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2),
-        num_frames=3).eval()
+    from diffusers import EulerDiscreteScheduler
+    net = _tiny_svd_unet(3)
     B, F = 2, 3
     emb, image = torch.randn(B, 1, 16), torch.randn(B, F, 4, 8, 8)
     ids = torch.tensor([[6.0, 127.0, 0.02]]).expand(B, -1)
@@ -1211,14 +1217,8 @@ def test_frames_first_latents_decode_as_stable_video_diffusion_decodes_them(fram
     """SVD's latents are frames first (b, f, c, h, w) and its VAE's temporal decoder takes frames:
     `decode` is StableVideoDiffusionPipeline.decode_latents (the frames flattened into the batch,
     `decode_chunk_size` at a time, each call told its frame count), videos as (b, c, f, H, W)."""
-    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-    torch.manual_seed(0)
-    net = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2),
-        num_frames=frames).eval()
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+    net = _tiny_svd_unet(frames)
     vae = AutoencoderKLTemporalDecoder(block_out_channels=(32,), latent_channels=4,
                                        down_block_types=("DownEncoderBlock2D",)).eval()
     latents = torch.randn(2, frames, 4, 8, 8, generator=torch.Generator().manual_seed(1))
