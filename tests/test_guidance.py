@@ -295,3 +295,16 @@ def test_list_inputs_are_rows_in_both_branches():
     short = GuidedDenoiser(den, 3.0, {"feats": null[:1]})  # one unconditional entry for two
     with pytest.raises(ValueError, match="uncond: input 'feats' does not match cond's in structure"):
         short(x, sigma, feats=RowList(feats))
+
+
+def test_apg_momentum_on_a_flow_field_is_per_solve_whatever_the_chunking():
+    """APG's momentum belongs to one solve: a guided flow velocity gets its own copy per chunk (as a
+    guided denoiser does), so sample i is the same whatever `batch_size`."""
+    g = GuidedDenoiser(cond_velocity, 3.0, {"class_labels": K}, prediction="velocity", apg={"momentum": -0.5})
+    field = fs.fields.FlowMatching(g, (2,))
+    grid = fs.grids.uniform(8, 0.99, 0.0).double()
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = {"class_labels": LABELS[:6]}
+    whole = fs.sample(field, "euler", grid=grid, x_init=z, cond=y)
+    chunked = fs.sample(field, "euler", grid=grid, x_init=z, cond=y, batch_size=3)
+    assert torch.allclose(whole, chunked, atol=1e-10)

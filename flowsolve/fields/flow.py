@@ -16,6 +16,7 @@ from .. import grids
 from ..errors import ArgumentError, ArgumentTypeError
 from .base import Field, as_column
 from .paths import FLOW, HALF_PI, trigflow
+from .guidance import GuidedDenoiser
 from .score import declared_shape
 
 __all__ = ["FlowMatching", "TrigFlow", "FLOW_MAP_TARGET"]
@@ -72,6 +73,14 @@ class FlowMatching(Field):
             inner = [self.path.time_at(math.inf if v == 0 else -math.log(v)) for v in s[1:].tolist()]
             return torch.tensor([self.t_start, *inner], dtype=torch.float64)
         return super().grid(steps, spacing, **kw)
+
+    def bind(self, cond: dict) -> "FlowMatching":
+        """`Field.bind`; a guided velocity gets its own copy (APG momentum, last unconditional branch)."""
+        bound = super().bind(cond)
+        assert isinstance(bound, FlowMatching)
+        if isinstance(self.velocity, GuidedDenoiser):
+            bound.velocity = self.velocity.fresh()
+        return bound
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
