@@ -31,13 +31,14 @@ def _rmse(a, b):
 ORDERS = [("euler", 1.8, 2.4), ("heun", 3.5, 4.6), ("dpmpp_2m", 3.2, 6), ("dpmpp_2m_heun", 3.2, 6), ("dpmpp_3m", 5.5, 9),
           ("dpmpp_2m_pc", 3.8, 8), ("dpmpp_3m_pc", 6, 30), ("adams", 3.8, 8), ("ipndm", 3.5, 15),
           ("torchdiffeq:rk4", 12, 17), ("torchdiffeq:midpoint", 2.8, 4.5), ("torchsde:heun", 3.5, 4.6),
-          ("torchsde:srk", 7, 9), ("sde", 1.8, 2.4)]
+          ("torchsde:srk", 7, 9), ("sde", 1.8, 2.4), ("gradient_estimation", 1.6, 2.4), ("seeds_2", 3.2, 4.6)]
+ORDER_OPTIONS = {"sde": {"alpha": 0.0}, "seeds_2": {"eta": 0.0}}   # the deterministic (ODE) forms
 
 
 @pytest.mark.parametrize("solver,lo,hi", ORDERS)
 def test_convergence_order(solver, lo, hi, edm_field, start, ref_to_half):
     """Error against a dopri5 (1e-10) solve falls at the solver's order as the steps double."""
-    kw = {"alpha": 0.0} if solver == "sde" or solver.startswith("torchsde") else {}
+    kw = {"alpha": 0.0} if solver.startswith("torchsde") else ORDER_OPTIONS.get(solver, {})
     errs = []
     for steps in (32, 64, 128):
         g = fs.grids.karras(steps, 0.5, 80.0, final_zero=False)
