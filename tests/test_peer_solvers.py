@@ -637,6 +637,31 @@ def test_cfg_pp_samplers_are_comfyuis(gmm, name, w):
     assert (flow_x - got).abs().max().item() <= 1e-8 * got.abs().max().item()
 
 
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8)])
+def test_euler_ancestral_cfg_pp_is_comfyuis_with_the_same_noise(gmm, eta, s_noise):
+    """ComfyUI's `euler_ancestral_cfg_pp`, its loop written out on the VE field and handed flowsolve's
+    noise: x = D_w + σ_down (x − D_u)/σ + σ_up ε (k-diffusion's ancestral split), D_w at the last step."""
+    den = _two_class_denoiser(gmm)
+    sig, z = _comfy_karras_start()
+    one, zero = torch.ones(len(z)), torch.zeros(len(z))
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    x = z.clone()
+    for i in range(len(sig) - 1):
+        s = sig[i].expand(len(x))
+        d_u = den(x, s, zero)
+        d_w = d_u + 1.5 * (den(x, s, one) - d_u)
+        if sig[i + 1] == 0:
+            x = d_w
+            continue
+        down, up = K.get_ancestral_step(sig[i], sig[i + 1], eta=eta)
+        x = d_w + down * (x - d_u) / sig[i] + src() * s_noise * up
+    field = fs.fields.EDM(den, shape=(2,), guidance=1.5, uncond={"c": torch.zeros(1)})
+    got = fs.sample(field, "euler_ancestral_cfg_pp", grid=sig, x_init=z, cond={"c": one}, seed=5, eta=eta,
+                    s_noise=s_noise)
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+
+
 def test_cfg_pp_needs_a_guided_field(gmm):
     with pytest.raises(ValueError, match=r"'euler_cfg_pp' \(CFG\+\+\) re-noises with the unconditional"):
         fs.sample(fs.fields.EDM(gmm.denoiser), "euler_cfg_pp", nfe=4, n=2)

@@ -377,6 +377,17 @@ register(
 )
 register(
     Solver(
+        "euler_ancestral_cfg_pp",
+        peers.euler_ancestral_cfg_pp,
+        _one_per_step,
+        "Euler ancestral with CFG++ re-noising (ComfyUI's euler_ancestral_cfg_pp), per-sample noise",
+        needs_sigma=True,
+        needs_guidance=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "dpmpp_2m_cfg_pp",
         peers.dpmpp_2m_cfg_pp,
         _one_per_step,

@@ -323,16 +323,24 @@ def euler_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
     """CFG++ (Chung et al. 2024; ComfyUI's `euler_cfg_pp`): DDIM that denoises with the guided D_w and
     re-noises with the unconditional D_u, in VE coordinates x̃' = D_w + (ρ'/ρ)(x̃ − D_u) (from pure noise
     ρ' x/σ + D_w). Meant for small guidance scales (about 0 to 2). One evaluation per step."""
+    return euler_ancestral_cfg_pp(run, x, eta=0.0)
+
+
+def euler_ancestral_cfg_pp(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """Euler ancestral with CFG++ (ComfyUI's `euler_ancestral_cfg_pp`): `euler_cfg_pp`'s step to ρ_down of
+    k-diffusion's ancestral split, then ρ_up ε: x̃' = D_w + (ρ_down/ρ)(x̃ − D_u) + ρ_up ε."""
+    eta = _check_eta(eta)
     g = _guided_model(run)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        rho, rho_next = p.rho(i), p.rho(i + 1)
+        rho = p.rho(i)
+        down, up = _ancestral(rho, p.rho(i + 1), eta)
         if math.isinf(rho):
-            xt = rho_next * (x / p.s[i]) + den
+            xt = down * (x / p.s[i]) + den
         else:
-            xt = den + (rho_next / rho) * (x / p.a[i] - _uncond_data(run, p, g, x, i, den))
-        x = p.a[i + 1] * xt
+            xt = den + (down / rho) * (x / p.a[i] - _uncond_data(run, p, g, x, i, den))
+        x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
 
