@@ -394,7 +394,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True}),
                                        ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0}),
                                        ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0}),
-                                       ("seeds_2", {}), ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("seeds_2", {}), ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}),
+                                       ("seeds_3", {})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -413,7 +414,8 @@ def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s", "dpm_2_ancestral",
-                                  "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver", "seeds_2"])
+                                  "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver", "seeds_2",
+                                  "seeds_3"])
 def test_stochastic_samplers_reach_the_mixture(gmm, name):
     n = 2000
     opts = {"eta": 1.0} if name in ("dpmpp_2s", "dpm_fast") else {}
@@ -665,6 +667,49 @@ def test_euler_ancestral_cfg_pp_is_comfyuis_with_the_same_noise(gmm, eta, s_nois
 def test_cfg_pp_needs_a_guided_field(gmm):
     with pytest.raises(ValueError, match=r"'euler_cfg_pp' \(CFG\+\+\) re-noises with the unconditional"):
         fs.sample(fs.fields.EDM(gmm.denoiser), "euler_cfg_pp", nfe=4, n=2)
+
+
+@pytest.mark.parametrize("eta,r_1,r_2", [(1.0, 1 / 3, 2 / 3), (0.5, 0.25, 0.6), (0.0, 1 / 3, 2 / 3)])
+def test_seeds_3_is_comfyuis_with_the_same_noise(gmm, eta, r_1, r_2):
+    """ComfyUI's `sample_seeds_3`, its loop written out on the VE field and handed flowsolve's noise:
+    `seeds_3` gives the same samples, to round-off."""
+    sig, z = _comfy_karras_start()
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+
+    def hphi2(v):
+        return (torch.expm1(v) - v) / v
+    x = z.clone()
+    for i in range(len(sig) - 1):
+        den = gmm.denoiser(x, sig[i].expand(len(x)))
+        if sig[i + 1] == 0:
+            x = den
+            continue
+        lam_s, lam_t = -sig[i].log(), -sig[i + 1].log()
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        s1, s2 = (-torch.lerp(lam_s, lam_t, r_1)).exp(), (-torch.lerp(lam_s, lam_t, r_2)).exp()
+        x2 = s1 / sig[i] * (-r_1 * h * eta).exp() * x - torch.expm1(-r_1 * h_eta) * den
+        if eta > 0:
+            noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * src()
+            x2 = x2 + noise * s1
+        den2 = gmm.denoiser(x2, s1.expand(len(x)))
+        a32 = r_2 / r_1 * hphi2(-r_2 * h_eta)
+        x3 = s2 / sig[i] * (-r_2 * h * eta).exp() * x - ((torch.expm1(-r_2 * h_eta) - a32) * den + a32 * den2)
+        if eta > 0:
+            seg = (r_1 - r_2) * h * eta
+            noise = noise * seg.exp() + (2 * seg).expm1().neg().sqrt() * src()
+            x3 = x3 + noise * s2
+        den3 = gmm.denoiser(x3, s2.expand(len(x)))
+        b3 = hphi2(-h_eta) / r_2
+        x = sig[i + 1] / sig[i] * (-h * eta).exp() * x - ((torch.expm1(-h_eta) - b3) * den + b3 * den3)
+        if eta > 0:
+            seg = (r_2 - 1) * h * eta
+            noise = noise * seg.exp() + (2 * seg).expm1().neg().sqrt() * src()
+            x = x + noise * sig[i + 1]
+    got = fs.sample(fs.fields.EDM(gmm.denoiser), "seeds_3", grid=sig, x_init=z, seed=5, eta=eta, r_1=r_1, r_2=r_2)
+    assert (got - x).abs().max().item() <= 1e-10 * x.abs().max().item()
+    with pytest.raises(ValueError, match="r_2: expected a share above r_1"):
+        fs.sample(fs.fields.EDM(gmm.denoiser), "seeds_3", nfe=9, n=2, r_1=0.6, r_2=0.5)
 
 
 def test_the_rf_and_ve_splits_agree_on_sigma_time_fields_at_eta_1(gmm):

@@ -408,6 +408,16 @@ register(
 )
 register(
     Solver(
+        "seeds_3",
+        peers.seeds_3,
+        lambda steps, singular_end: 3 * steps - (2 if singular_end else 0),
+        "SEEDS-3, stochastic exponential three-stage steps (Gonzalez et al. 2023; ComfyUI's)",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
         "dpm_2_ancestral",
         peers.dpm_2_ancestral,
         _heun_evals,

@@ -372,6 +372,61 @@ def dpmpp_2m_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
 SEEDS_UPDATES = ("phi_1", "phi_2")
 
 
+def _h_phi2(z: float) -> float:
+    """z φ₂(z) = (e^z − 1 − z)/z, the second exponential remainder times z."""
+    return (math.expm1(z) - z) / z
+
+
+class _SeedsStep:
+    """The stages of one SEEDS step (Gonzalez et al. 2023) in VE coordinates, h = λ_{i+1} − λ_i: the stage at
+    share c of the step is x̃_c = (ρ_c/ρ_i) e^{−chη} x̃_i − Σ_k w_k D_k + s_noise ρ_c ξ_c, its noise ξ carried
+    from the previous stage c₀ as ξ_c = e^{(c₀−c)hη} ξ_{c₀} + √(−expm1(2(c₀−c)hη)) ε (one draw a stage)."""
+
+    def __init__(self, run: Run, xt: torch.Tensor, rho: float, h: float, eta: float, s_noise: float) -> None:
+        self.run, self.xt, self.rho, self.h, self.eta, self.s_noise = run, xt, rho, h, eta, s_noise
+        self.c = 0.0
+        self.xi: torch.Tensor | None = None
+
+    def to(self, c: float, combo: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x̃_c, ρ_c), combo = Σ_k w_k D_k."""
+        h, eta = self.h, self.eta
+        rho_c = self.rho * math.exp(-c * h)
+        xt = (rho_c / self.rho) * math.exp(-c * h * eta) * self.xt - combo
+        if eta > 0 and self.s_noise > 0:
+            seg = (self.c - c) * h * eta
+            fresh = math.sqrt(-math.expm1(2.0 * seg)) * self.run.noise()
+            self.xi = fresh if self.xi is None else math.exp(seg) * self.xi + fresh
+            xt = xt + (self.s_noise * rho_c) * self.xi
+        self.c = c
+        return xt, rho_c
+
+
+def _seeds(run: Run, x: torch.Tensor, eta: float, s_noise: float, stages) -> torch.Tensor:
+    """The SEEDS loop: `stages(p, step, den, h_eta)` takes one step's stages from knot i's D; a step to the
+    data is D, one from pure noise the first-order limit (D + ρ' ε, or ρ' x/σ + D at η = 0)."""
+    noisy = eta > 0 and s_noise > 0
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho_i, rho_next = p.rho(i), p.rho(i + 1)
+        if rho_next == 0:
+            xt = den
+        elif math.isinf(rho_i):
+            xt = den + (s_noise * rho_next) * run.noise() if noisy else rho_next * (x / p.s[i]) + den
+        else:
+            h = math.log(rho_i / rho_next)
+            xt = stages(p, _SeedsStep(run, x / p.a[i], rho_i, h, eta, s_noise), den, (1.0 + eta) * h)
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def _check_share(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ArgumentError(f"{name}: expected a stage's share of the step in (0, 1], got {v!r}")
+    return float(v)
+
+
 def seeds_2(
     run: Run,
     x: torch.Tensor,
@@ -382,52 +437,47 @@ def seeds_2(
     solver_type: str = "phi_1",
 ) -> torch.Tensor:
     """SEEDS-2 (Gonzalez et al. 2023; ComfyUI's `seeds_2`): a stochastic exponential two-stage step on
-    the data prediction, in VE coordinates (ρ = σ/α, λ = −log ρ, h = λ_{i+1} − λ_i, h_η = (1 + η) h):
-        x̃_m = (ρ_m/ρ_i) e^{−rhη} x̃_i − expm1(−r h_η) D_i + ρ_m √(−expm1(−2rhη)) ε₁,   λ_m = λ_i + r h,
-        x̃' = (ρ'/ρ_i) e^{−hη} x̃_i − expm1(−h_η) D̄ + ρ' ξ,
-    D̄ = D_i + (D_m − D_i)/(2r) ("phi_1") or the φ₂ weights b₂ = h_ηφ₂(−h_η)/r on D_m ("phi_2"), and ξ
-    the first draw carried on, e^{(r−1)hη} ε₁ + √(−expm1(2(r−1)hη)) ε₂. η = 0 is deterministic
-    (η = 0, r = 1, "phi_2": ComfyUI's `exp_heun_2_x0`). A step from pure noise, and one to the data,
-    are the first-order limits. Two evaluations per step."""
+    the data prediction, in VE coordinates (ρ = σ/α, λ = −log ρ, h_η = (1 + η) h), `_SeedsStep`'s stages
+        x̃_m: share r, w = expm1(−r h_η) on D_i;   x̃': share 1, expm1(−h_η) on D̄,
+    D̄ = D_i + (D_m − D_i)/(2r) ("phi_1"), or the φ₂ weights b₂ = h_ηφ₂(−h_η)/r on D_m ("phi_2"). η = 0 is
+    deterministic (η = 0, r = 1, "phi_2": ComfyUI's `exp_heun_2_x0`). Two evaluations per step."""
     eta = _check_eta(eta)
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-        raise ArgumentError(f"r: expected the intermediate stage's share of the step in (0, 1], got {r!r}")
+    r = _check_share("r", r)
     if solver_type not in SEEDS_UPDATES:
         raise ArgumentError(f"solver_type: expected one of {', '.join(SEEDS_UPDATES)}, got {solver_type!r}")
-    noisy = eta > 0 and s_noise > 0
-    p = PathGrid(run)
-    for i in run.steps():
-        den = p.denoise(x, i)
-        rho_i, rho_next = p.rho(i), p.rho(i + 1)
-        if rho_next == 0:  # to the data
-            xt = den
-        elif math.isinf(rho_i):  # from pure noise: the first-order limit
-            xt = den + (s_noise * rho_next) * run.noise() if noisy else rho_next * (x / p.s[i]) + den
-        else:
-            xt_i = x / p.a[i]
-            h = math.log(rho_i / rho_next)
-            h_eta = (1.0 + eta) * h
-            rho_m = rho_i * math.exp(-r * h)
-            xt_m = (rho_m / rho_i) * math.exp(-r * h * eta) * xt_i - math.expm1(-r * h_eta) * den
-            noise = None
-            if noisy:
-                noise = math.sqrt(-math.expm1(-2.0 * r * h * eta)) * run.noise()
-                xt_m = xt_m + (s_noise * rho_m) * noise
-            den_m = p.denoise_ve(xt_m, -math.log(rho_m))
-            if solver_type == "phi_1":
-                mix = den + (den_m - den) / (2.0 * r)
-                xt = (rho_next / rho_i) * math.exp(-h * eta) * xt_i - math.expm1(-h_eta) * mix
-            else:
-                b2 = (math.expm1(-h_eta) + h_eta) / -h_eta / r  # h φ₂(−h_η) / r
-                b1 = math.expm1(-h_eta) - b2
-                xt = (rho_next / rho_i) * math.exp(-h * eta) * xt_i - (b1 * den + b2 * den_m)
-            if noise is not None:
-                seg = (r - 1.0) * h * eta
-                noise = math.exp(seg) * noise + math.sqrt(-math.expm1(2.0 * seg)) * run.noise()
-                xt = xt + (s_noise * rho_next) * noise
-        x = p.a[i + 1] * xt
-        run.tick(i, x)
-    return x
+
+    def stages(p: PathGrid, step: _SeedsStep, den: torch.Tensor, h_eta: float) -> torch.Tensor:
+        xt_m, rho_m = step.to(r, math.expm1(-r * h_eta) * den)
+        den_m = p.denoise_ve(xt_m, -math.log(rho_m))
+        if solver_type == "phi_1":
+            return step.to(1.0, math.expm1(-h_eta) * (den + (den_m - den) / (2.0 * r)))[0]
+        b2 = _h_phi2(-h_eta) / r
+        return step.to(1.0, (math.expm1(-h_eta) - b2) * den + b2 * den_m)[0]
+
+    return _seeds(run, x, eta, s_noise, stages)
+
+
+def seeds_3(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, r_1: float = 1.0 / 3, r_2: float = 2.0 / 3
+) -> torch.Tensor:
+    """SEEDS-3 (Gonzalez et al. 2023; ComfyUI's `seeds_3`): three stages at shares r₁ < r₂ < 1 of the step,
+    x̃₁ with expm1(−r₁h_η) D_i; x̃₂ with a₃₂ = (r₂/r₁) h_ηφ₂(−r₂h_η) on D₁ and expm1(−r₂h_η) − a₃₂ on D_i;
+    x̃' with b₃ = h_ηφ₂(−h_η)/r₂ on D₂ and expm1(−h_η) − b₃ on D_i. Three evaluations per step."""
+    eta = _check_eta(eta)
+    r_1, r_2 = _check_share("r_1", r_1), _check_share("r_2", r_2)
+    if not r_1 < r_2:
+        raise ArgumentError(f"r_2: expected a share above r_1={r_1}, got {r_2!r}")
+
+    def stages(p: PathGrid, step: _SeedsStep, den: torch.Tensor, h_eta: float) -> torch.Tensor:
+        xt_1, rho_1 = step.to(r_1, math.expm1(-r_1 * h_eta) * den)
+        den_1 = p.denoise_ve(xt_1, -math.log(rho_1))
+        a32 = r_2 / r_1 * _h_phi2(-r_2 * h_eta)
+        xt_2, rho_2 = step.to(r_2, (math.expm1(-r_2 * h_eta) - a32) * den + a32 * den_1)
+        den_2 = p.denoise_ve(xt_2, -math.log(rho_2))
+        b3 = _h_phi2(-h_eta) / r_2
+        return step.to(1.0, (math.expm1(-h_eta) - b3) * den + b3 * den_2)[0]
+
+    return _seeds(run, x, eta, s_noise, stages)
 
 
 def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
