@@ -352,21 +352,7 @@ def sample(
         )
     spec = solvers.get(solver)
     spec.check_options(options)
-    if spec.needs_sigma and field.path is None:
-        raise ArgumentError(
-            f"solver: {spec.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
-            f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
-        )
-    if spec.needs_flow_map and not getattr(field, "flow_map", False):
-        raise ArgumentTypeError(
-            f"solver: {spec.name!r} needs a flow-map model (a FlowMatching field built with flow_map=True, e.g. "
-            f"a diffusers model with FlowMapEulerDiscreteScheduler); {type(field).__name__} gives dx/dt only"
-        )
-    if spec.needs_guidance and solvers.peers.guided_model(field) is None:
-        raise ArgumentError(
-            f"solver: {spec.name!r} (CFG++) re-noises with the unconditional prediction; it needs a guided "
-            f"field (model.field(guidance=w, uncond=...) or fields.EDM(den, guidance=w, uncond=...))"
-        )
+    spec.check_field(field)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)

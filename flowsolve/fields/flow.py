@@ -89,21 +89,24 @@ class FlowMatching(Field):
     def diffusion(self, t: torch.Tensor | float, alpha: float = 1.0) -> float:
         """α g²(t), the noise rate of the α-interpolated SDE on this field's path (`GaussianPath.diffusion`);
         refused where the path is pure noise (α_t = 0), where it is infinite."""
-        tf = float(torch.as_tensor(t).reshape(-1)[0])
+        return alpha * self._g2(float(torch.as_tensor(t).reshape(-1)[0]))
+
+    def _g2(self, tf: float) -> float:
         g2 = self.path.diffusion(tf) if self.path is not None else math.inf
         if not math.isfinite(g2):
             raise ArgumentError(
                 f"grid: the SDE of the {self.path!r} path has infinite diffusion at t={tf:g} (pure noise); "
                 f"start the grid below it, or use solver 'sde' (its exact steps start there)"
             )
-        return alpha * g2
+        return g2
 
     def sde(self, x: torch.Tensor, t: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(drift, g²) of Eq. 21 on the path: drift_α = v − α (g²/2) ∇log p_t with the score
-        ∇log p_t = −(x − α_t D)/σ_t² from the data prediction D of v; the same marginals for every α."""
-        g2 = self.diffusion(t, 1.0)
-        v = self(x, t)
+        ∇log p_t = −(x − α_t D)/σ_t² from the data prediction D of v; the same marginals for every α.
+        The path's coefficients are read at t once (one time for the batch, as the solvers step)."""
         tf = float(torch.as_tensor(t).reshape(-1)[0])
+        g2 = self._g2(tf)
+        v = self(x, t)
         assert self.path is not None
         a, s = self.path.alpha(tf), self.path.sigma(tf)
         score = -(x - a * self.path.data_prediction(x, v, tf)) / (s * s)

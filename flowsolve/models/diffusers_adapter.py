@@ -418,6 +418,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.ancestral_split = "rf" if type(scheduler).__name__ in _RF_ANCESTRAL else None
         # a flow map (AnyFlow): the network also takes the target time, and returns the average velocity
         self.flow_map = _FLOW_MAP_INPUT in (accepted_inputs(model) or ()) if isinstance(model, nn.Module) else False
+        self._frame_timesteps = base_class_name(model) in _FRAME_TIMESTEPS
         self._knots = KnotTable()  # the scheduler's knots t -> its integer timestep
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
@@ -465,7 +466,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"img_ids=..., txt_ids=...)"
             )
         inputs = model_inputs(self.model, self.model_kwargs, len(x), cond)
-        if base_class_name(self.model) in _FRAME_TIMESTEPS:  # one (equal) timestep per frame
+        if self._frame_timesteps:  # one (equal) timestep per frame
             timestep = timestep[:, None].expand(-1, x.shape[1])
             if _FLOW_MAP_INPUT in inputs:
                 inputs[_FLOW_MAP_INPUT] = inputs[_FLOW_MAP_INPUT][:, None].expand(-1, x.shape[1])

@@ -18,7 +18,7 @@ import torch
 
 from ..fields.base import Field
 from .._checks import nearest
-from ..errors import ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
+from ..errors import ArgumentError, ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
 
 __all__ = ["Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "nearest"]
 
@@ -79,6 +79,25 @@ class Solver:
                     f"its options are: {valid}"
                 )
         return options
+
+    def check_field(self, field: Field) -> None:
+        """Refuse, before any work, a field this solver cannot run on: one without a Gaussian path
+        (`needs_sigma`), a model that is not a flow map (`needs_flow_map`), an unguided one (`needs_guidance`)."""
+        if self.needs_sigma and field.path is None:
+            raise ArgumentError(
+                f"solver: {self.name!r} needs a field on a Gaussian path (fields.EDM, ScoreDifference, "
+                f"FlowMatching, TrigFlow: its time is a noise level), got {type(field).__name__}"
+            )
+        if self.needs_flow_map and not getattr(field, "flow_map", False):
+            raise ArgumentTypeError(
+                f"solver: {self.name!r} needs a flow-map model (a FlowMatching field built with flow_map=True, "
+                f"e.g. a diffusers model with FlowMapEulerDiscreteScheduler); {type(field).__name__} gives dx/dt only"
+            )
+        if self.needs_guidance and guided_model(field) is None:
+            raise ArgumentError(
+                f"solver: {self.name!r} (CFG++) re-noises with the unconditional prediction; it needs a guided "
+                f"field (model.field(guidance=w, uncond=...) or fields.EDM(den, guidance=w, uncond=...))"
+            )
 
 
 class Run:
@@ -271,6 +290,15 @@ class PathGrid:
         """The VE noise level σ/α at knot i (∞ at pure noise)."""
         return math.inf if self.a[i] == 0 else self.s[i] / self.a[i]
 
+    def first_order(
+        self, i: int, x: torch.Tensor, den: torch.Tensor, rho_to: float, renoise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x̃ at level ρ_to by the first-order (DDIM) step from knot i, in VE coordinates:
+        x̃' = D_i + (ρ_to/ρ_i)(x̃_i − D'), D' = D_i (or `renoise`, the prediction CFG++ re-noises with),
+        written with x̃_i/ρ_i = x/σ_i so that it is finite from pure noise (ρ_i = ∞: x̃' = ρ_to x/σ_i + D_i)."""
+        ratio = 0.0 if math.isinf(self.rho(i)) else rho_to / self.rho(i)
+        return rho_to * (x / self.s[i]) + ((1.0 - ratio) * den if renoise is None else den - ratio * renoise)
+
 
 def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
     """The model under a field, through guidance wrappers (`.data` or a flow's `.velocity`, then
@@ -286,6 +314,13 @@ def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
             return cand
         cand = getattr(cand, "denoiser", None)
     return None
+
+
+def guided_model(field: Any) -> Any:
+    """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
+    from ..fields.guidance import GuidedDenoiser
+
+    return field_model(field, lambda m: isinstance(m, GuidedDenoiser))
 
 
 def discrete_model(field: Any) -> Any:

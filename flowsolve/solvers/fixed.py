@@ -115,7 +115,7 @@ def _edm_on_path(run: Run, x: torch.Tensor, S_churn: float, S_min: float, S_max:
     for i in run.steps():
         rho, rho_next = p.rho(i), p.rho(i + 1)
         if math.isinf(rho):  # from pure noise: the Euler step's limit, exact for the first-order part
-            xt = rho_next * (x / p.s[i]) + p.denoise(x, i)
+            xt = p.first_order(i, x, p.denoise(x, i), rho_next)
         else:
             xt = x / p.a[i]
             gamma = gamma_max if S_min <= rho <= S_max else 0.0

@@ -42,6 +42,7 @@ from .base import (
     ddim_step,
     discrete_model,
     field_model,
+    guided_model,
     lagrange_weights,
     lu_differences,
     model_timestep,
@@ -58,14 +59,6 @@ def _ancestral(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
     ratio = 0.0 if math.isinf(rho) else (rho_next / rho) ** 2
     up = min(rho_next, eta * rho_next * math.sqrt(max(1.0 - ratio, 0.0)))
     return math.sqrt(max(rho_next**2 - up**2, 0.0)), up
-
-
-def _first_order_ve(p: PathGrid, i: int, x: torch.Tensor, den: torch.Tensor, rho_to: float) -> torch.Tensor:
-    """x̃ at level ρ_to by the first-order (DDIM) step from knot i, in VE coordinates:
-    x̃' = (ρ_to/ρ_i) x̃_i + (1 − ρ_to/ρ_i) D_i, written with x/σ_i = x̃/ρ_i so that it is finite from pure
-    noise (ρ_i = ∞: x̃' = ρ_to x/σ_i + D_i)."""
-    ratio = 0.0 if math.isinf(p.rho(i)) else rho_to / p.rho(i)
-    return rho_to * (x / p.s[i]) + (1.0 - ratio) * den
 
 
 def _ancestral_noise(run: Run, p: PathGrid, i: int, xt: torch.Tensor, up: float, s_noise: float) -> torch.Tensor:
@@ -279,7 +272,7 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
         down, up = _ancestral(rho_i, rho_next, eta)
         xs = x / p.s[i]  # x̃/ρ_i = x/σ_i (finite from pure noise)
         if down == 0 or math.isinf(rho_i):
-            xt_new = _first_order_ve(p, i, x, den, down)
+            xt_new = p.first_order(i, x, den, down)
         else:
             h = math.log(rho_i / down)
             lam_m = -math.log(rho_i) + 0.5 * h
@@ -292,20 +285,6 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
 
 
 # -- CFG++ ----------------------------------------------------------------------------------------
-def guided_model(field):
-    """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
-    from ..fields.guidance import GuidedDenoiser
-
-    return field_model(field, lambda m: isinstance(m, GuidedDenoiser))
-
-
-def _guided_model(run: Run):
-    g = guided_model(run.field)
-    if g is None:  # fs.sample refuses first (`needs_guidance`); for direct calls
-        raise ArgumentError(f"solver: {run.solver!r} (CFG++) needs a guided field")
-    return g
-
-
 def _uncond_data(run: Run, p: PathGrid, g, x: torch.Tensor, i: int, den: torch.Tensor) -> torch.Tensor:
     """D_u at knot i, from the guided model's last unconditional branch in the field's own terms (a
     velocity, a score or D); the guided D where that call ran none (outside `interval`)."""
@@ -330,16 +309,12 @@ def euler_ancestral_cfg_pp(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noi
     """Euler ancestral with CFG++ (ComfyUI's `euler_ancestral_cfg_pp`): `euler_cfg_pp`'s step to ρ_down of
     k-diffusion's ancestral split, then ρ_up ε: x̃' = D_w + (ρ_down/ρ)(x̃ − D_u) + ρ_up ε."""
     eta = _check_eta(eta)
-    g = _guided_model(run)
+    g = guided_model(run.field)  # fs.sample refused unguided fields (`needs_guidance`)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        rho = p.rho(i)
-        down, up = _ancestral(rho, p.rho(i + 1), eta)
-        if math.isinf(rho):
-            xt = down * (x / p.s[i]) + den
-        else:
-            xt = den + (down / rho) * (x / p.a[i] - _uncond_data(run, p, g, x, i, den))
+        down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
+        xt = p.first_order(i, x, den, down, _uncond_data(run, p, g, x, i, den))
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
@@ -349,20 +324,17 @@ def dpmpp_2m_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
     """DPM-Solver++(2M) with CFG++ (ComfyUI's `dpmpp_2m_cfg_pp`): with h = λ' − λ and r = h_{i−1}/h,
     x̃' = D_w + e^{−h}(x̃ − D_u) − expm1(−h)(D_w − D_u,{i−1})/(2r), the first step and the last (to the data)
     without the second-order term, as `euler_cfg_pp`. One evaluation per step."""
-    g = _guided_model(run)
+    g = guided_model(run.field)  # fs.sample refused unguided fields (`needs_guidance`)
     p = PathGrid(run)
     old_u = None
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
         den_u = _uncond_data(run, p, g, x, i, den)
-        if math.isinf(rho):
-            xt = rho_next * (x / p.s[i]) + den
-        else:
-            xt = den + (rho_next / rho) * (x / p.a[i] - den_u)
-            if old_u is not None and rho_next > 0:
-                h, h_last = math.log(rho / rho_next), math.log(p.rho(i - 1) / rho)
-                xt = xt - math.expm1(-h) * (h / (2.0 * h_last)) * (den - old_u)
+        xt = p.first_order(i, x, den, rho_next, den_u)
+        if old_u is not None and rho_next > 0 and not math.isinf(rho):  # the second-order term
+            h, h_last = math.log(rho / rho_next), math.log(p.rho(i - 1) / rho)
+            xt = xt - math.expm1(-h) * (h / (2.0 * h_last)) * (den - old_u)
         old_u = den_u
         x = p.a[i + 1] * xt
         run.tick(i, x)
@@ -412,7 +384,7 @@ def _seeds(run: Run, x: torch.Tensor, eta: float, s_noise: float, stages) -> tor
         if rho_next == 0:
             xt = den
         elif math.isinf(rho_i):
-            xt = den + (s_noise * rho_next) * run.noise() if noisy else rho_next * (x / p.s[i]) + den
+            xt = den + (s_noise * rho_next) * run.noise() if noisy else p.first_order(i, x, den, rho_next)
         else:
             h = math.log(rho_i / rho_next)
             xt = stages(p, _SeedsStep(run, x / p.a[i], rho_i, h, eta, s_noise), den, (1.0 + eta) * h)
@@ -491,7 +463,7 @@ def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
         rho_i = p.rho(i)
         down, up = _ancestral(rho_i, p.rho(i + 1), eta)
         if down == 0 or math.isinf(rho_i):  # first order: Euler to ρ_down (DDIM from pure noise)
-            xt = _first_order_ve(p, i, x, den, down)
+            xt = p.first_order(i, x, den, down)
         else:
             xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
             rho_m = math.sqrt(rho_i * down)  # the log-ρ midpoint of [ρ_down, ρ_i]
@@ -523,7 +495,7 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
         rho_i, rho_j = p.rho(i), p.rho(i + 1)
         if rho_j == 0 or math.isinf(rho_i):  # to the data, or from pure noise: one first-order step
             down, up = _ancestral(rho_i, rho_j, eta)
-            x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
+            x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down), up, s_noise)
         else:
             xt = x / p.a[i]
             rho_s = rho_i * math.exp(-r * math.log(rho_i / rho_j))
@@ -594,7 +566,7 @@ def dpm_fast(run: Run, x: torch.Tensor, *, order: int = 3, eta: float = 0.0, s_n
         if down < rho_end:  # not past the grid's end (k-diffusion: t_next = min(t_end, t(σ_down)))
             down, up = rho_end, math.sqrt(max(rho_j**2 - rho_end**2, 0.0))
         if orders[i] == 1 or down == 0:
-            xt = _first_order_ve(p, i, x, den, down)
+            xt = p.first_order(i, x, den, down)
         else:
             xt = x / p.a[i]
             xt, _ = _dpm_stages(p, xt, (xt - den) / rho_i, rho_i, down, orders[i], 0.5 if orders[i] == 2 else 1 / 3)
@@ -893,7 +865,7 @@ def euler_ancestral(
             up = math.sqrt(max(p.rho(i + 1) ** 2 - down**2, 0.0))
         else:
             down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
-        x = _ancestral_noise(run, p, i, _first_order_ve(p, i, x, den, down), up, s_noise)
+        x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down), up, s_noise)
         run.tick(i, x)
     return x
 
@@ -936,7 +908,7 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
-        x_mean = _first_order_ve(p, i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
+        x_mean = p.first_order(i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
         if rho_next == 0 or i == last:  # Ho et al.'s Alg. 2: no noise on the last step (z = 0 at t = 1)
             x = p.a[i + 1] * x_mean
             run.tick(i, x)
@@ -980,7 +952,7 @@ def tcd(run: Run, x: torch.Tensor, *, gamma: float = 0.3) -> torch.Tensor:
         else:
             t_s = (1.0 - gamma) * p.t[i + 1]
             rho_s = min(p.path.sigma(t_s) / p.path.alpha(t_s) if t_s > 0 else 0.0, rho_next)
-        xt = _first_order_ve(p, i, x, den, rho_s)  # DDIM to s
+        xt = p.first_order(i, x, den, rho_s)  # DDIM to s
         if gamma > 0 and i < n - 1 and rho_next > rho_s:
             xt = xt + math.sqrt(rho_next**2 - rho_s**2) * run.noise()
         x = p.a[i + 1] * xt
@@ -1111,7 +1083,7 @@ def dpm_multistep(
             run.tick(i, x)
             continue
         if math.isinf(rho):  # from pure noise: DDIM, or the data prediction re-noised for the SDE
-            xt = den + rho_next * noise if sde else _first_order_ve(p, i, x, den, rho_next)
+            xt = den + rho_next * noise if sde else p.first_order(i, x, den, rho_next)
             x = p.a[i + 1] * xt
             run.tick(i, x)
             continue

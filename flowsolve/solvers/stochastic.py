@@ -84,12 +84,9 @@ def _sde_on_path(run: Run, x: torch.Tensor, alpha: float) -> torch.Tensor:
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
-        if math.isinf(rho):
-            xt = den + (rho_next * x / p.s[i] if alpha == 0 else 0.0)
-            r = 0.0
-        else:
-            r = rho_next / rho
-            xt = den + (r**c) * (x / p.a[i] - den)
+        r = 0.0 if math.isinf(rho) else rho_next / rho
+        # D + r^c (x̃ − D) with r x̃ = ρ' x/σ: finite from pure noise (r = 0), where it is DDIM's ρ' x/σ + D at α = 0
+        xt = (1.0 - r**c) * den + (r**alpha * rho_next) * (x / p.s[i])
         if alpha > 0 and rho_next > 0:
             xt = xt + rho_next * math.sqrt(max(1.0 - r ** (2.0 * alpha), 0.0)) * run.noise()
         x = p.a[i + 1] * xt
