@@ -395,7 +395,10 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0}),
                                        ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0}),
                                        ("seeds_2", {}), ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}),
-                                       ("seeds_3", {})])   # not tcd: its s = (1 − γ) t is in each field's own time
+                                       ("seeds_3", {}), ("er_sde", {}),
+                                       ("er_sde", {"solver_type": "reverse_time_sde", "eta": 0.5}),
+                                       ("er_sde", {"solver_type": "ode"}), ("res_multistep_ancestral", {}),
+                                       ("res_multistep_ancestral", {"eta": 0.5})])   # not tcd: its s = (1 − γ) t is in each field's own time
 def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts):
     """x_t = (1 − t) x̃ with x̃ on the VE path at ρ = t/(1 − t): from corresponding starts, grids and
     noise, the flow solve ends where the EDM solve does (the λ-form on any Gaussian path)."""
@@ -415,7 +418,7 @@ def test_on_a_flow_field_each_solver_is_itself_in_ve_coordinates(gmm, name, opts
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s", "dpm_2_ancestral",
                                   "dpmpp_sde", "pc", "dpm_fast", "ddpm", "tcd", "sa_solver", "seeds_2",
-                                  "seeds_3"])
+                                  "seeds_3", "er_sde", "res_multistep_ancestral"])
 def test_stochastic_samplers_reach_the_mixture(gmm, name):
     n = 2000
     opts = {"eta": 1.0} if name in ("dpmpp_2s", "dpm_fast") else {}
@@ -436,14 +439,15 @@ def _gmm_flow(gmm):
     return fs.fields.FlowMatching(velocity, (2,))
 
 
-@pytest.mark.parametrize("eta", [0.5, 1.0])
-def test_the_rf_ancestral_split_reaches_the_mixture_on_a_flow_field(gmm, eta):
-    """`euler_ancestral` with ComfyUI's RF split (η moves the flow time of the deterministic part) keeps
-    the marginals of the path: on the mixture's exact flow it samples the mixture."""
+@pytest.mark.parametrize("name,eta", [("euler_ancestral", 0.5), ("euler_ancestral", 1.0), ("dpmpp_2s", 1.0),
+                                      ("dpm_2_ancestral", 0.5)])
+def test_the_rf_ancestral_split_reaches_the_mixture_on_a_flow_field(gmm, name, eta):
+    """The ancestral solvers with ComfyUI's RF split (η moves the flow time of the deterministic part) keep
+    the marginals of the path: on the mixture's exact flow they sample the mixture."""
     n = 2000
-    grid = fs.grids.uniform(128, 0.9999, 0.0).double()
+    grid = fs.grids.uniform(128 if name == "euler_ancestral" else 64, 0.9999, 0.0).double()
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    x = fs.sample(_gmm_flow(gmm), "euler_ancestral", grid=grid, x_init=z, seed=4, eta=eta, split="rf")
+    x = fs.sample(_gmm_flow(gmm), name, grid=grid, x_init=z, seed=4, eta=eta, split="rf")
     g = torch.Generator().manual_seed(5)
     floor = [fs.metrics.energy_distance(gmm.sample(n, generator=g, dtype=torch.float64),
                                         gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
@@ -1239,3 +1243,219 @@ def test_pndm_warm_up_is_rk4_on_any_field(gmm):
                           x_init=x0, nfe=10 ** 6, rtol=1e-12, atol=1e-12)
         errs.append(float((fs.sample(field, "pndm", grid=grid, x_init=x0) - exact).norm(dim=1).max()))
     assert all(math.log2(a / b) > 4.5 for a, b in zip(errs, errs[1:])), errs
+
+
+@pytest.mark.parametrize("kind,eta,s_noise,max_stage", [("er_sde", 1.0, 1.0, 3), ("er_sde", 0.5, 0.7, 2),
+                                                        ("reverse_time_sde", 1.0, 1.0, 3),
+                                                        ("reverse_time_sde", 2.0, 1.0, 3), ("ode", 1.0, 1.0, 3),
+                                                        ("er_sde", 0.0, 1.0, 3), ("er_sde", 1.0, 1.0, 1)])
+def test_er_sde_is_comfyuis_with_the_same_noise(gmm, kind, eta, s_noise, max_stage):
+    """ComfyUI's `sample_er_sde` (ER-SDE-Solver, Cui et al. 2023) with the scalers of its `SamplerER_SDE` node,
+    its loop written out on the VE field (α = 1, so λ_ER = σ) and handed flowsolve's per-sample noise:
+    `er_sde` gives the same samples, to round-off. At η = 0 (or "ode") the node draws no noise."""
+    if kind == "er_sde":
+        def psi(v):
+            return v * ((v ** 0.3).exp() + 10.0) ** eta
+    elif kind == "reverse_time_sde":
+        def psi(v):
+            return v ** (eta + 1)
+    else:
+        def psi(v):
+            return v
+    noise = 0.0 if kind == "ode" or eta == 0 else s_noise
+    sig, z = _comfy_karras_start()
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    pts = torch.arange(0, 200.0, dtype=torch.float64)
+    x, old, old_d = z.clone(), None, None
+    for i in range(len(sig) - 1):
+        den = gmm.denoiser(x, sig[i].expand(len(x)))
+        stage = min(max_stage, i + 1)
+        if sig[i + 1] == 0:
+            x = den
+        else:
+            ls, lt = sig[i], sig[i + 1]
+            r = psi(lt) / psi(ls)
+            x = r * x + (1 - r) * den
+            if stage >= 2:
+                dt = lt - ls
+                pos = lt + pts * (-dt / 200)
+                d1 = (den - old) / (ls - sig[i - 1])
+                x = x + (dt + torch.sum(1 / psi(pos)) * (-dt / 200) * psi(lt)) * d1
+                if stage >= 3:
+                    d2 = (d1 - old_d) / ((ls - sig[i - 2]) / 2)
+                    x = x + (dt ** 2 / 2 + torch.sum((pos - ls) / psi(pos)) * (-dt / 200) * psi(lt)) * d2
+                old_d = d1
+            if noise > 0:
+                x = x + src() * noise * (lt ** 2 - ls ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+        old = den
+    got = fs.sample(fs.fields.EDM(gmm.denoiser), "er_sde", grid=sig, x_init=z, seed=5, solver_type=kind, eta=eta,
+                    s_noise=s_noise, max_stage=max_stage)
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+
+
+def test_er_sde_from_pure_noise_is_its_limit(gmm):
+    """From a flow's t = 1 (ρ = ∞) the first step is the scaler's limit: D + ρ' ε for the SDEs (ψ(ρ)/ρ → ∞),
+    DDIM for "ode" (ψ = ρ): the same samples as starting at t = 1 − 1e-9, where ComfyUI offsets the grid."""
+    flow = _gmm_flow(gmm)
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grid = fs.grids.uniform(12, 1.0, 0.0).double()
+    near = grid.clone()
+    near[0] = 1 - 1e-9
+    for opts in ({}, {"solver_type": "ode"}, {"solver_type": "reverse_time_sde"}):
+        a = fs.sample(flow, "er_sde", grid=grid, x_init=z, seed=3, **opts)
+        b = fs.sample(flow, "er_sde", grid=near, x_init=z * (1 - 1e-9), seed=3, **opts)
+        assert torch.isfinite(a).all() and (a - b).abs().max().item() < 1e-5, opts
+    with pytest.raises(ValueError, match="solver_type: expected one of 'er_sde', 'reverse_time_sde', 'ode'"):
+        fs.sample(flow, "er_sde", nfe=4, n=2, solver_type="ER-SDE")
+    with pytest.raises(ValueError, match="max_stage: expected an integer <= 3"):
+        fs.sample(flow, "er_sde", nfe=4, n=2, max_stage=4)
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8)])
+def test_dpmpp_2s_rf_is_comfyuis_dpmpp_2s_ancestral_rf(gmm, eta, s_noise):
+    """ComfyUI's `sample_dpmpp_2s_ancestral_RF` (what `dpmpp_2s_ancestral` runs on flow models), its loop
+    written out on the mixture's exact flow (x = (1 − t) x_0 + t ε, D in the flow's own coordinates) and
+    handed flowsolve's noise: `dpmpp_2s` with `split="rf"` gives the same samples. The grid starts below
+    t = 1, where ComfyUI evaluates at 0.9999 instead of its midpoint."""
+    def den(x, t):
+        return gmm.denoiser(x / (1 - t), (t / (1 - t)).expand(len(x)))
+    sig = fs.grids.uniform(9, 0.97, 0.0).double()
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.97
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    x = z.clone()
+    for i in range(len(sig) - 1):
+        d = den(x, sig[i])
+        down = sig[i + 1] * (1 + (sig[i + 1] / sig[i] - 1) * eta)
+        a_next, a_down = 1 - sig[i + 1], 1 - down
+        renoise = (sig[i + 1] ** 2 - down ** 2 * a_next ** 2 / a_down ** 2) ** 0.5
+        if sig[i + 1] == 0:
+            x = d
+            continue
+        lam_i, lam_down = ((1 - sig[i]) / sig[i]).log(), ((1 - down) / down).log()
+        sig_s = 1 / ((0.5 * (lam_i + lam_down)).exp() + 1)
+        u = sig_s / sig[i] * x + (1 - sig_s / sig[i]) * d
+        x = down / sig[i] * x + (1 - down / sig[i]) * den(u, sig_s)
+        if eta > 0:
+            x = a_next / a_down * x + src() * s_noise * renoise
+    got = fs.sample(_gmm_flow(gmm), "dpmpp_2s", grid=sig, x_init=z, seed=5, eta=eta, s_noise=s_noise, split="rf")
+    assert (got - x).abs().max().item() <= 1e-9 * x.abs().max().item()
+    ve = fs.sample(_gmm_flow(gmm), "dpmpp_2s", grid=sig, x_init=z, seed=5, eta=0.0)
+    assert torch.equal(ve, fs.sample(_gmm_flow(gmm), "dpmpp_2s", grid=sig, x_init=z, seed=5, eta=0.0, split="rf"))
+    with pytest.raises(ValueError, match="split: expected one of ve, rf"):
+        fs.sample(_gmm_flow(gmm), "dpm_2_ancestral", grid=sig, x_init=z, split="RF")
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_res_multistep_ancestral_is_comfyuis(gmm, eta, s_noise):
+    """ComfyUI's `res_multistep` loop with `eta` (its `res_multistep_ancestral`), written out on the VE field
+    and handed flowsolve's noise: Euler to σ_down on the first and last steps, RES's second-order step
+    between them with c₂ measured from the previous σ_down; at η = 0 it is `dpmpp_2m_heun`."""
+    sig, z = _comfy_karras_start()
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    x, old, old_down = z.clone(), None, None
+    for i in range(len(sig) - 1):
+        den = gmm.denoiser(x, sig[i].expand(len(x)))
+        down, up = K.get_ancestral_step(sig[i], sig[i + 1], eta=eta)
+        if down == 0 or old is None:
+            x = x + (x - den) / sig[i] * (down - sig[i])
+        else:
+            h = -down.log() + sig[i].log()
+            c2 = (-sig[i - 1].log() + old_down.log()) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1) / -h
+            x = torch.exp(-h) * x + h * ((phi1 - phi2 / c2) * den + (phi2 / c2) * old)
+        if sig[i + 1] > 0 and eta > 0:
+            x = x + src() * s_noise * up
+        old, old_down = den, torch.as_tensor(down, dtype=torch.float64)
+    field = fs.fields.EDM(gmm.denoiser)
+    got = fs.sample(field, "res_multistep_ancestral", grid=sig, x_init=z, seed=5, eta=eta, s_noise=s_noise)
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+    if eta == 0:
+        heun = fs.sample(field, "dpmpp_2m_heun", grid=sig, x_init=z)
+        assert (got - heun).abs().max().item() <= 1e-12 * x.abs().max().item()
+
+
+def _guided_pair(gmm, w):
+    """The toy conditional model as a guided VE field and as the same guided flow (x = (1 − t) x̃, ρ = t/(1 − t))."""
+    den = _two_class_denoiser(gmm)
+    field = fs.fields.EDM(den, shape=(2,), guidance=w, uncond={"c": torch.zeros(1)})
+
+    def velocity(xf, tt, c):
+        tc = tt.reshape(-1, 1).double()
+        return (xf - den(xf / (1 - tc), (tc / (1 - tc)).reshape(-1), c)) / tc
+    flow = fs.fields.FlowMatching(fs.fields.guidance.GuidedDenoiser(velocity, w, {"c": torch.zeros(1)},
+                                                                    prediction="velocity"), (2,))
+    return den, field, flow
+
+
+@pytest.mark.parametrize("w", [0.6, 1.5])
+@pytest.mark.parametrize("gamma", [2.0, 1.0])
+def test_gradient_estimation_cfg_pp_is_comfyuis(gmm, w, gamma):
+    """ComfyUI's `gradient_estimation_cfg_pp`, its loop written out on the VE field: x = D_w + σ' d_u with
+    d_u = (x − D_u)/σ, plus (γ − 1)(d_u − d_u,old)(σ' − σ) from the second step; γ = 1 is `euler_cfg_pp`. On the
+    flow field it is the same solve in VE coordinates."""
+    den, field, flow = _guided_pair(gmm, w)
+    sig, z = _comfy_karras_start()
+    one, zero = torch.ones(len(z)), torch.zeros(len(z))
+    x, old = z.clone(), None
+    for i in range(len(sig) - 1):
+        s = sig[i].expand(len(x))
+        d_u = den(x, s, zero)
+        d_w = d_u + w * (den(x, s, one) - d_u)
+        d = (x - d_u) / sig[i]
+        if sig[i + 1] == 0:
+            x = d_w
+        else:
+            x = d_w + d * sig[i + 1]
+            if i >= 1:
+                x = x + (gamma - 1) * (d - old) * (sig[i + 1] - sig[i])
+        old = d
+    got = fs.sample(field, "gradient_estimation_cfg_pp", grid=sig, x_init=z, cond={"c": one}, gamma=gamma)
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+    if gamma == 1.0:
+        assert torch.equal(got, fs.sample(field, "euler_cfg_pp", grid=sig, x_init=z, cond={"c": one}))
+    rho = sig[sig > 0]
+    t = torch.cat([rho / (1 + rho), torch.zeros(1, dtype=torch.float64)])
+    flow_x = fs.sample(flow, "gradient_estimation_cfg_pp", grid=t, x_init=z / (1 + rho[0]), cond={"c": one},
+                       gamma=gamma)
+    assert (flow_x - got).abs().max().item() <= 1e-8 * got.abs().max().item()
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_dpmpp_2s_ancestral_cfg_pp_is_comfyuis(gmm, eta, s_noise):
+    """ComfyUI's `dpmpp_2s_ancestral_cfg_pp`, its loop written out on the VE field and handed flowsolve's noise:
+    DPM-Solver++(2S) to σ_down on the unconditional predictions (knot and midpoint), σ_up ε, then the knot's
+    guidance D_w − D_u added once. On the flow field it is the same solve in VE coordinates."""
+    w = 1.5
+    den, field, flow = _guided_pair(gmm, w)
+    sig, z = _comfy_karras_start()
+    one, zero = torch.ones(len(z)), torch.zeros(len(z))
+    src = SampleNoise(5, 0, 64, (2,), torch.float64, "cpu", stream=1)
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    x = z.clone()
+    for i in range(len(sig) - 1):
+        s = sig[i].expand(len(x))
+        d_u = den(x, s, zero)
+        guidance = w * (den(x, s, one) - d_u)
+        down, up = K.get_ancestral_step(sig[i], sig[i + 1], eta=eta)
+        if down == 0:
+            x = x + (x - d_u) / sig[i] * (down - sig[i])
+        else:
+            t, t_next = -sig[i].log(), -torch.as_tensor(down, dtype=torch.float64).log()
+            h = t_next - t
+            s_m = (-(t + h / 2)).exp()
+            x_2 = s_m / sig[i] * x - torch.expm1(-h / 2) * d_u
+            d_u2 = den(x_2, s_m.expand(len(x)), zero)
+            x = (-t_next).exp() / sig[i] * x - torch.expm1(-h) * d_u2
+        if sig[i + 1] > 0 and eta > 0:
+            x = x + src() * s_noise * up
+        x = x + guidance
+    got = fs.sample(field, "dpmpp_2s_ancestral_cfg_pp", grid=sig, x_init=z, cond={"c": one}, seed=5, eta=eta,
+                    s_noise=s_noise)
+    assert (got - x).abs().max().item() <= 1e-12 * x.abs().max().item()
+    rho = sig[sig > 0]
+    t = torch.cat([rho / (1 + rho), torch.zeros(1, dtype=torch.float64)])
+    flow_x = fs.sample(flow, "dpmpp_2s_ancestral_cfg_pp", grid=t, x_init=z / (1 + rho[0]), cond={"c": one}, seed=5,
+                       eta=eta, s_noise=s_noise)
+    assert (flow_x - got).abs().max().item() <= 1e-8 * got.abs().max().item()

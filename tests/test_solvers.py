@@ -32,8 +32,8 @@ ORDERS = [("euler", 1.8, 2.4), ("heun", 3.5, 4.6), ("dpmpp_2m", 3.2, 6), ("dpmpp
           ("dpmpp_2m_pc", 3.8, 8), ("dpmpp_3m_pc", 6, 30), ("adams", 3.8, 8), ("ipndm", 3.5, 15),
           ("torchdiffeq:rk4", 12, 17), ("torchdiffeq:midpoint", 2.8, 4.5), ("torchsde:heun", 3.5, 4.6),
           ("torchsde:srk", 7, 9), ("sde", 1.8, 2.4), ("gradient_estimation", 1.6, 2.4), ("seeds_2", 3.2, 4.6),
-          ("seeds_3", 5.5, 10)]
-ORDER_OPTIONS = {"sde": {"alpha": 0.0}, "seeds_2": {"eta": 0.0}, "seeds_3": {"eta": 0.0}}   # the deterministic (ODE) forms
+          ("seeds_3", 5.5, 10), ("er_sde", 3.2, 4.6)]
+ORDER_OPTIONS = {"sde": {"alpha": 0.0}, "seeds_2": {"eta": 0.0}, "seeds_3": {"eta": 0.0}, "er_sde": {"eta": 0.0}}   # the deterministic (ODE) forms
 
 
 @pytest.mark.parametrize("solver,lo,hi", ORDERS)

@@ -418,6 +418,47 @@ register(
 )
 register(
     Solver(
+        "er_sde",
+        peers.er_sde,
+        _one_per_step,
+        "ER-SDE-Solver-3, extended reverse-time SDE (Cui et al. 2023; ComfyUI's er_sde), 1 NFE a step",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "res_multistep_ancestral",
+        peers.res_multistep_ancestral,
+        _one_per_step,
+        "RES second-order multistep with ancestral noise (ComfyUI's res_multistep_ancestral), 1 NFE a step",
+        needs_sigma=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "dpmpp_2s_ancestral_cfg_pp",
+        peers.dpmpp_2s_ancestral_cfg_pp,
+        _heun_evals,
+        "DPM-Solver++(2S) ancestral with CFG++ (ComfyUI's dpmpp_2s_ancestral_cfg_pp), 2 NFE a step",
+        needs_sigma=True,
+        needs_guidance=True,
+        stochastic=True,
+    )
+)
+register(
+    Solver(
+        "gradient_estimation_cfg_pp",
+        peers.gradient_estimation_cfg_pp,
+        _one_per_step,
+        "gradient estimation with CFG++ (ComfyUI's gradient_estimation_cfg_pp)",
+        needs_sigma=True,
+        needs_guidance=True,
+    )
+)
+register(
+    Solver(
         "dpm_2_ancestral",
         peers.dpm_2_ancestral,
         _heun_evals,

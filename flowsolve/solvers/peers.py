@@ -47,7 +47,7 @@ from .base import (
     lu_differences,
     model_timestep,
 )
-from .._checks import check_int
+from .._checks import check_choice, check_int, check_number
 from ..errors import ArgumentError
 
 
@@ -259,17 +259,21 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
+def dpmpp_2s(
+    run: Run, x: torch.Tensor, *, eta: float = 0.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = 1/2) as k-diffusion's `sample_dpmpp_2s_ancestral`:
     in VE coordinates to ρ_down (ancestral split of ρ_{i+1} by `eta`), h = log(ρ_i/ρ_down),
         x̃_m = (ρ_m/ρ_i) x̃_i − expm1(−h/2) D_i,   x̃' = (ρ_down/ρ_i) x̃_i − expm1(−h) D(x_m),
-    then x̃_{i+1} = x̃' + ρ_up ε. eta = 0 (default) is the deterministic solver."""
+    then x̃_{i+1} = x̃' + s_noise ρ_up ε. eta = 0 (default) is the deterministic solver; `split="rf"` is
+    ComfyUI's `dpmpp_2s_ancestral_RF` (`euler_ancestral`'s `split`)."""
     eta = _check_eta(eta)
+    split = _ancestral_split(run, split)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        rho_i, rho_next = p.rho(i), p.rho(i + 1)
-        down, up = _ancestral(rho_i, rho_next, eta)
+        rho_i = p.rho(i)
+        down, up = _down_up(p, i, eta, split)
         xs = x / p.s[i]  # x̃/ρ_i = x/σ_i (finite from pure noise)
         if down == 0 or math.isinf(rho_i):
             xt_new = p.first_order(i, x, den, down)
@@ -279,22 +283,22 @@ def dpmpp_2s(run: Run, x: torch.Tensor, *, eta: float = 0.0) -> torch.Tensor:
             xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den  # ρ_m x̃/ρ_i − expm1(−h/2) D
             den_m = p.denoise_ve(xt_m, lam_m)
             xt_new = down * xs - math.expm1(-h) * den_m
-        x = _ancestral_noise(run, p, i, xt_new, up, 1.0)
+        x = _ancestral_noise(run, p, i, xt_new, up, s_noise)
         run.tick(i, x)
     return x
 
 
 # -- CFG++ ----------------------------------------------------------------------------------------
-def _uncond_data(run: Run, p: PathGrid, g, x: torch.Tensor, i: int, den: torch.Tensor) -> torch.Tensor:
-    """D_u at knot i, from the guided model's last unconditional branch in the field's own terms (a
+def _uncond_data(run: Run, p: PathGrid, g, x: torch.Tensor, t: float, den: torch.Tensor) -> torch.Tensor:
+    """D_u at (x, t) from the guided model's last unconditional branch in the field's own terms (a
     velocity, a score or D); the guided D where that call ran none (outside `interval`)."""
     u = g.last_uncond
     if u is None:
         return den
     if g.prediction == "velocity":
-        return p.path.data_prediction(x, u, p.t[i])
+        return p.path.data_prediction(x, u, t)
     if getattr(run.field, "prediction", "denoiser") != "denoiser":  # a score model: D = x + σ² s
-        return x + p.s[i] ** 2 * u
+        return x + p.path.sigma(t) ** 2 * u
     return u
 
 
@@ -305,16 +309,19 @@ def euler_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
     return euler_ancestral_cfg_pp(run, x, eta=0.0)
 
 
-def euler_ancestral_cfg_pp(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+def euler_ancestral_cfg_pp(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
     """Euler ancestral with CFG++ (ComfyUI's `euler_ancestral_cfg_pp`): `euler_cfg_pp`'s step to ρ_down of
-    k-diffusion's ancestral split, then ρ_up ε: x̃' = D_w + (ρ_down/ρ)(x̃ − D_u) + ρ_up ε."""
+    ancestral split (`euler_ancestral`'s `split`), then ρ_up ε: x̃' = D_w + (ρ_down/ρ)(x̃ − D_u) + ρ_up ε."""
     eta = _check_eta(eta)
+    split = _ancestral_split(run, split)
     g = guided_model(run.field)  # fs.sample refused unguided fields (`needs_guidance`)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
-        xt = p.first_order(i, x, den, down, _uncond_data(run, p, g, x, i, den))
+        down, up = _down_up(p, i, eta, split)
+        xt = p.first_order(i, x, den, down, _uncond_data(run, p, g, x, p.t[i], den))
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
@@ -330,12 +337,67 @@ def dpmpp_2m_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
-        den_u = _uncond_data(run, p, g, x, i, den)
+        den_u = _uncond_data(run, p, g, x, p.t[i], den)
         xt = p.first_order(i, x, den, rho_next, den_u)
         if old_u is not None and rho_next > 0 and not math.isinf(rho):  # the second-order term
             h, h_last = math.log(rho / rho_next), math.log(p.rho(i - 1) / rho)
             xt = xt - math.expm1(-h) * (h / (2.0 * h_last)) * (den - old_u)
         old_u = den_u
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def dpmpp_2s_ancestral_cfg_pp(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI's `dpmpp_2s_ancestral_cfg_pp`): `dpmpp_2s`'s step to
+    ρ_down on the unconditional predictions (D_u at knot i and D_u at the midpoint), ρ_up ε, then the guidance
+    D_w − D_u of knot i added once, x̃' = x̃'_u + ρ_up ε + (D_w − D_u). Its first-order form is `euler_ancestral_cfg_pp`'s
+    step; the midpoint's guided evaluation serves only its unconditional branch. Two evaluations per step."""
+    eta = _check_eta(eta)
+    split = _ancestral_split(run, split)
+    g = guided_model(run.field)  # fs.sample refused unguided fields (`needs_guidance`)
+    p = PathGrid(run)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        den_u = _uncond_data(run, p, g, x, p.t[i], den)
+        rho_i = p.rho(i)
+        down, up = _down_up(p, i, eta, split)
+        if down == 0 or math.isinf(rho_i):
+            xt = p.first_order(i, x, den_u, down)
+        else:
+            xs = x / p.s[i]  # x̃/ρ_i
+            h = math.log(rho_i / down)
+            lam_m = -math.log(rho_i) + 0.5 * h
+            xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den_u
+            t_m = p.path.time_at(lam_m)
+            den_m = p.denoise_ve(xt_m, lam_m)
+            xt = down * xs - math.expm1(-h) * _uncond_data(run, p, g, p.path.alpha(t_m) * xt_m, t_m, den_m)
+        if up > 0 and p.s[i + 1] > 0:
+            xt = xt + (s_noise * up) * run.noise()
+        x = p.a[i + 1] * (xt + (den - den_u))
+        run.tick(i, x)
+    return x
+
+
+def gradient_estimation_cfg_pp(run: Run, x: torch.Tensor, *, gamma: float = 2.0) -> torch.Tensor:
+    """Gradient estimation with CFG++ (ComfyUI's `gradient_estimation_cfg_pp`), in VE coordinates: the CFG++
+    step x̃' = D_w + ρ' d_u, d_u = (x̃ − D_u)/ρ, plus (γ − 1)(d_u − d_u,{i−1})(ρ' − ρ) from the second step on;
+    to the data x̃' = D_w. γ = 1 is `euler_cfg_pp`. One evaluation per step."""
+    gamma = check_number("gamma", gamma)
+    g = guided_model(run.field)  # fs.sample refused unguided fields (`needs_guidance`)
+    p = PathGrid(run)
+    old = None
+    for i in run.steps():
+        den = p.denoise(x, i)
+        den_u = _uncond_data(run, p, g, x, p.t[i], den)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        xt = p.first_order(i, x, den, rho_next, den_u)
+        d = None if math.isinf(rho) else (x / p.a[i] - den_u) / rho
+        if old is not None and d is not None and rho_next > 0:
+            xt = xt + ((gamma - 1.0) * (rho_next - rho)) * (d - old)
+        old = d
         x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
@@ -452,16 +514,110 @@ def seeds_3(
     return _seeds(run, x, eta, s_noise, stages)
 
 
-def dpm_2_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+# -- ER-SDE ----------------------------------------------------------------------------------------
+ER_SDE_SOLVERS = ("er_sde", "reverse_time_sde", "ode")
+
+
+def _er_tilt(kind: str, eta: float, rho: float) -> float:
+    """log(ψ(ρ)/ρ) = η log φ(ρ) for the noise scaler ψ(ρ) = ρ φ(ρ)^η (Cui et al. 2023; ComfyUI's `SamplerER_SDE`):
+    φ = e^{ρ^0.3} + 10 ("er_sde", the paper's tuned scaler), φ = ρ ("reverse_time_sde": ψ = ρ^{η+1}, the
+    reverse-time SDE at η = 1); η = 0 or "ode": ψ = ρ, the probability-flow ODE. Finite for ρ > 0, +∞ at ρ = ∞
+    (η > 0) without overflow."""
+    if kind == "ode" or eta == 0:
+        return 0.0
+    if math.isinf(rho):
+        return math.inf
+    if kind == "reverse_time_sde":
+        return eta * math.log(rho)
+    a = rho**0.3
+    return eta * (a + math.log1p(10.0 * math.exp(-a)))  # log(e^a + 10)
+
+
+def _er_integrals(kind: str, eta: float, rho: float, rho_next: float, points: int) -> tuple[float, float]:
+    """ψ(ρ') ∫ dλ/ψ(λ) and ψ(ρ') ∫ (λ − ρ) dλ/ψ(λ) over [ρ', ρ], by ComfyUI's left Riemann sum on `points`
+    equal pieces (so that the samples are ComfyUI's to round-off)."""
+    step = (rho - rho_next) / points
+    top = _er_tilt(kind, eta, rho_next)
+    s = s_u = 0.0
+    for k in range(points):
+        lam = rho_next + k * step
+        w = step * (rho_next / lam) * math.exp(top - _er_tilt(kind, eta, lam))  # Δλ ψ(ρ')/ψ(λ)
+        s += w
+        s_u += (lam - rho) * w
+    return s, s_u
+
+
+def er_sde(
+    run: Run,
+    x: torch.Tensor,
+    *,
+    solver_type: str = "er_sde",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    max_stage: int = 3,
+    points: int = 200,
+) -> torch.Tensor:
+    """ER-SDE-Solver (Cui et al. 2023, "Elucidating the solution space of extended reverse-time SDEs"; ComfyUI's
+    `er_sde`): the extended reverse SDE whose noise is set by a scaler ψ (`_er_log_psi`), solved in VE coordinates
+    (x̃ = x/α, ρ = σ/α) with D's divided differences in ρ, r = ψ(ρ')/ψ(ρ), Δ = ρ' − ρ:
+
+        stage 1:  x̃' = r x̃ + (1 − r) D_i
+        stage 2:  + (Δ + ψ(ρ') ∫_{ρ'}^{ρ} dλ/ψ) D'_i,                 D'_i = (D_i − D_{i−1})/(ρ_i − ρ_{i−1})
+        stage 3:  + (Δ²/2 + ψ(ρ') ∫_{ρ'}^{ρ} (λ − ρ) dλ/ψ) D''_i,      D''_i = 2 (D'_i − D'_{i−1})/(ρ_i − ρ_{i−2})
+        noise:    + s_noise √(ρ'² − ρ² r²) ε   (per sample; none at η = 0 or "ode")
+
+    stage k from the k-th step on (up to `max_stage`), the integrals by a `points`-piece Riemann sum; to the data
+    x = D, from pure noise the limit x̃' = D + ρ' ε (η > 0) or ρ' x/σ + D ("ode"). One evaluation per step. The
+    divided differences are backward ones, so on the ODE (η = 0) it converges at order 2 (`tests/test_solvers.py`)."""
+    solver_type = check_choice("solver_type", solver_type, ER_SDE_SOLVERS)
+    eta = _check_eta(eta)
+    s_noise = check_number("s_noise", s_noise, 0.0)
+    max_stage = check_int("max_stage", max_stage, 1, 3)
+    points = check_int("points", points, 1)
+    noisy = s_noise > 0 and eta > 0 and solver_type != "ode"
+    p = PathGrid(run)
+    old = old_d = x.new_zeros(())  # the previous D and D' (set before any stage reads them)
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho, rho_next = p.rho(i), p.rho(i + 1)
+        if rho_next == 0:
+            xt = den
+        else:
+            q = rho_next * math.exp(_er_tilt(solver_type, eta, rho_next) - _er_tilt(solver_type, eta, rho))  # ρ r
+            xt = q * (x / p.s[i]) + (1.0 - q / rho) * den  # stage 1: r x̃ = q x/σ (finite from pure noise)
+            stage = min(max_stage, i + 1)
+            if stage >= 2 and not math.isinf(rho):
+                s, s_u = _er_integrals(solver_type, eta, rho, rho_next, points)
+                dt = rho_next - rho
+                d1 = (den - old) * (1.0 / (rho - p.rho(i - 1)))  # 0 after a step from pure noise
+                xt = xt + (dt + s) * d1
+                if stage >= 3:
+                    d2 = (d1 - old_d) * (2.0 / (rho - p.rho(i - 2)))
+                    xt = xt + (0.5 * dt * dt + s_u) * d2
+                old_d = d1
+            if noisy:
+                xt = xt + (s_noise * math.sqrt(max(rho_next**2 - q * q, 0.0))) * run.noise()
+        old = den
+        x = p.a[i + 1] * xt
+        run.tick(i, x)
+    return x
+
+
+def dpm_2_ancestral(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
     """DPM-Solver-2 with ancestral noise (k-diffusion's `sample_dpm_2_ancestral`): split ρ_{i+1} into
     (ρ_down, ρ_up) by `eta`, take `dpm_2`'s step to ρ_down (midpoint ρ_m = √(ρ_i ρ_down)), then add
-    ρ_up ε (per sample); Euler when ρ_down = 0, DDIM from pure noise. Two evaluations per step."""
+    ρ_up ε (per sample); Euler when ρ_down = 0, DDIM from pure noise. Two evaluations per step. `split` as
+    `euler_ancestral`'s (ComfyUI's `dpm_2_ancestral_RF` takes its stages in the flow's own coordinates, this
+    one in VE coordinates, so the two differ on flows)."""
     eta = _check_eta(eta)
+    split = _ancestral_split(run, split)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
         rho_i = p.rho(i)
-        down, up = _ancestral(rho_i, p.rho(i + 1), eta)
+        down, up = _down_up(p, i, eta, split)
         if down == 0 or math.isinf(rho_i):  # first order: Euler to ρ_down (DDIM from pure noise)
             xt = p.first_order(i, x, den, down)
         else:
@@ -844,6 +1000,23 @@ def _split_of(field) -> str:
     return getattr(field_model(field, lambda m: hasattr(m, "ancestral_split")), "ancestral_split", None) or "ve"
 
 
+def _ancestral_split(run: Run, split: str | None) -> str:
+    """The `split` option checked, `None` read from the model's scheduler (`_split_of`)."""
+    split = _split_of(run.field) if split is None else split
+    if split not in ANCESTRAL_SPLITS:
+        raise ArgumentError(f"split: expected one of {', '.join(ANCESTRAL_SPLITS)}, got {split!r}")
+    return split
+
+
+def _down_up(p: PathGrid, i: int, eta: float, split: str) -> tuple[float, float]:
+    """(ρ_down, ρ_up) of an ancestral step from knot i to i + 1: "ve" k-diffusion's get_ancestral_step, "rf"
+    ComfyUI's RF rule (`_rf_down`), ρ_up = √(ρ_{i+1}² − ρ_down²) in both."""
+    if split == "rf":
+        down = min(_rf_down(p, i, eta), p.rho(i + 1))
+        return down, math.sqrt(max(p.rho(i + 1) ** 2 - down**2, 0.0))
+    return _ancestral(p.rho(i), p.rho(i + 1), eta)
+
+
 def euler_ancestral(
     run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
 ) -> torch.Tensor:
@@ -852,20 +1025,46 @@ def euler_ancestral(
     ρ_up = √(ρ_{i+1}² − ρ_down²). `split` says how η divides the step: "ve" (k-diffusion's
     get_ancestral_step, η scales ρ_up) or "rf" (ComfyUI's `euler_ancestral_RF`, diffusers'
     `LTXEulerAncestralRFScheduler`: η moves the field time where the deterministic part ends); the two
-    agree at η = 0 and, on σ-time fields, at η = 1. `None` takes the model's scheduler's split."""
+    agree at η = 0 and, on σ-time fields, at η = 1. `None` takes the model's scheduler's split. Every
+    ancestral solver (`dpmpp_2s`, `dpm_2_ancestral`, `euler_ancestral_cfg_pp`) takes the same `split`."""
     eta = _check_eta(eta)
-    split = _split_of(run.field) if split is None else split
-    if split not in ANCESTRAL_SPLITS:
-        raise ArgumentError(f"split: expected one of {', '.join(ANCESTRAL_SPLITS)}, got {split!r}")
+    split = _ancestral_split(run, split)
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        if split == "rf":
-            down = min(_rf_down(p, i, eta), p.rho(i + 1))
-            up = math.sqrt(max(p.rho(i + 1) ** 2 - down**2, 0.0))
-        else:
-            down, up = _ancestral(p.rho(i), p.rho(i + 1), eta)
+        down, up = _down_up(p, i, eta, split)
         x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down), up, s_noise)
+        run.tick(i, x)
+    return x
+
+
+def res_multistep_ancestral(
+    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, split: str | None = None
+) -> torch.Tensor:
+    """RES's second-order multistep step (Zhang et al. 2023) with ancestral noise (ComfyUI's
+    `res_multistep_ancestral`), in VE coordinates to ρ_down (`split` as `euler_ancestral`'s), h = log(ρ_i/ρ_down):
+        x̃_down = e^{−h} x̃_i + h (b₁ D_i + b₂ D_{i−1}),  b₁ = φ₁(−h) − φ₂(−h)/c₂,  b₂ = φ₂(−h)/c₂,
+    c₂ = (λ_{i−1} − λ_{down,i−1})/h measured, as ComfyUI does, from where the previous step's deterministic part
+    ended; then ρ_up ε. The first step and the last (to the data) are first order. η = 0 is ComfyUI's
+    `res_multistep`, which is `dpmpp_2m_heun`. One evaluation per step."""
+    eta = _check_eta(eta)
+    split = _ancestral_split(run, split)
+    p = PathGrid(run)
+    old, old_down = None, math.inf
+    for i in run.steps():
+        den = p.denoise(x, i)
+        rho = p.rho(i)
+        down, up = _down_up(p, i, eta, split)
+        if down == 0 or old is None or math.isinf(rho):
+            xt = p.first_order(i, x, den, down)
+        else:
+            h = math.log(rho / down)
+            c2 = (math.log(old_down) - math.log(p.rho(i - 1))) / h  # λ_{i−1} − λ_{down,i−1}, over h
+            phi1 = -math.expm1(-h) / h
+            phi2 = (phi1 - 1.0) / -h
+            xt = math.exp(-h) * (x / p.a[i]) + h * ((phi1 - phi2 / c2) * den + (phi2 / c2) * old)
+        old, old_down = den, down
+        x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
 
