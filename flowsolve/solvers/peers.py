@@ -46,6 +46,7 @@ from .base import (
     lagrange_weights,
     lu_differences,
     model_timestep,
+    sigma_lambda,
 )
 from .._checks import check_choice, check_int, check_number
 from ..errors import ArgumentError
@@ -1059,7 +1060,7 @@ def res_multistep_ancestral(
             xt = p.first_order(i, x, den, down)
         else:
             h = math.log(rho / down)
-            c2 = (math.log(old_down) - math.log(p.rho(i - 1))) / h  # λ_{i−1} − λ_{down,i−1}, over h
+            c2 = (sigma_lambda(p.rho(i - 1)) - sigma_lambda(old_down)) / h  # −∞ after a step to ρ_down = 0: first order
             phi1 = -math.expm1(-h) / h
             phi2 = (phi1 - 1.0) / -h
             xt = math.exp(-h) * (x / p.a[i]) + h * ((phi1 - phi2 / c2) * den + (phi2 / c2) * old)
