@@ -260,6 +260,20 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _dpmpp_2s_to(p: PathGrid, i: int, x: torch.Tensor, den: torch.Tensor, down: float, mid) -> torch.Tensor:
+    """x̃ at ρ_down by DPM-Solver++(2S) from knot i, h = log(ρ_i/ρ_down), λ_m = λ_i + h/2:
+    x̃_m = (ρ_m/ρ_i) x̃_i − expm1(−h/2) D_i, x̃' = (ρ_down/ρ_i) x̃_i − expm1(−h) mid(x̃_m, λ_m) (`mid` the midpoint's
+    prediction); first order (DDIM) from pure noise or to ρ_down = 0."""
+    rho_i = p.rho(i)
+    if down == 0 or math.isinf(rho_i):
+        return p.first_order(i, x, den, down)
+    xs = x / p.s[i]  # x̃/ρ_i = x/σ_i
+    h = math.log(rho_i / down)
+    lam_m = -math.log(rho_i) + 0.5 * h
+    xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den  # ρ_m x̃/ρ_i − expm1(−h/2) D
+    return down * xs - math.expm1(-h) * mid(xt_m, lam_m)
+
+
 def dpmpp_2s(
     run: Run, x: torch.Tensor, *, eta: float = 0.0, s_noise: float = 1.0, split: str | None = None
 ) -> torch.Tensor:
@@ -273,17 +287,8 @@ def dpmpp_2s(
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        rho_i = p.rho(i)
         down, up = _down_up(p, i, eta, split)
-        xs = x / p.s[i]  # x̃/ρ_i = x/σ_i (finite from pure noise)
-        if down == 0 or math.isinf(rho_i):
-            xt_new = p.first_order(i, x, den, down)
-        else:
-            h = math.log(rho_i / down)
-            lam_m = -math.log(rho_i) + 0.5 * h
-            xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den  # ρ_m x̃/ρ_i − expm1(−h/2) D
-            den_m = p.denoise_ve(xt_m, lam_m)
-            xt_new = down * xs - math.expm1(-h) * den_m
+        xt_new = _dpmpp_2s_to(p, i, x, den, down, p.denoise_ve)
         x = _ancestral_noise(run, p, i, xt_new, up, s_noise)
         run.tick(i, x)
     return x
@@ -363,18 +368,14 @@ def dpmpp_2s_ancestral_cfg_pp(
     for i in run.steps():
         den = p.denoise(x, i)
         den_u = _uncond_data(run, p, g, x, p.t[i], den)
-        rho_i = p.rho(i)
         down, up = _down_up(p, i, eta, split)
-        if down == 0 or math.isinf(rho_i):
-            xt = p.first_order(i, x, den_u, down)
-        else:
-            xs = x / p.s[i]  # x̃/ρ_i
-            h = math.log(rho_i / down)
-            lam_m = -math.log(rho_i) + 0.5 * h
-            xt_m = math.exp(-lam_m) * xs - math.expm1(-0.5 * h) * den_u
+
+        def mid_uncond(xt_m: torch.Tensor, lam_m: float) -> torch.Tensor:  # D_u at the midpoint
             t_m = p.path.time_at(lam_m)
             den_m = p.denoise_ve(xt_m, lam_m)
-            xt = down * xs - math.expm1(-h) * _uncond_data(run, p, g, p.path.alpha(t_m) * xt_m, t_m, den_m)
+            return _uncond_data(run, p, g, p.path.alpha(t_m) * xt_m, t_m, den_m)
+
+        xt = _dpmpp_2s_to(p, i, x, den_u, down, mid_uncond)
         if up > 0 and p.s[i + 1] > 0:
             xt = xt + (s_noise * up) * run.noise()
         x = p.a[i + 1] * (xt + (den - den_u))
