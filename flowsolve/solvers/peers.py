@@ -560,7 +560,7 @@ def er_sde(
     points: int = 200,
 ) -> torch.Tensor:
     """ER-SDE-Solver (Cui et al. 2023, "Elucidating the solution space of extended reverse-time SDEs"; ComfyUI's
-    `er_sde`): the extended reverse SDE whose noise is set by a scaler ψ (`_er_log_psi`), solved in VE coordinates
+    `er_sde`): the extended reverse SDE whose noise is set by a scaler ψ (`_er_tilt`), solved in VE coordinates
     (x̃ = x/α, ρ = σ/α) with D's divided differences in ρ, r = ψ(ρ')/ψ(ρ), Δ = ρ' − ρ:
 
         stage 1:  x̃' = r x̃ + (1 − r) D_i
