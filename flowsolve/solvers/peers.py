@@ -375,10 +375,8 @@ def dpmpp_2s_ancestral_cfg_pp(
             den_m = p.denoise_ve(xt_m, lam_m)
             return _uncond_data(run, p, g, p.path.alpha(t_m) * xt_m, t_m, den_m)
 
-        xt = _dpmpp_2s_to(p, i, x, den_u, down, mid_uncond)
-        if up > 0 and p.s[i + 1] > 0:
-            xt = xt + (s_noise * up) * run.noise()
-        x = p.a[i + 1] * (xt + (den - den_u))
+        xt = _dpmpp_2s_to(p, i, x, den_u, down, mid_uncond) + (den - den_u)  # the knot's guidance, once
+        x = _ancestral_noise(run, p, i, xt, up, s_noise)
         run.tick(i, x)
     return x
 
