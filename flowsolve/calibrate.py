@@ -225,7 +225,7 @@ def calibrate(
     from .sample import check_cond, cond_rows, initial_noise, resolve_grid, sample
 
     t0 = time.perf_counter()
-    spec = registry.get(solver)
+    spec = registry.get(solver).configured(options)
     check_int("nfe", nfe, 1)
     check_int("n", n, 2)
     check_number("seconds", seconds, 0.0, lo_open=True)

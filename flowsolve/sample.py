@@ -350,8 +350,7 @@ def sample(
         raise ArgumentTypeError(
             f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), got {type(field).__name__}"
         )
-    spec = solvers.get(solver)
-    spec.check_options(options)
+    spec = solvers.get(solver).configured(options)
     spec.check_field(field)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
@@ -459,7 +458,7 @@ def invert(
     torchdiffeq methods): the exponential ones cannot step into λ = −∞. solver: a name in
     `fs.solvers.REVERSIBLE` or a fixed-step torchdiffeq method.
     """
-    spec = solvers.get(solver)
+    spec = solvers.get(solver).configured(options)
     if (
         spec.stochastic
         or spec.adaptive

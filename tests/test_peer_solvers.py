@@ -318,24 +318,45 @@ def test_pc_is_the_score_sde_ve_loop(corrector_steps):
     assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()   # diffusers' step size is float32
 
 
-def test_edm_churn_is_k_diffusions_heun_with_churn(gmm64):
-    """EDM's Alg. 2 (`edm`, S_churn in [S_min, S_max]) is k-diffusion's `sample_heun(s_churn=...)`
-    given the same noise on the churned steps (k-diffusion draws on every step)."""
+@pytest.mark.parametrize("step,sampler", [("heun", "sample_heun"), ("euler", "sample_euler"),
+                                          ("dpm_2", "sample_dpm_2")])
+def test_edm_churn_is_k_diffusions_sampler_with_churn(gmm64, step, sampler):
+    """EDM's Alg. 2 (`edm`, S_churn in [S_min, S_max]) with a Heun, Euler or DPM-2 step is k-diffusion's
+    `sample_heun`, `sample_euler` or `sample_dpm_2` with `s_churn`, given the same noise on the churned
+    steps (k-diffusion draws on every step), and counts the same evaluations."""
     K = pytest.importorskip("peers").k_diffusion_sampling()
     sig = K.get_sigmas_karras(10, 0.002, 80.0).double()
     z = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
     src = SampleNoise(5, 0, 64, (64,), torch.float64, "cpu", stream=1)
     churned = iter([0.05 <= float(s) <= 50.0 for s in sig[:-1]])
+    calls = []
+
+    def den(x, s, **kw):
+        calls.append(1)
+        return gmm64.denoiser(x, s)
     original = K.torch.randn_like
     K.torch.randn_like = lambda x, *a, **k: src() if next(churned) else torch.zeros_like(x)
     try:
-        ref = K.sample_heun(lambda x, s, **kw: gmm64.denoiser(x, s), z.clone(), sig, disable=True,
-                            s_churn=10.0, s_tmin=0.05, s_tmax=50.0)
+        ref = getattr(K, sampler)(den, z.clone(), sig, disable=True, s_churn=10.0, s_tmin=0.05, s_tmax=50.0,
+                                  s_noise=0.9)
     finally:
         K.torch.randn_like = original
-    got = fs.sample(fs.fields.EDM(gmm64.denoiser), "edm", grid=sig, x_init=z, seed=5,
-                    S_churn=10.0, S_min=0.05, S_max=50.0)
+    got, info = fs.sample(fs.fields.EDM(gmm64.denoiser), "edm", grid=sig, x_init=z, seed=5, S_churn=10.0,
+                          S_min=0.05, S_max=50.0, S_noise=0.9, step=step, return_info=True)
     assert (got - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    assert info.nfe == len(calls) == (10 if step == "euler" else 19)
+    _, budget = fs.sample(fs.fields.EDM(gmm64.denoiser), "edm", nfe=19, n=2, seed=0, step=step, return_info=True)
+    assert len(budget.grid) - 1 == (19 if step == "euler" else 10)   # the NFE budget reads the step's evaluations
+
+
+def test_k_diffusion_churn_names_point_to_edm():
+    field = fs.fields.EDM(lambda x, s: 0 * x, shape=(2,))
+    with pytest.raises(TypeError, match="s_churn is S_churn of solver 'edm', whose step='euler'"):
+        fs.sample(field, "euler", nfe=4, n=2, s_churn=1.0)
+    with pytest.raises(TypeError, match="s_tmin is S_min"):
+        fs.sample(field, "edm", nfe=4, n=2, s_tmin=1.0)
+    with pytest.raises(ValueError, match="step: expected one of 'heun', 'euler', 'dpm_2', got 'rk4'"):
+        fs.sample(field, "edm", nfe=4, n=2, step="rk4")
 
 
 def _endpoint_errors(gmm, name, opts, ns):
@@ -359,6 +380,7 @@ def _endpoint_errors(gmm, name, opts, ns):
     ("deis", dict(order=2, lower_order_final=False), 1.8),      # the order-1 start costs the last digits
     ("deis", dict(order=3, lower_order_final=False), 2.2),
     ("dpm_2", {}, 1.9),
+    ("edm", {"step": "dpm_2"}, 1.9),                            # no churn: DPM-2 in VE coordinates
     ("dpmpp_2s", {}, 1.8),
     ("ipndm_v", {}, 2.2),                                        # AB4 after an order-1 start
     ("dpm_fast", {}, 2.6),                                       # DPM-Solver-3 on every step (no budget)
@@ -394,6 +416,8 @@ def test_ipndm_v_is_ipndm_on_a_uniform_grid(gmm):
                                        ("dpm_multistep", {"order": 3}), ("dpm_multistep", {"sde": True}),
                                        ("sde", {}), ("sde", {"alpha": 0.5}), ("sde", {"alpha": 0.0}),
                                        ("edm", {}), ("edm", {"S_churn": 20.0, "S_min": 0.05, "S_max": 10.0}),
+                                       ("edm", {"S_churn": 20.0, "step": "euler"}),
+                                       ("edm", {"S_churn": 20.0, "step": "dpm_2"}),
                                        ("seeds_2", {}), ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}),
                                        ("seeds_3", {}), ("er_sde", {}),
                                        ("er_sde", {"solver_type": "reverse_time_sde", "eta": 0.5}),

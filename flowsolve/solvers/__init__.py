@@ -119,9 +119,10 @@ register(
         "edm",
         fixed.edm,
         _heun_evals,
-        "EDM's stochastic sampler with S_churn/S_min/S_max/S_noise (Alg. 2)",
+        "EDM's stochastic sampler with S_churn/S_min/S_max/S_noise (Alg. 2); step='heun', 'euler' or 'dpm_2'",
         needs_sigma=True,
         stochastic=True,
+        variant=lambda options: {"evals": _one_per_step} if options.get("step") == "euler" else {},
     )
 )
 register(

@@ -8,6 +8,7 @@ per-sample noise, and serves trajectories, callbacks and progress.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -21,6 +22,9 @@ from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
 
 __all__ = ["Solver", "Run", "NonFiniteError", "NFEBudgetExceeded", "nearest"]
+
+
+_K_DIFFUSION_CHURN = {"s_churn": "S_churn", "s_tmin": "S_min", "s_tmax": "S_max"}  # its names for EDM's churn
 
 
 @dataclass
@@ -46,6 +50,9 @@ class Solver:
     # the spacing this solver walks by default on σ-time fields whose own default is the generic
     # Karras grid (measured best uncalibrated choice, benchmarks/low_nfe.py); None: the field's
     default_grid: str | None = None
+    # options that change the entry itself: variant(options) -> the fields that differ (e.g. `edm`'s
+    # step="euler" takes one evaluation per step); None: every option leaves the entry as it is
+    variant: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -74,11 +81,25 @@ class Solver:
         for k in options:
             if k not in self.options:
                 valid = ", ".join(sorted(self.options)) or "none"
+                churn = _K_DIFFUSION_CHURN.get(k.lower()) if isinstance(k, str) else None
                 raise ArgumentTypeError(
                     f"solver {self.name!r} got an unknown option {k!r}{nearest(k, self.options)}; "
                     f"its options are: {valid}"
+                    + (
+                        f" (k-diffusion's {k.lower()} is {churn} of solver 'edm', whose step='euler', 'heun' "
+                        f"or 'dpm_2' is its sample_euler, sample_heun or sample_dpm_2)"
+                        if churn
+                        else ""
+                    )
                 )
         return options
+
+    def configured(self, options: dict[str, Any]) -> "Solver":
+        """This entry as the given options make it (checked first): its NFE accounting, whether it
+        draws noise, what it needs of the field. `fs.sample`, `invert` and `calibrate` read this one."""
+        self.check_options(options)
+        changes = self.variant(options) if self.variant is not None else {}
+        return dataclasses.replace(self, **changes) if changes else self
 
     def check_field(self, field: Field) -> None:
         """Refuse, before any work, a field this solver cannot run on: one without a Gaussian path

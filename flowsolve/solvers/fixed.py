@@ -65,6 +65,35 @@ def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _churn_euler(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+    """Euler from (x̃, σ̂) to ρ_{i+1} on dx̃/dσ̃ = (x̃ − D)/σ̃ (k-diffusion's `sample_euler`)."""
+    return xt + (rho_next - rho_hat) / rho_hat * (xt - den)
+
+
+def _churn_heun(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+    """Alg. 2 lines 7–11: the Euler predictor, then the trapezoidal corrector at ρ_{i+1} (skipped at σ = 0)."""
+    h = rho_next - rho_hat
+    d = (xt - den) / rho_hat
+    xt_next = xt + h * d
+    if rho_next > 0 and p.run.evaluable[i + 1]:
+        d_next = (xt_next - p.denoise(p.a[i + 1] * xt_next, i + 1)) / rho_next
+        xt_next = xt + (0.5 * h) * (d + d_next)
+    return xt_next
+
+
+def _churn_dpm_2(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+    """DPM-Solver-2 (k-diffusion's `sample_dpm_2`): an Euler half step to the log-midpoint ρ_m = √(σ̂ ρ_{i+1}),
+    the full step with the midpoint's slope; Euler on a last step to σ = 0."""
+    if rho_next == 0:
+        return _churn_euler(p, i, xt, den, rho_hat, rho_next)
+    rho_m = math.sqrt(rho_hat * rho_next)
+    xt_m = xt + (rho_m - rho_hat) / rho_hat * (xt - den)
+    return xt + (rho_next - rho_hat) / rho_m * (xt_m - p.denoise_ve(xt_m, -math.log(rho_m)))
+
+
+_CHURN_STEPS = {"heun": _churn_heun, "euler": _churn_euler, "dpm_2": _churn_dpm_2}
+
+
 def edm(
     run: Run,
     x: torch.Tensor,
@@ -73,45 +102,25 @@ def edm(
     S_min: float = 0.0,
     S_max: float = math.inf,
     S_noise: float = 1.0,
+    step: str = "heun",
 ) -> torch.Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): raise σ_i to σ̂ = (1 + γ_i) σ_i by adding
-    fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a Heun step to σ_{i+1}.
-    On other Gaussian paths (flow matching, TrigFlow) it runs in the path's VE coordinates x̃ = x/α_t,
-    σ̃ = σ_t/α_t (S_min, S_max in σ̃), the variable EDM's algorithm is written in; a step from pure noise
-    (σ̃ = ∞) is the exact Euler (DDIM) limit x̃' = σ̃' x/σ_t + D."""
+    fresh noise, γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_min, S_max], then a step to σ_{i+1}: `step`
+    "heun" (Alg. 2), "euler" or "dpm_2" (k-diffusion's `sample_heun`, `sample_euler`, `sample_dpm_2`
+    with `s_churn`; one evaluation per step under "euler", two under the others, one on a last step to
+    σ = 0). It runs in the path's VE coordinates x̃ = x/α_t, σ̃ = σ_t/α_t (S_min, S_max in σ̃), the
+    variable EDM's algorithm is written in, so it serves flow matching and TrigFlow as it serves EDM;
+    a step from pure noise (σ̃ = ∞) is the exact Euler (DDIM) limit x̃' = σ̃' x/σ_t + D."""
     for name, v in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
             raise ArgumentError(f"{name}: expected a finite number >= 0, got {v!r}")
-    if not run.field.time_is_sigma and run.field.path is None:
-        raise ArgumentError(
-            f"solver: 'edm' churns the noise level σ of a field on a Gaussian path; "
-            f"{type(run.field).__name__} has none (use heun, or sde)"
-        )
     if not S_max >= S_min:
         raise ArgumentError(f"S_max: expected a number >= S_min={S_min}, got {S_max!r}")
-    if not run.field.time_is_sigma:
-        return _edm_on_path(run, x, S_churn, S_min, S_max, S_noise)
-    t = run.times
-    N = len(t) - 1
-    gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
-    for i in run.steps():
-        gamma = gamma_max if S_min <= t[i] <= S_max else 0.0
-        t_hat = t[i] + gamma * t[i]
-        if gamma > 0:
-            x = x + (math.sqrt(t_hat**2 - t[i] ** 2) * S_noise) * run.noise()
-            d = run.f_at(x, t_hat)
-        else:
-            d = run.f(x, i)
-        x = _heun_step(run, x, d, t[i + 1] - t_hat, i + 1)
-        run.tick(i, x)
-    return x
-
-
-def _edm_on_path(run: Run, x: torch.Tensor, S_churn: float, S_min: float, S_max: float, S_noise: float):
-    """`edm` on a Gaussian path, in VE coordinates: churn σ̃, Heun on dx̃/dσ̃ = (x̃ − D)/σ̃, x = α x̃."""
+    if step not in _CHURN_STEPS:
+        raise ArgumentError(f"step: expected one of {', '.join(map(repr, _CHURN_STEPS))}, got {step!r}")
+    take = _CHURN_STEPS[step]
     p = PathGrid(run)
-    N = len(run.times) - 1
-    gamma_max = min(S_churn / N, math.sqrt(2.0) - 1.0)
+    gamma_max = min(S_churn / (len(run.times) - 1), math.sqrt(2.0) - 1.0)  # Alg. 2 line 3
     for i in run.steps():
         rho, rho_next = p.rho(i), p.rho(i + 1)
         if math.isinf(rho):  # from pure noise: the Euler step's limit, exact for the first-order part
@@ -119,19 +128,13 @@ def _edm_on_path(run: Run, x: torch.Tensor, S_churn: float, S_min: float, S_max:
         else:
             xt = x / p.a[i]
             gamma = gamma_max if S_min <= rho <= S_max else 0.0
-            rho_hat = rho * (1.0 + gamma)
-            if gamma > 0:
+            rho_hat = rho * (1.0 + gamma)  # Alg. 2 line 5: σ̂ = (1 + γ) σ
+            if gamma > 0:  # line 6: x̂ = x + √(σ̂² − σ²) S_noise ε
                 xt = xt + (math.sqrt(rho_hat**2 - rho**2) * S_noise) * run.noise()
                 den = p.denoise_ve(xt, -math.log(rho_hat))
             else:
                 den = p.denoise(x, i)
-            d = (xt - den) / rho_hat
-            h = rho_next - rho_hat
-            xt_next = xt + h * d
-            if rho_next > 0 and run.evaluable[i + 1]:  # Heun's corrector (Euler on the last step to the data)
-                d_next = (xt_next - p.denoise(p.a[i + 1] * xt_next, i + 1)) / rho_next
-                xt_next = xt + (0.5 * h) * (d + d_next)
-            xt = xt_next
+            xt = take(p, i, xt, den, rho_hat, rho_next)  # lines 7–11 (or Euler / DPM-2)
         x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
