@@ -5,7 +5,14 @@ A loaded model says what it is by its type: `ParticleModel` (`.field()`) or `Gen
 """
 
 from .controlnet import ControlledModel
-from .diffusers_adapter import PREDICTION_TYPES, DiffusersDenoiser, DiffusersFlow, DiffusersTrigFlow, from_diffusers
+from .diffusers_adapter import (
+    PREDICTION_TYPES,
+    DiffusersAngle,
+    DiffusersDenoiser,
+    DiffusersFlow,
+    DiffusersTrigFlow,
+    from_diffusers,
+)
 from .flows import DiscriminatorFlowModel
 from .gan import LOSSES, ConvDiscriminator, DCGANGenerator, Discriminator, GANLoss, Generator, gradient_penalty
 from .io import MODEL_TYPES, from_pretrained, read_metadata, register_model_type, save_pretrained
@@ -22,6 +29,7 @@ __all__ = [
     "DiffusersDenoiser",
     "DiffusersFlow",
     "DiffusersTrigFlow",
+    "DiffusersAngle",
     "from_diffusers",
     "ControlledModel",
     "PREDICTION_TYPES",

@@ -563,6 +563,36 @@ class DiffusersTrigFlow(DiffusersFlow):
         return torch.cos(t) * xt - torch.sin(t) * v
 
 
+class DiffusersAngle(DiffusersTrigFlow):
+    """A v-prediction model on the angle (cosine) schedule with diffusers' `IPNDMScheduler` (Crowson's
+    v-diffusion; Dance Diffusion): x_θ = cos θ x_0 + sin θ ε, the network sees the timestep 2θ/π and
+    predicts v = cos θ ε − sin θ x_0 = dx/dθ. That is TrigFlow with σ_d = 1 (`fields.TrigFlow`, θ from
+    π/2 to 0), so every solver runs on it; the default grid is the scheduler's knots θ_i = atan2(β_i, α_i)
+    (β_i = sin²(π s_i/2), s_i uniform from 1 to 0). The scheduler's own loop (Adams–Bashforth on ε with
+    uniform coefficients, then DDIM) drops the network's output on its first step, where α = 0, so no
+    solver reproduces it to round-off; `ipndm`-type loops on this field solve the same ODE."""
+
+    def __init__(self, model: nn.Module, scheduler, **model_kwargs) -> None:
+        if _config(scheduler).get("trained_betas") is not None:
+            raise ArgumentError(
+                "scheduler: IPNDMScheduler with trained_betas has a fixed-length schedule that set_timesteps "
+                "does not size; use its default angle schedule"
+            )
+        super().__init__(model, scheduler, timestep_scale=2.0 / math.pi, **model_kwargs)
+        self.sigma_data = 1.0
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        """IPNDMScheduler's angles for `steps` steps (its timesteps · π/2), then θ = 0 (the data)."""
+        sched = scheduler_at(self.scheduler, steps)
+        theta = torch.as_tensor(sched.timesteps, dtype=torch.float64) * (math.pi / 2)
+        return torch.cat([theta.clamp(max=math.pi / 2), torch.zeros(1, dtype=torch.float64)])
+
+    def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
+        field = super().field(guidance, uncond, **kw)
+        field.schedule_for_every_solver = True  # the scheduler's angles are every solver's default grid
+        return field
+
+
 class FlowDenoiser(Denoiser):
     """D(x̃; σ̃) of a flow model on its Gaussian path (flow matching, TrigFlow): the time t with VE
     level σ̃, x_t = α_t x̃, and the model's data prediction from its velocity there (flow matching:
@@ -1278,11 +1308,13 @@ def from_diffusers(
         from .controlnet import ControlledModel
 
         model = ControlledModel(model, controlnet, controlnet_scale, controlnet_window)
-    out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow
+    out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow | DiffusersAngle
     if scheduler is not None and is_flow_scheduler(scheduler):
         out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "SCMScheduler":
         out = DiffusersTrigFlow(model, scheduler, **model_kwargs)
+    elif scheduler is not None and type(scheduler).__name__ == "IPNDMScheduler":
+        out = DiffusersAngle(model, scheduler, **model_kwargs)
     else:
         out = DiffusersDenoiser(
             model, scheduler, prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs
