@@ -35,16 +35,19 @@ FLOWSOLVE = {
     "res_multistep_ancestral": ({}, 1),
     "er_sde": ({}, 1),
     "sa_solver": ({}, 1),
+    "sa_solver (orders 3 / 4, the authors' advice)": ({"predictor_order": 3, "corrector_order": 4}, 1),
+    "edm (Euler step, S_churn 10)": ({"step": "euler", "S_churn": 10.0}, 1),
     "seeds_2": ({}, 2),
     "seeds_3": ({}, 3),
     "dpmpp_sde": ({}, 2),
     "sde (Eq. 21, alpha 1)": ({"alpha": 1.0}, 1),
 }
-KDIFF = {  # k-diffusion function -> evaluations per step
-    "sample_euler_ancestral": 1,
-    "sample_dpmpp_2m_sde": 1,
-    "sample_dpmpp_3m_sde": 1,
-    "sample_dpmpp_sde": 2,
+KDIFF = {  # k-diffusion row -> (function, evaluations per step, options)
+    "euler_ancestral": ("sample_euler_ancestral", 1, {}),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", 1, {}),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", 1, {}),
+    "dpmpp_sde": ("sample_dpmpp_sde", 2, {}),
+    "euler (s_churn 10)": ("sample_euler", 1, {"s_churn": 10.0}),
 }
 
 
@@ -80,16 +83,16 @@ def run(gmm, n: int, seeds: int, nfes) -> list[dict]:
                 eds.append(fs.metrics.energy_distance(x, truth(s)))
             rows.append({"sampler": f"flowsolve {name}", "dim": dim, "nfe": nfe, "ed": eds,
                          "s": (time.perf_counter() - t0) / seeds})
-        for fn, per in KDIFF.items():
+        for label, (fn, per, kw) in KDIFF.items():
             steps = steps_for(nfe, per)
             sig = K.get_sigmas_karras(steps, 0.002, 80.0).double()
             eds, t0 = [], time.perf_counter()
             for s in range(seeds):
                 torch.manual_seed(s)
                 z = torch.randn(n, dim, dtype=torch.float64) * 80.0
-                x = getattr(K, fn)(lambda v, sg, **kw: gmm.denoiser(v, sg), z, sig, disable=True)
+                x = getattr(K, fn)(lambda v, sg, **_: gmm.denoiser(v, sg), z, sig, disable=True, **kw)
                 eds.append(fs.metrics.energy_distance(x, truth(s)))
-            rows.append({"sampler": f"k-diffusion {fn[7:]}", "dim": dim, "nfe": nfe, "ed": eds,
+            rows.append({"sampler": f"k-diffusion {label}", "dim": dim, "nfe": nfe, "ed": eds,
                          "s": (time.perf_counter() - t0) / seeds})
     return rows
 

@@ -197,7 +197,7 @@ def compare(
     held-out digits; accuracy is the share of samples that `features` classifies as their label
     (`cond["class_labels"]`). Seed s draws the starting noise of `fs.sample(seed=s)`. `label` is
     appended to the solver names (e.g. "g=2"). `grids`: grid spacings to compare (None: each solver's
-    default; a spacing of `grids.SPACINGS` ("karras", "loglinear", "polyexponential", "vp", "beta");
+    default; a spacing of `grids.SPACINGS` ("karras", "loglinear", "polyexponential", "vp", "beta", "kl_optimal");
     "calibrated": the model folder's calibrated grid, cells without
     one are left out with a warning); a named grid is shown after the solver, e.g. "ipndm [calibrated]"."""
     from . import solvers as registry

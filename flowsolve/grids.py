@@ -22,6 +22,7 @@ __all__ = [
     "polyexponential",
     "vp",
     "beta",
+    "kl_optimal",
     "make",
     "check",
     "SPACINGS",
@@ -153,6 +154,17 @@ def beta(
     return _spaced(steps, sigma_min, sigma_max, final_zero, level)
 
 
+def kl_optimal(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True) -> torch.Tensor:
+    """σ uniform in arctan σ from σ_max to σ_min, then σ = 0: the "KL-optimal" schedule (Sabour et al.
+    2024, Align Your Steps, from the bound on the KL divergence of the Euler step; ComfyUI's and
+    AUTOMATIC1111's `kl_optimal`). arctan σ is the angle of the path x = cos θ x_0 + sin θ ε, so the
+    grid is uniform in θ as a TrigFlow grid with σ_d = 1 is."""
+    steps = _steps_ok(steps)
+    _check_range(sigma_min, sigma_max)
+    lo, hi = math.atan(sigma_min), math.atan(sigma_max)
+    return _spaced(steps, sigma_min, sigma_max, final_zero, lambda r: torch.tan(hi + r * (lo - hi)))
+
+
 def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
     """`steps` equal intervals from t_start to t_end (Discriminator Flows, Alg. 3)."""
     steps = _steps_ok(steps)
@@ -167,6 +179,7 @@ SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
     "polyexponential": polyexponential,
     "vp": vp,
     "beta": beta,
+    "kl_optimal": kl_optimal,
     "uniform": uniform,
 }
 # the spacings of noise levels σ in [σ_min, σ_max] (then 0), which any Gaussian path maps to its time
@@ -175,7 +188,8 @@ KINDS = SPACINGS  # the name before 0.2
 
 
 def make(spacing: str, steps: int, **kw) -> torch.Tensor:
-    """A grid by spacing name: 'karras', 'loglinear', 'polyexponential', 'vp', 'beta' or 'uniform'."""
+    """A grid by spacing name: 'karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal' or
+    'uniform'."""
     if spacing not in SPACINGS:
         raise ArgumentError(
             f"grid: unknown spacing {spacing!r}{nearest(str(spacing), SPACINGS)}; expected one of "

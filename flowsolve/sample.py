@@ -328,7 +328,7 @@ def sample(
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
-        ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'uniform', 'calibrated') sized by nfe.
+        ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal', 'uniform', 'calibrated') sized by nfe.
         A grid from `fs.grids.calibrate` may carry solver coefficients (`grid.coefficients`), which
         mix the field's outputs in order.
     n / shape or x_init: how many particles of which shape, or given starting particles.

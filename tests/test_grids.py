@@ -81,7 +81,24 @@ def test_bad_grid_arguments_are_named(call, word):
 
 def test_named_grids_sample_a_model_through_the_one_call():
     m = fs.from_pretrained("pretrained/digits-edm")
-    for name in ("polyexponential", "vp", "beta"):
+    for name in ("polyexponential", "vp", "beta", "kl_optimal"):
         x, info = fs.sample(m.field(), "dpmpp_2m", nfe=8, n=4, seed=0, grid=name, return_info=True)
         assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all()) and info.nfe == 8
         assert np.isclose(float(info.grid[0]), m.field().sigma_max) and float(info.grid[-1]) == 0.0
+
+
+def test_kl_optimal_is_comfyuis_schedule_and_uniform_in_the_angle():
+    """ComfyUI's `kl_optimal_scheduler(n, σ_min, σ_max)` written out: n knots uniform in arctan σ, then 0;
+    on a TrigFlow field with σ_d = 1 the same spacing is uniform in its time (after its first knot, which
+    every flow grid moves to the pure noise)."""
+    n, lo, hi = 9, 0.03, 14.6
+    r = torch.arange(n, dtype=torch.float64) / (n - 1)
+    ref = torch.zeros(n + 1, dtype=torch.float64)
+    ref[:-1] = (r * math.atan(lo) + (1 - r) * math.atan(hi)).tan()
+    torch.testing.assert_close(fs.grids.kl_optimal(n, lo, hi), ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(fs.grids.make("kl_optimal", 4, sigma_min=lo, sigma_max=hi, final_zero=False),
+                               fs.grids.kl_optimal(5, lo, hi)[:-1], rtol=1e-14, atol=0)
+    trig = fs.fields.TrigFlow(lambda x, t: 0 * x, (2,), sigma_data=1.0)
+    g = trig.grid(8, "kl_optimal", sigma_min=math.tan(0.1), sigma_max=math.tan(1.5))
+    assert float(g[0]) == trig.t_start and float(g[-1]) == 0.0     # a flow grid starts at its pure noise
+    torch.testing.assert_close(g[1:-1], torch.linspace(1.5, 0.1, 8, dtype=torch.float64)[1:], rtol=1e-12, atol=1e-12)

@@ -152,7 +152,7 @@ class Field:
 
     def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
         """A grid of this field with `steps` intervals (float64): `spacing` 'uniform' or a spacing of
-        noise levels ('karras', 'loglinear', 'polyexponential', 'vp', 'beta'; `grids.SPACINGS`), by
+        noise levels ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal'; `grids.SPACINGS`), by
         default the field's `default_grid`."""
         spacing = spacing or self.default_grid
         if spacing == "uniform":
