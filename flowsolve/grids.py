@@ -23,6 +23,7 @@ __all__ = [
     "vp",
     "beta",
     "kl_optimal",
+    "align_your_steps",
     "make",
     "check",
     "SPACINGS",
@@ -163,6 +164,34 @@ def kl_optimal(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, fi
     _check_range(sigma_min, sigma_max)
     lo, hi = math.atan(sigma_min), math.atan(sigma_max)
     return _spaced(steps, sigma_min, sigma_max, final_zero, lambda r: torch.tan(hi + r * (lo - hi)))
+
+
+# Align Your Steps' optimised 10-step noise levels (Sabour, Fidler & Kreis 2024; NVIDIA's published
+# tables for Stable Diffusion 1.x, SDXL and Stable Video Diffusion), from σ_max to σ_min
+_AYS_LEVELS = {
+    "sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+            0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+             0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+    "svd": (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}  # fmt: skip
+
+
+def align_your_steps(steps: int, model: str = "sd1") -> torch.Tensor:
+    """Align Your Steps (Sabour et al. 2024): the optimised noise levels of `model` ("sd1", "sdxl",
+    "svd"; for those models' σ ranges), log-linearly interpolated to `steps` + 1 knots whose last is set
+    to σ = 0, as the authors' guide, ComfyUI and diffusers' `AysSchedules` (10 steps) use them."""
+    steps = _steps_ok(steps)
+    if model not in _AYS_LEVELS:
+        raise ArgumentError(
+            f"model: expected one of {sorted(_AYS_LEVELS)}, got {model!r}{nearest(str(model), _AYS_LEVELS)}"
+        )
+    logs = torch.tensor(_AYS_LEVELS[model], dtype=torch.float64).log()
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64) * (len(logs) - 1)  # positions on the table
+    lo = u.floor().long().clamp(max=len(logs) - 2)
+    out = torch.exp(logs[lo] + (u - lo) * (logs[lo + 1] - logs[lo]))
+    out[-1] = 0.0
+    return out
 
 
 def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:

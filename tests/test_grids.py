@@ -102,3 +102,21 @@ def test_kl_optimal_is_comfyuis_schedule_and_uniform_in_the_angle():
     g = trig.grid(8, "kl_optimal", sigma_min=math.tan(0.1), sigma_max=math.tan(1.5))
     assert float(g[0]) == trig.t_start and float(g[-1]) == 0.0     # a flow grid starts at its pure noise
     torch.testing.assert_close(g[1:-1], torch.linspace(1.5, 0.1, 8, dtype=torch.float64)[1:], rtol=1e-12, atol=1e-12)
+
+
+def test_align_your_steps_is_the_published_schedule():
+    """diffusers' `AysSchedules` (10 steps, 3 decimals, up to 0.3% off NVIDIA's later table), and NVIDIA's log-linear interpolation
+    of the 10-step levels (written out) for other step counts; the last knot is σ = 0."""
+    from diffusers.schedulers import AysSchedules
+    for model, key in (("sd1", "StableDiffusionSigmas"), ("sdxl", "StableDiffusionXLSigmas"),
+                       ("svd", "StableDiffusionVideoSigmas")):
+        peer = torch.tensor(AysSchedules[key], dtype=torch.float64)
+        torch.testing.assert_close(fs.grids.align_your_steps(10, model), peer, rtol=5e-3, atol=1e-9)
+    levels = fs.grids.align_your_steps(10, "sdxl")[:-1].tolist() + [0.0291671582]
+    for steps in (4, 7, 25):
+        pos = np.linspace(0, 1, steps + 1)
+        ref = np.exp(np.interp(pos, np.linspace(0, 1, 11), np.log(levels[::-1])))[::-1].copy()
+        ref[-1] = 0.0
+        np.testing.assert_allclose(fs.grids.align_your_steps(steps, "sdxl").numpy(), ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="model: expected one of"):
+        fs.grids.align_your_steps(10, "sd3")
