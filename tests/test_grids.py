@@ -105,13 +105,14 @@ def test_kl_optimal_is_comfyuis_schedule_and_uniform_in_the_angle():
 
 
 def test_align_your_steps_is_the_published_schedule():
-    """diffusers' `AysSchedules` (10 steps, 3 decimals, up to 0.3% off NVIDIA's later table), and NVIDIA's log-linear interpolation
-    of the 10-step levels (written out) for other step counts; the last knot is σ = 0."""
+    """diffusers' `AysSchedules` (10 steps, 3 decimals, up to 1.4% off the later table NVIDIA publishes),
+    and NVIDIA's log-linear interpolation of the 10-step levels (written out) for other step counts; the
+    last knot is σ = 0."""
     from diffusers.schedulers import AysSchedules
     for model, key in (("sd1", "StableDiffusionSigmas"), ("sdxl", "StableDiffusionXLSigmas"),
                        ("svd", "StableDiffusionVideoSigmas")):
         peer = torch.tensor(AysSchedules[key], dtype=torch.float64)
-        torch.testing.assert_close(fs.grids.align_your_steps(10, model), peer, rtol=5e-3, atol=1e-9)
+        torch.testing.assert_close(fs.grids.align_your_steps(10, model), peer, rtol=2e-2, atol=1e-9)
     levels = fs.grids.align_your_steps(10, "sdxl")[:-1].tolist() + [0.0291671582]
     for steps in (4, 7, 25):
         pos = np.linspace(0, 1, steps + 1)
