@@ -1496,3 +1496,83 @@ def test_res_multistep_ancestral_from_pure_noise_reaches_the_mixture(gmm, split)
                                         gmm.sample(n, generator=g, dtype=torch.float64)) for _ in range(5)]
     d = fs.metrics.energy_distance(x, gmm.sample(n, generator=g, dtype=torch.float64))
     assert d < max(floor) + 2 * (max(floor) - min(floor)) + 0.005, (d, floor)
+
+
+# -- schedules that end with a step from σ_min to itself, and DDIM's clipping ----------------------
+_REPEATED_FINAL = [  # (scheduler, config, solver, options); Karras σ's end at σ_min, so a sigma_min end repeats it
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "solver_order": 3},
+     "dpmpp_3m", {"form": "lu", "lower_order_final": True}),
+    ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min", "solver_order": 3},     # not repeated
+     "dpmpp_3m", {"form": "lu", "lower_order_final": True}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
+     "dpmpp_2m", {"lower_order_final": True}),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, "unipc", {}),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "solver_order": 3,
+                                 "solver_type": "bh1"}, "unipc_bh1", {"order": 3}),
+    ("DEISMultistepScheduler", {"use_karras_sigmas": True}, "deis", {"order": 2}),
+    ("DEISMultistepScheduler", {"use_exponential_sigmas": True, "solver_order": 3}, "deis", {"order": 3}),
+    ("SASolverScheduler", {"use_karras_sigmas": True, "tau_func": lambda t: 0}, "sa_solver", {"tau": 0.0}),
+    ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+     "dpmpp_singlestep", {}),                                    # lower_order_final False for even steps
+]
+
+
+@pytest.mark.parametrize("name,kw,solver,opts", _REPEATED_FINAL)
+@pytest.mark.parametrize("steps", [6, 9])
+def test_schedules_ending_at_sigma_min_are_their_schedulers_loops(unet64, name, kw, solver, opts, steps):
+    """A `sigma_min` end that repeats the last knot is a step that moves nothing, which flowsolve does
+    not take; the scheduler still counts it in its lower-order rules (DPM-Solver, DEIS), and UniPC and
+    SA-Solver spend its evaluation on correcting the last real step, which `unipc` and `sa_solver` do
+    too (then the evaluations are the scheduler's). DPM-Solver singlestep lowers no order where its
+    steps are a multiple of its order and the schedule ends above 0."""
+    import diffusers
+    cls = getattr(diffusers, name)
+    sched = _in_float64(cls(num_train_timesteps=1000, **kw), steps)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, cls(num_train_timesteps=1000, **kw))
+    grid = m.field().grid(steps, "schedule")
+    repeated = float(sched.sigmas[-1]) == float(sched.sigmas[-2])
+    assert len(grid) - 1 == steps - (1 if repeated else 0)
+    x, info = fs.sample(m.field(), solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                        return_info=True, **opts)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()   # DPM-Solver's σ's: float32
+    corrects_last = solver in ("unipc", "unipc_bh1", "sa_solver") and repeated
+    assert info.nfe == len(grid) - 1 + (1 if corrects_last else 0)
+
+
+def test_final_corrector_is_an_option_whose_evaluation_the_budget_counts(gmm64):
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    grid = fs.grids.karras(6, 0.05, 80.0, final_zero=False)          # ends above σ = 0
+    z = torch.randn(20, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
+    plain, a = fs.sample(field, "unipc", grid=grid, x_init=z, return_info=True)
+    corrected, b = fs.sample(field, "unipc", grid=grid, x_init=z, return_info=True, final_corrector=True)
+    assert (a.nfe, b.nfe) == (6, 7) and not torch.allclose(plain, corrected)
+    ref = fs.sample(field, "torchdiffeq:dopri5", grid=torch.tensor([80.0, 0.05], dtype=torch.float64), x_init=z,
+                    nfe=10 ** 6, rtol=1e-10, atol=1e-10)
+    assert (corrected - ref).norm(dim=1).mean() < (plain - ref).norm(dim=1).mean()   # UniC: one order more
+    with pytest.raises(ValueError, match="needs 7 evaluations"):
+        fs.sample(field, "unipc", grid=grid, x_init=z, nfe=6, final_corrector=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+                                {"prediction_type": "sample"}, {"thresholding": True, "sample_max_value": 1.5},
+                                {"set_alpha_to_one": False}])
+def test_ddim_is_ddim_schedulers_default_loop_which_clips(unet64, kw):
+    """DDIMScheduler clips x̂_0 by default but steps along the ε of the unclipped prediction; `ddim`
+    does the same on a model that clips or thresholds (`euler` moves along the clipped one, DDIM's
+    `use_clipped_model_output=True`). With `set_alpha_to_one=False` its last step, from σ(0) to itself,
+    only clips, and `ddim` takes it."""
+    from diffusers import DDIMScheduler
+    sched = _in_float64(DDIMScheduler(num_train_timesteps=1000, **kw), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, DDIMScheduler(num_train_timesteps=1000, **kw))
+    grid = m.field().grid(10, "schedule")
+    start = z * m.prior_std_at(float(grid[0]))
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    x = fs.sample(m.field(), "ddim", grid=grid, x_init=start, dtype=torch.float64)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-8 * ref.abs().max().item()   # its final ᾱ is float32
+    clipped = fs.sample(m.field(), "euler", grid=grid, x_init=start, dtype=torch.float64)
+    assert (clipped * alpha_end - ref).abs().max().item() > 1e-3 * ref.abs().max().item()

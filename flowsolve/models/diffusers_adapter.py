@@ -420,6 +420,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.flow_map = _FLOW_MAP_INPUT in (accepted_inputs(model) or ()) if isinstance(model, nn.Module) else False
         self._frame_timesteps = base_class_name(model) in _FRAME_TIMESTEPS
         self._knots = KnotTable()  # the scheduler's knots t -> its integer timestep
+        self._repeated_ends: set[float] = set()  # last knots the scheduler steps to twice (`repeats_final`)
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
         self._missing_ids = [k for k in sorted(_POSITION_INPUTS) if known and k in known and k not in model_kwargs]
@@ -479,7 +480,11 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
             self._knots.learn(knot_timesteps(sched, sigmas))
-        return _distinct_knots(sigmas)  # Heun schedulers repeat their knots
+        return _distinct_knots(sigmas, self._repeated_ends)  # Heun schedulers repeat their knots
+
+    def repeats_final(self, t_end: float) -> bool:
+        """Whether the scheduler ended the schedule whose last knot is t_end with a step to itself."""
+        return _repeats_final(self, t_end)
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import FlowMatching
@@ -733,6 +738,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             cfg.get("variance_type") if type(scheduler).__name__ in _DDPM_SCHEDULERS else None
         )
         self.variance_output: torch.Tensor | None = None
+        self.unclipped_output: torch.Tensor | None = None  # D before clipping / thresholding (last call)
         self._knot_cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # σ knot -> timestep (CPU)
         # schedulers that cast the timesteps of their non-uniform σ's to integers (rounded or truncated)
         spaced = any(
@@ -745,6 +751,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
                 f"integer_timesteps: only discrete DDPM-style schedules have timesteps, not {self.schedule!r}"
             )
         self._knots = KnotTable()  # the scheduler's σ knots -> its timestep
+        self._repeated_ends: set[float] = set()  # last knots the scheduler steps to twice (`repeats_final`)
 
     # -- schedule ----------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -840,7 +847,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if isinstance(sig, torch.Tensor) and sig.dim() == 1 and len(sig) > 1:
             if self.schedule == "discrete" and not self.continuous_time:
                 self._learn_knots(knot_timesteps(sched, sig.double()))
-            return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64))
+            return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64), self._repeated_ends)
         final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
         if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
             final = float(sched.alphas_cumprod[0])
@@ -848,6 +855,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
         return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
+
+    def repeats_final(self, sigma_end: float) -> bool:
+        """Whether the scheduler ended the schedule whose last σ is sigma_end with a step to itself."""
+        return _repeats_final(self, sigma_end)
 
     def field(self, **kw):
         """`fields.EDM` on this denoiser whose default grid is the scheduler's own schedule, so
@@ -871,6 +882,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         set_alpha_to_one=False and "leading" spacing, whose last step is the identity) is not repeated."""
         knots = self.sigma(timesteps)
         if abs(float(final_sigma) - float(knots[-1])) <= 1e-9 * max(1.0, float(knots[-1])):
+            if float(knots[-1]) > 0:  # the scheduler's last step goes from this σ to itself (`repeats_final`)
+                self._repeated_ends.add(round(float(knots[-1]), 12))
             return knots
         return torch.cat([knots, torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
@@ -885,7 +898,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
 
     def finish_denoised(self, d: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The scheduler's post-processing of a data prediction: dynamic thresholding or clipping, then
-        LCM's boundary condition."""
+        LCM's boundary condition. Where it clips or thresholds, the prediction before it is kept as
+        `unclipped_output` (DDIM's step moves along the ε of the unclipped prediction: `solvers.ddim`)."""
+        self.unclipped_output = d.detach() if (self.thresholding or self.clip_sample) else None
         if self.thresholding:  # as the schedulers do: thresholding first, clipping otherwise
             d = _dynamic_threshold(d, self.threshold_ratio, self.threshold_max)
         elif self.clip_sample:
@@ -1017,13 +1032,25 @@ def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torc
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def _distinct_knots(grid: torch.Tensor) -> torch.Tensor:
+def _repeats_final(model, t_end: float) -> bool:
+    """Whether the diffusers scheduler behind `model` ended a schedule whose last knot is t_end with a
+    step from that knot to itself (a `final_sigmas_type="sigma_min"` σ equal to the last knot): that
+    step moves nothing and flowsolve drops it, but the scheduler counts it in its step-dependent
+    rules (the order of its last steps: `solvers.base.scheduler_steps`)."""
+    return float(t_end) > 0 and round(float(t_end), 12) in getattr(model, "_repeated_ends", ())
+
+
+def _distinct_knots(grid: torch.Tensor, repeated_ends: set[float] | None = None) -> torch.Tensor:
     """A scheduler's σ knots with each repeat dropped: second-order schedulers list every σ twice
     (Heun, KDPM2: one entry per stage), PLMS repeats its first timestep, a `sigma_min` final σ may
     equal the last knot, KDPM2 pads with zeros. The grid of steps is the distinct knots in order.
     An inverse scheduler's knots run from the data up (DDIMInverseScheduler's timesteps); they are
     given in sampling order, from the largest to the smallest and then 0, so that `fs.sample` walks
-    them down and `fs.invert` up."""
+    them down and `fs.invert` up. A repeated last knot above 0 is noted in `repeated_ends`."""
+    if repeated_ends is not None and len(grid) > 2 and float(grid[-1]) > 0:
+        last, before = float(grid[-1]), float(grid[-2])
+        if abs(last - before) <= 1e-9 * max(abs(before), 1.0):
+            repeated_ends.add(round(last, 12))
     keep = torch.ones(len(grid), dtype=torch.bool)
     keep[1:] = (grid[1:] - grid[:-1]).abs() > 1e-9 * grid[:-1].abs().clamp(min=1.0)
     grid = grid[keep]

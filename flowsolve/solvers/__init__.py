@@ -211,6 +211,15 @@ register(
         "iPNDM with variable steps: Adams–Bashforth-4 weights for the grid's own spacing",
     )
 )
+
+
+def _final_corrector(options: dict) -> dict:
+    """final_corrector=True (UniPC, SA-Solver): one more evaluation, at the last knot of a grid ending above σ = 0."""
+    if options.get("final_corrector") is True:
+        return {"evals": lambda steps, singular_end: steps + (0 if singular_end else 1)}
+    return {}
+
+
 register(
     Solver(
         "unipc",
@@ -218,9 +227,19 @@ register(
         _one_per_step,
         "UniPC (bh2) predictor-corrector, orders 1-3, no extra NFE",
         needs_sigma=True,
+        variant=_final_corrector,
     )
 )
-register(Solver("unipc_bh1", peers.unipc_bh1, _one_per_step, "UniPC with B(h) = h (bh1)", needs_sigma=True))
+register(
+    Solver(
+        "unipc_bh1",
+        peers.unipc_bh1,
+        _one_per_step,
+        "UniPC with B(h) = h (bh1)",
+        needs_sigma=True,
+        variant=_final_corrector,
+    )
+)
 register(Solver("deis", peers.deis, _one_per_step, "DEIS tAB in log ρ, orders 1-3 (diffusers' DEIS)", needs_sigma=True))
 register(
     Solver(
@@ -274,6 +293,7 @@ register(
         "SA-Solver: stochastic Adams predictor-corrector (Xue et al. 2023), per-sample noise",
         needs_sigma=True,
         stochastic=True,
+        variant=_final_corrector,
     )
 )
 register(

@@ -337,6 +337,16 @@ def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
     return None
 
 
+def scheduler_steps(run: "Run") -> int:
+    """The number of steps of the run as the field's diffusers scheduler counts them, for the rules that
+    lower the order of the last steps (`lower_order_final`): one more than the grid's when the
+    scheduler ended this schedule with a step from its last σ to itself (`final_sigmas_type=
+    "sigma_min"` on a schedule that already ends at σ_min), which moves nothing and is not taken."""
+    n = len(run.times) - 1
+    model = field_model(run.field, lambda m: callable(getattr(m, "repeats_final", None)))
+    return n + 1 if model is not None and model.repeats_final(run.times[-1]) else n
+
+
 def guided_model(field: Any) -> Any:
     """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
     from ..fields.guidance import GuidedDenoiser

@@ -34,6 +34,7 @@ from .base import (
     lagrange_weights,
     lu_differences,
     model_timestep,
+    scheduler_steps,
 )
 from .._checks import check_int
 from ..errors import ArgumentError
@@ -74,7 +75,10 @@ def exponential_multistep(
     `tests/test_solvers.py` checks that the numeric weights equal these closed forms.
     With `lower_order_final` and fewer than 15 steps, step i has order at most n − i (diffusers'
     DPM-Solver rule; it matters only for a grid ending above σ = 0, whose last step is otherwise of
-    full order as in k-diffusion).
+    full order as in k-diffusion). n counts the steps as the model's scheduler does
+    (`scheduler_steps`): a `final_sigmas_type="sigma_min"` schedule that already ends at σ_min ends
+    with a step from σ_min to itself, which flowsolve does not take, so its last real step has order
+    at most 2 there.
 
     `lu_third=True` takes Lu et al.'s third-order step instead of the exact quadratic (their
     DPM-Solver++(3M); diffusers' `solver_order=3`): with r₀ = h_{i−1}/h, r₁ = h_{i−2}/h,
@@ -84,7 +88,7 @@ def exponential_multistep(
     """
     p = PathGrid(run)  # VE for EDM fields: α = 1, σ = t, λ = −log σ
     alpha, sig, lam = p.a, p.s, p.lam
-    n = len(p.t) - 1
+    n = scheduler_steps(run)  # diffusers' step count (a σ_min → σ_min step it ends with included)
     hist: deque = deque(maxlen=order + 1)  # (λ_j, D_j), newest last; finite λ only
     x_prev = None  # x_i before the step, for the corrector
     for i in run.steps():

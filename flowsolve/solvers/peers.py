@@ -46,6 +46,7 @@ from .base import (
     lagrange_weights,
     lu_differences,
     model_timestep,
+    scheduler_steps,
     sigma_lambda,
 )
 from .._checks import check_choice, check_int, check_number
@@ -115,6 +116,7 @@ def unipc(
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
     predict_x0: bool = True,
+    final_corrector: bool | None = None,
 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023) on the data prediction, any Gaussian path.
 
@@ -128,6 +130,10 @@ def unipc(
     UniPC's authors suggest [0] under strong guidance). `predict_x0=False` runs the same method on
     the noise prediction ε = (x − α D)/σ (diffusers' option of that name): the differences are of ε,
     weighted by σ_{i+1} instead of α_{i+1}, with hh = h in the coefficients.
+    `final_corrector` also corrects the last step, with one more evaluation at the last knot, on a grid
+    that ends above σ = 0. None (the default) does so where the model's diffusers scheduler does:
+    a `final_sigmas_type="sigma_min"` schedule that already ends at σ_min steps from σ_min to itself,
+    which evaluates the model there and corrects the step before (and the NFE budget allows it).
     """
     if isinstance(disable_corrector, (str, bytes)) or not all(
         isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector
@@ -138,7 +144,7 @@ def unipc(
     if variant not in ("bh1", "bh2"):
         raise ArgumentError(f"variant: expected 'bh1' or 'bh2' (the B(h) of UniPC), got {variant!r}")
     p = PathGrid(run)
-    n = len(p.t) - 1
+    n = scheduler_steps(run)  # as the model's scheduler counts them
     hist: deque = deque(maxlen=order)  # (λ_j, value_j, D_j) of finite λ, newest last (value: D or ε)
     weight = p.a if predict_x0 else p.s  # what multiplies B(h) Σ ρ D1: α_{i+1}, or σ_{i+1} for ε
 
@@ -150,20 +156,28 @@ def unipc(
             return ddim_step(xs, d, p.s[i], p.s[j], p.a[j], p.lam[j] - p.lam[i])
         return (p.a[j] / p.a[i]) * xs - (p.s[j] * math.expm1(p.lam[j] - p.lam[i])) * v
 
+    def correct(i: int, val: torch.Tensor) -> torch.Tensor:
+        """UniC: step i − 1 → i again from x_{i−1}, with the value at the predicted x_i included."""
+        assert x_prev is not None
+        h = p.lam[i] - p.lam[i - 1]
+        older = list(hist)[:-1][::-1][: prev_order - 1]  # values at i−2, i−3, ...
+        _, m0, d0 = hist[-1]
+        rks = tuple((e[0] - p.lam[i - 1]) / h for e in older)
+        b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False, noise=not predict_x0)
+        res = rho[-1] * (val - m0)
+        for rk, e, c in zip(rks, older, rho[:-1]):
+            res = res + (c / rk) * (e[1] - m0)
+        return base(x_prev, d0, m0, i - 1, i) - (weight[i] * b_h) * res
+
+    def corrects(i: int) -> bool:
+        return corrector and x_prev is not None and prev_order > 0 and p.lam[i - 1] > -math.inf and i - 1 not in skip
+
     x_prev, prev_order = None, 0
     for i in run.steps():
         den = p.denoise(x, i)
         val = den if predict_x0 else (x - p.a[i] * den) / p.s[i]
-        if corrector and x_prev is not None and prev_order and p.lam[i - 1] > -math.inf and i - 1 not in skip:
-            h = p.lam[i] - p.lam[i - 1]
-            older = list(hist)[:-1][::-1][: prev_order - 1]  # values at i−2, i−3, ...
-            _, m0, d0 = hist[-1]
-            rks = tuple((e[0] - p.lam[i - 1]) / h for e in older)
-            b_h, rho = _unipc_coeffs(rks, h, prev_order, variant, predictor=False, noise=not predict_x0)
-            res = rho[-1] * (val - m0)
-            for rk, e, c in zip(rks, older, rho[:-1]):
-                res = res + (c / rk) * (e[1] - m0)
-            x = base(x_prev, d0, m0, i - 1, i) - (weight[i] * b_h) * res
+        if corrects(i):
+            x = correct(i, val)
         x_prev = x
         if p.lam[i] > -math.inf:
             hist.append((p.lam[i], val, den))
@@ -182,6 +196,13 @@ def unipc(
                 x = x - (weight[i + 1] * b_h) * pred
             prev_order = k
         run.tick(i, x)
+    last = len(p.t) - 1
+    if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
+        budget = run.nfe_budget
+        final_corrector = n > last and (budget is None or budget > last)
+    if final_corrector and p.s[last] > 0 and corrects(last):  # one more evaluation, at the last knot
+        den = p.denoise(x, last)
+        x = correct(last, den if predict_x0 else (x - p.a[last] * den) / p.s[last])
     return x
 
 
@@ -194,6 +215,7 @@ def unipc_bh1(
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
     predict_x0: bool = True,
+    final_corrector: bool | None = None,
 ) -> torch.Tensor:
     """UniPC with B(h) = h (`unipc` with variant='bh1'; Zhao et al. recommend it for unconditional models)."""
     return unipc(
@@ -205,6 +227,7 @@ def unipc_bh1(
         lower_order_final=lower_order_final,
         disable_corrector=disable_corrector,
         predict_x0=predict_x0,
+        final_corrector=final_corrector,
     )
 
 
@@ -220,7 +243,7 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
     (diffusers' rule)."""
     order = check_int("order", order, 1, 3)
     p = PathGrid(run)
-    n = len(p.t) - 1
+    n = scheduler_steps(run)  # as the model's scheduler counts them
     hist: deque = deque(maxlen=order)  # (log ρ_j, ε_j) of finite ρ, newest last
     for i in run.steps():
         den = p.denoise(x, i)
@@ -893,8 +916,19 @@ def _singlestep_orders(steps: int, order: int, lower_order_final: bool) -> list[
     return [1] * steps
 
 
+def _singlestep_lowers(run: Run, steps: int, order: int, ends_at_data: bool) -> bool:
+    """Whether diffusers' DPMSolverSinglestepScheduler behind the field lowers its final orders: its
+    `lower_order_final` (default False), switched on where the steps are not a multiple of the order
+    or the schedule ends at σ = 0; True for every other field."""
+    model = field_model(
+        run.field, lambda m: type(getattr(m, "scheduler", None)).__name__ == "DPMSolverSinglestepScheduler"
+    )
+    own = True if model is None else bool(dict(model.scheduler.config).get("lower_order_final", False))
+    return own or steps % order != 0 or ends_at_data
+
+
 def dpmpp_singlestep(
-    run: Run, x: torch.Tensor, *, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True
+    run: Run, x: torch.Tensor, *, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool | None = None
 ) -> torch.Tensor:
     """Singlestep DPM-Solver++ (Lu et al. 2022b, Alg. 1 with its stages on the grid's own knots;
     diffusers' `DPMSolverSinglestepScheduler`): the orders cycle 1, 2, (3); a k-th order update starts
@@ -904,13 +938,17 @@ def dpmpp_singlestep(
                ("heun": the ½ φ D₁ term becomes −(φ/h + 1) D₁),
 
     φ = expm1(−h), h = λ_{i+1} − λ_{i−1}, D₁ = (D_i − D_{i−1})/r, r = (λ_i − λ_{i−1})/h; k = 3 in the
-    same way over three knots. One evaluation a knot; the step to the data is first order."""
+    same way over three knots. One evaluation a knot; the step to the data is first order.
+    `lower_order_final` (None: as the model's diffusers scheduler does, else True) ends the cycles
+    with lower orders so that they fit the steps."""
     order = check_int("order", order, 1, 3)
     if solver_type not in ("midpoint", "heun"):
         raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     p = PathGrid(run)
-    n = len(p.t) - 1
-    orders = _singlestep_orders(n, order, bool(lower_order_final))
+    n, steps = len(p.t) - 1, scheduler_steps(run)  # the grid's steps, and the scheduler's count of them
+    if lower_order_final is None:
+        lower_order_final = _singlestep_lowers(run, steps, order, p.s[n] == 0)
+    orders = _singlestep_orders(steps, order, bool(lower_order_final))[:n]
     if p.s[n] == 0:  # diffusers' final_sigmas_type="zero"
         orders[-1] = 1
     dens: deque = deque(maxlen=3)  # data predictions at the last knots, newest last
@@ -947,16 +985,39 @@ def dpmpp_singlestep(
     return x
 
 
+def _clipping_model(field):
+    """The diffusers model under a field that clips or thresholds its data prediction, or None."""
+    return field_model(field, lambda m: getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
+
+
 def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     """DDIM (Song et al. 2021a), the first-order exponential step on any Gaussian path:
         x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} expm1(−h) D_i,   h = λ_{i+1} − λ_i,
     exact for a constant data prediction D. On EDM and flow-matching fields it is Euler; on TrigFlow,
-    its one step from pure noise is sCM's one-step sampler, D = cos(t) x − sin(t) v."""
+    its one step from pure noise is sCM's one-step sampler, D = cos(t) x − sin(t) v.
+    On a diffusers model that clips or thresholds D (`clip_sample`, `thresholding`: DDIMScheduler's
+    defaults clip), the step is DDIMScheduler's: x_{i+1} = α_{i+1} D_i + σ_{i+1} ε_i with D_i clipped and
+    ε_i = (x_i − α_i D_i^raw)/σ_i the noise of the unclipped prediction (where `euler` moves along the
+    clipped one: DDIM's `use_clipped_model_output=True`). Where the scheduler ends with a step from its
+    last σ to itself (`set_alpha_to_one=False`), that step clips x̂_0 there, with one more evaluation."""
     p = PathGrid(run)
+    clipping = _clipping_model(run.field)
     for i in run.steps():
         den = p.denoise(x, i)
-        x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        raw = getattr(clipping, "unclipped_output", None)
+        if raw is None or p.s[i + 1] == 0 or p.a[i] == 0:
+            x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
+        else:  # DDIM's direction term keeps the unclipped noise prediction
+            eps = (x - p.a[i] * raw[: len(x)].to(x.dtype)) / p.s[i]
+            x = p.a[i + 1] * den + p.s[i + 1] * eps
         run.tick(i, x)
+    end = len(p.t) - 1
+    if clipping is not None and scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end):
+        # the scheduler's last step, from its last σ to itself, moves x only by clipping x̂_0 there
+        den = p.denoise(x, end)
+        raw = getattr(clipping, "unclipped_output", None)
+        if raw is not None:
+            x = p.a[end] * den + (x - p.a[end] * raw[: len(x)].to(x.dtype))
     return x
 
 
@@ -1207,18 +1268,21 @@ def sa_solver(
     corrector_order: int = 2,
     tau: Any = None,
     lower_order_final: bool = True,
+    final_corrector: bool | None = None,
 ) -> torch.Tensor:
     """SA-Solver (Xue et al. 2023; diffusers' `SASolverScheduler`, data prediction): a stochastic
     Adams-Bashforth predictor of order `predictor_order` and a stochastic Adams-Moulton corrector of
     order `corrector_order`. The corrector reuses the new D at the predicted point and the
     predictor's noise, so there are no extra evaluations. τ sets the noise: τ = 0 is UniPC-like and
     deterministic; by default τ follows the scheduler's rule on a diffusers model and is 1 otherwise.
-    Orders ramp up from 1 and, with `lower_order_final`, fall to the steps left."""
+    Orders ramp up from 1 and, with `lower_order_final`, fall to the steps left. `final_corrector`
+    also corrects the last step, with one more evaluation at the last knot of a grid ending above
+    σ = 0; None does so where the model's scheduler does (as `unipc`)."""
     pmax = check_int("predictor_order", predictor_order, 1, 4)
     cmax = check_int("corrector_order", corrector_order, 1, 4)
     p = PathGrid(run)
     tau_at = _sa_tau(run, p, tau)
-    n = len(p.t) - 1
+    n = scheduler_steps(run)  # as the model's scheduler counts them
     hist: deque = deque(maxlen=max(pmax, cmax))  # (λ_j, D_j), newest last
     last = None  # (x_i, noise_i, τ_i, corrector order) of the previous predictor step
     warm = 0
@@ -1246,6 +1310,15 @@ def sa_solver(
             x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
         warm = min(warm + 1, max(pmax, cmax - 1))
         run.tick(i, x)
+    end = len(p.t) - 1
+    if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
+        final_corrector = n > end and (run.nfe_budget is None or run.nfe_budget > end)
+    if final_corrector and last is not None and p.s[end] > 0:  # one more evaluation, at the last knot
+        den = p.denoise(x, end)
+        x_last, noise_last, tau_last, c = last
+        older = list(hist)[::-1][: c - 1]
+        x = _sa_step(p, end - 1, end, [p.lam[end]] + [v[0] for v in older], [den] + [v[1] for v in older],
+                     tau_last, noise_last, x_last, pred=False)  # fmt: skip
     return x
 
 
@@ -1270,7 +1343,7 @@ def dpm_multistep(
     if solver_type not in ("midpoint", "heun"):
         raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     p = PathGrid(run)
-    n = len(p.t) - 1
+    n = scheduler_steps(run)  # as the model's scheduler counts them
     hist: deque = deque(maxlen=order)  # (λ_j, ε_j), newest last
     c = 2.0 if sde else 1.0
     for i in run.steps():
