@@ -1576,3 +1576,20 @@ def test_ddim_is_ddim_schedulers_default_loop_which_clips(unet64, kw):
     assert (x * alpha_end - ref).abs().max().item() <= 1e-8 * ref.abs().max().item()   # its final ᾱ is float32
     clipped = fs.sample(m.field(), "euler", grid=grid, x_init=start, dtype=torch.float64)
     assert (clipped * alpha_end - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{}, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_and_its_default_clipping_is_euler_ancestral(unet64, kw, eta):
+    """DDIMScheduler's η > 0 step under its default clip_sample: x_{i+1} = α' clip(x̂_0) + √(1 − ᾱ' − σ_t²) ε_raw
+    + σ_t ξ, ε_raw the noise of the unclipped prediction; `euler_ancestral` (eta=η) given the same noise."""
+    from diffusers import DDIMScheduler
+    sched = _in_float64(DDIMScheduler(num_train_timesteps=1000, **kw), 8)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _noisy_diffusers_loop(unet64, sched, z, eta=eta)
+    m = fs.models.from_diffusers(unet64, DDIMScheduler(num_train_timesteps=1000, **kw))
+    grid = m.field().grid(8, "schedule")
+    x = fs.sample(m.field(), "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
+                  dtype=torch.float64, eta=eta)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x * alpha_end - ref).abs().max().item() <= 1e-8 * ref.abs().max().item()

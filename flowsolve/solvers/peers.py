@@ -990,6 +990,13 @@ def _clipping_model(field):
     return field_model(field, lambda m: getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
 
 
+def _unclipped(model, x: torch.Tensor) -> torch.Tensor | None:
+    """The data prediction of `model`'s last call before it clipped it (DDIM's steps move along the
+    noise of this one), or None where nothing was clipped."""
+    raw = getattr(model, "unclipped_output", None)
+    return None if raw is None else raw[: len(x)].to(x.dtype)
+
+
 def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     """DDIM (Song et al. 2021a), the first-order exponential step on any Gaussian path:
         x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} expm1(−h) D_i,   h = λ_{i+1} − λ_i,
@@ -1004,20 +1011,19 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     clipping = _clipping_model(run.field)
     for i in run.steps():
         den = p.denoise(x, i)
-        raw = getattr(clipping, "unclipped_output", None)
-        if raw is None or p.s[i + 1] == 0 or p.a[i] == 0:
+        raw = _unclipped(clipping, x)
+        if raw is None:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
-        else:  # DDIM's direction term keeps the unclipped noise prediction
-            eps = (x - p.a[i] * raw[: len(x)].to(x.dtype)) / p.s[i]
-            x = p.a[i + 1] * den + p.s[i + 1] * eps
+        else:  # DDIM's direction term keeps the unclipped noise prediction: x̃' = D + ρ' (x̃ − D^raw)/ρ
+            x = p.a[i + 1] * p.first_order(i, x, den, p.rho(i + 1), raw)
         run.tick(i, x)
     end = len(p.t) - 1
     if clipping is not None and scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end):
         # the scheduler's last step, from its last σ to itself, moves x only by clipping x̂_0 there
         den = p.denoise(x, end)
-        raw = getattr(clipping, "unclipped_output", None)
+        raw = _unclipped(clipping, x)
         if raw is not None:
-            x = p.a[end] * den + (x - p.a[end] * raw[: len(x)].to(x.dtype))
+            x = p.a[end] * den + (x - p.a[end] * raw)
     return x
 
 
@@ -1087,14 +1093,17 @@ def euler_ancestral(
     get_ancestral_step, η scales ρ_up) or "rf" (ComfyUI's `euler_ancestral_RF`, diffusers'
     `LTXEulerAncestralRFScheduler`: η moves the field time where the deterministic part ends); the two
     agree at η = 0 and, on σ-time fields, at η = 1. `None` takes the model's scheduler's split. Every
-    ancestral solver (`dpmpp_2s`, `dpm_2_ancestral`, `euler_ancestral_cfg_pp`) takes the same `split`."""
+    ancestral solver (`dpmpp_2s`, `dpm_2_ancestral`, `euler_ancestral_cfg_pp`) takes the same `split`.
+    On a diffusers model that clips x̂_0 the step to ρ_down moves along the noise of the unclipped
+    prediction, as DDIMScheduler with η does (see `ddim`)."""
     eta = _check_eta(eta)
     split = _ancestral_split(run, split)
     p = PathGrid(run)
+    clipping = _clipping_model(run.field)  # DDIM with η steps along the noise of the unclipped x̂_0
     for i in run.steps():
         den = p.denoise(x, i)
         down, up = _down_up(p, i, eta, split)
-        x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down), up, s_noise)
+        x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down, _unclipped(clipping, x)), up, s_noise)
         run.tick(i, x)
     return x
 
