@@ -983,6 +983,10 @@ def test_deis_with_spaced_sigmas_repeats_its_last_knot(unet64, kw):
     ({"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),                           # "DPM++ 2M SDE"
     ({"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "dpmpp_2m_sde", {}),
     ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "dpmpp_2m_sde", {"solver_type": "heun"}),
+    ({"algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+     "dpmpp_2m_sde", {"lower_order_final": True}),
+    ({"algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+     "dpmpp_2m_sde", {"lower_order_final": True}),                                     # a repeated σ_min
 ])
 def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, kw, solver, opts):
     """DPMSolverMultistepScheduler ending at σ_min > 0 takes a first-order last step below 15 steps

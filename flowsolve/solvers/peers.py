@@ -1394,13 +1394,22 @@ def dpm_multistep(
 
 
 def _sde_multistep(
-    run: Run, x: torch.Tensor, order: int, eta: float, s_noise: float, solver_type: str = "midpoint"
+    run: Run,
+    x: torch.Tensor,
+    order: int,
+    eta: float,
+    s_noise: float,
+    solver_type: str = "midpoint",
+    lower_order_final: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M/3M) SDE on any path (k-diffusion's forms; Lu et al. 2022b, §5 SDE variant):
     x_{i+1} = (σ_{i+1}/σ_i) e^{−ηh} x_i + α_{i+1}(1 − e^{−(1+η)h}) D_i + α_{i+1} (multistep corrections)
-              + σ_{i+1} √(1 − e^{−2ηh}) ε."""
+              + σ_{i+1} √(1 − e^{−2ηh}) ε.
+    `lower_order_final`: below 15 steps step i has order at most n − i (diffusers' rule, n as its
+    scheduler counts the steps); it matters only on a grid ending above σ = 0."""
     eta = _check_eta(eta)
     p = PathGrid(run)
+    n = scheduler_steps(run)
     hist: deque = deque(maxlen=2)  # (h, D) of earlier finite steps, newest last
     for i in run.steps():
         den = p.denoise(x, i)
@@ -1411,8 +1420,9 @@ def _sde_multistep(
         h = p.lam[i + 1] - p.lam[i]
         he = h * (eta + 1.0)
         x = (p.s[i + 1] / p.s[i]) * math.exp(-eta * h) * x - (p.a[i + 1] * math.expm1(-he)) * den
-        if math.isfinite(h):
-            if order == 3 and len(hist) == 2:
+        k = min(order, n - i) if (lower_order_final and n < 15) else order
+        if math.isfinite(h) and k > 1:
+            if k == 3 and len(hist) == 2:
                 (h2, d2), (h1, d1) = hist
                 r0, r1 = h1 / h, h2 / h
                 d1_0, d1_1 = (den - d1) / r0, (d1 - d2) / r1
@@ -1424,7 +1434,7 @@ def _sde_multistep(
             elif len(hist) >= 1:
                 h1, d1 = hist[-1]
                 r = h1 / h
-                if order == 3 or solver_type == "heun":
+                if order == 3 or solver_type == "heun":  # (3M's second-order step: the exact φ₂)
                     x = x + p.a[i + 1] * ((math.expm1(-he) / he + 1.0) / r) * (den - d1)
                 else:  # k-diffusion's midpoint form of 2M SDE
                     x = x + p.a[i + 1] * (-0.5 * math.expm1(-he) / r) * (den - d1)
@@ -1437,13 +1447,20 @@ def _sde_multistep(
 
 
 def dpmpp_2m_sde(
-    run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint"
+    run: Run,
+    x: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+    lower_order_final: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`): see `_sde_multistep`; `solver_type`
-    "midpoint" (k-diffusion's default) or "heun" (the exact φ₂ weight), as in k-diffusion."""
+    "midpoint" (k-diffusion's default) or "heun" (the exact φ₂ weight), as in k-diffusion;
+    `lower_order_final` as diffusers' `algorithm_type="sde-dpmsolver++"` ending at σ_min."""
     if solver_type not in ("midpoint", "heun"):
         raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
-    return _sde_multistep(run, x, 2, eta, s_noise, solver_type)
+    return _sde_multistep(run, x, 2, eta, s_noise, solver_type, bool(lower_order_final))
 
 
 def dpmpp_3m_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
