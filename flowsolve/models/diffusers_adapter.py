@@ -883,7 +883,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         knots = self.sigma(timesteps)
         if abs(float(final_sigma) - float(knots[-1])) <= 1e-9 * max(1.0, float(knots[-1])):
             if float(knots[-1]) > 0:  # the scheduler's last step goes from this σ to itself (`repeats_final`)
-                self._repeated_ends.add(round(float(knots[-1]), 12))
+                self._repeated_ends.add(float(knots[-1]))
             return knots
         return torch.cat([knots, torch.tensor([float(final_sigma)], dtype=torch.float64)])
 
@@ -1037,7 +1037,8 @@ def _repeats_final(model, t_end: float) -> bool:
     step from that knot to itself (a `final_sigmas_type="sigma_min"` σ equal to the last knot): that
     step moves nothing and flowsolve drops it, but the scheduler counts it in its step-dependent
     rules (the order of its last steps: `solvers.base.scheduler_steps`)."""
-    return float(t_end) > 0 and round(float(t_end), 12) in getattr(model, "_repeated_ends", ())
+    t = float(t_end)  # the grid may hold the knot recomputed from the scheduler's float32 σ's: a relative match
+    return t > 0 and any(abs(t - end) <= 1e-6 * end for end in getattr(model, "_repeated_ends", ()))
 
 
 def _distinct_knots(grid: torch.Tensor, repeated_ends: set[float] | None = None) -> torch.Tensor:
@@ -1050,7 +1051,7 @@ def _distinct_knots(grid: torch.Tensor, repeated_ends: set[float] | None = None)
     if repeated_ends is not None and len(grid) > 2 and float(grid[-1]) > 0:
         last, before = float(grid[-1]), float(grid[-2])
         if abs(last - before) <= 1e-9 * max(abs(before), 1.0):
-            repeated_ends.add(round(last, 12))
+            repeated_ends.add(last)
     keep = torch.ones(len(grid), dtype=torch.bool)
     keep[1:] = (grid[1:] - grid[:-1]).abs() > 1e-9 * grid[:-1].abs().clamp(min=1.0)
     grid = grid[keep]
