@@ -1518,6 +1518,10 @@ _REPEATED_FINAL = [  # (scheduler, config, solver, options); Karras σ's end at 
     ("SASolverScheduler", {"use_karras_sigmas": True, "tau_func": lambda t: 0}, "sa_solver", {"tau": 0.0}),
     ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
      "dpmpp_singlestep", {}),                                    # lower_order_final False for even steps
+    ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min", "use_karras_sigmas": True,
+                                      "prediction_type": "v_prediction"}, "dpmpp_singlestep", {}),
+    ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min", "use_beta_sigmas": True, "solver_order": 3},
+     "dpmpp_singlestep", {"order": 3}),                          # a repeated σ_min closing a cycle
     ("EDMDPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min", "solver_order": 3},   # σ's from float32
      "dpmpp_3m", {"form": "lu", "lower_order_final": True}),
 ]
@@ -1529,8 +1533,9 @@ def test_schedules_ending_at_sigma_min_are_their_schedulers_loops(unet64, name, 
     """A `sigma_min` end that repeats the last knot is a step that moves nothing, which flowsolve does
     not take; the scheduler still counts it in its lower-order rules (DPM-Solver, DEIS), and UniPC and
     SA-Solver spend its evaluation on correcting the last real step, which `unipc` and `sa_solver` do
-    too (then the evaluations are the scheduler's). DPM-Solver singlestep lowers no order where its
-    steps are a multiple of its order and the schedule ends above 0."""
+    too (then the evaluations are the scheduler's), and DPM-Solver singlestep on the stage at the last
+    knot of a cycle that step closes. DPM-Solver singlestep lowers no order where its steps are a
+    multiple of its order and the schedule ends above 0."""
     import diffusers
     cls = getattr(diffusers, name)
     sched = _in_float64(cls(num_train_timesteps=1000, **kw), steps)
@@ -1545,7 +1550,8 @@ def test_schedules_ending_at_sigma_min_are_their_schedulers_loops(unet64, name, 
                         return_info=True, **opts)
     alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if m.schedule == "discrete" else 1.0
     assert (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()   # DPM-Solver's σ's: float32
-    corrects_last = solver in ("unipc", "unipc_bh1", "sa_solver") and repeated
+    sched_orders = getattr(sched, "order_list", [1] * (steps + 1))
+    corrects_last = repeated and (solver in ("unipc", "unipc_bh1", "sa_solver") or sched_orders[-1] > 1)
     assert info.nfe == len(grid) - 1 + (1 if corrects_last else 0)
 
 

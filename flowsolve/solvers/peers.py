@@ -940,7 +940,9 @@ def dpmpp_singlestep(
     φ = expm1(−h), h = λ_{i+1} − λ_{i−1}, D₁ = (D_i − D_{i−1})/r, r = (λ_i − λ_{i−1})/h; k = 3 in the
     same way over three knots. One evaluation a knot; the step to the data is first order.
     `lower_order_final` (None: as the model's diffusers scheduler does, else True) ends the cycles
-    with lower orders so that they fit the steps."""
+    with lower orders so that they fit the steps. Where the scheduler ends with a step from its last
+    σ to itself that closes a second- or third-order cycle, that update is taken, with one more
+    evaluation at the last knot (its stage there)."""
     order = check_int("order", order, 1, 3)
     if solver_type not in ("midpoint", "heun"):
         raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
@@ -948,46 +950,69 @@ def dpmpp_singlestep(
     n, steps = len(p.t) - 1, scheduler_steps(run)  # the grid's steps, and the scheduler's count of them
     if lower_order_final is None:
         lower_order_final = _singlestep_lowers(run, steps, order, p.s[n] == 0)
-    orders = _singlestep_orders(steps, order, bool(lower_order_final))[:n]
+    orders = _singlestep_orders(steps, order, bool(lower_order_final))  # for the scheduler's steps
     if p.s[n] == 0:  # diffusers' final_sigmas_type="zero"
-        orders[-1] = 1
+        orders[n - 1] = 1
     dens: deque = deque(maxlen=3)  # data predictions at the last knots, newest last
-    for i in run.steps():
-        dens.append(p.denoise(x, i))
+    x_start = x  # the state where the current cycle started
+
+    def update(i: int, k: int, to: int) -> torch.Tensor:
+        """The k-th order update that ends step i at knot `to`, from x_start at knot i − k + 1."""
+        j = i - k + 1
+        h = p.lam[to] - p.lam[j]
+        phi = math.expm1(-h)
+        base = (p.s[to] / p.s[j]) * x_start - (p.a[to] * phi) * dens[-k]
+        if k == 2:
+            d1 = (dens[-1] - dens[-2]) / ((p.lam[i] - p.lam[j]) / h)
+            if solver_type == "midpoint":
+                return base - (0.5 * p.a[to] * phi) * d1
+            return base + (p.a[to] * (phi / h + 1.0)) * d1
+        r0, r1 = (p.lam[i] - p.lam[j]) / h, (p.lam[i - 1] - p.lam[j]) / h
+        d1_0, d1_1 = (dens[-2] - dens[-3]) / r1, (dens[-1] - dens[-3]) / r0
+        if solver_type == "midpoint":
+            return base + (p.a[to] * (phi / h + 1.0)) * d1_1
+        d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
+        d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
+        return base + (p.a[to] * (phi / h + 1.0)) * d1 - (p.a[to] * ((phi + h) / h**2 - 0.5)) * d2
+
+    def order_at(i: int) -> int:
         k = min(orders[i], len(dens))
         while k > 1 and p.lam[i - k + 1] == -math.inf:  # no higher order from pure noise
             k -= 1
+        return k
+
+    for i in run.steps():
+        dens.append(p.denoise(x, i))
+        k = order_at(i)
         if k == 1:  # a cycle starts here: its later, higher-order updates start from this state
             x_start = x
             x = ddim_step(x, dens[-1], p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
-            j = i - k + 1  # the update's first knot (where x_start was saved)
-            h = p.lam[i + 1] - p.lam[j]
-            phi = math.expm1(-h)
-            base = (p.s[i + 1] / p.s[j]) * x_start - (p.a[i + 1] * phi) * dens[-k]
-            if k == 2:
-                r0 = (p.lam[i] - p.lam[j]) / h
-                d1 = (dens[-1] - dens[-2]) / r0
-                if solver_type == "midpoint":
-                    x = base - (0.5 * p.a[i + 1] * phi) * d1
-                else:
-                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1
-            else:
-                r0, r1 = (p.lam[i] - p.lam[j]) / h, (p.lam[i - 1] - p.lam[j]) / h
-                d1_0, d1_1 = (dens[-2] - dens[-3]) / r1, (dens[-1] - dens[-3]) / r0
-                if solver_type == "midpoint":
-                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1_1
-                else:
-                    d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
-                    d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
-                    x = base + (p.a[i + 1] * (phi / h + 1.0)) * d1 - (p.a[i + 1] * ((phi + h) / h**2 - 0.5)) * d2
+            x = update(i, k, i + 1)
         run.tick(i, x)
+    if steps > n and orders[n] > 1 and (run.nfe_budget is None or run.nfe_budget > n):
+        # the scheduler's last step, from its last σ to itself, ends a cycle: a stage at the last knot
+        dens.append(p.denoise(x, n))
+        k = order_at(n)
+        if k > 1:
+            x = update(n, k, n)
     return x
 
 
+_DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler")
+
+
 def _clipping_model(field):
-    """The diffusers model under a field that clips or thresholds its data prediction, or None."""
-    return field_model(field, lambda m: getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
+    """The diffusers model under a field whose DDIM scheduler clips or thresholds its data prediction
+    and steps along the noise of the unclipped one, or None (DDPM's posterior mean, and every other
+    scheduler, use the clipped prediction throughout)."""
+    return field_model(
+        field,
+        lambda m: (
+            getattr(m, "scheduler_class", None) in _DDIM_SCHEDULERS
+            and bool(getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
+        ),
+    )
 
 
 def _unclipped(model, x: torch.Tensor) -> torch.Tensor | None:
@@ -1002,7 +1027,7 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
         x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1} expm1(−h) D_i,   h = λ_{i+1} − λ_i,
     exact for a constant data prediction D. On EDM and flow-matching fields it is Euler; on TrigFlow,
     its one step from pure noise is sCM's one-step sampler, D = cos(t) x − sin(t) v.
-    On a diffusers model that clips or thresholds D (`clip_sample`, `thresholding`: DDIMScheduler's
+    On a diffusers DDIM model that clips or thresholds D (`clip_sample`, `thresholding`: DDIMScheduler's
     defaults clip), the step is DDIMScheduler's: x_{i+1} = α_{i+1} D_i + σ_{i+1} ε_i with D_i clipped and
     ε_i = (x_i − α_i D_i^raw)/σ_i the noise of the unclipped prediction (where `euler` moves along the
     clipped one: DDIM's `use_clipped_model_output=True`). Where the scheduler ends with a step from its
@@ -1094,8 +1119,8 @@ def euler_ancestral(
     `LTXEulerAncestralRFScheduler`: η moves the field time where the deterministic part ends); the two
     agree at η = 0 and, on σ-time fields, at η = 1. `None` takes the model's scheduler's split. Every
     ancestral solver (`dpmpp_2s`, `dpm_2_ancestral`, `euler_ancestral_cfg_pp`) takes the same `split`.
-    On a diffusers model that clips x̂_0 the step to ρ_down moves along the noise of the unclipped
-    prediction, as DDIMScheduler with η does (see `ddim`)."""
+    On a diffusers DDIM model that clips x̂_0 the step to ρ_down moves along the noise of the unclipped
+    prediction, as DDIMScheduler with η does (see `ddim`); on DDPM's it is DDPM's clipped posterior mean."""
     eta = _check_eta(eta)
     split = _ancestral_split(run, split)
     p = PathGrid(run)

@@ -1,0 +1,229 @@
+"""Every diffusers scheduler configuration against flowsolve: a sweep of each scheduler's loop.
+
+For random combinations of a scheduler's settings (timestep spacing, σ spacing, final σ type, order,
+solver type, prediction type, β schedule, flow shift, algorithm type), the scheduler's own loop on a
+tiny random UNet (float64 where the scheduler allows) against `fs.sample` with the solver of the
+scheduler's name on the model's default grid, from the same start and, for stochastic schedulers, the
+same per-sample noise. A configuration passes when the largest difference is below `--tol` of the
+sample's scale (ten times it for flow-mode schedulers, whose σ's stay float32).
+
+    python benchmarks/scheduler_parity.py [--per-scheduler 24] [--seed 1] [--tol 1e-5]
+
+Writes benchmarks/results/scheduler_parity.md: the count per scheduler and every configuration that
+differs, with its relative difference. The documented differences are listed in
+docs/guides/pretrained.md ("More known differences").
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import math
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import diffusers  # noqa: E402
+
+import flowsolve as fs  # noqa: E402
+from flowsolve.noise import SampleNoise  # noqa: E402
+
+VE_LOOPS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+def tiny_unet(dtype: torch.dtype):
+    from conftest import tiny_unet64
+    return tiny_unet64().to(dtype)
+
+
+def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
+    """The scheduler's loop; with `noisy`, its module's randn_tensor hands out flowsolve's stream (seed 5)."""
+    module = importlib.import_module(type(sched).__module__)
+    src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
+    original = getattr(module, "randn_tensor", None)
+    if noisy:
+        module.randn_tensor = lambda shape, **k: src()
+    try:
+        x = z * getattr(sched, "init_noise_sigma", 1.0)  # (flow-match schedulers start from z itself)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+                x = sched.step(unet(inp, t).sample, t, x).prev_sample
+        return x
+    finally:
+        if noisy:
+            module.randn_tensor = original
+
+
+def discrete_configs(rng: random.Random, name: str, params) -> dict:
+    kw: dict = {}
+    for key, values in (("timestep_spacing", ["linspace", "leading", "trailing"]),
+                        ("prediction_type", ["epsilon", "v_prediction"]),
+                        ("beta_schedule", ["linear", "scaled_linear"]),
+                        ("final_sigmas_type", [None, "zero", "sigma_min"])):
+        v = rng.choice(values)
+        if v is not None and key in params:
+            kw[key] = v
+    spacing = rng.choice([None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+    if spacing and spacing in params:
+        kw[spacing] = True
+    if "solver_order" in params and name != "DPMSolverSinglestepScheduler" and rng.random() < 0.5:
+        kw["solver_order"] = rng.choice([1, 3])
+    if name == "DPMSolverMultistepScheduler" and rng.random() < 0.3 and "solver_order" not in kw:
+        kw["algorithm_type"] = "sde-dpmsolver++"  # the second-order SDE solver (its third order is documented apart)
+    elif name == "DPMSolverMultistepScheduler" and rng.random() < 0.5:
+        kw["solver_type"] = "heun"
+    if name == "SASolverScheduler":
+        kw["tau_func"] = lambda t: 0
+    return kw
+
+
+def flow_configs(rng: random.Random, name: str, params) -> dict:
+    if name.startswith("FlowMatch"):
+        kw: dict = {"shift": rng.choice([1.0, 3.0])}
+        spacing = rng.choice([None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+        if spacing and spacing in params:
+            kw[spacing] = True
+        return kw
+    kw = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": rng.choice([1.0, 3.0])}
+    if "final_sigmas_type" in params:
+        kw["final_sigmas_type"] = rng.choice(["zero", "sigma_min"])
+    if "solver_order" in params and rng.random() < 0.4:
+        kw["solver_order"] = 3
+    if name == "SASolverScheduler":
+        kw["tau_func"] = lambda t: 0
+    return kw
+
+
+def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
+    """The solver of the scheduler's name, its options, and whether the loop draws noise."""
+    order = kw.get("solver_order")
+    sigma_min = kw.get("final_sigmas_type") == "sigma_min"
+    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
+        if kw.get("algorithm_type") == "sde-dpmsolver++":  # (its orders 1 and 3: not flowsolve's 2M SDE)
+            return "dpmpp_2m_sde", {"lower_order_final": True}, True
+        if order == 1:
+            return "ddim", {}, False
+        if order == 3:
+            opts = {"form": "lu", "lower_order_final": True, "solver_type": kw.get("solver_type", "midpoint")}
+            return "dpmpp_3m", opts, False
+        solver = "dpmpp_2m_heun" if kw.get("solver_type") == "heun" else "dpmpp_2m"
+        return solver, {"lower_order_final": sigma_min}, False
+    table = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm_2",
+             "LMSDiscreteScheduler": "adams", "DDIMScheduler": "ddim",
+             "DPMSolverSinglestepScheduler": "dpmpp_singlestep",
+             "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "SASolverScheduler": "sa_solver",
+             "FlowMatchEulerDiscreteScheduler": "euler", "FlowMatchHeunDiscreteScheduler": "heun",
+             "EDMEulerScheduler": "euler"}
+    solver = table[name]
+    opts: dict = {"LMSDiscreteScheduler": {"order": 4}, "SASolverScheduler": {"tau": 0.0}}.get(name, {})
+    if name in ("UniPCMultistepScheduler", "DEISMultistepScheduler"):
+        opts = {"order": order or 2}
+    return solver, opts, False
+
+
+DISCRETE = ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
+            "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+            "DEISMultistepScheduler", "SASolverScheduler"]
+FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler"]
+
+
+def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float):
+    cls = getattr(diffusers, name)
+    solver, opts, noisy = solver_for(name, kw)
+    dtype = torch.float32 if flow else torch.float64
+    sched = cls(**kw)
+    sched.set_timesteps(steps)
+    if not flow:
+        for key in ("sigmas", "alphas_cumprod"):
+            if isinstance(getattr(sched, key, None), torch.Tensor):
+                setattr(sched, key, getattr(sched, key).double())
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref = scheduler_loop(unet, sched, z, noisy)
+    m = fs.models.from_diffusers(unet, cls(**kw))
+    field = m.field()
+    if flow:
+        per = 2 if solver == "heun" else 1
+        x = fs.sample(field, solver, nfe=per * steps - (per - 1), x_init=z, seed=5, **opts)
+        scale = 1.0
+    else:
+        grid = field.grid(steps, "schedule")
+        x = fs.sample(field, solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=dtype, seed=5, **opts)
+        vp = getattr(m, "schedule", None) == "discrete" and name not in VE_LOOPS
+        scale = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if vp else 1.0
+    return (x * scale - ref).abs().max().item() / ref.abs().max().item(), solver, opts
+
+
+def tolerance(tol: float, flow: bool) -> float:
+    """Flow-mode schedulers keep their σ's in float32 (DEIS's flow mode differs from flowsolve by 5e-5
+    in float32 and by 1e-13 in float64): ten times the tolerance there."""
+    return 10 * tol if flow else tol
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-scheduler", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scheduler_parity.md"))
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    rng = random.Random(a.seed)
+    rows, diffs = [], []
+    for flow, names in ((False, DISCRETE + ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]), (True, FLOW)):
+        unet = tiny_unet(torch.float32 if flow else torch.float64)
+        for name in names:
+            params = inspect.signature(getattr(diffusers, name).__init__).parameters
+            seen, passed = set(), 0
+            for _ in range(a.per_scheduler):
+                if flow:
+                    kw = flow_configs(rng, name, params)
+                elif name.startswith("EDM"):
+                    kw = {k: rng.choice(v) for k, v in (("sigma_schedule", ["karras", "exponential"]),
+                                                         ("prediction_type", ["epsilon", "v_prediction"]))}
+                    if name == "EDMDPMSolverMultistepScheduler":
+                        kw.update(solver_order=rng.choice([1, 2, 3]), solver_type=rng.choice(["midpoint", "heun"]),
+                                  final_sigmas_type=rng.choice(["zero", "sigma_min"]))
+                else:
+                    kw = discrete_configs(rng, name, params)
+                key = str(sorted((k, str(v)) for k, v in kw.items()))
+                if key in seen:
+                    continue
+                seen.add(key)
+                steps = rng.choice([5, 8, 10])
+                try:
+                    err, solver, opts = run_one(unet, name, kw, steps, flow, a.tol)
+                except Exception as e:  # a configuration the scheduler refuses is not counted
+                    if "flowsolve" in type(e).__module__:
+                        diffs.append((name, kw, steps, "-", {}, f"{type(e).__name__}: {e}"[:120]))
+                    else:
+                        seen.discard(key)
+                    continue
+                if err <= tolerance(a.tol, flow):
+                    passed += 1
+                else:
+                    diffs.append((name, kw, steps, solver, opts, f"{err:.2e}"))
+            rows.append((name + (" (flow)" if flow else ""), len(seen), passed))
+            print(f"{rows[-1][0]}: {passed}/{len(seen)}", flush=True)
+    shown = lambda kw: ", ".join(f"{k}={v if not callable(v) else 'λ'}" for k, v in kw.items())  # noqa: E731
+    command = f"python benchmarks/scheduler_parity.py --per-scheduler {a.per_scheduler} --seed {a.seed} --tol {a.tol:g}"
+    lines = ["# diffusers schedulers against flowsolve's solvers", "", f"`{command}`", "",
+             "| scheduler | configurations | equal within tol |", "|---|---:|---:|"]
+    lines += [f"| {n} | {k} | {p} |" for n, k, p in rows]
+    total, ok = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines += [f"| **all** | **{total}** | **{ok}** |", "", "Configurations that differ:", "",
+              "| scheduler | configuration | steps | solver | relative difference |", "|---|---|---:|---|---:|"]
+    lines += [f"| {n} | {shown(kw)} | {s} | {sol} {shown(o)} | {e} |" for n, kw, s, sol, o, e in diffs]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print(f"{ok}/{total} equal; written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
