@@ -1,7 +1,8 @@
 """Every diffusers scheduler configuration against flowsolve: a sweep of each scheduler's loop.
 
 For random combinations of a scheduler's settings (timestep spacing, σ spacing, final σ type, order,
-solver type, prediction type, β schedule, flow shift, algorithm type), the scheduler's own loop on a
+solver type, prediction type, β schedule, flow shift, algorithm type; LCM's and TCD's original steps
+and clipping), the scheduler's own loop on a
 tiny random UNet (float64 where the scheduler allows) against `fs.sample` with the solver of the
 scheduler's name on the model's default grid, from the same start and, for stochastic schedulers, the
 same per-sample noise. A configuration passes when the largest difference is below `--tol` of the
@@ -32,8 +33,9 @@ import diffusers  # noqa: E402
 import flowsolve as fs  # noqa: E402
 from flowsolve.noise import SampleNoise  # noqa: E402
 
+# loops whose result is not the VP-scaled x at a last σ > 0: VE schedulers, and LCM (its last step returns x̂_0)
 VE_LOOPS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
-            "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+            "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler")
 
 
 def tiny_unet(dtype: torch.dtype):
@@ -42,7 +44,9 @@ def tiny_unet(dtype: torch.dtype):
 
 
 def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
-    """The scheduler's loop; with `noisy`, its module's randn_tensor hands out flowsolve's stream (seed 5)."""
+    """The scheduler's loop; with `noisy`, its module's randn_tensor hands out flowsolve's stream (seed 5).
+    TCD steps with η = 0.3."""
+    step_kw = {"eta": 0.3} if type(sched).__name__ == "TCDScheduler" else {}
     module = importlib.import_module(type(sched).__module__)
     src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
     original = getattr(module, "randn_tensor", None)
@@ -53,7 +57,7 @@ def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
         with torch.no_grad():
             for t in sched.timesteps:
                 inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-                x = sched.step(unet(inp, t).sample, t, x).prev_sample
+                x = sched.step(unet(inp, t).sample, t, x, **step_kw).prev_sample
         return x
     finally:
         if noisy:
@@ -114,6 +118,8 @@ def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
             return "dpmpp_3m", opts, False
         solver = "dpmpp_2m_heun" if kw.get("solver_type") == "heun" else "dpmpp_2m"
         return solver, {"lower_order_final": sigma_min}, False
+    if name in ("LCMScheduler", "TCDScheduler"):  # (TCD at its γ = η = 0.3, passed to the loop's step)
+        return ("consistency", {}, True) if name == "LCMScheduler" else ("tcd", {"gamma": 0.3}, True)
     table = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm_2",
              "LMSDiscreteScheduler": "adams", "DDIMScheduler": "ddim",
              "DPMSolverSinglestepScheduler": "dpmpp_singlestep",
@@ -177,7 +183,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = random.Random(a.seed)
     rows, diffs = [], []
-    for flow, names in ((False, DISCRETE + ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]), (True, FLOW)):
+    extra = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler"]
+    for flow, names in ((False, DISCRETE + extra), (True, FLOW)):
         unet = tiny_unet(torch.float32 if flow else torch.float64)
         for name in names:
             params = inspect.signature(getattr(diffusers, name).__init__).parameters
@@ -185,6 +192,11 @@ def main() -> None:
             for _ in range(a.per_scheduler):
                 if flow:
                     kw = flow_configs(rng, name, params)
+                elif name in ("LCMScheduler", "TCDScheduler"):
+                    kw = {k: rng.choice(v) for k, v in (("timestep_spacing", ["leading", "trailing", "linspace"]),
+                                                         ("prediction_type", ["epsilon", "v_prediction"]),
+                                                         ("original_inference_steps", [50, 25]),
+                                                         ("clip_sample", [False, True]))}
                 elif name.startswith("EDM"):
                     kw = {k: rng.choice(v) for k, v in (("sigma_schedule", ["karras", "exponential"]),
                                                          ("prediction_type", ["epsilon", "v_prediction"]))}
