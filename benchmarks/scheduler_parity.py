@@ -2,7 +2,7 @@
 
 For random combinations of a scheduler's settings (timestep spacing, σ spacing, final σ type, order,
 solver type, prediction type, β schedule, flow shift, algorithm type; LCM's and TCD's original steps
-and clipping), the scheduler's own loop on a
+and clipping; the ancestral and SDE schedulers too), the scheduler's own loop on a
 tiny random UNet (float64 where the scheduler allows) against `fs.sample` with the solver of the
 scheduler's name on the model's default grid, from the same start and, for stochastic schedulers, the
 same per-sample noise. A configuration passes when the largest difference is below `--tol` of the
@@ -50,8 +50,13 @@ def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
     module = importlib.import_module(type(sched).__module__)
     src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
     original = getattr(module, "randn_tensor", None)
+    tree = getattr(module, "BrownianTreeNoiseSampler", None)
     if noisy:
         module.randn_tensor = lambda shape, **k: src()
+        if tree is not None:  # DPMSolverSDEScheduler: the Brownian increments `dpmpp_sde` draws (tests' helper)
+            from test_peer_solvers import BrownianIncrements
+
+            module.BrownianTreeNoiseSampler = lambda *a, **k: BrownianIncrements(len(z), tuple(z.shape[1:]))
     try:
         x = z * getattr(sched, "init_noise_sigma", 1.0)  # (flow-match schedulers start from z itself)
         with torch.no_grad():
@@ -62,6 +67,8 @@ def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
     finally:
         if noisy:
             module.randn_tensor = original
+            if tree is not None:
+                module.BrownianTreeNoiseSampler = tree
 
 
 def discrete_configs(rng: random.Random, name: str, params) -> dict:
@@ -118,6 +125,10 @@ def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
             return "dpmpp_3m", opts, False
         solver = "dpmpp_2m_heun" if kw.get("solver_type") == "heun" else "dpmpp_2m"
         return solver, {"lower_order_final": sigma_min}, False
+    if name == "DPMSolverSDEScheduler":
+        return "dpmpp_sde", {}, True
+    if name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        return ("euler_ancestral" if name.startswith("Euler") else "dpm_2_ancestral"), {}, True
     if name in ("LCMScheduler", "TCDScheduler"):  # (TCD at its γ = η = 0.3, passed to the loop's step)
         return ("consistency", {}, True) if name == "LCMScheduler" else ("tcd", {"gamma": 0.3}, True)
     table = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm_2",
@@ -135,7 +146,8 @@ def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
 
 DISCRETE = ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
             "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
-            "DEISMultistepScheduler", "SASolverScheduler"]
+            "DEISMultistepScheduler", "SASolverScheduler", "EulerAncestralDiscreteScheduler",
+            "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"]
 FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",
         "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler"]
 
