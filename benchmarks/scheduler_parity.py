@@ -217,7 +217,7 @@ def main() -> None:
                                   final_sigmas_type=rng.choice(["zero", "sigma_min"]))
                 else:
                     kw = discrete_configs(rng, name, params)
-                key = str(sorted((k, str(v)) for k, v in kw.items()))
+                key = str(sorted((k, "λ" if callable(v) else str(v)) for k, v in kw.items()))  # (no addresses)
                 if key in seen:
                     continue
                 seen.add(key)

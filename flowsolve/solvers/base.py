@@ -347,6 +347,21 @@ def scheduler_steps(run: "Run") -> int:
     return n + 1 if model is not None and model.repeats_final(run.times[-1]) else n
 
 
+def takes_closing_step(run: "Run") -> bool:
+    """Whether to take the step the field's diffusers scheduler ends with, from its last σ to itself
+    (`scheduler_steps`), where that step does something (UniPC's and SA-Solver's final correction,
+    a singlestep cycle's last stage, DDIM's clip): it costs one more evaluation, which the NFE
+    budget must allow."""
+    end = len(run.times) - 1
+    return scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end)
+
+
+def lowered_order(order: int, steps: int, i: int, lower_order_final: bool) -> int:
+    """diffusers' `lower_order_final` rule of its multistep solvers: below 15 steps, step i has order at
+    most steps − i (`steps` as the scheduler counts them: `scheduler_steps`)."""
+    return min(order, steps - i) if lower_order_final and steps < 15 else order
+
+
 def guided_model(field: Any) -> Any:
     """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
     from ..fields.guidance import GuidedDenoiser

@@ -81,9 +81,10 @@ def _churn_heun(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_ha
     return xt_next
 
 
-def _churn_dpm_2(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
-    """DPM-Solver-2 (k-diffusion's `sample_dpm_2`): an Euler half step to the log-midpoint ρ_m = √(σ̂ ρ_{i+1}),
-    the full step with the midpoint's slope; Euler on a last step to σ = 0."""
+def dpm_2_step(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+    """DPM-Solver-2 (k-diffusion's `sample_dpm_2`; `dpm_2`, and `edm`'s step="dpm_2"): from (x̃, σ̂) an Euler
+    half step to the log-midpoint ρ_m = √(σ̂ ρ_{i+1}), the full step with the midpoint's slope; Euler on
+    a last step to σ = 0."""
     if rho_next == 0:
         return _churn_euler(p, i, xt, den, rho_hat, rho_next)
     rho_m = math.sqrt(rho_hat * rho_next)
@@ -91,7 +92,7 @@ def _churn_dpm_2(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_h
     return xt + (rho_next - rho_hat) / rho_m * (xt_m - p.denoise_ve(xt_m, -math.log(rho_m)))
 
 
-_CHURN_STEPS = {"heun": _churn_heun, "euler": _churn_euler, "dpm_2": _churn_dpm_2}
+_CHURN_STEPS = {"heun": _churn_heun, "euler": _churn_euler, "dpm_2": dpm_2_step}
 
 
 def edm(

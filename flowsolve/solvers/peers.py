@@ -44,11 +44,14 @@ from .base import (
     field_model,
     guided_model,
     lagrange_weights,
+    lowered_order,
     lu_differences,
     model_timestep,
     scheduler_steps,
     sigma_lambda,
+    takes_closing_step,
 )
+from .fixed import dpm_2_step
 from .._checks import check_choice, check_int, check_number
 from ..errors import ArgumentError
 
@@ -198,8 +201,7 @@ def unipc(
         run.tick(i, x)
     last = len(p.t) - 1
     if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
-        budget = run.nfe_budget
-        final_corrector = n > last and (budget is None or budget > last)
+        final_corrector = takes_closing_step(run)
     if final_corrector and p.s[last] > 0 and corrects(last):  # one more evaluation, at the last knot
         den = p.denoise(x, last)
         x = correct(last, den if predict_x0 else (x - p.a[last] * den) / p.s[last])
@@ -251,7 +253,7 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))  # (log ρ_i, ε_i)
-            k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
+            k = min(lowered_order(order, n, i, lower_order_final), len(hist))
             recent = list(hist)[-k:][::-1]
             u_i, u_j = math.log(p.rho(i)), math.log(p.rho(i + 1))
             w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)  # ∫ e^{u − u_j} ℓ_j du
@@ -270,15 +272,10 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
     p = PathGrid(run)
     for i in run.steps():
         den = p.denoise(x, i)
-        if p.s[i + 1] == 0 or p.a[i] == 0:
+        if p.a[i] == 0:  # from pure noise: DDIM
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
-        else:
-            lam_m = 0.5 * (p.lam[i] + p.lam[i + 1])
-            rho_i, rho_j, rho_m = p.rho(i), p.rho(i + 1), math.exp(-lam_m)
-            xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
-            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
-            den_m = p.denoise_ve(xt_m, lam_m)
-            x = p.a[i + 1] * (xt + (rho_j - rho_i) / rho_m * (xt_m - den_m))
+        else:  # in VE coordinates x̃ = x/α, `edm`'s DPM-2 step without churn
+            x = p.a[i + 1] * dpm_2_step(p, i, x / p.a[i], den, p.rho(i), p.rho(i + 1))
         run.tick(i, x)
     return x
 
@@ -990,7 +987,7 @@ def dpmpp_singlestep(
         else:
             x = update(i, k, i + 1)
         run.tick(i, x)
-    if steps > n and orders[n] > 1 and (run.nfe_budget is None or run.nfe_budget > n):
+    if takes_closing_step(run) and orders[n] > 1:
         # the scheduler's last step, from its last σ to itself, ends a cycle: a stage at the last knot
         dens.append(p.denoise(x, n))
         k = order_at(n)
@@ -1043,7 +1040,7 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
             x = p.a[i + 1] * p.first_order(i, x, den, p.rho(i + 1), raw)
         run.tick(i, x)
     end = len(p.t) - 1
-    if clipping is not None and scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end):
+    if clipping is not None and takes_closing_step(run):
         # the scheduler's last step, from its last σ to itself, moves x only by clipping x̂_0 there
         den = p.denoise(x, end)
         raw = _unclipped(clipping, x)
@@ -1320,13 +1317,19 @@ def sa_solver(
     hist: deque = deque(maxlen=max(pmax, cmax))  # (λ_j, D_j), newest last
     last = None  # (x_i, noise_i, τ_i, corrector order) of the previous predictor step
     warm = 0
+
+    def correct(i: int, den: torch.Tensor) -> torch.Tensor:
+        """Step i − 1 → i again from x_{i−1} (the corrector), with D_i at the predicted point."""
+        assert last is not None
+        x_last, noise_last, tau_last, c = last
+        older = list(hist)[::-1][: c - 1]
+        return _sa_step(p, i - 1, i, [p.lam[i]] + [v[0] for v in older], [den] + [v[1] for v in older],
+                        tau_last, noise_last, x_last, pred=False)  # fmt: skip
+
     for i in run.steps():
         den = p.denoise(x, i)
         if last is not None:  # correct step i − 1 → i with D_i at the predicted point
-            x_last, noise_last, tau_last, c = last
-            older = list(hist)[::-1][: c - 1]
-            x = _sa_step(p, i - 1, i, [p.lam[i]] + [v[0] for v in older], [den] + [v[1] for v in older],
-                         tau_last, noise_last, x_last, pred=False)  # fmt: skip
+            x = correct(i, den)
         if p.lam[i] > -math.inf:
             hist.append((p.lam[i], den))
         noise, tau_i = run.noise(), tau_at(i)  # one draw per step, as the scheduler (also where τ = 0)
@@ -1346,13 +1349,9 @@ def sa_solver(
         run.tick(i, x)
     end = len(p.t) - 1
     if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
-        final_corrector = n > end and (run.nfe_budget is None or run.nfe_budget > end)
+        final_corrector = takes_closing_step(run)
     if final_corrector and last is not None and p.s[end] > 0:  # one more evaluation, at the last knot
-        den = p.denoise(x, end)
-        x_last, noise_last, tau_last, c = last
-        older = list(hist)[::-1][: c - 1]
-        x = _sa_step(p, end - 1, end, [p.lam[end]] + [v[0] for v in older], [den] + [v[1] for v in older],
-                     tau_last, noise_last, x_last, pred=False)  # fmt: skip
+        x = correct(end, p.denoise(x, end))
     return x
 
 
@@ -1396,7 +1395,7 @@ def dpm_multistep(
         xt = x / p.a[i]
         eps = (xt - den) / rho
         hist.append((p.lam[i], eps))
-        k = min(order, len(hist), n - i) if (lower_order_final and n < 15) else min(order, len(hist))
+        k = min(lowered_order(order, n, i, lower_order_final), len(hist))
         h, delta = p.lam[i + 1] - p.lam[i], rho - rho_next
         xt = xt - c * delta * eps
         if k >= 2:
@@ -1445,7 +1444,7 @@ def _sde_multistep(
         h = p.lam[i + 1] - p.lam[i]
         he = h * (eta + 1.0)
         x = (p.s[i + 1] / p.s[i]) * math.exp(-eta * h) * x - (p.a[i + 1] * math.expm1(-he)) * den
-        k = min(order, n - i) if (lower_order_final and n < 15) else order
+        k = lowered_order(order, n, i, lower_order_final)
         if math.isfinite(h) and k > 1:
             if k == 3 and len(hist) == 2:
                 (h2, d2), (h1, d1) = hist
