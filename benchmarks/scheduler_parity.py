@@ -34,7 +34,7 @@ import flowsolve as fs  # noqa: E402
 from flowsolve.noise import SampleNoise  # noqa: E402
 
 # loops whose result is not the VP-scaled x at a last σ > 0: VE schedulers, and LCM (its last step returns x̂_0)
-VE_LOOPS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
+VE_LOOPS = ("CMStochasticIterativeScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
             "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler")
 
 
@@ -112,36 +112,11 @@ def flow_configs(rng: random.Random, name: str, params) -> dict:
 
 
 def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
-    """The solver of the scheduler's name, its options, and whether the loop draws noise."""
-    order = kw.get("solver_order")
-    sigma_min = kw.get("final_sigmas_type") == "sigma_min"
-    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
-        if kw.get("algorithm_type") == "sde-dpmsolver++":  # (its orders 1 and 3: not flowsolve's 2M SDE)
-            return "dpmpp_2m_sde", {"lower_order_final": True}, True
-        if order == 1:
-            return "ddim", {}, False
-        if order == 3:
-            opts = {"form": "lu", "lower_order_final": True, "solver_type": kw.get("solver_type", "midpoint")}
-            return "dpmpp_3m", opts, False
-        solver = "dpmpp_2m_heun" if kw.get("solver_type") == "heun" else "dpmpp_2m"
-        return solver, {"lower_order_final": sigma_min}, False
-    if name == "DPMSolverSDEScheduler":
-        return "dpmpp_sde", {}, True
-    if name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
-        return ("euler_ancestral" if name.startswith("Euler") else "dpm_2_ancestral"), {}, True
-    if name in ("LCMScheduler", "TCDScheduler"):  # (TCD at its γ = η = 0.3, passed to the loop's step)
-        return ("consistency", {}, True) if name == "LCMScheduler" else ("tcd", {"gamma": 0.3}, True)
-    table = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm_2",
-             "LMSDiscreteScheduler": "adams", "DDIMScheduler": "ddim",
-             "DPMSolverSinglestepScheduler": "dpmpp_singlestep",
-             "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "SASolverScheduler": "sa_solver",
-             "FlowMatchEulerDiscreteScheduler": "euler", "FlowMatchHeunDiscreteScheduler": "heun",
-             "EDMEulerScheduler": "euler"}
-    solver = table[name]
-    opts: dict = {"LMSDiscreteScheduler": {"order": 4}, "SASolverScheduler": {"tau": 0.0}}.get(name, {})
-    if name in ("UniPCMultistepScheduler", "DEISMultistepScheduler"):
-        opts = {"order": order or 2}
-    return solver, opts, False
+    """The solver the library names for this scheduler configuration (`fs.solvers.from_scheduler`), its
+    options, and whether it draws noise. TCD steps with η = 0.3 (`scheduler_loop`)."""
+    step_kw = {"eta": 0.3} if name == "TCDScheduler" else {}
+    solver, opts = fs.solvers.from_scheduler(getattr(diffusers, name)(**kw), **step_kw)
+    return solver, opts, fs.solvers.get(solver).configured(opts).stochastic
 
 
 DISCRETE = ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
@@ -195,7 +170,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = random.Random(a.seed)
     rows, diffs = [], []
-    extra = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler"]
+    extra = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler",
+             "CMStochasticIterativeScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler"]
     for flow, names in ((False, DISCRETE + extra), (True, FLOW)):
         unet = tiny_unet(torch.float32 if flow else torch.float64)
         for name in names:
@@ -208,6 +184,13 @@ def main() -> None:
                     kw = {k: rng.choice(v) for k, v in (("timestep_spacing", ["leading", "trailing", "linspace"]),
                                                          ("prediction_type", ["epsilon", "v_prediction"]),
                                                          ("original_inference_steps", [50, 25]),
+                                                         ("clip_sample", [False, True]))}
+                elif name == "CMStochasticIterativeScheduler":
+                    kw = {k: rng.choice(v) for k, v in (("sigma_max", [80.0, 40.0]), ("rho", [7.0, 5.0]),
+                                                         ("sigma_min", [0.002, 0.01]))}
+                elif name.endswith("ParallelScheduler"):
+                    kw = {k: rng.choice(v) for k, v in (("timestep_spacing", ["leading", "trailing"]),
+                                                         ("prediction_type", ["epsilon", "v_prediction"]),
                                                          ("clip_sample", [False, True]))}
                 elif name.startswith("EDM"):
                     kw = {k: rng.choice(v) for k, v in (("sigma_schedule", ["karras", "exponential"]),

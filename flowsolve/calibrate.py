@@ -194,7 +194,7 @@ def _fit_coefficients(
 
 def calibrate(
     field: Field,
-    solver: str,
+    solver: str | object,
     nfe: int,
     *,
     n: int = 256,
@@ -225,7 +225,8 @@ def calibrate(
     from .sample import check_cond, cond_rows, initial_noise, resolve_grid, sample
 
     t0 = time.perf_counter()
-    spec = registry.get(solver).configured(options)
+    base, options = registry.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    spec, solver = base.configured(options), base.name
     check_int("nfe", nfe, 1)
     check_int("n", n, 2)
     check_number("seconds", seconds, 0.0, lo_open=True)

@@ -302,7 +302,7 @@ def resolve_grid(
 @torch.no_grad()
 def sample(
     field: Field,
-    solver: str = "heun",
+    solver: str | object = "heun",
     nfe: int | None = None,
     *,
     n: int | None = None,
@@ -324,7 +324,9 @@ def sample(
 ):
     """Draw particles x_0 ~ π and integrate the field with a solver (the paper's PM, Eq. 1).
 
-    field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`.
+    field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`, a
+        k-diffusion or ComfyUI sampler name ("sample_lms", "dpmpp_2s_ancestral", "uni_pc_bh2"), or a
+        diffusers scheduler (instance, class or name: its own loop; `fs.solvers.resolve`).
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
@@ -350,7 +352,8 @@ def sample(
         raise ArgumentTypeError(
             f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), got {type(field).__name__}"
         )
-    spec = solvers.get(solver).configured(options)
+    base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    spec = base.configured(options)
     spec.check_field(field)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
@@ -433,7 +436,7 @@ def sample(
 def invert(
     field: Field,
     x: torch.Tensor,
-    solver: str = "dpmpp_2m",
+    solver: str | object = "dpmpp_2m",
     nfe: int | None = None,
     *,
     grid: torch.Tensor | Sequence[float] | str | None = None,
@@ -458,7 +461,8 @@ def invert(
     torchdiffeq methods): the exponential ones cannot step into λ = −∞. solver: a name in
     `fs.solvers.REVERSIBLE` or a fixed-step torchdiffeq method.
     """
-    spec = solvers.get(solver).configured(options)
+    base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    spec = base.configured(options)
     if (
         spec.stochastic
         or spec.adaptive
@@ -503,7 +507,7 @@ def invert(
 
 def sample_sharded(
     field: Field,
-    solver: str = "heun",
+    solver: str | object = "heun",
     nfe: int | None = None,
     *,
     n: int | None = None,

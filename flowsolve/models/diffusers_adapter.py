@@ -443,17 +443,23 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
             )
         return cond
 
-    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The network's timestep input at flow time t (one per sample)."""
-        n = self.num_train_timesteps
-        steps = t * n  # the scheduler's timestep
+    def scheduler_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timestep at flow time t (one per sample): t · num_train_timesteps, cast to an
+        integer as multistep schedulers in flow mode cast theirs (`integer_timesteps`)."""
+        steps = t * self.num_train_timesteps
         if self.integer_timesteps:
             value = _one_value(t)  # one time for the batch: a scheduler knot?
             known = self._knots.get(value, t.dtype) if value is not None else None
             if known is not None:
                 steps = torch.full_like(t, known)
             else:
-                steps = torch.floor(t.double() * n + 1e-6).to(t.dtype)
+                steps = torch.floor(t.double() * self.num_train_timesteps + 1e-6).to(t.dtype)
+        return steps
+
+    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's timestep input at flow time t (one per sample)."""
+        n = self.num_train_timesteps
+        steps = self.scheduler_timestep(t)
         if self.reverse_time:
             steps = n - steps
         return steps if self.timestep_scale == n else steps * (self.timestep_scale / n)

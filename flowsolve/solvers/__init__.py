@@ -10,12 +10,16 @@ import warnings
 from typing import Callable
 
 from .base import NFEBudgetExceeded, NonFiniteError, Run, Solver, nearest
-from . import backends, fixed, multistep, peers, stochastic
+from . import backends, fixed, multistep, names, peers, stochastic
+from .names import PEER_NAMES, from_scheduler
 from ..errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
     "available",
     "get",
+    "resolve",
+    "from_scheduler",
+    "PEER_NAMES",
     "register",
     "Solver",
     "Run",
@@ -72,9 +76,28 @@ def get(name: str) -> Solver:
         _ensure_backends()
     if name not in _REGISTRY:
         raise ArgumentError(
-            f"solver: unknown solver {name!r}{nearest(name, _REGISTRY)}; valid names are: {', '.join(available())}"
+            f"solver: unknown solver {name!r}{nearest(name, [*_REGISTRY, *PEER_NAMES])}; valid names are: "
+            f"{', '.join(available())}; k-diffusion's and ComfyUI's sampler names "
+            f"({', '.join(sorted(set(PEER_NAMES) - set(_REGISTRY)))}) "
+            f"and diffusers schedulers are accepted too"
         )
     return _REGISTRY[name]
+
+
+def _registered(name: str) -> bool:
+    if ":" in name:
+        _ensure_backends()
+    return name in _REGISTRY or name in _RENAMED
+
+
+def resolve(solver: object, options: dict | None = None) -> tuple[Solver, dict]:
+    """The registered solver and options that `solver` means: a flowsolve name (`available()`), a
+    k-diffusion or ComfyUI sampler name (`"sample_lms"`, `"lms"`, `"uni_pc_bh2"`: `PEER_NAMES`), or a
+    diffusers scheduler (instance, class or class name: `from_scheduler`). Options given override the
+    ones the name implies (k-diffusion's `lms` is `adams` with `order=4`). `fs.sample`, `fs.invert`,
+    `fs.calibrate` and `fs.compare` accept all of these."""
+    name, opts = names.resolve(solver, dict(options or {}), _registered)
+    return get(name), opts
 
 
 def describe() -> str:
@@ -84,6 +107,14 @@ def describe() -> str:
         s = _REGISTRY[name]
         opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items())
         rows.append(f"{name:28s} {s.description}" + (f"  [options: {opts}]" if opts else ""))
+    rows += ["", "k-diffusion's and ComfyUI's names (diffusers schedulers too: fs.solvers.from_scheduler):"]
+    for peer in sorted(set(PEER_NAMES) - set(_REGISTRY)):
+        entry = PEER_NAMES[peer]
+        target, implied = entry({}) if callable(entry) else entry
+        shown = target + (f" ({', '.join(f'{k}={v!r}' for k, v in implied.items())})" if implied else "")
+        if callable(entry):
+            shown += f"; with s_churn, s_tmin, s_tmax, s_noise: edm(step={target!r})"
+        rows.append(f"{peer:28s} = {shown}")
     return "\n".join(rows)
 
 

@@ -1262,12 +1262,20 @@ def _sa_tau(run: Run, p: PathGrid, tau) -> Any:
     if callable(tau):
         return lambda i: float(tau(p.t[i]))
     model = discrete_model(run.field)
-    if model is None:
+    flow = None if model is not None else field_model(run.field, lambda m: hasattr(m, "scheduler_timestep"))
+    if model is None and flow is None:
         return lambda i: 1.0
-    rule = getattr(getattr(model, "scheduler", None), "tau_func", None) or (lambda t: 1 if 200 <= t <= 800 else 0)
+    rule = getattr(getattr(model or flow, "scheduler", None), "tau_func", None) or (
+        lambda t: 1 if 200 <= t <= 800 else 0
+    )
+
+    def timestep(t: float) -> float:  # the scheduler's timestep: a DDPM-type model's, or a flow model's
+        if model is not None:
+            return model_timestep(model, t)
+        return float(flow.scheduler_timestep(torch.full((2,), t, dtype=torch.float64))[0])  # type: ignore[union-attr]
 
     def at(i: int) -> float:
-        return 0.0 if p.t[i] == 0 else float(rule(model_timestep(model, p.t[i])))
+        return 0.0 if p.t[i] == 0 else float(rule(timestep(p.t[i])))
 
     return at
 
