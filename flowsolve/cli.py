@@ -251,6 +251,8 @@ def cmd_sample(args) -> int:
         options["grid"] = args.grid
     if args.alpha is not None:
         options["alpha"] = args.alpha
+    if args.steps is not None:
+        options["steps"] = args.steps
     t0 = time.perf_counter()
     if is_launched():  # accelerate launch / torchrun: each process draws its share
         x = sample_sharded(
@@ -717,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--solver", default="heun", help="a name from `flowsolve solvers`")
     s.add_argument("--nfe", type=int, default=None, help="field-evaluation budget per sample")
+    s.add_argument("--steps", type=int, default=None, help="solver steps instead of --nfe (a scheduler's step count)")
     s.add_argument(
         "--n",
         "--num-samples",

@@ -202,6 +202,65 @@ def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tenso
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
 
 
+# ComfyUI's schedulers that read a model's table of discrete noise levels (its comfy/samplers.py)
+TABLE_SCHEDULERS = ("normal", "sgm_uniform", "simple", "ddim_uniform")
+
+
+def _table_sigma(log_table: list[float], t: float) -> float:
+    """σ at a fractional index t of an ascending log-σ table, linear in log σ between its entries."""
+    lo = min(int(math.floor(t)), len(log_table) - 1)
+    hi = min(lo + 1, len(log_table) - 1)
+    w = t - lo
+    return math.exp((1 - w) * log_table[lo] + w * log_table[hi])
+
+
+def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """ComfyUI's scheduler `kind` on a model's ascending table of noise levels (entry i: σ at the
+    model's timestep i), as a decreasing float64 σ-grid ending at 0:
+
+    - "normal": timesteps uniform from the last to the first, σ log-linear between entries (k-diffusion's
+      `get_sigmas` on a discrete model), then 0;
+    - "sgm_uniform": steps + 1 such timesteps with the last dropped, then 0;
+    - "simple": every (len/steps)-th entry from the top, then 0;
+    - "ddim_uniform": every ⌊len/steps⌋-th entry from index 1 upwards, then 0.
+
+    A table whose bottom entry is 0 takes the extra step ComfyUI takes there."""
+    check_int("steps", steps, 1)
+    if kind not in TABLE_SCHEDULERS:
+        raise ArgumentError(f"grid: expected one of {', '.join(map(repr, TABLE_SCHEDULERS))}, got {kind!r}")
+    tab = torch.as_tensor(table, dtype=torch.float64).flatten()
+    n = len(tab)
+    if n < 2 or bool((tab[1:] < tab[:-1]).any()) or float(tab[0]) < 0 or not bool(torch.isfinite(tab).all()):
+        raise ArgumentError("table: expected an ascending table of at least two finite noise levels >= 0")
+    values = tab.tolist()
+    out: list[float]
+    if kind in ("normal", "sgm_uniform"):
+        logs = [math.log(v) if v > 0 else -math.inf for v in values]
+        count, append_zero = steps, True
+        if kind == "sgm_uniform":
+            ts = torch.linspace(n - 1, 0, steps + 1, dtype=torch.float64)[:-1].tolist()
+        else:
+            if math.isclose(values[0], 0.0, abs_tol=1e-5):  # σ at the first timestep already 0
+                count, append_zero = steps + 1, False
+            ts = torch.linspace(n - 1, 0, count, dtype=torch.float64).tolist()
+        out = [_table_sigma(logs, t) for t in ts] + ([0.0] if append_zero else [])
+    elif kind == "simple":
+        stride = n / steps
+        out = [values[-(1 + int(x * stride))] for x in range(steps)] + [0.0]
+    else:  # ddim_uniform
+        zero = math.isclose(values[1], 0.0, abs_tol=1e-5)
+        stride = max(n // (steps + 1 if zero else steps), 1)
+        out = ([] if zero else [0.0]) + values[1::stride]
+        out = out[::-1]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def continuous_table(sigma_min: float, sigma_max: float, entries: int = 1000) -> torch.Tensor:
+    """The table of noise levels ComfyUI gives a continuous-σ (EDM) model: `entries` levels uniform in
+    log σ from σ_min to σ_max, for `from_table`."""
+    return torch.linspace(math.log(sigma_min), math.log(sigma_max), entries, dtype=torch.float64).exp()
+
+
 SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
     "karras": karras,
     "loglinear": loglinear,
@@ -209,6 +268,7 @@ SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
     "vp": vp,
     "beta": beta,
     "kl_optimal": kl_optimal,
+    "exponential": loglinear,  # k-diffusion's get_sigmas_exponential, ComfyUI's and diffusers' name
     "uniform": uniform,
 }
 # the spacings of noise levels σ in [σ_min, σ_max] (then 0), which any Gaussian path maps to its time
@@ -219,6 +279,11 @@ KINDS = SPACINGS  # the name before 0.2
 def make(spacing: str, steps: int, **kw) -> torch.Tensor:
     """A grid by spacing name: 'karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal' or
     'uniform'."""
+    if spacing in TABLE_SCHEDULERS:
+        raise ArgumentError(
+            f"grid: ComfyUI's {spacing!r} reads a model's table of noise levels; σ-time fields have one "
+            f"(fields.EDM, diffusers DDPM-type models: field.grid(steps, {spacing!r})), this field does not"
+        )
     if spacing not in SPACINGS:
         raise ArgumentError(
             f"grid: unknown spacing {spacing!r}{nearest(str(spacing), SPACINGS)}; expected one of "

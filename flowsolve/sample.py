@@ -211,12 +211,25 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
 
 
 def resolve_grid(
-    field: Field, spec: solvers.Solver, nfe: int | None, grid, reverse: bool = False
+    field: Field, spec: solvers.Solver, nfe: int | None, grid, reverse: bool = False, steps: int | None = None
 ) -> tuple[torch.Tensor, int | None]:
     """The float64 grid a solver will walk, and the NFE budget (None when the user gave a grid only).
     `reverse`: the grid runs from the data towards the prior (`invert`); it never ends where the
-    field is singular."""
+    field is singular. `steps`: the grid's number of steps, instead of the most that `nfe` affords."""
     singular = not field.finite_at_end and not reverse
+    if steps is not None:
+        check_int("steps", steps, 1)
+        if nfe is not None or (grid is not None and not isinstance(grid, str)) or grid == "calibrated":
+            given = "nfe" if nfe is not None else "grid"
+            raise ArgumentError(f"steps: give steps or {given}, not both (steps={steps}, {given}={nfe or grid!r})")
+        if spec.adaptive:
+            raise ArgumentError(f"steps: solver {spec.name!r} chooses its own steps; give it an nfe budget")
+        if steps > grids.MAX_STEPS:
+            raise ArgumentError(f"steps: at most {grids.MAX_STEPS} steps are supported, got {steps}")
+        if steps < spec.min_steps:
+            raise ArgumentError(f"steps: solver {spec.name!r} needs at least {spec.min_steps} steps, got {steps}")
+        kind = _solver_default_grid(field, spec) if grid is None else grid
+        return field.grid(steps, kind), spec.evals(steps, singular)
     if nfe is not None:
         if isinstance(nfe, float) and float(nfe).is_integer():
             raise ArgumentTypeError(f"nfe: expected an integer, got float {nfe!r}")
@@ -305,6 +318,7 @@ def sample(
     solver: str | object = "heun",
     nfe: int | None = None,
     *,
+    steps: int | None = None,
     n: int | None = None,
     shape: Sequence[int] | None = None,
     x_init: torch.Tensor | None = None,
@@ -329,6 +343,8 @@ def sample(
         diffusers scheduler (instance, class or name: its own loop; `fs.solvers.resolve`).
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
+    steps: instead of nfe, the number of steps (the grid's intervals), as diffusers'
+        `num_inference_steps` and k-diffusion count them; the budget is then what they cost.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
         ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal', 'uniform', 'calibrated') sized by nfe.
         A grid from `fs.grids.calibrate` may carry solver coefficients (`grid.coefficients`), which
@@ -355,7 +371,7 @@ def sample(
     base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     spec.check_field(field)
-    g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse)
+    g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):

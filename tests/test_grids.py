@@ -121,3 +121,63 @@ def test_align_your_steps_is_the_published_schedule():
         np.testing.assert_allclose(fs.grids.align_your_steps(steps, "sdxl").numpy(), ref, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="model: expected one of"):
         fs.grids.align_your_steps(10, "sd3")
+
+
+# -- ComfyUI's schedulers on a model's table of noise levels ------------------------------------------
+
+def _comfy_table(kind, steps, sigmas):
+    """ComfyUI's comfy/samplers.py schedulers written out on an ascending table `sigmas` (a list)."""
+    n = len(sigmas)
+    if kind == "simple":
+        return [sigmas[-(1 + int(x * n / steps))] for x in range(steps)] + [0.0]
+    if kind == "ddim_uniform":
+        out, x = [0.0], 1
+        while x < n:
+            out.append(sigmas[x])
+            x += max(n // steps, 1)
+        return out[::-1]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("steps", [1, 5, 10, 30])
+def test_comfyuis_table_schedulers_on_a_diffusers_model(unet64, beta_schedule, steps):
+    """On a DDPM-type model, "normal" is k-diffusion's `get_sigmas` of its discrete wrapper (the same
+    table), "sgm_uniform" drops the last of steps + 1 such timesteps, "simple" and "ddim_uniform" pick
+    the table's entries as ComfyUI does."""
+    import importlib
+    from diffusers import DDPMScheduler
+    pytest.importorskip("peers").k_diffusion_sampling()
+    external = importlib.import_module("k_diffusion.external")
+    sched = DDPMScheduler(beta_schedule=beta_schedule)
+    field = fs.models.from_diffusers(unet64, sched).field()
+    kd = external.DiscreteEpsDDPMDenoiser(torch.nn.Identity(), sched.alphas_cumprod.double(), quantize=False)
+    table = kd.sigmas.double()
+    assert torch.allclose(field.sigma_table(), table, rtol=1e-12, atol=0)
+    # (k-diffusion spaces its timesteps in float32: 1e-6)
+    assert torch.allclose(field.grid(steps, "normal"), kd.get_sigmas(steps).double(), rtol=1e-6, atol=0)
+    sgm = field.grid(steps, "sgm_uniform")
+    assert torch.allclose(sgm[:-1], kd.get_sigmas(steps + 1).double()[:-2], rtol=1e-6, atol=0) and sgm[-1] == 0
+    for kind in ("simple", "ddim_uniform"):
+        assert field.grid(steps, kind).tolist() == _comfy_table(kind, steps, field.sigma_table().tolist())
+    x, info = fs.sample(field, "euler", grid="simple", nfe=steps, n=2, seed=0, dtype=torch.float64, return_info=True)
+    assert torch.equal(info.grid, field.grid(steps, "simple")) and torch.isfinite(x).all()
+
+
+def test_comfyuis_normal_on_a_continuous_field_is_log_linear():
+    """On a continuous-σ field ComfyUI's table is log-uniform, so "normal" is the log-linear grid
+    (k-diffusion's get_sigmas_exponential, also accepted as "exponential")."""
+    field = fs.fields.EDM(lambda x, s: 0 * x, shape=(2,))
+    assert torch.allclose(field.grid(7, "normal"), fs.grids.loglinear(7, 0.002, 80.0), rtol=1e-12, atol=0)
+    assert torch.equal(field.grid(7, "exponential"), field.grid(7, "loglinear"))
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    assert torch.allclose(fs.grids.make("exponential", 7, sigma_min=0.002, sigma_max=80.0),
+                          K.get_sigmas_exponential(7, 0.002, 80.0).double(), rtol=1e-6, atol=0)
+
+
+def test_comfyuis_table_schedulers_need_a_table():
+    flow = fs.fields.FlowMatching(lambda x, t: 0 * x, (2,))
+    with pytest.raises(ValueError, match="ComfyUI's 'simple' reads a model's table of noise levels"):
+        flow.grid(5, "simple")
+    with pytest.raises(ValueError, match="table: expected an ascending table"):
+        fs.grids.from_table("simple", 5, torch.tensor([3.0, 2.0, 1.0]))

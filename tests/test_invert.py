@@ -97,6 +97,10 @@ def test_dpm_solver_inverse_scheduler_is_invert_on_its_grid(unet64, kw, solver, 
     alpha = 1 / torch.sqrt(1 + sig**2)       # diffusers works on x_VP = α x̃
     z = fs.invert(m.field(), x0 / alpha[0], solver, grid=sig.flip(0), dtype=torch.float64, **opts)
     assert (z * alpha[-1] - x).abs().max().item() <= 1e-10 * x.abs().max().item()
+    # the inverse scheduler itself as the solver: the same solver and options
+    by_scheduler = fs.invert(m.field(), x0 / alpha[0], DPMSolverMultistepInverseScheduler(**kw), grid=sig.flip(0),
+                             dtype=torch.float64)
+    assert torch.equal(by_scheduler, z)
 
 
 @pytest.mark.parametrize("field,solver,word", [

@@ -83,9 +83,24 @@ def test_unknown_names_list_flowsolves_and_the_peers():
     with pytest.raises(ValueError, match=r"unknown solver 'dpmpp_2s_ancestra' \(did you mean 'dpmpp_2s_ancestral'\?\)"):
         fs.solvers.resolve("dpmpp_2s_ancestra")
     with pytest.raises(ValueError, match="k-diffusion's and ComfyUI's sampler names"):
-        fs.sample(fs.fields.EDM(lambda x, s: 0 * x, shape=(2,)), "heunpp2", nfe=4, n=2)
-    with pytest.raises(TypeError, match="expected a solver name \\(str\\) or a diffusers scheduler, got int"):
+        fs.sample(fs.fields.EDM(lambda x, s: 0 * x, shape=(2,)), "heunpp9", nfe=4, n=2)
+    with pytest.raises(TypeError, match="expected a solver name \\(str\\), a diffusers scheduler or a flowsolve"):
         fs.solvers.resolve(3)
+
+
+def test_an_unregistered_solver_entry_is_accepted_as_it_is(gmm64):
+    """A `Solver` made for the call runs without registering it, with its own NFE accounting."""
+    def half_euler(run, x, *, scale: float = 1.0):
+        for i in run.steps():
+            x = x + scale * (run.times[i + 1] - run.times[i]) * run.f(x, i)
+        return x
+    mine = fs.solvers.Solver("mine", half_euler, lambda steps, singular_end: steps)
+    field = fs.fields.EDM(gmm64.denoiser)
+    a, info = fs.sample(field, mine, nfe=8, n=3, seed=0, dtype=torch.float64, return_info=True)
+    assert info.solver == "mine" and info.nfe == 8
+    assert torch.equal(a, fs.sample(field, "euler", nfe=8, n=3, seed=0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="unknown option 'scal'"):
+        fs.sample(field, mine, nfe=8, n=3, scal=2.0)
 
 
 # -- diffusers schedulers ------------------------------------------------------------------------
@@ -236,3 +251,25 @@ def test_invert_calibrate_and_compare_take_the_peer_names_too(gmm):
     table = fs.compare(field, ["sample_lms", "dpmpp_2s_ancestral"], nfe=[8], metric="energy", n=64, seeds=1,
                        reference=gmm.sample(256, generator=torch.Generator().manual_seed(1)))
     assert [r["solver"] for r in table.rows] == ["sample_lms", "dpmpp_2s_ancestral"]
+
+
+def test_steps_counts_as_schedulers_and_k_diffusion_count(unet64):
+    """`steps=` instead of `nfe=`: the grid has that many steps and the budget is what they cost, so a
+    Heun-type scheduler's loop at N inference steps is `fs.sample(field, scheduler, steps=N)`."""
+    import diffusers
+    m = fs.models.from_diffusers(unet64, diffusers.HeunDiscreteScheduler())
+    field = m.field()
+    sched = _in_float64(diffusers.HeunDiscreteScheduler(), 6)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    x, info = fs.sample(field, diffusers.HeunDiscreteScheduler(), steps=6, dtype=torch.float64,
+                        x_init=z * m.prior_std_at(float(field.grid(6, "schedule")[0])), return_info=True)
+    assert info.steps == 6 and info.nfe == 11
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    gmm_field = fs.fields.EDM(lambda v, s: 0 * v, shape=(2,))
+    _, info = fs.sample(gmm_field, "dpmpp_2m", steps=7, n=2, seed=0, return_info=True)
+    assert info.steps == 7 and info.nfe == 7
+    with pytest.raises(ValueError, match="steps: give steps or nfe, not both"):
+        fs.sample(gmm_field, "heun", steps=5, nfe=9, n=2)
+    with pytest.raises(ValueError, match="steps: solver 'dpm_adaptive' chooses its own steps"):
+        fs.sample(gmm_field, "dpm_adaptive", steps=5, n=2)

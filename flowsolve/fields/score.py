@@ -6,7 +6,7 @@ they are related by Tweedie's formula s = (D − x)/σ².
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -237,6 +237,8 @@ class ScoreDifference(Field):
             if self.schedule is None:
                 raise ArgumentError("grid: 'schedule' needs a field made with schedule= (a diffusers model's field)")
             return grids.check(self.schedule(steps))
+        if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the model's table of σ's
+            return grids.from_table(spacing, steps, self.sigma_table())
         kw.setdefault("sigma_min", self.sigma_min)
         kw.setdefault("sigma_max", self.sigma_max)
         if spacing == "karras":
@@ -244,6 +246,21 @@ class ScoreDifference(Field):
         if spacing == "uniform":
             return super().grid(steps, spacing, t_start=kw["sigma_max"], t_end=0.0)
         return super().grid(steps, spacing, **kw)
+
+    def sigma_table(self) -> torch.Tensor:
+        """The model's ascending table of noise levels, one per timestep, as ComfyUI reads it: a
+        diffusers DDPM-type model's σ_t = √((1 − ᾱ_t)/ᾱ_t), else 1000 levels uniform in log σ over the
+        field's range (ComfyUI's continuous EDM sampling)."""
+        obj: Any = self.data
+        for _ in range(4):  # through guidance (`.denoiser`) and bound methods (`__self__`)
+            for cand in (obj, getattr(obj, "__self__", None)):
+                logs = getattr(cand, "log_sigmas", None)
+                if isinstance(logs, torch.Tensor) and getattr(cand, "schedule", "discrete") == "discrete":
+                    return logs.double().exp()
+            obj = getattr(obj, "denoiser", None) or getattr(getattr(obj, "__self__", None), "denoiser", None)
+            if obj is None:
+                break
+        return grids.continuous_table(self.sigma_min, self.sigma_max)
 
     @property
     def kind(self) -> str:  # the name before 0.2

@@ -93,9 +93,12 @@ def _registered(name: str) -> bool:
 def resolve(solver: object, options: dict | None = None) -> tuple[Solver, dict]:
     """The registered solver and options that `solver` means: a flowsolve name (`available()`), a
     k-diffusion or ComfyUI sampler name (`"sample_lms"`, `"lms"`, `"uni_pc_bh2"`: `PEER_NAMES`), or a
-    diffusers scheduler (instance, class or class name: `from_scheduler`). Options given override the
+    diffusers scheduler (instance, class or class name: `from_scheduler`), or a `Solver` entry itself
+    (one made for the call, unregistered). Options given override the
     ones the name implies (k-diffusion's `lms` is `adams` with `order=4`). `fs.sample`, `fs.invert`,
     `fs.calibrate` and `fs.compare` accept all of these."""
+    if isinstance(solver, Solver):  # a Solver entry itself, registered or not
+        return solver, dict(options or {})
     name, opts = names.resolve(solver, dict(options or {}), _registered)
     return get(name), opts
 
@@ -154,6 +157,35 @@ register(
         needs_sigma=True,
         stochastic=True,
         variant=lambda options: {"evals": _one_per_step} if options.get("step") == "euler" else {},
+    )
+)
+register(
+    Solver(
+        "heunpp2",
+        fixed.heunpp2,
+        lambda steps, singular_end: max(1, 3 * steps - 3),
+        "ComfyUI's Heun++: three slopes per step weighted by t/(3 t_0), Heun's then Euler's on the last two",
+    )
+)
+
+DEFAULT_RESTARTS = ((0.1, 2.0, 9, 1),)  # AUTOMATIC1111's interval: ρ from 2 to 0.1, 9 Heun steps, once
+
+
+def _restart_evals(restarts) -> Callable[[int, bool], int]:
+    extra = fixed.restart_evals(restarts)
+    return lambda steps, singular_end: _heun_evals(steps, singular_end) + extra
+
+
+register(
+    Solver(
+        "restart",
+        fixed.restart,
+        _restart_evals(DEFAULT_RESTARTS),
+        "Restart sampling (Xu et al. 2023): Heun's ODE, re-noised over intervals "
+        "restarts=((ρ_min, ρ_max, steps, times), ...) and solved down again",
+        needs_sigma=True,
+        stochastic=True,
+        variant=lambda options: {"evals": _restart_evals(options["restarts"])} if "restarts" in options else {},
     )
 )
 register(

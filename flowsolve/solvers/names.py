@@ -108,7 +108,8 @@ def resolve(solver: Any, options: dict[str, Any], registered: Callable[[str], bo
         return name, {**implied, **{k: v for k, v in options.items() if k not in step_keys}}
     if not isinstance(solver, str):
         raise ArgumentTypeError(
-            f"solver: expected a solver name (str) or a diffusers scheduler, got {type(solver).__name__}"
+            f"solver: expected a solver name (str), a diffusers scheduler or a flowsolve.solvers.Solver, "
+            f"got {type(solver).__name__}"
         )
     return solver, options  # unknown: the registry's error lists the valid names
 
@@ -290,6 +291,9 @@ _SCHEDULERS: dict[str, tuple[_Rule, tuple[str, ...]]] = {
     "PNDMScheduler": (lambda cls, c, kw: ("plms" if c.get("skip_prk_steps", False) else "pndm", {}), ()),
     "DPMSolverMultistepScheduler": (lambda cls, c, kw: _dpm_solver_multistep(cls, c), ()),
     "EDMDPMSolverMultistepScheduler": (lambda cls, c, kw: _dpm_solver_multistep(cls, c), ()),
+    # inverse schedulers (from the data up): the solver `fs.invert` walks their σ's with
+    "DPMSolverMultistepInverseScheduler": (lambda cls, c, kw: _dpm_solver_multistep(cls, c), ()),
+    "DDIMInverseScheduler": (_fixed("ddim"), ()),
     "CogVideoXDPMScheduler": (_fixed("dpmpp_2m_sde"), ()),
     "CosineDPMSolverMultistepScheduler": (_cosine_dpm, ()),
     "DPMSolverSinglestepScheduler": (_singlestep, ()),
