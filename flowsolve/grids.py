@@ -255,6 +255,29 @@ def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> 
     return torch.tensor(out, dtype=torch.float64)
 
 
+def from_flow(
+    kind: str, steps: int, shift: Callable[[float], float] | None = None, entries: int = 1000
+) -> torch.Tensor:
+    """ComfyUI's scheduler `kind` on a flow model (its discrete-flow sampling: the table
+    t_i = shift((i + 1)/entries), the timestep of t being t itself), as a decreasing float64 grid of
+    flow times ending at 0. "simple" and "ddim_uniform" pick the table's entries as on a σ table;
+    "normal" is shift(u) for u uniform from the table's top to its bottom entry (`sgm_uniform`: steps + 1
+    of them, the last dropped), so a shifted table's bottom is shifted twice, as ComfyUI's is.
+    `shift`: the model's time shift (SD3's s t/(1 + (s − 1) t), Flux's from mu), default none."""
+    check_int("steps", steps, 1)
+    if kind not in TABLE_SCHEDULERS:
+        raise ArgumentError(f"grid: expected one of {', '.join(map(repr, TABLE_SCHEDULERS))}, got {kind!r}")
+    warp = shift or (lambda t: t)
+    table = [float(warp((i + 1) / entries)) for i in range(entries)]
+    if kind in ("simple", "ddim_uniform"):
+        return from_table(kind, steps, table)
+    top, bottom = table[-1], table[0]
+    us = torch.linspace(top, bottom, steps + 1 if kind == "sgm_uniform" else steps, dtype=torch.float64).tolist()
+    if kind == "sgm_uniform":
+        us = us[:-1]
+    return torch.tensor([float(warp(u)) for u in us] + [0.0], dtype=torch.float64)
+
+
 def continuous_table(sigma_min: float, sigma_max: float, entries: int = 1000) -> torch.Tensor:
     """The table of noise levels ComfyUI gives a continuous-σ (EDM) model: `entries` levels uniform in
     log σ from σ_min to σ_max, for `from_table`."""
@@ -281,8 +304,9 @@ def make(spacing: str, steps: int, **kw) -> torch.Tensor:
     'uniform'."""
     if spacing in TABLE_SCHEDULERS:
         raise ArgumentError(
-            f"grid: ComfyUI's {spacing!r} reads a model's table of noise levels; σ-time fields have one "
-            f"(fields.EDM, diffusers DDPM-type models: field.grid(steps, {spacing!r})), this field does not"
+            f"grid: ComfyUI's {spacing!r} reads a model's table of noise levels; σ-time fields (fields.EDM, "
+            f"diffusers DDPM-type models) and flow fields have one (field.grid(steps, {spacing!r})), this "
+            f"field does not"
         )
     if spacing not in SPACINGS:
         raise ArgumentError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable, Sequence
 
@@ -312,6 +313,30 @@ def resolve_grid(
     return g, nfe
 
 
+def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
+    """A diffusers scheduler given as the solver runs its loop on the field's default grid, which is the
+    scheduler the model was loaded with: say so when that is another class (a pipeline whose scheduler
+    was swapped walks the new one's timesteps)."""
+    from .solvers.base import field_model
+
+    own = getattr(field_model(field, lambda m: hasattr(m, "scheduler")), "scheduler", None)
+    given = (
+        scheduler
+        if isinstance(scheduler, str)
+        else scheduler.__name__
+        if isinstance(scheduler, type)
+        else type(scheduler).__name__
+    )
+    if own is not None and type(own).__name__ != given:
+        warnings.warn(
+            f"solver: {given}'s loop runs on this field's default grid, the timesteps of {type(own).__name__} "
+            f"(the scheduler its model was loaded with); a pipeline with {given} walks {given}'s own timesteps: "
+            f"load the model with it (fs.models.from_diffusers(net, scheduler)) to reproduce that pipeline",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 @torch.no_grad()
 def sample(
     field: Field,
@@ -371,6 +396,12 @@ def sample(
     base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     spec.check_field(field)
+    if (
+        grid is None
+        and not isinstance(solver, solvers.Solver)
+        and (not isinstance(solver, str) or "Scheduler" in solver)
+    ):
+        _warn_other_scheduler(field, solver)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     check_int("trajectory_every", trajectory_every, 0)

@@ -176,8 +176,44 @@ def test_comfyuis_normal_on_a_continuous_field_is_log_linear():
 
 
 def test_comfyuis_table_schedulers_need_a_table():
-    flow = fs.fields.FlowMatching(lambda x, t: 0 * x, (2,))
+    plain = fs.fields.Function(lambda x, t: 0 * x, 1.0, 0.0)
     with pytest.raises(ValueError, match="ComfyUI's 'simple' reads a model's table of noise levels"):
-        flow.grid(5, "simple")
+        plain.grid(5, "simple")
     with pytest.raises(ValueError, match="table: expected an ascending table"):
         fs.grids.from_table("simple", 5, torch.tensor([3.0, 2.0, 1.0]))
+
+
+def _comfy_flow(kind, steps, shift, entries=1000):
+    """ComfyUI's schedulers on its discrete-flow sampling written out: the table shift((i + 1)/N), a
+    timestep of σ·N and σ(timestep) = shift(timestep/N)."""
+    table = [shift((i + 1) / entries) for i in range(entries)]
+    if kind in ("simple", "ddim_uniform"):
+        return _comfy_table(kind, steps, table)
+    start, end = table[-1] * entries, table[0] * entries
+    count = steps + 1 if kind == "sgm_uniform" else steps
+    ts = [start + (end - start) * k / (count - 1) for k in range(count)] if count > 1 else [start]
+    if kind == "sgm_uniform":
+        ts = ts[:-1]
+    return [shift(t / entries) for t in ts] + [0.0]
+
+
+@pytest.mark.parametrize("kind", ["normal", "sgm_uniform", "simple", "ddim_uniform"])
+@pytest.mark.parametrize("steps", [1, 4, 9, 28])
+@pytest.mark.parametrize("model", ["plain", "sd3", "flux"])
+def test_comfyuis_table_schedulers_on_flow_fields(unet64, kind, steps, model):
+    """On a flow field the table is t_i = shift((i + 1)/1000) with the model's shift: none for a plain
+    flow, the scheduler's s t/(1 + (s − 1) t) (SD3's shift 3), or Flux's dynamic e^μ/(e^μ + 1/t − 1)."""
+    import math
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if model == "plain":
+        field, shift = fs.fields.FlowMatching(lambda x, t: 0 * x, (2,)), (lambda t: t)
+    elif model == "sd3":
+        field = fs.models.from_diffusers(unet64, FlowMatchEulerDiscreteScheduler(shift=3.0)).field()
+        shift = lambda t: 3.0 * t / (1 + 2.0 * t)  # noqa: E731
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+        field = fs.models.from_diffusers(unet64, sched, mu=0.8).field()
+        shift = lambda t: math.exp(0.8) / (math.exp(0.8) + (1 / t - 1))  # noqa: E731
+    got = field.grid(steps, kind)
+    assert torch.allclose(got, torch.tensor(_comfy_flow(kind, steps, shift), dtype=torch.float64), rtol=1e-12, atol=0)
+    assert float(got[0]) <= 1.0 and float(got[-1]) == 0.0

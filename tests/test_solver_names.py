@@ -273,3 +273,19 @@ def test_steps_counts_as_schedulers_and_k_diffusion_count(unet64):
         fs.sample(gmm_field, "heun", steps=5, nfe=9, n=2)
     with pytest.raises(ValueError, match="steps: solver 'dpm_adaptive' chooses its own steps"):
         fs.sample(gmm_field, "dpm_adaptive", steps=5, n=2)
+
+
+def test_a_scheduler_other_than_the_models_own_is_said_to_walk_the_models_grid(unet64):
+    import warnings
+    import diffusers
+    m = fs.models.from_diffusers(unet64, diffusers.DDIMScheduler())
+    with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler's loop runs on this field's default grid, "
+                                         "the timesteps of DDIMScheduler"):
+        fs.sample(m.field(), diffusers.DPMSolverMultistepScheduler(), steps=4, n=1, seed=0)
+    with pytest.warns(UserWarning, match="the timesteps of DDIMScheduler"):
+        fs.sample(m.field(), "UniPCMultistepScheduler", steps=4, n=1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fs.sample(m.field(), diffusers.DDIMScheduler, steps=4, n=1, seed=0)
+        fs.sample(m.field(), diffusers.DPMSolverMultistepScheduler(), steps=4, n=1, seed=0,
+                  grid="karras")  # a grid asked for: nothing to say

@@ -54,6 +54,8 @@ class FlowMatching(Field):
         if not callable(velocity):
             raise ArgumentTypeError(f"velocity: expected a callable v(x, t), got {type(velocity).__name__}")
         self.velocity, self.schedule, self.flow_map = velocity, schedule, bool(flow_map)
+        # the model's time shift t ↦ shift(t) (SD3's, Flux's), read by ComfyUI's table schedulers
+        self.time_shift: Callable[[float], float] | None = None
         self.t_start, self.t_end, self.prior_std, self.default_nfe = 1.0, 0.0, 1.0, default_nfe
         self.data_shape = declared_shape(velocity, shape)
 
@@ -66,6 +68,8 @@ class FlowMatching(Field):
             if self.schedule is None:
                 return grids.uniform(steps, self.t_start, 0.0)
             return grids.check(self.schedule(steps))
+        if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the flow's table of times
+            return grids.from_flow(spacing, steps, self.time_shift)
         if spacing in grids.SIGMA_SPACINGS:  # spaced in the VE level σ/α, mapped back to t by the path
             s = grids.make(
                 spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw
