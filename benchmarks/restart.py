@@ -82,14 +82,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--nfe", type=int, nargs="*", default=[39, 59, 99])
     ap.add_argument("--models", nargs="*", default=["pretrained/digits-edm", "pretrained/digits-flow"])
+    ap.add_argument("--samplers", nargs="*", default=None, help="labels' first words to keep (default: all)")
+    ap.add_argument("--no-mixture", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "restart.md"))
     a = ap.parse_args()
+    if a.samplers:
+        for label in list(SAMPLERS):
+            if not any(label == k or label.startswith(k + " ") for k in a.samplers):
+                del SAMPLERS[label]
     features = fs.from_pretrained("pretrained/digits-features")
     rows = []
     for folder in a.models:
         rows += digits_rows(folder, a.n, a.seeds, a.nfe, features)
-    rows += mixture_rows(a.n, a.seeds, a.nfe)
+    if not a.no_mixture:
+        rows += mixture_rows(a.n, a.seeds, a.nfe)
     command = f"python benchmarks/restart.py --n {a.n} --seeds {a.seeds} --nfe {' '.join(map(str, a.nfe))}"
+    if a.samplers:
+        command += f" --samplers {' '.join(a.samplers)} --models {' '.join(a.models)}"
+    if a.no_mixture:
+        command += " --no-mixture"
     head = ["# Restart sampling against the ODE and EDM's churn", "", f"`{command}`", "",
             "| model | NFE (used) | sampler | FD (features) or energy distance | pixel FD | s per run |",
             "|---|---:|---|---:|---:|---:|"]

@@ -225,7 +225,7 @@ def calibrate(
     from .sample import check_cond, cond_rows, initial_noise, resolve_grid, sample
 
     t0 = time.perf_counter()
-    base, options = registry.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    base, options = registry.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
     spec, solver = base.configured(options), base.name
     check_int("nfe", nfe, 1)
     check_int("n", n, 2)

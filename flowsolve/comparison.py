@@ -207,7 +207,7 @@ def compare(
         check_choice("metric", m, METRICS)
     check_int("seeds", seeds, 1)
     for s in solvers:
-        registry.resolve(s, options)  # unknown names fail here, listing the valid ones
+        registry.resolve(s, options, field)  # unknown names fail here, listing the valid ones
     cond = check_cond(cond, n)
     scores = {m: _scorer(m, field, reference, n, features, cond) for m in metrics}
     shape = field.data_shape
@@ -223,7 +223,7 @@ def compare(
             for seed in range(seeds):
                 try:
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
-                    start = float(resolve_grid(field, registry.resolve(solver, options)[0], budget, grid)[0][0])
+                    start = float(resolve_grid(field, registry.resolve(solver, options, field)[0], budget, grid)[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
                     x_init = x0 if device is None else x0.to(device)
                     if is_launched():  # torchrun / accelerate launch: split the particles, gather

@@ -278,6 +278,29 @@ def from_flow(
     return torch.tensor([float(warp(u)) for u in us] + [0.0], dtype=torch.float64)
 
 
+def linear_quadratic(
+    steps: int, sigma_max: float = 1.0, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> torch.Tensor:
+    """Mochi's linear-quadratic schedule (ComfyUI's "linear_quadratic", LTX's and Mochi's default):
+    1 − σ/σ_max rises linearly to `threshold_noise` over the first `linear_steps` (default half the)
+    steps, then quadratically to 1, so σ runs from σ_max to 0. On a flow field σ_max = 1 and σ is t."""
+    check_int("steps", steps, 1)
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    lin = steps // 2 if linear_steps is None else int(linear_steps)
+    if not 1 <= lin < steps:
+        raise ArgumentError(f"linear_steps: expected 1 <= linear_steps < steps={steps}, got {linear_steps}")
+    if not 0 < threshold_noise < 1:
+        raise ArgumentError(f"threshold_noise: expected a number in (0, 1), got {threshold_noise!r}")
+    quad = steps - lin
+    excess = lin - threshold_noise * steps  # what the quadratic part must add over the linear rate
+    a = excess / (lin * quad**2)
+    b = threshold_noise / lin - 2 * excess / quad**2
+    c = a * lin**2
+    done = [k * threshold_noise / lin for k in range(lin)] + [a * k * k + b * k + c for k in range(lin, steps)] + [1.0]
+    return torch.tensor([sigma_max * (1.0 - v) for v in done], dtype=torch.float64)
+
+
 def continuous_table(sigma_min: float, sigma_max: float, entries: int = 1000) -> torch.Tensor:
     """The table of noise levels ComfyUI gives a continuous-σ (EDM) model: `entries` levels uniform in
     log σ from σ_min to σ_max, for `from_table`."""

@@ -365,7 +365,8 @@ def sample(
 
     field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`, a
         k-diffusion or ComfyUI sampler name ("sample_lms", "dpmpp_2s_ancestral", "uni_pc_bh2"), or a
-        diffusers scheduler (instance, class or name: its own loop; `fs.solvers.resolve`).
+        diffusers scheduler (instance, class or name: its own loop; `fs.solvers.resolve`); "scheduler"
+        is the one the field's diffusers model was loaded with (the pipeline's own loop).
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     steps: instead of nfe, the number of steps (the grid's intervals), as diffusers'
@@ -393,7 +394,7 @@ def sample(
         raise ArgumentTypeError(
             f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), got {type(field).__name__}"
         )
-    base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     spec.check_field(field)
     if (
@@ -508,7 +509,7 @@ def invert(
     torchdiffeq methods): the exponential ones cannot step into λ = −∞. solver: a name in
     `fs.solvers.REVERSIBLE` or a fixed-step torchdiffeq method.
     """
-    base, options = solvers.resolve(solver, options)  # a peer's name or a diffusers scheduler too
+    base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     if (
         spec.stochastic

@@ -217,3 +217,34 @@ def test_comfyuis_table_schedulers_on_flow_fields(unet64, kind, steps, model):
     got = field.grid(steps, kind)
     assert torch.allclose(got, torch.tensor(_comfy_flow(kind, steps, shift), dtype=torch.float64), rtol=1e-12, atol=0)
     assert float(got[0]) <= 1.0 and float(got[-1]) == 0.0
+
+
+def _mochi(steps, threshold_noise=0.025, linear_steps=None):
+    """Mochi's linear-quadratic σ schedule (genmoai/models infer.py, ComfyUI's copy) written out."""
+    if steps == 1:
+        return [1.0, 0.0]
+    if linear_steps is None:
+        linear_steps = steps // 2
+    linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+    diff = linear_steps - threshold_noise * steps
+    quadratic_steps = steps - linear_steps
+    qc = diff / (linear_steps * quadratic_steps ** 2)
+    lc = threshold_noise / linear_steps - 2 * diff / (quadratic_steps ** 2)
+    const = qc * (linear_steps ** 2)
+    quadratic = [qc * (i ** 2) + lc * i + const for i in range(linear_steps, steps)]
+    return [1.0 - x for x in linear + quadratic + [1.0]]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20, 50])
+def test_linear_quadratic_is_mochis_schedule(steps):
+    flow = fs.fields.FlowMatching(lambda x, t: 0 * x, (2,))
+    assert torch.allclose(flow.grid(steps, "linear_quadratic"), torch.tensor(_mochi(steps), dtype=torch.float64),
+                          rtol=0, atol=1e-14)
+    edm = fs.fields.EDM(lambda x, s: 0 * x, shape=(2,))
+    assert torch.allclose(edm.grid(steps, "linear_quadratic"), 80.0 * torch.tensor(_mochi(steps), dtype=torch.float64),
+                          rtol=0, atol=1e-12)
+    g = fs.grids.linear_quadratic(steps, threshold_noise=0.1, linear_steps=max(1, steps // 4) if steps > 1 else None)
+    ref = _mochi(steps, 0.1, max(1, steps // 4) if steps > 1 else None)
+    assert torch.allclose(g, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-14)
+    x, info = fs.sample(flow, "euler", grid="linear_quadratic", nfe=steps, n=2, seed=0, return_info=True)
+    assert len(info.grid) == steps + 1

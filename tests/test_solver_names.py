@@ -289,3 +289,29 @@ def test_a_scheduler_other_than_the_models_own_is_said_to_walk_the_models_grid(u
         fs.sample(m.field(), diffusers.DDIMScheduler, steps=4, n=1, seed=0)
         fs.sample(m.field(), diffusers.DPMSolverMultistepScheduler(), steps=4, n=1, seed=0,
                   grid="karras")  # a grid asked for: nothing to say
+
+
+def test_scheduler_names_the_models_own(unet64, tmp_path):
+    """`solver="scheduler"`: the scheduler the model was loaded with, so a pipeline folder's default
+    loop is `fs.sample(m.field(), "scheduler", steps=N)` (CLI `--solver scheduler --steps N`)."""
+    import diffusers
+    kw = {"solver_order": 3, "final_sigmas_type": "sigma_min"}
+    m = fs.models.from_diffusers(unet64, diffusers.UniPCMultistepScheduler(**kw))
+    sched = _in_float64(diffusers.UniPCMultistepScheduler(**kw), 8)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    grid = m.field().grid(8, "schedule")
+    x, info = fs.sample(m.field(), "scheduler", steps=8, x_init=z * m.prior_std_at(float(grid[0])),
+                        dtype=torch.float64, return_info=True)
+    alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert info.solver == "unipc" and (x * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="'scheduler' means the scheduler a diffusers model was loaded with"):
+        fs.sample(fs.fields.EDM(lambda v, s: 0 * v, shape=(2,)), "scheduler", nfe=4, n=1)
+
+
+def test_the_cli_takes_the_models_scheduler_and_steps(tmp_path, capsys):
+    from flowsolve.cli import main
+    out = tmp_path / "x.npy"
+    assert main(["sample", "--model", "pretrained/digits-ddpm", "--solver", "scheduler", "--steps", "5", "--n", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "solver ddpm, 5 steps, nfe 5" in capsys.readouterr().out and out.exists()

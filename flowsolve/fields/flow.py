@@ -70,6 +70,8 @@ class FlowMatching(Field):
             return grids.check(self.schedule(steps))
         if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the flow's table of times
             return grids.from_flow(spacing, steps, self.time_shift)
+        if spacing == "linear_quadratic":  # ComfyUI's (Mochi's): σ is t here
+            return grids.linear_quadratic(steps, 1.0, **kw)
         if spacing in grids.SIGMA_SPACINGS:  # spaced in the VE level σ/α, mapped back to t by the path
             s = grids.make(
                 spacing, steps, sigma_min=kw.pop("sigma_min", 0.002), sigma_max=kw.pop("sigma_max", 80.0), **kw

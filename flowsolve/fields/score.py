@@ -239,6 +239,8 @@ class ScoreDifference(Field):
             return grids.check(self.schedule(steps))
         if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the model's table of σ's
             return grids.from_table(spacing, steps, self.sigma_table())
+        if spacing == "linear_quadratic":  # ComfyUI's (Mochi's), from the field's σ_max
+            return grids.linear_quadratic(steps, self.sigma_max, **kw)
         kw.setdefault("sigma_min", self.sigma_min)
         kw.setdefault("sigma_max", self.sigma_max)
         if spacing == "karras":

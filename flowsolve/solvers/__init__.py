@@ -84,21 +84,37 @@ def get(name: str) -> Solver:
     return _REGISTRY[name]
 
 
+def _model_scheduler(field: object) -> object:
+    """The scheduler the field's diffusers model was loaded with (through guidance wrappers)."""
+    from .base import field_model
+
+    own = getattr(field_model(field, lambda m: hasattr(m, "scheduler")), "scheduler", None)
+    if own is None:
+        raise ArgumentError(
+            f"solver: 'scheduler' means the scheduler a diffusers model was loaded with; "
+            f"this {type(field).__name__} field's model has none (name a solver, or pass a scheduler)"
+        )
+    return own
+
+
 def _registered(name: str) -> bool:
     if ":" in name:
         _ensure_backends()
     return name in _REGISTRY or name in _RENAMED
 
 
-def resolve(solver: object, options: dict | None = None) -> tuple[Solver, dict]:
+def resolve(solver: object, options: dict | None = None, field: object = None) -> tuple[Solver, dict]:
     """The registered solver and options that `solver` means: a flowsolve name (`available()`), a
     k-diffusion or ComfyUI sampler name (`"sample_lms"`, `"lms"`, `"uni_pc_bh2"`: `PEER_NAMES`), or a
     diffusers scheduler (instance, class or class name: `from_scheduler`), or a `Solver` entry itself
     (one made for the call, unregistered). Options given override the
     ones the name implies (k-diffusion's `lms` is `adams` with `order=4`). `fs.sample`, `fs.invert`,
-    `fs.calibrate` and `fs.compare` accept all of these."""
+    `fs.calibrate` and `fs.compare` accept all of these. With the `field`, "scheduler" means the
+    scheduler its diffusers model was loaded with (a pipeline's own loop)."""
     if isinstance(solver, Solver):  # a Solver entry itself, registered or not
         return solver, dict(options or {})
+    if solver == "scheduler" and field is not None:
+        solver = _model_scheduler(field)
     name, opts = names.resolve(solver, dict(options or {}), _registered)
     return get(name), opts
 
