@@ -206,8 +206,9 @@ def compare(
     for m in metrics:
         check_choice("metric", m, METRICS)
     check_int("seeds", seeds, 1)
-    for s in solvers:
-        registry.resolve(s, options, field)  # unknown names fail here, listing the valid ones
+    # each solver resolved once (unknown names fail here, listing the valid ones): its entry as the
+    # options configure it, for the grid's first time
+    specs = [base.configured(opts) for base, opts in (registry.resolve(s, options, field) for s in solvers)]
     cond = check_cond(cond, n)
     scores = {m: _scorer(m, field, reference, n, features, cond) for m in metrics}
     shape = field.data_shape
@@ -215,7 +216,7 @@ def compare(
         raise ArgumentError(f"field: {type(field).__name__} does not know its data shape; make it with shape=(...)")
     device = field.model_device()  # noise drawn on the CPU (the same on any device), moved to the network's
     rows = []
-    for solver, grid in [(s, g) for s in solvers for g in grids]:
+    for (solver, spec), grid in [(sv, g) for sv in zip(solvers, specs) for g in grids]:
         for budget in nfe:
             values: dict[str, list[float]] = {m: [] for m in metrics}
             secs: list[float] = []
@@ -223,7 +224,7 @@ def compare(
             for seed in range(seeds):
                 try:
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
-                    start = float(resolve_grid(field, registry.resolve(solver, options, field)[0], budget, grid)[0][0])
+                    start = float(resolve_grid(field, spec, budget, grid)[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
                     x_init = x0 if device is None else x0.to(device)
                     if is_launched():  # torchrun / accelerate launch: split the particles, gather

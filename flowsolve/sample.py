@@ -317,9 +317,9 @@ def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
     """A diffusers scheduler given as the solver runs its loop on the field's default grid, which is the
     scheduler the model was loaded with: say so when that is another class (a pipeline whose scheduler
     was swapped walks the new one's timesteps)."""
-    from .solvers.base import field_model
+    from .solvers.base import model_scheduler
 
-    own = getattr(field_model(field, lambda m: hasattr(m, "scheduler")), "scheduler", None)
+    own = model_scheduler(field)
     given = (
         scheduler
         if isinstance(scheduler, str)

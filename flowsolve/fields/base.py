@@ -6,7 +6,7 @@ it may carry a stochastic form for SDE solvers (`sde`, Eq. 21).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import copy
 
@@ -19,7 +19,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 if TYPE_CHECKING:
     from .paths import GaussianPath
 
-__all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE"]
+__all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE", "field_model"]
 
 
 DOMAIN_TOLERANCE = 1e-3  # relative slack for grids at the ends of a field's domain (float rounding)
@@ -309,4 +309,20 @@ def _module_device(attrs: dict, depth: int) -> torch.device | None:
             found = _module_device(vars(v), depth - 1)
             if found is not None:
                 return found
+    return None
+
+
+def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
+    """The model under a field, through guidance wrappers (`.data` or a flow's `.velocity`, then
+    `.denoiser`; a bound method stands for its object), for which has(model) holds, or None: where a
+    solver reproduces a diffusers scheduler, that scheduler's settings (variance type, τ rule,
+    prediction type, timesteps, ancestral split) live on the model."""
+    cand = getattr(field, "data", None)
+    if cand is None:
+        cand = getattr(field, "velocity", None)
+    for _ in range(3):
+        cand = getattr(cand, "__self__", cand)  # a model's bound method (`m.velocity`): the model
+        if cand is None or has(cand):
+            return cand
+        cand = getattr(cand, "denoiser", None)
     return None

@@ -6,13 +6,13 @@ they are related by Tweedie's formula s = (D − x)/σ².
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .._checks import as_column, batch_time, check_choice, deprecated
 from .. import grids
-from .base import Field
+from .base import Field, field_model
 from .guidance import GuidedDenoiser
 from .paths import VE
 from ..errors import ArgumentError, ArgumentTypeError
@@ -253,15 +253,15 @@ class ScoreDifference(Field):
         """The model's ascending table of noise levels, one per timestep, as ComfyUI reads it: a
         diffusers DDPM-type model's σ_t = √((1 − ᾱ_t)/ᾱ_t), else 1000 levels uniform in log σ over the
         field's range (ComfyUI's continuous EDM sampling)."""
-        obj: Any = self.data
-        for _ in range(4):  # through guidance (`.denoiser`) and bound methods (`__self__`)
-            for cand in (obj, getattr(obj, "__self__", None)):
-                logs = getattr(cand, "log_sigmas", None)
-                if isinstance(logs, torch.Tensor) and getattr(cand, "schedule", "discrete") == "discrete":
-                    return logs.double().exp()
-            obj = getattr(obj, "denoiser", None) or getattr(getattr(obj, "__self__", None), "denoiser", None)
-            if obj is None:
-                break
+        model = field_model(
+            self,
+            lambda m: (
+                isinstance(getattr(m, "log_sigmas", None), torch.Tensor)
+                and getattr(m, "schedule", "discrete") == "discrete"
+            ),
+        )
+        if model is not None:
+            return model.log_sigmas.double().exp()
         return grids.continuous_table(self.sigma_min, self.sigma_max)
 
     @property

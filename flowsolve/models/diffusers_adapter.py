@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -506,21 +506,19 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         field = FlowMatching(v, self.data_shape, self.schedule, flow_map=self.flow_map)
         # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
         field.schedule_for_every_solver = not _flow_match_family(self.scheduler)
-        field.time_shift = self.time_shift
+        field.time_shift = self.time_shift()
         return self._calibrated(field)
 
-    def time_shift(self, t: float) -> float:
-        """The scheduler's shift of a flow time: with dynamic shifting (`mu`) Flux's
+    def time_shift(self) -> Callable[[float], float]:
+        """The scheduler's shift of a flow time, t ↦ shift(t): with dynamic shifting (`mu`) Flux's
         e^μ/(e^μ + 1/t − 1) (or μ/(μ + 1/t − 1) for a linear `time_shift_type`), else s t/(1 + (s − 1) t)
         with its `shift` (FlowMatch schedulers) or `flow_shift` (multistep schedulers in flow mode)."""
         cfg = _config(self.scheduler)
-        if t <= 0 or t >= 1:
-            return float(t)
         if cfg.get("use_dynamic_shifting") and self.mu is not None:
             m = math.exp(self.mu) if cfg.get("time_shift_type", "exponential") == "exponential" else self.mu
-            return m / (m + (1 / t - 1))
+            return lambda t: t if t <= 0 or t >= 1 else m / (m + (1 / t - 1))
         s = float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0)
-        return s * t / (1 + (s - 1) * t)
+        return lambda t: t if t <= 0 or t >= 1 else s * t / (1 + (s - 1) * t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.velocity(x, t, **cond)

@@ -86,9 +86,9 @@ def get(name: str) -> Solver:
 
 def _model_scheduler(field: object) -> object:
     """The scheduler the field's diffusers model was loaded with (through guidance wrappers)."""
-    from .base import field_model
+    from .base import model_scheduler
 
-    own = getattr(field_model(field, lambda m: hasattr(m, "scheduler")), "scheduler", None)
+    own = model_scheduler(field)
     if own is None:
         raise ArgumentError(
             f"solver: 'scheduler' means the scheduler a diffusers model was loaded with; "

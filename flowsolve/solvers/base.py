@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..fields.base import Field
+from ..fields.base import Field, field_model
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
 
@@ -321,22 +321,6 @@ class PathGrid:
         return rho_to * (x / self.s[i]) + ((1.0 - ratio) * den if renoise is None else den - ratio * renoise)
 
 
-def field_model(field: Any, has: Callable[[Any], bool]) -> Any:
-    """The model under a field, through guidance wrappers (`.data` or a flow's `.velocity`, then
-    `.denoiser`; a bound method stands for its object), for which has(model) holds, or None: where a
-    solver reproduces a diffusers scheduler, that scheduler's settings (variance type, τ rule,
-    prediction type, timesteps, ancestral split) live on the model."""
-    cand = getattr(field, "data", None)
-    if cand is None:
-        cand = getattr(field, "velocity", None)
-    for _ in range(3):
-        cand = getattr(cand, "__self__", cand)  # a model's bound method (`m.velocity`): the model
-        if cand is None or has(cand):
-            return cand
-        cand = getattr(cand, "denoiser", None)
-    return None
-
-
 def scheduler_steps(run: "Run") -> int:
     """The number of steps of the run as the field's diffusers scheduler counts them, for the rules that
     lower the order of the last steps (`lower_order_final`): one more than the grid's when the
@@ -367,6 +351,11 @@ def guided_model(field: Any) -> Any:
     from ..fields.guidance import GuidedDenoiser
 
     return field_model(field, lambda m: isinstance(m, GuidedDenoiser))
+
+
+def model_scheduler(field: Any) -> Any:
+    """The diffusers scheduler the field's model was loaded with (through guidance wrappers), or None."""
+    return getattr(field_model(field, lambda m: hasattr(m, "scheduler")), "scheduler", None)
 
 
 def discrete_model(field: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -96,15 +97,22 @@ def _churn_euler(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_h
     return xt + (rho_next - rho_hat) / rho_hat * (xt - den)
 
 
-def _churn_heun(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
-    """Alg. 2 lines 7–11: the Euler predictor, then the trapezoidal corrector at ρ_{i+1} (skipped at σ = 0)."""
-    h = rho_next - rho_hat
-    d = (xt - den) / rho_hat
+def _ve_heun(xt: torch.Tensor, den: torch.Tensor, rho: float, rho_next: float, denoise_next) -> torch.Tensor:
+    """Heun's step on dx̃/dρ = (x̃ − D)/ρ from ρ to ρ_next: the Euler predictor, then the trapezoidal
+    corrector with D at the predicted point (`denoise_next`; None where the field is singular: Euler)."""
+    h = rho_next - rho
+    d = (xt - den) / rho
     xt_next = xt + h * d
-    if rho_next > 0 and p.run.evaluable[i + 1]:
-        d_next = (xt_next - p.denoise(p.a[i + 1] * xt_next, i + 1)) / rho_next
+    if denoise_next is not None:
+        d_next = (xt_next - denoise_next(xt_next)) / rho_next
         xt_next = xt + (0.5 * h) * (d + d_next)
     return xt_next
+
+
+def _churn_heun(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+    """Alg. 2 lines 7–11: the Euler predictor, then the trapezoidal corrector at ρ_{i+1} (skipped at σ = 0)."""
+    at_next = rho_next > 0 and p.run.evaluable[i + 1]
+    return _ve_heun(xt, den, rho_hat, rho_next, (lambda v: p.denoise(p.a[i + 1] * v, i + 1)) if at_next else None)
 
 
 def dpm_2_step(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
@@ -165,15 +173,6 @@ def edm(
         x = p.a[i + 1] * xt
         run.tick(i, x)
     return x
-
-
-def _ve_heun(p: PathGrid, xt: torch.Tensor, den: torch.Tensor, rho: float, rho_next: float) -> torch.Tensor:
-    """Heun's step on dx̃/dρ = (x̃ − D)/ρ between any two levels ρ > ρ_next > 0 (off-grid stages)."""
-    h = rho_next - rho
-    d = (xt - den) / rho
-    xt_next = xt + h * d
-    d_next = (xt_next - p.denoise_ve(xt_next, -math.log(rho_next))) / rho_next
-    return xt + (0.5 * h) * (d + d_next)
 
 
 def _check_restarts(restarts: Any) -> list[tuple[float, float, int, int]]:
@@ -242,7 +241,8 @@ def restart(
             for _ in range(times):
                 xt = xt + (math.sqrt(levels[0] ** 2 - last**2) * s_noise) * run.noise()  # up to ρ_max
                 for a, b in zip(levels[:-1], levels[1:]):  # and down again
-                    xt = _ve_heun(p, xt, p.denoise_ve(xt, -math.log(a)), a, b)
+                    at_b = functools.partial(p.denoise_ve, lam=-math.log(b))
+                    xt = _ve_heun(xt, p.denoise_ve(xt, -math.log(a)), a, b, at_b)
                 last = levels[-1]
         x = p.a[i + 1] * xt
         run.tick(i, x)
