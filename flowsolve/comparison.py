@@ -201,6 +201,7 @@ def compare(
     "calibrated": the model folder's calibrated grid, cells without
     one are left out with a warning); a named grid is shown after the solver, e.g. "ipndm [calibrated]"."""
     from . import solvers as registry
+    from .solvers.names import webui_grid
 
     metrics = [metric] if isinstance(metric, str) else list(metric)
     for m in metrics:
@@ -224,7 +225,7 @@ def compare(
             for seed in range(seeds):
                 try:
                     # sample i of seed s, drawn at the grid's first time exactly as sample(seed=s) draws it
-                    start = float(resolve_grid(field, spec, budget, grid)[0][0])
+                    start = float(resolve_grid(field, spec, budget, webui_grid(solver, grid))[0][0])
                     x0 = initial_noise(field, seed, 0, n, shape, t_start=start)
                     x_init = x0 if device is None else x0.to(device)
                     if is_launched():  # torchrun / accelerate launch: split the particles, gather

@@ -220,7 +220,7 @@ def resolve_grid(
     singular = not field.finite_at_end and not reverse
     if steps is not None:
         check_int("steps", steps, 1)
-        if nfe is not None or (grid is not None and not isinstance(grid, str)) or grid == "calibrated":
+        if nfe is not None or (grid is not None and not _named(grid)) or grid == "calibrated":
             given = "nfe" if nfe is not None else "grid"
             raise ArgumentError(f"steps: give steps or {given}, not both (steps={steps}, {given}={nfe or grid!r})")
         if spec.adaptive:
@@ -229,6 +229,9 @@ def resolve_grid(
             raise ArgumentError(f"steps: at most {grids.MAX_STEPS} steps are supported, got {steps}")
         if steps < spec.min_steps:
             raise ArgumentError(f"steps: solver {spec.name!r} needs at least {spec.min_steps} steps, got {steps}")
+        if callable(grid):  # a grid rule: its grid for this many steps, checked as a given grid is
+            g, _ = _checked_grid(field, spec, grid(field, steps), None, reverse, singular)
+            return g, spec.evals(len(g) - 1, singular and float(g[-1]) == field.t_end)
         kind = _solver_default_grid(field, spec) if grid is None else grid
         return field.grid(steps, kind), spec.evals(steps, singular)
     if nfe is not None:
@@ -240,6 +243,8 @@ def resolve_grid(
                 f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={nfe}"
             )
     if spec.adaptive:
+        if callable(grid):
+            grid = grid(field, 1)  # a grid rule: its endpoints
         if grid is not None and not isinstance(grid, str):
             g = grids.check(grid)
             return torch.stack([g[0], g[-1]]), nfe if nfe is not None else 10 * field.default_nfe
@@ -257,7 +262,7 @@ def resolve_grid(
                 f"(make one with fs.grids.calibrate or `flowsolve calibrate`)"
             )
         grid, nfe = calibrated_grid(field.calibrated[key]), budget
-    elif grid is None or isinstance(grid, str):
+    elif _named(grid):
         budget = field.default_nfe if nfe is None else nfe
         steps = spec.steps_for(budget, singular)
         if steps > grids.MAX_STEPS:
@@ -269,9 +274,35 @@ def resolve_grid(
             raise ArgumentError(
                 f"nfe: solver {spec.name!r} needs at least {spec.min_nfe} field evaluations, got nfe={budget}"
             )
+        if callable(grid):  # a grid rule: the most steps whose grid fits the budget
+            rule = grid
+            grid = rule(field, steps)
+            while steps > spec.min_steps and _evals(field, spec, grid, singular) > budget:
+                steps -= 1
+                grid = rule(field, steps)
+            return _checked_grid(field, spec, grid, budget, reverse, singular)
         if grid is None:
             grid = _solver_default_grid(field, spec)  # the solver's measured best uncalibrated spacing
         return field.grid(steps, grid), budget
+    return _checked_grid(field, spec, grid, nfe, reverse, singular)
+
+
+def _named(grid) -> bool:
+    """Whether `grid` names a grid to be made for a number of steps: None (the default), a spacing
+    name, or a grid rule (a callable rule(field, steps) -> times, e.g. `solvers.names.WebUIGrid`)."""
+    return grid is None or isinstance(grid, str) or (callable(grid) and not isinstance(grid, torch.Tensor))
+
+
+def _evals(field: Field, spec: solvers.Solver, grid, singular: bool) -> int:
+    g = torch.as_tensor(grid)
+    return spec.evals(len(g) - 1, singular and float(g[-1]) == field.t_end)
+
+
+def _checked_grid(
+    field: Field, spec: solvers.Solver, grid, nfe: int | None, reverse: bool, singular: bool
+) -> tuple[torch.Tensor, int | None]:
+    """A grid of times given (or made by a rule), checked against the field and the solver: in the
+    field's domain, running the right way, long enough, within the NFE budget."""
     rows = evaluation_coefficients(grid)
     g = grids.check(grid)
     if rows is not None:
@@ -366,13 +397,17 @@ def sample(
     field: a `flowsolve.fields.Field`. solver: a name from `flowsolve.solvers.available()`, a
         k-diffusion or ComfyUI sampler name ("sample_lms", "dpmpp_2s_ancestral", "uni_pc_bh2"), or a
         diffusers scheduler (instance, class or name: its own loop; `fs.solvers.resolve`); "scheduler"
-        is the one the field's diffusers model was loaded with (the pipeline's own loop).
+        is the one the field's diffusers model was loaded with (the pipeline's own loop); an
+        AUTOMATIC1111 label ("DPM++ 2M Karras", "Euler a": its k-diffusion sampler on the grid A1111
+        makes, `fs.solvers.names.webui_run`).
     nfe: a budget of field evaluations per sample; the solver takes the most steps that fit
         (Heun with a last Euler step to σ = 0: 2·steps − 1). Default: the field's default_nfe.
     steps: instead of nfe, the number of steps (the grid's intervals), as diffusers'
         `num_inference_steps` and k-diffusion count them; the budget is then what they cost.
     grid: a 1-D tensor of times from start to end (for EDM: decreasing σ, last 0), or a grid kind
-        ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal', 'uniform', 'calibrated') sized by nfe.
+        ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal', 'uniform', 'calibrated',
+        ComfyUI's 'normal', 'simple', ..., an AUTOMATIC1111 schedule type 'Karras', 'KL Optimal', ...) sized
+        by nfe or steps, or a grid rule: a callable rule(field, steps) -> times.
         A grid from `fs.grids.calibrate` may carry solver coefficients (`grid.coefficients`), which
         mix the field's outputs in order.
     n / shape or x_init: how many particles of which shape, or given starting particles.
@@ -394,6 +429,8 @@ def sample(
         raise ArgumentTypeError(
             f"field: expected a flowsolve.fields.Field (e.g. fields.EDM(denoiser)), got {type(field).__name__}"
         )
+    # an AUTOMATIC1111 label ("DPM++ 2M Karras"): its schedule type's grid, its way of counting steps
+    grid, steps, nfe, options = solvers.names.webui_run(solver, grid, steps, nfe, options)
     base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     spec.check_field(field)
@@ -530,7 +567,7 @@ def invert(
         )
     if not isinstance(x, torch.Tensor):
         raise ArgumentTypeError(f"x: expected a tensor of data (n, *data_shape), got {type(x).__name__}")
-    forward, _ = resolve_grid(field, spec, nfe, grid)
+    forward, _ = resolve_grid(field, spec, nfe, solvers.names.webui_grid(solver, grid))
     keep = forward
     if field.time_is_sigma and float(forward[-1]) == 0.0:
         keep = forward[:-1]  # σ-time fields are singular at σ = 0: the data are taken at the last level

@@ -76,10 +76,11 @@ def get(name: str) -> Solver:
         _ensure_backends()
     if name not in _REGISTRY:
         raise ArgumentError(
-            f"solver: unknown solver {name!r}{nearest(name, [*_REGISTRY, *PEER_NAMES])}; valid names are: "
-            f"{', '.join(available())}; k-diffusion's and ComfyUI's sampler names "
-            f"({', '.join(sorted(set(PEER_NAMES) - set(_REGISTRY)))}) "
-            f"and diffusers schedulers are accepted too"
+            f"solver: unknown solver {name!r}{nearest(name, [*_REGISTRY, *PEER_NAMES, *names.WEBUI_NAMES])}; "
+            f"valid names are: {', '.join(available())}; k-diffusion's and ComfyUI's sampler names "
+            f"({', '.join(sorted(set(PEER_NAMES) - set(_REGISTRY)))}), AUTOMATIC1111's labels with their "
+            f"schedule type (e.g. 'DPM++ 2M Karras'; `flowsolve solvers`) and diffusers schedulers are "
+            f"accepted too"
         )
     return _REGISTRY[name]
 
@@ -134,6 +135,13 @@ def describe() -> str:
         if callable(entry):
             shown += f"; with s_churn, s_tmin, s_tmax, s_noise: edm(step={target!r})"
         rows.append(f"{peer:28s} = {shown}")
+    rows += ["", "AUTOMATIC1111's labels (a k-diffusion sampler on its schedule type's grid; a label may end in one):"]
+    for label, (kname, automatic, discard) in names._WEBUI.items():
+        grid = (automatic or ("σ range" if label.startswith("DPM ") else "Uniform")) + (
+            ", next-to-last level dropped" if discard else ""
+        )
+        rows.append(f"{label:28s} = {kname} (schedule: {grid})")
+    rows.append(f"{'schedule types':28s} = " + ", ".join(f"{k} ({v})" for k, v in names.WEBUI_SCHEDULES.items()))
     return "\n".join(rows)
 
 

@@ -10,7 +10,11 @@ its options:
   (`sample_heun(s_churn=...)` is `edm(step="heun", S_churn=...)`); options given override the defaults;
 * a diffusers scheduler (an instance, its class, or the class name) is `from_scheduler`: the solver
   whose loop on a model loaded with that scheduler (`fs.models.from_diffusers`) is the scheduler's own
-  loop, with the options its configuration implies.
+  loop, with the options its configuration implies;
+* an AUTOMATIC1111 (and Forge) sampler label, alone or with a schedule type after it ("DPM++ 2M",
+  "DPM++ 2M Karras", "Euler a", "k_dpm_2"), is its k-diffusion sampler, and `webui_run` gives
+  `fs.sample` the grid A1111 makes for it (`WebUIGrid`: the schedule type on the model's table, the
+  next-to-last level dropped for DPM2, DPM2 a and DPM++ 3M SDE) and A1111's way of counting steps.
 
 Each equality is tested against the peer's own code (`tests/test_solver_names.py`,
 `tests/test_peer_solvers.py`); docs/guides/pretrained.md has the table.
@@ -23,7 +27,17 @@ from typing import Any, Callable
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["PEER_NAMES", "from_scheduler", "resolve", "is_scheduler"]
+__all__ = [
+    "PEER_NAMES",
+    "WEBUI_NAMES",
+    "WEBUI_SCHEDULES",
+    "WebUIGrid",
+    "from_scheduler",
+    "is_scheduler",
+    "resolve",
+    "webui_grid",
+    "webui_run",
+]
 
 # k-diffusion's keyword names for EDM's churn (sample_euler / sample_heun / sample_dpm_2) -> edm's
 _CHURN = {"s_churn": "S_churn", "s_tmin": "S_min", "s_tmax": "S_max", "s_noise": "S_noise"}
@@ -74,6 +88,152 @@ _COMFYUI: dict[str, _Entry] = {
 }
 PEER_NAMES: dict[str, _Entry] = {**_K_DIFFUSION, **{f"sample_{k}": v for k, v in _K_DIFFUSION.items()}, **_COMFYUI}
 
+# AUTOMATIC1111's (and Forge's) sampler labels (its sd_samplers_kdiffusion, 1.9+): the k-diffusion sampler, the
+# schedule type its "Automatic" picks (None: the model's own, k-diffusion's get_sigmas, "Uniform"), and
+# whether it discards the next-to-last σ (it asks for steps + 1 levels and drops the second to last)
+_WEBUI: dict[str, tuple[str, str | None, bool]] = {
+    "DPM++ 2M": ("dpmpp_2m", "Karras", False),
+    "DPM++ SDE": ("dpmpp_sde", "Karras", False),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", "Exponential", False),
+    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", "Exponential", False),
+    "DPM++ 2S a": ("dpmpp_2s_ancestral", "Karras", False),
+    "DPM++ 3M SDE": ("dpmpp_3m_sde", "Exponential", True),
+    "Euler a": ("euler_ancestral", None, False),
+    "Euler": ("euler", None, False),
+    "LMS": ("lms", None, False),
+    "Heun": ("heun", None, False),
+    "DPM2": ("dpm_2", "Karras", True),
+    "DPM2 a": ("dpm_2_ancestral", "Karras", True),
+    "DPM fast": ("dpm_fast", None, False),
+    "DPM adaptive": ("dpm_adaptive", None, False),
+    "Restart": ("restart", "Karras", False),
+}
+_WEBUI_ALIASES = {
+    "k_dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_sde": "DPM++ SDE",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "k_dpmpp_2s_a": "DPM++ 2S a",
+    "k_dpmpp_3m_sde": "DPM++ 3M SDE",
+    "k_euler_a": "Euler a",
+    "k_euler_ancestral": "Euler a",
+    "k_euler": "Euler",
+    "k_lms": "LMS",
+    "k_heun": "Heun",
+    "k_dpm_2": "DPM2",
+    "k_dpm_2_a": "DPM2 a",
+    "k_dpm_fast": "DPM fast",
+    "k_dpm_ad": "DPM adaptive",
+}
+# its samplers that are not k-diffusion's: what to use instead
+_WEBUI_OTHERS = {
+    "DDIM": "solver='ddim' with grid='ddim_uniform' (A1111 ends at the first timestep's level, not at σ = 0)",
+    "DDIM CFG++": "solver='ddim' with guidance (CFG++ renoises with the unguided prediction)",
+    "PLMS": "solver='plms' with grid='ddim_uniform'",
+    "UniPC": "solver='unipc_bh1' with order=3 (A1111 steps on its own time-uniform grid)",
+    "LCM": "solver='consistency' (A1111's LCM reads a 50-level table of its own)",
+}
+_WEBUI_OWN_RANGE = ("DPM fast", "DPM adaptive")
+_SIGMA_RANGE = "σ range"  # their grid: from the table's σ_max to its σ_min
+# its schedule types (sd_schedulers): label -> flowsolve spacing ("Uniform" is k-diffusion's get_sigmas of the
+# model's table, ComfyUI's "normal"; A1111's KL Optimal ends at σ_min, without a last step to 0)
+WEBUI_SCHEDULES: dict[str, str] = {
+    "Uniform": "normal",
+    "Karras": "karras",
+    "Exponential": "loglinear",
+    "Polyexponential": "polyexponential",
+    "SGM Uniform": "sgm_uniform",
+    "SGMUniform": "sgm_uniform",
+    "KL Optimal": "kl_optimal",
+    "Simple": "simple",
+    "Normal": "normal",
+    "DDIM": "ddim_uniform",
+    "Beta": "beta",
+}
+WEBUI_NAMES = frozenset(
+    [*_WEBUI, *_WEBUI_ALIASES, *(f"{s} {t}" for s in _WEBUI for t in [*WEBUI_SCHEDULES, "Automatic"])]
+)
+
+
+def _webui_split(name: str) -> tuple[str, str] | None:
+    """An AUTOMATIC1111 sampler label, with a schedule type after it or not ("DPM++ 2M Karras"), as
+    (sampler, schedule type); None when `name` is not one."""
+    name = _WEBUI_ALIASES.get(name, name)
+    if name in _WEBUI:
+        return name, "Automatic"
+    for label in sorted([*WEBUI_SCHEDULES, "Automatic"], key=len, reverse=True):
+        if name.endswith(" " + label) and name[: -len(label) - 1] in _WEBUI:
+            return name[: -len(label) - 1], label
+    return None
+
+
+class WebUIGrid:
+    """AUTOMATIC1111's grid for `steps` steps: the schedule type's levels on the field's noise range
+    (σ_min, σ_max of the model's table), with the next-to-last level dropped where the sampler does so
+    (it asks for steps + 1 levels). A grid rule: `fs.sample` calls it as rule(field, steps)."""
+
+    def __init__(self, schedule: str, discard_penultimate: bool = False) -> None:
+        if schedule not in WEBUI_SCHEDULES and schedule != _SIGMA_RANGE:
+            raise ArgumentError(
+                f"grid: expected an AUTOMATIC1111 schedule type ({', '.join(map(repr, WEBUI_SCHEDULES))}), "
+                f"got {schedule!r}{nearest(schedule, WEBUI_SCHEDULES)}"
+            )
+        self.schedule, self.discard_penultimate = schedule, discard_penultimate
+
+    def __call__(self, field: Any, steps: int):
+        import torch
+
+        if self.schedule == _SIGMA_RANGE:  # DPM fast / adaptive: log-linear from σ_max to σ_min, no σ = 0
+            return field.grid(steps, "loglinear", final_zero=False)
+        n = steps + 1 if self.discard_penultimate else steps
+        spacing = WEBUI_SCHEDULES[self.schedule]
+        # A1111's KL Optimal is n + 1 levels from σ_max to σ_min, without the final σ = 0
+        g = field.grid(n, spacing, final_zero=False) if spacing == "kl_optimal" else field.grid(n, spacing)
+        return torch.cat([g[:-2], g[-1:]]) if self.discard_penultimate else g
+
+    def __repr__(self) -> str:
+        return f"WebUIGrid({self.schedule!r}{', discard_penultimate=True' if self.discard_penultimate else ''})"
+
+
+def webui_grid(solver: Any, grid: Any) -> Any:
+    """The grid an AUTOMATIC1111 sampler label implies: with no `grid`, its schedule type ("DPM++ 2M
+    Karras", or the one "Automatic" picks); `grid` given as a schedule type ("Karras") is that one, with
+    the sampler's discarded next-to-last level. Any other grid is returned as given."""
+    split = _webui_split(solver) if isinstance(solver, str) else None
+    if isinstance(grid, str) and grid in WEBUI_SCHEDULES:
+        return WebUIGrid(grid, split is not None and _WEBUI[split[0]][2])
+    if grid is not None or split is None:
+        return grid
+    sampler, schedule = split
+    _, automatic, discard = _WEBUI[sampler]
+    if sampler in _WEBUI_OWN_RANGE:  # k-diffusion's n steps between the table's σ_min and σ_max, no schedule
+        return WebUIGrid(_SIGMA_RANGE)
+    return WebUIGrid((automatic or "Uniform") if schedule == "Automatic" else schedule, discard)
+
+
+def webui_run(
+    solver: Any, grid: Any, steps: int | None, nfe: int | None, options: dict[str, Any]
+) -> tuple[Any, int | None, int | None, dict[str, Any]]:
+    """(grid, steps, nfe, options) as an AUTOMATIC1111 label reads `fs.sample`'s: its grid
+    (`webui_grid`); its step count is k-diffusion's `n` for "DPM fast" (evaluations, not steps) and is
+    not read by "DPM adaptive", which chooses its own; "Restart" with N steps spends them as A1111's
+    restart_sampler does: from 20 steps on, 9 restart steps once (from 36, N // 4 steps twice) from
+    ρ = 2 to 0.1 and the rest on a Karras grid of the table's range, whatever the schedule type;
+    below 20, no restart. Anything else is returned as given."""
+    grid = webui_grid(solver, grid)
+    split = _webui_split(solver) if isinstance(solver, str) else None
+    if split is None or steps is None:
+        return grid, steps, nfe, options
+    if split[0] in _WEBUI_OWN_RANGE:
+        return grid, None, (steps if split[0] == "DPM fast" else nfe), options
+    if split[0] == "Restart" and "restarts" not in options:
+        k, times = (steps // 4, 2) if steps >= 36 else (9, 1) if steps >= 20 else (0, 0)
+        restarts = ((0.1, 2.0, k, times),) if times else ()
+        if times and isinstance(grid, WebUIGrid):  # A1111 re-spaces its grid as Karras
+            grid = WebUIGrid("Karras")
+        return grid, steps - k * times, nfe, {**options, "restarts": restarts}
+    return grid, steps, nfe, options
+
 
 def is_scheduler(obj: Any) -> bool:
     """Whether `obj` looks like a diffusers scheduler (instance or class): it has a `config` (or
@@ -86,6 +246,14 @@ def resolve(solver: Any, options: dict[str, Any], registered: Callable[[str], bo
     diffusers scheduler) means; options given override those the name implies."""
     if isinstance(solver, str) and registered(solver):
         return solver, options
+    split = _webui_split(solver) if isinstance(solver, str) else None
+    if split is not None:  # an AUTOMATIC1111 label: its k-diffusion sampler (its grid: `webui_grid`)
+        solver = _WEBUI[split[0]][0]
+    if isinstance(solver, str) and solver in _WEBUI_OTHERS:
+        raise ArgumentError(
+            f"solver: AUTOMATIC1111's {solver!r} is not one of its k-diffusion samplers and is not reproduced "
+            f"step for step; the nearest: {_WEBUI_OTHERS[solver]}"
+        )
     if isinstance(solver, str) and solver in PEER_NAMES:
         entry = PEER_NAMES[solver]
         if callable(entry):
