@@ -243,6 +243,11 @@ def cmd_sample(args) -> int:
     if args.x_init is not None:  # start from given particles (the latents of `flowsolve invert`)
         options["x_init"] = _load_data(args.x_init, "--x-init")
         args.n = len(options["x_init"])
+    if args.init is not None:  # image-to-image (SDEdit): data to noise to a level and denoise from there
+        options["init"] = _load_data(args.init, "--init")
+        args.n = len(options["init"])
+    if args.strength is not None:
+        options["strength"] = args.strength
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     if cond:
         options["cond"] = cond
@@ -267,7 +272,7 @@ def cmd_sample(args) -> int:
     per = int(torch.tensor(shape).prod()) * 4
     if args.batch_size is None:  # bound the solver's working set: ~STREAM_BYTES per chunk
         args.batch_size = max(1, min(65536, STREAM_BYTES // (12 * per)))
-    if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy" and args.x_init is None:
+    if args.n > args.batch_size and Path(args.out).suffix.lower() == ".npy" and args.x_init is args.init is None:
         nfe, chunk = _stream_npy(field, args, options)
         print(
             f"wrote {args.out}: {(args.n, *shape)} samples streamed in chunks of {chunk}, solver {args.solver}, "
@@ -283,7 +288,7 @@ def cmd_sample(args) -> int:
         field,
         solver=args.solver,
         nfe=args.nfe,
-        n=None if args.x_init is not None else args.n,
+        n=None if args.x_init is not None or args.init is not None else args.n,
         seed=args.seed,
         batch_size=args.batch_size,
         return_info=True,
@@ -733,6 +738,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--x-init",
         default=None,
         help="a .npy or .pt file of starting particles, e.g. the latents of `flowsolve invert` (sets --n)",
+    )
+    s.add_argument(
+        "--init",
+        default=None,
+        help="image-to-image: a .npy or .pt file of data (or a latent model's latents) to noise and denoise (sets --n)",
+    )
+    s.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init: the share of the steps walked, from the data noised to that level (default 0.8)",
     )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")

@@ -23,6 +23,7 @@ __all__ = [
     "invert",
     "sample_sharded",
     "initial_noise",
+    "noised_data",
     "check_cond",
     "cond_rows",
     "SampleInfo",
@@ -344,6 +345,66 @@ def _checked_grid(
     return g, nfe
 
 
+def _img2img_grid(
+    field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: float, coefficients: Any
+) -> tuple[torch.Tensor, int]:
+    """The steps image-to-image walks, as diffusers' `get_timesteps`: of the grid's N steps, the last
+    ⌊N·strength⌋; and the evaluations they cost."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ArgumentError(f"strength: expected a number in (0, 1] (the share of the steps walked), got {strength!r}")
+    if spec.adaptive:
+        raise ArgumentError(
+            f"solver: img2img walks the last steps of a fixed grid; {spec.name!r} is adaptive "
+            f"(give a fixed-step solver)"
+        )
+    if coefficients is not None:
+        raise ArgumentError(
+            "grid: a calibrated grid's coefficients are fitted to its whole walk; img2img walks its end"
+        )
+    total = len(g64) - 1
+    walk = min(int(total * strength), total)
+    if walk < 1:
+        raise ArgumentError(
+            f"strength: {strength:g} of {total} steps leaves no step to take (⌊N·strength⌋, as diffusers counts); "
+            f"raise strength or the steps"
+        )
+    tail = g64[total - walk :].clone()
+    singular = not field.finite_at_end and float(tail[-1]) == field.t_end
+    return tail, spec.evals(walk, singular)
+
+
+def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
+    """init checked as data for the field: a finite float tensor (n, *data_shape), or one row for n."""
+    if not isinstance(init, torch.Tensor) or not init.is_floating_point():
+        raise ArgumentTypeError(f"init: expected a floating-point tensor of data (n, *data_shape), got {init!r:.60}")
+    if field.path is None:
+        raise ArgumentError(
+            f"init: image-to-image noises the data on the field's Gaussian path; a {type(field).__name__} has none"
+        )
+    shape = field.data_shape
+    if init.dim() < 2 or (shape is not None and tuple(init.shape[1:]) != tuple(shape)):
+        raise ArgumentError(
+            f"init: expected data of shape (n, *{tuple(shape) if shape else 'data_shape'}) (the data shape of the "
+            f"field), got {tuple(init.shape)}"
+        )
+    if not torch.isfinite(init).all():
+        raise ArgumentError("init: expected finite values, got NaN or inf")
+    if n is not None and len(init) != n:
+        if len(init) != 1:
+            raise ArgumentError(f"n: init holds {len(init)} rows but n={n} (give one row to use it for all)")
+        init = init.expand(n, *init.shape[1:])
+    return init
+
+
+def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
+    (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from."""
+    path = field.path
+    if path is None:
+        raise ArgumentError(f"field: a {type(field).__name__} has no Gaussian path to noise data on")
+    return path.alpha(t) * x0 + path.sigma(t) * eps
+
+
 def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
     """A diffusers scheduler given as the solver runs its loop on the field's default grid, which is the
     scheduler the model was loaded with: say so when that is another class (a pipeline whose scheduler
@@ -387,6 +448,8 @@ def sample(
     trajectory_every: int = 0,
     index_offset: int = 0,
     cond: dict | None = None,
+    init: torch.Tensor | None = None,
+    strength: float | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
     _reverse: bool = False,
@@ -422,6 +485,11 @@ def sample(
     index_offset .. index_offset + n − 1 exactly as one process drawing all of them would).
     cond: per-sample conditioning, a dict of tensors with leading size n (or 1: the same for all),
         e.g. {"class_labels": y}; every chunk hands its own rows to the model (`Field.bind`).
+    init, strength: image-to-image (SDEdit; Meng et al. 2022) from data `init` (n, *data_shape) (or
+        one row for all n): of the grid's N steps the last ⌊N·strength⌋ are walked, from init noised to
+        the first of them on the field's Gaussian path, α_t init + σ_t ε with the per-sample noise of
+        `seed`, as diffusers' img2img pipelines do (strength default 0.8, theirs; 1: from pure noise
+        levels, the data forgotten). Latent models take latents (`model.encode(images)`).
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -442,6 +510,16 @@ def sample(
         _warn_other_scheduler(field, solver)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
+    if init is not None:  # image-to-image: the grid's last steps, from the data noised to their start
+        if x_init is not None:
+            raise ArgumentError("init: give init= (data to noise and denoise) or x_init= (the start itself), not both")
+        g64, budget = _img2img_grid(field, spec, g64, 0.8 if strength is None else strength, coefficients)
+        init = _img2img_data(field, init, n)
+        n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
+        dtype = init.dtype if dtype is None else dtype
+        device = init.device if device is None else device
+    elif strength is not None:
+        raise ArgumentError("strength: needs init= (the data that image-to-image starts from)")
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
@@ -465,7 +543,10 @@ def sample(
     outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        if x_init is None:
+        if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
+            eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
+            x = noised_data(field, init[start : start + count].to(device=device, dtype=dtype), float(g64[0]), eps)
+        elif x_init is None:
             x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
             x = x_init[start : start + count].to(device=device, dtype=dtype)
@@ -604,13 +685,18 @@ def sample_sharded(
     returns all n samples, identical to one process's (with `x_init`, each integrates its rows)."""
     if seed is None:
         raise ArgumentError("seed: sharded sampling needs an explicit seed shared by every process")
+    init = kwargs.pop("init", None)  # image-to-image data: its rows are split like x_init's
     if x_init is not None:
         n = len(x_init)
+    elif init is not None and n is None:
+        n = len(init)
     if n is None:
         raise ArgumentError("n: expected the number of particles (or pass x_init=)")
     rank, size = world()
     if size == 1:
-        return sample(field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, **kwargs)
+        return sample(
+            field, solver, nfe, n=None if x_init is not None else n, seed=seed, x_init=x_init, init=init, **kwargs
+        )
     if getattr(field, "interacting", False):
         raise ArgumentError(
             f"field: {type(field).__name__} couples all particles, so splitting them over processes "
@@ -620,7 +706,9 @@ def sample_sharded(
     cond = check_cond(kwargs.pop("cond", None), n)
     part = None
     if end > start:
-        rows = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
+        rows: dict[str, Any] = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
+        if init is not None:
+            rows["init"] = init[start:end] if len(init) == n and len(init) > 1 else init
         part = sample(
             field,
             solver,

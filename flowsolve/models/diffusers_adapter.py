@@ -55,9 +55,10 @@ def _config(obj) -> dict:
 
 
 class LatentDecoding:
-    """`decode(latents)` for models of latent pipelines: the latents un-normalised as the pipelines do
-    (latents / scaling_factor + shift_factor: SD, SD3, Flux; latents · std / scaling_factor + mean where
-    the VAE lists per-channel `latents_mean` / `latents_std`: SDXL's, Wan's), then the VAE's decoder
+    """`decode(latents)` (and its inverse `encode(images)`) for models of latent pipelines: the latents
+    un-normalised as the pipelines do (latents / scaling_factor + shift_factor: SD, SD3, Flux;
+    latents · std / scaling_factor + mean where the VAE lists per-channel `latents_mean` /
+    `latents_std`: SDXL's, Wan's), then the VAE's decoder
     (images in the VAE's range, about [−1, 1]). Packed latents (Flux) are unpacked by the caller first.
 
     Frames-first video latents (b, f, c, h, w: Stable Video Diffusion, CogVideoX, AnyFlow) are decoded
@@ -92,6 +93,41 @@ class LatentDecoding:
         if frames_first and not _video_vae(vae):
             return _decode_frames(vae, latents, decode_chunk_size)
         return _vae_output(vae.decode(latents))
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The model's latents of `images` (n, C, H, W) in the VAE's range (about [−1, 1]), normalised as
+        the img2img pipelines normalise them, the inverse of `decode`: (z − shift_factor)·scaling_factor,
+        or (z − mean)·scaling_factor/std with per-channel statistics. `mode`: "mean" (the posterior's
+        mean) or "sample" (a draw from it with `generator`, diffusers' default in img2img); a VQ model
+        gives its latents."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise ArgumentError("encode: this model has no VAE (it samples in data space); pass the data as it is")
+        if mode not in ("mean", "sample"):
+            raise ArgumentError(f"mode: expected 'mean' or 'sample', got {mode!r}")
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ArgumentError(
+                f"images: expected a tensor of images (n, C, H, W), got {getattr(images, 'shape', images)}"
+            )
+        p = next(vae.parameters())
+        out = vae.encode(images.to(p.device, p.dtype))
+        dist = getattr(out, "latent_dist", None)
+        if dist is not None:
+            z = dist.sample(generator) if mode == "sample" else dist.mode()
+        else:  # a VQ model's encoder output
+            z = out.latents if hasattr(out, "latents") else out[0]
+        cfg = _config(vae)
+        scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            col = (1, -1, *([1] * (z.dim() - 2)))
+            mean_t = torch.as_tensor(mean, dtype=z.dtype, device=z.device).reshape(col)
+            std_t = torch.as_tensor(std, dtype=z.dtype, device=z.device).reshape(col)
+            return (z - mean_t) * scale / std_t
+        return (z - float(cfg.get("shift_factor", 0.0) or 0.0)) * scale
 
 
 def _vae_output(out) -> torch.Tensor:

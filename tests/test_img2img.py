@@ -1,0 +1,176 @@
+"""Image-to-image (SDEdit; Meng et al. 2022): `fs.sample(field, solver, steps=N, init=x0, strength=s)`
+noises the given data to the grid's level after N − ⌊N·s⌋ steps, x = α_t x0 + σ_t ε, and walks the
+⌊N·s⌋ steps left, as diffusers' img2img pipelines do (`get_timesteps`, the scheduler's `add_noise` or
+`scale_noise`, `set_begin_index`): checked against that loop on the same model and noise, on the
+exact mixture (strength 1 from the data reaches the data distribution; small strengths stay near
+the input), and its errors."""
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.noise import SampleNoise
+from test_peer_solvers import _in_float64
+
+X0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
+
+
+def _eps(n=4, shape=(1, 8, 8), seed=7):
+    """The noise `fs.sample(seed=seed)` adds to sample i: its per-sample stream 0."""
+    return SampleNoise(seed, 0, n, shape, torch.float64, "cpu", stream=0)()
+
+
+def _img2img_loop(unet, sched, steps, strength, x0, eps, noising="add_noise"):
+    """diffusers' StableDiffusionImg2ImgPipeline / StableDiffusion3Img2ImgPipeline loop, written out."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps = sched.timesteps[t_start * sched.order:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start * sched.order)
+    t0 = timesteps[:1]
+    x = sched.add_noise(x0, eps, t0) if noising == "add_noise" else sched.scale_noise(x0, t0, eps)
+    with torch.no_grad():
+        for t in timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t) if noising == "add_noise" else x, t).sample,
+                           t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("cls,solver", [("EulerDiscreteScheduler", "euler"), ("DDIMScheduler", "ddim"),
+                                        ("DPMSolverMultistepScheduler", "dpmpp_2m"), ("HeunDiscreteScheduler", "heun"),
+                                        ("UniPCMultistepScheduler", "unipc")])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_img2img_is_diffusers_img2img_loop(unet64, cls, solver, strength):
+    import diffusers
+    make = getattr(diffusers, cls)
+    steps = 10
+    ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), solver, steps=steps, init=X0, strength=strength, seed=7, return_info=True)
+    assert info.steps == int(steps * strength)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    # the scheduler itself as the solver is the same loop
+    same = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7)
+    assert torch.allclose(same, got, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strength", [0.4, 1.0])
+def test_img2img_on_a_flow_model_is_sd3s_img2img_loop(unet64, strength):
+    """StableDiffusion3Img2ImgPipeline: the data noised by `scale_noise`, σ ε + (1 − σ) x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    steps = 8
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    sched.sigmas = sched.sigmas.double()
+    ref = _img2img_loop(unet64, sched, steps, strength, X0, _eps(), noising="scale_noise")
+    model = fs.models.from_diffusers(unet64, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    got = fs.sample(model.field(), "euler", steps=steps, init=X0, strength=strength, seed=7)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_img2img_on_the_exact_mixture_keeps_or_forgets_the_input(gmm64):
+    """On the exact mixture's EDM field and its flow field: from data of the mixture, strength 1 draws
+    the mixture again (energy distance to fresh samples at the floor); a small strength keeps each
+    sample near its input (mean squared change ≈ what the σ of the first level allows), a large one
+    moves them further; per-sample noise makes sample i the same in any batch."""
+    ref = gmm64.sample(2000, generator=torch.Generator().manual_seed(1)).double()
+    x0 = gmm64.sample(2000, generator=torch.Generator().manual_seed(2)).double()
+    def velocity(x, t):  # the mixture's exact velocity on the flow path x_t = (1 − t) x0 + t ε
+        tt = t.reshape(-1, 1).clamp(max=1 - 1e-7)
+        return (x - gmm64.denoiser(x / (1 - tt), (tt / (1 - tt)).reshape(-1))) / tt
+
+    for field in (fs.fields.EDM(gmm64.denoiser), fs.fields.FlowMatching(velocity, (64,))):
+        full = fs.sample(field, "heun", steps=16, init=x0, strength=1.0, seed=0)
+        assert fs.metrics.energy_distance(full, ref) < 0.02
+        moved = [(fs.sample(field, "heun", steps=16, init=x0, strength=s, seed=0) - x0).pow(2).mean().item()
+                 for s in (0.2, 0.5, 0.9)]
+        assert moved[0] < moved[1] < moved[2]
+        part = fs.sample(field, "heun", steps=16, init=x0[5:9], strength=0.5, seed=0, index_offset=5)
+        assert torch.allclose(part, fs.sample(field, "heun", steps=16, init=x0[:9], strength=0.5, seed=0)[5:9])
+
+
+def test_img2img_errors_name_the_argument(gmm64):
+    field = fs.fields.EDM(gmm64.denoiser)
+    x0 = torch.zeros(3, 64, dtype=torch.float64)
+    with pytest.raises(fs.errors.ArgumentError, match=r"strength: expected a number in \(0, 1\]"):
+        fs.sample(field, "heun", steps=8, init=x0, strength=1.5, seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="strength: 0.1 of 8 steps leaves no step"):
+        fs.sample(field, "heun", steps=8, init=x0, strength=0.1, seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="strength: needs init="):
+        fs.sample(field, "heun", steps=8, n=3, strength=0.5, seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="init: give init= .* or x_init="):
+        fs.sample(field, "heun", steps=8, init=x0, x_init=x0, seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="init: .* data shape"):
+        fs.sample(field, "heun", steps=8, init=torch.zeros(3, 5), seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="solver: img2img .* adaptive"):
+        fs.sample(field, "dpm_adaptive", nfe=100, init=x0, seed=0)
+    kernel = fs.fields.Function(lambda x, t: -x, shape=(64,))
+    with pytest.raises(fs.errors.ArgumentError, match="init: .* Gaussian path"):
+        fs.sample(kernel, "euler", steps=8, init=x0, seed=0)
+
+
+@pytest.mark.parametrize("stats", [{"scaling_factor": 0.3611, "shift_factor": 0.1159},
+                                   {"scaling_factor": 0.5, "latents_mean": [0.1, -0.2], "latents_std": [0.9, 1.3]}])
+def test_encode_normalises_as_the_img2img_pipelines_and_inverts_decode(stats):
+    """`model.encode(images)`: the VAE posterior's mean (or a draw) normalised as SD3 / Flux img2img
+    ((z − shift)·scale) or SDXL img2img ((z − mean)·scale/std) do; `decode` undoes it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+    torch.manual_seed(0)
+    kw = {k: v for k, v in stats.items() if k in ("scaling_factor", "shift_factor")}
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, norm_num_groups=8,
+                        **kw).eval()
+    if "latents_mean" in stats:
+        vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4).eval()
+    m = fs.models.from_diffusers(unet, DDIMScheduler(), vae=vae)
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mode()
+        raw_decoded = vae.decode(z).sample
+    if "latents_mean" in stats:
+        mean, std = torch.tensor(stats["latents_mean"]).view(1, -1, 1, 1), torch.tensor(stats["latents_std"]).view(1, -1, 1, 1)
+        expected = (z - mean) * stats["scaling_factor"] / std
+    else:
+        expected = (z - stats["shift_factor"]) * stats["scaling_factor"]
+    latents = m.encode(images)
+    assert torch.allclose(latents, expected, atol=1e-6)
+    assert torch.allclose(m.decode(latents), raw_decoded, atol=1e-5)
+    a = m.encode(images, mode="sample", generator=torch.Generator().manual_seed(0))
+    b = m.encode(images, mode="sample", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.allclose(a, latents)
+    x = fs.sample(m.field(), "ddim", steps=6, init=latents, strength=0.5, seed=0)
+    assert x.shape == latents.shape and torch.isfinite(x).all()
+    with pytest.raises(fs.errors.ArgumentError, match="mode: expected 'mean' or 'sample'"):
+        m.encode(images, mode="argmax")
+
+
+def test_the_cli_runs_img2img_from_a_file(tmp_path, capsys):
+    """`flowsolve sample --init digits.npy --strength 0.5`: the shipped digits model walks half its
+    steps from the given digits noised; a small strength keeps them closer than a large one."""
+    import numpy as np
+    from flowsolve.cli import main
+    digits = fs.data.datasets.digits("test").x[:6]
+    np.save(tmp_path / "in.npy", digits.numpy())
+    moved = []
+    for s in ("0.3", "0.9"):
+        out = tmp_path / f"out{s}.npy"
+        assert main(["sample", "--model", "pretrained/digits-edm", "--solver", "heun", "--steps", "10",
+                     "--init", str(tmp_path / "in.npy"), "--strength", s, "--out", str(out), "--quiet"]) == 0
+        assert f"{int(10 * float(s))} steps" in capsys.readouterr().out
+        moved.append(float(((torch.from_numpy(np.load(out)) - digits) ** 2).mean()))
+    assert moved[0] < moved[1]
+
+
+def test_two_process_img2img_matches_one_process(tmp_path):
+    """torchrun with 2 processes splits init's rows as it splits the particles: the same samples."""
+    import numpy as np
+    from test_hardening import _one_and_two_processes
+    gmm = fs.data.GaussianMixture.paper()
+    np.save(tmp_path / "in.npy", gmm.sample(37, generator=torch.Generator().manual_seed(0)).numpy())
+    args = ["sample", "--model", "gmm2d", "--solver", "sde", "--nfe", "16", "--init", str(tmp_path / "in.npy"),
+            "--strength", "0.6", "--seed", "4", "--quiet"]
+    _, r2 = _one_and_two_processes(args, tmp_path / "one.npy", tmp_path / "two.npy")
+    assert "from 2 processes" in r2.stdout
+    one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert one.shape == (37, 2) and np.array_equal(one, two)
