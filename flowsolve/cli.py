@@ -248,6 +248,8 @@ def cmd_sample(args) -> int:
         args.n = len(options["init"])
     if args.strength is not None:
         options["strength"] = args.strength
+    if args.mask is not None:  # inpainting: 1 where to generate, 0 where to keep --init
+        options["mask"] = _load_data(args.mask, "--mask")
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     if cond:
         options["cond"] = cond
@@ -749,6 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="with --init: the share of the steps walked, from the data noised to that level (default 0.8)",
+    )
+    s.add_argument(
+        "--mask",
+        default=None,
+        help="with --init, inpainting: a .npy or .pt mask, 1 where to generate and 0 where to keep the data "
+        "(broadcast to the data; --strength then defaults to 1)",
     )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")

@@ -396,6 +396,35 @@ def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
     return init
 
 
+def _inpaint_mask(mask: Any, init: torch.Tensor) -> torch.Tensor:
+    """mask checked: a tensor of values in [0, 1] that broadcasts to init's shape, broadcast."""
+    if not isinstance(mask, torch.Tensor):
+        raise ArgumentTypeError(f"mask: expected a tensor (1 where to generate, 0 where to keep), got {mask!r:.60}")
+    try:
+        full = torch.broadcast_to(mask, init.shape)
+    except RuntimeError:
+        raise ArgumentError(
+            f"mask: expected a tensor that broadcasts to init's shape {tuple(init.shape)}, got {tuple(mask.shape)}"
+        ) from None
+    if not torch.isfinite(full).all() or float(full.min()) < 0 or float(full.max()) > 1:
+        raise ArgumentError("mask: expected values in [0, 1] (1 where to generate, 0 where to keep init)")
+    return full
+
+
+def _inpaint_blend(
+    field: Field, g64: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """After step i: the kept part (mask 0) set to x0 noised to times[i + 1] with the same noise, and to
+    x0 itself after the last step (diffusers' inpaint pipeline for a UNet without mask channels)."""
+    last = len(g64) - 2
+
+    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+        kept = x0 if i >= last else noised_data(field, x0, float(g64[i + 1]), eps)
+        return mask * x + (1 - mask) * kept
+
+    return blend
+
+
 def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
     """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
     (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from."""
@@ -450,6 +479,7 @@ def sample(
     cond: dict | None = None,
     init: torch.Tensor | None = None,
     strength: float | None = None,
+    mask: torch.Tensor | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
     _reverse: bool = False,
@@ -490,6 +520,10 @@ def sample(
         the first of them on the field's Gaussian path, α_t init + σ_t ε with the per-sample noise of
         `seed`, as diffusers' img2img pipelines do (strength default 0.8, theirs; 1: from pure noise
         levels, the data forgotten). Latent models take latents (`model.encode(images)`).
+    mask: inpainting with init (any model; diffusers' inpaint pipeline with a UNet without mask
+        channels): 1 where to generate, 0 where to keep init, broadcast to (n, *data_shape); after
+        every step the kept part is set to init noised to the new level with the same noise (the
+        last step: init itself). strength then defaults to 1, which starts from the prior's draw.
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -510,14 +544,25 @@ def sample(
         _warn_other_scheduler(field, solver)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
+    if mask is not None and init is None:
+        raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
     if init is not None:  # image-to-image: the grid's last steps, from the data noised to their start
         if x_init is not None:
             raise ArgumentError("init: give init= (data to noise and denoise) or x_init= (the start itself), not both")
-        g64, budget = _img2img_grid(field, spec, g64, 0.8 if strength is None else strength, coefficients)
+        if strength is None:  # diffusers' defaults: its img2img pipelines' 0.8, its inpaint pipeline's 1
+            strength = 1.0 if mask is not None else 0.8
+        if mask is not None and spec.name.startswith("torchdiffeq:"):
+            raise ArgumentError(
+                f"solver: inpainting replaces the kept part after every step; {spec.name!r} integrates "
+                f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
+            )
+        g64, budget = _img2img_grid(field, spec, g64, strength, coefficients)
         init = _img2img_data(field, init, n)
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype
         device = init.device if device is None else device
+        if mask is not None:
+            mask = _inpaint_mask(mask, init)
     elif strength is not None:
         raise ArgumentError("strength: needs init= (the data that image-to-image starts from)")
     check_int("trajectory_every", trajectory_every, 0)
@@ -543,9 +588,18 @@ def sample(
     outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
+        between = None
         if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
             eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
-            x = noised_data(field, init[start : start + count].to(device=device, dtype=dtype), float(g64[0]), eps)
+            x0 = init[start : start + count].to(device=device, dtype=dtype)
+            if mask is not None and strength == 1.0:  # inpainting from the top: the prior's draw
+                x = field.from_normal(eps, float(g64[0]))
+            else:
+                x = noised_data(field, x0, float(g64[0]), eps)
+            if mask is not None:
+                between = _inpaint_blend(
+                    field, g64, x0, eps, mask[start : start + count].to(device=device, dtype=dtype)
+                )
         elif x_init is None:
             x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
@@ -567,8 +621,11 @@ def sample(
             coefficients=coefficients,
             nfe_budget=budget,
             reverse=_reverse,
+            between=between,
         )
         x = spec.fn(run, x, **options)
+        if between is not None:  # the kept part is the data itself, whatever the solver returned
+            x = between(len(g64) - 2, x)
         run.finish()
         nfe_used = max(nfe_used, run.nfe)
         counted = bound.passes()
@@ -709,6 +766,10 @@ def sample_sharded(
         rows: dict[str, Any] = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
         if init is not None:
             rows["init"] = init[start:end] if len(init) == n and len(init) > 1 else init
+        mask = kwargs.pop("mask", None)
+        if mask is not None:  # per-row masks are split with the rows; a broadcast one goes to all
+            per_row = init is not None and mask.dim() == init.dim() and len(mask) == n > 1
+            rows["mask"] = mask[start:end] if per_row else mask
         part = sample(
             field,
             solver,

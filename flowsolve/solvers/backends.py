@@ -165,5 +165,5 @@ def torchsde_solve(run: Run, x: torch.Tensor, method: str, alpha: float = 1.0) -
         # dt larger than the interval: exactly one torchsde step, ending on the grid point
         y = torchsde.sdeint(sde, y, ts, method=method, dt=2.0 * float(ts[1] - ts[0]), bm=bm, adaptive=False)[-1]
         sde._last = None
-        run.tick(i, y.reshape(shape))
+        y = run.tick(i, y.reshape(shape)).reshape(flat)
     return y.reshape(shape)

@@ -138,8 +138,11 @@ class Run:
         coefficients: Sequence[Sequence[Any]] | None = None,
         nfe_budget: int | None = None,
         reverse: bool = False,
+        between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.field, self.solver = field, solver
+        # after step i, the state at times[i + 1] may be replaced (inpainting's blend with the noised data)
+        self.between = between
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
         # Σ_{j≤k} coefficients[k][j] · f_j (floats, or tensors while `calibrate` fits them)
         self.coefficients = coefficients
@@ -232,15 +235,19 @@ class Run:
             self.step = i
             yield i
 
-    def tick(self, i: int, x: torch.Tensor) -> None:
-        """Call after step i, x being the state at times[i + 1]."""
+    def tick(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Call after step i, x being the state at times[i + 1]; returns the state the solver goes on
+        from (x, or what `between` makes of it)."""
+        if self.between is not None:
+            x = self.between(i, x)
         if not self._hooks:
-            return
+            return x
         if self.every and ((i + 1) % self.every == 0 or i + 2 == len(self.times)):
             self.frames.append(x)
             self.frame_times.append(self.times[i + 1])
         if self.callback is not None:
             self.callback(i, self.times[i + 1], x)
+        return x
 
     def finish(self) -> None:
         """Raise NonFiniteError naming the first step whose field output was not finite."""

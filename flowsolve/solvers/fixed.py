@@ -18,7 +18,7 @@ def euler(run: Run, x: torch.Tensor) -> torch.Tensor:
     t = run.times
     for i in run.steps():
         x = x + (t[i + 1] - t[i]) * run.f(x, i)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -36,7 +36,7 @@ def gradient_estimation(run: Run, x: torch.Tensor, *, gamma: float = 2.0) -> tor
         d = v if prev is None or not run.evaluable[i + 1] else gamma * v + (1.0 - gamma) * prev
         x = x + (t[i + 1] - t[i]) * d
         prev = v
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -46,7 +46,7 @@ def flow_map(run: Run, x: torch.Tensor) -> torch.Tensor:
     exact at any step count where the map is (`fs.sample` refuses fields that are not flow maps)."""
     for i in run.steps():
         x = run.jump(x, i)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -64,7 +64,7 @@ def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
     t = run.times
     for i in run.steps():
         x = _heun_step(run, x, run.f(x, i), t[i + 1] - t[i], i + 1)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -88,7 +88,7 @@ def heunpp2(run: Run, x: torch.Tensor) -> torch.Tensor:
             d_3 = run.f(x_2 + (t[i + 2] - t[i + 1]) * d_2, i + 2)  # Euler on to t_{i+2}
             w_2, w_3 = t[i + 1] / (3 * t[0]), t[i + 2] / (3 * t[0])
             x = x + h * ((1 - w_2 - w_3) * d + w_2 * d_2 + w_3 * d_3)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -171,7 +171,7 @@ def edm(
                 den = p.denoise(x, i)
             xt = take(p, i, xt, den, rho_hat, rho_next)  # lines 7–11 (or Euler / DPM-2)
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -245,5 +245,5 @@ def restart(
                     xt = _ve_heun(xt, p.denoise_ve(xt, -math.log(a)), a, b, at_b)
                 last = levels[-1]
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x

@@ -126,7 +126,7 @@ def exponential_multistep(
                 )  # W_j (closed form above)
             x_next = (sig[i + 1] / sig[i]) * x + alpha[i + 1] * combine(w, [h[1] for h in recent])  # x_{i+1}
         x_prev, x = x, x_next
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -184,7 +184,7 @@ def ipndm(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
     for i in run.steps():
         hist.appendleft(run.f(x, i))
         x = x + (t[i + 1] - t[i]) * combine(_IPNDM[len(hist)], list(hist))
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -198,7 +198,7 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
         hist.appendleft((t[i], run.f(x, i)))
         w = lagrange_weights([h[0] for h in hist], t[i], t[i + 1], exp_kernel=False)
         x = x + combine(w, [h[1] for h in hist])
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -258,7 +258,7 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
         else:  # Heun: the trapezoid of the velocities at t_i and at the Euler prediction at t_{i+1}
             x1 = xi + h * d
             x = xi + (0.5 * h) * (d + _stage_eps(mode, run.f(x1, i + 1), x1, t[i + 1], xi, ti))
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 

@@ -198,7 +198,7 @@ def unipc(
                 pred = combine([c / rk for rk, c in zip(rks, rho)], [e[1] - val for e in older])
                 x = x - (weight[i + 1] * b_h) * pred
             prev_order = k
-        run.tick(i, x)
+        x = run.tick(i, x)
     last = len(p.t) - 1
     if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
         final_corrector = takes_closing_step(run)
@@ -259,7 +259,7 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
             w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)  # ∫ e^{u − u_j} ℓ_j du
             step = combine([c * p.rho(i + 1) for c in w], [e for _, e in recent])  # c_j = ρ_{i+1} W_j
             x = (p.a[i + 1] / p.a[i]) * x + p.a[i + 1] * step
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -276,7 +276,7 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # in VE coordinates x̃ = x/α, `edm`'s DPM-2 step without churn
             x = p.a[i + 1] * dpm_2_step(p, i, x / p.a[i], den, p.rho(i), p.rho(i + 1))
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -310,7 +310,7 @@ def dpmpp_2s(
         down, up = _down_up(p, i, eta, split)
         xt_new = _dpmpp_2s_to(p, i, x, den, down, p.denoise_ve)
         x = _ancestral_noise(run, p, i, xt_new, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -349,7 +349,7 @@ def euler_ancestral_cfg_pp(
         down, up = _down_up(p, i, eta, split)
         xt = p.first_order(i, x, den, down, _uncond_data(run, p, g, x, p.t[i], den))
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -370,7 +370,7 @@ def dpmpp_2m_cfg_pp(run: Run, x: torch.Tensor) -> torch.Tensor:
             xt = xt - math.expm1(-h) * (h / (2.0 * h_last)) * (den - old_u)
         old_u = den_u
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -397,7 +397,7 @@ def dpmpp_2s_ancestral_cfg_pp(
 
         xt = _dpmpp_2s_to(p, i, x, den_u, down, mid_uncond) + (den - den_u)  # the knot's guidance, once
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -419,7 +419,7 @@ def gradient_estimation_cfg_pp(run: Run, x: torch.Tensor, *, gamma: float = 2.0)
             xt = xt + ((gamma - 1.0) * (rho_next - rho)) * (d - old)
         old = d
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -471,7 +471,7 @@ def _seeds(run: Run, x: torch.Tensor, eta: float, s_noise: float, stages) -> tor
             h = math.log(rho_i / rho_next)
             xt = stages(p, _SeedsStep(run, x / p.a[i], rho_i, h, eta, s_noise), den, (1.0 + eta) * h)
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -619,7 +619,7 @@ def er_sde(
                 xt = xt + (s_noise * math.sqrt(max(rho_next**2 - q * q, 0.0))) * run.noise()
         old = den
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -647,7 +647,7 @@ def dpm_2_ancestral(
             den_m = p.denoise_ve(xt_m, -math.log(rho_m))
             xt = xt + (down - rho_i) / rho_m * (xt_m - den_m)  # the full step with the midpoint's slope
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -689,7 +689,7 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
             if eta:
                 xt = xt + (s_noise * u2 / math.sqrt(rho_i - rho_j)) * w2
             x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -747,7 +747,7 @@ def dpm_fast(run: Run, x: torch.Tensor, *, order: int = 3, eta: float = 0.0, s_n
             xt = x / p.a[i]
             xt, _ = _dpm_stages(p, xt, (xt - den) / rho_i, rho_i, down, orders[i], 0.5 if orders[i] == 2 else 1 / 3)
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -881,7 +881,7 @@ def pc(run: Run, x: torch.Tensor, *, snr: float = 0.15, corrector_steps: int = 1
         if math.isinf(rho_i):  # from pure noise: the exact first-order step
             den = p.denoise(x, i)
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
-            run.tick(i, x)
+            x = run.tick(i, x)
             continue
         xt = x / p.a[i]
         for _ in range(steps):  # Langevin corrector at ρ_i
@@ -895,7 +895,7 @@ def pc(run: Run, x: torch.Tensor, *, snr: float = 0.15, corrector_steps: int = 1
         if rho_j > 0:
             xt = xt + math.sqrt(rho_i**2 - rho_j**2) * run.noise()
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -986,7 +986,7 @@ def dpmpp_singlestep(
             x = ddim_step(x, dens[-1], p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             x = update(i, k, i + 1)
-        run.tick(i, x)
+        x = run.tick(i, x)
     if takes_closing_step(run) and orders[n] > 1:
         # the scheduler's last step, from its last σ to itself, ends a cycle: a stage at the last knot
         dens.append(p.denoise(x, n))
@@ -1038,7 +1038,7 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # DDIM's direction term keeps the unclipped noise prediction: x̃' = D + ρ' (x̃ − D^raw)/ρ
             x = p.a[i + 1] * p.first_order(i, x, den, p.rho(i + 1), raw)
-        run.tick(i, x)
+        x = run.tick(i, x)
     end = len(p.t) - 1
     if clipping is not None and takes_closing_step(run):
         # the scheduler's last step, from its last σ to itself, moves x only by clipping x̂_0 there
@@ -1064,7 +1064,7 @@ def consistency(run: Run, x: torch.Tensor, *, sigma_min: float = 0.0) -> torch.T
         if p.s[i + 1] > 0:
             rho = p.rho(i + 1)
             x = x + p.a[i + 1] * math.sqrt(max(rho**2 - sigma_min**2, 0.0)) * run.noise()
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1126,7 +1126,7 @@ def euler_ancestral(
         den = p.denoise(x, i)
         down, up = _down_up(p, i, eta, split)
         x = _ancestral_noise(run, p, i, p.first_order(i, x, den, down, _unclipped(clipping, x)), up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1157,7 +1157,7 @@ def res_multistep_ancestral(
             xt = math.exp(-h) * (x / p.a[i]) + h * ((phi1 - phi2 / c2) * den + (phi2 / c2) * old)
         old, old_down = den, down
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1202,7 +1202,7 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
         x_mean = p.first_order(i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
         if rho_next == 0 or i == last:  # Ho et al.'s Alg. 2: no noise on the last step (z = 0 at t = 1)
             x = p.a[i + 1] * x_mean
-            run.tick(i, x)
+            x = run.tick(i, x)
             continue
         abar, abar_next = (0.0 if math.isinf(rho) else 1.0 / (1.0 + rho**2)), 1.0 / (1.0 + rho_next**2)
         beta = 1.0 - abar / abar_next
@@ -1215,7 +1215,7 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
         else:
             std = math.sqrt(beta_tilde if kind.startswith("fixed_small") else beta) * to_ve
         x = p.a[i + 1] * (x_mean + s_noise * std * run.noise())
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1247,7 +1247,7 @@ def tcd(run: Run, x: torch.Tensor, *, gamma: float = 0.3) -> torch.Tensor:
         if gamma > 0 and i < n - 1 and rho_next > rho_s:
             xt = xt + math.sqrt(rho_next**2 - rho_s**2) * run.noise()
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1354,7 +1354,7 @@ def sa_solver(
             last = (x, noise, tau_i, order_c)
             x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
         warm = min(warm + 1, max(pmax, cmax - 1))
-        run.tick(i, x)
+        x = run.tick(i, x)
     end = len(p.t) - 1
     if final_corrector is None:  # the scheduler's own last step from σ_min to itself evaluates there
         final_corrector = takes_closing_step(run)
@@ -1393,12 +1393,12 @@ def dpm_multistep(
         noise: torch.Tensor | float = run.noise() if sde else 0.0
         if rho_next == 0:  # to the data: the data prediction (DDIM)
             x = p.a[i + 1] * den
-            run.tick(i, x)
+            x = run.tick(i, x)
             continue
         if math.isinf(rho):  # from pure noise: DDIM, or the data prediction re-noised for the SDE
             xt = den + rho_next * noise if sde else p.first_order(i, x, den, rho_next)
             x = p.a[i + 1] * xt
-            run.tick(i, x)
+            x = run.tick(i, x)
             continue
         xt = x / p.a[i]
         eps = (xt - den) / rho
@@ -1421,7 +1421,7 @@ def dpm_multistep(
         if sde:
             xt = xt + (rho_next * math.sqrt(math.expm1(2 * h))) * noise
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -1447,7 +1447,7 @@ def _sde_multistep(
         den = p.denoise(x, i)
         if p.s[i + 1] == 0:
             x = p.a[i + 1] * den
-            run.tick(i, x)
+            x = run.tick(i, x)
             continue
         h = p.lam[i + 1] - p.lam[i]
         he = h * (eta + 1.0)
@@ -1474,7 +1474,7 @@ def _sde_multistep(
             x = x + (p.s[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise) * run.noise()
         if math.isfinite(h):
             hist.append((h, den))
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 

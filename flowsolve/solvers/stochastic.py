@@ -61,7 +61,7 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
                 else:
                     var = kappa / (c - 1.0) * s_next**2 * (1.0 - r ** (2.0 * c - 2.0))
                 x = x + math.sqrt(max(var, 0.0)) * run.noise()
-            run.tick(i, x)
+            x = run.tick(i, x)
         return x
     for i in run.steps():
         h = t[i + 1] - t[i]
@@ -71,7 +71,7 @@ def sde(run: Run, x: torch.Tensor, *, alpha: float = 1.0, method: str = "auto") 
             g2 = g2 if isinstance(g2, torch.Tensor) else torch.as_tensor(g2, dtype=x.dtype, device=x.device)
             std = (g2 * abs(h)).sqrt()
             x = x + (std.reshape(-1, *([1] * (x.dim() - 1))) if std.dim() else std) * run.noise()
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
 
 
@@ -90,5 +90,5 @@ def _sde_on_path(run: Run, x: torch.Tensor, alpha: float) -> torch.Tensor:
         if alpha > 0 and rho_next > 0:
             xt = xt + rho_next * math.sqrt(max(1.0 - r ** (2.0 * alpha), 0.0)) * run.noise()
         x = p.a[i + 1] * xt
-        run.tick(i, x)
+        x = run.tick(i, x)
     return x
