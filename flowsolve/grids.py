@@ -16,6 +16,8 @@ from ._checks import check_int, deprecated, nearest
 from .errors import ArgumentError
 
 __all__ = [
+    "COMFYUI_SCHEDULERS",
+    "ComfyUIDenoise",
     "karras",
     "uniform",
     "loglinear",
@@ -204,6 +206,55 @@ def uniform(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tenso
 
 # ComfyUI's schedulers that read a model's table of discrete noise levels (its comfy/samplers.py)
 TABLE_SCHEDULERS = ("normal", "sgm_uniform", "simple", "ddim_uniform")
+# ComfyUI's scheduler names, as `grid="comfyui:<name>"`: its own "beta" (Beta quantiles of the model's
+# table of timesteps, not diffusers' and AUTOMATIC1111's beta over σ) and its σ spacings on the table's range
+COMFYUI_SCHEDULERS = (*TABLE_SCHEDULERS, "beta", "karras", "exponential", "kl_optimal", "linear_quadratic")
+COMFYUI_PREFIX = "comfyui:"
+
+
+class ComfyUIDenoise:
+    """ComfyUI's KSampler `denoise` < 1 as a grid rule: for `steps` steps, the last steps + 1 levels of
+    the `scheduler`'s grid of ⌊steps/denoise⌋ steps. With image-to-image from strength 1
+    (`fs.sample(field, solver, steps=20, grid=fs.grids.ComfyUIDenoise("karras", 0.6), init=x0,
+    strength=1.0)`) it is KSampler(steps=20, denoise=0.6) on the latent x0: the data noised to the
+    first of those levels, x0 + σ ε (a flow's (1 − t) x0 + t ε), and every step walked."""
+
+    def __init__(self, scheduler: str, denoise: float) -> None:
+        if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
+            raise ArgumentError(f"denoise: expected a number in (0, 1], got {denoise!r}")
+        self.scheduler, self.denoise = scheduler, float(denoise)
+
+    def __call__(self, field, steps: int) -> torch.Tensor:
+        full = field.grid(int(steps / self.denoise), self.scheduler)
+        return full[-(steps + 1) :]
+
+    def __repr__(self) -> str:
+        return f"ComfyUIDenoise({self.scheduler!r}, {self.denoise:g})"
+
+
+def comfyui_name(spacing: str) -> str:
+    """The ComfyUI scheduler that `grid="comfyui:<name>"` names, checked."""
+    name = spacing[len(COMFYUI_PREFIX) :]
+    if name not in COMFYUI_SCHEDULERS:
+        raise ArgumentError(
+            f"grid: ComfyUI has no scheduler {name!r}{nearest(name, COMFYUI_SCHEDULERS)}; its schedulers: "
+            f"{', '.join(COMFYUI_SCHEDULERS)}"
+        )
+    return name
+
+
+def _beta_indices(steps: int, n: int, alpha: float = 0.6, beta: float = 0.6) -> list[int]:
+    """ComfyUI's beta scheduler (Lee et al. 2024): the table indices at the Beta(α, β) quantiles of
+    1, 1 − 1/steps, ..., 1/steps, rounded, repeats dropped."""
+    from scipy import stats
+
+    u = [1.0 - k / steps for k in range(steps)]
+    picked: list[int] = []
+    for q in stats.beta.ppf(u, alpha, beta):
+        i = int(round(float(q) * (n - 1)))
+        if not picked or picked[-1] != i:
+            picked.append(i)
+    return picked
 
 
 def _table_sigma(log_table: list[float], t: float) -> float:
@@ -222,11 +273,13 @@ def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> 
       `get_sigmas` on a discrete model), then 0;
     - "sgm_uniform": steps + 1 such timesteps with the last dropped, then 0;
     - "simple": every (len/steps)-th entry from the top, then 0;
-    - "ddim_uniform": every ⌊len/steps⌋-th entry from index 1 upwards, then 0.
+    - "ddim_uniform": every ⌊len/steps⌋-th entry from index 1 upwards, then 0;
+    - "beta": ComfyUI's beta, the entries at the Beta(0.6, 0.6) quantiles of 1, 1 − 1/steps, ...,
+      1/steps (rounded, repeats dropped, so it may take fewer steps), then 0.
 
     A table whose bottom entry is 0 takes the extra step ComfyUI takes there."""
     check_int("steps", steps, 1)
-    if kind not in TABLE_SCHEDULERS:
+    if kind not in (*TABLE_SCHEDULERS, "beta"):
         raise ArgumentError(f"grid: expected one of {', '.join(map(repr, TABLE_SCHEDULERS))}, got {kind!r}")
     tab = torch.as_tensor(table, dtype=torch.float64).flatten()
     n = len(tab)
@@ -244,6 +297,8 @@ def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> 
                 count, append_zero = steps + 1, False
             ts = torch.linspace(n - 1, 0, count, dtype=torch.float64).tolist()
         out = [_table_sigma(logs, t) for t in ts] + ([0.0] if append_zero else [])
+    elif kind == "beta":
+        out = [values[i] for i in _beta_indices(steps, n)] + [0.0]
     elif kind == "simple":
         stride = n / steps
         out = [values[-(1 + int(x * stride))] for x in range(steps)] + [0.0]
@@ -253,6 +308,13 @@ def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> 
         out = ([] if zero else [0.0]) + values[1::stride]
         out = out[::-1]
     return torch.tensor(out, dtype=torch.float64)
+
+
+def flow_table(shift: Callable[[float], float] | None = None, entries: int = 1000) -> list[float]:
+    """ComfyUI's table of a flow model's times (its discrete-flow sampling): t_i = shift((i + 1)/entries),
+    ascending; `shift` the model's time shift (none by default)."""
+    warp = shift or (lambda t: t)
+    return [float(warp((i + 1) / entries)) for i in range(entries)]
 
 
 def from_flow(
@@ -268,7 +330,7 @@ def from_flow(
     if kind not in TABLE_SCHEDULERS:
         raise ArgumentError(f"grid: expected one of {', '.join(map(repr, TABLE_SCHEDULERS))}, got {kind!r}")
     warp = shift or (lambda t: t)
-    table = [float(warp((i + 1) / entries)) for i in range(entries)]
+    table = flow_table(shift, entries)
     if kind in ("simple", "ddim_uniform"):
         return from_table(kind, steps, table)
     top, bottom = table[-1], table[0]

@@ -248,3 +248,44 @@ def test_linear_quadratic_is_mochis_schedule(steps):
     assert torch.allclose(g, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-14)
     x, info = fs.sample(flow, "euler", grid="linear_quadratic", nfe=steps, n=2, seed=0, return_info=True)
     assert len(info.grid) == steps + 1
+
+
+def _comfy_beta(steps, sigmas, alpha=0.6, beta=0.6):
+    """ComfyUI's beta_scheduler written out (numpy's rint, repeats of a timestep dropped)."""
+    from scipy import stats
+    ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta) * (len(sigmas) - 1))
+    out, last = [], -1
+    for t in ts:
+        if t != last:
+            out.append(float(sigmas[int(t)]))
+        last = t
+    return out + [0.0]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 30, 300])
+def test_comfyui_prefixed_grids_are_comfyuis_schedulers(unet64, steps):
+    """`grid="comfyui:<name>"`: ComfyUI's scheduler of that name. Its beta picks the table's entries at
+    Beta(0.6, 0.6) quantiles (not diffusers' beta over σ, `grid="beta"`); its karras, exponential and
+    kl_optimal span the table's range; on a flow model they space t itself between the table's ends
+    (t_0 = shift(1/1000) and 1), as ComfyUI treats a flow's σ; the table schedulers are the plain names."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    field = fs.models.from_diffusers(unet64, DDPMScheduler(beta_schedule="scaled_linear")).field()
+    table = field.sigma_table().tolist()
+    assert field.grid(steps, "comfyui:beta").tolist() == _comfy_beta(steps, table)
+    assert not torch.equal(field.grid(10, "comfyui:beta"), field.grid(10, "beta"))  # not diffusers' beta
+    lo, hi = table[0], table[-1]
+    assert torch.allclose(field.grid(steps, "comfyui:karras"), K.get_sigmas_karras(steps, lo, hi).double(), rtol=1e-5)
+    assert torch.allclose(field.grid(steps, "comfyui:exponential"), K.get_sigmas_exponential(steps, lo, hi).double(),
+                          rtol=1e-5)
+    assert torch.equal(field.grid(steps, "comfyui:simple"), field.grid(steps, "simple"))
+    flow = fs.models.from_diffusers(unet64, FlowMatchEulerDiscreteScheduler(shift=3.0)).field()
+    ftable = fs.grids.flow_table(flow.time_shift)
+    assert ftable[-1] == pytest.approx(1.0) and ftable[0] == pytest.approx(3 * 0.001 / (1 + 2 * 0.001))
+    assert flow.grid(steps, "comfyui:beta").tolist() == _comfy_beta(steps, ftable)
+    assert torch.allclose(flow.grid(steps, "comfyui:karras"),
+                          K.get_sigmas_karras(steps, ftable[0], ftable[-1]).double(), rtol=1e-5)
+    x, info = fs.sample(flow, "euler", grid="comfyui:beta", steps=min(steps, 10), n=2, seed=0, return_info=True)
+    assert torch.isfinite(x).all() and float(info.grid[0]) == pytest.approx(ftable[-1])
+    with pytest.raises(fs.errors.ArgumentError, match="ComfyUI has no scheduler 'betta'.*did you mean 'beta'"):
+        field.grid(steps, "comfyui:betta")

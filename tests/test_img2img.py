@@ -174,3 +174,20 @@ def test_two_process_img2img_matches_one_process(tmp_path):
     assert "from 2 processes" in r2.stdout
     one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
     assert one.shape == (37, 2) and np.array_equal(one, two)
+
+
+@pytest.mark.parametrize("denoise", [0.35, 0.6, 1.0])
+def test_comfyuis_denoise_is_the_tail_of_a_longer_grid_from_the_data_noised(gmm64, denoise):
+    """ComfyUI's KSampler(steps, denoise): the last steps + 1 levels of the scheduler's grid for
+    ⌊steps/denoise⌋ steps, from the latent plus σ_0 ε, every step walked (img2img at strength 1)."""
+    field = fs.fields.EDM(gmm64.denoiser)
+    x0 = gmm64.sample(8, generator=torch.Generator().manual_seed(2)).double()
+    steps = 10
+    tail = field.grid(int(steps / denoise), "karras")[-(steps + 1):]
+    eps = SampleNoise(3, 0, 8, (64,), torch.float64, "cpu", stream=0)()
+    ref = fs.sample(field, "euler", grid=tail, x_init=x0 + float(tail[0]) * eps)
+    rule = fs.grids.ComfyUIDenoise("karras", denoise)
+    got, info = fs.sample(field, "euler", steps=steps, grid=rule, init=x0, strength=1.0, seed=3, return_info=True)
+    assert torch.equal(info.grid, tail) and torch.allclose(got, ref, rtol=0, atol=1e-12)
+    with pytest.raises(fs.errors.ArgumentError, match=r"denoise: expected a number in \(0, 1\]"):
+        fs.grids.ComfyUIDenoise("karras", 0.0)
