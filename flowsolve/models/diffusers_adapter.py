@@ -78,16 +78,8 @@ class LatentDecoding:
         frames_first = latents.dim() == 5 and getattr(self, "concat_dim", 1) == 2
         if frames_first:
             latents = latents.transpose(1, 2)  # (b, c, f, h, w): the statistics are per channel
-        cfg = _config(vae)
-        scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
-        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
-        if mean is not None and std is not None:
-            col = (1, -1, *([1] * (latents.dim() - 2)))
-            mean_t = torch.as_tensor(mean, dtype=latents.dtype, device=latents.device).reshape(col)
-            std_t = torch.as_tensor(std, dtype=latents.dtype, device=latents.device).reshape(col)
-            latents = latents * std_t / scale + mean_t
-        else:
-            latents = latents / scale + float(cfg.get("shift_factor", 0.0) or 0.0)
+        offset, scale = _latent_normalisation(vae, latents)
+        latents = latents / scale + offset
         p = next(vae.parameters())
         latents = latents.to(p.device, p.dtype)
         if frames_first and not _video_vae(vae):
@@ -119,15 +111,23 @@ class LatentDecoding:
             z = dist.sample(generator) if mode == "sample" else dist.mode()
         else:  # a VQ model's encoder output
             z = out.latents if hasattr(out, "latents") else out[0]
-        cfg = _config(vae)
-        scale = float(cfg.get("scaling_factor", 1.0) or 1.0)
-        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
-        if mean is not None and std is not None:
-            col = (1, -1, *([1] * (z.dim() - 2)))
-            mean_t = torch.as_tensor(mean, dtype=z.dtype, device=z.device).reshape(col)
-            std_t = torch.as_tensor(std, dtype=z.dtype, device=z.device).reshape(col)
-            return (z - mean_t) * scale / std_t
-        return (z - float(cfg.get("shift_factor", 0.0) or 0.0)) * scale
+        offset, scale = _latent_normalisation(vae, z)
+        return (z - offset) * scale
+
+
+def _latent_normalisation(vae, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(offset, scale) with which the pipelines normalise the VAE's latents z: (z − offset)·scale, where
+    offset = shift_factor and scale = scaling_factor, or per channel offset = latents_mean and scale =
+    scaling_factor / latents_std where the VAE lists them."""
+    cfg = _config(vae)
+    factor = float(cfg.get("scaling_factor", 1.0) or 1.0)
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if mean is None or std is None:
+        return float(cfg.get("shift_factor", 0.0) or 0.0), factor
+    col = (1, -1, *([1] * (z.dim() - 2)))
+    mean_t = torch.as_tensor(mean, dtype=z.dtype, device=z.device).reshape(col)
+    std_t = torch.as_tensor(std, dtype=z.dtype, device=z.device).reshape(col)
+    return mean_t, factor / std_t
 
 
 def _vae_output(out) -> torch.Tensor:
