@@ -544,6 +544,7 @@ def sample(
         _warn_other_scheduler(field, solver)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
+    skipped = 0  # steps of the grid before the first one walked (img2img)
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
     if init is not None:  # image-to-image: the grid's last steps, from the data noised to their start
@@ -556,7 +557,9 @@ def sample(
                 f"solver: inpainting replaces the kept part after every step; {spec.name!r} integrates "
                 f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
             )
+        total = len(g64) - 1
         g64, budget = _img2img_grid(field, spec, g64, strength, coefficients)
+        skipped = total - (len(g64) - 1)
         init = _img2img_data(field, init, n)
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype
@@ -622,6 +625,7 @@ def sample(
             nfe_budget=budget,
             reverse=_reverse,
             between=between,
+            skipped=skipped,
         )
         x = spec.fn(run, x, **options)
         if between is not None:  # the kept part is the data itself, whatever the solver returned

@@ -191,3 +191,56 @@ def test_comfyuis_denoise_is_the_tail_of_a_longer_grid_from_the_data_noised(gmm6
     assert torch.equal(info.grid, tail) and torch.allclose(got, ref, rtol=0, atol=1e-12)
     with pytest.raises(fs.errors.ArgumentError, match=r"denoise: expected a number in \(0, 1\]"):
         fs.grids.ComfyUIDenoise("karras", 0.0)
+
+
+@pytest.mark.parametrize("cls,kw", [("DPMSolverMultistepScheduler", {"solver_order": 3}),
+                                    ("DPMSolverSinglestepScheduler", {}),
+                                    ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+                                    ("UniPCMultistepScheduler", {"solver_order": 3})])
+@pytest.mark.parametrize("steps,strength", [(20, 0.5), (16, 0.3), (25, 0.8), (30, 0.37)])
+def test_img2img_keeps_the_schedules_order_rules(unet64, cls, kw, steps, strength):
+    """The rules that read the schedule's length read the whole schedule's, not the part walked:
+    DPM-Solver's lower orders below 15 steps, the singlestep solver's cycle of orders (the walk starts
+    inside it), as the scheduler does from `set_begin_index`."""
+    import diffusers
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_guided_img2img_and_inpainting_are_the_pipelines_cfg_loops(masked):
+    """A text-conditioned UNet with classifier-free guidance (scale 5): StableDiffusionImg2ImgPipeline's
+    loop (the unconditional and conditional branches in one batch, ε_u + w (ε_c − ε_u)), and with a mask
+    its inpaint pipeline's, equal to the guided field's img2img / inpainting."""
+    from conftest import tiny_unet64
+    from diffusers import EulerDiscreteScheduler
+    unet = tiny_unet64(text_dim=8)
+    emb = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    neg = torch.zeros(1, 3, 8, dtype=torch.float64)
+    steps, strength, w = 10, 0.7, 5.0
+    sched = _in_float64(EulerDiscreteScheduler(), steps)
+    init_timestep = min(int(steps * strength), steps)
+    t_start = steps - init_timestep
+    timesteps = sched.timesteps[t_start:]
+    sched.set_begin_index(t_start)
+    eps = _eps()
+    mask = torch.zeros_like(X0)
+    mask[..., :4] = 1.0
+    x = sched.add_noise(X0, eps, timesteps[:1])
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            pred = unet(inp, t, encoder_hidden_states=torch.cat([neg.expand(4, -1, -1), emb])).sample
+            u, c = pred.chunk(2)
+            x = sched.step(u + w * (c - u), t, x).prev_sample
+            if masked:
+                proper = X0 if i == len(timesteps) - 1 else sched.add_noise(X0, eps, timesteps[i + 1:i + 2])
+                x = (1 - mask) * proper + mask * x
+    model = fs.models.from_diffusers(unet, EulerDiscreteScheduler())
+    field = model.field(guidance=w, uncond={"encoder_hidden_states": neg})
+    got = fs.sample(field, "euler", steps=steps, init=X0, strength=strength, seed=7,
+                    cond={"encoder_hidden_states": emb}, **({"mask": mask} if masked else {}))
+    assert (got - x).abs().max().item() <= 1e-6 * x.abs().max().item()

@@ -139,10 +139,14 @@ class Run:
         nfe_budget: int | None = None,
         reverse: bool = False,
         between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        skipped: int = 0,
     ) -> None:
         self.field, self.solver = field, solver
         # after step i, the state at times[i + 1] may be replaced (inpainting's blend with the noised data)
         self.between = between
+        # steps of the schedule before this grid's first time (img2img walks a schedule's end): the rules
+        # that read the schedule's length (diffusers' lower orders below 15 steps) count them
+        self.skipped = skipped
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
         # Σ_{j≤k} coefficients[k][j] · f_j (floats, or tensors while `calibrate` fits them)
         self.coefficients = coefficients
@@ -347,10 +351,11 @@ def takes_closing_step(run: "Run") -> bool:
     return scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end)
 
 
-def lowered_order(order: int, steps: int, i: int, lower_order_final: bool) -> int:
-    """diffusers' `lower_order_final` rule of its multistep solvers: below 15 steps, step i has order at
-    most steps − i (`steps` as the scheduler counts them: `scheduler_steps`)."""
-    return min(order, steps - i) if lower_order_final and steps < 15 else order
+def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipped: int = 0) -> int:
+    """diffusers' `lower_order_final` rule of its multistep solvers: below 15 steps of the schedule
+    (`skipped` of them before this grid: `Run.skipped`), step i has order at most steps − i (`steps`
+    as the scheduler counts this grid's: `scheduler_steps`)."""
+    return min(order, steps - i) if lower_order_final and steps + skipped < 15 else order
 
 
 def guided_model(field: Any) -> Any:

@@ -105,7 +105,7 @@ def exponential_multistep(
         if sig[i + 1] == 0 or lam[i] == -math.inf:  # to the data (lands on α D) or from pure noise: exact
             x_next = ddim_step(x, den, sig[i], sig[i + 1], alpha[i + 1], lam[i + 1] - lam[i])
         else:
-            k = min(lowered_order(order, n, i, lower_order_final), len(hist))
+            k = min(lowered_order(order, n, i, lower_order_final, run.skipped), len(hist))
             recent = list(hist)[-k:][::-1]  # newest first: D_i, D_{i−1}, ...
             if midpoint and k == 2:  # Lu et al.'s form: φ₂ ≈ −φ₁/2
                 h, r = lam[i + 1] - lam[i], (lam[i] - recent[1][0]) / (lam[i + 1] - lam[i])

@@ -253,7 +253,7 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3, lower_order_final: bool =
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:
             hist.append((math.log(p.rho(i)), (x - p.a[i] * den) / p.s[i]))  # (log ρ_i, ε_i)
-            k = min(lowered_order(order, n, i, lower_order_final), len(hist))
+            k = min(lowered_order(order, n, i, lower_order_final, run.skipped), len(hist))
             recent = list(hist)[-k:][::-1]
             u_i, u_j = math.log(p.rho(i)), math.log(p.rho(i + 1))
             w = lagrange_weights([u for u, _ in recent], u_i, u_j, exp_kernel=True)  # ∫ e^{u − u_j} ℓ_j du
@@ -945,9 +945,10 @@ def dpmpp_singlestep(
         raise ArgumentError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     p = PathGrid(run)
     n, steps = len(p.t) - 1, scheduler_steps(run)  # the grid's steps, and the scheduler's count of them
+    full = steps + run.skipped  # the schedule's steps, whose end this grid may be (img2img)
     if lower_order_final is None:
-        lower_order_final = _singlestep_lowers(run, steps, order, p.s[n] == 0)
-    orders = _singlestep_orders(steps, order, bool(lower_order_final))  # for the scheduler's steps
+        lower_order_final = _singlestep_lowers(run, full, order, p.s[n] == 0)
+    orders = _singlestep_orders(full, order, bool(lower_order_final))[run.skipped :]  # the scheduler's
     if p.s[n] == 0:  # diffusers' final_sigmas_type="zero"
         orders[n - 1] = 1
     dens: deque = deque(maxlen=3)  # data predictions at the last knots, newest last
@@ -1403,7 +1404,7 @@ def dpm_multistep(
         xt = x / p.a[i]
         eps = (xt - den) / rho
         hist.append((p.lam[i], eps))
-        k = min(lowered_order(order, n, i, lower_order_final), len(hist))
+        k = min(lowered_order(order, n, i, lower_order_final, run.skipped), len(hist))
         h, delta = p.lam[i + 1] - p.lam[i], rho - rho_next
         xt = xt - c * delta * eps
         if k >= 2:
@@ -1452,7 +1453,7 @@ def _sde_multistep(
         h = p.lam[i + 1] - p.lam[i]
         he = h * (eta + 1.0)
         x = (p.s[i + 1] / p.s[i]) * math.exp(-eta * h) * x - (p.a[i + 1] * math.expm1(-he)) * den
-        k = lowered_order(order, n, i, lower_order_final)
+        k = lowered_order(order, n, i, lower_order_final, run.skipped)
         if math.isfinite(h) and k > 1:
             if k == 3 and len(hist) == 2:
                 (h2, d2), (h1, d1) = hist
