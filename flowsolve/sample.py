@@ -346,10 +346,11 @@ def _checked_grid(
 
 
 def _img2img_grid(
-    field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: float, coefficients: Any
+    field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: float, coefficients: Any, solver: Any = None
 ) -> tuple[torch.Tensor, int]:
     """The steps image-to-image walks, as diffusers' `get_timesteps`: of the grid's N steps, the last
-    ⌊N·strength⌋; and the evaluations they cost."""
+    ⌊N·strength⌋ (an AUTOMATIC1111 label's: ⌊min(strength, 0.999)·N⌋ + 1, its img2img's;
+    `solvers.names.img2img_steps`); and the evaluations they cost."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ArgumentError(f"strength: expected a number in (0, 1] (the share of the steps walked), got {strength!r}")
     if spec.adaptive:
@@ -362,7 +363,7 @@ def _img2img_grid(
             "grid: a calibrated grid's coefficients are fitted to its whole walk; img2img walks its end"
         )
     total = len(g64) - 1
-    walk = min(int(total * strength), total)
+    walk = solvers.names.img2img_steps(solver, total, strength)
     if walk < 1:
         raise ArgumentError(
             f"strength: {strength:g} of {total} steps leaves no step to take (⌊N·strength⌋, as diffusers counts); "
@@ -558,7 +559,7 @@ def sample(
                 f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
             )
         total = len(g64) - 1
-        g64, budget = _img2img_grid(field, spec, g64, strength, coefficients)
+        g64, budget = _img2img_grid(field, spec, g64, strength, coefficients, solver)
         skipped = total - (len(g64) - 1)
         init = _img2img_data(field, init, n)
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape

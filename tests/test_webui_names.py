@@ -225,3 +225,27 @@ def test_the_cli_takes_a1111_labels(tmp_path, capsys, K):
                  "--out", str(out), "--quiet"]) == 0
     said = capsys.readouterr().out
     assert "solver dpm_2_ancestral, 6 steps" in said and out.exists()
+
+
+@pytest.mark.parametrize("label,kname,schedule,discard", [("Euler a", "sample_euler_ancestral", "Uniform", False),
+                                                         ("DPM++ 2M Karras", "sample_dpmpp_2m", "Karras", False),
+                                                         ("DPM2", "sample_dpm_2", "Karras", True)])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_a1111_img2img_walks_its_steps_from_the_data_noised(ddpm, K, label, kname, schedule, discard, strength):
+    """A1111's img2img with a label: t_enc = ⌊min(strength, 0.999)·N⌋, the sampler on sigmas[N − t_enc − 1:]
+    from x + σ_0 ε (its processing.py and sd_samplers_kdiffusion.sample_img2img), with the same noise."""
+    model, kd = ddpm
+    steps = 12
+    sig = _a1111_sigmas(K, kd, schedule, steps, discard)
+    t_enc = int(min(strength, 0.999) * steps)
+    sched = sig[steps - t_enc - 1:]
+    shape = tuple(model.field().data_shape)
+    x0 = torch.randn(3, *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.5
+    eps = SampleNoise(5, 0, 3, shape, torch.float64, "cpu", stream=0)()
+    src = SampleNoise(5, 0, 3, shape, torch.float64, "cpu", stream=1)
+    with torch.no_grad():
+        ref = getattr(K, kname)(lambda x, s, **kw: model.denoise(x, s), x0 + float(sched[0]) * eps, sched,
+                                disable=True, **({"noise_sampler": lambda a, b: src()} if "ancestral" in kname else {}))
+        got, info = fs.sample(model.field(), label, steps=steps, init=x0, strength=strength, seed=5, return_info=True)
+    assert info.steps == t_enc + 1 and torch.allclose(info.grid, sched, rtol=2e-6, atol=1e-12)
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

@@ -33,6 +33,7 @@ __all__ = [
     "WEBUI_SCHEDULES",
     "WebUIGrid",
     "from_scheduler",
+    "img2img_steps",
     "is_scheduler",
     "resolve",
     "webui_grid",
@@ -209,6 +210,15 @@ def webui_grid(solver: Any, grid: Any) -> Any:
     if sampler in _WEBUI_OWN_RANGE:  # k-diffusion's n steps between the table's σ_min and σ_max, no schedule
         return WebUIGrid(_SIGMA_RANGE)
     return WebUIGrid((automatic or "Uniform") if schedule == "Automatic" else schedule, discard)
+
+
+def img2img_steps(solver: Any, steps: int, strength: float) -> int:
+    """The steps image-to-image walks of a grid of `steps`: ⌊N·strength⌋, as diffusers' `get_timesteps`;
+    for an AUTOMATIC1111 label, ⌊min(strength, 0.999)·N⌋ + 1 as its img2img does (it walks
+    sigmas[N − t_enc − 1:], t_enc = ⌊min(strength, 0.999)·N⌋)."""
+    if isinstance(solver, str) and _webui_split(solver) is not None:
+        return min(int(min(strength, 0.999) * steps) + 1, steps)
+    return min(int(steps * strength), steps)
 
 
 def webui_run(
