@@ -8,7 +8,12 @@ scheduler's name on the model's default grid, from the same start and, for stoch
 same per-sample noise. A configuration passes when the largest difference is below `--tol` of the
 sample's scale (ten times it for flow-mode schedulers, whose σ's stay float32).
 
-    python benchmarks/scheduler_parity.py [--per-scheduler 24] [--seed 1] [--tol 1e-5]
+    python benchmarks/scheduler_parity.py [--per-scheduler 24] [--seed 1] [--tol 1e-5] [--img2img]
+
+With `--img2img`, each configuration runs as diffusers' img2img pipelines run it (a random strength
+in [0.2, 0.9] and 8–20 steps: `get_timesteps`, `set_begin_index`, the data noised by the scheduler's
+`add_noise` or `scale_noise`) against `fs.sample(..., init=x0, strength=s)`, and the result goes to
+benchmarks/results/scheduler_parity_img2img.md.
 
 Writes benchmarks/results/scheduler_parity.md: the count per scheduler and every configuration that
 differs, with its relative difference. The documented differences are listed in
@@ -43,9 +48,9 @@ def tiny_unet(dtype: torch.dtype):
     return tiny_unet64().to(dtype)
 
 
-def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
+def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool, img2img=None) -> torch.Tensor:
     """The scheduler's loop; with `noisy`, its module's randn_tensor hands out flowsolve's stream (seed 5).
-    TCD steps with η = 0.3."""
+    TCD steps with η = 0.3. `img2img`: (x0, ε, strength), the img2img pipelines' loop instead."""
     step_kw = {"eta": 0.3} if type(sched).__name__ == "TCDScheduler" else {}
     module = importlib.import_module(type(sched).__module__)
     src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
@@ -58,9 +63,22 @@ def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool) -> torch.Tensor:
 
             module.BrownianTreeNoiseSampler = lambda *a, **k: BrownianIncrements(len(z), tuple(z.shape[1:]))
     try:
-        x = z * getattr(sched, "init_noise_sigma", 1.0)  # (flow-match schedulers start from z itself)
+        timesteps = sched.timesteps
+        if img2img is not None:  # diffusers' img2img: the schedule's last ⌊N·s⌋ steps from the data noised
+            x0, eps, strength = img2img
+            steps = sched.num_inference_steps
+            t_start = steps - min(int(steps * strength), steps)
+            timesteps = sched.timesteps[t_start * sched.order :]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(t_start * sched.order)
+            if hasattr(sched, "scale_noise"):
+                x = sched.scale_noise(x0, timesteps[:1], eps)
+            else:
+                x = sched.add_noise(x0, eps, timesteps[:1])
+        else:
+            x = z * getattr(sched, "init_noise_sigma", 1.0)  # (flow-match schedulers start from z itself)
         with torch.no_grad():
-            for t in sched.timesteps:
+            for t in timesteps:
                 inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
                 x = sched.step(unet(inp, t).sample, t, x, **step_kw).prev_sample
         return x
@@ -127,7 +145,7 @@ FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DP
         "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler"]
 
 
-def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float):
+def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float, strength: float | None = None):
     cls = getattr(diffusers, name)
     solver, opts, noisy = solver_for(name, kw)
     dtype = torch.float32 if flow else torch.float64
@@ -138,18 +156,27 @@ def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float):
             if isinstance(getattr(sched, key, None), torch.Tensor):
                 setattr(sched, key, getattr(sched, key).double())
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    ref = scheduler_loop(unet, sched, z, noisy)
+    start: dict = {"x_init": z}
+    img2img = None
+    if strength is not None:  # the data (z scaled down) noised with flowsolve's stream 0 of seed 5
+        x0, eps = 0.5 * z, SampleNoise(5, 0, 2, (1, 8, 8), dtype, "cpu", stream=0)()
+        img2img, start = (x0, eps, strength), {"init": x0, "strength": strength}
+    ref = scheduler_loop(unet, sched, z, noisy, img2img)
     m = fs.models.from_diffusers(unet, cls(**kw))
     field = m.field()
     if flow:
         per = 2 if solver == "heun" else 1
-        x = fs.sample(field, solver, nfe=per * steps - (per - 1), x_init=z, seed=5, **opts)
+        x = fs.sample(field, solver, nfe=per * steps - (per - 1), seed=5, **start, **opts)
         scale = 1.0
     else:
         grid = field.grid(steps, "schedule")
-        x = fs.sample(field, solver, grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=dtype, seed=5, **opts)
+        if strength is None:
+            start = {"x_init": z * m.prior_std_at(float(grid[0]))}
+        x = fs.sample(field, solver, grid=grid, dtype=dtype, seed=5, **start, **opts)
         vp = getattr(m, "schedule", None) == "discrete" and name not in VE_LOOPS
         scale = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if vp else 1.0
+    if not torch.isfinite(ref).all():  # the scheduler's own loop fails (third-order DPM-Solver over a zero step)
+        return math.nan, solver, opts
     return (x * scale - ref).abs().max().item() / ref.abs().max().item(), solver, opts
 
 
@@ -164,14 +191,19 @@ def main() -> None:
     ap.add_argument("--per-scheduler", type=int, default=24)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-5)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scheduler_parity.md"))
+    ap.add_argument("--img2img", action="store_true", help="run each configuration as the img2img pipelines do")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/scheduler_parity[_img2img].md")
     a = ap.parse_args()
+    results = Path(__file__).resolve().parent / "results"
+    a.out = a.out or str(results / ("scheduler_parity_img2img.md" if a.img2img else "scheduler_parity.md"))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     rng = random.Random(a.seed)
     rows, diffs = [], []
     extra = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler",
              "CMStochasticIterativeScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler"]
+    if a.img2img:  # the consistency schedulers' img2img spaces its timesteps within the strength (not swept)
+        extra = [e for e in extra if e not in ("LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler")]
     for flow, names in ((False, DISCRETE + extra), (True, FLOW)):
         unet = tiny_unet(torch.float32 if flow else torch.float64)
         for name in names:
@@ -204,9 +236,10 @@ def main() -> None:
                 if key in seen:
                     continue
                 seen.add(key)
-                steps = rng.choice([5, 8, 10])
+                steps = rng.choice([8, 12, 16, 20]) if a.img2img else rng.choice([5, 8, 10])
+                strength = round(rng.uniform(0.2, 0.9), 2) if a.img2img else None
                 try:
-                    err, solver, opts = run_one(unet, name, kw, steps, flow, a.tol)
+                    err, solver, opts = run_one(unet, name, kw, steps, flow, a.tol, strength)
                 except Exception as e:  # a configuration the scheduler refuses is not counted
                     if "flowsolve" in type(e).__module__:
                         diffs.append((name, kw, steps, "-", {}, f"{type(e).__name__}: {e}"[:120]))
@@ -215,13 +248,19 @@ def main() -> None:
                     continue
                 if err <= tolerance(a.tol, flow):
                     passed += 1
+                elif math.isnan(err):
+                    diffs.append((name, {**kw, **({"strength": strength} if a.img2img else {})}, steps, solver, opts,
+                                  "the scheduler's own loop gives NaN"))
                 else:
-                    diffs.append((name, kw, steps, solver, opts, f"{err:.2e}"))
+                    diffs.append((name, {**kw, **({"strength": strength} if a.img2img else {})}, steps, solver, opts,
+                                  f"{err:.2e}"))
             rows.append((name + (" (flow)" if flow else ""), len(seen), passed))
             print(f"{rows[-1][0]}: {passed}/{len(seen)}", flush=True)
     shown = lambda kw: ", ".join(f"{k}={v if not callable(v) else 'λ'}" for k, v in kw.items())  # noqa: E731
     command = f"python benchmarks/scheduler_parity.py --per-scheduler {a.per_scheduler} --seed {a.seed} --tol {a.tol:g}"
-    lines = ["# diffusers schedulers against flowsolve's solvers", "", f"`{command}`", "",
+    command += " --img2img" if a.img2img else ""
+    title = "img2img: diffusers' pipelines' loops" if a.img2img else "diffusers schedulers"
+    lines = [f"# {title} against flowsolve's solvers", "", f"`{command}`", "",
              "| scheduler | configurations | equal within tol |", "|---|---:|---:|"]
     lines += [f"| {n} | {k} | {p} |" for n, k, p in rows]
     total, ok = sum(r[1] for r in rows), sum(r[2] for r in rows)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import grids, solvers
-from .fields.base import DOMAIN_TOLERANCE, Field
+from .fields.base import DOMAIN_TOLERANCE, Field, field_model
 from .noise import SampleNoise, fresh_seed
 from ._checks import check_device, check_dtype, check_int, check_memory
 from ._cond import RowList, map_leaves
@@ -347,10 +347,12 @@ def _checked_grid(
 
 def _img2img_grid(
     field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: float, coefficients: Any, solver: Any = None
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, int]:
     """The steps image-to-image walks, as diffusers' `get_timesteps`: of the grid's N steps, the last
     ⌊N·strength⌋ (an AUTOMATIC1111 label's: ⌊min(strength, 0.999)·N⌋ + 1, its img2img's;
-    `solvers.names.img2img_steps`); and the evaluations they cost."""
+    `solvers.names.img2img_steps`); the evaluations they cost; and the steps before them. N counts the
+    steps as the field's diffusers scheduler does: with a last step from σ_min to itself where its
+    schedule ends so (the grid holds distinct times; the solvers take that step where it acts)."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ArgumentError(f"strength: expected a number in (0, 1] (the share of the steps walked), got {strength!r}")
     if spec.adaptive:
@@ -362,16 +364,18 @@ def _img2img_grid(
         raise ArgumentError(
             "grid: a calibrated grid's coefficients are fitted to its whole walk; img2img walks its end"
         )
-    total = len(g64) - 1
+    model = field_model(field, lambda m: callable(getattr(m, "repeats_final", None)))
+    closing = model is not None and bool(model.repeats_final(float(g64[-1])))
+    total = len(g64) - 1 + int(closing)  # the scheduler's count
     walk = solvers.names.img2img_steps(solver, total, strength)
-    if walk < 1:
+    if walk < 1 or total - walk >= len(g64) - 1:
         raise ArgumentError(
             f"strength: {strength:g} of {total} steps leaves no step to take (⌊N·strength⌋, as diffusers counts); "
             f"raise strength or the steps"
         )
     tail = g64[total - walk :].clone()
     singular = not field.finite_at_end and float(tail[-1]) == field.t_end
-    return tail, spec.evals(walk, singular)
+    return tail, spec.evals(walk, singular), total - walk
 
 
 def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
@@ -558,9 +562,7 @@ def sample(
                 f"solver: inpainting replaces the kept part after every step; {spec.name!r} integrates "
                 f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
             )
-        total = len(g64) - 1
-        g64, budget = _img2img_grid(field, spec, g64, strength, coefficients, solver)
-        skipped = total - (len(g64) - 1)
+        g64, budget, skipped = _img2img_grid(field, spec, g64, strength, coefficients, solver)
         init = _img2img_data(field, init, n)
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype

@@ -244,3 +244,21 @@ def test_guided_img2img_and_inpainting_are_the_pipelines_cfg_loops(masked):
     got = fs.sample(field, "euler", steps=steps, init=X0, strength=strength, seed=7,
                     cond={"encoder_hidden_states": emb}, **({"mask": mask} if masked else {}))
     assert (got - x).abs().max().item() <= 1e-6 * x.abs().max().item()
+
+
+@pytest.mark.parametrize("cls", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                 "DPMSolverSinglestepScheduler", "DEISMultistepScheduler"])
+@pytest.mark.parametrize("steps,strength", [(10, 0.5), (16, 0.3), (12, 0.8)])
+def test_img2img_counts_the_steps_as_a_schedule_ending_on_sigma_min_twice(unet64, cls, steps, strength):
+    """Karras σ's with a final σ_min end a scheduler's schedule with a step from σ_min to itself, which
+    the grid (distinct times) leaves out and the solvers take where it acts: ⌊N·strength⌋ counts it, as
+    `get_timesteps` does (the result is the VP-scaled x at σ_min there: α_end)."""
+    import diffusers
+    kw = {"use_karras_sigmas": True, **({} if cls == "DEISMultistepScheduler" else {"final_sigmas_type": "sigma_min"})}
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7, return_info=True)
+    alpha_end = 1.0 / (1.0 + float(info.grid[-1]) ** 2) ** 0.5
+    assert info.steps == int(steps * strength) - 1  # the closing step is not in the grid
+    assert (got * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
