@@ -1606,3 +1606,24 @@ def test_ddim_with_eta_and_its_default_clipping_is_euler_ancestral(unet64, kw, e
                   dtype=torch.float64, eta=eta)
     alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2)
     assert (x * alpha_end - ref).abs().max().item() <= 1e-8 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDIMParallelScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("steps", [7, 12, 30])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_steps_to_its_prev_timestep_between_knots(unet64, cls, spacing, steps, clip):
+    """DDIMScheduler steps from timestep t to t − T//N, which with "linspace" spacing, or "trailing"
+    where N does not divide T, is not the next timestep of its list, and reads the result as the
+    sample there. `ddim` on a model loaded with it does the same (`landing_sigma`): equal to its loop."""
+    import diffusers
+    make = lambda: getattr(diffusers, cls)(timestep_spacing=spacing, clip_sample=clip)  # noqa: E731
+    sched = make()
+    sched.set_timesteps(steps)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, sched, z)
+    m = fs.models.from_diffusers(unet64, make())
+    grid = m.field().grid(steps, "schedule")
+    x = fs.sample(m.field(), "ddim", steps=steps, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64)
+    assert (x - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()

@@ -808,6 +808,20 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self._repeated_ends: set[float] = set()  # last knots the scheduler steps to twice (`repeats_final`)
 
     # -- schedule ----------------------------------------------------------------------------
+    def landing_sigma(self, sigma: float, steps: int) -> float | None:
+        """The σ where a DDIM-type scheduler's step from its knot σ lands: σ at t − T//N (its
+        `prev_timestep`, T training timesteps, N = `steps`) for the knot's timestep t; None where the
+        step goes to the schedule's final level, or the model's scheduler is not DDIM's. Where t − T//N
+        is not the next timestep ("linspace" spacing, or "trailing" where N does not divide T), the
+        scheduler lands between its knots and reads the result as the sample at the next one."""
+        if self.scheduler_class not in ("DDIMScheduler", "DDIMParallelScheduler") or self.schedule != "discrete":
+            return None
+        t = self._knots.get(float(sigma))
+        if t is None:  # a DDIM knot is the level of an integer timestep
+            t = float(self._timesteps(torch.tensor([float(sigma)], dtype=torch.float64))[0])
+        prev = int(round(t)) - len(self.log_sigmas) // int(steps)
+        return float(self.log_sigmas[prev].exp()) if prev >= 0 else None
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""

@@ -1000,6 +1000,23 @@ def dpmpp_singlestep(
 _DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler")
 
 
+def _ddim_landing(run: Run):
+    """i ↦ the σ where DDIMScheduler's step from knot i lands when that is not knot i + 1 (its
+    `prev_timestep` t − T//N between knots: "linspace" spacing, "trailing" where N does not divide T),
+    else None. In VE coordinates the step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads
+    the VP sample √ᾱ' x' as the sample at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
+    model = field_model(run.field, lambda m: callable(getattr(m, "landing_sigma", None)))
+    if model is None or not run.field.time_is_sigma or run.times[0] < run.times[-1]:
+        return lambda i: None
+    steps = scheduler_steps(run) + run.skipped  # the scheduler's N
+
+    def landing(i: int) -> float | None:
+        land = model.landing_sigma(run.times[i], steps)  # (the last step too: t − T//N ≥ 0 is not the end)
+        return None if land is None or math.isclose(land, run.times[i + 1], rel_tol=1e-12) else land
+
+    return landing
+
+
 def _clipping_model(field):
     """The diffusers model under a field whose DDIM scheduler clips or thresholds its data prediction
     and steps along the noise of the unclipped one, or None (DDPM's posterior mean, and every other
@@ -1032,10 +1049,19 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     last σ to itself (`set_alpha_to_one=False`), that step clips x̂_0 there, with one more evaluation."""
     p = PathGrid(run)
     clipping = _clipping_model(run.field)
+    landing = _ddim_landing(run)
     for i in run.steps():
         den = p.denoise(x, i)
         raw = _unclipped(clipping, x)
-        if raw is None:
+        land = landing(i)
+        if land is not None:  # DDIMScheduler's prev_timestep between knots, read as the next knot's sample
+            x = (
+                (land / p.s[i]) * x + (1.0 - land / p.s[i]) * den
+                if raw is None
+                else p.first_order(i, x, den, land, raw)
+            )
+            x = x * math.sqrt((1.0 + p.s[i + 1] ** 2) / (1.0 + land**2))
+        elif raw is None:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # DDIM's direction term keeps the unclipped noise prediction: x̃' = D + ρ' (x̃ − D^raw)/ρ
             x = p.a[i + 1] * p.first_order(i, x, den, p.rho(i + 1), raw)
