@@ -1627,3 +1627,15 @@ def test_ddim_steps_to_its_prev_timestep_between_knots(unet64, cls, spacing, ste
     grid = m.field().grid(steps, "schedule")
     x = fs.sample(m.field(), "ddim", steps=steps, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64)
     assert (x - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
+def test_ddims_landing_applies_on_its_own_schedule_only(unet64):
+    """On a grid of the user's (Karras), `ddim` on a DDIM-loaded model steps knot to knot: the same as
+    on the same network loaded with a scheduler that has no such quirk ("leading")."""
+    import diffusers
+    quirky = fs.models.from_diffusers(unet64, diffusers.DDIMScheduler(timestep_spacing="linspace", clip_sample=False))
+    plain = fs.models.from_diffusers(unet64, diffusers.DDIMScheduler(timestep_spacing="leading", clip_sample=False))
+    grid = quirky.field().grid(12, "karras")
+    a = fs.sample(quirky.field(), "ddim", grid=grid, n=3, seed=0, dtype=torch.float64)
+    b = fs.sample(plain.field(), "ddim", grid=grid, n=3, seed=0, dtype=torch.float64)
+    assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -1003,12 +1003,17 @@ _DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler")
 def _ddim_landing(run: Run):
     """i ↦ the σ where DDIMScheduler's step from knot i lands when that is not knot i + 1 (its
     `prev_timestep` t − T//N between knots: "linspace" spacing, "trailing" where N does not divide T),
-    else None. In VE coordinates the step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads
-    the VP sample √ᾱ' x' as the sample at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
+    else None; always None on a grid other than the scheduler's own schedule. In VE coordinates the
+    step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads the VP sample √ᾱ' x' as the sample
+    at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
     model = field_model(run.field, lambda m: callable(getattr(m, "landing_sigma", None)))
     if model is None or not run.field.time_is_sigma or run.times[0] < run.times[-1]:
         return lambda i: None
     steps = scheduler_steps(run) + run.skipped  # the scheduler's N
+    own = model.scheduler_grid(steps)  # only on the scheduler's own schedule (or its end: img2img)
+    walked = torch.tensor(run.times, dtype=torch.float64)
+    if len(own) - run.skipped != len(walked) or not torch.allclose(own[run.skipped :], walked, rtol=1e-12, atol=0):
+        return lambda i: None
 
     def landing(i: int) -> float | None:
         land = model.landing_sigma(run.times[i], steps)  # (the last step too: t − T//N ≥ 0 is not the end)
