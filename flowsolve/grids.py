@@ -243,6 +243,20 @@ def comfyui_name(spacing: str) -> str:
     return name
 
 
+def comfyui_spaced(spacing: str, steps: int, table: Sequence[float]) -> torch.Tensor | None:
+    """`grid="comfyui:<name>"` where ComfyUI computes it from the model's ascending `table` alone (a σ
+    table, or a flow's table of times, whose t ComfyUI spaces as σ): its beta (the table's entries at
+    Beta quantiles) and its karras (ρ = 7), exponential and kl_optimal on the table's range. None for
+    the table schedulers and linear_quadratic, which each field makes in its own time."""
+    name = comfyui_name(spacing)
+    if name == "beta":
+        return from_table("beta", steps, table)
+    if name in ("karras", "exponential", "kl_optimal"):
+        extra = {"rho_grid": 7.0} if name == "karras" else {}
+        return make(name, steps, sigma_min=float(table[0]), sigma_max=float(table[-1]), **extra)
+    return None
+
+
 def _beta_indices(steps: int, n: int, alpha: float = 0.6, beta: float = 0.6) -> list[int]:
     """ComfyUI's beta scheduler (Lee et al. 2024): the table indices at the Beta(α, β) quantiles of
     1, 1 − 1/steps, ..., 1/steps, rounded, repeats dropped."""

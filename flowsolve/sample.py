@@ -11,11 +11,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import grids, solvers
-from .fields.base import DOMAIN_TOLERANCE, Field, field_model
+from .fields.base import DOMAIN_TOLERANCE, Field
 from .noise import SampleNoise, fresh_seed
 from ._checks import check_device, check_dtype, check_int, check_memory
 from ._cond import RowList, map_leaves
 from .distributed import gather_ranges, shard_range, world
+from .solvers.base import counted_steps
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
@@ -232,7 +233,7 @@ def resolve_grid(
             raise ArgumentError(f"steps: solver {spec.name!r} needs at least {spec.min_steps} steps, got {steps}")
         if callable(grid):  # a grid rule: its grid for this many steps, checked as a given grid is
             g, _ = _checked_grid(field, spec, grid(field, steps), None, reverse, singular)
-            return g, spec.evals(len(g) - 1, singular and float(g[-1]) == field.t_end)
+            return g, _evals(field, spec, g, singular)
         kind = _solver_default_grid(field, spec) if grid is None else grid
         return field.grid(steps, kind), spec.evals(steps, singular)
     if nfe is not None:
@@ -295,6 +296,8 @@ def _named(grid) -> bool:
 
 
 def _evals(field: Field, spec: solvers.Solver, grid, singular: bool) -> int:
+    """The evaluations `spec` spends on `grid`: its last step is cheaper where it ends where the field is
+    singular."""
     g = torch.as_tensor(grid)
     return spec.evals(len(g) - 1, singular and float(g[-1]) == field.t_end)
 
@@ -336,7 +339,7 @@ def _checked_grid(
     if steps < spec.min_steps:
         raise ArgumentError(f"grid: solver {spec.name!r} needs at least {spec.min_steps + 1} times, got {len(g)}")
     if nfe is not None:
-        need = spec.evals(steps, singular and float(g[-1]) == field.t_end)
+        need = _evals(field, spec, g, singular)
         if need > nfe:
             raise ArgumentError(
                 f"nfe: the grid of {steps} steps needs {need} evaluations under {spec.name!r}, "
@@ -364,9 +367,7 @@ def _img2img_grid(
         raise ArgumentError(
             "grid: a calibrated grid's coefficients are fitted to its whole walk; img2img walks its end"
         )
-    model = field_model(field, lambda m: callable(getattr(m, "repeats_final", None)))
-    closing = model is not None and bool(model.repeats_final(float(g64[-1])))
-    total = len(g64) - 1 + int(closing)  # the scheduler's count
+    total = counted_steps(field, g64.tolist())  # the scheduler's count
     walk = solvers.names.img2img_steps(solver, total, strength)
     if walk < 1 or total - walk >= len(g64) - 1:
         raise ArgumentError(
@@ -421,11 +422,11 @@ def _inpaint_blend(
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """After step i: the kept part (mask 0) set to x0 noised to times[i + 1] with the same noise, and to
     x0 itself after the last step (diffusers' inpaint pipeline for a UNet without mask channels)."""
-    last = len(g64) - 2
+    times, last, keep = g64.tolist(), len(g64) - 2, 1 - mask
 
     def blend(i: int, x: torch.Tensor) -> torch.Tensor:
-        kept = x0 if i >= last else noised_data(field, x0, float(g64[i + 1]), eps)
-        return mask * x + (1 - mask) * kept
+        kept = x0 if i >= last else noised_data(field, x0, times[i + 1], eps)
+        return mask * x + keep * kept
 
     return blend
 

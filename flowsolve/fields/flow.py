@@ -69,18 +69,10 @@ class FlowMatching(Field):
                 return grids.uniform(steps, self.t_start, 0.0)
             return grids.check(self.schedule(steps))
         if isinstance(spacing, str) and spacing.startswith(grids.COMFYUI_PREFIX):  # "comfyui:beta", ...
-            name = grids.comfyui_name(spacing)
-            table = grids.flow_table(self.time_shift)
-            if name == "beta":  # ComfyUI's beta: quantiles of the table of times
-                return grids.from_table("beta", steps, table)
-            if name in ("karras", "exponential", "kl_optimal"):  # ComfyUI spaces the flow's t itself as σ
-                kind, extra = (
-                    ("loglinear", {})
-                    if name == "exponential"
-                    else (name, {"rho_grid": 7.0} if name == "karras" else {})
-                )
-                return grids.make(kind, steps, sigma_min=table[0], sigma_max=table[-1], **extra)
-            spacing = name
+            g = grids.comfyui_spaced(spacing, steps, grids.flow_table(self.time_shift))  # t spaced as σ
+            if g is not None:
+                return g
+            spacing = grids.comfyui_name(spacing)  # a table scheduler, or linear_quadratic
         if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the flow's table of times
             return grids.from_flow(spacing, steps, self.time_shift)
         if spacing == "linear_quadratic":  # ComfyUI's (Mochi's): σ is t here

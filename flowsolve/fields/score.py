@@ -238,14 +238,10 @@ class ScoreDifference(Field):
                 raise ArgumentError("grid: 'schedule' needs a field made with schedule= (a diffusers model's field)")
             return grids.check(self.schedule(steps))
         if isinstance(spacing, str) and spacing.startswith(grids.COMFYUI_PREFIX):  # "comfyui:beta", ...
-            name = grids.comfyui_name(spacing)
-            if name in ("karras", "exponential", "kl_optimal"):  # on the range of the model's table
-                table = self.sigma_table()
-                extra = {"rho_grid": 7.0} if name == "karras" else {}
-                return self.grid(steps, name, sigma_min=float(table[0]), sigma_max=float(table[-1]), **extra)
-            if name in (*grids.TABLE_SCHEDULERS, "beta"):  # ComfyUI's beta: quantiles of the table
-                return grids.from_table(name, steps, self.sigma_table())
-            spacing = name  # linear_quadratic
+            g = grids.comfyui_spaced(spacing, steps, self.sigma_table().tolist())
+            if g is not None:
+                return g
+            spacing = grids.comfyui_name(spacing)  # a table scheduler, or linear_quadratic
         if spacing in grids.TABLE_SCHEDULERS:  # ComfyUI's schedulers on the model's table of σ's
             return grids.from_table(spacing, steps, self.sigma_table())
         if spacing == "linear_quadratic":  # ComfyUI's (Mochi's), from the field's σ_max

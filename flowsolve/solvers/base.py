@@ -332,14 +332,20 @@ class PathGrid:
         return rho_to * (x / self.s[i]) + ((1.0 - ratio) * den if renoise is None else den - ratio * renoise)
 
 
+def counted_steps(field: Any, times: Sequence[float]) -> int:
+    """The steps of a grid of distinct `times` as the field's diffusers scheduler counts them: one more
+    than the grid's when the scheduler ended this schedule with a step from its last σ to itself
+    (`final_sigmas_type="sigma_min"` on a schedule that already ends at σ_min), which moves nothing
+    and is not taken."""
+    n = len(times) - 1
+    model = field_model(field, lambda m: callable(getattr(m, "repeats_final", None)))
+    return n + 1 if model is not None and model.repeats_final(float(times[-1])) else n
+
+
 def scheduler_steps(run: "Run") -> int:
-    """The number of steps of the run as the field's diffusers scheduler counts them, for the rules that
-    lower the order of the last steps (`lower_order_final`): one more than the grid's when the
-    scheduler ended this schedule with a step from its last σ to itself (`final_sigmas_type=
-    "sigma_min"` on a schedule that already ends at σ_min), which moves nothing and is not taken."""
-    n = len(run.times) - 1
-    model = field_model(run.field, lambda m: callable(getattr(m, "repeats_final", None)))
-    return n + 1 if model is not None and model.repeats_final(run.times[-1]) else n
+    """The number of steps of the run as the field's diffusers scheduler counts them (`counted_steps`),
+    for the rules that lower the order of the last steps (`lower_order_final`)."""
+    return counted_steps(run.field, run.times)
 
 
 def takes_closing_step(run: "Run") -> bool:

@@ -1015,11 +1015,11 @@ def _ddim_landing(run: Run):
     if len(own) - run.skipped != len(walked) or not torch.allclose(own[run.skipped :], walked, rtol=1e-12, atol=0):
         return lambda i: None
 
-    def landing(i: int) -> float | None:
-        land = model.landing_sigma(run.times[i], steps)  # (the last step too: t − T//N ≥ 0 is not the end)
-        return None if land is None or math.isclose(land, run.times[i + 1], rel_tol=1e-12) else land
-
-    return landing
+    lands = []
+    for i in range(len(run.times) - 1):  # (the last step too: t − T//N ≥ 0 is not the end)
+        land = model.landing_sigma(run.times[i], steps)
+        lands.append(None if land is None or math.isclose(land, run.times[i + 1], rel_tol=1e-12) else land)
+    return lands.__getitem__
 
 
 def _clipping_model(field):
@@ -1060,12 +1060,7 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
         raw = _unclipped(clipping, x)
         land = landing(i)
         if land is not None:  # DDIMScheduler's prev_timestep between knots, read as the next knot's sample
-            x = (
-                (land / p.s[i]) * x + (1.0 - land / p.s[i]) * den
-                if raw is None
-                else p.first_order(i, x, den, land, raw)
-            )
-            x = x * math.sqrt((1.0 + p.s[i + 1] ** 2) / (1.0 + land**2))
+            x = p.first_order(i, x, den, land, raw) * math.sqrt((1.0 + p.s[i + 1] ** 2) / (1.0 + land**2))
         elif raw is None:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # DDIM's direction term keeps the unclipped noise prediction: x̃' = D + ρ' (x̃ − D^raw)/ρ
