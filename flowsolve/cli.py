@@ -92,6 +92,15 @@ def _parse_cond(items: list[str] | None, flag: str = "--cond") -> dict:
 
 def _guidance_kw(args, guidance: float | None) -> dict:
     """Keywords for `model.field(...)`: guidance and its variants from the command line."""
+    if getattr(args, "guider", None) is not None:  # a diffusers guider folder: its own scale and variants
+        variants = {"--guidance-rescale": "guidance_rescale", "--guidance-interval": "guidance_interval"}
+        given = [f for f, name in variants.items() if getattr(args, name, None) is not None]
+        given = (["--guidance"] if guidance is not None else []) + given
+        if given:
+            raise UserError(f"--guider: the guider sets its own scale and variants; drop {given[0]}")
+        from .fields import load_guider
+
+        guidance = load_guider(args.guider)
     if guidance is None:
         return {}
     kw: dict[str, Any] = {"guidance": guidance}
@@ -114,7 +123,7 @@ def _guidance_kw(args, guidance: float | None) -> dict:
 def _field_of(model, args, guidance: float | None):
     """The field of a loaded model, guided when asked (built-in fields and Discriminator Flows take no guidance)."""
     if isinstance(model, Field):
-        if guidance is not None:
+        if guidance is not None or getattr(args, "guider", None) is not None:
             raise UserError("--guidance: this built-in model has no conditional score to guide")
         return model
     kw = _guidance_kw(args, guidance)
@@ -557,7 +566,7 @@ def cmd_compare(args) -> int:
     model, ref = load_any(args.model, _device(args))
     if isinstance(model, GeneratorModel):
         raise UserError(f"--model: {args.model!r} is a generator; compare solvers on a particle model")
-    base = model if isinstance(model, Field) else model.field()
+    base = model if isinstance(model, Field) else _field_of(model, args, None)
     features = args.features if any(m in ("fd", "accuracy") for m in metrics) else None
     if any(m in ("energy", "mmd", "sliced") for m in metrics) and ref is None:
         if getattr(base, "data_shape", None) == (1, 8, 8):
@@ -696,6 +705,12 @@ def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="the unconditional inputs (default: the null label the model was trained with)",
+    )
+    p.add_argument(
+        "--guider",
+        default=None,
+        metavar="FOLDER",
+        help="a diffusers guider (a folder with guider_config.json: CFG, CFG-Zero*, APG, PAG, ...) as the guidance",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale φ (Lin et al. 2023)")
     p.add_argument(

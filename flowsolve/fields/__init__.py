@@ -6,6 +6,7 @@ from .._checks import as_column, batch_time
 from .base import Field, Function, Scale, Sum
 from .discriminator import LOSSES, DiscriminatorFlow, GANLoss, gradient_penalty
 from .flow import FlowMatching, TrigFlow
+from .guiders import load_guider
 from .paths import FLOW, TRIG, VE, GaussianPath
 from .kernels import SVGD, MMDFlow, rbf_kernel_grad
 from .score import EDM, Langevin, ScoreDifference
@@ -33,4 +34,5 @@ __all__ = [
     "rbf_kernel_grad",
     "batch_time",
     "as_column",
+    "load_guider",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import copy
+from contextvars import ContextVar
 
 import torch
 
@@ -19,10 +20,24 @@ from ..errors import ArgumentError, ArgumentTypeError
 if TYPE_CHECKING:
     from .paths import GaussianPath
 
-__all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE", "field_model"]
+__all__ = ["Field", "Function", "Sum", "Scale", "DOMAIN_TOLERANCE", "field_model", "solve_position"]
 
 
 DOMAIN_TOLERANCE = 1e-3  # relative slack for grids at the ends of a field's domain (float rounding)
+
+# (the evaluation's index in its solve, the solve's steps as its scheduler counts them), set by
+# `solvers.Run` around every field evaluation
+SOLVE_POSITION: ContextVar[tuple[int, int] | None] = ContextVar("flowsolve_solve_position", default=None)
+
+
+def solve_position() -> tuple[int, int | None]:
+    """Where the current field evaluation is in its solve: (the index of the evaluation, counted from
+    0 at the solve's first, the solve's number of steps as its diffusers scheduler counts them), as a
+    pipeline's loop gives `guider.set_state(step=i, num_inference_steps=N)`. Outside a solve (a field
+    called directly), (0, None): the first evaluation of a solve of unknown length. Step-aware
+    guidance reads it (`fields.guiders`)."""
+    position = SOLVE_POSITION.get()
+    return (0, None) if position is None else position
 
 
 class Field:

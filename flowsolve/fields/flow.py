@@ -16,7 +16,7 @@ from .. import grids
 from ..errors import ArgumentError, ArgumentTypeError
 from .base import Field, as_column
 from .paths import FLOW, HALF_PI, trigflow
-from .guidance import GuidedDenoiser
+from .guidance import Guided
 from .score import declared_shape
 
 __all__ = ["FlowMatching", "TrigFlow", "FLOW_MAP_TARGET"]
@@ -89,7 +89,7 @@ class FlowMatching(Field):
         """`Field.bind`; a guided velocity gets its own copy (APG momentum, last unconditional branch)."""
         bound = super().bind(cond)
         assert isinstance(bound, FlowMatching)
-        if isinstance(self.velocity, GuidedDenoiser):
+        if isinstance(self.velocity, Guided):
             bound.velocity = self.velocity.fresh()
         return bound
 

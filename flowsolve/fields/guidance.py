@@ -43,7 +43,7 @@ from .._checks import as_column, check_number
 from .._cond import map_leaves, merge_leaves, row_lists, zip_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["GuidedDenoiser", "APG_DEFAULTS"]
+__all__ = ["Guided", "GuidedDenoiser", "APG_DEFAULTS"]
 
 APG_DEFAULTS = {"eta": 0.0, "norm_threshold": None, "momentum": 0.0}
 
@@ -93,7 +93,64 @@ def _keywords(fn: Callable) -> set[str] | None:
 PREDICTIONS = ("data", "velocity")
 
 
-class GuidedDenoiser:
+def checked_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ArgumentError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+class Guided:
+    """What every guided prediction shares: the model it wraps (its declarations passed through),
+    the unconditional inputs, and what the last call did (`last_passes`, `last_uncond`)."""
+
+    prediction = "data"
+    uncond: dict = {}
+    last_passes = 0
+    # the unconditional (least-conditioned, or guide) prediction of the last call, for solvers that
+    # re-noise with it (CFG++); None where that call ran the conditional model alone
+    last_uncond: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bind_model(self, denoiser: Callable, guide: Callable | None = None) -> None:
+        self.denoiser, self.guide = denoiser, guide
+        # a model that post-processes its D nonlinearly (clipping, dynamic thresholding: diffusers'
+        # schedulers do it to the guided x_0) gives its raw D for the branches and finishes the guided one
+        raw = getattr(denoiser, "denoise_raw", None)
+        self._finish = getattr(denoiser, "finish_denoised", None) if raw is not None else None
+        self._branch: Callable = raw if raw is not None and self._finish is not None else denoiser
+        self._guide_branch: Callable | None = (
+            getattr(guide, "denoise_raw", guide) if self._finish is not None else guide
+        )
+        for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):  # the model's declarations pass through
+            if hasattr(denoiser, name):
+                setattr(self, name, getattr(denoiser, name))
+
+    def fresh(self) -> "Guided":
+        """A copy for one solve (its own per-solve state)."""
+        return copy.copy(self)
+
+    def _uncond_inputs(self, cond: dict, n: int, uncond: dict | None = None) -> dict:
+        """cond with the unconditional inputs in place (nested dict inputs merged leaf by leaf)."""
+        u = self.uncond if uncond is None else uncond
+        return merge_leaves(cond, zip_leaves(lambda path, c, v: _rows(v, n, path, c), cond, u))
+
+
+def same_structure(flats: list[dict[str, Any]]) -> None:
+    """Refuse input trees whose leaves differ from the first's (a list input whose unconditional
+    value has another length, or other keys)."""
+    for f in flats[1:]:
+        odd = sorted(set(flats[0]) ^ set(f))
+        if odd:
+            key = odd[0].rsplit(".", 1)[0]
+            raise ArgumentError(
+                f"uncond: input {key!r} does not match cond's in structure (a list of another length, or "
+                f"other keys); each unconditional entry replaces the conditional one at the same place"
+            )
+
+
+class GuidedDenoiser(Guided):
     """D_w(x, σ, **cond) from a denoiser D(x, σ, **cond): CFG, rescale, interval, autoguidance, APG.
     With `prediction="velocity"`, the model is a flow velocity v(x, t, **cond) and so is the result."""
 
@@ -101,17 +158,14 @@ class GuidedDenoiser:
         self,
         denoiser: Callable,
         scale: float,
-        uncond: dict | None = None,
+        uncond: dict | list | None = None,
         guide: Callable | None = None,
         rescale: float = 0.0,
         interval: tuple[float, float] | None = None,
         apg: dict | bool | None = None,
         prediction: str = "data",
     ) -> None:
-        if prediction not in PREDICTIONS:
-            raise ArgumentError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
-        self.prediction = prediction
-        self.denoiser, self.guide = denoiser, guide
+        self.prediction = checked_prediction(prediction)
         # a number; a tensor of weights broadcast against the sample (Stable Video Diffusion's per-frame
         # scale, shape (1, frames, 1, 1, 1)); or a schedule w(level) of the model's noise level (σ of a
         # denoiser, t of a velocity model; a (batch,) tensor), e.g. CogVideoX's dynamic CFG or a ramp
@@ -165,21 +219,7 @@ class GuidedDenoiser:
             apg = {**APG_DEFAULTS, **apg}
         self.apg = apg or None
         self._momentum: torch.Tensor | None = None
-        self.last_passes = 0
-        # the unconditional (least-conditioned, or guide) prediction of the last call, for solvers that
-        # re-noise with it (CFG++); None where that call ran the conditional model alone
-        self.last_uncond: torch.Tensor | None = None
-        # a model that post-processes its D nonlinearly (clipping, dynamic thresholding: diffusers'
-        # schedulers do it to the guided x_0) gives its raw D for the branches and finishes the guided one
-        raw = getattr(denoiser, "denoise_raw", None)
-        self._finish = getattr(denoiser, "finish_denoised", None) if raw is not None else None
-        self._branch: Callable = raw if raw is not None and self._finish is not None else denoiser
-        self._guide_branch: Callable | None = (
-            getattr(guide, "denoise_raw", guide) if self._finish is not None else guide
-        )
-        for name in ("sigma_min", "sigma_max", "data_shape", "prior_std_at"):  # the model's declarations pass through
-            if hasattr(denoiser, name):
-                setattr(self, name, getattr(denoiser, name))
+        self._bind_model(denoiser, guide)
 
     @staticmethod
     def _checked_scale(scale: Any) -> float | torch.Tensor | Callable:
@@ -192,24 +232,12 @@ class GuidedDenoiser:
         return other
 
     # -- the two branches ---------------------------------------------------------------------
-    def _uncond_inputs(self, cond: dict, n: int, uncond: dict | None = None) -> dict:
-        """cond with the unconditional inputs in place (nested dict inputs merged leaf by leaf)."""
-        u = self.uncond if uncond is None else uncond
-        return merge_leaves(cond, zip_leaves(lambda path, c, v: _rows(v, n, path, c), cond, u))
-
     def _one_pass(self, x: torch.Tensor, sigma: torch.Tensor, trees: list[dict]) -> list[torch.Tensor]:
         """D for each input tree (all of the first's structure), as one network batch of len(trees) · n
         rows: [tree_0 rows; tree_1 rows; ...], every row in the first tree's dtype."""
         n, k = len(x), len(trees)
         flats = [_flat(t) for t in trees]
-        for f in flats[1:]:
-            odd = sorted(set(flats[0]) ^ set(f))
-            if odd:  # a list input whose unconditional value has another length
-                key = odd[0].rsplit(".", 1)[0]
-                raise ArgumentError(
-                    f"uncond: input {key!r} does not match cond's in structure (a list of another length, or "
-                    f"other keys); each unconditional entry replaces the conditional one at the same place"
-                )
+        same_structure(flats)
 
         def stack(path: str, _value):
             rows = [_rows(f[path], n, path) for f in flats]

@@ -13,7 +13,8 @@ import torch
 from .._checks import as_column, batch_time, check_choice, deprecated
 from .. import grids
 from .base import Field, field_model
-from .guidance import GuidedDenoiser
+from .guidance import Guided
+from .guiders import guided
 from .paths import VE
 from ..errors import ArgumentError, ArgumentTypeError
 
@@ -119,7 +120,7 @@ class ScoreDifference(Field):
         if guidance is not None:  # Eq. 26 with μ_data = w, μ_ρ = w − 1 (fields.guidance)
             if prediction != "denoiser":
                 raise ArgumentError("guidance: needs a denoiser (prediction='denoiser')")
-            data = GuidedDenoiser(data, guidance, uncond, guide, rescale, interval, apg)
+            data = guided(data, guidance, uncond, guide=guide, rescale=rescale, interval=interval, apg=apg)
         elif any(v not in (None, 0.0) for v in (uncond, guide, rescale, interval, apg)):
             raise ArgumentError("guidance: uncond=, guide=, rescale=, interval= and apg= need guidance=<scale>")
         self.data, self.rho, self.prediction = data, rho, prediction
@@ -147,7 +148,7 @@ class ScoreDifference(Field):
         """`Field.bind`; a guided copy also keeps its own APG momentum."""
         bound = super().bind(cond)
         assert isinstance(bound, ScoreDifference)
-        if isinstance(self.data, GuidedDenoiser):
+        if isinstance(self.data, Guided):
             bound.data = self.data.fresh()
         return bound
 

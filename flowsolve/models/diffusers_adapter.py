@@ -530,15 +530,11 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import FlowMatching
-        from ..fields.guidance import GuidedDenoiser
+        from ..fields.guiders import guided
 
         if guidance is None and kw:
             raise ArgumentError(f"guidance: {', '.join(sorted(kw))} need guidance=<scale>")
-        v = (
-            self.velocity
-            if guidance is None
-            else GuidedDenoiser(self.velocity, guidance, uncond, prediction="velocity", **kw)
-        )
+        v = self.velocity if guidance is None else guided(self.velocity, guidance, uncond, "velocity", **kw)
         field = FlowMatching(v, self.data_shape, self.schedule, flow_map=self.flow_map)
         # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
         field.schedule_for_every_solver = not _flow_match_family(self.scheduler)
@@ -602,13 +598,13 @@ class DiffusersTrigFlow(DiffusersFlow):
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
         from ..fields import TrigFlow
-        from ..fields.guidance import GuidedDenoiser
+        from ..fields.guiders import guided
 
         if guidance is None and kw:
             raise ArgumentError(f"guidance: {', '.join(sorted(kw))} need guidance=<scale>")
         if guidance is not None and (kw.get("rescale") or kw.get("apg") or kw.get("interval")):
             raise ArgumentError("guidance: rescale, apg and interval are for denoisers and flow-matching velocities")
-        v = self.velocity if guidance is None else GuidedDenoiser(self.velocity, guidance, uncond, **kw)
+        v = self.velocity if guidance is None else guided(self.velocity, guidance, uncond, **kw)
         first = float(self.schedule(2)[0])
         return self._calibrated(TrigFlow(v, self.data_shape, self.schedule, sigma_data=self.sigma_data, t_max=first))
 
@@ -981,19 +977,31 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         return d
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        return self.from_native(x, sigma, self.native_prediction(x, sigma, **(cond or {})))
+
+    def _c_in(self, col: torch.Tensor) -> torch.Tensor:
+        """The scaling of the network's input at noise level σ (a column)."""
         if self.schedule in ("discrete", "ratio"):
-            c_in = (1 + col**2).rsqrt()
-        elif self.schedule == "ve":
-            c_in = torch.ones_like(col)
-        else:
-            c_in = (col**2 + self.sigma_data**2).rsqrt()
-        inputs = model_inputs(self.model, self.model_kwargs, len(x), cond or {})
-        net_input = with_concat(c_in * x, inputs, self.concat_dim)
+            return (1 + col**2).rsqrt()
+        if self.schedule == "ve":
+            return torch.ones_like(col)
+        return (col**2 + self.sigma_data**2).rsqrt()
+
+    def native_prediction(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        """The network's output at (x, σ) as its scheduler reads it: ε, v, x_0 or the score, by
+        `prediction_type` (the `noise_pred` that diffusers' pipelines and guiders combine)."""
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        inputs = model_inputs(self.model, self.model_kwargs, len(x), cond)
+        net_input = with_concat(self._c_in(col) * x, inputs, self.concat_dim)
         full = network_output(self.model, net_input, self.timestep(sigma), **inputs)
-        out = full[:, : x.shape[1]].to(x.dtype)
         if self.learned_variance:  # the variance channels of this call, for the `ddpm` solver (IDDPM)
             self.variance_output = full[:, x.shape[1] :].to(x.dtype).detach()
+        return full[:, : x.shape[1]].to(x.dtype)
+
+    def from_native(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """D(x; σ) from the network's native prediction `out` (before `finish_denoised`)."""
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        c_in = self._c_in(col)
         if self.schedule == "cm":  # the consistency boundary condition
             sd, lo = self.sigma_data, self.sigma_min
             c_skip = sd**2 / ((col - lo) ** 2 + sd**2)

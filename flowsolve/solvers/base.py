@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..fields.base import Field, field_model
+from ..fields.base import SOLVE_POSITION, Field, field_model
 from .._checks import nearest
 from ..errors import ArgumentError, ArgumentTypeError, NFEBudgetExceeded, NonFiniteError
 
@@ -171,8 +171,19 @@ class Run:
         self.frames: list[torch.Tensor] = [x] if self.every else []
         self.frame_times: list[float] = [self.times[0]] if self.every else []
         self._hooks = bool(callback) or bool(self.every)
+        self._counted: int | None = None  # the grid's steps as the field's scheduler counts them
 
     # -- field evaluations ---------------------------------------------------------------
+    def _evaluate(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), a field evaluation, with its place in the solve published (`solve_position`)."""
+        if self._counted is None:
+            self._counted = counted_steps(self.field, self.times)
+        token = SOLVE_POSITION.set((self.nfe, self._counted))
+        try:
+            return fn(*args)
+        finally:
+            SOLVE_POSITION.reset(token)
+
     def _count(self, out: torch.Tensor, t: float) -> torch.Tensor:
         if self.coefficients is not None and self.nfe < len(self.coefficients):
             self._raw.append(out)
@@ -191,14 +202,14 @@ class Run:
 
     def f(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The field at grid point i (its first output is checked against x's shape and dtype)."""
-        out = self.field(x, self.tt[i])
+        out = self._evaluate(self.field, x, self.tt[i])
         if self.nfe == 0:
             self.field.check_output(out, x, type(self.field).__name__)
         return self._count(out, self.times[i])
 
     def jump(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """A flow-map model's state at grid point i + 1 from x at grid point i, in one evaluation."""
-        return self._count(self.field.jump(x, self.tt[i], self.tt[i + 1]), self.times[i])
+        return self._count(self._evaluate(self.field.jump, x, self.tt[i], self.tt[i + 1]), self.times[i])
 
     def f_at(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """The field at any time t (off-grid stages). At σ = 0 of a σ-time field, where it is singular,
@@ -211,16 +222,16 @@ class Run:
             return torch.zeros_like(x)
         self._budget()
         tt = t if isinstance(t, torch.Tensor) else torch.tensor(tf, dtype=x.dtype, device=x.device)
-        return self._count(self.field(x, tt.to(x.dtype)), tf)
+        return self._count(self._evaluate(self.field, x, tt.to(x.dtype)), tf)
 
     def sde(self, x: torch.Tensor, i: int, alpha: float):
         """(drift, g2) of the field's stochastic form at grid point i."""
-        drift, g2 = self.field.sde(x, self.tt[i], alpha)
+        drift, g2 = self._evaluate(self.field.sde, x, self.tt[i], alpha)
         return self._count(drift, self.times[i]), g2
 
     def sde_at(self, x: torch.Tensor, t: float, alpha: float):
         tt = torch.tensor(float(t), dtype=x.dtype, device=x.device)
-        drift, g2 = self.field.sde(x, tt, alpha)
+        drift, g2 = self._evaluate(self.field.sde, x, tt, alpha)
         return self._count(drift, float(t)), g2
 
     def noise(self) -> torch.Tensor:
@@ -366,9 +377,9 @@ def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipp
 
 def guided_model(field: Any) -> Any:
     """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
-    from ..fields.guidance import GuidedDenoiser
+    from ..fields.guidance import Guided
 
-    return field_model(field, lambda m: isinstance(m, GuidedDenoiser))
+    return field_model(field, lambda m: isinstance(m, Guided))
 
 
 def model_scheduler(field: Any) -> Any:
