@@ -553,6 +553,10 @@ def sample(
     skipped = 0  # steps of the grid before the first one walked (img2img)
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
+    if spec.inpaints and mask is None:
+        raise ArgumentError(
+            f"solver: {spec.name!r} inpaints; give init= (the data) and mask= (1 where to generate, 0 where to keep)"
+        )
     if init is not None:  # image-to-image: the grid's last steps, from the data noised to their start
         if x_init is not None:
             raise ArgumentError("init: give init= (data to noise and denoise) or x_init= (the start itself), not both")
@@ -595,7 +599,7 @@ def sample(
     outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        between = None
+        between, known = None, None
         if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
             eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
             x0 = init[start : start + count].to(device=device, dtype=dtype)
@@ -604,9 +608,11 @@ def sample(
             else:
                 x = noised_data(field, x0, float(g64[0]), eps)
             if mask is not None:
-                between = _inpaint_blend(
-                    field, g64, x0, eps, mask[start : start + count].to(device=device, dtype=dtype)
-                )
+                rows = mask[start : start + count].to(device=device, dtype=dtype)
+                if spec.inpaints:  # the solver blends the kept part itself (RePaint)
+                    known = (x0, rows)
+                else:
+                    between = _inpaint_blend(field, g64, x0, eps, rows)
         elif x_init is None:
             x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
@@ -630,6 +636,7 @@ def sample(
             reverse=_reverse,
             between=between,
             skipped=skipped,
+            known=known,
         )
         x = spec.fn(run, x, **options)
         if between is not None:  # the kept part is the data itself, whatever the solver returned

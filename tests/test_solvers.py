@@ -171,6 +171,8 @@ def test_nfe_is_counted_and_within_budget(solver, gmm):
     budget = 2000 if spec.adaptive else 24
     opts = {"rtol": 1e-3, "atol": 1e-3} if spec.adaptive else {}
     cond = {"c": torch.ones(8)} if spec.needs_guidance else None
+    if spec.inpaints:  # RePaint: inpainting the second coordinate of given points
+        opts = {"init": torch.zeros(8, 2), "mask": torch.tensor([0.0, 1.0])}
     x, info = fs.sample(field, solver, nfe=budget, n=8, seed=0, return_info=True, cond=cond, **opts)
     assert info.nfe == calls[0] and 0 < info.nfe <= budget
     assert torch.isfinite(x).all()

@@ -818,6 +818,18 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         prev = int(round(t)) - len(self.log_sigmas) // int(steps)
         return float(self.log_sigmas[prev].exp()) if prev >= 0 else None
 
+    def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:
+        """RePaintScheduler's `undo_step` from its knot at σ: the β's of the `stride` (T/N) one-timestep
+        transitions it applies, from the knot's timestep t up (β_t, ..., β_{t+stride−1}); None where the
+        model's scheduler is not RePaint's or σ is not the level of an integer timestep."""
+        if self.scheduler_class != "RePaintScheduler" or self.schedule != "discrete":
+            return None
+        t = float(self._timesteps(torch.tensor([float(sigma)], dtype=torch.float64))[0])
+        if abs(t - round(t)) > 1e-6 or round(t) + stride > len(self.log_sigmas):
+            return None
+        betas = torch.as_tensor(self.scheduler.betas, dtype=torch.float64)  # the scheduler's own, as it reads them
+        return betas[round(t) : round(t) + stride].tolist()
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete
         knots, clamped to [0, T − 1]; σ on a knot gives its integer timestep exactly."""
@@ -918,6 +930,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         steps_at = sched.timesteps
         if type(sched).__name__ == "PNDMScheduler":  # its Runge-Kutta / PLMS stages revisit its knots
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
+        if type(sched).__name__ == "RePaintScheduler":  # its walk goes back up; its knots, descending
+            steps_at = torch.unique(torch.as_tensor(sched.timesteps)).flip(0)
         return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
 
     def repeats_final(self, sigma_end: float) -> bool:

@@ -354,6 +354,21 @@ register(
 )
 register(
     Solver(
+        "repaint",
+        peers.repaint,
+        peers.repaint_evals(),
+        "RePaint inpainting (Lugmayr et al. 2022): DDIM with eta, the kept part noised afresh, and "
+        "jump_n_sample resamplings of jump_length knots (needs init= and mask=)",
+        needs_sigma=True,
+        stochastic=True,
+        inpaints=True,
+        variant=lambda options: {
+            "evals": peers.repaint_evals(options.get("jump_length", 10), options.get("jump_n_sample", 10))
+        },
+    )
+)
+register(
+    Solver(
         "consistency",
         peers.consistency,
         _one_per_step,

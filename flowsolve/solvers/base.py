@@ -43,6 +43,7 @@ class Solver:
     needs_sigma: bool = False  # needs a field whose time is σ (data prediction x − σ·v)
     needs_flow_map: bool = False  # needs a flow-map model (the field's `jump` from t to r)
     needs_guidance: bool = False  # needs a guided field (reads its unconditional branch: CFG++)
+    inpaints: bool = False  # blends the kept part of `init` itself (`Run.known`): needs init= and mask=
     stochastic: bool = False  # draws noise
     adaptive: bool = False  # chooses its own steps between start and end
     min_steps: int = 1
@@ -140,8 +141,11 @@ class Run:
         reverse: bool = False,
         between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         skipped: int = 0,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.field, self.solver = field, solver
+        # inpainting's (data, mask: 1 where to generate) for solvers that blend the kept part themselves
+        self.known = known
         # after step i, the state at times[i + 1] may be replaced (inpainting's blend with the noised data)
         self.between = between
         # steps of the schedule before this grid's first time (img2img walks a schedule's end): the rules

@@ -480,6 +480,14 @@ _SCHEDULERS: dict[str, tuple[_Rule, tuple[str, ...]]] = {
     "DEISMultistepScheduler": (_deis, ()),
     "SASolverScheduler": (_sa_solver, ()),
     "DDPMScheduler": (_fixed("ddpm"), ()),
+    # RePaint's jumps are arguments of its set_timesteps (the pipeline's call), given as step keywords
+    "RePaintScheduler": (
+        lambda cls, c, kw: (
+            "repaint",
+            {"eta": float(c.get("eta", 0.0)), **{k: int(kw[k]) for k in ("jump_length", "jump_n_sample") if k in kw}},
+        ),
+        ("jump_length", "jump_n_sample"),
+    ),
     "DDPMParallelScheduler": (_fixed("ddpm"), ()),
     "DDPMWuerstchenScheduler": (_fixed("ddpm"), ()),
     "UnCLIPScheduler": (_fixed("ddpm"), ()),

@@ -1076,6 +1076,85 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def repaint_walk(steps: int, jump_length: int, jump_n_sample: int) -> list[tuple[int, int]]:
+    """RePaint's walk over a grid of `steps` steps (Lugmayr et al. 2022, Alg. 1 with its resampling
+    schedule, as RePaintScheduler.set_timesteps lays it out): (from, to) knot pairs, a step down the
+    grid (to = from + 1, one evaluation) or back up by one knot (to = from − 1, re-noising). Every
+    `jump_length` knots from the end, the walk goes back up `jump_length` knots and down again,
+    `jump_n_sample` − 1 times."""
+    check_int("jump_length", jump_length, 1)
+    check_int("jump_n_sample", jump_n_sample, 1)
+    jumps = {j: jump_n_sample - 1 for j in range(0, steps - jump_length, jump_length)}
+    order, u = [], steps  # the scheduler's inference indices, from steps − 1 (the first knot) down to 0
+    while u >= 1:
+        u -= 1
+        order.append(u)
+        if jumps.get(u, 0) > 0:
+            jumps[u] -= 1
+            for _ in range(jump_length):
+                u += 1
+                order.append(u)
+    walk, last = [], steps
+    for u in order:  # index u is knot steps − 1 − u; after a step down from it, the state is at the next knot
+        walk.append((steps - 1 - u, steps - u) if u < last else (steps - last, steps - 1 - last))
+        last = u
+    return walk
+
+
+def repaint_evals(jump_length: int = 10, jump_n_sample: int = 10):
+    """Evaluations of `repaint` on a grid of `steps` steps: one per step down."""
+    return lambda steps, singular_end: sum(b > a for a, b in repaint_walk(steps, jump_length, jump_n_sample))
+
+
+def repaint(
+    run: Run, x: torch.Tensor, *, jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0
+) -> torch.Tensor:
+    """RePaint (Lugmayr et al. 2022) for inpainting with any model: `fs.sample(..., init=x0, mask=m,
+    solver="repaint")`. Each step down is DDIM with η (the posterior's noise z, c = η (ρ'/ρ) √(ρ² − ρ'²)
+    in VE levels ρ) for the generated part, and the data noised afresh with the same z for the kept
+    part, x̃' = m (D + √(ρ'² − c²) ε̂ + c z) + (1 − m)(x0 + ρ' z). The walk (`repaint_walk`) goes back up
+    `jump_length` knots every `jump_length` knots, `jump_n_sample` − 1 times, re-noising on the way
+    up, x̃ ← x̃ + √(ρ_k² − ρ_{k+1}²) z, so the generated part harmonises with the kept one. On a diffusers
+    model loaded with RePaintScheduler and its own schedule, the way up is the scheduler's `undo_step`:
+    its T/N one-timestep transitions from the knot's timestep up, in VP coordinates. Where the
+    scheduler clips x̂_0 (`clip_sample`), ε̂ is the unclipped prediction's noise, as in its step."""
+    if run.known is None:
+        raise ArgumentError("solver: 'repaint' inpaints; give init= (the data) and mask= (1 where to generate)")
+    eta = check_number("eta", eta, 0.0)
+    x0, mask = run.known
+    keep = 1 - mask
+    p = PathGrid(run)
+    steps = len(p.t) - 1
+    clipping = field_model(
+        run.field, lambda m: bool(getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
+    )
+    table = field_model(run.field, lambda m: callable(getattr(m, "repaint_betas", None)))
+    stride = None if table is None else len(table.log_sigmas) // steps  # T/N, the training timesteps per step
+    for a, b in repaint_walk(steps, jump_length, jump_n_sample):
+        run.step = min(a, b)
+        if b > a:  # down: DDIM with η, the kept part noised afresh with the same z
+            # in the path's coordinates x = α x̃ (finite from pure noise, α = 0, where ρ'/ρ = 0)
+            ratio = 0.0 if math.isinf(p.rho(a)) else p.rho(b) / p.rho(a)
+            den = p.denoise(x, a)
+            raw = _unclipped(clipping, x) if clipping is not None else None
+            eps = (x - p.a[a] * (den if raw is None else raw)) / p.s[a]
+            z = run.noise()
+            c = eta * p.s[b] * math.sqrt(max(1.0 - ratio**2, 0.0))  # α' times the VE posterior std
+            unknown = p.a[b] * den + math.sqrt(max(p.s[b] ** 2 - c**2, 0.0)) * eps + c * z
+            x = run.tick(a, mask * unknown + keep * (p.a[b] * x0 + p.s[b] * z))
+            continue
+        # up one knot: the forward process from knot a to knot b, x̃_b = x̃_a + √(ρ_b² − ρ_a²) z
+        betas = table.repaint_betas(p.rho(b), stride) if table is not None else None
+        if betas is None:
+            x = (p.a[b] / p.a[a]) * x + math.sqrt(max(p.s[b] ** 2 - (p.a[b] * p.rho(a)) ** 2, 0.0)) * run.noise()
+            continue
+        xv = x / math.sqrt(1 + p.rho(a) ** 2)  # the scheduler's undo_step in VP coordinates (a VE field: x = x̃)
+        for beta in betas:
+            xv = math.sqrt(1 - beta) * xv + math.sqrt(beta) * run.noise()
+        x = xv * math.sqrt(1 + p.rho(b) ** 2)
+    return x
+
+
 def consistency(run: Run, x: torch.Tensor, *, sigma_min: float = 0.0) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1; SCMScheduler's, LCMScheduler's and
     CMStochasticIterativeScheduler's step): jump to the data prediction, then noise it afresh to the
