@@ -408,3 +408,26 @@ def test_the_angle_path_with_the_exact_v_samples_the_mixture(gmm):
     wrong = fs.sample(fs.fields.TrigFlow(lambda v, t: -m.velocity(v, t), (2,), sigma_data=1.0), "dpmpp_3m",
                       nfe=40, n=3000, seed=0, dtype=torch.float64)    # the sign the judge must catch
     assert fs.metrics.energy_distance(wrong, truth) - floor > 0.1
+
+
+@pytest.mark.parametrize("kw", [dict(shift=1.0), dict(shift=3.0), dict(use_karras_sigmas=True)])
+def test_flow_match_lcm_scheduler_is_consistency_on_the_flow_field(unet, kw, monkeypatch):
+    """FlowMatchLCMScheduler's step, x̂_0 = x − σ v then (1 − σ') x̂_0 + σ' z with fresh z, is `consistency`
+    on the flow field given the same noise, on its own schedule; `from_scheduler` names it, and its
+    scale-wise regime (scale_factors: another resolution at every step) is refused by name."""
+    import diffusers.schedulers.scheduling_flow_match_lcm as lcm_module
+    from diffusers import FlowMatchLCMScheduler
+    from flowsolve.noise import SampleNoise
+    steps = 4
+    sched = FlowMatchLCMScheduler(**kw)
+    sched.set_timesteps(steps)
+    noise = SampleNoise(7, 0, len(Z), tuple(Z.shape[1:]), Z.dtype, "cpu", stream=1)
+    monkeypatch.setattr(lcm_module, "randn_tensor", lambda shape, **k: noise())
+    ref = _loop(unet, sched, Z)
+    m = fs.models.from_diffusers(unet, FlowMatchLCMScheduler(**kw))
+    name, opts = fs.solvers.names.from_scheduler(FlowMatchLCMScheduler(**kw))
+    assert (name, opts) == ("consistency", {})
+    x = fs.sample(m.field(), name, nfe=steps, x_init=Z, seed=7)
+    assert _close(x, ref)
+    with pytest.raises(ValueError, match="scale_factors"):
+        fs.solvers.names.from_scheduler(FlowMatchLCMScheduler(scale_factors=[1.5, 2.0, 2.0]))

@@ -395,6 +395,17 @@ def _euler(cls: str, c: dict[str, Any], kw: dict[str, Any]) -> tuple[str, dict[s
     return "euler", {}
 
 
+def _flow_lcm(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """FlowMatchLCMScheduler: x̂_0 = x − σ v, then (1 − σ') x̂_0 + σ' z, the consistency step on the flow's
+    path; its scale-wise regime changes the resolution between steps, which a solver cannot."""
+    if config.get("scale_factors"):
+        raise ArgumentError(
+            "scheduler: FlowMatchLCMScheduler with scale_factors upsamples x̂_0 to another size at every step "
+            "(scale-wise generation); flowsolve's solvers keep the data's shape"
+        )
+    return "consistency", {}
+
+
 def _fixed(name: str, **options: Any) -> Callable[[str, dict[str, Any], dict[str, Any]], tuple[str, dict[str, Any]]]:
     return lambda cls, c, kw: (name, dict(options))
 
@@ -493,6 +504,7 @@ _SCHEDULERS: dict[str, tuple[_Rule, tuple[str, ...]]] = {
     "UnCLIPScheduler": (_fixed("ddpm"), ()),
     "TCDScheduler": (lambda cls, c, kw: ("tcd", {"gamma": float(kw.get("eta", 0.3))}), ("eta",)),
     "LCMScheduler": (_fixed("consistency"), ()),
+    "FlowMatchLCMScheduler": (lambda cls, c, kw: _flow_lcm(c), ()),
     "CMStochasticIterativeScheduler": (_consistency_model, ()),
     "SCMScheduler": (_fixed("consistency"), ()),
     "ScoreSdeVeScheduler": (_score_sde_ve, ()),
