@@ -255,8 +255,11 @@ def cmd_sample(args) -> int:
     if args.init is not None:  # image-to-image (SDEdit): data to noise to a level and denoise from there
         options["init"] = _load_data(args.init, "--init")
         args.n = len(options["init"])
-    if args.strength is not None:
-        options["strength"] = args.strength
+    if args.strength is not None:  # a number, or a file of per-element strengths (differential diffusion)
+        try:
+            options["strength"] = float(args.strength)
+        except ValueError:
+            options["strength"] = _load_data(args.strength, "--strength")
     if args.mask is not None:  # inpainting: 1 where to generate, 0 where to keep --init
         options["mask"] = _load_data(args.mask, "--mask")
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
@@ -763,9 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--strength",
-        type=float,
         default=None,
-        help="with --init: the share of the steps walked, from the data noised to that level (default 0.8)",
+        help="with --init: the share of the steps walked, from the data noised to that level (default 0.8); or a "
+        ".npy / .pt file of strengths in [0, 1] per element (differential diffusion)",
     )
     s.add_argument(
         "--mask",

@@ -406,15 +406,58 @@ def _inpaint_mask(mask: Any, init: torch.Tensor) -> torch.Tensor:
     """mask checked: a tensor of values in [0, 1] that broadcasts to init's shape, broadcast."""
     if not isinstance(mask, torch.Tensor):
         raise ArgumentTypeError(f"mask: expected a tensor (1 where to generate, 0 where to keep), got {mask!r:.60}")
+    return _broadcast_like(mask, init, "mask")
+
+
+def _broadcast_like(values: torch.Tensor, init: torch.Tensor, name: str) -> torch.Tensor:
+    """values in [0, 1] broadcast to init's shape, or a clear refusal naming the argument."""
     try:
-        full = torch.broadcast_to(mask, init.shape)
+        full = torch.broadcast_to(values, init.shape)
     except RuntimeError:
         raise ArgumentError(
-            f"mask: expected a tensor that broadcasts to init's shape {tuple(init.shape)}, got {tuple(mask.shape)}"
+            f"{name}: expected a tensor that broadcasts to init's shape {tuple(init.shape)}, got {tuple(values.shape)}"
         ) from None
     if not torch.isfinite(full).all() or float(full.min()) < 0 or float(full.max()) > 1:
-        raise ArgumentError("mask: expected values in [0, 1] (1 where to generate, 0 where to keep init)")
+        what = "1 where to generate, 0 where to keep init" if name == "mask" else "per element"
+        raise ArgumentError(f"{name}: expected values in [0, 1] ({what})")
     return full
+
+
+def _strength_map_top(strengths: torch.Tensor) -> float:
+    """The walk's strength for a tensor of per-element strengths: their largest (checked)."""
+    if not strengths.is_floating_point() or strengths.numel() == 0 or not torch.isfinite(strengths).all():
+        raise ArgumentError("strength: expected a number in (0, 1] or a floating-point tensor of values in [0, 1]")
+    top = float(strengths.max())
+    if not 0 < top <= 1 or float(strengths.min()) < 0:
+        raise ArgumentError(
+            f"strength: expected per-element strengths in [0, 1], some above 0; got values in "
+            f"[{float(strengths.min()):g}, {top:g}]"
+        )
+    return top
+
+
+def _differential_blend(
+    field: Field,
+    g64: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    strengths: torch.Tensor,
+    total: int,
+    skipped: int,
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Differential diffusion: before walk step j ≥ 1 (after step j − 1), an element of strength s is
+    init noised to times[j] with the sample's noise while 1 − s > (skipped + j)/total, so it is free
+    for the last s·total steps of the schedule; nothing is blended after the last step (the
+    differential img2img pipelines' loop)."""
+    times, last, hold = g64.tolist(), len(g64) - 2, 1 - strengths
+
+    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i >= last:
+            return x
+        kept = (hold > (skipped + i + 1) / total).to(x.dtype)
+        return kept * noised_data(field, x0, times[i + 1], eps) + (1 - kept) * x
+
+    return blend
 
 
 def _inpaint_blend(
@@ -484,7 +527,7 @@ def sample(
     index_offset: int = 0,
     cond: dict | None = None,
     init: torch.Tensor | None = None,
-    strength: float | None = None,
+    strength: float | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
@@ -526,6 +569,10 @@ def sample(
         the first of them on the field's Gaussian path, α_t init + σ_t ε with the per-sample noise of
         `seed`, as diffusers' img2img pipelines do (strength default 0.8, theirs; 1: from pure noise
         levels, the data forgotten). Latent models take latents (`model.encode(images)`).
+        A tensor of strengths in [0, 1] broadcast to init is differential diffusion (Levin & Fried
+        2024): the walk is the last ⌊N·max⌋ steps, and an element of strength s joins it for its last
+        s·N steps only (before step j it is init noised to that step's level while 1 − s > j/N,
+        counting j over the whole schedule), as the differential img2img pipelines do.
     mask: inpainting with init (any model; diffusers' inpaint pipeline with a UNet without mask
         channels): 1 where to generate, 0 where to keep init, broadcast to (n, *data_shape); after
         every step the kept part is set to init noised to the new level with the same noise (the
@@ -567,8 +614,24 @@ def sample(
                 f"solver: inpainting replaces the kept part after every step; {spec.name!r} integrates "
                 f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
             )
-        g64, budget, skipped = _img2img_grid(field, spec, g64, strength, coefficients, solver)
+        strengths = strength if isinstance(strength, torch.Tensor) else None  # differential diffusion
+        if strengths is not None:
+            if mask is not None:
+                raise ArgumentError(
+                    "strength: a tensor of strengths is differential diffusion (0 keeps an element); give it or mask=, "
+                    "not both"
+                )
+            if spec.name.startswith("torchdiffeq:"):
+                raise ArgumentError(
+                    f"solver: differential diffusion replaces elements between steps; {spec.name!r} integrates "
+                    f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
+                )
+        walk_strength: Any = _strength_map_top(strengths) if strengths is not None else strength
+        g64, budget, skipped = _img2img_grid(field, spec, g64, walk_strength, coefficients, solver)
         init = _img2img_data(field, init, n)
+        if strengths is not None:
+            strengths = _broadcast_like(strengths, init, "strength")
+            schedule_steps = skipped + counted_steps(field, g64.tolist())  # the whole schedule's N
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype
         device = init.device if device is None else device
@@ -607,6 +670,9 @@ def sample(
                 x = field.from_normal(eps, float(g64[0]))
             else:
                 x = noised_data(field, x0, float(g64[0]), eps)
+            if strengths is not None:
+                rows = strengths[start : start + count].to(device=device, dtype=dtype)
+                between = _differential_blend(field, g64, x0, eps, rows, schedule_steps, skipped)
             if mask is not None:
                 rows = mask[start : start + count].to(device=device, dtype=dtype)
                 if spec.inpaints:  # the solver blends the kept part itself (RePaint)
@@ -781,10 +847,13 @@ def sample_sharded(
         rows: dict[str, Any] = dict(x_init=x_init[start:end]) if x_init is not None else dict(n=end - start)
         if init is not None:
             rows["init"] = init[start:end] if len(init) == n and len(init) > 1 else init
-        mask = kwargs.pop("mask", None)
-        if mask is not None:  # per-row masks are split with the rows; a broadcast one goes to all
-            per_row = init is not None and mask.dim() == init.dim() and len(mask) == n > 1
-            rows["mask"] = mask[start:end] if per_row else mask
+        for key in ("mask", "strength"):  # per-row masks and strength maps are split with the rows
+            value = kwargs.pop(key, None)
+            if isinstance(value, torch.Tensor):
+                per_row = init is not None and value.dim() == init.dim() and len(value) == n > 1
+                rows[key] = value[start:end] if per_row else value
+            elif value is not None:
+                rows[key] = value
         part = sample(
             field,
             solver,

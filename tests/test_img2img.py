@@ -262,3 +262,84 @@ def test_img2img_counts_the_steps_as_a_schedule_ending_on_sigma_min_twice(unet64
     alpha_end = 1.0 / (1.0 + float(info.grid[-1]) ** 2) ** 0.5
     assert info.steps == int(steps * strength) - 1  # the closing step is not in the grid
     assert (got * alpha_end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+# -- differential diffusion: a strength per element ---------------------------------------------
+def _differential_loop(unet, sched, steps, x0, eps, change):
+    """The differential img2img pipeline's loop (diffusers' community
+    `pipeline_stable_diffusion_xl_differential_img2img.py` at strength 1) written out: the data noised
+    to every timestep with one noise; thresholds arange(N)/N; before step i ≥ 1 the elements whose map
+    (1 − change) is above i/N are set to the data noised to timesteps[i]; step 0 starts from it."""
+    timesteps = sched.timesteps
+    with_noise = [sched.add_noise(x0, eps, t.reshape(1)) for t in timesteps]
+    masks = [(1 - change) > i / steps for i in range(steps)]
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            if i == 0:
+                x = with_noise[0]
+            else:
+                m = masks[i].to(x.dtype)
+                x = with_noise[i] * m + x * (1 - m)
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+CHANGE = torch.linspace(0, 1, 8, dtype=torch.float64).reshape(1, 1, 1, 8).expand(1, 1, 8, 8)  # a left-right ramp
+
+
+@pytest.mark.parametrize("cls,solver", [("EulerDiscreteScheduler", "euler"), ("DDIMScheduler", "ddim"),
+                                        ("DPMSolverMultistepScheduler", "dpmpp_2m")])
+def test_a_strength_per_element_is_differential_diffusion(unet64, cls, solver):
+    """`strength=` a tensor: each element joins the walk for its share of the last steps, equal to the
+    differential img2img loop with the same noise; elements of strength 0 are held at the data noised
+    until the last step, so they stay close to it, and more strength changes more."""
+    import diffusers
+    make = getattr(diffusers, cls)
+    steps = 10
+    ref = _differential_loop(unet64, _in_float64(make(), steps), steps, X0, _eps(), CHANGE)
+    model = fs.models.from_diffusers(unet64, make())
+    for batch in (None, 3):
+        got = fs.sample(model.field(), solver, steps=steps, init=X0, strength=CHANGE, seed=7, batch_size=batch)
+        assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item(), batch
+    change = (got - X0).abs().mean(dim=(0, 1, 2))          # per column, from strength 0 to 1
+    assert change[0] < change[-1] and change[0] < 0.5 * change[4:].mean()
+
+
+def test_differential_diffusion_on_the_exact_mixture_and_its_errors(gmm64):
+    """On the exact mixture an element of strength 0 ends where one step from the data noised to the
+    last knot takes it, near the data; a map at the top everywhere is plain img2img at strength 1."""
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    x0 = gmm64.sample(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ones = torch.ones(64, dtype=torch.float64)
+    a = fs.sample(field, "dpmpp_2m", steps=12, init=x0, strength=ones, seed=3)
+    b = fs.sample(field, "dpmpp_2m", steps=12, init=x0, strength=1.0, seed=3)
+    assert torch.equal(a, b)
+    half = torch.cat([torch.zeros(32), torch.ones(32)]).double()
+    c = fs.sample(field, "dpmpp_2m", steps=12, init=x0, strength=half, seed=3)
+    assert (c[:, :32] - x0[:, :32]).abs().max() < 0.05 < (c[:, 32:] - x0[:, 32:]).abs().max()
+    with pytest.raises(ValueError, match="strength.*mask"):
+        fs.sample(field, "euler", steps=4, init=x0, strength=half, mask=half)
+    with pytest.raises(ValueError, match=r"strength.*\[0, 1\]"):
+        fs.sample(field, "euler", steps=4, init=x0, strength=half * 2)
+    with pytest.raises(ValueError, match="strength.*broadcasts"):
+        fs.sample(field, "euler", steps=4, init=x0, strength=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="strength.*above 0"):
+        fs.sample(field, "euler", steps=4, init=x0, strength=torch.zeros(64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="torchdiffeq"):
+        fs.sample(field, "torchdiffeq:rk4", steps=4, init=x0, strength=half)
+
+
+def test_the_cli_takes_a_file_of_strengths(tmp_path):
+    """`flowsolve sample --init x.npy --strength s.npy`: per-row strength maps, as `fs.sample` gives."""
+    import numpy as np
+    from flowsolve.cli import main
+    gmm = fs.data.GaussianMixture.paper()
+    x0 = gmm.sample(6, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([[0.0, 1.0]]).repeat(6, 1)
+    s[::2] = torch.tensor([1.0, 0.3])
+    np.save(tmp_path / "in.npy", x0.numpy())
+    np.save(tmp_path / "s.npy", s.numpy())
+    assert main(["sample", "--model", "gmm2d", "--solver", "euler", "--steps", "12", "--init", str(tmp_path / "in.npy"),
+                 "--strength", str(tmp_path / "s.npy"), "--seed", "4", "--quiet", "--out", str(tmp_path / "y.npy")]) == 0
+    ref = fs.sample(fs.fields.EDM(gmm.denoiser), "euler", steps=12, init=x0, strength=s, seed=4)
+    assert np.allclose(np.load(tmp_path / "y.npy"), ref.numpy(), atol=1e-6)
