@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"errors", "_checks", "_cond", "noise", "grids", "latent", "distributed"},
     {"fields"},
     {"solvers"},
-    {"sample", "calibrate"},
+    {"sample", "calibrate", "inpainting"},
     {"data", "metrics"},
     {"models"},
     {"train", "evaluate", "comparison", "viz"},

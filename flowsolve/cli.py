@@ -24,6 +24,7 @@ from . import solvers
 from ._checks import check_disk, check_dtype, check_int, check_number, check_output
 from .errors import ArgumentError, FlowsolveError
 from .fields import Field
+from .inpainting import INPAINT_MODES
 from .models.protocol import GeneratorModel, ParticleModel
 from .sample import check_cond, cond_rows, invert, sample, sample_sharded
 
@@ -262,6 +263,8 @@ def cmd_sample(args) -> int:
             options["strength"] = _load_data(args.strength, "--strength")
     if args.mask is not None:  # inpainting: 1 where to generate, 0 where to keep --init
         options["mask"] = _load_data(args.mask, "--mask")
+    if args.inpaint is not None:
+        options["inpaint"] = args.inpaint
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     if cond:
         options["cond"] = cond
@@ -775,6 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --init, inpainting: a .npy or .pt mask, 1 where to generate and 0 where to keep the data "
         "(broadcast to the data; --strength then defaults to 1)",
+    )
+    s.add_argument(
+        "--inpaint",
+        default=None,
+        choices=INPAINT_MODES,
+        help="with --mask: keep the data in the state after each step (diffusers, the default), in the model's "
+        "input and prediction (comfyui) or in its prediction (a1111)",
     )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")

@@ -17,6 +17,15 @@ from ._checks import check_device, check_dtype, check_int, check_memory
 from ._cond import RowList, map_leaves
 from .distributed import gather_ranges, shard_range, world
 from .solvers.base import counted_steps
+from .inpainting import (
+    INPAINT_MODES,
+    blended_field,
+    check_mask,
+    differential_blend,
+    noised_data,
+    state_blend,
+    strength_map_top,
+)
 from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
@@ -379,6 +388,13 @@ def _img2img_grid(
     return tail, spec.evals(walk, singular), total - walk
 
 
+def _at_top(field: Field, t0: float) -> bool:
+    """Whether a walk starts at (or beyond) the top of the field's domain: ComfyUI's `max_denoise`
+    (|σ_0 − σ_max| ≤ 1e-5 σ_max, or above), where it scales the noise as the prior does."""
+    top = float(field.t_start)
+    return abs(t0 - top) <= 1e-5 * abs(top) or (t0 - top) * (top - float(field.t_end)) > 0
+
+
 def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
     """init checked as data for the field: a finite float tensor (n, *data_shape), or one row for n."""
     if not isinstance(init, torch.Tensor) or not init.is_floating_point():
@@ -400,87 +416,6 @@ def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
             raise ArgumentError(f"n: init holds {len(init)} rows but n={n} (give one row to use it for all)")
         init = init.expand(n, *init.shape[1:])
     return init
-
-
-def _inpaint_mask(mask: Any, init: torch.Tensor) -> torch.Tensor:
-    """mask checked: a tensor of values in [0, 1] that broadcasts to init's shape, broadcast."""
-    if not isinstance(mask, torch.Tensor):
-        raise ArgumentTypeError(f"mask: expected a tensor (1 where to generate, 0 where to keep), got {mask!r:.60}")
-    return _broadcast_like(mask, init, "mask")
-
-
-def _broadcast_like(values: torch.Tensor, init: torch.Tensor, name: str) -> torch.Tensor:
-    """values in [0, 1] broadcast to init's shape, or a clear refusal naming the argument."""
-    try:
-        full = torch.broadcast_to(values, init.shape)
-    except RuntimeError:
-        raise ArgumentError(
-            f"{name}: expected a tensor that broadcasts to init's shape {tuple(init.shape)}, got {tuple(values.shape)}"
-        ) from None
-    if not torch.isfinite(full).all() or float(full.min()) < 0 or float(full.max()) > 1:
-        what = "1 where to generate, 0 where to keep init" if name == "mask" else "per element"
-        raise ArgumentError(f"{name}: expected values in [0, 1] ({what})")
-    return full
-
-
-def _strength_map_top(strengths: torch.Tensor) -> float:
-    """The walk's strength for a tensor of per-element strengths: their largest (checked)."""
-    if not strengths.is_floating_point() or strengths.numel() == 0 or not torch.isfinite(strengths).all():
-        raise ArgumentError("strength: expected a number in (0, 1] or a floating-point tensor of values in [0, 1]")
-    top = float(strengths.max())
-    if not 0 < top <= 1 or float(strengths.min()) < 0:
-        raise ArgumentError(
-            f"strength: expected per-element strengths in [0, 1], some above 0; got values in "
-            f"[{float(strengths.min()):g}, {top:g}]"
-        )
-    return top
-
-
-def _differential_blend(
-    field: Field,
-    g64: torch.Tensor,
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    strengths: torch.Tensor,
-    total: int,
-    skipped: int,
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """Differential diffusion: before walk step j ≥ 1 (after step j − 1), an element of strength s is
-    init noised to times[j] with the sample's noise while 1 − s > (skipped + j)/total, so it is free
-    for the last s·total steps of the schedule; nothing is blended after the last step (the
-    differential img2img pipelines' loop)."""
-    times, last, hold = g64.tolist(), len(g64) - 2, 1 - strengths
-
-    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
-        if i >= last:
-            return x
-        kept = (hold > (skipped + i + 1) / total).to(x.dtype)
-        return kept * noised_data(field, x0, times[i + 1], eps) + (1 - kept) * x
-
-    return blend
-
-
-def _inpaint_blend(
-    field: Field, g64: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """After step i: the kept part (mask 0) set to x0 noised to times[i + 1] with the same noise, and to
-    x0 itself after the last step (diffusers' inpaint pipeline for a UNet without mask channels)."""
-    times, last, keep = g64.tolist(), len(g64) - 2, 1 - mask
-
-    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
-        kept = x0 if i >= last else noised_data(field, x0, times[i + 1], eps)
-        return mask * x + keep * kept
-
-    return blend
-
-
-def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
-    """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
-    (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from."""
-    path = field.path
-    if path is None:
-        raise ArgumentError(f"field: a {type(field).__name__} has no Gaussian path to noise data on")
-    return path.alpha(t) * x0 + path.sigma(t) * eps
 
 
 def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
@@ -529,6 +464,7 @@ def sample(
     init: torch.Tensor | None = None,
     strength: float | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    inpaint: str | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
     _reverse: bool = False,
@@ -577,6 +513,10 @@ def sample(
         channels): 1 where to generate, 0 where to keep init, broadcast to (n, *data_shape); after
         every step the kept part is set to init noised to the new level with the same noise (the
         last step: init itself). strength then defaults to 1, which starts from the prior's draw.
+    inpaint: how the kept part is kept: "diffusers" (the state, above), "comfyui" (ComfyUI's
+        KSamplerX0Inpaint: the model's input and its data prediction, each evaluation) or "a1111"
+        (AUTOMATIC1111's: the data prediction, and the samples after the last step); `fs.inpainting`.
+        Default: "a1111" with an AUTOMATIC1111 label as the solver, else "diffusers".
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -600,6 +540,15 @@ def sample(
     skipped = 0  # steps of the grid before the first one walked (img2img)
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
+    if inpaint is None:  # an AUTOMATIC1111 label inpaints as A1111 does
+        inpaint = solvers.names.default_inpaint(solver) if mask is not None else "diffusers"
+    if inpaint not in INPAINT_MODES:
+        raise ArgumentError(f"inpaint: expected one of {', '.join(INPAINT_MODES)}, got {inpaint!r}")
+    if inpaint != "diffusers" and (mask is None or spec.inpaints):
+        raise ArgumentError(
+            f"inpaint: {inpaint!r} blends the kept part of init= where mask= is 0; it needs mask= and a solver "
+            f"that does not inpaint itself (got mask={'None' if mask is None else 'given'}, solver {spec.name!r})"
+        )
     if spec.inpaints and mask is None:
         raise ArgumentError(
             f"solver: {spec.name!r} inpaints; give init= (the data) and mask= (1 where to generate, 0 where to keep)"
@@ -626,17 +575,17 @@ def sample(
                     f"solver: differential diffusion replaces elements between steps; {spec.name!r} integrates "
                     f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
                 )
-        walk_strength: Any = _strength_map_top(strengths) if strengths is not None else strength
+        walk_strength: Any = strength_map_top(strengths) if strengths is not None else strength
         g64, budget, skipped = _img2img_grid(field, spec, g64, walk_strength, coefficients, solver)
         init = _img2img_data(field, init, n)
         if strengths is not None:
-            strengths = _broadcast_like(strengths, init, "strength")
+            strengths = check_mask(strengths, init, "strength")
             schedule_steps = skipped + counted_steps(field, g64.tolist())  # the whole schedule's N
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype
         device = init.device if device is None else device
         if mask is not None:
-            mask = _inpaint_mask(mask, init)
+            mask = check_mask(mask, init)
     elif strength is not None:
         raise ArgumentError("strength: needs init= (the data that image-to-image starts from)")
     check_int("trajectory_every", trajectory_every, 0)
@@ -662,23 +611,29 @@ def sample(
     outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        between, known = None, None
+        between, known, blended = None, None, None
         if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
             eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
             x0 = init[start : start + count].to(device=device, dtype=dtype)
-            if mask is not None and strength == 1.0:  # inpainting from the top: the prior's draw
-                x = field.from_normal(eps, float(g64[0]))
+            t0 = float(g64[0])
+            if mask is not None and inpaint == "diffusers" and strength == 1.0:  # from the top: the prior's draw
+                x = field.from_normal(eps, t0)
+            elif mask is not None and inpaint == "comfyui" and _at_top(field, t0):  # its max_denoise start
+                x = noised_data(field, x0, t0, 0 * eps) + field.from_normal(eps, t0)
             else:
-                x = noised_data(field, x0, float(g64[0]), eps)
+                x = noised_data(field, x0, t0, eps)
             if strengths is not None:
                 rows = strengths[start : start + count].to(device=device, dtype=dtype)
-                between = _differential_blend(field, g64, x0, eps, rows, schedule_steps, skipped)
+                between = differential_blend(field, g64, x0, eps, rows, schedule_steps, skipped)
             if mask is not None:
                 rows = mask[start : start + count].to(device=device, dtype=dtype)
                 if spec.inpaints:  # the solver blends the kept part itself (RePaint)
                     known = (x0, rows)
-                else:
-                    between = _inpaint_blend(field, g64, x0, eps, rows)
+                elif inpaint == "diffusers":
+                    between = state_blend(field, g64, x0, eps, rows)
+                else:  # the model's data prediction keeps init (and A1111's samples, after the last step)
+                    blended = (x0, eps, rows)
+                    between = state_blend(field, g64, x0, eps, rows, last_only=True) if inpaint == "a1111" else None
         elif x_init is None:
             x = initial_noise(field, seed, index_offset + start, count, shape, dtype, device, float(g64[0]))
         else:
@@ -687,6 +642,8 @@ def sample(
             SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=1) if spec.stochastic else None
         )
         bound = field.bind(map_leaves(lambda _, v: v.to(device), cond_rows(cond, start, count, n)))
+        if blended is not None:
+            bound = blended_field(bound, *blended, mode=inpaint)
         run = solvers.Run(
             bound,
             g64,

@@ -220,3 +220,112 @@ def test_repaint_misuse_is_named(gmm):
         fs.sample(field, "repaint", steps=10, init=x0)
     with pytest.raises(ValueError, match="jump_length"):
         fs.sample(field, "repaint", steps=10, init=x0, mask=torch.tensor([0.0, 1.0]), jump_length=0)
+
+
+# -- ComfyUI's and AUTOMATIC1111's blends: the model's data prediction keeps init ------------------------
+def _comfyui_model(denoiser, x0, noise, mask, flow=False):
+    """ComfyUI's KSamplerX0Inpaint around a k-diffusion model (comfy/samplers.py), written out: the input's
+    kept part set to the data noised to σ with the sample's noise (its model_sampling.noise_scaling: x0 +
+    σ n, or (1 − σ) x0 + σ n for flows), the denoised output's kept part set to the data."""
+    def model(x, sigma):
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        scaled = (1 - s) * x0 + s * noise if flow else x0 + s * noise
+        out = denoiser(x * mask + scaled * (1 - mask), sigma)
+        return out * mask + x0 * (1 - mask)
+    return model
+
+
+def _a1111_model(denoiser, x0, mask):
+    """AUTOMATIC1111's CFGDenoiser with `mask_before_denoising=False` (its default), written out: the
+    denoised output blended with the data (init_latent · mask + nmask · denoised in its keep-mask terms)."""
+    return lambda x, sigma: denoiser(x, sigma) * mask + x0 * (1 - mask)
+
+
+@pytest.mark.parametrize("sampler,solver", [("sample_euler", "euler"), ("sample_dpmpp_2m", "dpmpp_2m"),
+                                            ("sample_heun", "heun")])
+@pytest.mark.parametrize("mode", ["comfyui", "a1111"])
+def test_the_uis_inpainting_is_their_wrapped_model_under_k_diffusion(gmm64, sampler, solver, mode):
+    """`inpaint="comfyui"` / `"a1111"` on the exact mixture: k-diffusion's sampler on the UI's wrapped
+    model, from the data noised to the first level (and, for A1111, its samples blended with the data
+    after the last step), with the same noise: equal in float64."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    n = 8
+    x0 = gmm64.sample(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mask = torch.zeros(64, dtype=torch.float64)
+    mask[::3] = 1.0
+    sigmas = K.get_sigmas_karras(12, 0.002, 10.0).double()              # below the field's σ_max = 80
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    eps = SampleNoise(4, 0, n, (64,), torch.float64, "cpu", stream=0)()
+    wrapped = _comfyui_model(gmm64.denoiser, x0, eps, mask) if mode == "comfyui" else \
+        _a1111_model(gmm64.denoiser, x0, mask)
+    ref = getattr(K, sampler)(wrapped, x0 + eps * sigmas[0], sigmas, disable=True)
+    if mode == "a1111":
+        ref = ref * mask + x0 * (1 - mask)
+    x = fs.sample(field, solver, grid=sigmas, init=x0, strength=1.0, mask=mask, inpaint=mode, seed=4)
+    assert (x - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
+    if mode == "a1111":
+        assert torch.equal(x[:, mask == 0], x0[:, mask == 0])
+    plain = fs.sample(field, solver, grid=sigmas, init=x0, strength=1.0, mask=mask, seed=4)
+    assert not torch.allclose(plain[:, mask == 1], x[:, mask == 1])
+
+
+def test_comfyuis_inpainting_on_a_flow_and_from_the_top(gmm):
+    """On a flow-matching velocity (k-diffusion on ComfyUI's CONST sampling: D = x − σ v, the noise scaled
+    as (1 − σ) x0 + σ n), and from the top of the schedule, where ComfyUI's max_denoise start is the
+    prior's draw plus α x0 (α = 0 at t = 1)."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    n = 16
+    x0 = gmm.sample(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    flow = fs.fields.FlowMatching(lambda x, t: _gmm_velocity(gmm, x, t), (2,))
+    ts = torch.linspace(1, 0, 11, dtype=torch.float64)
+    eps = SampleNoise(5, 0, n, (2,), torch.float64, "cpu", stream=0)()
+    denoiser = lambda x, s: x - s.reshape(-1, 1) * _gmm_velocity(gmm, x, s)  # noqa: E731
+    ref = K.sample_euler(_comfyui_model(denoiser, x0, eps, mask, flow=True), eps.clone(), ts, disable=True)
+    x = fs.sample(flow, "euler", grid=ts, init=x0, strength=1.0, mask=mask, inpaint="comfyui", seed=5)
+    assert (x - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
+    assert (x[:, 1] - x0[:, 1]).abs().max() < 1e-12   # the last prediction's kept part is x0 itself
+
+
+def test_inpaint_modes_are_checked(gmm):
+    field = fs.fields.EDM(gmm.denoiser, shape=(2,))
+    x0 = torch.zeros(4, 2)
+    mask = torch.tensor([0.0, 1.0])
+    with pytest.raises(ValueError, match="inpaint: expected one of diffusers, comfyui, a1111"):
+        fs.sample(field, "euler", steps=4, init=x0, mask=mask, inpaint="forge")
+    with pytest.raises(ValueError, match="inpaint.*needs mask="):
+        fs.sample(field, "euler", steps=4, init=x0, inpaint="comfyui")
+    with pytest.raises(ValueError, match="inpaint.*repaint"):
+        fs.sample(field, "repaint", steps=4, init=x0, mask=mask, inpaint="a1111")
+    with pytest.raises(ValueError, match="inpaint.*no denoiser or velocity"):   # a score model: no D to blend
+        fs.sample(fs.fields.ScoreDifference(gmm.score, prediction="score", shape=(2,)), "euler", steps=4,
+                  init=x0, mask=mask, inpaint="comfyui")
+
+
+def test_an_a1111_label_inpaints_as_a1111_and_the_cli_takes_the_mode(ddpm_unet, tmp_path):
+    """With an AUTOMATIC1111 label as the solver, inpainting is A1111's (its blended prediction, its
+    samples blended after the last step) unless inpaint= says otherwise; `--inpaint` on the CLI."""
+    import numpy as np
+    from flowsolve.cli import main
+    field = ddpm_unet.field()
+    a = fs.sample(field, "Euler", steps=6, init=X0, mask=MASK, seed=3)
+    b = fs.sample(field, "Euler", steps=6, init=X0, mask=MASK, seed=3, inpaint="a1111")
+    c = fs.sample(field, "Euler", steps=6, init=X0, mask=MASK, seed=3, inpaint="diffusers")
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    gmm = fs.data.GaussianMixture.paper()
+    np.save(tmp_path / "in.npy", gmm.sample(5, generator=torch.Generator().manual_seed(0)).numpy())
+    np.save(tmp_path / "mask.npy", np.array([[0.0, 1.0]], dtype=np.float32))
+    out = tmp_path / "y.npy"
+    assert main(["sample", "--model", "gmm2d", "--solver", "heun", "--steps", "8", "--init", str(tmp_path / "in.npy"),
+                 "--mask", str(tmp_path / "mask.npy"), "--inpaint", "comfyui", "--seed", "4", "--quiet",
+                 "--out", str(out)]) == 0
+    ref = fs.sample(fs.fields.EDM(gmm.denoiser), "heun", steps=8, init=torch.from_numpy(np.load(tmp_path / "in.npy")),
+                    mask=torch.tensor([0.0, 1.0]), inpaint="comfyui", seed=4)
+    assert np.allclose(np.load(out), ref.numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ddpm_unet(unet64):
+    from diffusers import DDPMScheduler
+    return fs.models.from_diffusers(unet64, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                          beta_end=0.012))

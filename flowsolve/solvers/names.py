@@ -221,6 +221,12 @@ def img2img_steps(solver: Any, steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def default_inpaint(solver: Any) -> str:
+    """How inpainting keeps the data (`fs.sample(inpaint=)`) when not given: AUTOMATIC1111's way for its
+    labels (the data prediction blended), diffusers' inpaint pipeline's otherwise (the state blended)."""
+    return "a1111" if isinstance(solver, str) and _webui_split(solver) is not None else "diffusers"
+
+
 def webui_run(
     solver: Any, grid: Any, steps: int | None, nfe: int | None, options: dict[str, Any]
 ) -> tuple[Any, int | None, int | None, dict[str, Any]]:

@@ -1,0 +1,164 @@
+"""Inpainting and per-element strengths: how the kept part of `init` enters a walk.
+
+Three ways the peers keep it, all with the sample's own noise ε (`fs.sample(..., init=, mask=,
+inpaint=)`; the mask is 1 where to generate):
+
+- "diffusers" (the inpaint pipeline for a UNet without mask channels): after every step the state's
+  kept part is init noised to the new level, and init itself after the last step (`state_blend`);
+- "comfyui" (KSamplerX0Inpaint): before every evaluation the input's kept part is init noised to the
+  evaluation's level, and the data prediction's kept part is init (`BlendedModel`);
+- "a1111" (AUTOMATIC1111's CFGDenoiser with a model without mask channels): the data prediction's kept
+  part is init, and the state's after the last step.
+
+Differential diffusion (a tensor of strengths) holds each element at init noised to the step's level
+until its share of the last steps begins (`differential_blend`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+
+from .errors import ArgumentError, ArgumentTypeError
+from .fields.base import Field
+
+__all__ = ["INPAINT_MODES", "noised_data", "check_mask", "state_blend", "differential_blend", "blended_field"]
+
+INPAINT_MODES = ("diffusers", "comfyui", "a1111")
+
+
+def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
+    (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from."""
+    path = field.path
+    if path is None:
+        raise ArgumentError(f"field: a {type(field).__name__} has no Gaussian path to noise data on")
+    return path.alpha(t) * x0 + path.sigma(t) * eps
+
+
+def check_mask(values: Any, init: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A tensor of values in [0, 1] broadcast to init's shape, or a refusal naming the argument."""
+    if not isinstance(values, torch.Tensor):
+        raise ArgumentTypeError(f"{name}: expected a tensor (1 where to generate, 0 where to keep), got {values!r:.60}")
+    try:
+        full = torch.broadcast_to(values, init.shape)
+    except RuntimeError:
+        raise ArgumentError(
+            f"{name}: expected a tensor that broadcasts to init's shape {tuple(init.shape)}, got {tuple(values.shape)}"
+        ) from None
+    if not torch.isfinite(full).all() or float(full.min()) < 0 or float(full.max()) > 1:
+        what = "1 where to generate, 0 where to keep init" if name == "mask" else "per element"
+        raise ArgumentError(f"{name}: expected values in [0, 1] ({what})")
+    return full
+
+
+def strength_map_top(strengths: torch.Tensor) -> float:
+    """The walk's strength for a tensor of per-element strengths: their largest (checked)."""
+    if not strengths.is_floating_point() or strengths.numel() == 0 or not torch.isfinite(strengths).all():
+        raise ArgumentError("strength: expected a number in (0, 1] or a floating-point tensor of values in [0, 1]")
+    top = float(strengths.max())
+    if not 0 < top <= 1 or float(strengths.min()) < 0:
+        raise ArgumentError(
+            f"strength: expected per-element strengths in [0, 1], some above 0; got values in "
+            f"[{float(strengths.min()):g}, {top:g}]"
+        )
+    return top
+
+
+def state_blend(
+    field: Field, g64: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, last_only: bool = False
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """After step i: the kept part (mask 0) set to x0 noised to times[i + 1] with the same noise, and to
+    x0 itself after the last step (diffusers' inpaint pipeline for a UNet without mask channels);
+    `last_only`: after the last step only (AUTOMATIC1111's blend of the samples)."""
+    times, last, keep = g64.tolist(), len(g64) - 2, 1 - mask
+
+    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i < last and last_only:
+            return x
+        kept = x0 if i >= last else noised_data(field, x0, times[i + 1], eps)
+        return mask * x + keep * kept
+
+    return blend
+
+
+def differential_blend(
+    field: Field,
+    g64: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    strengths: torch.Tensor,
+    total: int,
+    skipped: int,
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Differential diffusion: before walk step j ≥ 1 (after step j − 1), an element of strength s is
+    x0 noised to times[j] with the sample's noise while 1 − s > (skipped + j)/total, so it is free
+    for the last s·total steps of the schedule; nothing is blended after the last step (the
+    differential img2img pipelines' loop)."""
+    times, last, hold = g64.tolist(), len(g64) - 2, 1 - strengths
+
+    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i >= last:
+            return x
+        kept = (hold > (skipped + i + 1) / total).to(x.dtype)
+        return kept * noised_data(field, x0, times[i + 1], eps) + (1 - kept) * x
+
+    return blend
+
+
+class BlendedModel:
+    """A field's model whose data prediction keeps init where the mask is 0 (D' = m D + (1 − m) x0),
+    with the input's kept part set to x0 noised to the evaluation's level first (`blend_input`,
+    ComfyUI's KSamplerX0Inpaint); for a velocity model, the velocity of D' at the solver's x."""
+
+    def __init__(
+        self,
+        model: Callable,
+        field: Field,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        mask: torch.Tensor,
+        blend_input: bool,
+        velocity: bool,
+    ) -> None:
+        if field.path is None:
+            raise ArgumentError(f"inpaint: a {type(field).__name__} has no Gaussian path to noise init on")
+        self.denoiser, self.path = model, field.path  # `.denoiser`: the model under it (`field_model`)
+        self.x0, self.eps, self.mask, self.keep = x0, eps, mask, 1 - mask
+        self.blend_input, self.velocity = blend_input, velocity
+
+    @property
+    def last_passes(self) -> int:
+        return getattr(self.denoiser, "last_passes", 1)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        path, tf = self.path, float(t.reshape(-1)[0])
+        a, s = path.alpha(tf), path.sigma(tf)
+        x_in = self.mask * x + self.keep * (a * self.x0 + s * self.eps) if self.blend_input else x
+        out = self.denoiser(x_in, t, **cond)
+        if not self.velocity:  # a data prediction D(x, σ)
+            return self.mask * out + self.keep * self.x0
+        if s == 0:  # at the data: the path's own velocity for the kept part
+            return self.mask * out + self.keep * (path.d_alpha(tf) * self.x0 + path.d_sigma(tf) * self.eps)
+        d = self.mask * path.data_prediction(x_in, out, tf) + self.keep * self.x0
+        da, ds = path.d_alpha(tf), path.d_sigma(tf)
+        return (ds * x - (ds * a - s * da) * d) / s
+
+
+def blended_field(field: Field, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, mode: str) -> Field:
+    """A copy of a bound field whose model keeps init as `mode` ("comfyui" or "a1111") does: a σ-time
+    field's denoiser (`data`), or a flow field's velocity."""
+    other = copy.copy(field)
+    blend_input = mode == "comfyui"
+    if getattr(field, "prediction", None) == "denoiser" and callable(getattr(field, "data", None)):
+        other.data = BlendedModel(field.data, field, x0, eps, mask, blend_input, velocity=False)  # type: ignore[attr-defined]
+    elif callable(getattr(field, "velocity", None)) and field.path is not None:
+        other.velocity = BlendedModel(field.velocity, field, x0, eps, mask, blend_input, velocity=True)  # type: ignore[attr-defined]
+    else:
+        raise ArgumentError(
+            f"inpaint: {mode!r} blends the model's data prediction; a {type(field).__name__} has no denoiser or "
+            f"velocity model to blend (use inpaint='diffusers')"
+        )
+    return other
