@@ -11,18 +11,21 @@ inpaint=)`; the mask is 1 where to generate):
   part is init, and the state's after the last step.
 
 Differential diffusion (a tensor of strengths) holds each element at init noised to the step's level
-until its share of the last steps begins (`differential_blend`).
+until its share of the last steps begins (`differential_blend`, the community pipelines' rule); with
+"comfyui", the strengths are thresholded by the model's timestep at each evaluation
+(`comfyui_thresholds`, ComfyUI's DifferentialDiffusion node).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 import torch
 
 from .errors import ArgumentError, ArgumentTypeError
-from .fields.base import Field
+from .fields.base import Field, field_model
 
 __all__ = ["INPAINT_MODES", "noised_data", "check_mask", "state_blend", "differential_blend", "blended_field"]
 
@@ -31,10 +34,17 @@ INPAINT_MODES = ("diffusers", "comfyui", "a1111")
 
 def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
     """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
-    (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from."""
+    (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from. Where the field's
+    diffusers scheduler noises data to another level than its knot (`add_noise_level`: SA-Solver's ᾱ
+    at the knot's integer timestep), as that scheduler does."""
     path = field.path
     if path is None:
         raise ArgumentError(f"field: a {type(field).__name__} has no Gaussian path to noise data on")
+    model = field_model(field, lambda m: callable(getattr(m, "add_noise_level", None)))
+    at = model.add_noise_level(float(t)) if model is not None else None
+    if at is not None:  # a σ-time (VE) field of a discrete model
+        scale, level = at
+        return scale * (x0 + level * eps)
     return path.alpha(t) * x0 + path.sigma(t) * eps
 
 
@@ -108,10 +118,42 @@ def differential_blend(
     return blend
 
 
+def timestep_of(field: Field) -> Callable[[float], float]:
+    """The model's timestep at a level of the field, as ComfyUI's `model_sampling.timestep` reads it:
+    the diffusers model's own (its scheduler's timestep), else ¼ log σ on σ-time fields (EDM's c_noise)
+    and the time itself on flows."""
+    model = field_model(
+        field, lambda m: callable(getattr(m, "scheduler_timestep", None) or getattr(m, "timestep", None))
+    )
+    own = None if model is None else getattr(model, "scheduler_timestep", None) or getattr(model, "timestep", None)
+    if own is not None:
+        return lambda t: float(own(torch.tensor([float(t)], dtype=torch.float64))[0])
+    if field.time_is_sigma:
+        return lambda t: 0.25 * math.log(t)
+    return float
+
+
+def comfyui_thresholds(field: Field, g64: torch.Tensor) -> Callable[[float], float]:
+    """ComfyUI's DifferentialDiffusion node: at level t, the mask's elements at or above
+    (ts(t) − ts(t_to)) / (ts(t_from) − ts(t_to)) are generated, t_from the walk's first level and t_to
+    its last, or the model's lowest level where the walk ends below it (at the data)."""
+    ts = timestep_of(field)
+    t_to = float(g64[-1])
+    lowest = getattr(field, "sigma_min", None) if field.time_is_sigma else getattr(field, "t_min", None)
+    if lowest is not None and t_to < float(lowest):
+        t_to = float(lowest)
+    if t_to <= 0:  # a flow's data end: its table's first time (ComfyUI's sigma_min, 1/1000 shifted)
+        shift = getattr(field, "time_shift", None)
+        t_to = shift(1e-3) if callable(shift) else 1e-3
+    ts_from, ts_to = ts(float(g64[0])), ts(t_to)
+    return lambda t: (ts(t) - ts_to) / (ts_from - ts_to)
+
+
 class BlendedModel:
     """A field's model whose data prediction keeps init where the mask is 0 (D' = m D + (1 − m) x0),
     with the input's kept part set to x0 noised to the evaluation's level first (`blend_input`,
-    ComfyUI's KSamplerX0Inpaint); for a velocity model, the velocity of D' at the solver's x."""
+    ComfyUI's KSamplerX0Inpaint); for a velocity model, the velocity of D' at the solver's x. With
+    `threshold` (ComfyUI's DifferentialDiffusion), the mask at level t is (mask ≥ threshold(t))."""
 
     def __init__(
         self,
@@ -122,12 +164,13 @@ class BlendedModel:
         mask: torch.Tensor,
         blend_input: bool,
         velocity: bool,
+        threshold: Callable[[float], float] | None = None,
     ) -> None:
         if field.path is None:
             raise ArgumentError(f"inpaint: a {type(field).__name__} has no Gaussian path to noise init on")
         self.denoiser, self.path = model, field.path  # `.denoiser`: the model under it (`field_model`)
         self.x0, self.eps, self.mask, self.keep = x0, eps, mask, 1 - mask
-        self.blend_input, self.velocity = blend_input, velocity
+        self.blend_input, self.velocity, self.threshold = blend_input, velocity, threshold
 
     @property
     def last_passes(self) -> int:
@@ -136,26 +179,37 @@ class BlendedModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         path, tf = self.path, float(t.reshape(-1)[0])
         a, s = path.alpha(tf), path.sigma(tf)
-        x_in = self.mask * x + self.keep * (a * self.x0 + s * self.eps) if self.blend_input else x
+        mask, keep = self.mask, self.keep
+        if self.threshold is not None:
+            mask = (self.mask >= self.threshold(tf)).to(x.dtype)
+            keep = 1 - mask
+        x_in = mask * x + keep * (a * self.x0 + s * self.eps) if self.blend_input else x
         out = self.denoiser(x_in, t, **cond)
         if not self.velocity:  # a data prediction D(x, σ)
-            return self.mask * out + self.keep * self.x0
+            return mask * out + keep * self.x0
         if s == 0:  # at the data: the path's own velocity for the kept part
-            return self.mask * out + self.keep * (path.d_alpha(tf) * self.x0 + path.d_sigma(tf) * self.eps)
-        d = self.mask * path.data_prediction(x_in, out, tf) + self.keep * self.x0
+            return mask * out + keep * (path.d_alpha(tf) * self.x0 + path.d_sigma(tf) * self.eps)
+        d = mask * path.data_prediction(x_in, out, tf) + keep * self.x0
         da, ds = path.d_alpha(tf), path.d_sigma(tf)
         return (ds * x - (ds * a - s * da) * d) / s
 
 
-def blended_field(field: Field, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, mode: str) -> Field:
+def blended_field(
+    field: Field,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    threshold: Callable[[float], float] | None = None,
+) -> Field:
     """A copy of a bound field whose model keeps init as `mode` ("comfyui" or "a1111") does: a σ-time
-    field's denoiser (`data`), or a flow field's velocity."""
+    field's denoiser (`data`), or a flow field's velocity; `threshold`: ComfyUI's DifferentialDiffusion."""
     other = copy.copy(field)
     blend_input = mode == "comfyui"
     if getattr(field, "prediction", None) == "denoiser" and callable(getattr(field, "data", None)):
-        other.data = BlendedModel(field.data, field, x0, eps, mask, blend_input, velocity=False)  # type: ignore[attr-defined]
+        other.data = BlendedModel(field.data, field, x0, eps, mask, blend_input, False, threshold)  # type: ignore[attr-defined]
     elif callable(getattr(field, "velocity", None)) and field.path is not None:
-        other.velocity = BlendedModel(field.velocity, field, x0, eps, mask, blend_input, velocity=True)  # type: ignore[attr-defined]
+        other.velocity = BlendedModel(field.velocity, field, x0, eps, mask, blend_input, True, threshold)  # type: ignore[attr-defined]
     else:
         raise ArgumentError(
             f"inpaint: {mode!r} blends the model's data prediction; a {type(field).__name__} has no denoiser or "

@@ -21,6 +21,7 @@ from .inpainting import (
     INPAINT_MODES,
     blended_field,
     check_mask,
+    comfyui_thresholds,
     differential_blend,
     noised_data,
     state_blend,
@@ -544,10 +545,12 @@ def sample(
         inpaint = solvers.names.default_inpaint(solver) if mask is not None else "diffusers"
     if inpaint not in INPAINT_MODES:
         raise ArgumentError(f"inpaint: expected one of {', '.join(INPAINT_MODES)}, got {inpaint!r}")
-    if inpaint != "diffusers" and (mask is None or spec.inpaints):
+    comfyui_map = inpaint == "comfyui" and isinstance(strength, torch.Tensor)  # its DifferentialDiffusion
+    if inpaint != "diffusers" and ((mask is None and not comfyui_map) or spec.inpaints):
         raise ArgumentError(
-            f"inpaint: {inpaint!r} blends the kept part of init= where mask= is 0; it needs mask= and a solver "
-            f"that does not inpaint itself (got mask={'None' if mask is None else 'given'}, solver {spec.name!r})"
+            f"inpaint: {inpaint!r} blends the kept part of init= where mask= is 0; it needs mask= (comfyui: or a "
+            f"tensor strength=) and a solver that does not inpaint itself (got mask="
+            f"{'None' if mask is None else 'given'}, solver {spec.name!r})"
         )
     if spec.inpaints and mask is None:
         raise ArgumentError(
@@ -618,13 +621,16 @@ def sample(
             t0 = float(g64[0])
             if mask is not None and inpaint == "diffusers" and strength == 1.0:  # from the top: the prior's draw
                 x = field.from_normal(eps, t0)
-            elif mask is not None and inpaint == "comfyui" and _at_top(field, t0):  # its max_denoise start
+            elif (mask is not None or comfyui_map) and inpaint == "comfyui" and _at_top(field, t0):  # max_denoise
                 x = noised_data(field, x0, t0, 0 * eps) + field.from_normal(eps, t0)
             else:
                 x = noised_data(field, x0, t0, eps)
             if strengths is not None:
                 rows = strengths[start : start + count].to(device=device, dtype=dtype)
-                between = differential_blend(field, g64, x0, eps, rows, schedule_steps, skipped)
+                if comfyui_map:  # ComfyUI's DifferentialDiffusion: the mask thresholded at each evaluation
+                    blended = (x0, eps, rows)
+                else:
+                    between = differential_blend(field, g64, x0, eps, rows, schedule_steps, skipped)
             if mask is not None:
                 rows = mask[start : start + count].to(device=device, dtype=dtype)
                 if spec.inpaints:  # the solver blends the kept part itself (RePaint)
@@ -643,7 +649,8 @@ def sample(
         )
         bound = field.bind(map_leaves(lambda _, v: v.to(device), cond_rows(cond, start, count, n)))
         if blended is not None:
-            bound = blended_field(bound, *blended, mode=inpaint)
+            threshold = comfyui_thresholds(field, g64) if comfyui_map else None
+            bound = blended_field(bound, *blended, mode=inpaint, threshold=threshold)
         run = solvers.Run(
             bound,
             g64,

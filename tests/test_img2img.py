@@ -343,3 +343,24 @@ def test_the_cli_takes_a_file_of_strengths(tmp_path):
                  "--strength", str(tmp_path / "s.npy"), "--seed", "4", "--quiet", "--out", str(tmp_path / "y.npy")]) == 0
     ref = fs.sample(fs.fields.EDM(gmm.denoiser), "euler", steps=12, init=x0, strength=s, seed=4)
     assert np.allclose(np.load(tmp_path / "y.npy"), ref.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                {"use_beta_sigmas": True}, {}])
+@pytest.mark.parametrize("strength", [0.4, 0.75])
+def test_sa_solvers_add_noise_level_is_followed(unet64, kw, strength, monkeypatch):
+    """SASolverScheduler's add_noise reads ᾱ at the knot's integer timestep: with Karras / exponential /
+    beta σ's that level is not the knot's, and the pipeline steps on from the knot. img2img noises the
+    data there too (`add_noise_level`), equal to the loop with the same noise (SA-Solver's own
+    noise: flowsolve's stream 1)."""
+    import diffusers.schedulers.scheduling_sasolver as sa_module
+    from diffusers import SASolverScheduler
+    steps = 12
+    src = SampleNoise(7, 0, len(X0), tuple(X0.shape[1:]), torch.float64, "cpu", stream=1)
+    monkeypatch.setattr(sa_module, "randn_tensor", lambda shape, **k: src())
+    ref = _img2img_loop(unet64, _in_float64(SASolverScheduler(**kw), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, SASolverScheduler(**kw))
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7,
+                          return_info=True)
+    got = got / (1 + float(info.grid[-1]) ** 2) ** 0.5      # its last σ is σ_min: diffusers returns α x there
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()

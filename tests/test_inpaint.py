@@ -329,3 +329,33 @@ def ddpm_unet(unet64):
     from diffusers import DDPMScheduler
     return fs.models.from_diffusers(unet64, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                           beta_end=0.012))
+
+
+def test_comfyuis_differential_diffusion_node(gmm64):
+    """`inpaint="comfyui"` with a tensor `strength=`: ComfyUI's DifferentialDiffusion node (its
+    denoise_mask_function, written out) under KSamplerX0Inpaint: at level σ the mask's elements at or
+    above (ts(σ) − ts(σ_to)) / (ts(σ_from) − ts(σ_to)) are generated, ts the model's timestep (¼ log σ
+    for an EDM model), σ_to the model's σ_min where the walk ends at 0. Equal to k-diffusion's samplers
+    on that wrapper in float64."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    n = 8
+    x0 = gmm64.sample(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    change = torch.linspace(0, 1, 64, dtype=torch.float64)
+    sigmas = K.get_sigmas_karras(12, 0.002, 10.0).double()
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))                # σ_min 0.002, as ComfyUI's model
+    eps = SampleNoise(4, 0, n, (64,), torch.float64, "cpu", stream=0)()
+    ts = lambda s: 0.25 * torch.as_tensor(s, dtype=torch.float64).log()  # noqa: E731
+    ts_from, ts_to = ts(sigmas[0]), ts(0.002)
+
+    def model(x, sigma):
+        m = (change >= (ts(sigma[0]) - ts_to) / (ts_from - ts_to)).to(x.dtype)
+        out = gmm64.denoiser(x * m + (x0 + eps * sigma.reshape(-1, 1)) * (1 - m), sigma)
+        return out * m + x0 * (1 - m)
+
+    for sampler, solver in [("sample_euler", "euler"), ("sample_dpmpp_2m", "dpmpp_2m")]:
+        ref = getattr(K, sampler)(model, x0 + eps * sigmas[0], sigmas, disable=True)
+        x = fs.sample(field, solver, grid=sigmas, init=x0, strength=change, inpaint="comfyui", seed=4)
+        assert (x - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item()), sampler
+    # elements of strength 0 are kept until the last level, where the threshold reaches 0 (≥): close to x0;
+    # elements of strength 1 are free throughout and end far from it
+    assert (x[:, 0] - x0[:, 0]).abs().max() < 0.01 < (x[:, -1] - x0[:, -1]).abs().max()

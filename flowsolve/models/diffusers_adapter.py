@@ -818,6 +818,22 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         prev = int(round(t)) - len(self.log_sigmas) // int(steps)
         return float(self.log_sigmas[prev].exp()) if prev >= 0 else None
 
+    def add_noise_level(self, sigma: float) -> tuple[float, float] | None:
+        """Where the scheduler's `add_noise` puts data asked for at its knot σ (img2img's start, the
+        inpaint pipeline's blend), as (scale, level): the state scale · (x0 + level ε). SA-Solver reads ᾱ
+        at the knot's integer timestep, whose level is not the knot's where its σ's are Karras,
+        exponential or beta spaced; the state is then read as the sample at the knot. None: the knot's
+        own level (every other scheduler)."""
+        if self.scheduler_class != "SASolverScheduler" or self.schedule != "discrete":
+            return None
+        t = self._knots.get(float(sigma))
+        if t is None:
+            return None
+        level = float(self.log_sigmas[int(round(t))].exp())
+        if abs(level - float(sigma)) <= 1e-9 * float(sigma):
+            return None
+        return math.sqrt((1 + float(sigma) ** 2) / (1 + level**2)), level
+
     def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:
         """RePaintScheduler's `undo_step` from its knot at σ: the β's of the `stride` (T/N) one-timestep
         transitions it applies, from the knot's timestep t up (β_t, ..., β_{t+stride−1}); None where the
