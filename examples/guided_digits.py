@@ -7,6 +7,9 @@ fitted on the training digits; plus the accuracy by the shipped feature classifi
 figure with one row per class and one column per scale.
 
     python examples/guided_digits.py [--n 1000] [--solver dpmpp_2m] [--nfe 16] [--seeds 0,1,2]
+
+With `--guiders W`, it compares instead, at scale W, flowsolve's CFG and APG with diffusers' modular
+guiders (CFG, CFG-Zero*, APG, tangential CFG) run through `guidance=` on the same model.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--guidance", default="0,1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--figure", default=str(ROOT / "examples" / "figures" / "guided-digits.png"))
+    ap.add_argument("--guiders", type=float, default=None, help="compare guidance methods at this scale")
     args = ap.parse_args()
     model = fs.from_pretrained(args.model)
     features = fs.from_pretrained(ROOT / "pretrained" / "digits-features")
@@ -49,11 +53,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{args.model}: {args.solver} at NFE {args.nfe}, n = {args.n}, labels i mod 10, seeds {seeds}; "
           f"sklearn judge held-out accuracy on real digits {clf_held:.3f}\n")
-    print("| guidance w | FD (features) | pixel FD | accuracy (features) | accuracy (sklearn) | network passes |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    methods = [(f"{w:g}", model.field() if w == 1.0 else model.field(guidance=w)) for w in scales]
+    if args.guiders is not None:
+        methods = guidance_methods(model, args.guiders)
+        args.figure = None
+    print("| guidance | FD (features) | pixel FD | accuracy (features) | accuracy (sklearn) | network passes |")
+    print("|---|---:|---:|---:|---:|---:|")
     grid_rows = []
-    for w in scales:
-        field = model.field() if w == 1.0 else model.field(guidance=w)
+    for w, field in methods:
         stats: dict[str, list[float]] = {"fd": [], "pix": [], "acc": [], "skl": []}
         passes = 0
         for seed in seeds:
@@ -69,7 +76,7 @@ def main() -> None:
             stats["skl"].append(float((torch.as_tensor(clf.predict(x.reshape(len(x), -1).numpy())) == y)
                                       .float().mean()))
         fmt = {k: f"{statistics.fmean(v):.3g} ± {statistics.pstdev(v):.2g}" for k, v in stats.items()}
-        print(f"| {w:g} | {fmt['fd']} | {fmt['pix']} | {fmt['acc']} | {fmt['skl']} | {passes} |")
+        print(f"| {w} | {fmt['fd']} | {fmt['pix']} | {fmt['acc']} | {fmt['skl']} | {passes} |")
         x = fs.sample(field, args.solver, nfe=args.nfe, n=80, seed=0, cond={"class_labels": torch.arange(80) // 8})
         grid_rows.append(x.clamp(-1, 1))
     if args.figure:
@@ -87,6 +94,22 @@ def main() -> None:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.figure)
         print(f"\nwrote {args.figure}")
+
+
+def guidance_methods(model, w: float) -> list:
+    """(name, field) for flowsolve's CFG and APG and diffusers' modular guiders at scale w."""
+    from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance,
+                                   ClassifierFreeZeroStarGuidance, TangentialClassifierFreeGuidance)
+    from diffusers.utils import logging
+    logging.set_verbosity_error()
+    return [
+        ("CFG (flowsolve)", model.field(guidance=w)),
+        ("APG (flowsolve, η = 0)", model.field(guidance=w, apg=True)),
+        ("ClassifierFreeGuidance", model.field(guidance=ClassifierFreeGuidance(guidance_scale=w))),
+        ("ClassifierFreeZeroStarGuidance", model.field(guidance=ClassifierFreeZeroStarGuidance(guidance_scale=w))),
+        ("AdaptiveProjectedGuidance (η = 0)", model.field(guidance=AdaptiveProjectedGuidance(guidance_scale=w, eta=0.0))),
+        ("TangentialClassifierFreeGuidance", model.field(guidance=TangentialClassifierFreeGuidance(guidance_scale=w))),
+    ]
 
 
 if __name__ == "__main__":

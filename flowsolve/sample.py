@@ -391,7 +391,8 @@ def _img2img_grid(
 
 def _at_top(field: Field, t0: float) -> bool:
     """Whether a walk starts at (or beyond) the top of the field's domain: ComfyUI's `max_denoise`
-    (|σ_0 − σ_max| ≤ 1e-5 σ_max, or above), where it scales the noise as the prior does."""
+    (|σ_0 − σ_max| ≤ 1e-5 σ_max, or above), where its noise_scaling draws x0 + √(1 + σ²) ε on σ-time
+    models (on flows, the plain (1 − σ) x0 + σ ε)."""
     top = float(field.t_start)
     return abs(t0 - top) <= 1e-5 * abs(top) or (t0 - top) * (top - float(field.t_end)) > 0
 
@@ -621,8 +622,13 @@ def sample(
             t0 = float(g64[0])
             if mask is not None and inpaint == "diffusers" and strength == 1.0:  # from the top: the prior's draw
                 x = field.from_normal(eps, t0)
-            elif (mask is not None or comfyui_map) and inpaint == "comfyui" and _at_top(field, t0):  # max_denoise
-                x = noised_data(field, x0, t0, 0 * eps) + field.from_normal(eps, t0)
+            elif (
+                (mask is not None or comfyui_map)
+                and inpaint == "comfyui"
+                and field.time_is_sigma
+                and _at_top(field, t0)
+            ):
+                x = x0 + math.sqrt(1.0 + t0 * t0) * eps  # ComfyUI's max_denoise start: its noise_scaling, √(1 + σ²)
             else:
                 x = noised_data(field, x0, t0, eps)
             if strengths is not None:

@@ -359,3 +359,19 @@ def test_comfyuis_differential_diffusion_node(gmm64):
     # elements of strength 0 are kept until the last level, where the threshold reaches 0 (≥): close to x0;
     # elements of strength 1 are free throughout and end far from it
     assert (x[:, 0] - x0[:, 0]).abs().max() < 0.01 < (x[:, -1] - x0[:, -1]).abs().max()
+
+
+def test_comfyuis_inpainting_from_the_top_of_an_edm_schedule(gmm64):
+    """At the top of the schedule (σ_0 = the field's σ_max) ComfyUI's noise_scaling starts from
+    x0 + √(1 + σ_0²) ε (its max_denoise), below it from x0 + σ_0 ε."""
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    n = 6
+    x0 = gmm64.sample(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = (torch.arange(64) % 2).double()
+    field = fs.fields.EDM(gmm64.denoiser, shape=(64,))
+    sigmas = K.get_sigmas_karras(10, 0.002, float(field.t_start)).double()
+    eps = SampleNoise(2, 0, n, (64,), torch.float64, "cpu", stream=0)()
+    ref = K.sample_euler(_comfyui_model(gmm64.denoiser, x0, eps, mask), x0 + eps * (1 + sigmas[0] ** 2).sqrt(), sigmas,
+                         disable=True)
+    x = fs.sample(field, "euler", grid=sigmas, init=x0, mask=mask, inpaint="comfyui", seed=2)
+    assert (x - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
