@@ -26,6 +26,7 @@ from .inpainting import (
     noised_data,
     state_blend,
     strength_map_top,
+    walk_start,
 )
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -389,14 +390,6 @@ def _img2img_grid(
     return tail, spec.evals(walk, singular), total - walk
 
 
-def _at_top(field: Field, t0: float) -> bool:
-    """Whether a walk starts at (or beyond) the top of the field's domain: ComfyUI's `max_denoise`
-    (|σ_0 − σ_max| ≤ 1e-5 σ_max, or above), where its noise_scaling draws x0 + √(1 + σ²) ε on σ-time
-    models (on flows, the plain (1 − σ) x0 + σ ε)."""
-    top = float(field.t_start)
-    return abs(t0 - top) <= 1e-5 * abs(top) or (t0 - top) * (top - float(field.t_end)) > 0
-
-
 def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
     """init checked as data for the field: a finite float tensor (n, *data_shape), or one row for n."""
     if not isinstance(init, torch.Tensor) or not init.is_floating_point():
@@ -619,18 +612,7 @@ def sample(
         if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
             eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
             x0 = init[start : start + count].to(device=device, dtype=dtype)
-            t0 = float(g64[0])
-            if mask is not None and inpaint == "diffusers" and strength == 1.0:  # from the top: the prior's draw
-                x = field.from_normal(eps, t0)
-            elif (
-                (mask is not None or comfyui_map)
-                and inpaint == "comfyui"
-                and field.time_is_sigma
-                and _at_top(field, t0)
-            ):
-                x = x0 + math.sqrt(1.0 + t0 * t0) * eps  # ComfyUI's max_denoise start: its noise_scaling, √(1 + σ²)
-            else:
-                x = noised_data(field, x0, t0, eps)
+            x = walk_start(field, x0, eps, float(g64[0]), inpaint, mask is not None or comfyui_map, strength)
             if strengths is not None:
                 rows = strengths[start : start + count].to(device=device, dtype=dtype)
                 if comfyui_map:  # ComfyUI's DifferentialDiffusion: the mask thresholded at each evaluation
