@@ -360,7 +360,7 @@ def _checked_grid(
 
 
 def _img2img_grid(
-    field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: float, coefficients: Any, solver: Any = None
+    field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: Any, coefficients: Any, solver: Any = None
 ) -> tuple[torch.Tensor, int, int]:
     """The steps image-to-image walks, as diffusers' `get_timesteps`: of the grid's N steps, the last
     ⌊N·strength⌋ (an AUTOMATIC1111 label's: ⌊min(strength, 0.999)·N⌋ + 1, its img2img's;
@@ -555,28 +555,24 @@ def sample(
             raise ArgumentError("init: give init= (data to noise and denoise) or x_init= (the start itself), not both")
         if strength is None:  # diffusers' defaults: its img2img pipelines' 0.8, its inpaint pipeline's 1
             strength = 1.0 if mask is not None else 0.8
-        if mask is not None and spec.name.startswith("torchdiffeq:"):
-            raise ArgumentError(
-                f"solver: inpainting replaces the kept part after every step; {spec.name!r} integrates "
-                f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
-            )
         strengths = strength if isinstance(strength, torch.Tensor) else None  # differential diffusion
-        if strengths is not None:
-            if mask is not None:
-                raise ArgumentError(
-                    "strength: a tensor of strengths is differential diffusion (0 keeps an element); give it or mask=, "
-                    "not both"
-                )
-            if spec.name.startswith("torchdiffeq:"):
-                raise ArgumentError(
-                    f"solver: differential diffusion replaces elements between steps; {spec.name!r} integrates "
-                    f"the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
-                )
-        walk_strength: Any = strength_map_top(strengths) if strengths is not None else strength
-        g64, budget, skipped = _img2img_grid(field, spec, g64, walk_strength, coefficients, solver)
+        if strengths is not None and mask is not None:
+            raise ArgumentError(
+                "strength: a tensor of strengths is differential diffusion (0 keeps an element); give it or mask=, "
+                "not both"
+            )
+        if (mask is not None or strengths is not None) and spec.name.startswith("torchdiffeq:"):
+            raise ArgumentError(
+                f"solver: inpainting and differential diffusion replace the kept part between steps; {spec.name!r} "
+                f"integrates the whole grid in one torchdiffeq call (use a flowsolve fixed-step solver)"
+            )
         init = _img2img_data(field, init, n)
-        if strengths is not None:
+        if strengths is not None:  # checked against init, then the walk is the largest strength's
             strengths = check_mask(strengths, init, "strength")
+        g64, budget, skipped = _img2img_grid(
+            field, spec, g64, strength_map_top(strengths) if strengths is not None else strength, coefficients, solver
+        )
+        if strengths is not None:
             schedule_steps = skipped + counted_steps(field, g64.tolist())  # the whole schedule's N
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
         dtype = init.dtype if dtype is None else dtype
@@ -603,6 +599,9 @@ def sample(
         "stream them to a .npy file",
     )
     check_int("index_offset", index_offset, 0)
+
+    # ComfyUI's DifferentialDiffusion thresholds, read from the walk's levels once
+    thresholds = comfyui_thresholds(field, g64) if init is not None and comfyui_map else None
 
     # -- chunks -----------------------------------------------------------------------------
     outs, frames, nfe_used, frame_times, passes = [], [], 0, [], None
@@ -637,8 +636,7 @@ def sample(
         )
         bound = field.bind(map_leaves(lambda _, v: v.to(device), cond_rows(cond, start, count, n)))
         if blended is not None:
-            threshold = comfyui_thresholds(field, g64) if comfyui_map else None
-            bound = blended_field(bound, *blended, mode=inpaint, threshold=threshold)
+            bound = blended_field(bound, *blended, mode=inpaint, threshold=thresholds)
         run = solvers.Run(
             bound,
             g64,

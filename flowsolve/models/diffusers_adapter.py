@@ -843,8 +843,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         t = float(self._timesteps(torch.tensor([float(sigma)], dtype=torch.float64))[0])
         if abs(t - round(t)) > 1e-6 or round(t) + stride > len(self.log_sigmas):
             return None
-        betas = torch.as_tensor(self.scheduler.betas, dtype=torch.float64)  # the scheduler's own, as it reads them
-        return betas[round(t) : round(t) + stride].tolist()
+        return self.scheduler.betas[round(t) : round(t) + stride].double().tolist()  # the scheduler's own
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep for σ: log-σ interpolation between the discrete

@@ -997,7 +997,8 @@ def dpmpp_singlestep(
     return x
 
 
-_DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler")
+# schedulers whose step moves along the noise of the unclipped prediction where they clip x̂_0
+_DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "RePaintScheduler")
 
 
 def _ddim_landing(run: Run):
@@ -1023,9 +1024,9 @@ def _ddim_landing(run: Run):
 
 
 def _clipping_model(field):
-    """The diffusers model under a field whose DDIM scheduler clips or thresholds its data prediction
-    and steps along the noise of the unclipped one, or None (DDPM's posterior mean, and every other
-    scheduler, use the clipped prediction throughout)."""
+    """The diffusers model under a field whose DDIM-type scheduler (DDIM, DDIMParallel, RePaint) clips or
+    thresholds its data prediction and steps along the noise of the unclipped one, or None (DDPM's
+    posterior mean, and every other scheduler, use the clipped prediction throughout)."""
     return field_model(
         field,
         lambda m: (
@@ -1125,9 +1126,7 @@ def repaint(
     keep = 1 - mask
     p = PathGrid(run)
     steps = len(p.t) - 1
-    clipping = field_model(
-        run.field, lambda m: bool(getattr(m, "clip_sample", False) or getattr(m, "thresholding", False))
-    )
+    clipping = _clipping_model(run.field)  # RePaint's step, as DDIM's, keeps the unclipped noise
     table = field_model(run.field, lambda m: callable(getattr(m, "repaint_betas", None)))
     stride = None if table is None else len(table.log_sigmas) // steps  # T/N, the training timesteps per step
     for a, b in repaint_walk(steps, jump_length, jump_n_sample):
@@ -1136,7 +1135,7 @@ def repaint(
             # in the path's coordinates x = α x̃ (finite from pure noise, α = 0, where ρ'/ρ = 0)
             ratio = 0.0 if math.isinf(p.rho(a)) else p.rho(b) / p.rho(a)
             den = p.denoise(x, a)
-            raw = _unclipped(clipping, x) if clipping is not None else None
+            raw = _unclipped(clipping, x)
             eps = (x - p.a[a] * (den if raw is None else raw)) / p.s[a]
             z = run.noise()
             c = eta * p.s[b] * math.sqrt(max(1.0 - ratio**2, 0.0))  # α' times the VE posterior std
