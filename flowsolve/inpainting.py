@@ -43,16 +43,15 @@ INPAINT_MODES = ("diffusers", "comfyui", "a1111")
 def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
     """x_t = α_t x0 + σ_t ε on the field's Gaussian path (`field.path`: x0 + σ ε on σ-time fields,
     (1 − t) x0 + t ε on a flow's): the forward process that img2img starts from. Where the field's
-    diffusers scheduler noises data to another level than its knot (`add_noise_level`: SA-Solver's ᾱ
+    diffusers scheduler noises data otherwise at its knot (`add_noise_coefficients`: SA-Solver's ᾱ
     at the knot's integer timestep), as that scheduler does."""
     path = field.path
     if path is None:
         raise ArgumentError(f"field: a {type(field).__name__} has no Gaussian path to noise data on")
-    model = field_model(field, lambda m: callable(getattr(m, "add_noise_level", None)))
-    at = model.add_noise_level(float(t)) if model is not None else None
-    if at is not None:  # a σ-time (VE) field of a discrete model
-        scale, level = at
-        return scale * (x0 + level * eps)
+    model = field_model(field, lambda m: callable(getattr(m, "add_noise_coefficients", None)))
+    at = model.add_noise_coefficients(float(t)) if model is not None else None
+    if at is not None:
+        return at[0] * x0 + at[1] * eps
     return path.alpha(t) * x0 + path.sigma(t) * eps
 
 

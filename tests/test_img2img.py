@@ -196,12 +196,15 @@ def test_comfyuis_denoise_is_the_tail_of_a_longer_grid_from_the_data_noised(gmm6
 @pytest.mark.parametrize("cls,kw", [("DPMSolverMultistepScheduler", {"solver_order": 3}),
                                     ("DPMSolverSinglestepScheduler", {}),
                                     ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
-                                    ("UniPCMultistepScheduler", {"solver_order": 3})])
-@pytest.mark.parametrize("steps,strength", [(20, 0.5), (16, 0.3), (25, 0.8), (30, 0.37)])
+                                    ("UniPCMultistepScheduler", {"solver_order": 3}),
+                                    ("LMSDiscreteScheduler", {}),
+                                    ("LMSDiscreteScheduler", {"use_karras_sigmas": True})])
+@pytest.mark.parametrize("steps,strength", [(20, 0.5), (16, 0.3), (25, 0.8), (30, 0.37), (12, 0.2)])
 def test_img2img_keeps_the_schedules_order_rules(unet64, cls, kw, steps, strength):
     """The rules that read the schedule's length read the whole schedule's, not the part walked:
     DPM-Solver's lower orders below 15 steps, the singlestep solver's cycle of orders (the walk starts
-    inside it), as the scheduler does from `set_begin_index`."""
+    inside it), LMS's order ramp (its first steps' Lagrange basis takes the knots before the walk), as
+    the scheduler does from `set_begin_index`."""
     import diffusers
     make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
     ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
@@ -244,6 +247,25 @@ def test_guided_img2img_and_inpainting_are_the_pipelines_cfg_loops(masked):
     got = fs.sample(field, "euler", steps=steps, init=X0, strength=strength, seed=7,
                     cond={"encoder_hidden_states": emb}, **({"mask": mask} if masked else {}))
     assert (got - x).abs().max().item() <= 1e-6 * x.abs().max().item()
+
+
+def test_k_diffusions_lms_in_img2img_ramps_over_the_walk_only(unet64):
+    """k-diffusion's `sample_lms` on the walk's σ's (AUTOMATIC1111's and ComfyUI's img2img) ramps its
+    order from the walk's first step, where diffusers' LMS ramps from the schedule's: on a model loaded
+    with LMSDiscreteScheduler, "lms" is the former and "adams" the latter."""
+    import diffusers
+    K = pytest.importorskip("peers").k_diffusion_sampling()
+    model = fs.models.from_diffusers(unet64, diffusers.LMSDiscreteScheduler())
+    field = model.field()
+    sig = field.grid(12, "schedule")[12 - 6:]
+    z = X0 + sig[0] * _eps()
+    den = lambda x, s: model(x, s.reshape(-1).expand(len(x)))  # noqa: E731
+    with torch.no_grad():
+        ref = K.sample_lms(den, z.clone(), sig.to(torch.float64), disable=True)
+    got = fs.sample(field, "lms", steps=12, init=X0, strength=0.5, seed=7, dtype=torch.float64)
+    assert (got - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+    ramped = fs.sample(field, "adams", steps=12, init=X0, strength=0.5, seed=7, dtype=torch.float64, order=4)
+    assert (ramped - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("cls", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
@@ -348,10 +370,10 @@ def test_the_cli_takes_a_file_of_strengths(tmp_path):
 @pytest.mark.parametrize("kw", [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
                                 {"use_beta_sigmas": True}, {}])
 @pytest.mark.parametrize("strength", [0.4, 0.75])
-def test_sa_solvers_add_noise_level_is_followed(unet64, kw, strength, monkeypatch):
+def test_sa_solvers_add_noise_coefficients_are_followed(unet64, kw, strength, monkeypatch):
     """SASolverScheduler's add_noise reads ᾱ at the knot's integer timestep: with Karras / exponential /
     beta σ's that level is not the knot's, and the pipeline steps on from the knot. img2img noises the
-    data there too (`add_noise_level`), equal to the loop with the same noise (SA-Solver's own
+    data there too (`add_noise_coefficients`), equal to the loop with the same noise (SA-Solver's own
     noise: flowsolve's stream 1)."""
     import diffusers.schedulers.scheduling_sasolver as sa_module
     from diffusers import SASolverScheduler
@@ -364,3 +386,61 @@ def test_sa_solvers_add_noise_level_is_followed(unet64, kw, strength, monkeypatc
                           return_info=True)
     got = got / (1 + float(info.grid[-1]) ** 2) ** 0.5      # its last σ is σ_min: diffusers returns α x there
     assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("shift,strength", [(1.0, 0.3), (3.0, 0.6)])
+def test_sa_solver_in_flow_mode_noises_img2img_data_on_its_beta_schedule(unet64, shift, strength, monkeypatch):
+    """SASolverScheduler in flow mode keeps its VP add_noise (√ᾱ x0 + √(1 − ᾱ) ε at the knot's integer
+    timestep, ᾱ of its β schedule) and reads the result as the flow's sample at the knot; img2img on a
+    model loaded with it starts there too, equal to the pipeline's loop with the same noise, and differs
+    from the path's own (1 − t) x0 + t ε start by far more than round-off."""
+    import diffusers.schedulers.scheduling_sasolver as sa_module
+    from diffusers import SASolverScheduler
+    kw = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift, tau_func=lambda t: 0)
+    steps = 8
+    x0, eps = X0, _eps()
+    src = SampleNoise(7, 0, len(X0), tuple(X0.shape[1:]), torch.float64, "cpu", stream=1)
+    monkeypatch.setattr(sa_module, "randn_tensor", lambda shape, **k: src())
+    ref = _img2img_loop(unet64, _in_float64(SASolverScheduler(**kw), steps), steps, strength, x0, eps)
+    model = fs.models.from_diffusers(unet64, SASolverScheduler(**kw))
+    field = model.field()
+    got = fs.sample(field, "scheduler", steps=steps, init=x0, strength=strength, seed=7)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    t0 = float(fs.sample(field, "scheduler", steps=steps, init=x0, strength=strength, seed=7,
+                         return_info=True)[1].grid[0])
+    own = (1 - t0) * x0 + t0 * eps
+    assert (fs.inpainting.noised_data(field, x0, t0, eps) - own).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (2, 0.3), (6, 0.8)])
+def test_lcm_img2img_pipelines_schedule_is_the_schedule_grid_with_strength(unet64, steps, strength, monkeypatch):
+    """LatentConsistencyModelImg2ImgPipeline passes `strength` to LCMScheduler.set_timesteps, which spaces
+    all N timesteps within the strength's share of its training timesteps, and walks them all from the
+    data noised at the first. `field.grid(N, "schedule", strength=s)` is that schedule, and `consistency`
+    from init on it (strength=1: every step walked) is the pipeline's loop with the same noise; the
+    standard img2img pipelines' cut of the full schedule (strength=s) is another walk."""
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    from diffusers import LCMScheduler
+    src = SampleNoise(7, 0, len(X0), tuple(X0.shape[1:]), torch.float64, "cpu", stream=1)
+    monkeypatch.setattr(lcm_module, "randn_tensor", lambda shape, **k: src())
+    sched = LCMScheduler()
+    sched.set_timesteps(steps, strength=strength)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    x = sched.add_noise(X0, _eps(), sched.timesteps[:1])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x, denoised = sched.step(unet64(x, t).sample, t, x, return_dict=False)
+    model = fs.models.from_diffusers(unet64, LCMScheduler())
+    field = model.field()
+    grid = field.grid(steps, "schedule", strength=strength)
+    assert len(grid) == steps + 1
+    got = fs.sample(field, "consistency", grid=grid, init=X0, strength=1.0, seed=7)
+    assert (got - denoised).abs().max().item() <= 1e-6 * denoised.abs().max().item()
+    rule = fs.sample(field, "consistency", grid=lambda f, n: f.grid(n, "schedule", strength=strength), steps=steps,
+                     init=X0, strength=1.0, seed=7)
+    assert torch.equal(rule, got)
+    if int(steps * strength) >= 1:
+        cut = fs.sample(field, "consistency", steps=steps, init=X0, strength=strength, seed=7)
+        assert (cut - got).abs().max().item() > 1e-3 * got.abs().max().item()
+    with pytest.raises(fs.errors.ArgumentError, match="strength=0.1"):
+        field.grid(8, "schedule", strength=0.1)  # LCM's own refusal: 50 · 0.1 training steps hold fewer than 8

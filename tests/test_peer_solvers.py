@@ -802,11 +802,16 @@ def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
     ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}, "euler_ancestral"),
     ("EulerAncestralDiscreteScheduler", {}, {}, "euler_ancestral"),
     ("KDPM2AncestralDiscreteScheduler", {}, {}, "dpm_2_ancestral"),
+    ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, {}, "dpm_2_ancestral"),
+    ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
+                                         "timestep_spacing": "trailing"}, {}, "dpm_2_ancestral"),
 ])
 def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, name, kw, step_kw, solver):
     """DDPM's ancestral step (its posterior, variance "fixed_small"), DDIM with η and
     EulerAncestralDiscrete are `euler_ancestral` (k-diffusion's ρ_up / ρ_down split, `eta` = DDIM's η)
-    on the scheduler's own grid: handed flowsolve's per-sample noise, diffusers' loop gives the same samples."""
+    on the scheduler's own grid: handed flowsolve's per-sample noise, diffusers' loop gives the same samples.
+    KDPM2 ancestral with Karras σ's feeds its knots their rounded timesteps and its midpoint (at η = 1
+    the next knot's σ) the unrounded one (`fields.base.between_knots`)."""
     import diffusers
     cls = getattr(diffusers, name)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

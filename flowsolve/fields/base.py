@@ -6,9 +6,10 @@ it may carry a stochastic form for SDE solvers (`sde`, Eq. 21).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import copy
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -38,6 +39,22 @@ def solve_position() -> tuple[int, int | None]:
     guidance reads it (`fields.guiders`)."""
     position = SOLVE_POSITION.get()
     return (0, None) if position is None else position
+
+
+# set while a solver evaluates a stage between knots whose σ may equal a knot's (`between_knots`)
+BETWEEN_KNOTS: ContextVar[bool] = ContextVar("flowsolve_between_knots", default=False)
+
+
+@contextmanager
+def between_knots() -> Iterator[None]:
+    """Evaluations inside are stages between a scheduler's knots even where their level equals a knot's:
+    a diffusers model gives them the timestep of their σ, not the knot's own (rounded) timestep, as
+    `KDPM2AncestralDiscreteScheduler` does at its midpoint, which at η = 1 is the next knot's σ."""
+    token = BETWEEN_KNOTS.set(True)
+    try:
+        yield
+    finally:
+        BETWEEN_KNOTS.reset(token)
 
 
 class Field:
@@ -168,7 +185,8 @@ class Field:
     def grid(self, steps: int, spacing: str | None = None, **kw) -> torch.Tensor:
         """A grid of this field with `steps` intervals (float64): `spacing` 'uniform' or a spacing of
         noise levels ('karras', 'loglinear', 'polyexponential', 'vp', 'beta', 'kl_optimal'; `grids.SPACINGS`), by
-        default the field's `default_grid`."""
+        default the field's `default_grid`. 'schedule' is a diffusers model's scheduler's own schedule;
+        `kw` then go to its `set_timesteps` (`strength=` for LCM's and TCD's img2img schedules)."""
         spacing = spacing or self.default_grid
         if spacing == "uniform":
             return grids.uniform(steps, kw.pop("t_start", self.t_start), kw.pop("t_end", self.t_end), **kw)

@@ -67,7 +67,7 @@ class FlowMatching(Field):
         if spacing == "schedule":
             if self.schedule is None:
                 return grids.uniform(steps, self.t_start, 0.0)
-            return grids.check(self.schedule(steps))
+            return grids.check(self.schedule(steps, **kw) if kw else self.schedule(steps))
         if isinstance(spacing, str) and spacing.startswith(grids.COMFYUI_PREFIX):  # "comfyui:beta", ...
             g = grids.comfyui_spaced(spacing, steps, grids.flow_table(self.time_shift))  # t spaced as σ
             if g is not None:

@@ -237,7 +237,7 @@ class ScoreDifference(Field):
         if spacing == "schedule":
             if self.schedule is None:
                 raise ArgumentError("grid: 'schedule' needs a field made with schedule= (a diffusers model's field)")
-            return grids.check(self.schedule(steps))
+            return grids.check(self.schedule(steps, **kw) if kw else self.schedule(steps))
         if isinstance(spacing, str) and spacing.startswith(grids.COMFYUI_PREFIX):  # "comfyui:beta", ...
             g = grids.comfyui_spaced(spacing, steps, self.sigma_table().tolist())
             if g is not None:

@@ -27,6 +27,7 @@ from .protocol import ParticleModel
 from .._checks import check_int, model_dtype, nearest
 from .._cond import map_leaves, merge_leaves
 from ..errors import ArgumentError, ArgumentTypeError, PathError
+from ..fields.base import BETWEEN_KNOTS
 
 __all__ = [
     "DiffusersDenoiser",
@@ -463,6 +464,20 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
+    def add_noise_coefficients(self, t: float) -> tuple[float, float] | None:
+        """Where the scheduler's `add_noise` puts data asked for at its knot t, as (a, b): the state
+        a x0 + b ε. SA-Solver in flow mode keeps its VP `add_noise`, √ᾱ x0 + √(1 − ᾱ) ε with ᾱ of its β
+        schedule at the knot's integer timestep, and its img2img reads that as the flow's sample at t.
+        None: the path's own (1 − t) x0 + t ε (every other scheduler)."""
+        if type(self.scheduler).__name__ != "SASolverScheduler":
+            return None
+        step = self._knots.get(float(t))
+        abar = getattr(self.scheduler, "alphas_cumprod", None)
+        if step is None or abar is None:
+            return None
+        level = float(abar[int(round(step))])
+        return math.sqrt(level), math.sqrt(1.0 - level)
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """v(x, t); for a flow-map model the average velocity over [r, t] (r = t: the instantaneous one)."""
         v = self._network(x, self._timestep(t), self._with_target(t, r, cond))
@@ -516,9 +531,12 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         out = network_output(self.model, with_concat(x, inputs, self.concat_dim), timestep, **inputs)
         return out[:, : x.shape[1]].to(x.dtype)
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0."""
-        sched = scheduler_at(self.scheduler, steps, **({"mu": self.mu} if self.mu is not None else {}))
+    def schedule(self, steps: int, **kw: Any) -> torch.Tensor:
+        """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0; `kw` go to its
+        `set_timesteps` (the model's `mu` unless given)."""
+        if self.mu is not None:
+            kw.setdefault("mu", self.mu)
+        sched = scheduler_at(self.scheduler, steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
             self._knots.learn(knot_timesteps(sched, sigmas))
@@ -591,9 +609,11 @@ class DiffusersTrigFlow(DiffusersFlow):
         cond = self._with_target(t, r, cond)
         return self.sigma_data * self._network(x / self.sigma_data, t * self.timestep_scale, cond)
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        """SCMScheduler's times for `steps` steps: linspace(1.5708, 0), or (1.5708, 1.3, 0) for two."""
-        sched = scheduler_at(self.scheduler, steps, intermediate_timesteps=1.3 if steps == 2 else None)
+    def schedule(self, steps: int, **kw: Any) -> torch.Tensor:
+        """SCMScheduler's times for `steps` steps: linspace(1.5708, 0), or (1.5708, 1.3, 0) for two;
+        `kw` go to its `set_timesteps`."""
+        kw.setdefault("intermediate_timesteps", 1.3 if steps == 2 else None)
+        sched = scheduler_at(self.scheduler, steps, **kw)
         return sched.timesteps.double()
 
     def field(self, guidance: float | None = None, uncond: dict | None = None, **kw):
@@ -636,9 +656,10 @@ class DiffusersAngle(DiffusersTrigFlow):
         super().__init__(model, scheduler, timestep_scale=2.0 / math.pi, **model_kwargs)
         self.sigma_data = 1.0
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        """IPNDMScheduler's angles for `steps` steps (its timesteps · π/2), then θ = 0 (the data)."""
-        sched = scheduler_at(self.scheduler, steps)
+    def schedule(self, steps: int, **kw: Any) -> torch.Tensor:
+        """IPNDMScheduler's angles for `steps` steps (its timesteps · π/2), then θ = 0 (the data);
+        `kw` go to its `set_timesteps`."""
+        sched = scheduler_at(self.scheduler, steps, **kw)
         theta = torch.as_tensor(sched.timesteps, dtype=torch.float64) * (math.pi / 2)
         return torch.cat([theta.clamp(max=math.pi / 2), torch.zeros(1, dtype=torch.float64)])
 
@@ -818,12 +839,12 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         prev = int(round(t)) - len(self.log_sigmas) // int(steps)
         return float(self.log_sigmas[prev].exp()) if prev >= 0 else None
 
-    def add_noise_level(self, sigma: float) -> tuple[float, float] | None:
+    def add_noise_coefficients(self, sigma: float) -> tuple[float, float] | None:
         """Where the scheduler's `add_noise` puts data asked for at its knot σ (img2img's start, the
-        inpaint pipeline's blend), as (scale, level): the state scale · (x0 + level ε). SA-Solver reads ᾱ
-        at the knot's integer timestep, whose level is not the knot's where its σ's are Karras,
-        exponential or beta spaced; the state is then read as the sample at the knot. None: the knot's
-        own level (every other scheduler)."""
+        inpaint pipeline's blend), as (a, b): the state a x0 + b ε in the field's (VE) coordinates.
+        SA-Solver reads ᾱ at the knot's integer timestep, whose level is not the knot's where its σ's
+        are Karras, exponential or beta spaced; the state is then read as the sample at the knot.
+        None: the knot's own level (every other scheduler)."""
         if self.scheduler_class != "SASolverScheduler" or self.schedule != "discrete":
             return None
         t = self._knots.get(float(sigma))
@@ -832,7 +853,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         level = float(self.log_sigmas[int(round(t))].exp())
         if abs(level - float(sigma)) <= 1e-9 * float(sigma):
             return None
-        return math.sqrt((1 + float(sigma) ** 2) / (1 + level**2)), level
+        scale = math.sqrt((1 + float(sigma) ** 2) / (1 + level**2))
+        return scale, scale * level
 
     def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:
         """RePaintScheduler's `undo_step` from its knot at σ: the β's of the `stride` (T/N) one-timestep
@@ -860,7 +882,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if sigma.dim() == 1 and len(sigma) > 1 and sigma.stride(0) == 0 and sigma.device.type != "cpu":
             return self._timesteps(sigma[:1]).expand(len(sigma))  # reading the value would wait for the device
         value = _one_value(sigma) if sigma.dim() == 1 and len(sigma) > 1 else None
-        if value is not None:  # one σ for the batch: a solver's knot (guidance's doubled batch too)
+        if value is not None and not BETWEEN_KNOTS.get():  # one σ for the batch: a solver's knot (guidance's too)
             key = (value, sigma.dtype)  # a solver visits the same knots on every batch: remember them
             if key not in self._knot_cache:
                 if len(self._knot_cache) > 4096:
@@ -919,10 +941,11 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         spacing = _config(self.scheduler).get("timestep_spacing", "linspace")
         return sigma if spacing in ("linspace", "trailing") else vp
 
-    def scheduler_grid(self, steps: int) -> torch.Tensor:
+    def scheduler_grid(self, steps: int, **kw: Any) -> torch.Tensor:
         """The scheduler's own σ-grid for `steps` steps: its `sigmas` (Euler, Heun, DPM, EDM-style
-        schedulers, ending in 0) or its `timesteps` mapped to σ (DDIM, DDPM, PNDM), then the final σ."""
-        sched = scheduler_at(self.scheduler, steps)
+        schedulers, ending in 0) or its `timesteps` mapped to σ (DDIM, DDPM, PNDM), then the final σ.
+        `kw` go to its `set_timesteps` (LCM's and TCD's `strength`: their img2img pipelines' schedule)."""
+        sched = scheduler_at(self.scheduler, steps, **kw)
         if self.schedule == "cm":  # its Karras knots, then the data (its last step returns D)
             knots = torch.as_tensor(sched.sigmas, dtype=torch.float64)[:-1]
             return torch.cat([knots, torch.zeros(1, dtype=torch.float64)])
@@ -1175,9 +1198,10 @@ def scheduler_at(scheduler, steps: int, **kw):
     try:
         sched.set_timesteps(steps, **kw)
     except Exception as err:  # diffusers' own refusal, in its words
+        given = "".join(f", {k}={v!r}" for k, v in kw.items() if v is not None)
         raise ArgumentError(
-            f"nfe: {type(scheduler).__name__} cannot make a schedule of {steps} steps ({type(err).__name__}: "
-            f"{err}); ask for another nfe, or pass grid= (e.g. grid='karras')"
+            f"nfe: {type(scheduler).__name__} cannot make a schedule of {steps} steps{given} "
+            f"({type(err).__name__}: {err}); ask for another nfe, or pass grid= (e.g. grid='karras')"
         ) from err
     return sched
 

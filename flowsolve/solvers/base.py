@@ -379,6 +379,22 @@ def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipp
     return min(order, steps - i) if lower_order_final and steps + skipped < 15 else order
 
 
+def own_schedule(run: "Run", classes: tuple[str, ...]) -> torch.Tensor | None:
+    """The whole σ schedule of the field's diffusers scheduler, where that scheduler is one of `classes`
+    and the run walks its schedule or that schedule's end (img2img: `run.skipped` knots before the
+    walk), else None: a scheduler's quirks are followed on its own grid only."""
+    model = field_model(run.field, lambda m: getattr(m, "scheduler_class", None) in classes)
+    if model is None or getattr(model, "schedule", None) != "discrete" or not run.field.time_is_sigma:
+        return None
+    if run.times[0] < run.times[-1]:  # (an inversion walks up)
+        return None
+    own = model.scheduler_grid(scheduler_steps(run) + run.skipped)
+    walked = torch.tensor(run.times, dtype=torch.float64)
+    if len(own) - run.skipped != len(walked) or not torch.allclose(own[run.skipped :], walked, rtol=1e-12, atol=0):
+        return None
+    return own
+
+
 def guided_model(field: Any) -> Any:
     """The guided model under a field (CFG++ re-noises with its unconditional branch), or None."""
     from ..fields.guidance import Guided

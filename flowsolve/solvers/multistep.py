@@ -35,6 +35,7 @@ from .base import (
     lowered_order,
     lu_differences,
     model_timestep,
+    own_schedule,
     scheduler_steps,
 )
 from .._checks import check_int
@@ -188,15 +189,26 @@ def ipndm(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
     return x
 
 
-def adams(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
+def adams(run: Run, x: torch.Tensor, *, order: int = 3, schedule_ramp: bool = True) -> torch.Tensor:
     """Variable-step Adams–Bashforth: the exact integral of the Lagrange polynomial through the
-    last `order` velocities, for any grid (k-diffusion's `lms` is this method)."""
+    last `order` velocities, for any grid (k-diffusion's `lms` is this method, with
+    `schedule_ramp=False`). With `schedule_ramp`, on a model loaded with diffusers'
+    `LMSDiscreteScheduler` in image-to-image, the first steps are that scheduler's: its order ramps
+    up with the step index in the whole schedule, so they integrate the Lagrange basis on the knots
+    before the walk too and keep only the terms of the velocities they have."""
     order = _order(order)
     t = run.times
+    # LMSDiscreteScheduler after `set_begin_index`: order min(step index + 1, order), and a zip of
+    # its coefficients with the derivatives it has
+    own = own_schedule(run, ("LMSDiscreteScheduler",)) if run.skipped and schedule_ramp else None
     hist: deque = deque(maxlen=order)
     for i in run.steps():
         hist.appendleft((t[i], run.f(x, i)))
-        w = lagrange_weights([h[0] for h in hist], t[i], t[i + 1], exp_kernel=False)
+        nodes = [h[0] for h in hist]
+        if own is not None and len(hist) < order:
+            j = run.skipped + i  # the knot's index in the whole schedule
+            nodes = own[max(j + 1 - order, 0) : j + 1].flip(0).tolist()
+        w = lagrange_weights(nodes, t[i], t[i + 1], exp_kernel=False)[: len(hist)]
         x = x + combine(w, [h[1] for h in hist])
         x = run.tick(i, x)
     return x

@@ -63,7 +63,7 @@ _K_DIFFUSION: dict[str, _Entry] = {
     "dpm_2": _churned("dpm_2"),
     "euler_ancestral": ("euler_ancestral", {}),
     "dpm_2_ancestral": ("dpm_2_ancestral", {}),
-    "lms": ("adams", {"order": 4}),
+    "lms": ("adams", {"order": 4, "schedule_ramp": False}),
     "dpm_fast": ("dpm_fast", {}),
     "dpm_adaptive": ("dpm_adaptive", {}),
     "dpmpp_2s_ancestral": ("dpmpp_2s", {"eta": 1.0}),

@@ -47,11 +47,13 @@ from .base import (
     lowered_order,
     lu_differences,
     model_timestep,
+    own_schedule,
     scheduler_steps,
     sigma_lambda,
     takes_closing_step,
 )
 from .fixed import dpm_2_step
+from ..fields.base import between_knots
 from .._checks import check_choice, check_int, check_number
 from ..errors import ArgumentError
 
@@ -644,7 +646,8 @@ def dpm_2_ancestral(
             xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
             rho_m = math.sqrt(rho_i * down)  # the log-ρ midpoint of [ρ_down, ρ_i]
             xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
-            den_m = p.denoise_ve(xt_m, -math.log(rho_m))
+            with between_knots():  # (at η = 1 ρ_m is ρ_{i+1}; the midpoint is not that knot)
+                den_m = p.denoise_ve(xt_m, -math.log(rho_m))
             xt = xt + (down - rho_i) / rho_m * (xt_m - den_m)  # the full step with the midpoint's slope
         x = _ancestral_noise(run, p, i, xt, up, s_noise)
         x = run.tick(i, x)
@@ -1007,15 +1010,11 @@ def _ddim_landing(run: Run):
     else None; always None on a grid other than the scheduler's own schedule. In VE coordinates the
     step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads the VP sample √ᾱ' x' as the sample
     at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
+    own = own_schedule(run, ("DDIMScheduler", "DDIMParallelScheduler"))  # the scheduler's own schedule (or its end)
+    if own is None:
+        return lambda i: None
     model = field_model(run.field, lambda m: callable(getattr(m, "landing_sigma", None)))
-    if model is None or not run.field.time_is_sigma or run.times[0] < run.times[-1]:
-        return lambda i: None
     steps = scheduler_steps(run) + run.skipped  # the scheduler's N
-    own = model.scheduler_grid(steps)  # only on the scheduler's own schedule (or its end: img2img)
-    walked = torch.tensor(run.times, dtype=torch.float64)
-    if len(own) - run.skipped != len(walked) or not torch.allclose(own[run.skipped :], walked, rtol=1e-12, atol=0):
-        return lambda i: None
-
     lands = []
     for i in range(len(run.times) - 1):  # (the last step too: t − T//N ≥ 0 is not the end)
         land = model.landing_sigma(run.times[i], steps)
