@@ -109,6 +109,9 @@ def discrete_configs(rng: random.Random, name: str, params) -> dict:
         kw["solver_type"] = "heun"
     if name == "SASolverScheduler":
         kw["tau_func"] = lambda t: 0
+    if name == "PNDMScheduler":
+        kw["skip_prk_steps"] = rng.choice([False, True])
+        kw["set_alpha_to_one"] = rng.choice([False, True])
     return kw
 
 
@@ -138,7 +141,7 @@ def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
 
 
 DISCRETE = ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
-            "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+            "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
             "DEISMultistepScheduler", "SASolverScheduler", "EulerAncestralDiscreteScheduler",
             "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"]
 FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",

@@ -94,6 +94,10 @@ _SCHEDULER_LOOPS = [
     ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "beta_schedule": "scaled_linear",
                        "beta_start": 0.00085, "beta_end": 0.012}, "plms"),     # Stable Diffusion 1.x's
     ("PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "v_prediction"}, "plms"),  # blends v's
+    # "linspace" knots are not a stride T//N apart: each step lands at t − T//N, read at the next knot
+    ("PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "linspace"}, "plms"),
+    ("PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+     "plms"),
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m_heun"),
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}, "dpmpp_2m"),
@@ -1245,12 +1249,16 @@ def test_unipc_on_the_noise_prediction_is_diffusers_predict_x0_false(unet64, kw,
 
 @pytest.mark.parametrize("kw", [{}, {"set_alpha_to_one": True, "beta_schedule": "squaredcos_cap_v2"},
                                 {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "steps_offset": 1},
-                                {"timestep_spacing": "trailing"}])
-@pytest.mark.parametrize("steps", [4, 10])
+                                {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
+                                {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}])
+@pytest.mark.parametrize("steps", [4, 8, 10])
 def test_pndm_is_the_pndm_schedulers_default_loop(unet64, kw, steps):
     """PNDMScheduler without `skip_prk_steps` (its default): three pseudo Runge-Kutta steps with
     midpoints half a stride down, then PLMS; v-prediction models blend v. `pndm` is that loop, with
-    one evaluation fewer where diffusers' last step moves nothing (final ᾱ equal to the last knot's)."""
+    one evaluation fewer where diffusers' last step moves nothing (final ᾱ equal to the last knot's).
+    Where the stride δ = T//N is odd (8 steps: 125) its first stage goes to t − ⌊δ/2⌋ and is evaluated
+    at t' + ⌊δ/2⌋ (t' the next knot), and with "linspace" spacing its knots are not δ apart: the
+    scheduler's levels are followed (`multistep._PNDMLevels`)."""
     from diffusers import PNDMScheduler
     sched = _in_float64(PNDMScheduler(**kw), steps)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 from collections import deque
 
 import torch
@@ -250,28 +250,86 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
     t = run.times
     n = len(t) - 1
     warm = min(warm_steps, n if run.evaluable[n] else n - 1)
+    levels = _pndm_levels(run)  # PNDMScheduler's own levels on its own schedule, else None
     hist: deque = deque(maxlen=4)  # ε (or v) at the last knots, newest first
     for i in run.steps():
         d = run.f(x, i)
-        xi, ti, h = x, t[i], t[i + 1] - t[i]
+        xi, ti, tn, h = x, t[i], t[i + 1], t[i + 1] - t[i]
         hist.appendleft(d if mode == "epsilon" else _vp_v(d, xi, ti))
+        land = levels.land(i) if levels else tn  # where the transfer from knot i goes
         if i >= warm:  # PLMS: Adams-Bashforth with uniform coefficients
             blended = combine(_IPNDM[len(hist)], list(hist))
-            x = xi + h * (blended if mode == "epsilon" else _vp_eps(blended, xi, ti))
+            x = _read_at(xi + (land - ti) * (blended if mode == "epsilon" else _vp_eps(blended, xi, ti)), land, tn)
         elif runge_kutta:  # RK4 with DDIM transfers from x_i, the midpoint PNDMScheduler's
-            tm = _prk_midpoint(run, i)
-            x2 = xi + (tm - ti) * d
-            d2 = _stage_eps(mode, run.f_at(x2, tm), x2, tm, xi, ti)
-            x3 = xi + (tm - ti) * d2
-            d3 = _stage_eps(mode, run.f_at(x3, tm), x3, tm, xi, ti)
+            go, at = levels.midpoints(i) if levels else (_prk_midpoint(run, i),) * 2
+            x2 = _read_at(xi + (go - ti) * d, go, at)  # (the scheduler reads the sample at `go` at `at`)
+            d2 = _stage_eps(mode, run.f_at(x2, at), x2, at, xi, ti)
+            x3 = xi + (at - ti) * d2
+            d3 = _stage_eps(mode, run.f_at(x3, at), x3, at, xi, ti)
             x4 = xi + h * d3
-            d4 = _stage_eps(mode, run.f(x4, i + 1), x4, t[i + 1], xi, ti)
+            d4 = _stage_eps(mode, run.f(x4, i + 1), x4, tn, xi, ti)
             x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
         else:  # Heun: the trapezoid of the velocities at t_i and at the Euler prediction at t_{i+1}
-            x1 = xi + h * d
-            x = xi + (0.5 * h) * (d + _stage_eps(mode, run.f(x1, i + 1), x1, t[i + 1], xi, ti))
+            x1 = _read_at(xi + (land - ti) * d, land, tn)
+            src = levels.back(i) if levels else ti  # the level the scheduler reads x_i at for the second stage
+            xs = _read_at(xi, ti, src)
+            d2 = run.f(x1, i + 1)
+            if mode == "epsilon":
+                slope = 0.5 * (d + d2)
+            else:  # the mean of the raw v's, converted with (α, x) at `src`
+                slope = _vp_eps(0.5 * (hist[0] + _vp_v(d2, x1, tn)), xs, src)
+            x = xs + (tn - src) * slope
         x = run.tick(i, x)
     return x
+
+
+def _read_at(xt: torch.Tensor, level: float, read: float) -> torch.Tensor:
+    """A VE state x̃ at `level` as a diffusers VP scheduler passes it on: its VP sample x̃/√(1 + level²)
+    read as the sample at `read`, x̃ √((1 + read²)/(1 + level²)) (the identity where they agree)."""
+    if level == read:
+        return xt
+    return xt * math.sqrt((1.0 + read * read) / (1.0 + level * level))
+
+
+class _PNDMLevels:
+    """PNDMScheduler's own levels on its own schedule (N steps, δ = T//N, h = δ//2; timesteps k_i):
+    its transfer from knot i goes to k_i − δ (`land`), read at knot i + 1; a Runge–Kutta step's first
+    stage goes to k_i − h and is evaluated, as the second, at k_{i+1} + h (`midpoints`); PLMS's Heun
+    step reads x_i at k_{i+1} + δ for its second stage (`back`). With "leading" or "trailing" spacing
+    and δ even these are the knots and the mean of two; with "linspace" or δ odd they are not."""
+
+    def __init__(self, model: Any, own: torch.Tensor, steps: int, times: Sequence[float]) -> None:
+        self.model, self.final, self.times = model, float(own[-1]), times
+        self.delta = len(model.log_sigmas) // steps
+
+    def level(self, k: int) -> float:
+        return float(self.model.sigma(k)) if k >= 0 else self.final
+
+    def _k(self, i: int) -> int:
+        return model_timestep(self.model, self.times[i])
+
+    def _near(self, value: float, knot: float) -> float:
+        return knot if math.isclose(value, knot, rel_tol=1e-12) else value
+
+    def land(self, i: int) -> float:
+        return self._near(self.level(self._k(i) - self.delta), self.times[i + 1])
+
+    def midpoints(self, i: int) -> tuple[float, float]:
+        half = self.delta // 2
+        go, at = self.level(self._k(i) - half), self.level(self._k(i + 1) + half)
+        return self._near(go, at), at
+
+    def back(self, i: int) -> float:
+        return self._near(self.level(self._k(i + 1) + self.delta), self.times[i])
+
+
+def _pndm_levels(run: Run) -> _PNDMLevels | None:
+    """PNDMScheduler's levels where the run walks its own schedule on a model loaded with it, else None."""
+    own = own_schedule(run, ("PNDMScheduler",))
+    if own is None:
+        return None
+    model = discrete_model(run.field)
+    return _PNDMLevels(model, own, scheduler_steps(run) + run.skipped, run.times)
 
 
 def _vp_v(eps: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:
