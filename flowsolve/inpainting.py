@@ -56,18 +56,29 @@ def noised_data(field: Field, x0: torch.Tensor, t: float, eps: torch.Tensor) -> 
 
 
 def walk_start(
-    field: Field, x0: torch.Tensor, eps: torch.Tensor, t0: float, mode: str, masked: bool, strength: Any
+    field: Field,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t0: float,
+    mode: str,
+    masked: bool,
+    strength: Any,
+    start: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The state img2img and inpainting start from at the walk's first time t0, with the sample's ε:
     x0 noised there (img2img), except for inpainting from the top, where diffusers' inpaint pipeline
     starts from the prior's draw (strength 1) and ComfyUI's noise_scaling from x0 + √(1 + σ_0²) ε on
-    σ-time models (its `max_denoise`, the walk at or above the top of the field's domain)."""
+    σ-time models (its `max_denoise`, the walk at or above the top of the field's domain). `start`:
+    (a, b), the state a x0 + b ε where a scheduler's img2img pipeline starts elsewhere
+    (`img2img_start_coefficients`)."""
     if masked and mode == "diffusers" and not isinstance(strength, torch.Tensor) and strength == 1.0:
         return field.from_normal(eps, t0)
     if masked and mode == "comfyui" and field.time_is_sigma:
         top, end = float(field.t_start), float(field.t_end)
         if abs(t0 - top) <= 1e-5 * abs(top) or (t0 - top) * (top - end) > 0:
             return x0 + math.sqrt(1.0 + t0 * t0) * eps
+    if start is not None:
+        return start[0] * x0 + start[1] * eps
     return noised_data(field, x0, t0, eps)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import grids, solvers
-from .fields.base import DOMAIN_TOLERANCE, Field
+from .fields.base import DOMAIN_TOLERANCE, Field, field_model
 from .noise import SampleNoise, fresh_seed
 from ._checks import check_device, check_dtype, check_int, check_memory
 from ._cond import RowList, map_leaves
@@ -390,6 +390,23 @@ def _img2img_grid(
     return tail, spec.evals(walk, singular), total - walk
 
 
+def _scheduler_start(field: Field, spec: solvers.Solver, g64: torch.Tensor, begin: int) -> tuple[float, float] | None:
+    """Where the img2img pipeline of the field's diffusers scheduler starts the walk of the end of the
+    grid `g64` from knot `begin` when that is not the knot itself (a x0 + b ε, PNDM's PLMS list:
+    `img2img_start_coefficients`); only for the solver that scheduler names, whose loop follows it."""
+    from .solvers.base import model_scheduler
+
+    model = field_model(field, lambda m: callable(getattr(m, "img2img_start_coefficients", None)))
+    scheduler = model_scheduler(field)
+    if model is None or scheduler is None or begin == 0:
+        return None
+    try:
+        own = solvers.from_scheduler(scheduler)[0]
+    except ArgumentError:
+        return None
+    return model.img2img_start_coefficients(g64, begin) if own == spec.name else None
+
+
 def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
     """init checked as data for the field: a finite float tensor (n, *data_shape), or one row for n."""
     if not isinstance(init, torch.Tensor) or not init.is_floating_point():
@@ -533,6 +550,7 @@ def sample(
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     skipped = 0  # steps of the grid before the first one walked (img2img)
+    start_at = None  # where a scheduler's img2img pipeline starts instead of the walk's first knot
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
     if inpaint is None:  # an AUTOMATIC1111 label inpaints as A1111 does
@@ -569,9 +587,11 @@ def sample(
         init = _img2img_data(field, init, n)
         if strengths is not None:  # checked against init, then the walk is the largest strength's
             strengths = check_mask(strengths, init, "strength")
+        whole = g64
         g64, budget, skipped = _img2img_grid(
             field, spec, g64, strength_map_top(strengths) if strengths is not None else strength, coefficients, solver
         )
+        start_at = _scheduler_start(field, spec, whole, skipped)
         if strengths is not None:
             schedule_steps = skipped + counted_steps(field, g64.tolist())  # the whole schedule's N
         n, shape = len(init), tuple(init.shape[1:]) if shape is None else shape
@@ -611,7 +631,7 @@ def sample(
         if init is not None:  # the data noised to the first level: α_t x0 + σ_t ε, ε the sample's own noise
             eps = SampleNoise(seed, index_offset + start, count, shape, dtype, device, stream=0)()
             x0 = init[start : start + count].to(device=device, dtype=dtype)
-            x = walk_start(field, x0, eps, float(g64[0]), inpaint, mask is not None or comfyui_map, strength)
+            x = walk_start(field, x0, eps, float(g64[0]), inpaint, mask is not None or comfyui_map, strength, start_at)
             if strengths is not None:
                 rows = strengths[start : start + count].to(device=device, dtype=dtype)
                 if comfyui_map:  # ComfyUI's DifferentialDiffusion: the mask thresholded at each evaluation

@@ -431,3 +431,35 @@ def test_flow_match_lcm_scheduler_is_consistency_on_the_flow_field(unet, kw, mon
     assert _close(x, ref)
     with pytest.raises(ValueError, match="scale_factors"):
         fs.solvers.names.from_scheduler(FlowMatchLCMScheduler(scale_factors=[1.5, 2.0, 2.0]))
+
+
+@pytest.mark.parametrize("shift,points", [(12.0, 9), (3.0, 5), (1.0, 7)])
+def test_minimax_h3_scheduler_is_euler_on_its_negated_reversed_flow(shift, points):
+    """MiniMaxH3Scheduler: the transformer sees t = 1 − σ in [0, 1] and predicts the data-ward velocity
+    (x0 = x_t + σ v), its σ's are linspace(1, 0, N) under an exponential shift (N points, N − 1 steps),
+    and its step is Euler written as the blend r x_t + (1 − r) x0. `from_diffusers` takes those
+    conventions from the scheduler; `euler` with N − 1 steps is its loop, and every solver runs on the
+    same field."""
+    from diffusers import MiniMaxH3Scheduler, UNet2DModel
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=8).eval()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = MiniMaxH3Scheduler(shift=shift)
+    sched.set_timesteps(points)
+    x = z.clone()
+    seen = []
+    with torch.no_grad():
+        for t in sched.timesteps:
+            seen.append(float(t))
+            x = sched.step(net(x, t.expand(len(x))).sample, t, x).prev_sample
+    m = fs.models.from_diffusers(net, MiniMaxH3Scheduler(shift=shift))
+    assert fs.solvers.from_scheduler(MiniMaxH3Scheduler()) == ("euler", {})
+    field = m.field()
+    grid = field.grid(points - 1, "schedule")
+    torch.testing.assert_close(grid[:-1].float(), 1 - torch.tensor(seen), rtol=0, atol=1e-6)
+    got = fs.sample(field, "scheduler", steps=points - 1, x_init=z)
+    assert (got - x).abs().max().item() <= 1e-5 * x.abs().max().item()
+    heun = fs.sample(field, "heun", steps=points - 1, x_init=z)                 # any solver on the same field
+    assert torch.isfinite(heun).all() and (heun - got).abs().max().item() > 1e-6

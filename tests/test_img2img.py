@@ -444,3 +444,29 @@ def test_lcm_img2img_pipelines_schedule_is_the_schedule_grid_with_strength(unet6
         assert (cut - got).abs().max().item() > 1e-3 * got.abs().max().item()
     with pytest.raises(fs.errors.ArgumentError, match="strength=0.1"):
         field.grid(8, "schedule", strength=0.1)  # LCM's own refusal: 50 · 0.1 training steps hold fewer than 8
+
+
+@pytest.mark.parametrize("kw", [{}, {"timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+                                {"timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": False}])
+@pytest.mark.parametrize("steps,strength", [(10, 0.3), (10, 0.6), (10, 0.9), (8, 0.95), (10, 1.0), (20, 0.75)])
+def test_plms_img2img_is_the_pipelines_cut_of_pndms_list(unet64, kw, steps, strength):
+    """PNDMScheduler in PLMS mode (Stable Diffusion 1.x's default) lists its second timestep twice, so
+    the img2img pipelines' cut at t_start = N − ⌊N·s⌋ ≥ 2 noises the data one knot above the walk,
+    takes its Heun pair down to the walk's first knot and reads that sample at the next knot; at
+    t_start = 1 the Heun pair starts and ends on the first knot. `plms` (the solver the scheduler
+    names) follows the cut, equal to the pipeline's loop with the same noise; other solvers on the
+    same model walk the plain cut from its first knot."""
+    from diffusers import PNDMScheduler
+    make = lambda: PNDMScheduler(skip_prk_steps=True, **kw)  # noqa: E731
+    ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7,
+                          return_info=True)
+    noop = len(model.field().grid(steps, "schedule")) - 1 < steps            # a last step that moves nothing
+    assert info.nfe == min(int(steps * strength), steps) + 1 - noop           # the pipeline's evaluations
+    got = got / (1 + float(info.grid[-1]) ** 2) ** 0.5                         # diffusers returns α x at the end
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    euler = fs.sample(model.field(), "euler", steps=steps, init=X0, strength=strength, seed=7, return_info=True)[1]
+    assert torch.equal(euler.grid, info.grid)
+    start = fs.inpainting.walk_start(model.field(), X0, _eps(), float(info.grid[0]), "diffusers", False, strength)
+    assert torch.allclose(start, X0 + float(info.grid[0]) * _eps(), rtol=0, atol=1e-12)

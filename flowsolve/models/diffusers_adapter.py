@@ -379,9 +379,18 @@ def _flow_match_family(scheduler) -> bool:
     list it among their `_compatibles`: LTX's `LTXEulerAncestralRFScheduler`); their timesteps are
     continuous."""
     cls = type(scheduler)
-    return cls.__name__.startswith(("FlowMatch", "FlowMap")) or "FlowMatchEulerDiscreteScheduler" in getattr(
-        cls, "_compatibles", ()
+    return (
+        cls.__name__.startswith(("FlowMatch", "FlowMap"))
+        or cls.__name__ in _SCHEDULER_FLOW_CONVENTIONS
+        or "FlowMatchEulerDiscreteScheduler" in getattr(cls, "_compatibles", ())
     )
+
+
+# schedulers that fix their model's conventions (timestep scale, reverse time, negate): MiniMax-H3's
+# transformer predicts the data-ward velocity x0 − ε and sees t = 1 − σ in [0, 1]
+_SCHEDULER_FLOW_CONVENTIONS: dict[str, tuple[float, bool, bool]] = {"MiniMaxH3Scheduler": (1.0, True, True)}
+# schedulers whose `num_inference_steps` counts the schedule's points (the terminal 0 among them), not its steps
+_POINT_COUNTING_SCHEDULERS = ("MiniMaxH3Scheduler",)
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -413,7 +422,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
     `timestep_scale` · (1 − t) with `reverse_time` (Lumina); `negate` flips the sign of its output
     (Lumina, HiDream predict x_0 − ε). Multistep schedulers in flow mode cast their timesteps to
     integers (`integer_timesteps`): the network then sees ⌊1000 t⌋, and exactly the scheduler's
-    timestep on its own knots. `None` picks each from the model's class and the scheduler."""
+    timestep on its own knots. `None` picks each from the model's class and the scheduler
+    (`MiniMaxH3Scheduler` fixes them: 1 − t and the data-ward velocity, and its N counts the schedule's
+    points, so N − 1 steps)."""
 
     guidable = True
 
@@ -444,7 +455,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
                 f"scheduler: {type(scheduler).__name__} has use_flow_sigmas with prediction_type "
                 f"{cfg.get('prediction_type')!r}; a flow model predicts 'flow_prediction'"
             )
-        scale, rev, neg = _FLOW_CONVENTIONS.get(base_class_name(model), (None, False, False))
+        scale, rev, neg = _SCHEDULER_FLOW_CONVENTIONS.get(
+            type(scheduler).__name__, _FLOW_CONVENTIONS.get(base_class_name(model), (None, False, False))
+        )
         if scale is None:  # Sana scales the pipeline's timestep by its config's timestep_scale
             scale = self.num_train_timesteps * float(_config(model).get("timestep_scale", 1.0) or 1.0)
         self.timestep_scale = float(scale if timestep_scale is None else timestep_scale)
@@ -536,7 +549,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         `set_timesteps` (the model's `mu` unless given)."""
         if self.mu is not None:
             kw.setdefault("mu", self.mu)
-        sched = scheduler_at(self.scheduler, steps, **kw)
+        points = type(self.scheduler).__name__ in _POINT_COUNTING_SCHEDULERS
+        sched = scheduler_at(self.scheduler, steps + 1 if points else steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
         if self.integer_timesteps:  # remember the timestep the scheduler gives each knot
             self._knots.learn(knot_timesteps(sched, sigmas))
@@ -854,6 +868,19 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if abs(level - float(sigma)) <= 1e-9 * float(sigma):
             return None
         scale = math.sqrt((1 + float(sigma) ** 2) / (1 + level**2))
+        return scale, scale * level
+
+    def img2img_start_coefficients(self, grid: torch.Tensor, begin: int) -> tuple[float, float] | None:
+        """Where the scheduler's img2img pipeline puts the data when it walks `grid` (the scheduler's
+        own) from knot `begin`, as (a, b): the state a x0 + b ε read at that knot; None: the knot's own
+        level. PNDMScheduler in PLMS mode lists its second timestep twice, so the pipelines' cut at
+        t_start ≥ 2 starts one knot higher, at grid[begin − 1] (and skips a knot after its first step:
+        `plms`). Applies to the solver the scheduler names (`plms`) only."""
+        skips_prk = bool(getattr(getattr(self.scheduler, "config", None), "skip_prk_steps", False))
+        if self.scheduler_class != "PNDMScheduler" or not skips_prk or begin < 2 or self.schedule != "discrete":
+            return None
+        level, knot = float(grid[begin - 1]), float(grid[begin])
+        scale = math.sqrt((1 + knot**2) / (1 + level**2))
         return scale, scale * level
 
     def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:

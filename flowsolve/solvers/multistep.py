@@ -252,7 +252,14 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
     warm = min(warm_steps, n if run.evaluable[n] else n - 1)
     levels = _pndm_levels(run)  # PNDMScheduler's own levels on its own schedule, else None
     hist: deque = deque(maxlen=4)  # ε (or v) at the last knots, newest first
+    begun = 0
+    if levels is not None and run.skipped and not runge_kutta and levels.lists_twice:
+        x, first = _plms_cut_start(run, levels, x, mode)  # the img2img pipelines' cut of PLMS's list
+        hist.appendleft(first)
+        begun = 1
     for i in run.steps():
+        if i < begun:
+            continue
         d = run.f(x, i)
         xi, ti, tn, h = x, t[i], t[i + 1], t[i + 1] - t[i]
         hist.appendleft(d if mode == "epsilon" else _vp_v(d, xi, ti))
@@ -283,6 +290,32 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
     return x
 
 
+def _plms_cut_start(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PNDMScheduler's PLMS list (its second timestep twice) cut by img2img's `t_start` = `run.skipped`:
+    the list walked is a_0, a_1, then the knots from the walk's second, with a_1 the walk's first knot
+    and a_0 the knot before it (t_start ≥ 2; the data was noised there: `img2img_start_coefficients`)
+    or that knot again (t_start = 1). Its Heun pair goes from a_0 to a_1, and the next step reads
+    that sample at the walk's second knot (no evaluation). Returns the state at knot 1, after step 0,
+    and the first step's ε (or v) for PLMS's history."""
+    t = run.times
+    a0, a1 = (levels.before if run.skipped >= 2 else t[0]), t[0]
+    run.step = 0
+    xs = _read_at(x, t[0], a0)  # the state as the sample at a_0
+    e0 = run.f_at(xs, a0)
+    first = e0 if mode == "epsilon" else _vp_v(e0, xs, a0)
+    land = levels.level(levels.timestep(a0) - levels.delta)
+    x1 = _read_at(xs + (land - a0) * e0, land, a1)
+    e1 = run.f_at(x1, a1)
+    src = levels.level(levels.timestep(a1) + levels.delta)  # the Heun step's start as the scheduler reads it
+    xc = _read_at(xs, a0, src)
+    if mode == "epsilon":
+        slope = 0.5 * (e0 + e1)
+    else:
+        slope = _vp_eps(0.5 * (first + _vp_v(e1, x1, a1)), xc, src)
+    x = _read_at(xc + (a1 - src) * slope, a1, t[1])  # at a_1, read at the next knot
+    return run.tick(0, x), first
+
+
 def _read_at(xt: torch.Tensor, level: float, read: float) -> torch.Tensor:
     """A VE state x̃ at `level` as a diffusers VP scheduler passes it on: its VP sample x̃/√(1 + level²)
     read as the sample at `read`, x̃ √((1 + read²)/(1 + level²)) (the identity where they agree)."""
@@ -298,15 +331,21 @@ class _PNDMLevels:
     step reads x_i at k_{i+1} + δ for its second stage (`back`). With "leading" or "trailing" spacing
     and δ even these are the knots and the mean of two; with "linspace" or δ odd they are not."""
 
-    def __init__(self, model: Any, own: torch.Tensor, steps: int, times: Sequence[float]) -> None:
+    def __init__(self, model: Any, own: torch.Tensor, steps: int, skipped: int, times: Sequence[float]) -> None:
         self.model, self.final, self.times = model, float(own[-1]), times
         self.delta = len(model.log_sigmas) // steps
+        self.before = float(own[skipped - 1]) if skipped else math.nan  # the knot before the walk
+        # PLMS mode lists the second timestep twice (img2img's cut then starts a knot higher)
+        self.lists_twice = bool(getattr(getattr(model.scheduler, "config", None), "skip_prk_steps", False))
+
+    def timestep(self, level: float) -> int:
+        return model_timestep(self.model, level)
 
     def level(self, k: int) -> float:
         return float(self.model.sigma(k)) if k >= 0 else self.final
 
     def _k(self, i: int) -> int:
-        return model_timestep(self.model, self.times[i])
+        return self.timestep(self.times[i])
 
     def _near(self, value: float, knot: float) -> float:
         return knot if math.isclose(value, knot, rel_tol=1e-12) else value
@@ -329,7 +368,7 @@ def _pndm_levels(run: Run) -> _PNDMLevels | None:
     if own is None:
         return None
     model = discrete_model(run.field)
-    return _PNDMLevels(model, own, scheduler_steps(run) + run.skipped, run.times)
+    return _PNDMLevels(model, own, scheduler_steps(run) + run.skipped, run.skipped, run.times)
 
 
 def _vp_v(eps: torch.Tensor, xt: torch.Tensor, s: float) -> torch.Tensor:

@@ -476,6 +476,7 @@ _SCHEDULERS: dict[str, tuple[_Rule, tuple[str, ...]]] = {
     "EulerDiscreteScheduler": (_euler, _EULER_STEP),
     "EDMEulerScheduler": (_euler, _EULER_STEP),
     "FlowMatchEulerDiscreteScheduler": (_euler, _EULER_STEP),
+    "MiniMaxH3Scheduler": (_fixed("euler"), ()),
     "EulerAncestralDiscreteScheduler": (_fixed("euler_ancestral"), ()),
     "LTXEulerAncestralRFScheduler": (_rf_ancestral, ()),
     "HeunDiscreteScheduler": (_fixed("heun"), ()),
