@@ -204,7 +204,7 @@ def main() -> None:
     rng = random.Random(a.seed)
     rows, diffs = [], []
     extra = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler",
-             "CMStochasticIterativeScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler"]
+             "CMStochasticIterativeScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler", "CogVideoXDDIMScheduler"]
     if a.img2img:  # the consistency schedulers' img2img spaces its timesteps within the strength (not swept)
         extra = [e for e in extra if e not in ("LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler")]
     for flow, names in ((False, DISCRETE + extra), (True, FLOW)):

@@ -1621,14 +1621,15 @@ def test_ddim_with_eta_and_its_default_clipping_is_euler_ancestral(unet64, kw, e
     assert (x * alpha_end - ref).abs().max().item() <= 1e-8 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDIMParallelScheduler"])
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler"])
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
 @pytest.mark.parametrize("steps", [7, 12, 30])
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_steps_to_its_prev_timestep_between_knots(unet64, cls, spacing, steps, clip):
     """DDIMScheduler steps from timestep t to t − T//N, which with "linspace" spacing, or "trailing"
     where N does not divide T, is not the next timestep of its list, and reads the result as the
-    sample there. `ddim` on a model loaded with it does the same (`landing_sigma`): equal to its loop."""
+    sample there (CogVideoXDDIMScheduler too). `ddim` on a model loaded with it does the same
+    (`landing_sigma`): equal to its loop."""
     import diffusers
     make = lambda: getattr(diffusers, cls)(timestep_spacing=spacing, clip_sample=clip)  # noqa: E731
     sched = make()

@@ -386,6 +386,8 @@ def _flow_match_family(scheduler) -> bool:
     )
 
 
+# DDIM-type schedulers whose step goes from timestep t to t − T//N, read as the sample at the next timestep
+_LANDING_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler")
 # schedulers that fix their model's conventions (timestep scale, reverse time, negate): MiniMax-H3's
 # transformer predicts the data-ward velocity x0 − ε and sees t = 1 − σ in [0, 1]
 _SCHEDULER_FLOW_CONVENTIONS: dict[str, tuple[float, bool, bool]] = {"MiniMaxH3Scheduler": (1.0, True, True)}
@@ -845,7 +847,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         step goes to the schedule's final level, or the model's scheduler is not DDIM's. Where t − T//N
         is not the next timestep ("linspace" spacing, or "trailing" where N does not divide T), the
         scheduler lands between its knots and reads the result as the sample at the next one."""
-        if self.scheduler_class not in ("DDIMScheduler", "DDIMParallelScheduler") or self.schedule != "discrete":
+        if self.scheduler_class not in _LANDING_SCHEDULERS or self.schedule != "discrete":
             return None
         t = self._knots.get(float(sigma))
         if t is None:  # a DDIM knot is the level of an integer timestep

@@ -1002,6 +1002,8 @@ def dpmpp_singlestep(
 
 # schedulers whose step moves along the noise of the unclipped prediction where they clip x̂_0
 _DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "RePaintScheduler")
+# schedulers whose step goes from timestep t to t − T//N and is read at the next timestep
+_LANDING_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler")
 
 
 def _ddim_landing(run: Run):
@@ -1010,7 +1012,7 @@ def _ddim_landing(run: Run):
     else None; always None on a grid other than the scheduler's own schedule. In VE coordinates the
     step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads the VP sample √ᾱ' x' as the sample
     at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
-    own = own_schedule(run, ("DDIMScheduler", "DDIMParallelScheduler"))  # the scheduler's own schedule (or its end)
+    own = own_schedule(run, _LANDING_SCHEDULERS)  # the scheduler's own schedule (or its end)
     if own is None:
         return lambda i: None
     model = field_model(run.field, lambda m: callable(getattr(m, "landing_sigma", None)))
