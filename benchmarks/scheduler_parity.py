@@ -112,6 +112,9 @@ def discrete_configs(rng: random.Random, name: str, params) -> dict:
     if name == "PNDMScheduler":
         kw["skip_prk_steps"] = rng.choice([False, True])
         kw["set_alpha_to_one"] = rng.choice([False, True])
+    if name == "DDPMScheduler":
+        kw["variance_type"] = rng.choice(["fixed_small", "fixed_small_log", "fixed_large"])
+        kw["clip_sample"] = rng.choice([False, True])
     return kw
 
 
@@ -141,7 +144,7 @@ def solver_for(name: str, kw: dict) -> tuple[str, dict, bool]:
 
 
 DISCRETE = ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler",
-            "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+            "DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
             "DEISMultistepScheduler", "SASolverScheduler", "EulerAncestralDiscreteScheduler",
             "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"]
 FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",

@@ -307,6 +307,14 @@ def _final_corrector(options: dict) -> dict:
     return {}
 
 
+def _sa_variant(options: dict) -> dict:
+    """SA-Solver: ComfyUI's PECE form evaluates again at every corrected state (2·steps − 1), else as
+    `_final_corrector`."""
+    if options.get("pece") is True:
+        return {"evals": lambda steps, singular_end: 2 * steps - 1}
+    return _final_corrector(options)
+
+
 register(
     Solver(
         "unipc",
@@ -395,7 +403,7 @@ register(
         "SA-Solver: stochastic Adams predictor-corrector (Xue et al. 2023), per-sample noise",
         needs_sigma=True,
         stochastic=True,
-        variant=_final_corrector,
+        variant=_sa_variant,
     )
 )
 register(

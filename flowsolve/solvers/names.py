@@ -86,6 +86,9 @@ _COMFYUI: dict[str, _Entry] = {
     "res_multistep": ("dpmpp_2m_heun", {}),
     "exp_heun_2_x0": ("seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}),
     "exp_heun_2_x0_sde": ("seeds_2", {"r": 1.0, "solver_type": "phi_2"}),
+    # ComfyUI's "sa_solver" is not diffusers' (flowsolve's "sa_solver"): its own orders, τ window and ramp
+    "comfyui:sa_solver": ("sa_solver", {"form": "comfyui"}),
+    "sa_solver_pece": ("sa_solver", {"form": "comfyui", "pece": True}),
 }
 PEER_NAMES: dict[str, _Entry] = {**_K_DIFFUSION, **{f"sample_{k}": v for k, v in _K_DIFFUSION.items()}, **_COMFYUI}
 

@@ -1387,15 +1387,24 @@ def _sa_tau(run: Run, p: PathGrid, tau) -> Any:
 
 
 def _sa_step(
-    p: PathGrid, a: int, b: int, nodes: list, values: list, tau: float, noise: torch.Tensor, x: torch.Tensor, pred: bool
+    p: PathGrid,
+    a: int,
+    b: int,
+    nodes: list,
+    values: list,
+    tau: float,
+    noise: torch.Tensor,
+    x: torch.Tensor,
+    pred: bool,
+    simple_order_2: bool = True,
 ) -> torch.Tensor:
     """One SA-Solver update from knot a to knot b (Xue et al. 2023, Eq. 15-16, data prediction): the
     Lagrange polynomial through `values` at λ `nodes`, integrated against k e^{k(λ − λ_b)}, k = 1 + τ²,
     x_b = e^{−τ² h} (σ_b/σ_a) x_a + α_b Σ_j W_j D_j + σ_b √(1 − e^{−2τ² h}) ξ, with diffusers' order-2
-    adjustment (UniPC-like; `pred`: the predictor's, else the corrector's)."""
+    adjustment (UniPC-like; `pred`: the predictor's, else the corrector's) unless not `simple_order_2`."""
     k, h = 1.0 + tau * tau, p.lam[b] - p.lam[a]
     w = list(lagrange_weights([k * v for v in nodes], k * p.lam[a], k * p.lam[b], exp_kernel=True))
-    if len(nodes) == 2:
+    if len(nodes) == 2 and simple_order_2:
         rest = (h * k - 1.0 + math.exp(-k * h)) / k**2
         delta = k * (h * h / 2 - rest) / (p.lam[a] - nodes[1]) if pred else k * (h / 2 - rest / h)
         w[0], w[1] = w[0] + delta, w[1] - delta
@@ -1405,15 +1414,21 @@ def _sa_step(
     return out
 
 
+SA_FORMS = ("diffusers", "comfyui")
+
+
 def sa_solver(
     run: Run,
     x: torch.Tensor,
     *,
-    predictor_order: int = 2,
-    corrector_order: int = 2,
+    predictor_order: int | None = None,
+    corrector_order: int | None = None,
     tau: Any = None,
     lower_order_final: bool = True,
     final_corrector: bool | None = None,
+    form: str = "diffusers",
+    pece: bool = False,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
     """SA-Solver (Xue et al. 2023; diffusers' `SASolverScheduler`, data prediction): a stochastic
     Adams-Bashforth predictor of order `predictor_order` and a stochastic Adams-Moulton corrector of
@@ -1422,15 +1437,34 @@ def sa_solver(
     deterministic; by default τ follows the scheduler's rule on a diffusers model and is 1 otherwise.
     Orders ramp up from 1 and, with `lower_order_final`, fall to the steps left. `final_corrector`
     also corrects the last step, with one more evaluation at the last knot of a grid ending above
-    σ = 0; None does so where the model's scheduler does (as `unipc`)."""
-    pmax = check_int("predictor_order", predictor_order, 1, 4)
-    cmax = check_int("corrector_order", corrector_order, 1, 4)
+    σ = 0; None does so where the model's scheduler does (as `unipc`).
+
+    `form="comfyui"` is ComfyUI's `sample_sa_solver` (its KSampler "sa_solver"; "sa_solver_pece" with
+    `pece=True`): orders 3 and 4 by default, without diffusers' order-2 adjustment; the step to t_{i+1}
+    takes τ at t_{i+1}, by default 1 between the model's levels at 20% and 80% of its range
+    (`comfyui_percent_level`) and 0 elsewhere, and the noise times `s_noise`; the orders fall to the
+    steps left before the last; a flow's first step from t = 1 starts at ComfyUI's level for 0.01%
+    instead; `pece` evaluates D again at each corrected state (2·steps − 1 evaluations)."""
+    form = check_choice("form", form, SA_FORMS)
+    comfy = form == "comfyui"
+    if not comfy and (pece or s_noise != 1.0):
+        raise ArgumentError("pece, s_noise: options of ComfyUI's SA-Solver; give form='comfyui' with them")
+    pmax = check_int("predictor_order", predictor_order if predictor_order is not None else (3 if comfy else 2), 1, 4)
+    cmax = check_int("corrector_order", corrector_order if corrector_order is not None else (4 if comfy else 2), 1, 4)
+    s_noise = check_number("s_noise", s_noise, 0.0)
     p = PathGrid(run)
-    tau_at = _sa_tau(run, p, tau)
-    n = scheduler_steps(run)  # as the model's scheduler counts them
+    first = _comfyui_flow_start(run, p) if comfy else None  # ComfyUI's first level of a flow from t = 1
+    tau_at = _comfyui_tau(run, p, tau) if comfy else _sa_tau(run, p, tau)
+    n = len(run.times) - 1 if comfy else scheduler_steps(run)  # as the model's scheduler counts them
+    to_data = p.s[-1] == 0
     hist: deque = deque(maxlen=max(pmax, cmax))  # (λ_j, D_j), newest last
     last = None  # (x_i, noise_i, τ_i, corrector order) of the previous predictor step
     warm = 0
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        if i == 0 and first is not None:  # ComfyUI evaluates pure noise at its offset level
+            return p.path.data_prediction(x, run.f_at(x, first), first)
+        return p.denoise(x, i)
 
     def correct(i: int, den: torch.Tensor) -> torch.Tensor:
         """Step i − 1 → i again from x_{i−1} (the corrector), with D_i at the predicted point."""
@@ -1438,27 +1472,35 @@ def sa_solver(
         x_last, noise_last, tau_last, c = last
         older = list(hist)[::-1][: c - 1]
         return _sa_step(p, i - 1, i, [p.lam[i]] + [v[0] for v in older], [den] + [v[1] for v in older],
-                        tau_last, noise_last, x_last, pred=False)  # fmt: skip
+                        tau_last, noise_last, x_last, pred=False, simple_order_2=not comfy)  # fmt: skip
 
     for i in run.steps():
-        den = p.denoise(x, i)
+        den = denoise(x, i)
         if last is not None:  # correct step i − 1 → i with D_i at the predicted point
             x = correct(i, den)
+            if pece:  # ComfyUI's PECE: D again at the corrected state
+                den = p.denoise(x, i)
         if p.lam[i] > -math.inf:
             hist.append((p.lam[i], den))
-        noise, tau_i = run.noise(), tau_at(i)  # one draw per step, as the scheduler (also where τ = 0)
+        noise = run.noise()  # one draw per step, as the scheduler (also where τ = 0)
+        tau_i = (tau_at(i + 1) if p.s[i + 1] > 0 else 0.0) if comfy else tau_at(i)
         if p.s[i + 1] == 0:  # to the data: the data prediction
             x, last = p.a[i + 1] * den, None
         elif p.lam[i] == -math.inf:  # from pure noise (h = ∞): e^{−τ² h} = 0 unless τ = 0
             x = p.a[i + 1] * den + (p.s[i + 1] * noise if tau_i > 0 else p.s[i + 1] * (x / p.s[i]))
             last = None
         else:
-            order_p = min(pmax, n - i) if lower_order_final else pmax
-            order_c = min(cmax, n - i + 1) if lower_order_final else cmax
-            order_p, order_c = min(order_p, warm + 1), min(order_c, warm + 2)
+            if comfy:  # ComfyUI: the orders fall to the steps left before the last one
+                order_p = min(pmax, n - 1 - i) if lower_order_final and to_data else pmax
+                order_c = min(cmax, n - 1 - i) if lower_order_final and to_data else cmax
+            else:
+                order_p = min(pmax, n - i) if lower_order_final else pmax
+                order_c = min(cmax, n - i + 1) if lower_order_final else cmax
+            order_p, order_c = max(min(order_p, warm + 1), 1), max(min(order_c, warm + 2), 1)
             recent = list(hist)[::-1][:order_p]
-            last = (x, noise, tau_i, order_c)
-            x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, noise, x, pred=True)
+            last = (x, s_noise * noise, tau_i, order_c)
+            x = _sa_step(p, i, i + 1, [v[0] for v in recent], [v[1] for v in recent], tau_i, s_noise * noise, x,
+                         pred=True, simple_order_2=not comfy)  # fmt: skip
         warm = min(warm + 1, max(pmax, cmax - 1))
         x = run.tick(i, x)
     end = len(p.t) - 1
@@ -1467,6 +1509,45 @@ def sa_solver(
     if final_corrector and last is not None and p.s[end] > 0:  # one more evaluation, at the last knot
         x = correct(end, p.denoise(x, end))
     return x
+
+
+def comfyui_percent_level(field: Any, percent: float) -> float:
+    """ComfyUI's `model_sampling.percent_to_sigma(percent)` for the field, in its time: on σ-time
+    fields the model's table of levels (`sigma_table`) read at timestep (1 − percent)·(len − 1) in
+    log σ (its discrete and continuous EDM samplings alike); on flows the time shift of 1 − percent."""
+    if percent <= 0.0:
+        return math.inf if field.time_is_sigma else 1.0
+    if percent >= 1.0:
+        return 0.0
+    if field.time_is_sigma and callable(getattr(field, "sigma_table", None)):
+        logs = field.sigma_table().double().log()
+        at = (1.0 - percent) * (len(logs) - 1)
+        lo = min(int(math.floor(at)), len(logs) - 2)
+        w = at - lo
+        return float(((1 - w) * logs[lo] + w * logs[lo + 1]).exp())
+    shift = getattr(field, "time_shift", None)
+    return float(shift(1.0 - percent)) if callable(shift) else 1.0 - percent
+
+
+def _comfyui_tau(run: Run, p: PathGrid, tau: Any) -> Any:
+    """τ at knot i for ComfyUI's SA-Solver: a number, a callable of the field's time, or (None) its
+    default, 1 for levels between `comfyui_percent_level` at 20% and at 80% (both included), else 0."""
+    if tau is not None:
+        return _sa_tau(run, p, tau)
+    start, stop = comfyui_percent_level(run.field, 0.2), comfyui_percent_level(run.field, 0.8)
+    return lambda i: 1.0 if start >= p.t[i] >= stop else 0.0
+
+
+def _comfyui_flow_start(run: Run, p: PathGrid) -> float | None:
+    """ComfyUI's `offset_first_sigma_for_snr`: on a flow whose walk starts at t ≥ 1 (no finite log-SNR)
+    the first level is its level at 0.01% (where it evaluates the start); it changes the grid's first
+    knot's coordinates in `p`. None elsewhere."""
+    if run.field.time_is_sigma or p.t[0] < 1.0 or p.a[0] != 0:
+        return None
+    t0 = comfyui_percent_level(run.field, 1e-4)
+    p.t = [t0, *p.t[1:]]
+    p.a[0], p.s[0], p.lam[0] = p.path.alpha(t0), p.path.sigma(t0), p.path.lam(t0)
+    return t0
 
 
 def dpm_multistep(
