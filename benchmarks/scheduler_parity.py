@@ -8,12 +8,15 @@ scheduler's name on the model's default grid, from the same start and, for stoch
 same per-sample noise. A configuration passes when the largest difference is below `--tol` of the
 sample's scale (ten times it for flow-mode schedulers, whose σ's stay float32).
 
-    python benchmarks/scheduler_parity.py [--per-scheduler 24] [--seed 1] [--tol 1e-5] [--img2img]
+    python benchmarks/scheduler_parity.py [--per-scheduler 24] [--seed 1] [--tol 1e-5] [--img2img | --inpaint]
 
 With `--img2img`, each configuration runs as diffusers' img2img pipelines run it (a random strength
 in [0.2, 0.9] and 8–20 steps: `get_timesteps`, `set_begin_index`, the data noised by the scheduler's
 `add_noise` or `scale_noise`) against `fs.sample(..., init=x0, strength=s)`, and the result goes to
-benchmarks/results/scheduler_parity_img2img.md.
+benchmarks/results/scheduler_parity_img2img.md. With `--inpaint`, as diffusers' inpaint pipelines run it
+with a UNet without mask channels (half the data kept; strength 1 half the time, from the prior's draw,
+else as img2img; the kept part blended after every scheduler call) against `fs.sample(..., init=x0,
+mask=m, strength=s)`, into benchmarks/results/scheduler_parity_inpaint.md.
 
 Writes benchmarks/results/scheduler_parity.md: the count per scheduler and every configuration that
 differs, with its relative difference. The documented differences are listed in
@@ -48,9 +51,12 @@ def tiny_unet(dtype: torch.dtype):
     return tiny_unet64().to(dtype)
 
 
-def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool, img2img=None) -> torch.Tensor:
+def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool, img2img=None, mask=None) -> torch.Tensor:
     """The scheduler's loop; with `noisy`, its module's randn_tensor hands out flowsolve's stream (seed 5).
-    TCD steps with η = 0.3. `img2img`: (x0, ε, strength), the img2img pipelines' loop instead."""
+    TCD steps with η = 0.3. `img2img`: (x0, ε, strength), the img2img pipelines' loop instead; with
+    `mask` too, the inpaint pipelines' (a UNet without mask channels: the kept part, mask 0, set to x0
+    noised to the next timestep after every scheduler call, to x0 after the last; strength 1 starts
+    from ε · init_noise_sigma)."""
     step_kw = {"eta": 0.3} if type(sched).__name__ == "TCDScheduler" else {}
     module = importlib.import_module(type(sched).__module__)
     src = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
@@ -71,16 +77,20 @@ def scheduler_loop(unet, sched, z: torch.Tensor, noisy: bool, img2img=None) -> t
             timesteps = sched.timesteps[t_start * sched.order :]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            if hasattr(sched, "scale_noise"):
-                x = sched.scale_noise(x0, timesteps[:1], eps)
-            else:
-                x = sched.add_noise(x0, eps, timesteps[:1])
+            noised = (lambda t: sched.scale_noise(x0, t, eps)) if hasattr(sched, "scale_noise") else (
+                lambda t: sched.add_noise(x0, eps, t))
+            x = noised(timesteps[:1])
+            if mask is not None and strength == 1.0:
+                x = eps * getattr(sched, "init_noise_sigma", 1.0)
         else:
             x = z * getattr(sched, "init_noise_sigma", 1.0)  # (flow-match schedulers start from z itself)
         with torch.no_grad():
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
                 x = sched.step(unet(inp, t).sample, t, x, **step_kw).prev_sample
+                if mask is not None:
+                    kept = noised(timesteps[i + 1:i + 2]) if i < len(timesteps) - 1 else x0
+                    x = (1 - mask) * kept + mask * x
         return x
     finally:
         if noisy:
@@ -151,7 +161,8 @@ FLOW = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DP
         "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler"]
 
 
-def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float, strength: float | None = None):
+def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float, strength: float | None = None,
+            inpaint: bool = False):
     cls = getattr(diffusers, name)
     solver, opts, noisy = solver_for(name, kw)
     dtype = torch.float32 if flow else torch.float64
@@ -167,7 +178,12 @@ def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float, stren
     if strength is not None:  # the data (z scaled down) noised with flowsolve's stream 0 of seed 5
         x0, eps = 0.5 * z, SampleNoise(5, 0, 2, (1, 8, 8), dtype, "cpu", stream=0)()
         img2img, start = (x0, eps, strength), {"init": x0, "strength": strength}
-    ref = scheduler_loop(unet, sched, z, noisy, img2img)
+    mask = None
+    if inpaint:  # the right half generated, the left half kept
+        mask = torch.zeros(1, 1, 8, 8, dtype=dtype)
+        mask[..., 4:] = 1.0
+        start["mask"] = mask
+    ref = scheduler_loop(unet, sched, z, noisy, img2img, mask)
     m = fs.models.from_diffusers(unet, cls(**kw))
     field = m.field()
     if flow:
@@ -183,6 +199,9 @@ def run_one(unet, name: str, kw: dict, steps: int, flow: bool, tol: float, stren
         scale = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if vp else 1.0
     if not torch.isfinite(ref).all():  # the scheduler's own loop fails (third-order DPM-Solver over a zero step)
         return math.nan, solver, opts
+    if mask is not None:  # the kept part is x0 itself on both sides
+        x = mask * x * scale + (1 - mask) * x
+        scale = 1.0
     return (x * scale - ref).abs().max().item() / ref.abs().max().item(), solver, opts
 
 
@@ -198,10 +217,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--img2img", action="store_true", help="run each configuration as the img2img pipelines do")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/scheduler_parity[_img2img].md")
+    ap.add_argument("--inpaint", action="store_true", help="run each configuration as the inpaint pipelines do")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/scheduler_parity[_img2img|_inpaint].md")
     a = ap.parse_args()
     results = Path(__file__).resolve().parent / "results"
-    a.out = a.out or str(results / ("scheduler_parity_img2img.md" if a.img2img else "scheduler_parity.md"))
+    mode = "_inpaint" if a.inpaint else "_img2img" if a.img2img else ""
+    a.out = a.out or str(results / f"scheduler_parity{mode}.md")
+    a.img2img = a.img2img or a.inpaint  # inpainting walks the img2img cut too
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     rng = random.Random(a.seed)
@@ -244,8 +266,10 @@ def main() -> None:
                 seen.add(key)
                 steps = rng.choice([8, 12, 16, 20]) if a.img2img else rng.choice([5, 8, 10])
                 strength = round(rng.uniform(0.2, 0.9), 2) if a.img2img else None
+                if a.inpaint and rng.random() < 0.5:
+                    strength = 1.0  # the inpaint pipelines' default: from the prior's draw
                 try:
-                    err, solver, opts = run_one(unet, name, kw, steps, flow, a.tol, strength)
+                    err, solver, opts = run_one(unet, name, kw, steps, flow, a.tol, strength, a.inpaint)
                 except Exception as e:  # a configuration the scheduler refuses is not counted
                     if "flowsolve" in type(e).__module__:
                         diffs.append((name, kw, steps, "-", {}, f"{type(e).__name__}: {e}"[:120]))
@@ -264,8 +288,9 @@ def main() -> None:
             print(f"{rows[-1][0]}: {passed}/{len(seen)}", flush=True)
     shown = lambda kw: ", ".join(f"{k}={v if not callable(v) else 'λ'}" for k, v in kw.items())  # noqa: E731
     command = f"python benchmarks/scheduler_parity.py --per-scheduler {a.per_scheduler} --seed {a.seed} --tol {a.tol:g}"
-    command += " --img2img" if a.img2img else ""
-    title = "img2img: diffusers' pipelines' loops" if a.img2img else "diffusers schedulers"
+    command += " --inpaint" if a.inpaint else " --img2img" if a.img2img else ""
+    title = ("inpainting: diffusers' pipelines' loops" if a.inpaint else "img2img: diffusers' pipelines' loops"
+             if a.img2img else "diffusers schedulers")
     lines = [f"# {title} against flowsolve's solvers", "", f"`{command}`", "",
              "| scheduler | configurations | equal within tol |", "|---|---:|---:|"]
     lines += [f"| {n} | {k} | {p} |" for n, k, p in rows]

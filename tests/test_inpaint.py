@@ -62,6 +62,31 @@ def test_inpainting_is_the_inpaint_pipelines_loop(unet64, cls, solver, strength)
     assert torch.equal(got * (1 - MASK), X0 * (1 - MASK))
 
 
+@pytest.mark.parametrize("cls,kw,strength", [
+    *[(c, k, s) for c, k in [("HeunDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
+                             ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+                             ("PNDMScheduler", {"skip_prk_steps": True})] for s in (0.6, 1.0)],
+    ("PNDMScheduler", {}, 1.0),  # (the pipelines' cut of its Runge-Kutta list is not followed: sampling guide)
+])
+def test_inpainting_blends_the_stages_the_pipeline_passes_between_scheduler_calls(unet64, cls, kw, strength):
+    """The inpaint pipeline blends after every scheduler call: a second-order scheduler's first call
+    (Heun's predictor, KDPM2's midpoint, read with the next knot's level, PLMS's first step, PNDM's
+    Runge-Kutta stages) is blended before the model sees it. `heun`, `dpm_2`, `plms` and `pndm` blend
+    those stages too (`Run.stage`), equal to the pipeline's loop."""
+    import diffusers
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    steps = 10
+    ref = _inpaint_loop(unet64, _in_float64(make(), steps), steps, strength, X0, MASK, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=7,
+                          return_info=True)
+    scale = 1 / (1 + float(info.grid[-1]) ** 2) ** 0.5 if cls == "PNDMScheduler" else 1.0  # α at PNDM's last σ
+    got = MASK * got * scale + (1 - MASK) * got
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    plain = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7)
+    assert not torch.allclose(plain, got)
+
+
 def test_inpainting_on_the_exact_mixture_keeps_the_kept_coordinates(gmm64):
     """Half the coordinates kept: they come back exactly; the others are generated (they differ from
     the input, stay finite, and a different seed gives different ones); a mask of ones is plain

@@ -139,7 +139,7 @@ class Run:
         coefficients: Sequence[Sequence[Any]] | None = None,
         nfe_budget: int | None = None,
         reverse: bool = False,
-        between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        between: Callable[..., torch.Tensor] | None = None,
         skipped: int = 0,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
@@ -268,6 +268,15 @@ class Run:
             self.callback(i, self.times[i + 1], x)
         return x
 
+    def stage(self, i: int, x: torch.Tensor, at: float | None = None) -> torch.Tensor:
+        """A stage of step i whose state a diffusers pipeline's loop passes on between two scheduler
+        calls (Heun's predictor, DPM-2's midpoint, PLMS's first step), at time `at` (t_{i+1} by
+        default, where those schedulers' `add_noise` reads the next knot): what `between` makes of it,
+        as the inpaint and differential pipelines blend after every call."""
+        if self.between is None:
+            return x
+        return self.between(i, x, at=self.times[i + 1] if at is None else at)
+
     def finish(self) -> None:
         """Raise NonFiniteError naming the first step whose field output was not finite."""
         if not self._checks:
@@ -332,6 +341,13 @@ class PathGrid:
         t = self.path.time_at(lam)
         x = self.path.alpha(t) * xt
         return self.path.data_prediction(x, self.run.f_at(x, t), t)
+
+    def stage_ve(self, i: int, xt: torch.Tensor, lam: float) -> torch.Tensor:
+        """`Run.stage` for a stage of step i given in VE coordinates x̃ = x/α at λ = lam."""
+        if self.run.between is None:
+            return xt
+        a = self.path.alpha(self.path.time_at(lam))
+        return self.run.stage(i, a * xt) / a
 
     def rho(self, i: int) -> float:
         """The VE noise level σ/α at knot i (∞ at pure noise)."""

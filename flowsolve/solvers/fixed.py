@@ -60,11 +60,15 @@ def _heun_step(run: Run, x: torch.Tensor, d: torch.Tensor, h: float, i_next: int
 
 
 def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """EDM's second-order step (Karras et al. 2022, Alg. 1), Euler on a last step to σ = 0."""
+    """EDM's second-order step (Karras et al. 2022, Alg. 1), Euler on a last step to σ = 0. The
+    predictor is a stage that inpainting blends as diffusers' pipelines do (`Run.stage`)."""
     t = run.times
     for i in run.steps():
-        x = _heun_step(run, x, run.f(x, i), t[i + 1] - t[i], i + 1)
-        x = run.tick(i, x)
+        d, h = run.f(x, i), t[i + 1] - t[i]
+        x_next = x + h * d  # Euler predictor
+        if run.evaluable[i + 1]:  # the trapezoidal corrector
+            x_next = x + (0.5 * h) * (d + run.f(run.stage(i, x_next), i + 1))
+        x = run.tick(i, x_next)
     return x
 
 
@@ -115,14 +119,18 @@ def _churn_heun(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_ha
     return _ve_heun(xt, den, rho_hat, rho_next, (lambda v: p.denoise(p.a[i + 1] * v, i + 1)) if at_next else None)
 
 
-def dpm_2_step(p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float):
+def dpm_2_step(
+    p: PathGrid, i: int, xt: torch.Tensor, den: torch.Tensor, rho_hat: float, rho_next: float, staged: bool = False
+):
     """DPM-Solver-2 (k-diffusion's `sample_dpm_2`; `dpm_2`, and `edm`'s step="dpm_2"): from (x̃, σ̂) an Euler
     half step to the log-midpoint ρ_m = √(σ̂ ρ_{i+1}), the full step with the midpoint's slope; Euler on
-    a last step to σ = 0."""
+    a last step to σ = 0. `staged`: the midpoint is a stage that inpainting blends (`Run.stage`)."""
     if rho_next == 0:
         return _churn_euler(p, i, xt, den, rho_hat, rho_next)
     rho_m = math.sqrt(rho_hat * rho_next)
     xt_m = xt + (rho_m - rho_hat) / rho_hat * (xt - den)
+    if staged:
+        xt_m = p.stage_ve(i, xt_m, -math.log(rho_m))
     return xt + (rho_next - rho_hat) / rho_m * (xt_m - p.denoise_ve(xt_m, -math.log(rho_m)))
 
 

@@ -269,15 +269,15 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
             x = _read_at(xi + (land - ti) * (blended if mode == "epsilon" else _vp_eps(blended, xi, ti)), land, tn)
         elif runge_kutta:  # RK4 with DDIM transfers from x_i, the midpoint PNDMScheduler's
             go, at = levels.midpoints(i) if levels else (_prk_midpoint(run, i),) * 2
-            x2 = _read_at(xi + (go - ti) * d, go, at)  # (the scheduler reads the sample at `go` at `at`)
+            x2 = run.stage(i, _read_at(xi + (go - ti) * d, go, at), at)  # (the sample at `go`, read at `at`)
             d2 = _stage_eps(mode, run.f_at(x2, at), x2, at, xi, ti)
-            x3 = xi + (at - ti) * d2
+            x3 = run.stage(i, xi + (at - ti) * d2, at)
             d3 = _stage_eps(mode, run.f_at(x3, at), x3, at, xi, ti)
-            x4 = xi + h * d3
+            x4 = run.stage(i, xi + h * d3)
             d4 = _stage_eps(mode, run.f(x4, i + 1), x4, tn, xi, ti)
             x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
         else:  # Heun: the trapezoid of the velocities at t_i and at the Euler prediction at t_{i+1}
-            x1 = _read_at(xi + (land - ti) * d, land, tn)
+            x1 = run.stage(i, _read_at(xi + (land - ti) * d, land, tn))
             src = levels.back(i) if levels else ti  # the level the scheduler reads x_i at for the second stage
             xs = _read_at(xi, ti, src)
             d2 = run.f(x1, i + 1)
@@ -304,7 +304,7 @@ def _plms_cut_start(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str)
     e0 = run.f_at(xs, a0)
     first = e0 if mode == "epsilon" else _vp_v(e0, xs, a0)
     land = levels.level(levels.timestep(a0) - levels.delta)
-    x1 = _read_at(xs + (land - a0) * e0, land, a1)
+    x1 = run.stage(0, _read_at(xs + (land - a0) * e0, land, a1), a1)
     e1 = run.f_at(x1, a1)
     src = levels.level(levels.timestep(a1) + levels.delta)  # the Heun step's start as the scheduler reads it
     xc = _read_at(xs, a0, src)

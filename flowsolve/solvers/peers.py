@@ -277,7 +277,7 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
         if p.a[i] == 0:  # from pure noise: DDIM
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # in VE coordinates x̃ = x/α, `edm`'s DPM-2 step without churn
-            x = p.a[i + 1] * dpm_2_step(p, i, x / p.a[i], den, p.rho(i), p.rho(i + 1))
+            x = p.a[i + 1] * dpm_2_step(p, i, x / p.a[i], den, p.rho(i), p.rho(i + 1), staged=True)
         x = run.tick(i, x)
     return x
 
@@ -645,7 +645,7 @@ def dpm_2_ancestral(
         else:
             xt = x / p.a[i]  # x̃ = x/α (VE coordinates)
             rho_m = math.sqrt(rho_i * down)  # the log-ρ midpoint of [ρ_down, ρ_i]
-            xt_m = xt + (rho_m - rho_i) / rho_i * (xt - den)  # Euler half step
+            xt_m = p.stage_ve(i, xt + (rho_m - rho_i) / rho_i * (xt - den), -math.log(rho_m))  # Euler half step
             with between_knots():  # (at η = 1 ρ_m is ρ_{i+1}; the midpoint is not that knot)
                 den_m = p.denoise_ve(xt_m, -math.log(rho_m))
             xt = xt + (down - rho_i) / rho_m * (xt_m - den_m)  # the full step with the midpoint's slope
