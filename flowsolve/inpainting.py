@@ -108,20 +108,20 @@ def strength_map_top(strengths: torch.Tensor) -> float:
 
 def state_blend(
     field: Field, g64: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, last_only: bool = False
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     """After step i: the kept part (mask 0) set to x0 noised to times[i + 1] with the same noise, and to
-    x0 itself after the last step (diffusers' inpaint pipeline for a UNet without mask channels);
+    x0 itself at the end (`final`; diffusers' inpaint pipeline for a UNet without mask channels, whose
+    closing step from σ_min to itself, where a solver takes it, still sees x0 noised to σ_min);
     `last_only`: after the last step only (AUTOMATIC1111's blend of the samples). With `at`, a stage
     of step i whose state the pipeline passes on at time `at` (`Run.stage`): x0 noised there."""
     times, last, keep = g64.tolist(), len(g64) - 2, 1 - mask
 
-    def blend(i: int, x: torch.Tensor, at: float | None = None) -> torch.Tensor:
-        if last_only and (i < last or at is not None):
-            return x
-        if at is not None:
-            return mask * x + keep * noised_data(field, x0, at, eps)
-        kept = x0 if i >= last else noised_data(field, x0, times[i + 1], eps)
-        return mask * x + keep * kept
+    def blend(i: int, x: torch.Tensor, at: float | None = None, final: bool = False) -> torch.Tensor:
+        if last_only:
+            return x if i < last or at is not None else mask * x + keep * x0
+        if final:
+            return mask * x + keep * x0
+        return mask * x + keep * noised_data(field, x0, times[i + 1] if at is None else at, eps)
 
     return blend
 
@@ -134,7 +134,7 @@ def differential_blend(
     strengths: torch.Tensor,
     total: int,
     skipped: int,
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     """Differential diffusion: before walk step j ≥ 1 (after step j − 1), an element of strength s is
     x0 noised to times[j] with the sample's noise while 1 − s > (skipped + j)/total, so it is free
     for the last s·total steps of the schedule; nothing is blended after the last step (the
@@ -142,8 +142,8 @@ def differential_blend(
     (`Run.stage`), held as after step i but noised to `at`."""
     times, last, hold = g64.tolist(), len(g64) - 2, 1 - strengths
 
-    def blend(i: int, x: torch.Tensor, at: float | None = None) -> torch.Tensor:
-        if i >= last:
+    def blend(i: int, x: torch.Tensor, at: float | None = None, final: bool = False) -> torch.Tensor:
+        if i >= last or final:
             return x
         kept = (hold > (skipped + i + 1) / total).to(x.dtype)
         return kept * noised_data(field, x0, times[i + 1] if at is None else at, eps) + (1 - kept) * x

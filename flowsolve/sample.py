@@ -676,7 +676,7 @@ def sample(
         )
         x = spec.fn(run, x, **options)
         if between is not None:  # the kept part is the data itself, whatever the solver returned
-            x = between(len(g64) - 2, x)
+            x = between(len(g64) - 2, x, final=True)
         run.finish()
         nfe_used = max(nfe_used, run.nfe)
         counted = bound.passes()

@@ -87,6 +87,46 @@ def test_inpainting_blends_the_stages_the_pipeline_passes_between_scheduler_call
     assert not torch.allclose(plain, got)
 
 
+@pytest.mark.parametrize("cls,kw", [
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    ("DPMSolverSinglestepScheduler", {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    ("SASolverScheduler", {"use_beta_sigmas": True, "tau_func": lambda t: 0}),
+])
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_a_closing_step_sees_the_kept_part_noised_to_sigma_min(unet64, cls, kw, strength):
+    """Schedules that end with a step from σ_min to itself: the pipeline blends x0 noised to σ_min before
+    that closing call and x0 itself after it. The solvers that take the closing step (UniPC's and
+    SA-Solver's last correction, a singlestep cycle's last stage) see the same (`final=` blend)."""
+    import diffusers
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    steps = 10
+    ref = _inpaint_loop(unet64, _in_float64(make(), steps), steps, strength, X0, MASK, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=7,
+                          return_info=True)
+    got = MASK * got / (1 + float(info.grid[-1]) ** 2) ** 0.5 + (1 - MASK) * got   # VP at σ_min
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    assert torch.equal(got * (1 - MASK), X0 * (1 - MASK))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_dpm_sde_inpainting_blends_its_midpoint(unet64, strength, monkeypatch):
+    """DPMSolverSDEScheduler calls twice per step; the inpaint pipeline blends its midpoint stage (with
+    the next knot's level, as its `add_noise` reads it). `dpmpp_sde` does too, equal to the loop handed
+    the same Brownian increments."""
+    import importlib
+    from diffusers import DPMSolverSDEScheduler
+    from test_peer_solvers import BrownianIncrements
+    module = importlib.import_module(DPMSolverSDEScheduler.__module__)
+    monkeypatch.setattr(module, "BrownianTreeNoiseSampler", lambda *a, **k: BrownianIncrements(len(X0), (1, 8, 8)))
+    steps = 8
+    ref = _inpaint_loop(unet64, _in_float64(DPMSolverSDEScheduler(), steps), steps, strength, X0, MASK, _eps(seed=5))
+    model = fs.models.from_diffusers(unet64, DPMSolverSDEScheduler())
+    got = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=5,
+                    dtype=torch.float64)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()  # (its midpoint timesteps: float32)
+
+
 def test_inpainting_on_the_exact_mixture_keeps_the_kept_coordinates(gmm64):
     """Half the coordinates kept: they come back exactly; the others are generated (they differ from
     the input, stay finite, and a different seed gives different ones); a mask of ones is plain

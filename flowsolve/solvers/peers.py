@@ -686,6 +686,7 @@ def dpmpp_sde(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1
             xt_s = (d1 / rho_i) * xt + (1.0 - d1 / rho_i) * den  # stage 1
             if eta:
                 xt_s = xt_s + (s_noise * u1 / math.sqrt(rho_i - rho_s)) * w1
+            xt_s = p.stage_ve(i, xt_s, -math.log(rho_s))  # (inpainting blends it as DPMSolverSDEScheduler's pipeline)
             den_s = p.denoise_ve(xt_s, -math.log(rho_s))
             fac = 0.5 / r
             xt = (d2 / rho_i) * xt + (1.0 - d2 / rho_i) * ((1.0 - fac) * den + fac * den_s)  # stage 2
