@@ -62,6 +62,21 @@ def test_inpainting_is_the_inpaint_pipelines_loop(unet64, cls, solver, strength)
     assert torch.equal(got * (1 - MASK), X0 * (1 - MASK))
 
 
+def _pipeline_and_scheduler_loop(unet, cls, kw, strength, steps=10):
+    """The inpaint pipeline's loop and `fs.sample(..., "scheduler", mask=)` on a model loaded with the
+    scheduler `cls(**kw)`, the latter's generated part read as the VP sample the pipeline returns
+    (a schedule ending above σ = 0); and the model."""
+    import diffusers
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    ref = _inpaint_loop(unet, _in_float64(make(), steps), steps, strength, X0, MASK, _eps())
+    model = fs.models.from_diffusers(unet, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=7,
+                          return_info=True)
+    vp = model.scheduler_class not in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler")  # (VE loops end at σ)
+    scale = 1 / (1 + float(info.grid[-1]) ** 2) ** 0.5 if vp else 1.0
+    return ref, MASK * got * scale + (1 - MASK) * got, model
+
+
 @pytest.mark.parametrize("cls,kw,strength", [
     *[(c, k, s) for c, k in [("HeunDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
                              ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
@@ -73,17 +88,9 @@ def test_inpainting_blends_the_stages_the_pipeline_passes_between_scheduler_call
     (Heun's predictor, KDPM2's midpoint, read with the next knot's level, PLMS's first step, PNDM's
     Runge-Kutta stages) is blended before the model sees it. `heun`, `dpm_2`, `plms` and `pndm` blend
     those stages too (`Run.stage`), equal to the pipeline's loop."""
-    import diffusers
-    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
-    steps = 10
-    ref = _inpaint_loop(unet64, _in_float64(make(), steps), steps, strength, X0, MASK, _eps())
-    model = fs.models.from_diffusers(unet64, make())
-    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=7,
-                          return_info=True)
-    scale = 1 / (1 + float(info.grid[-1]) ** 2) ** 0.5 if cls == "PNDMScheduler" else 1.0  # α at PNDM's last σ
-    got = MASK * got * scale + (1 - MASK) * got
+    ref, got, model = _pipeline_and_scheduler_loop(unet64, cls, kw, strength)
     assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
-    plain = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7)
+    plain = fs.sample(model.field(), "scheduler", steps=10, init=X0, strength=strength, seed=7)
     assert not torch.allclose(plain, got)
 
 
@@ -97,14 +104,7 @@ def test_a_closing_step_sees_the_kept_part_noised_to_sigma_min(unet64, cls, kw, 
     """Schedules that end with a step from σ_min to itself: the pipeline blends x0 noised to σ_min before
     that closing call and x0 itself after it. The solvers that take the closing step (UniPC's and
     SA-Solver's last correction, a singlestep cycle's last stage) see the same (`final=` blend)."""
-    import diffusers
-    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
-    steps = 10
-    ref = _inpaint_loop(unet64, _in_float64(make(), steps), steps, strength, X0, MASK, _eps())
-    model = fs.models.from_diffusers(unet64, make())
-    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, mask=MASK, strength=strength, seed=7,
-                          return_info=True)
-    got = MASK * got / (1 + float(info.grid[-1]) ** 2) ** 0.5 + (1 - MASK) * got   # VP at σ_min
+    ref, got, _ = _pipeline_and_scheduler_loop(unet64, cls, kw, strength)
     assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
     assert torch.equal(got * (1 - MASK), X0 * (1 - MASK))
 
