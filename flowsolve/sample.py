@@ -390,6 +390,49 @@ def _img2img_grid(
     return tail, spec.evals(walk, singular), total - walk
 
 
+def _expert_part(
+    field: Field, spec: solvers.Solver, g64: torch.Tensor, fraction: Any, coefficients: Any, name: str
+) -> tuple[torch.Tensor, int, int]:
+    """SDXL's ensemble of experts (diffusers' `denoising_end` / `denoising_start`): the cut is the
+    diffusers timestep round(T − fraction·T); "denoising_end" keeps the steps from knots at or above it
+    (the grid up to the first knot below it), "denoising_start" the steps from the first knot below
+    it. Returns (grid, the evaluations it costs, the schedule's steps left out: after it for
+    denoising_end, before it for denoising_start)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ArgumentError(f"{name}: expected a fraction of the schedule in (0, 1), got {fraction!r}")
+    if spec.adaptive or coefficients is not None:
+        raise ArgumentError(f"{name}: cuts a fixed grid at a knot; {spec.name!r} chooses its own steps or coefficients")
+    from .solvers.base import discrete_model
+
+    times = g64.tolist()
+    model = discrete_model(field)
+    flow = None if model is not None else field_model(field, lambda m: callable(getattr(m, "scheduler_timestep", None)))
+    if model is not None:
+        total = len(model.log_sigmas)  # (a knot's timestep as its scheduler lists it, fractional or not)
+        stamps = [float(model.timestep(torch.full((2,), t, dtype=torch.float64))[0]) for t in times[:-1]]
+    elif flow is not None:
+        total = int(flow.num_train_timesteps)
+        stamps = [float(flow.scheduler_timestep(torch.full((2,), t, dtype=torch.float64))[0]) for t in times[:-1]]
+    else:
+        raise ArgumentError(
+            f"{name}: the cut is at a diffusers timestep; this {type(field).__name__}'s model has none "
+            f"(load it with fs.models.from_diffusers, or pass a grid of the part to walk)"
+        )
+    cutoff = int(round(total - fraction * total))
+    above = sum(1 for stamp in stamps if stamp >= cutoff)  # the knots before the cut
+    if above == 0 or above == len(stamps):
+        raise ArgumentError(
+            f"{name}: {fraction:g} cuts the {len(stamps)} steps at timestep {cutoff}, which leaves "
+            f"{'no step before' if above == 0 else 'no step after'} it; take more steps or another fraction"
+        )
+    if name == "denoising_end":
+        part = g64[: above + 1].clone()
+        return part, spec.evals(above, False), counted_steps(field, times) - above
+    part = g64[above:].clone()
+    singular = not field.finite_at_end and float(part[-1]) == field.t_end
+    return part, spec.evals(len(part) - 1, singular), above
+
+
 def _scheduler_start(field: Field, spec: solvers.Solver, g64: torch.Tensor, begin: int) -> tuple[float, float] | None:
     """Where the img2img pipeline of the field's diffusers scheduler starts the walk of the end of the
     grid `g64` from knot `begin` when that is not the knot itself (a x0 + b ε, PNDM's PLMS list:
@@ -479,6 +522,8 @@ def sample(
     inpaint: str | None = None,
     callback: Callable[[int, float, torch.Tensor], Any] | None = None,
     progress: bool = False,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
     _reverse: bool = False,
     **options: Any,
 ):
@@ -529,6 +574,11 @@ def sample(
         KSamplerX0Inpaint: the model's input and its data prediction, each evaluation) or "a1111"
         (AUTOMATIC1111's: the data prediction, and the samples after the last step); `fs.inpainting`.
         Default: "a1111" with an AUTOMATIC1111 label as the solver, else "diffusers".
+    denoising_end, denoising_start: SDXL's ensemble of expert denoisers (a fraction f in (0, 1)): with
+        `denoising_end` the walk stops at the first knot whose diffusers timestep is below
+        round(T − f·T) and returns that noisy state (the base model's part); with `denoising_start`
+        it starts at that knot from `x_init`, the state there, not noised again (the refiner's part),
+        as diffusers' SDXL pipelines cut their timesteps. Needs a diffusers model (its timesteps).
     options: solver options (e.g. alpha= for 'sde', S_churn= for 'edm'); unknown ones are rejected.
     """
     t0 = time.perf_counter()
@@ -550,6 +600,14 @@ def sample(
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     skipped = 0  # steps of the grid before the first one walked (img2img)
+    cut_after = 0  # steps of the grid after the last one walked (denoising_end)
+    if denoising_start is not None:  # the refiner's part: from the first knot below the cut, from x_init
+        if x_init is None or init is not None:
+            raise ArgumentError(
+                "denoising_start: starts from x_init, the state at the cut (the base model's output with "
+                "denoising_end), not from init"
+            )
+        g64, budget, skipped = _expert_part(field, spec, g64, denoising_start, coefficients, "denoising_start")
     start_at = None  # where a scheduler's img2img pipeline starts instead of the walk's first knot
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
@@ -601,6 +659,8 @@ def sample(
             mask = check_mask(mask, init)
     elif strength is not None:
         raise ArgumentError("strength: needs init= (the data that image-to-image starts from)")
+    if denoising_end is not None:  # the base model's part: up to the first knot below the cut
+        g64, budget, cut_after = _expert_part(field, spec, g64, denoising_end, coefficients, "denoising_end")
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
@@ -673,6 +733,7 @@ def sample(
             between=between,
             skipped=skipped,
             known=known,
+            cut_after=cut_after,
         )
         x = spec.fn(run, x, **options)
         if between is not None:  # the kept part is the data itself, whatever the solver returned

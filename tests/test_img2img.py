@@ -470,3 +470,70 @@ def test_plms_img2img_is_the_pipelines_cut_of_pndms_list(unet64, kw, steps, stre
     assert torch.equal(euler.grid, info.grid)
     start = fs.inpainting.walk_start(model.field(), X0, _eps(), float(info.grid[0]), "diffusers", False, strength)
     assert torch.allclose(start, X0 + float(info.grid[0]) * _eps(), rtol=0, atol=1e-12)
+
+
+def _expert_loops(base_net, refiner_net, make, steps, fraction, z):
+    """SDXL's ensemble of experts written out from diffusers' pipelines: the base's loop over the
+    timesteps at or above round(T − f·T) (StableDiffusionXLPipeline's `denoising_end`), then the
+    refiner's over those below it, from the base's latents without new noise (the SDXL img2img
+    pipeline's `get_timesteps` with `denoising_start`, `set_begin_index`)."""
+    sched = _in_float64(make(), steps)
+    cutoff = int(round(sched.config.num_train_timesteps * (1 - fraction)))
+    x = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps[: sum(int(t >= cutoff) for t in sched.timesteps)]:
+            x = sched.step(base_net(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+        base = x
+        sched = _in_float64(make(), steps)
+        t_start = len(sched.timesteps) - int((sched.timesteps < cutoff).sum())
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start)
+        for t in sched.timesteps[t_start:]:
+            x = sched.step(refiner_net(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return base, x
+
+
+@pytest.mark.parametrize("cls,kw", [("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+                                    ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+                                    ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+                                    ("UniPCMultistepScheduler", {})])
+@pytest.mark.parametrize("steps,fraction", [(12, 0.8), (7, 0.5)])
+def test_denoising_end_and_start_are_sdxls_base_and_refiner(unet64, cls, kw, steps, fraction):
+    """`denoising_end=f` stops the walk at the first knot below the timestep round(T − f·T) and returns
+    that noisy state; `denoising_start=f` walks on from it with another model, from `x_init`. Together
+    they are diffusers' SDXL base + refiner loops with the same noise (the order rules and DDIM's
+    landing read the whole schedule; the refiner starts its multistep history afresh, as diffusers'),
+    and for one-step methods one walk of the whole schedule when both models are the same."""
+    import diffusers
+    from conftest import tiny_unet64
+    refiner = tiny_unet64(seed=1).to(torch.float64)
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref_base, ref = _expert_loops(unet64, refiner, make, steps, fraction, z)
+    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
+    top = float(base_model.field().grid(steps, "schedule")[0])
+    x_base, info = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
+                             denoising_end=fraction, return_info=True, dtype=torch.float64)
+    vp = cls != "EulerDiscreteScheduler"  # (its VE loop returns σ-scaled latents)
+    level = float(info.grid[-1])
+    alpha = 1 / (1 + level ** 2) ** 0.5 if vp else 1.0
+    assert (x_base * alpha - ref_base).abs().max().item() <= 1e-6 * ref_base.abs().max().item()
+    x, rinfo = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction,
+                         return_info=True, dtype=torch.float64)
+    assert float(rinfo.grid[0]) == level and info.nfe + rinfo.nfe == len(base_model.field().grid(steps, "schedule")) - 1
+    end = 1 / (1 + float(rinfo.grid[-1]) ** 2) ** 0.5 if vp else 1.0
+    assert (x * end - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    if cls in ("EulerDiscreteScheduler", "DDIMScheduler"):  # one-step methods: the two parts are one walk
+        x_one = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
+                          dtype=torch.float64)
+        x_two = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction,
+                          dtype=torch.float64)
+        assert (x_one - x_two).abs().max().item() <= 1e-12 * x_one.abs().max().item()
+
+
+def test_denoising_end_and_start_misuse_is_named(gmm64):
+    field = fs.fields.EDM(gmm64.denoiser)
+    with pytest.raises(fs.errors.ArgumentError, match="denoising_end.*diffusers timestep"):
+        fs.sample(field, "euler", steps=8, n=2, denoising_end=0.5)
+    with pytest.raises(fs.errors.ArgumentError, match="denoising_start.*x_init"):
+        fs.sample(field, "euler", steps=8, n=2, denoising_start=0.5)

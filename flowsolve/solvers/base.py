@@ -142,6 +142,7 @@ class Run:
         between: Callable[..., torch.Tensor] | None = None,
         skipped: int = 0,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cut_after: int = 0,
     ) -> None:
         self.field, self.solver = field, solver
         # inpainting's (data, mask: 1 where to generate) for solvers that blend the kept part themselves
@@ -151,6 +152,8 @@ class Run:
         # steps of the schedule before this grid's first time (img2img walks a schedule's end): the rules
         # that read the schedule's length (diffusers' lower orders below 15 steps) count them
         self.skipped = skipped
+        # steps of the schedule after this grid's last time (a walk stopped at `denoising_end`): counted too
+        self.cut_after = cut_after
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
         # Σ_{j≤k} coefficients[k][j] · f_j (floats, or tensors while `calibrate` fits them)
         self.coefficients = coefficients
@@ -376,7 +379,7 @@ def counted_steps(field: Any, times: Sequence[float]) -> int:
 def scheduler_steps(run: "Run") -> int:
     """The number of steps of the run as the field's diffusers scheduler counts them (`counted_steps`),
     for the rules that lower the order of the last steps (`lower_order_final`)."""
-    return counted_steps(run.field, run.times)
+    return counted_steps(run.field, run.times) + run.cut_after
 
 
 def takes_closing_step(run: "Run") -> bool:
@@ -385,7 +388,8 @@ def takes_closing_step(run: "Run") -> bool:
     a singlestep cycle's last stage, DDIM's clip): it costs one more evaluation, which the NFE
     budget must allow."""
     end = len(run.times) - 1
-    return scheduler_steps(run) > end and (run.nfe_budget is None or run.nfe_budget > end)
+    closing = run.cut_after == 0 and scheduler_steps(run) > end  # (a walk cut before the end has none)
+    return closing and (run.nfe_budget is None or run.nfe_budget > end)
 
 
 def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipped: int = 0) -> int:
@@ -397,8 +401,9 @@ def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipp
 
 def own_schedule(run: "Run", classes: tuple[str, ...]) -> torch.Tensor | None:
     """The whole σ schedule of the field's diffusers scheduler, where that scheduler is one of `classes`
-    and the run walks its schedule or that schedule's end (img2img: `run.skipped` knots before the
-    walk), else None: a scheduler's quirks are followed on its own grid only."""
+    and the run walks its schedule or a part of it (img2img: `run.skipped` knots before the walk;
+    `denoising_end`: `run.cut_after` steps after it), else None: a scheduler's quirks are followed on
+    its own grid only."""
     model = field_model(run.field, lambda m: getattr(m, "scheduler_class", None) in classes)
     if model is None or getattr(model, "schedule", None) != "discrete" or not run.field.time_is_sigma:
         return None
@@ -406,7 +411,8 @@ def own_schedule(run: "Run", classes: tuple[str, ...]) -> torch.Tensor | None:
         return None
     own = model.scheduler_grid(scheduler_steps(run) + run.skipped)
     walked = torch.tensor(run.times, dtype=torch.float64)
-    if len(own) - run.skipped != len(walked) or not torch.allclose(own[run.skipped :], walked, rtol=1e-12, atol=0):
+    part = own[run.skipped : len(own) - run.cut_after]  # (its middle: denoising_start / denoising_end)
+    if len(part) != len(walked) or not torch.allclose(part, walked, rtol=1e-12, atol=0):
         return None
     return own
 
