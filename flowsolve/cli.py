@@ -265,6 +265,9 @@ def cmd_sample(args) -> int:
         options["mask"] = _load_data(args.mask, "--mask")
     if args.inpaint is not None:
         options["inpaint"] = args.inpaint
+    for key in ("denoising_end", "denoising_start"):  # SDXL's base and refiner parts of one schedule
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     cond = _parse_cond(args.cond) or _balanced_labels(model, args.n)
     if cond:
         options["cond"] = cond
@@ -785,6 +788,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=INPAINT_MODES,
         help="with --mask: keep the data in the state after each step (diffusers, the default), in the model's "
         "input and prediction (comfyui) or in its prediction (a1111)",
+    )
+    s.add_argument(
+        "--denoising-end",
+        type=float,
+        default=None,
+        help="stop at this fraction of the schedule and write the noisy state (SDXL's base model; a diffusers "
+        "model's timesteps set the cut)",
+    )
+    s.add_argument(
+        "--denoising-start",
+        type=float,
+        default=None,
+        help="with --x-init (the base's --denoising-end output): walk the schedule from this fraction (the refiner)",
     )
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--alpha", type=float, default=None, help="Eq. 21 interpolation for the 'sde' solvers")

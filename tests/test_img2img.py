@@ -537,3 +537,25 @@ def test_denoising_end_and_start_misuse_is_named(gmm64):
         fs.sample(field, "euler", steps=8, n=2, denoising_end=0.5)
     with pytest.raises(fs.errors.ArgumentError, match="denoising_start.*x_init"):
         fs.sample(field, "euler", steps=8, n=2, denoising_start=0.5)
+
+
+def test_the_cli_splits_a_schedule_between_two_diffusers_folders(tmp_path):
+    """`flowsolve sample --denoising-end` writes the base's noisy state, and `--x-init` with
+    `--denoising-start` walks on from it with another model folder: the same as the API."""
+    import numpy as np
+    from diffusers import DDPMPipeline, EulerDiscreteScheduler
+    from conftest import tiny_unet64
+    from flowsolve.cli import main
+    for name, seed in (("base", 0), ("refiner", 1)):
+        DDPMPipeline(unet=tiny_unet64(seed=seed), scheduler=EulerDiscreteScheduler()).save_pretrained(tmp_path / name)
+    common = ["--solver", "euler", "--steps", "8", "--seed", "3", "--quiet", "--dtype", "float64"]
+    assert main(["sample", "--model", str(tmp_path / "base"), "--n", "2", "--denoising-end", "0.6",
+                 "--out", str(tmp_path / "lat.npy"), *common]) == 0
+    assert main(["sample", "--model", str(tmp_path / "refiner"), "--x-init", str(tmp_path / "lat.npy"),
+                 "--denoising-start", "0.6", "--out", str(tmp_path / "x.npy"), *common]) == 0
+    base = fs.from_pretrained(str(tmp_path / "base"))
+    refiner = fs.from_pretrained(str(tmp_path / "refiner"))
+    lat = fs.sample(base.field(), "euler", steps=8, n=2, seed=3, denoising_end=0.6, dtype=torch.float64)
+    x = fs.sample(refiner.field(), "euler", steps=8, x_init=lat, seed=3, denoising_start=0.6, dtype=torch.float64)
+    assert np.allclose(np.load(tmp_path / "lat.npy"), lat.numpy(), atol=1e-6)
+    assert np.allclose(np.load(tmp_path / "x.npy"), x.numpy(), atol=1e-6)
