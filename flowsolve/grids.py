@@ -271,7 +271,7 @@ def _beta_indices(steps: int, n: int, alpha: float = 0.6, beta: float = 0.6) -> 
     return picked
 
 
-def _table_sigma(log_table: list[float], t: float) -> float:
+def table_sigma(log_table: list[float], t: float) -> float:
     """σ at a fractional index t of an ascending log-σ table, linear in log σ between its entries."""
     lo = min(int(math.floor(t)), len(log_table) - 1)
     hi = min(lo + 1, len(log_table) - 1)
@@ -310,7 +310,7 @@ def from_table(kind: str, steps: int, table: torch.Tensor | Sequence[float]) -> 
             if math.isclose(values[0], 0.0, abs_tol=1e-5):  # σ at the first timestep already 0
                 count, append_zero = steps + 1, False
             ts = torch.linspace(n - 1, 0, count, dtype=torch.float64).tolist()
-        out = [_table_sigma(logs, t) for t in ts] + ([0.0] if append_zero else [])
+        out = [table_sigma(logs, t) for t in ts] + ([0.0] if append_zero else [])
     elif kind == "beta":
         out = [values[i] for i in _beta_indices(steps, n)] + [0.0]
     elif kind == "simple":

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GaussianPath", "VE", "FLOW", "TRIG", "HALF_PI", "trigflow"]
+__all__ = ["GaussianPath", "VE", "FLOW", "TRIG", "HALF_PI", "trigflow", "vp_reread"]
 
 HALF_PI = math.pi / 2
 
@@ -92,3 +92,11 @@ def trigflow(sigma_data: float = 1.0) -> GaussianPath:
 
 
 TRIG = trigflow(1.0)
+
+
+def vp_reread(level: float, read: float) -> float:
+    """The factor √((1 + read²)/(1 + level²)) that takes an EDM (VE) state x̃ at noise level `level` to
+    the VE state at `read` with the same VP sample x̃/√(1 + σ²). diffusers' VP schedulers hand on
+    samples, not levels: a sample moved to one level and read at another (DDIM's and PNDM's steps
+    between their knots, SA-Solver's `add_noise`, PNDM's cut list in img2img) is rescaled by it."""
+    return math.sqrt((1.0 + read * read) / (1.0 + level * level))

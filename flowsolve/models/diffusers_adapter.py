@@ -28,6 +28,7 @@ from .._checks import check_int, model_dtype, nearest
 from .._cond import map_leaves, merge_leaves
 from ..errors import ArgumentError, ArgumentTypeError, PathError
 from ..fields.base import BETWEEN_KNOTS
+from ..fields.paths import vp_reread
 
 __all__ = [
     "DiffusersDenoiser",
@@ -841,13 +842,19 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         self._repeated_ends: set[float] = set()  # last knots the scheduler steps to twice (`repeats_final`)
 
     # -- schedule ----------------------------------------------------------------------------
+    @property
+    def steps_between_knots(self) -> bool:
+        """Whether the scheduler steps from timestep t to t − T//N and reads the result at its next
+        timestep (DDIM-type schedulers: `landing_sigma`)."""
+        return self.scheduler_class in _LANDING_SCHEDULERS and self.schedule == "discrete"
+
     def landing_sigma(self, sigma: float, steps: int) -> float | None:
         """The σ where a DDIM-type scheduler's step from its knot σ lands: σ at t − T//N (its
         `prev_timestep`, T training timesteps, N = `steps`) for the knot's timestep t; None where the
         step goes to the schedule's final level, or the model's scheduler is not DDIM's. Where t − T//N
         is not the next timestep ("linspace" spacing, or "trailing" where N does not divide T), the
         scheduler lands between its knots and reads the result as the sample at the next one."""
-        if self.scheduler_class not in _LANDING_SCHEDULERS or self.schedule != "discrete":
+        if not self.steps_between_knots:
             return None
         t = self._knots.get(float(sigma))
         if t is None:  # a DDIM knot is the level of an integer timestep
@@ -869,7 +876,7 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         level = float(self.log_sigmas[int(round(t))].exp())
         if abs(level - float(sigma)) <= 1e-9 * float(sigma):
             return None
-        scale = math.sqrt((1 + float(sigma) ** 2) / (1 + level**2))
+        scale = vp_reread(level, float(sigma))
         return scale, scale * level
 
     def img2img_start_coefficients(self, grid: torch.Tensor, begin: int) -> tuple[float, float] | None:
@@ -881,8 +888,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         skips_prk = bool(getattr(getattr(self.scheduler, "config", None), "skip_prk_steps", False))
         if self.scheduler_class != "PNDMScheduler" or not skips_prk or begin < 2 or self.schedule != "discrete":
             return None
-        level, knot = float(grid[begin - 1]), float(grid[begin])
-        scale = math.sqrt((1 + knot**2) / (1 + level**2))
+        level = float(grid[begin - 1])
+        scale = vp_reread(level, float(grid[begin]))
         return scale, scale * level
 
     def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:

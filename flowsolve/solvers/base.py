@@ -399,12 +399,12 @@ def lowered_order(order: int, steps: int, i: int, lower_order_final: bool, skipp
     return min(order, steps - i) if lower_order_final and steps + skipped < 15 else order
 
 
-def own_schedule(run: "Run", classes: tuple[str, ...]) -> torch.Tensor | None:
-    """The whole σ schedule of the field's diffusers scheduler, where that scheduler is one of `classes`
-    and the run walks its schedule or a part of it (img2img: `run.skipped` knots before the walk;
-    `denoising_end`: `run.cut_after` steps after it), else None: a scheduler's quirks are followed on
-    its own grid only."""
-    model = field_model(run.field, lambda m: getattr(m, "scheduler_class", None) in classes)
+def own_schedule(run: "Run", has: Callable[[Any], bool]) -> torch.Tensor | None:
+    """The whole σ schedule of the field's diffusers scheduler, where its model passes `has` (a
+    scheduler class, a quirk the model declares) and the run walks its schedule or a part of it
+    (img2img: `run.skipped` knots before the walk; `denoising_end`: `run.cut_after` steps after it),
+    else None: a scheduler's quirks are followed on its own grid only."""
+    model = field_model(run.field, lambda m: bool(has(m)))
     if model is None or getattr(model, "schedule", None) != "discrete" or not run.field.time_is_sigma:
         return None
     if run.times[0] < run.times[-1]:  # (an inversion walks up)

@@ -50,15 +50,6 @@ def flow_map(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _heun_step(run: Run, x: torch.Tensor, d: torch.Tensor, h: float, i_next: int) -> torch.Tensor:
-    """Euler predictor, trapezoidal corrector at grid point i_next; plain Euler when the field is
-    singular there (σ = 0)."""
-    x_next = x + h * d
-    if run.evaluable[i_next]:
-        x_next = x + (0.5 * h) * (d + run.f(x_next, i_next))
-    return x_next
-
-
 def heun(run: Run, x: torch.Tensor) -> torch.Tensor:
     """EDM's second-order step (Karras et al. 2022, Alg. 1), Euler on a last step to σ = 0. The
     predictor is a stage that inpainting blends as diffusers' pipelines do (`Run.stage`)."""

@@ -39,6 +39,7 @@ from .base import (
     scheduler_steps,
 )
 from .._checks import check_int
+from ..fields.paths import vp_reread
 from ..errors import ArgumentError
 
 
@@ -200,7 +201,8 @@ def adams(run: Run, x: torch.Tensor, *, order: int = 3, schedule_ramp: bool = Tr
     t = run.times
     # LMSDiscreteScheduler after `set_begin_index`: order min(step index + 1, order), and a zip of
     # its coefficients with the derivatives it has
-    own = own_schedule(run, ("LMSDiscreteScheduler",)) if run.skipped and schedule_ramp else None
+    lms = lambda m: getattr(m, "scheduler_class", None) == "LMSDiscreteScheduler"  # noqa: E731
+    own = own_schedule(run, lms) if run.skipped and schedule_ramp else None
     hist: deque = deque(maxlen=order)
     for i in run.steps():
         hist.appendleft((t[i], run.f(x, i)))
@@ -263,9 +265,9 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
         d = run.f(x, i)
         xi, ti, tn, h = x, t[i], t[i + 1], t[i + 1] - t[i]
         hist.appendleft(d if mode == "epsilon" else _vp_v(d, xi, ti))
-        land = levels.land(i) if levels else tn  # where the transfer from knot i goes
         if i >= warm:  # PLMS: Adams-Bashforth with uniform coefficients
             blended = combine(_IPNDM[len(hist)], list(hist))
+            land = levels.land(i) if levels else tn  # where the transfer from knot i goes
             x = _read_at(xi + (land - ti) * (blended if mode == "epsilon" else _vp_eps(blended, xi, ti)), land, tn)
         elif runge_kutta:  # RK4 with DDIM transfers from x_i, the midpoint PNDMScheduler's
             go, at = levels.midpoints(i) if levels else (_prk_midpoint(run, i),) * 2
@@ -277,6 +279,7 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
             d4 = _stage_eps(mode, run.f(x4, i + 1), x4, tn, xi, ti)
             x = xi + h * (d + 2 * d2 + 2 * d3 + d4) / 6
         else:  # Heun: the trapezoid of the velocities at t_i and at the Euler prediction at t_{i+1}
+            land = levels.land(i) if levels else tn
             x1 = run.stage(i, _read_at(xi + (land - ti) * d, land, tn))
             src = levels.back(i) if levels else ti  # the level the scheduler reads x_i at for the second stage
             xs = _read_at(xi, ti, src)
@@ -319,9 +322,7 @@ def _plms_cut_start(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str)
 def _read_at(xt: torch.Tensor, level: float, read: float) -> torch.Tensor:
     """A VE state x̃ at `level` as a diffusers VP scheduler passes it on: its VP sample x̃/√(1 + level²)
     read as the sample at `read`, x̃ √((1 + read²)/(1 + level²)) (the identity where they agree)."""
-    if level == read:
-        return xt
-    return xt * math.sqrt((1.0 + read * read) / (1.0 + level * level))
+    return xt if level == read else xt * vp_reread(level, read)
 
 
 class _PNDMLevels:
@@ -334,6 +335,7 @@ class _PNDMLevels:
     def __init__(self, model: Any, own: torch.Tensor, steps: int, skipped: int, times: Sequence[float]) -> None:
         self.model, self.final, self.times = model, float(own[-1]), times
         self.delta = len(model.log_sigmas) // steps
+        self.knots = [model_timestep(model, t) for t in times[:-1]]  # the walked knots' timesteps
         self.before = float(own[skipped - 1]) if skipped else math.nan  # the knot before the walk
         # PLMS mode lists the second timestep twice (img2img's cut then starts a knot higher)
         self.lists_twice = bool(getattr(getattr(model.scheduler, "config", None), "skip_prk_steps", False))
@@ -345,7 +347,7 @@ class _PNDMLevels:
         return float(self.model.sigma(k)) if k >= 0 else self.final
 
     def _k(self, i: int) -> int:
-        return self.timestep(self.times[i])
+        return self.knots[i] if i < len(self.knots) else self.timestep(self.times[i])
 
     def _near(self, value: float, knot: float) -> float:
         return knot if math.isclose(value, knot, rel_tol=1e-12) else value
@@ -364,7 +366,7 @@ class _PNDMLevels:
 
 def _pndm_levels(run: Run) -> _PNDMLevels | None:
     """PNDMScheduler's levels where the run walks its own schedule on a model loaded with it, else None."""
-    own = own_schedule(run, ("PNDMScheduler",))
+    own = own_schedule(run, lambda m: getattr(m, "scheduler_class", None) == "PNDMScheduler")
     if own is None:
         return None
     model = discrete_model(run.field)

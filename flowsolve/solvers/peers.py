@@ -54,6 +54,8 @@ from .base import (
 )
 from .fixed import dpm_2_step
 from ..fields.base import between_knots
+from ..fields.paths import vp_reread
+from ..grids import table_sigma
 from .._checks import check_choice, check_int, check_number
 from ..errors import ArgumentError
 
@@ -1003,8 +1005,6 @@ def dpmpp_singlestep(
 
 # schedulers whose step moves along the noise of the unclipped prediction where they clip x̂_0
 _DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "RePaintScheduler")
-# schedulers whose step goes from timestep t to t − T//N and is read at the next timestep
-_LANDING_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler")
 
 
 def _ddim_landing(run: Run):
@@ -1013,10 +1013,10 @@ def _ddim_landing(run: Run):
     else None; always None on a grid other than the scheduler's own schedule. In VE coordinates the
     step goes there, x' = D + σ'(x − D)/σ, and the scheduler reads the VP sample √ᾱ' x' as the sample
     at knot i + 1: x_{i+1} = x' √((1 + σ_{i+1}²)/(1 + σ'²))."""
-    own = own_schedule(run, _LANDING_SCHEDULERS)  # the scheduler's own schedule (or its end)
-    if own is None:
+    between = lambda m: getattr(m, "steps_between_knots", False)  # noqa: E731  (DDIM-type schedulers)
+    if own_schedule(run, between) is None:  # the scheduler's own schedule (or a part of it)
         return lambda i: None
-    model = field_model(run.field, lambda m: callable(getattr(m, "landing_sigma", None)))
+    model = field_model(run.field, between)
     steps = scheduler_steps(run) + run.skipped  # the scheduler's N
     lands = []
     for i in range(len(run.times) - 1):  # (the last step too: t − T//N ≥ 0 is not the end)
@@ -1063,7 +1063,7 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
         raw = _unclipped(clipping, x)
         land = landing(i)
         if land is not None:  # DDIMScheduler's prev_timestep between knots, read as the next knot's sample
-            x = p.first_order(i, x, den, land, raw) * math.sqrt((1.0 + p.s[i + 1] ** 2) / (1.0 + land**2))
+            x = p.first_order(i, x, den, land, raw) * vp_reread(land, p.s[i + 1])
         elif raw is None:
             x = ddim_step(x, den, p.s[i], p.s[i + 1], p.a[i + 1], p.lam[i + 1] - p.lam[i])
         else:  # DDIM's direction term keeps the unclipped noise prediction: x̃' = D + ρ' (x̃ − D^raw)/ρ
@@ -1521,11 +1521,8 @@ def comfyui_percent_level(field: Any, percent: float) -> float:
     if percent >= 1.0:
         return 0.0
     if field.time_is_sigma and callable(getattr(field, "sigma_table", None)):
-        logs = field.sigma_table().double().log()
-        at = (1.0 - percent) * (len(logs) - 1)
-        lo = min(int(math.floor(at)), len(logs) - 2)
-        w = at - lo
-        return float(((1 - w) * logs[lo] + w * logs[lo + 1]).exp())
+        logs = field.sigma_table().double().log().tolist()
+        return table_sigma(logs, (1.0 - percent) * (len(logs) - 1))
     shift = getattr(field, "time_shift", None)
     return float(shift(1.0 - percent)) if callable(shift) else 1.0 - percent
 
