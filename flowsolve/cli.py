@@ -447,6 +447,8 @@ def cmd_train(args) -> int:
         student_sigma_min=args.student_sigma_min,
         student_train=args.student_train,
         guidance=args.guidance,
+        generator_loss=args.generator_loss,
+        sid_alpha=args.sid_alpha,
     )
     if args.student_train not in (None, *STUDENT_TRAIN):
         raise UserError(f"--student-train: expected one of {', '.join(STUDENT_TRAIN)}, got {args.student_train!r}")
@@ -904,8 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--init",
         default=None,
-        choices=["paper", "teacher"],
-        help="score-gan: a fresh generator (paper) or the teacher's own network (teacher)",
+        help="score-gan: a fresh generator (paper), the teacher's own network (teacher), or the folder of a saved "
+        "student to train on (e.g. pretrained/digits-scoregan)",
     )
     t.add_argument(
         "--gan-weight",
@@ -959,6 +961,14 @@ def build_parser() -> argparse.ArgumentParser:
         "simulation) or last (the chain's output only)",
     )
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
+    t.add_argument(
+        "--generator-loss",
+        choices=("int-pm", "sid"),
+        default=None,
+        help="score-gan: the generator's objective: int-pm (Eq. 27, Alg. 1; the default) or sid (Score identity "
+        "Distillation's loss, through both denoisers)",
+    )
+    t.add_argument("--sid-alpha", type=float, default=None, help="score-gan --generator-loss sid: SiD's alpha (1.2)")
     t.add_argument(
         "--resume",
         action="store_true",

@@ -251,6 +251,91 @@ def test_dmd_weighting_is_the_denoisers_disagreement_over_the_teachers_denoising
     assert dmd_scaled(sigma[:, None] * same.grad_h(xt, sigma), x, d_data, sigma).abs().max() < 1e-6
 
 
+def _gauss(std):
+    """The denoiser of N(0, std² I) in closed form: x·std²/(std² + σ²)."""
+    return lambda x, sigma, **_: x * std**2 / (std**2 + torch.as_tensor(sigma).reshape(-1, 1) ** 2)
+
+
+@pytest.mark.parametrize("normalize", ["dmd", "rms", False])
+@pytest.mark.parametrize("alpha", [1.2, 0.0])
+def test_sid_loss_gradient_is_the_closed_form_through_both_denoisers(normalize, alpha):
+    """SiD's generator loss w[δ·(D_data(x_t) − x) − α‖δ‖²], δ = D_data − D_ρ at x_t = x + σε: with
+    Gaussian data N(0, a²I) and generated N(0, b²I), D = c·x_t with c = s²/(s² + σ²), so its gradient
+    in x is w[(c_d − c_r)(c_d x_t − x) + (c_d − 1)δ − 2α(c_d − c_r)δ] / B, written out by hand; the
+    weight w is 1/mean|x − D_data| (dmd), 1/RMS(δ) (rms) or 1/σ (none)."""
+    from flowsolve.train.score_gan import sid_loss
+
+    a, b = 1.0, 0.6
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 3, generator=g) * b).requires_grad_(True)
+    eps = torch.randn(16, 3, generator=g)
+    sigma = torch.linspace(0.3, 5.0, 16)
+    field = fs.fields.ScoreDifference(_gauss(a), _gauss(b), shape=(3,), sigma_min=0.1, sigma_max=10.0)
+    (got,) = torch.autograd.grad(sid_loss(field, x, eps, sigma, normalize, alpha), x)
+    x = x.detach()
+    s = sigma[:, None]
+    cd, cr = a**2 / (a**2 + s**2), b**2 / (b**2 + s**2)
+    xt = x + s * eps
+    delta = (cd - cr) * xt
+    w = {"dmd": 1 / (x - cd * xt).abs().mean(1, keepdim=True), "rms": 1 / delta.square().mean(1, keepdim=True).sqrt(),
+         False: 1 / s}[normalize]
+    want = w * ((cd - cr) * (cd * xt - x) + (cd - 1) * delta - 2 * alpha * (cd - cr) * delta) / len(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_sid_loss_explicit_part_is_the_dmd_int_pm_step():
+    """Where the denoisers do not depend on x_t (constant outputs m_d, m_ρ) and α = 0, SiD's gradient is
+    the Int-PM step of Eq. 27 along DMD's weighted direction (D_data − D_ρ)/mean|x − D_data|: the two
+    generator losses agree on the direction and differ by what flows through the denoisers."""
+    from flowsolve.train.int_pm import int_pm_loss
+    from flowsolve.train.score_gan import dmd_scaled, sid_loss
+
+    g = torch.Generator().manual_seed(1)
+    md, mr = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    field = fs.fields.ScoreDifference(lambda x, s: md.clone(), lambda x, s: mr.clone(), shape=(4,),
+                                      sigma_min=0.1, sigma_max=10.0)
+    x = torch.randn(8, 4, generator=g).requires_grad_(True)
+    eps, sigma = torch.randn(8, 4, generator=g), torch.linspace(0.5, 3.0, 8)
+    (sid,) = torch.autograd.grad(sid_loss(field, x, eps, sigma, "dmd", 0.0), x)
+    direction = dmd_scaled(sigma[:, None] * field.grad_h(x.detach() + sigma[:, None] * eps, sigma), x.detach(), md,
+                           sigma)
+    (pm,) = torch.autograd.grad(int_pm_loss(x, direction), x)
+    torch.testing.assert_close(sid, pm)
+
+
+def test_sid_generator_step_trains_the_generator_and_leaves_the_generated_score_to_its_own_loss(gmm, monkeypatch):
+    """generator_loss='sid': each generator step builds sid_loss with the configured α while the generated
+    score's weights are out of autograd (they learn only from their own denoising loss), and gives them
+    back afterwards; bad settings are refused by name."""
+    import sys
+
+    sg = sys.modules["flowsolve.train.score_gan"]
+
+    calls: list[float] = []
+    nets: list[nn.Module] = []
+    real = sg.sid_loss
+
+    def spy(field, x, eps, sigma, normalize, alpha):
+        out = real(field, x, eps, sigma, normalize, alpha)
+        grads = [p.requires_grad for p in field.rho.parameters()]
+        assert grads and not any(grads)  # the generated score is frozen while the loss is built
+        calls.append(alpha)
+        nets.append(field.rho)
+        return out
+
+    monkeypatch.setattr(sg, "sid_loss", spy)
+    teacher = MixtureNet(gmm)
+    gen = fs.train.score_gan(teacher, (2,), recipe="beyond-teacher", steps=3, batch_size=16, generator_loss="sid",
+                             sid_alpha=0.7, gan_weight=0.0, progress=False)
+    assert calls == [0.7] * 3
+    assert all(p.requires_grad for p in nets[-1].parameters())  # given back after each step
+    assert gen.metadata["training"]["config"]["generator_loss"] == "sid"
+    with pytest.raises(fs.errors.ArgumentError, match="generator_loss"):
+        fs.train.score_gan(teacher, (2,), generator_loss="dmd", steps=1, progress=False)
+    with pytest.raises(fs.errors.ArgumentError, match="gamma"):
+        fs.train.score_gan(teacher, (2,), generator_loss="sid", gamma=0.1, steps=1, progress=False)
+
+
 def test_distillation_options_refuse_bad_input(gmm):
     with pytest.raises(fs.errors.ArgumentError, match="data"):
         fs.train.score_gan(gmm.denoiser, (2,), gan_weight=0.1, steps=1, progress=False)
@@ -299,10 +384,11 @@ def test_cli_student_chain_options_reach_the_trainer(tmp_path):
     cfg.write_text(json.dumps({"batch_size": 4}))
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
                  "beyond-teacher", "--student-steps", "2", "--student-train", "last", "--init-sigma", "4",
-                 "--student-sigma-min", "0.25", "--steps", "1", "--config", str(cfg), "--out", str(out),
-                 "--quiet"]) == 0
+                 "--student-sigma-min", "0.25", "--generator-loss", "sid", "--sid-alpha", "1.0", "--steps", "1",
+                 "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     got = json.loads((out / "flowsolve.json").read_text())["training"]["config"]
     assert (got["student_train"], got["init_sigma"], got["student_sigma_min"]) == ("last", 4.0, 0.25)
+    assert (got["generator_loss"], got["sid_alpha"]) == ("sid", 1.0)
     assert list(fs.from_pretrained(out).sigmas) == pytest.approx([4.0, 0.25])  # the chain the flags asked for
     assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--recipe",
                  "beyond-teacher", "--student-steps", "2", "--student-sigma-min", "3", "--steps", "1",
@@ -312,6 +398,8 @@ def test_cli_student_chain_options_reach_the_trainer(tmp_path):
                  "first", "--out", str(tmp_path / "bad"), "--quiet"]) == 2  # one of score_gan.STUDENT_TRAIN
     assert main(["train", "edm", "--data", "digits", "--student-train", "last", "--out", str(tmp_path / "e"),
                  "--quiet"]) == 2  # a distillation option of score-gan only
+    assert main(["train", "edm", "--data", "digits", "--generator-loss", "sid", "--out", str(tmp_path / "e"),
+                 "--quiet"]) == 2
 
 
 def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):
@@ -455,6 +543,42 @@ def test_beyond_teacher_recipe_takes_vector_settings_on_vector_data():
                              sigma_max=20.0, progress=False)
     assert gen.metadata["training"]["config"]["sigma_max"] == 20.0
     assert RECIPES["beyond-teacher"]["sigma_min"] == 0.32     # the image settings are untouched
+
+
+def test_sid_recipe_is_beyond_teacher_with_sids_loss_and_its_own_vector_settings():
+    """recipe='sid': on images the beyond-teacher settings with SiD's loss (α = 1.2, DMD's weight) and the
+    chain's output trained; on vectors α = 1 without the real-data GAN (which collapsed SiD on the mixture)."""
+    from flowsolve.train.score_gan import RECIPES
+
+    teacher = fs.from_pretrained("pretrained/digits-edm")
+    cfg = fs.train.score_gan(teacher, data="digits", recipe="sid", steps=1, batch_size=4, progress=False,
+                             student_steps=2).metadata["training"]["config"]
+    assert (cfg["generator_loss"], cfg["sid_alpha"], cfg["normalize"], cfg["student_train"]) == ("sid", 1.2, "dmd",
+                                                                                               "last")
+    want = {k: v for k, v in RECIPES["beyond-teacher"].items() if k != "steps"}  # steps=1 given here
+    assert {k: cfg[k] for k in want} == want  # every other setting is beyond-teacher's
+    vec = fs.train.score_gan(fs.from_pretrained("pretrained/gmm2d-edm"), (2,), recipe="sid", steps=1, batch_size=8,
+                             progress=False).metadata["training"]["config"]
+    assert (vec["generator_loss"], vec["sid_alpha"], vec["gan_weight"], vec["normalize"]) == ("sid", 1.0, 0.0, True)
+
+
+def test_init_from_a_saved_student_trains_on_its_network_and_chain(tmp_path):
+    """init=<folder of a saved student>: the run starts from that student's network and σ chain (with a
+    vanishing learning rate its samples stay the saved student's), saves beside the teacher as usual, and
+    refuses what is not a student or a chain length it cannot have."""
+    teacher = fs.from_pretrained("pretrained/digits-edm")
+    saved = fs.from_pretrained("pretrained/digits-scoregan-4step")
+    gen = fs.train.score_gan(teacher, data="digits", recipe="sid", init="pretrained/digits-scoregan-4step", steps=2,
+                             batch_size=4, lr=1e-12, out=tmp_path / "on", progress=False)
+    assert gen.sigmas == saved.sigmas
+    torch.testing.assert_close(gen.sample(8, seed=3), saved.sample(8, seed=3))
+    back = fs.from_pretrained(tmp_path / "on")
+    torch.testing.assert_close(back.sample(8, seed=3), saved.sample(8, seed=3))
+    assert back.metadata["training"]["config"]["init"] == "pretrained/digits-scoregan-4step"
+    for bad, match in ((dict(init="no/such/folder"), "init"), (dict(init="pretrained/digits-edm"), "init"),
+                       (dict(init="pretrained/digits-scoregan-4step", student_steps=2), "student_steps")):
+        with pytest.raises(fs.errors.ArgumentError, match=match):
+            fs.train.score_gan(teacher, data="digits", recipe="sid", steps=1, progress=False, **bad)
 
 
 @pytest.mark.slow

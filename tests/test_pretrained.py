@@ -59,15 +59,15 @@ def test_digits_edm_quality(teacher_report):
 
 
 def test_digits_scoregan_is_a_one_step_student(features, teacher_report):
-    """pretrained/digits-scoregan (recipe beyond-teacher with DMD's weighting, distilled from
-    digits-edm): the teacher's own network at one σ, one evaluation; on seed 0 its FD is at most the
-    teacher's at heun-32 (measured 63.7 against 77.2; the card has five seeds and n = 10000), every
-    class present by both the feature classifier and a scikit-learn SVC."""
+    """pretrained/digits-scoregan (recipe beyond-teacher with DMD's weighting, then SiD's loss, distilled
+    from digits-edm): the teacher's own network at one σ, one evaluation; on seed 0 its FD is at most the
+    teacher's at heun-32 (the card has five seeds and n = 10000), every class present by both the
+    feature classifier and a scikit-learn SVC."""
     from flowsolve.models.student import DenoiserGenerator
 
     gen = fs.from_pretrained(PRE / "digits-scoregan")
     assert isinstance(gen, DenoiserGenerator) and gen.metadata["type"] == "student" and gen.steps == 1
-    assert gen.metadata["recipe"] == "beyond-teacher"
+    assert gen.metadata["recipe"] == "sid"  # SiD's loss, from the beyond-teacher student (its card)
     assert gen.metadata["training"]["config"]["normalize"] == "dmd"
     x = gen.sample(1000, seed=0)
     assert x.shape == (1000, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() < 2
@@ -79,7 +79,7 @@ def test_digits_scoregan_is_a_one_step_student(features, teacher_report):
 
 
 def test_digits_scoregan_4step_is_a_four_step_student(features, teacher_report):
-    """pretrained/digits-scoregan-4step (recipe beyond-teacher, the chain's output trained): the
+    """pretrained/digits-scoregan-4step (recipe sid: SiD's loss, the chain's output trained): the
     teacher's network at four σ of a Karras chain from 2.5 to 0.5, four evaluations; on seed 0 its FD
     is at most the teacher's at heun-32 (the card has five seeds at n = 10000), every class present."""
     from flowsolve.models.student import DenoiserGenerator
@@ -88,6 +88,7 @@ def test_digits_scoregan_4step_is_a_four_step_student(features, teacher_report):
     assert isinstance(gen, DenoiserGenerator) and gen.steps == 4
     assert gen.sigmas[0] == pytest.approx(2.5) and gen.sigmas[-1] == pytest.approx(0.5)
     assert gen.metadata["training"]["config"]["student_train"] == "last"
+    assert gen.metadata["training"]["config"]["generator_loss"] == "sid"
     x = gen.sample(1000, seed=0)
     assert x.shape == (1000, 1, 8, 8) and torch.isfinite(x).all()
     r = digits_quality(x, features)
