@@ -390,7 +390,7 @@ def cmd_train(args) -> int:
     from .train.discriminator_flow import DF_RECIPES
     from .train.loop import load_config_file
     from .train.score_gan import RECIPES as SCORE_GAN_RECIPES
-    from .train.score_gan import STUDENT_TRAIN
+    from .train.score_gan import GENERATOR_LOSSES, STUDENT_TRAIN
 
     if args.allow_changes and not args.resume:
         raise UserError("--allow-changes: only with --resume (it accepts settings that differ from the checkpoint's)")
@@ -452,6 +452,8 @@ def cmd_train(args) -> int:
     )
     if args.student_train not in (None, *STUDENT_TRAIN):
         raise UserError(f"--student-train: expected one of {', '.join(STUDENT_TRAIN)}, got {args.student_train!r}")
+    if args.generator_loss not in (None, *GENERATOR_LOSSES):
+        raise UserError(f"--generator-loss: expected one of {', '.join(GENERATOR_LOSSES)}, got {args.generator_loss!r}")
     used = [k for k, v in distil.items() if v is not None]
     if used and args.objective != "score-gan":
         raise UserError(f"--{used[0].replace('_', '-')}: a distillation option of score-gan, got {args.objective}")
@@ -963,8 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--guidance", type=float, default=None, help="score-gan: CFG scale of a conditional teacher")
     t.add_argument(
         "--generator-loss",
-        choices=("int-pm", "sid"),
-        default=None,
+        default=None,  # checked against score_gan.GENERATOR_LOSSES when the run starts (the trainer's import)
         help="score-gan: the generator's objective: int-pm (Eq. 27, Alg. 1; the default) or sid (Score identity "
         "Distillation's loss, through both denoisers)",
     )

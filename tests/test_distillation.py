@@ -400,6 +400,9 @@ def test_cli_student_chain_options_reach_the_trainer(tmp_path):
                  "--quiet"]) == 2  # a distillation option of score-gan only
     assert main(["train", "edm", "--data", "digits", "--generator-loss", "sid", "--out", str(tmp_path / "e"),
                  "--quiet"]) == 2
+    assert main(["train", "score-gan", "--teacher", "pretrained/digits-edm", "--data", "digits", "--generator-loss",
+                 "magic", "--out", str(tmp_path / "bad"), "--quiet"]) == 2  # one of score_gan.GENERATOR_LOSSES
+    assert not (tmp_path / "bad").exists()
 
 
 def test_teacher_initialised_student_trains_saves_and_loads(tmp_path, gmm):

@@ -623,8 +623,7 @@ def _student_start(path: str, cfg: ScoreGANConfig, shape: tuple[int, ...]) -> De
             f"student_steps: the student at {path!r} has a chain of {student.steps} steps, got student_steps="
             f"{cfg.student_steps}"
         )
-    net = copy.deepcopy(student.net).train().requires_grad_(True)
-    return DenoiserGenerator(net, list(student.sigmas), shape, student.conditioning)
+    return student.train().requires_grad_(True)  # a fresh load: trained in place
 
 
 def _classes(teacher) -> int:
