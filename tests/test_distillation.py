@@ -107,10 +107,10 @@ def test_score_gan_gan_option_adds_minus_grad_c_of_f(gmm, monkeypatch):
         seen["direction"] = direction.clone()
         return real_loss(x, direction, normalize)
 
-    def spy_call(self, score, head, x, sigma, cond):
+    def spy_call(self, score, head, x, sigma, cond, **kw):
         if x.requires_grad:                       # the generator phase asks f at the noised particles
             seen["args"] = (self, score, head, x.detach().clone(), sigma.clone())
-        return real_call(self, score, head, x, sigma, cond)
+        return real_call(self, score, head, x, sigma, cond, **kw)
     monkeypatch.setattr(sg, "int_pm_loss", spy_loss)
     monkeypatch.setattr(sg.FeatureDiscriminator, "__call__", spy_call)
     data = fs.data.TensorData(gmm.sample(512, generator=torch.Generator().manual_seed(0)))
@@ -136,9 +136,9 @@ def test_gan_sigma_max_gives_the_gan_its_own_noise_levels(gmm, monkeypatch):
     gan_sigmas, score_sigmas = [], []
     real_call = sg.FeatureDiscriminator.__call__
 
-    def spy_call(self, score, head, x, sigma, cond):
+    def spy_call(self, score, head, x, sigma, cond, **kw):
         gan_sigmas.append(sigma.detach().clone())
-        return real_call(self, score, head, x, sigma, cond)
+        return real_call(self, score, head, x, sigma, cond, **kw)
 
     real_forward = sg.EDMPrecond.forward
 
@@ -172,9 +172,9 @@ def test_gan_r1_adds_the_r1_penalty_on_the_noised_real_data_to_the_score_step(gm
     seen, steps = [], []
     real_call = sg.FeatureDiscriminator.__call__
 
-    def spy_call(self, score, head, x, sigma, cond):
+    def spy_call(self, score, head, x, sigma, cond, **kw):
         seen.append((copy.deepcopy(score), copy.deepcopy(head), x.detach().clone(), sigma.detach().clone()))
-        return real_call(self, score, head, x, sigma, cond)
+        return real_call(self, score, head, x, sigma, cond, **kw)
 
     real_step = torch.optim.Adam.step
 
@@ -334,6 +334,34 @@ def test_sid_generator_step_trains_the_generator_and_leaves_the_generated_score_
         fs.train.score_gan(teacher, (2,), generator_loss="dmd", steps=1, progress=False)
     with pytest.raises(fs.errors.ArgumentError, match="gamma"):
         fs.train.score_gan(teacher, (2,), generator_loss="sid", gamma=0.1, steps=1, progress=False)
+
+
+def test_gan_shared_false_keeps_the_heads_objective_out_of_the_generated_scores_weights(gmm, monkeypatch):
+    """SiDA and DMD2 train the generated score's features with the head's objective (gan_shared=True);
+    with gan_shared=False the first generated-score step's gradient on the score's weights is the
+    denoising loss's alone (the run without the GAN), and the head still gets its gradient."""
+    steps = []
+    real_step = torch.optim.Adam.step
+
+    def spy_step(self, *a, **k):
+        steps.append([p.grad.clone() if p.grad is not None else None for grp in self.param_groups for p in grp["params"]])
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    data = fs.data.TensorData(gmm.sample(512, generator=torch.Generator().manual_seed(0)))
+    common = dict(steps=1, batch_size=32, K=1, width=16, depth=1, latent=4, score_width=16, score_depth=1,
+                  progress=False, seed=0, data=data, sigma_min=0.1, sigma_max=10.0)
+    grads = {}
+    for name, kw in (("plain", {}), ("shared", {"gan_weight": 0.5}), ("head only", {"gan_weight": 0.5, "gan_shared": False})):
+        steps.clear()
+        fs.train.score_gan(gmm.denoiser, (2,), **common, **kw)
+        grads[name] = steps[0]                              # the generated score's (and head's) step
+    k = len(grads["plain"])
+    for a, b in zip(grads["head only"][:k], grads["plain"]):
+        torch.testing.assert_close(a, b)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(grads["shared"][:k], grads["plain"]))
+    assert len(grads["head only"]) > k and all(g is not None and g.abs().sum() > 0 for g in grads["head only"][k:])
+    with pytest.raises(fs.errors.ArgumentError, match="gan_r1: .* gan_shared=True"):
+        fs.train.score_gan(gmm.denoiser, (2,), **{**common, "gan_weight": 0.5, "gan_shared": False, "gan_r1": 1.0})
 
 
 def test_distillation_options_refuse_bad_input(gmm):

@@ -472,6 +472,31 @@ def test_plms_img2img_is_the_pipelines_cut_of_pndms_list(unet64, kw, steps, stre
     assert torch.allclose(start, X0 + float(info.grid[0]) * _eps(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kw", [{}, {"timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+                                {"timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": False}])
+@pytest.mark.parametrize("steps,strength", [(10, 0.3), (10, 0.6), (8, 0.95), (10, 1.0), (20, 0.75), (20, 0.3), (16, 0.2)])
+def test_pndm_img2img_is_the_pipelines_cut_of_its_runge_kutta_list(unet64, kw, steps, strength):
+    """PNDMScheduler's default Runge–Kutta mode lists 12 entries for its first three steps; the img2img
+    pipelines cut that list at t_start = N − ⌊N·s⌋ while the scheduler counts its calls from 0, so the
+    walk's first 12 calls are Runge–Kutta stages whose steps start at the uncut list's entries. `pndm`
+    (the solver the scheduler names) follows that cut, equal to the pipeline's loop with the same
+    noise, with its number of evaluations; other solvers walk the plain cut of the same knots."""
+    from diffusers import PNDMScheduler
+    make = lambda: PNDMScheduler(**kw)  # noqa: E731
+    ref = _img2img_loop(unet64, _in_float64(make(), steps), steps, strength, X0, _eps())
+    model = fs.models.from_diffusers(unet64, make())
+    got, info = fs.sample(model.field(), "scheduler", steps=steps, init=X0, strength=strength, seed=7,
+                          return_info=True)
+    assert info.solver == "pndm"
+    listed = _in_float64(make(), steps).timesteps
+    if strength < 1:                                                                # the pipeline's calls
+        assert info.nfe == len(listed) - (steps - int(steps * strength))
+    got = got / (1 + float(info.grid[-1]) ** 2) ** 0.5                              # diffusers returns α x
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    euler = fs.sample(model.field(), "euler", steps=steps, init=X0, strength=strength, seed=7, return_info=True)[1]
+    assert torch.equal(euler.grid, info.grid)                                       # the same walk's knots
+
+
 def _expert_loops(base_net, refiner_net, make, steps, fraction, z):
     """SDXL's ensemble of experts written out from diffusers' pipelines: the base's loop over the
     timesteps at or above round(T − f·T) (StableDiffusionXLPipeline's `denoising_end`), then the

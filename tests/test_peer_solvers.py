@@ -1019,6 +1019,10 @@ def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, 
     (False, {"variance_type": "fixed_large", "clip_sample": False}),
     (True, {"variance_type": "learned_range", "clip_sample": False}),  # IDDPM's interpolated variance
     (True, {"variance_type": "learned_range", "thresholding": True, "sample_max_value": 1.5}),
+    # "trailing" spacing ends at a timestep above 0, where DDPMScheduler still adds its step's noise
+    (False, {"variance_type": "fixed_large", "clip_sample": False, "timestep_spacing": "trailing"}),
+    (False, {"clip_sample": False, "timestep_spacing": "trailing"}),
+    (True, {"variance_type": "learned_range", "clip_sample": False, "timestep_spacing": "trailing"}),
 ])
 def test_ddpm_solver_is_the_ddpm_schedulers_loop(unet64, unet64_var, learned, kw):
     """`ddpm` takes the scheduler's `variance_type` and, for learned variances, the network's variance
@@ -1037,6 +1041,22 @@ def test_ddpm_solver_is_the_ddpm_schedulers_loop(unet64, unet64_var, learned, kw
         y = fs.sample(m.field(), "euler_ancestral", grid=grid, x_init=z * m.prior_std_at(float(grid[0])),
                       dtype=torch.float64, seed=5)
         assert ("variance_type" in kw) == ((y - x).abs().max().item() > 1e-6)
+    # Ho et al.'s Alg. 2 (no noise on the last step) on request: the mean of that last step
+    quiet = fs.sample(m.field(), "ddpm", grid=grid, x_init=z * m.prior_std_at(float(grid[0])), dtype=torch.float64,
+                      seed=5, last_noise=False)
+    last_t = int(sched.timesteps[-1])
+    if last_t == 0:
+        assert torch.equal(quiet, x)
+    else:           # diffusers' last noise: std √(1 − ᾱ_t) (fixed_large), √1e-20 (fixed_small), learned between
+        gap = (x - quiet).abs().max().item()
+        expected = math.sqrt(1 - float(sched.alphas_cumprod[last_t])) if kw.get("variance_type") == "fixed_large" else None
+        assert gap > (1e-3 if expected is None and learned else 0.0)
+        if expected is not None:
+            assert gap > expected and gap < 6 * expected
+        elif not learned:
+            assert gap < 1e-8
+    with pytest.raises(ValueError, match="last_noise: expected True, False or None"):
+        fs.sample(m.field(), "ddpm", nfe=3, n=1, last_noise="yes")
 
 
 def test_ddpm_with_learned_variance_and_guidance_is_deepfloyd_ifs_loop():

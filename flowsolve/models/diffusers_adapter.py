@@ -10,6 +10,7 @@ preconditioning (c_in, c_noise = ln σ / 4, c_skip, c_out with σ_data).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -886,11 +887,31 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         t_start ≥ 2 starts one knot higher, at grid[begin − 1] (and skips a knot after its first step:
         `plms`). Applies to the solver the scheduler names (`plms`) only."""
         skips_prk = bool(getattr(getattr(self.scheduler, "config", None), "skip_prk_steps", False))
-        if self.scheduler_class != "PNDMScheduler" or not skips_prk or begin < 2 or self.schedule != "discrete":
+        if self.scheduler_class != "PNDMScheduler" or begin < 1 or self.schedule != "discrete":
             return None
-        level = float(grid[begin - 1])
+        if skips_prk:
+            if begin < 2:
+                return None
+            level = float(grid[begin - 1])
+        else:  # Runge–Kutta mode: the list's entry t_start, a knot or a midpoint k + ⌊δ/2⌋ (`pndm`)
+            listed = self.pndm_timesteps(grid)
+            if listed is None:
+                return None
+            level = float(self.sigma(torch.tensor(listed[begin])))
         scale = vp_reread(level, float(grid[begin]))
         return scale, scale * level
+
+    def pndm_timesteps(self, grid: torch.Tensor) -> list[int] | None:
+        """PNDMScheduler's whole list of timesteps for its own schedule `grid` (set on a copy of the
+        scheduler; with a last step that moves nothing the grid holds one knot fewer), or None where no
+        step count gives the grid's knots."""
+        knots = [round(float(k)) for k in self.timestep(grid[:-1].double())] if len(grid) > 1 else []
+        for steps in (len(grid) - 1, len(grid)):
+            sched = copy.deepcopy(self.scheduler)
+            sched.set_timesteps(steps)
+            if [int(k) for k in sched._timesteps[::-1]][: len(knots)] == knots:  # its knots, highest first
+                return [int(k) for k in sched.timesteps]
+        return None
 
     def repaint_betas(self, sigma: float, stride: int) -> list[float] | None:
         """RePaintScheduler's `undo_step` from its knot at σ: the β's of the `stride` (T/N) one-timestep

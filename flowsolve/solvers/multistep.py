@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 from collections import deque
@@ -259,6 +260,8 @@ def _pndm_family(run: Run, x: torch.Tensor, blend: str | None, warm_steps: int, 
         x, first = _plms_cut_start(run, levels, x, mode)  # the img2img pipelines' cut of PLMS's list
         hist.appendleft(first)
         begun = 1
+    if levels is not None and run.skipped and runge_kutta and not levels.lists_twice:
+        return _prk_cut_walk(run, levels, x, mode)  # the img2img pipelines' cut of the Runge–Kutta list
     for i in run.steps():
         if i < begun:
             continue
@@ -319,6 +322,57 @@ def _plms_cut_start(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str)
     return run.tick(0, x), first
 
 
+def _prk_cut_walk(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str) -> torch.Tensor:
+    """PNDMScheduler in its Runge–Kutta mode walked as the img2img pipelines walk it: its list L (12
+    Runge–Kutta entries for its first three steps, then one per step) from index t_start = `run.skipped`,
+    while the scheduler counts its calls c from 0. Call c < 12 is stage c mod 4 of a Runge–Kutta step
+    that starts from the sample of its stage 0 read at the *uncut* list's entry 4⌊c/4⌋ and goes to the
+    timestep passed, L[t_start + c] (less ⌊δ/2⌋ for even c), with ε, ε, ε and the mean (ε₁ + 2ε₂ + 2ε₃
+    + ε₄)/6; later calls are PLMS's fourth-order steps from the timestep passed to δ below it. The
+    model sees the sample at the timestep passed (the data was noised at L[t_start]:
+    `img2img_start_coefficients`). Followed call by call on the field, with VE states x̃ tagged by the
+    level their VP sample belongs to; the inpaint pipelines' blend after each call is at the next
+    entry's level."""
+    model, t = levels.model, run.times
+    sched = copy.deepcopy(model.scheduler)
+    sched.set_timesteps(levels.steps)
+    walk = [int(k) for k in sched.timesteps[run.skipped :]]
+    full = [int(k) for k in sched.timesteps[:12]]  # the steps' starts: entries 0, 4, 8
+    half = levels.delta // 2
+    xt, at = x, t[0]  # the state and the level of its VP sample
+    hist: list[torch.Tensor] = []  # the scheduler's `ets`: raw outputs of each step's first call
+    acc: torch.Tensor | float = 0.0
+    start = (xt, at)  # the sample of the current Runge–Kutta step's stage 0
+    n, last = len(t) - 1, len(walk) - 1
+    for c, k in enumerate(walk):
+        run.step = min(c * n // len(walk), n - 1)
+        lam = levels.level(k)
+        xin = _read_at(xt, at, lam)
+        d = run.f_at(xin, lam)
+        out = d if mode == "epsilon" else _vp_v(d, xin, lam)  # the model's raw output
+        if c < 12:  # step_prk: stage c mod 4 of the step from the uncut list's entry 4⌊c/4⌋
+            stage = c % 4
+            if stage == 0:
+                acc, start = out / 6, (xt, at)
+                hist.append(out)
+                used = out
+            elif stage < 3:
+                acc, used = acc + out / 3, out
+            else:
+                used, acc = acc + out / 6, 0.0
+            base, to = levels.level(full[c // 4 * 4]), levels.level(k - (0 if c % 2 else half))
+            xs = _read_at(*start, base)
+        else:  # step_plms: fourth order on the last four first outputs
+            hist = hist[-3:] + [out]
+            used = combine(_IPNDM[4], hist[::-1])
+            base, to, xs = lam, levels.level(k - levels.delta), xin
+        xt, at = xs + (to - base) * (used if mode == "epsilon" else _vp_eps(used, xs, base)), to
+        if c < last:  # the inpaint pipelines' blend, at the next entry's level
+            nxt = levels.level(walk[c + 1])
+            xt, at = run.stage(run.step, _read_at(xt, at, nxt), nxt), nxt
+    return run.tick(n - 1, _read_at(xt, at, t[-1]))
+
+
 def _read_at(xt: torch.Tensor, level: float, read: float) -> torch.Tensor:
     """A VE state x̃ at `level` as a diffusers VP scheduler passes it on: its VP sample x̃/√(1 + level²)
     read as the sample at `read`, x̃ √((1 + read²)/(1 + level²)) (the identity where they agree)."""
@@ -333,7 +387,7 @@ class _PNDMLevels:
     and δ even these are the knots and the mean of two; with "linspace" or δ odd they are not."""
 
     def __init__(self, model: Any, own: torch.Tensor, steps: int, skipped: int, times: Sequence[float]) -> None:
-        self.model, self.final, self.times = model, float(own[-1]), times
+        self.model, self.final, self.times, self.steps = model, float(own[-1]), times, steps
         self.delta = len(model.log_sigmas) // steps
         self.knots = [model_timestep(model, t) for t in times[:-1]]  # the walked knots' timesteps
         self.before = float(own[skipped - 1]) if skipped else math.nan  # the knot before the walk

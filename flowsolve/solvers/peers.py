@@ -1280,7 +1280,9 @@ def _model_variance_type(field) -> str | None:
     return getattr(field_model(field, lambda m: getattr(m, "variance_type", None) is not None), "variance_type", None)
 
 
-def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: float = 1.0) -> torch.Tensor:
+def ddpm(
+    run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: float = 1.0, last_noise: bool | None = None
+) -> torch.Tensor:
     """DDPM's ancestral step (Ho et al. 2020, Eq. 11; diffusers' `DDPMScheduler`) on any Gaussian path:
     the posterior mean of x_{i+1} given x_i and x_0 = D_i, in VE levels ρ = σ/α,
     x̃_{i+1} = (ρ_{i+1}²/ρ_i²) x̃_i + (1 − ρ_{i+1}²/ρ_i²) D_i, plus noise whose VP variance is, with
@@ -1290,7 +1292,9 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
     ("learned_range"), v the network's variance channels at (x_i, σ_i). Under CFG v is the
     conditional branch's (as DeepFloyd IF's pipeline takes it). `variance=None` takes the model's
     scheduler's `variance_type` (fixed_small for models that have none). The last step adds no noise
-    (Alg. 2), also where the grid ends above σ = 0 (Würstchen's ᾱ = 0.9999)."""
+    (Alg. 2), also where the grid ends above σ = 0 (Würstchen's ᾱ = 0.9999), except with `last_noise`:
+    its default (None) follows `DDPMScheduler` on a diffusers DDPM-type model, which adds the step's
+    noise whenever its timestep is above 0 ("trailing" spacing), ᾱ_{i+1} = 1 (β = 1 − ᾱ_i, β̃ = 0)."""
     kind = variance if variance is not None else (_model_variance_type(run.field) or "fixed_small")
     if kind not in DDPM_VARIANCES:
         raise ArgumentError(f"variance: expected one of {', '.join(DDPM_VARIANCES)}, got {kind!r}")
@@ -1301,13 +1305,18 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str | None = None, s_noise: flo
             f"variance: {kind!r} needs a model that outputs its variance (a diffusers model with "
             f"out_channels = 2 × in_channels, e.g. DeepFloyd IF's UNet); this field's model does not"
         )
+    if last_noise is not None and not isinstance(last_noise, bool):
+        raise ArgumentError(f"last_noise: expected True, False or None (the model's scheduler), got {last_noise!r}")
     p = PathGrid(run)
     last = len(run.times) - 2
+    if last_noise is None:  # DDPMScheduler.step draws noise whenever t > 0, its last step included
+        discrete = discrete_model(run.field)
+        last_noise = discrete is not None and p.rho(last + 1) == 0 and model_timestep(discrete, p.t[last]) > 0
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
         x_mean = p.first_order(i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
-        if rho_next == 0 or i == last:  # Ho et al.'s Alg. 2: no noise on the last step (z = 0 at t = 1)
+        if (rho_next == 0 or i == last) and not (i == last and last_noise):  # Alg. 2: z = 0 on the last step
             x = p.a[i + 1] * x_mean
             x = run.tick(i, x)
             continue

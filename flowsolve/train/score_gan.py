@@ -110,6 +110,7 @@ class ScoreGANConfig(PaperLoopConfig):
     gan_sigma_max: float | None = None  # the GAN's own noise levels, p_σ on [sigma_min, this] (None: the score's σ)
     gan_r1: float = 0.0  # R1 penalty γ/2·E‖∇f(x_real)‖² on the noised real data (Mescheder et al. 2018)
     gan_augment: str = ""  # DiffAugment policy of the head's inputs, real and generated (augment.AUGMENTS)
+    gan_shared: bool = True  # the head's objective trains the generated score's features too (False: the head only)
     guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
     generator_loss: str = "int-pm"  # "int-pm": Eq. 27 (Alg. 1); "sid": SiD's loss through both denoisers
     sid_alpha: float = 1.2  # SiD's α (Zhou et al. 2024: 1.2; α = 0 keeps only the cross term)
@@ -318,7 +319,7 @@ class FeatureDiscriminator:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def __call__(self, score: nn.Module, head: nn.Module, x, sigma, cond: dict):
+    def __call__(self, score: nn.Module, head: nn.Module, x, sigma, cond: dict, detach: bool = False):
         feats: list[torch.Tensor] = []
         hook = self.module.register_forward_hook(lambda _m, _i, o: feats.append(o[0] if isinstance(o, tuple) else o))
         try:
@@ -327,7 +328,8 @@ class FeatureDiscriminator:
             hook.remove()
         if not feats:
             raise ArgumentError("gan_features: the chosen module did not run in the generated score's forward pass")
-        return head(feats[-1].float()).reshape(len(x)), den
+        feat = feats[-1].float()
+        return head(feat.detach() if detach else feat).reshape(len(x)), den
 
 
 def _head(score: nn.Module, feature: FeatureDiscriminator, shape, cond: dict, seed: int) -> nn.Module:
@@ -472,7 +474,7 @@ def score_gan(
                 x = generate(m, z, cond, upto)
             xs = x + as_column(sigma, x) * eps
             if feature is not None and cfg.gan_sigma_max is None and not cfg.gan_augment:  # one pass: D_ρ and f
-                f_fake, pred = feature(m.aux, m.head, xs, sigma, cond)
+                f_fake, pred = feature(m.aux, m.head, xs, sigma, cond, detach=not cfg.gan_shared)
             else:
                 pred = m.aux(xs, sigma, **cond)
             per = (pred - x).square().reshape(len(x), -1).mean(1)
@@ -480,13 +482,14 @@ def score_gan(
             s_loss = (weight * per).mean()
             if feature is not None:  # Eq. 15 on real data, noised alike
                 if cfg.gan_sigma_max is not None or cfg.gan_augment:  # the fakes again: own σ, augmented
-                    f_fake, _ = feature(m.aux, m.head, *gan_noised(diff_augment(x, cfg.gan_augment, g), g), cond)
+                    xf, sig_f = gan_noised(diff_augment(x, cfg.gan_augment, g), g)
+                    f_fake, _ = feature(m.aux, m.head, xf, sig_f, cond, detach=not cfg.gan_shared)
                 real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
                 xr, sig_r = gan_noised(diff_augment(shard(real), cfg.gan_augment, g), g)
                 xr = xr.requires_grad_(bool(cfg.gan_r1))
                 with _double_backward_attention(bool(cfg.gan_r1)):
-                    f_real, _ = feature(m.aux, m.head, xr, sig_r, real_cond)
+                    f_real, _ = feature(m.aux, m.head, xr, sig_r, real_cond, detach=not cfg.gan_shared)
                 s_loss = s_loss - cfg.gan_d_weight * gan.discriminator_objective(f_fake, f_real)
                 if cfg.gan_r1:  # R1: a flat f on the real digits, so the head cannot single them out
                     (gr,) = torch.autograd.grad(f_real.sum(), xr, create_graph=True)
@@ -690,6 +693,8 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
         raise ArgumentError(f"gan_weight: expected a non-negative weight, got {cfg.gan_weight!r}")
     if cfg.gan_r1 < 0:
         raise ArgumentError(f"gan_r1: expected a non-negative R1 weight, got {cfg.gan_r1!r}")
+    if cfg.gan_r1 and not cfg.gan_shared:
+        raise ArgumentError("gan_r1: differentiates the head through the features; it needs gan_shared=True")
     if cfg.gan_sigma_max is not None and not cfg.sigma_min < cfg.gan_sigma_max <= cfg.sigma_max:
         raise ArgumentError(
             f"gan_sigma_max: expected sigma_min ({cfg.sigma_min}) < gan_sigma_max <= sigma_max ({cfg.sigma_max}), "
