@@ -392,12 +392,14 @@ def _img2img_grid(
 
 def _expert_part(
     field: Field, spec: solvers.Solver, g64: torch.Tensor, fraction: Any, coefficients: Any, name: str
-) -> tuple[torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, int, int, bool]:
     """SDXL's ensemble of experts (diffusers' `denoising_end` / `denoising_start`): the cut is the
     diffusers timestep round(T − fraction·T); "denoising_end" keeps the steps from knots at or above it
     (the grid up to the first knot below it), "denoising_start" the steps from the first knot below
-    it. Returns (grid, the evaluations it costs, the schedule's steps left out: after it for
-    denoising_end, before it for denoising_start)."""
+    it. A second-order scheduler's own solver cuts its list of calls as the pipelines do
+    (`_second_order_cut`). Returns (grid, the evaluations it costs, the schedule's steps left out:
+    after it for denoising_end, before it for denoising_start, whether the walk ends after its last
+    step's first stage)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ArgumentError(f"{name}: expected a fraction of the schedule in (0, 1), got {fraction!r}")
     if spec.adaptive or coefficients is not None:
@@ -420,6 +422,15 @@ def _expert_part(
         )
     cutoff = int(round(total - fraction * total))
     above = sum(1 for stamp in stamps if stamp >= cutoff)  # the knots before the cut
+    half = False  # the base's walk ends after its last step's first stage
+    calls = _second_order_calls(field, spec, counted_steps(field, times))
+    if calls is not None and 0 < above < len(stamps):
+        if name == "denoising_end":  # the pipeline walks the calls at or above the cut: call 2k is step k's first
+            walked = sum(1 for c in calls if c >= cutoff)
+            above, half = (walked + 1) // 2, walked % 2 == 1
+        else:  # get_timesteps: the calls below the cut, one more where that count is even
+            below = sum(1 for c in calls if c < cutoff)
+            above = (len(calls) - below - (1 if below % 2 == 0 else 0)) // 2
     if above == 0 or above == len(stamps):
         raise ArgumentError(
             f"{name}: {fraction:g} cuts the {len(stamps)} steps at timestep {cutoff}, which leaves "
@@ -427,10 +438,35 @@ def _expert_part(
         )
     if name == "denoising_end":
         part = g64[: above + 1].clone()
-        return part, spec.evals(above, False), counted_steps(field, times) - above
+        return part, spec.evals(above, False), counted_steps(field, times) - above, half
     part = g64[above:].clone()
     singular = not field.finite_at_end and float(part[-1]) == field.t_end
-    return part, spec.evals(len(part) - 1, singular), above
+    return part, spec.evals(len(part) - 1, singular), above, False
+
+
+def _second_order_calls(field: Field, spec: solvers.Solver, steps: int) -> list[float] | None:
+    """The timesteps a second-order diffusers scheduler (Heun, KDPM2, KDPM2 ancestral, DPM-Solver SDE:
+    `order` 2) is called with over `steps` steps, where `spec` is the solver it names: step 0's first
+    call, then two per step (call 2k is step k's first stage, 2k + 1 its second). SDXL's pipelines cut
+    this list, not the knots: the base's walk may end after a step's first stage (its predictor, or its
+    midpoint), and the refiner then starts that step again from the base's output. None otherwise."""
+    import copy
+
+    from .solvers.base import model_scheduler
+
+    scheduler = model_scheduler(field)
+    if scheduler is None or getattr(scheduler, "order", 1) != 2 or not hasattr(scheduler, "set_timesteps"):
+        return None
+    try:
+        own = solvers.from_scheduler(scheduler)[0]
+    except ArgumentError:
+        return None
+    if own != spec.name:
+        return None
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps)
+    calls = [float(t) for t in sched.timesteps]
+    return calls if len(calls) == 2 * steps - 1 else None
 
 
 def _scheduler_start(field: Field, spec: solvers.Solver, g64: torch.Tensor, begin: int) -> tuple[float, float] | None:
@@ -601,13 +637,14 @@ def sample(
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     skipped = 0  # steps of the grid before the first one walked (img2img)
     cut_after = 0  # steps of the grid after the last one walked (denoising_end)
+    first_stage_last = False  # the walk ends after its last step's first stage (denoising_end, 2nd order)
     if denoising_start is not None:  # the refiner's part: from the first knot below the cut, from x_init
         if x_init is None or init is not None:
             raise ArgumentError(
                 "denoising_start: starts from x_init, the state at the cut (the base model's output with "
                 "denoising_end), not from init"
             )
-        g64, budget, skipped = _expert_part(field, spec, g64, denoising_start, coefficients, "denoising_start")
+        g64, budget, skipped, _ = _expert_part(field, spec, g64, denoising_start, coefficients, "denoising_start")
     start_at = None  # where a scheduler's img2img pipeline starts instead of the walk's first knot
     if mask is not None and init is None:
         raise ArgumentError("mask: needs init= (the data whose unmasked part is kept)")
@@ -660,7 +697,9 @@ def sample(
     elif strength is not None:
         raise ArgumentError("strength: needs init= (the data that image-to-image starts from)")
     if denoising_end is not None:  # the base model's part: up to the first knot below the cut
-        g64, budget, cut_after = _expert_part(field, spec, g64, denoising_end, coefficients, "denoising_end")
+        g64, budget, cut_after, first_stage_last = _expert_part(
+            field, spec, g64, denoising_end, coefficients, "denoising_end"
+        )
     check_int("trajectory_every", trajectory_every, 0)
     if callback is not None and not callable(callback):
         raise ArgumentTypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
@@ -734,8 +773,15 @@ def sample(
             skipped=skipped,
             known=known,
             cut_after=cut_after,
+            first_stage_last=first_stage_last,
         )
-        x = spec.fn(run, x, **options)
+        try:
+            x = spec.fn(run, x, **options)
+        except solvers.base.StageStop as stop:  # the base's part ends inside a second-order step
+            x = stop.state
+        else:
+            if first_stage_last:
+                raise RuntimeError(f"solver {spec.name!r} finished its last step without taking its first stage apart")
         if between is not None:  # the kept part is the data itself, whatever the solver returned
             x = between(len(g64) - 2, x, final=True)
         run.finish()

@@ -97,10 +97,10 @@ def test_score_gan_head_sees_augmented_images_and_the_direction_goes_back_throug
         seen["direction"] = direction.clone()
         return real_loss(x, direction, normalize)
 
-    def spy_call(self, score, head, x, sigma, cond):
+    def spy_call(self, score, head, x, sigma, cond, **kw):
         if x.requires_grad:                               # the generator phase
             seen["args"] = (self, score, head, x.detach().clone(), sigma.clone())
-        return real_call(self, score, head, x, sigma, cond)
+        return real_call(self, score, head, x, sigma, cond, **kw)
 
     monkeypatch.setattr(sg, "diff_augment", spy_aug)
     monkeypatch.setattr(sg, "int_pm_loss", spy_loss)

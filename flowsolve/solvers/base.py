@@ -122,6 +122,16 @@ class Solver:
             )
 
 
+class StageStop(Exception):
+    """Raised by `Run.stage` on the walk's last step when the walk ends after that step's first stage
+    (`Run.first_stage_last`: diffusers' SDXL base cut inside a second-order scheduler's step); carries
+    the state the pipeline returns there."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        super().__init__("the walk ends after its last step's first stage")
+        self.state = state
+
+
 class Run:
     """The state of one solve over one chunk of particles."""
 
@@ -143,6 +153,7 @@ class Run:
         skipped: int = 0,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
         cut_after: int = 0,
+        first_stage_last: bool = False,
     ) -> None:
         self.field, self.solver = field, solver
         # inpainting's (data, mask: 1 where to generate) for solvers that blend the kept part themselves
@@ -154,6 +165,8 @@ class Run:
         self.skipped = skipped
         # steps of the schedule after this grid's last time (a walk stopped at `denoising_end`): counted too
         self.cut_after = cut_after
+        # the walk ends after the first stage of its last step (a second-order step cut in its middle)
+        self.first_stage_last = first_stage_last
         # a calibrated grid's solver coefficients: the k-th evaluation the solver sees is
         # Σ_{j≤k} coefficients[k][j] · f_j (floats, or tensors while `calibrate` fits them)
         self.coefficients = coefficients
@@ -276,9 +289,11 @@ class Run:
         calls (Heun's predictor, DPM-2's midpoint, PLMS's first step), at time `at` (t_{i+1} by
         default, where those schedulers' `add_noise` reads the next knot): what `between` makes of it,
         as the inpaint and differential pipelines blend after every call."""
-        if self.between is None:
-            return x
-        return self.between(i, x, at=self.times[i + 1] if at is None else at)
+        if self.between is not None:
+            x = self.between(i, x, at=self.times[i + 1] if at is None else at)
+        if self.first_stage_last and i == len(self.times) - 2:
+            raise StageStop(x)
+        return x
 
     def finish(self) -> None:
         """Raise NonFiniteError naming the first step whose field output was not finite."""
@@ -347,7 +362,7 @@ class PathGrid:
 
     def stage_ve(self, i: int, xt: torch.Tensor, lam: float) -> torch.Tensor:
         """`Run.stage` for a stage of step i given in VE coordinates x̃ = x/α at λ = lam."""
-        if self.run.between is None:
+        if self.run.between is None and not self.run.first_stage_last:
             return xt
         a = self.path.alpha(self.path.time_at(lam))
         return self.run.stage(i, a * xt) / a
