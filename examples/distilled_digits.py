@@ -88,8 +88,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     if args.cond_student:
         y = torch.arange(args.n) % 10
-        ct = fs.from_pretrained(args.cond_teacher)
-        for w in (1.0, args.guidance):
+        ct = None if args.no_teacher else fs.from_pretrained(args.cond_teacher)
+        for w in () if ct is None else (1.0, args.guidance):
             rows.append(rows_for(f"teacher {args.cond_teacher}, dpmpp_2m 16 NFE, guidance {w}",
                                  lambda s, w=w: fs.sample(ct.field(guidance=w), "dpmpp_2m", nfe=16, n=args.n, seed=s,
                                                           cond={"class_labels": y}), feats, labels=y, seeds=seeds))
