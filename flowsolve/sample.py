@@ -397,7 +397,7 @@ def _expert_part(
     diffusers timestep round(T − fraction·T); "denoising_end" keeps the steps from knots at or above it
     (the grid up to the first knot below it), "denoising_start" the steps from the first knot below
     it. A second-order scheduler's own solver cuts its list of calls as the pipelines do
-    (`_second_order_cut`). Returns (grid, the evaluations it costs, the schedule's steps left out:
+    (`_second_order_calls`). Returns (grid, the evaluations it costs, the schedule's steps left out:
     after it for denoising_end, before it for denoising_start, whether the walk ends after its last
     step's first stage)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
@@ -452,16 +452,8 @@ def _second_order_calls(field: Field, spec: solvers.Solver, steps: int) -> list[
     midpoint), and the refiner then starts that step again from the base's output. None otherwise."""
     import copy
 
-    from .solvers.base import model_scheduler
-
-    scheduler = model_scheduler(field)
+    scheduler = _named_scheduler(field, spec)
     if scheduler is None or getattr(scheduler, "order", 1) != 2 or not hasattr(scheduler, "set_timesteps"):
-        return None
-    try:
-        own = solvers.from_scheduler(scheduler)[0]
-    except ArgumentError:
-        return None
-    if own != spec.name:
         return None
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(steps)
@@ -473,17 +465,25 @@ def _scheduler_start(field: Field, spec: solvers.Solver, g64: torch.Tensor, begi
     """Where the img2img pipeline of the field's diffusers scheduler starts the walk of the end of the
     grid `g64` from knot `begin` when that is not the knot itself (a x0 + b ε, PNDM's PLMS list:
     `img2img_start_coefficients`); only for the solver that scheduler names, whose loop follows it."""
+    model = field_model(field, lambda m: callable(getattr(m, "img2img_start_coefficients", None)))
+    if model is None or begin == 0 or _named_scheduler(field, spec) is None:
+        return None
+    return model.img2img_start_coefficients(g64, begin)
+
+
+def _named_scheduler(field: Field, spec: solvers.Solver) -> Any:
+    """The diffusers scheduler the field's model was loaded with, where `spec` is the solver it names
+    (`solvers.from_scheduler`), else None: only that solver follows the scheduler's own loop."""
     from .solvers.base import model_scheduler
 
-    model = field_model(field, lambda m: callable(getattr(m, "img2img_start_coefficients", None)))
     scheduler = model_scheduler(field)
-    if model is None or scheduler is None or begin == 0:
+    if scheduler is None:
         return None
     try:
         own = solvers.from_scheduler(scheduler)[0]
     except ArgumentError:
         return None
-    return model.img2img_start_coefficients(g64, begin) if own == spec.name else None
+    return scheduler if own == spec.name else None
 
 
 def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Sequence
 from collections import deque
@@ -333,11 +332,11 @@ def _prk_cut_walk(run: Run, levels: "_PNDMLevels", x: torch.Tensor, mode: str) -
     `img2img_start_coefficients`). Followed call by call on the field, with VE states x̃ tagged by the
     level their VP sample belongs to; the inpaint pipelines' blend after each call is at the next
     entry's level."""
-    model, t = levels.model, run.times
-    sched = copy.deepcopy(model.scheduler)
-    sched.set_timesteps(levels.steps)
-    walk = [int(k) for k in sched.timesteps[run.skipped :]]
-    full = [int(k) for k in sched.timesteps[:12]]  # the steps' starts: entries 0, 4, 8
+    t = run.times
+    listed = levels.model.pndm_timesteps(levels.own)
+    if listed is None:  # (levels exist only on the scheduler's own schedule, whose list this is)
+        raise RuntimeError("pndm: the model's PNDMScheduler lists no timesteps for its own schedule")
+    walk, full = listed[run.skipped :], listed[:12]  # full: the Runge–Kutta steps' starts, entries 0, 4, 8
     half = levels.delta // 2
     xt, at = x, t[0]  # the state and the level of its VP sample
     hist: list[torch.Tensor] = []  # the scheduler's `ets`: raw outputs of each step's first call
@@ -387,7 +386,7 @@ class _PNDMLevels:
     and δ even these are the knots and the mean of two; with "linspace" or δ odd they are not."""
 
     def __init__(self, model: Any, own: torch.Tensor, steps: int, skipped: int, times: Sequence[float]) -> None:
-        self.model, self.final, self.times, self.steps = model, float(own[-1]), times, steps
+        self.model, self.own, self.final, self.times = model, own, float(own[-1]), times
         self.delta = len(model.log_sigmas) // steps
         self.knots = [model_timestep(model, t) for t in times[:-1]]  # the walked knots' timesteps
         self.before = float(own[skipped - 1]) if skipped else math.nan  # the knot before the walk
