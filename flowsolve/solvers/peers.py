@@ -1316,7 +1316,7 @@ def ddpm(
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
         x_mean = p.first_order(i, x, den, 0.0 if math.isinf(rho) else rho_next**2 / rho)
-        if (rho_next == 0 or i == last) and not (i == last and last_noise):  # Alg. 2: z = 0 on the last step
+        if i == last and not last_noise:  # Ho et al.'s Alg. 2: z = 0 on the last step (the only one to ρ = 0)
             x = p.a[i + 1] * x_mean
             x = run.tick(i, x)
             continue

@@ -511,10 +511,10 @@ def score_gan(
         x = generate(m, z, cond, upto)
         xt = x.detach() + as_column(sigma, x) * eps
         bound = field.bind(cond)
+        direction: torch.Tensor | None = None  # the particles' direction (Eq. 27, plus Eq. 20's GAN term)
         if cfg.generator_loss == "sid":  # SiD: the loss through both denoisers, their weights left alone
             with _frozen(m.aux):
                 g_loss = sid_loss(bound, x, eps, sigma, cfg.normalize, cfg.sid_alpha)
-            direction = torch.zeros_like(x)
         else:
             with torch.no_grad():  # σ ∇h (Eq. 27), asked of the field; for DMD, D_data(x_t) from the same teacher call
                 if cfg.normalize == "dmd":
@@ -540,9 +540,10 @@ def score_gan(
                     xg = xg.requires_grad_(True)
                     f, _ = feature(m.aux, m.head, xg, sig_g, cond)
                 (dc,) = torch.autograd.grad(gan.c(f).sum(), xg)
-            direction = direction - cfg.gan_weight * dc.detach()
+            gan_direction = -cfg.gan_weight * dc.detach()
+            direction = gan_direction if direction is None else direction + gan_direction
         opt_g.zero_grad(set_to_none=True)
-        (g_loss + int_pm_loss(x, direction)).backward()
+        (g_loss if direction is None else g_loss + int_pm_loss(x, direction)).backward()
         sync_gradients(m.g.parameters())
         opt_g.step()
         return s_loss.item()
