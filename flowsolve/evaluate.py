@@ -118,6 +118,15 @@ def match_class_mix(labels: torch.Tensor, shares: torch.Tensor, seed: int = 0) -
     return torch.cat(picked).sort().values
 
 
+def _fd_at_mix(f: torch.Tensor, labels: torch.Tensor, shares: torch.Tensor, ref: torch.Tensor, seed: int):
+    """FD of the features f of the largest subset at the class `shares` against ref; None where a class
+    the shares ask for was not drawn or the subset is too small (a few samples)."""
+    if not (torch.bincount(labels.long(), minlength=len(shares))[shares > 0] > 0).all():
+        return None
+    matched = match_class_mix(labels, shares, seed)
+    return frechet_distance_features(f[matched], ref) if len(matched) > 1 else None
+
+
 def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int = 0) -> DigitsReport:
     """FD of `samples` (n, 1, 8, 8) in [−1, 1] against the held-out digits, its floor, class shares."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
@@ -144,11 +153,7 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     # the class mix (DigitsReport.fd_mix): subsets at the held-out digits' class shares
     assert test.labels is not None and train.labels is not None
     test_share = torch.bincount(test.labels.long(), minlength=10).double() / len(test.labels)
-    fd_mix = None
-    if (torch.bincount(svc, minlength=10)[test_share > 0] > 0).all():  # every class drawn: a subset exists
-        matched = match_class_mix(svc, test_share, seed)
-        fd_mix = frechet_distance_features(fx[matched], fr) if len(matched) > 1 else None
-    floor_mix = frechet_distance_features(ft[match_class_mix(train.labels[idx], test_share, seed)], fr)
+    fd_mix, floor_mix = (_fd_at_mix(f, y, test_share, fr, seed) for f, y in ((fx, svc), (ft, train.labels[idx])))
     mix_tv = 0.5 * float((svc_share.double() - test_share).abs().sum())
     return DigitsReport(
         fd=fd,
