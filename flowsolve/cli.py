@@ -475,10 +475,10 @@ def cmd_train(args) -> int:
 
         # validation FD on digits; energy distance on vector data (validation_energy refuses images)
         digits = args.data == "digits"
-        seed = {} if args.select_seed is None else {("seed" if digits else "sample_seed"): args.select_seed}
+        scored: dict = {} if args.select_seed is None else {("seed" if digits else "sample_seed"): args.select_seed}
         if args.select_n is not None:
-            seed["n"] = args.select_n
-        select = validation_fd(**seed) if digits else validation_energy(args.data, **seed)
+            scored["n"] = args.select_n
+        select = validation_fd(**scored) if digits else validation_energy(args.data, **scored)
         overrides.update(select=select, select_every=args.select_every)
     if args.objective == "features" and args.data != "digits":
         raise UserError(f"--data: the feature network is trained on 'digits' only, got {args.data!r}")

@@ -105,8 +105,7 @@ def match_class_mix(labels: torch.Tensor, shares: torch.Tensor, seed: int = 0) -
     shares = shares / shares.sum()
     counts = torch.bincount(labels, minlength=len(shares)).double()
     wanted = shares > 0
-    if (counts[wanted] == 0).any():
-        missing = torch.nonzero(wanted & (counts == 0)).flatten().tolist()
+    if missing := _missing_classes(labels, shares):
         raise ArgumentError(f"labels: no item of class {missing}, which shares asks for")
     m = float((counts[wanted] / shares[wanted]).min())
     g = torch.Generator().manual_seed(seed)
@@ -118,10 +117,21 @@ def match_class_mix(labels: torch.Tensor, shares: torch.Tensor, seed: int = 0) -
     return torch.cat(picked).sort().values
 
 
+def _missing_classes(labels: torch.Tensor, shares: torch.Tensor) -> list[int]:
+    """The classes with a positive share of which `labels` has no item."""
+    counts = torch.bincount(labels.long(), minlength=len(shares))
+    return torch.nonzero((shares > 0) & (counts == 0)).flatten().tolist()
+
+
+def _class_shares(labels: torch.Tensor) -> torch.Tensor:
+    """The share of each digit class 0..9 among `labels`."""
+    return torch.bincount(torch.as_tensor(labels).long(), minlength=10).double() / len(labels)
+
+
 def _fd_at_mix(f: torch.Tensor, labels: torch.Tensor, shares: torch.Tensor, ref: torch.Tensor, seed: int):
     """FD of the features f of the largest subset at the class `shares` against ref; None where a class
     the shares ask for was not drawn or the subset is too small (a few samples)."""
-    if not (torch.bincount(labels.long(), minlength=len(shares))[shares > 0] > 0).all():
+    if _missing_classes(labels, shares):
         return None
     matched = match_class_mix(labels, shares, seed)
     return frechet_distance_features(f[matched], ref) if len(matched) > 1 else None
@@ -141,7 +151,7 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     spread, kid = _trace_ratio(fx, fr), kernel_distance_features(fx, fr)
     with torch.no_grad():
         pred = features(samples.float().clamp(-1, 1)).argmax(1)
-    share = torch.bincount(pred, minlength=10).float() / n
+    share = _class_shares(pred)
 
     def pixels(x: torch.Tensor) -> torch.Tensor:
         return x.detach().float().clamp(-1, 1).reshape(len(x), -1).cpu()
@@ -149,12 +159,12 @@ def digits_quality(samples: torch.Tensor, features: torch.nn.Module, seed: int =
     pixel_fd = frechet_distance_features(pixels(samples), pixels(test.x))
     pixel_floor = frechet_distance_features(pixels(train.x[idx]), pixels(test.x))
     svc = torch.as_tensor(svc_predict(samples))
-    svc_share = torch.bincount(svc, minlength=10).float() / n
+    svc_share = _class_shares(svc)
     # the class mix (DigitsReport.fd_mix): subsets at the held-out digits' class shares
     assert test.labels is not None and train.labels is not None
-    test_share = torch.bincount(test.labels.long(), minlength=10).double() / len(test.labels)
+    test_share = _class_shares(test.labels)
     fd_mix, floor_mix = (_fd_at_mix(f, y, test_share, fr, seed) for f, y in ((fx, svc), (ft, train.labels[idx])))
-    mix_tv = 0.5 * float((svc_share.double() - test_share).abs().sum())
+    mix_tv = 0.5 * float((svc_share - test_share).abs().sum())
     return DigitsReport(
         fd=fd,
         floor=floor,
