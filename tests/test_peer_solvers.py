@@ -121,6 +121,13 @@ _SCHEDULER_LOOPS = [
                                      "prediction_type": "v_prediction"}, "dpmpp_2m"),
     ("UniPCMultistepScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                                  "prediction_type": "v_prediction"}, "unipc"),
+    # DDIM keeps ᾱ_T = 0: its first step is from pure noise (x_0 = −v, ε = x_T), λ = −∞ at the top knot
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                       "prediction_type": "v_prediction", "clip_sample": False}, "ddim"),
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                       "prediction_type": "v_prediction"}, "ddim"),                  # x̂₀ clipped
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "linspace",
+                       "prediction_type": "sample", "clip_sample": False}, "ddim"),
     ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "dpmpp_singlestep"),
     ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "euler"),
     ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction",   # CosXL-style
@@ -155,6 +162,33 @@ def test_a_schedulers_own_loop_is_the_solver_of_its_name(unet64, name, kw, solve
     alpha_end = 1.0 / math.sqrt(1.0 + float(grid[-1]) ** 2) if vp else 1.0
     tol = 1e-6                          # diffusers keeps σ and timesteps in float32 (PNDM: 1e-12)
     assert (x * alpha_end - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):
+    """A zero-SNR DDIM model sampled as users do (float32, the default grid): σ_max = 4096 − 2⁻¹³
+    rounds down in float32 onto the clamped plateau, which still reads as timestep 999 (not 996, the
+    plateau's foot); the run is DDIMScheduler's float32 loop, and every path solver starts from the
+    pure-noise knot with a finite, data-scale step (x_0 = −v there)."""
+    from diffusers import DDIMScheduler
+    unet = UNet2DModel.from_config(unet64.config)
+    unet.load_state_dict({k: v.float() for k, v in unet64.state_dict().items()})
+    kw = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    sched = DDIMScheduler(**kw)
+    sched.set_timesteps(8)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = _diffusers_loop(unet.eval(), sched, z)
+    m = fs.models.from_diffusers(unet.eval(), DDIMScheduler(**kw))
+    top = m.field().grid(8)[:1].float()
+    assert float(top) < m.sigma_max and m.timestep(top.expand(2)).tolist() == [999.0, 999.0]
+    assert m.pure_noise_at(float(top)) and not m.pure_noise_at(float(m.sigma(998)) * 0.99)
+    x = fs.sample(m.field(), "ddim", nfe=8, x_init=m.field().from_normal(z, float(top)))
+    assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    for solver in ("unipc", "dpmpp_2m", "deis", "ddpm"):
+        y = fs.sample(m.field(), solver, nfe=8, n=3, seed=0)
+        assert torch.isfinite(y).all() and y.abs().max() < 50
+    # Euler's and DPM-Solver's schedulers clamp ᾱ_T to 2⁻²⁴ themselves: no pure-noise knot there
+    from diffusers import EulerDiscreteScheduler
+    assert not fs.models.from_diffusers(unet.eval(), EulerDiscreteScheduler(**kw)).zero_terminal_snr
 
 
 def test_unipc_equals_diffusers_in_float32(unet64):
@@ -1023,6 +1057,11 @@ def test_dpm_solver_configurations_are_the_solver_with_the_same_options(unet64, 
     (False, {"variance_type": "fixed_large", "clip_sample": False, "timestep_spacing": "trailing"}),
     (False, {"clip_sample": False, "timestep_spacing": "trailing"}),
     (True, {"variance_type": "learned_range", "clip_sample": False, "timestep_spacing": "trailing"}),
+    # zero terminal SNR (Lin et al. 2024): ᾱ_T = 0 kept, the first step a fresh draw around x_0 = −v
+    (False, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+             "clip_sample": False}),
+    (False, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+             "variance_type": "fixed_large"}),
 ])
 def test_ddpm_solver_is_the_ddpm_schedulers_loop(unet64, unet64_var, learned, kw):
     """`ddpm` takes the scheduler's `variance_type` and, for learned variances, the network's variance

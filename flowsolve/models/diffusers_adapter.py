@@ -766,12 +766,16 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         is_lcm = type(scheduler).__name__ == "LCMScheduler"
         self.lcm_scaling = float(cfg.get("timestep_scaling", 10.0)) if is_lcm else None
         alphas = getattr(scheduler, "alphas_cumprod", None)
+        self.zero_terminal_snr = False
         # EulerDiscrete's "continuous" v-prediction models (EDM-trained VP-scaled ones, e.g. CosXL) take
         # the timestep 0.25 log σ, as EDM's c_noise, with the discrete schedule's input scaling
         self.continuous_time = cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction"
         if alphas is not None and not type(scheduler).__name__.startswith("EDM"):
             self.schedule = "discrete"
             a = torch.as_tensor(alphas, dtype=torch.float64)
+            # schedulers that keep a zero terminal SNR (DDIM, DDPM, ...; Lin et al. 2024) start from pure
+            # noise: their top knot is λ = −∞ (`pure_noise_at`), as a flow's t = 1
+            self.zero_terminal_snr = bool(a[-1] == 0)
             # zero-SNR schedules end at ᾱ = 0, which the schedulers replace by 2⁻²⁴; the ᾱ's just before it
             # that fall below are raised to it (a plateau whose top is the last timestep), so that σ is
             # monotone in t. Schedules that stay above 0 (cosine: ᾱ_T ≈ 2.4e-9, σ_max ≈ 2e4) keep theirs.
@@ -964,8 +968,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         hi = torch.searchsorted(ls, q).clamp(1, len(ls) - 1)
         lo = hi - 1
         t = lo + (q - ls[lo]) / (ls[hi] - ls[lo])
-        # zero-terminal-SNR schedules end on a plateau (ᾱ clamped to 2⁻²⁴): its top is the last timestep
-        t = torch.where(q >= ls[-1], torch.full_like(t, len(ls) - 1), t)
+        # zero-terminal-SNR schedules end on a plateau (ᾱ clamped to 2⁻²⁴): its top is the last timestep,
+        # also where σ_max rounded to float32 falls just below it (4096 − 2⁻¹³ rounds down)
+        t = torch.where(q >= ls[-1] - 1e-6, torch.full_like(t, len(ls) - 1), t)
         near = (t - t.round()).abs() < 1e-4
         if self.integer_timesteps:  # the nearest knot in log σ
             return t.round().to(sigma.dtype)
@@ -1039,6 +1044,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         kw.setdefault("schedule", self.scheduler_grid)
         kw.setdefault("sigma_max", self.sigma_max)
         return super().field(**kw)
+
+    def _pure_noise_level(self) -> float:
+        """σ_max to float32 rounding: the top of the clamped plateau, which stands for ᾱ = 0."""
+        return self.sigma_max * (1.0 - 1e-6)
+
+    def pure_noise_at(self, sigma: float) -> bool:
+        """Whether σ is the top knot of a schedule whose scheduler keeps ᾱ_T = 0 (zero terminal SNR,
+        Lin et al. 2024: DDIM, DDPM; Euler and DPM-Solver clamp it to 2⁻²⁴ instead). There the state
+        x = √(1 + σ²) x_T is pure noise, and the path solvers take the knot as λ = −∞ (`PathGrid`),
+        so DDIM's and DDPM's first step is theirs exactly."""
+        return self.zero_terminal_snr and float(sigma) >= self._pure_noise_level()
 
     def sigma(self, timesteps) -> torch.Tensor:
         """σ at (integer or fractional) timesteps of a discrete schedule (float64)."""
@@ -1125,7 +1141,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         if self.schedule in ("discrete", "ratio"):
             if p == "epsilon":
                 return x - col * out
-            return c_in**2 * x - col * c_in * out  # v = √ᾱ ε − √(1−ᾱ) x_0
+            d = c_in**2 * x - col * c_in * out  # v = √ᾱ ε − √(1−ᾱ) x_0
+            if self.zero_terminal_snr:  # at ᾱ = 0 exactly: x_0 = −v (the clamped ᾱ would leave 2⁻¹² x_vp)
+                d = torch.where(col >= self._pure_noise_level(), -out, d)
+            return d
         sd = self.sigma_data
         c_skip = sd**2 / (col**2 + sd**2)
         c_out = col * sd * (col**2 + sd**2).rsqrt()
