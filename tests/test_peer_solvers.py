@@ -191,6 +191,29 @@ def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):
     assert not fs.models.from_diffusers(unet.eval(), EulerDiscreteScheduler(**kw)).zero_terminal_snr
 
 
+def test_zero_terminal_snr_img2img_at_full_strength_and_inversion(unet64):
+    """At a zero-SNR DDIM model's top knot `add_noise` gives the noise alone: img2img at strength 1 is
+    DDIMScheduler's loop from `add_noise(x0, ε, 999)` = ε; an inversion, which ends at that knot, stays
+    finite (it keeps the clamped level: no step into λ = −∞)."""
+    from diffusers import DDIMScheduler
+    kw = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+              clip_sample=False)
+    sched = _in_float64(DDIMScheduler(**kw), 10)
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eps = SampleNoise(0, 0, 3, (1, 8, 8), torch.float64, "cpu", stream=0)()     # what seed=0 noises init with
+    start = sched.add_noise(x0, eps, sched.timesteps[:1])
+    assert torch.equal(start, eps)
+    ref = _diffusers_loop(unet64, sched, start)
+    m = fs.models.from_diffusers(unet64, DDIMScheduler(**kw))
+    got = fs.sample(m.field(), "ddim", nfe=10, init=x0, strength=1.0, seed=0, dtype=torch.float64)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    grid = m.field().grid(40)
+    data = fs.sample(m.field(), "ddim", grid=grid, n=3, seed=1, dtype=torch.float64)
+    for solver in ("ddim", "dpmpp_2m", "unipc"):
+        z = fs.invert(m.field(), data, solver, grid=grid, dtype=torch.float64)
+        assert torch.isfinite(z).all()
+
+
 def test_unipc_equals_diffusers_in_float32(unet64):
     unet = UNet2DModel.from_config(unet64.config)
     unet.load_state_dict({k: v.float() for k, v in unet64.state_dict().items()})

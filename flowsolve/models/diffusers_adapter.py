@@ -872,7 +872,10 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         inpaint pipeline's blend), as (a, b): the state a x0 + b ε in the field's (VE) coordinates.
         SA-Solver reads ᾱ at the knot's integer timestep, whose level is not the knot's where its σ's
         are Karras, exponential or beta spaced; the state is then read as the sample at the knot.
-        None: the knot's own level (every other scheduler)."""
+        At a zero-terminal-SNR schedule's top knot (`pure_noise_at`), `add_noise` gives the noise alone:
+        (0, √(1 + σ²)). None: the knot's own level (every other scheduler)."""
+        if self.pure_noise_at(sigma):
+            return 0.0, math.sqrt(1.0 + float(sigma) ** 2)
         if self.scheduler_class != "SASolverScheduler" or self.schedule != "discrete":
             return None
         t = self._knots.get(float(sigma))

@@ -349,11 +349,11 @@ class PathGrid:
         self.a = [self.path.alpha(v) for v in self.t]
         self.s = [self.path.sigma(v) for v in self.t]
         self.lam = [self.path.lam(v) for v in self.t]
-        model = discrete_model(run.field) if self.path.name == "ve" else None
-        if model is not None and getattr(model, "zero_terminal_snr", False):
-            for i, v in enumerate(self.t):
-                if model.pure_noise_at(v):  # ᾱ = 0 there: x = √(1 + σ²) x_T is pure noise, λ = −∞
-                    self.a[i], self.s[i], self.lam[i] = 0.0, math.sqrt(1.0 + float(v) ** 2), -math.inf
+        # a run that starts at a zero-terminal-SNR model's top knot starts from pure noise: ᾱ = 0 there,
+        # x = √(1 + σ²) x_T, λ = −∞ (an inversion, which ends there, keeps the clamped finite level)
+        model = discrete_model(run.field) if self.path.name == "ve" and len(self.t) > 1 else None
+        if model is not None and self.t[0] > self.t[1] and model.pure_noise_at(self.t[0]):
+            self.a[0], self.s[0], self.lam[0] = 0.0, math.sqrt(1.0 + float(self.t[0]) ** 2), -math.inf
 
     def denoise(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """D at (x, t_i), from one field evaluation."""
