@@ -180,6 +180,31 @@ def test_cfg_reproduces_diffusers_loops(case):
         assert (x - ref).abs().max().item() <= 1e-5 * scale, name
 
 
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon", "sample"])
+def test_rescale_on_a_diffusers_model_rescales_its_own_prediction(prediction):
+    """Stable Diffusion 2.1's recipe (Lin et al. 2024): a zero-terminal-SNR DDIM v-model, CFG with
+    `guidance_rescale` = 0.7. The pipelines rescale the network's own output (`rescale_noise_cfg` on
+    noise_pred: v, ε or x_0), so `rescale=` on a diffusers model does too: the loop is theirs."""
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+    _, model, cond, uncond = _models()[1]
+    kw = dict(clip_sample=False, timestep_spacing="trailing", prediction_type=prediction,
+              rescale_betas_zero_snr=prediction != "epsilon")
+    sched = DDIMScheduler(num_train_timesteps=1000, **kw)
+    sched.set_timesteps(8)
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+            p_c, p_u = model(torch.cat([x, x]), t.expand(12), **both).sample.chunk(2)
+            guided = rescale_noise_cfg(p_u + 4.0 * (p_c - p_u), p_c, guidance_rescale=0.7)
+            x = sched.step(guided, t, x, eta=0.0).prev_sample
+    m = fs.models.from_diffusers(model, DDIMScheduler(num_train_timesteps=1000, **kw))
+    field = m.field(guidance=4.0, uncond={k: v[:1] for k, v in uncond.items()}, rescale=0.7)
+    got = fs.sample(field, "ddim", nfe=8, x_init=field.from_normal(z, float(field.grid(8)[0])), cond=cond)
+    assert (got - x).abs().max().item() <= 2e-5 * max(1.0, x.abs().max().item())
+
+
 def test_unknown_cond_key_for_a_diffusers_model_is_named():
     _, model, cond, uncond = _models()[0]
     sched = DDIMScheduler(num_train_timesteps=1000)

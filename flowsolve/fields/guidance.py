@@ -10,7 +10,8 @@ w = 0: the unconditional one),
 and every solver integrates dx/dσ = (x − D_w)/σ. The variants of the last years change D_w only:
 
 - rescale φ (Lin et al. 2023, §3.4): the guided noise prediction is rescaled to the conditional one's
-  standard deviation per sample, mixed with weight φ;
+  standard deviation per sample, mixed with weight φ (a diffusers model's own output, ε, v or x_0, as
+  its pipelines' `rescale_noise_cfg` takes it);
 - interval (Kynkäänniemi et al. 2024): guidance only for σ in (low, high], the conditional model elsewhere;
 - autoguidance (Karras et al. 2024): the unconditional branch is a weaker model `guide` given the same
   condition;
@@ -330,7 +331,7 @@ class GuidedDenoiser(Guided):
     ) -> torch.Tensor:
         """The guided prediction rescaled, kept to the interval, then post-processed by the model."""
         if self.rescale:  # Lin et al. 2023 on the noise prediction: std ratio per sample
-            d = self._rescaled(x, d, d_c, t)
+            d = self._rescaled(x, sigma, d, d_c, t)
         if inside is not None:
             d = torch.where(as_column(inside, x), d, d_c)
         return self._finish(d, x, sigma) if self._finish is not None else d
@@ -352,9 +353,19 @@ class GuidedDenoiser(Guided):
             )
         return as_column(w.reshape(-1).expand(len(x)), x)
 
-    def _rescaled(self, x: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    def _rescaled(
+        self, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor, d_c: torch.Tensor, t: torch.Tensor | None
+    ) -> torch.Tensor:
         """The guided prediction with its noise prediction's per-sample std moved towards the
-        conditional one's: ε ∝ x − D for denoisers, ε = x + (1 − t) v for velocities."""
+        conditional one's: ε ∝ x − D for denoisers, ε = x + (1 − t) v for velocities. A diffusers model
+        rescales its own output (ε, v or x_0: `to_native`), as its pipelines' `rescale_noise_cfg` does."""
+        to_native = getattr(self.denoiser, "to_native", None) if t is None else None
+        native = to_native(x, sigma, d) if callable(to_native) else None
+        if native is not None:
+            n_c = to_native(x, sigma, d_c).reshape(len(x), -1)  # type: ignore[misc]
+            std_g = native.reshape(len(x), -1).std(1).clamp(min=1e-12)
+            factor = as_column(self.rescale * n_c.std(1) / std_g + (1.0 - self.rescale), x)
+            return self.denoiser.from_native(x, sigma, factor * native)  # type: ignore[attr-defined]
         if t is None:
             r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
         else:

@@ -1153,6 +1153,28 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         c_out = col * sd * (col**2 + sd**2).rsqrt()
         return c_skip * x + (c_out if p == "epsilon" else -c_out) * out
 
+    def to_native(self, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+        """The network output that `from_native` turns into D (its inverse): what diffusers' pipelines
+        call noise_pred, e.g. for guidance rescale; None for consistency models (no inverse at σ_min)."""
+        if self.schedule == "cm":
+            return None
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        c_in = self._c_in(col)
+        p = self.prediction_type
+        if p == "sample":
+            return d
+        if p == "score":
+            return (d - x) / (col**2 * c_in)
+        if self.schedule == "ve" or p == "epsilon" and self.schedule in ("discrete", "ratio"):
+            return (x - d) / col
+        if self.schedule in ("discrete", "ratio"):
+            v = (c_in**2 * x - d) / (col * c_in)
+            return torch.where(col >= self._pure_noise_level(), -d, v) if self.zero_terminal_snr else v
+        sd = self.sigma_data
+        c_skip = sd**2 / (col**2 + sd**2)
+        c_out = col * sd * (col**2 + sd**2).rsqrt()
+        return (d - c_skip * x) / c_out if p == "epsilon" else (c_skip * x - d) / c_out
+
     @property
     def kind(self) -> str:  # the name before 0.2
         return self.schedule
