@@ -858,6 +858,9 @@ def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
                                rtol=0, atol=1e-10)
 
 
+_ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+
+
 @pytest.mark.parametrize("name,kw,step_kw,solver", [
     ("DDPMScheduler", {"clip_sample": False}, {}, "euler_ancestral"),
     ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}, "euler_ancestral"),
@@ -866,6 +869,10 @@ def test_ddim_is_euler_on_edm_and_flow_fields(gmm):
     ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, {}, "dpm_2_ancestral"),
     ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
                                          "timestep_spacing": "trailing"}, {}, "dpm_2_ancestral"),
+    # zero terminal SNR: DDIM keeps ᾱ_T = 0 (a pure-noise start), Euler ancestral clamps it to 2⁻²⁴
+    ("DDIMScheduler", {"clip_sample": False, **_ZERO_SNR}, {"eta": 0.5}, "euler_ancestral"),
+    ("DDIMScheduler", {"clip_sample": False, **_ZERO_SNR}, {"eta": 1.0}, "euler_ancestral"),
+    ("EulerAncestralDiscreteScheduler", _ZERO_SNR, {}, "euler_ancestral"),
 ])
 def test_ancestral_schedulers_are_euler_ancestral_with_the_same_noise(unet64, name, kw, step_kw, solver):
     """DDPM's ancestral step (its posterior, variance "fixed_small"), DDIM with η and
@@ -916,14 +923,15 @@ def test_stable_diffusion_1s_default_loop_is_plms_with_guidance():
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
-def test_a_latent_consistency_model_is_consistency_sampling(unet64, steps):
+@pytest.mark.parametrize("kw", [{}, _ZERO_SNR])
+def test_a_latent_consistency_model_is_consistency_sampling(unet64, steps, kw):
     """LCMScheduler's boundary condition D = c_skip(t) x_t + c_out(t) x̂_0 (scaled timestep, σ_data = 0.5)
     lives in the adapter's D; `consistency` on the model's default grid (LCM's skipping timesteps) is
     its multistep loop, given the same noise."""
     from diffusers import LCMScheduler
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = _noisy_diffusers_loop(unet64, _in_float64(LCMScheduler(), steps), z)
-    m = fs.models.from_diffusers(unet64, LCMScheduler())
+    ref = _noisy_diffusers_loop(unet64, _in_float64(LCMScheduler(**kw), steps), z)
+    m = fs.models.from_diffusers(unet64, LCMScheduler(**kw))
     field = m.field()
     grid = field.grid(steps, "schedule")
     x, info = fs.sample(field, "consistency", nfe=steps, x_init=z * m.prior_std_at(float(grid[0])), seed=5,
