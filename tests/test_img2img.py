@@ -497,11 +497,11 @@ def test_pndm_img2img_is_the_pipelines_cut_of_its_runge_kutta_list(unet64, kw, s
     assert torch.equal(euler.grid, info.grid)                                       # the same walk's knots
 
 
-def _expert_loops(base_net, refiner_net, make, steps, fraction, z):
+def _expert_loops(base_net, refiner_net, make, steps, fraction, z, restart=lambda: None):
     """SDXL's ensemble of experts written out from diffusers' pipelines: the base's loop over the
     timesteps at or above round(T − f·T) (StableDiffusionXLPipeline's `denoising_end`), then the
     refiner's over those below it, from the base's latents without new noise (the SDXL img2img
-    pipeline's `get_timesteps` with `denoising_start`, `set_begin_index`)."""
+    pipeline's `get_timesteps` with `denoising_start`, `set_begin_index`); `restart()` between them."""
     sched = _in_float64(make(), steps)
     cutoff = int(round(sched.config.num_train_timesteps * (1 - fraction)))
     x = z * sched.init_noise_sigma
@@ -509,6 +509,7 @@ def _expert_loops(base_net, refiner_net, make, steps, fraction, z):
         for t in sched.timesteps[: sum(int(t >= cutoff) for t in sched.timesteps)]:
             x = sched.step(base_net(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
         base = x
+        restart()
         sched = _in_float64(make(), steps)
         below = int((sched.timesteps < cutoff).sum())
         if sched.order == 2 and below % 2 == 0:  # the pipeline's +1: a second-order step starts there
@@ -519,6 +520,54 @@ def _expert_loops(base_net, refiner_net, make, steps, fraction, z):
         for t in sched.timesteps[t_start:]:
             x = sched.step(refiner_net(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
     return base, x
+
+
+def _noisy_expert_loops(base_net, refiner_net, make, steps, fraction, z):
+    """`_expert_loops` with the scheduler drawing flowsolve's per-sample stream (seed 5, stream 1), from
+    its start in each of the two loops, as each of the two `fs.sample(..., seed=5)` calls draws it."""
+    import importlib
+    module = importlib.import_module(type(make()).__module__)
+    stream = {}
+
+    def restart():
+        stream["noise"] = SampleNoise(5, 0, len(z), tuple(z.shape[1:]), z.dtype, "cpu", stream=1)
+
+    restart()
+    original, module.randn_tensor = module.randn_tensor, lambda shape, **k: stream["noise"]()
+    try:
+        return _expert_loops(base_net, refiner_net, make, steps, fraction, z, restart)
+    finally:
+        module.randn_tensor = original
+
+
+@pytest.mark.parametrize("cls,kw", [("DDPMScheduler", {"clip_sample": False}),
+                                    ("DDPMScheduler", {"clip_sample": False, "variance_type": "fixed_large",
+                                                       "timestep_spacing": "trailing"}),
+                                    ("EulerAncestralDiscreteScheduler", {}),
+                                    ("KDPM2AncestralDiscreteScheduler", {}),
+                                    ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+                                    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})])
+@pytest.mark.parametrize("steps,fraction", [(12, 0.8), (7, 0.5)])
+def test_stochastic_experts_draw_the_schedulers_noise(unet64, cls, kw, steps, fraction):
+    """The SDXL base + refiner cut with ancestral and SDE schedulers, handed the same noise: each part is
+    diffusers' loop. The base's last step is a middle step of the schedule, so DDPM draws its noise
+    there too (where a whole walk's last step to σ = 0 draws none)."""
+    import diffusers
+    from conftest import tiny_unet64
+    refiner = tiny_unet64(seed=1).to(torch.float64)
+    make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref_base, ref = _noisy_expert_loops(unet64, refiner, make, steps, fraction, z)
+    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
+    top = float(base_model.field().grid(steps, "schedule")[0])
+    x_base, info = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
+                             denoising_end=fraction, seed=5, return_info=True, dtype=torch.float64)
+    x, rinfo = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction,
+                         seed=5, return_info=True, dtype=torch.float64)
+    vp = cls in ("DDPMScheduler", "DPMSolverMultistepScheduler")       # VP loops: x_VP = α x̃
+    for got, want, level in ((x_base, ref_base, info.grid[-1]), (x, ref, rinfo.grid[-1])):
+        alpha = 1 / (1 + float(level) ** 2) ** 0.5 if vp else 1.0
+        assert (got * alpha - want).abs().max().item() <= 1e-6 * want.abs().max().item()
 
 
 @pytest.mark.parametrize("cls,kw", [("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),

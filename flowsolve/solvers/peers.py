@@ -1294,7 +1294,8 @@ def ddpm(
     scheduler's `variance_type` (fixed_small for models that have none). The last step adds no noise
     (Alg. 2), also where the grid ends above σ = 0 (Würstchen's ᾱ = 0.9999), except with `last_noise`:
     its default (None) follows `DDPMScheduler` on a diffusers DDPM-type model, which adds the step's
-    noise whenever its timestep is above 0 ("trailing" spacing), ᾱ_{i+1} = 1 (β = 1 − ᾱ_i, β̃ = 0)."""
+    noise whenever its timestep is above 0 ("trailing" spacing), ᾱ_{i+1} = 1 (β = 1 − ᾱ_i, β̃ = 0),
+    and on a walk cut by `denoising_end`, whose last step is a middle one of the schedule."""
     kind = variance if variance is not None else (_model_variance_type(run.field) or "fixed_small")
     if kind not in DDPM_VARIANCES:
         raise ArgumentError(f"variance: expected one of {', '.join(DDPM_VARIANCES)}, got {kind!r}")
@@ -1312,6 +1313,8 @@ def ddpm(
     if last_noise is None:  # DDPMScheduler.step draws noise whenever t > 0, its last step included
         discrete = discrete_model(run.field)
         last_noise = discrete is not None and p.rho(last + 1) == 0 and model_timestep(discrete, p.t[last]) > 0
+        # a walk cut before the schedule's end (`denoising_end`) ends on a middle step, which draws noise
+        last_noise = last_noise or run.cut_after > 0
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
