@@ -570,6 +570,35 @@ def test_stochastic_experts_draw_the_schedulers_noise(unet64, cls, kw, steps, fr
         assert (got * alpha - want).abs().max().item() <= 1e-6 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("kw", [{}, {"use_karras_sigmas": True}])
+@pytest.mark.parametrize("steps,fraction", [(12, 0.8), (9, 0.7)])
+def test_dpm_sde_experts_draw_the_schedulers_brownian_increments(unet64, kw, steps, fraction):
+    """The SDXL cut with DPMSolverSDEScheduler (DPM++ SDE, a second-order scheduler with a Brownian
+    tree): handed flowsolve's Brownian increments, each of its two loops is `dpmpp_sde`'s part."""
+    import importlib
+    from diffusers import DPMSolverSDEScheduler
+    from conftest import tiny_unet64
+    from test_peer_solvers import BrownianIncrements
+    module = importlib.import_module(DPMSolverSDEScheduler.__module__)
+    refiner = tiny_unet64(seed=1).to(torch.float64)
+    make = lambda: DPMSolverSDEScheduler(**kw)  # noqa: E731
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    original = module.BrownianTreeNoiseSampler
+    module.BrownianTreeNoiseSampler = lambda *a, **k: BrownianIncrements(2, (1, 8, 8))  # one per loop
+    try:
+        ref_base, ref = _expert_loops(unet64, refiner, make, steps, fraction, z)
+    finally:
+        module.BrownianTreeNoiseSampler = original
+    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
+    top = float(base_model.field().grid(steps, "schedule")[0])
+    x_base = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
+                       denoising_end=fraction, seed=5, dtype=torch.float64)
+    x = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction, seed=5,
+                  dtype=torch.float64)
+    assert (x_base - ref_base).abs().max().item() <= 1e-6 * ref_base.abs().max().item()
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
 @pytest.mark.parametrize("cls,kw", [("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
                                     ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
                                     ("DDIMScheduler", {"timestep_spacing": "trailing"}),
