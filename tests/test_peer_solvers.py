@@ -167,8 +167,9 @@ def test_a_schedulers_own_loop_is_the_solver_of_its_name(unet64, name, kw, solve
 def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):
     """A zero-SNR DDIM model sampled as users do (float32, the default grid): σ_max = 4096 − 2⁻¹³
     rounds down in float32 onto the clamped plateau, which still reads as timestep 999 (not 996, the
-    plateau's foot); the run is DDIMScheduler's float32 loop, and every path solver starts from the
-    pure-noise knot with a finite, data-scale step (x_0 = −v there)."""
+    plateau's foot); the run is DDIMScheduler's float32 loop, and the path solvers start from the
+    pure-noise knot with a finite, data-scale step (x_0 = −v there; the adaptive DPM-Solver, which needs
+    a finite λ, from the clamped level)."""
     from diffusers import DDIMScheduler
     unet = UNet2DModel.from_config(unet64.config)
     unet.load_state_dict({k: v.float() for k, v in unet64.state_dict().items()})
@@ -183,8 +184,8 @@ def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):
     assert m.pure_noise_at(float(top)) and not m.pure_noise_at(float(m.sigma(998)) * 0.99)
     x = fs.sample(m.field(), "ddim", nfe=8, x_init=m.field().from_normal(z, float(top)))
     assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    for solver in ("unipc", "dpmpp_2m", "deis", "ddpm"):
-        y = fs.sample(m.field(), solver, nfe=8, n=3, seed=0)
+    for solver in ("unipc", "dpmpp_2m", "deis", "ddpm", "dpm_2", "dpmpp_2s", "dpm_adaptive"):
+        y = fs.sample(m.field(), solver, nfe=8 if solver != "dpm_adaptive" else 400, n=3, seed=0)
         assert torch.isfinite(y).all() and y.abs().max() < 50
     # Euler's and DPM-Solver's schedulers clamp ᾱ_T to 2⁻²⁴ themselves: no pure-noise knot there
     from diffusers import EulerDiscreteScheduler

@@ -342,7 +342,9 @@ class PathGrid:
     knot, and the data prediction D = E[x_0 | x_t] from the field's velocity, at a knot or between
     knots (single-step solvers evaluate at a λ-midpoint)."""
 
-    def __init__(self, run: "Run") -> None:
+    def __init__(self, run: "Run", pure_noise: bool = True) -> None:
+        """`pure_noise=False` reads a zero-terminal-SNR model's top knot at its clamped finite level
+        (for the adaptive DPM-Solver, whose steps need a finite λ)."""
         if run.field.path is None:
             raise TypeError("PathGrid: the field has no Gaussian path")
         self.run, self.path, self.t = run, run.field.path, run.times
@@ -351,7 +353,7 @@ class PathGrid:
         self.lam = [self.path.lam(v) for v in self.t]
         # a run that starts at a zero-terminal-SNR model's top knot starts from pure noise: ᾱ = 0 there,
         # x = √(1 + σ²) x_T, λ = −∞ (an inversion, which ends there, keeps the clamped finite level)
-        model = discrete_model(run.field) if self.path.name == "ve" and len(self.t) > 1 else None
+        model = discrete_model(run.field) if pure_noise and self.path.name == "ve" and len(self.t) > 1 else None
         if model is not None and self.t[0] > self.t[1] and model.pure_noise_at(self.t[0]):
             self.a[0], self.s[0], self.lam[0] = 0.0, math.sqrt(1.0 + float(self.t[0]) ** 2), -math.inf
 

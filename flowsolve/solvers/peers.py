@@ -812,7 +812,7 @@ def dpm_adaptive(
     for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init), ("accept_safety", accept_safety)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ArgumentError(f"{name}: expected a positive number, got {v!r}")
-    p = PathGrid(run)
+    p = PathGrid(run, pure_noise=False)  # a zero-SNR model's top knot at its clamped level: λ finite
     rho_start, rho_end = p.rho(0), p.rho(len(p.t) - 1)
     if math.isinf(rho_start):
         raise ArgumentError(
