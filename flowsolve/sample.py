@@ -627,6 +627,15 @@ def sample(
     base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
     spec = base.configured(options)
     spec.check_field(field)
+    if spec.inverts and not _reverse:
+        raise ArgumentError(f"solver: {spec.name!r} walks from the data up to the noise; use it with fs.invert")
+    inverting = None if _reverse else field_model(field, lambda m: getattr(m, "inverts", False) is True)
+    if inverting is not None:
+        raise ArgumentError(
+            f"field: its model's {type(inverting.scheduler).__name__} has invert_sigmas=True, whose loop walks "
+            f"from the data to the noise: that loop is fs.invert(field, x, 'euler'); to sample, load the model "
+            f"with invert_sigmas=False"
+        )
     if (
         grid is None
         and not isinstance(solver, solvers.Solver)
@@ -836,7 +845,9 @@ def invert(
 
     grid: the sampling grid (from the prior to the data), a spacing name sized by nfe, or None for
     the solver's default. On σ-time fields (EDM, diffusers denoisers) the walk starts at the grid's
-    last σ above 0, where x is taken to lie (as DDIM inversion takes it at its first timestep); the
+    last σ above 0, where x is taken to lie (as DDIM inversion takes it at its first timestep; with
+    `ddim_inverse`, DDIMInverseScheduler's step, which evaluates only at the level it moves to, at the
+    data itself where the grid ends at σ = 0); the
     result is x̃ at σ_max, z = x̃ / prior_std. Flow fields are walked from t = 0 (x itself) to t = 1
     with the solvers that step on the velocity (euler, heun, adams, ipndm, ipndm_v, plms, fixed-step
     torchdiffeq methods): the exponential ones cannot step into λ = −∞. solver: a name in
@@ -865,8 +876,9 @@ def invert(
         raise ArgumentTypeError(f"x: expected a tensor of data (n, *data_shape), got {type(x).__name__}")
     forward, _ = resolve_grid(field, spec, nfe, solvers.names.webui_grid(solver, grid))
     keep = forward
-    if field.time_is_sigma and float(forward[-1]) == 0.0:
+    if field.time_is_sigma and float(forward[-1]) == 0.0 and spec.name != "ddim_inverse":
         keep = forward[:-1]  # σ-time fields are singular at σ = 0: the data are taken at the last level
+        # (`ddim_inverse` evaluates each step at its target level only: it starts at the data, σ = 0)
     if len(keep) < 2:
         raise ArgumentError(f"grid: inversion needs two times above the data, got {forward.tolist()}")
     return sample(

@@ -50,6 +50,22 @@ def test_flow_match_euler_is_euler_on_the_flow_field(unet, kw):
     assert info.nfe == 12 and _close(x, ref)
 
 
+@pytest.mark.parametrize("kw", [dict(shift=2.0, invert_sigmas=True),
+                                dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, invert_sigmas=True)])
+def test_flow_match_euler_with_inverted_sigmas_is_invert(unet, kw):
+    """`invert_sigmas=True` makes FlowMatchEuler's loop walk 1 − σ from the data up to the noise:
+    `fs.invert` with Euler on the model's grid is that loop; `fs.sample` refuses the model by name."""
+    mu = {"mu": 0.8} if kw.get("use_dynamic_shifting") else {}
+    sched = FlowMatchEulerDiscreteScheduler(**kw)
+    sched.set_timesteps(10, **mu)
+    ref = _loop(unet, sched, Z)
+    m = fs.models.from_diffusers(unet, FlowMatchEulerDiscreteScheduler(**kw), **mu)
+    z, info = fs.invert(m.field(), Z, "euler", 10, return_info=True)
+    assert info.nfe == 10 and _close(z, ref)
+    with pytest.raises(ValueError, match="invert_sigmas=True.*fs.invert"):
+        fs.sample(m.field(), "euler", nfe=10, n=2, seed=0)
+
+
 def test_dynamic_shifting_needs_mu(unet):
     with pytest.raises(ValueError, match="mu"):
         fs.models.from_diffusers(unet, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))

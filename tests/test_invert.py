@@ -30,10 +30,10 @@ def _orders(errors):
     return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
 
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("dpmpp_3m", 3),
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("ddim_inverse", 1), ("heun", 2), ("dpmpp_2m", 2), ("dpmpp_3m", 3),
                                           ("unipc", 3), ("deis", 3)])
 def test_inversion_is_the_gaussians_flow_map_at_the_solvers_order(solver, order):
-    """On σ-time fields the walk goes from the grid's last σ > 0 to σ_max; there the PF-ODE of
+    """On σ-time fields the walk goes from the grid's last σ > 0 (`ddim_inverse`: from σ = 0) to σ_max; the PF-ODE of
     N(μ, s²) maps x to μ + (x − μ) √(s² + σ_max²) / √(s² + σ_min²)."""
     errors = []
     for nfe in (16, 32, 64):
@@ -101,6 +101,37 @@ def test_dpm_solver_inverse_scheduler_is_invert_on_its_grid(unet64, kw, solver, 
     by_scheduler = fs.invert(m.field(), x0 / alpha[0], DPMSolverMultistepInverseScheduler(**kw), grid=sig.flip(0),
                              dtype=torch.float64)
     assert torch.equal(by_scheduler, z)
+
+
+@pytest.mark.parametrize("kw", [{}, {"timestep_spacing": "trailing"}, {"set_alpha_to_one": False},
+                                {"set_alpha_to_one": False, "steps_offset": 1},
+                                {"prediction_type": "v_prediction", "clip_sample": False},
+                                {"prediction_type": "v_prediction", "clip_sample_range": 0.5}])
+def test_ddim_inverse_scheduler_is_invert_with_its_lagged_step(unet64, kw):
+    """DDIMInverseScheduler's loop (null-text inversion, DiffEdit) evaluates each step's network at the
+    target timestep on the current sample: `fs.invert` with the scheduler (`ddim_inverse`) is that loop
+    to float64 round-off, from the data itself (σ = 0, `set_alpha_to_one`) or from its first knot (a
+    step to itself first, which only clips), with as many evaluations."""
+    from diffusers import DDIMInverseScheduler
+    sched = DDIMInverseScheduler(**kw)
+    sched.set_timesteps(10)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    sched.initial_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if kw.get("set_alpha_to_one", True) \
+        else sched.alphas_cumprod[0]
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-1, 1)
+    x = x0.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet64(x, t).sample, t, x).prev_sample
+    m = fs.models.from_diffusers(unet64, DDIMInverseScheduler(**kw))
+    start = float(m.field().grid(10)[-1])          # the walk's first level: 0, or the first knot's
+    z, info = fs.invert(m.field(), x0 * (1 + start**2) ** 0.5, DDIMInverseScheduler(**kw), 10, dtype=torch.float64,
+                        return_info=True)
+    alpha = 1 / (1 + float(info.grid[-1]) ** 2) ** 0.5      # diffusers works on x_VP = α x̃
+    assert info.nfe == 10 and float(info.grid[0]) == start
+    assert (z * alpha - x).abs().max().item() <= 1e-10 * x.abs().max().item()
+    with pytest.raises(ValueError, match="ddim_inverse.*fs.invert"):
+        fs.sample(m.field(), "ddim_inverse", nfe=4, n=1)
 
 
 @pytest.mark.parametrize("field,solver,word", [

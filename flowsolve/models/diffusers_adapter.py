@@ -470,6 +470,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         integer = not _flow_match_family(scheduler)
         self.integer_timesteps = integer if integer_timesteps is None else bool(integer_timesteps)
         self.ancestral_split = "rf" if type(scheduler).__name__ in _RF_ANCESTRAL else None
+        # FlowMatchEuler's `invert_sigmas`: its loop walks 1 − σ from the data up to the noise (an inversion,
+        # `fs.invert` on the same grid); `fs.sample` refuses such a model rather than walk that grid down
+        self.inverts = bool(cfg.get("invert_sigmas", False))
         # a flow map (AnyFlow): the network also takes the target time, and returns the average velocity
         self.flow_map = _FLOW_MAP_INPUT in (accepted_inputs(model) or ()) if isinstance(model, nn.Module) else False
         self._frame_timesteps = base_class_name(model) in _FRAME_TIMESTEPS
@@ -1027,7 +1030,8 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             if self.schedule == "discrete" and not self.continuous_time:
                 self._learn_knots(knot_timesteps(sched, sig.double()))
             return _distinct_knots(torch.as_tensor(sig, dtype=torch.float64), self._repeated_ends)
-        final = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
+        # where the scheduler's walk ends (DDIM: final_alpha_cumprod) or, for an inverse one, starts
+        final = float(getattr(sched, "final_alpha_cumprod", getattr(sched, "initial_alpha_cumprod", torch.tensor(1.0))))
         if type(sched).__name__ == "TCDScheduler":  # its last step lands on timestep 0, not on the data
             final = float(sched.alphas_cumprod[0])
         steps_at = sched.timesteps
@@ -1035,7 +1039,17 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             steps_at = torch.as_tensor(sched._timesteps.copy()).flip(0)
         if type(sched).__name__ == "RePaintScheduler":  # its walk goes back up; its knots, descending
             steps_at = torch.unique(torch.as_tensor(sched.timesteps)).flip(0)
-        return _distinct_knots(self.ddim_grid(steps_at, ((1 - final) / final) ** 0.5 if final < 1 else 0.0))
+        final_sigma = ((1 - final) / final) ** 0.5 if final < 1 else 0.0
+        if len(steps_at) > 1 and bool(steps_at[0] < steps_at[-1]):
+            # an inverse scheduler (DDIMInverse) walks up from its initial level: in sampling order, its
+            # knots then that level (0 where `set_alpha_to_one`); a start on its first knot is a step from
+            # that knot to itself, noted as a repeated end (it moves x only by clipping x̂_0 there)
+            knots = self.sigma(steps_at).flip(0)
+            if final_sigma < float(knots[-1]) * (1 - 1e-9):
+                return torch.cat([knots, torch.tensor([final_sigma], dtype=torch.float64)])
+            self._repeated_ends.add(float(knots[-1]))
+            return knots
+        return _distinct_knots(self.ddim_grid(steps_at, final_sigma))
 
     def repeats_final(self, sigma_end: float) -> bool:
         """Whether the scheduler ended the schedule whose last σ is sigma_end with a step to itself."""
@@ -1174,6 +1188,19 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         c_skip = sd**2 / (col**2 + sd**2)
         c_out = col * sd * (col**2 + sd**2).rsqrt()
         return (d - c_skip * x) / c_out if p == "epsilon" else (c_skip * x - d) / c_out
+
+    def noise_at(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The noise ε̂ that the network's output `out` says x holds when read at level σ (what DDIM's
+        step calls pred_epsilon): ε itself; for v, √ᾱ v + √(1 − ᾱ) x_VP (finite at σ = 0, where it is v);
+        otherwise (x − D)/σ."""
+        p = self.prediction_type
+        if p == "epsilon" and self.schedule != "cm":
+            return out
+        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        if p == "v_prediction" and self.schedule in ("discrete", "ratio"):
+            c = self._c_in(col)
+            return c * out + col * c**2 * x
+        return (x - self.from_native(x, sigma, out)) / col
 
     @property
     def kind(self) -> str:  # the name before 0.2

@@ -362,6 +362,17 @@ register(
 )
 register(
     Solver(
+        "ddim_inverse",
+        peers.ddim_inverse,
+        _one_per_step,
+        "DDIM inversion as DDIMInverseScheduler runs it: each step's network call at the target knot's "
+        "timestep (fs.invert only)",
+        needs_sigma=True,
+        inverts=True,
+    )
+)
+register(
+    Solver(
         "repaint",
         peers.repaint,
         peers.repaint_evals(),
@@ -691,6 +702,7 @@ REVERSIBLE = frozenset(
         "euler",
         "heun",
         "ddim",
+        "ddim_inverse",
         "dpm_2",
         "dpmpp_2m",
         "dpmpp_2m_heun",

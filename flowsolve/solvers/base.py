@@ -44,6 +44,7 @@ class Solver:
     needs_flow_map: bool = False  # needs a flow-map model (the field's `jump` from t to r)
     needs_guidance: bool = False  # needs a guided field (reads its unconditional branch: CFG++)
     inpaints: bool = False  # blends the kept part of `init` itself (`Run.known`): needs init= and mask=
+    inverts: bool = False  # walks from the data up only (`fs.invert`)
     stochastic: bool = False  # draws noise
     adaptive: bool = False  # chooses its own steps between start and end
     min_steps: int = 1

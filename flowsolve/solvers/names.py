@@ -492,7 +492,7 @@ _SCHEDULERS: dict[str, tuple[_Rule, tuple[str, ...]]] = {
     "EDMDPMSolverMultistepScheduler": (lambda cls, c, kw: _dpm_solver_multistep(cls, c), ()),
     # inverse schedulers (from the data up): the solver `fs.invert` walks their σ's with
     "DPMSolverMultistepInverseScheduler": (lambda cls, c, kw: _dpm_solver_multistep(cls, c), ()),
-    "DDIMInverseScheduler": (_fixed("ddim"), ()),
+    "DDIMInverseScheduler": (_fixed("ddim_inverse"), ()),
     "CogVideoXDPMScheduler": (_fixed("dpmpp_2m_sde"), ()),
     "CosineDPMSolverMultistepScheduler": (_cosine_dpm, ()),
     "DPMSolverSinglestepScheduler": (_singlestep, ()),

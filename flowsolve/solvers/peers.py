@@ -1004,7 +1004,7 @@ def dpmpp_singlestep(
 
 
 # schedulers whose step moves along the noise of the unclipped prediction where they clip x̂_0
-_DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "RePaintScheduler")
+_DDIM_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "DDIMInverseScheduler", "RePaintScheduler")
 
 
 def _ddim_landing(run: Run):
@@ -1076,6 +1076,49 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
         raw = _unclipped(clipping, x)
         if raw is not None:
             x = p.a[end] * den + (x - p.a[end] * raw)
+    return x
+
+
+def ddim_inverse(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """DDIM inversion as diffusers' `DDIMInverseScheduler` runs it (null-text inversion, DiffEdit): on
+    the step from level σ_i up to σ_{i+1} the network sees the current sample at the target knot's
+    timestep, and its output is read at the current level:
+
+        (x̂_0, ε̂) = the network's output at (x_VP, t_{i+1}) read at σ_i,   x_{i+1} = x̂_0 + σ_{i+1} ε̂,
+
+    x̂_0 clipped or thresholded where the model does so (ε̂ stays the unclipped one's). No evaluation
+    is at the current level, so the walk may start at the data itself (σ_0 = 0: the scheduler's
+    `set_alpha_to_one`). The sample the network sees is the VP one, x/√(1 + σ_i²), read at the next
+    level (`vp_reread`); a diffusers model's output is read by its own conversions (`to_native`,
+    `from_native`, `noise_at`), any other σ-time field's D gives ε̂ = (x' − D)/σ_{i+1}. First order.
+    Only for grids run upwards (`fs.invert`)."""
+    t = run.times
+    if not all(b > a for a, b in zip(t[:-1], t[1:])):
+        raise ArgumentError("solver: 'ddim_inverse' walks from the data up to the noise; use it with fs.invert")
+    native = field_model(run.field, lambda m: callable(getattr(m, "noise_at", None)))
+
+    def step(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        s_i, s_j = float(t[i]), float(t[j])
+        x_read = x * vp_reread(s_i, s_j)  # the same (VP) sample at knot j's timestep
+        d_j = x_read - s_j * run.f(x_read, j)  # D at (x_read, σ_j), as the field returns it
+        if native is None:
+            return x + (s_j - s_i) * (x_read - d_j) / s_j  # x̂_0 = x − σ_i ε̂, then x̂_0 + σ_j ε̂
+        raw = _unclipped(native, x_read)
+        col_j, col_i = (torch.full((len(x),), v, dtype=x.dtype, device=x.device) for v in (s_j, s_i))
+        out = native.to_native(x_read, col_j, d_j if raw is None else raw)  # the network's output
+        d_i = native.from_native(x, col_i, out)
+        if raw is not None:  # the model clips or thresholds x̂_0 (and keeps ε̂ of the raw output)
+            d_i = native.finish_denoised(d_i, x, col_i)
+        return d_i + s_j * native.noise_at(x, col_i, out)
+
+    # a scheduler that starts on its first knot (`set_alpha_to_one=False`) steps from it to itself
+    # first, which moves x only by clipping x̂_0 there: one more evaluation, where the budget allows
+    repeats = getattr(native, "repeats_final", None)
+    starts_twice = callable(repeats) and repeats(float(t[0])) and _clipping_model(run.field) is not None
+    if starts_twice and (run.nfe_budget is None or run.nfe_budget > len(t) - 1):
+        x = step(x, 0, 0)
+    for i in run.steps():
+        x = run.tick(i, step(x, i, i + 1))
     return x
 
 
