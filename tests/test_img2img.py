@@ -540,6 +540,22 @@ def _noisy_expert_loops(base_net, refiner_net, make, steps, fraction, z):
         module.randn_tensor = original
 
 
+def _experts(base_net, make, steps, fraction, loops, **sample_kw):
+    """Diffusers' SDXL base + refiner loops (`loops`, `_expert_loops` or a noisy form) beside
+    flowsolve's two parts on the same models and start: (ref_base, ref, (x_base, info), (x, rinfo))."""
+    from conftest import tiny_unet64
+    refiner = tiny_unet64(seed=1).to(torch.float64)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref_base, ref = loops(base_net, refiner, make, steps, fraction, z)
+    base_model, refiner_model = fs.models.from_diffusers(base_net, make()), fs.models.from_diffusers(refiner, make())
+    top = float(base_model.field().grid(steps, "schedule")[0])
+    base = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
+                     denoising_end=fraction, return_info=True, dtype=torch.float64, **sample_kw)
+    rest = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=base[0], denoising_start=fraction,
+                     return_info=True, dtype=torch.float64, **sample_kw)
+    return ref_base, ref, base, rest
+
+
 @pytest.mark.parametrize("cls,kw", [("DDPMScheduler", {"clip_sample": False}),
                                     ("DDPMScheduler", {"clip_sample": False, "variance_type": "fixed_large",
                                                        "timestep_spacing": "trailing"}),
@@ -553,17 +569,8 @@ def test_stochastic_experts_draw_the_schedulers_noise(unet64, cls, kw, steps, fr
     diffusers' loop. The base's last step is a middle step of the schedule, so DDPM draws its noise
     there too (where a whole walk's last step to σ = 0 draws none)."""
     import diffusers
-    from conftest import tiny_unet64
-    refiner = tiny_unet64(seed=1).to(torch.float64)
     make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
-    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    ref_base, ref = _noisy_expert_loops(unet64, refiner, make, steps, fraction, z)
-    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
-    top = float(base_model.field().grid(steps, "schedule")[0])
-    x_base, info = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
-                             denoising_end=fraction, seed=5, return_info=True, dtype=torch.float64)
-    x, rinfo = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction,
-                         seed=5, return_info=True, dtype=torch.float64)
+    ref_base, ref, (x_base, info), (x, rinfo) = _experts(unet64, make, steps, fraction, _noisy_expert_loops, seed=5)
     vp = cls in ("DDPMScheduler", "DPMSolverMultistepScheduler")       # VP loops: x_VP = α x̃
     for got, want, level in ((x_base, ref_base, info.grid[-1]), (x, ref, rinfo.grid[-1])):
         alpha = 1 / (1 + float(level) ** 2) ** 0.5 if vp else 1.0
@@ -577,24 +584,15 @@ def test_dpm_sde_experts_draw_the_schedulers_brownian_increments(unet64, kw, ste
     tree): handed flowsolve's Brownian increments, each of its two loops is `dpmpp_sde`'s part."""
     import importlib
     from diffusers import DPMSolverSDEScheduler
-    from conftest import tiny_unet64
     from test_peer_solvers import BrownianIncrements
     module = importlib.import_module(DPMSolverSDEScheduler.__module__)
-    refiner = tiny_unet64(seed=1).to(torch.float64)
     make = lambda: DPMSolverSDEScheduler(**kw)  # noqa: E731
-    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     original = module.BrownianTreeNoiseSampler
     module.BrownianTreeNoiseSampler = lambda *a, **k: BrownianIncrements(2, (1, 8, 8))  # one per loop
     try:
-        ref_base, ref = _expert_loops(unet64, refiner, make, steps, fraction, z)
+        ref_base, ref, (x_base, _), (x, _) = _experts(unet64, make, steps, fraction, _expert_loops, seed=5)
     finally:
         module.BrownianTreeNoiseSampler = original
-    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
-    top = float(base_model.field().grid(steps, "schedule")[0])
-    x_base = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
-                       denoising_end=fraction, seed=5, dtype=torch.float64)
-    x = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction, seed=5,
-                  dtype=torch.float64)
     assert (x_base - ref_base).abs().max().item() <= 1e-6 * ref_base.abs().max().item()
     assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
 
@@ -614,21 +612,15 @@ def test_denoising_end_and_start_are_sdxls_base_and_refiner(unet64, cls, kw, ste
     landing read the whole schedule; the refiner starts its multistep history afresh, as diffusers'),
     and for one-step methods one walk of the whole schedule when both models are the same."""
     import diffusers
-    from conftest import tiny_unet64
-    refiner = tiny_unet64(seed=1).to(torch.float64)
     make = lambda: getattr(diffusers, cls)(**kw)  # noqa: E731
+    ref_base, ref, (x_base, info), (x, rinfo) = _experts(unet64, make, steps, fraction, _expert_loops)
+    base_model = fs.models.from_diffusers(unet64, make())
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    ref_base, ref = _expert_loops(unet64, refiner, make, steps, fraction, z)
-    base_model, refiner_model = fs.models.from_diffusers(unet64, make()), fs.models.from_diffusers(refiner, make())
     top = float(base_model.field().grid(steps, "schedule")[0])
-    x_base, info = fs.sample(base_model.field(), "scheduler", steps=steps, x_init=z * base_model.prior_std_at(top),
-                             denoising_end=fraction, return_info=True, dtype=torch.float64)
     vp = cls not in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler")  # (VE loops)
     level = float(info.grid[-1])
     alpha = 1 / (1 + level ** 2) ** 0.5 if vp else 1.0
     assert (x_base * alpha - ref_base).abs().max().item() <= 1e-6 * ref_base.abs().max().item()
-    x, rinfo = fs.sample(refiner_model.field(), "scheduler", steps=steps, x_init=x_base, denoising_start=fraction,
-                         return_info=True, dtype=torch.float64)
     calls = _in_float64(make(), steps).timesteps
     if len(calls) == 2 * steps - 1:  # a second-order scheduler: the pipelines cut its list of calls
         cutoff = int(round(1000 * (1 - fraction)))

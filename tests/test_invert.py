@@ -73,6 +73,16 @@ def test_inversion_round_trip_on_a_trained_model():
     assert abs(float((z / m.field().prior_std).std()) - 1.0) < 0.15  # the latent is about standard normal
 
 
+def _inverse_loop(unet, sched):
+    """Data in [−1, 1] and an inverse scheduler's loop from them (the scheduler set to its steps)."""
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-1, 1)
+    x = x0.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x0, x
+
+
 @pytest.mark.parametrize("kw,solver,opts", [
     ({}, "dpmpp_2m", {"lower_order_final": True}),
     ({"solver_type": "heun"}, "dpmpp_2m_heun", {"lower_order_final": True}),
@@ -87,11 +97,7 @@ def test_dpm_solver_inverse_scheduler_is_invert_on_its_grid(unet64, kw, solver, 
     sched = DPMSolverMultistepInverseScheduler(**kw)
     sched.set_timesteps(10)
     sched.sigmas, sched.alphas_cumprod = sched.sigmas.double(), sched.alphas_cumprod.double()
-    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-1, 1)
-    x = x0.clone()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet64(x, t).sample, t, x).prev_sample
+    x0, x = _inverse_loop(unet64, sched)
     m = fs.models.from_diffusers(unet64, DPMSolverMultistepScheduler(**kw))
     sig = sched.sigmas.double()
     alpha = 1 / torch.sqrt(1 + sig**2)       # diffusers works on x_VP = α x̃
@@ -118,11 +124,7 @@ def test_ddim_inverse_scheduler_is_invert_with_its_lagged_step(unet64, kw):
     sched.alphas_cumprod = sched.alphas_cumprod.double()
     sched.initial_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if kw.get("set_alpha_to_one", True) \
         else sched.alphas_cumprod[0]
-    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(-1, 1)
-    x = x0.clone()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet64(x, t).sample, t, x).prev_sample
+    x0, x = _inverse_loop(unet64, sched)
     m = fs.models.from_diffusers(unet64, DDIMInverseScheduler(**kw))
     start = float(m.field().grid(10)[-1])          # the walk's first level: 0, or the first knot's
     z, info = fs.invert(m.field(), x0 * (1 + start**2) ** 0.5, DDIMInverseScheduler(**kw), 10, dtype=torch.float64,
