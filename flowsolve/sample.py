@@ -867,10 +867,14 @@ def invert(
             f"torchdiffeq method; {spec.name!r} {why}"
         )
     if not field.time_is_sigma and spec.needs_sigma:
+        why = (
+            "is DDIMInverseScheduler's step on σ-time (VP) models"
+            if spec.inverts
+            else "steps in log-SNR, which cannot reach the pure noise at the end of a "
+            f"{type(field).__name__} field's inversion"
+        )
         raise ArgumentError(
-            f"solver: {spec.name!r} steps in log-SNR, which cannot reach the pure noise at the end of a "
-            f"{type(field).__name__} field's inversion; use euler, heun, adams, ipndm, ipndm_v, plms or "
-            f"torchdiffeq:rk4"
+            f"solver: {spec.name!r} {why}; use euler, heun, adams, ipndm, ipndm_v, plms or torchdiffeq:rk4"
         )
     if not isinstance(x, torch.Tensor):
         raise ArgumentTypeError(f"x: expected a tensor of data (n, *data_shape), got {type(x).__name__}")

@@ -134,6 +134,8 @@ def test_ddim_inverse_scheduler_is_invert_with_its_lagged_step(unet64, kw):
     assert (z * alpha - x).abs().max().item() <= 1e-10 * x.abs().max().item()
     with pytest.raises(ValueError, match="ddim_inverse.*fs.invert"):
         fs.sample(m.field(), "ddim_inverse", nfe=4, n=1)
+    with pytest.raises(ValueError, match="ddim_inverse.*σ-time .VP. models; use euler"):
+        fs.invert(_gaussian_flow(), X0, "ddim_inverse", 8)
 
 
 @pytest.mark.parametrize("field,solver,word", [
