@@ -1,7 +1,7 @@
 """Every diffusers scheduler configuration against flowsolve: a sweep of each scheduler's loop.
 
 For random combinations of a scheduler's settings (timestep spacing, σ spacing, final σ type, order,
-solver type, prediction type, β schedule, flow shift, algorithm type; LCM's and TCD's original steps
+solver type, prediction type, β schedule, zero terminal SNR, flow shift, algorithm type; LCM's and TCD's original steps
 and clipping; the ancestral and SDE schedulers too), the scheduler's own loop on a
 tiny random UNet (float64 where the scheduler allows) against `fs.sample` with the solver of the
 scheduler's name on the model's default grid, from the same start and, for stochastic schedulers, the
@@ -111,6 +111,8 @@ def discrete_configs(rng: random.Random, name: str, params) -> dict:
     spacing = rng.choice([None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
     if spacing and spacing in params:
         kw[spacing] = True
+    if "rescale_betas_zero_snr" in params and rng.random() < 0.3:  # zero terminal SNR, with v-prediction
+        kw.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
     if "solver_order" in params and name != "DPMSolverSinglestepScheduler" and rng.random() < 0.5:
         kw["solver_order"] = rng.choice([1, 3])
     if name == "DPMSolverMultistepScheduler" and rng.random() < 0.3 and "solver_order" not in kw:
