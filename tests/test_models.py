@@ -332,3 +332,30 @@ def test_a_score_sde_ve_model_is_a_denoiser_by_tweedie():
     assert m.prior_std_at(50.0) == 50.0      # the pipeline starts from σ_max · N(0, I)
     with pytest.raises(ValueError, match="prediction_type"):
         fs.models.from_diffusers(net, ScoreSdeVeScheduler(), prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("make,prediction", [
+    (lambda: DDIMScheduler(), "epsilon"), (lambda: DDIMScheduler(prediction_type="v_prediction"), "v_prediction"),
+    (lambda: DDIMScheduler(prediction_type="sample"), "sample"),
+    (lambda: DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                           timestep_spacing="trailing"), "v_prediction"),
+    (lambda: EDMEulerScheduler(sigma_data=0.5), "epsilon"),
+    (lambda: EDMEulerScheduler(sigma_data=0.5, prediction_type="v_prediction"), "v_prediction"),
+])
+def test_native_predictions_round_trip_through_the_data_prediction(unet, make, prediction):
+    """`to_native` inverts `from_native` (what guidance rescale and `ddim_inverse` read): the network's
+    output comes back from its D at every level, the zero-SNR top knot (x_0 = −v) included, and
+    `noise_at` is the noise DDIM reads there: ε itself, √ᾱ v + √(1 − ᾱ) x_VP, or (x − D)/σ."""
+    m = fs.models.from_diffusers(unet, make())
+    assert m.prediction_type == prediction
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for s in (0.05, 1.3, 40.0, m.sigma_max):
+        sigma = torch.full((4,), s, dtype=torch.float64)
+        d = m.from_native(x, sigma, out)
+        torch.testing.assert_close(m.to_native(x, sigma, d), out, rtol=1e-9, atol=1e-9)
+        eps = m.noise_at(x, sigma, out)
+        if prediction == "epsilon":
+            assert torch.equal(eps, out)
+        elif m.schedule == "discrete" and not m.pure_noise_at(s):
+            torch.testing.assert_close(eps, (x - d) / s, rtol=1e-9, atol=1e-9)   # D = x − σ ε (VE)
