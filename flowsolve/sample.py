@@ -628,7 +628,9 @@ def sample(
     spec = base.configured(options)
     spec.check_field(field)
     if spec.inverts and not _reverse:
-        raise ArgumentError(f"solver: {spec.name!r} walks from the data up to the noise; use it with fs.invert")
+        raise ArgumentError(
+            f"solver: {spec.name!r} walks from the data up to the noise; use it with fs.invert (flowsolve invert)"
+        )
     inverting = None if _reverse else field_model(field, lambda m: getattr(m, "inverts", False) is True)
     if inverting is not None:
         raise ArgumentError(

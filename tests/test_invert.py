@@ -148,3 +148,30 @@ def test_inversion_refuses_what_it_cannot_walk_backwards(field, solver, word):
         fs.invert(field, X0, solver, 8)
     with pytest.raises(TypeError, match="x"):
         fs.invert(_gaussian_edm(), X0.numpy(), "euler", 8)
+
+
+@pytest.mark.parametrize("kw", [{}, {"clip_sample": False, "prediction_type": "v_prediction"}])
+def test_guided_ddim_inversion_is_the_inverse_schedulers_cfg_loop(kw):
+    """DDIM inversion with classifier-free guidance (as prompt-to-prompt's and DiffEdit's inversions run
+    it): `fs.invert` of the guided field with DDIMInverseScheduler is its CFG loop on a text UNet, the
+    guided x̂_0 clipped where the scheduler clips."""
+    from diffusers import DDIMInverseScheduler
+    from test_guidance import _models
+    _, model, cond, uncond = _models()[1]
+    model = model.double()
+    cond, uncond = ({k: v.double() for k, v in d.items()} for d in (cond, uncond))
+    sched = DDIMInverseScheduler(**kw)
+    sched.set_timesteps(8)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    x0 = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).clamp(-1, 1)
+    x = x0.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+            p_c, p_u = model(torch.cat([x, x]), t.expand(12), **both).sample.chunk(2)
+            x = sched.step(p_u + 3.0 * (p_c - p_u), t, x).prev_sample
+    m = fs.models.from_diffusers(model, DDIMInverseScheduler(**kw))
+    field = m.field(guidance=3.0, uncond={k: v[:1] for k, v in uncond.items()})
+    z, info = fs.invert(field, x0, DDIMInverseScheduler(**kw), 8, cond=cond, dtype=torch.float64, return_info=True)
+    alpha = 1 / (1 + float(info.grid[-1]) ** 2) ** 0.5          # (the walk starts at σ = 0: x0 itself)
+    assert info.nfe == 8 and (z * alpha - x).abs().max().item() <= 1e-10 * x.abs().max().item()
