@@ -882,7 +882,7 @@ def invert(
         raise ArgumentTypeError(f"x: expected a tensor of data (n, *data_shape), got {type(x).__name__}")
     forward, _ = resolve_grid(field, spec, nfe, solvers.names.webui_grid(solver, grid))
     keep = forward
-    if field.time_is_sigma and float(forward[-1]) == 0.0 and spec.name != "ddim_inverse":
+    if field.time_is_sigma and float(forward[-1]) == 0.0 and not spec.inverts:
         keep = forward[:-1]  # σ-time fields are singular at σ = 0: the data are taken at the last level
         # (`ddim_inverse` evaluates each step at its target level only: it starts at the data, σ = 0)
     if len(keep) < 2:

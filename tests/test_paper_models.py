@@ -484,20 +484,21 @@ def test_cli_select_every_on_the_mixture_keeps_the_best_validation_energy(tmp_pa
     asked = []  # the keyword arguments each selection score was made with
     real = fse.validation_energy
     monkeypatch.setattr(fse, "validation_energy", lambda data, **kw: asked.append(kw) or real(data, **kw))
-    out7 = tmp_path / "g7"
-    assert main(["train", "gan", "--data", "gmm2d", "--out", str(out7), "--steps", "2", "--config", str(cfg),
-                 "--select-every", "2", "--select-seed", "7", "--quiet"]) == 0
-    gen7 = fs.from_pretrained(out7)
+
+    def selected(name, *flags):
+        """A two-step run selected every 2 steps with `flags`; the selection's keywords go to `asked`."""
+        asked.clear()
+        assert main(["train", "gan", "--data", "gmm2d", "--out", str(tmp_path / name), "--steps", "2", "--config",
+                     str(cfg), "--select-every", "2", *flags, "--quiet"]) == 0
+        return fs.from_pretrained(tmp_path / name)
+
+    gen7 = selected("g7", "--select-seed", "7")
     assert [kw.get("sample_seed") for kw in asked] == [7]
     assert real("gmm2d", sample_seed=7)(gen7) == pytest.approx(gen7.metadata["training"]["selected"]["value"], rel=1e-5)
     assert main(["train", "gan", "--data", "gmm2d", "--out", str(tmp_path / "g8"), "--select-seed", "7",
                  "--quiet"]) == 2  # a selection seed without a selection
     # --select-n: the selection scores that many samples (the score recomputed at that n is the recorded one)
-    asked.clear()
-    out9 = tmp_path / "g9"
-    assert main(["train", "gan", "--data", "gmm2d", "--out", str(out9), "--steps", "2", "--config", str(cfg),
-                 "--select-every", "2", "--select-n", "500", "--quiet"]) == 0
-    gen9 = fs.from_pretrained(out9)
+    gen9 = selected("g9", "--select-n", "500")
     assert [kw.get("n") for kw in asked] == [500]
     assert real("gmm2d", n=500)(gen9) == pytest.approx(gen9.metadata["training"]["selected"]["value"], rel=1e-5)
     assert real("gmm2d", n=500)(gen9) != pytest.approx(real("gmm2d")(gen9), rel=1e-3)  # n mattered

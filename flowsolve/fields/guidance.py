@@ -362,17 +362,17 @@ class GuidedDenoiser(Guided):
         to_native = getattr(self.denoiser, "to_native", None) if t is None else None
         native = to_native(x, sigma, d) if callable(to_native) else None
         if native is not None:
-            n_c = to_native(x, sigma, d_c).reshape(len(x), -1)  # type: ignore[misc]
-            std_g = native.reshape(len(x), -1).std(1).clamp(min=1e-12)
-            factor = as_column(self.rescale * n_c.std(1) / std_g + (1.0 - self.rescale), x)
+            r_g, r_c = native, to_native(x, sigma, d_c)  # type: ignore[misc]
+        elif t is None:
+            r_g, r_c = x - d, x - d_c
+        else:
+            r_g, r_c = x + (1 - t) * d, x + (1 - t) * d_c
+        std_g = r_g.reshape(len(x), -1).std(1).clamp(min=1e-12)
+        factor = as_column(self.rescale * r_c.reshape(len(x), -1).std(1) / std_g + (1.0 - self.rescale), x)
+        if native is not None:
             return self.denoiser.from_native(x, sigma, factor * native)  # type: ignore[attr-defined]
         if t is None:
-            r_g, r_c = (x - d).reshape(len(x), -1), (x - d_c).reshape(len(x), -1)
-        else:
-            r_g, r_c = (x + (1 - t) * d).reshape(len(x), -1), (x + (1 - t) * d_c).reshape(len(x), -1)
-        factor = as_column(self.rescale * r_c.std(1) / r_g.std(1).clamp(min=1e-12) + (1.0 - self.rescale), x)
-        if t is None:
-            return x - (x - d) * factor
+            return x - r_g * factor
         # ε' = m ε_g, so v' = (m ε_g − x)/(1 − t) = m v + (m − 1) x/(1 − t); at t = 1, ε = x and v stays
         at_prior = t >= 1
         return torch.where(at_prior, d, factor * d + (factor - 1) * x / torch.where(at_prior, 1.0, 1 - t))

@@ -1140,54 +1140,45 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
             self.variance_output = full[:, x.shape[1] :].to(x.dtype).detach()
         return full[:, : x.shape[1]].to(x.dtype)
 
-    def from_native(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """D(x; σ) from the network's native prediction `out` (before `finish_denoised`)."""
+    def _native_coefficients(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[Any, Any]:
+        """(a, b) with D(x; σ) = a x + b · out for the network's native prediction `out` (a None: 1),
+        as columns for the batch's σ's: the one place the prediction types are converted."""
         col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         c_in = self._c_in(col)
+        p = self.prediction_type
         if self.schedule == "cm":  # the consistency boundary condition
             sd, lo = self.sigma_data, self.sigma_min
-            c_skip = sd**2 / ((col - lo) ** 2 + sd**2)
-            return c_skip * x + (col - lo) * sd * (col**2 + sd**2).rsqrt() * out
-        p = self.prediction_type
+            return sd**2 / ((col - lo) ** 2 + sd**2), (col - lo) * sd * (col**2 + sd**2).rsqrt()
         if p == "sample":
-            return out
+            return 0.0, 1.0
         if p == "score":  # Tweedie: D = x + σ² ∇log p_σ(x) in the VE variable (c_in x for VP schedules)
-            return x + col**2 * c_in * out
-        if self.schedule == "ve":  # ε prediction of x = x_0 + σ ε (v is refused at construction)
-            return x - col * out
-        if self.schedule in ("discrete", "ratio"):
-            if p == "epsilon":
-                return x - col * out
-            d = c_in**2 * x - col * c_in * out  # v = √ᾱ ε − √(1−ᾱ) x_0
+            return None, col**2 * c_in
+        if self.schedule == "ve" or p == "epsilon" and self.schedule in ("discrete", "ratio"):
+            return None, -col  # ε prediction of x = x_0 + σ ε (a VE score model's v is refused at construction)
+        if self.schedule in ("discrete", "ratio"):  # v = √ᾱ ε − √(1−ᾱ) x_0
+            a, b = c_in**2, -col * c_in
             if self.zero_terminal_snr:  # at ᾱ = 0 exactly: x_0 = −v (the clamped ᾱ would leave 2⁻¹² x_vp)
-                d = torch.where(col >= self._pure_noise_level(), -out, d)
-            return d
+                top = col >= self._pure_noise_level()
+                a, b = torch.where(top, 0.0, a), torch.where(top, -1.0, b)
+            return a, b
         sd = self.sigma_data
-        c_skip = sd**2 / (col**2 + sd**2)
         c_out = col * sd * (col**2 + sd**2).rsqrt()
-        return c_skip * x + (c_out if p == "epsilon" else -c_out) * out
+        return sd**2 / (col**2 + sd**2), (c_out if p == "epsilon" else -c_out)
+
+    def from_native(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """D(x; σ) from the network's native prediction `out` (before `finish_denoised`)."""
+        if self.prediction_type == "sample" and self.schedule != "cm":
+            return out
+        a, b = self._native_coefficients(x, sigma)
+        return (x if a is None else a * x) + b * out
 
     def to_native(self, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
         """The network output that `from_native` turns into D (its inverse): what diffusers' pipelines
         call noise_pred, e.g. for guidance rescale; None for consistency models (no inverse at σ_min)."""
         if self.schedule == "cm":
             return None
-        col = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        c_in = self._c_in(col)
-        p = self.prediction_type
-        if p == "sample":
-            return d
-        if p == "score":
-            return (d - x) / (col**2 * c_in)
-        if self.schedule == "ve" or p == "epsilon" and self.schedule in ("discrete", "ratio"):
-            return (x - d) / col
-        if self.schedule in ("discrete", "ratio"):
-            v = (c_in**2 * x - d) / (col * c_in)
-            return torch.where(col >= self._pure_noise_level(), -d, v) if self.zero_terminal_snr else v
-        sd = self.sigma_data
-        c_skip = sd**2 / (col**2 + sd**2)
-        c_out = col * sd * (col**2 + sd**2).rsqrt()
-        return (d - c_skip * x) / c_out if p == "epsilon" else (c_skip * x - d) / c_out
+        a, b = self._native_coefficients(x, sigma)
+        return (d - (x if a is None else a * x)) / b
 
     def noise_at(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The noise ε̂ that the network's output `out` says x holds when read at level σ (what DDIM's

@@ -1092,9 +1092,7 @@ def ddim_inverse(run: Run, x: torch.Tensor) -> torch.Tensor:
     level (`vp_reread`); a diffusers model's output is read by its own conversions (`to_native`,
     `from_native`, `noise_at`), any other σ-time field's D gives ε̂ = (x' − D)/σ_{i+1}. First order.
     Only for grids run upwards (`fs.invert`)."""
-    t = run.times
-    if not all(b > a for a, b in zip(t[:-1], t[1:])):
-        raise ArgumentError("solver: 'ddim_inverse' walks from the data up to the noise; use it with fs.invert")
+    t = run.times  # (increasing: `fs.sample` refuses this solver, `Solver.inverts`)
     native = field_model(run.field, lambda m: callable(getattr(m, "noise_at", None)))
 
     def step(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
@@ -1355,9 +1353,10 @@ def ddpm(
     last = len(run.times) - 2
     if last_noise is None:  # DDPMScheduler.step draws noise whenever t > 0, its last step included
         discrete = discrete_model(run.field)
-        last_noise = discrete is not None and p.rho(last + 1) == 0 and model_timestep(discrete, p.t[last]) > 0
-        # a walk cut before the schedule's end (`denoising_end`) ends on a middle step, which draws noise
-        last_noise = last_noise or run.cut_after > 0
+        # (a walk cut before the schedule's end, `denoising_end`, ends on a middle step, which draws it)
+        last_noise = run.cut_after > 0 or (
+            discrete is not None and p.rho(last + 1) == 0 and model_timestep(discrete, p.t[last]) > 0
+        )
     for i in run.steps():
         den = p.denoise(x, i)
         rho, rho_next = p.rho(i), p.rho(i + 1)
