@@ -74,11 +74,22 @@ def load_model(name: str, device: torch.device | None = None):
 
 
 def _parse_cond(items: list[str] | None, flag: str = "--cond") -> dict:
-    """KEY=VALUE pairs: an integer or a comma list of integers (labels), or of numbers."""
+    """KEY=VALUE pairs: an integer or a comma list of integers (labels), or of numbers; or a
+    .safetensors file, whose tensors are the inputs of their names (e.g. prompt embeddings)."""
     out = {}
     for item in items or []:
+        if "=" not in item and item.endswith(".safetensors"):
+            if not Path(item).is_file():
+                raise UserError(f"{flag}: no such file {item!r}")
+            from safetensors.torch import load_file
+
+            try:
+                out.update(load_file(item))
+            except Exception as err:  # noqa: BLE001 - a broken file is the argument's fault
+                raise UserError(f"{flag}: could not read {item!r} as safetensors ({err})") from None
+            continue
         if "=" not in item:
-            raise UserError(f"{flag}: expected KEY=VALUE such as class_labels=3, got {item!r}")
+            raise UserError(f"{flag}: expected KEY=VALUE such as class_labels=3, or a .safetensors file, got {item!r}")
         k, v = item.split("=", 1)
         try:
             vals = [ast.literal_eval(t) for t in v.split(",") if t.strip()]
@@ -228,6 +239,26 @@ def _device(args) -> torch.device:
     return device_for(args.device, "--device")
 
 
+# `flowsolve sample` settings of a solve, which a generator (its own network passes) has none of
+_FIELD_FLAGS = tuple(
+    "nfe steps x_init init strength mask inpaint denoising_end denoising_start alpha option grid guidance uncond "
+    "guider guidance_rescale guidance_interval".split()
+)
+
+
+def _refuse_field_flags(args) -> None:
+    """A generator draws its samples in its own evaluations: refuse the flags of a field's solve, by name."""
+    given = [f for f in _FIELD_FLAGS if getattr(args, f, None) is not None]
+    if args.solver != "heun":
+        given.insert(0, "solver")
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(
+            f"{flag}: {args.model!r} is a generator (a fixed number of network evaluations per sample), which "
+            "takes no solver, budget, starting data or guidance; drop the flag (--cond, --seed and --n apply)"
+        )
+
+
 def cmd_sample(args) -> int:
     from .distributed import is_launched
     from .models import generate_sharded
@@ -239,8 +270,14 @@ def cmd_sample(args) -> int:
     model, ref = load_any(args.model, device)
     options.update(device=device, dtype=dtype)
     if isinstance(model, GeneratorModel):  # a generator: one network evaluation, solver/nfe unused
+        _refuse_field_flags(args)
         t0 = time.perf_counter()
-        x = generate_sharded(model, args.n, seed=args.seed) if is_launched() else model.sample(args.n, seed=args.seed)
+        given = _parse_cond(args.cond) or None  # else the generator's own (class-balanced labels)
+        x = (
+            generate_sharded(model, args.n, seed=args.seed, cond=given)
+            if is_launched()
+            else model.sample(args.n, seed=args.seed, cond=given)
+        )
         procs = f" on {_processes()}" if is_launched() else ""
         if finish_processes():
             save_samples(x, Path(args.out), reference=ref)
@@ -392,6 +429,8 @@ def cmd_train(args) -> int:
     from .train.score_gan import RECIPES as SCORE_GAN_RECIPES
     from .train.score_gan import GENERATOR_LOSSES, STUDENT_TRAIN
 
+    if args.data is None and not (args.objective == "score-gan" and args.teacher):
+        raise UserError(f"--data: {args.objective} trains on data; name it (e.g. --data digits)")
     if args.allow_changes and not args.resume:
         raise UserError("--allow-changes: only with --resume (it accepts settings that differ from the checkpoint's)")
     if args.objective == "features" and args.resume:
@@ -449,6 +488,8 @@ def cmd_train(args) -> int:
         guidance=args.guidance,
         generator_loss=args.generator_loss,
         sid_alpha=args.sid_alpha,
+        cond=_parse_cond(args.cond) or None,
+        uncond=_parse_cond(args.uncond, "--uncond") or None,
     )
     if args.student_train not in (None, *STUDENT_TRAIN):
         raise UserError(f"--student-train: expected one of {', '.join(STUDENT_TRAIN)}, got {args.student_train!r}")
@@ -495,7 +536,7 @@ def cmd_train(args) -> int:
     if not finish_processes():
         return 0
     print(
-        f"wrote {args.out}: {args.objective} on {args.data}, {time.perf_counter() - t0:.0f} s "
+        f"wrote {args.out}: {args.objective} on {args.data or 'the teacher alone'}, {time.perf_counter() - t0:.0f} s "
         f"{model.metadata.get('held_out_accuracy', '')}"
     )
     return 0
@@ -865,7 +906,12 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         help="mmd-flow is the old name of mmd-generator (accepted for one release)",
     )
-    t.add_argument("--data", required=True, help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder")
+    t.add_argument(
+        "--data",
+        default=None,
+        help="gmm2d, moons, digits, mnist, cifar10, celeba or an image folder (score-gan with --teacher: only for "
+        "its real-data GAN and model selection)",
+    )
     t.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT/checkpoints)")
     t.add_argument("--teacher", default=None, help="score-gan: the pretrained data score (model folder or Hub id)")
     t.add_argument("--steps", type=int, default=None)
@@ -976,6 +1022,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Distillation's loss, through both denoisers)",
     )
     t.add_argument("--sid-alpha", type=float, default=None, help="score-gan --generator-loss sid: SiD's alpha (1.2)")
+    t.add_argument(
+        "--cond",
+        action="append",
+        metavar="KEY=VALUES|FILE.safetensors",
+        help="score-gan: the pool of conditions the training samples draw from, e.g. class_labels=3,7 or a "
+        ".safetensors file of tensors with one leading size P (encoder_hidden_states of P prompts); default "
+        "for a class-conditional teacher: all its labels",
+    )
+    t.add_argument(
+        "--uncond",
+        action="append",
+        metavar="KEY=VALUE|FILE.safetensors",
+        help="score-gan --guidance: the teacher's unconditional inputs (default: its null label), e.g. the "
+        "empty prompt's embeddings in a .safetensors file",
+    )
     t.add_argument(
         "--resume",
         action="store_true",

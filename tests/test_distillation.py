@@ -224,6 +224,89 @@ def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_scor
         gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1])})
 
 
+class TextSpy(fs.models.Denoiser):
+    """A tiny text-conditional denoiser (it needs `encoder_hidden_states`, as a UNet2DConditionModel
+    does) that records the embeddings it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.proj = nn.Linear(2, 2), nn.Linear(3, 2)
+        self.data_shape = (2,)
+        self.seen: list[torch.Tensor] = []
+
+    calls: list[tuple[bool, torch.Tensor]] = []  # (training, embeddings) of every instance and copy, in order
+
+    def denoise(self, x, sigma, encoder_hidden_states):
+        self.seen.append(encoder_hidden_states.clone())
+        TextSpy.calls.append((self.training, encoder_hidden_states[:, 0, 0].clone()))
+        return self.lin(x) + self.proj(encoder_hidden_states.mean(1))
+
+
+def test_a_pool_of_text_conditions_reaches_generator_teacher_and_score_sample_by_sample():
+    """cond= is a pool (here the 'embeddings' of 5 prompts, row i filled with i): every training sample
+    draws one row, the student, the generated score and the guided teacher see the same rows, and
+    the teacher's unconditional half is uncond (filled with −1). A text teacher without a pool, guidance
+    without uncond, the real-data GAN and a fresh Alg. 1 generator are refused by name before any work."""
+    pool = {"encoder_hidden_states": torch.arange(5.0).reshape(5, 1, 1).expand(5, 4, 3).clone()}
+    null = {"encoder_hidden_states": torch.full((1, 4, 3), -1.0)}
+    teacher, TextSpy.calls = TextSpy(), []
+    common = dict(recipe="sid", gan_weight=0.0, steps=3, batch_size=16, K=1, progress=False)
+    gen = fs.train.score_gan(teacher, (2,), cond=pool, uncond=null, guidance=2.0, **common)
+    ids = lambda e: e[:, 0, 0]  # noqa: E731 - the pool row (or −1) of each sample
+    for e in teacher.seen:  # every call: whole pool rows (or the null row), never a mixture
+        assert (e == ids(e).reshape(-1, 1, 1)).all() and set(ids(e).tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0, 4.0}
+    guided = [e for e in teacher.seen if len(e) == 32]  # the generator steps: [cond rows; uncond rows]
+    assert len(guided) == 3 and all((ids(e)[16:] == -1).all() and (ids(e)[:16] >= 0).all() for e in guided)
+    assert set(torch.cat([ids(e)[:16] for e in guided]).tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}
+    # the student (training copies: the student and the generated score) sees the rows the teacher is
+    # guided toward: each guided call's 16 draws recur in two training-mode calls (5^-16 by chance)
+    trained = [e for training, e in TextSpy.calls if training and len(e) == 16]
+    assert all(sum(torch.equal(e, ids(g)[:16]) for e in trained) >= 2 for g in guided)
+    e = pool["encoder_hidden_states"][[4, 0, 2]]
+    assert gen.sample(3, seed=0, cond={"encoder_hidden_states": e}).shape == (3, 2)
+    with pytest.raises(fs.errors.ArgumentError, match="cond: the teacher cannot be evaluated"):
+        fs.train.score_gan(TextSpy(), (2,), **common)
+    with pytest.raises(fs.errors.ArgumentError, match="uncond="):
+        fs.train.score_gan(TextSpy(), (2,), cond=pool, guidance=2.0, **common)
+    with pytest.raises(fs.errors.ArgumentError, match="gan_weight"):
+        fs.train.score_gan(TextSpy(), (2,), cond=pool, data="gmm2d", **{**common, "gan_weight": 0.01})
+    with pytest.raises(fs.errors.ArgumentError, match="init='paper'"):
+        fs.train.score_gan(TextSpy(), (2,), cond=pool, **{**common, "recipe": "paper"})
+    with pytest.raises(fs.errors.ArgumentError, match="the pool's leading size P"):
+        fs.train.score_gan(TextSpy(), (2,), cond={"encoder_hidden_states": pool["encoder_hidden_states"],
+                                                  "mask": torch.ones(3, 4)}, **common)
+
+
+def test_sdxl_like_teacher_distils_from_a_nested_pool_with_a_shared_entry():
+    """An SDXL-like UNet (added_cond_kwargs = {text_embeds, time_ids}, a nested input) distils from a pool
+    of 3 prompts whose time_ids are one row for all (leading size 1), guided against nested negatives;
+    the student samples with the same nested inputs and is conditioned by them."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                               norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                               addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                             beta_end=0.012))
+    g = torch.Generator().manual_seed(1)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    pool = {"encoder_hidden_states": torch.randn(3, 5, 16, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(3, 8, generator=g), "time_ids": time_ids}}
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "added_cond_kwargs": {"text_embeds": torch.zeros(1, 8)}}
+    gen = fs.train.score_gan(m, recipe="sid", gan_weight=0.0, cond=pool, uncond=null, guidance=3.0, steps=2,
+                             batch_size=4, progress=False)
+    rows = lambda i: {"encoder_hidden_states": pool["encoder_hidden_states"][i],  # noqa: E731
+                      "added_cond_kwargs": {"text_embeds": pool["added_cond_kwargs"]["text_embeds"][i],
+                                            "time_ids": time_ids}}
+    a, b = gen.sample(2, seed=0, cond=rows([0, 1])), gen.sample(2, seed=0, cond=rows([2, 2]))
+    assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+    with pytest.raises(fs.errors.ArgumentError, match="added_cond_kwargs.text_embeds"):
+        fs.train.score_gan(m, recipe="sid", gan_weight=0.0, steps=1, batch_size=4, progress=False,
+                           cond={**pool, "added_cond_kwargs": {"text_embeds": torch.randn(2, 8), "time_ids": time_ids}})
+
+
 def test_dmd_weighting_is_the_denoisers_disagreement_over_the_teachers_denoising_error():
     """normalize='dmd': with Gaussian data N(0, a²I) and generated N(0, b²I), whose denoisers are
     x·a²/(a² + σ²) and x·b²/(b² + σ²) in closed form, the direction σ∇h of ScoreDifference scaled by
@@ -478,6 +561,48 @@ def test_student_of_a_flow_matching_folder_starts_at_its_data_prediction_and_sav
     meta = json.loads((tmp_path / "st" / "flowsolve.json").read_text())
     assert meta["student"]["teacher"] == str(tmp_path / "flow") and len(meta["student"]["sigmas"]) == 2
     torch.testing.assert_close(fs.from_pretrained(tmp_path / "st").sample(3, seed=0), gen.sample(3, seed=0))
+
+
+def test_student_of_a_text_conditional_diffusers_folder_with_a_prompt_pool_saves_and_loads(tmp_path):
+    """A text-conditional UNet folder (it needs encoder_hidden_states) distils from a pool of prompt
+    embeddings, guided toward them against the empty prompt's; the student saves beside its teacher,
+    loads, and draws the same samples for the same embeddings, and other embeddings give other samples."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=6, norm_num_groups=4, attention_head_dim=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "text")
+    teacher = fs.from_pretrained(tmp_path / "text")
+    pool = {"encoder_hidden_states": torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(1))}
+    gen = fs.train.score_gan(teacher, recipe="sid", gan_weight=0.0, cond=pool, guidance=1.5,
+                             uncond={"encoder_hidden_states": torch.zeros(1, 3, 6)}, steps=2, batch_size=4,
+                             out=tmp_path / "st", progress=False)
+    back = fs.from_pretrained(tmp_path / "st")
+    e = {"encoder_hidden_states": pool["encoder_hidden_states"][[0, 3, 1]]}
+    torch.testing.assert_close(back.sample(3, seed=0, cond=e), gen.sample(3, seed=0, cond=e))
+    other = {"encoder_hidden_states": pool["encoder_hidden_states"][[2, 2, 2]]}
+    assert (back.sample(3, seed=0, cond=other) - back.sample(3, seed=0, cond=e)).abs().max() > 1e-4
+    # the command line: the pool and the empty prompt as .safetensors files; a resumed run must draw
+    # from the same pool (its digest is in the run's settings)
+    from safetensors.torch import save_file
+    from flowsolve.cli import main
+    save_file(pool, str(tmp_path / "pool.safetensors"))
+    save_file({"encoder_hidden_states": torch.zeros(1, 3, 6)}, str(tmp_path / "null.safetensors"))
+    save_file(e, str(tmp_path / "three.safetensors"))
+    args = ["train", "score-gan", "--teacher", str(tmp_path / "text"), "--recipe", "sid", "--gan-weight", "0",
+            "--guidance", "1.5", "--uncond", str(tmp_path / "null.safetensors"), "--steps", "2", "--batch-size", "4",
+            "--out", str(tmp_path / "cli"), "--quiet"]
+    assert main(args + ["--cond", str(tmp_path / "pool.safetensors")]) == 0
+    meta = json.loads((tmp_path / "cli" / "flowsolve.json").read_text())
+    assert len(meta["training"]["config"]["cond_pool"]) == 64
+    assert main(["sample", "--model", str(tmp_path / "cli"), "--cond", str(tmp_path / "three.safetensors"), "--n", "3",
+                 "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
+    save_file({"encoder_hidden_states": pool["encoder_hidden_states"][:2]}, str(tmp_path / "pool2.safetensors"))
+    resumed = [a if a != "2" else "3" for a in args] + ["--cond", str(tmp_path / "pool2.safetensors"), "--resume"]
+    assert main(resumed) != 0  # another pool: refused, naming the setting
+    assert main(args + ["--cond", str(tmp_path / "missing.safetensors")]) != 0
 
 
 def test_projection_discriminators_fast_gradient_and_labels():

@@ -16,6 +16,7 @@ import torch
 
 from ..distributed import gather_ranges, shard_range, world
 from .._checks import check_int, model_dtype
+from .._cond import map_leaves
 from ..sample import check_cond, cond_rows
 from ..errors import ArgumentError
 
@@ -69,7 +70,7 @@ class GeneratorModel:
         was = net.training
         net.eval()
         p = next(net.parameters())
-        cond = {k: v.to(p.device) for k, v in (cond or self.default_cond(len(z))).items()}
+        cond = map_leaves(lambda _k, v: v.to(p.device), cond or self.default_cond(len(z)))
         x = net(z.to(p.device, p.dtype), **cond)
         net.train(was)
         return x

@@ -23,8 +23,11 @@ methods that now let one-step students pass their teachers sit behind the same s
 - `generator_loss="sid"`: Score identity Distillation's generator loss (Zhou et al. 2024, `sid_loss`)
   in place of Eq. 27's Int-PM step: the same direction D_data − D_ρ, plus the gradients that flow through
   both denoisers at x_t = x + σε and SiD's α term −α‖D_data − D_ρ‖² (`sid_alpha`, SiD's 1.2);
-- conditional teachers (class labels): the generator, the generated score and the teacher all see
-  the same labels, and the teacher may be guided (`guidance=`, CFG on Eq. 26's μ_data).
+- conditional teachers: each training sample draws one entry of a condition pool (`cond=`: class
+  labels by default for a class-conditional teacher, uniformly; any inputs the teacher takes, such as
+  the text embeddings of a prompt set, DMD2's prompt-conditioned distillation), and the generator,
+  the generated score and the teacher all see it; the teacher may be guided (`guidance=`, CFG on
+  Eq. 26's μ_data, with `uncond=` or the teacher's own null input).
 
 `recipe="beyond-teacher"` bundles the settings measured to work (RECIPES; on vector data, RECIPE_VECTOR_OVERRIDES);
 `recipe="sid"` is the same with SiD's loss (the best multi-step digits student).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -42,7 +46,8 @@ import torch
 from torch import nn
 
 from .._checks import as_column
-from ..errors import ArgumentError
+from .._cond import map_leaves
+from ..errors import ArgumentError, ArgumentTypeError
 from ..fields import GANLoss, ScoreDifference
 from ..models import MLP, EDMPrecond, unet
 from ..models.student import DenoiserGenerator, teacher_denoiser
@@ -114,6 +119,7 @@ class ScoreGANConfig(PaperLoopConfig):
     guidance: float | None = None  # CFG scale of a conditional teacher (Eq. 26 with μ_data = w)
     generator_loss: str = "int-pm"  # "int-pm": Eq. 27 (Alg. 1); "sid": SiD's loss through both denoisers
     sid_alpha: float = 1.2  # SiD's α (Zhou et al. 2024: 1.2; α = 0 keeps only the cross term)
+    cond_pool: str = ""  # SHA-256 of the `cond=` pool (set by score_gan): a resumed run draws from the same pool
 
     RENAMED = {"rho": "rho_grid"}  # old config keys, accepted for one release
 
@@ -364,6 +370,8 @@ def score_gan(
     data_name: str | None = None,
     select=None,
     select_every: int | None = None,
+    cond: dict | None = None,
+    uncond: dict | None = None,
     **overrides,
 ):
     """A Score GAN (Alg. 1, App. B.1): a generator distilled from a data denoiser `teacher`
@@ -376,6 +384,10 @@ def score_gan(
     for `fs.sample`, Eq. 19). `recipe` picks defaults (RECIPES: "paper" is Alg. 1 with Table 7,
     "beyond-teacher" the distillation options of the module docstring); keywords override them.
     `data` (a name such as "digits" or a source) is needed by the GAN option (`gan_weight`).
+    `cond` is a pool of conditioning inputs (tensors with one leading size P, e.g. {"encoder_hidden_states":
+    the embeddings of P prompts}); every training sample draws one of the P uniformly. A class-conditional
+    teacher's default pool is its K labels. `uncond` is the teacher's unconditional input for `guidance`
+    (default: the teacher's own null input, e.g. the null class).
     """
     if isinstance(teacher, (str, os.PathLike)):
         from ..models import from_pretrained
@@ -391,14 +403,17 @@ def score_gan(
     if len(shape) == 1:
         base.update(RECIPE_VECTOR_OVERRIDES.get(recipe, {}))
     cfg = merge_config(ScoreGANConfig, base, config, overrides)
-    _check(cfg, teacher, shape, data, out)
     classes = _classes(teacher)
-    null = _null(teacher)
+    pool = _cond_pool(cond, classes)
+    cfg.cond_pool = _digest(cond) if cond is not None else ""
+    null = _null(teacher) if uncond is None else _check_uncond(uncond)
+    _check(cfg, teacher, shape, data, out, pool, null)
+    _probe_teacher(teacher, shape, pool)
     if cfg.gan_weight:
         src, name, dshape = data_source(data, cfg.data_size)
         if tuple(dshape) != shape:
             raise ArgumentError(f"data: samples of shape {tuple(dshape)}, but the teacher's are {shape}")
-        if classes:
+        if pool:
             fsdata.num_classes(src)  # labelled, or a clear error now
     else:
         src, name = None, (data if isinstance(data, str) else "custom" if data is not None else "teacher")
@@ -421,7 +436,7 @@ def score_gan(
     else:
         gen = seeded(cfg.seed, lambda: generator_network(shape, cfg, num_classes=classes))
     feature = FeatureDiscriminator(_feature_module(score, cfg.gan_features)) if cfg.gan_weight else None
-    cond_probe = {"class_labels": torch.zeros(2, dtype=torch.long)} if classes else {}
+    cond_probe = _rows(pool, torch.zeros(2, dtype=torch.long))
     head = _head(score, feature, shape, cond_probe, cfg.seed + 2) if feature is not None else None
     pair = GeneratorPair(gen, score, head)
     guided = dict(guidance=cfg.guidance, uncond=null) if cfg.guidance is not None else {}
@@ -445,8 +460,13 @@ def score_gan(
     multi = isinstance(gen, DenoiserGenerator)
     latent = (gen.steps, *shape) if multi else (cfg.latent,)
 
+    pool_size = len(_leaves(pool)[0][1]) if pool else 0
+
     def labels(g: torch.Generator) -> dict:
-        return {"class_labels": shard(torch.randint(classes, (cfg.batch_size,), generator=g))} if classes else {}
+        """One entry of the condition pool per sample, drawn uniformly (the class labels: uniform labels)."""
+        if not pool:
+            return {}
+        return _rows(pool, torch.randint(pool_size, (cfg.batch_size,), generator=g), shard)
 
     gan_top = cfg.sigma_max if cfg.gan_sigma_max is None else cfg.gan_sigma_max
 
@@ -487,7 +507,7 @@ def score_gan(
                 if cfg.gan_sigma_max is not None or cfg.gan_augment:  # the fakes again: own σ, augmented
                     xf, sig_f = gan_noised(diff_augment(x, cfg.gan_augment, g), g)
                     f_fake, _ = feature(m.aux, m.head, xf, sig_f, cond, detach=not cfg.gan_shared)
-                real, real_cond = _real_batch(src, cfg.batch_size, g, classes)
+                real, real_cond = _real_batch(src, cfg.batch_size, g, bool(pool))
                 real_cond = {k: shard(v) for k, v in real_cond.items()}
                 xr, sig_r = gan_noised(diff_augment(shard(real), cfg.gan_augment, g), g)
                 xr = xr.requires_grad_(bool(cfg.gan_r1))
@@ -639,8 +659,9 @@ def _classes(teacher) -> int:
 
 
 def _null(teacher) -> dict | None:
+    """The teacher's declared unconditional inputs (its "null" values), or None if it declares none."""
     fn = getattr(teacher, "default_uncond", None)
-    return fn() if callable(fn) else None
+    return (fn() or None) if callable(fn) else None
 
 
 def _source(teacher) -> str | None:
@@ -651,14 +672,88 @@ def _source(teacher) -> str | None:
     return None
 
 
-def _real_batch(src, n: int, g: torch.Generator, classes: int) -> tuple[torch.Tensor, dict]:
-    if classes:
+def _real_batch(src, n: int, g: torch.Generator, labelled: bool) -> tuple[torch.Tensor, dict]:
+    if labelled:
         x, y = fsdata.labelled_batches(src, n, g)
         return x, {"class_labels": y}
     return fsdata.batches(src, n, g), {}
 
 
-def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> None:
+def _leaves(tree: dict) -> list[tuple[str, Any]]:
+    """(dotted name, value) of every leaf of a tree of inputs (SDXL's added_cond_kwargs nest)."""
+    out: list[tuple[str, Any]] = []
+    map_leaves(lambda k, v: out.append((k, v)), tree)
+    return out
+
+
+def _rows(tree: dict, idx: torch.Tensor, move=lambda t: t) -> dict:
+    """The rows `idx` of every tensor of a tree of inputs (through `move`, e.g. `shard`)."""
+    return map_leaves(lambda _k, v: move(v[idx]), tree)
+
+
+def _cond_pool(cond, classes: int) -> dict:
+    """The conditions the training samples draw from: `cond` (tensors with one leading size P, nested
+    dicts allowed) or, for a class-conditional teacher, its labels 0..K−1 (so a draw is a uniform label);
+    {} if neither."""
+    if cond is None:
+        return {"class_labels": torch.arange(classes)} if classes else {}
+    if not isinstance(cond, dict) or not cond:
+        raise ArgumentTypeError(
+            f"cond: expected a dict of conditioning tensors with one leading size (a pool to draw from), got {cond!r}"
+        )
+    sizes = {}
+    for k, v in _leaves(cond):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            raise ArgumentTypeError(f"cond: entry {k!r} must be a tensor with a leading pool dimension, got {v!r}")
+        sizes[k] = len(v)
+    size = max(sizes.values())
+    if any(n not in (1, size) for n in sizes.values()) or size == 0:
+        raise ArgumentError(f"cond: every entry needs the pool's leading size P (or 1: one input for all), got {sizes}")
+    if classes and isinstance(cond.get("class_labels"), torch.Tensor):
+        labels = cond["class_labels"]
+        if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= classes:
+            raise ArgumentError(f"cond: class_labels must be integers in [0, {classes}), got {labels.tolist()[:8]}...")
+    return map_leaves(lambda _k, t: t.detach().expand(size, *t.shape[1:]) if len(t) == 1 else t.detach(), cond)
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and values; nested dicts by dotted name), to tell
+    one condition pool from another."""
+    h = hashlib.sha256()
+    for k, v in sorted(_leaves(tensors), key=lambda kv: kv[0]):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_uncond(uncond) -> dict:
+    if not isinstance(uncond, dict) or not all(isinstance(v, torch.Tensor) for _, v in _leaves(uncond)):
+        raise ArgumentTypeError(f"uncond: expected a dict of the teacher's unconditional input tensors, got {uncond!r}")
+    return uncond
+
+
+def _probe_teacher(teacher, shape: tuple[int, ...], pool: dict) -> None:
+    """One evaluation of the teacher on two samples with the pool's first condition, so that a teacher
+    that needs inputs the run does not give (a text model without `cond=`) fails now, by name."""
+    p = next(teacher.parameters(), None) if isinstance(teacher, nn.Module) else None
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.dtype.is_floating_point else torch.get_default_dtype()
+    x = torch.zeros(2, *shape, device=device, dtype=dtype)
+    probe = _rows(pool, torch.zeros(2, dtype=torch.long), lambda t: t.to(device))
+    try:
+        with torch.no_grad():
+            teacher(x, torch.ones(2, device=device, dtype=dtype), **probe)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as err:
+        given = ", ".join(k for k, _ in _leaves(pool)) or "none"
+        raise ArgumentError(
+            f"cond: the teacher cannot be evaluated with the conditioning inputs given ({given}): {err}. A "
+            "conditional teacher needs a pool of its inputs, e.g. cond={'encoder_hidden_states': embeddings "
+            "of P prompts} (leading size P; each sample draws one)"
+        ) from err
+
+
+def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out, pool: dict, null: dict | None) -> None:
     """Refuse bad distillation settings before any work."""
     if not isinstance(cfg.init, str) or (cfg.init not in ("paper", "teacher") and not os.path.isdir(cfg.init)):
         raise ArgumentError(
@@ -704,6 +799,24 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
             f"gan_sigma_max: expected sigma_min ({cfg.sigma_min}) < gan_sigma_max <= sigma_max ({cfg.sigma_max}), "
             f"got {cfg.gan_sigma_max!r}"
         )
+    if cfg.guidance is not None and null is None:
+        raise ArgumentError(
+            "guidance: needs the teacher's unconditional input; pass uncond= (e.g. the empty prompt's "
+            "embeddings), or use a teacher that declares a null input (class labels)"
+        )
+    if cfg.guidance is not None and not pool:
+        raise ArgumentError("guidance: the run has no conditions to guide toward; pass cond= (a pool of inputs)")
+    if cfg.init == "paper" and pool and set(pool) != {"class_labels"}:
+        raise ArgumentError(
+            f"cond: a fresh generator (init='paper', Alg. 1) takes class labels only, got {sorted(pool)}; "
+            "init='teacher' makes the student the teacher's network, which takes the teacher's inputs"
+        )
+    if cfg.gan_weight and pool and set(pool) != {"class_labels"}:
+        raise ArgumentError(
+            f"gan_weight: the real-data GAN pairs each real sample with its condition, which the data has for class "
+            f"labels only; a pool of {sorted(pool)} needs gan_weight=0 (the recipes' GAN is 0.01; data-free "
+            "distillation, as SiD)"
+        )
     if cfg.gan_weight and data is None:
         raise ArgumentError(
             "data: the GAN option (gan_weight > 0) trains a discriminator on real data; pass data= (e.g. 'digits')"
@@ -713,8 +826,6 @@ def _check(cfg: ScoreGANConfig, teacher, shape: tuple[int, ...], data, out) -> N
         raise ArgumentError("gan_augment: augments the real-data GAN's head; set gan_weight > 0 as well")
     if cfg.gan_augment and len(shape) != 3:
         raise ArgumentError(f"gan_augment: augmentations are for images (C, H, W), got data of shape {shape}")
-    if cfg.guidance is not None and not _classes(teacher) and _null(teacher) is None:
-        raise ArgumentError("guidance: the teacher is not conditional (it declares no conditioning with a null input)")
     if out is not None and cfg.init != "paper" and not isinstance(teacher, EDMPrecond) and _source(teacher) is None:
         raise ArgumentError(
             "out: a student of this teacher is saved as weights beside a reference to the teacher's "
