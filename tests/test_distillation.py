@@ -605,6 +605,23 @@ def test_student_of_a_text_conditional_diffusers_folder_with_a_prompt_pool_saves
     assert main(args + ["--cond", str(tmp_path / "missing.safetensors")]) != 0
 
 
+def test_student_of_a_latent_pipeline_samples_latents_and_decodes_with_its_teachers_vae(tmp_path):
+    """A latent pipeline folder (LDM: UNet on VAE latents) distils into a student that samples latents,
+    saves beside its teacher, loads, and decodes them exactly as the teacher's own VAE does."""
+    from test_flow_matching import _latent_pipeline
+    _latent_pipeline().save_pretrained(str(tmp_path / "ldm"))
+    teacher = fs.from_pretrained(tmp_path / "ldm")
+    gen = fs.train.score_gan(teacher, recipe="sid", gan_weight=0.0, steps=2, batch_size=4, out=tmp_path / "st",
+                             progress=False)
+    back = fs.from_pretrained(tmp_path / "st")
+    z = back.sample(2, seed=0)
+    assert z.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(z, gen.sample(2, seed=0))
+    torch.testing.assert_close(back.decode(z), teacher.decode(z))
+    with pytest.raises(fs.errors.ArgumentError, match="no VAE"):
+        fs.from_pretrained("pretrained/digits-scoregan").decode(torch.zeros(1, 1, 8, 8))
+
+
 def test_projection_discriminators_fast_gradient_and_labels():
     torch.manual_seed(0)
     d = Discriminator(dim=3, width=16, depth=2, num_classes=4)

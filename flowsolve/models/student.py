@@ -66,6 +66,13 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
     def forward(self, z: torch.Tensor, **cond) -> torch.Tensor:
         return self.chain(z, **cond)
 
+    def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:
+        """Images of a latent student's samples, through its teacher's VAE (`LatentDecoding.decode`)."""
+        dec = getattr(self.net, "decode", None)
+        if not callable(dec):
+            raise ArgumentError("decode: this student's teacher has no VAE (it samples in data space)")
+        return dec(latents, **kw)
+
     # -- folders -----------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, teacher_source: str | None = None, **metadata) -> Path:
         """A student folder: self-contained for flowsolve denoisers (EDMPrecond); for other teachers
