@@ -605,6 +605,28 @@ def test_student_of_a_text_conditional_diffusers_folder_with_a_prompt_pool_saves
     assert main(args + ["--cond", str(tmp_path / "missing.safetensors")]) != 0
 
 
+def test_sd3_like_flow_matching_transformer_distils_from_a_prompt_pool():
+    """A flow-matching transformer (SD3's, with text and pooled embeddings) is a teacher through its
+    data prediction: guided against the empty prompt's, the student trains and is conditioned by the
+    embeddings; without them the run is refused by name."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = torch.Generator().manual_seed(2)
+    pool = {"encoder_hidden_states": torch.randn(3, 5, 16, generator=g), "pooled_projections": torch.randn(3, 8, generator=g)}
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "pooled_projections": torch.zeros(1, 8)}
+    gen = fs.train.score_gan(m, recipe="sid", gan_weight=0.0, cond=pool, uncond=null, guidance=3.0, steps=2,
+                             batch_size=4, progress=False)
+    a = gen.sample(2, seed=0, cond={k: v[[0, 1]] for k, v in pool.items()})
+    b = gen.sample(2, seed=0, cond={k: v[[2, 2]] for k, v in pool.items()})
+    assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+    with pytest.raises(fs.errors.ArgumentError, match="cond: the teacher cannot be evaluated"):
+        fs.train.score_gan(m, recipe="sid", gan_weight=0.0, steps=1, batch_size=4, progress=False)
+
+
 def test_student_of_a_latent_pipeline_samples_latents_and_decodes_with_its_teachers_vae(tmp_path):
     """A latent pipeline folder (LDM: UNet on VAE latents) distils into a student that samples latents,
     saves beside its teacher, loads, and decodes them exactly as the teacher's own VAE does."""
