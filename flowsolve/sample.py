@@ -224,6 +224,31 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
     return None
 
 
+def _check_custom_schedule(solver: Any, field: Field) -> None:
+    """A diffusers scheduler instance set to a custom schedule (`set_timesteps(timesteps=...)`, AYS) is
+    read for its configuration only; its schedule is the grid only where the model was loaded with it.
+    Otherwise refuse, naming how to get that schedule, rather than sample another one silently."""
+    if isinstance(solver, (str, type)) or not hasattr(solver, "set_timesteps"):
+        return
+    from .models.diffusers_adapter import custom_steps
+
+    if custom_steps(solver) is None:
+        return
+    own = solvers.base.model_scheduler(field)
+    same = own is not None and custom_steps(own) is not None
+    if same:
+        for attr in ("timesteps", "sigmas"):
+            a, b = getattr(solver, attr, None), getattr(own, attr, None)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                same = same and a.shape == b.shape and torch.allclose(a.double().cpu(), b.double().cpu())
+    if not same:
+        raise ArgumentError(
+            f"solver: this {type(solver).__name__} carries a custom schedule (set_timesteps(timesteps=...) or "
+            f"sigmas=...), which flowsolve takes from the model: load the model with it "
+            f"(fs.models.from_diffusers(net, scheduler)) and sample its field, or pass grid="
+        )
+
+
 def resolve_grid(
     field: Field, spec: solvers.Solver, nfe: int | None, grid, reverse: bool = False, steps: int | None = None
 ) -> tuple[torch.Tensor, int | None]:
@@ -231,6 +256,8 @@ def resolve_grid(
     `reverse`: the grid runs from the data towards the prior (`invert`); it never ends where the
     field is singular. `steps`: the grid's number of steps, instead of the most that `nfe` affords."""
     singular = not field.finite_at_end and not reverse
+    if steps is None and nfe is None and grid is None and not spec.adaptive:
+        steps = field.default_steps  # a diffusers model set to a custom schedule: all of its steps
     if steps is not None:
         check_int("steps", steps, 1)
         if nfe is not None or (grid is not None and not _named(grid)) or grid == "calibrated":
@@ -625,6 +652,7 @@ def sample(
     # an AUTOMATIC1111 label ("DPM++ 2M Karras"): its schedule type's grid, its way of counting steps
     grid, steps, nfe, options = solvers.names.webui_run(solver, grid, steps, nfe, options)
     base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
+    _check_custom_schedule(solver, field)
     spec = base.configured(options)
     spec.check_field(field)
     if spec.inverts and not _reverse:

@@ -164,6 +164,51 @@ def test_a_schedulers_own_loop_is_the_solver_of_its_name(unet64, name, kw, solve
     assert (x * alpha_end - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
+_AYS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]   # Align Your Steps' SD 1.5 timesteps (diffusers' docs)
+
+
+@pytest.mark.parametrize("name,kind,noisy", [
+    ("DPMSolverMultistepScheduler", "timesteps", False), ("EulerDiscreteScheduler", "timesteps", False),
+    ("EulerDiscreteScheduler", "sigmas", False), ("HeunDiscreteScheduler", "timesteps", False),
+    ("DPMSolverSinglestepScheduler", "timesteps", False), ("DDPMScheduler", "timesteps", True),
+    ("LCMScheduler", "timesteps", True), ("TCDScheduler", "timesteps", True),
+])
+def test_a_scheduler_set_to_a_custom_schedule_is_sampled_on_it(unet64, name, kind, noisy):
+    """A scheduler set with `set_timesteps(timesteps=...)` (Align Your Steps) or `sigmas=...`, as the
+    pipelines' `timesteps=` / `sigmas=` arguments set it: the model loaded with it samples that schedule
+    by default ("scheduler" and the default grid: all of its steps) and equals the scheduler's own loop;
+    another step count is refused by name, and so is that scheduler handed as the solver of a model
+    loaded without its schedule (it sampled another schedule silently before)."""
+    import copy
+    import warnings
+
+    import diffusers
+    cls = getattr(diffusers, name)
+    sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # LCM and TCD warn that AYS' timesteps are not their training ones
+        sched.set_timesteps(**{kind: _AYS if kind == "timesteps" else
+                               [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]})
+    m = fs.models.from_diffusers(unet64, copy.deepcopy(sched))
+    field = m.field()
+    assert field.default_steps == 10
+    grid = field.grid(10, "schedule")
+    if kind == "timesteps" and name != "LCMScheduler":   # its knots are the given timesteps' levels
+        torch.testing.assert_close(grid[: len(_AYS)], m.sigma(torch.tensor(_AYS)), rtol=1e-6, atol=0)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    vp = m.prior_std_at(float(grid[0])) > float(grid[0]) * (1 + 1e-9)
+    ref = (_noisy_diffusers_loop if noisy else _diffusers_loop)(unet64, sched, z)
+    x = fs.sample(field, "scheduler", x_init=z * m.prior_std_at(float(grid[0])), seed=5)
+    if vp and name != "LCMScheduler":                                   # diffusers returns α x at a last σ > 0
+        x = x / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(fs.errors.ArgumentError, match="custom schedule of 10 steps"):
+        fs.sample(field, "scheduler", steps=12, n=2, seed=0)
+    plain = fs.models.from_diffusers(unet64, cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    with pytest.raises(fs.errors.ArgumentError, match="carries a custom schedule"):
+        fs.sample(plain.field(), sched, n=2, seed=0)
+
+
 def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):
     """A zero-SNR DDIM model sampled as users do (float32, the default grid): σ_max = 4096 − 2⁻¹³
     rounds down in float32 onto the clamped plateau, which still reads as timestep 999 (not 996, the

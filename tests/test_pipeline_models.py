@@ -141,6 +141,43 @@ def test_a_flux_pipeline_folder_loads_with_its_vae_shift(tmp_path):
     assert torch.allclose(m.decode(lat), want)
 
 
+@pytest.mark.parametrize("pipeline,linear", [("FluxPipeline", True), ("StableDiffusion3Pipeline", False)])
+def test_a_flux_family_folder_samples_its_pipelines_linear_sigmas_by_default(tmp_path, pipeline, linear):
+    """FluxPipeline (and the other pipelines whose source sets sigmas = linspace(1, 1/N, N): Flux 2, Chroma,
+    Qwen-Image, LTX, ...) hands its scheduler those sigmas; SD3's pipeline lets the scheduler make its
+    own. A folder names its pipeline in model_index.json, and the model's default schedule of N steps
+    is that pipeline's: `euler` with nfe=N, no grid given, is FluxPipeline's loop (it was the
+    scheduler's own schedule, another grid, before); `pipeline_sigmas=` overrides the choice."""
+    net = _flux()
+    root = tmp_path / "flux"
+    net.save_pretrained(root / "transformer")
+    kw = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    FlowMatchEulerDiscreteScheduler(**kw).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": pipeline, "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    B, h, w, L, N, mu = 2, 4, 4, 5, 6, 0.7
+    img_ids, txt_ids = _flux_ids(h, w, L)
+    ids = dict(img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    m = fs.models.from_diffusers(root, mu=mu, **ids)
+    sched = FlowMatchEulerDiscreteScheduler(**kw)
+    sched.set_timesteps(N, sigmas=np.linspace(1.0, 1 / N, N) if linear else None, mu=mu)
+    torch.testing.assert_close(m.field().grid(N, "schedule"), sched.sigmas.double(), rtol=1e-6, atol=1e-7)
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
+    g = torch.full((B,), 3.5)
+    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g,
+                                                 img_ids=img_ids, txt_ids=txt_ids, **text).sample)
+    assert _rel(fs.sample(m.field(), "euler", nfe=N, x_init=z, cond=text), ref) <= 1e-5
+    other = fs.models.from_diffusers(root, mu=mu, pipeline_sigmas=not linear, **ids)
+    assert not torch.allclose(other.field().grid(N, "schedule"), sched.sigmas.double(), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="pipeline_sigmas"):
+        fs.models.from_diffusers(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, norm_num_groups=8,
+                                             block_out_channels=(16, 32), down_block_types=("DownBlock2D",) * 2,
+                                             up_block_types=("UpBlock2D",) * 2), DPMSolverMultistepScheduler(),
+                                 pipeline_sigmas=True)
+
+
 def test_a_vae_with_per_channel_latent_statistics_decodes_as_the_pipelines():
     """SDXL / Wan pipelines: latents · std / scaling_factor + mean, per channel."""
     from diffusers import AutoencoderKL, DDIMScheduler

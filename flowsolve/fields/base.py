@@ -73,6 +73,7 @@ class Field:
     prior_std: float = 1.0
     default_grid: str = "uniform"
     default_nfe: int = 32
+    default_steps: int | None = None  # steps when neither nfe nor steps is given (a custom scheduler schedule)
     time_is_sigma: bool = False
     finite_at_end: bool = True
     takes_cond: bool = False  # its model takes per-sample conditioning (`bind`, `call_model`)
@@ -212,6 +213,7 @@ class Field:
             "prior_std",
             "default_grid",
             "default_nfe",
+            "default_steps",
             "time_is_sigma",
             "finite_at_end",
             "path",

@@ -17,6 +17,7 @@ import re
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -428,7 +429,9 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
     integers (`integer_timesteps`): the network then sees ⌊1000 t⌋, and exactly the scheduler's
     timestep on its own knots. `None` picks each from the model's class and the scheduler
     (`MiniMaxH3Scheduler` fixes them: 1 − t and the data-ward velocity, and its N counts the schedule's
-    points, so N − 1 steps)."""
+    points, so N − 1 steps). `pipeline_sigmas`: the schedule of N steps is the scheduler set with
+    sigmas = linspace(1, 1/N, N), as Flux-family pipelines (Flux, Flux 2, Chroma, Qwen-Image, LTX, ...)
+    set it, instead of its own `set_timesteps(N)`; `from_diffusers` reads it off the pipeline's class."""
 
     guidable = True
 
@@ -442,10 +445,13 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         negate: bool | None = None,
         integer_timesteps: bool | None = None,
         concat_dim: int | None = None,
+        pipeline_sigmas: bool = False,
         **model_kwargs,
     ) -> None:
         super().__init__()
         self.model, self.scheduler, self.mu, self.model_kwargs = model, scheduler, mu, model_kwargs
+        # Flux-family pipelines hand the scheduler sigmas = linspace(1, 1/N, N) (`_LINEAR_SIGMAS_RULE`)
+        self.pipeline_sigmas = bool(pipeline_sigmas) and not _config(scheduler).get("use_flow_sigmas")
         self.concat_dim = concat_dim_of(model, concat_dim)
         cfg = _config(scheduler)
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
@@ -556,6 +562,8 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         `set_timesteps` (the model's `mu` unless given)."""
         if self.mu is not None:
             kw.setdefault("mu", self.mu)
+        if self.pipeline_sigmas and "sigmas" not in kw and "timesteps" not in kw:
+            kw["sigmas"] = [1.0 - j * (1.0 - 1.0 / steps) / max(steps - 1, 1) for j in range(steps)]
         points = type(self.scheduler).__name__ in _POINT_COUNTING_SCHEDULERS
         sched = scheduler_at(self.scheduler, steps + 1 if points else steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
@@ -578,6 +586,7 @@ class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
         # a multistep scheduler's flow-sigma schedule is made for every solver (not only Euler/Heun)
         field.schedule_for_every_solver = not _flow_match_family(self.scheduler)
         field.time_shift = self.time_shift()
+        field.default_steps = _custom_default_steps(self.scheduler)
         return self._calibrated(field)
 
     def time_shift(self) -> Callable[[float], float]:
@@ -1060,7 +1069,9 @@ class DiffusersDenoiser(LatentDecoding, Denoiser):
         `fs.sample(m.field(), "euler", nfe=N)` is the scheduler's DDIM/Euler loop with N steps."""
         kw.setdefault("schedule", self.scheduler_grid)
         kw.setdefault("sigma_max", self.sigma_max)
-        return super().field(**kw)
+        field = super().field(**kw)
+        field.default_steps = _custom_default_steps(self.scheduler)
+        return field
 
     def _pure_noise_level(self) -> float:
         """σ_max to float32 rounding: the top of the clamped plateau, which stands for ᾱ = 0."""
@@ -1308,11 +1319,86 @@ def _distinct_knots(grid: torch.Tensor, repeated_ends: set[float] | None = None)
     return grid
 
 
+def custom_steps(scheduler) -> int | None:
+    """N where the scheduler was set to a schedule of its own (`set_timesteps(timesteps=...)` or
+    `sigmas=...`: Align Your Steps, a hand-made list) that `set_timesteps(N)` would not make; else None
+    (not set, set to N of its own steps, or not remade without arguments, such as a dynamic shift's mu)."""
+    if getattr(scheduler, "custom_timesteps", False) is True:  # DDPM, LCM, TCD say so themselves
+        return len(scheduler.timesteps)
+    n = getattr(scheduler, "num_inference_steps", None)
+    if not isinstance(n, int) or n < 1:
+        return None
+    ref = copy.deepcopy(scheduler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.set_timesteps(n)
+    except Exception:  # noqa: BLE001 - a schedule that needs arguments to be made: not taken as custom
+        return None
+    for attr in ("timesteps", "sigmas"):
+        a, b = getattr(scheduler, attr, None), getattr(ref, attr, None)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or not torch.allclose(a.double().cpu(), b.double().cpu(), rtol=1e-9, atol=0):
+                return n
+    return None
+
+
+_LINEAR_SIGMAS_RULE = "np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)"
+
+
+def _linear_sigmas_pipeline(pipeline_class: Any) -> bool:
+    """Whether a pipeline class (or its diffusers name) sets its scheduler with sigmas = linspace(1, 1/N,
+    N), as its source says (Flux, Flux 2, Chroma, Qwen-Image, LTX and the other Flux-family pipelines).
+    The source is read from the class, or found by its name among diffusers' pipeline files (a pipeline
+    whose optional dependencies are missing is a placeholder without its code)."""
+    if pipeline_class is None:
+        return False
+    name = pipeline_class if isinstance(pipeline_class, str) else getattr(pipeline_class, "__name__", "")
+    call = vars(pipeline_class).get("__call__") if isinstance(pipeline_class, type) else None
+    if call is not None:
+        try:
+            return _LINEAR_SIGMAS_RULE in inspect.getsource(inspect.unwrap(call))
+        except (OSError, TypeError):
+            pass
+    return _pipeline_source_has_rule(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline_source_has_rule(name: str) -> bool:
+    """The linear-sigmas rule in the diffusers source file that defines pipeline class `name`."""
+    import diffusers
+
+    if not name.isidentifier():
+        return False
+    root = Path(diffusers.__file__).parent / "pipelines"
+    for path in root.rglob("pipeline_*.py"):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if f"class {name}(" in text:
+            return _LINEAR_SIGMAS_RULE in text
+    return False
+
+
+def _custom_default_steps(scheduler) -> int | None:
+    """The steps of a scheduler's custom schedule, as a sampler counts them (a field's `default_steps`)."""
+    n = custom_steps(scheduler)
+    return None if n is None else n - 1 if type(scheduler).__name__ in _POINT_COUNTING_SCHEDULERS else n
+
+
 def scheduler_at(scheduler, steps: int, **kw):
     """A copy of the scheduler set to `steps` steps. Where diffusers cannot make that schedule (PNDM's
-    Runge–Kutta warm-up needs 4 steps or more), the error names the budget and says what to do."""
+    Runge–Kutta warm-up needs 4 steps or more), the error names the budget and says what to do. A
+    scheduler set to a custom schedule (`custom_steps`) gives that schedule, at its own step count."""
     import copy
 
+    custom = custom_steps(scheduler) if not kw else None
+    if custom is not None:
+        if steps != custom:
+            raise ArgumentError(
+                f"steps: the model's {type(scheduler).__name__} carries a custom schedule of {custom} steps "
+                f"(set_timesteps(timesteps=...) or sigmas=...), asked for {steps}; sample with steps={custom} "
+                f"(or no nfe / steps), or pass grid="
+            )
+        return copy.deepcopy(scheduler)
     sched = copy.deepcopy(scheduler)
     try:
         sched.set_timesteps(steps, **kw)
@@ -1532,6 +1618,7 @@ def from_diffusers(
     float16 / bfloat16 for large models); model objects keep theirs (cast them with `.to`).
     """
     obj = model_or_pipeline_or_path
+    pipeline_class: Any = None  # the pipeline's class (or its name in model_index.json), whose rules apply
     if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
         raise ArgumentTypeError(f"torch_dtype: expected a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
     if torch_dtype is not None and not isinstance(obj, (str, os.PathLike)):
@@ -1548,6 +1635,7 @@ def from_diffusers(
         is_pipeline = index.is_file() if index is not None else subfolder is None
         if is_pipeline and subfolder is None:
             parts = json.loads(index.read_text()) if index is not None else {}
+            pipeline_class = parts.get("_class_name")
             part = next((k for k in _DENOISER_PARTS if k in parts), "unet")
             model = load_diffusers_component(path, part, "model", torch_dtype)
             if scheduler is None:
@@ -1568,6 +1656,7 @@ def from_diffusers(
     elif hasattr(obj, "scheduler") and any(getattr(obj, k, None) is not None for k in _DENOISER_PARTS):
         model = next(getattr(obj, k) for k in _DENOISER_PARTS if getattr(obj, k, None) is not None)
         scheduler = scheduler or obj.scheduler
+        pipeline_class = type(obj)
         controlnet = controlnet if controlnet is not None else getattr(obj, "controlnet", None)
         vae = vae or next((getattr(obj, k) for k in _VAE_PARTS if getattr(obj, k, None) is not None), None)
     else:
@@ -1585,8 +1674,16 @@ def from_diffusers(
 
         model = ControlledModel(model, controlnet, controlnet_scale, controlnet_window)
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow | DiffusersAngle
-    if scheduler is not None and is_flow_scheduler(scheduler):
-        out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), **model_kwargs)
+    given = model_kwargs.pop("pipeline_sigmas", None)
+    flow = is_flow_scheduler(scheduler)
+    linear = (flow and _linear_sigmas_pipeline(pipeline_class)) if given is None else bool(given)
+    if given and not flow:
+        raise ArgumentError(
+            f"pipeline_sigmas: the linspace(1, 1/N, N) sigmas of Flux-family pipelines are for flow-matching "
+            f"schedulers; {type(scheduler).__name__} is not one"
+        )
+    if flow:
+        out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), pipeline_sigmas=linear, **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "SCMScheduler":
         out = DiffusersTrigFlow(model, scheduler, **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "IPNDMScheduler":
