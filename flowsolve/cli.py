@@ -165,6 +165,15 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
+def _for_png(model, x: torch.Tensor, out: str) -> torch.Tensor:
+    """A latent model's samples decoded to images for a .png (its VAE, as the pipeline decodes them);
+    .npy / .pt files keep the latents themselves (for img2img or a later decode)."""
+    vae = getattr(model, "vae", None) or getattr(getattr(model, "net", None), "vae", None)
+    if Path(out).suffix.lower() != ".png" or vae is None or not callable(getattr(model, "decode", None)):
+        return x
+    return model.decode(x).float().cpu()
+
+
 def save_samples(x: torch.Tensor, out: Path, reference=None) -> None:
     """.npy / .pt: the raw tensor; .png: a scatter plot (2-D) or an image grid (images)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +289,7 @@ def cmd_sample(args) -> int:
         )
         procs = f" on {_processes()}" if is_launched() else ""
         if finish_processes():
-            save_samples(x, Path(args.out), reference=ref)
+            save_samples(_for_png(model, x, args.out), Path(args.out), reference=ref)
             print(
                 f"wrote {args.out}: {tuple(x.shape)} samples from a generator ({_evaluations(model)}){procs}, "
                 f"{time.perf_counter() - t0:.2f} s"
@@ -322,7 +331,7 @@ def cmd_sample(args) -> int:
         )
         procs = _processes()
         if finish_processes():
-            save_samples(x, Path(args.out), reference=ref)
+            save_samples(_for_png(model, x, args.out), Path(args.out), reference=ref)
             print(f"wrote {args.out}: {tuple(x.shape)} samples from {procs}, {time.perf_counter() - t0:.2f} s")
         return 0
     shape = tuple(field.data_shape or ())
@@ -352,7 +361,7 @@ def cmd_sample(args) -> int:
         progress=not args.quiet,
         **options,
     )
-    save_samples(x, Path(args.out), reference=ref)
+    save_samples(_for_png(model, x, args.out), Path(args.out), reference=ref)
     print(
         f"wrote {args.out}: {tuple(x.shape)} samples, solver {info.solver}, {info.steps} steps, "
         f"nfe {info.nfe}, {time.perf_counter() - t0:.2f} s"
@@ -870,7 +879,11 @@ def build_parser() -> argparse.ArgumentParser:
         "own dtype; generators ignore it)",
     )
     _guidance_flags(s, several=False)
-    s.add_argument("--out", required=True, help="output .png, .npy or .pt")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output .png (a latent model's samples decoded by its VAE), .npy or .pt (the samples themselves)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
     inv = sub.add_parser("invert", help="the latents of data under a model's probability-flow ODE (DDIM inversion)")

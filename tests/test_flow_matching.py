@@ -4,6 +4,7 @@ against diffusers' own FlowMatch and DPM-Solver loops on tiny random models, k-d
 DPM-Solver++(2M), and the exact mixture."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
@@ -183,6 +184,27 @@ def test_latent_pipeline_samples_latents_and_decodes_as_the_pipeline(tmp_path):
     loaded = fs.from_pretrained(tmp_path / "ldm")                               # folder: UNet + scheduler + VAE
     assert isinstance(loaded, fs.models.DiffusersDenoiser) and loaded.data_shape == (2, 8, 8)
     assert torch.allclose(loaded.decode(hand), m.decode(hand))
+
+
+def test_sample_cli_decodes_a_latent_models_png_and_keeps_latents_in_npy(tmp_path):
+    """`flowsolve sample` on a latent pipeline folder: a .npy holds the latents themselves, a .png the
+    images the VAE decodes from the same latents (as the pipeline decodes them)."""
+    from flowsolve.cli import main
+    _latent_pipeline().save_pretrained(str(tmp_path / "ldm"))
+    common = ["sample", "--model", str(tmp_path / "ldm"), "--solver", "ddim", "--nfe", "4", "--n", "3", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "z.npy")]) == 0
+    z = torch.from_numpy(np.load(tmp_path / "z.npy"))
+    assert z.shape == (3, 2, 8, 8)
+    shown = []
+    import flowsolve.viz as viz
+    original = viz.save_png
+    viz.save_png = lambda x, out, reference=None: shown.append(x)
+    try:
+        assert main(common + ["--out", str(tmp_path / "x.png")]) == 0
+    finally:
+        viz.save_png = original
+    m = fs.from_pretrained(tmp_path / "ldm")
+    torch.testing.assert_close(shown[0], m.decode(z), rtol=1e-4, atol=1e-5)
 
 
 def test_a_vae_is_refused_up_front():
