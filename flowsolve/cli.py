@@ -248,23 +248,34 @@ def _device(args) -> torch.device:
     return device_for(args.device, "--device")
 
 
-# `flowsolve sample` settings of a solve, which a generator (its own network passes) has none of
+# `flowsolve sample` settings of a solve, which a generator (its own network passes) has none of: those
+# that change what is drawn are refused, the budget's are ignored with a note (a command run over models
+# of every kind may carry them)
 _FIELD_FLAGS = tuple(
-    "nfe steps x_init init strength mask inpaint denoising_end denoising_start alpha option grid guidance uncond "
-    "guider guidance_rescale guidance_interval".split()
+    "x_init init strength mask inpaint denoising_end denoising_start guidance uncond guider guidance_rescale "
+    "guidance_interval".split()
 )
+_BUDGET_FLAGS = tuple("nfe steps alpha option grid".split())
 
 
 def _refuse_field_flags(args) -> None:
-    """A generator draws its samples in its own evaluations: refuse the flags of a field's solve, by name."""
+    """A generator draws its samples in its own evaluations: refuse the flags that would change what a
+    field's solve draws (guidance, starting data), by name; note the budget's flags as ignored."""
     given = [f for f in _FIELD_FLAGS if getattr(args, f, None) is not None]
-    if args.solver != "heun":
-        given.insert(0, "solver")
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise UserError(
             f"{flag}: {args.model!r} is a generator (a fixed number of network evaluations per sample), which "
-            "takes no solver, budget, starting data or guidance; drop the flag (--cond, --seed and --n apply)"
+            "takes no guidance or starting data; drop the flag (--cond, --seed and --n apply)"
+        )
+    ignored = [f for f in _BUDGET_FLAGS if getattr(args, f, None) is not None]
+    if args.solver != "heun":
+        ignored.insert(0, "solver")
+    if ignored and not args.quiet:
+        flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
+        print(
+            f"flowsolve: note: {args.model!r} is a generator (its own network evaluations): {flags} ignored",
+            file=sys.stderr,
         )
 
 

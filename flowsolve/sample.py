@@ -224,28 +224,28 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
     return None
 
 
-def _check_custom_schedule(solver: Any, field: Field) -> None:
-    """A diffusers scheduler instance set to a custom schedule (`set_timesteps(timesteps=...)`, AYS) is
-    read for its configuration only; its schedule is the grid only where the model was loaded with it.
-    Otherwise refuse, naming how to get that schedule, rather than sample another one silently."""
+def _check_scheduler_solver(solver: Any, field: Field, grid: Any) -> None:
+    """A diffusers scheduler instance as the solver gives the solver and its options; the schedule and
+    the model's conversions (prediction type, clipping, thresholding, β's) come from the scheduler the
+    model was loaded with. Where the instance would make another schedule or conversion (diffusers'
+    `pipe.scheduler = DPMSolverMultistepScheduler.from_config(..., use_karras_sigmas=True)`), or carries
+    a custom schedule (`set_timesteps(timesteps=...)`, AYS), refuse by name rather than sample the model's
+    own silently: the model loaded with it (`m.with_scheduler(s)`) samples it."""
     if isinstance(solver, (str, type)) or not hasattr(solver, "set_timesteps"):
         return
-    from .models.diffusers_adapter import custom_steps
-
-    if custom_steps(solver) is None:
+    model = solvers.base.field_model(field, lambda m: callable(getattr(m, "scheduler_differences", None)))
+    if model is None:
         return
-    own = solvers.base.model_scheduler(field)
-    same = own is not None and custom_steps(own) is not None
-    if same:
-        for attr in ("timesteps", "sigmas"):
-            a, b = getattr(solver, attr, None), getattr(own, attr, None)
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                same = same and a.shape == b.shape and torch.allclose(a.double().cpu(), b.double().cpu())
-    if not same:
+    own = model.scheduler
+    # its schedule matters where it would be walked: no grid given, and the model's own class (another
+    # class is said to walk the model's grid by `_warn_other_scheduler`)
+    diff = model.scheduler_differences(solver, schedule=grid is None and type(solver) is type(own))
+    if diff:
         raise ArgumentError(
-            f"solver: this {type(solver).__name__} carries a custom schedule (set_timesteps(timesteps=...) or "
-            f"sigmas=...), which flowsolve takes from the model: load the model with it "
-            f"(fs.models.from_diffusers(net, scheduler)) and sample its field, or pass grid="
+            f"solver: this {type(solver).__name__} differs from the scheduler the model was loaded with "
+            f"({type(own).__name__}) in {diff}, which flowsolve takes from the model, not from the solver; "
+            f"load the model with it, m.with_scheduler(scheduler) (diffusers' pipe.scheduler = ...), and "
+            f"sample that model's field, or pass grid="
         )
 
 
@@ -554,7 +554,8 @@ def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
         warnings.warn(
             f"solver: {given}'s loop runs on this field's default grid, the timesteps of {type(own).__name__} "
             f"(the scheduler its model was loaded with); a pipeline with {given} walks {given}'s own timesteps: "
-            f"load the model with it (fs.models.from_diffusers(net, scheduler)) to reproduce that pipeline",
+            f"load the model with it (m.with_scheduler(scheduler), or fs.models.from_diffusers(net, scheduler)) "
+            f"to reproduce that pipeline",
             UserWarning,
             stacklevel=3,
         )
@@ -652,7 +653,7 @@ def sample(
     # an AUTOMATIC1111 label ("DPM++ 2M Karras"): its schedule type's grid, its way of counting steps
     grid, steps, nfe, options = solvers.names.webui_run(solver, grid, steps, nfe, options)
     base, options = solvers.resolve(solver, options, field)  # a peer's name or a diffusers scheduler too
-    _check_custom_schedule(solver, field)
+    _check_scheduler_solver(solver, field, grid)
     spec = base.configured(options)
     spec.check_field(field)
     if spec.inverts and not _reverse:

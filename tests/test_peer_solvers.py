@@ -205,8 +205,34 @@ def test_a_scheduler_set_to_a_custom_schedule_is_sampled_on_it(unet64, name, kin
     with pytest.raises(fs.errors.ArgumentError, match="custom schedule of 10 steps"):
         fs.sample(field, "scheduler", steps=12, n=2, seed=0)
     plain = fs.models.from_diffusers(unet64, cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    with pytest.raises(fs.errors.ArgumentError, match="carries a custom schedule"):
+    with pytest.raises(fs.errors.ArgumentError, match="its custom schedule"):
         fs.sample(plain.field(), sched, n=2, seed=0)
+
+
+@pytest.mark.parametrize("kw", [dict(use_karras_sigmas=True), dict(timestep_spacing="trailing"),
+                                dict(use_exponential_sigmas=True, final_sigmas_type="zero")])
+def test_a_swapped_scheduler_is_the_model_with_scheduler_and_never_ignored(unet64, kw):
+    """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`
+    is `m.with_scheduler(that scheduler)`: its field's default schedule is the swapped scheduler's and
+    "scheduler" its loop. Handed as the solver of the model loaded with the old one, that scheduler is
+    refused by name (its schedule, or its β's, would have been ignored: 3% off with Karras σ's)."""
+    from diffusers import DPMSolverMultistepScheduler
+    m = fs.models.from_diffusers(unet64, DPMSolverMultistepScheduler())
+    swapped = DPMSolverMultistepScheduler.from_config(m.scheduler.config, **kw)
+    ref_sched = _in_float64(DPMSolverMultistepScheduler.from_config(m.scheduler.config, **kw), 10)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _diffusers_loop(unet64, ref_sched, z)
+    m2 = m.with_scheduler(swapped)
+    assert m2.model is m.model and type(m2) is type(m)
+    grid = m2.field().grid(10, "schedule")
+    x = fs.sample(m2.field(), "scheduler", steps=10, x_init=z * m2.prior_std_at(float(grid[0])))
+    x = x / math.sqrt(1.0 + float(grid[-1]) ** 2)
+    assert (x - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    with pytest.raises(fs.errors.ArgumentError, match="m.with_scheduler"):
+        fs.sample(m.field(), swapped, steps=10, n=2, seed=0)
+    with pytest.raises(fs.errors.ArgumentError, match="beta_schedule='scaled_linear'"):
+        fs.sample(m.field(), DPMSolverMultistepScheduler(beta_schedule="scaled_linear"), steps=10, n=2, seed=0)
+    fs.sample(m.field(), DPMSolverMultistepScheduler(), steps=10, n=2, seed=0)   # the same one: accepted
 
 
 def test_zero_terminal_snr_ddim_in_float32_starts_at_the_last_timestep(unet64):

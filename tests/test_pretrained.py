@@ -110,9 +110,10 @@ def test_digits_cond_scoregan_draws_the_class_asked_for(features):
     assert acc > 0.95 and (torch.as_tensor(svc_predict(x)) == y).float().mean().item() > 0.95
 
 
-def test_sample_cli_hands_a_generator_its_cond_and_refuses_a_solves_flags(tmp_path):
+def test_sample_cli_hands_a_generator_its_cond_and_refuses_a_solves_flags(tmp_path, capsys):
     """`flowsolve sample --cond class_labels=3` on the conditional student draws threes (by the SVC, a
-    judge the project did not train); a solver, budget or guidance flag is refused, not ignored."""
+    judge the project did not train); guidance or starting data is refused, a solver or budget noted
+    as ignored, never dropped silently."""
     from flowsolve.cli import main
     from flowsolve.evaluate import svc_predict
 
@@ -121,9 +122,12 @@ def test_sample_cli_hands_a_generator_its_cond_and_refuses_a_solves_flags(tmp_pa
                  "--quiet"]) == 0
     x = torch.load(tmp_path / "x.pt")
     assert (torch.as_tensor(svc_predict(x)) == 3).float().mean().item() > 0.9
-    for flags in (["--guidance", "2"], ["--solver", "dpmpp_2m"], ["--nfe", "8"]):
+    for flags in (["--guidance", "2"], ["--init", str(tmp_path / "x.pt")]):
         assert main(["sample", "--model", model, "--n", "4", "--out", str(tmp_path / "y.pt"), "--quiet", *flags]) == 2
         assert not (tmp_path / "y.pt").exists()
+    assert main(["sample", "--model", model, "--n", "4", "--out", str(tmp_path / "y.pt"), "--nfe", "8",
+                 "--solver", "dpmpp_2m"]) == 0   # a budget's flags: noted as ignored (its own evaluations)
+    assert "--solver, --nfe ignored" in capsys.readouterr().err
 
 
 def test_digits_ddpm_through_the_issue_code(features):

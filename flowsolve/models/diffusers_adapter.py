@@ -119,6 +119,30 @@ class LatentDecoding:
         return (z - offset) * scale
 
 
+class Rescheduling:
+    """`with_scheduler(s)`: the same network with another scheduler (diffusers' `pipe.scheduler = ...`)."""
+
+    _rebuild: tuple = ()
+    scheduler: Any
+
+    def with_scheduler(self, scheduler):
+        """This model loaded with `scheduler` instead (the same network, VAE and settings): its field's
+        default grid is that scheduler's schedule, and its conversions (prediction type, clipping) that
+        scheduler's, as in a pipeline whose scheduler was swapped, e.g. for
+        `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)`."""
+        if not self._rebuild:
+            raise ArgumentError("with_scheduler: this model was not made by fs.models.from_diffusers")
+        model, vae, kw = self._rebuild
+        kw = dict(kw)
+        if not is_flow_scheduler(scheduler):
+            kw.pop("pipeline_sigmas", None)
+        return from_diffusers(model, scheduler, vae=vae, **kw)
+
+    def scheduler_differences(self, scheduler, schedule: bool = True) -> str:
+        """How `scheduler` differs from this model's in what the model takes from its own ("": none)."""
+        return scheduler_differences(scheduler, self.scheduler, schedule)
+
+
 def _latent_normalisation(vae, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """(offset, scale) with which the pipelines normalise the VAE's latents z: (z − offset)·scale, where
     offset = shift_factor and scale = scaling_factor, or per channel offset = latents_mean and scale =
@@ -414,7 +438,7 @@ _FLOW_MAP_INPUT = "r_timestep"
 _FRAME_TIMESTEPS = frozenset({"AnyFlowTransformer3DModel"})
 
 
-class DiffusersFlow(LatentDecoding, ParticleModel, nn.Module):
+class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
     """A diffusers flow-matching model (UNet or transformer predicting the velocity v = ε − x_0 of
     x_t = (1 − t) x_0 + t ε) with its FlowMatch scheduler, or a multistep scheduler in flow mode
     (DPM-Solver / UniPC / DEIS with `use_flow_sigmas`, `prediction_type="flow_prediction"`).
@@ -718,7 +742,7 @@ class FlowDenoiser(Denoiser):
         return self.flow.data_prediction(xt, self.flow.velocity(xt, t, **cond), t.reshape(col))
 
 
-class DiffusersDenoiser(LatentDecoding, Denoiser):
+class DiffusersDenoiser(Rescheduling, LatentDecoding, Denoiser):
     """D(x; σ) from a diffusers UNet2DModel / UNet2DConditionModel and its scheduler.
 
     `model_kwargs` are passed to every model call (e.g. `encoder_hidden_states=` for a
@@ -1378,6 +1402,66 @@ def _pipeline_source_has_rule(name: str) -> bool:
     return False
 
 
+# scheduler settings that a diffusers model reads from its own scheduler (its conversions and noise levels)
+_MODEL_READS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "prediction_type",
+    "clip_sample",
+    "clip_sample_range",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "timestep_scaling",
+    "timestep_type",
+    "variance_type",
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+    "shift",
+    "flow_shift",
+    "use_flow_sigmas",
+    "use_dynamic_shifting",
+)
+
+
+def scheduler_differences(scheduler, own, schedule: bool = True) -> str:
+    """How a scheduler handed as a solver differs from the one the model was loaded with, in what the
+    model takes from its own: the settings it reads (`_MODEL_READS`) and, with `schedule`, a custom
+    schedule or the schedule `set_timesteps(N)` makes (spacing, Karras σ's, final σ); "" where they agree."""
+    a, b = _config(scheduler), _config(own)
+    keys = [k for k in _MODEL_READS if k in a and k in b and a[k] != b[k]]
+    if keys:
+        return ", ".join(f"{k}={a[k]!r} (the model's: {b[k]!r})" for k in keys)
+    if not schedule:
+        return ""
+    mine, theirs = custom_steps(scheduler), custom_steps(own)
+    if mine is not None or theirs is not None:
+        same = mine == theirs and all(
+            _same_tensor(getattr(scheduler, k, None), getattr(own, k, None)) for k in ("timesteps", "sigmas")
+        )
+        return "" if same else "its custom schedule (set_timesteps(timesteps=...) or sigmas=...)"
+    for steps in (7, 20):
+        try:
+            x, y = scheduler_at(scheduler, steps), scheduler_at(own, steps)
+        except Exception:  # noqa: BLE001 - one of them cannot make this schedule alone (mu, ...): no verdict
+            return ""
+        for k in ("timesteps", "sigmas"):
+            if not _same_tensor(getattr(x, k, None), getattr(y, k, None)):
+                return f"the schedule set_timesteps({steps}) makes ({k})"
+    return ""
+
+
+def _same_tensor(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return True  # (one of them has no such list: nothing to compare)
+    return a.shape == b.shape and torch.allclose(a.double().cpu(), b.double().cpu(), rtol=1e-6, atol=1e-9)
+
+
 def _custom_default_steps(scheduler) -> int | None:
     """The steps of a scheduler's custom schedule, as a sampler counts them (a field's `default_steps`)."""
     n = custom_steps(scheduler)
@@ -1674,6 +1758,7 @@ def from_diffusers(
 
         model = ControlledModel(model, controlnet, controlnet_scale, controlnet_window)
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow | DiffusersAngle
+    again = dict(prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)  # (with_scheduler)
     given = model_kwargs.pop("pipeline_sigmas", None)
     flow = is_flow_scheduler(scheduler)
     linear = (flow and _linear_sigmas_pipeline(pipeline_class)) if given is None else bool(given)
@@ -1694,4 +1779,7 @@ def from_diffusers(
         )  # integer_timesteps= travels in model_kwargs to whichever adapter takes it
     if vae is not None:
         out.vae = vae
+    if flow:
+        again["pipeline_sigmas"] = linear  # (what the pipeline's class said, kept for another flow scheduler)
+    object.__setattr__(out, "_rebuild", (model, vae, again))
     return out
