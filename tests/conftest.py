@@ -25,6 +25,27 @@ def tiny_unet64(out_channels: int = 1, seed: int = 0, text_dim: int | None = Non
                                 attention_head_dim=4, **common).eval().double()
 
 
+def tiny_sdxl_unet():
+    """A tiny SDXL-like UNet: cross-attention on 16-d text and `added_cond_kwargs` = {"text_embeds" (8-d),
+    "time_ids" (6)}, 4 latent channels."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+
+
+def tiny_sd3():
+    """A tiny SD3 transformer: 16-d text and 8-d pooled embeddings, 4 latent channels."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
+
+
 @pytest.fixture(scope="module")
 def unet64():
     return tiny_unet64()

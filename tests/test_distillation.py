@@ -281,14 +281,9 @@ def test_sdxl_like_teacher_distils_from_a_nested_pool_with_a_shared_entry():
     """An SDXL-like UNet (added_cond_kwargs = {text_embeds, time_ids}, a nested input) distils from a pool
     of 3 prompts whose time_ids are one row for all (leading size 1), guided against nested negatives;
     the student samples with the same nested inputs and is conditioned by them."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                               norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
-                               addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
-    m = fs.models.from_diffusers(net, EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+    from diffusers import EulerDiscreteScheduler
+    from conftest import tiny_sdxl_unet
+    m = fs.models.from_diffusers(tiny_sdxl_unet(), EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                              beta_end=0.012))
     g = torch.Generator().manual_seed(1)
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
@@ -609,12 +604,9 @@ def test_sd3_like_flow_matching_transformer_distils_from_a_prompt_pool():
     """A flow-matching transformer (SD3's, with text and pooled embeddings) is a teacher through its
     data prediction: guided against the empty prompt's, the student trains and is conditioned by the
     embeddings; without them the run is refused by name."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
-    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from conftest import tiny_sd3
+    m = fs.models.from_diffusers(tiny_sd3(), FlowMatchEulerDiscreteScheduler(shift=3.0))
     g = torch.Generator().manual_seed(2)
     pool = {"encoder_hidden_states": torch.randn(3, 5, 16, generator=g), "pooled_projections": torch.randn(3, 8, generator=g)}
     null = {"encoder_hidden_states": torch.zeros(1, 5, 16), "pooled_projections": torch.zeros(1, 8)}

@@ -319,11 +319,8 @@ def test_an_sd3_transformer_takes_its_timestep_by_name_and_runs_the_flow_match_l
     """SD3-style transformers take (hidden_states, encoder_hidden_states, pooled_projections,
     timestep): the adapter finds the timestep input by name, and `euler` on the field is diffusers'
     FlowMatchEuler loop with the same text inputs; classifier-free guidance runs on it too."""
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
+    from conftest import tiny_sd3
+    net = tiny_sd3()
     text = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(6)

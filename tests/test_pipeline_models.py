@@ -296,13 +296,9 @@ def test_sdxl_dict_conditioning_with_guidance_is_its_pipeline_loop():
     """StableDiffusionXLPipeline: a UNet with `added_cond_kwargs = {"text_embeds", "time_ids"}`, CFG
     with negative embeddings in both the text and the dict input, EulerDiscrete "leading". cond and
     uncond may hold dicts; their leaves are rows like any other input (one per sample or one for all)."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                               layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                               norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
-                               addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+    from diffusers import EulerDiscreteScheduler
+    from conftest import tiny_sdxl_unet
+    net = tiny_sdxl_unet()
     B, w = 2, 5.0
     emb, pooled = torch.randn(B, 5, 16), torch.randn(B, 8)
     nemb, npooled = torch.zeros(1, 5, 16), torch.zeros(1, 8)
