@@ -769,9 +769,10 @@ def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
     p.add_argument(
         "--cond",
         action="append",
-        metavar="KEY=VALUE",
-        help="per-sample conditioning, e.g. class_labels=3 or class_labels=0,1,2 (default for a "
-        "class-conditional model: labels i mod K)",
+        metavar="KEY=VALUE|FILE.safetensors",
+        help="per-sample conditioning, e.g. class_labels=3 or class_labels=0,1,2, or a .safetensors file of "
+        "inputs with leading size n or 1 (prompt embeddings); default for a class-conditional model: labels "
+        "i mod K",
     )
     p.add_argument(
         "--guidance",
@@ -783,8 +784,9 @@ def _guidance_flags(p: argparse.ArgumentParser, several: bool) -> None:
     p.add_argument(
         "--uncond",
         action="append",
-        metavar="KEY=VALUE",
-        help="the unconditional inputs (default: the null label the model was trained with)",
+        metavar="KEY=VALUE|FILE.safetensors",
+        help="the unconditional inputs (default: the null label the model was trained with), e.g. the empty "
+        "prompt's embeddings in a .safetensors file",
     )
     p.add_argument(
         "--guider",

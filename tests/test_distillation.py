@@ -598,6 +598,13 @@ def test_student_of_a_text_conditional_diffusers_folder_with_a_prompt_pool_saves
     resumed = [a if a != "2" else "3" for a in args] + ["--cond", str(tmp_path / "pool2.safetensors"), "--resume"]
     assert main(resumed) != 0  # another pool: refused, naming the setting
     assert main(args + ["--cond", str(tmp_path / "missing.safetensors")]) != 0
+    # the teacher itself, sampled guided from the command line with the same files
+    assert main(["sample", "--model", str(tmp_path / "text"), "--cond", str(tmp_path / "three.safetensors"),
+                 "--guidance", "1.5", "--uncond", str(tmp_path / "null.safetensors"), "--solver", "euler",
+                 "--nfe", "3", "--n", "3", "--seed", "0", "--out", str(tmp_path / "t.pt"), "--quiet"]) == 0
+    want = fs.sample(teacher.field(guidance=1.5, uncond={"encoder_hidden_states": torch.zeros(1, 3, 6)}), "euler",
+                     nfe=3, n=3, seed=0, cond=e)
+    torch.testing.assert_close(torch.load(tmp_path / "t.pt"), want)
 
 
 def test_sd3_like_flow_matching_transformer_distils_from_a_prompt_pool():
