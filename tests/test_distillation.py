@@ -220,6 +220,13 @@ def test_conditional_score_gan_hands_one_label_set_to_generator_teacher_and_scor
     assert guided and all((s[8:] == 3).all() and (s[:8] < 3).all() for s in guided)
     x = gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1, 2, 0, 1, 2])})
     assert x.shape == (6, 2)
+    # the null label given as guidance takes it (a number), and a pool of two labels: only those drawn
+    teacher.seen.clear()
+    fs.train.score_gan(teacher, (2,), steps=2, batch_size=8, K=1, width=8, depth=1, latent=4, init_from_teacher=True,
+                       guidance=2.0, uncond={"class_labels": 3}, cond={"class_labels": torch.tensor([0, 2])},
+                       progress=False)
+    drawn = torch.cat([s[:8] for s in teacher.seen if len(s) == 16])
+    assert set(drawn.tolist()) <= {0, 2} and set(torch.cat([s[8:] for s in teacher.seen if len(s) == 16]).tolist()) == {3}
     with pytest.raises(fs.errors.ArgumentError, match="class_labels"):
         gen.sample(6, seed=0, cond={"class_labels": torch.tensor([0, 1])})
 

@@ -728,8 +728,17 @@ def _digest(tensors: dict) -> str:
 
 
 def _check_uncond(uncond) -> dict:
-    if not isinstance(uncond, dict) or not all(isinstance(v, torch.Tensor) for _, v in _leaves(uncond)):
-        raise ArgumentTypeError(f"uncond: expected a dict of the teacher's unconditional input tensors, got {uncond!r}")
+    """The teacher's unconditional inputs as guidance takes them: tensors (leading size 1 or the
+    batch's) or numbers (a null label, {"class_labels": 10})."""
+    ok = isinstance(uncond, dict) and all(
+        isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        for _, v in _leaves(uncond)
+    )
+    if not ok:
+        raise ArgumentTypeError(
+            f"uncond: expected a dict of the teacher's unconditional inputs (tensors, or a null label such as "
+            f"{{'class_labels': 10}}), got {uncond!r}"
+        )
     return uncond
 
 
