@@ -225,27 +225,37 @@ def _solver_default_grid(field: Field, spec: solvers.Solver) -> str | None:
 
 
 def _check_scheduler_solver(solver: Any, field: Field, grid: Any) -> None:
-    """A diffusers scheduler instance as the solver gives the solver and its options; the schedule and
-    the model's conversions (prediction type, clipping, thresholding, β's) come from the scheduler the
-    model was loaded with. Where the instance would make another schedule or conversion (diffusers'
-    `pipe.scheduler = DPMSolverMultistepScheduler.from_config(..., use_karras_sigmas=True)`), or carries
-    a custom schedule (`set_timesteps(timesteps=...)`, AYS), refuse by name rather than sample the model's
-    own silently: the model loaded with it (`m.with_scheduler(s)`) samples it."""
-    if isinstance(solver, (str, type)) or not hasattr(solver, "set_timesteps"):
+    """A diffusers scheduler as the solver (instance, class or name) gives the solver and its options;
+    the schedule and the model's conversions (prediction type, clipping, β's) come from the scheduler
+    the model was loaded with. Refuse by name an instance that would make another schedule (the
+    model's own class, no grid given: diffusers' `pipe.scheduler = X.from_config(..., use_karras_sigmas=
+    True)`, a custom `set_timesteps(timesteps=...)`) or conversion (any class), rather than sample the
+    model's own silently; say so when another class walks the model's grid. The model loaded with the
+    scheduler (`m.with_scheduler(s)`) samples it."""
+    if isinstance(solver, solvers.Solver) or (isinstance(solver, str) and "Scheduler" not in solver):
         return
-    model = solvers.base.field_model(field, lambda m: callable(getattr(m, "scheduler_differences", None)))
-    if model is None:
+    own = solvers.base.model_scheduler(field)
+    if own is None:
         return
-    own = model.scheduler
-    # its schedule matters where it would be walked: no grid given, and the model's own class (another
-    # class is said to walk the model's grid by `_warn_other_scheduler`)
-    diff = model.scheduler_differences(solver, schedule=grid is None and type(solver) is type(own))
-    if diff:
-        raise ArgumentError(
-            f"solver: this {type(solver).__name__} differs from the scheduler the model was loaded with "
-            f"({type(own).__name__}) in {diff}, which flowsolve takes from the model, not from the solver; "
-            f"load the model with it, m.with_scheduler(scheduler) (diffusers' pipe.scheduler = ...), and "
-            f"sample that model's field, or pass grid="
+    if not isinstance(solver, (str, type)) and hasattr(solver, "set_timesteps"):
+        model = solvers.base.field_model(field, lambda m: callable(getattr(m, "scheduler_differences", None)))
+        diff = "" if model is None else model.scheduler_differences(solver, grid is None and type(solver) is type(own))
+        if diff:
+            raise ArgumentError(
+                f"solver: this {type(solver).__name__} differs from the scheduler the model was loaded with "
+                f"({type(own).__name__}) in {diff}, which flowsolve takes from the model, not from the solver; "
+                f"load the model with it, m.with_scheduler(scheduler) (diffusers' pipe.scheduler = ...), and "
+                f"sample that model's field, or pass grid="
+            )
+    given = solver if isinstance(solver, str) else (solver if isinstance(solver, type) else type(solver)).__name__
+    if grid is None and type(own).__name__ != given:
+        warnings.warn(
+            f"solver: {given}'s loop runs on this field's default grid, the timesteps of {type(own).__name__} "
+            f"(the scheduler its model was loaded with); a pipeline with {given} walks {given}'s own timesteps: "
+            f"load the model with it (m.with_scheduler(scheduler), or fs.models.from_diffusers(net, scheduler)) "
+            f"to reproduce that pipeline",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -536,31 +546,6 @@ def _img2img_data(field: Field, init: Any, n: int | None) -> torch.Tensor:
     return init
 
 
-def _warn_other_scheduler(field: Field, scheduler: Any) -> None:
-    """A diffusers scheduler given as the solver runs its loop on the field's default grid, which is the
-    scheduler the model was loaded with: say so when that is another class (a pipeline whose scheduler
-    was swapped walks the new one's timesteps)."""
-    from .solvers.base import model_scheduler
-
-    own = model_scheduler(field)
-    given = (
-        scheduler
-        if isinstance(scheduler, str)
-        else scheduler.__name__
-        if isinstance(scheduler, type)
-        else type(scheduler).__name__
-    )
-    if own is not None and type(own).__name__ != given:
-        warnings.warn(
-            f"solver: {given}'s loop runs on this field's default grid, the timesteps of {type(own).__name__} "
-            f"(the scheduler its model was loaded with); a pipeline with {given} walks {given}'s own timesteps: "
-            f"load the model with it (m.with_scheduler(scheduler), or fs.models.from_diffusers(net, scheduler)) "
-            f"to reproduce that pipeline",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 @torch.no_grad()
 def sample(
     field: Field,
@@ -667,12 +652,6 @@ def sample(
             f"from the data to the noise: that loop is fs.invert(field, x, 'euler'); to sample, load the model "
             f"with invert_sigmas=False"
         )
-    if (
-        grid is None
-        and not isinstance(solver, solvers.Solver)
-        and (not isinstance(solver, str) or "Scheduler" in solver)
-    ):
-        _warn_other_scheduler(field, solver)
     g64, budget = resolve_grid(field, spec, nfe, grid, reverse=_reverse, steps=steps)
     coefficients = getattr(g64, "coefficients", None)  # a calibrated grid's solver coefficients (checked)
     skipped = 0  # steps of the grid before the first one walked (img2img)

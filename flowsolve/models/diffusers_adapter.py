@@ -139,8 +139,29 @@ class Rescheduling:
         return from_diffusers(model, scheduler, vae=vae, **kw)
 
     def scheduler_differences(self, scheduler, schedule: bool = True) -> str:
-        """How `scheduler` differs from this model's in what the model takes from its own ("": none)."""
-        return scheduler_differences(scheduler, self.scheduler, schedule)
+        """How a scheduler handed as a solver differs from the one this model was loaded with, in what
+        the model takes from its own: the settings it reads (`_MODEL_READS`) and, with `schedule`, a
+        custom schedule or the schedule `set_timesteps(N)` makes (spacing, Karras σ's, final σ); ""
+        where they agree."""
+        own = self.scheduler
+        a, b = _config(scheduler), _config(own)
+        keys = [k for k in _MODEL_READS if k in a and k in b and a[k] != b[k]]
+        if keys:
+            return ", ".join(f"{k}={a[k]!r} (the model's: {b[k]!r})" for k in keys)
+        if not schedule:
+            return ""
+        mine, theirs = custom_steps(scheduler), custom_steps(own)
+        if mine is not None or theirs is not None:
+            same = mine == theirs and _same_schedule(scheduler, own)
+            return "" if same else "its custom schedule (set_timesteps(timesteps=...) or sigmas=...)"
+        for steps in (7, 20):
+            try:
+                made = scheduler_at(scheduler, steps), scheduler_at(own, steps)
+            except Exception:  # noqa: BLE001 - one of them cannot make this schedule alone (mu, ...): no verdict
+                return ""
+            if not _same_schedule(*made):
+                return f"the schedule set_timesteps({steps}) makes"
+        return ""
 
 
 def _latent_normalisation(vae, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -587,7 +608,9 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         if self.mu is not None:
             kw.setdefault("mu", self.mu)
         if self.pipeline_sigmas and "sigmas" not in kw and "timesteps" not in kw:
-            kw["sigmas"] = [1.0 - j * (1.0 - 1.0 / steps) / max(steps - 1, 1) for j in range(steps)]
+            import numpy as np
+
+            kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # the pipelines' own expression (_LINEAR_SIGMAS_RULE)
         points = type(self.scheduler).__name__ in _POINT_COUNTING_SCHEDULERS
         sched = scheduler_at(self.scheduler, steps + 1 if points else steps, **kw)
         sigmas = torch.as_tensor(sched.sigmas).double()
@@ -1359,12 +1382,7 @@ def custom_steps(scheduler) -> int | None:
             ref.set_timesteps(n)
     except Exception:  # noqa: BLE001 - a schedule that needs arguments to be made: not taken as custom
         return None
-    for attr in ("timesteps", "sigmas"):
-        a, b = getattr(scheduler, attr, None), getattr(ref, attr, None)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            if a.shape != b.shape or not torch.allclose(a.double().cpu(), b.double().cpu(), rtol=1e-9, atol=0):
-                return n
-    return None
+    return None if _same_schedule(scheduler, ref) else n
 
 
 _LINEAR_SIGMAS_RULE = "np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)"
@@ -1429,37 +1447,14 @@ _MODEL_READS = (
 )
 
 
-def scheduler_differences(scheduler, own, schedule: bool = True) -> str:
-    """How a scheduler handed as a solver differs from the one the model was loaded with, in what the
-    model takes from its own: the settings it reads (`_MODEL_READS`) and, with `schedule`, a custom
-    schedule or the schedule `set_timesteps(N)` makes (spacing, Karras σ's, final σ); "" where they agree."""
-    a, b = _config(scheduler), _config(own)
-    keys = [k for k in _MODEL_READS if k in a and k in b and a[k] != b[k]]
-    if keys:
-        return ", ".join(f"{k}={a[k]!r} (the model's: {b[k]!r})" for k in keys)
-    if not schedule:
-        return ""
-    mine, theirs = custom_steps(scheduler), custom_steps(own)
-    if mine is not None or theirs is not None:
-        same = mine == theirs and all(
-            _same_tensor(getattr(scheduler, k, None), getattr(own, k, None)) for k in ("timesteps", "sigmas")
-        )
-        return "" if same else "its custom schedule (set_timesteps(timesteps=...) or sigmas=...)"
-    for steps in (7, 20):
-        try:
-            x, y = scheduler_at(scheduler, steps), scheduler_at(own, steps)
-        except Exception:  # noqa: BLE001 - one of them cannot make this schedule alone (mu, ...): no verdict
-            return ""
-        for k in ("timesteps", "sigmas"):
-            if not _same_tensor(getattr(x, k, None), getattr(y, k, None)):
-                return f"the schedule set_timesteps({steps}) makes ({k})"
-    return ""
-
-
-def _same_tensor(a, b) -> bool:
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        return True  # (one of them has no such list: nothing to compare)
-    return a.shape == b.shape and torch.allclose(a.double().cpu(), b.double().cpu(), rtol=1e-6, atol=1e-9)
+def _same_schedule(a, b) -> bool:
+    """Whether two set schedulers list the same timesteps and σ's (a list only one of them has: not compared)."""
+    for k in ("timesteps", "sigmas"):
+        x, y = getattr(a, k, None), getattr(b, k, None)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.allclose(x.double().cpu(), y.double().cpu(), rtol=1e-6, atol=1e-9):
+                return False
+    return True
 
 
 def _custom_default_steps(scheduler) -> int | None:
@@ -1472,8 +1467,6 @@ def scheduler_at(scheduler, steps: int, **kw):
     """A copy of the scheduler set to `steps` steps. Where diffusers cannot make that schedule (PNDM's
     Runge–Kutta warm-up needs 4 steps or more), the error names the budget and says what to do. A
     scheduler set to a custom schedule (`custom_steps`) gives that schedule, at its own step count."""
-    import copy
-
     custom = custom_steps(scheduler) if not kw else None
     if custom is not None:
         if steps != custom:
