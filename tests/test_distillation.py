@@ -646,6 +646,20 @@ def test_student_of_a_latent_pipeline_samples_latents_and_decodes_with_its_teach
     assert z.shape == (2, 2, 8, 8)
     torch.testing.assert_close(z, gen.sample(2, seed=0))
     torch.testing.assert_close(back.decode(z), teacher.decode(z))
+    # the VAE only decodes: every trained copy holds the teacher's own (not a copy), frozen and unchanged,
+    # and the student's weights file leaves it out (it loads with the teacher's folder)
+    from safetensors.torch import load_file
+    vae_before = {k: v.clone() for k, v in teacher.vae.state_dict().items()}
+    gen = fs.train.score_gan(teacher, recipe="sid", gan_weight=0.0, steps=3, batch_size=4, out=tmp_path / "st2",
+                             progress=False, ema_decay=0.5)
+    assert gen.net.vae is teacher.vae and not any(p.requires_grad for p in teacher.vae.parameters())
+    assert all(torch.equal(v, vae_before[k]) for k, v in teacher.vae.state_dict().items())
+    saved = load_file(str(tmp_path / "st2" / "student.safetensors"))
+    assert saved and not any("vae" in k for k in saved) and any(k.startswith("model.") for k in saved)
+    assert not torch.equal(saved["model.conv_in.weight"], teacher.model.conv_in.weight)  # the UNet did train
+    again = fs.from_pretrained(tmp_path / "st2")
+    torch.testing.assert_close(again.sample(2, seed=1), gen.sample(2, seed=1))
+    torch.testing.assert_close(again.decode(z), teacher.decode(z))
     with pytest.raises(fs.errors.ArgumentError, match="no VAE"):
         fs.from_pretrained("pretrained/digits-scoregan").decode(torch.zeros(1, 1, 8, 8))
 

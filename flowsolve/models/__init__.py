@@ -13,6 +13,7 @@ from .diffusers_adapter import (
     DiffusersTrigFlow,
     from_diffusers,
 )
+from .dynamic_shift import dynamic_shift_mu
 from .flows import DiscriminatorFlowModel
 from .gan import LOSSES, ConvDiscriminator, DCGANGenerator, Discriminator, GANLoss, Generator, gradient_penalty
 from .io import MODEL_TYPES, from_pretrained, read_metadata, register_model_type, save_pretrained
@@ -31,6 +32,7 @@ __all__ = [
     "DiffusersTrigFlow",
     "DiffusersAngle",
     "from_diffusers",
+    "dynamic_shift_mu",
     "ControlledModel",
     "PREDICTION_TYPES",
     "DiscriminatorFlowModel",

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source
 from .precond import Denoiser
 from .protocol import ParticleModel
 from .._checks import check_int, model_dtype, nearest
@@ -136,6 +137,7 @@ class Rescheduling:
         kw = dict(kw)
         if not is_flow_scheduler(scheduler):
             kw.pop("pipeline_sigmas", None)
+            kw.pop("mu_rule", None)
         return from_diffusers(model, scheduler, vae=vae, **kw)
 
     def scheduler_differences(self, scheduler, schedule: bool = True) -> str:
@@ -464,7 +466,7 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
     x_t = (1 − t) x_0 + t ε) with its FlowMatch scheduler, or a multistep scheduler in flow mode
     (DPM-Solver / UniPC / DEIS with `use_flow_sigmas`, `prediction_type="flow_prediction"`).
     `field()` is a `fields.FlowMatching` whose default grid is the scheduler's own schedule for the
-    number of steps the NFE budget allows (shift, and dynamic shifting with `mu=`), so `fs.sample(m.field(),
+    number of steps the NFE budget allows (shift, and dynamic shifting), so `fs.sample(m.field(),
     "euler", nfe=N)` is the scheduler's loop with N steps and every other solver runs on the same field.
 
     The network sees the time as its pipeline feeds it: timestep = `timestep_scale` · t (default
@@ -476,7 +478,12 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
     (`MiniMaxH3Scheduler` fixes them: 1 − t and the data-ward velocity, and its N counts the schedule's
     points, so N − 1 steps). `pipeline_sigmas`: the schedule of N steps is the scheduler set with
     sigmas = linspace(1, 1/N, N), as Flux-family pipelines (Flux, Flux 2, Chroma, Qwen-Image, LTX, ...)
-    set it, instead of its own `set_timesteps(N)`; `from_diffusers` reads it off the pipeline's class."""
+    set it, instead of its own `set_timesteps(N)`; `from_diffusers` reads it off the pipeline's class.
+
+    Dynamic shifting (`use_dynamic_shifting`): `mu` if given, else μ as the pipeline computes it
+    (`mu_rule`, read off the pipeline's class by `from_diffusers`: `dynamic_shift.MU_RULES`) from
+    `image_seq_len` latent tokens, or from the count the inputs or config give (the rows of `img_ids`,
+    Qwen-Image's `img_shapes`, LTX's frames · height · width, SD3's patches of its sample size)."""
 
     guidable = True
 
@@ -491,20 +498,23 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         integer_timesteps: bool | None = None,
         concat_dim: int | None = None,
         pipeline_sigmas: bool = False,
+        image_seq_len: int | None = None,
+        mu_rule: str = "linear",
         **model_kwargs,
     ) -> None:
         super().__init__()
-        self.model, self.scheduler, self.mu, self.model_kwargs = model, scheduler, mu, model_kwargs
+        self.model, self.scheduler, self.model_kwargs = model, scheduler, model_kwargs
         # Flux-family pipelines hand the scheduler sigmas = linspace(1, 1/N, N) (`_LINEAR_SIGMAS_RULE`)
         self.pipeline_sigmas = bool(pipeline_sigmas) and not _config(scheduler).get("use_flow_sigmas")
         self.concat_dim = concat_dim_of(model, concat_dim)
         cfg = _config(scheduler)
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
-        if cfg.get("use_dynamic_shifting") and mu is None:
-            raise ArgumentError(
-                f"mu: {type(scheduler).__name__} uses dynamic shifting; pass mu= (the shift the "
-                f"pipeline computes from the image size)"
-            )
+        self.data_shape = _data_shape(model)
+        # dynamic shifting: steps ↦ μ, given or computed as the pipeline does from the latent tokens
+        self._mu_at = mu_function(
+            cfg, mu, image_seq_len, mu_rule, lambda: latent_tokens(_config(model), model_kwargs, self.data_shape)
+        )
+        self.mu = self._mu_at(None) if self._mu_at is not None else mu
         if cfg.get("use_flow_sigmas") and cfg.get("prediction_type") != "flow_prediction":
             raise ArgumentError(
                 f"scheduler: {type(scheduler).__name__} has use_flow_sigmas with prediction_type "
@@ -532,7 +542,6 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         known = accepted_inputs(model) if isinstance(model, nn.Module) else None
         # Flux-family transformers fail deep inside without their position tables: said at the first call
         self._missing_ids = [k for k in sorted(_POSITION_INPUTS) if known and k in known and k not in model_kwargs]
-        self.data_shape = _data_shape(model)
         self.metadata: dict = {}
 
     def add_noise_coefficients(self, t: float) -> tuple[float, float] | None:
@@ -604,8 +613,10 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
 
     def schedule(self, steps: int, **kw: Any) -> torch.Tensor:
         """The scheduler's times (its `sigmas`) for `steps` steps, from 1 to 0; `kw` go to its
-        `set_timesteps` (the model's `mu` unless given)."""
-        if self.mu is not None:
+        `set_timesteps` (the model's `mu` unless given: with dynamic shifting, μ for this many steps)."""
+        if self._mu_at is not None:
+            kw.setdefault("mu", self._mu_at(steps))
+        elif self.mu is not None:
             kw.setdefault("mu", self.mu)
         if self.pipeline_sigmas and "sigmas" not in kw and "timesteps" not in kw:
             import numpy as np
@@ -637,7 +648,8 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         return self._calibrated(field)
 
     def time_shift(self) -> Callable[[float], float]:
-        """The scheduler's shift of a flow time, t ↦ shift(t): with dynamic shifting (`mu`) Flux's
+        """The scheduler's shift of a flow time, t ↦ shift(t): with dynamic shifting (`mu`; a μ that depends on
+        the steps, Flux 2's, at its pipeline's default 50) Flux's
         e^μ/(e^μ + 1/t − 1) (or μ/(μ + 1/t − 1) for a linear `time_shift_type`), else s t/(1 + (s − 1) t)
         with its `shift` (FlowMatch schedulers) or `flow_shift` (multistep schedulers in flow mode)."""
         cfg = _config(self.scheduler)
@@ -1402,22 +1414,7 @@ def _linear_sigmas_pipeline(pipeline_class: Any) -> bool:
             return _LINEAR_SIGMAS_RULE in inspect.getsource(inspect.unwrap(call))
         except (OSError, TypeError):
             pass
-    return _pipeline_source_has_rule(name)
-
-
-@functools.lru_cache(maxsize=None)
-def _pipeline_source_has_rule(name: str) -> bool:
-    """The linear-sigmas rule in the diffusers source file that defines pipeline class `name`."""
-    import diffusers
-
-    if not name.isidentifier():
-        return False
-    root = Path(diffusers.__file__).parent / "pipelines"
-    for path in root.rglob("pipeline_*.py"):
-        text = path.read_text(encoding="utf-8", errors="ignore")
-        if f"class {name}(" in text:
-            return _LINEAR_SIGMAS_RULE in text
-    return False
+    return _LINEAR_SIGMAS_RULE in pipeline_source(name)
 
 
 # scheduler settings that a diffusers model reads from its own scheduler (its conversions and noise levels)
@@ -1693,6 +1690,9 @@ def from_diffusers(
     network timesteps of the steps it acts on (diffusers' control_guidance_start / end).
     `torch_dtype` loads the weights of a folder or Hub id in that dtype (diffusers' `torch_dtype`:
     float16 / bfloat16 for large models); model objects keep theirs (cast them with `.to`).
+    Flow schedulers with dynamic shifting take `mu=`, or compute μ as the pipeline's class does
+    (`mu_rule=`, read off it by default) from `image_seq_len=` latent tokens or the count the inputs
+    give (`img_ids`, ...); `pipeline_sigmas=` overrides the Flux-family linspace(1, 1/N, N) rule.
     """
     obj = model_or_pipeline_or_path
     pipeline_class: Any = None  # the pipeline's class (or its name in model_index.json), whose rules apply
@@ -1753,6 +1753,7 @@ def from_diffusers(
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow | DiffusersAngle
     again = dict(prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)  # (with_scheduler)
     given = model_kwargs.pop("pipeline_sigmas", None)
+    rule = model_kwargs.pop("mu_rule", None) or mu_rule_of(pipeline_class)  # how its pipeline computes μ
     flow = is_flow_scheduler(scheduler)
     linear = (flow and _linear_sigmas_pipeline(pipeline_class)) if given is None else bool(given)
     if given and not flow:
@@ -1761,7 +1762,9 @@ def from_diffusers(
             f"schedulers; {type(scheduler).__name__} is not one"
         )
     if flow:
-        out = DiffusersFlow(model, scheduler, mu=model_kwargs.pop("mu", None), pipeline_sigmas=linear, **model_kwargs)
+        out = DiffusersFlow(
+            model, scheduler, mu=model_kwargs.pop("mu", None), pipeline_sigmas=linear, mu_rule=rule, **model_kwargs
+        )
     elif scheduler is not None and type(scheduler).__name__ == "SCMScheduler":
         out = DiffusersTrigFlow(model, scheduler, **model_kwargs)
     elif scheduler is not None and type(scheduler).__name__ == "IPNDMScheduler":
@@ -1774,5 +1777,6 @@ def from_diffusers(
         out.vae = vae
     if flow:
         again["pipeline_sigmas"] = linear  # (what the pipeline's class said, kept for another flow scheduler)
+        again["mu_rule"] = rule
     object.__setattr__(out, "_rebuild", (model, vae, again))
     return out

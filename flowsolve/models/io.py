@@ -281,7 +281,9 @@ def _student(folder: Path, meta: dict) -> nn.Module:
         net = teacher_denoiser(from_pretrained(found))
         from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(str(folder / STUDENT_FILE)))
+        from .shared_parts import load_trained_state
+
+        load_trained_state(net, load_file(str(folder / STUDENT_FILE)))  # the VAE stays the teacher's
     cond = meta.get("conditioning") if isinstance(meta.get("conditioning"), dict) else None
     return DenoiserGenerator(net, info["sigmas"], _shape(meta) or net.data_shape, cond)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._checks import seeded_generator
+from .shared_parts import trained_state
 from ..errors import ArgumentError
 from .protocol import GeneratorModel
 
@@ -99,7 +100,8 @@ class DenoiserGenerator(GeneratorModel, nn.Module):
 
         p = Path(out)
         p.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        # the trained weights only: a latent teacher's VAE loads with the teacher's folder
+        state = {k: v.detach().contiguous().cpu() for k, v in trained_state(self.net).items()}
         save_file(state, str(p / STUDENT_FILE))
         write_metadata(p, {"format": "flowsolve", "version": 1, "type": "student", "network": "teacher", **info})
         return p

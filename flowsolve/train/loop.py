@@ -6,7 +6,6 @@ seeded run is reproducible and a resumed run continues the same random stream).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -18,6 +17,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
+from ..models.shared_parts import frozen_copy, is_trained, load_trained_state, trained_state
 from .._checks import atomic_save, check_choice, check_device, check_int, nearest, read_json, renamed
 from ..errors import ArgumentError, CheckpointError, NonFiniteError
 
@@ -235,15 +235,18 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ArgumentError(f"ema_decay: expected a value in [0, 1), got {decay}")
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = frozen_copy(model)  # a latent model's VAE is shared, not copied nor averaged
+        self._trained = is_trained(model)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for eb, b in zip(self.model.buffers(), model.buffers()):
-            eb.copy_(b)
+        for (name, e), p in zip(self.model.named_parameters(), model.parameters()):
+            if self._trained(name):
+                e.lerp_(p.detach(), 1 - d)
+        for (name, eb), b in zip(self.model.named_buffers(), model.buffers()):
+            if self._trained(name):
+                eb.copy_(b)
 
 
 def save_checkpoint(
@@ -263,8 +266,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     ck = {
         "step": step,
-        "model": model.state_dict(),
-        "ema": ema.model.state_dict(),
+        "model": trained_state(model),
+        "ema": trained_state(ema.model),
         "optimizer": {k: o.state_dict() for k, o in opts.items()},
         "generator": gen.get_state(),
         "extra": json.dumps(extra),
@@ -393,8 +396,8 @@ def _restore(
     stored = json.loads(ck["extra"])
     diff = _check_same_run(ck_path, stored, meta, cfg, int(ck["step"]), allow_changes)
     try:
-        model.load_state_dict(ck["model"])
-        ema.model.load_state_dict(ck["ema"])
+        load_trained_state(model, ck["model"])
+        load_trained_state(ema.model, ck["ema"])
         for k, o in opts.items():
             o.load_state_dict(ck["optimizer"][k])
     except (RuntimeError, ValueError, KeyError) as e:
@@ -480,7 +483,7 @@ def _keep_tail(tail: list, step: int, ema: EMA, k: int, every: int) -> list:
     """The last k checkpoints' EMA weights with this step's added. The last step of a shorter run
     that this one extends is off the checkpoint schedule and leaves: a resumed run is the same run."""
     kept = [t for t in tail if t["step"] % every == 0 and t["step"] != step]
-    kept.append({"step": step, "state": {n: v.detach().clone() for n, v in ema.model.state_dict().items()}})
+    kept.append({"step": step, "state": {n: v.detach().clone() for n, v in trained_state(ema.model).items()}})
     return kept[-k:]
 
 
@@ -491,8 +494,8 @@ def _select(state: _State, select, ema: EMA, tail: list | None, scheduled: bool)
     model, weights = ema.model, None
     if tail:
         weights = average_states([t["state"] for t in tail])
-        model = copy.deepcopy(ema.model)
-        model.load_state_dict(weights)
+        model = frozen_copy(ema.model)
+        load_trained_state(model, weights)
     with torch.no_grad():
         value = float(select(model))
     state.history.setdefault("selection", []).append([state.step, value])
@@ -504,7 +507,7 @@ def _select(state: _State, select, ema: EMA, tail: list | None, scheduled: bool)
     if tail:  # the averaged weights are already a fresh copy
         entry.update(state=weights, tail=[t["step"] for t in tail])
     else:
-        entry["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        entry["state"] = {k: v.detach().clone() for k, v in trained_state(model).items()}
     if best:
         state.best = entry
     if best_scheduled:
@@ -779,11 +782,11 @@ def fit(
     state.history["seconds"] += time.perf_counter() - t0
     model.eval()
     if state.best is not None:  # the selected weights (with tail_average: the selected checkpoint average)
-        ema.model.load_state_dict(state.best["state"])
+        load_trained_state(ema.model, state.best["state"])
         state.history["selected"] = {"step": state.best["step"], "value": state.best["value"]}
         if "tail" in state.best:
             state.history["tail_average"] = state.best["tail"]
     elif tail_k > 1 and state.tail:
-        ema.model.load_state_dict(average_states([t["state"] for t in state.tail]))
+        load_trained_state(ema.model, average_states([t["state"] for t in state.tail]))
         state.history["tail_average"] = [t["step"] for t in state.tail]
     return ema.model, state.history  # type: ignore[return-value]  # a deep copy of `model`: an M

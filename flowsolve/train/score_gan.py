@@ -36,7 +36,6 @@ methods that now let one-step students pass their teachers sit behind the same s
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import os
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from .._checks import as_column
+from ..models.shared_parts import trainable_copy
 from .._cond import map_leaves
 from ..errors import ArgumentError, ArgumentTypeError
 from ..fields import GANLoss, ScoreDifference
@@ -214,7 +214,7 @@ def _generated_score(teacher, shape: tuple[int, ...], cfg: ScoreGANConfig) -> nn
             raise ArgumentError(
                 f"init_from_teacher: needs a network teacher (an nn.Module denoiser), got {type(teacher).__name__}"
             )
-        return copy.deepcopy(teacher).train().requires_grad_(True)
+        return trainable_copy(teacher)
     if len(shape) == 3:
         return seeded(
             cfg.seed + 1,
@@ -428,7 +428,7 @@ def score_gan(
                 f"init: 'teacher' needs a network teacher (an nn.Module denoiser), got {type(teacher).__name__}"
             )
         gen = DenoiserGenerator(
-            copy.deepcopy(teacher).train().requires_grad_(True),
+            trainable_copy(teacher),
             _student_sigmas(cfg),
             shape,
             getattr(teacher, "conditioning", None),
