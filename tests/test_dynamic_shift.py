@@ -138,3 +138,15 @@ def test_an_sd3_transformer_counts_the_patches_of_its_sample_size():
     assert m.mu == pytest.approx(dynamic_shift_mu(dict(sched.config), 16))
     peer = _peer_function("stable_diffusion_3/pipeline_stable_diffusion_3.py", "calculate_shift")
     assert m.mu == pytest.approx(peer(16, 4, 64, 0.5, 1.15), rel=1e-12)
+    text = {"encoder_hidden_states": torch.randn(1, 3, 16), "pooled_projections": torch.randn(1, 8)}
+    assert fs.sample(m.field(), "euler", nfe=2, n=1, seed=0, cond=text).shape == (1, 4, 8, 8)
+    # its pipeline at another size computes another μ: a batch of 12 × 12 latents (36 tokens) is refused
+    big = torch.randn(1, 4, 12, 12)
+    with pytest.raises(ValueError, match=r"image_seq_len: .* for 16 latent tokens.*have 36.*image_seq_len=36"):
+        fs.sample(m.field(), "euler", nfe=2, x_init=big, cond=text)
+    m36 = fs.models.from_diffusers(tiny_sd3(), sched, image_seq_len=36)
+    assert m36.mu == pytest.approx(peer(36, 4, 64, 0.5, 1.15), rel=1e-12)
+    assert torch.isfinite(fs.sample(m36.field(), "euler", nfe=2, x_init=big, cond=text)).all()
+    # a μ given is the user's: no count to check
+    assert fs.sample(fs.models.from_diffusers(tiny_sd3(), sched, mu=0.7).field(), "euler", nfe=2, x_init=big,
+                     cond=text).shape == big.shape

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source
+from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source, sample_tokens
 from .precond import Denoiser
 from .protocol import ParticleModel
 from .._checks import check_int, model_dtype, nearest
@@ -511,9 +511,11 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
         self.data_shape = _data_shape(model)
         # dynamic shifting: steps ↦ μ, given or computed as the pipeline does from the latent tokens
-        self._mu_at = mu_function(
-            cfg, mu, image_seq_len, mu_rule, lambda: latent_tokens(_config(model), model_kwargs, self.data_shape)
-        )
+        self._mu_tokens: int | None = None  # the latent tokens μ is computed from (the samples must have them)
+        if cfg.get("use_dynamic_shifting") and mu is None:
+            found = latent_tokens(_config(model), model_kwargs, self.data_shape)
+            self._mu_tokens = image_seq_len if image_seq_len is not None else found
+        self._mu_at = mu_function(cfg, mu, self._mu_tokens if mu is None else None, mu_rule)
         self.mu = self._mu_at(None) if self._mu_at is not None else mu
         if cfg.get("use_flow_sigmas") and cfg.get("prediction_type") != "flow_prediction":
             raise ArgumentError(
@@ -560,8 +562,21 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """v(x, t); for a flow-map model the average velocity over [r, t] (r = t: the instantaneous one)."""
+        if self._mu_tokens is not None:
+            self._check_tokens(tuple(x.shape))
         v = self._network(x, self._timestep(t), self._with_target(t, r, cond))
         return -v if self.negate else v
+
+    def _check_tokens(self, shape: tuple[int, ...]) -> None:
+        """Refuse samples whose latent tokens are not those the dynamic shift's μ was computed from (its
+        pipeline computes μ from the latents it samples: another size has another schedule)."""
+        n = sample_tokens(_config(self.model), shape)
+        if n is not None and n != self._mu_tokens:
+            raise ArgumentError(
+                f"image_seq_len: the schedule's dynamic shift μ = {self.mu:.4f} is for {self._mu_tokens} latent "
+                f"tokens, and these samples of shape {shape} have {n}; load the model with image_seq_len={n} "
+                f"(or mu=) for this size"
+            )
 
     def _with_target(self, t: torch.Tensor, r: torch.Tensor | None, cond: dict) -> dict:
         """The inputs with a flow map's target timestep (r, or t without one); models that are not flow

@@ -106,22 +106,32 @@ def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int,
     return None
 
 
+def sample_tokens(model_config: dict, shape: tuple[int, ...]) -> int | None:
+    """The latent tokens of a batch of shape `shape` as its pipeline counts them: a packed batch's
+    (b, tokens, c) rows, or an image batch's (h / p)(w / p) patches for a config's `patch_size` p;
+    None where the shape does not say (a UNet's images, video)."""
+    if len(shape) == 3:
+        return int(shape[1])
+    p = model_config.get("patch_size")
+    if len(shape) == 4 and isinstance(p, int) and p > 0:
+        return (shape[2] // p) * (shape[3] // p)
+    return None
+
+
 def mu_function(
     scheduler_config: dict,
     mu: float | None,
-    image_seq_len: int | None,
+    n: int | None,
     rule: str,
-    tokens: Callable[[], int | None],
 ) -> Callable[[int | None], float] | None:
     """steps ↦ μ for a scheduler with dynamic shifting: the given `mu`, else the pipeline's `rule` at
-    `image_seq_len` tokens, else at the count `tokens()` finds. None without dynamic shifting; an
-    error naming `mu` and `image_seq_len` where nothing gives the count."""
+    `n` latent tokens. None without dynamic shifting; an error naming `mu` and `image_seq_len` where
+    neither is known."""
     if not scheduler_config.get("use_dynamic_shifting"):
         return None
     if mu is not None:
         value = float(mu)
         return lambda steps: value
-    n = image_seq_len if image_seq_len is not None else tokens()
     if n is None:
         raise ArgumentError(
             "mu: the scheduler uses dynamic shifting and the number of latent tokens it is computed from is "
