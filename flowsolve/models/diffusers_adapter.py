@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .packing import pack_latents, packed_grid, patch_size, unpack_latents
 from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source, sample_tokens
 from .precond import Denoiser
 from .protocol import ParticleModel
@@ -64,7 +65,9 @@ class LatentDecoding:
     un-normalised as the pipelines do (latents / scaling_factor + shift_factor: SD, SD3, Flux;
     latents · std / scaling_factor + mean where the VAE lists per-channel `latents_mean` /
     `latents_std`: SDXL's, Wan's), then the VAE's decoder
-    (images in the VAE's range, about [−1, 1]). Packed latents (Flux) are unpacked by the caller first.
+    (images in the VAE's range, about [−1, 1]). Packed latents (b, tokens, c·k²: Flux, Chroma, Qwen-Image)
+    are unpacked first as their pipelines unpack them, on the grid their position inputs give
+    (`img_ids`, `img_shapes`; `models.packing`), and `encode` packs them the same way.
 
     Frames-first video latents (b, f, c, h, w: Stable Video Diffusion, CogVideoX, AnyFlow) are decoded
     as their pipelines decode them: a video VAE (3-D convolutions) takes them channels first; an image
@@ -80,6 +83,17 @@ class LatentDecoding:
                 "pipeline, or pass vae= to from_diffusers"
             )
         check_int("decode_chunk_size", decode_chunk_size, 1)
+        k = self._packing(vae)
+        if latents.dim() == 3 and k is not None:  # tokens of k × k patches: the latent image first
+            grid = packed_grid(getattr(self, "model_kwargs", {}))
+            if grid is None:
+                raise ArgumentError(
+                    "decode: packed latents (batch, tokens, channels) need the token grid, which the model "
+                    "reads off its position inputs; load it with img_ids= (Flux) or img_shapes= (Qwen-Image)"
+                )
+            latents = unpack_latents(latents, k, grid)
+            if _video_vae(vae):  # Qwen-Image's VAE: one frame of video, decoded and returned as an image
+                return self.decode(latents[:, :, None], decode_chunk_size)[:, :, 0]
         frames_first = latents.dim() == 5 and getattr(self, "concat_dim", 1) == 2
         if frames_first:
             latents = latents.transpose(1, 2)  # (b, c, f, h, w): the statistics are per channel
@@ -110,6 +124,9 @@ class LatentDecoding:
                 f"images: expected a tensor of images (n, C, H, W), got {getattr(images, 'shape', images)}"
             )
         p = next(vae.parameters())
+        k = self._packing(vae)
+        if k is not None and _video_vae(vae):  # Qwen-Image's VAE: an image is one frame of video
+            images = images[:, :, None]
         out = vae.encode(images.to(p.device, p.dtype))
         dist = getattr(out, "latent_dist", None)
         if dist is not None:
@@ -117,7 +134,18 @@ class LatentDecoding:
         else:  # a VQ model's encoder output
             z = out.latents if hasattr(out, "latents") else out[0]
         offset, scale = _latent_normalisation(vae, z)
-        return (z - offset) * scale
+        z = (z - offset) * scale
+        if k is not None:  # a transformer of packed latents takes them as its pipeline packs them
+            return pack_latents(z[:, :, 0] if z.dim() == 5 else z, k)
+        return z
+
+    def _packing(self, vae) -> int | None:
+        """The patch size k of the model's packed latents (its output channels are k² times the VAE's
+        latent channels), or None: latents as the VAE makes them."""
+        cfg, vcfg = _config(getattr(self, "model", None)), _config(vae)
+        latent = vcfg.get("latent_channels") or vcfg.get("z_dim")
+        # the input's channels (Flux, Qwen-Image), else the output's (Flux Fill appends its mask and image)
+        return patch_size(cfg.get("in_channels"), latent) or patch_size(cfg.get("out_channels"), latent)
 
 
 class Rescheduling:

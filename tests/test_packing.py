@@ -1,0 +1,94 @@
+"""Packed latents (Flux, Qwen-Image): decode unpacks them and encode packs them as the pipelines do,
+checked against the pipelines' own `_pack_latents` / `_unpack_latents` (compiled from diffusers' source
+files: the pipelines themselves need the transformers library) and their decoding steps."""
+import ast
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+import flowsolve as fs
+from flowsolve.models.packing import packed_grid, patch_size
+from test_pipeline_models import _flux, _flux_ids
+
+PIPELINES = Path(diffusers.__file__).parent / "pipelines"
+
+
+def _peer_method(relpath: str, cls: str, name: str):
+    """A static method of a diffusers pipeline class, compiled from its source alone."""
+    tree = ast.parse((PIPELINES / relpath).read_text())
+    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    node = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    node.decorator_list = []
+    scope: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), relpath, "exec"), scope)  # noqa: S102
+    return scope[name]
+
+
+def test_patch_size_and_grid():
+    assert patch_size(64, 16) == 2 and patch_size(16, 4) == 2 and patch_size(144, 16) == 3
+    assert patch_size(16, 16) is None and patch_size(9, 4) is None and patch_size(384, 16) is None
+    assert patch_size(None, 16) is None
+    img_ids, _ = _flux_ids(2, 3, 1)
+    assert packed_grid({"img_ids": img_ids}) == (2, 3)
+    assert packed_grid({"img_ids": img_ids[None].expand(2, -1, -1)}) == (2, 3)
+    assert packed_grid({"img_shapes": [[(1, 4, 5)]] * 2}) == (4, 5)
+    assert packed_grid({}) is None
+
+
+def test_flux_latents_decode_and_encode_as_its_pipeline():
+    """FluxPipeline: latents (b, (h/2)(w/2), 4c) are unpacked, un-normalised (/ scaling_factor +
+    shift_factor) and decoded; encode is its img2img's: normalised, then packed."""
+    net = _flux()  # 16 input channels: 2 × 2 patches of a 4-channel VAE
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                        scaling_factor=0.3611, shift_factor=0.1159).eval()
+    img_ids, txt_ids = _flux_ids(2, 3, 3)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae, img_ids=img_ids, txt_ids=txt_ids)
+    packed = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    unpack = _peer_method("flux/pipeline_flux.py", "FluxPipeline", "_unpack_latents")
+    pack = _peer_method("flux/pipeline_flux.py", "FluxPipeline", "_pack_latents")
+    lat = unpack(packed, 4, 6, 1)  # height, width in pixels of a VAE that does not downsample
+    with torch.no_grad():
+        want = vae.decode(lat / 0.3611 + 0.1159).sample
+    assert want.shape == (2, 1, 4, 6)
+    torch.testing.assert_close(m.decode(packed), want)
+    images = torch.randn(2, 1, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = (vae.encode(images).latent_dist.mode() - 0.1159) * 0.3611
+    torch.testing.assert_close(m.encode(images), pack(z, 2, 4, 4, 6))
+    torch.testing.assert_close(m.decode(m.encode(images)), m.decode(pack(z, 2, 4, 4, 6)))
+    # without the grid, and with tokens that do not fill it: refused by name
+    bare = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae)
+    with pytest.raises(ValueError, match="decode: packed latents .* img_ids="):
+        bare.decode(packed)
+    with pytest.raises(ValueError, match=r"latents: expected packed latents \(batch, 2·3 tokens"):
+        m.decode(packed[:, :4])
+
+
+def test_qwen_image_latents_decode_and_encode_as_its_pipeline():
+    """QwenImagePipeline: tokens of 2 × 2 patches on the grid of img_shapes, unpacked to one frame of its
+    video VAE, un-normalised per channel (· std + mean) and decoded; the frame comes back as an image."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    net = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                      axes_dims_rope=(2, 2, 4)).eval()
+    shapes = [[(1, 2, 3)]]
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae, img_shapes=shapes)
+    packed = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    unpack = _peer_method("qwenimage/pipeline_qwenimage.py", "QwenImagePipeline", "_unpack_latents")
+    lat = unpack(packed, 8, 12, 2)  # pixels of a VAE that halves: 4 × 6 latents
+    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1, 1), torch.tensor([1.5, 0.5, 2.0, 1.0])
+    with torch.no_grad():  # the pipeline: latents / (1 / std) + mean, then decode()[:, :, 0]
+        want = vae.decode(lat / (1.0 / std.view(1, 4, 1, 1, 1)) + mean).sample[:, :, 0]
+    assert want.shape == (2, 3, 8, 12)
+    torch.testing.assert_close(m.decode(packed), want)
+    images = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = (vae.encode(images[:, :, None]).latent_dist.mode() - mean) / std.view(1, 4, 1, 1, 1)
+    pack = _peer_method("qwenimage/pipeline_qwenimage.py", "QwenImagePipeline", "_pack_latents")
+    torch.testing.assert_close(m.encode(images), pack(z[:, :, 0], 1, 4, 4, 6))
