@@ -25,6 +25,24 @@ def tiny_unet64(out_channels: int = 1, seed: int = 0, text_dim: int | None = Non
                                 attention_head_dim=4, **common).eval().double()
 
 
+def peer_function(relpath: str, name: str, cls: str | None = None):
+    """A module-level function (or a static method of class `cls`) of a diffusers pipeline file, compiled
+    from its source alone: the pipelines' own helpers as a reference where the pipeline cannot be
+    imported here (its text encoders need the transformers library)."""
+    import ast
+
+    import diffusers
+    path = Path(diffusers.__file__).parent / "pipelines" / relpath
+    body = ast.parse(path.read_text()).body
+    if cls is not None:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
+    node.decorator_list = []
+    scope: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)  # noqa: S102
+    return scope[name]
+
+
 def tiny_sdxl_unet():
     """A tiny SDXL-like UNet: cross-attention on 16-d text and `added_cond_kwargs` = {"text_embeds" (8-d),
     "time_ids" (6)}, 4 latent channels."""

@@ -1,11 +1,8 @@
 """Dynamic shifting: μ computed as diffusers' pipelines compute it from the latent tokens, checked against
 the pipelines' own μ functions (read out of diffusers' source files: the pipelines themselves need the
 transformers library for their text encoders) and against the scheduler's loop."""
-import ast
 import json
-from pathlib import Path
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -13,18 +10,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import flowsolve as fs
 from flowsolve.models.dynamic_shift import dynamic_shift_mu, latent_tokens, mu_rule_of
+from conftest import peer_function
 from test_pipeline_models import _flux, _flux_ids, _loop, _rel
 
-PIPELINES = Path(diffusers.__file__).parent / "pipelines"
-
-
 def _peer_function(relpath: str, name: str):
-    """A module-level function of a diffusers pipeline file, compiled from its source alone."""
-    tree = ast.parse((PIPELINES / relpath).read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    scope: dict = {}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), relpath, "exec"), scope)  # noqa: S102
-    return scope[name]
+    return peer_function(relpath, name)
 
 
 CFG = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)

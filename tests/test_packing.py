@@ -1,30 +1,18 @@
 """Packed latents (Flux, Qwen-Image): decode unpacks them and encode packs them as the pipelines do,
 checked against the pipelines' own `_pack_latents` / `_unpack_latents` (compiled from diffusers' source
 files: the pipelines themselves need the transformers library) and their decoding steps."""
-import ast
-from pathlib import Path
-
-import diffusers
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 import flowsolve as fs
 from flowsolve.models.packing import packed_grid, patch_size
+from conftest import peer_function
 from test_pipeline_models import _flux, _flux_ids
-
-PIPELINES = Path(diffusers.__file__).parent / "pipelines"
 
 
 def _peer_method(relpath: str, cls: str, name: str):
-    """A static method of a diffusers pipeline class, compiled from its source alone."""
-    tree = ast.parse((PIPELINES / relpath).read_text())
-    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
-    node = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    node.decorator_list = []
-    scope: dict = {"torch": torch}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), relpath, "exec"), scope)  # noqa: S102
-    return scope[name]
+    return peer_function(relpath, name, cls)
 
 
 def test_patch_size_and_grid():
