@@ -6,7 +6,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 import flowsolve as fs
-from flowsolve.models.packing import packed_grid, patch_size
+from flowsolve.sample import initial_noise
+from flowsolve.models.packing import packed_grid, packed_shape, patch_size
 from conftest import peer_function
 from test_pipeline_models import _flux, _flux_ids
 
@@ -24,6 +25,11 @@ def test_patch_size_and_grid():
     assert packed_grid({"img_ids": img_ids[None].expand(2, -1, -1)}) == (2, 3)
     assert packed_grid({"img_shapes": [[(1, 4, 5)]] * 2}) == (4, 5)
     assert packed_grid({}) is None
+    ids = {"img_ids": img_ids}
+    assert packed_shape({"in_channels": 64}, ids) == (6, 64)  # Flux
+    assert packed_shape({"in_channels": 384, "out_channels": 64}, ids) == (6, 64)  # Flux Fill: + mask, image
+    assert packed_shape({"in_channels": 64, "out_channels": 16}, ids) == (6, 64)  # Qwen-Image: out counts c
+    assert packed_shape({"in_channels": 64}, {}) is None
 
 
 def test_flux_latents_decode_and_encode_as_its_pipeline():
@@ -33,7 +39,8 @@ def test_flux_latents_decode_and_encode_as_its_pipeline():
     vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
                         scaling_factor=0.3611, shift_factor=0.1159).eval()
     img_ids, txt_ids = _flux_ids(2, 3, 3)
-    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae, img_ids=img_ids, txt_ids=txt_ids)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae, img_ids=img_ids, txt_ids=txt_ids,
+                                 guidance=torch.tensor([3.5]))
     packed = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
     unpack = _peer_method("flux/pipeline_flux.py", "FluxPipeline", "_unpack_latents")
     pack = _peer_method("flux/pipeline_flux.py", "FluxPipeline", "_pack_latents")
@@ -47,6 +54,12 @@ def test_flux_latents_decode_and_encode_as_its_pipeline():
         z = (vae.encode(images).latent_dist.mode() - 0.1159) * 0.3611
     torch.testing.assert_close(m.encode(images), pack(z, 2, 4, 4, 6))
     torch.testing.assert_close(m.decode(m.encode(images)), m.decode(pack(z, 2, 4, 4, 6)))
+    # the position table gives the shape of a sample: n= alone draws the pipeline's packed noise
+    text = {"encoder_hidden_states": torch.randn(2, 3, 16), "pooled_projections": torch.randn(2, 8)}
+    x = fs.sample(m.field(), "euler", nfe=2, n=2, seed=0, cond=text)
+    assert x.shape == (2, 6, 16) and m.decode(x).shape == (2, 1, 4, 6)
+    z0 = initial_noise(m.field(), 0, 0, 2, (6, 16))  # the noise of sample(seed=0), drawn as Flux's own shape
+    torch.testing.assert_close(x, fs.sample(m.field(), "euler", nfe=2, x_init=z0, cond=text))
     # without the grid, and with tokens that do not fill it: refused by name
     bare = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae)
     with pytest.raises(ValueError, match="decode: packed latents .* img_ids="):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .packing import pack_latents, packed_grid, patch_size, unpack_latents
+from .packing import pack_latents, packed_grid, packed_shape, patch_size, unpack_latents
 from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source, sample_tokens
 from .precond import Denoiser
 from .protocol import ParticleModel
@@ -537,7 +537,7 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         self.concat_dim = concat_dim_of(model, concat_dim)
         cfg = _config(scheduler)
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
-        self.data_shape = _data_shape(model)
+        self.data_shape = _data_shape(model) or packed_shape(_config(model), model_kwargs)
         # dynamic shifting: steps ↦ μ, given or computed as the pipeline does from the latent tokens
         self._mu_tokens: int | None = None  # the latent tokens μ is computed from (the samples must have them)
         if cfg.get("use_dynamic_shifting") and mu is None:

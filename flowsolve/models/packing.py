@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ArgumentError
 
-__all__ = ["patch_size", "packed_grid", "pack_latents", "unpack_latents"]
+__all__ = ["patch_size", "packed_grid", "packed_shape", "pack_latents", "unpack_latents"]
 
 
 def patch_size(model_channels: int | None, latent_channels: int | None) -> int | None:
@@ -39,6 +39,19 @@ def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
         if len(one) == 1 and len(one[0]) == 3 and int(one[0][0]) == 1:
             return int(one[0][1]), int(one[0][2])
     return None
+
+
+def packed_shape(model_config: dict, model_kwargs: dict) -> tuple[int, int] | None:
+    """The shape (tokens, channels) of one sample of a transformer of packed latents, where its position
+    inputs give the grid: its input channels, or its output's where the input appends conditioning
+    (Flux Fill's mask and image); Qwen-Image's `out_channels` counts the VAE's channels, k² fewer."""
+    grid = packed_grid(model_kwargs)
+    c_in, c_out = model_config.get("in_channels"), model_config.get("out_channels")
+    if grid is None or not isinstance(c_in, int):
+        return None
+    if isinstance(c_out, int) and c_out < c_in and patch_size(c_in, c_out) is None:
+        return grid[0] * grid[1], c_out
+    return grid[0] * grid[1], c_in
 
 
 def unpack_latents(latents: torch.Tensor, k: int, grid: tuple[int, int]) -> torch.Tensor:
