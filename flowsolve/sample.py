@@ -400,7 +400,8 @@ def _img2img_grid(
     field: Field, spec: solvers.Solver, g64: torch.Tensor, strength: Any, coefficients: Any, solver: Any = None
 ) -> tuple[torch.Tensor, int, int]:
     """The steps image-to-image walks, as diffusers' `get_timesteps`: of the grid's N steps, the last
-    ⌊N·strength⌋ (an AUTOMATIC1111 label's: ⌊min(strength, 0.999)·N⌋ + 1, its img2img's;
+    ⌊N·strength⌋ (or, by the field's `strength_rule`, all but ⌊N − N·strength⌋, as SD3's and Flux's
+    pipelines count; an AUTOMATIC1111 label's: ⌊min(strength, 0.999)·N⌋ + 1, its img2img's;
     `solvers.names.img2img_steps`); the evaluations they cost; and the steps before them. N counts the
     steps as the field's diffusers scheduler does: with a last step from σ_min to itself where its
     schedule ends so (the grid holds distinct times; the solvers take that step where it acts)."""
@@ -416,10 +417,12 @@ def _img2img_grid(
             "grid: a calibrated grid's coefficients are fitted to its whole walk; img2img walks its end"
         )
     total = counted_steps(field, g64.tolist())  # the scheduler's count
-    walk = solvers.names.img2img_steps(solver, total, strength)
+    rule = getattr(field, "strength_rule", "walked")
+    walk = solvers.names.img2img_steps(solver, total, strength, rule)
     if walk < 1 or total - walk >= len(g64) - 1:
+        counted = "⌊N·strength⌋" if rule == "walked" else "N − ⌊N − N·strength⌋"
         raise ArgumentError(
-            f"strength: {strength:g} of {total} steps leaves no step to take (⌊N·strength⌋, as diffusers counts); "
+            f"strength: {strength:g} of {total} steps leaves no step to take ({counted}, as diffusers counts); "
             f"raise strength or the steps"
         )
     tail = g64[total - walk :].clone()

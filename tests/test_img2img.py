@@ -4,10 +4,13 @@ noises the given data to the grid's level after N − ⌊N·s⌋ steps, x = α_t
 `scale_noise`, `set_begin_index`): checked against that loop on the same model and noise, on the
 exact mixture (strength 1 from the data reaches the data distribution; small strengths stay near
 the input), and its errors."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import flowsolve as fs
+from conftest import peer_function
 from flowsolve.noise import SampleNoise
 from test_peer_solvers import _in_float64
 
@@ -55,7 +58,8 @@ def test_img2img_is_diffusers_img2img_loop(unet64, cls, solver, strength):
 
 @pytest.mark.parametrize("strength", [0.4, 1.0])
 def test_img2img_on_a_flow_model_is_sd3s_img2img_loop(unet64, strength):
-    """StableDiffusion3Img2ImgPipeline: the data noised by `scale_noise`, σ ε + (1 − σ) x0."""
+    """A flow UNet's img2img: the data noised by `scale_noise`, σ ε + (1 − σ) x0, as SD3's pipeline does,
+    with SD's count of the steps (a UNet's img2img pipelines walk ⌊N·s⌋)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     steps = 8
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -667,3 +671,63 @@ def test_the_cli_splits_a_schedule_between_two_diffusers_folders(tmp_path):
     x = fs.sample(refiner.field(), "euler", steps=8, x_init=lat, seed=3, denoising_start=0.6, dtype=torch.float64)
     assert np.allclose(np.load(tmp_path / "lat.npy"), lat.numpy(), atol=1e-6)
     assert np.allclose(np.load(tmp_path / "x.npy"), x.numpy(), atol=1e-6)
+
+
+def test_img2img_strength_rules_of_the_pipelines():
+    """diffusers' img2img pipelines count a strength's steps two ways: SD's walk ⌊N·s⌋ of the N
+    (init_timestep = min(int(N·s), N)); SD3's, Flux's, Qwen-Image's skip int(N − min(N·s, N)) and walk
+    the rest, one more step where N·s is not whole (8 · 0.3 = 2.4: 3 steps against SD's 2)."""
+    from flowsolve.models.pipeline_source import strength_rule_of
+    from flowsolve.solvers.names import img2img_steps
+    sd3 = peer_function("stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py", "get_timesteps",
+                        "StableDiffusion3Img2ImgPipeline")
+    sd = peer_function("stable_diffusion/pipeline_stable_diffusion_img2img.py", "get_timesteps",
+                       "StableDiffusionImg2ImgPipeline")
+    for n in (4, 8, 10, 25, 30):
+        for s in (0.1, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0):
+            sched = SimpleNamespace(scheduler=SimpleNamespace(timesteps=torch.arange(n), order=1))
+            assert img2img_steps(None, n, s, "skipped") == sd3(sched, n, s, "cpu")[1], (n, s)
+            assert img2img_steps(None, n, s, "walked") == sd(sched, n, s, "cpu")[1], (n, s)
+    assert img2img_steps(None, 8, 0.3, "skipped") == 3 and img2img_steps(None, 8, 0.3, "walked") == 2
+    for model in ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel"):
+        assert strength_rule_of(None, model) == "skipped"
+    for model in ("UNet2DConditionModel", "WanTransformer3DModel", "PixArtTransformer2DModel"):
+        assert strength_rule_of(None, model) == "walked"
+    assert strength_rule_of("FluxImg2ImgPipeline", "UNet2DModel") == "skipped"  # the pipeline's own rule wins
+    assert strength_rule_of("StableDiffusionImg2ImgPipeline", "SD3Transformer2DModel") == "walked"
+
+
+@pytest.mark.parametrize("steps,strength", [(8, 0.3), (10, 0.3), (8, 0.5)])
+def test_img2img_on_an_sd3_transformer_is_sd3s_img2img_loop(steps, strength):
+    """StableDiffusion3Img2ImgPipeline, its loop written out with its own `get_timesteps`: the data
+    noised by `scale_noise` at the first walked timestep, then the scheduler's steps on the rest."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from conftest import tiny_sd3
+    net = tiny_sd3().double()
+    text = {"encoder_hidden_states": torch.randn(2, 5, 16, dtype=torch.float64),
+            "pooled_projections": torch.randn(2, 8, dtype=torch.float64)}
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = _eps(2, (4, 8, 8))
+    get_timesteps = peer_function("stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py", "get_timesteps",
+                                  "StableDiffusion3Img2ImgPipeline")
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    sched.sigmas = sched.sigmas.double()
+    timesteps, walked = get_timesteps(SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+    x = sched.scale_noise(x0, timesteps[:1], eps)
+    with torch.no_grad():
+        for t in timesteps:
+            x = sched.step(net(x, timestep=t.expand(2), **text).sample, t, x).prev_sample
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert m.strength_rule == "skipped"
+    got, info = fs.sample(m.field(), "euler", steps=steps, init=x0, strength=strength, seed=7, cond=text,
+                          return_info=True)
+    assert info.nfe == walked
+    assert (got - x).abs().max().item() <= 1e-6 * x.abs().max().item()
+    # the SD rule, asked for by name, walks ⌊N·s⌋: another loop where N·s is not whole
+    sd_rule = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(shift=3.0), strength_rule="walked")
+    _, other = fs.sample(sd_rule.field(), "euler", steps=steps, init=x0, strength=strength, seed=7, cond=text,
+                         return_info=True)
+    assert other.nfe == int(steps * strength)
+    with pytest.raises(ValueError, match="strength_rule: expected one of walked, skipped"):
+        fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), strength_rule="ceil")

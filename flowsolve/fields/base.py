@@ -74,6 +74,9 @@ class Field:
     default_grid: str = "uniform"
     default_nfe: int = 32
     default_steps: int | None = None  # steps when neither nfe nor steps is given (a custom scheduler schedule)
+    # how img2img counts its steps: "walked" ⌊N·strength⌋ (SD's pipelines), "skipped" all but
+    # ⌊N − N·strength⌋ (SD3's, Flux's: `solvers.names.img2img_steps`)
+    strength_rule: str = "walked"
     time_is_sigma: bool = False
     finite_at_end: bool = True
     takes_cond: bool = False  # its model takes per-sample conditioning (`bind`, `call_model`)

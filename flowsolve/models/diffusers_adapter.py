@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .packing import pack_latents, packed_grid, packed_shape, patch_size, unpack_latents
-from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, pipeline_source, sample_tokens
+from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, sample_tokens
+from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of
 from .precond import Denoiser
 from .protocol import ParticleModel
 from .._checks import check_int, model_dtype, nearest
@@ -1733,6 +1734,9 @@ def from_diffusers(
     network timesteps of the steps it acts on (diffusers' control_guidance_start / end).
     `torch_dtype` loads the weights of a folder or Hub id in that dtype (diffusers' `torch_dtype`:
     float16 / bfloat16 for large models); model objects keep theirs (cast them with `.to`).
+    `strength_rule` ("walked" or "skipped", `Field.strength_rule`) is how img2img counts the steps of a
+    strength; by default the pipeline's own rule, else the rule of the img2img pipelines of the model's
+    class (SD3, Flux, Qwen-Image skip; SD and most others walk).
     Flow schedulers with dynamic shifting take `mu=`, or compute μ as the pipeline's class does
     (`mu_rule=`, read off it by default) from `image_seq_len=` latent tokens or the count the inputs
     give (`img_ids`, ...); `pipeline_sigmas=` overrides the Flux-family linspace(1, 1/N, N) rule.
@@ -1796,6 +1800,9 @@ def from_diffusers(
     out: DiffusersDenoiser | DiffusersFlow | DiffusersTrigFlow | DiffusersAngle
     again = dict(prediction_type=prediction_type, clip_sample=clip_sample, **model_kwargs)  # (with_scheduler)
     given = model_kwargs.pop("pipeline_sigmas", None)
+    strength_given = model_kwargs.pop("strength_rule", None)
+    if strength_given is not None and strength_given not in STRENGTH_RULES:
+        raise ArgumentError(f"strength_rule: expected one of {', '.join(STRENGTH_RULES)}, got {strength_given!r}")
     rule = model_kwargs.pop("mu_rule", None) or mu_rule_of(pipeline_class)  # how its pipeline computes μ
     flow = is_flow_scheduler(scheduler)
     linear = (flow and _linear_sigmas_pipeline(pipeline_class)) if given is None else bool(given)
@@ -1818,6 +1825,12 @@ def from_diffusers(
         )  # integer_timesteps= travels in model_kwargs to whichever adapter takes it
     if vae is not None:
         out.vae = vae
+    # how img2img counts steps: the pipeline's own rule, else that of the img2img pipelines of this model's class
+    out.strength_rule = strength_given or strength_rule_of(
+        pipeline_class if isinstance(pipeline_class, str) or pipeline_class is None else pipeline_class.__name__,
+        base_class_name(model),
+    )
+    again["strength_rule"] = out.strength_rule
     if flow:
         again["pipeline_sigmas"] = linear  # (what the pipeline's class said, kept for another flow scheduler)
         again["mu_rule"] = rule

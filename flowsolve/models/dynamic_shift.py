@@ -15,12 +15,11 @@ The settings are the scheduler config's, with each pipeline's defaults where the
 
 from __future__ import annotations
 
-import functools
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ArgumentError
+from .pipeline_source import pipeline_source
 
 MU_RULES = ("linear", "sqrt", "flux2")
 
@@ -67,23 +66,6 @@ def mu_rule_of(pipeline_class: Any) -> str:
     if "(image_seq_len / base_seq_len) ** 0.5" in text:
         return "sqrt"
     return "linear"
-
-
-@functools.lru_cache(maxsize=None)
-def pipeline_source(name: str) -> str:
-    """The text of the diffusers source file that defines pipeline class `name` ('' if none does). Read
-    from the files, so that a placeholder class (a pipeline whose optional dependencies are missing) is
-    found as well."""
-    import diffusers
-
-    if not name.isidentifier():
-        return ""
-    root = Path(diffusers.__file__).parent / "pipelines"
-    for path in root.rglob("pipeline_*.py"):
-        text = path.read_text(encoding="utf-8", errors="ignore")
-        if f"class {name}(" in text:
-            return text
-    return ""
 
 
 def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int, ...] | None) -> int | None:

@@ -29,6 +29,7 @@ class ParticleModel:
     data_shape: tuple[int, ...] | None = None
     calibrated: dict = {}  # "solver:nfe" -> grid, from the folder's calibration.json
     guidable: bool = False  # field(guidance=w, uncond=...) is supported (denoisers, flow models)
+    strength_rule: str = "walked"  # how its img2img pipelines count steps (`Field.strength_rule`)
 
     def field(self, *args: Any, **kw: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -37,6 +38,7 @@ class ParticleModel:
         """Hand the model's calibrated grids to its field (`fs.sample(..., grid="calibrated")`)."""
         if self.calibrated:
             field.calibrated = dict(self.calibrated)
+        field.strength_rule = self.strength_rule
         return field
 
 

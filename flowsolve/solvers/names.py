@@ -215,12 +215,16 @@ def webui_grid(solver: Any, grid: Any) -> Any:
     return WebUIGrid((automatic or "Uniform") if schedule == "Automatic" else schedule, discard)
 
 
-def img2img_steps(solver: Any, steps: int, strength: float) -> int:
-    """The steps image-to-image walks of a grid of `steps`: ⌊N·strength⌋, as diffusers' `get_timesteps`;
-    for an AUTOMATIC1111 label, ⌊min(strength, 0.999)·N⌋ + 1 as its img2img does (it walks
-    sigmas[N − t_enc − 1:], t_enc = ⌊min(strength, 0.999)·N⌋)."""
+def img2img_steps(solver: Any, steps: int, strength: float, rule: str = "walked") -> int:
+    """The steps image-to-image walks of a grid of `steps`, as diffusers' `get_timesteps` counts them:
+    ⌊N·strength⌋ (`rule` "walked": SD's pipelines), or all but the int(N − min(N·strength, N)) it
+    skips ("skipped": SD3's, Flux's, Qwen-Image's; one more where N·strength is not whole), in the
+    pipelines' own float arithmetic; for an AUTOMATIC1111 label, ⌊min(strength, 0.999)·N⌋ + 1 as its
+    img2img does (it walks sigmas[N − t_enc − 1:], t_enc = ⌊min(strength, 0.999)·N⌋)."""
     if isinstance(solver, str) and _webui_split(solver) is not None:
         return min(int(min(strength, 0.999) * steps) + 1, steps)
+    if rule == "skipped":
+        return steps - int(max(steps - min(steps * strength, steps), 0))
     return min(int(steps * strength), steps)
 
 
