@@ -93,3 +93,38 @@ def test_qwen_image_latents_decode_and_encode_as_its_pipeline():
         z = (vae.encode(images[:, :, None]).latent_dist.mode() - mean) / std.view(1, 4, 1, 1, 1)
     pack = _peer_method("qwenimage/pipeline_qwenimage.py", "QwenImagePipeline", "_pack_latents")
     torch.testing.assert_close(m.encode(images), pack(z[:, :, 0], 1, 4, 4, 6))
+
+
+def test_flux2_latents_decode_through_its_vaes_batch_norm():
+    """Flux2Pipeline: tokens scattered to their places by the position ids (`_unpack_latents_with_ids`),
+    the patches un-normalised by the VAE's batch norm (· √(running var + eps) + running mean), then
+    unpatchified and decoded; its image latents are patchified, normalised and packed the other way."""
+    from diffusers import AutoencoderKLFlux2
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
+                             up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=8).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.normal_()
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    src = "flux2/pipeline_flux2.py"
+    ids = peer_function(src, "_prepare_latent_ids", "Flux2Pipeline")(torch.zeros(2, 16, 2, 3))  # (2, 6, 4)
+    shuffled = ids[:, torch.tensor([3, 0, 5, 1, 4, 2])]  # tokens in any order: each goes where its id says
+    packed = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    unpack = peer_function(src, "_unpack_latents_with_ids", "Flux2Pipeline")
+    unpatchify = peer_function(src, "_unpatchify_latents", "Flux2Pipeline")
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    images = torch.randn(2, 1, 4, 6, generator=torch.Generator().manual_seed(1))
+    for table in (ids, shuffled):
+        m = fs.models.from_diffusers(_flux(), FlowMatchEulerDiscreteScheduler(), vae=vae, img_ids=table)
+        with torch.no_grad():
+            want = vae.decode(unpatchify(unpack(packed, table) * std + mean)).sample
+        torch.testing.assert_close(m.decode(packed), want)
+        # encode: the pipeline's image latents, patchified, normalised, one token per id
+        with torch.no_grad():
+            z = vae.encode(images).latent_dist.mode()
+        patches = (peer_function(src, "_patchify_latents", "Flux2Pipeline")(z) - mean) / std
+        got = m.encode(images)
+        torch.testing.assert_close(unpack(got, table), patches)
+        torch.testing.assert_close(m.decode(got), vae.decode(z).sample, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .packing import pack_latents, packed_grid, packed_shape, patch_size, unpack_latents
+from .packing import (
+    packed_grid,
+    packed_shape,
+    patch_size,
+    patches_to_tokens,
+    patchify,
+    token_positions,
+    tokens_to_patches,
+    unpatchify,
+)
 from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, sample_tokens
 from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of
 from .precond import Denoiser
@@ -68,7 +77,8 @@ class LatentDecoding:
     `latents_std`: SDXL's, Wan's), then the VAE's decoder
     (images in the VAE's range, about [−1, 1]). Packed latents (b, tokens, c·k²: Flux, Chroma, Qwen-Image)
     are unpacked first as their pipelines unpack them, on the grid their position inputs give
-    (`img_ids`, `img_shapes`; `models.packing`), and `encode` packs them the same way.
+    (`img_ids`, `img_shapes`; `models.packing`; Flux 2's patches un-normalised by its VAE's batch norm),
+    and `encode` packs them the same way.
 
     Frames-first video latents (b, f, c, h, w: Stable Video Diffusion, CogVideoX, AnyFlow) are decoded
     as their pipelines decode them: a video VAE (3-D convolutions) takes them channels first; an image
@@ -92,7 +102,11 @@ class LatentDecoding:
                     "decode: packed latents (batch, tokens, channels) need the token grid, which the model "
                     "reads off its position inputs; load it with img_ids= (Flux) or img_shapes= (Qwen-Image)"
                 )
-            latents = unpack_latents(latents, k, grid)
+            patches = tokens_to_patches(latents, grid, token_positions(getattr(self, "model_kwargs", {})))
+            stats = _patch_statistics(vae, patches.shape[1])
+            if stats is not None:  # Flux 2: the patches were normalised by the VAE's batch norm
+                patches = patches * stats[1].to(patches) + stats[0].to(patches)
+            latents = unpatchify(patches, k)
             if _video_vae(vae):  # Qwen-Image's VAE: one frame of video, decoded and returned as an image
                 return self.decode(latents[:, :, None], decode_chunk_size)[:, :, 0]
         frames_first = latents.dim() == 5 and getattr(self, "concat_dim", 1) == 2
@@ -137,7 +151,11 @@ class LatentDecoding:
         offset, scale = _latent_normalisation(vae, z)
         z = (z - offset) * scale
         if k is not None:  # a transformer of packed latents takes them as its pipeline packs them
-            return pack_latents(z[:, :, 0] if z.dim() == 5 else z, k)
+            patches = patchify(z[:, :, 0] if z.dim() == 5 else z, k)
+            stats = _patch_statistics(vae, patches.shape[1])
+            if stats is not None:  # Flux 2: normalised by the VAE's batch norm
+                patches = (patches - stats[0].to(patches)) / stats[1].to(patches)
+            return patches_to_tokens(patches, token_positions(getattr(self, "model_kwargs", {})))
         return z
 
     def _packing(self, vae) -> int | None:
@@ -208,6 +226,17 @@ def _latent_normalisation(vae, z: torch.Tensor) -> tuple[torch.Tensor | float, t
     mean_t = torch.as_tensor(mean, dtype=z.dtype, device=z.device).reshape(col)
     std_t = torch.as_tensor(std, dtype=z.dtype, device=z.device).reshape(col)
     return mean_t, factor / std_t
+
+
+def _patch_statistics(vae, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) per channel of a VAE's batch norm over its patchified latents (Flux 2's `vae.bn`:
+    running mean, √(running var + batch_norm_eps)), shaped for (b, channels, h, w); None without one."""
+    bn = getattr(vae, "bn", None)
+    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != channels or bn.running_mean is None:
+        return None
+    eps = float(_config(vae).get("batch_norm_eps", bn.eps))
+    var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.running_mean)
+    return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(var.view(1, -1, 1, 1) + eps)
 
 
 def _vae_output(out) -> torch.Tensor:

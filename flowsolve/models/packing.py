@@ -3,7 +3,9 @@
 (b, (h/k)(w/k), c·k²) in row-major order, each token's channels ordered (c, i, j) (`_pack_latents`),
 and undo it before decoding (`_unpack_latents`). The patch size k is the ratio of the transformer's
 channels to the VAE's (64 / 16 = 2² for Flux); the grid (h/k, w/k) is read off the inputs that give
-the tokens their positions: Flux's `img_ids` (rows (·, row, column)) or Qwen-Image's `img_shapes`."""
+the tokens their positions: Flux's `img_ids` (rows (·, row, column)) or Qwen-Image's `img_shapes`.
+Flux 2's VAE normalises the patches (b, c·k², h/k, w/k) with its batch norm's running statistics
+before they are laid out as tokens; `LatentDecoding` undoes that between the two steps."""
 
 from __future__ import annotations
 
@@ -13,7 +15,18 @@ import torch
 
 from ..errors import ArgumentError
 
-__all__ = ["patch_size", "packed_grid", "packed_shape", "pack_latents", "unpack_latents"]
+__all__ = [
+    "patch_size",
+    "packed_grid",
+    "packed_shape",
+    "token_positions",
+    "tokens_to_patches",
+    "patches_to_tokens",
+    "patchify",
+    "unpatchify",
+    "pack_latents",
+    "unpack_latents",
+]
 
 
 def patch_size(model_channels: int | None, latent_channels: int | None) -> int | None:
@@ -29,16 +42,25 @@ def patch_size(model_channels: int | None, latent_channels: int | None) -> int |
 def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
     """The (rows, columns) of the token grid from the position inputs: the largest row and column of
     `img_ids` plus one, or the first shape of `img_shapes` (frames, rows, columns) with one frame."""
-    ids = model_kwargs.get("img_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() in (2, 3) and ids.shape[-1] >= 3:
-        rows = ids.reshape(-1, ids.shape[-1])
-        return int(rows[:, 1].max()) + 1, int(rows[:, 2].max()) + 1
+    where = token_positions(model_kwargs)
+    if where is not None:
+        return int(where[0].max()) + 1, int(where[1].max()) + 1
     shapes = model_kwargs.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and shapes:
         one = shapes[0] if isinstance(shapes[0], list) else shapes
         if len(one) == 1 and len(one[0]) == 3 and int(one[0][0]) == 1:
             return int(one[0][1]), int(one[0][2])
     return None
+
+
+def token_positions(model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, column) of each token from `img_ids` (columns 1 and 2: Flux's (·, row, column), Flux 2's
+    (t, row, column, l)), one table for the batch; None without one."""
+    ids = model_kwargs.get("img_ids")
+    if not (isinstance(ids, torch.Tensor) and ids.dim() in (2, 3) and ids.shape[-1] >= 3):
+        return None
+    rows = ids[0] if ids.dim() == 3 else ids
+    return rows[:, 1].long(), rows[:, 2].long()
 
 
 def packed_shape(model_config: dict, model_kwargs: dict) -> tuple[int, int] | None:
@@ -54,23 +76,62 @@ def packed_shape(model_config: dict, model_kwargs: dict) -> tuple[int, int] | No
     return grid[0] * grid[1], c_in
 
 
-def unpack_latents(latents: torch.Tensor, k: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(b, rows·columns, c·k²) tokens → (b, c, rows·k, columns·k) latents (the pipelines' `_unpack_latents`)."""
-    b, n, ck = latents.shape
+def _flat_index(n: int, grid: tuple[int, int], where) -> torch.Tensor | None:
+    """The place of each of n tokens in the row-major grid: from their (row, column) positions, None
+    for tokens already in row-major order (Qwen-Image's)."""
+    if where is None:
+        return None
+    flat = where[0] * grid[1] + where[1]
+    return None if len(flat) != n or torch.equal(flat, torch.arange(n)) else flat
+
+
+def tokens_to_patches(latents: torch.Tensor, grid: tuple[int, int], where=None) -> torch.Tensor:
+    """(b, rows·columns, C) tokens → (b, C, rows, columns): each token at its place in the grid (its
+    `where` (row, column), else in row-major order), as `_unpack_latents_with_ids` scatters them."""
+    b, n, c = latents.shape
     rows, cols = grid
-    if n != rows * cols or ck % (k * k):
+    if n != rows * cols:
         raise ArgumentError(
-            f"latents: expected packed latents (batch, {rows}·{cols} tokens, channels·{k * k}) for the model's "
-            f"{rows} × {cols} grid of {k} × {k} patches, got shape {tuple(latents.shape)}"
+            f"latents: expected packed latents (batch, {rows}·{cols} tokens, channels) for the model's "
+            f"{rows} × {cols} grid, got shape {tuple(latents.shape)}"
         )
-    x = latents.reshape(b, rows, cols, ck // (k * k), k, k)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, ck // (k * k), rows * k, cols * k)
+    flat = _flat_index(n, grid, where)
+    if flat is not None:
+        latents = torch.zeros_like(latents).index_copy(1, flat.to(latents.device), latents)
+    return latents.reshape(b, rows, cols, c).permute(0, 3, 1, 2)
 
 
-def pack_latents(latents: torch.Tensor, k: int) -> torch.Tensor:
-    """(b, c, h, w) latents → (b, (h/k)(w/k), c·k²) tokens (the pipelines' `_pack_latents`)."""
+def patches_to_tokens(patches: torch.Tensor, where=None) -> torch.Tensor:
+    """(b, C, rows, columns) → (b, rows·columns, C) tokens, each read at its `where` (row, column)."""
+    b, c, rows, cols = patches.shape
+    tokens = patches.permute(0, 2, 3, 1).reshape(b, rows * cols, c)
+    flat = _flat_index(rows * cols, (rows, cols), where)
+    return tokens if flat is None else tokens.index_select(1, flat.to(tokens.device))
+
+
+def unpatchify(patches: torch.Tensor, k: int) -> torch.Tensor:
+    """(b, c·k², rows, columns) → (b, c, rows·k, columns·k), a patch's channels ordered (c, i, j)."""
+    b, ck, rows, cols = patches.shape
+    if ck % (k * k):
+        raise ArgumentError(f"latents: {ck} channels are not {k}×{k} patches of the VAE's latent channels")
+    x = patches.reshape(b, ck // (k * k), k, k, rows, cols).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, ck // (k * k), rows * k, cols * k)
+
+
+def patchify(latents: torch.Tensor, k: int) -> torch.Tensor:
+    """(b, c, h, w) → (b, c·k², h/k, w/k), the inverse of `unpatchify`."""
     b, c, h, w = latents.shape
     if h % k or w % k:
         raise ArgumentError(f"images: their latents' size {h} × {w} is not divisible by the patch size {k}")
-    x = latents.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // k) * (w // k), c * k * k)
+    x = latents.reshape(b, c, h // k, k, w // k, k).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * k * k, h // k, w // k)
+
+
+def unpack_latents(latents: torch.Tensor, k: int, grid: tuple[int, int], where=None) -> torch.Tensor:
+    """(b, rows·columns, c·k²) tokens → (b, c, rows·k, columns·k) latents (the pipelines' `_unpack_latents`)."""
+    return unpatchify(tokens_to_patches(latents, grid, where), k)
+
+
+def pack_latents(latents: torch.Tensor, k: int, where=None) -> torch.Tensor:
+    """(b, c, h, w) latents → (b, (h/k)(w/k), c·k²) tokens (the pipelines' `_pack_latents`)."""
+    return patches_to_tokens(patchify(latents, k), where)
