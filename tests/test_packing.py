@@ -128,3 +128,42 @@ def test_flux2_latents_decode_through_its_vaes_batch_norm():
         got = m.encode(images)
         torch.testing.assert_close(unpack(got, table), patches)
         torch.testing.assert_close(m.decode(got), vae.decode(z).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_masks_as_the_inpaint_pipelines_make_them():
+    """An image mask in the model's latent layout: binarised at 0.5, resized (nearest) to the latents;
+    for Flux repeated over the latent channels and packed (FluxInpaintPipeline's `prepare_mask_latents`).
+    Flux inpainting with it keeps the masked-out tokens of the data exactly."""
+    net = _flux()
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2).eval()  # halves: 8 × 12 images, 4 × 6 latents
+    img_ids, txt_ids = _flux_ids(2, 3, 3)
+    m = fs.models.from_diffusers(net, FlowMatchEulerDiscreteScheduler(), vae=vae, img_ids=img_ids, txt_ids=txt_ids,
+                                 guidance=torch.tensor([3.5]))
+    drawn = torch.rand(2, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    pack = peer_function("flux/pipeline_flux_inpaint.py", "_pack_latents", "FluxInpaintPipeline")
+    binary = (drawn >= 0.5).float()
+    want = pack(torch.nn.functional.interpolate(binary, size=(4, 6)).repeat(1, 4, 1, 1), 2, 4, 4, 6)
+    got = m.latent_mask(drawn)
+    assert got.shape == (2, 6, 16)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(m.latent_mask(drawn[0, 0]), want[:1])  # one (H, W) mask for all rows
+    # an unpacked latent model: (n, 1, h, w) at its latents' size
+    from test_flow_matching import _latent_pipeline
+    ldm = fs.models.from_diffusers(_latent_pipeline())
+    scale = 2 ** (len(ldm.vae.config.block_out_channels) - 1)  # the pipelines' vae_scale_factor
+    pixels = torch.rand(1, 1, 24, 40, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ldm.latent_mask(pixels), torch.nn.functional.interpolate(
+        (pixels >= 0.5).float(), size=(24 // scale, 40 // scale)))
+    assert ldm.latent_mask(pixels, size=(5, 7)).shape == (1, 1, 5, 7)
+    # Flux inpainting with the packed mask keeps the data's kept tokens
+    text = {"encoder_hidden_states": torch.randn(2, 3, 16), "pooled_projections": torch.randn(2, 8)}
+    z0 = m.encode(torch.rand(2, 1, 8, 12, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    x = fs.sample(m.field(), "euler", steps=4, init=z0, mask=got, seed=0, cond=text)
+    keep = got == 0
+    assert keep.any() and (~keep).any()
+    torch.testing.assert_close(x[keep], z0[keep])
+    assert not torch.allclose(x[~keep], z0[~keep])
+    with pytest.raises(ValueError, match=r"mask: expected an image mask"):
+        m.latent_mask(torch.rand(2, 3, 8, 12))

@@ -158,6 +158,39 @@ class LatentDecoding:
             return patches_to_tokens(patches, token_positions(getattr(self, "model_kwargs", {})))
         return z
 
+    @torch.no_grad()
+    def latent_mask(self, mask: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """An inpainting mask drawn on the images (1: generate, 0: keep; (H, W), (n, H, W) or (n, 1, H, W),
+        values in [0, 1]) in the layout of the model's latents, for `fs.sample(..., mask=)`, as diffusers'
+        inpaint pipelines make it: binarised at 0.5 (their mask processor), resized (nearest) to the
+        latents' size, and for packed latents repeated over the latent channels and packed (Flux's
+        `prepare_mask_latents`). `size`: the latents' (h, w); by default the token grid's (packed), else
+        H and W over the VAE's scale factor (2^(levels − 1), the pipelines' `vae_scale_factor`)."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise ArgumentError("latent_mask: this model has no VAE; its mask is drawn on the data itself")
+        shaped = isinstance(mask, torch.Tensor) and mask.dim() in (2, 3, 4)
+        if not shaped or (mask.dim() == 4 and mask.shape[1] != 1):
+            raise ArgumentError(
+                f"mask: expected an image mask (H, W), (n, H, W) or (n, 1, H, W), got {getattr(mask, 'shape', mask)}"
+            )
+        m = mask.float().reshape(-1, 1, *mask.shape[-2:])
+        m = (m >= 0.5).float()  # the pipelines' mask processor binarises
+        k = self._packing(vae)
+        grid = packed_grid(getattr(self, "model_kwargs", {})) if k is not None else None
+        if size is None and grid is not None:
+            size = (grid[0] * k, grid[1] * k)  # type: ignore[operator]
+        if size is None:  # the images' latents: H and W over the VAE's scale factor, as the pipelines compute it
+            vcfg = _config(vae)
+            scale = vcfg.get("spatial_compression_ratio") or 2 ** (len(vcfg.get("block_out_channels") or [0]) - 1)
+            size = (m.shape[-2] // int(scale), m.shape[-1] // int(scale))
+        m = torch.nn.functional.interpolate(m, size=tuple(size))
+        if k is None:
+            return m
+        latent = int(_config(vae).get("latent_channels") or _config(vae).get("z_dim") or 1)
+        where = token_positions(getattr(self, "model_kwargs", {}))
+        return patches_to_tokens(patchify(m.repeat(1, latent, 1, 1), k), where)
+
     def _packing(self, vae) -> int | None:
         """The patch size k of the model's packed latents (its output channels are k² times the VAE's
         latent channels), or None: latents as the VAE makes them."""
