@@ -140,3 +140,45 @@ def test_an_sd3_transformer_counts_the_patches_of_its_sample_size():
     # a μ given is the user's: no count to check
     assert fs.sample(fs.models.from_diffusers(tiny_sd3(), sched, mu=0.7).field(), "euler", nfe=2, x_init=big,
                      cond=text).shape == big.shape
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6])
+def test_a_flux_folders_img2img_is_flux_img2img_pipelines_loop(tmp_path, strength):
+    """FluxImg2ImgPipeline, written out with its own `get_timesteps` and `calculate_shift`: sigmas
+    linspace(1, 1/N, N) shifted by μ of the image's tokens, the strength's steps counted its way (8 steps
+    at 0.3: 3), the packed image latents noised by `scale_noise`, then the scheduler's steps. The model
+    does all of it from the folder and the position table alone."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+    from flowsolve.noise import SampleNoise
+    cfg = dict(base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
+    net, root = _flux_folder(tmp_path, "FluxPipeline", **cfg)
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                  scaling_factor=0.36, shift_factor=0.11).save_pretrained(root / "vae")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    B, N, L = 2, 8, 3
+    img_ids, txt_ids = _flux_ids(2, 3, L)
+    m = fs.models.from_diffusers(root, img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    images = torch.rand(B, 1, 4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z0 = m.encode(images)
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    got = fs.sample(m.field(), "euler", steps=N, init=z0, strength=strength, seed=5, cond=text)
+    # the pipeline's loop
+    src = "flux/pipeline_flux_img2img.py"
+    mu = peer_function(src, "calculate_shift")(6, 4, 64, 0.5, 1.15)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **cfg)
+    sched.set_timesteps(N, sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
+    timesteps, walked = peer_function(src, "get_timesteps", "FluxImg2ImgPipeline")(
+        SimpleNamespace(scheduler=sched), N, strength, "cpu")
+    assert walked == (3 if strength == 0.3 else 5)
+    eps = SampleNoise(5, 0, B, tuple(z0.shape[1:]), torch.float32, "cpu", stream=0)()
+    x = sched.scale_noise(z0, timesteps[:1].repeat(B), eps)
+    g = torch.full((B,), 3.5)
+    with torch.no_grad():
+        for t in timesteps:
+            v = net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g, img_ids=img_ids, txt_ids=txt_ids,
+                    **text).sample
+            x = sched.step(v, t, x).prev_sample
+    assert _rel(got, x) <= 1e-5
