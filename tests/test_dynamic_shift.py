@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import flowsolve as fs
 from flowsolve.models.dynamic_shift import dynamic_shift_mu, latent_tokens, mu_rule_of
 from conftest import peer_function
-from test_pipeline_models import _flux, _flux_ids, _loop, _rel
+from test_pipeline_models import _flux, _flux_ids, _flux_loop_check, _rel
 
 def _peer_function(relpath: str, name: str):
     return peer_function(relpath, name)
@@ -84,12 +84,7 @@ def test_a_flux_folder_without_mu_samples_the_pipelines_loop(tmp_path):
     assert m.mu == pytest.approx(mu, rel=1e-12)
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **cfg)
     sched.set_timesteps(N, sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
-    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
-    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
-    g = torch.full((B,), 3.5)
-    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g,
-                                                 img_ids=img_ids, txt_ids=txt_ids, **text).sample)
-    assert _rel(fs.sample(m.field(), "euler", nfe=N, x_init=z, cond=text), ref) <= 1e-5
+    _flux_loop_check(m, net, sched, N, h, w, L, img_ids, txt_ids, B)
     # the count by name; the μ given wins; a swapped flow scheduler keeps the pipeline's rule
     by_count = fs.models.from_diffusers(root, image_seq_len=h * w)
     torch.testing.assert_close(by_count.field().grid(N, "schedule"), sched.sigmas.double(), rtol=1e-6, atol=1e-7)

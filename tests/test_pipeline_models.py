@@ -78,6 +78,16 @@ def _flux(guidance_embeds=True, in_channels=16, out_channels=None):
                                   axes_dims_rope=(2, 2, 4)).eval()
 
 
+def _flux_loop_check(m, net, sched, N, h, w, L, img_ids, txt_ids, B=2):
+    """FluxPipeline's loop on `sched` (guidance 3.5, random text) against `euler` with nfe=N on `m`."""
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
+    g = torch.full((B,), 3.5)
+    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g,
+                                                 img_ids=img_ids, txt_ids=txt_ids, **text).sample)
+    assert _rel(fs.sample(m.field(), "euler", nfe=N, x_init=z, cond=text), ref) <= 1e-5
+
+
 def _flux_ids(h, w, text_len):
     img = torch.zeros(h, w, 3)
     img[..., 1], img[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
@@ -163,12 +173,7 @@ def test_a_flux_family_folder_samples_its_pipelines_linear_sigmas_by_default(tmp
     sched = FlowMatchEulerDiscreteScheduler(**kw)
     sched.set_timesteps(N, sigmas=np.linspace(1.0, 1 / N, N) if linear else None, mu=mu)
     torch.testing.assert_close(m.field().grid(N, "schedule"), sched.sigmas.double(), rtol=1e-6, atol=1e-7)
-    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
-    z = torch.randn(B, h * w, 16, generator=torch.Generator().manual_seed(3))
-    g = torch.full((B,), 3.5)
-    ref = _loop(net, sched, z, lambda x, t: net(hidden_states=x, timestep=t.expand(B) / 1000, guidance=g,
-                                                 img_ids=img_ids, txt_ids=txt_ids, **text).sample)
-    assert _rel(fs.sample(m.field(), "euler", nfe=N, x_init=z, cond=text), ref) <= 1e-5
+    _flux_loop_check(m, net, sched, N, h, w, L, img_ids, txt_ids, B)
     other = fs.models.from_diffusers(root, mu=mu, pipeline_sigmas=not linear, **ids)
     assert not torch.allclose(other.field().grid(N, "schedule"), sched.sigmas.double(), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="pipeline_sigmas"):
