@@ -177,3 +177,38 @@ def test_a_flux_folders_img2img_is_flux_img2img_pipelines_loop(tmp_path, strengt
                     **text).sample
             x = sched.step(v, t, x).prev_sample
     assert _rel(got, x) <= 1e-5
+
+
+def test_a_flux_kontext_folder_samples_its_pipelines_loop(tmp_path):
+    """FluxKontextPipeline: the reference image's packed latents follow the sample's tokens
+    (torch.cat([latents, image_latents], dim=1)), its position ids follow theirs with first column 1,
+    the prediction is cut to the sample's tokens, and μ counts the sample's tokens only. A Kontext
+    folder appends `cond["concat"]` along the tokens, and μ, the decode grid and the sample's shape
+    leave the reference rows of img_ids out."""
+    cfg = dict(base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5, max_shift=1.15)
+    net, root = _flux_folder(tmp_path, "FluxKontextPipeline", **cfg)
+    B, N, L = 2, 5, 3
+    gen_ids, txt_ids = _flux_ids(2, 3, L)
+    ref_ids, _ = _flux_ids(3, 3, L)
+    ref_ids[:, 0] = 1  # the pipeline's mark of the reference image's tokens
+    img_ids = torch.cat([gen_ids, ref_ids])
+    m = fs.models.from_diffusers(root, img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    assert m.concat_dim == 1 and m.data_shape == (6, 16)
+    mu = peer_function("flux/pipeline_flux_kontext.py", "calculate_shift")(6, 4, 64, 0.5, 1.15)
+    assert m.mu == pytest.approx(mu, rel=1e-12)
+    reference = torch.randn(B, 9, 16, generator=torch.Generator().manual_seed(4))
+    text = {"encoder_hidden_states": torch.randn(B, L, 16), "pooled_projections": torch.randn(B, 8)}
+    z = torch.randn(B, 6, 16, generator=torch.Generator().manual_seed(3))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **cfg)
+    sched.set_timesteps(N, sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
+    g = torch.full((B,), 3.5)
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = net(hidden_states=torch.cat([x, reference], dim=1), timestep=t.expand(B) / 1000, guidance=g,
+                      img_ids=img_ids, txt_ids=txt_ids, **text).sample
+            x = sched.step(out[:, : x.shape[1]], t, x).prev_sample
+    got = fs.sample(m.field(), "euler", nfe=N, x_init=z, cond={**text, "concat": reference})
+    assert _rel(got, x) <= 1e-5
+    plain = fs.models.from_diffusers(root, img_ids=gen_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]))
+    assert plain.mu == pytest.approx(mu, rel=1e-12)  # the same μ without the reference rows

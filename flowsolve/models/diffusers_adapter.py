@@ -35,7 +35,7 @@ from .packing import (
     unpatchify,
 )
 from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, sample_tokens
-from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of
+from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of, token_concat
 from .precond import Denoiser
 from .protocol import ParticleModel
 from .._checks import check_int, model_dtype, nearest
@@ -1873,6 +1873,9 @@ def from_diffusers(
             f"pipeline_sigmas: the linspace(1, 1/N, N) sigmas of Flux-family pipelines are for flow-matching "
             f"schedulers; {type(scheduler).__name__} is not one"
         )
+    pipeline_name = getattr(pipeline_class, "__name__", pipeline_class)  # a class, or its name in model_index.json
+    if flow and "concat_dim" not in model_kwargs and token_concat(pipeline_name):
+        model_kwargs["concat_dim"] = again["concat_dim"] = 1  # a reference image's tokens follow the sample's
     if flow:
         out = DiffusersFlow(
             model, scheduler, mu=model_kwargs.pop("mu", None), pipeline_sigmas=linear, mu_rule=rule, **model_kwargs
@@ -1888,10 +1891,7 @@ def from_diffusers(
     if vae is not None:
         out.vae = vae
     # how img2img counts steps: the pipeline's own rule, else that of the img2img pipelines of this model's class
-    out.strength_rule = strength_given or strength_rule_of(
-        pipeline_class if isinstance(pipeline_class, str) or pipeline_class is None else pipeline_class.__name__,
-        base_class_name(model),
-    )
+    out.strength_rule = strength_given or strength_rule_of(pipeline_name, base_class_name(model))
     again["strength_rule"] = out.strength_rule
     if flow:
         again["pipeline_sigmas"] = linear  # (what the pipeline's class said, kept for another flow scheduler)

@@ -19,6 +19,7 @@ import math
 from typing import Any, Callable
 
 from ..errors import ArgumentError
+from .packing import token_positions
 from .pipeline_source import pipeline_source
 
 MU_RULES = ("linear", "sqrt", "flux2")
@@ -70,12 +71,12 @@ def mu_rule_of(pipeline_class: Any) -> str:
 
 def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int, ...] | None) -> int | None:
     """The number of latent tokens a pipeline computes μ from, where the model's inputs or config say it:
-    the rows of Flux-family position tables (`img_ids`), Qwen-Image's `img_shapes`, LTX's
+    the generated tokens' rows of Flux-family position tables (`img_ids`), Qwen-Image's `img_shapes`, LTX's
     `num_frames` · `height` · `width`, or an image's (h / p)(w / p) patches from the config's sample
     size and `patch_size` p (SD3). None where none of them does."""
-    ids = model_kwargs.get("img_ids")
-    if ids is not None and getattr(ids, "dim", lambda: 0)() >= 2:
-        return int(ids.shape[-2])
+    where = token_positions(model_kwargs)  # the generated tokens (not a reference image's: Flux Kontext)
+    if where is not None:
+        return len(where[0])
     shapes = model_kwargs.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and shapes:
         one = shapes[0] if isinstance(shapes[0], list) else shapes  # per sample: a list of (frames, h, w)

@@ -54,12 +54,15 @@ def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
 
 
 def token_positions(model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(row, column) of each token from `img_ids` (columns 1 and 2: Flux's (·, row, column), Flux 2's
-    (t, row, column, l)), one table for the batch; None without one."""
+    """(row, column) of each generated token from `img_ids` (columns 1 and 2: Flux's (·, row, column),
+    Flux 2's (t, row, column, l)), one table for the batch; None without one. Rows whose first column
+    is not 0 are a reference image's tokens (Flux Kontext's 1, Flux 2's 10, 20, ...) that follow the
+    generated ones and are left out."""
     ids = model_kwargs.get("img_ids")
     if not (isinstance(ids, torch.Tensor) and ids.dim() in (2, 3) and ids.shape[-1] >= 3):
         return None
     rows = ids[0] if ids.dim() == 3 else ids
+    rows = rows[rows[:, 0] == 0]
     return rows[:, 1].long(), rows[:, 2].long()
 
 

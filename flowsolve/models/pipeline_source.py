@@ -9,7 +9,10 @@ import functools
 import re
 from pathlib import Path
 
-__all__ = ["pipeline_source", "strength_rule_of", "STRENGTH_RULES"]
+__all__ = ["pipeline_source", "strength_rule_of", "STRENGTH_RULES", "token_concat"]
+
+# a pipeline that appends a reference image's tokens to the latents' (Flux Kontext, Flux 2, Qwen-Image Edit)
+_TOKEN_CONCAT = "torch.cat([latents, image_latents], dim=1)"
 
 # how `get_timesteps(N, strength)` counts the steps an img2img or inpaint pipeline walks:
 #  "walked": ⌊N·strength⌋ of them (init_timestep = min(int(N · strength), N): SD, SDXL, Wan, ...);
@@ -60,3 +63,10 @@ def strength_rule_of(pipeline_class: str | None, model_class: str) -> str:
     if own is not None:
         return own
     return "skipped" if _index()[1].get(model_class) == {"skipped"} else "walked"
+
+
+def token_concat(pipeline_class: str | None) -> bool:
+    """Whether a pipeline class appends its reference image's latents to the sample as more tokens
+    (its source's `torch.cat([latents, image_latents], dim=1)`): then `cond["concat"]` extends the
+    sequence axis, not the channels."""
+    return pipeline_class is not None and _TOKEN_CONCAT in pipeline_source(pipeline_class)
