@@ -55,6 +55,7 @@ def test_latent_tokens_from_inputs_and_config():
     assert latent_tokens({}, {"img_ids": torch.zeros(12, 3)}, None) == 12
     assert latent_tokens({}, {"img_ids": torch.zeros(2, 20, 4)}, None) == 20  # Flux 2: (batch, tokens, 4)
     assert latent_tokens({}, {"img_shapes": [[(1, 4, 6)], [(1, 4, 6)]]}, None) == 24  # Qwen-Image, per sample
+    assert latent_tokens({}, {"img_shapes": [[(1, 4, 6), (1, 8, 8)]]}, None) == 24  # Edit: + the reference's
     assert latent_tokens({}, {"num_frames": 3, "height": 4, "width": 5}, None) == 60  # LTX
     assert latent_tokens({"patch_size": 2}, {}, (16, 8, 12)) == 24  # SD3: patches of the sample size
     assert latent_tokens({}, {}, None) is None and latent_tokens({}, {}, (4, 8, 8)) is None  # a UNet: no patches

@@ -24,6 +24,7 @@ def test_patch_size_and_grid():
     assert packed_grid({"img_ids": img_ids}) == (2, 3)
     assert packed_grid({"img_ids": img_ids[None].expand(2, -1, -1)}) == (2, 3)
     assert packed_grid({"img_shapes": [[(1, 4, 5)]] * 2}) == (4, 5)
+    assert packed_grid({"img_shapes": [[(1, 4, 5), (1, 6, 6)]]}) == (4, 5)  # Qwen-Image Edit: + the reference
     assert packed_grid({}) is None
     ids = {"img_ids": img_ids}
     assert packed_shape({"in_channels": 64}, ids) == (6, 64)  # Flux

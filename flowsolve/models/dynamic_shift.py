@@ -71,7 +71,8 @@ def mu_rule_of(pipeline_class: Any) -> str:
 
 def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int, ...] | None) -> int | None:
     """The number of latent tokens a pipeline computes μ from, where the model's inputs or config say it:
-    the generated tokens' rows of Flux-family position tables (`img_ids`), Qwen-Image's `img_shapes`, LTX's
+    the generated tokens' rows of Flux-family position tables (`img_ids`), the first of Qwen-Image's
+    `img_shapes` (Qwen-Image Edit lists the reference image's after it), LTX's
     `num_frames` · `height` · `width`, or an image's (h / p)(w / p) patches from the config's sample
     size and `patch_size` p (SD3). None where none of them does."""
     where = token_positions(model_kwargs)  # the generated tokens (not a reference image's: Flux Kontext)
@@ -80,7 +81,7 @@ def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int,
     shapes = model_kwargs.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and shapes:
         one = shapes[0] if isinstance(shapes[0], list) else shapes  # per sample: a list of (frames, h, w)
-        return int(sum(math.prod(int(v) for v in s) for s in one))
+        return int(math.prod(int(v) for v in one[0]))  # the generated image's; a reference image's follow
     if all(isinstance(model_kwargs.get(k), int) for k in ("num_frames", "height", "width")):
         return int(model_kwargs["num_frames"] * model_kwargs["height"] * model_kwargs["width"])
     p = model_config.get("patch_size")

@@ -41,14 +41,15 @@ def patch_size(model_channels: int | None, latent_channels: int | None) -> int |
 
 def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
     """The (rows, columns) of the token grid from the position inputs: the largest row and column of
-    `img_ids` plus one, or the first shape of `img_shapes` (frames, rows, columns) with one frame."""
+    `img_ids` plus one, or the first shape of `img_shapes` (frames, rows, columns: the generated image's)
+    with one frame."""
     where = token_positions(model_kwargs)
     if where is not None:
         return int(where[0].max()) + 1, int(where[1].max()) + 1
     shapes = model_kwargs.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and shapes:
-        one = shapes[0] if isinstance(shapes[0], list) else shapes
-        if len(one) == 1 and len(one[0]) == 3 and int(one[0][0]) == 1:
+        one = shapes[0] if isinstance(shapes[0], list) else shapes  # the generated image's first (Edit: then
+        if len(one[0]) == 3 and int(one[0][0]) == 1:  # the reference image's)
             return int(one[0][1]), int(one[0][2])
     return None
 
