@@ -48,8 +48,8 @@ def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
         return int(where[0].max()) + 1, int(where[1].max()) + 1
     shapes = model_kwargs.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and shapes:
-        one = shapes[0] if isinstance(shapes[0], list) else shapes  # the generated image's first (Edit: then
-        if len(one[0]) == 3 and int(one[0][0]) == 1:  # the reference image's)
+        one = shapes[0] if isinstance(shapes[0], list) else shapes  # Qwen-Image Edit lists a reference after it
+        if len(one[0]) == 3 and int(one[0][0]) == 1:
             return int(one[0][1]), int(one[0][2])
     return None
 
