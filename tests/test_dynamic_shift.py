@@ -97,6 +97,10 @@ def test_a_flux_folder_without_mu_samples_the_pipelines_loop(tmp_path):
         fs.models.from_diffusers(root)
     with pytest.raises(ValueError, match="image_seq_len: expected a positive int"):
         fs.models.from_diffusers(root, image_seq_len=-3)
+    with pytest.raises(ValueError, match="mu_rule: expected one of linear, sqrt, flux2"):
+        fs.models.from_diffusers(root, image_seq_len=16, mu_rule="cubic")
+    assert fs.models.from_diffusers(root, image_seq_len=16, mu_rule="sqrt").mu == pytest.approx(
+        dynamic_shift_mu(dict(cfg), 16, rule="sqrt"))
 
 
 def test_flux2s_mu_depends_on_the_steps(tmp_path):

@@ -34,7 +34,7 @@ from .packing import (
     tokens_to_patches,
     unpatchify,
 )
-from .dynamic_shift import latent_tokens, mu_function, mu_rule_of, sample_tokens
+from .dynamic_shift import MU_RULES, latent_tokens, mu_function, mu_rule_of, sample_tokens
 from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of, token_concat
 from .precond import Denoiser
 from .protocol import ParticleModel
@@ -602,6 +602,8 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
         self.data_shape = _data_shape(model) or packed_shape(_config(model), model_kwargs)
         # dynamic shifting: steps ↦ μ, given or computed as the pipeline does from the latent tokens
+        if mu_rule not in MU_RULES:
+            raise ArgumentError(f"mu_rule: expected one of {', '.join(MU_RULES)}, got {mu_rule!r}")
         self._mu_tokens: int | None = None  # the latent tokens μ is computed from (the samples must have them)
         if cfg.get("use_dynamic_shifting") and mu is None:
             found = latent_tokens(_config(model), model_kwargs, self.data_shape)
