@@ -24,16 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .packing import (
-    packed_grid,
-    packed_shape,
-    patch_size,
-    patches_to_tokens,
-    patchify,
-    token_positions,
-    tokens_to_patches,
-    unpatchify,
-)
+from .packing import latent_channels, latents_to_tokens, packed_grid, packed_shape, tokens_to_latents, vae_packing
 from .dynamic_shift import MU_RULES, latent_tokens, mu_function, mu_rule_of, sample_tokens
 from .pipeline_source import STRENGTH_RULES, pipeline_source, strength_rule_of, token_concat
 from .precond import Denoiser
@@ -94,19 +85,9 @@ class LatentDecoding:
                 "pipeline, or pass vae= to from_diffusers"
             )
         check_int("decode_chunk_size", decode_chunk_size, 1)
-        k = self._packing(vae)
+        k = vae_packing(getattr(self, "model", None), vae)
         if latents.dim() == 3 and k is not None:  # tokens of k × k patches: the latent image first
-            grid = packed_grid(getattr(self, "model_kwargs", {}))
-            if grid is None:
-                raise ArgumentError(
-                    "decode: packed latents (batch, tokens, channels) need the token grid, which the model "
-                    "reads off its position inputs; load it with img_ids= (Flux) or img_shapes= (Qwen-Image)"
-                )
-            patches = tokens_to_patches(latents, grid, token_positions(getattr(self, "model_kwargs", {})))
-            stats = _patch_statistics(vae, patches.shape[1])
-            if stats is not None:  # Flux 2: the patches were normalised by the VAE's batch norm
-                patches = patches * stats[1].to(patches) + stats[0].to(patches)
-            latents = unpatchify(patches, k)
+            latents = tokens_to_latents(latents, k, getattr(self, "model_kwargs", {}), vae)
             if _video_vae(vae):  # Qwen-Image's VAE: one frame of video, decoded and returned as an image
                 return self.decode(latents[:, :, None], decode_chunk_size)[:, :, 0]
         frames_first = latents.dim() == 5 and getattr(self, "concat_dim", 1) == 2
@@ -139,7 +120,7 @@ class LatentDecoding:
                 f"images: expected a tensor of images (n, C, H, W), got {getattr(images, 'shape', images)}"
             )
         p = next(vae.parameters())
-        k = self._packing(vae)
+        k = vae_packing(getattr(self, "model", None), vae)
         if k is not None and _video_vae(vae):  # Qwen-Image's VAE: an image is one frame of video
             images = images[:, :, None]
         out = vae.encode(images.to(p.device, p.dtype))
@@ -151,11 +132,7 @@ class LatentDecoding:
         offset, scale = _latent_normalisation(vae, z)
         z = (z - offset) * scale
         if k is not None:  # a transformer of packed latents takes them as its pipeline packs them
-            patches = patchify(z[:, :, 0] if z.dim() == 5 else z, k)
-            stats = _patch_statistics(vae, patches.shape[1])
-            if stats is not None:  # Flux 2: normalised by the VAE's batch norm
-                patches = (patches - stats[0].to(patches)) / stats[1].to(patches)
-            return patches_to_tokens(patches, token_positions(getattr(self, "model_kwargs", {})))
+            return latents_to_tokens(z[:, :, 0] if z.dim() == 5 else z, k, getattr(self, "model_kwargs", {}), vae)
         return z
 
     @torch.no_grad()
@@ -176,7 +153,7 @@ class LatentDecoding:
             )
         m = mask.float().reshape(-1, 1, *mask.shape[-2:])
         m = (m >= 0.5).float()  # the pipelines' mask processor binarises
-        k = self._packing(vae)
+        k = vae_packing(getattr(self, "model", None), vae)
         grid = packed_grid(getattr(self, "model_kwargs", {})) if k is not None else None
         if size is None and grid is not None:
             size = (grid[0] * k, grid[1] * k)  # type: ignore[operator]
@@ -187,17 +164,8 @@ class LatentDecoding:
         m = torch.nn.functional.interpolate(m, size=tuple(size))
         if k is None:
             return m
-        latent = int(_config(vae).get("latent_channels") or _config(vae).get("z_dim") or 1)
-        where = token_positions(getattr(self, "model_kwargs", {}))
-        return patches_to_tokens(patchify(m.repeat(1, latent, 1, 1), k), where)
-
-    def _packing(self, vae) -> int | None:
-        """The patch size k of the model's packed latents (its output channels are k² times the VAE's
-        latent channels), or None: latents as the VAE makes them."""
-        cfg, vcfg = _config(getattr(self, "model", None)), _config(vae)
-        latent = vcfg.get("latent_channels") or vcfg.get("z_dim")
-        # the input's channels (Flux, Qwen-Image), else the output's (Flux Fill appends its mask and image)
-        return patch_size(cfg.get("in_channels"), latent) or patch_size(cfg.get("out_channels"), latent)
+        m = m.repeat(1, int(latent_channels(vae) or 1), 1, 1)  # every latent channel, packed as the latents
+        return latents_to_tokens(m, k, getattr(self, "model_kwargs", {}))
 
 
 class Rescheduling:
@@ -259,17 +227,6 @@ def _latent_normalisation(vae, z: torch.Tensor) -> tuple[torch.Tensor | float, t
     mean_t = torch.as_tensor(mean, dtype=z.dtype, device=z.device).reshape(col)
     std_t = torch.as_tensor(std, dtype=z.dtype, device=z.device).reshape(col)
     return mean_t, factor / std_t
-
-
-def _patch_statistics(vae, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) per channel of a VAE's batch norm over its patchified latents (Flux 2's `vae.bn`:
-    running mean, √(running var + batch_norm_eps)), shaped for (b, channels, h, w); None without one."""
-    bn = getattr(vae, "bn", None)
-    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != channels or bn.running_mean is None:
-        return None
-    eps = float(_config(vae).get("batch_norm_eps", bn.eps))
-    var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.running_mean)
-    return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(var.view(1, -1, 1, 1) + eps)
 
 
 def _vae_output(out) -> torch.Tensor:

@@ -16,6 +16,10 @@ import torch
 from ..errors import ArgumentError
 
 __all__ = [
+    "latent_channels",
+    "vae_packing",
+    "tokens_to_latents",
+    "latents_to_tokens",
     "patch_size",
     "packed_grid",
     "packed_shape",
@@ -139,3 +143,57 @@ def unpack_latents(latents: torch.Tensor, k: int, grid: tuple[int, int], where=N
 def pack_latents(latents: torch.Tensor, k: int, where=None) -> torch.Tensor:
     """(b, c, h, w) latents → (b, (h/k)(w/k), c·k²) tokens (the pipelines' `_pack_latents`)."""
     return patches_to_tokens(patchify(latents, k), where)
+
+
+def _cfg(obj) -> dict:
+    return dict(getattr(obj, "config", None) or {})
+
+
+def latent_channels(vae) -> int | None:
+    """The channels of a VAE's latents (`latent_channels`, Wan / Qwen-Image's `z_dim`)."""
+    cfg = _cfg(vae)
+    return cfg.get("latent_channels") or cfg.get("z_dim")
+
+
+def vae_packing(model, vae) -> int | None:
+    """The patch size k of `model`'s packed latents of `vae`'s (its input channels, else its output's
+    where the input appends conditioning, Flux Fill's, are k² times the VAE's), or None: not packed."""
+    cfg, c = _cfg(model), latent_channels(vae)
+    return patch_size(cfg.get("in_channels"), c) or patch_size(cfg.get("out_channels"), c)
+
+
+def _patch_statistics(vae, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) per channel of a VAE's batch norm over its patchified latents (Flux 2's `vae.bn`:
+    running mean, √(running var + batch_norm_eps)), shaped for (b, channels, h, w); None without one."""
+    bn = getattr(vae, "bn", None)
+    if not isinstance(bn, torch.nn.BatchNorm2d) or bn.num_features != channels or bn.running_mean is None:
+        return None
+    eps = float(_cfg(vae).get("batch_norm_eps", bn.eps))
+    var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.running_mean)
+    return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(var.view(1, -1, 1, 1) + eps)
+
+
+def tokens_to_latents(latents: torch.Tensor, k: int, model_kwargs: dict, vae) -> torch.Tensor:
+    """Packed (b, tokens, c·k²) latents → the VAE's (b, c, h, w), as the pipelines unpack them: each token
+    at its place in the grid, Flux 2's patches un-normalised by its VAE's batch norm, then unpatchified."""
+    grid = packed_grid(model_kwargs)
+    if grid is None:
+        raise ArgumentError(
+            "decode: packed latents (batch, tokens, channels) need the token grid, which the model "
+            "reads off its position inputs; load it with img_ids= (Flux) or img_shapes= (Qwen-Image)"
+        )
+    patches = tokens_to_patches(latents, grid, token_positions(model_kwargs))
+    stats = _patch_statistics(vae, patches.shape[1])
+    if stats is not None:  # Flux 2: the patches were normalised by the VAE's batch norm
+        patches = patches * stats[1].to(patches) + stats[0].to(patches)
+    return unpatchify(patches, k)
+
+
+def latents_to_tokens(z: torch.Tensor, k: int, model_kwargs: dict, vae=None) -> torch.Tensor:
+    """The VAE's (b, c, h, w) latents → packed (b, tokens, c·k²), the inverse of `tokens_to_latents`
+    (without `vae`: no batch norm, as for a mask)."""
+    patches = patchify(z, k)
+    stats = _patch_statistics(vae, patches.shape[1]) if vae is not None else None
+    if stats is not None:  # Flux 2: normalised by the VAE's batch norm
+        patches = (patches - stats[0].to(patches)) / stats[1].to(patches)
+    return patches_to_tokens(patches, token_positions(model_kwargs))
