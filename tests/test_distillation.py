@@ -656,6 +656,8 @@ def test_student_of_a_latent_pipeline_samples_latents_and_decodes_with_its_teach
     assert all(torch.equal(v, vae_before[k]) for k, v in teacher.vae.state_dict().items())
     saved = load_file(str(tmp_path / "st2" / "student.safetensors"))
     assert saved and not any("vae" in k for k in saved) and any(k.startswith("model.") for k in saved)
+    ck = torch.load(tmp_path / "st2" / "checkpoints" / "last.pt", weights_only=False)
+    assert not any("vae" in k for k in [*ck["model"], *ck["ema"]])  # neither the student's nor the score's copy
     assert not torch.equal(saved["model.conv_in.weight"], teacher.model.conv_in.weight)  # the UNet did train
     again = fs.from_pretrained(tmp_path / "st2")
     torch.testing.assert_close(again.sample(2, seed=1), gen.sample(2, seed=1))

@@ -565,7 +565,8 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
         if cfg.get("use_dynamic_shifting") and mu is None:
             found = latent_tokens(_config(model), model_kwargs, self.data_shape)
             self._mu_tokens = image_seq_len if image_seq_len is not None else found
-        self._mu_at = mu_function(cfg, mu, self._mu_tokens if mu is None else None, mu_rule)
+        self._tokens_checked: tuple[int, ...] | None = None  # the last batch shape found to have them
+        self._mu_at = mu_function(cfg, mu, self._mu_tokens, mu_rule)
         self.mu = self._mu_at(None) if self._mu_at is not None else mu
         if cfg.get("use_flow_sigmas") and cfg.get("prediction_type") != "flow_prediction":
             raise ArgumentError(
@@ -612,7 +613,7 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """v(x, t); for a flow-map model the average velocity over [r, t] (r = t: the instantaneous one)."""
-        if self._mu_tokens is not None:
+        if self._mu_tokens is not None and x.shape != self._tokens_checked:
             self._check_tokens(tuple(x.shape))
         v = self._network(x, self._timestep(t), self._with_target(t, r, cond))
         return -v if self.negate else v
@@ -627,6 +628,7 @@ class DiffusersFlow(Rescheduling, LatentDecoding, ParticleModel, nn.Module):
                 f"tokens, and these samples of shape {shape} have {n}; load the model with image_seq_len={n} "
                 f"(or mu=) for this size"
             )
+        self._tokens_checked = shape
 
     def _with_target(self, t: torch.Tensor, r: torch.Tensor | None, cond: dict) -> dict:
         """The inputs with a flow map's target timestep (r, or t without one); models that are not flow
@@ -1824,7 +1826,8 @@ def from_diffusers(
     strength_given = model_kwargs.pop("strength_rule", None)
     if strength_given is not None and strength_given not in STRENGTH_RULES:
         raise ArgumentError(f"strength_rule: expected one of {', '.join(STRENGTH_RULES)}, got {strength_given!r}")
-    rule = model_kwargs.pop("mu_rule", None) or mu_rule_of(pipeline_class)  # how its pipeline computes μ
+    pipeline_name = getattr(pipeline_class, "__name__", pipeline_class)  # a class, or its name in model_index.json
+    rule = model_kwargs.pop("mu_rule", None) or mu_rule_of(pipeline_name)  # how its pipeline computes μ
     flow = is_flow_scheduler(scheduler)
     linear = (flow and _linear_sigmas_pipeline(pipeline_class)) if given is None else bool(given)
     if given and not flow:
@@ -1832,7 +1835,6 @@ def from_diffusers(
             f"pipeline_sigmas: the linspace(1, 1/N, N) sigmas of Flux-family pipelines are for flow-matching "
             f"schedulers; {type(scheduler).__name__} is not one"
         )
-    pipeline_name = getattr(pipeline_class, "__name__", pipeline_class)  # a class, or its name in model_index.json
     if flow and "concat_dim" not in model_kwargs and token_concat(pipeline_name):
         model_kwargs["concat_dim"] = again["concat_dim"] = 1  # a reference image's tokens follow the sample's
     if flow:

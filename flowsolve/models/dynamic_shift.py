@@ -16,10 +16,10 @@ The settings are the scheduler config's, with each pipeline's defaults where the
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import ArgumentError
-from .packing import token_positions
+from .packing import generated_shape, token_positions
 from .pipeline_source import pipeline_source
 
 MU_RULES = ("linear", "sqrt", "flux2")
@@ -55,13 +55,10 @@ def dynamic_shift_mu(
     return per_step * n + (at_200 - 200.0 * per_step)
 
 
-def mu_rule_of(pipeline_class: Any) -> str:
-    """The rule by which a pipeline class (or its diffusers name) computes μ, from its source file;
-    `linear` (the most common) when there is no pipeline or its source cannot be read."""
-    if pipeline_class is None:
-        return "linear"
-    name = pipeline_class if isinstance(pipeline_class, str) else getattr(pipeline_class, "__name__", "")
-    text = pipeline_source(name)
+def mu_rule_of(pipeline_class: str | None) -> str:
+    """The rule by which a pipeline class (its name) computes μ, from its source file; `linear` (the most
+    common) when there is no pipeline or its source cannot be read."""
+    text = pipeline_source(pipeline_class) if pipeline_class else ""
     if "compute_empirical_mu(" in text:
         return "flux2"
     if "(image_seq_len / base_seq_len) ** 0.5" in text:
@@ -78,15 +75,13 @@ def latent_tokens(model_config: dict, model_kwargs: dict, data_shape: tuple[int,
     where = token_positions(model_kwargs)  # the generated tokens (not a reference image's: Flux Kontext)
     if where is not None:
         return len(where[0])
-    shapes = model_kwargs.get("img_shapes")
-    if isinstance(shapes, (list, tuple)) and shapes:
-        one = shapes[0] if isinstance(shapes[0], list) else shapes  # per sample: a list of (frames, h, w)
-        return int(math.prod(int(v) for v in one[0]))  # the generated image's; a reference image's follow
+    shape = generated_shape(model_kwargs)
+    if shape is not None:
+        return math.prod(shape)
     if all(isinstance(model_kwargs.get(k), int) for k in ("num_frames", "height", "width")):
         return int(model_kwargs["num_frames"] * model_kwargs["height"] * model_kwargs["width"])
-    p = model_config.get("patch_size")
-    if data_shape is not None and len(data_shape) == 3 and isinstance(p, int) and p > 0:  # a transformer's patches
-        return (data_shape[1] // p) * (data_shape[2] // p)
+    if data_shape is not None and len(data_shape) == 3:  # a transformer's patches of its sample size
+        return sample_tokens(model_config, (1, *data_shape))
     return None
 
 
@@ -122,5 +117,4 @@ def mu_function(
             "unknown; pass mu= (the shift the pipeline computes) or image_seq_len= (the latent tokens, e.g. "
             "(height / 16) · (width / 16) for Flux)"
         )
-    dynamic_shift_mu(scheduler_config, n, None, rule)  # checked before any sampling
     return lambda steps: dynamic_shift_mu(scheduler_config, n, steps, rule)

@@ -23,13 +23,12 @@ __all__ = [
     "patch_size",
     "packed_grid",
     "packed_shape",
+    "generated_shape",
     "token_positions",
     "tokens_to_patches",
     "patches_to_tokens",
     "patchify",
     "unpatchify",
-    "pack_latents",
-    "unpack_latents",
 ]
 
 
@@ -50,12 +49,18 @@ def packed_grid(model_kwargs: dict) -> tuple[int, int] | None:
     where = token_positions(model_kwargs)
     if where is not None:
         return int(where[0].max()) + 1, int(where[1].max()) + 1
+    shape = generated_shape(model_kwargs)
+    return (shape[1], shape[2]) if shape is not None and shape[0] == 1 else None
+
+
+def generated_shape(model_kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, rows, columns) of the generated image from Qwen-Image's `img_shapes` (per sample a list
+    of such shapes: the generated image's first, then a reference image's in Qwen-Image Edit)."""
     shapes = model_kwargs.get("img_shapes")
-    if isinstance(shapes, (list, tuple)) and shapes:
-        one = shapes[0] if isinstance(shapes[0], list) else shapes  # Qwen-Image Edit lists a reference after it
-        if len(one[0]) == 3 and int(one[0][0]) == 1:
-            return int(one[0][1]), int(one[0][2])
-    return None
+    if not (isinstance(shapes, (list, tuple)) and shapes):
+        return None
+    one = shapes[0] if isinstance(shapes[0], list) else shapes
+    return (int(one[0][0]), int(one[0][1]), int(one[0][2])) if len(one[0]) == 3 else None
 
 
 def token_positions(model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -133,16 +138,6 @@ def patchify(latents: torch.Tensor, k: int) -> torch.Tensor:
         raise ArgumentError(f"images: their latents' size {h} × {w} is not divisible by the patch size {k}")
     x = latents.reshape(b, c, h // k, k, w // k, k).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c * k * k, h // k, w // k)
-
-
-def unpack_latents(latents: torch.Tensor, k: int, grid: tuple[int, int], where=None) -> torch.Tensor:
-    """(b, rows·columns, c·k²) tokens → (b, c, rows·k, columns·k) latents (the pipelines' `_unpack_latents`)."""
-    return unpatchify(tokens_to_patches(latents, grid, where), k)
-
-
-def pack_latents(latents: torch.Tensor, k: int, where=None) -> torch.Tensor:
-    """(b, c, h, w) latents → (b, (h/k)(w/k), c·k²) tokens (the pipelines' `_pack_latents`)."""
-    return patches_to_tokens(patchify(latents, k), where)
 
 
 def _cfg(obj) -> dict:

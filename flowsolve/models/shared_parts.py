@@ -27,8 +27,10 @@ SHARED_PARTS = frozenset({"vae"})
 
 
 def shared_parts(module: nn.Module) -> dict[str, nn.Module]:
-    """{state-dict prefix: submodule} of the shared parts inside `module`."""
-    return {f"{name}.": m for name, m in module.named_modules() if name and name.rsplit(".", 1)[-1] in SHARED_PARTS}
+    """{state-dict prefix: submodule} of the shared parts inside `module`, under every path that reaches
+    them (a pair of copies that share one VAE holds it under both)."""
+    named = module.named_modules(remove_duplicate=False)
+    return {f"{name}.": m for name, m in named if name and name.rsplit(".", 1)[-1] in SHARED_PARTS}
 
 
 def _copy(module: nn.Module) -> nn.Module:
